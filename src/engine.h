@@ -1,0 +1,179 @@
+/*
+ * engine.h: collections of items with vectors and attributes, and the searches over them.
+ *
+ * The engine owns the id <-> row mapping, validation, filter compilation and the choice of
+ * backend; the backend owns the vectors and the scoring. Every function validates its input
+ * completely before changing anything: a call that fails changes nothing.
+ *
+ * Threading: every function may be called from any thread. Each collection has a read/write
+ * lock (writer-preferring): searches, scores and reads share it, upserts and deletes take it
+ * exclusively, so a search sees a write either wholly or not at all. Collections are
+ * reference-counted: a drop waits for nothing; searches already running on it finish.
+ */
+#ifndef AFFINITY_ENGINE_H
+#define AFFINITY_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "status.h"
+
+typedef struct aff_engine aff_engine;
+
+typedef enum engine_backend_choice {
+    ENGINE_BACKEND_AUTO = 0, /* GPU when one is usable, else FAISS */
+    ENGINE_BACKEND_GPU = 1,  /* GPU or fail */
+    ENGINE_BACKEND_CPU = 2,  /* FAISS */
+} engine_backend_choice;
+
+typedef struct engine_config {
+    engine_backend_choice backend;
+    backend_faiss_config faiss;
+    backend_gpu_config gpu;
+} engine_config;
+
+/* Creates an engine and its backend. On AUTO the reason the GPU was not chosen is logged. */
+int engine_create(aff_engine **out, const engine_config *cfg, aff_err *err);
+void engine_destroy(aff_engine *e);
+/* The backend in use: name, device, memory. */
+void engine_backend_info(aff_engine *e, backend_info *out);
+
+/* ---- collections ---------------------------------------------------------------------- */
+
+typedef struct engine_collection_spec {
+    const char *name;         /* [A-Za-z0-9_.-], 1..AFF_MAX_NAME_LEN bytes */
+    uint32_t dim;             /* 1..AFF_MAX_DIM */
+    aff_metric metric;
+    backend_index_kind index; /* FLAT (default) or HNSW */
+    uint32_t hnsw_m;          /* 0 = 32 */
+    uint32_t hnsw_ef_search;  /* 0 = 64 */
+} engine_collection_spec;
+
+typedef struct engine_collection_info {
+    char name[AFF_MAX_NAME_LEN + 1];
+    uint32_t dim;
+    aff_metric metric;
+    backend_index_kind index;
+    uint32_t hnsw_m, hnsw_ef_search;
+    uint64_t n_items;
+    uint64_t memory_bytes; /* backend table plus the engine's id and attribute maps */
+    char backend[32];
+} engine_collection_info;
+
+int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, aff_err *err);
+int engine_drop_collection(aff_engine *e, const char *name, aff_err *err);
+int engine_describe_collection(aff_engine *e, const char *name, engine_collection_info *out,
+                               aff_err *err);
+/* *out is a malloc'ed array of *n entries sorted by name; the caller frees it. */
+int engine_list_collections(aff_engine *e, engine_collection_info **out, size_t *n,
+                            aff_err *err);
+
+/* Name, dim and metric of a collection, for validation before batching. */
+int engine_collection_dim(aff_engine *e, const char *name, uint32_t *dim, aff_err *err);
+
+/* ---- items ---------------------------------------------------------------------------- */
+
+typedef struct aff_item {
+    const char *id;            /* 1..AFF_MAX_ID_LEN bytes, NUL-terminated */
+    const float *vector;       /* dim finite floats */
+    const char *category;      /* NULL or "" = none; ≤ AFF_MAX_ATTR_LEN bytes */
+    const char *const *tags;   /* n_tags strings, each 1..AFF_MAX_ATTR_LEN bytes */
+    uint32_t n_tags;           /* ≤ AFF_MAX_TAGS_PER_ITEM */
+    float price;               /* finite */
+    bool available;
+} aff_item;
+
+/* Inserts or replaces n items (a later duplicate id in the same call wins). All items are
+ * validated before any is applied. */
+int engine_upsert(aff_engine *e, const char *collection, const aff_item *items, size_t n,
+                  aff_err *err);
+/* Deletes the ids that exist; unknown ids are skipped. *n_deleted (may be NULL) counts the
+ * ids that existed. Deleted ids are invisible to every search that starts after the call. */
+int engine_delete(aff_engine *e, const char *collection, const char *const *ids, size_t n,
+                  size_t *n_deleted, aff_err *err);
+
+/* A copy of one stored item. */
+typedef struct engine_item {
+    char id[AFF_MAX_ID_LEN + 1];
+    char category[AFF_MAX_ATTR_LEN + 1];
+    char tags[AFF_MAX_TAGS_PER_ITEM][AFF_MAX_ATTR_LEN + 1];
+    uint32_t n_tags;
+    float price;
+    bool available;
+} engine_item;
+
+/* Copies item `id` into *out and, when vector is not NULL, its dim floats into vector
+ * (normalized for cosine collections). AFF_ENOTFOUND when the id is unknown. */
+int engine_get_item(aff_engine *e, const char *collection, const char *id, engine_item *out,
+                    float *vector, aff_err *err);
+
+/* ---- search --------------------------------------------------------------------------- */
+
+typedef struct aff_filter {
+    const char *const *categories; /* any-of; n_categories == 0: any category */
+    uint32_t n_categories;
+    const char *const *tags;       /* any-of; n_tags == 0: any tags */
+    uint32_t n_tags;
+    float price_min;               /* inclusive; -INFINITY when open */
+    float price_max;               /* inclusive; INFINITY when open */
+    bool available_only;
+    const char *const *exclude_ids; /* any length; unknown ids are ignored */
+    uint32_t n_exclude_ids;
+} aff_filter;
+
+/* An aff_filter that matches everything. */
+void aff_filter_init(aff_filter *f);
+
+typedef struct aff_query {
+    const float *vector;     /* dim floats; NULL to search by item_id */
+    const char *item_id;     /* with vector NULL: that item's vector, the item excluded */
+    uint32_t k;              /* 1..AFF_MAX_K */
+    const aff_filter *filter; /* NULL: no filter */
+} aff_query;
+
+typedef struct aff_hit {
+    float score; /* ip/cosine: higher first; l2: squared distance, lower first */
+    char id[AFF_MAX_ID_LEN + 1];
+} aff_hit;
+
+/* Checks one query against a collection without running it (dimension, finiteness, k,
+ * filter shape, item id). The transport calls it before queueing so bad requests fail fast. */
+int engine_validate_query(aff_engine *e, const char *collection, const aff_query *q,
+                          aff_err *err);
+
+/* Runs nq queries on one collection as one backend batch. Query i's hits go to
+ * hits[off(i)..] with off(i) = k[0] + ... + k[i-1], best first, and their number to
+ * n_hits[i]; its outcome to query_errs[i]. Returns AFF_OK when every query succeeded, else
+ * the code of the first failure (a failed query leaves the others intact). Ties in score
+ * are broken by row (insertion order unless deletes moved rows), so results are
+ * deterministic for a given state. */
+int engine_search(aff_engine *e, const char *collection, const aff_query *queries, size_t nq,
+                  aff_hit *hits, uint32_t *n_hits, aff_err *query_errs);
+
+/* ---- re-ranking ------------------------------------------------------------------------ */
+
+typedef struct aff_rerank_query {
+    const float *vector;        /* the user: dim floats */
+    const char *const *ids;     /* candidates, 1..AFF_MAX_RERANK_CANDIDATES */
+    const float *base_scores;   /* the caller's scores (e.g. from a search engine); NULL = 0 */
+    uint32_t n;
+    float weight;               /* blended = (1 - weight) * base + weight * affinity, 0..1 */
+} aff_rerank_query;
+
+typedef struct aff_rerank_hit {
+    uint32_t index;  /* position in the caller's candidate list */
+    bool found;      /* false: id not in the collection; ranked after all found ids */
+    float affinity;  /* user-item score (0 when not found); l2: negated squared distance */
+    float base;
+    float blended;
+} aff_rerank_hit;
+
+/* Re-ranks nq candidate lists. Query i's n_i results go to out[off(i)..] with
+ * off(i) = n_0 + ... + n_{i-1}, by blended score descending, ties in candidate order.
+ * Per-query outcomes and the return value work as in engine_search. */
+int engine_rerank(aff_engine *e, const char *collection, const aff_rerank_query *queries,
+                  size_t nq, aff_rerank_hit *out, aff_err *query_errs);
+
+#endif
