@@ -78,6 +78,7 @@ int engine_collection_dim(aff_engine *e, const char *name, uint32_t *dim, aff_er
 typedef struct aff_item {
     const char *id;            /* 1..AFF_MAX_ID_LEN bytes, NUL-terminated */
     const float *vector;       /* dim finite floats */
+    uint32_t dim;              /* floats in vector; must equal the collection's dimension */
     const char *category;      /* NULL or "" = none; ≤ AFF_MAX_ATTR_LEN bytes */
     const char *const *tags;   /* n_tags strings, each 1..AFF_MAX_ATTR_LEN bytes */
     uint32_t n_tags;           /* ≤ AFF_MAX_TAGS_PER_ITEM */
@@ -128,6 +129,7 @@ void aff_filter_init(aff_filter *f);
 
 typedef struct aff_query {
     const float *vector;     /* dim floats; NULL to search by item_id */
+    uint32_t dim;            /* floats in vector; must equal the collection's dimension */
     const char *item_id;     /* with vector NULL: that item's vector, the item excluded */
     uint32_t k;              /* 1..AFF_MAX_K */
     const aff_filter *filter; /* NULL: no filter */
@@ -156,6 +158,7 @@ int engine_search(aff_engine *e, const char *collection, const aff_query *querie
 
 typedef struct aff_rerank_query {
     const float *vector;        /* the user: dim floats */
+    uint32_t dim;               /* floats in vector; must equal the collection's dimension */
     const char *const *ids;     /* candidates, 1..AFF_MAX_RERANK_CANDIDATES */
     const float *base_scores;   /* the caller's scores (e.g. from a search engine); NULL = 0 */
     uint32_t n;
