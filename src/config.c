@@ -1,0 +1,351 @@
+/*
+ * config.c: owns the table of flags (name, environment variable, type, range, help) and
+ * their parsing and validation. Rules kept: one table drives parsing, --help and the
+ * start-up log, so a flag cannot be documented and parsed differently; no global state.
+ */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum opt_type {
+    OPT_STRING, /* char[size] */
+    OPT_U32,    /* uint32_t within [min, max] */
+    OPT_INT,    /* int within [min, max] */
+    OPT_BOOL,   /* bool; a flag without value means true */
+    OPT_BACKEND,
+    OPT_LOG_LEVEL,
+    OPT_ACTION, /* --help, --version: bool, never from the environment */
+} opt_type;
+
+typedef struct opt_def {
+    const char *name; /* without the leading "--" */
+    opt_type type;
+    size_t offset;
+    size_t size; /* OPT_STRING: buffer size */
+    long long min, max;
+    const char *def; /* default, as text, for --help */
+    const char *help;
+    bool secret_path; /* log "set"/"unset" rather than the value */
+} opt_def;
+
+#define STR(field, ...)                                                                            \
+    .type = OPT_STRING, .offset = offsetof(aff_config, field),                                     \
+    .size = sizeof(((aff_config *)0)->field)
+#define U32(field, lo, hi)                                                                         \
+    .type = OPT_U32, .offset = offsetof(aff_config, field), .min = lo, .max = hi
+#define INT(field, lo, hi)                                                                         \
+    .type = OPT_INT, .offset = offsetof(aff_config, field), .min = lo, .max = hi
+#define BOOL(field) .type = OPT_BOOL, .offset = offsetof(aff_config, field)
+
+static const opt_def opts[] = {
+    {"listen", STR(listen), .def = "0.0.0.0:50051",
+     .help = "address to serve gRPC on, host:port (port 0: any free port; see --port-file)"},
+    {"threads", U32(threads, 1, 64), .def = "2", .help = "gRPC completion-queue threads, 1..64"},
+    {"backend", .type = OPT_BACKEND, .offset = offsetof(aff_config, backend), .def = "auto",
+     .help = "scoring backend: auto (GPU when usable, else CPU), gpu (or fail), cpu (FAISS)"},
+    {"max-batch", U32(max_batch, 1, 65536), .def = "256",
+     .help = "most queries packed into one engine call, 1..65536 (1 turns batching off)"},
+    {"max-wait-us", U32(max_wait_us, 0, 1000000), .def = "2000",
+     .help = "with --batch-workers > 1: how long a partial batch waits beside a running one, "
+             "0..1000000 microseconds"},
+    {"queue-limit", U32(queue_limit, 1, 1000000), .def = "4096",
+     .help = "calls waiting per collection before new ones get RESOURCE_EXHAUSTED, 1..1000000"},
+    {"batch-workers", U32(batch_workers, 1, 64), .def = "1",
+     .help = "engine calls that may run at once, 1..64"},
+    {"max-message-bytes", U32(max_message_bytes, 1024, 1073741824), .def = "67108864",
+     .help = "largest gRPC message received or sent, 1024..1073741824 bytes; larger ones get "
+             "RESOURCE_EXHAUSTED"},
+    {"tls-cert", STR(tls_cert), .def = "",
+     .help = "PEM certificate chain file; with --tls-key serves TLS instead of plaintext"},
+    {"tls-key", STR(tls_key), .def = "", .help = "PEM private key file for --tls-cert"},
+    {"token-file", STR(token_file), .def = "", .secret_path = true,
+     .help = "file holding a bearer token; every call but health must send "
+             "\"authorization: Bearer <token>\""},
+    {"data-dir", STR(data_dir), .def = "",
+     .help = "directory for durable storage (collections, items, users); empty: in memory"},
+    {"metrics-listen", STR(metrics_listen), .def = "",
+     .help = "host:port for the Prometheus metrics endpoint; empty: off"},
+    {"port-file", STR(port_file), .def = "",
+     .help = "write the bound gRPC port to this file once listening (for --listen ...:0)"},
+    {"demo", BOOL(demo), .def = "false",
+     .help = "load the built-in demo shop (100,000 products, categories, banners, offers)"},
+    {"log-level", .type = OPT_LOG_LEVEL, .offset = offsetof(aff_config, log_level), .def = "info",
+     .help = "debug, info, warn, error or off"},
+    {"grace-seconds", U32(grace_seconds, 0, 3600), .def = "10",
+     .help = "after SIGTERM/SIGINT, how long in-flight calls may still finish, 0..3600"},
+    {"gpu-device", INT(gpu_device, 0, 255), .def = "0", .help = "CUDA device ordinal, 0..255"},
+    {"fp32", BOOL(fp32), .def = "false",
+     .help = "keep the GPU catalog in fp32 instead of fp16 (twice the memory)"},
+    {"cpu-threads", U32(cpu_threads, 0, 1024), .def = "0",
+     .help = "FAISS/BLAS threads for the CPU backend, 0 = all cores"},
+    {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
+     .help = "print this help and exit"},
+    {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
+     .help = "print the version and exit"},
+};
+#define N_OPTS (sizeof opts / sizeof opts[0])
+
+const char *config_backend_name(engine_backend_choice b)
+{
+    switch (b) {
+    case ENGINE_BACKEND_GPU:
+        return "gpu";
+    case ENGINE_BACKEND_CPU:
+        return "cpu";
+    default:
+        return "auto";
+    }
+}
+
+/* "max-batch" -> "AFFINITY_MAX_BATCH". */
+static void env_name(const opt_def *o, char *buf, size_t size)
+{
+    size_t n = (size_t)snprintf(buf, size, "AFFINITY_");
+    for (const char *p = o->name; *p && n + 1 < size; p++)
+        buf[n++] = *p == '-' ? '_' : (char)toupper((unsigned char)*p);
+    buf[n] = '\0';
+}
+
+static bool parse_bool(const char *v, bool *out)
+{
+    static const char *const yes[] = {"1", "true", "yes", "on"};
+    static const char *const no[] = {"0", "false", "no", "off"};
+    for (size_t i = 0; i < 4; i++) {
+        if (strcasecmp(v, yes[i]) == 0) {
+            *out = true;
+            return true;
+        }
+        if (strcasecmp(v, no[i]) == 0) {
+            *out = false;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Stores value into the field of o; `source` names where it came from for messages. */
+static int set_opt(aff_config *c, const opt_def *o, const char *value, const char *source,
+                   aff_err *err)
+{
+    char *field = (char *)c + o->offset;
+    switch (o->type) {
+    case OPT_STRING:
+        if (strlen(value) >= o->size)
+            return aff__fail(err, AFF_EINVAL, "%s: value is too long (at most %zu bytes)", source,
+                             o->size - 1);
+        memcpy(field, value, strlen(value) + 1);
+        return 0;
+    case OPT_U32:
+    case OPT_INT: {
+        char *end = NULL;
+        errno = 0;
+        long long v = strtoll(value, &end, 10);
+        if (!*value || *end || errno || v < o->min || v > o->max)
+            return aff__fail(err, AFF_EINVAL, "%s: '%s' is not an integer in %lld..%lld", source,
+                             value, o->min, o->max);
+        if (o->type == OPT_U32)
+            *(uint32_t *)field = (uint32_t)v;
+        else
+            *(int *)field = (int)v;
+        return 0;
+    }
+    case OPT_BOOL:
+    case OPT_ACTION:
+        if (!parse_bool(value, (bool *)field))
+            return aff__fail(err, AFF_EINVAL, "%s: '%s' is not a boolean (true/false, 1/0)", source,
+                             value);
+        return 0;
+    case OPT_BACKEND: {
+        engine_backend_choice *b = (engine_backend_choice *)field;
+        if (strcmp(value, "auto") == 0)
+            *b = ENGINE_BACKEND_AUTO;
+        else if (strcmp(value, "gpu") == 0)
+            *b = ENGINE_BACKEND_GPU;
+        else if (strcmp(value, "cpu") == 0)
+            *b = ENGINE_BACKEND_CPU;
+        else
+            return aff__fail(err, AFF_EINVAL, "%s: '%s' is not a backend (auto, gpu or cpu)",
+                             source, value);
+        return 0;
+    }
+    case OPT_LOG_LEVEL:
+        if (aff_log_parse_level(value, (aff_log_level *)field))
+            return aff__fail(err, AFF_EINVAL,
+                             "%s: '%s' is not a log level (debug, info, warn, error, off)", source,
+                             value);
+        return 0;
+    }
+    return aff__fail(err, AFF_EINTERNAL, "%s: unknown option type", source);
+}
+
+static int check_file(const char *flag, const char *path, aff_err *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return aff__fail(err, AFF_EINVAL, "--%s: cannot open '%s': %s", flag, path,
+                         strerror(errno));
+    fclose(f);
+    return 0;
+}
+
+/* Cross-field checks once every source has been applied. */
+static int validate(const aff_config *c, aff_err *err)
+{
+    const char *colon = strrchr(c->listen, ':');
+    if (!c->listen[0] || !colon || colon == c->listen || !colon[1])
+        return aff__fail(err, AFF_EINVAL,
+                         "--listen: '%s' is not host:port (e.g. 0.0.0.0:50051 or [::]:0)",
+                         c->listen);
+    char *end = NULL;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port < 0 || port > 65535)
+        return aff__fail(err, AFF_EINVAL, "--listen: port '%s' is not in 0..65535", colon + 1);
+    if (!!c->tls_cert[0] != !!c->tls_key[0])
+        return aff__fail(err, AFF_EINVAL,
+                         "--tls-cert and --tls-key go together: give both or neither");
+    if (c->tls_cert[0] && check_file("tls-cert", c->tls_cert, err))
+        return err ? err->code : AFF_EINVAL;
+    if (c->tls_key[0] && check_file("tls-key", c->tls_key, err))
+        return err ? err->code : AFF_EINVAL;
+    if (c->token_file[0] && check_file("token-file", c->token_file, err))
+        return err ? err->code : AFF_EINVAL;
+    if (c->metrics_listen[0] && !strchr(c->metrics_listen, ':'))
+        return aff__fail(err, AFF_EINVAL, "--metrics-listen: '%s' is not host:port",
+                         c->metrics_listen);
+    return 0;
+}
+
+int config_parse(aff_config *out, int argc, char **argv, aff_err *err)
+{
+    int rc = 0;
+    char source[160];
+    memset(out, 0, sizeof *out);
+    for (size_t i = 0; i < N_OPTS; i++) {
+        if (opts[i].type == OPT_ACTION || !opts[i].def[0]) continue;
+        snprintf(source, sizeof source, "default of --%s", opts[i].name);
+        rc = set_opt(out, &opts[i], opts[i].def, source, err);
+        if (rc) goto out;
+    }
+    for (size_t i = 0; i < N_OPTS; i++) {
+        if (opts[i].type == OPT_ACTION) continue;
+        char name[96];
+        env_name(&opts[i], name, sizeof name);
+        const char *v = getenv(name);
+        if (!v) continue;
+        snprintf(source, sizeof source, "%s", name);
+        rc = set_opt(out, &opts[i], v, source, err);
+        if (rc) goto out;
+    }
+    for (int a = 1; a < argc; a++) {
+        const char *arg = argv[a];
+        if (strncmp(arg, "--", 2) != 0) {
+            rc = aff__fail(err, AFF_EINVAL,
+                           "unexpected argument '%s' (flags start with --; "
+                           "see --help)",
+                           arg);
+            goto out;
+        }
+        const char *name = arg + 2, *eq = strchr(name, '=');
+        size_t len = eq ? (size_t)(eq - name) : strlen(name);
+        const opt_def *o = NULL;
+        for (size_t i = 0; i < N_OPTS && !o; i++)
+            if (strlen(opts[i].name) == len && strncmp(opts[i].name, name, len) == 0) o = &opts[i];
+        if (!o) {
+            rc = aff__fail(err, AFF_EINVAL, "unknown flag '%.*s' (see --help)", (int)len + 2, arg);
+            goto out;
+        }
+        const char *value = eq ? eq + 1 : NULL;
+        if (!value && (o->type == OPT_BOOL || o->type == OPT_ACTION)) value = "true";
+        if (!value) {
+            if (a + 1 >= argc) {
+                rc = aff__fail(err, AFF_EINVAL, "--%s needs a value (see --help)", o->name);
+                goto out;
+            }
+            value = argv[++a];
+        }
+        snprintf(source, sizeof source, "--%s", o->name);
+        rc = set_opt(out, o, value, source, err);
+        if (rc) goto out;
+    }
+    if (!out->help && !out->version) rc = validate(out, err);
+out:
+    return rc;
+}
+
+void config_usage(FILE *f, const char *prog)
+{
+    fprintf(f,
+            "Usage: %s [flags]\n\n"
+            "Affinity %s: personalization server (gRPC API affinity.v1).\n"
+            "Every flag has an environment variable; the flag wins when both are set.\n"
+            "Boolean flags take no value or =true/=false.\n\n",
+            prog, AFF_VERSION_STRING);
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const opt_def *o = &opts[i];
+        char env[96], head[160];
+        env_name(o, env, sizeof env);
+        const char *arg = o->type == OPT_BOOL || o->type == OPT_ACTION ? "" : " VALUE";
+        snprintf(head, sizeof head, "--%s%s", o->name, arg);
+        fprintf(f, "  %-26s %s\n", head, o->help);
+        if (o->type == OPT_ACTION) continue;
+        fprintf(f, "  %-26s env %s; default: %s\n", "", env, o->def[0] ? o->def : "(empty)");
+    }
+}
+
+void config_log(const aff_config *c)
+{
+    char vals[N_OPTS][64 + CONFIG_PATH_MAX];
+    const char *kv[2 * N_OPTS + 1];
+    size_t n = 0;
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const opt_def *o = &opts[i];
+        const char *field = (const char *)c + o->offset;
+        char *v = vals[i];
+        switch (o->type) {
+        case OPT_STRING:
+            if (o->secret_path)
+                snprintf(v, sizeof vals[0], "%s", field[0] ? "(set, redacted)" : "");
+            else
+                snprintf(v, sizeof vals[0], "%s", field);
+            break;
+        case OPT_U32:
+            snprintf(v, sizeof vals[0], "%u", *(const uint32_t *)field);
+            break;
+        case OPT_INT:
+            snprintf(v, sizeof vals[0], "%d", *(const int *)field);
+            break;
+        case OPT_BOOL:
+            snprintf(v, sizeof vals[0], "%s", *(const bool *)field ? "true" : "false");
+            break;
+        case OPT_BACKEND:
+            snprintf(v, sizeof vals[0], "%s",
+                     config_backend_name(*(const engine_backend_choice *)field));
+            break;
+        case OPT_LOG_LEVEL: {
+            static const char *const names[] = {"debug", "info", "warn", "error", "off"};
+            int l = *(const aff_log_level *)field;
+            snprintf(v, sizeof vals[0], "%s", l >= 0 && l <= AFF_LOG_OFF ? names[l] : "?");
+            break;
+        }
+        case OPT_ACTION:
+            continue;
+        }
+        kv[n++] = o->name;
+        kv[n++] = v;
+    }
+    kv[n] = NULL;
+    /* aff_log_kv takes a NULL-terminated vararg list; pass the table in fixed slots. */
+    _Static_assert(2 * (N_OPTS - 2) <= 40, "config_log passes at most 20 fields");
+    const char *k[2 * N_OPTS + 1];
+    for (size_t i = 0; i < 2 * N_OPTS + 1; i++)
+        k[i] = i < n ? kv[i] : NULL;
+    aff_log_kv(AFF_LOG_INFO, "configuration", k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7], k[8],
+               k[9], k[10], k[11], k[12], k[13], k[14], k[15], k[16], k[17], k[18], k[19], k[20],
+               k[21], k[22], k[23], k[24], k[25], k[26], k[27], k[28], k[29], k[30], k[31], k[32],
+               k[33], k[34], k[35], k[36], k[37], k[38], k[39], k[40], NULL);
+}

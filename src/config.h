@@ -1,0 +1,58 @@
+/*
+ * config.h: the server's configuration, from flags and AFFINITY_* environment variables.
+ *
+ * Every flag --name has an environment equivalent AFFINITY_NAME (dashes become underscores);
+ * a flag given on the command line wins over the environment. config_parse validates every
+ * value and says what was wrong and what is allowed. The configuration is the only global
+ * state of the server: main() fills one aff_config before anything starts and hands out
+ * const pointers; nothing changes it afterwards.
+ */
+#ifndef AFFINITY_CONFIG_H
+#define AFFINITY_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "engine.h"
+#include "log.h"
+#include "status.h"
+
+#define CONFIG_PATH_MAX 1024
+
+typedef struct aff_config {
+    char listen[256]; /* host:port; port 0 picks a free port */
+    uint32_t threads; /* completion-queue threads */
+    engine_backend_choice backend;
+    uint32_t max_batch;               /* queries per engine call */
+    uint32_t max_wait_us;             /* longest a request waits for a batch to fill */
+    uint32_t queue_limit;             /* requests queued per collection */
+    uint32_t batch_workers;           /* engine calls at once */
+    uint32_t max_message_bytes;       /* largest gRPC message in or out */
+    char tls_cert[CONFIG_PATH_MAX];   /* PEM certificate chain; "" = plaintext */
+    char tls_key[CONFIG_PATH_MAX];    /* PEM private key */
+    char token_file[CONFIG_PATH_MAX]; /* file holding the bearer token; "" = no auth */
+    char data_dir[CONFIG_PATH_MAX];   /* storage directory; "" = in memory only */
+    char metrics_listen[256];         /* host:port of the metrics endpoint; "" = off */
+    char port_file[CONFIG_PATH_MAX];  /* where to write the bound port once listening */
+    bool demo;                        /* load the built-in demo shop */
+    aff_log_level log_level;
+    uint32_t grace_seconds; /* how long in-flight calls may take after SIGTERM */
+    int gpu_device;         /* CUDA device ordinal */
+    bool fp32;              /* GPU catalog in fp32 instead of fp16 */
+    uint32_t cpu_threads;   /* FAISS/BLAS threads; 0 = all cores */
+    bool help;              /* --help was given: print config_usage and exit 0 */
+    bool version;           /* --version was given */
+} aff_config;
+
+/* Fills *out with defaults, then the environment, then argv. AFF_EINVAL with a message
+ * naming the flag, the bad value and what is allowed. */
+int config_parse(aff_config *out, int argc, char **argv, aff_err *err);
+/* Writes the --help text: every flag, its environment variable and its default. */
+void config_usage(FILE *f, const char *prog);
+/* Logs the configuration at INFO, one field per setting; the token itself is never read
+ * here, and paths are shown as given. */
+void config_log(const aff_config *c);
+const char *config_backend_name(engine_backend_choice b);
+
+#endif

@@ -1,0 +1,17 @@
+/*
+ * transport_codec.h: protobuf-c messages to and from gRPC byte buffers, shared by the server
+ * (transport.c) and the client (transport_client.c). Only transport*.c include this header.
+ */
+#ifndef AFFINITY_TRANSPORT_CODEC_H
+#define AFFINITY_TRANSPORT_CODEC_H
+
+#include <grpc/byte_buffer.h>
+#include <protobuf-c/protobuf-c.h>
+
+/* A new byte buffer holding msg serialized; NULL when out of memory. Caller destroys it. */
+grpc_byte_buffer *transport__pack(const ProtobufCMessage *msg);
+/* Decodes bb with desc; NULL when bb is NULL or the bytes are not a valid message. The
+ * result is freed with protobuf_c_message_free_unpacked(msg, NULL). bb is borrowed. */
+ProtobufCMessage *transport__unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc);
+
+#endif
