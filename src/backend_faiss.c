@@ -1,0 +1,693 @@
+/*
+ * backend_faiss.c: the CPU backend. Owns one FAISS flat index per table (the vector store),
+ * an optional FAISS HNSW graph over the same vectors, and the attribute column filters read.
+ *
+ * Search paths, chosen per batch (measured in bench/bench_engine.c, see bench/results/):
+ *   - small batches (nq < SCAN_MAX_NQ): our own scan, rows split across OpenMP threads, each
+ *     thread computing dot products with a vectorized loop and keeping per-query top-k heaps,
+ *     filters checked only for rows that would enter a heap. FAISS runs a single query on
+ *     one thread; this uses every core and makes filtered and unfiltered cost the same.
+ *   - larger unfiltered batches: faiss_Index_search (FAISS tiles the batch through BLAS).
+ *   - larger batches with any filter: our own tiled BLAS scoring (sgemm on row tiles) and the
+ *     same filtered heap selection. FAISS 1.7.3 leaves its BLAS path when given an
+ *     IDSelector (50% selectivity fell from ~6,800 to ~150 queries/s at N=100k), so filters
+ *     never go through FAISS.
+ *   - HNSW tables answer unfiltered queries from the graph; filtered queries take the exact
+ *     path (a graph walk cannot promise k filtered results). Rows overwritten or moved mark
+ *     the graph stale; it is rebuilt on the next HNSW search (HNSW suits append-mostly data).
+ * Scores are "higher is better": inner product, or for L2 the negated squared distance,
+ * computed as 2 q.x - |x|^2 - |q|^2 from stored row norms. Ties go to the lower row.
+ *
+ * Threading: see backend.h. Searches on one table may run concurrently; the lazy HNSW rebuild
+ * is the only mutation a search makes and is serialized by hnsw_lock.
+ */
+#include "backend.h"
+
+#include <math.h>
+#include <omp.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <faiss/c_api/AutoTune_c.h>
+#include <faiss/c_api/IndexFlat_c.h>
+#include <faiss/c_api/Index_c.h>
+#include <faiss/c_api/error_c.h>
+#include <faiss/c_api/impl/AuxIndexStructures_c.h>
+#include <faiss/c_api/index_factory_c.h>
+#include <faiss/c_api/utils/distances_c.h>
+
+#include "log.h"
+#include "topk.h"
+
+/* Batches smaller than this use the threaded scan instead of BLAS. */
+#define SCAN_MAX_NQ 4
+/* Scores buffered per sgemm tile: nq × tile_rows floats. */
+#define TILE_SCORES (1u << 20)
+
+/* Fortran BLAS, as FAISS itself calls it (column-major). */
+extern int sgemm_(const char *transa, const char *transb, const int *m, const int *n,
+                  const int *k, const float *alpha, const float *a, const int *lda,
+                  const float *b, const int *ldb, const float *beta, float *c, const int *ldc);
+
+typedef struct faiss_backend {
+    backend base;
+    int threads;
+    _Atomic uint64_t memory_used;
+    char cpu_model[128];
+} faiss_backend;
+
+typedef struct faiss_table {
+    backend_table base;
+    faiss_backend *owner;
+    uint32_t dim;
+    aff_metric metric;
+    backend_index_kind index_kind;
+    uint32_t hnsw_m, hnsw_ef_search;
+    FaissIndex *flat;            /* IndexFlatIP / IndexFlatL2: rows 0..count-1 */
+    FaissIndex *hnsw;            /* HNSW over the same vectors, or NULL */
+    bool hnsw_stale;             /* rows changed in place since the graph was built */
+    pthread_mutex_t hnsw_lock;   /* guards hnsw and hnsw_stale during searches */
+    backend_row_attrs *attrs;    /* capacity entries */
+    float *sq_norms;             /* L2 only: |x|^2 per row, capacity entries */
+    uint32_t count, capacity;
+    uint64_t accounted;          /* bytes last added to owner->memory_used */
+} faiss_table;
+
+static const char *faiss_error_text(void)
+{
+    const char *e = faiss_get_last_error();
+    return e ? e : "unknown FAISS error";
+}
+
+/* ---- memory accounting ------------------------------------------------------------- */
+
+static uint64_t table_bytes(const faiss_table *t)
+{
+    uint64_t bytes = (uint64_t)t->count * t->dim * sizeof(float);
+    bytes += (uint64_t)t->capacity * sizeof(backend_row_attrs);
+    if (t->sq_norms)
+        bytes += (uint64_t)t->capacity * sizeof(float);
+    if (t->hnsw) /* vectors again plus about 2·M links of 8 bytes per row */
+        bytes += (uint64_t)t->count * (t->dim * sizeof(float) + 2u * t->hnsw_m * 8u);
+    return bytes;
+}
+
+static void account(faiss_table *t)
+{
+    uint64_t now = table_bytes(t);
+    if (now >= t->accounted)
+        atomic_fetch_add(&t->owner->memory_used, now - t->accounted);
+    else
+        atomic_fetch_sub(&t->owner->memory_used, t->accounted - now);
+    t->accounted = now;
+}
+
+/* ---- vector kernels ----------------------------------------------------------------- */
+
+/* Dot products of one query against `n` consecutive rows. Compiled for AVX-512, AVX2+FMA
+ * and the baseline, picked at load time. */
+__attribute__((target_clones("avx512f", "arch=haswell", "default"))) static void
+dot_rows(const float *restrict q, const float *restrict rows, uint32_t n, uint32_t dim,
+         float *restrict out)
+{
+    for (uint32_t r = 0; r < n; r++) {
+        const float *x = rows + (size_t)r * dim;
+        float acc[8] = {0};
+        uint32_t j = 0;
+        for (; j + 8 <= dim; j += 8)
+            for (int l = 0; l < 8; l++)
+                acc[l] += q[j + l] * x[j + l];
+        float s = 0;
+        for (; j < dim; j++)
+            s += q[j] * x[j];
+        out[r] = s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    }
+}
+
+/* ---- table lifecycle ------------------------------------------------------------------- */
+
+static int table_reserve(faiss_table *t, uint32_t rows, aff_err *err)
+{
+    if (rows <= t->capacity)
+        return AFF_OK;
+    uint64_t cap = t->capacity ? t->capacity : 1024;
+    while (cap < rows)
+        cap *= 2;
+    if (cap > UINT32_MAX)
+        cap = UINT32_MAX;
+    backend_row_attrs *attrs = realloc(t->attrs, cap * sizeof *attrs);
+    if (!attrs)
+        return aff__fail(err, AFF_ENOMEM, "cannot grow attribute column to %llu rows",
+                         (unsigned long long)cap);
+    t->attrs = attrs;
+    if (t->metric == AFF_METRIC_L2) {
+        float *norms = realloc(t->sq_norms, cap * sizeof *norms);
+        if (!norms)
+            return aff__fail(err, AFF_ENOMEM, "cannot grow norm column to %llu rows",
+                             (unsigned long long)cap);
+        t->sq_norms = norms;
+    }
+    t->capacity = (uint32_t)cap;
+    return AFF_OK;
+}
+
+static int faiss_table_create(backend *b, const backend_table_params *p, backend_table **out,
+                              aff_err *err);
+static void faiss_table_destroy(backend_table *bt);
+
+static float *flat_rows(faiss_table *t)
+{
+    float *xb = NULL;
+    size_t size = 0;
+    faiss_IndexFlat_xb(t->flat, &xb, &size);
+    return xb;
+}
+
+static int hnsw_build(faiss_table *t, aff_err *err)
+{
+    char desc[32];
+    snprintf(desc, sizeof desc, "HNSW%u,Flat", t->hnsw_m);
+    FaissMetricType metric = t->metric == AFF_METRIC_L2 ? METRIC_L2 : METRIC_INNER_PRODUCT;
+    FaissIndex *graph = NULL;
+    FaissParameterSpace *ps = NULL;
+    int rc = AFF_OK;
+    if (faiss_index_factory(&graph, (int)t->dim, desc, metric) != 0) {
+        rc = aff__fail(err, AFF_EINTERNAL, "FAISS HNSW create failed: %s", faiss_error_text());
+        goto out;
+    }
+    if (t->count && faiss_Index_add(graph, t->count, flat_rows(t)) != 0) {
+        rc = aff__fail(err, AFF_ENOMEM, "FAISS HNSW build failed: %s", faiss_error_text());
+        goto out;
+    }
+    if (faiss_ParameterSpace_new(&ps) != 0 ||
+        faiss_ParameterSpace_set_index_parameter(ps, graph, "efSearch", t->hnsw_ef_search) != 0) {
+        rc = aff__fail(err, AFF_EINTERNAL, "FAISS efSearch: %s", faiss_error_text());
+        goto out;
+    }
+    if (t->hnsw)
+        faiss_Index_free(t->hnsw);
+    t->hnsw = graph;
+    graph = NULL;
+    t->hnsw_stale = false;
+out:
+    if (graph)
+        faiss_Index_free(graph);
+    faiss_ParameterSpace_free(ps);
+    return rc;
+}
+
+static int faiss_table_create(backend *b, const backend_table_params *p, backend_table **out,
+                              aff_err *err)
+{
+    faiss_backend *fb = (faiss_backend *)b;
+    *out = NULL;
+    faiss_table *t = calloc(1, sizeof *t);
+    if (!t)
+        return aff__fail(err, AFF_ENOMEM, "out of memory creating a table");
+    t->base.ops = b->ops;
+    t->owner = fb;
+    t->dim = p->dim;
+    t->metric = p->metric;
+    t->index_kind = p->index;
+    t->hnsw_m = p->hnsw_m ? p->hnsw_m : 32;
+    t->hnsw_ef_search = p->hnsw_ef_search ? p->hnsw_ef_search : 64;
+    pthread_mutex_init(&t->hnsw_lock, NULL);
+    int rc;
+    int frc = p->metric == AFF_METRIC_L2 ? faiss_IndexFlatL2_new_with(&t->flat, p->dim)
+                                         : faiss_IndexFlatIP_new_with(&t->flat, p->dim);
+    if (frc != 0) {
+        rc = aff__fail(err, AFF_ENOMEM, "FAISS flat index: %s", faiss_error_text());
+        goto fail;
+    }
+    if ((rc = table_reserve(t, p->initial_capacity ? p->initial_capacity : 1024, err)) != AFF_OK)
+        goto fail;
+    if (p->index == BACKEND_INDEX_HNSW && (rc = hnsw_build(t, err)) != AFF_OK)
+        goto fail;
+    account(t);
+    *out = &t->base;
+    return AFF_OK;
+fail:
+    faiss_table_destroy(&t->base);
+    return rc;
+}
+
+static void faiss_table_destroy(backend_table *bt)
+{
+    faiss_table *t = (faiss_table *)bt;
+    if (!t)
+        return;
+    atomic_fetch_sub(&t->owner->memory_used, t->accounted);
+    if (t->flat)
+        faiss_Index_free(t->flat);
+    if (t->hnsw)
+        faiss_Index_free(t->hnsw);
+    pthread_mutex_destroy(&t->hnsw_lock);
+    free(t->attrs);
+    free(t->sq_norms);
+    free(t);
+}
+
+/* ---- writes ----------------------------------------------------------------------------- */
+
+static float sq_norm(const float *x, uint32_t dim)
+{
+    float s = 0;
+    for (uint32_t j = 0; j < dim; j++)
+        s += x[j] * x[j];
+    return s;
+}
+
+static int faiss_table_write(backend_table *bt, const uint32_t *rows, uint32_t n,
+                             const float *vectors, const backend_row_attrs *attrs, aff_err *err)
+{
+    faiss_table *t = (faiss_table *)bt;
+    uint32_t appended = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (rows[i] == t->count + appended)
+            appended++;
+        else if (rows[i] >= t->count)
+            return aff__fail(err, AFF_EINTERNAL, "row %u is past the table end %u", rows[i],
+                             t->count + appended);
+    }
+    int rc = table_reserve(t, t->count + appended, err);
+    if (rc != AFF_OK)
+        return rc;
+    float *packed = NULL;
+    if (appended) {
+        packed = malloc((size_t)appended * t->dim * sizeof *packed);
+        if (!packed)
+            return aff__fail(err, AFF_ENOMEM, "out of memory staging %u rows", appended);
+        for (uint32_t i = 0, a = 0; i < n; i++)
+            if (rows[i] >= t->count)
+                memcpy(packed + (size_t)a++ * t->dim, vectors + (size_t)i * t->dim,
+                       t->dim * sizeof(float));
+        if (faiss_Index_add(t->flat, appended, packed) != 0) {
+            rc = aff__fail(err, AFF_ENOMEM, "FAISS add of %u rows failed: %s", appended,
+                           faiss_error_text());
+            goto out;
+        }
+    }
+    /* Rows past the old count are now in the flat index; bring the columns along. */
+    float *xb = flat_rows(t);
+    bool overwrote = false;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t r = rows[i];
+        const float *v = vectors + (size_t)i * t->dim;
+        if (r < t->count) {
+            memcpy(xb + (size_t)r * t->dim, v, t->dim * sizeof(float));
+            overwrote = true;
+        }
+        t->attrs[r] = attrs[i];
+        if (t->sq_norms)
+            t->sq_norms[r] = sq_norm(v, t->dim);
+    }
+    if (t->hnsw) {
+        pthread_mutex_lock(&t->hnsw_lock);
+        if (overwrote)
+            t->hnsw_stale = true;
+        else if (appended && !t->hnsw_stale && faiss_Index_add(t->hnsw, appended, packed) != 0)
+            t->hnsw_stale = true; /* rebuilt from the flat store on the next search */
+        pthread_mutex_unlock(&t->hnsw_lock);
+    }
+    t->count += appended;
+    account(t);
+out:
+    free(packed);
+    return rc;
+}
+
+static int faiss_table_move(backend_table *bt, const uint32_t *src, const uint32_t *dst,
+                            uint32_t n, uint32_t new_count, aff_err *err)
+{
+    faiss_table *t = (faiss_table *)bt;
+    if (new_count > t->count)
+        return aff__fail(err, AFF_EINTERNAL, "cannot truncate %u rows to %u", t->count,
+                         new_count);
+    float *xb = flat_rows(t);
+    for (uint32_t i = 0; i < n; i++) {
+        if (src[i] >= t->count || dst[i] >= t->count)
+            return aff__fail(err, AFF_EINTERNAL, "move %u -> %u outside %u rows", src[i],
+                             dst[i], t->count);
+        memmove(xb + (size_t)dst[i] * t->dim, xb + (size_t)src[i] * t->dim,
+                t->dim * sizeof(float));
+        t->attrs[dst[i]] = t->attrs[src[i]];
+        if (t->sq_norms)
+            t->sq_norms[dst[i]] = t->sq_norms[src[i]];
+    }
+    bool truncating = new_count < t->count;
+    if (truncating) {
+        FaissIDSelectorRange *tail = NULL;
+        if (faiss_IDSelectorRange_new(&tail, new_count, t->count) != 0)
+            return aff__fail(err, AFF_ENOMEM, "FAISS selector: %s", faiss_error_text());
+        size_t removed = 0;
+        int frc = faiss_Index_remove_ids(t->flat, (const FaissIDSelector *)tail, &removed);
+        faiss_IDSelectorRange_free(tail);
+        if (frc != 0 || removed != t->count - new_count)
+            return aff__fail(err, AFF_EINTERNAL, "FAISS truncate to %u rows failed: %s",
+                             new_count, faiss_error_text());
+        t->count = new_count;
+    }
+    if (t->hnsw && (n || truncating)) {
+        pthread_mutex_lock(&t->hnsw_lock);
+        t->hnsw_stale = true;
+        pthread_mutex_unlock(&t->hnsw_lock);
+    }
+    account(t);
+    return AFF_OK;
+}
+
+/* ---- search ----------------------------------------------------------------------------- */
+
+static bool filter_active(const backend_search *s, uint32_t q)
+{
+    return s->filters && s->filters[q] && !backend_filter_is_empty(s->filters[q]);
+}
+
+static const backend_filter *filter_of(const backend_search *s, uint32_t q)
+{
+    return filter_active(s, q) ? s->filters[q] : NULL;
+}
+
+/* Offers row scores[0..n) (rows first_row..) to query q's heap, checking the filter only
+ * for rows that would enter it. L2 scores arrive as q.x and are turned into 2 q.x - |x|^2. */
+static void offer_rows(const faiss_table *t, topk_heap *h, const backend_filter *f,
+                       const float *scores, uint32_t first_row, uint32_t n)
+{
+    for (uint32_t j = 0; j < n; j++) {
+        uint32_t row = first_row + j;
+        float s = scores[j];
+        if (t->sq_norms)
+            s = 2.0f * s - t->sq_norms[row];
+        if (!topk_would_accept(h, s, row))
+            continue;
+        if (f && !backend_filter_matches(f, &t->attrs[row], row))
+            continue;
+        topk_push(h, s, row);
+    }
+}
+
+/* Final per-query output: heap sorted best first; L2 scores shifted by -|q|^2. */
+static void emit(const faiss_table *t, const backend_search *s, uint32_t q, size_t off,
+                 topk_heap *h)
+{
+    uint32_t n = topk_sort(h);
+    float shift = t->sq_norms ? -sq_norm(s->queries + (size_t)q * t->dim, t->dim) : 0.0f;
+    for (uint32_t i = 0; i < n; i++) {
+        s->out_rows[off + i] = h->rows[i];
+        s->out_scores[off + i] = h->scores[i] + shift;
+    }
+    s->out_counts[q] = n;
+}
+
+/* Small batches: every thread scans a slice of the rows for all queries, then the per-thread
+ * heaps are merged. */
+static int search_scan(faiss_table *t, const backend_search *s, const size_t *offsets,
+                       aff_err *err)
+{
+    const uint32_t nq = s->nq, count = t->count, dim = t->dim;
+    const float *xb = flat_rows(t);
+    int nthreads = omp_get_max_threads();
+    if ((uint64_t)count * dim < 1u << 16)
+        nthreads = 1; /* not worth waking a second thread */
+    uint32_t kmax = 0;
+    for (uint32_t q = 0; q < nq; q++)
+        kmax = s->k[q] > kmax ? s->k[q] : kmax;
+    topk_heap *heaps = calloc((size_t)nthreads * nq, sizeof *heaps);
+    int rc = AFF_OK;
+    if (!heaps)
+        return aff__fail(err, AFF_ENOMEM, "out of memory for %u heaps", nthreads * nq);
+    for (int i = 0; i < nthreads * (int)nq && rc == AFF_OK; i++)
+        if (topk_init(&heaps[i], s->k[i % nq]) != AFF_OK)
+            rc = aff__fail(err, AFF_ENOMEM, "out of memory for top-%u heaps", kmax);
+    if (rc != AFF_OK)
+        goto out;
+
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = omp_get_thread_num();
+        int nt = omp_get_num_threads();
+        enum { CHUNK = 1024 };
+        float scores[CHUNK];
+        uint64_t lo = (uint64_t)count * tid / nt, hi = (uint64_t)count * (tid + 1) / nt;
+        for (uint64_t r0 = lo; r0 < hi; r0 += CHUNK) {
+            uint32_t n = (uint32_t)(hi - r0 < CHUNK ? hi - r0 : CHUNK);
+            for (uint32_t q = 0; q < nq; q++) {
+                dot_rows(s->queries + (size_t)q * dim, xb + r0 * dim, n, dim, scores);
+                offer_rows(t, &heaps[(size_t)tid * nq + q], filter_of(s, q), scores,
+                           (uint32_t)r0, n);
+            }
+        }
+    }
+    for (uint32_t q = 0; q < nq; q++) {
+        for (int th = 1; th < nthreads; th++)
+            topk_merge(&heaps[q], &heaps[(size_t)th * nq + q]);
+        emit(t, s, q, offsets[q], &heaps[q]);
+    }
+out:
+    for (int i = 0; i < nthreads * (int)nq; i++)
+        topk_free(&heaps[i]);
+    free(heaps);
+    return rc;
+}
+
+/* Larger filtered batches: sgemm on row tiles, then filtered selection per query. */
+static int search_tiled(faiss_table *t, const backend_search *s, const size_t *offsets,
+                        aff_err *err)
+{
+    const uint32_t nq = s->nq, count = t->count;
+    const int dim = (int)t->dim;
+    uint32_t tile = TILE_SCORES / nq;
+    tile = tile < 1024 ? 1024 : tile > 65536 ? 65536 : tile;
+    float *scores = malloc((size_t)nq * tile * sizeof *scores);
+    topk_heap *heaps = calloc(nq, sizeof *heaps);
+    int rc = AFF_OK;
+    if (!scores || !heaps) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory for a %u x %u score tile", nq, tile);
+        goto out;
+    }
+    for (uint32_t q = 0; q < nq && rc == AFF_OK; q++)
+        if (topk_init(&heaps[q], s->k[q]) != AFF_OK)
+            rc = aff__fail(err, AFF_ENOMEM, "out of memory for top-k heaps");
+    if (rc != AFF_OK)
+        goto out;
+    const float *xb = flat_rows(t);
+    const float one = 1.0f, zero = 0.0f;
+    for (uint32_t r0 = 0; r0 < count; r0 += tile) {
+        int n = (int)(count - r0 < tile ? count - r0 : tile);
+        int m = (int)nq;
+        /* Column-major: C (n x m) = A^T (n x d) * B (d x m); row q of C is query q's scores. */
+        sgemm_("T", "N", &n, &m, &dim, &one, xb + (size_t)r0 * dim, &dim, s->queries, &dim,
+               &zero, scores, &n);
+#pragma omp parallel for schedule(dynamic, 4)
+        for (uint32_t q = 0; q < nq; q++)
+            offer_rows(t, &heaps[q], filter_of(s, q), scores + (size_t)q * n, r0, (uint32_t)n);
+    }
+    for (uint32_t q = 0; q < nq; q++)
+        emit(t, s, q, offsets[q], &heaps[q]);
+out:
+    if (heaps)
+        for (uint32_t q = 0; q < nq; q++)
+            topk_free(&heaps[q]);
+    free(heaps);
+    free(scores);
+    return rc;
+}
+
+/* Unfiltered batches through FAISS itself (flat or HNSW). */
+static int search_faiss(faiss_table *t, FaissIndex *index, const backend_search *s,
+                        const size_t *offsets, aff_err *err)
+{
+    uint32_t kmax = 0;
+    for (uint32_t q = 0; q < s->nq; q++)
+        kmax = s->k[q] > kmax ? s->k[q] : kmax;
+    if (kmax > t->count)
+        kmax = t->count;
+    float *dist = malloc((size_t)s->nq * kmax * sizeof *dist);
+    idx_t *labels = malloc((size_t)s->nq * kmax * sizeof *labels);
+    int rc = AFF_OK;
+    if (!dist || !labels) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory for %u x %u results", s->nq, kmax);
+        goto out;
+    }
+    if (faiss_Index_search(index, s->nq, s->queries, kmax, dist, labels) != 0) {
+        rc = aff__fail(err, AFF_EINTERNAL, "FAISS search failed: %s", faiss_error_text());
+        goto out;
+    }
+    for (uint32_t q = 0; q < s->nq; q++) {
+        uint32_t want = s->k[q] < kmax ? s->k[q] : kmax, n = 0;
+        float *sc = s->out_scores + offsets[q];
+        uint32_t *rw = s->out_rows + offsets[q];
+        for (uint32_t i = 0; i < kmax && n < want; i++) {
+            idx_t label = labels[(size_t)q * kmax + i];
+            if (label < 0)
+                continue;
+            float d = dist[(size_t)q * kmax + i];
+            sc[n] = t->metric == AFF_METRIC_L2 ? -d : d;
+            rw[n] = (uint32_t)label;
+            n++;
+        }
+        /* FAISS does not promise an order among equal scores: make it lower row first. */
+        topk_sort_pairs(sc, rw, n);
+        s->out_counts[q] = n;
+    }
+out:
+    free(dist);
+    free(labels);
+    return rc;
+}
+
+static int faiss_table_search(backend_table *bt, const backend_search *s, aff_err *err)
+{
+    faiss_table *t = (faiss_table *)bt;
+    if (s->nq == 0)
+        return AFF_OK;
+    size_t *offsets = malloc(s->nq * sizeof *offsets);
+    if (!offsets)
+        return aff__fail(err, AFF_ENOMEM, "out of memory");
+    size_t off = 0;
+    bool any_filter = false;
+    for (uint32_t q = 0; q < s->nq; q++) {
+        offsets[q] = off;
+        off += s->k[q];
+        any_filter |= filter_active(s, q);
+        s->out_counts[q] = 0;
+    }
+    int rc = AFF_OK;
+    if (t->count == 0)
+        goto out;
+    if (t->hnsw && !any_filter) {
+        pthread_mutex_lock(&t->hnsw_lock);
+        if (!t->hnsw_stale || (rc = hnsw_build(t, err)) == AFF_OK)
+            rc = search_faiss(t, t->hnsw, s, offsets, err);
+        pthread_mutex_unlock(&t->hnsw_lock);
+    } else if (s->nq < SCAN_MAX_NQ) {
+        rc = search_scan(t, s, offsets, err);
+    } else if (!any_filter) {
+        rc = search_faiss(t, t->flat, s, offsets, err);
+    } else {
+        rc = search_tiled(t, s, offsets, err);
+    }
+out:
+    free(offsets);
+    return rc;
+}
+
+static int faiss_table_score(backend_table *bt, const float *queries, uint32_t nq,
+                             const uint32_t *offsets, const uint32_t *rows, float *scores,
+                             aff_err *err)
+{
+    faiss_table *t = (faiss_table *)bt;
+    const float *xb = flat_rows(t);
+    for (uint32_t q = 0; q < nq; q++) {
+        const float *qv = queries + (size_t)q * t->dim;
+        float qn = t->sq_norms ? sq_norm(qv, t->dim) : 0.0f;
+        for (uint32_t j = offsets[q]; j < offsets[q + 1]; j++) {
+            if (rows[j] >= t->count)
+                return aff__fail(err, AFF_EINTERNAL, "row %u outside %u rows", rows[j],
+                                 t->count);
+            float s;
+            dot_rows(qv, xb + (size_t)rows[j] * t->dim, 1, t->dim, &s);
+            scores[j] = t->sq_norms ? 2.0f * s - t->sq_norms[rows[j]] - qn : s;
+        }
+    }
+    return AFF_OK;
+}
+
+static int faiss_table_read(backend_table *bt, const uint32_t *rows, uint32_t n, float *out,
+                            aff_err *err)
+{
+    faiss_table *t = (faiss_table *)bt;
+    const float *xb = flat_rows(t);
+    for (uint32_t i = 0; i < n; i++) {
+        if (rows[i] >= t->count)
+            return aff__fail(err, AFF_EINTERNAL, "row %u outside %u rows", rows[i], t->count);
+        memcpy(out + (size_t)i * t->dim, xb + (size_t)rows[i] * t->dim, t->dim * sizeof(float));
+    }
+    return AFF_OK;
+}
+
+static uint32_t faiss_table_count(const backend_table *bt)
+{
+    return ((const faiss_table *)bt)->count;
+}
+
+static uint64_t faiss_table_memory(const backend_table *bt)
+{
+    return table_bytes((const faiss_table *)bt);
+}
+
+/* ---- backend ---------------------------------------------------------------------------- */
+
+static void faiss_backend_destroy(backend *b)
+{
+    free(b);
+}
+
+static void faiss_backend_describe(backend *b, backend_info *out)
+{
+    faiss_backend *fb = (faiss_backend *)b;
+    *out = (backend_info){0};
+    snprintf(out->name, sizeof out->name, "faiss-cpu");
+    snprintf(out->device, sizeof out->device, "%.96s (%d threads)", fb->cpu_model, fb->threads);
+    out->memory_used = atomic_load(&fb->memory_used);
+}
+
+static const backend_ops faiss_ops = {
+    .destroy = faiss_backend_destroy,
+    .describe = faiss_backend_describe,
+    .table_create = faiss_table_create,
+    .table_destroy = faiss_table_destroy,
+    .table_write = faiss_table_write,
+    .table_move = faiss_table_move,
+    .table_search = faiss_table_search,
+    .table_score = faiss_table_score,
+    .table_read = faiss_table_read,
+    .table_count = faiss_table_count,
+    .table_memory = faiss_table_memory,
+};
+
+static void read_cpu_model(char *buf, size_t size)
+{
+    snprintf(buf, size, "CPU");
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f)
+        return;
+    char line[256];
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "model name", 10) == 0) {
+            char *colon = strchr(line, ':');
+            if (colon) {
+                colon += 1 + (colon[1] == ' ');
+                colon[strcspn(colon, "\n")] = '\0';
+                snprintf(buf, size, "%s", colon);
+            }
+            break;
+        }
+    }
+    fclose(f);
+}
+
+int backend_faiss_create(backend **out, const backend_faiss_config *cfg, aff_err *err)
+{
+    *out = NULL;
+    faiss_backend *fb = calloc(1, sizeof *fb);
+    if (!fb)
+        return aff__fail(err, AFF_ENOMEM, "out of memory creating the FAISS backend");
+    fb->base.ops = &faiss_ops;
+    if (cfg && cfg->threads > 0)
+        omp_set_num_threads(cfg->threads);
+    fb->threads = omp_get_max_threads();
+    /* FAISS computes batches of at least this many queries with BLAS; its default (20) leaves
+     * batches of 2..19 on a per-query loop about 7x slower here. */
+    faiss_set_distance_compute_blas_threshold(SCAN_MAX_NQ);
+    read_cpu_model(fb->cpu_model, sizeof fb->cpu_model);
+    const char *wait = getenv("OMP_WAIT_POLICY");
+    if (!wait || strcasecmp(wait, "passive") != 0)
+        aff_log(AFF_LOG_WARN, "OMP_WAIT_POLICY is not PASSIVE: OpenMP and OpenBLAS threads "
+                              "will spin against each other (4-25x slower searches)");
+    *out = &fb->base;
+    return AFF_OK;
+}

@@ -1,0 +1,52 @@
+/*
+ * topk.h: bounded top-k selection on the host, shared by the CPU backend, the GPU backend's
+ * host-side merge and the tests' reference.
+ *
+ * Order: a higher score is better; among equal scores the lower row is better. NaN scores are
+ * never accepted. A heap keeps its worst entry at the top so a candidate is rejected with one
+ * comparison. A topk_heap owns its two arrays (topk_init / topk_free).
+ */
+#ifndef AFFINITY_TOPK_H
+#define AFFINITY_TOPK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef struct topk_heap {
+    float *scores;
+    uint32_t *rows;
+    uint32_t k; /* capacity */
+    uint32_t n; /* entries held, ≤ k */
+} topk_heap;
+
+/* Allocates room for k entries (k ≥ 1). Returns 0 or AFF_ENOMEM. */
+int topk_init(topk_heap *h, uint32_t k);
+void topk_free(topk_heap *h);
+
+/* True when (score, row) is better than (other_score, other_row). */
+static inline bool topk_better(float score, uint32_t row, float other_score, uint32_t other_row)
+{
+    return score > other_score || (score == other_score && row < other_row);
+}
+
+/* True when pushing (score, row) would change the heap. */
+static inline bool topk_would_accept(const topk_heap *h, float score, uint32_t row)
+{
+    if (score != score)
+        return false;
+    if (h->n < h->k)
+        return true;
+    return topk_better(score, row, h->scores[0], h->rows[0]);
+}
+
+/* Adds (score, row) when topk_would_accept() says so; otherwise does nothing. */
+void topk_push(topk_heap *h, float score, uint32_t row);
+/* Pushes every entry of src into dst. */
+void topk_merge(topk_heap *dst, const topk_heap *src);
+/* Sorts the entries best first in place and returns their number. The heap is no longer a
+ * heap afterwards: reset h->n = 0 before reusing it. */
+uint32_t topk_sort(topk_heap *h);
+/* Sorts parallel arrays best first (score descending, then row ascending). */
+void topk_sort_pairs(float *scores, uint32_t *rows, uint32_t n);
+
+#endif
