@@ -1,0 +1,1042 @@
+/*
+ * profiles.c: owns event validation, type weights, the decay arithmetic of profiles and
+ * popularity, and the filter evaluation of popularity answers. All state lives in the store
+ * (see profiles.h for the formulas); this module holds only its frozen configuration, so it
+ * needs no lock of its own.
+ */
+#include "profiles.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "strmap.h"
+
+#define DAY_S 86400.0
+#define FUTURE_SLACK_MS (24 * 3600 * 1000LL)
+
+typedef struct type_weight {
+    char name[STORE_MAX_TYPE_LEN + 1];
+    float weight;
+} type_weight;
+
+struct aff_profiles {
+    aff_store *store;
+    type_weight types[4 + PROFILES_MAX_CUSTOM_TYPES]; /* built-ins first, in kind order */
+    uint32_t n_types;
+    double half_life_ms;
+    double pop_half_life_ms;
+    uint32_t history_len;
+    uint32_t popular_scan_limit;
+    int64_t (*now_ms)(void *ctx);
+    void *now_ctx;
+};
+
+static const char *const builtin_names[4] = {"view", "click", "add_to_cart", "purchase"};
+
+void profiles_config_init(profiles_config *cfg)
+{
+    *cfg = (profiles_config){
+        .weight_view = 1.0f,
+        .weight_click = 2.0f,
+        .weight_add_to_cart = 4.0f,
+        .weight_purchase = 8.0f,
+        .half_life_s = 14 * DAY_S,
+        .popularity_half_life_s = 7 * DAY_S,
+        .history_len = 500,
+        .popular_scan_limit = 10000,
+    };
+}
+
+const char *profiles_event_kind_name(profiles_event_kind kind)
+{
+    if (kind >= PROFILES_EVENT_VIEW && kind <= PROFILES_EVENT_PURCHASE)
+        return builtin_names[kind - PROFILES_EVENT_VIEW];
+    return NULL;
+}
+
+static bool valid_weight(float w)
+{
+    return isfinite(w) && w >= 0.0f;
+}
+
+static bool valid_type_name(const char *s)
+{
+    size_t n = s ? strlen(s) : 0;
+    if (n == 0 || n > STORE_MAX_TYPE_LEN)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'))
+            return false;
+    }
+    return true;
+}
+
+int profiles_create(aff_profiles **out, aff_store *store, const profiles_config *cfg,
+                    aff_err *err)
+{
+    profiles_config def;
+    if (!cfg) {
+        profiles_config_init(&def);
+        cfg = &def;
+    }
+    *out = NULL;
+    const float builtin[4] = {cfg->weight_view, cfg->weight_click, cfg->weight_add_to_cart,
+                              cfg->weight_purchase};
+    for (int i = 0; i < 4; i++) {
+        if (!valid_weight(builtin[i]))
+            return aff__fail(err, AFF_EINVAL, "profiles: weight of '%s' must be finite and ≥ 0",
+                             builtin_names[i]);
+    }
+    if (!(cfg->half_life_s > 0 && isfinite(cfg->half_life_s)) ||
+        !(cfg->popularity_half_life_s > 0 && isfinite(cfg->popularity_half_life_s)))
+        return aff__fail(err, AFF_EINVAL, "profiles: half-lives must be positive");
+    if (cfg->history_len == 0)
+        return aff__fail(err, AFF_EINVAL, "profiles: history length must be at least 1");
+    if (cfg->n_custom_types > PROFILES_MAX_CUSTOM_TYPES)
+        return aff__fail(err, AFF_EINVAL, "profiles: at most %d custom event types",
+                         PROFILES_MAX_CUSTOM_TYPES);
+    aff_profiles *p = calloc(1, sizeof *p);
+    if (!p)
+        return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    for (int i = 0; i < 4; i++) {
+        strcpy(p->types[i].name, builtin_names[i]);
+        p->types[i].weight = builtin[i];
+    }
+    p->n_types = 4;
+    for (uint32_t i = 0; i < cfg->n_custom_types; i++) {
+        const profiles_custom_type *ct = &cfg->custom_types[i];
+        if (!valid_type_name(ct->name) || !valid_weight(ct->weight)) {
+            free(p);
+            return aff__fail(err, AFF_EINVAL,
+                             "profiles: custom event type %u needs a name of 1..%d bytes of "
+                             "[a-z0-9_] and a finite weight ≥ 0",
+                             i, STORE_MAX_TYPE_LEN);
+        }
+        for (uint32_t j = 0; j < p->n_types; j++) {
+            if (strcmp(p->types[j].name, ct->name) == 0) {
+                free(p);
+                return aff__fail(err, AFF_EINVAL, "profiles: event type '%s' defined twice",
+                                 ct->name);
+            }
+        }
+        strcpy(p->types[p->n_types].name, ct->name);
+        p->types[p->n_types].weight = ct->weight;
+        p->n_types++;
+    }
+    p->store = store;
+    p->half_life_ms = cfg->half_life_s * 1000.0;
+    p->pop_half_life_ms = cfg->popularity_half_life_s * 1000.0;
+    p->history_len = cfg->history_len;
+    p->popular_scan_limit = cfg->popular_scan_limit ? cfg->popular_scan_limit : 10000;
+    p->now_ms = cfg->now_ms;
+    p->now_ctx = cfg->now_ctx;
+    *out = p;
+    return AFF_OK;
+}
+
+void profiles_destroy(aff_profiles *p)
+{
+    free(p);
+}
+
+static int64_t now_ms(const aff_profiles *p)
+{
+    if (p->now_ms)
+        return p->now_ms(p->now_ctx);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* 2^(-dt/h): the factor an amount decays by over dt ms. */
+static double decay(double dt_ms, double half_life_ms)
+{
+    return exp2(-dt_ms / half_life_ms);
+}
+
+static bool valid_id(const char *s, size_t max)
+{
+    size_t n = s ? strlen(s) : 0;
+    return n >= 1 && n <= max;
+}
+
+static void normalize(float *v, uint32_t dim)
+{
+    double ss = 0;
+    for (uint32_t i = 0; i < dim; i++)
+        ss += (double)v[i] * v[i];
+    if (ss > 0 && isfinite(ss)) {
+        float inv = (float)(1.0 / sqrt(ss));
+        for (uint32_t i = 0; i < dim; i++)
+            v[i] *= inv;
+    }
+}
+
+/* Adds amount w at time t to a decayed sum (sum may be NULL for a scalar-only sum). */
+static void decayed_add(double half_life_ms, int64_t *ref_ms, double *weight, float *sum,
+                        const float *x, uint32_t dim, double w, int64_t t)
+{
+    if (t >= *ref_ms) {
+        double f = decay((double)(t - *ref_ms), half_life_ms);
+        *weight = *weight * f + w;
+        if (sum) {
+            for (uint32_t i = 0; i < dim; i++)
+                sum[i] = (float)(sum[i] * f + w * x[i]);
+        }
+        *ref_ms = t;
+    } else {
+        double g = w * decay((double)(*ref_ms - t), half_life_ms);
+        *weight += g;
+        if (sum) {
+            for (uint32_t i = 0; i < dim; i++)
+                sum[i] = (float)(sum[i] + g * x[i]);
+        }
+    }
+}
+
+/* ---- recomputation after deletes and re-upserts ------------------------------------------ */
+
+typedef struct recompute_ctx {
+    store_txn *txn;
+    const aff_profiles *p;
+    const store_collection *c;
+    int64_t ref_ms;
+    float *sum, *x;
+    double weight;
+    aff_err *err;
+} recompute_ctx;
+
+static int recompute_visit(void *ctx, const char *item, const store_interaction *in)
+{
+    recompute_ctx *r = ctx;
+    int status = store_txn_get_item(r->txn, r->c->name, item, NULL, r->x, r->err);
+    if (status == AFF_ENOTFOUND) {
+        aff__err_clear(r->err);
+        return 0; /* deleted: contributes nothing */
+    }
+    if (status)
+        return status;
+    if (r->c->metric == AFF_METRIC_COSINE)
+        normalize(r->x, r->c->dim);
+    double g = in->weight * decay((double)(r->ref_ms - in->ref_ms), r->p->half_life_ms);
+    r->weight += g;
+    for (uint32_t i = 0; i < r->c->dim; i++)
+        r->sum[i] = (float)(r->sum[i] + g * r->x[i]);
+    return 0;
+}
+
+/* Rebuilds prof's sum and weight from the user's per-item aggregates with the current item
+ * vectors, at prof->ref_ms, and stamps the collection's generation. x: dim floats scratch. */
+static int recompute_profile(store_txn *txn, const aff_profiles *p, const store_collection *c,
+                             const char *user, store_profile *prof, float *sum, float *x,
+                             aff_err *err)
+{
+    memset(sum, 0, (size_t)c->dim * sizeof *sum);
+    recompute_ctx r = {txn, p, c, prof->ref_ms, sum, x, 0.0, err};
+    int status = store_txn_scan_interactions(txn, c->name, user, recompute_visit, &r, err);
+    if (status)
+        return status;
+    prof->weight = r.weight;
+    prof->generation = c->generation;
+    return AFF_OK;
+}
+
+/* ---- put events ----------------------------------------------------------------------------- */
+
+typedef struct put_ctx {
+    aff_profiles *p;
+    const char *collection, *user;
+    const profiles_event *events;
+    size_t n;
+    int64_t now;
+    float *sum, *x; /* AFF_MAX_DIM floats each */
+    uint32_t applied, n_rejected;
+    profiles_rejection *rejected;
+} put_ctx;
+
+static void reject(put_ctx *c, size_t i, const char *fmt, const char *arg)
+{
+    if (c->rejected) {
+        profiles_rejection *r = &c->rejected[c->n_rejected];
+        r->index = (uint32_t)i;
+        snprintf(r->reason, sizeof r->reason, fmt, arg);
+    }
+    c->n_rejected++;
+}
+
+/* The configured type of an event, or NULL. */
+static const type_weight *event_type(const aff_profiles *p, const profiles_event *e)
+{
+    if (e->type >= PROFILES_EVENT_VIEW && e->type <= PROFILES_EVENT_PURCHASE)
+        return &p->types[e->type - PROFILES_EVENT_VIEW];
+    if (e->type == PROFILES_EVENT_CUSTOM && e->custom_type) {
+        for (uint32_t i = 4; i < p->n_types; i++) {
+            if (strcmp(p->types[i].name, e->custom_type) == 0)
+                return &p->types[i];
+        }
+    }
+    return NULL;
+}
+
+static bool valid_context(const profiles_event *e)
+{
+    if (e->n_context > STORE_MAX_CONTEXT || (e->n_context && !e->context))
+        return false;
+    for (uint32_t i = 0; i < e->n_context; i++) {
+        const store_kv *kv = &e->context[i];
+        if (!kv->key || !kv->value || !*kv->key || strlen(kv->key) > STORE_MAX_CONTEXT_LEN ||
+            strlen(kv->value) > STORE_MAX_CONTEXT_LEN)
+            return false;
+    }
+    return true;
+}
+
+static void count_type(store_profile *prof, const char *type)
+{
+    for (uint32_t i = 0; i < prof->n_counts; i++) {
+        if (strcmp(prof->counts[i].type, type) == 0) {
+            prof->counts[i].count++;
+            return;
+        }
+    }
+    if (prof->n_counts < STORE_MAX_EVENT_TYPES) {
+        snprintf(prof->counts[prof->n_counts].type, sizeof prof->counts[0].type, "%s", type);
+        prof->counts[prof->n_counts].count = 1;
+        prof->n_counts++;
+    }
+}
+
+/* log2(2^a + 2^b) without overflow; -INFINITY stands for an empty sum. */
+static double log2_add(double a, double b)
+{
+    if (a == -INFINITY)
+        return b;
+    if (b == -INFINITY)
+        return a;
+    double hi = a > b ? a : b, lo = a > b ? b : a;
+    return hi + log2(1.0 + exp2(lo - hi));
+}
+
+static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col,
+                       store_profile *prof, const type_weight *tw, const profiles_event *e,
+                       int64_t ts, aff_err *err)
+{
+    const aff_profiles *p = c->p;
+    double w = tw->weight;
+    int status;
+    if (w > 0) {
+        if (col->metric == AFF_METRIC_COSINE)
+            normalize(c->x, col->dim);
+        decayed_add(p->half_life_ms, &prof->ref_ms, &prof->weight, c->sum, c->x, col->dim, w,
+                    ts);
+    } else if (ts > prof->ref_ms) {
+        decayed_add(p->half_life_ms, &prof->ref_ms, &prof->weight, c->sum, c->x, col->dim, 0.0,
+                    ts);
+    }
+
+    store_interaction in = {.ref_ms = 0, .weight = 0, .last_ms = ts, .count = 0};
+    status = store_txn_get_interaction(txn, c->collection, c->user, e->item_id, &in, err);
+    if (status && status != AFF_ENOTFOUND)
+        return status;
+    decayed_add(p->half_life_ms, &in.ref_ms, &in.weight, NULL, NULL, 0, w, ts);
+    in.count++;
+    if (ts > in.last_ms)
+        in.last_ms = ts;
+    if ((status = store_txn_put_interaction(txn, c->collection, c->user, e->item_id, &in, err)) ||
+        (status = store_txn_mark_type(txn, c->collection, c->user, tw->name, e->item_id, ts,
+                                      err)))
+        return status;
+
+    if (w > 0) {
+        store_popularity old, pop = {.log_score = -INFINITY, .count = 0, .last_ms = ts};
+        status = store_txn_get_popularity(txn, c->collection, e->item_id, &old, err);
+        if (status && status != AFF_ENOTFOUND)
+            return status;
+        bool had = status == AFF_OK;
+        if (had)
+            pop = old;
+        pop.log_score = log2_add(pop.log_score, log2(w) + (double)ts / p->pop_half_life_ms);
+        pop.count++;
+        if (ts > pop.last_ms)
+            pop.last_ms = ts;
+        if ((status = store_txn_put_popularity(txn, c->collection, e->item_id, had ? &old : NULL,
+                                               &pop, err)))
+            return status;
+    }
+
+    store_event se = {.item_id = e->item_id,
+                      .type = tw->name,
+                      .ts_ms = ts,
+                      .value = e->value,
+                      .context = e->context,
+                      .n_context = e->n_context};
+    if ((status = store_txn_put_event(txn, c->collection, c->user, prof->next_seq, &se, err)))
+        return status;
+    prof->next_seq++;
+    prof->n_history++;
+    while (prof->n_history > p->history_len) {
+        uint64_t oldest = prof->next_seq - prof->n_history;
+        if ((status = store_txn_delete_event(txn, c->collection, c->user, oldest, err)))
+            return status;
+        prof->n_history--;
+    }
+    count_type(prof, tw->name);
+    if (ts > prof->last_event_ms)
+        prof->last_event_ms = ts;
+    return AFF_OK;
+}
+
+static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    put_ctx *c = ctx;
+    const aff_profiles *p = c->p;
+    c->applied = 0;
+    c->n_rejected = 0;
+    store_collection col;
+    store_profile prof;
+    int status = store_txn_get_collection(txn, c->collection, &col, err);
+    if (status)
+        return status;
+    status = store_txn_get_profile(txn, c->collection, c->user, &prof, c->sum, err);
+    if (status == AFF_ENOTFOUND) {
+        memset(&prof, 0, sizeof prof);
+        prof.dim = col.dim;
+        prof.generation = col.generation;
+        prof.ref_ms = 0;
+        memset(c->sum, 0, (size_t)col.dim * sizeof(float));
+        aff__err_clear(err);
+    } else if (status) {
+        return status;
+    } else if (prof.dim != col.dim) {
+        return aff__fail(err, AFF_EINTERNAL, "profiles: profile of '%s' has dimension %u, the "
+                                             "collection %u",
+                         c->user, prof.dim, col.dim);
+    } else if (prof.generation != col.generation) {
+        if ((status = recompute_profile(txn, p, &col, c->user, &prof, c->sum, c->x, err)))
+            return status;
+    }
+
+    for (size_t i = 0; i < c->n; i++) {
+        const profiles_event *e = &c->events[i];
+        const type_weight *tw = event_type(p, e);
+        int64_t ts = e->timestamp_ms ? e->timestamp_ms : c->now;
+        if (!valid_id(e->item_id, AFF_MAX_ID_LEN)) {
+            reject(c, i, "item id must be 1..128 bytes%s", "");
+            continue;
+        }
+        if (!tw) {
+            reject(c, i,
+                   e->type == PROFILES_EVENT_CUSTOM
+                       ? "custom event type '%s' is not configured on the server"
+                       : "event type must be view, click, add_to_cart, purchase or custom%s",
+                   e->type == PROFILES_EVENT_CUSTOM && e->custom_type ? e->custom_type : "");
+            continue;
+        }
+        if (ts < 0 || ts > c->now + FUTURE_SLACK_MS) {
+            reject(c, i, "timestamp must be Unix milliseconds, not negative and at most one day "
+                         "ahead%s",
+                   "");
+            continue;
+        }
+        if (!valid_context(e)) {
+            reject(c, i, "context: at most 16 entries, keys 1..256 bytes, values ≤ 256 bytes%s",
+                   "");
+            continue;
+        }
+        status = store_txn_get_item(txn, c->collection, e->item_id, NULL, c->x, err);
+        if (status == AFF_ENOTFOUND) {
+            aff__err_clear(err);
+            reject(c, i, "unknown item id '%.120s'", e->item_id);
+            continue;
+        }
+        if (status)
+            return status;
+        if ((status = apply_event(txn, c, &col, &prof, tw, e, ts, err)))
+            return status;
+        c->applied++;
+    }
+    if (c->applied == 0)
+        return AFF_OK; /* nothing to write; the (empty) transaction commits */
+    return store_txn_put_profile(txn, c->collection, c->user, &prof, c->sum, err);
+}
+
+int profiles_put_events(aff_profiles *p, const char *collection, const char *user_id,
+                        const profiles_event *events, size_t n, uint32_t *n_applied,
+                        profiles_rejection *rejected, uint32_t *n_rejected, aff_err *err)
+{
+    int status = AFF_OK;
+    put_ctx c = {.p = p,
+                 .collection = collection,
+                 .user = user_id,
+                 .events = events,
+                 .n = n,
+                 .now = now_ms(p),
+                 .rejected = rejected};
+    if (!valid_id(user_id, AFF_MAX_ID_LEN)) {
+        status = aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+        goto out;
+    }
+    if (n == 0 || n > PROFILES_MAX_EVENTS || !events) {
+        status = aff__fail(err, AFF_EINVAL, "a call carries 1..%d events, not %zu",
+                           PROFILES_MAX_EVENTS, n);
+        goto out;
+    }
+    c.sum = malloc(2 * AFF_MAX_DIM * sizeof(float));
+    if (!c.sum) {
+        status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+        goto out;
+    }
+    c.x = c.sum + AFF_MAX_DIM;
+    status = store_update(p->store, put_events_fn, &c, err);
+out:
+    if (n_applied)
+        *n_applied = status ? 0 : c.applied;
+    if (n_rejected)
+        *n_rejected = status ? 0 : c.n_rejected;
+    free(c.sum);
+    return status;
+}
+
+/* ---- reading profiles ------------------------------------------------------------------------ */
+
+typedef struct id_list {
+    const char **ptrs;
+    size_t n, cap;
+    char *chars;
+    size_t chars_n, chars_cap;
+} id_list;
+
+/* Appends an id; pointers are fixed up by id_list_finish (chars may move while growing). */
+static int id_list_add(id_list *l, const char *id)
+{
+    size_t len = strlen(id) + 1;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        const char **np = realloc(l->ptrs, cap * sizeof *np);
+        if (!np)
+            return AFF_ENOMEM;
+        l->ptrs = np;
+        l->cap = cap;
+    }
+    if (l->chars_n + len > l->chars_cap) {
+        size_t cap = l->chars_cap ? l->chars_cap * 2 : 4096;
+        while (cap < l->chars_n + len)
+            cap *= 2;
+        char *nc = realloc(l->chars, cap);
+        if (!nc)
+            return AFF_ENOMEM;
+        l->chars = nc;
+        l->chars_cap = cap;
+    }
+    memcpy(l->chars + l->chars_n, id, len);
+    l->ptrs[l->n++] = (const char *)(uintptr_t)l->chars_n; /* offset until finished */
+    l->chars_n += len;
+    return AFF_OK;
+}
+
+static void id_list_finish(id_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        l->ptrs[i] = l->chars + (uintptr_t)l->ptrs[i];
+}
+
+static void id_list_free(id_list *l)
+{
+    free(l->ptrs);
+    free(l->chars);
+    *l = (id_list){0};
+}
+
+static int id_visit(void *ctx, const char *id)
+{
+    return id_list_add(ctx, id);
+}
+
+typedef struct plan_ctx {
+    aff_profiles *p;
+    const char *collection, *user;
+    const char *const *types;
+    size_t n_types;
+    uint32_t dim;     /* out */
+    float *vector;    /* out: AFF_MAX_DIM floats */
+    float *x;         /* scratch */
+    bool has_vector;  /* out */
+    bool want_vector; /* false: exclusions only */
+    id_list ids;      /* out */
+} plan_ctx;
+
+/* Reads the user's normalized profile vector into c->vector (recomputing a stale one in
+ * memory) and sets has_vector when it is usable. */
+static int read_vector(store_txn *txn, plan_ctx *c, const store_collection *col, aff_err *err)
+{
+    store_profile prof;
+    c->has_vector = false;
+    int status = store_txn_get_profile(txn, c->collection, c->user, &prof, c->vector, err);
+    if (status == AFF_ENOTFOUND) {
+        aff__err_clear(err);
+        return AFF_OK;
+    }
+    if (status)
+        return status;
+    if (prof.dim != col->dim)
+        return AFF_OK; /* cannot happen: dropping a collection erases its profiles */
+    if (prof.generation != col->generation &&
+        (status = recompute_profile(txn, c->p, col, c->user, &prof, c->vector, c->x, err)))
+        return status;
+    double ss = 0;
+    for (uint32_t i = 0; i < col->dim; i++)
+        ss += (double)c->vector[i] * c->vector[i];
+    if (!(ss > 0) || !isfinite(ss))
+        return AFF_OK;
+    normalize(c->vector, col->dim);
+    c->has_vector = true;
+    return AFF_OK;
+}
+
+static int plan_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    plan_ctx *c = ctx;
+    id_list_free(&c->ids);
+    store_collection col;
+    int status = store_txn_get_collection(txn, c->collection, &col, err);
+    if (status)
+        return status;
+    c->dim = col.dim;
+    if (c->want_vector && (status = read_vector(txn, c, &col, err)))
+        return status;
+    for (size_t i = 0; i < c->n_types; i++) {
+        if (!valid_type_name(c->types[i]))
+            return aff__fail(err, AFF_EINVAL, "exclude event type '%s' is not a type name",
+                             c->types[i] ? c->types[i] : "(null)");
+        status = store_txn_scan_type(txn, c->collection, c->user, c->types[i], id_visit,
+                                     &c->ids, err);
+        if (status == AFF_ENOMEM)
+            return aff__fail(err, AFF_ENOMEM, "profiles: out of memory for exclusions");
+        if (status)
+            return status;
+    }
+    return AFF_OK;
+}
+
+void profiles_plan_release(profiles_plan *plan)
+{
+    if (!plan)
+        return;
+    free(plan->vector);
+    free(plan->exclude_ids);
+    free(plan->id_storage);
+    memset(plan, 0, sizeof *plan);
+}
+
+static void filter_open(aff_filter *f)
+{
+    memset(f, 0, sizeof *f);
+    f->price_min = -INFINITY;
+    f->price_max = INFINITY;
+}
+
+int profiles_plan_recommend(aff_profiles *p, const char *collection, const char *user_id,
+                            const char *const *exclude_types, size_t n_exclude_types,
+                            const aff_filter *filter, profiles_plan *out, aff_err *err)
+{
+    memset(out, 0, sizeof *out);
+    plan_ctx c = {.p = p,
+                  .collection = collection,
+                  .user = user_id,
+                  .types = exclude_types,
+                  .n_types = n_exclude_types,
+                  .want_vector = true};
+    int status = AFF_OK;
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    c.vector = malloc(2 * AFF_MAX_DIM * sizeof(float));
+    if (!c.vector) {
+        status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+        goto out;
+    }
+    c.x = c.vector + AFF_MAX_DIM;
+    if ((status = store_view(p->store, plan_fn, &c, err)))
+        goto out;
+    id_list_finish(&c.ids);
+
+    out->dim = c.dim;
+    out->source = c.has_vector ? PROFILES_SOURCE_PROFILE : PROFILES_SOURCE_POPULARITY;
+    if (c.has_vector) {
+        out->vector = malloc((size_t)c.dim * sizeof(float));
+        if (!out->vector) {
+            status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+            goto out;
+        }
+        memcpy(out->vector, c.vector, (size_t)c.dim * sizeof(float));
+    }
+    if (filter)
+        out->filter = *filter;
+    else
+        filter_open(&out->filter);
+    uint32_t n_req = filter ? filter->n_exclude_ids : 0;
+    if (c.ids.n) {
+        size_t total = (size_t)n_req + c.ids.n;
+        out->exclude_ids = malloc(total * sizeof *out->exclude_ids);
+        if (!out->exclude_ids || total > UINT32_MAX) {
+            status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+            goto out;
+        }
+        for (uint32_t i = 0; i < n_req; i++)
+            out->exclude_ids[i] = filter->exclude_ids[i];
+        memcpy(out->exclude_ids + n_req, c.ids.ptrs, c.ids.n * sizeof *c.ids.ptrs);
+        out->id_storage = c.ids.chars;
+        c.ids.chars = NULL;
+        out->n_excluded = (uint32_t)c.ids.n;
+        out->filter.exclude_ids = out->exclude_ids;
+        out->filter.n_exclude_ids = (uint32_t)total;
+    }
+out:
+    if (status)
+        profiles_plan_release(out);
+    id_list_free(&c.ids);
+    free(c.vector);
+    return status;
+}
+
+int profiles_user_vector(aff_profiles *p, const char *collection, const char *user_id,
+                         float *vector, uint32_t dim, bool *found, aff_err *err)
+{
+    *found = false;
+    plan_ctx c = {.p = p, .collection = collection, .user = user_id, .want_vector = true};
+    int status = AFF_OK;
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    c.vector = malloc(2 * AFF_MAX_DIM * sizeof(float));
+    if (!c.vector)
+        return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    c.x = c.vector + AFF_MAX_DIM;
+    if ((status = store_view(p->store, plan_fn, &c, err)))
+        goto out;
+    if (c.dim != dim) {
+        status = aff__fail(err, AFF_EINVAL, "collection '%s' has dimension %u, not %u",
+                           collection, c.dim, dim);
+        goto out;
+    }
+    if (c.has_vector) {
+        memcpy(vector, c.vector, (size_t)dim * sizeof(float));
+        *found = true;
+    }
+out:
+    id_list_free(&c.ids);
+    free(c.vector);
+    return status;
+}
+
+/* ---- popularity ------------------------------------------------------------------------------ */
+
+static int cmp_str_ptr(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+typedef struct popular_ctx {
+    aff_profiles *p;
+    const char *collection;
+    uint32_t k;
+    const aff_filter *filter;
+    const char **excluded; /* sorted */
+    size_t n_excluded;
+    double now_units; /* now / popularity half-life */
+    aff_hit *hits;
+    uint32_t n_hits, scanned;
+    store_txn *txn;
+    store_item_record rec;
+    aff_err *err;
+} popular_ctx;
+
+static bool any_of(const char *s, const char *const *set, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        if (set[i] && strcmp(s, set[i]) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* The engine's aff_filter semantics on a stored item (exclusions are checked separately). */
+static bool filter_passes(const aff_filter *f, const store_item_record *r)
+{
+    if (!f)
+        return true;
+    if (f->available_only && !r->available)
+        return false;
+    if (!(r->price >= f->price_min && r->price <= f->price_max))
+        return false;
+    if (f->n_categories && (!r->category[0] || !any_of(r->category, f->categories,
+                                                       f->n_categories)))
+        return false;
+    if (f->n_tags) {
+        bool any = false;
+        for (uint32_t i = 0; i < r->n_tags && !any; i++)
+            any = any_of(r->tags[i], f->tags, f->n_tags);
+        if (!any)
+            return false;
+    }
+    return true;
+}
+
+static int popular_visit(void *ctx, const char *item, const store_popularity *pop)
+{
+    popular_ctx *c = ctx;
+    if (c->scanned++ >= c->p->popular_scan_limit)
+        return 1;
+    if (c->n_excluded &&
+        bsearch(&item, c->excluded, c->n_excluded, sizeof *c->excluded, cmp_str_ptr))
+        return 0;
+    int status = store_txn_get_item(c->txn, c->collection, item, &c->rec, NULL, c->err);
+    if (status == AFF_ENOTFOUND) {
+        aff__err_clear(c->err);
+        return 0;
+    }
+    if (status)
+        return status;
+    if (!filter_passes(c->filter, &c->rec))
+        return 0;
+    aff_hit *h = &c->hits[c->n_hits++];
+    h->score = (float)exp2(pop->log_score - c->now_units);
+    snprintf(h->id, sizeof h->id, "%s", item);
+    return c->n_hits == c->k ? 1 : 0;
+}
+
+static int popular_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    popular_ctx *c = ctx;
+    c->n_hits = 0;
+    c->scanned = 0;
+    c->txn = txn;
+    c->err = err;
+    store_collection col;
+    int status = store_txn_get_collection(txn, c->collection, &col, err);
+    if (status)
+        return status;
+    return store_txn_scan_popular(txn, c->collection, popular_visit, c, err);
+}
+
+int profiles_popular(aff_profiles *p, const char *collection, uint32_t k,
+                     const aff_filter *filter, aff_hit *hits, uint32_t *n_hits, aff_err *err)
+{
+    *n_hits = 0;
+    if (k == 0 || k > AFF_MAX_K)
+        return aff__fail(err, AFF_EINVAL, "k must be 1..%d, not %u", AFF_MAX_K, k);
+    popular_ctx c = {.p = p,
+                     .collection = collection,
+                     .k = k,
+                     .filter = filter,
+                     .now_units = (double)now_ms(p) / p->pop_half_life_ms,
+                     .hits = hits};
+    int status = AFF_OK;
+    if (filter && filter->n_exclude_ids) {
+        c.excluded = malloc(filter->n_exclude_ids * sizeof *c.excluded);
+        if (!c.excluded)
+            return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+        for (uint32_t i = 0; i < filter->n_exclude_ids; i++) {
+            if (filter->exclude_ids[i])
+                c.excluded[c.n_excluded++] = filter->exclude_ids[i];
+        }
+        qsort(c.excluded, c.n_excluded, sizeof *c.excluded, cmp_str_ptr);
+    }
+    status = store_view(p->store, popular_fn, &c, err);
+    *n_hits = status ? 0 : c.n_hits;
+    free(c.excluded);
+    return status;
+}
+
+/* ---- GetUser, DeleteUser, history ------------------------------------------------------------- */
+
+typedef struct category_acc {
+    strmap *index; /* category -> position in cats */
+    profiles_category_weight *cats;
+    double *weights;
+    size_t n, cap;
+    double total;
+} category_acc;
+
+typedef struct user_ctx {
+    aff_profiles *p;
+    const char *collection, *user;
+    int64_t now;
+    profiles_user_info *out;
+    store_txn *txn;
+    store_item_record rec;
+    category_acc acc;
+    aff_err *err;
+} user_ctx;
+
+static int category_visit(void *ctx, const char *item, const store_interaction *in)
+{
+    user_ctx *u = ctx;
+    int status = store_txn_get_item(u->txn, u->collection, item, &u->rec, NULL, u->err);
+    if (status == AFF_ENOTFOUND) {
+        aff__err_clear(u->err);
+        return 0;
+    }
+    if (status)
+        return status;
+    if (!u->rec.category[0])
+        return 0;
+    double w = in->weight * decay((double)(u->now - in->ref_ms), u->p->half_life_ms);
+    category_acc *a = &u->acc;
+    uint32_t pos;
+    if (!strmap_get(a->index, u->rec.category, &pos)) {
+        if (a->n == a->cap) {
+            size_t cap = a->cap ? a->cap * 2 : 16;
+            profiles_category_weight *nc = realloc(a->cats, cap * sizeof *nc);
+            if (!nc)
+                return aff__fail(u->err, AFF_ENOMEM, "profiles: out of memory");
+            a->cats = nc;
+            double *nw = realloc(a->weights, cap * sizeof *nw);
+            if (!nw)
+                return aff__fail(u->err, AFF_ENOMEM, "profiles: out of memory");
+            a->weights = nw;
+            a->cap = cap;
+        }
+        pos = (uint32_t)a->n;
+        if (strmap_put(a->index, u->rec.category, pos, NULL))
+            return aff__fail(u->err, AFF_ENOMEM, "profiles: out of memory");
+        snprintf(a->cats[pos].category, sizeof a->cats[pos].category, "%s", u->rec.category);
+        a->weights[pos] = 0;
+        a->n++;
+    }
+    a->weights[pos] += w;
+    a->total += w;
+    return 0;
+}
+
+static int get_user_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    user_ctx *u = ctx;
+    u->txn = txn;
+    u->err = err;
+    store_profile prof;
+    int status = store_txn_get_profile(txn, u->collection, u->user, &prof, NULL, err);
+    if (status)
+        return status;
+    profiles_user_info *o = u->out;
+    o->n_counts = prof.n_counts;
+    memcpy(o->counts, prof.counts, sizeof o->counts);
+    o->last_event_ms = prof.last_event_ms;
+    o->history_length = prof.n_history;
+    return store_txn_scan_interactions(txn, u->collection, u->user, category_visit, u, err);
+}
+
+int profiles_get_user(aff_profiles *p, const char *collection, const char *user_id,
+                      profiles_user_info *out, aff_err *err)
+{
+    memset(out, 0, sizeof *out);
+    user_ctx u = {.p = p, .collection = collection, .user = user_id, .now = now_ms(p), .out = out};
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    if (strmap_create(&u.acc.index, 16))
+        return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    int status = store_view(p->store, get_user_fn, &u, err);
+    if (status == AFF_OK) {
+        /* Top PROFILES_TOP_CATEGORIES by weight: a partial selection sort (n is small). */
+        category_acc *a = &u.acc;
+        for (uint32_t t = 0; t < PROFILES_TOP_CATEGORIES && t < a->n; t++) {
+            size_t best = t;
+            for (size_t i = t + 1; i < a->n; i++) {
+                if (a->weights[i] > a->weights[best] ||
+                    (a->weights[i] == a->weights[best] &&
+                     strcmp(a->cats[i].category, a->cats[best].category) < 0))
+                    best = i;
+            }
+            profiles_category_weight tc = a->cats[t];
+            double tw = a->weights[t];
+            a->cats[t] = a->cats[best];
+            a->weights[t] = a->weights[best];
+            a->cats[best] = tc;
+            a->weights[best] = tw;
+            out->top_categories[t] = a->cats[t];
+            out->top_categories[t].weight =
+                a->total > 0 ? (float)(a->weights[t] / a->total) : 0.0f;
+            out->n_top_categories = t + 1;
+        }
+    } else {
+        memset(out, 0, sizeof *out);
+    }
+    strmap_destroy(u.acc.index);
+    free(u.acc.cats);
+    free(u.acc.weights);
+    return status;
+}
+
+typedef struct delete_ctx {
+    const char *user;
+    const store_collection *cols;
+    size_t n_cols;
+    bool existed;
+} delete_ctx;
+
+static int delete_user_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    delete_ctx *d = ctx;
+    d->existed = false;
+    for (size_t i = 0; i < d->n_cols; i++) {
+        bool existed = false;
+        int status = store_txn_delete_user(txn, d->cols[i].name, d->user, &existed, err);
+        if (status)
+            return status;
+        d->existed = d->existed || existed;
+    }
+    return AFF_OK;
+}
+
+int profiles_delete_user(aff_profiles *p, const char *collection, const char *user_id,
+                         bool *existed, aff_err *err)
+{
+    store_collection one;
+    store_collection *all = NULL;
+    delete_ctx d = {.user = user_id};
+    int status = AFF_OK;
+    if (existed)
+        *existed = false;
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    if (collection && *collection) {
+        if (strlen(collection) > AFF_MAX_NAME_LEN)
+            return aff__fail(err, AFF_EINVAL, "collection name longer than %d bytes",
+                             AFF_MAX_NAME_LEN);
+        memset(&one, 0, sizeof one);
+        snprintf(one.name, sizeof one.name, "%s", collection);
+        d.cols = &one;
+        d.n_cols = 1;
+    } else {
+        if ((status = store_list_collections(p->store, &all, &d.n_cols, err)))
+            goto out;
+        d.cols = all;
+    }
+    status = store_update(p->store, delete_user_fn, &d, err);
+    if (existed && status == AFF_OK)
+        *existed = d.existed;
+out:
+    free(all);
+    return status;
+}
+
+typedef struct history_ctx {
+    const char *collection, *user;
+    store_event_fn fn;
+    void *ctx;
+} history_ctx;
+
+static int history_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    history_ctx *h = ctx;
+    return store_txn_scan_events(txn, h->collection, h->user, h->fn, h->ctx, err);
+}
+
+int profiles_history(aff_profiles *p, const char *collection, const char *user_id,
+                     store_event_fn fn, void *ctx, aff_err *err)
+{
+    history_ctx h = {collection, user_id, fn, ctx};
+    return store_view(p->store, history_fn, &h, err);
+}

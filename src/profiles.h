@@ -1,0 +1,194 @@
+/*
+ * profiles.h: shoppers' behaviour events, their profile vectors, exclusions and popularity.
+ *
+ * Events. Each event names an item of the collection, a type (view, click, add_to_cart,
+ * purchase, or a custom type configured with a weight), a time (default now), an optional
+ * value and optional context; all are stored in the user's bounded history.
+ *
+ * Profile vector. For user u in a collection, with type weights w(type) and half-life H:
+ *
+ *     s_u(T) = sum over u's events i of  w(type_i) * 2^(-(T - t_i) / H) * x(item_i)
+ *     profile_u = s_u(T) / |s_u(T)|
+ *
+ * x(item) is the item's stored vector, normalized first in cosine collections. T only scales
+ * s_u, so the profile's direction does not depend on when it is read: decay weighs events
+ * against each other (an event H older counts half as much). The store keeps s_u decayed to
+ * ref_ms = the latest event time; an event at t ≥ ref_ms does s = 2^(-(t - ref_ms)/H) s +
+ * w x, ref_ms = t; an older event adds 2^(-(ref_ms - t)/H) w x. Incremental, O(dim) per event.
+ * The same sum is kept per (user, item) as a scalar, so the profile can be recomputed exactly
+ * from the per-item aggregates without the full history.
+ *
+ * Deleted and changed items. A delete or a vector-changing re-upsert bumps the collection's
+ * generation in the store. A profile computed at an older generation is recomputed from the
+ * user's per-item aggregates with the current item vectors, skipping deleted items: lazily
+ * on the next read (not persisted by reads) and persisted by the next write. Deleted items
+ * also lose their popularity counters, and the engine never returns deleted ids.
+ *
+ * Exclusions. Every (user, type, item) is indexed, all time (not just the bounded history),
+ * so "exclude what the user purchased" costs O(items purchased), whatever the history length.
+ *
+ * Popularity. Per collection and item: P(T) = sum over all users' events of
+ * w(type) * 2^(-(T - t)/H_pop), kept as log2 P(T) + T/H_pop (time-invariant), which orders a
+ * ranking index; the top items are a prefix scan.
+ *
+ * DeleteUser erases the user's profile, history, per-item aggregates and type index. The
+ * popularity counters keep the user's past contributions: they are anonymous per-item sums
+ * with no link back to the user (and cannot be un-decayed exactly).
+ *
+ * Threading: every function may be called from any thread; writes are serialized by the
+ * store, reads see the last committed write (a Recommend after PutEvents returned sees it).
+ */
+#ifndef AFFINITY_PROFILES_H
+#define AFFINITY_PROFILES_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine.h"
+#include "store.h"
+
+typedef struct aff_profiles aff_profiles;
+
+/* Values match affinity.v1.EventType. */
+typedef enum profiles_event_kind {
+    PROFILES_EVENT_UNSPECIFIED = 0,
+    PROFILES_EVENT_VIEW = 1,
+    PROFILES_EVENT_CLICK = 2,
+    PROFILES_EVENT_ADD_TO_CART = 3,
+    PROFILES_EVENT_PURCHASE = 4,
+    PROFILES_EVENT_CUSTOM = 5,
+} profiles_event_kind;
+
+/* Values match affinity.v1.RecommendSource. */
+typedef enum profiles_source {
+    PROFILES_SOURCE_PROFILE = 2,
+    PROFILES_SOURCE_POPULARITY = 3,
+} profiles_source;
+
+#define PROFILES_MAX_EVENTS 1000   /* events in one profiles_put_events call */
+#define PROFILES_MAX_CUSTOM_TYPES 28
+#define PROFILES_TOP_CATEGORIES 10
+
+typedef struct profiles_custom_type {
+    const char *name; /* [a-z0-9_], 1..STORE_MAX_TYPE_LEN bytes, not a built-in name */
+    float weight;     /* finite, ≥ 0 */
+} profiles_custom_type;
+
+typedef struct profiles_config {
+    float weight_view;        /* default 1 */
+    float weight_click;       /* default 2 */
+    float weight_add_to_cart; /* default 4 */
+    float weight_purchase;    /* default 8 */
+    const profiles_custom_type *custom_types; /* copied by profiles_create */
+    uint32_t n_custom_types;
+    double half_life_s;            /* profile decay; default 14 days */
+    double popularity_half_life_s; /* popularity decay; default 7 days */
+    uint32_t history_len;          /* events kept per user; default 500 */
+    uint32_t popular_scan_limit;   /* ranked items examined per popularity answer; 10000 */
+    /* The clock in Unix milliseconds; NULL: the real-time clock. For tests. */
+    int64_t (*now_ms)(void *ctx);
+    void *now_ctx;
+} profiles_config;
+
+/* Fills cfg with the defaults above. */
+void profiles_config_init(profiles_config *cfg);
+
+/* Creates the profiles module on a store it borrows (the store must outlive it).
+ * AFF_EINVAL when a weight, half-life or custom type is out of range. */
+int profiles_create(aff_profiles **out, aff_store *store, const profiles_config *cfg,
+                    aff_err *err);
+void profiles_destroy(aff_profiles *p);
+
+/* "view", "click", "add_to_cart", "purchase"; NULL for UNSPECIFIED and CUSTOM. */
+const char *profiles_event_kind_name(profiles_event_kind kind);
+
+typedef struct profiles_event {
+    const char *item_id;
+    profiles_event_kind type;
+    const char *custom_type; /* with PROFILES_EVENT_CUSTOM: a configured type name */
+    int64_t timestamp_ms;    /* Unix ms; 0 = now; at most one day in the future */
+    double value;            /* optional (dwell seconds, quantity); stored, not weighted */
+    const store_kv *context; /* n_context ≤ STORE_MAX_CONTEXT entries */
+    uint32_t n_context;
+} profiles_event;
+
+typedef struct profiles_rejection {
+    uint32_t index; /* position in the call's events */
+    char reason[160];
+} profiles_rejection;
+
+/* Applies a user's events to the collection in one durable transaction: profile, history,
+ * exclusion index and popularity change together and before the call returns. Events that
+ * are invalid (unknown item id, unknown type, bad timestamp or context) are rejected one by
+ * one into rejected[] (capacity n) and the rest applied. Returns AFF_OK even when some were
+ * rejected; an error (unknown collection, bad user id, n out of 1..PROFILES_MAX_EVENTS,
+ * AFF_EIO) means nothing was applied. */
+int profiles_put_events(aff_profiles *p, const char *collection, const char *user_id,
+                        const profiles_event *events, size_t n, uint32_t *n_applied,
+                        profiles_rejection *rejected, uint32_t *n_rejected, aff_err *err);
+
+/* What a Recommend by user id runs on. Owns its memory; release with profiles_plan_release. */
+typedef struct profiles_plan {
+    profiles_source source; /* PROFILE: search with vector; POPULARITY: profiles_popular */
+    uint32_t dim;
+    float *vector; /* PROFILE: dim floats of unit length; else NULL */
+    /* The request's filter with exclude_ids extended by the items the user had the
+     * requested event types with. Pass it to engine_search or profiles_popular. */
+    aff_filter filter;
+    uint32_t n_excluded; /* ids added from the user's events */
+    const char **exclude_ids;
+    char *id_storage;
+} profiles_plan;
+
+/* Reads the user's profile and exclusions in one snapshot. exclude_types are type names
+ * (profiles_event_kind_name() or custom names); filter may be NULL. An unknown user, or one
+ * whose profile is empty (no weighted events, or only deleted items), gets POPULARITY.
+ * AFF_ENOTFOUND for an unknown collection. */
+int profiles_plan_recommend(aff_profiles *p, const char *collection, const char *user_id,
+                            const char *const *exclude_types, size_t n_exclude_types,
+                            const aff_filter *filter, profiles_plan *out, aff_err *err);
+void profiles_plan_release(profiles_plan *plan);
+
+/* The user's unit profile vector (dim floats), e.g. for Rerank by user id. *found is false
+ * (and vector untouched) when the user has no usable profile. */
+int profiles_user_vector(aff_profiles *p, const char *collection, const char *user_id,
+                         float *vector, uint32_t dim, bool *found, aff_err *err);
+
+/* Cold start: up to k items of the collection by decayed popularity score, best first, that
+ * pass filter (NULL: all; semantics of the engine's aff_filter, evaluated on the stored item
+ * attributes). score is the decayed weighted event count now. At most popular_scan_limit
+ * ranked items are examined, so a very narrow filter may return fewer than k. */
+int profiles_popular(aff_profiles *p, const char *collection, uint32_t k,
+                     const aff_filter *filter, aff_hit *hits, uint32_t *n_hits, aff_err *err);
+
+typedef struct profiles_category_weight {
+    char category[AFF_MAX_ATTR_LEN + 1];
+    float weight; /* share of the user's decayed weight on categorized items, 0..1 */
+} profiles_category_weight;
+
+typedef struct profiles_user_info {
+    uint32_t n_counts; /* event counts by type name, all time */
+    store_type_count counts[STORE_MAX_EVENT_TYPES];
+    int64_t last_event_ms;
+    uint32_t history_length; /* events in the bounded history */
+    uint32_t n_top_categories;
+    profiles_category_weight top_categories[PROFILES_TOP_CATEGORIES]; /* heaviest first */
+} profiles_user_info;
+
+/* What is held about a user (GetUser). AFF_ENOTFOUND when the user is unknown. Top
+ * categories weigh each item the user interacted with by its decayed event weight now. */
+int profiles_get_user(aff_profiles *p, const char *collection, const char *user_id,
+                      profiles_user_info *out, aff_err *err);
+
+/* Erases the user from one collection, or from every collection when collection is NULL or
+ * "", in one durable transaction. *existed (may be NULL): whether anything was held. */
+int profiles_delete_user(aff_profiles *p, const char *collection, const char *user_id,
+                         bool *existed, aff_err *err);
+
+/* Calls fn for each event in the user's bounded history, oldest first, inside a read
+ * transaction (fn must not call store or profiles functions). */
+int profiles_history(aff_profiles *p, const char *collection, const char *user_id,
+                     store_event_fn fn, void *ctx, aff_err *err);
+
+#endif

@@ -1,0 +1,1720 @@
+/*
+ * store.c: owns the LMDB environment, its named databases and every on-disk encoding.
+ *
+ * Files: <dir>/data.mdb and <dir>/lock.mdb (LMDB), <dir>/affinity.lock (flock: one process
+ * per data dir). Named databases and their keys; "lp(s)" is one length byte then the bytes
+ * (every name and id is at most 255 bytes), which keeps composite keys unambiguous: the key
+ * of (c, u) is never a prefix of the key of another (c, u').
+ *
+ *   meta          "format"                               -> u32 format version (1)
+ *   collections   name (raw bytes)                       -> collection v1
+ *   items         lp(collection) lp(item)                -> item v1
+ *   profiles      lp(collection) lp(user)                -> profile v1
+ *   events        lp(collection) lp(user) be64(seq)      -> event v1
+ *   interactions  lp(collection) lp(user) lp(item)       -> interaction v1
+ *   by_type       lp(collection) lp(user) lp(type) lp(item) -> by_type v1
+ *   popularity    lp(collection) lp(item)                -> popularity v1
+ *   pop_rank      lp(collection) be64(ord(-log_score)) lp(item) -> popularity v1 (a copy)
+ *
+ * Values start with a version byte (1 today); readers reject other versions as corrupt
+ * (AFF_EINTERNAL). Integers and floats are in host byte order (little-endian on every
+ * platform we build for): a store is not portable across byte orders. Layouts (bytes):
+ *
+ *   collection   u8 ver, u8 metric, u8 index, u8 0, u32 dim, u32 hnsw_m, u32 hnsw_ef,
+ *                u64 generation                                               (24 bytes)
+ *   item         u8 ver, u8 available, u16 n_tags, f32 price, u32 dim, f32 vector[dim],
+ *                u16 len + category, n_tags x (u16 len + tag)
+ *   profile      u8 ver, u8 n_counts, u16 0, u32 dim, u64 generation, i64 ref_ms,
+ *                i64 last_event_ms, u64 next_seq, u32 n_history, u32 0, f64 weight,
+ *                f32 sum[dim], n_counts x (u8 len + type name, u64 count)
+ *   event        u8 ver, u8 type_len, u16 item_len, u16 n_context, u16 0, i64 ts_ms,
+ *                f64 value, type, item, n_context x (u16 len + key, u16 len + value)
+ *   interaction  u8 ver, 7 x u8 0, i64 ref_ms, f64 weight, i64 last_ms, u64 count (40 bytes)
+ *   by_type      u8 ver, 7 x u8 0, i64 last_ms                                 (16 bytes)
+ *   popularity   u8 ver, 7 x u8 0, f64 log_score, u64 count, i64 last_ms       (32 bytes)
+ *
+ * ord(x) maps a double to a u64 whose unsigned order is the numeric order, so a forward scan
+ * of pop_rank within a collection yields counters best first.
+ *
+ * Map growth: every transaction holds resize_lock shared; a writer that gets MDB_MAP_FULL
+ * aborts, takes the lock exclusively, doubles the map (unless another thread already grew
+ * it) and runs its callback again. The lock prefers writers so a stream of readers cannot
+ * starve growth, which is why callbacks must not open a second transaction.
+ */
+#include "store.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <lmdb.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+#define STORE_FORMAT 1
+#define STORE_VALUE_VERSION 1
+#define STORE_DEFAULT_MAP_SIZE (256ull << 20)
+#define STORE_MIN_MAP_SIZE (1ull << 20)
+#define STORE_DEFAULT_READERS 1024
+#define STORE_KEY_MAX 511
+#define STORE_REBUILD_BATCH 4096
+
+enum {
+    DB_META,
+    DB_COLLECTIONS,
+    DB_ITEMS,
+    DB_PROFILES,
+    DB_EVENTS,
+    DB_INTERACTIONS,
+    DB_BY_TYPE,
+    DB_POPULARITY,
+    DB_POP_RANK,
+    DB_COUNT
+};
+
+static const char *const db_names[DB_COUNT] = {
+    "meta",         "collections", "items",      "profiles", "events",
+    "interactions", "by_type",     "popularity", "pop_rank",
+};
+
+struct aff_store {
+    MDB_env *env;
+    MDB_dbi dbi[DB_COUNT];
+    pthread_rwlock_t resize_lock;
+    bool resize_lock_ready;
+    bool persistent;
+    int lock_fd;
+    _Atomic uint64_t commits;
+    _Atomic uint64_t grows;
+};
+
+struct store_txn {
+    aff_store *s;
+    MDB_txn *txn;
+    int mdb_rc; /* the first LMDB failure inside the callback; 0 when none */
+};
+
+/* ---- errors ---------------------------------------------------------------------------- */
+
+/* Records an LMDB failure: MAP_FULL (retried by store_update) and TXN_FULL map to AFF_EFULL,
+ * everything else (EIO, ENOSPC, corruption) to AFF_EIO with LMDB's message. */
+static int mdb_fail(store_txn *t, aff_err *err, int rc, const char *what)
+{
+    if (t && !t->mdb_rc)
+        t->mdb_rc = rc;
+    int code = AFF_EIO;
+    if (rc == MDB_MAP_FULL || rc == MDB_TXN_FULL)
+        code = AFF_EFULL;
+    return aff__fail(err, code, "store: %s: %s", what, mdb_strerror(rc));
+}
+
+static int corrupt(aff_err *err, const char *what)
+{
+    return aff__fail(err, AFF_EINTERNAL, "store: corrupt %s record", what);
+}
+
+/* ---- keys ------------------------------------------------------------------------------ */
+
+typedef struct key_buf {
+    uint8_t b[STORE_KEY_MAX];
+    size_t n;
+} key_buf;
+
+static bool kb_str(key_buf *k, const char *s, size_t max)
+{
+    size_t len = s ? strlen(s) : 0;
+    if (len > max || len > 255 || k->n + 1 + len > sizeof k->b)
+        return false;
+    k->b[k->n++] = (uint8_t)len;
+    memcpy(k->b + k->n, s, len);
+    k->n += len;
+    return true;
+}
+
+static void kb_u64be(key_buf *k, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--)
+        k->b[k->n++] = (uint8_t)(v >> (i * 8));
+}
+
+static MDB_val kb_val(const key_buf *k)
+{
+    return (MDB_val){.mv_size = k->n, .mv_data = (void *)k->b};
+}
+
+static bool has_prefix(const MDB_val *k, const key_buf *prefix)
+{
+    return k->mv_size >= prefix->n && memcmp(k->mv_data, prefix->b, prefix->n) == 0;
+}
+
+/* Builds lp(collection) [lp(a) [lp(b) [lp(c)]]]; false when a part is too long. */
+static bool make_key(key_buf *k, const char *collection, const char *a, size_t amax,
+                     const char *b, size_t bmax, const char *c, size_t cmax)
+{
+    k->n = 0;
+    if (!collection || !*collection || !kb_str(k, collection, AFF_MAX_NAME_LEN))
+        return false;
+    if (a && (!*a || !kb_str(k, a, amax)))
+        return false;
+    if (b && (!*b || !kb_str(k, b, bmax)))
+        return false;
+    if (c && (!*c || !kb_str(k, c, cmax)))
+        return false;
+    return true;
+}
+
+static int bad_key(aff_err *err)
+{
+    return aff__fail(err, AFF_EINVAL,
+                     "store: empty or too long name or id (collection ≤ %d, ids ≤ %d, event "
+                     "types ≤ %d bytes)",
+                     AFF_MAX_NAME_LEN, AFF_MAX_ID_LEN, STORE_MAX_TYPE_LEN);
+}
+
+static uint64_t ord_double(double d)
+{
+    uint64_t u;
+    memcpy(&u, &d, sizeof u);
+    return (u >> 63) ? ~u : (u | (1ull << 63));
+}
+
+/* ---- value encoding -------------------------------------------------------------------- */
+
+typedef struct wr {
+    uint8_t *p;
+} wr;
+
+static void w_bytes(wr *w, const void *src, size_t n)
+{
+    if (n)
+        memcpy(w->p, src, n);
+    w->p += n;
+}
+static void w_u8(wr *w, uint8_t v)
+{
+    *w->p++ = v;
+}
+static void w_u16(wr *w, uint16_t v)
+{
+    w_bytes(w, &v, sizeof v);
+}
+static void w_u32(wr *w, uint32_t v)
+{
+    w_bytes(w, &v, sizeof v);
+}
+static void w_u64(wr *w, uint64_t v)
+{
+    w_bytes(w, &v, sizeof v);
+}
+static void w_i64(wr *w, int64_t v)
+{
+    w_bytes(w, &v, sizeof v);
+}
+static void w_f32(wr *w, float v)
+{
+    w_bytes(w, &v, sizeof v);
+}
+static void w_f64(wr *w, double v)
+{
+    w_bytes(w, &v, sizeof v);
+}
+static void w_zero(wr *w, size_t n)
+{
+    memset(w->p, 0, n);
+    w->p += n;
+}
+
+typedef struct rd {
+    const uint8_t *p, *end;
+    bool bad;
+} rd;
+
+static rd rd_of(const MDB_val *v)
+{
+    return (rd){.p = v->mv_data, .end = (const uint8_t *)v->mv_data + v->mv_size};
+}
+static const uint8_t *r_take(rd *r, size_t n)
+{
+    if (r->bad || (size_t)(r->end - r->p) < n) {
+        r->bad = true;
+        return NULL;
+    }
+    const uint8_t *p = r->p;
+    r->p += n;
+    return p;
+}
+static void r_copy(rd *r, void *dst, size_t n)
+{
+    const uint8_t *p = r_take(r, n);
+    if (p)
+        memcpy(dst, p, n);
+    else
+        memset(dst, 0, n);
+}
+static uint8_t r_u8(rd *r)
+{
+    uint8_t v;
+    r_copy(r, &v, sizeof v);
+    return v;
+}
+static uint16_t r_u16(rd *r)
+{
+    uint16_t v;
+    r_copy(r, &v, sizeof v);
+    return v;
+}
+static uint32_t r_u32(rd *r)
+{
+    uint32_t v;
+    r_copy(r, &v, sizeof v);
+    return v;
+}
+static uint64_t r_u64(rd *r)
+{
+    uint64_t v;
+    r_copy(r, &v, sizeof v);
+    return v;
+}
+static int64_t r_i64(rd *r)
+{
+    int64_t v;
+    r_copy(r, &v, sizeof v);
+    return v;
+}
+static float r_f32(rd *r)
+{
+    float v;
+    r_copy(r, &v, sizeof v);
+    return v;
+}
+static double r_f64(rd *r)
+{
+    double v;
+    r_copy(r, &v, sizeof v);
+    return v;
+}
+/* Copies a u16-length string into dst (cap bytes with the NUL). */
+static void r_str16(rd *r, char *dst, size_t cap)
+{
+    uint16_t len = r_u16(r);
+    const uint8_t *p = r_take(r, len);
+    if (!p || len >= cap) {
+        r->bad = true;
+        dst[0] = '\0';
+        return;
+    }
+    memcpy(dst, p, len);
+    dst[len] = '\0';
+}
+static bool r_version(rd *r)
+{
+    return r_u8(r) == STORE_VALUE_VERSION && !r->bad;
+}
+
+#define COLLECTION_SIZE 24
+
+static void encode_collection(uint8_t *dst, const store_collection *c)
+{
+    wr w = {dst};
+    w_u8(&w, STORE_VALUE_VERSION);
+    w_u8(&w, (uint8_t)c->metric);
+    w_u8(&w, (uint8_t)c->index);
+    w_u8(&w, 0);
+    w_u32(&w, c->dim);
+    w_u32(&w, c->hnsw_m);
+    w_u32(&w, c->hnsw_ef_search);
+    w_u64(&w, c->generation);
+}
+
+static int decode_collection(const MDB_val *k, const MDB_val *v, store_collection *c,
+                             aff_err *err)
+{
+    rd r = rd_of(v);
+    memset(c, 0, sizeof *c);
+    if (!r_version(&r) || k->mv_size > AFF_MAX_NAME_LEN)
+        return corrupt(err, "collection");
+    memcpy(c->name, k->mv_data, k->mv_size);
+    c->name[k->mv_size] = '\0';
+    c->metric = (aff_metric)r_u8(&r);
+    c->index = (backend_index_kind)r_u8(&r);
+    r_u8(&r);
+    c->dim = r_u32(&r);
+    c->hnsw_m = r_u32(&r);
+    c->hnsw_ef_search = r_u32(&r);
+    c->generation = r_u64(&r);
+    if (r.bad || c->dim == 0 || c->dim > AFF_MAX_DIM)
+        return corrupt(err, "collection");
+    return AFF_OK;
+}
+
+static size_t item_size(const store_item *it)
+{
+    size_t n = 12 + (size_t)it->dim * 4 + 2 + (it->category ? strlen(it->category) : 0);
+    for (uint32_t i = 0; i < it->n_tags; i++)
+        n += 2 + strlen(it->tags[i]);
+    return n;
+}
+
+static void encode_item(uint8_t *dst, const store_item *it)
+{
+    wr w = {dst};
+    w_u8(&w, STORE_VALUE_VERSION);
+    w_u8(&w, it->available ? 1 : 0);
+    w_u16(&w, (uint16_t)it->n_tags);
+    w_f32(&w, it->price);
+    w_u32(&w, it->dim);
+    w_bytes(&w, it->vector, (size_t)it->dim * 4);
+    size_t clen = it->category ? strlen(it->category) : 0;
+    w_u16(&w, (uint16_t)clen);
+    w_bytes(&w, it->category, clen);
+    for (uint32_t i = 0; i < it->n_tags; i++) {
+        size_t tlen = strlen(it->tags[i]);
+        w_u16(&w, (uint16_t)tlen);
+        w_bytes(&w, it->tags[i], tlen);
+    }
+}
+
+/* Decodes an item value; out and vector may be NULL. The id comes from the caller. */
+static int decode_item(const MDB_val *v, uint32_t dim, store_item_record *out, float *vector,
+                       aff_err *err)
+{
+    rd r = rd_of(v);
+    if (!r_version(&r))
+        return corrupt(err, "item");
+    bool available = r_u8(&r) != 0;
+    uint16_t n_tags = r_u16(&r);
+    float price = r_f32(&r);
+    uint32_t vdim = r_u32(&r);
+    if (r.bad || vdim != dim || n_tags > AFF_MAX_TAGS_PER_ITEM)
+        return corrupt(err, "item");
+    const uint8_t *vec = r_take(&r, (size_t)dim * 4);
+    if (vec && vector)
+        memcpy(vector, vec, (size_t)dim * 4);
+    if (out) {
+        out->available = available;
+        out->price = price;
+        out->n_tags = n_tags;
+        r_str16(&r, out->category, sizeof out->category);
+        for (uint32_t i = 0; i < n_tags; i++)
+            r_str16(&r, out->tags[i], sizeof out->tags[i]);
+    }
+    return r.bad ? corrupt(err, "item") : AFF_OK;
+}
+
+static size_t profile_size(const store_profile *p)
+{
+    size_t n = 64 + (size_t)p->dim * 4;
+    for (uint32_t i = 0; i < p->n_counts; i++)
+        n += 1 + strlen(p->counts[i].type) + 8;
+    return n;
+}
+
+static void encode_profile(uint8_t *dst, const store_profile *p, const float *sum)
+{
+    wr w = {dst};
+    w_u8(&w, STORE_VALUE_VERSION);
+    w_u8(&w, (uint8_t)p->n_counts);
+    w_u16(&w, 0);
+    w_u32(&w, p->dim);
+    w_u64(&w, p->generation);
+    w_i64(&w, p->ref_ms);
+    w_i64(&w, p->last_event_ms);
+    w_u64(&w, p->next_seq);
+    w_u32(&w, p->n_history);
+    w_u32(&w, 0);
+    w_f64(&w, p->weight);
+    w_bytes(&w, sum, (size_t)p->dim * 4);
+    for (uint32_t i = 0; i < p->n_counts; i++) {
+        size_t len = strlen(p->counts[i].type);
+        w_u8(&w, (uint8_t)len);
+        w_bytes(&w, p->counts[i].type, len);
+        w_u64(&w, p->counts[i].count);
+    }
+}
+
+static int decode_profile(const MDB_val *v, store_profile *p, float *sum, aff_err *err)
+{
+    rd r = rd_of(v);
+    memset(p, 0, sizeof *p);
+    if (!r_version(&r))
+        return corrupt(err, "profile");
+    p->n_counts = r_u8(&r);
+    r_u16(&r);
+    p->dim = r_u32(&r);
+    p->generation = r_u64(&r);
+    p->ref_ms = r_i64(&r);
+    p->last_event_ms = r_i64(&r);
+    p->next_seq = r_u64(&r);
+    p->n_history = r_u32(&r);
+    r_u32(&r);
+    p->weight = r_f64(&r);
+    if (r.bad || p->n_counts > STORE_MAX_EVENT_TYPES || p->dim == 0 || p->dim > AFF_MAX_DIM)
+        return corrupt(err, "profile");
+    const uint8_t *s = r_take(&r, (size_t)p->dim * 4);
+    if (s && sum)
+        memcpy(sum, s, (size_t)p->dim * 4);
+    for (uint32_t i = 0; i < p->n_counts && !r.bad; i++) {
+        uint8_t len = r_u8(&r);
+        const uint8_t *name = r_take(&r, len);
+        if (!name || len > STORE_MAX_TYPE_LEN) {
+            r.bad = true;
+            break;
+        }
+        memcpy(p->counts[i].type, name, len);
+        p->counts[i].type[len] = '\0';
+        p->counts[i].count = r_u64(&r);
+    }
+    return r.bad ? corrupt(err, "profile") : AFF_OK;
+}
+
+/* ---- transactions ------------------------------------------------------------------------ */
+
+static uint64_t current_map_size(aff_store *s)
+{
+    MDB_envinfo info;
+    mdb_env_info(s->env, &info);
+    return (uint64_t)info.me_mapsize;
+}
+
+/* Doubles the map unless another thread already grew it past `seen`. Takes resize_lock
+ * exclusively, so no transaction of this process is open while LMDB remaps. */
+static int store_grow(aff_store *s, uint64_t seen, aff_err *err)
+{
+    int status = AFF_OK;
+    pthread_rwlock_wrlock(&s->resize_lock);
+    uint64_t now = current_map_size(s);
+    if (now <= seen) {
+        uint64_t next = seen * 2;
+        int rc = mdb_env_set_mapsize(s->env, (size_t)next);
+        if (rc) {
+            status = aff__fail(err, AFF_EIO, "store: cannot grow the map to %llu bytes: %s",
+                               (unsigned long long)next, mdb_strerror(rc));
+            goto out;
+        }
+        atomic_fetch_add(&s->grows, 1);
+        aff_log(AFF_LOG_INFO, "store map grown from %llu to %llu MiB",
+                (unsigned long long)(seen >> 20), (unsigned long long)(next >> 20));
+    }
+out:
+    pthread_rwlock_unlock(&s->resize_lock);
+    return status;
+}
+
+/* Adopts a map size another process set (MDB_MAP_RESIZED); only possible if someone opened
+ * the files behind our lock, but cheap to handle. */
+static int store_adopt_size(aff_store *s, aff_err *err)
+{
+    pthread_rwlock_wrlock(&s->resize_lock);
+    int rc = mdb_env_set_mapsize(s->env, 0);
+    pthread_rwlock_unlock(&s->resize_lock);
+    return rc ? mdb_fail(NULL, err, rc, "adopt map size") : AFF_OK;
+}
+
+int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
+{
+    for (;;) {
+        pthread_rwlock_rdlock(&s->resize_lock);
+        uint64_t seen = current_map_size(s);
+        store_txn t = {.s = s};
+        int status;
+        int rc = mdb_txn_begin(s->env, NULL, 0, &t.txn);
+        if (rc) {
+            pthread_rwlock_unlock(&s->resize_lock);
+            if (rc == MDB_MAP_RESIZED) {
+                if ((status = store_adopt_size(s, err)))
+                    return status;
+                continue;
+            }
+            return mdb_fail(NULL, err, rc, "begin write transaction");
+        }
+        status = fn(&t, ctx, err);
+        if (status == AFF_OK && !t.mdb_rc) {
+            rc = mdb_txn_commit(t.txn);
+            if (rc)
+                status = mdb_fail(&t, err, rc, "commit");
+        } else {
+            mdb_txn_abort(t.txn);
+            if (status == AFF_OK)
+                status = mdb_fail(NULL, err, t.mdb_rc, "write");
+        }
+        pthread_rwlock_unlock(&s->resize_lock);
+        if (t.mdb_rc == MDB_MAP_FULL) {
+            if ((status = store_grow(s, seen, err)))
+                return status;
+            aff__err_clear(err);
+            continue;
+        }
+        if (status == AFF_OK)
+            atomic_fetch_add(&s->commits, 1);
+        return status;
+    }
+}
+
+int store_view(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
+{
+    for (;;) {
+        pthread_rwlock_rdlock(&s->resize_lock);
+        store_txn t = {.s = s};
+        int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &t.txn);
+        if (rc) {
+            pthread_rwlock_unlock(&s->resize_lock);
+            if (rc == MDB_MAP_RESIZED) {
+                int status = store_adopt_size(s, err);
+                if (status)
+                    return status;
+                continue;
+            }
+            return mdb_fail(NULL, err, rc, "begin read transaction");
+        }
+        int status = fn(&t, ctx, err);
+        mdb_txn_abort(t.txn);
+        pthread_rwlock_unlock(&s->resize_lock);
+        return status;
+    }
+}
+
+aff_store *store_txn_store(store_txn *txn)
+{
+    return txn->s;
+}
+
+/* Generic helpers on one database. get: AFF_ENOTFOUND when absent. */
+static int db_get(store_txn *t, int db, const key_buf *k, MDB_val *v, aff_err *err)
+{
+    MDB_val key = kb_val(k);
+    int rc = mdb_get(t->txn, t->s->dbi[db], &key, v);
+    if (rc == MDB_NOTFOUND)
+        return aff__fail(err, AFF_ENOTFOUND, "store: not found");
+    return rc ? mdb_fail(t, err, rc, "read") : AFF_OK;
+}
+
+/* Reserves size bytes for key's value and returns where to write them. */
+static int db_reserve(store_txn *t, int db, const key_buf *k, size_t size, uint8_t **dst,
+                      aff_err *err)
+{
+    MDB_val key = kb_val(k), v = {.mv_size = size, .mv_data = NULL};
+    int rc = mdb_put(t->txn, t->s->dbi[db], &key, &v, MDB_RESERVE);
+    if (rc)
+        return mdb_fail(t, err, rc, "write");
+    *dst = v.mv_data;
+    return AFF_OK;
+}
+
+/* Deletes key; *existed (may be NULL) tells whether it was there. */
+static int db_del(store_txn *t, int db, const key_buf *k, bool *existed, aff_err *err)
+{
+    MDB_val key = kb_val(k);
+    int rc = mdb_del(t->txn, t->s->dbi[db], &key, NULL);
+    if (existed)
+        *existed = rc == 0;
+    if (rc == MDB_NOTFOUND)
+        return AFF_OK;
+    return rc ? mdb_fail(t, err, rc, "delete") : AFF_OK;
+}
+
+typedef int (*visit_fn)(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err);
+
+/* Calls visit for every key starting with prefix, in key order, beginning at `from` (a key at
+ * or after the prefix; NULL: the prefix itself). visit returns 0 to go on, > 0 to stop. */
+static int scan_prefix(store_txn *t, int db, const key_buf *prefix, const key_buf *from,
+                       visit_fn visit, void *ctx, aff_err *err)
+{
+    MDB_cursor *cur = NULL;
+    int status = AFF_OK;
+    int rc = mdb_cursor_open(t->txn, t->s->dbi[db], &cur);
+    if (rc)
+        return mdb_fail(t, err, rc, "open cursor");
+    MDB_val k = kb_val(from ? from : prefix), v;
+    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    while (rc == 0 && has_prefix(&k, prefix)) {
+        int r = visit(ctx, &k, &v, err);
+        if (r < 0) {
+            status = r;
+            goto out;
+        }
+        if (r > 0)
+            goto out;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    if (rc && rc != MDB_NOTFOUND)
+        status = mdb_fail(t, err, rc, "scan");
+out:
+    mdb_cursor_close(cur);
+    return status;
+}
+
+/* Deletes every key starting with prefix. */
+static int del_prefix(store_txn *t, int db, const key_buf *prefix, uint64_t *n_deleted,
+                      aff_err *err)
+{
+    MDB_cursor *cur = NULL;
+    int status = AFF_OK;
+    int rc = mdb_cursor_open(t->txn, t->s->dbi[db], &cur);
+    if (rc)
+        return mdb_fail(t, err, rc, "open cursor");
+    for (;;) {
+        MDB_val k = kb_val(prefix), v;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+        if (rc == MDB_NOTFOUND || (rc == 0 && !has_prefix(&k, prefix)))
+            break;
+        if (rc == 0)
+            rc = mdb_cursor_del(cur, 0);
+        if (rc) {
+            status = mdb_fail(t, err, rc, "delete range");
+            goto out;
+        }
+        if (n_deleted)
+            (*n_deleted)++;
+    }
+out:
+    mdb_cursor_close(cur);
+    return status;
+}
+
+/* ---- open and close ---------------------------------------------------------------------- */
+
+static int open_databases(aff_store *s, aff_err *err)
+{
+    MDB_txn *txn = NULL;
+    int status = AFF_OK;
+    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    if (rc)
+        return mdb_fail(NULL, err, rc, "begin");
+    for (int i = 0; i < DB_COUNT; i++) {
+        rc = mdb_dbi_open(txn, db_names[i], MDB_CREATE, &s->dbi[i]);
+        if (rc) {
+            status = mdb_fail(NULL, err, rc, "open database");
+            goto out;
+        }
+    }
+    MDB_val k = {.mv_size = 6, .mv_data = "format"}, v;
+    rc = mdb_get(txn, s->dbi[DB_META], &k, &v);
+    if (rc == MDB_NOTFOUND) {
+        uint32_t format = STORE_FORMAT;
+        v = (MDB_val){.mv_size = sizeof format, .mv_data = &format};
+        rc = mdb_put(txn, s->dbi[DB_META], &k, &v, 0);
+    } else if (rc == 0) {
+        uint32_t format = 0;
+        if (v.mv_size == sizeof format)
+            memcpy(&format, v.mv_data, sizeof format);
+        if (format != STORE_FORMAT) {
+            status = aff__fail(err, AFF_EINTERNAL,
+                               "store: unknown store format %u (this build reads format %u)",
+                               format, STORE_FORMAT);
+            goto out;
+        }
+    }
+    if (rc) {
+        status = mdb_fail(NULL, err, rc, "format record");
+        goto out;
+    }
+    rc = mdb_txn_commit(txn);
+    txn = NULL;
+    if (rc)
+        status = mdb_fail(NULL, err, rc, "commit");
+out:
+    if (txn)
+        mdb_txn_abort(txn);
+    return status;
+}
+
+int store_create(aff_store **out, const store_config *cfg, aff_err *err)
+{
+    int status = AFF_OK;
+    char path[4096];
+    bool temp_dir = false;
+    store_config def = {0};
+    if (!cfg)
+        cfg = &def;
+    *out = NULL;
+    aff_store *s = calloc(1, sizeof *s);
+    if (!s)
+        return aff__fail(err, AFF_ENOMEM, "store: out of memory");
+    s->lock_fd = -1;
+    s->persistent = cfg->dir != NULL;
+
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&s->resize_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    s->resize_lock_ready = true;
+
+    if (cfg->dir) {
+        if (snprintf(path, sizeof path, "%s", cfg->dir) >= (int)sizeof path) {
+            status = aff__fail(err, AFF_EINVAL, "store: data dir path too long");
+            goto out;
+        }
+        if (mkdir(path, 0755) != 0 && errno != EEXIST) {
+            status = aff__fail(err, AFF_EIO, "store: cannot create data dir %s: %s", path,
+                               strerror(errno));
+            goto out;
+        }
+        char lock_path[4200];
+        snprintf(lock_path, sizeof lock_path, "%s/affinity.lock", path);
+        s->lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (s->lock_fd < 0) {
+            status = aff__fail(err, AFF_EIO, "store: cannot open %s: %s", lock_path,
+                               strerror(errno));
+            goto out;
+        }
+        if (flock(s->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+            status = errno == EWOULDBLOCK
+                         ? aff__fail(err, AFF_EUNAVAILABLE,
+                                     "store: data dir %s is in use by another process", path)
+                         : aff__fail(err, AFF_EIO, "store: cannot lock %s: %s", lock_path,
+                                     strerror(errno));
+            goto out;
+        }
+    } else {
+        const char *tmp = getenv("TMPDIR");
+        if (!tmp || !*tmp)
+            tmp = "/tmp";
+        if (snprintf(path, sizeof path, "%s/affinity-mem-XXXXXX", tmp) >= (int)sizeof path ||
+            !mkdtemp(path)) {
+            status = aff__fail(err, AFF_EIO, "store: cannot create a temporary dir in %s: %s",
+                               tmp, strerror(errno));
+            goto out;
+        }
+        temp_dir = true;
+    }
+
+    int rc = mdb_env_create(&s->env);
+    if (rc) {
+        status = mdb_fail(NULL, err, rc, "create environment");
+        goto out;
+    }
+    uint64_t map_size = cfg->initial_map_size ? cfg->initial_map_size : STORE_DEFAULT_MAP_SIZE;
+    if (map_size < STORE_MIN_MAP_SIZE)
+        map_size = STORE_MIN_MAP_SIZE;
+    mdb_env_set_maxdbs(s->env, DB_COUNT + 2);
+    mdb_env_set_mapsize(s->env, (size_t)map_size);
+    mdb_env_set_maxreaders(s->env, cfg->max_readers ? cfg->max_readers : STORE_DEFAULT_READERS);
+    unsigned flags = MDB_NOTLS;
+    if (cfg->no_sync || !cfg->dir)
+        flags |= MDB_NOSYNC | MDB_NOMETASYNC;
+    rc = mdb_env_open(s->env, path, flags, 0644);
+    if (rc) {
+        status = aff__fail(err, AFF_EIO, "store: cannot open the store in %s: %s", path,
+                           mdb_strerror(rc));
+        goto out;
+    }
+    if (temp_dir) {
+        /* LMDB keeps its descriptors; the names can go now, so no crash leaves files. */
+        char f[4200];
+        snprintf(f, sizeof f, "%s/data.mdb", path);
+        unlink(f);
+        snprintf(f, sizeof f, "%s/lock.mdb", path);
+        unlink(f);
+        rmdir(path);
+        temp_dir = false;
+    }
+    if ((status = open_databases(s, err)))
+        goto out;
+    aff_log_kv(AFF_LOG_INFO, "store opened", "dir", cfg->dir ? cfg->dir : "(in memory)", "mode",
+               cfg->dir ? (cfg->no_sync ? "persistent, no fsync" : "persistent") : "in memory",
+               NULL);
+    *out = s;
+    s = NULL;
+out:
+    if (temp_dir) {
+        char f[4200];
+        snprintf(f, sizeof f, "%s/data.mdb", path);
+        unlink(f);
+        snprintf(f, sizeof f, "%s/lock.mdb", path);
+        unlink(f);
+        rmdir(path);
+    }
+    store_destroy(s);
+    return status;
+}
+
+void store_destroy(aff_store *s)
+{
+    if (!s)
+        return;
+    if (s->env)
+        mdb_env_close(s->env);
+    if (s->lock_fd >= 0)
+        close(s->lock_fd); /* releases the flock */
+    if (s->resize_lock_ready)
+        pthread_rwlock_destroy(&s->resize_lock);
+    free(s);
+}
+
+bool store_persistent(const aff_store *s)
+{
+    return s->persistent;
+}
+
+void store_get_stats(aff_store *s, store_stats *out)
+{
+    MDB_envinfo info;
+    MDB_stat st;
+    pthread_rwlock_rdlock(&s->resize_lock);
+    mdb_env_info(s->env, &info);
+    mdb_env_stat(s->env, &st);
+    pthread_rwlock_unlock(&s->resize_lock);
+    out->map_size = info.me_mapsize;
+    out->used_bytes = (uint64_t)(info.me_last_pgno + 1) * st.ms_psize;
+    out->commits = atomic_load(&s->commits);
+    out->map_grows = atomic_load(&s->grows);
+}
+
+/* ---- collections ------------------------------------------------------------------------ */
+
+int store_txn_get_collection(store_txn *txn, const char *name, store_collection *out,
+                             aff_err *err)
+{
+    size_t len = name ? strlen(name) : 0;
+    if (len == 0 || len > AFF_MAX_NAME_LEN)
+        return bad_key(err);
+    MDB_val k = {.mv_size = len, .mv_data = (void *)name}, v;
+    int rc = mdb_get(txn->txn, txn->s->dbi[DB_COLLECTIONS], &k, &v);
+    if (rc == MDB_NOTFOUND)
+        return aff__fail(err, AFF_ENOTFOUND, "collection '%s' does not exist", name);
+    if (rc)
+        return mdb_fail(txn, err, rc, "read collection");
+    return decode_collection(&k, &v, out, err);
+}
+
+static int put_collection_raw(store_txn *t, const store_collection *c, aff_err *err)
+{
+    MDB_val k = {.mv_size = strlen(c->name), .mv_data = (void *)c->name};
+    MDB_val v = {.mv_size = COLLECTION_SIZE};
+    int rc = mdb_put(t->txn, t->s->dbi[DB_COLLECTIONS], &k, &v, MDB_RESERVE);
+    if (rc)
+        return mdb_fail(t, err, rc, "write collection");
+    encode_collection(v.mv_data, c);
+    return AFF_OK;
+}
+
+static int put_collection_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    const store_collection *c = ctx;
+    store_collection old;
+    int status = store_txn_get_collection(t, c->name, &old, err);
+    if (status == AFF_OK)
+        return aff__fail(err, AFF_EEXIST, "collection '%s' already exists", c->name);
+    if (status != AFF_ENOTFOUND)
+        return status;
+    aff__err_clear(err);
+    store_collection fresh = *c;
+    fresh.generation = 0;
+    return put_collection_raw(t, &fresh, err);
+}
+
+int store_put_collection(aff_store *s, const store_collection *c, aff_err *err)
+{
+    size_t len = strnlen(c->name, sizeof c->name);
+    if (len == 0 || len > AFF_MAX_NAME_LEN || c->dim == 0 || c->dim > AFF_MAX_DIM)
+        return aff__fail(err, AFF_EINVAL, "store: collection needs a name of 1..%d bytes and "
+                                          "a dimension of 1..%d",
+                         AFF_MAX_NAME_LEN, AFF_MAX_DIM);
+    return store_update(s, put_collection_fn, (void *)c, err);
+}
+
+typedef struct drop_ctx {
+    const char *name;
+    bool existed;
+} drop_ctx;
+
+static int drop_collection_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    drop_ctx *d = ctx;
+    d->existed = false;
+    key_buf prefix;
+    if (!make_key(&prefix, d->name, NULL, 0, NULL, 0, NULL, 0))
+        return bad_key(err);
+    int status;
+    for (int db = DB_ITEMS; db < DB_COUNT; db++) {
+        if ((status = del_prefix(t, db, &prefix, NULL, err)))
+            return status;
+    }
+    key_buf k = {.n = 0};
+    memcpy(k.b, d->name, strlen(d->name));
+    k.n = strlen(d->name);
+    return db_del(t, DB_COLLECTIONS, &k, &d->existed, err);
+}
+
+int store_drop_collection(aff_store *s, const char *name, bool *existed, aff_err *err)
+{
+    drop_ctx d = {.name = name};
+    int status = store_update(s, drop_collection_fn, &d, err);
+    if (existed)
+        *existed = d.existed;
+    return status;
+}
+
+typedef struct list_ctx {
+    store_collection *v;
+    size_t n, cap;
+} list_ctx;
+
+static int list_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    list_ctx *l = ctx;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 16;
+        store_collection *nv = realloc(l->v, cap * sizeof *nv);
+        if (!nv)
+            return aff__fail(err, AFF_ENOMEM, "store: out of memory");
+        l->v = nv;
+        l->cap = cap;
+    }
+    int status = decode_collection(k, v, &l->v[l->n], err);
+    if (status == AFF_OK)
+        l->n++;
+    return status;
+}
+
+static int list_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    key_buf empty = {.n = 0};
+    return scan_prefix(t, DB_COLLECTIONS, &empty, NULL, list_visit, ctx, err);
+}
+
+int store_list_collections(aff_store *s, store_collection **out, size_t *n, aff_err *err)
+{
+    list_ctx l = {0};
+    int status = store_view(s, list_fn, &l, err);
+    if (status) {
+        free(l.v);
+        l = (list_ctx){0};
+    }
+    *out = l.v;
+    *n = l.n;
+    return status;
+}
+
+/* ---- items ------------------------------------------------------------------------------ */
+
+static int check_item(const store_item *it, size_t i, uint32_t dim, aff_err *err)
+{
+    size_t idlen = it->id ? strlen(it->id) : 0;
+    if (idlen == 0 || idlen > AFF_MAX_ID_LEN)
+        return aff__fail(err, AFF_EINVAL, "item %zu: id must be 1..%d bytes", i,
+                         AFF_MAX_ID_LEN);
+    if (it->dim != dim || !it->vector)
+        return aff__fail(err, AFF_EINVAL, "item '%s': vector has %u values, the collection "
+                                          "has dimension %u",
+                         it->id, it->dim, dim);
+    for (uint32_t j = 0; j < dim; j++) {
+        if (!isfinite(it->vector[j]))
+            return aff__fail(err, AFF_EINVAL, "item '%s': vector value %u is not finite",
+                             it->id, j);
+    }
+    if (!isfinite(it->price))
+        return aff__fail(err, AFF_EINVAL, "item '%s': price is not finite", it->id);
+    if (it->category && strlen(it->category) > AFF_MAX_ATTR_LEN)
+        return aff__fail(err, AFF_EINVAL, "item '%s': category longer than %d bytes", it->id,
+                         AFF_MAX_ATTR_LEN);
+    if (it->n_tags > AFF_MAX_TAGS_PER_ITEM || (it->n_tags && !it->tags))
+        return aff__fail(err, AFF_EINVAL, "item '%s': more than %d tags", it->id,
+                         AFF_MAX_TAGS_PER_ITEM);
+    for (uint32_t j = 0; j < it->n_tags; j++) {
+        size_t tl = it->tags[j] ? strlen(it->tags[j]) : 0;
+        if (tl == 0 || tl > AFF_MAX_ATTR_LEN)
+            return aff__fail(err, AFF_EINVAL, "item '%s': tag %u must be 1..%d bytes", it->id,
+                             j, AFF_MAX_ATTR_LEN);
+    }
+    return AFF_OK;
+}
+
+typedef struct put_items_ctx {
+    const char *collection;
+    const store_item *items;
+    size_t n;
+} put_items_ctx;
+
+static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    put_items_ctx *p = ctx;
+    store_collection c;
+    int status = store_txn_get_collection(t, p->collection, &c, err);
+    if (status)
+        return status;
+    for (size_t i = 0; i < p->n; i++) {
+        if ((status = check_item(&p->items[i], i, c.dim, err)))
+            return status;
+    }
+    bool changed = false;
+    for (size_t i = 0; i < p->n; i++) {
+        const store_item *it = &p->items[i];
+        key_buf k;
+        make_key(&k, p->collection, it->id, AFF_MAX_ID_LEN, NULL, 0, NULL, 0);
+        MDB_val old;
+        status = db_get(t, DB_ITEMS, &k, &old, err);
+        if (status == AFF_OK) {
+            /* A changed vector invalidates profiles that summed the old one. */
+            if (old.mv_size < 12 + (size_t)c.dim * 4 ||
+                memcmp((const uint8_t *)old.mv_data + 12, it->vector, (size_t)c.dim * 4) != 0)
+                changed = true;
+        } else if (status != AFF_ENOTFOUND) {
+            return status;
+        }
+        uint8_t *dst;
+        if ((status = db_reserve(t, DB_ITEMS, &k, item_size(it), &dst, err)))
+            return status;
+        encode_item(dst, it);
+    }
+    aff__err_clear(err);
+    if (changed) {
+        c.generation++;
+        return put_collection_raw(t, &c, err);
+    }
+    return AFF_OK;
+}
+
+int store_put_items(aff_store *s, const char *collection, const store_item *items, size_t n,
+                    aff_err *err)
+{
+    put_items_ctx p = {collection, items, n};
+    return store_update(s, put_items_fn, &p, err);
+}
+
+typedef struct delete_items_ctx {
+    const char *collection;
+    const char *const *ids;
+    size_t n;
+    size_t n_deleted;
+} delete_items_ctx;
+
+static int delete_items_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    delete_items_ctx *d = ctx;
+    d->n_deleted = 0;
+    store_collection c;
+    int status = store_txn_get_collection(t, d->collection, &c, err);
+    if (status)
+        return status;
+    for (size_t i = 0; i < d->n; i++) {
+        key_buf k;
+        if (!make_key(&k, d->collection, d->ids[i], AFF_MAX_ID_LEN, NULL, 0, NULL, 0))
+            continue; /* an id that cannot exist */
+        bool existed;
+        if ((status = db_del(t, DB_ITEMS, &k, &existed, err)))
+            return status;
+        if (!existed)
+            continue;
+        d->n_deleted++;
+        store_popularity pop;
+        status = store_txn_get_popularity(t, d->collection, d->ids[i], &pop, err);
+        if (status == AFF_OK) {
+            key_buf rk;
+            make_key(&rk, d->collection, NULL, 0, NULL, 0, NULL, 0);
+            kb_u64be(&rk, ord_double(-pop.log_score));
+            kb_str(&rk, d->ids[i], AFF_MAX_ID_LEN);
+            if ((status = db_del(t, DB_POP_RANK, &rk, NULL, err)) ||
+                (status = db_del(t, DB_POPULARITY, &k, NULL, err)))
+                return status;
+        } else if (status != AFF_ENOTFOUND) {
+            return status;
+        }
+    }
+    aff__err_clear(err);
+    if (d->n_deleted) {
+        c.generation++;
+        return put_collection_raw(t, &c, err);
+    }
+    return AFF_OK;
+}
+
+int store_delete_items(aff_store *s, const char *collection, const char *const *ids, size_t n,
+                       size_t *n_deleted, aff_err *err)
+{
+    delete_items_ctx d = {collection, ids, n, 0};
+    int status = store_update(s, delete_items_fn, &d, err);
+    if (n_deleted)
+        *n_deleted = status == AFF_OK ? d.n_deleted : 0;
+    return status;
+}
+
+int store_txn_get_item(store_txn *txn, const char *collection, const char *id,
+                       store_item_record *out, float *vector, aff_err *err)
+{
+    store_collection c;
+    int status = store_txn_get_collection(txn, collection, &c, err);
+    if (status)
+        return status;
+    key_buf k;
+    if (!make_key(&k, collection, id, AFF_MAX_ID_LEN, NULL, 0, NULL, 0))
+        return aff__fail(err, AFF_ENOTFOUND, "item id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    MDB_val v;
+    status = db_get(txn, DB_ITEMS, &k, &v, err);
+    if (status == AFF_ENOTFOUND)
+        return aff__fail(err, AFF_ENOTFOUND, "item '%s' is not in collection '%s'", id,
+                         collection);
+    if (status)
+        return status;
+    if (out)
+        snprintf(out->id, sizeof out->id, "%s", id);
+    return decode_item(&v, c.dim, out, vector, err);
+}
+
+typedef struct get_item_ctx {
+    const char *collection, *id;
+    store_item_record *out;
+    float *vector;
+} get_item_ctx;
+
+static int get_item_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    get_item_ctx *g = ctx;
+    return store_txn_get_item(t, g->collection, g->id, g->out, g->vector, err);
+}
+
+int store_get_item(aff_store *s, const char *collection, const char *id, store_item_record *out,
+                   float *vector, aff_err *err)
+{
+    get_item_ctx g = {collection, id, out, vector};
+    return store_view(s, get_item_fn, &g, err);
+}
+
+/* ---- rebuild ------------------------------------------------------------------------------ */
+
+typedef struct rebuild_batch {
+    const store_collection *c;
+    size_t cap, n;
+    store_item *items;
+    store_item_record *recs;
+    const char *(*tag_ptrs)[AFF_MAX_TAGS_PER_ITEM];
+    float *vectors;
+    key_buf last; /* key of the last item delivered; n == 0: none yet */
+    bool started;
+} rebuild_batch;
+
+static int rebuild_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    rebuild_batch *b = ctx;
+    if (b->started && k->mv_size == b->last.n && memcmp(k->mv_data, b->last.b, b->last.n) == 0)
+        return 0; /* the previous batch's last item */
+    if (b->n == b->cap)
+        return 1;
+    size_t i = b->n;
+    const uint8_t *kb = k->mv_data;
+    size_t clen = kb[0];
+    if (k->mv_size < clen + 2 || kb[clen + 1] != k->mv_size - clen - 2 ||
+        k->mv_size - clen - 2 > AFF_MAX_ID_LEN)
+        return corrupt(err, "item key");
+    store_item_record *r = &b->recs[i];
+    memcpy(r->id, kb + clen + 2, kb[clen + 1]);
+    r->id[kb[clen + 1]] = '\0';
+    float *vec = b->vectors + i * b->c->dim;
+    int status = decode_item(v, b->c->dim, r, vec, err);
+    if (status)
+        return status;
+    for (uint32_t j = 0; j < r->n_tags; j++)
+        b->tag_ptrs[i][j] = r->tags[j];
+    b->items[i] = (store_item){.id = r->id,
+                               .vector = vec,
+                               .dim = b->c->dim,
+                               .category = r->category,
+                               .tags = b->tag_ptrs[i],
+                               .n_tags = r->n_tags,
+                               .price = r->price,
+                               .available = r->available};
+    memcpy(b->last.b, k->mv_data, k->mv_size);
+    b->last.n = k->mv_size;
+    b->n++;
+    return 0;
+}
+
+static int rebuild_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    rebuild_batch *b = ctx;
+    key_buf prefix;
+    make_key(&prefix, b->c->name, NULL, 0, NULL, 0, NULL, 0);
+    b->n = 0;
+    return scan_prefix(t, DB_ITEMS, &prefix, b->started ? &b->last : NULL, rebuild_visit, b,
+                       err);
+}
+
+static int count_items_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    MDB_stat st;
+    int rc = mdb_stat(t->txn, t->s->dbi[DB_ITEMS], &st);
+    if (rc)
+        return mdb_fail(t, err, rc, "stat");
+    *(uint64_t *)ctx = st.ms_entries;
+    return AFF_OK;
+}
+
+static double seconds_since(const struct timespec *t0)
+{
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double)(t1.tv_sec - t0->tv_sec) + (double)(t1.tv_nsec - t0->tv_nsec) * 1e-9;
+}
+
+int store_rebuild(aff_store *s, const store_rebuild_ops *ops, store_rebuild_progress *out,
+                  aff_err *err)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    store_rebuild_progress pr = {0};
+    store_collection *cols = NULL;
+    size_t n_cols = 0;
+    rebuild_batch b = {0};
+    double last_log = 0;
+    int status;
+    if ((status = store_view(s, count_items_fn, &pr.items_total, err)) ||
+        (status = store_list_collections(s, &cols, &n_cols, err)))
+        goto out;
+    b.cap = ops->batch_size ? ops->batch_size : STORE_REBUILD_BATCH;
+    for (size_t ci = 0; ci < n_cols; ci++) {
+        const store_collection *c = &cols[ci];
+        if (ops->collection && (status = ops->collection(ops->ctx, c, err)))
+            goto out;
+        pr.collections++;
+        free(b.vectors);
+        b.vectors = malloc(b.cap * c->dim * sizeof(float));
+        if (!b.items) {
+            b.items = calloc(b.cap, sizeof *b.items);
+            b.recs = calloc(b.cap, sizeof *b.recs);
+            b.tag_ptrs = calloc(b.cap, sizeof *b.tag_ptrs);
+        }
+        if (!b.vectors || !b.items || !b.recs || !b.tag_ptrs) {
+            status = aff__fail(err, AFF_ENOMEM, "store: out of memory for a rebuild batch");
+            goto out;
+        }
+        b.c = c;
+        b.started = false;
+        for (;;) {
+            if ((status = store_view(s, rebuild_fn, &b, err)))
+                goto out;
+            if (b.n == 0)
+                break;
+            b.started = true;
+            if (ops->items && (status = ops->items(ops->ctx, c, b.items, b.n, err)))
+                goto out;
+            pr.items += b.n;
+            pr.elapsed_s = seconds_since(&t0);
+            if (ops->progress)
+                ops->progress(ops->ctx, &pr);
+            if (pr.elapsed_s - last_log >= 5.0) {
+                last_log = pr.elapsed_s;
+                aff_log(AFF_LOG_INFO, "store rebuild: %llu of %llu items after %.1f s",
+                        (unsigned long long)pr.items, (unsigned long long)pr.items_total,
+                        pr.elapsed_s);
+            }
+            if (b.n < b.cap)
+                break;
+        }
+    }
+    pr.elapsed_s = seconds_since(&t0);
+    aff_log(AFF_LOG_INFO, "store rebuilt: %llu collections, %llu items in %.3f s",
+            (unsigned long long)pr.collections, (unsigned long long)pr.items, pr.elapsed_s);
+out:
+    if (out)
+        *out = pr;
+    free(cols);
+    free(b.vectors);
+    free(b.items);
+    free(b.recs);
+    free(b.tag_ptrs);
+    return status;
+}
+
+/* ---- profiles -------------------------------------------------------------------------------- */
+
+static bool user_key(key_buf *k, const char *collection, const char *user)
+{
+    return make_key(k, collection, user, AFF_MAX_ID_LEN, NULL, 0, NULL, 0);
+}
+
+int store_txn_get_profile(store_txn *txn, const char *collection, const char *user,
+                          store_profile *out, float *sum, aff_err *err)
+{
+    key_buf k;
+    if (!user_key(&k, collection, user))
+        return bad_key(err);
+    MDB_val v;
+    int status = db_get(txn, DB_PROFILES, &k, &v, err);
+    if (status == AFF_ENOTFOUND)
+        return aff__fail(err, AFF_ENOTFOUND, "user '%s' is unknown in collection '%s'", user,
+                         collection);
+    return status ? status : decode_profile(&v, out, sum, err);
+}
+
+int store_txn_put_profile(store_txn *txn, const char *collection, const char *user,
+                          const store_profile *p, const float *sum, aff_err *err)
+{
+    key_buf k;
+    if (!user_key(&k, collection, user))
+        return bad_key(err);
+    if (p->n_counts > STORE_MAX_EVENT_TYPES || p->dim == 0 || p->dim > AFF_MAX_DIM)
+        return aff__fail(err, AFF_EINVAL, "store: bad profile shape");
+    for (uint32_t i = 0; i < p->n_counts; i++) {
+        if (strnlen(p->counts[i].type, sizeof p->counts[i].type) > STORE_MAX_TYPE_LEN)
+            return bad_key(err);
+    }
+    uint8_t *dst;
+    int status = db_reserve(txn, DB_PROFILES, &k, profile_size(p), &dst, err);
+    if (status == AFF_OK)
+        encode_profile(dst, p, sum);
+    return status;
+}
+
+static bool event_key(key_buf *k, const char *collection, const char *user, uint64_t seq)
+{
+    if (!user_key(k, collection, user))
+        return false;
+    kb_u64be(k, seq);
+    return true;
+}
+
+int store_txn_put_event(store_txn *txn, const char *collection, const char *user, uint64_t seq,
+                        const store_event *e, aff_err *err)
+{
+    key_buf k;
+    if (!event_key(&k, collection, user, seq))
+        return bad_key(err);
+    size_t tlen = e->type ? strlen(e->type) : 0, ilen = e->item_id ? strlen(e->item_id) : 0;
+    if (tlen == 0 || tlen > STORE_MAX_TYPE_LEN || ilen == 0 || ilen > AFF_MAX_ID_LEN ||
+        e->n_context > STORE_MAX_CONTEXT)
+        return aff__fail(err, AFF_EINVAL, "store: bad event shape");
+    size_t size = 32 + tlen + ilen;
+    for (uint32_t i = 0; i < e->n_context; i++) {
+        size_t kl = strlen(e->context[i].key), vl = strlen(e->context[i].value);
+        if (kl > STORE_MAX_CONTEXT_LEN || vl > STORE_MAX_CONTEXT_LEN)
+            return aff__fail(err, AFF_EINVAL, "store: context entry longer than %d bytes",
+                             STORE_MAX_CONTEXT_LEN);
+        size += 4 + kl + vl;
+    }
+    uint8_t *dst;
+    int status = db_reserve(txn, DB_EVENTS, &k, size, &dst, err);
+    if (status)
+        return status;
+    wr w = {dst};
+    w_u8(&w, STORE_VALUE_VERSION);
+    w_u8(&w, (uint8_t)tlen);
+    w_u16(&w, (uint16_t)ilen);
+    w_u16(&w, (uint16_t)e->n_context);
+    w_u16(&w, 0);
+    w_i64(&w, e->ts_ms);
+    w_f64(&w, e->value);
+    w_bytes(&w, e->type, tlen);
+    w_bytes(&w, e->item_id, ilen);
+    for (uint32_t i = 0; i < e->n_context; i++) {
+        size_t kl = strlen(e->context[i].key), vl = strlen(e->context[i].value);
+        w_u16(&w, (uint16_t)kl);
+        w_bytes(&w, e->context[i].key, kl);
+        w_u16(&w, (uint16_t)vl);
+        w_bytes(&w, e->context[i].value, vl);
+    }
+    return AFF_OK;
+}
+
+int store_txn_delete_event(store_txn *txn, const char *collection, const char *user,
+                           uint64_t seq, aff_err *err)
+{
+    key_buf k;
+    if (!event_key(&k, collection, user, seq))
+        return bad_key(err);
+    return db_del(txn, DB_EVENTS, &k, NULL, err);
+}
+
+typedef struct events_scan {
+    size_t prefix_len;
+    store_event_fn fn;
+    void *ctx;
+} events_scan;
+
+static int events_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    events_scan *es = ctx;
+    if (k->mv_size != es->prefix_len + 8)
+        return corrupt(err, "event key");
+    uint64_t seq = 0;
+    const uint8_t *kb = (const uint8_t *)k->mv_data + es->prefix_len;
+    for (int i = 0; i < 8; i++)
+        seq = (seq << 8) | kb[i];
+    rd r = rd_of(v);
+    if (!r_version(&r))
+        return corrupt(err, "event");
+    uint8_t tlen = r_u8(&r);
+    uint16_t ilen = r_u16(&r), nctx = r_u16(&r);
+    r_u16(&r);
+    int64_t ts = r_i64(&r);
+    double value = r_f64(&r);
+    char type[STORE_MAX_TYPE_LEN + 1], item[AFF_MAX_ID_LEN + 1];
+    const uint8_t *tp = r_take(&r, tlen), *ip = r_take(&r, ilen);
+    if (!tp || !ip || tlen > STORE_MAX_TYPE_LEN || ilen > AFF_MAX_ID_LEN ||
+        nctx > STORE_MAX_CONTEXT)
+        return corrupt(err, "event");
+    memcpy(type, tp, tlen);
+    type[tlen] = '\0';
+    memcpy(item, ip, ilen);
+    item[ilen] = '\0';
+    char ctx_buf[STORE_MAX_CONTEXT][2][STORE_MAX_CONTEXT_LEN + 1];
+    store_kv kv[STORE_MAX_CONTEXT];
+    for (uint16_t i = 0; i < nctx; i++) {
+        r_str16(&r, ctx_buf[i][0], sizeof ctx_buf[i][0]);
+        r_str16(&r, ctx_buf[i][1], sizeof ctx_buf[i][1]);
+        kv[i] = (store_kv){ctx_buf[i][0], ctx_buf[i][1]};
+    }
+    if (r.bad)
+        return corrupt(err, "event");
+    store_event e = {.item_id = item,
+                     .type = type,
+                     .ts_ms = ts,
+                     .value = value,
+                     .context = kv,
+                     .n_context = nctx};
+    return es->fn(es->ctx, seq, &e);
+}
+
+int store_txn_scan_events(store_txn *txn, const char *collection, const char *user,
+                          store_event_fn fn, void *ctx, aff_err *err)
+{
+    key_buf prefix;
+    if (!user_key(&prefix, collection, user))
+        return bad_key(err);
+    events_scan es = {prefix.n, fn, ctx};
+    return scan_prefix(txn, DB_EVENTS, &prefix, NULL, events_visit, &es, err);
+}
+
+#define INTERACTION_SIZE 40
+
+static int decode_interaction(const MDB_val *v, store_interaction *out, aff_err *err)
+{
+    rd r = rd_of(v);
+    if (!r_version(&r))
+        return corrupt(err, "interaction");
+    r_take(&r, 7);
+    out->ref_ms = r_i64(&r);
+    out->weight = r_f64(&r);
+    out->last_ms = r_i64(&r);
+    out->count = r_u64(&r);
+    return r.bad ? corrupt(err, "interaction") : AFF_OK;
+}
+
+int store_txn_get_interaction(store_txn *txn, const char *collection, const char *user,
+                              const char *item, store_interaction *out, aff_err *err)
+{
+    key_buf k;
+    if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, item, AFF_MAX_ID_LEN, NULL, 0))
+        return bad_key(err);
+    MDB_val v;
+    int status = db_get(txn, DB_INTERACTIONS, &k, &v, err);
+    return status ? status : decode_interaction(&v, out, err);
+}
+
+int store_txn_put_interaction(store_txn *txn, const char *collection, const char *user,
+                              const char *item, const store_interaction *in, aff_err *err)
+{
+    key_buf k;
+    if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, item, AFF_MAX_ID_LEN, NULL, 0))
+        return bad_key(err);
+    uint8_t *dst;
+    int status = db_reserve(txn, DB_INTERACTIONS, &k, INTERACTION_SIZE, &dst, err);
+    if (status)
+        return status;
+    wr w = {dst};
+    w_u8(&w, STORE_VALUE_VERSION);
+    w_zero(&w, 7);
+    w_i64(&w, in->ref_ms);
+    w_f64(&w, in->weight);
+    w_i64(&w, in->last_ms);
+    w_u64(&w, in->count);
+    return AFF_OK;
+}
+
+/* Reads the trailing lp(item) of a key whose first `skip` bytes are a known prefix. */
+static bool key_tail_id(const MDB_val *k, size_t skip, char *out)
+{
+    if (k->mv_size < skip + 1)
+        return false;
+    const uint8_t *p = (const uint8_t *)k->mv_data + skip;
+    size_t len = p[0];
+    if (len == 0 || len > AFF_MAX_ID_LEN || k->mv_size != skip + 1 + len)
+        return false;
+    memcpy(out, p + 1, len);
+    out[len] = '\0';
+    return true;
+}
+
+typedef struct tail_scan {
+    size_t prefix_len;
+    store_interaction_fn ifn;
+    store_id_fn idfn;
+    store_popularity_fn pfn;
+    void *ctx;
+} tail_scan;
+
+static int interactions_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    tail_scan *ts = ctx;
+    char item[AFF_MAX_ID_LEN + 1];
+    store_interaction in;
+    if (!key_tail_id(k, ts->prefix_len, item))
+        return corrupt(err, "interaction key");
+    int status = decode_interaction(v, &in, err);
+    return status ? status : ts->ifn(ts->ctx, item, &in);
+}
+
+int store_txn_scan_interactions(store_txn *txn, const char *collection, const char *user,
+                                store_interaction_fn fn, void *ctx, aff_err *err)
+{
+    key_buf prefix;
+    if (!user_key(&prefix, collection, user))
+        return bad_key(err);
+    tail_scan ts = {.prefix_len = prefix.n, .ifn = fn, .ctx = ctx};
+    return scan_prefix(txn, DB_INTERACTIONS, &prefix, NULL, interactions_visit, &ts, err);
+}
+
+int store_txn_mark_type(store_txn *txn, const char *collection, const char *user,
+                        const char *type, const char *item, int64_t ts_ms, aff_err *err)
+{
+    key_buf k;
+    if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, type, STORE_MAX_TYPE_LEN, item,
+                  AFF_MAX_ID_LEN))
+        return bad_key(err);
+    uint8_t *dst;
+    int status = db_reserve(txn, DB_BY_TYPE, &k, 16, &dst, err);
+    if (status)
+        return status;
+    wr w = {dst};
+    w_u8(&w, STORE_VALUE_VERSION);
+    w_zero(&w, 7);
+    w_i64(&w, ts_ms);
+    return AFF_OK;
+}
+
+static int type_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    tail_scan *ts = ctx;
+    char item[AFF_MAX_ID_LEN + 1];
+    if (!key_tail_id(k, ts->prefix_len, item))
+        return corrupt(err, "by_type key");
+    return ts->idfn(ts->ctx, item);
+}
+
+int store_txn_scan_type(store_txn *txn, const char *collection, const char *user,
+                        const char *type, store_id_fn fn, void *ctx, aff_err *err)
+{
+    key_buf prefix;
+    if (!make_key(&prefix, collection, user, AFF_MAX_ID_LEN, type, STORE_MAX_TYPE_LEN, NULL, 0))
+        return bad_key(err);
+    tail_scan ts = {.prefix_len = prefix.n, .idfn = fn, .ctx = ctx};
+    return scan_prefix(txn, DB_BY_TYPE, &prefix, NULL, type_visit, &ts, err);
+}
+
+int store_txn_delete_user(store_txn *txn, const char *collection, const char *user,
+                          bool *existed, aff_err *err)
+{
+    key_buf k;
+    if (!user_key(&k, collection, user))
+        return bad_key(err);
+    bool had_profile = false;
+    uint64_t n = 0;
+    int status;
+    if ((status = db_del(txn, DB_PROFILES, &k, &had_profile, err)) ||
+        (status = del_prefix(txn, DB_EVENTS, &k, &n, err)) ||
+        (status = del_prefix(txn, DB_INTERACTIONS, &k, &n, err)) ||
+        (status = del_prefix(txn, DB_BY_TYPE, &k, &n, err)))
+        return status;
+    if (existed)
+        *existed = had_profile || n > 0;
+    return AFF_OK;
+}
+
+#define POPULARITY_SIZE 32
+
+static void encode_popularity(uint8_t *dst, const store_popularity *p)
+{
+    wr w = {dst};
+    w_u8(&w, STORE_VALUE_VERSION);
+    w_zero(&w, 7);
+    w_f64(&w, p->log_score);
+    w_u64(&w, p->count);
+    w_i64(&w, p->last_ms);
+}
+
+static int decode_popularity(const MDB_val *v, store_popularity *out, aff_err *err)
+{
+    rd r = rd_of(v);
+    if (!r_version(&r))
+        return corrupt(err, "popularity");
+    r_take(&r, 7);
+    out->log_score = r_f64(&r);
+    out->count = r_u64(&r);
+    out->last_ms = r_i64(&r);
+    return r.bad ? corrupt(err, "popularity") : AFF_OK;
+}
+
+int store_txn_get_popularity(store_txn *txn, const char *collection, const char *item,
+                             store_popularity *out, aff_err *err)
+{
+    key_buf k;
+    if (!make_key(&k, collection, item, AFF_MAX_ID_LEN, NULL, 0, NULL, 0))
+        return bad_key(err);
+    MDB_val v;
+    int status = db_get(txn, DB_POPULARITY, &k, &v, err);
+    return status ? status : decode_popularity(&v, out, err);
+}
+
+static bool rank_key(key_buf *k, const char *collection, const char *item, double log_score)
+{
+    if (!make_key(k, collection, NULL, 0, NULL, 0, NULL, 0))
+        return false;
+    kb_u64be(k, ord_double(-log_score));
+    return item && *item && kb_str(k, item, AFF_MAX_ID_LEN);
+}
+
+int store_txn_put_popularity(store_txn *txn, const char *collection, const char *item,
+                             const store_popularity *old, const store_popularity *p,
+                             aff_err *err)
+{
+    key_buf k, rk;
+    if (!make_key(&k, collection, item, AFF_MAX_ID_LEN, NULL, 0, NULL, 0) ||
+        !rank_key(&rk, collection, item, p->log_score))
+        return bad_key(err);
+    if (!isfinite(p->log_score))
+        return aff__fail(err, AFF_EINVAL, "store: popularity score is not finite");
+    int status;
+    if (old) {
+        key_buf ok;
+        rank_key(&ok, collection, item, old->log_score);
+        if ((status = db_del(txn, DB_POP_RANK, &ok, NULL, err)))
+            return status;
+    }
+    uint8_t *dst;
+    if ((status = db_reserve(txn, DB_POPULARITY, &k, POPULARITY_SIZE, &dst, err)))
+        return status;
+    encode_popularity(dst, p);
+    if ((status = db_reserve(txn, DB_POP_RANK, &rk, POPULARITY_SIZE, &dst, err)))
+        return status;
+    encode_popularity(dst, p);
+    return AFF_OK;
+}
+
+static int popular_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    tail_scan *ts = ctx;
+    char item[AFF_MAX_ID_LEN + 1];
+    store_popularity p;
+    if (!key_tail_id(k, ts->prefix_len + 8, item))
+        return corrupt(err, "pop_rank key");
+    int status = decode_popularity(v, &p, err);
+    return status ? status : ts->pfn(ts->ctx, item, &p);
+}
+
+int store_txn_scan_popular(store_txn *txn, const char *collection, store_popularity_fn fn,
+                           void *ctx, aff_err *err)
+{
+    key_buf prefix;
+    if (!make_key(&prefix, collection, NULL, 0, NULL, 0, NULL, 0))
+        return bad_key(err);
+    tail_scan ts = {.prefix_len = prefix.n, .pfn = fn, .ctx = ctx};
+    return scan_prefix(txn, DB_POP_RANK, &prefix, NULL, popular_visit, &ts, err);
+}

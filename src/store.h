@@ -1,0 +1,295 @@
+/*
+ * store.h: durable storage of everything the server is told, in LMDB under --data-dir.
+ *
+ * The store holds collections (their specs), items (vector and attributes), and for the
+ * profiles module: user profiles, a bounded history of recent events per user, per-user
+ * interaction aggregates, a per-user index of item ids by event type, and per-collection
+ * popularity counters with a ranking index. It owns every key and value encoding (see
+ * store.c's header comment); profiles.c owns the arithmetic and calls the txn accessors.
+ *
+ * Durability: a function that writes returns 0 only after its LMDB transaction committed
+ * with fsync (unless the store was opened with no_sync or in memory). A failed write changes
+ * nothing: LMDB's copy-on-write B-tree never exposes a half-written transaction, and a failed
+ * commit (disk full, I/O error) leaves the previous state intact and returns AFF_EIO.
+ * Batched writers (store_put_items, a store_update doing many puts) commit once per call:
+ * that is the group commit.
+ *
+ * Map size: the memory map grows by doubling whenever a write transaction runs out of room;
+ * callers never see "map full". Growing needs every transaction of this process closed, so
+ * every transaction holds a process-wide read/write lock shared and growth takes it
+ * exclusively.
+ *
+ * In-memory mode (dir == NULL): the same LMDB code on a private temporary directory under
+ * $TMPDIR (or /tmp) whose files are unlinked right after opening, so nothing is left behind
+ * even on a crash; commits skip fsync. One code path for both modes keeps the in-memory
+ * server's behaviour identical to the persistent one's, minus durability.
+ *
+ * Threading: every function may be called from any thread. Reads run concurrently with each
+ * other and with one writer (LMDB MVCC: a read sees the last commit before it began); writers
+ * are serialized by LMDB. A store_update/store_view callback must not call any store
+ * function other than the store_txn_* accessors on its own txn (it would deadlock against a
+ * pending map growth). One process per data dir: a second store_create on the same dir fails
+ * with AFF_EUNAVAILABLE while the first is open.
+ */
+#ifndef AFFINITY_STORE_H
+#define AFFINITY_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "status.h"
+
+typedef struct aff_store aff_store;
+typedef struct store_txn store_txn;
+
+typedef struct store_config {
+    const char *dir;           /* created if missing (one level); NULL: in-memory mode */
+    uint64_t initial_map_size; /* bytes; 0 = 256 MiB. Only a lower bound: it grows as needed */
+    uint32_t max_readers;      /* concurrent read transactions; 0 = 1024 */
+    bool no_sync;              /* skip fsync on commit: not durable (benchmarks, tests) */
+} store_config;
+
+/* Opens (creating if needed) the store in cfg->dir. AFF_EIO with the OS reason when the
+ * directory cannot be used; AFF_EUNAVAILABLE when another store has it open; AFF_EINTERNAL
+ * when it holds a store of an unknown format version. */
+int store_create(aff_store **out, const store_config *cfg, aff_err *err);
+/* Closes the store. No call may be running on it. NULL is a no-op. */
+void store_destroy(aff_store *s);
+/* False in in-memory mode. */
+bool store_persistent(const aff_store *s);
+
+typedef struct store_stats {
+    uint64_t map_size;   /* current map size in bytes */
+    uint64_t used_bytes; /* pages in use in the map */
+    uint64_t commits;    /* write transactions committed since open */
+    uint64_t map_grows;  /* times the map was grown since open */
+} store_stats;
+void store_get_stats(aff_store *s, store_stats *out);
+
+/* ---- transactions ---------------------------------------------------------------------- */
+
+/* A callback run inside a transaction. Returns 0 to commit (store_update) or a negative
+ * aff_status to abort; the store passes that code back to the caller. */
+typedef int (*store_txn_fn)(store_txn *txn, void *ctx, aff_err *err);
+
+/* Runs fn in one write transaction and commits it durably. fn may run more than once: when
+ * the map fills, the transaction is aborted, the map grown and fn run again from the start,
+ * so fn must reset any output it writes into ctx and have no other side effects. */
+int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);
+/* Runs fn in one read transaction (a consistent snapshot). */
+int store_view(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);
+/* The txn's store, e.g. to read its configuration. */
+aff_store *store_txn_store(store_txn *txn);
+
+/* Scan callbacks return 0 to go on, a positive value to stop early (the scan returns 0), or a
+ * negative aff_status to stop with that error. Pointers they receive are valid only during
+ * the call. */
+
+/* ---- collections ----------------------------------------------------------------------- */
+
+typedef struct store_collection {
+    char name[AFF_MAX_NAME_LEN + 1];
+    uint32_t dim;
+    aff_metric metric;
+    backend_index_kind index;
+    uint32_t hnsw_m, hnsw_ef_search;
+    /* Bumped by every delete of an item and every re-upsert that changes an item's vector:
+     * profiles computed at an older generation are recomputed on next use. Store-owned:
+     * ignored by store_put_collection. */
+    uint64_t generation;
+} store_collection;
+
+/* Records a new collection. AFF_EEXIST when one of that name exists. The caller (the engine
+ * wiring) has validated the spec. */
+int store_put_collection(aff_store *s, const store_collection *c, aff_err *err);
+/* Erases a collection with its items, profiles, events and popularity. *existed may be NULL.
+ * One transaction: a large collection makes a large one. */
+int store_drop_collection(aff_store *s, const char *name, bool *existed, aff_err *err);
+/* *out: malloc'ed array of *n collections sorted by name; the caller frees it. */
+int store_list_collections(aff_store *s, store_collection **out, size_t *n, aff_err *err);
+/* AFF_ENOTFOUND when there is no such collection. */
+int store_txn_get_collection(store_txn *txn, const char *name, store_collection *out,
+                             aff_err *err);
+
+/* ---- items ----------------------------------------------------------------------------- */
+
+/* One item to write. Fields as in the engine's aff_item; all borrowed. */
+typedef struct store_item {
+    const char *id;          /* 1..AFF_MAX_ID_LEN bytes */
+    const float *vector;     /* dim floats, stored as given (not normalized) */
+    uint32_t dim;            /* must equal the collection's dimension */
+    const char *category;    /* NULL or "" = none */
+    const char *const *tags; /* n_tags strings */
+    uint32_t n_tags;         /* ≤ AFF_MAX_TAGS_PER_ITEM */
+    float price;
+    bool available;
+} store_item;
+
+/* A copy of one stored item's attributes (the vector goes to a separate buffer). */
+typedef struct store_item_record {
+    char id[AFF_MAX_ID_LEN + 1];
+    char category[AFF_MAX_ATTR_LEN + 1];
+    char tags[AFF_MAX_TAGS_PER_ITEM][AFF_MAX_ATTR_LEN + 1];
+    uint32_t n_tags;
+    float price;
+    bool available;
+} store_item_record;
+
+/* Inserts or replaces n items of an existing collection in one durable transaction (a later
+ * duplicate id wins). Checks ids, dims, finiteness and attribute lengths of all items before
+ * writing any: AFF_EINVAL names the first bad one; AFF_ENOTFOUND for an unknown collection. */
+int store_put_items(aff_store *s, const char *collection, const store_item *items, size_t n,
+                    aff_err *err);
+/* Deletes the ids that exist (and their popularity counters) in one durable transaction and
+ * bumps the collection's generation when any existed. *n_deleted may be NULL. */
+int store_delete_items(aff_store *s, const char *collection, const char *const *ids, size_t n,
+                       size_t *n_deleted, aff_err *err);
+/* Copies one item: attributes into *out (may be NULL), its dim floats into vector (may be
+ * NULL). AFF_ENOTFOUND when the item (or collection) is unknown. */
+int store_get_item(aff_store *s, const char *collection, const char *id, store_item_record *out,
+                   float *vector, aff_err *err);
+int store_txn_get_item(store_txn *txn, const char *collection, const char *id,
+                       store_item_record *out, float *vector, aff_err *err);
+
+/* ---- start-up rebuild ------------------------------------------------------------------ */
+
+typedef struct store_rebuild_progress {
+    uint64_t collections;    /* collections announced so far */
+    uint64_t items;          /* items delivered so far */
+    uint64_t items_total;    /* items in the store when the rebuild began */
+    double elapsed_s;
+} store_rebuild_progress;
+
+/* What store_rebuild calls. Each callback runs outside any transaction (it may call anything,
+ * including store functions) and returns 0 or a negative aff_status that stops the rebuild. */
+typedef struct store_rebuild_ops {
+    /* Once per collection, before its items. */
+    int (*collection)(void *ctx, const store_collection *c, aff_err *err);
+    /* Items of collection c in batches of at most batch_size, in id order. Vectors are
+     * n × c->dim floats, row-major; all pointers are valid only during the call. */
+    int (*items)(void *ctx, const store_collection *c, const store_item *items, size_t n,
+                 aff_err *err);
+    /* After every batch (may be NULL). */
+    void (*progress)(void *ctx, const store_rebuild_progress *p);
+    void *ctx;
+    size_t batch_size; /* 0 = 4096 */
+} store_rebuild_ops;
+
+/* Delivers every collection and then its items, one read transaction per batch (writers are
+ * not blocked for long; items written during the rebuild may or may not be delivered, so run
+ * it before accepting writes). Logs a progress line every 5 s and a final line with counts
+ * and duration. *out (may be NULL) receives the final counts. */
+int store_rebuild(aff_store *s, const store_rebuild_ops *ops, store_rebuild_progress *out,
+                  aff_err *err);
+
+/* ---- profiles' records ------------------------------------------------------------------ */
+
+#define STORE_MAX_TYPE_LEN 31    /* an event type name: "view", "purchase", custom ... */
+#define STORE_MAX_EVENT_TYPES 32 /* distinct event types counted per profile */
+#define STORE_MAX_CONTEXT 16     /* context entries per event */
+#define STORE_MAX_CONTEXT_LEN 256 /* bytes in a context key or value */
+
+typedef struct store_type_count {
+    char type[STORE_MAX_TYPE_LEN + 1];
+    uint64_t count;
+} store_type_count;
+
+/* A user's profile in one collection. sum (dim floats) travels separately. */
+typedef struct store_profile {
+    uint32_t dim;
+    uint64_t generation;   /* the collection generation sum was computed at */
+    int64_t ref_ms;        /* the time sum and weight are decayed to */
+    int64_t last_event_ms; /* latest event timestamp */
+    uint64_t next_seq;     /* sequence number of the next event in the history */
+    uint32_t n_history;    /* events held: sequence numbers next_seq - n_history .. - 1 */
+    double weight;         /* decayed total weight at ref_ms */
+    uint32_t n_counts;
+    store_type_count counts[STORE_MAX_EVENT_TYPES];
+} store_profile;
+
+typedef struct store_kv {
+    const char *key;
+    const char *value;
+} store_kv;
+
+/* One event of a user's history. */
+typedef struct store_event {
+    const char *item_id;
+    const char *type;
+    int64_t ts_ms;
+    double value;
+    const store_kv *context;
+    uint32_t n_context;
+} store_event;
+
+/* What one user did with one item, aggregated over all time. */
+typedef struct store_interaction {
+    int64_t ref_ms;  /* the time weight is decayed to (the latest event's time) */
+    double weight;   /* decayed, type-weighted sum of this item's events at ref_ms */
+    int64_t last_ms; /* latest event time */
+    uint64_t count;  /* events */
+} store_interaction;
+
+/* A collection's popularity counter for one item. The decayed score at time T (ms) with
+ * half-life H (ms) is 2^(log_score - T/H); log_score does not change with time, so it also
+ * orders the ranking index. */
+typedef struct store_popularity {
+    double log_score;
+    uint64_t count;
+    int64_t last_ms;
+} store_popularity;
+
+/* AFF_ENOTFOUND when the user has no profile in the collection. sum may be NULL. */
+int store_txn_get_profile(store_txn *txn, const char *collection, const char *user,
+                          store_profile *out, float *sum, aff_err *err);
+int store_txn_put_profile(store_txn *txn, const char *collection, const char *user,
+                          const store_profile *p, const float *sum, aff_err *err);
+
+int store_txn_put_event(store_txn *txn, const char *collection, const char *user, uint64_t seq,
+                        const store_event *e, aff_err *err);
+int store_txn_delete_event(store_txn *txn, const char *collection, const char *user,
+                           uint64_t seq, aff_err *err);
+typedef int (*store_event_fn)(void *ctx, uint64_t seq, const store_event *e);
+/* The user's history, oldest first. */
+int store_txn_scan_events(store_txn *txn, const char *collection, const char *user,
+                          store_event_fn fn, void *ctx, aff_err *err);
+
+/* AFF_ENOTFOUND when the user never interacted with the item. */
+int store_txn_get_interaction(store_txn *txn, const char *collection, const char *user,
+                              const char *item, store_interaction *out, aff_err *err);
+int store_txn_put_interaction(store_txn *txn, const char *collection, const char *user,
+                              const char *item, const store_interaction *in, aff_err *err);
+typedef int (*store_interaction_fn)(void *ctx, const char *item, const store_interaction *in);
+/* Every item the user interacted with, in item id order. */
+int store_txn_scan_interactions(store_txn *txn, const char *collection, const char *user,
+                                store_interaction_fn fn, void *ctx, aff_err *err);
+
+/* Records that the user had an event of `type` with `item` at ts_ms (the latest one wins). */
+int store_txn_mark_type(store_txn *txn, const char *collection, const char *user,
+                        const char *type, const char *item, int64_t ts_ms, aff_err *err);
+typedef int (*store_id_fn)(void *ctx, const char *id);
+/* Every item the user had an event of `type` with, in id order; cost O(those items). */
+int store_txn_scan_type(store_txn *txn, const char *collection, const char *user,
+                        const char *type, store_id_fn fn, void *ctx, aff_err *err);
+
+/* Erases the user's profile, history, interactions and type index in the collection.
+ * *existed (may be NULL) tells whether there was a profile. */
+int store_txn_delete_user(store_txn *txn, const char *collection, const char *user,
+                          bool *existed, aff_err *err);
+
+/* AFF_ENOTFOUND when the item has no counter. */
+int store_txn_get_popularity(store_txn *txn, const char *collection, const char *item,
+                             store_popularity *out, aff_err *err);
+/* Writes the counter and moves the item in the ranking index. old is the counter as read
+ * (NULL when there was none). */
+int store_txn_put_popularity(store_txn *txn, const char *collection, const char *item,
+                             const store_popularity *old, const store_popularity *p,
+                             aff_err *err);
+typedef int (*store_popularity_fn)(void *ctx, const char *item, const store_popularity *p);
+/* Counters by log_score descending (ties by item id). */
+int store_txn_scan_popular(store_txn *txn, const char *collection, store_popularity_fn fn,
+                           void *ctx, aff_err *err);
+
+#endif
