@@ -1,0 +1,1615 @@
+/*
+ * cli.c: the `affinity` command-line client.
+ *
+ *   affinity [--addr HOST:PORT] [--token-file F] [--tls-ca F] [--timeout-ms MS] [--json]
+ *            <command> [arguments]
+ *
+ * Each command is one function that builds a request, calls the server through
+ * transport_client.h and prints the answer: aligned text for people, or one JSON object on
+ * stdout with --json (errors too: {"error": {...}}). Exit status: 0 success, 1 the server or
+ * the connection reported an error (or health is not SERVING), 2 bad usage or input file.
+ *
+ * This is a client program, like the tools in bench/: it builds the generated protobuf-c
+ * messages that transport_client.h carries; the server's own modules still see only plain C
+ * structs (only transport*.c include generated headers there). Vector and attribute files are
+ * read by vecfile.c and attrfile.c.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "affinity/affinity.h"
+#include "affinity/v1/affinity.pb-c.h"
+#include "attrfile.h"
+#include "grpc/health/v1/health.pb-c.h"
+#include "transport_client.h"
+#include "vecfile.h"
+
+#define EXIT_RPC   1
+#define EXIT_USAGE 2
+
+typedef struct cli {
+    transport_client_options opts;
+    transport_client *client;
+    bool json;
+    char *token;
+} cli;
+
+static const char *const grpc_code_names[17] = {
+    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+    "DATA_LOSS", "UNAUTHENTICATED"};
+
+static const char *code_name(int code)
+{
+    return code >= 0 && code < 17 ? grpc_code_names[code] : "UNKNOWN";
+}
+
+/* ---- output helpers ---------------------------------------------------------------------- */
+
+static void jstr(const char *s)
+{
+    putchar('"');
+    for (; s && *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            printf("\\%c", ch);
+        else if (ch == '\n')
+            printf("\\n");
+        else if (ch < 0x20)
+            printf("\\u%04x", ch);
+        else
+            putchar(ch);
+    }
+    putchar('"');
+}
+
+/* A float as JSON: finite values with full precision, others as null. */
+static void jfloat(double v)
+{
+    if (isfinite(v))
+        printf("%.9g", v);
+    else
+        printf("null");
+}
+
+static int usage_error(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "affinity: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\n(see affinity --help)\n");
+    return EXIT_USAGE;
+}
+
+/* Reports a failed call (to stdout as JSON with --json, else to stderr). */
+static int report_rpc_error(const cli *c, const char *what, int rc, const transport_call_status *st)
+{
+    int code = st ? st->code : 2;
+    const char *msg = st && st->message[0] ? st->message : aff_strerror(rc);
+    if (c->json) {
+        printf("{\"error\": {\"code\": %d, \"name\": \"%s\", \"message\": ", code, code_name(code));
+        jstr(msg);
+        printf(", \"call\": ");
+        jstr(what);
+        printf("}}\n");
+    }
+    fprintf(stderr, "affinity: %s failed: %s: %s\n", what, code_name(code), msg);
+    return EXIT_RPC;
+}
+
+static int connect_client(cli *c)
+{
+    if (c->client) return 0;
+    aff_err err = {0};
+    if (transport_client_create(&c->client, &c->opts, &err) != 0) {
+        fprintf(stderr, "affinity: %s\n", err.msg);
+        return EXIT_USAGE;
+    }
+    return 0;
+}
+
+/* One unary call; on failure the error is reported and EXIT_RPC returned. */
+static int call(cli *c, const char *method, const char *what, const ProtobufCMessage *req,
+                const ProtobufCMessageDescriptor *desc, ProtobufCMessage **resp)
+{
+    int rc = connect_client(c);
+    if (rc) return rc;
+    transport_call_status st = {0};
+    rc = transport_client_unary(c->client, method, req, desc, 0, resp, &st);
+    if (rc != 0) return report_rpc_error(c, what, rc, &st);
+    return 0;
+}
+
+/* ---- argument helpers ---------------------------------------------------------------------- */
+
+static int parse_u32(const char *s, uint32_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || *end || end == s || v > UINT32_MAX) return -1;
+    *out = (uint32_t)v;
+    return 0;
+}
+
+static int parse_float(const char *s, float *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s || !isfinite(v)) return -1;
+    *out = (float)v;
+    return 0;
+}
+
+/* Parses "0.1,0.2,..." (spaces allowed) into a malloc'ed array. */
+static int parse_vector(const char *s, float **out, size_t *n)
+{
+    size_t cap = 16, len = 0;
+    float *v = malloc(cap * sizeof(float));
+    if (!v) return -1;
+    const char *p = s;
+    while (*p) {
+        while (*p == ' ' || *p == ',' || *p == '[' || *p == ']')
+            p++;
+        if (!*p) break;
+        char *end;
+        double d = strtod(p, &end);
+        if (end == p) {
+            free(v);
+            return -1;
+        }
+        if (len == cap) {
+            cap *= 2;
+            float *nv = realloc(v, cap * sizeof(float));
+            if (!nv) {
+                free(v);
+                return -1;
+            }
+            v = nv;
+        }
+        v[len++] = (float)d;
+        p = end;
+    }
+    if (len == 0) {
+        free(v);
+        return -1;
+    }
+    *out = v;
+    *n = len;
+    return 0;
+}
+
+typedef struct str_list {
+    char **v;
+    size_t n;
+} str_list;
+
+static int str_list_add(str_list *l, char *s)
+{
+    char **nv = realloc(l->v, (l->n + 1) * sizeof(char *));
+    if (!nv) return -1;
+    l->v = nv;
+    l->v[l->n++] = s;
+    return 0;
+}
+
+/* Filter flags shared by the serving commands. */
+typedef struct filter_args {
+    str_list categories, tags, excludes;
+    Affinity__V1__FloatValue price_min, price_max;
+    bool has_min, has_max, available_only;
+    Affinity__V1__Filter msg;
+} filter_args;
+
+enum {
+    OPT_CATEGORY = 1000,
+    OPT_TAG,
+    OPT_PRICE_MIN,
+    OPT_PRICE_MAX,
+    OPT_AVAILABLE_ONLY,
+    OPT_EXCLUDE,
+};
+
+#define FILTER_OPTIONS                                                                             \
+    {"category", 1, 0, OPT_CATEGORY}, {"tag", 1, 0, OPT_TAG}, {"price-min", 1, 0, OPT_PRICE_MIN},  \
+        {"price-max", 1, 0, OPT_PRICE_MAX}, {"available-only", 0, 0, OPT_AVAILABLE_ONLY},          \
+    {                                                                                              \
+        "exclude", 1, 0, OPT_EXCLUDE                                                               \
+    }
+
+/* Handles a filter option; returns 1 if opt was one, 0 if not, -1 on a bad value. */
+static int filter_option(filter_args *f, int opt, char *arg)
+{
+    switch (opt) {
+    case OPT_CATEGORY:
+        return str_list_add(&f->categories, arg) ? -1 : 1;
+    case OPT_TAG:
+        return str_list_add(&f->tags, arg) ? -1 : 1;
+    case OPT_EXCLUDE:
+        return str_list_add(&f->excludes, arg) ? -1 : 1;
+    case OPT_PRICE_MIN:
+        f->has_min = true;
+        return parse_float(arg, &f->price_min.value) ? -1 : 1;
+    case OPT_PRICE_MAX:
+        f->has_max = true;
+        return parse_float(arg, &f->price_max.value) ? -1 : 1;
+    case OPT_AVAILABLE_ONLY:
+        f->available_only = true;
+        return 1;
+    }
+    return 0;
+}
+
+/* The filter message, or NULL when no filter flag was given. */
+static Affinity__V1__Filter *filter_msg(filter_args *f)
+{
+    if (!f->categories.n && !f->tags.n && !f->excludes.n && !f->has_min && !f->has_max &&
+        !f->available_only)
+        return NULL;
+    Affinity__V1__Filter init = AFFINITY__V1__FILTER__INIT;
+    Affinity__V1__FloatValue fv = AFFINITY__V1__FLOAT_VALUE__INIT;
+    float lo = f->price_min.value, hi = f->price_max.value;
+    f->msg = init;
+    f->price_min = fv;
+    f->price_max = fv;
+    f->price_min.value = lo;
+    f->price_max.value = hi;
+    f->msg.n_categories = f->categories.n;
+    f->msg.categories = f->categories.v;
+    f->msg.n_tags = f->tags.n;
+    f->msg.tags = f->tags.v;
+    f->msg.n_exclude_ids = f->excludes.n;
+    f->msg.exclude_ids = f->excludes.v;
+    f->msg.price_min = f->has_min ? &f->price_min : NULL;
+    f->msg.price_max = f->has_max ? &f->price_max : NULL;
+    f->msg.available_only = f->available_only;
+    return &f->msg;
+}
+
+static void filter_free(filter_args *f)
+{
+    free(f->categories.v);
+    free(f->tags.v);
+    free(f->excludes.v);
+}
+
+static void print_hits(cli *c, Affinity__V1__Hit **hits, size_t n)
+{
+    if (c->json) {
+        printf("[");
+        for (size_t i = 0; i < n; i++) {
+            printf("%s{\"id\": ", i ? ", " : "");
+            jstr(hits[i]->id);
+            printf(", \"score\": ");
+            jfloat(hits[i]->score);
+            printf("}");
+        }
+        printf("]");
+        return;
+    }
+    if (n == 0) printf("  (no results)\n");
+    for (size_t i = 0; i < n; i++)
+        printf("  %3zu  %-32s %10.6f\n", i + 1, hits[i]->id, (double)hits[i]->score);
+}
+
+static void print_results(cli *c, Affinity__V1__QueryResult **res, size_t n,
+                          const char *const *labels)
+{
+    if (c->json) {
+        printf("{\"results\": [");
+        for (size_t i = 0; i < n; i++) {
+            printf("%s{", i ? ", " : "");
+            if (labels) {
+                printf("\"query\": ");
+                jstr(labels[i]);
+                printf(", ");
+            }
+            printf("\"hits\": ");
+            print_hits(c, res[i]->hits, res[i]->n_hits);
+            printf("}");
+        }
+        printf("]}\n");
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (labels)
+            printf("item %s:\n", labels[i]);
+        else if (n > 1)
+            printf("query %zu:\n", i);
+        print_hits(c, res[i]->hits, res[i]->n_hits);
+    }
+}
+
+static const char *metric_name(Affinity__V1__Metric m)
+{
+    switch (m) {
+    case AFFINITY__V1__METRIC__METRIC_INNER_PRODUCT:
+        return "ip";
+    case AFFINITY__V1__METRIC__METRIC_L2:
+        return "l2";
+    default:
+        return "cosine";
+    }
+}
+
+static const char *index_name(Affinity__V1__IndexKind k)
+{
+    return k == AFFINITY__V1__INDEX_KIND__INDEX_KIND_HNSW ? "hnsw" : "flat";
+}
+
+static const char *source_name(Affinity__V1__RecommendSource s)
+{
+    switch (s) {
+    case AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_VECTOR:
+        return "vector";
+    case AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_PROFILE:
+        return "profile";
+    case AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_POPULARITY:
+        return "popularity";
+    default:
+        return "unspecified";
+    }
+}
+
+static void print_collection(cli *c, const Affinity__V1__CollectionInfo *ci, bool json_alone)
+{
+    if (c->json) {
+        printf("{\"name\": ");
+        jstr(ci->name);
+        printf(", \"dimension\": %u, \"metric\": \"%s\", \"index\": \"%s\", \"item_count\": %llu, "
+               "\"memory_bytes\": %llu, \"backend\": ",
+               ci->dimension, metric_name(ci->metric), index_name(ci->index),
+               (unsigned long long)ci->item_count, (unsigned long long)ci->memory_bytes);
+        jstr(ci->backend);
+        printf(", \"device\": ");
+        jstr(ci->device);
+        if (ci->index == AFFINITY__V1__INDEX_KIND__INDEX_KIND_HNSW)
+            printf(", \"hnsw_m\": %u, \"hnsw_ef_search\": %u", ci->hnsw_m, ci->hnsw_ef_search);
+        printf("}%s", json_alone ? "\n" : "");
+        return;
+    }
+    printf("%-24s dim %-5u %-7s %-5s %10llu items %9.1f MiB  %s %s\n", ci->name, ci->dimension,
+           metric_name(ci->metric), index_name(ci->index), (unsigned long long)ci->item_count,
+           (double)ci->memory_bytes / (1024.0 * 1024.0), ci->backend, ci->device);
+}
+
+static int parse_metric(const char *s, Affinity__V1__Metric *m)
+{
+    if (strcasecmp(s, "cosine") == 0)
+        *m = AFFINITY__V1__METRIC__METRIC_COSINE;
+    else if (strcasecmp(s, "ip") == 0 || strcasecmp(s, "inner_product") == 0 ||
+             strcasecmp(s, "dot") == 0)
+        *m = AFFINITY__V1__METRIC__METRIC_INNER_PRODUCT;
+    else if (strcasecmp(s, "l2") == 0)
+        *m = AFFINITY__V1__METRIC__METRIC_L2;
+    else
+        return -1;
+    return 0;
+}
+
+/* ---- collections --------------------------------------------------------------------------- */
+
+static int cmd_collections(cli *c, int argc, char **argv)
+{
+    const char *sub = argc > 1 ? argv[1] : "list";
+    ProtobufCMessage *resp = NULL;
+    int rc;
+    if (strcmp(sub, "list") == 0) {
+        Affinity__V1__ListCollectionsRequest req = AFFINITY__V1__LIST_COLLECTIONS_REQUEST__INIT;
+        if ((rc = call(c, TRANSPORT_METHOD_LIST_COLLECTIONS, "ListCollections", &req.base,
+                       &affinity__v1__list_collections_response__descriptor, &resp)))
+            return rc;
+        Affinity__V1__ListCollectionsResponse *r = (Affinity__V1__ListCollectionsResponse *)resp;
+        if (c->json) printf("{\"collections\": [");
+        for (size_t i = 0; i < r->n_collections; i++) {
+            if (c->json && i) printf(", ");
+            print_collection(c, r->collections[i], false);
+        }
+        if (c->json)
+            printf("]}\n");
+        else if (r->n_collections == 0)
+            printf("(no collections)\n");
+        transport_client_free(resp);
+        return 0;
+    }
+    if (strcmp(sub, "describe") == 0 || strcmp(sub, "drop") == 0) {
+        if (argc != 3) return usage_error("usage: affinity collections %s NAME", sub);
+        if (sub[0] == 'd' && sub[1] == 'e') {
+            Affinity__V1__DescribeCollectionRequest req =
+                AFFINITY__V1__DESCRIBE_COLLECTION_REQUEST__INIT;
+            req.name = argv[2];
+            if ((rc = call(c, TRANSPORT_METHOD_DESCRIBE_COLLECTION, "DescribeCollection", &req.base,
+                           &affinity__v1__collection_info__descriptor, &resp)))
+                return rc;
+            print_collection(c, (Affinity__V1__CollectionInfo *)resp, true);
+        } else {
+            Affinity__V1__DropCollectionRequest req = AFFINITY__V1__DROP_COLLECTION_REQUEST__INIT;
+            req.name = argv[2];
+            if ((rc = call(c, TRANSPORT_METHOD_DROP_COLLECTION, "DropCollection", &req.base,
+                           &affinity__v1__drop_collection_response__descriptor, &resp)))
+                return rc;
+            if (c->json) {
+                printf("{\"dropped\": ");
+                jstr(argv[2]);
+                printf("}\n");
+            } else {
+                printf("dropped %s\n", argv[2]);
+            }
+        }
+        transport_client_free(resp);
+        return 0;
+    }
+    if (strcmp(sub, "create") == 0) {
+        static const struct option opts[] = {{"dim", 1, 0, 'd'},     {"metric", 1, 0, 'm'},
+                                             {"index", 1, 0, 'i'},   {"hnsw-m", 1, 0, 'M'},
+                                             {"hnsw-ef", 1, 0, 'e'}, {0, 0, 0, 0}};
+        Affinity__V1__CreateCollectionRequest req = AFFINITY__V1__CREATE_COLLECTION_REQUEST__INIT;
+        req.metric = AFFINITY__V1__METRIC__METRIC_COSINE;
+        int opt;
+        argc--;
+        argv++; /* getopt sees "create NAME ..." */
+        optind = 0;
+        while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+            switch (opt) {
+            case 'd':
+                if (parse_u32(optarg, &req.dimension)) return usage_error("bad --dim '%s'", optarg);
+                break;
+            case 'm':
+                if (parse_metric(optarg, &req.metric))
+                    return usage_error("bad --metric '%s'; use cosine, ip or l2", optarg);
+                break;
+            case 'i':
+                if (strcmp(optarg, "flat") == 0)
+                    req.index = AFFINITY__V1__INDEX_KIND__INDEX_KIND_FLAT;
+                else if (strcmp(optarg, "hnsw") == 0)
+                    req.index = AFFINITY__V1__INDEX_KIND__INDEX_KIND_HNSW;
+                else
+                    return usage_error("bad --index '%s'; use flat or hnsw", optarg);
+                break;
+            case 'M':
+                if (parse_u32(optarg, &req.hnsw_m)) return usage_error("bad --hnsw-m '%s'", optarg);
+                break;
+            case 'e':
+                if (parse_u32(optarg, &req.hnsw_ef_search))
+                    return usage_error("bad --hnsw-ef '%s'", optarg);
+                break;
+            default:
+                return EXIT_USAGE;
+            }
+        }
+        if (optind != argc - 1 || req.dimension == 0)
+            return usage_error("usage: affinity collections create NAME --dim D [--metric "
+                               "cosine|ip|l2] [--index flat|hnsw] [--hnsw-m M] [--hnsw-ef E]%s",
+                               "");
+        req.name = argv[optind];
+        if ((rc = call(c, TRANSPORT_METHOD_CREATE_COLLECTION, "CreateCollection", &req.base,
+                       &affinity__v1__create_collection_response__descriptor, &resp)))
+            return rc;
+        Affinity__V1__CreateCollectionResponse *r = (Affinity__V1__CreateCollectionResponse *)resp;
+        if (r->collection) {
+            if (!c->json) printf("created ");
+            print_collection(c, r->collection, true);
+        } else if (c->json) {
+            printf("{\"name\": ");
+            jstr(req.name);
+            printf("}\n");
+        } else {
+            printf("created %s\n", req.name);
+        }
+        transport_client_free(resp);
+        return 0;
+    }
+    return usage_error("unknown subcommand 'collections %s'; use list, create, drop, describe",
+                       sub);
+}
+
+/* ---- load ---------------------------------------------------------------------------------- */
+
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void progress(uint64_t done, uint64_t total, double secs, bool final)
+{
+    int width = 30;
+    double frac = total ? (double)done / (double)total : 1.0;
+    int fill = (int)(frac * width);
+    fprintf(stderr, "\r[");
+    for (int i = 0; i < width; i++)
+        fputc(i < fill ? '#' : ' ', stderr);
+    fprintf(stderr, "] %llu/%llu %3.0f%%  %.0f items/s", (unsigned long long)done,
+            (unsigned long long)total, frac * 100, secs > 0 ? (double)done / secs : 0.0);
+    if (final) fputc('\n', stderr);
+    fflush(stderr);
+}
+
+/* Creates the collection when it does not exist (with --create). */
+static int ensure_collection(cli *c, const char *name, uint32_t dim, Affinity__V1__Metric metric)
+{
+    int rc = connect_client(c);
+    if (rc) return rc;
+    Affinity__V1__DescribeCollectionRequest dreq = AFFINITY__V1__DESCRIBE_COLLECTION_REQUEST__INIT;
+    dreq.name = (char *)name;
+    ProtobufCMessage *resp = NULL;
+    transport_call_status st = {0};
+    rc = transport_client_unary(c->client, TRANSPORT_METHOD_DESCRIBE_COLLECTION, &dreq.base,
+                                &affinity__v1__collection_info__descriptor, 0, &resp, &st);
+    if (rc == 0) {
+        transport_client_free(resp);
+        return 0;
+    }
+    if (st.code != 5) return report_rpc_error(c, "DescribeCollection", rc, &st);
+    Affinity__V1__CreateCollectionRequest req = AFFINITY__V1__CREATE_COLLECTION_REQUEST__INIT;
+    req.name = (char *)name;
+    req.dimension = dim;
+    req.metric = metric;
+    if ((rc = call(c, TRANSPORT_METHOD_CREATE_COLLECTION, "CreateCollection", &req.base,
+                   &affinity__v1__create_collection_response__descriptor, &resp)))
+        return rc;
+    transport_client_free(resp);
+    if (!c->json)
+        fprintf(stderr, "created collection %s (dim %u, %s)\n", name, dim, metric_name(metric));
+    return 0;
+}
+
+static int cmd_load(cli *c, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"vectors", 1, 0, 'v'},  {"attrs", 1, 0, 'a'},       {"batch", 1, 0, 'b'},
+        {"create", 0, 0, 'c'},   {"metric", 1, 0, 'm'},      {"id-prefix", 1, 0, 'p'},
+        {"progress", 0, 0, 'P'}, {"no-progress", 0, 0, 'N'}, {0, 0, 0, 0}};
+    const char *vec_path = NULL, *attr_path = NULL, *id_prefix = NULL;
+    uint32_t batch = 500;
+    bool create = false;
+    int show_progress = -1;
+    Affinity__V1__Metric metric = AFFINITY__V1__METRIC__METRIC_COSINE;
+    int opt;
+    optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (opt) {
+        case 'v':
+            vec_path = optarg;
+            break;
+        case 'a':
+            attr_path = optarg;
+            break;
+        case 'b':
+            if (parse_u32(optarg, &batch) || batch == 0 || batch > 100000)
+                return usage_error("bad --batch '%s'; 1..100000", optarg);
+            break;
+        case 'c':
+            create = true;
+            break;
+        case 'm':
+            if (parse_metric(optarg, &metric))
+                return usage_error("bad --metric '%s'; use cosine, ip or l2", optarg);
+            break;
+        case 'p':
+            id_prefix = optarg;
+            break;
+        case 'P':
+            show_progress = 1;
+            break;
+        case 'N':
+            show_progress = 0;
+            break;
+        default:
+            return EXIT_USAGE;
+        }
+    }
+    if (optind != argc - 1 || !vec_path || (!attr_path && !id_prefix))
+        return usage_error(
+            "usage: affinity load COLLECTION --vectors FILE.npy|FILE.fvecs (--attrs FILE.csv|"
+            "FILE.jsonl | --id-prefix P) [--batch N] [--create [--metric cosine|ip|l2]] "
+            "[--progress|--no-progress]%s",
+            "");
+    const char *collection = argv[optind];
+    if (show_progress < 0) show_progress = isatty(2) && !c->json;
+
+    vecfile_reader *vr = NULL;
+    attrfile_reader *ar = NULL;
+    transport_client_stream *stream = NULL;
+    float *vecs = NULL;
+    attr_record *recs = NULL;
+    Affinity__V1__Item *items = NULL;
+    Affinity__V1__Item **item_ptrs = NULL;
+    char **tag_ptrs = NULL;
+    char(*ids)[AFF_MAX_ID_LEN + 1] = NULL;
+    ProtobufCMessage *resp = NULL;
+    aff_err err = {0};
+    int rc = 0;
+    if (vecfile_open(&vr, vec_path, &err) != 0) {
+        fprintf(stderr, "affinity: %s\n", err.msg);
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    if (attr_path && attrfile_open(&ar, attr_path, &err) != 0) {
+        fprintf(stderr, "affinity: %s\n", err.msg);
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    uint32_t dim = vecfile_dim(vr);
+    uint64_t total = vecfile_rows(vr);
+    /* Keep each message near 1 MiB whatever the dimension. */
+    uint32_t per_msg = (uint32_t)((1u << 20) / ((uint64_t)dim * 4 + 256));
+    if (per_msg < 1) per_msg = 1;
+    if (batch > per_msg) batch = per_msg;
+    vecs = malloc((size_t)batch * dim * sizeof(float));
+    recs = calloc(batch, sizeof(attr_record));
+    items = calloc(batch, sizeof(*items));
+    item_ptrs = calloc(batch, sizeof(*item_ptrs));
+    tag_ptrs = calloc((size_t)batch * AFF_MAX_TAGS_PER_ITEM, sizeof(char *));
+    ids = calloc(batch, sizeof(*ids));
+    if (!vecs || !recs || !items || !item_ptrs || !tag_ptrs || !ids) {
+        fprintf(stderr, "affinity: out of memory\n");
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    if (create && (rc = ensure_collection(c, collection, dim, metric))) goto out;
+    if ((rc = connect_client(c))) goto out;
+    /* A bulk load may take long: the stream gets an hour unless --timeout-ms says more. */
+    uint32_t stream_ms = c->opts.timeout_ms > 3600000 ? c->opts.timeout_ms : 3600000;
+    if (transport_client_stream_open(c->client, TRANSPORT_METHOD_UPSERT_ITEMS, stream_ms, &stream,
+                                     &err) != 0) {
+        fprintf(stderr, "affinity: %s\n", err.msg);
+        rc = EXIT_RPC;
+        goto out;
+    }
+    double t0 = mono_s(), last_draw = 0;
+    uint64_t sent = 0;
+    bool send_failed = false;
+    for (;;) {
+        size_t n = 0;
+        if (vecfile_read(vr, vecs, batch, &n, &err) != 0) {
+            fprintf(stderr, "\naffinity: %s\n", err.msg);
+            rc = EXIT_USAGE;
+            goto out;
+        }
+        if (n == 0) break;
+        for (size_t i = 0; i < n; i++) {
+            Affinity__V1__Item init = AFFINITY__V1__ITEM__INIT;
+            items[i] = init;
+            if (ar) {
+                int got = attrfile_next(ar, &recs[i], &err);
+                if (got < 0) {
+                    fprintf(stderr, "\naffinity: %s\n", err.msg);
+                    rc = EXIT_USAGE;
+                    goto out;
+                }
+                if (got == 0) {
+                    fprintf(stderr,
+                            "\naffinity: %s has fewer records than %s has vectors (%llu); "
+                            "each vector row needs one record\n",
+                            attr_path, vec_path, (unsigned long long)total);
+                    rc = EXIT_USAGE;
+                    goto out;
+                }
+                items[i].id = recs[i].id;
+                items[i].category = recs[i].category;
+                items[i].price = recs[i].price;
+                items[i].available = recs[i].available;
+                items[i].available_set = 1;
+                items[i].n_tags = recs[i].n_tags;
+                items[i].tags = tag_ptrs + i * AFF_MAX_TAGS_PER_ITEM;
+                for (uint32_t t = 0; t < recs[i].n_tags; t++)
+                    items[i].tags[t] = recs[i].tags[t];
+            } else {
+                snprintf(ids[i], sizeof(ids[i]), "%s%llu", id_prefix,
+                         (unsigned long long)(sent + i));
+                items[i].id = ids[i];
+            }
+            items[i].n_vector = dim;
+            items[i].vector = vecs + i * dim;
+            item_ptrs[i] = &items[i];
+        }
+        Affinity__V1__UpsertItemsRequest req = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
+        req.collection = (char *)collection;
+        req.n_items = n;
+        req.items = item_ptrs;
+        if (transport_client_stream_send(stream, &req.base, &err) != 0) {
+            send_failed = true; /* the server ended the call; finish() says why */
+            break;
+        }
+        sent += n;
+        double now = mono_s();
+        if (show_progress && now - last_draw > 0.1) {
+            progress(sent, total, now - t0, false);
+            last_draw = now;
+        }
+    }
+    if (!send_failed && ar) {
+        attr_record extra;
+        int got = attrfile_next(ar, &extra, &err);
+        if (got != 0) {
+            fprintf(stderr, "\naffinity: %s has more records than %s has vectors (%llu)\n",
+                    attr_path, vec_path, (unsigned long long)total);
+            rc = EXIT_USAGE;
+            goto out;
+        }
+    }
+    transport_call_status st = {0};
+    int frc = transport_client_stream_finish(
+        stream, &affinity__v1__upsert_items_response__descriptor, &resp, &st);
+    double secs = mono_s() - t0;
+    if (show_progress) progress(sent, total, secs, true);
+    if (frc != 0) {
+        rc = report_rpc_error(c, "UpsertItems", frc, &st);
+        goto out;
+    }
+    uint64_t upserted = ((Affinity__V1__UpsertItemsResponse *)resp)->upserted_count;
+    if (c->json)
+        printf("{\"collection\": \"%s\", \"upserted\": %llu, \"seconds\": %.3f, "
+               "\"items_per_second\": %.1f}\n",
+               collection, (unsigned long long)upserted, secs,
+               secs > 0 ? (double)upserted / secs : 0.0);
+    else
+        printf("loaded %llu items into %s in %.2f s (%.0f items/s)\n", (unsigned long long)upserted,
+               collection, secs, secs > 0 ? (double)upserted / secs : 0.0);
+out:
+    transport_client_free(resp);
+    transport_client_stream_destroy(stream);
+    vecfile_close(vr);
+    attrfile_close(ar);
+    free(vecs);
+    free(recs);
+    free(items);
+    free(item_ptrs);
+    free(tag_ptrs);
+    free(ids);
+    return rc;
+}
+
+/* ---- items --------------------------------------------------------------------------------- */
+
+static int cmd_get(cli *c, int argc, char **argv)
+{
+    static const struct option opts[] = {{"vectors", 0, 0, 'v'}, {0, 0, 0, 0}};
+    Affinity__V1__GetItemsRequest req = AFFINITY__V1__GET_ITEMS_REQUEST__INIT;
+    int opt;
+    optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (opt != 'v') return EXIT_USAGE;
+        req.include_vectors = 1;
+    }
+    if (argc - optind < 2)
+        return usage_error("usage: affinity get COLLECTION ID... [--vectors]%s", "");
+    req.collection = argv[optind];
+    req.n_ids = (size_t)(argc - optind - 1);
+    req.ids = argv + optind + 1;
+    ProtobufCMessage *resp = NULL;
+    int rc = call(c, TRANSPORT_METHOD_GET_ITEMS, "GetItems", &req.base,
+                  &affinity__v1__get_items_response__descriptor, &resp);
+    if (rc) return rc;
+    Affinity__V1__GetItemsResponse *r = (Affinity__V1__GetItemsResponse *)resp;
+    if (c->json) printf("{\"items\": [");
+    for (size_t i = 0; i < r->n_items; i++) {
+        const Affinity__V1__Item *it = r->items[i];
+        if (c->json) {
+            printf("%s{\"id\": ", i ? ", " : "");
+            jstr(it->id);
+            printf(", \"category\": ");
+            jstr(it->category);
+            printf(", \"tags\": [");
+            for (size_t t = 0; t < it->n_tags; t++) {
+                printf("%s", t ? ", " : "");
+                jstr(it->tags[t]);
+            }
+            printf("], \"price\": ");
+            jfloat(it->price);
+            printf(", \"available\": %s", it->available || !it->available_set ? "true" : "false");
+            if (req.include_vectors) {
+                printf(", \"vector\": [");
+                for (size_t d = 0; d < it->n_vector; d++) {
+                    printf("%s", d ? ", " : "");
+                    jfloat(it->vector[d]);
+                }
+                printf("]");
+            }
+            printf("}");
+        } else {
+            printf("%-32s category %-16s price %10.2f %s tags", it->id, it->category,
+                   (double)it->price,
+                   it->available || !it->available_set ? "available  " : "unavailable");
+            for (size_t t = 0; t < it->n_tags; t++)
+                printf(" %s", it->tags[t]);
+            printf("\n");
+            if (req.include_vectors) {
+                printf("  [");
+                for (size_t d = 0; d < it->n_vector; d++)
+                    printf("%s%.6g", d ? ", " : "", (double)it->vector[d]);
+                printf("]\n");
+            }
+        }
+    }
+    if (c->json) {
+        printf("], \"missing_ids\": [");
+        for (size_t i = 0; i < r->n_missing_ids; i++) {
+            printf("%s", i ? ", " : "");
+            jstr(r->missing_ids[i]);
+        }
+        printf("]}\n");
+    } else {
+        for (size_t i = 0; i < r->n_missing_ids; i++)
+            printf("%-32s (not found)\n", r->missing_ids[i]);
+    }
+    transport_client_free(resp);
+    return 0;
+}
+
+static int cmd_delete(cli *c, int argc, char **argv)
+{
+    if (argc < 3) return usage_error("usage: affinity delete COLLECTION ID...%s", "");
+    Affinity__V1__DeleteItemsRequest req = AFFINITY__V1__DELETE_ITEMS_REQUEST__INIT;
+    req.collection = argv[1];
+    req.n_ids = (size_t)(argc - 2);
+    req.ids = argv + 2;
+    ProtobufCMessage *resp = NULL;
+    int rc = call(c, TRANSPORT_METHOD_DELETE_ITEMS, "DeleteItems", &req.base,
+                  &affinity__v1__delete_items_response__descriptor, &resp);
+    if (rc) return rc;
+    uint64_t n = ((Affinity__V1__DeleteItemsResponse *)resp)->deleted_count;
+    if (c->json)
+        printf("{\"deleted\": %llu}\n", (unsigned long long)n);
+    else
+        printf("deleted %llu of %zu ids\n", (unsigned long long)n, req.n_ids);
+    transport_client_free(resp);
+    return 0;
+}
+
+/* ---- serving ------------------------------------------------------------------------------- */
+
+static int cmd_search(cli *c, int argc, char **argv)
+{
+    static const struct option opts[] = {{"vector", 1, 0, 'v'}, {"vectors", 1, 0, 'f'},
+                                         {"limit", 1, 0, 'l'},  {"k", 1, 0, 'k'},
+                                         FILTER_OPTIONS,        {0, 0, 0, 0}};
+    filter_args fa;
+    memset(&fa, 0, sizeof(fa));
+    float *vecs = NULL;
+    size_t dim = 0;
+    uint64_t rows = 0;
+    const char *file = NULL;
+    uint32_t k = 10, limit = 1024;
+    Affinity__V1__Query *queries = NULL, **qptrs = NULL;
+    ProtobufCMessage *resp = NULL;
+    int rc = 0, opt;
+    optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
+    while ((opt = getopt_long(argc, argv, "k:", opts, NULL)) != -1) {
+        int f = filter_option(&fa, opt, optarg);
+        if (f < 0) {
+            rc = usage_error("bad filter value '%s'", optarg);
+            goto out;
+        }
+        if (f) continue;
+        switch (opt) {
+        case 'v':
+            free(vecs);
+            vecs = NULL;
+            if (parse_vector(optarg, &vecs, &dim)) {
+                rc = usage_error("bad --vector '%s'; use comma-separated numbers", optarg);
+                goto out;
+            }
+            rows = 1;
+            break;
+        case 'f':
+            file = optarg;
+            break;
+        case 'l':
+            if (parse_u32(optarg, &limit) || limit == 0) {
+                rc = usage_error("bad --limit '%s'", optarg);
+                goto out;
+            }
+            break;
+        case 'k':
+            if (parse_u32(optarg, &k)) {
+                rc = usage_error("bad -k '%s'", optarg);
+                goto out;
+            }
+            break;
+        default:
+            rc = EXIT_USAGE;
+            goto out;
+        }
+    }
+    if (optind != argc - 1 || (!vecs && !file)) {
+        rc = usage_error("usage: affinity search COLLECTION (--vector V1,V2,... | --vectors "
+                         "FILE [--limit N]) [-k K] [filter flags]%s",
+                         "");
+        goto out;
+    }
+    if (file) {
+        aff_err err = {0};
+        uint32_t d32;
+        free(vecs);
+        vecs = NULL;
+        if (vecfile_load(file, &vecs, &rows, &d32, &err) != 0) {
+            fprintf(stderr, "affinity: %s\n", err.msg);
+            rc = EXIT_USAGE;
+            goto out;
+        }
+        dim = d32;
+        if (rows > limit) rows = limit;
+    }
+    queries = calloc(rows, sizeof(*queries));
+    qptrs = calloc(rows, sizeof(*qptrs));
+    if (!queries || !qptrs) {
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    for (uint64_t i = 0; i < rows; i++) {
+        Affinity__V1__Query init = AFFINITY__V1__QUERY__INIT;
+        queries[i] = init;
+        queries[i].n_vector = dim;
+        queries[i].vector = vecs + i * dim;
+        qptrs[i] = &queries[i];
+    }
+    Affinity__V1__SearchRequest req = AFFINITY__V1__SEARCH_REQUEST__INIT;
+    req.collection = argv[optind];
+    req.n_queries = rows;
+    req.queries = qptrs;
+    req.k = k;
+    req.filter = filter_msg(&fa);
+    if ((rc = call(c, TRANSPORT_METHOD_SEARCH, "Search", &req.base,
+                   &affinity__v1__search_response__descriptor, &resp)))
+        goto out;
+    Affinity__V1__SearchResponse *r = (Affinity__V1__SearchResponse *)resp;
+    print_results(c, r->results, r->n_results, NULL);
+out:
+    transport_client_free(resp);
+    free(queries);
+    free(qptrs);
+    free(vecs);
+    filter_free(&fa);
+    return rc;
+}
+
+static int cmd_similar(cli *c, int argc, char **argv)
+{
+    static const struct option opts[] = {{"k", 1, 0, 'k'}, FILTER_OPTIONS, {0, 0, 0, 0}};
+    filter_args fa;
+    memset(&fa, 0, sizeof(fa));
+    Affinity__V1__SimilarItemsRequest req = AFFINITY__V1__SIMILAR_ITEMS_REQUEST__INIT;
+    req.k = 10;
+    ProtobufCMessage *resp = NULL;
+    int rc = 0, opt;
+    optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
+    while ((opt = getopt_long(argc, argv, "k:", opts, NULL)) != -1) {
+        int f = filter_option(&fa, opt, optarg);
+        if (f < 0) {
+            rc = usage_error("bad filter value '%s'", optarg);
+            goto out;
+        }
+        if (f) continue;
+        if (opt != 'k' || parse_u32(optarg, &req.k)) {
+            rc = usage_error("bad option%s", "");
+            goto out;
+        }
+    }
+    if (argc - optind < 2) {
+        rc = usage_error("usage: affinity similar COLLECTION ITEM_ID... [-k K] [filter flags]%s",
+                         "");
+        goto out;
+    }
+    req.collection = argv[optind];
+    req.n_item_ids = (size_t)(argc - optind - 1);
+    req.item_ids = argv + optind + 1;
+    req.filter = filter_msg(&fa);
+    if ((rc = call(c, TRANSPORT_METHOD_SIMILAR_ITEMS, "SimilarItems", &req.base,
+                   &affinity__v1__similar_items_response__descriptor, &resp)))
+        goto out;
+    Affinity__V1__SimilarItemsResponse *r = (Affinity__V1__SimilarItemsResponse *)resp;
+    print_results(c, r->results, r->n_results, (const char *const *)req.item_ids);
+out:
+    transport_client_free(resp);
+    filter_free(&fa);
+    return rc;
+}
+
+static int parse_event_type(const char *s, Affinity__V1__EventType *t)
+{
+    static const struct {
+        const char *name;
+        Affinity__V1__EventType type;
+    } names[] = {{"view", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_VIEW},
+                 {"click", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CLICK},
+                 {"cart", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_ADD_TO_CART},
+                 {"add_to_cart", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_ADD_TO_CART},
+                 {"purchase", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_PURCHASE}};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcasecmp(s, names[i].name) == 0) {
+            *t = names[i].type;
+            return 0;
+        }
+    return -1;
+}
+
+enum { OPT_USER = 1100, OPT_VECTOR, OPT_EXCLUDE_EVENTS, OPT_CANDIDATES, OPT_WEIGHT };
+
+static int cmd_recommend(cli *c, int argc, char **argv)
+{
+    static const struct option opts[] = {{"user", 1, 0, OPT_USER},
+                                         {"vector", 1, 0, OPT_VECTOR},
+                                         {"exclude-events", 1, 0, OPT_EXCLUDE_EVENTS},
+                                         {"k", 1, 0, 'k'},
+                                         FILTER_OPTIONS,
+                                         {0, 0, 0, 0}};
+    filter_args fa;
+    memset(&fa, 0, sizeof(fa));
+    Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
+    Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
+    Affinity__V1__EventType excl[8];
+    req.k = 10;
+    float *vec = NULL;
+    ProtobufCMessage *resp = NULL;
+    int rc = 0, opt;
+    optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
+    while ((opt = getopt_long(argc, argv, "k:", opts, NULL)) != -1) {
+        int f = filter_option(&fa, opt, optarg);
+        if (f < 0) {
+            rc = usage_error("bad filter value '%s'", optarg);
+            goto out;
+        }
+        if (f) continue;
+        switch (opt) {
+        case OPT_USER:
+            req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_ID;
+            req.user_id = optarg;
+            break;
+        case OPT_VECTOR:
+            free(vec);
+            vec = NULL;
+            if (parse_vector(optarg, &vec, &uv.n_values)) {
+                rc = usage_error("bad --vector '%s'", optarg);
+                goto out;
+            }
+            uv.values = vec;
+            req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
+            req.user_vector = &uv;
+            break;
+        case OPT_EXCLUDE_EVENTS: {
+            char *save = NULL;
+            for (char *t = strtok_r(optarg, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+                if (req.n_exclude_event_types == 8 ||
+                    parse_event_type(t, &excl[req.n_exclude_event_types])) {
+                    rc = usage_error("bad --exclude-events type '%s'; use view, click, cart, "
+                                     "purchase",
+                                     t);
+                    goto out;
+                }
+                req.n_exclude_event_types++;
+            }
+            req.exclude_event_types = excl;
+            break;
+        }
+        case 'k':
+            if (parse_u32(optarg, &req.k)) {
+                rc = usage_error("bad -k '%s'", optarg);
+                goto out;
+            }
+            break;
+        default:
+            rc = EXIT_USAGE;
+            goto out;
+        }
+    }
+    if (optind != argc - 1 || req.user_case == AFFINITY__V1__RECOMMEND_REQUEST__USER__NOT_SET) {
+        rc = usage_error("usage: affinity recommend COLLECTION (--user ID | --vector V1,V2,...) "
+                         "[-k K] [--exclude-events purchase,...] [filter flags]%s",
+                         "");
+        goto out;
+    }
+    req.collection = argv[optind];
+    req.filter = filter_msg(&fa);
+    if ((rc = call(c, TRANSPORT_METHOD_RECOMMEND, "Recommend", &req.base,
+                   &affinity__v1__recommend_response__descriptor, &resp)))
+        goto out;
+    Affinity__V1__RecommendResponse *r = (Affinity__V1__RecommendResponse *)resp;
+    if (c->json) {
+        printf("{\"source\": \"%s\", \"hits\": ", source_name(r->source));
+        print_hits(c, r->hits, r->n_hits);
+        printf("}\n");
+    } else {
+        printf("source: %s\n", source_name(r->source));
+        print_hits(c, r->hits, r->n_hits);
+    }
+out:
+    transport_client_free(resp);
+    free(vec);
+    filter_free(&fa);
+    return rc;
+}
+
+static int cmd_rerank(cli *c, int argc, char **argv)
+{
+    static const struct option opts[] = {{"user", 1, 0, OPT_USER},
+                                         {"vector", 1, 0, OPT_VECTOR},
+                                         {"candidates", 1, 0, OPT_CANDIDATES},
+                                         {"weight", 1, 0, OPT_WEIGHT},
+                                         {0, 0, 0, 0}};
+    Affinity__V1__RerankRequest req = AFFINITY__V1__RERANK_REQUEST__INIT;
+    Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
+    Affinity__V1__FloatValue weight = AFFINITY__V1__FLOAT_VALUE__INIT;
+    Affinity__V1__RerankCandidate *cands = NULL;
+    Affinity__V1__RerankCandidate **cptrs = NULL;
+    size_t n = 0, cap = 0;
+    float *vec = NULL;
+    ProtobufCMessage *resp = NULL;
+    int rc = 0, opt;
+    optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (opt) {
+        case OPT_USER:
+            req.user_case = AFFINITY__V1__RERANK_REQUEST__USER_USER_ID;
+            req.user_id = optarg;
+            break;
+        case OPT_VECTOR:
+            free(vec);
+            vec = NULL;
+            if (parse_vector(optarg, &vec, &uv.n_values)) {
+                rc = usage_error("bad --vector '%s'", optarg);
+                goto out;
+            }
+            uv.values = vec;
+            req.user_case = AFFINITY__V1__RERANK_REQUEST__USER_USER_VECTOR;
+            req.user_vector = &uv;
+            break;
+        case OPT_WEIGHT:
+            if (parse_float(optarg, &weight.value)) {
+                rc = usage_error("bad --weight '%s'; 0..1", optarg);
+                goto out;
+            }
+            req.affinity_weight = &weight;
+            break;
+        case OPT_CANDIDATES: {
+            /* id[:base_score],... */
+            char *save = NULL;
+            for (char *t = strtok_r(optarg, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+                if (n == cap) {
+                    cap = cap ? cap * 2 : 16;
+                    Affinity__V1__RerankCandidate *nc = realloc(cands, cap * sizeof(*nc));
+                    if (!nc) {
+                        rc = EXIT_USAGE;
+                        goto out;
+                    }
+                    cands = nc;
+                }
+                Affinity__V1__RerankCandidate init = AFFINITY__V1__RERANK_CANDIDATE__INIT;
+                cands[n] = init;
+                char *colon = strrchr(t, ':');
+                if (colon && parse_float(colon + 1, &cands[n].base_score) == 0) *colon = '\0';
+                cands[n].id = t;
+                n++;
+            }
+            break;
+        }
+        default:
+            rc = EXIT_USAGE;
+            goto out;
+        }
+    }
+    if (optind != argc - 1 || n == 0 ||
+        req.user_case == AFFINITY__V1__RERANK_REQUEST__USER__NOT_SET) {
+        rc = usage_error("usage: affinity rerank COLLECTION (--user ID | --vector V1,V2,...) "
+                         "--candidates ID[:SCORE],... [--weight W]%s",
+                         "");
+        goto out;
+    }
+    cptrs = calloc(n, sizeof(*cptrs));
+    if (!cptrs) {
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        cptrs[i] = &cands[i];
+    req.collection = argv[optind];
+    req.n_candidates = n;
+    req.candidates = cptrs;
+    if ((rc = call(c, TRANSPORT_METHOD_RERANK, "Rerank", &req.base,
+                   &affinity__v1__rerank_response__descriptor, &resp)))
+        goto out;
+    Affinity__V1__RerankResponse *r = (Affinity__V1__RerankResponse *)resp;
+    if (c->json) {
+        printf("{\"source\": \"%s\", \"items\": [", source_name(r->source));
+        for (size_t i = 0; i < r->n_items; i++) {
+            const Affinity__V1__RerankedItem *it = r->items[i];
+            printf("%s{\"id\": ", i ? ", " : "");
+            jstr(it->id);
+            printf(", \"score\": ");
+            jfloat(it->score);
+            printf(", \"base_score\": ");
+            jfloat(it->base_score);
+            printf(", \"affinity\": ");
+            jfloat(it->affinity);
+            printf(", \"found\": %s}", it->found ? "true" : "false");
+        }
+        printf("]}\n");
+    } else {
+        printf("source: %s\n  rank  %-32s %10s %10s %10s\n", source_name(r->source), "id", "score",
+               "base", "affinity");
+        for (size_t i = 0; i < r->n_items; i++) {
+            const Affinity__V1__RerankedItem *it = r->items[i];
+            printf("  %4zu  %-32s %10.6f %10.6f %10.6f%s\n", i + 1, it->id, (double)it->score,
+                   (double)it->base_score, (double)it->affinity, it->found ? "" : "  (not found)");
+        }
+    }
+out:
+    transport_client_free(resp);
+    free(vec);
+    free(cands);
+    free(cptrs);
+    return rc;
+}
+
+/* ---- behaviour and users ------------------------------------------------------------------ */
+
+static int cmd_events(cli *c, int argc, char **argv)
+{
+    if (argc < 4)
+        return usage_error("usage: affinity events COLLECTION USER TYPE:ITEM_ID... "
+                           "(TYPE: view, click, cart, purchase, or custom=NAME)%s",
+                           "");
+    size_t n = (size_t)(argc - 3);
+    Affinity__V1__Event *evs = calloc(n, sizeof(*evs));
+    Affinity__V1__Event **eps = calloc(n, sizeof(*eps));
+    ProtobufCMessage *resp = NULL;
+    int rc = 0;
+    if (!evs || !eps) {
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        Affinity__V1__Event init = AFFINITY__V1__EVENT__INIT;
+        evs[i] = init;
+        char *arg = argv[3 + i];
+        char *colon = strchr(arg, ':');
+        if (!colon || colon[1] == '\0') {
+            rc = usage_error("bad event '%s'; use TYPE:ITEM_ID, e.g. view:item-1", arg);
+            goto out;
+        }
+        *colon = '\0';
+        if (strncmp(arg, "custom=", 7) == 0) {
+            evs[i].type = AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CUSTOM;
+            evs[i].custom_type = arg + 7;
+        } else if (parse_event_type(arg, &evs[i].type)) {
+            rc = usage_error("bad event type '%s'; use view, click, cart, purchase or "
+                             "custom=NAME",
+                             arg);
+            goto out;
+        }
+        evs[i].item_id = colon + 1;
+        eps[i] = &evs[i];
+    }
+    Affinity__V1__PutEventsRequest req = AFFINITY__V1__PUT_EVENTS_REQUEST__INIT;
+    req.collection = argv[1];
+    req.user_id = argv[2];
+    req.n_events = n;
+    req.events = eps;
+    if ((rc = call(c, TRANSPORT_METHOD_PUT_EVENTS, "PutEvents", &req.base,
+                   &affinity__v1__put_events_response__descriptor, &resp)))
+        goto out;
+    Affinity__V1__PutEventsResponse *r = (Affinity__V1__PutEventsResponse *)resp;
+    if (c->json) {
+        printf("{\"applied\": %u, \"rejected\": [", r->applied_count);
+        for (size_t i = 0; i < r->n_rejected; i++) {
+            printf("%s{\"index\": %u, \"reason\": ", i ? ", " : "", r->rejected[i]->index);
+            jstr(r->rejected[i]->reason);
+            printf("}");
+        }
+        printf("]}\n");
+    } else {
+        printf("applied %u of %zu events\n", r->applied_count, n);
+        for (size_t i = 0; i < r->n_rejected; i++)
+            printf("  rejected #%u: %s\n", r->rejected[i]->index, r->rejected[i]->reason);
+    }
+out:
+    transport_client_free(resp);
+    free(evs);
+    free(eps);
+    return rc;
+}
+
+static int cmd_user(cli *c, int argc, char **argv)
+{
+    const char *sub = argc > 1 ? argv[1] : "";
+    ProtobufCMessage *resp = NULL;
+    int rc;
+    if (strcmp(sub, "get") == 0 && argc == 4) {
+        Affinity__V1__GetUserRequest req = AFFINITY__V1__GET_USER_REQUEST__INIT;
+        req.collection = argv[2];
+        req.user_id = argv[3];
+        if ((rc = call(c, TRANSPORT_METHOD_GET_USER, "GetUser", &req.base,
+                       &affinity__v1__get_user_response__descriptor, &resp)))
+            return rc;
+        Affinity__V1__GetUserResponse *r = (Affinity__V1__GetUserResponse *)resp;
+        if (c->json) {
+            printf("{\"user_id\": ");
+            jstr(r->user_id);
+            printf(", \"history_length\": %u, \"last_event_ms\": %lld, \"event_counts\": {",
+                   r->history_length, (long long)r->last_event_ms);
+            for (size_t i = 0; i < r->n_event_counts; i++) {
+                printf("%s", i ? ", " : "");
+                jstr(r->event_counts[i]->key);
+                printf(": %llu", (unsigned long long)r->event_counts[i]->value);
+            }
+            printf("}, \"top_categories\": [");
+            for (size_t i = 0; i < r->n_top_categories; i++) {
+                printf("%s{\"category\": ", i ? ", " : "");
+                jstr(r->top_categories[i]->category);
+                printf(", \"weight\": ");
+                jfloat(r->top_categories[i]->weight);
+                printf("}");
+            }
+            printf("]}\n");
+        } else {
+            printf("user %s: %u events in history, last at %lld ms\n", r->user_id,
+                   r->history_length, (long long)r->last_event_ms);
+            for (size_t i = 0; i < r->n_event_counts; i++)
+                printf("  %-12s %llu\n", r->event_counts[i]->key,
+                       (unsigned long long)r->event_counts[i]->value);
+            for (size_t i = 0; i < r->n_top_categories; i++)
+                printf("  category %-20s %.4f\n", r->top_categories[i]->category,
+                       (double)r->top_categories[i]->weight);
+        }
+        transport_client_free(resp);
+        return 0;
+    }
+    if (strcmp(sub, "delete") == 0 && (argc == 3 || argc == 4)) {
+        Affinity__V1__DeleteUserRequest req = AFFINITY__V1__DELETE_USER_REQUEST__INIT;
+        req.user_id = argv[argc - 1];
+        if (argc == 4) req.collection = argv[2];
+        if ((rc = call(c, TRANSPORT_METHOD_DELETE_USER, "DeleteUser", &req.base,
+                       &affinity__v1__delete_user_response__descriptor, &resp)))
+            return rc;
+        bool existed = ((Affinity__V1__DeleteUserResponse *)resp)->existed;
+        if (c->json)
+            printf("{\"existed\": %s}\n", existed ? "true" : "false");
+        else
+            printf("%s %s\n", existed ? "deleted user" : "no such user", req.user_id);
+        transport_client_free(resp);
+        return 0;
+    }
+    return usage_error("usage: affinity user get COLLECTION USER | affinity user delete "
+                       "[COLLECTION] USER%s",
+                       "");
+}
+
+/* ---- operations ---------------------------------------------------------------------------- */
+
+static int cmd_info(cli *c, int argc, char **argv)
+{
+    Affinity__V1__GetServerInfoRequest req = AFFINITY__V1__GET_SERVER_INFO_REQUEST__INIT;
+    ProtobufCMessage *resp = NULL;
+    int rc = call(c, TRANSPORT_METHOD_GET_SERVER_INFO, "GetServerInfo", &req.base,
+                  &affinity__v1__server_info__descriptor, &resp);
+    if (rc) return rc;
+    Affinity__V1__ServerInfo *r = (Affinity__V1__ServerInfo *)resp;
+    const Affinity__V1__BatchStats *b = r->batch_stats;
+    if (c->json) {
+        printf("{\"version\": ");
+        jstr(r->version);
+        printf(", \"backend\": ");
+        jstr(r->backend);
+        printf(", \"device\": ");
+        jstr(r->device);
+        printf(", \"device_memory_used\": %llu, \"device_memory_total\": %llu, \"max_batch\": %u, "
+               "\"max_wait_us\": %u, \"persistent\": %s",
+               (unsigned long long)r->device_memory_used,
+               (unsigned long long)r->device_memory_total, r->max_batch, r->max_wait_us,
+               r->persistent ? "true" : "false");
+        if (b) {
+            printf(", \"batch_stats\": {\"batches\": %llu, \"requests\": %llu, "
+                   "\"max_batch_seen\": %llu, \"queue_wait_us_total\": %llu, "
+                   "\"rejected_queue_full\": %llu, \"expired_deadline\": %llu, "
+                   "\"size_histogram\": [",
+                   (unsigned long long)b->batches, (unsigned long long)b->requests,
+                   (unsigned long long)b->max_batch_seen,
+                   (unsigned long long)b->queue_wait_us_total,
+                   (unsigned long long)b->rejected_queue_full,
+                   (unsigned long long)b->expired_deadline);
+            for (size_t i = 0; i < b->n_size_histogram; i++)
+                printf("%s%llu", i ? ", " : "", (unsigned long long)b->size_histogram[i]);
+            printf("]}");
+        }
+        printf("}\n");
+    } else {
+        printf("affinityd %s, backend %s on %s\n", r->version, r->backend, r->device);
+        if (r->device_memory_total)
+            printf("device memory %.1f / %.1f MiB\n", (double)r->device_memory_used / 1048576.0,
+                   (double)r->device_memory_total / 1048576.0);
+        printf("batching: max_batch %u, max_wait %u us; %s\n", r->max_batch, r->max_wait_us,
+               r->persistent ? "persistent" : "in-memory only");
+        if (b) {
+            printf("batches %llu, requests %llu (mean %.2f per batch, max %llu), queue full %llu, "
+                   "expired %llu\n",
+                   (unsigned long long)b->batches, (unsigned long long)b->requests,
+                   b->batches ? (double)b->requests / (double)b->batches : 0.0,
+                   (unsigned long long)b->max_batch_seen,
+                   (unsigned long long)b->rejected_queue_full,
+                   (unsigned long long)b->expired_deadline);
+            for (size_t i = 0; i < b->n_size_histogram; i++)
+                if (b->size_histogram[i])
+                    printf("  batch size [%u, %u): %llu\n", 1u << i, 2u << i,
+                           (unsigned long long)b->size_histogram[i]);
+        }
+    }
+    transport_client_free(resp);
+    return 0;
+}
+
+static int cmd_health(cli *c, int argc, char **argv)
+{
+    Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+    if (argc > 1) req.service = argv[1];
+    ProtobufCMessage *resp = NULL;
+    int rc = call(c, TRANSPORT_METHOD_HEALTH_CHECK, "Health/Check", &req.base,
+                  &grpc__health__v1__health_check_response__descriptor, &resp);
+    if (rc) return rc;
+    int status = ((Grpc__Health__V1__HealthCheckResponse *)resp)->status;
+    static const char *const names[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
+    const char *name = status >= 0 && status <= 3 ? names[status] : "UNKNOWN";
+    if (c->json)
+        printf("{\"status\": \"%s\"}\n", name);
+    else
+        printf("%s\n", name);
+    transport_client_free(resp);
+    return status == 1 ? 0 : EXIT_RPC;
+}
+
+/* ---- main ---------------------------------------------------------------------------------- */
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: affinity [global flags] COMMAND [arguments]\n"
+               "\n"
+               "global flags:\n"
+               "  --addr HOST:PORT     server (default $AFFINITY_ADDR or 127.0.0.1:50051)\n"
+               "  --token-file FILE    bearer token to send (default $AFFINITY_TOKEN_FILE)\n"
+               "  --tls-ca FILE        use TLS, trusting this CA / self-signed cert (PEM)\n"
+               "  --tls-server-name N  name to verify in the server certificate\n"
+               "  --timeout-ms MS      deadline of each call (default 30000)\n"
+               "  --json               print one JSON object (errors too) for scripts\n"
+               "\n"
+               "commands:\n"
+               "  collections list | describe NAME | drop NAME\n"
+               "  collections create NAME --dim D [--metric cosine|ip|l2] [--index flat|hnsw]\n"
+               "                     [--hnsw-m M] [--hnsw-ef E]\n"
+               "  load COLLECTION --vectors F.npy|F.fvecs (--attrs F.csv|F.jsonl | --id-prefix P)\n"
+               "       [--batch N] [--create [--metric M]] [--progress|--no-progress]\n"
+               "  get COLLECTION ID... [--vectors]\n"
+               "  delete COLLECTION ID...\n"
+               "  search COLLECTION (--vector V1,V2,... | --vectors FILE [--limit N]) [-k K]\n"
+               "  similar COLLECTION ITEM_ID... [-k K]\n"
+               "  recommend COLLECTION (--user ID | --vector V1,V2,...) [-k K]\n"
+               "            [--exclude-events purchase,cart,...]\n"
+               "  rerank COLLECTION (--user ID | --vector V...) --candidates ID[:SCORE],...\n"
+               "         [--weight W]\n"
+               "  events COLLECTION USER TYPE:ITEM_ID...   (view, click, cart, purchase,\n"
+               "                                            custom=NAME)\n"
+               "  user get COLLECTION USER | user delete [COLLECTION] USER\n"
+               "  info                  server version, backend, batching statistics\n"
+               "  health [SERVICE]      grpc.health.v1 check; exit 0 only when SERVING\n"
+               "\n"
+               "filter flags (search, similar, recommend): --category C, --tag T (repeatable,\n"
+               "any-of), --price-min P, --price-max P, --available-only, --exclude ID\n"
+               "(repeatable)\n"
+               "\n"
+               "exit status: 0 ok, 1 the call failed (message on stderr), 2 bad usage or input\n");
+}
+
+typedef struct command {
+    const char *name;
+    int (*fn)(cli *c, int argc, char **argv);
+} command;
+
+static const command commands[] = {
+    {"collections", cmd_collections},
+    {"load", cmd_load},
+    {"get", cmd_get},
+    {"delete", cmd_delete},
+    {"search", cmd_search},
+    {"similar", cmd_similar},
+    {"recommend", cmd_recommend},
+    {"rerank", cmd_rerank},
+    {"events", cmd_events},
+    {"user", cmd_user},
+    {"info", cmd_info},
+    {"health", cmd_health},
+};
+
+static char *read_token(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) return NULL;
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n = getline(&line, &cap, f);
+    fclose(f);
+    if (n < 0) {
+        free(line);
+        return strdup("");
+    }
+    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r' || line[n - 1] == ' '))
+        line[--n] = '\0';
+    return line;
+}
+
+int main(int argc, char **argv)
+{
+    cli c;
+    memset(&c, 0, sizeof(c));
+    c.opts.target = getenv("AFFINITY_ADDR") ? getenv("AFFINITY_ADDR") : "127.0.0.1:50051";
+    const char *token_file = getenv("AFFINITY_TOKEN_FILE");
+    static const struct option opts[] = {{"addr", 1, 0, 'a'},       {"token-file", 1, 0, 't'},
+                                         {"tls-ca", 1, 0, 'c'},     {"tls-server-name", 1, 0, 's'},
+                                         {"timeout-ms", 1, 0, 'T'}, {"json", 0, 0, 'j'},
+                                         {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
+    int opt;
+    /* '+': stop at the command; its own flags are parsed by the command. */
+    while ((opt = getopt_long(argc, argv, "+h", opts, NULL)) != -1) {
+        switch (opt) {
+        case 'a':
+            c.opts.target = optarg;
+            break;
+        case 't':
+            token_file = optarg;
+            break;
+        case 'c':
+            c.opts.tls_root_cert_file = optarg;
+            break;
+        case 's':
+            c.opts.tls_server_name = optarg;
+            break;
+        case 'T':
+            if (parse_u32(optarg, &c.opts.timeout_ms) || c.opts.timeout_ms == 0)
+                return usage_error("bad --timeout-ms '%s'", optarg);
+            break;
+        case 'j':
+            c.json = true;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return EXIT_USAGE;
+        }
+    }
+    if (optind >= argc) {
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+    if (token_file && token_file[0]) {
+        c.token = read_token(token_file);
+        if (!c.token) {
+            fprintf(stderr, "affinity: cannot read token file %s: %s\n", token_file,
+                    strerror(errno));
+            return EXIT_USAGE;
+        }
+        c.opts.token = c.token;
+    }
+    const char *name = argv[optind];
+    int rc = -1;
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        if (strcmp(name, commands[i].name) == 0) {
+            /* The command sees argv[0] = its name, as getopt expects. */
+            rc = commands[i].fn(&c, argc - optind, argv + optind);
+            break;
+        }
+    if (rc < 0) rc = usage_error("unknown command '%s'", name);
+    fflush(stdout);
+    transport_client_destroy(c.client);
+    free(c.token);
+    return rc;
+}
