@@ -37,12 +37,13 @@ typedef enum backend_index_kind {
 /* The attributes of one row, in interned form. Category and tag ids are small integers the
  * engine assigns per collection; 0 is never a valid id (category 0 means "none"). */
 typedef struct backend_row_attrs {
+    /* The fields every filter reads come first, in one cache line. */
     uint32_t category;
-    uint32_t n_tags;
-    uint32_t tags[AFF_MAX_TAGS_PER_ITEM]; /* sorted ascending, unique */
-    uint64_t tag_bloom;                   /* OR of backend_tag_bit(tag) over tags */
     float price;
+    uint64_t tag_bloom;                   /* OR of backend_tag_bit(tag) over tags */
     uint8_t available;
+    uint8_t n_tags;
+    uint32_t tags[AFF_MAX_TAGS_PER_ITEM]; /* sorted ascending, unique */
 } backend_row_attrs;
 
 /* A filter compiled by the engine into row space. A zeroed struct with price bounds at

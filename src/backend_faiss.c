@@ -45,7 +45,7 @@
 /* Batches smaller than this use the threaded scan instead of BLAS. */
 #define SCAN_MAX_NQ 4
 /* Scores buffered per sgemm tile: nq × tile_rows floats. */
-#define TILE_SCORES (1u << 20)
+#define TILE_SCORES (1u << 17) /* 512 KiB: stays in L2 while the heaps read it */
 
 /* Fortran BLAS, as FAISS itself calls it (column-major). */
 extern int sgemm_(const char *transa, const char *transb, const int *m, const int *n,
@@ -460,7 +460,7 @@ static int search_tiled(faiss_table *t, const backend_search *s, const size_t *o
     const uint32_t nq = s->nq, count = t->count;
     const int dim = (int)t->dim;
     uint32_t tile = TILE_SCORES / nq;
-    tile = tile < 1024 ? 1024 : tile > 65536 ? 65536 : tile;
+    tile = tile < 512 ? 512 : tile > 16384 ? 16384 : tile;
     float *scores = malloc((size_t)nq * tile * sizeof *scores);
     topk_heap *heaps = calloc(nq, sizeof *heaps);
     int rc = AFF_OK;

@@ -546,7 +546,7 @@ static int build_attrs(collection *c, const aff_item *it, backend_row_attrs *a, 
     for (uint32_t t = 0; t < it->n_tags; t++)
         if (vocab_intern(&c->tags, it->tags[t], &a->tags[t]) != AFF_OK)
             return aff__fail(err, AFF_ENOMEM, "out of memory interning a tag");
-    a->n_tags = sort_unique(a->tags, it->n_tags);
+    a->n_tags = (uint8_t)sort_unique(a->tags, it->n_tags);
     for (uint32_t t = 0; t < a->n_tags; t++)
         a->tag_bloom |= backend_tag_bit(a->tags[t]);
     return AFF_OK;
@@ -1001,7 +1001,8 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
                 uint32_t row = rows[boff + h];
                 float sc = scores[boff + h];
                 out[h].score = c->metric == AFF_METRIC_L2 ? -sc : sc;
-                snprintf(out[h].id, sizeof out[h].id, "%s", c->row_ids[row]);
+                const char *id = c->row_ids[row];
+                memcpy(out[h].id, id, strlen(id) + 1); /* ids are ≤ AFF_MAX_ID_LEN */
             }
             n_hits[qi] = counts[b];
             boff += ks[b];
