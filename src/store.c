@@ -633,7 +633,7 @@ static int scan_prefix(store_txn *t, int db, const key_buf *prefix, const key_bu
     if (rc)
         return mdb_fail(t, err, rc, "open cursor");
     MDB_val k = kb_val(from ? from : prefix), v;
-    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    rc = mdb_cursor_get(cur, &k, &v, k.mv_size ? MDB_SET_RANGE : MDB_FIRST);
     while (rc == 0 && has_prefix(&k, prefix)) {
         int r = visit(ctx, &k, &v, err);
         if (r < 0) {

@@ -1,0 +1,485 @@
+/*
+ * test_store.c: the LMDB store on a real directory: restart, map growth, group commit,
+ * I/O errors, the one-process lock, in-memory mode, collection drop and the rebuild scan.
+ */
+#include <criterion/criterion.h>
+
+#include <errno.h>
+#include <ftw.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "store.h"
+
+static char dir[256];
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    return remove(path);
+}
+
+static void make_dir(void)
+{
+    aff_log_set_level(AFF_LOG_WARN);
+    snprintf(dir, sizeof dir, "%s/aff-store-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    cr_assert_not_null(mkdtemp(dir));
+}
+
+static void remove_dir(void)
+{
+    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+TestSuite(store, .init = make_dir, .fini = remove_dir);
+
+static aff_store *open_store(uint64_t map_size)
+{
+    aff_store *s = NULL;
+    aff_err err = {0};
+    store_config cfg = {.dir = dir, .initial_map_size = map_size};
+    int rc = store_create(&s, &cfg, &err);
+    cr_assert_eq(rc, AFF_OK, "store_create: %s", err.msg);
+    return s;
+}
+
+static void add_collection(aff_store *s, const char *name, uint32_t dim)
+{
+    store_collection c = {.dim = dim, .metric = AFF_METRIC_COSINE};
+    snprintf(c.name, sizeof c.name, "%s", name);
+    aff_err err = {0};
+    cr_assert_eq(store_put_collection(s, &c, &err), AFF_OK, "%s", err.msg);
+}
+
+/* Item i of a test catalog: vector (i, i+1, ...), category "c<i%3>", tags by parity. */
+static void item_vector(size_t i, uint32_t dim, float *v)
+{
+    for (uint32_t j = 0; j < dim; j++)
+        v[j] = (float)(i + j) * 0.5f - 3.0f;
+}
+
+static void put_catalog(aff_store *s, const char *coll, size_t n, uint32_t dim, size_t batch)
+{
+    char(*ids)[32] = calloc(batch, sizeof *ids);
+    char(*cats)[8] = calloc(batch, sizeof *cats);
+    float *vecs = calloc(batch * dim, sizeof(float));
+    store_item *items = calloc(batch, sizeof *items);
+    static const char *even[] = {"even", "all"}, *odd[] = {"odd", "all"};
+    for (size_t start = 0; start < n; start += batch) {
+        size_t m = n - start < batch ? n - start : batch;
+        for (size_t k = 0; k < m; k++) {
+            size_t i = start + k;
+            snprintf(ids[k], sizeof ids[k], "item-%zu", i);
+            snprintf(cats[k], sizeof cats[k], "c%zu", i % 3);
+            item_vector(i, dim, vecs + k * dim);
+            items[k] = (store_item){.id = ids[k],
+                                    .vector = vecs + k * dim,
+                                    .dim = dim,
+                                    .category = cats[k],
+                                    .tags = (i % 2) ? odd : even,
+                                    .n_tags = 2,
+                                    .price = (float)i,
+                                    .available = i % 5 != 0};
+        }
+        aff_err err = {0};
+        cr_assert_eq(store_put_items(s, coll, items, m, &err), AFF_OK, "%s", err.msg);
+    }
+    free(ids);
+    free(cats);
+    free(vecs);
+    free(items);
+}
+
+static void check_item(aff_store *s, const char *coll, size_t i, uint32_t dim)
+{
+    char id[32];
+    snprintf(id, sizeof id, "item-%zu", i);
+    store_item_record r;
+    float v[64], want[64];
+    aff_err err = {0};
+    cr_assert_eq(store_get_item(s, coll, id, &r, v, &err), AFF_OK, "%s: %s", id, err.msg);
+    item_vector(i, dim, want);
+    cr_assert_arr_eq(v, want, dim * sizeof(float), "%s: vector differs", id);
+    cr_assert_str_eq(r.id, id);
+    char cat[8];
+    snprintf(cat, sizeof cat, "c%zu", i % 3);
+    cr_assert_str_eq(r.category, cat);
+    cr_assert_eq(r.n_tags, 2);
+    cr_assert_str_eq(r.tags[0], (i % 2) ? "odd" : "even");
+    cr_assert_str_eq(r.tags[1], "all");
+    cr_assert_eq(r.price, (float)i);
+    cr_assert_eq(r.available, i % 5 != 0);
+}
+
+Test(store, reopens_with_identical_contents)
+{
+    aff_store *s = open_store(0);
+    add_collection(s, "books", 8);
+    add_collection(s, "banners", 4);
+    put_catalog(s, "books", 300, 8, 100);
+    put_catalog(s, "banners", 10, 4, 10);
+    const char *gone[] = {"item-7", "item-8", "nope"};
+    size_t n_deleted = 0;
+    cr_assert_eq(store_delete_items(s, "books", gone, 3, &n_deleted, NULL), AFF_OK);
+    cr_assert_eq(n_deleted, 2);
+    store_destroy(s);
+
+    s = open_store(0);
+    store_collection *cols;
+    size_t n;
+    cr_assert_eq(store_list_collections(s, &cols, &n, NULL), AFF_OK);
+    cr_assert_eq(n, 2);
+    cr_assert_str_eq(cols[0].name, "banners");
+    cr_assert_str_eq(cols[1].name, "books");
+    cr_assert_eq(cols[1].dim, 8);
+    cr_assert_eq(cols[1].metric, AFF_METRIC_COSINE);
+    cr_assert_eq(cols[1].generation, 1, "a delete bumps the generation");
+    free(cols);
+    for (size_t i = 0; i < 300; i++) {
+        if (i == 7 || i == 8) {
+            char id[32];
+            snprintf(id, sizeof id, "item-%zu", i);
+            cr_assert_eq(store_get_item(s, "books", id, NULL, NULL, NULL), AFF_ENOTFOUND);
+            continue;
+        }
+        check_item(s, "books", i, 8);
+    }
+    for (size_t i = 0; i < 10; i++)
+        check_item(s, "banners", i, 4);
+    store_destroy(s);
+}
+
+Test(store, rejects_bad_input_and_writes_nothing)
+{
+    aff_store *s = open_store(0);
+    add_collection(s, "c", 4);
+    aff_err err = {0};
+    float v[4] = {1, 2, 3, 4}, bad[4] = {1, NAN, 3, 4};
+    store_item items[2] = {{.id = "ok", .vector = v, .dim = 4},
+                           {.id = "bad", .vector = bad, .dim = 4}};
+    cr_assert_eq(store_put_items(s, "c", items, 2, &err), AFF_EINVAL);
+    cr_assert(strstr(err.msg, "bad") && strstr(err.msg, "finite"), "%s", err.msg);
+    cr_assert_eq(store_get_item(s, "c", "ok", NULL, NULL, NULL), AFF_ENOTFOUND,
+                 "a failed batch writes nothing");
+    items[1].vector = v;
+    items[1].dim = 3;
+    cr_assert_eq(store_put_items(s, "c", items, 2, &err), AFF_EINVAL);
+    cr_assert(strstr(err.msg, "dimension 4"), "%s", err.msg);
+    cr_assert_eq(store_put_items(s, "nope", items, 1, &err), AFF_ENOTFOUND);
+    char long_id[AFF_MAX_ID_LEN + 2];
+    memset(long_id, 'x', sizeof long_id - 1);
+    long_id[sizeof long_id - 1] = '\0';
+    store_item too_long = {.id = long_id, .vector = v, .dim = 4};
+    cr_assert_eq(store_put_items(s, "c", &too_long, 1, &err), AFF_EINVAL);
+    store_collection dup = {.name = "c", .dim = 4};
+    cr_assert_eq(store_put_collection(s, &dup, &err), AFF_EEXIST);
+    store_destroy(s);
+}
+
+Test(store, grows_the_map_past_its_initial_size)
+{
+    aff_store *s = open_store(1 << 20); /* 1 MiB */
+    add_collection(s, "big", 64);
+    put_catalog(s, "big", 20000, 64, 2000); /* about 6 MB of vectors */
+    store_stats st;
+    store_get_stats(s, &st);
+    cr_assert_gt(st.map_grows, 0);
+    cr_assert_gt(st.map_size, 4u << 20, "map is %llu bytes", (unsigned long long)st.map_size);
+    store_destroy(s);
+    s = open_store(1 << 20);
+    for (size_t i = 0; i < 20000; i += 997)
+        check_item(s, "big", i, 64);
+    check_item(s, "big", 19999, 64);
+    store_destroy(s);
+}
+
+Test(store, commits_one_transaction_per_batch)
+{
+    aff_store *s = open_store(0);
+    add_collection(s, "c", 8);
+    store_stats before, after;
+    store_get_stats(s, &before);
+    put_catalog(s, "c", 1000, 8, 1000);
+    store_get_stats(s, &after);
+    cr_assert_eq(after.commits - before.commits, 1);
+    put_catalog(s, "c", 1000, 8, 100);
+    store_get_stats(s, &before);
+    cr_assert_eq(before.commits - after.commits, 10);
+    store_destroy(s);
+}
+
+/* A write that hits the file size limit (standing in for a full disk) fails with AFF_EIO and
+ * leaves the store as it was; criterion runs each test in its own process. */
+Test(store, failed_write_is_an_error_and_leaves_the_store_intact)
+{
+    aff_store *s = open_store(64 << 20);
+    add_collection(s, "c", 64);
+    put_catalog(s, "c", 100, 64, 100);
+    store_stats st;
+    store_get_stats(s, &st);
+    signal(SIGXFSZ, SIG_IGN);
+    struct rlimit old, lim;
+    getrlimit(RLIMIT_FSIZE, &old);
+    lim = old;
+    lim.rlim_cur = st.used_bytes + (256 << 10);
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &lim), 0);
+
+    float *v = calloc(64, sizeof(float));
+    char id[32];
+    int rc = AFF_OK;
+    aff_err err = {0};
+    for (int i = 0; i < 1000 && rc == AFF_OK; i++) {
+        store_item items[100];
+        char ids[100][32];
+        for (int k = 0; k < 100; k++) {
+            snprintf(ids[k], sizeof ids[k], "more-%d-%d", i, k);
+            items[k] = (store_item){.id = ids[k], .vector = v, .dim = 64};
+        }
+        rc = store_put_items(s, "c", items, 100, &err);
+    }
+    cr_assert_eq(rc, AFF_EIO, "expected an I/O error, got %s: %s", aff_status_name(rc), err.msg);
+    cr_assert(strlen(err.msg) > 0);
+    setrlimit(RLIMIT_FSIZE, &old);
+    store_destroy(s);
+
+    s = open_store(0);
+    for (size_t i = 0; i < 100; i++)
+        check_item(s, "c", i, 64);
+    snprintf(id, sizeof id, "more-0-0");
+    cr_assert_eq(store_get_item(s, "c", id, NULL, NULL, NULL), AFF_OK,
+                 "batches committed before the failure are kept");
+    store_destroy(s);
+    free(v);
+}
+
+Test(store, unusable_dir_is_an_io_error)
+{
+    char file[300];
+    snprintf(file, sizeof file, "%s/plain-file", dir);
+    FILE *f = fopen(file, "w");
+    fputs("x", f);
+    fclose(f);
+    char sub[400];
+    snprintf(sub, sizeof sub, "%s/store", file);
+    aff_store *s = NULL;
+    aff_err err = {0};
+    store_config cfg = {.dir = sub};
+    cr_assert_eq(store_create(&s, &cfg, &err), AFF_EIO);
+    cr_assert_null(s);
+    cr_assert(strstr(err.msg, "Not a directory"), "%s", err.msg);
+}
+
+Test(store, one_process_per_data_dir)
+{
+    aff_store *s = open_store(0);
+    aff_store *t = NULL;
+    aff_err err = {0};
+    store_config cfg = {.dir = dir};
+    cr_assert_eq(store_create(&t, &cfg, &err), AFF_EUNAVAILABLE, "%s", err.msg);
+    store_destroy(s);
+    cr_assert_eq(store_create(&t, &cfg, &err), AFF_OK, "%s", err.msg);
+    store_destroy(t);
+}
+
+Test(store, in_memory_mode_works_and_leaves_no_files)
+{
+    char tmp[300];
+    snprintf(tmp, sizeof tmp, "%s/tmp", dir);
+    mkdir(tmp, 0700);
+    setenv("TMPDIR", tmp, 1);
+    aff_store *s = NULL;
+    aff_err err = {0};
+    store_config cfg = {.initial_map_size = 1 << 20};
+    cr_assert_eq(store_create(&s, &cfg, &err), AFF_OK, "%s", err.msg);
+    cr_assert_not(store_persistent(s));
+    add_collection(s, "c", 16);
+    put_catalog(s, "c", 5000, 16, 500);
+    check_item(s, "c", 4321, 16);
+    cr_assert_eq(rmdir(tmp), 0, "the temporary dir is gone while the store is open");
+    store_destroy(s);
+}
+
+Test(store, drop_collection_erases_everything_in_it)
+{
+    aff_store *s = open_store(0);
+    add_collection(s, "a", 4);
+    add_collection(s, "b", 4);
+    put_catalog(s, "a", 50, 4, 50);
+    put_catalog(s, "b", 50, 4, 50);
+    bool existed = false;
+    cr_assert_eq(store_drop_collection(s, "a", &existed, NULL), AFF_OK);
+    cr_assert(existed);
+    cr_assert_eq(store_drop_collection(s, "a", &existed, NULL), AFF_OK);
+    cr_assert_not(existed);
+    cr_assert_eq(store_get_item(s, "a", "item-1", NULL, NULL, NULL), AFF_ENOTFOUND);
+    add_collection(s, "a", 8);
+    cr_assert_eq(store_get_item(s, "a", "item-1", NULL, NULL, NULL), AFF_ENOTFOUND,
+                 "a re-created collection starts empty");
+    check_item(s, "b", 1, 4);
+    store_destroy(s);
+}
+
+typedef struct rebuild_seen {
+    char names[4][AFF_MAX_NAME_LEN + 1];
+    size_t n_collections;
+    size_t items[4];
+    size_t batches, progress_calls, max_batch;
+    uint64_t last_progress_items;
+    bool bad_item;
+} rebuild_seen;
+
+static int seen_collection(void *ctx, const store_collection *c, aff_err *err)
+{
+    rebuild_seen *r = ctx;
+    snprintf(r->names[r->n_collections++], sizeof r->names[0], "%s", c->name);
+    return 0;
+}
+
+static int seen_items(void *ctx, const store_collection *c, const store_item *items, size_t n,
+                      aff_err *err)
+{
+    rebuild_seen *r = ctx;
+    r->batches++;
+    if (n > r->max_batch)
+        r->max_batch = n;
+    r->items[r->n_collections - 1] += n;
+    for (size_t i = 0; i < n; i++) {
+        size_t idx = strtoul(items[i].id + 5, NULL, 10);
+        float v[64];
+        item_vector(idx, c->dim, v);
+        if (items[i].dim != c->dim || memcmp(v, items[i].vector, c->dim * sizeof(float)) ||
+            items[i].n_tags != 2 || strcmp(items[i].tags[1], "all") ||
+            items[i].price != (float)idx)
+            r->bad_item = true;
+    }
+    return 0;
+}
+
+static void seen_progress(void *ctx, const store_rebuild_progress *p)
+{
+    rebuild_seen *r = ctx;
+    r->progress_calls++;
+    r->last_progress_items = p->items;
+}
+
+Test(store, rebuild_delivers_collections_then_items_in_batches)
+{
+    aff_store *s = open_store(0);
+    add_collection(s, "b", 8);
+    add_collection(s, "a", 4);
+    put_catalog(s, "a", 1000, 4, 1000);
+    put_catalog(s, "b", 250, 8, 250);
+    store_destroy(s);
+    s = open_store(0);
+    rebuild_seen seen = {0};
+    store_rebuild_ops ops = {.collection = seen_collection,
+                             .items = seen_items,
+                             .progress = seen_progress,
+                             .ctx = &seen,
+                             .batch_size = 100};
+    store_rebuild_progress pr;
+    aff_err err = {0};
+    cr_assert_eq(store_rebuild(s, &ops, &pr, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(seen.n_collections, 2);
+    cr_assert_str_eq(seen.names[0], "a");
+    cr_assert_str_eq(seen.names[1], "b");
+    cr_assert_eq(seen.items[0], 1000);
+    cr_assert_eq(seen.items[1], 250);
+    cr_assert_eq(seen.max_batch, 100);
+    cr_assert_eq(seen.batches, 13);
+    cr_assert_not(seen.bad_item);
+    cr_assert_eq(pr.items, 1250);
+    cr_assert_eq(pr.items_total, 1250);
+    cr_assert_eq(seen.progress_calls, 13);
+    cr_assert_eq(seen.last_progress_items, 1250);
+    store_destroy(s);
+}
+
+static int fail_items(void *ctx, const store_collection *c, const store_item *items, size_t n,
+                      aff_err *err)
+{
+    return aff__fail(err, AFF_EDEVICE, "backend refused");
+}
+
+Test(store, rebuild_stops_at_a_callback_error)
+{
+    aff_store *s = open_store(0);
+    add_collection(s, "a", 4);
+    put_catalog(s, "a", 10, 4, 10);
+    store_rebuild_ops ops = {.items = fail_items};
+    aff_err err = {0};
+    cr_assert_eq(store_rebuild(s, &ops, NULL, &err), AFF_EDEVICE);
+    cr_assert_str_eq(err.msg, "backend refused");
+    store_destroy(s);
+}
+
+typedef struct stress {
+    aff_store *s;
+    int id;
+    _Atomic int *stop;
+    int failures;
+} stress;
+
+static void *writer(void *arg)
+{
+    stress *w = arg;
+    float v[64];
+    char ids[50][32];
+    store_item items[50];
+    for (int round = 0; round < 40; round++) {
+        for (int k = 0; k < 50; k++) {
+            snprintf(ids[k], sizeof ids[k], "w%d-%d-%d", w->id, round, k);
+            item_vector((size_t)k, 64, v);
+            items[k] = (store_item){.id = ids[k], .vector = v, .dim = 64};
+        }
+        if (store_put_items(w->s, "c", items, 50, NULL) != AFF_OK)
+            w->failures++;
+    }
+    return NULL;
+}
+
+static void *reader(void *arg)
+{
+    stress *r = arg;
+    float v[64];
+    while (!*r->stop) {
+        if (store_get_item(r->s, "c", "item-3", NULL, v, NULL) != AFF_OK)
+            r->failures++;
+    }
+    return NULL;
+}
+
+Test(store, concurrent_writers_and_readers_across_map_growth)
+{
+    aff_store *s = NULL;
+    store_config cfg = {.dir = dir, .initial_map_size = 1 << 20, .no_sync = true};
+    cr_assert_eq(store_create(&s, &cfg, NULL), AFF_OK);
+    add_collection(s, "c", 64);
+    put_catalog(s, "c", 10, 64, 10);
+    _Atomic int stop = 0;
+    pthread_t th[6];
+    stress st[6];
+    for (int i = 0; i < 6; i++) {
+        st[i] = (stress){.s = s, .id = i, .stop = &stop};
+        pthread_create(&th[i], NULL, i < 3 ? writer : reader, &st[i]);
+    }
+    for (int i = 0; i < 3; i++)
+        pthread_join(th[i], NULL);
+    stop = 1;
+    for (int i = 3; i < 6; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(st[i].failures, 0, "thread %d failed %d times", i, st[i].failures);
+    store_stats stats;
+    store_get_stats(s, &stats);
+    cr_assert_gt(stats.map_grows, 0);
+    cr_assert_eq(store_get_item(s, "c", "w2-39-49", NULL, NULL, NULL), AFF_OK);
+    store_destroy(s);
+}
