@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Chart tests for helm/affinity: `helm lint` and `helm template` with each values file in
+# Chart and image tests for helm/affinity and the Dockerfile: `helm lint` and `helm template` with each values file in
 # helm/affinity/ci/, then checks on the rendered manifests (GPU limits only when enabled,
 # native gRPC probes on the gRPC port, Secrets mounted, no root, CPU-only flags, StatefulSet
 # with claims when persistent) and on values the schema or the templates must refuse.
@@ -286,6 +286,14 @@ w="$work/existing_claim.workload.yaml"
 check "existing claim: mounted as a volume" grep -Pzq 'persistentVolumeClaim:\n\s+claimName: shop-data' "$w"
 check "existing claim: no claim template" lacks "$w" volumeClaimTemplates
 
+render nometrics --set metrics.enabled=false || true
+w="$work/nometrics.workload.yaml"
+check "metrics off: no --metrics-listen flag" bash -c "! grep -q -- '--metrics-listen' '$w'"
+check "metrics off: AFFINITY_METRICS_LISTEN emptied (the image sets it)" \
+    grep -Pzq 'name: AFFINITY_METRICS_LISTEN\n\s+value: ""' "$w"
+check "metrics off: no metrics port on the Service" bash -c "! grep -q 'name: metrics' '$work/nometrics.yaml'"
+check "metrics on: AFFINITY_METRICS_LISTEN left to the flag" lacks "$work/default.workload.yaml" AFFINITY_METRICS_LISTEN
+
 # ---- derived values ---------------------------------------------------------------------
 render grace --set server.graceSeconds=60 --set lifecycle.preStopSleepSeconds=10 || true
 check "grace: terminationGracePeriodSeconds follows --grace-seconds (10 + 60 + 5)" \
@@ -323,6 +331,51 @@ reject "templates refuse one existing claim for two replicas" 'existingClaim' \
     --set persistence.enabled=true --set persistence.existingClaim=x --set replicaCount=2
 reject "templates refuse --backend gpu without gpu.enabled" 'backend gpu needs gpu.enabled' \
     --set gpu.enabled=false --set server.backend=gpu
+
+
+# ---- container image: the Dockerfile agrees with the chart ------------------------------
+# No Docker engine runs here; these check the Dockerfile's text against the chart's
+# assumptions, and run its package-discovery step on a local binary.
+dockerfile="$repo/Dockerfile"
+check "Dockerfile: builds on nvidia/cuda devel" has "$dockerfile" '^FROM nvidia/cuda:\$\{CUDA_VERSION\}-devel-\$\{UBUNTU\} AS build$'
+check "Dockerfile: runs on the matching nvidia/cuda runtime" has "$dockerfile" '^FROM nvidia/cuda:\$\{CUDA_VERSION\}-runtime-\$\{UBUNTU\} AS runtime$'
+check "Dockerfile: installs build deps with scripts/install-deps.sh (as CI does)" \
+    bash -c "grep -q '^COPY scripts/install-deps.sh ' '$dockerfile' && grep -q '^RUN bash scripts/install-deps.sh' '$dockerfile'"
+check "Dockerfile: builds with cmake and the CUDA backend" has "$dockerfile" 'cmake -S \. -B /build .*-DAFFINITY_GPU=ON'
+image_user="$(awk '$1 == "USER" {u = $2} END {print u}' "$dockerfile")"
+chart_user="$(awk '/^podSecurityContext:/ {p = 1} p && /runAsUser:/ {print $2; exit}' "$chart/values.yaml")"
+check "Dockerfile: final USER is not root" bash -c "[ -n '$image_user' ] && [ '${image_user%%:*}' != 0 ] && [ '${image_user%%:*}' != root ]"
+check "Dockerfile: USER uid ($image_user) is the chart's runAsUser ($chart_user)" [ "${image_user%%:*}" = "$chart_user" ]
+check "Dockerfile: the user is created with that uid" has "$dockerfile" "useradd .*--uid $chart_user "
+check "Dockerfile: EXPOSE 50051 9090 (the chart's ports)" has "$dockerfile" '^EXPOSE 50051 9090$'
+check "Dockerfile: ENTRYPOINT is affinityd" has "$dockerfile" '^ENTRYPOINT \["/usr/local/bin/affinityd"\]$'
+check "Dockerfile: affinityd is installed where ENTRYPOINT looks" has "$dockerfile" 'install -D -m 0755 /build/src/affinityd /out/usr/local/bin/affinityd'
+check "Dockerfile: CUDA JIT cache on /tmp (read-only root filesystem)" has "$dockerfile" 'CUDA_CACHE_PATH=/tmp/cuda-cache'
+check "install-deps.sh: valid bash" bash -n "$repo/scripts/install-deps.sh"
+check "install-deps.sh: has libmicrohttpd-dev (metrics) and unzip (install-helm.sh)" \
+    bash -c "grep -q 'libmicrohttpd-dev' '$repo/scripts/install-deps.sh' && grep -qw unzip '$repo/scripts/install-deps.sh'"
+# The build context must keep what the build stage reads.
+dockerignore_keeps() {
+    local path
+    for path in CMakeLists.txt src proto include kernels cmake scripts; do
+        grep -Eq "^/?$path/?\$" "$repo/.dockerignore" && return 1
+    done
+    grep -Eq '^\.git/?$' "$repo/.dockerignore"
+}
+check ".dockerignore: keeps sources and scripts, drops .git" dockerignore_keeps
+# Run the Dockerfile's ldd -> dpkg -S step on /bin/ls: it must name the package of libc.
+package_step() {
+    local dir="$work/image"
+    mkdir -p "$dir/out/usr/local/bin"
+    cp /bin/ls "$dir/out/usr/local/bin/affinityd"
+    cp /bin/ls "$dir/out/usr/local/bin/affinity"
+    awk '/^RUN libs=/ {p = 1} p {print} p && /cat \/out\/runtime-packages.txt/ {exit}' "$dockerfile" |
+        sed -e 's/^RUN //' -e "s#/out/#$dir/out/#g" | sed -e ':a' -e '/\\$/N; s/\\\n/ /; ta' >"$dir/step.sh"
+    bash -o pipefail "$dir/step.sh" >/dev/null 2>&1 && grep -Eq '^libc6(:[a-z0-9]+)?$' "$dir/out/runtime-packages.txt"
+}
+if command -v dpkg >/dev/null; then
+    check "Dockerfile: runtime package discovery (ldd + dpkg -S) names libc6 for /bin/ls" package_step
+fi
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
