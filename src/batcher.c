@@ -348,9 +348,8 @@ out:
     return rc;
 }
 
-void batcher_destroy(batcher *b)
+void batcher_stop(batcher *b)
 {
-    if (!b) return;
     pthread_mutex_lock(&b->mu);
     b->stopping = true;
     batcher_request *left = NULL;
@@ -373,6 +372,12 @@ void batcher_destroy(batcher *b)
         next = r->next;
         complete_failed(r, AFF_EUNAVAILABLE, "the server is shutting down; retry elsewhere");
     }
+}
+
+void batcher_destroy(batcher *b)
+{
+    if (!b) return;
+    batcher_stop(b);
     for (uint32_t i = 0; i < b->n_threads; i++)
         pthread_join(b->threads[i], NULL);
     free(b->threads);

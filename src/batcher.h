@@ -110,9 +110,13 @@ typedef struct batcher_stats {
 /* Creates a batcher and starts its workers. exec is copied. */
 int batcher_create(batcher **out, const batcher_config *cfg, const batcher_exec *exec,
                    aff_err *err);
-/* Stops accepting, completes every queued request with AFF_EUNAVAILABLE, waits for running
- * batches to finish and joins the workers. NULL: no-op. */
+/* batcher_stop, then waits for running batches to finish and joins the workers.
+ * NULL: no-op. */
 void batcher_destroy(batcher *b);
+
+/* Stops accepting (later submits get AFF_EUNAVAILABLE) and completes every queued request
+ * with AFF_EUNAVAILABLE; batches already running finish normally. Idempotent; thread-safe. */
+void batcher_stop(batcher *b);
 
 /* Queues req. 0: queued, `done` will run. AFF_EFULL (queue full), AFF_EUNAVAILABLE
  * (shutting down) or AFF_EINVAL: refused, `done` will not run. Thread-safe. */

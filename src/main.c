@@ -1,0 +1,186 @@
+/*
+ * main.c: affinityd — flags and environment, start-up, signals and graceful shutdown.
+ *
+ * Start-up order: configuration (frozen from here on) → engine and backend → batcher →
+ * metrics endpoint (optional) → gRPC server (health NOT_SERVING) → port file → demo catalog
+ * (optional) → health SERVING. SIGTERM/SIGINT are blocked in every thread and taken by
+ * sigwait() here, so no handler runs in signal context. Shutdown: health NOT_SERVING, no new
+ * calls, in-flight calls get --grace-seconds to finish, then the rest are cancelled; exit 0.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "batcher.h"
+#include "config.h"
+#include "demo.h"
+#include "engine.h"
+#include "log.h"
+#include "metrics.h"
+#include "transport.h"
+
+/* OpenMP reads OMP_WAIT_POLICY once, when the library loads: without PASSIVE, idle FAISS and
+ * OpenBLAS threads spin and steal the cores the server needs (4-25x slower on small
+ * machines). If it is unset, set it and re-execute this binary with the same arguments. */
+static void ensure_passive_openmp(char **argv)
+{
+    if (getenv("OMP_WAIT_POLICY")) return;
+    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    execv("/proc/self/exe", argv);
+    fprintf(stderr, "affinityd: warning: cannot re-execute with OMP_WAIT_POLICY=PASSIVE: %s\n",
+            strerror(errno));
+}
+
+/* Reads the bearer token: the file's content without surrounding whitespace. */
+static int read_token(const char *path, char *out, size_t size, aff_err *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return aff__fail(err, AFF_EINVAL, "--token-file: cannot open '%s': %s", path,
+                         strerror(errno));
+    size_t n = fread(out, 1, size - 1, f);
+    bool more = fgetc(f) != EOF;
+    fclose(f);
+    if (more)
+        return aff__fail(err, AFF_EINVAL, "--token-file: the token is longer than %zu bytes",
+                         size - 2);
+    out[n] = '\0';
+    size_t start = strspn(out, " \t\r\n");
+    memmove(out, out + start, n - start + 1);
+    n = strlen(out);
+    while (n && strchr(" \t\r\n", out[n - 1]))
+        out[--n] = '\0';
+    if (!n) return aff__fail(err, AFF_EINVAL, "--token-file: '%s' holds no token", path);
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)out[i] < 0x21 || (unsigned char)out[i] > 0x7e)
+            return aff__fail(err, AFF_EINVAL,
+                             "--token-file: the token must be printable ASCII without spaces");
+    return 0;
+}
+
+/* Writes the port to path atomically (a temporary file renamed into place). */
+static int write_port_file(const char *path, int port, aff_err *err)
+{
+    char tmp[CONFIG_PATH_MAX + 16];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f || fprintf(f, "%d\n", port) < 0 || fclose(f) != 0 || rename(tmp, path) != 0)
+        return aff__fail(err, AFF_EIO, "--port-file: cannot write '%s': %s", path, strerror(errno));
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    int rc = 1;
+    aff_config cfg;
+    aff_err err = {0};
+    char token[4096] = "";
+    aff_engine *engine = NULL;
+    batcher *bat = NULL;
+    aff_metrics *metrics = NULL;
+    transport *server = NULL;
+
+    ensure_passive_openmp(argv);
+    if (config_parse(&cfg, argc, argv, &err)) {
+        fprintf(stderr, "affinityd: %s\n", err.msg);
+        return 2;
+    }
+    if (cfg.help) {
+        config_usage(stdout, "affinityd");
+        return 0;
+    }
+    if (cfg.version) {
+        printf("affinityd %s\n", AFF_VERSION_STRING);
+        return 0;
+    }
+    aff_log_set_level(cfg.log_level);
+
+    /* Signals: taken synchronously by sigwait below; threads inherit the mask. */
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    aff_log_kv(AFF_LOG_INFO, "affinityd starting", "version", AFF_VERSION_STRING, NULL);
+    config_log(&cfg);
+    if (cfg.token_file[0] && read_token(cfg.token_file, token, sizeof token, &err)) goto fail;
+
+    engine_config ecfg = {
+        .backend = cfg.backend,
+        .faiss = {.threads = (int)cfg.cpu_threads},
+        .gpu = {.device = cfg.gpu_device, .fp32 = cfg.fp32, .max_batch = cfg.max_batch}};
+    if (engine_create(&engine, &ecfg, &err)) goto fail;
+    backend_info bi;
+    engine_backend_info(engine, &bi);
+    aff_log_kv(AFF_LOG_INFO, "backend selected", "requested", config_backend_name(cfg.backend),
+               "backend", bi.name, "device", bi.device, NULL);
+
+    batcher_config bcfg = {.max_batch = cfg.max_batch,
+                           .max_wait_us = cfg.max_wait_us,
+                           .queue_limit = cfg.queue_limit,
+                           .workers = cfg.batch_workers};
+    batcher_exec exec = batcher_engine_exec(engine);
+    if (batcher_create(&bat, &bcfg, &exec, &err)) goto fail;
+
+    /* Metrics hook: the endpoint runs when --metrics-listen is set. Per-request metrics are
+     * for the metrics work to wire into transport.c (tcall_finish sees every call's end). */
+    if (cfg.metrics_listen[0]) {
+        if (metrics_create(&metrics, cfg.metrics_listen, &err)) goto fail;
+        metrics_set_backend(metrics, bi.name, bi.device);
+        aff_log(AFF_LOG_INFO, "metrics on port %u", (unsigned)metrics_port(metrics));
+    }
+
+    if (cfg.data_dir[0])
+        aff_log_kv(AFF_LOG_WARN,
+                   "--data-dir is accepted but storage is not wired in yet: serving from memory",
+                   "data_dir", cfg.data_dir, NULL);
+
+    transport_config tcfg = {.listen = cfg.listen,
+                             .threads = cfg.threads,
+                             .max_message_bytes = cfg.max_message_bytes,
+                             .tls_cert_file = cfg.tls_cert,
+                             .tls_key_file = cfg.tls_key,
+                             .token = token,
+                             .max_batch = cfg.max_batch,
+                             .max_wait_us = cfg.max_wait_us,
+                             .persistent = false};
+    if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
+    char port[16];
+    snprintf(port, sizeof port, "%d", transport_port(server));
+    aff_log_kv(AFF_LOG_INFO, "listening", "address", cfg.listen, "port", port, "tls",
+               cfg.tls_cert[0] ? "on" : "off", "auth", token[0] ? "bearer token" : "off", NULL);
+    if (cfg.port_file[0] && write_port_file(cfg.port_file, transport_port(server), &err)) goto fail;
+
+    if (cfg.demo && demo_load(engine, &err)) goto fail;
+    transport_set_serving(server, true);
+    metrics_set_serving(metrics, true);
+    aff_log(AFF_LOG_INFO, "serving");
+
+    int sig = 0;
+    sigwait(&stop_signals, &sig);
+    aff_log_kv(AFF_LOG_INFO, "shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+               NULL);
+    metrics_set_serving(metrics, false);
+    if (transport_shutdown(server, cfg.grace_seconds * 1000u))
+        aff_log(AFF_LOG_WARN, "some calls did not finish within %u s and were cancelled",
+                cfg.grace_seconds);
+    rc = 0;
+    goto out;
+fail:
+    aff_log_kv(AFF_LOG_ERROR, "start-up failed", "error", err.msg, NULL);
+    fprintf(stderr, "affinityd: %s\n", err.msg);
+out:
+    transport_destroy(server);
+    batcher_destroy(bat);
+    metrics_destroy(metrics);
+    engine_destroy(engine);
+    if (rc == 0) aff_log(AFF_LOG_INFO, "stopped");
+    memset(token, 0, sizeof token);
+    return rc;
+}

@@ -1,0 +1,567 @@
+/*
+ * transport.c: owns the gRPC server core — completion queues and their threads, the request
+ * slots for every registered method and for unknown methods, the call life cycle, bearer
+ * token checks, graceful shutdown. The RPC handlers live in transport_rpc.c.
+ *
+ * Rules kept: every tag is a ttag; a call is freed only by its last unref; no handler runs
+ * with the transport mutex held; unknown methods are answered UNIMPLEMENTED at once because
+ * SLOTS_UNKNOWN grpc_server_request_call slots stay armed on every queue.
+ */
+#include "transport.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+
+#include "log.h"
+#include "transport_codec.h"
+#include "transport_internal.h"
+
+#define SLOTS_PER_METHOD 2 /* armed requests per method per completion queue */
+#define SLOTS_UNKNOWN    2
+
+/* ---- call life cycle ------------------------------------------------------------------- */
+
+static void on_request(void *arg, bool ok);
+static void on_unknown(void *arg, bool ok);
+static void on_final(void *arg, bool ok);
+static void on_recv_done(void *arg, bool ok);
+static void on_send_done(void *arg, bool ok);
+
+static tcall *tcall_new(transport *t, grpc_completion_queue *cq, size_t def_index)
+{
+    tcall *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->t = t;
+    c->cq = cq;
+    c->def = def_index < t->n_defs ? &t->defs[def_index] : NULL;
+    c->registered = c->def ? t->registered[def_index] : NULL;
+    grpc_metadata_array_init(&c->md);
+    grpc_call_details_init(&c->details);
+    c->status_details = grpc_empty_slice();
+    atomic_init(&c->refs, 1);
+    pthread_mutex_init(&c->mu, NULL);
+    c->t_request = (ttag){c->def ? on_request : on_unknown, c};
+    c->t_recv = (ttag){on_recv_done, c};
+    c->t_send = (ttag){on_send_done, c};
+    c->t_final = (ttag){on_final, c};
+    return c;
+}
+
+void tcall_ref(tcall *c)
+{
+    atomic_fetch_add(&c->refs, 1);
+}
+
+void tcall_unref(tcall *c)
+{
+    if (atomic_fetch_sub(&c->refs, 1) != 1) return;
+    if (c->state_free) c->state_free(c->state);
+    if (c->req) protobuf_c_message_free_unpacked(c->req, NULL);
+    if (c->payload) grpc_byte_buffer_destroy(c->payload);
+    if (c->recv_bb) grpc_byte_buffer_destroy(c->recv_bb);
+    if (c->send_bb) grpc_byte_buffer_destroy(c->send_bb);
+    grpc_slice_unref(c->status_details);
+    grpc_metadata_array_destroy(&c->md);
+    grpc_call_details_destroy(&c->details);
+    if (c->call) grpc_call_unref(c->call);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+/* Arms one request slot for method def_index (or an unknown-method slot when def_index is
+ * n_defs) on cq. Failure only when shutting down or out of memory; logged. */
+static void arm_slot(transport *t, grpc_completion_queue *cq, size_t def_index)
+{
+    tcall *c = tcall_new(t, cq, def_index);
+    if (!c) {
+        aff_log(AFF_LOG_ERROR, "out of memory arming a request slot");
+        return;
+    }
+    grpc_call_error e;
+    if (c->def)
+        e = grpc_server_request_registered_call(t->server, c->registered, &c->call, &c->deadline,
+                                                &c->md, c->def->req_desc ? &c->payload : NULL, cq,
+                                                cq, &c->t_request);
+    else
+        e = grpc_server_request_call(t->server, &c->call, &c->details, &c->md, cq, cq,
+                                     &c->t_request);
+    if (e != GRPC_CALL_OK) {
+        aff_log(AFF_LOG_ERROR, "cannot arm a request slot (grpc_call_error %d)", (int)e);
+        tcall_unref(c);
+    }
+}
+
+int64_t tcall_deadline_ns(const tcall *c)
+{
+    gpr_timespec d = gpr_convert_clock_type(c->deadline, GPR_CLOCK_MONOTONIC);
+    if (gpr_time_cmp(d, gpr_inf_future(GPR_CLOCK_MONOTONIC)) == 0) return 0;
+    gpr_timespec now = gpr_now(GPR_CLOCK_MONOTONIC);
+    gpr_timespec left = gpr_time_sub(d, now);
+    int64_t left_ns = (int64_t)left.tv_sec * 1000000000 + left.tv_nsec;
+    return batcher_now_ns() + left_ns;
+}
+
+static void start_batch(tcall *c, const grpc_op *ops, size_t n, ttag *tag)
+{
+    tcall_ref(c);
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, tag, NULL);
+    if (e != GRPC_CALL_OK) {
+        aff_log(AFF_LOG_ERROR, "grpc_call_start_batch failed (grpc_call_error %d)", (int)e);
+        /* The tag will never come back: run its step as failed here. */
+        tag->fn(tag->arg, false);
+    }
+}
+
+void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp)
+{
+    pthread_mutex_lock(&c->mu);
+    if (c->finished) {
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    c->finished = true;
+    grpc_op ops[4];
+    size_t n = 0;
+    memset(ops, 0, sizeof ops);
+    if (!c->sent_initial_md) {
+        c->sent_initial_md = true;
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    }
+    if (grpc_code == 0 && resp) {
+        c->send_bb = transport__pack(resp);
+        if (!c->send_bb) {
+            grpc_code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+            msg = "out of memory encoding the response";
+        } else {
+            ops[n].op = GRPC_OP_SEND_MESSAGE;
+            ops[n++].data.send_message.send_message = c->send_bb;
+        }
+    }
+    grpc_slice_unref(c->status_details);
+    c->status_details = grpc_slice_from_copied_string(msg ? msg : "");
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = (grpc_status_code)grpc_code;
+    ops[n++].data.send_status_from_server.status_details = &c->status_details;
+    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
+    pthread_mutex_unlock(&c->mu);
+    if (grpc_code != 0)
+        aff_log_kv(AFF_LOG_DEBUG, "call failed", "method", c->def ? c->def->path : "(unknown)",
+                   "status", msg ? msg : "", NULL);
+    start_batch(c, ops, n, &c->t_final);
+}
+
+void tcall_fail(tcall *c, const aff_err *err)
+{
+    tcall_finish(c, aff_status_grpc_code(err->code), err->msg, NULL);
+}
+
+bool tcall_recv(tcall *c)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->recv_bb;
+    tcall_ref(c);
+    if (grpc_call_start_batch(c->call, &op, 1, &c->t_recv, NULL) != GRPC_CALL_OK) {
+        tcall_unref(c);
+        return false;
+    }
+    return true;
+}
+
+bool tcall_send(tcall *c, const ProtobufCMessage *msg)
+{
+    grpc_op ops[2];
+    size_t n = 0;
+    memset(ops, 0, sizeof ops);
+    pthread_mutex_lock(&c->mu);
+    if (!c->sent_initial_md) {
+        c->sent_initial_md = true;
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    }
+    if (c->send_bb) grpc_byte_buffer_destroy(c->send_bb);
+    c->send_bb = transport__pack(msg);
+    grpc_byte_buffer *bb = c->send_bb;
+    pthread_mutex_unlock(&c->mu);
+    if (!bb) return false;
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n++].data.send_message.send_message = bb;
+    tcall_ref(c);
+    if (grpc_call_start_batch(c->call, ops, n, &c->t_send, NULL) != GRPC_CALL_OK) {
+        tcall_unref(c);
+        return false;
+    }
+    return true;
+}
+
+static void on_recv_done(void *arg, bool ok)
+{
+    tcall *c = arg;
+    grpc_byte_buffer *bb = c->recv_bb;
+    c->recv_bb = NULL;
+    if (c->on_recv)
+        c->on_recv(c, ok, bb);
+    else if (bb)
+        grpc_byte_buffer_destroy(bb);
+    tcall_unref(c);
+}
+
+static void on_send_done(void *arg, bool ok)
+{
+    tcall *c = arg;
+    if (c->on_send) c->on_send(c, ok);
+    tcall_unref(c);
+}
+
+static void on_final(void *arg, bool ok)
+{
+    tcall_unref(arg);
+}
+
+/* ---- authentication -------------------------------------------------------------------- */
+
+/* Compares in time that depends only on the lengths, not on where the bytes differ. */
+static bool equal_const_time(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
+{
+    uint8_t diff = (uint8_t)(na != nb);
+    for (size_t i = 0; i < nb; i++)
+        diff |= (uint8_t)(b[i] ^ (i < na ? a[i] : 0));
+    return diff == 0;
+}
+
+static bool authorized(const transport *t, const grpc_metadata_array *md)
+{
+    if (!t->authorization) return true;
+    const char *want = t->authorization;
+    bool ok = false;
+    for (size_t i = 0; i < md->count; i++) {
+        const grpc_slice *k = &md->metadata[i].key;
+        if (GRPC_SLICE_LENGTH(*k) != 13 || memcmp(GRPC_SLICE_START_PTR(*k), "authorization", 13))
+            continue;
+        const grpc_slice *v = &md->metadata[i].value;
+        ok |= equal_const_time(GRPC_SLICE_START_PTR(*v), GRPC_SLICE_LENGTH(*v),
+                               (const uint8_t *)want, strlen(want));
+    }
+    return ok;
+}
+
+/* ---- request dispatch ------------------------------------------------------------------ */
+
+static void on_request(void *arg, bool ok)
+{
+    tcall *c = arg;
+    transport *t = c->t;
+    if (!ok) { /* the server is shutting down: the slot is returned unused */
+        tcall_unref(c);
+        return;
+    }
+    if (!atomic_load(&t->draining)) arm_slot(t, c->cq, (size_t)(c->def - t->defs));
+
+    if (!c->def->open && !authorized(t, &c->md)) {
+        tcall_finish(c, GRPC_STATUS_UNAUTHENTICATED,
+                     "missing or wrong bearer token: send metadata "
+                     "\"authorization: Bearer <token>\" with the server's token",
+                     NULL);
+    } else if (atomic_load(&t->draining) && !c->def->open) {
+        tcall_finish(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down; retry elsewhere",
+                     NULL);
+    } else if (c->def->req_desc) {
+        c->req = transport__unpack(c->payload, c->def->req_desc);
+        if (!c->req) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "the request is not a valid %s message",
+                     c->def->req_desc->name);
+            tcall_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+        } else {
+            c->def->unary(c, c->req);
+        }
+    } else {
+        c->def->stream(c);
+    }
+    tcall_unref(c);
+}
+
+static void on_unknown(void *arg, bool ok)
+{
+    tcall *c = arg;
+    transport *t = c->t;
+    if (!ok) {
+        tcall_unref(c);
+        return;
+    }
+    if (!atomic_load(&t->draining)) arm_slot(t, c->cq, t->n_defs);
+    /* The method slice is not NUL-terminated. */
+    char path[201], msg[360];
+    size_t mlen = GRPC_SLICE_LENGTH(c->details.method);
+    if (mlen > 200) mlen = 200;
+    memcpy(path, GRPC_SLICE_START_PTR(c->details.method), mlen);
+    path[mlen] = '\0';
+    snprintf(msg, sizeof msg,
+             "method %s is not implemented; this server offers affinity.v1.Affinity and "
+             "grpc.health.v1.Health/Check",
+             path);
+    tcall_finish(c, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
+    tcall_unref(c);
+}
+
+static void *cq_thread(void *arg)
+{
+    grpc_completion_queue *cq = arg;
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+        if (ev.type != GRPC_OP_COMPLETE) continue;
+        ttag *tag = ev.tag;
+        tag->fn(tag->arg, ev.success != 0);
+    }
+    return NULL;
+}
+
+static void on_shutdown(void *arg, bool ok)
+{
+    transport *t = arg;
+    pthread_mutex_lock(&t->mu);
+    t->shutdown_done = true;
+    pthread_cond_broadcast(&t->cv);
+    pthread_mutex_unlock(&t->mu);
+}
+
+/* ---- public API ------------------------------------------------------------------------ */
+
+static char *slurp(const char *path, aff_err *err, const char *what)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        aff__fail(err, AFF_EINVAL, "cannot read %s '%s': %s", what, path, strerror(errno));
+        return NULL;
+    }
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
+    for (;;) {
+        if (len + 4096 + 1 > cap) {
+            cap = cap ? cap * 2 : 8192;
+            char *b2 = realloc(buf, cap);
+            if (!b2) {
+                free(buf);
+                fclose(f);
+                aff__fail(err, AFF_ENOMEM, "out of memory reading %s", what);
+                return NULL;
+            }
+            buf = b2;
+        }
+        size_t n = fread(buf + len, 1, 4096, f);
+        len += n;
+        if (n == 0) break;
+    }
+    fclose(f);
+    buf[len] = '\0';
+    return buf;
+}
+
+int transport_create(transport **out, const transport_config *cfg, aff_engine *engine, batcher *b,
+                     aff_err *err)
+{
+    int rc = 0;
+    transport *t = NULL;
+    char *cert = NULL, *key = NULL;
+    grpc_server_credentials *creds = NULL;
+    *out = NULL;
+    grpc_init();
+    t = calloc(1, sizeof *t);
+    if (!t) {
+        grpc_shutdown();
+        return aff__fail(err, AFF_ENOMEM, "out of memory creating the server");
+    }
+    t->cfg = *cfg;
+    t->cfg.token = NULL;
+    t->engine = engine;
+    t->batcher = b;
+    t->defs = transport__methods;
+    t->n_defs = transport__n_methods;
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_cond_init(&t->cv, NULL);
+    atomic_init(&t->serving, false);
+    atomic_init(&t->draining, false);
+    t->shutdown_tag = (ttag){on_shutdown, t};
+    if (cfg->token && cfg->token[0]) {
+        size_t n = strlen(cfg->token) + 8;
+        t->authorization = malloc(n);
+        if (!t->authorization) {
+            rc = aff__fail(err, AFF_ENOMEM, "out of memory creating the server");
+            goto out;
+        }
+        snprintf(t->authorization, n, "Bearer %s", cfg->token);
+    }
+    t->n_threads = cfg->threads ? cfg->threads : 1;
+    t->cqs = calloc(t->n_threads, sizeof *t->cqs);
+    t->threads = calloc(t->n_threads, sizeof *t->threads);
+    t->registered = calloc(t->n_defs, sizeof *t->registered);
+    if (!t->cqs || !t->threads || !t->registered) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory creating the server");
+        goto out;
+    }
+
+    grpc_arg args[3] = {
+        {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+         .value.integer = (int)cfg->max_message_bytes},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
+         .value.integer = (int)cfg->max_message_bytes},
+    };
+    grpc_channel_args ca = {.num_args = 3, .args = args};
+    t->server = grpc_server_create(&ca, NULL);
+    for (uint32_t i = 0; i < t->n_threads; i++) {
+        t->cqs[i] = grpc_completion_queue_create_for_next(NULL);
+        grpc_server_register_completion_queue(t->server, t->cqs[i], NULL);
+    }
+    for (size_t i = 0; i < t->n_defs; i++) {
+        t->registered[i] = grpc_server_register_method(
+            t->server, t->defs[i].path, NULL,
+            t->defs[i].req_desc ? GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER : GRPC_SRM_PAYLOAD_NONE,
+            0);
+        if (!t->registered[i]) {
+            rc = aff__fail(err, AFF_EINTERNAL, "cannot register method %s", t->defs[i].path);
+            goto out;
+        }
+    }
+
+    for (uint32_t i = 0; i < t->n_threads; i++) {
+        int e = pthread_create(&t->threads[i], NULL, cq_thread, t->cqs[i]);
+        if (e) {
+            rc = aff__fail(err, AFF_EINTERNAL, "cannot start a server thread: %s", strerror(e));
+            goto out;
+        }
+        t->n_started++;
+    }
+    if (cfg->tls_cert_file && cfg->tls_cert_file[0]) {
+        cert = slurp(cfg->tls_cert_file, err, "TLS certificate");
+        if (!cert) {
+            rc = err ? err->code : AFF_EINVAL;
+            goto out;
+        }
+        key = slurp(cfg->tls_key_file, err, "TLS key");
+        if (!key) {
+            rc = err ? err->code : AFF_EINVAL;
+            goto out;
+        }
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
+        creds = grpc_ssl_server_credentials_create(NULL, &pair, 1, 0, NULL);
+    } else {
+        creds = grpc_insecure_server_credentials_create();
+    }
+    if (!creds) {
+        rc = aff__fail(err, AFF_EINVAL, "the TLS certificate or key is not valid PEM");
+        goto out;
+    }
+    t->port = grpc_server_add_http2_port(t->server, cfg->listen, creds);
+    if (t->port <= 0) {
+        rc = aff__fail(err, AFF_EINVAL,
+                       "cannot listen on %s: the port is in use, the address is not local, or "
+                       "the TLS certificate/key are invalid",
+                       cfg->listen);
+        goto out;
+    }
+    grpc_server_start(t->server);
+    t->started = true;
+    for (uint32_t i = 0; i < t->n_threads; i++) {
+        for (size_t m = 0; m <= t->n_defs; m++)
+            for (int k = 0; k < (m < t->n_defs ? SLOTS_PER_METHOD : SLOTS_UNKNOWN); k++)
+                arm_slot(t, t->cqs[i], m);
+    }
+    *out = t;
+    t = NULL;
+out:
+    if (creds) grpc_server_credentials_release(creds);
+    free(cert);
+    if (key) {
+        memset(key, 0, strlen(key));
+        free(key);
+    }
+    transport_destroy(t);
+    return rc;
+}
+
+int transport_port(const transport *t)
+{
+    return t->port;
+}
+
+void transport_set_serving(transport *t, bool serving)
+{
+    atomic_store(&t->serving, serving);
+}
+
+bool transport__serving(const transport *t)
+{
+    return atomic_load(&t->serving) && !atomic_load(&t->draining);
+}
+
+static bool wait_shutdown(transport *t, int64_t until_ns)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t left = until_ns - batcher_now_ns();
+    if (left < 0) left = 0;
+    int64_t abs = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + left;
+    ts.tv_sec = abs / 1000000000;
+    ts.tv_nsec = abs % 1000000000;
+    pthread_mutex_lock(&t->mu);
+    while (!t->shutdown_done)
+        if (pthread_cond_timedwait(&t->cv, &t->mu, &ts) == ETIMEDOUT) break;
+    bool done = t->shutdown_done;
+    pthread_mutex_unlock(&t->mu);
+    return done;
+}
+
+int transport_shutdown(transport *t, uint32_t grace_ms)
+{
+    int rc = 0;
+    pthread_mutex_lock(&t->mu);
+    bool started = t->shutdown_started;
+    t->shutdown_started = true;
+    pthread_mutex_unlock(&t->mu);
+    if (started || !t->started) return 0;
+    atomic_store(&t->draining, true);
+    aff_log(AFF_LOG_INFO, "draining: health NOT_SERVING, no new calls, %u ms for calls in flight",
+            grace_ms);
+    grpc_server_shutdown_and_notify(t->server, t->cqs[0], &t->shutdown_tag);
+    if (!wait_shutdown(t, batcher_now_ns() + (int64_t)grace_ms * 1000000)) {
+        aff_log(AFF_LOG_WARN, "grace period over: cancelling the calls still running");
+        rc = AFF_EDEADLINE;
+        grpc_server_cancel_all_calls(t->server);
+        if (t->batcher) batcher_stop(t->batcher);
+        wait_shutdown(t, INT64_MAX / 2);
+    }
+    return rc;
+}
+
+void transport_destroy(transport *t)
+{
+    if (!t) return;
+    if (t->started) transport_shutdown(t, 0);
+    if (t->server) grpc_server_destroy(t->server);
+    for (uint32_t i = 0; t->cqs && i < t->n_threads; i++)
+        if (t->cqs[i]) grpc_completion_queue_shutdown(t->cqs[i]);
+    for (uint32_t i = 0; i < t->n_started; i++)
+        pthread_join(t->threads[i], NULL);
+    for (uint32_t i = 0; t->cqs && i < t->n_threads; i++)
+        if (t->cqs[i]) grpc_completion_queue_destroy(t->cqs[i]);
+    free(t->cqs);
+    free(t->threads);
+    free(t->registered);
+    free(t->authorization);
+    pthread_cond_destroy(&t->cv);
+    pthread_mutex_destroy(&t->mu);
+    free(t);
+    grpc_shutdown();
+}

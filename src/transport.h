@@ -1,0 +1,55 @@
+/*
+ * transport.h: the gRPC server (affinity.v1.Affinity and grpc.health.v1.Health) on gRPC C
+ * core's asynchronous API.
+ *
+ * The transport decodes and validates requests, checks the bearer token, and either answers
+ * on its completion-queue thread (collections, catalog, server info, health) or hands plain C
+ * requests to the batcher (Search, SimilarItems, Recommend, Rerank, BatchRecommend) and
+ * answers from the batcher's completion callback. No gRPC or protobuf type leaks out of this
+ * header.
+ *
+ * Life cycle: transport_create binds and starts serving with health NOT_SERVING;
+ * transport_set_serving(true) once the catalog is loaded; transport_shutdown drains;
+ * transport_destroy frees. The engine and batcher are borrowed and must outlive the
+ * transport (destroy the batcher only after transport_shutdown returned).
+ */
+#ifndef AFFINITY_TRANSPORT_H
+#define AFFINITY_TRANSPORT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "batcher.h"
+#include "engine.h"
+#include "status.h"
+
+typedef struct transport transport;
+
+typedef struct transport_config {
+    const char *listen;         /* host:port; port 0 picks a free port */
+    uint32_t threads;           /* completion-queue threads, ≥ 1 */
+    uint32_t max_message_bytes; /* larger messages get RESOURCE_EXHAUSTED */
+    const char *tls_cert_file;  /* NULL or "": plaintext */
+    const char *tls_key_file;
+    const char *token;    /* NULL or "": no authentication; copied */
+    uint32_t max_batch;   /* reported by GetServerInfo */
+    uint32_t max_wait_us; /* reported by GetServerInfo */
+    bool persistent;      /* reported by GetServerInfo */
+} transport_config;
+
+/* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad
+ * address, port taken, unreadable TLS files), AFF_ENOMEM. cfg is copied. */
+int transport_create(transport **out, const transport_config *cfg, aff_engine *engine, batcher *b,
+                     aff_err *err);
+/* The port actually bound (useful with port 0). */
+int transport_port(const transport *t);
+/* Health: SERVING when true. Thread-safe. */
+void transport_set_serving(transport *t, bool serving);
+/* Drains: health NOT_SERVING, stops accepting calls (new ones fail UNAVAILABLE), waits up to
+ * grace_ms for calls in flight to finish, then cancels the rest. Returns 0 when every call
+ * finished in time, AFF_EDEADLINE when some had to be cancelled. Call once. */
+int transport_shutdown(transport *t, uint32_t grace_ms);
+/* Stops the threads and frees the server. Shuts down first (grace 0) if needed. NULL: no-op. */
+void transport_destroy(transport *t);
+
+#endif

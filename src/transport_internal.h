@@ -1,0 +1,117 @@
+/*
+ * transport_internal.h: what transport.c (the server core: completion queues, call life
+ * cycle, auth, health) shares with transport_rpc.c (the affinity.v1 handlers). Only
+ * transport*.c include it.
+ *
+ * A call (tcall) is reference-counted: the request handler holds one reference while it
+ * runs, each gRPC operation batch in flight holds one, and each request in the batcher holds
+ * one. The last unref frees the call and everything it owns. A handler answers a unary call
+ * exactly once, with tcall_finish (from any thread).
+ */
+#ifndef AFFINITY_TRANSPORT_INTERNAL_H
+#define AFFINITY_TRANSPORT_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include <grpc/grpc.h>
+#include <protobuf-c/protobuf-c.h>
+
+#include "affinity/v1/affinity.pb-c.h"
+#include "batcher.h"
+#include "engine.h"
+#include "transport.h"
+
+typedef struct tcall tcall;
+
+/* A completion-queue tag: every event's tag points at one of these. */
+typedef struct ttag {
+    void (*fn)(void *arg, bool ok);
+    void *arg;
+} ttag;
+
+/* One RPC the server knows. Unary methods have req_desc and unary; streaming ones stream. */
+typedef struct tmethod_def {
+    const char *path;
+    const ProtobufCMessageDescriptor *req_desc; /* NULL: streaming */
+    bool open;                                  /* true: no bearer token needed (health) */
+    /* Handles a decoded request; req belongs to the call (freed with it). */
+    void (*unary)(tcall *c, ProtobufCMessage *req);
+    /* Starts a streaming call (the handler drives recv/send with tcall_recv/tcall_send). */
+    void (*stream)(tcall *c);
+} tmethod_def;
+
+struct tcall {
+    transport *t;
+    const tmethod_def *def; /* NULL: an unknown method */
+    void *registered;       /* the method's handle, for re-arming */
+    grpc_completion_queue *cq;
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata_array md;
+    grpc_call_details details; /* unknown methods only */
+    grpc_byte_buffer *payload; /* unary request bytes */
+    grpc_byte_buffer *recv_bb; /* streaming: the last message received */
+    grpc_byte_buffer *send_bb; /* the message being sent */
+    grpc_slice status_details;
+    int cancelled; /* from RECV_CLOSE_ON_SERVER */
+    bool sent_initial_md;
+    bool finished;
+    atomic_int refs;
+    pthread_mutex_t mu; /* streaming handlers' state */
+    ttag t_request, t_recv, t_send, t_final;
+    /* set by the handler */
+    ProtobufCMessage *req; /* decoded unary request */
+    void *state;           /* handler state, freed with state_free when the call ends */
+    void (*state_free)(void *state);
+    void (*on_recv)(tcall *c, bool ok, grpc_byte_buffer *bb); /* streaming: takes bb */
+    void (*on_send)(tcall *c, bool ok);
+};
+
+struct transport {
+    transport_config cfg;
+    char *authorization; /* "Bearer <token>" or NULL */
+    aff_engine *engine;
+    batcher *batcher;
+    grpc_server *server;
+    grpc_completion_queue **cqs;
+    pthread_t *threads;
+    uint32_t n_threads; /* completion queues, one thread each */
+    uint32_t n_started; /* threads running */
+    bool started;       /* grpc_server_start was called */
+    int port;
+    atomic_bool serving;
+    atomic_bool draining;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool shutdown_started, shutdown_done;
+    ttag shutdown_tag;
+    const tmethod_def *defs;
+    size_t n_defs;
+    void **registered; /* per def */
+};
+
+/* The affinity.v1 and health method table (transport_rpc.c). */
+extern const tmethod_def transport__methods[];
+extern const size_t transport__n_methods;
+
+void tcall_ref(tcall *c);
+void tcall_unref(tcall *c);
+/* Answers the call: resp (may be NULL when code != 0) is serialized at once and not kept.
+ * Sends initial metadata if not yet sent. Thread-safe; the second call is ignored. */
+void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp);
+/* tcall_finish with the gRPC code of err->code and err->msg. */
+void tcall_fail(tcall *c, const aff_err *err);
+/* Streaming: starts receiving the next message; c->on_recv runs with it (NULL at the end of
+ * the client's stream). Returns false when the operation could not start. */
+bool tcall_recv(tcall *c);
+/* Streaming: sends one message (initial metadata first if needed); c->on_send runs when
+ * gRPC has taken it. One send at a time. */
+bool tcall_send(tcall *c, const ProtobufCMessage *msg);
+/* Health: SERVING (catalog loaded and not draining). */
+bool transport__serving(const transport *t);
+/* The call's deadline on the batcher's clock (0: none). */
+int64_t tcall_deadline_ns(const tcall *c);
+
+#endif
