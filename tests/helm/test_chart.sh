@@ -294,6 +294,20 @@ check "metrics off: AFFINITY_METRICS_LISTEN emptied (the image sets it)" \
 check "metrics off: no metrics port on the Service" bash -c "! grep -q 'name: metrics' '$work/nometrics.yaml'"
 check "metrics on: AFFINITY_METRICS_LISTEN left to the flag" lacks "$work/default.workload.yaml" AFFINITY_METRICS_LISTEN
 
+# NOTES.txt is rendered only by install; --dry-run=client needs no cluster.
+notes() { "$helm_bin" install rel "$chart" --dry-run=client --namespace shop "$@" 2>&1 | sed -n '/^NOTES:/,$p'; }
+notes -f "$chart/ci/default-values.yaml" >"$work/notes_default.txt"
+check "NOTES: grpcurl health check in plaintext" has "$work/notes_default.txt" 'grpcurl -plaintext -import-path proto -proto grpc/health/v1/health.proto'
+check "NOTES: calls affinity.v1.Affinity/Recommend" has "$work/notes_default.txt" 'localhost:50051 affinity.v1.Affinity/Recommend'
+check "NOTES: port-forward to the Service" has "$work/notes_default.txt" 'kubectl -n shop port-forward svc/rel-affinity 50051:50051'
+notes -f "$chart/ci/tls-auth-values.yaml" >"$work/notes_tls.txt"
+check "NOTES (TLS+auth): reads the token from the Secret and sends it" \
+    bash -c "grep -q 'get secret rel-affinity-auth' '$work/notes_tls.txt' && grep -q 'authorization: Bearer' '$work/notes_tls.txt'"
+check "NOTES (TLS+auth): grpcurl over TLS" has "$work/notes_tls.txt" 'grpcurl -insecure '
+notes -f "$chart/ci/gpu-values.yaml" >"$work/notes_gpu.txt"
+check "NOTES (2 replicas): explains that writes go to every pod" has "$work/notes_gpu.txt" 'Send writes'
+check "NOTES (2 replicas): names the headless Service" has "$work/notes_gpu.txt" 'dns:///rel-affinity-headless.shop.svc:50051'
+
 # ---- derived values ---------------------------------------------------------------------
 render grace --set server.graceSeconds=60 --set lifecycle.preStopSleepSeconds=10 || true
 check "grace: terminationGracePeriodSeconds follows --grace-seconds (10 + 60 + 5)" \
