@@ -14,7 +14,7 @@
 
 #include "strmap.h"
 
-#define DAY_S 86400.0
+#define DAY_S           86400.0
 #define FUTURE_SLACK_MS (24 * 3600 * 1000LL)
 
 typedef struct type_weight {
@@ -65,18 +65,15 @@ static bool valid_weight(float w)
 static bool valid_type_name(const char *s)
 {
     size_t n = s ? strlen(s) : 0;
-    if (n == 0 || n > STORE_MAX_TYPE_LEN)
-        return false;
+    if (n == 0 || n > STORE_MAX_TYPE_LEN) return false;
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'))
-            return false;
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_')) return false;
     }
     return true;
 }
 
-int profiles_create(aff_profiles **out, aff_store *store, const profiles_config *cfg,
-                    aff_err *err)
+int profiles_create(aff_profiles **out, aff_store *store, const profiles_config *cfg, aff_err *err)
 {
     profiles_config def;
     if (!cfg) {
@@ -100,8 +97,7 @@ int profiles_create(aff_profiles **out, aff_store *store, const profiles_config 
         return aff__fail(err, AFF_EINVAL, "profiles: at most %d custom event types",
                          PROFILES_MAX_CUSTOM_TYPES);
     aff_profiles *p = calloc(1, sizeof *p);
-    if (!p)
-        return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    if (!p) return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
     for (int i = 0; i < 4; i++) {
         strcpy(p->types[i].name, builtin_names[i]);
         p->types[i].weight = builtin[i];
@@ -145,8 +141,7 @@ void profiles_destroy(aff_profiles *p)
 
 static int64_t now_ms(const aff_profiles *p)
 {
-    if (p->now_ms)
-        return p->now_ms(p->now_ctx);
+    if (p->now_ms) return p->now_ms(p->now_ctx);
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
@@ -218,10 +213,8 @@ static int recompute_visit(void *ctx, const char *item, const store_interaction 
         aff__err_clear(r->err);
         return 0; /* deleted: contributes nothing */
     }
-    if (status)
-        return status;
-    if (r->c->metric == AFF_METRIC_COSINE)
-        normalize(r->x, r->c->dim);
+    if (status) return status;
+    if (r->c->metric == AFF_METRIC_COSINE) normalize(r->x, r->c->dim);
     double g = in->weight * decay((double)(r->ref_ms - in->ref_ms), r->p->half_life_ms);
     r->weight += g;
     for (uint32_t i = 0; i < r->c->dim; i++)
@@ -238,8 +231,7 @@ static int recompute_profile(store_txn *txn, const aff_profiles *p, const store_
     memset(sum, 0, (size_t)c->dim * sizeof *sum);
     recompute_ctx r = {txn, p, c, prof->ref_ms, sum, x, 0.0, err};
     int status = store_txn_scan_interactions(txn, c->name, user, recompute_visit, &r, err);
-    if (status)
-        return status;
+    if (status) return status;
     prof->weight = r.weight;
     prof->generation = c->generation;
     return AFF_OK;
@@ -275,8 +267,7 @@ static const type_weight *event_type(const aff_profiles *p, const profiles_event
         return &p->types[e->type - PROFILES_EVENT_VIEW];
     if (e->type == PROFILES_EVENT_CUSTOM && e->custom_type) {
         for (uint32_t i = 4; i < p->n_types; i++) {
-            if (strcmp(p->types[i].name, e->custom_type) == 0)
-                return &p->types[i];
+            if (strcmp(p->types[i].name, e->custom_type) == 0) return &p->types[i];
         }
     }
     return NULL;
@@ -284,8 +275,7 @@ static const type_weight *event_type(const aff_profiles *p, const profiles_event
 
 static bool valid_context(const profiles_event *e)
 {
-    if (e->n_context > STORE_MAX_CONTEXT || (e->n_context && !e->context))
-        return false;
+    if (e->n_context > STORE_MAX_CONTEXT || (e->n_context && !e->context)) return false;
     for (uint32_t i = 0; i < e->n_context; i++) {
         const store_kv *kv = &e->context[i];
         if (!kv->key || !kv->value || !*kv->key || strlen(kv->key) > STORE_MAX_CONTEXT_LEN ||
@@ -313,56 +303,44 @@ static void count_type(store_profile *prof, const char *type)
 /* log2(2^a + 2^b) without overflow; -INFINITY stands for an empty sum. */
 static double log2_add(double a, double b)
 {
-    if (a == -INFINITY)
-        return b;
-    if (b == -INFINITY)
-        return a;
+    if (a == -INFINITY) return b;
+    if (b == -INFINITY) return a;
     double hi = a > b ? a : b, lo = a > b ? b : a;
     return hi + log2(1.0 + exp2(lo - hi));
 }
 
-static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col,
-                       store_profile *prof, const type_weight *tw, const profiles_event *e,
-                       int64_t ts, aff_err *err)
+static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, store_profile *prof,
+                       const type_weight *tw, const profiles_event *e, int64_t ts, aff_err *err)
 {
     const aff_profiles *p = c->p;
     double w = tw->weight;
     int status;
     if (w > 0) {
-        if (col->metric == AFF_METRIC_COSINE)
-            normalize(c->x, col->dim);
-        decayed_add(p->half_life_ms, &prof->ref_ms, &prof->weight, c->sum, c->x, col->dim, w,
-                    ts);
+        if (col->metric == AFF_METRIC_COSINE) normalize(c->x, col->dim);
+        decayed_add(p->half_life_ms, &prof->ref_ms, &prof->weight, c->sum, c->x, col->dim, w, ts);
     } else if (ts > prof->ref_ms) {
-        decayed_add(p->half_life_ms, &prof->ref_ms, &prof->weight, c->sum, c->x, col->dim, 0.0,
-                    ts);
+        decayed_add(p->half_life_ms, &prof->ref_ms, &prof->weight, c->sum, c->x, col->dim, 0.0, ts);
     }
 
     store_interaction in = {.ref_ms = 0, .weight = 0, .last_ms = ts, .count = 0};
     status = store_txn_get_interaction(txn, c->collection, c->user, e->item_id, &in, err);
-    if (status && status != AFF_ENOTFOUND)
-        return status;
+    if (status && status != AFF_ENOTFOUND) return status;
     decayed_add(p->half_life_ms, &in.ref_ms, &in.weight, NULL, NULL, 0, w, ts);
     in.count++;
-    if (ts > in.last_ms)
-        in.last_ms = ts;
+    if (ts > in.last_ms) in.last_ms = ts;
     if ((status = store_txn_put_interaction(txn, c->collection, c->user, e->item_id, &in, err)) ||
-        (status = store_txn_mark_type(txn, c->collection, c->user, tw->name, e->item_id, ts,
-                                      err)))
+        (status = store_txn_mark_type(txn, c->collection, c->user, tw->name, e->item_id, ts, err)))
         return status;
 
     if (w > 0) {
         store_popularity old, pop = {.log_score = -INFINITY, .count = 0, .last_ms = ts};
         status = store_txn_get_popularity(txn, c->collection, e->item_id, &old, err);
-        if (status && status != AFF_ENOTFOUND)
-            return status;
+        if (status && status != AFF_ENOTFOUND) return status;
         bool had = status == AFF_OK;
-        if (had)
-            pop = old;
+        if (had) pop = old;
         pop.log_score = log2_add(pop.log_score, log2(w) + (double)ts / p->pop_half_life_ms);
         pop.count++;
-        if (ts > pop.last_ms)
-            pop.last_ms = ts;
+        if (ts > pop.last_ms) pop.last_ms = ts;
         if ((status = store_txn_put_popularity(txn, c->collection, e->item_id, had ? &old : NULL,
                                                &pop, err)))
             return status;
@@ -385,8 +363,7 @@ static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col,
         prof->n_history--;
     }
     count_type(prof, tw->name);
-    if (ts > prof->last_event_ms)
-        prof->last_event_ms = ts;
+    if (ts > prof->last_event_ms) prof->last_event_ms = ts;
     return AFF_OK;
 }
 
@@ -399,8 +376,7 @@ static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
     store_collection col;
     store_profile prof;
     int status = store_txn_get_collection(txn, c->collection, &col, err);
-    if (status)
-        return status;
+    if (status) return status;
     status = store_txn_get_profile(txn, c->collection, c->user, &prof, c->sum, err);
     if (status == AFF_ENOTFOUND) {
         memset(&prof, 0, sizeof prof);
@@ -412,8 +388,9 @@ static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
     } else if (status) {
         return status;
     } else if (prof.dim != col.dim) {
-        return aff__fail(err, AFF_EINTERNAL, "profiles: profile of '%s' has dimension %u, the "
-                                             "collection %u",
+        return aff__fail(err, AFF_EINTERNAL,
+                         "profiles: profile of '%s' has dimension %u, the "
+                         "collection %u",
                          c->user, prof.dim, col.dim);
     } else if (prof.generation != col.generation) {
         if ((status = recompute_profile(txn, p, &col, c->user, &prof, c->sum, c->x, err)))
@@ -437,8 +414,9 @@ static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
             continue;
         }
         if (ts < 0 || ts > c->now + FUTURE_SLACK_MS) {
-            reject(c, i, "timestamp must be Unix milliseconds, not negative and at most one day "
-                         "ahead%s",
+            reject(c, i,
+                   "timestamp must be Unix milliseconds, not negative and at most one day "
+                   "ahead%s",
                    "");
             continue;
         }
@@ -453,14 +431,11 @@ static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
             reject(c, i, "unknown item id '%.120s'", e->item_id);
             continue;
         }
-        if (status)
-            return status;
-        if ((status = apply_event(txn, c, &col, &prof, tw, e, ts, err)))
-            return status;
+        if (status) return status;
+        if ((status = apply_event(txn, c, &col, &prof, tw, e, ts, err))) return status;
         c->applied++;
     }
-    if (c->applied == 0)
-        return AFF_OK; /* nothing to write; the (empty) transaction commits */
+    if (c->applied == 0) return AFF_OK; /* nothing to write; the (empty) transaction commits */
     return store_txn_put_profile(txn, c->collection, c->user, &prof, c->sum, err);
 }
 
@@ -493,10 +468,8 @@ int profiles_put_events(aff_profiles *p, const char *collection, const char *use
     c.x = c.sum + AFF_MAX_DIM;
     status = store_update(p->store, put_events_fn, &c, err);
 out:
-    if (n_applied)
-        *n_applied = status ? 0 : c.applied;
-    if (n_rejected)
-        *n_rejected = status ? 0 : c.n_rejected;
+    if (n_applied) *n_applied = status ? 0 : c.applied;
+    if (n_rejected) *n_rejected = status ? 0 : c.n_rejected;
     free(c.sum);
     return status;
 }
@@ -517,8 +490,7 @@ static int id_list_add(id_list *l, const char *id)
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 64;
         const char **np = realloc(l->ptrs, cap * sizeof *np);
-        if (!np)
-            return AFF_ENOMEM;
+        if (!np) return AFF_ENOMEM;
         l->ptrs = np;
         l->cap = cap;
     }
@@ -527,8 +499,7 @@ static int id_list_add(id_list *l, const char *id)
         while (cap < l->chars_n + len)
             cap *= 2;
         char *nc = realloc(l->chars, cap);
-        if (!nc)
-            return AFF_ENOMEM;
+        if (!nc) return AFF_ENOMEM;
         l->chars = nc;
         l->chars_cap = cap;
     }
@@ -580,8 +551,7 @@ static int read_vector(store_txn *txn, plan_ctx *c, const store_collection *col,
         aff__err_clear(err);
         return AFF_OK;
     }
-    if (status)
-        return status;
+    if (status) return status;
     if (prof.dim != col->dim)
         return AFF_OK; /* cannot happen: dropping a collection erases its profiles */
     if (prof.generation != col->generation &&
@@ -590,8 +560,7 @@ static int read_vector(store_txn *txn, plan_ctx *c, const store_collection *col,
     double ss = 0;
     for (uint32_t i = 0; i < col->dim; i++)
         ss += (double)c->vector[i] * c->vector[i];
-    if (!(ss > 0) || !isfinite(ss))
-        return AFF_OK;
+    if (!(ss > 0) || !isfinite(ss)) return AFF_OK;
     normalize(c->vector, col->dim);
     c->has_vector = true;
     return AFF_OK;
@@ -603,29 +572,25 @@ static int plan_fn(store_txn *txn, void *ctx, aff_err *err)
     id_list_free(&c->ids);
     store_collection col;
     int status = store_txn_get_collection(txn, c->collection, &col, err);
-    if (status)
-        return status;
+    if (status) return status;
     c->dim = col.dim;
-    if (c->want_vector && (status = read_vector(txn, c, &col, err)))
-        return status;
+    if (c->want_vector && (status = read_vector(txn, c, &col, err))) return status;
     for (size_t i = 0; i < c->n_types; i++) {
         if (!valid_type_name(c->types[i]))
             return aff__fail(err, AFF_EINVAL, "exclude event type '%s' is not a type name",
                              c->types[i] ? c->types[i] : "(null)");
-        status = store_txn_scan_type(txn, c->collection, c->user, c->types[i], id_visit,
-                                     &c->ids, err);
+        status =
+            store_txn_scan_type(txn, c->collection, c->user, c->types[i], id_visit, &c->ids, err);
         if (status == AFF_ENOMEM)
             return aff__fail(err, AFF_ENOMEM, "profiles: out of memory for exclusions");
-        if (status)
-            return status;
+        if (status) return status;
     }
     return AFF_OK;
 }
 
 void profiles_plan_release(profiles_plan *plan)
 {
-    if (!plan)
-        return;
+    if (!plan) return;
     free(plan->vector);
     free(plan->exclude_ids);
     free(plan->id_storage);
@@ -659,8 +624,7 @@ int profiles_plan_recommend(aff_profiles *p, const char *collection, const char 
         goto out;
     }
     c.x = c.vector + AFF_MAX_DIM;
-    if ((status = store_view(p->store, plan_fn, &c, err)))
-        goto out;
+    if ((status = store_view(p->store, plan_fn, &c, err))) goto out;
     id_list_finish(&c.ids);
 
     out->dim = c.dim;
@@ -695,8 +659,7 @@ int profiles_plan_recommend(aff_profiles *p, const char *collection, const char 
         out->filter.n_exclude_ids = (uint32_t)total;
     }
 out:
-    if (status)
-        profiles_plan_release(out);
+    if (status) profiles_plan_release(out);
     id_list_free(&c.ids);
     free(c.vector);
     return status;
@@ -711,14 +674,12 @@ int profiles_user_vector(aff_profiles *p, const char *collection, const char *us
     if (!valid_id(user_id, AFF_MAX_ID_LEN))
         return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
     c.vector = malloc(2 * AFF_MAX_DIM * sizeof(float));
-    if (!c.vector)
-        return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    if (!c.vector) return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
     c.x = c.vector + AFF_MAX_DIM;
-    if ((status = store_view(p->store, plan_fn, &c, err)))
-        goto out;
+    if ((status = store_view(p->store, plan_fn, &c, err))) goto out;
     if (c.dim != dim) {
-        status = aff__fail(err, AFF_EINVAL, "collection '%s' has dimension %u, not %u",
-                           collection, c.dim, dim);
+        status = aff__fail(err, AFF_EINVAL, "collection '%s' has dimension %u, not %u", collection,
+                           c.dim, dim);
         goto out;
     }
     if (c.has_vector) {
@@ -756,8 +717,7 @@ typedef struct popular_ctx {
 static bool any_of(const char *s, const char *const *set, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++) {
-        if (set[i] && strcmp(s, set[i]) == 0)
-            return true;
+        if (set[i] && strcmp(s, set[i]) == 0) return true;
     }
     return false;
 }
@@ -765,21 +725,17 @@ static bool any_of(const char *s, const char *const *set, uint32_t n)
 /* The engine's aff_filter semantics on a stored item (exclusions are checked separately). */
 static bool filter_passes(const aff_filter *f, const store_item_record *r)
 {
-    if (!f)
-        return true;
-    if (f->available_only && !r->available)
-        return false;
-    if (!(r->price >= f->price_min && r->price <= f->price_max))
-        return false;
-    if (f->n_categories && (!r->category[0] || !any_of(r->category, f->categories,
-                                                       f->n_categories)))
+    if (!f) return true;
+    if (f->available_only && !r->available) return false;
+    if (!(r->price >= f->price_min && r->price <= f->price_max)) return false;
+    if (f->n_categories &&
+        (!r->category[0] || !any_of(r->category, f->categories, f->n_categories)))
         return false;
     if (f->n_tags) {
         bool any = false;
         for (uint32_t i = 0; i < r->n_tags && !any; i++)
             any = any_of(r->tags[i], f->tags, f->n_tags);
-        if (!any)
-            return false;
+        if (!any) return false;
     }
     return true;
 }
@@ -787,8 +743,7 @@ static bool filter_passes(const aff_filter *f, const store_item_record *r)
 static int popular_visit(void *ctx, const char *item, const store_popularity *pop)
 {
     popular_ctx *c = ctx;
-    if (c->scanned++ >= c->p->popular_scan_limit)
-        return 1;
+    if (c->scanned++ >= c->p->popular_scan_limit) return 1;
     if (c->n_excluded &&
         bsearch(&item, c->excluded, c->n_excluded, sizeof *c->excluded, cmp_str_ptr))
         return 0;
@@ -797,10 +752,8 @@ static int popular_visit(void *ctx, const char *item, const store_popularity *po
         aff__err_clear(c->err);
         return 0;
     }
-    if (status)
-        return status;
-    if (!filter_passes(c->filter, &c->rec))
-        return 0;
+    if (status) return status;
+    if (!filter_passes(c->filter, &c->rec)) return 0;
     aff_hit *h = &c->hits[c->n_hits++];
     h->score = (float)exp2(pop->log_score - c->now_units);
     snprintf(h->id, sizeof h->id, "%s", item);
@@ -816,13 +769,12 @@ static int popular_fn(store_txn *txn, void *ctx, aff_err *err)
     c->err = err;
     store_collection col;
     int status = store_txn_get_collection(txn, c->collection, &col, err);
-    if (status)
-        return status;
+    if (status) return status;
     return store_txn_scan_popular(txn, c->collection, popular_visit, c, err);
 }
 
-int profiles_popular(aff_profiles *p, const char *collection, uint32_t k,
-                     const aff_filter *filter, aff_hit *hits, uint32_t *n_hits, aff_err *err)
+int profiles_popular(aff_profiles *p, const char *collection, uint32_t k, const aff_filter *filter,
+                     aff_hit *hits, uint32_t *n_hits, aff_err *err)
 {
     *n_hits = 0;
     if (k == 0 || k > AFF_MAX_K)
@@ -836,11 +788,9 @@ int profiles_popular(aff_profiles *p, const char *collection, uint32_t k,
     int status = AFF_OK;
     if (filter && filter->n_exclude_ids) {
         c.excluded = malloc(filter->n_exclude_ids * sizeof *c.excluded);
-        if (!c.excluded)
-            return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+        if (!c.excluded) return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
         for (uint32_t i = 0; i < filter->n_exclude_ids; i++) {
-            if (filter->exclude_ids[i])
-                c.excluded[c.n_excluded++] = filter->exclude_ids[i];
+            if (filter->exclude_ids[i]) c.excluded[c.n_excluded++] = filter->exclude_ids[i];
         }
         qsort(c.excluded, c.n_excluded, sizeof *c.excluded, cmp_str_ptr);
     }
@@ -850,7 +800,8 @@ int profiles_popular(aff_profiles *p, const char *collection, uint32_t k,
     return status;
 }
 
-/* ---- GetUser, DeleteUser, history ------------------------------------------------------------- */
+/* ---- GetUser, DeleteUser, history -------------------------------------------------------------
+ */
 
 typedef struct category_acc {
     strmap *index; /* category -> position in cats */
@@ -879,10 +830,8 @@ static int category_visit(void *ctx, const char *item, const store_interaction *
         aff__err_clear(u->err);
         return 0;
     }
-    if (status)
-        return status;
-    if (!u->rec.category[0])
-        return 0;
+    if (status) return status;
+    if (!u->rec.category[0]) return 0;
     double w = in->weight * decay((double)(u->now - in->ref_ms), u->p->half_life_ms);
     category_acc *a = &u->acc;
     uint32_t pos;
@@ -890,12 +839,10 @@ static int category_visit(void *ctx, const char *item, const store_interaction *
         if (a->n == a->cap) {
             size_t cap = a->cap ? a->cap * 2 : 16;
             profiles_category_weight *nc = realloc(a->cats, cap * sizeof *nc);
-            if (!nc)
-                return aff__fail(u->err, AFF_ENOMEM, "profiles: out of memory");
+            if (!nc) return aff__fail(u->err, AFF_ENOMEM, "profiles: out of memory");
             a->cats = nc;
             double *nw = realloc(a->weights, cap * sizeof *nw);
-            if (!nw)
-                return aff__fail(u->err, AFF_ENOMEM, "profiles: out of memory");
+            if (!nw) return aff__fail(u->err, AFF_ENOMEM, "profiles: out of memory");
             a->weights = nw;
             a->cap = cap;
         }
@@ -918,8 +865,7 @@ static int get_user_fn(store_txn *txn, void *ctx, aff_err *err)
     u->err = err;
     store_profile prof;
     int status = store_txn_get_profile(txn, u->collection, u->user, &prof, NULL, err);
-    if (status)
-        return status;
+    if (status) return status;
     profiles_user_info *o = u->out;
     o->n_counts = prof.n_counts;
     memcpy(o->counts, prof.counts, sizeof o->counts);
@@ -956,8 +902,7 @@ int profiles_get_user(aff_profiles *p, const char *collection, const char *user_
             a->cats[best] = tc;
             a->weights[best] = tw;
             out->top_categories[t] = a->cats[t];
-            out->top_categories[t].weight =
-                a->total > 0 ? (float)(a->weights[t] / a->total) : 0.0f;
+            out->top_categories[t].weight = a->total > 0 ? (float)(a->weights[t] / a->total) : 0.0f;
             out->n_top_categories = t + 1;
         }
     } else {
@@ -983,8 +928,7 @@ static int delete_user_fn(store_txn *txn, void *ctx, aff_err *err)
     for (size_t i = 0; i < d->n_cols; i++) {
         bool existed = false;
         int status = store_txn_delete_user(txn, d->cols[i].name, d->user, &existed, err);
-        if (status)
-            return status;
+        if (status) return status;
         d->existed = d->existed || existed;
     }
     return AFF_OK;
@@ -997,8 +941,7 @@ int profiles_delete_user(aff_profiles *p, const char *collection, const char *us
     store_collection *all = NULL;
     delete_ctx d = {.user = user_id};
     int status = AFF_OK;
-    if (existed)
-        *existed = false;
+    if (existed) *existed = false;
     if (!valid_id(user_id, AFF_MAX_ID_LEN))
         return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
     if (collection && *collection) {
@@ -1010,13 +953,11 @@ int profiles_delete_user(aff_profiles *p, const char *collection, const char *us
         d.cols = &one;
         d.n_cols = 1;
     } else {
-        if ((status = store_list_collections(p->store, &all, &d.n_cols, err)))
-            goto out;
+        if ((status = store_list_collections(p->store, &all, &d.n_cols, err))) goto out;
         d.cols = all;
     }
     status = store_update(p->store, delete_user_fn, &d, err);
-    if (existed && status == AFF_OK)
-        *existed = d.existed;
+    if (existed && status == AFF_OK) *existed = d.existed;
 out:
     free(all);
     return status;

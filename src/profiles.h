@@ -66,9 +66,9 @@ typedef enum profiles_source {
     PROFILES_SOURCE_POPULARITY = 3,
 } profiles_source;
 
-#define PROFILES_MAX_EVENTS 1000   /* events in one profiles_put_events call */
+#define PROFILES_MAX_EVENTS       1000 /* events in one profiles_put_events call */
 #define PROFILES_MAX_CUSTOM_TYPES 28
-#define PROFILES_TOP_CATEGORIES 10
+#define PROFILES_TOP_CATEGORIES   10
 
 typedef struct profiles_custom_type {
     const char *name; /* [a-z0-9_], 1..STORE_MAX_TYPE_LEN bytes, not a built-in name */
@@ -76,10 +76,10 @@ typedef struct profiles_custom_type {
 } profiles_custom_type;
 
 typedef struct profiles_config {
-    float weight_view;        /* default 1 */
-    float weight_click;       /* default 2 */
-    float weight_add_to_cart; /* default 4 */
-    float weight_purchase;    /* default 8 */
+    float weight_view;                        /* default 1 */
+    float weight_click;                       /* default 2 */
+    float weight_add_to_cart;                 /* default 4 */
+    float weight_purchase;                    /* default 8 */
     const profiles_custom_type *custom_types; /* copied by profiles_create */
     uint32_t n_custom_types;
     double half_life_s;            /* profile decay; default 14 days */
@@ -96,8 +96,7 @@ void profiles_config_init(profiles_config *cfg);
 
 /* Creates the profiles module on a store it borrows (the store must outlive it).
  * AFF_EINVAL when a weight, half-life or custom type is out of range. */
-int profiles_create(aff_profiles **out, aff_store *store, const profiles_config *cfg,
-                    aff_err *err);
+int profiles_create(aff_profiles **out, aff_store *store, const profiles_config *cfg, aff_err *err);
 void profiles_destroy(aff_profiles *p);
 
 /* "view", "click", "add_to_cart", "purchase"; NULL for UNSPECIFIED and CUSTOM. */
@@ -159,8 +158,8 @@ int profiles_user_vector(aff_profiles *p, const char *collection, const char *us
  * pass filter (NULL: all; semantics of the engine's aff_filter, evaluated on the stored item
  * attributes). score is the decayed weighted event count now. At most popular_scan_limit
  * ranked items are examined, so a very narrow filter may return fewer than k. */
-int profiles_popular(aff_profiles *p, const char *collection, uint32_t k,
-                     const aff_filter *filter, aff_hit *hits, uint32_t *n_hits, aff_err *err);
+int profiles_popular(aff_profiles *p, const char *collection, uint32_t k, const aff_filter *filter,
+                     aff_hit *hits, uint32_t *n_hits, aff_err *err);
 
 typedef struct profiles_category_weight {
     char category[AFF_MAX_ATTR_LEN + 1];

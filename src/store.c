@@ -59,13 +59,13 @@
 
 #include "log.h"
 
-#define STORE_FORMAT 1
-#define STORE_VALUE_VERSION 1
+#define STORE_FORMAT           1
+#define STORE_VALUE_VERSION    1
 #define STORE_DEFAULT_MAP_SIZE (256ull << 20)
-#define STORE_MIN_MAP_SIZE (1ull << 20)
-#define STORE_DEFAULT_READERS 1024
-#define STORE_KEY_MAX 511
-#define STORE_REBUILD_BATCH 4096
+#define STORE_MIN_MAP_SIZE     (1ull << 20)
+#define STORE_DEFAULT_READERS  1024
+#define STORE_KEY_MAX          511
+#define STORE_REBUILD_BATCH    4096
 
 enum {
     DB_META,
@@ -108,11 +108,9 @@ struct store_txn {
  * everything else (EIO, ENOSPC, corruption) to AFF_EIO with LMDB's message. */
 static int mdb_fail(store_txn *t, aff_err *err, int rc, const char *what)
 {
-    if (t && !t->mdb_rc)
-        t->mdb_rc = rc;
+    if (t && !t->mdb_rc) t->mdb_rc = rc;
     int code = AFF_EIO;
-    if (rc == MDB_MAP_FULL || rc == MDB_TXN_FULL)
-        code = AFF_EFULL;
+    if (rc == MDB_MAP_FULL || rc == MDB_TXN_FULL) code = AFF_EFULL;
     return aff__fail(err, code, "store: %s: %s", what, mdb_strerror(rc));
 }
 
@@ -131,8 +129,7 @@ typedef struct key_buf {
 static bool kb_str(key_buf *k, const char *s, size_t max)
 {
     size_t len = s ? strlen(s) : 0;
-    if (len > max || len > 255 || k->n + 1 + len > sizeof k->b)
-        return false;
+    if (len > max || len > 255 || k->n + 1 + len > sizeof k->b) return false;
     k->b[k->n++] = (uint8_t)len;
     memcpy(k->b + k->n, s, len);
     k->n += len;
@@ -156,18 +153,14 @@ static bool has_prefix(const MDB_val *k, const key_buf *prefix)
 }
 
 /* Builds lp(collection) [lp(a) [lp(b) [lp(c)]]]; false when a part is too long. */
-static bool make_key(key_buf *k, const char *collection, const char *a, size_t amax,
-                     const char *b, size_t bmax, const char *c, size_t cmax)
+static bool make_key(key_buf *k, const char *collection, const char *a, size_t amax, const char *b,
+                     size_t bmax, const char *c, size_t cmax)
 {
     k->n = 0;
-    if (!collection || !*collection || !kb_str(k, collection, AFF_MAX_NAME_LEN))
-        return false;
-    if (a && (!*a || !kb_str(k, a, amax)))
-        return false;
-    if (b && (!*b || !kb_str(k, b, bmax)))
-        return false;
-    if (c && (!*c || !kb_str(k, c, cmax)))
-        return false;
+    if (!collection || !*collection || !kb_str(k, collection, AFF_MAX_NAME_LEN)) return false;
+    if (a && (!*a || !kb_str(k, a, amax))) return false;
+    if (b && (!*b || !kb_str(k, b, bmax))) return false;
+    if (c && (!*c || !kb_str(k, c, cmax))) return false;
     return true;
 }
 
@@ -194,8 +187,7 @@ typedef struct wr {
 
 static void w_bytes(wr *w, const void *src, size_t n)
 {
-    if (n)
-        memcpy(w->p, src, n);
+    if (n) memcpy(w->p, src, n);
     w->p += n;
 }
 static void w_u8(wr *w, uint8_t v)
@@ -334,13 +326,11 @@ static void encode_collection(uint8_t *dst, const store_collection *c)
     w_u64(&w, c->generation);
 }
 
-static int decode_collection(const MDB_val *k, const MDB_val *v, store_collection *c,
-                             aff_err *err)
+static int decode_collection(const MDB_val *k, const MDB_val *v, store_collection *c, aff_err *err)
 {
     rd r = rd_of(v);
     memset(c, 0, sizeof *c);
-    if (!r_version(&r) || k->mv_size > AFF_MAX_NAME_LEN)
-        return corrupt(err, "collection");
+    if (!r_version(&r) || k->mv_size > AFF_MAX_NAME_LEN) return corrupt(err, "collection");
     memcpy(c->name, k->mv_data, k->mv_size);
     c->name[k->mv_size] = '\0';
     c->metric = (aff_metric)r_u8(&r);
@@ -350,8 +340,7 @@ static int decode_collection(const MDB_val *k, const MDB_val *v, store_collectio
     c->hnsw_m = r_u32(&r);
     c->hnsw_ef_search = r_u32(&r);
     c->generation = r_u64(&r);
-    if (r.bad || c->dim == 0 || c->dim > AFF_MAX_DIM)
-        return corrupt(err, "collection");
+    if (r.bad || c->dim == 0 || c->dim > AFF_MAX_DIM) return corrupt(err, "collection");
     return AFF_OK;
 }
 
@@ -387,17 +376,14 @@ static int decode_item(const MDB_val *v, uint32_t dim, store_item_record *out, f
                        aff_err *err)
 {
     rd r = rd_of(v);
-    if (!r_version(&r))
-        return corrupt(err, "item");
+    if (!r_version(&r)) return corrupt(err, "item");
     bool available = r_u8(&r) != 0;
     uint16_t n_tags = r_u16(&r);
     float price = r_f32(&r);
     uint32_t vdim = r_u32(&r);
-    if (r.bad || vdim != dim || n_tags > AFF_MAX_TAGS_PER_ITEM)
-        return corrupt(err, "item");
+    if (r.bad || vdim != dim || n_tags > AFF_MAX_TAGS_PER_ITEM) return corrupt(err, "item");
     const uint8_t *vec = r_take(&r, (size_t)dim * 4);
-    if (vec && vector)
-        memcpy(vector, vec, (size_t)dim * 4);
+    if (vec && vector) memcpy(vector, vec, (size_t)dim * 4);
     if (out) {
         out->available = available;
         out->price = price;
@@ -444,8 +430,7 @@ static int decode_profile(const MDB_val *v, store_profile *p, float *sum, aff_er
 {
     rd r = rd_of(v);
     memset(p, 0, sizeof *p);
-    if (!r_version(&r))
-        return corrupt(err, "profile");
+    if (!r_version(&r)) return corrupt(err, "profile");
     p->n_counts = r_u8(&r);
     r_u16(&r);
     p->dim = r_u32(&r);
@@ -459,8 +444,7 @@ static int decode_profile(const MDB_val *v, store_profile *p, float *sum, aff_er
     if (r.bad || p->n_counts > STORE_MAX_EVENT_TYPES || p->dim == 0 || p->dim > AFF_MAX_DIM)
         return corrupt(err, "profile");
     const uint8_t *s = r_take(&r, (size_t)p->dim * 4);
-    if (s && sum)
-        memcpy(sum, s, (size_t)p->dim * 4);
+    if (s && sum) memcpy(sum, s, (size_t)p->dim * 4);
     for (uint32_t i = 0; i < p->n_counts && !r.bad; i++) {
         uint8_t len = r_u8(&r);
         const uint8_t *name = r_take(&r, len);
@@ -529,8 +513,7 @@ int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
         if (rc) {
             pthread_rwlock_unlock(&s->resize_lock);
             if (rc == MDB_MAP_RESIZED) {
-                if ((status = store_adopt_size(s, err)))
-                    return status;
+                if ((status = store_adopt_size(s, err))) return status;
                 continue;
             }
             return mdb_fail(NULL, err, rc, "begin write transaction");
@@ -538,22 +521,18 @@ int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
         status = fn(&t, ctx, err);
         if (status == AFF_OK && !t.mdb_rc) {
             rc = mdb_txn_commit(t.txn);
-            if (rc)
-                status = mdb_fail(&t, err, rc, "commit");
+            if (rc) status = mdb_fail(&t, err, rc, "commit");
         } else {
             mdb_txn_abort(t.txn);
-            if (status == AFF_OK)
-                status = mdb_fail(NULL, err, t.mdb_rc, "write");
+            if (status == AFF_OK) status = mdb_fail(NULL, err, t.mdb_rc, "write");
         }
         pthread_rwlock_unlock(&s->resize_lock);
         if (t.mdb_rc == MDB_MAP_FULL) {
-            if ((status = store_grow(s, seen, err)))
-                return status;
+            if ((status = store_grow(s, seen, err))) return status;
             aff__err_clear(err);
             continue;
         }
-        if (status == AFF_OK)
-            atomic_fetch_add(&s->commits, 1);
+        if (status == AFF_OK) atomic_fetch_add(&s->commits, 1);
         return status;
     }
 }
@@ -568,8 +547,7 @@ int store_view(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
             pthread_rwlock_unlock(&s->resize_lock);
             if (rc == MDB_MAP_RESIZED) {
                 int status = store_adopt_size(s, err);
-                if (status)
-                    return status;
+                if (status) return status;
                 continue;
             }
             return mdb_fail(NULL, err, rc, "begin read transaction");
@@ -591,8 +569,7 @@ static int db_get(store_txn *t, int db, const key_buf *k, MDB_val *v, aff_err *e
 {
     MDB_val key = kb_val(k);
     int rc = mdb_get(t->txn, t->s->dbi[db], &key, v);
-    if (rc == MDB_NOTFOUND)
-        return aff__fail(err, AFF_ENOTFOUND, "store: not found");
+    if (rc == MDB_NOTFOUND) return aff__fail(err, AFF_ENOTFOUND, "store: not found");
     return rc ? mdb_fail(t, err, rc, "read") : AFF_OK;
 }
 
@@ -602,8 +579,7 @@ static int db_reserve(store_txn *t, int db, const key_buf *k, size_t size, uint8
 {
     MDB_val key = kb_val(k), v = {.mv_size = size, .mv_data = NULL};
     int rc = mdb_put(t->txn, t->s->dbi[db], &key, &v, MDB_RESERVE);
-    if (rc)
-        return mdb_fail(t, err, rc, "write");
+    if (rc) return mdb_fail(t, err, rc, "write");
     *dst = v.mv_data;
     return AFF_OK;
 }
@@ -613,10 +589,8 @@ static int db_del(store_txn *t, int db, const key_buf *k, bool *existed, aff_err
 {
     MDB_val key = kb_val(k);
     int rc = mdb_del(t->txn, t->s->dbi[db], &key, NULL);
-    if (existed)
-        *existed = rc == 0;
-    if (rc == MDB_NOTFOUND)
-        return AFF_OK;
+    if (existed) *existed = rc == 0;
+    if (rc == MDB_NOTFOUND) return AFF_OK;
     return rc ? mdb_fail(t, err, rc, "delete") : AFF_OK;
 }
 
@@ -630,8 +604,7 @@ static int scan_prefix(store_txn *t, int db, const key_buf *prefix, const key_bu
     MDB_cursor *cur = NULL;
     int status = AFF_OK;
     int rc = mdb_cursor_open(t->txn, t->s->dbi[db], &cur);
-    if (rc)
-        return mdb_fail(t, err, rc, "open cursor");
+    if (rc) return mdb_fail(t, err, rc, "open cursor");
     MDB_val k = kb_val(from ? from : prefix), v;
     rc = mdb_cursor_get(cur, &k, &v, k.mv_size ? MDB_SET_RANGE : MDB_FIRST);
     while (rc == 0 && has_prefix(&k, prefix)) {
@@ -640,12 +613,10 @@ static int scan_prefix(store_txn *t, int db, const key_buf *prefix, const key_bu
             status = r;
             goto out;
         }
-        if (r > 0)
-            goto out;
+        if (r > 0) goto out;
         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
     }
-    if (rc && rc != MDB_NOTFOUND)
-        status = mdb_fail(t, err, rc, "scan");
+    if (rc && rc != MDB_NOTFOUND) status = mdb_fail(t, err, rc, "scan");
 out:
     mdb_cursor_close(cur);
     return status;
@@ -658,21 +629,17 @@ static int del_prefix(store_txn *t, int db, const key_buf *prefix, uint64_t *n_d
     MDB_cursor *cur = NULL;
     int status = AFF_OK;
     int rc = mdb_cursor_open(t->txn, t->s->dbi[db], &cur);
-    if (rc)
-        return mdb_fail(t, err, rc, "open cursor");
+    if (rc) return mdb_fail(t, err, rc, "open cursor");
     for (;;) {
         MDB_val k = kb_val(prefix), v;
         rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-        if (rc == MDB_NOTFOUND || (rc == 0 && !has_prefix(&k, prefix)))
-            break;
-        if (rc == 0)
-            rc = mdb_cursor_del(cur, 0);
+        if (rc == MDB_NOTFOUND || (rc == 0 && !has_prefix(&k, prefix))) break;
+        if (rc == 0) rc = mdb_cursor_del(cur, 0);
         if (rc) {
             status = mdb_fail(t, err, rc, "delete range");
             goto out;
         }
-        if (n_deleted)
-            (*n_deleted)++;
+        if (n_deleted) (*n_deleted)++;
     }
 out:
     mdb_cursor_close(cur);
@@ -686,8 +653,7 @@ static int open_databases(aff_store *s, aff_err *err)
     MDB_txn *txn = NULL;
     int status = AFF_OK;
     int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
-    if (rc)
-        return mdb_fail(NULL, err, rc, "begin");
+    if (rc) return mdb_fail(NULL, err, rc, "begin");
     for (int i = 0; i < DB_COUNT; i++) {
         rc = mdb_dbi_open(txn, db_names[i], MDB_CREATE, &s->dbi[i]);
         if (rc) {
@@ -703,8 +669,7 @@ static int open_databases(aff_store *s, aff_err *err)
         rc = mdb_put(txn, s->dbi[DB_META], &k, &v, 0);
     } else if (rc == 0) {
         uint32_t format = 0;
-        if (v.mv_size == sizeof format)
-            memcpy(&format, v.mv_data, sizeof format);
+        if (v.mv_size == sizeof format) memcpy(&format, v.mv_data, sizeof format);
         if (format != STORE_FORMAT) {
             status = aff__fail(err, AFF_EINTERNAL,
                                "store: unknown store format %u (this build reads format %u)",
@@ -718,11 +683,9 @@ static int open_databases(aff_store *s, aff_err *err)
     }
     rc = mdb_txn_commit(txn);
     txn = NULL;
-    if (rc)
-        status = mdb_fail(NULL, err, rc, "commit");
+    if (rc) status = mdb_fail(NULL, err, rc, "commit");
 out:
-    if (txn)
-        mdb_txn_abort(txn);
+    if (txn) mdb_txn_abort(txn);
     return status;
 }
 
@@ -732,12 +695,10 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
     char path[4096];
     bool temp_dir = false;
     store_config def = {0};
-    if (!cfg)
-        cfg = &def;
+    if (!cfg) cfg = &def;
     *out = NULL;
     aff_store *s = calloc(1, sizeof *s);
-    if (!s)
-        return aff__fail(err, AFF_ENOMEM, "store: out of memory");
+    if (!s) return aff__fail(err, AFF_ENOMEM, "store: out of memory");
     s->lock_fd = -1;
     s->persistent = cfg->dir != NULL;
 
@@ -762,8 +723,8 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
         snprintf(lock_path, sizeof lock_path, "%s/affinity.lock", path);
         s->lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
         if (s->lock_fd < 0) {
-            status = aff__fail(err, AFF_EIO, "store: cannot open %s: %s", lock_path,
-                               strerror(errno));
+            status =
+                aff__fail(err, AFF_EIO, "store: cannot open %s: %s", lock_path, strerror(errno));
             goto out;
         }
         if (flock(s->lock_fd, LOCK_EX | LOCK_NB) != 0) {
@@ -776,12 +737,11 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
         }
     } else {
         const char *tmp = getenv("TMPDIR");
-        if (!tmp || !*tmp)
-            tmp = "/tmp";
+        if (!tmp || !*tmp) tmp = "/tmp";
         if (snprintf(path, sizeof path, "%s/affinity-mem-XXXXXX", tmp) >= (int)sizeof path ||
             !mkdtemp(path)) {
-            status = aff__fail(err, AFF_EIO, "store: cannot create a temporary dir in %s: %s",
-                               tmp, strerror(errno));
+            status = aff__fail(err, AFF_EIO, "store: cannot create a temporary dir in %s: %s", tmp,
+                               strerror(errno));
             goto out;
         }
         temp_dir = true;
@@ -793,14 +753,12 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
         goto out;
     }
     uint64_t map_size = cfg->initial_map_size ? cfg->initial_map_size : STORE_DEFAULT_MAP_SIZE;
-    if (map_size < STORE_MIN_MAP_SIZE)
-        map_size = STORE_MIN_MAP_SIZE;
+    if (map_size < STORE_MIN_MAP_SIZE) map_size = STORE_MIN_MAP_SIZE;
     mdb_env_set_maxdbs(s->env, DB_COUNT + 2);
     mdb_env_set_mapsize(s->env, (size_t)map_size);
     mdb_env_set_maxreaders(s->env, cfg->max_readers ? cfg->max_readers : STORE_DEFAULT_READERS);
     unsigned flags = MDB_NOTLS;
-    if (cfg->no_sync || !cfg->dir)
-        flags |= MDB_NOSYNC | MDB_NOMETASYNC;
+    if (cfg->no_sync || !cfg->dir) flags |= MDB_NOSYNC | MDB_NOMETASYNC;
     rc = mdb_env_open(s->env, path, flags, 0644);
     if (rc) {
         status = aff__fail(err, AFF_EIO, "store: cannot open the store in %s: %s", path,
@@ -817,8 +775,7 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
         rmdir(path);
         temp_dir = false;
     }
-    if ((status = open_databases(s, err)))
-        goto out;
+    if ((status = open_databases(s, err))) goto out;
     aff_log_kv(AFF_LOG_INFO, "store opened", "dir", cfg->dir ? cfg->dir : "(in memory)", "mode",
                cfg->dir ? (cfg->no_sync ? "persistent, no fsync" : "persistent") : "in memory",
                NULL);
@@ -839,14 +796,10 @@ out:
 
 void store_destroy(aff_store *s)
 {
-    if (!s)
-        return;
-    if (s->env)
-        mdb_env_close(s->env);
-    if (s->lock_fd >= 0)
-        close(s->lock_fd); /* releases the flock */
-    if (s->resize_lock_ready)
-        pthread_rwlock_destroy(&s->resize_lock);
+    if (!s) return;
+    if (s->env) mdb_env_close(s->env);
+    if (s->lock_fd >= 0) close(s->lock_fd); /* releases the flock */
+    if (s->resize_lock_ready) pthread_rwlock_destroy(&s->resize_lock);
     free(s);
 }
 
@@ -871,18 +824,15 @@ void store_get_stats(aff_store *s, store_stats *out)
 
 /* ---- collections ------------------------------------------------------------------------ */
 
-int store_txn_get_collection(store_txn *txn, const char *name, store_collection *out,
-                             aff_err *err)
+int store_txn_get_collection(store_txn *txn, const char *name, store_collection *out, aff_err *err)
 {
     size_t len = name ? strlen(name) : 0;
-    if (len == 0 || len > AFF_MAX_NAME_LEN)
-        return bad_key(err);
+    if (len == 0 || len > AFF_MAX_NAME_LEN) return bad_key(err);
     MDB_val k = {.mv_size = len, .mv_data = (void *)name}, v;
     int rc = mdb_get(txn->txn, txn->s->dbi[DB_COLLECTIONS], &k, &v);
     if (rc == MDB_NOTFOUND)
         return aff__fail(err, AFF_ENOTFOUND, "collection '%s' does not exist", name);
-    if (rc)
-        return mdb_fail(txn, err, rc, "read collection");
+    if (rc) return mdb_fail(txn, err, rc, "read collection");
     return decode_collection(&k, &v, out, err);
 }
 
@@ -891,8 +841,7 @@ static int put_collection_raw(store_txn *t, const store_collection *c, aff_err *
     MDB_val k = {.mv_size = strlen(c->name), .mv_data = (void *)c->name};
     MDB_val v = {.mv_size = COLLECTION_SIZE};
     int rc = mdb_put(t->txn, t->s->dbi[DB_COLLECTIONS], &k, &v, MDB_RESERVE);
-    if (rc)
-        return mdb_fail(t, err, rc, "write collection");
+    if (rc) return mdb_fail(t, err, rc, "write collection");
     encode_collection(v.mv_data, c);
     return AFF_OK;
 }
@@ -904,8 +853,7 @@ static int put_collection_fn(store_txn *t, void *ctx, aff_err *err)
     int status = store_txn_get_collection(t, c->name, &old, err);
     if (status == AFF_OK)
         return aff__fail(err, AFF_EEXIST, "collection '%s' already exists", c->name);
-    if (status != AFF_ENOTFOUND)
-        return status;
+    if (status != AFF_ENOTFOUND) return status;
     aff__err_clear(err);
     store_collection fresh = *c;
     fresh.generation = 0;
@@ -916,8 +864,9 @@ int store_put_collection(aff_store *s, const store_collection *c, aff_err *err)
 {
     size_t len = strnlen(c->name, sizeof c->name);
     if (len == 0 || len > AFF_MAX_NAME_LEN || c->dim == 0 || c->dim > AFF_MAX_DIM)
-        return aff__fail(err, AFF_EINVAL, "store: collection needs a name of 1..%d bytes and "
-                                          "a dimension of 1..%d",
+        return aff__fail(err, AFF_EINVAL,
+                         "store: collection needs a name of 1..%d bytes and "
+                         "a dimension of 1..%d",
                          AFF_MAX_NAME_LEN, AFF_MAX_DIM);
     return store_update(s, put_collection_fn, (void *)c, err);
 }
@@ -932,12 +881,10 @@ static int drop_collection_fn(store_txn *t, void *ctx, aff_err *err)
     drop_ctx *d = ctx;
     d->existed = false;
     key_buf prefix;
-    if (!make_key(&prefix, d->name, NULL, 0, NULL, 0, NULL, 0))
-        return bad_key(err);
+    if (!make_key(&prefix, d->name, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
     int status;
     for (int db = DB_ITEMS; db < DB_COUNT; db++) {
-        if ((status = del_prefix(t, db, &prefix, NULL, err)))
-            return status;
+        if ((status = del_prefix(t, db, &prefix, NULL, err))) return status;
     }
     key_buf k = {.n = 0};
     memcpy(k.b, d->name, strlen(d->name));
@@ -949,8 +896,7 @@ int store_drop_collection(aff_store *s, const char *name, bool *existed, aff_err
 {
     drop_ctx d = {.name = name};
     int status = store_update(s, drop_collection_fn, &d, err);
-    if (existed)
-        *existed = d.existed;
+    if (existed) *existed = d.existed;
     return status;
 }
 
@@ -965,14 +911,12 @@ static int list_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *er
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 16;
         store_collection *nv = realloc(l->v, cap * sizeof *nv);
-        if (!nv)
-            return aff__fail(err, AFF_ENOMEM, "store: out of memory");
+        if (!nv) return aff__fail(err, AFF_ENOMEM, "store: out of memory");
         l->v = nv;
         l->cap = cap;
     }
     int status = decode_collection(k, v, &l->v[l->n], err);
-    if (status == AFF_OK)
-        l->n++;
+    if (status == AFF_OK) l->n++;
     return status;
 }
 
@@ -1001,16 +945,16 @@ static int check_item(const store_item *it, size_t i, uint32_t dim, aff_err *err
 {
     size_t idlen = it->id ? strlen(it->id) : 0;
     if (idlen == 0 || idlen > AFF_MAX_ID_LEN)
-        return aff__fail(err, AFF_EINVAL, "item %zu: id must be 1..%d bytes", i,
-                         AFF_MAX_ID_LEN);
+        return aff__fail(err, AFF_EINVAL, "item %zu: id must be 1..%d bytes", i, AFF_MAX_ID_LEN);
     if (it->dim != dim || !it->vector)
-        return aff__fail(err, AFF_EINVAL, "item '%s': vector has %u values, the collection "
-                                          "has dimension %u",
+        return aff__fail(err, AFF_EINVAL,
+                         "item '%s': vector has %u values, the collection "
+                         "has dimension %u",
                          it->id, it->dim, dim);
     for (uint32_t j = 0; j < dim; j++) {
         if (!isfinite(it->vector[j]))
-            return aff__fail(err, AFF_EINVAL, "item '%s': vector value %u is not finite",
-                             it->id, j);
+            return aff__fail(err, AFF_EINVAL, "item '%s': vector value %u is not finite", it->id,
+                             j);
     }
     if (!isfinite(it->price))
         return aff__fail(err, AFF_EINVAL, "item '%s': price is not finite", it->id);
@@ -1023,8 +967,8 @@ static int check_item(const store_item *it, size_t i, uint32_t dim, aff_err *err
     for (uint32_t j = 0; j < it->n_tags; j++) {
         size_t tl = it->tags[j] ? strlen(it->tags[j]) : 0;
         if (tl == 0 || tl > AFF_MAX_ATTR_LEN)
-            return aff__fail(err, AFF_EINVAL, "item '%s': tag %u must be 1..%d bytes", it->id,
-                             j, AFF_MAX_ATTR_LEN);
+            return aff__fail(err, AFF_EINVAL, "item '%s': tag %u must be 1..%d bytes", it->id, j,
+                             AFF_MAX_ATTR_LEN);
     }
     return AFF_OK;
 }
@@ -1040,11 +984,9 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
     put_items_ctx *p = ctx;
     store_collection c;
     int status = store_txn_get_collection(t, p->collection, &c, err);
-    if (status)
-        return status;
+    if (status) return status;
     for (size_t i = 0; i < p->n; i++) {
-        if ((status = check_item(&p->items[i], i, c.dim, err)))
-            return status;
+        if ((status = check_item(&p->items[i], i, c.dim, err))) return status;
     }
     bool changed = false;
     for (size_t i = 0; i < p->n; i++) {
@@ -1062,8 +1004,7 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
             return status;
         }
         uint8_t *dst;
-        if ((status = db_reserve(t, DB_ITEMS, &k, item_size(it), &dst, err)))
-            return status;
+        if ((status = db_reserve(t, DB_ITEMS, &k, item_size(it), &dst, err))) return status;
         encode_item(dst, it);
     }
     aff__err_clear(err);
@@ -1094,17 +1035,14 @@ static int delete_items_fn(store_txn *t, void *ctx, aff_err *err)
     d->n_deleted = 0;
     store_collection c;
     int status = store_txn_get_collection(t, d->collection, &c, err);
-    if (status)
-        return status;
+    if (status) return status;
     for (size_t i = 0; i < d->n; i++) {
         key_buf k;
         if (!make_key(&k, d->collection, d->ids[i], AFF_MAX_ID_LEN, NULL, 0, NULL, 0))
             continue; /* an id that cannot exist */
         bool existed;
-        if ((status = db_del(t, DB_ITEMS, &k, &existed, err)))
-            return status;
-        if (!existed)
-            continue;
+        if ((status = db_del(t, DB_ITEMS, &k, &existed, err))) return status;
+        if (!existed) continue;
         d->n_deleted++;
         store_popularity pop;
         status = store_txn_get_popularity(t, d->collection, d->ids[i], &pop, err);
@@ -1133,8 +1071,7 @@ int store_delete_items(aff_store *s, const char *collection, const char *const *
 {
     delete_items_ctx d = {collection, ids, n, 0};
     int status = store_update(s, delete_items_fn, &d, err);
-    if (n_deleted)
-        *n_deleted = status == AFF_OK ? d.n_deleted : 0;
+    if (n_deleted) *n_deleted = status == AFF_OK ? d.n_deleted : 0;
     return status;
 }
 
@@ -1143,20 +1080,16 @@ int store_txn_get_item(store_txn *txn, const char *collection, const char *id,
 {
     store_collection c;
     int status = store_txn_get_collection(txn, collection, &c, err);
-    if (status)
-        return status;
+    if (status) return status;
     key_buf k;
     if (!make_key(&k, collection, id, AFF_MAX_ID_LEN, NULL, 0, NULL, 0))
         return aff__fail(err, AFF_ENOTFOUND, "item id must be 1..%d bytes", AFF_MAX_ID_LEN);
     MDB_val v;
     status = db_get(txn, DB_ITEMS, &k, &v, err);
     if (status == AFF_ENOTFOUND)
-        return aff__fail(err, AFF_ENOTFOUND, "item '%s' is not in collection '%s'", id,
-                         collection);
-    if (status)
-        return status;
-    if (out)
-        snprintf(out->id, sizeof out->id, "%s", id);
+        return aff__fail(err, AFF_ENOTFOUND, "item '%s' is not in collection '%s'", id, collection);
+    if (status) return status;
+    if (out) snprintf(out->id, sizeof out->id, "%s", id);
     return decode_item(&v, c.dim, out, vector, err);
 }
 
@@ -1197,8 +1130,7 @@ static int rebuild_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err 
     rebuild_batch *b = ctx;
     if (b->started && k->mv_size == b->last.n && memcmp(k->mv_data, b->last.b, b->last.n) == 0)
         return 0; /* the previous batch's last item */
-    if (b->n == b->cap)
-        return 1;
+    if (b->n == b->cap) return 1;
     size_t i = b->n;
     const uint8_t *kb = k->mv_data;
     size_t clen = kb[0];
@@ -1210,8 +1142,7 @@ static int rebuild_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err 
     r->id[kb[clen + 1]] = '\0';
     float *vec = b->vectors + i * b->c->dim;
     int status = decode_item(v, b->c->dim, r, vec, err);
-    if (status)
-        return status;
+    if (status) return status;
     for (uint32_t j = 0; j < r->n_tags; j++)
         b->tag_ptrs[i][j] = r->tags[j];
     b->items[i] = (store_item){.id = r->id,
@@ -1234,16 +1165,14 @@ static int rebuild_fn(store_txn *t, void *ctx, aff_err *err)
     key_buf prefix;
     make_key(&prefix, b->c->name, NULL, 0, NULL, 0, NULL, 0);
     b->n = 0;
-    return scan_prefix(t, DB_ITEMS, &prefix, b->started ? &b->last : NULL, rebuild_visit, b,
-                       err);
+    return scan_prefix(t, DB_ITEMS, &prefix, b->started ? &b->last : NULL, rebuild_visit, b, err);
 }
 
 static int count_items_fn(store_txn *t, void *ctx, aff_err *err)
 {
     MDB_stat st;
     int rc = mdb_stat(t->txn, t->s->dbi[DB_ITEMS], &st);
-    if (rc)
-        return mdb_fail(t, err, rc, "stat");
+    if (rc) return mdb_fail(t, err, rc, "stat");
     *(uint64_t *)ctx = st.ms_entries;
     return AFF_OK;
 }
@@ -1272,8 +1201,7 @@ int store_rebuild(aff_store *s, const store_rebuild_ops *ops, store_rebuild_prog
     b.cap = ops->batch_size ? ops->batch_size : STORE_REBUILD_BATCH;
     for (size_t ci = 0; ci < n_cols; ci++) {
         const store_collection *c = &cols[ci];
-        if (ops->collection && (status = ops->collection(ops->ctx, c, err)))
-            goto out;
+        if (ops->collection && (status = ops->collection(ops->ctx, c, err))) goto out;
         pr.collections++;
         free(b.vectors);
         b.vectors = malloc(b.cap * c->dim * sizeof(float));
@@ -1289,33 +1217,27 @@ int store_rebuild(aff_store *s, const store_rebuild_ops *ops, store_rebuild_prog
         b.c = c;
         b.started = false;
         for (;;) {
-            if ((status = store_view(s, rebuild_fn, &b, err)))
-                goto out;
-            if (b.n == 0)
-                break;
+            if ((status = store_view(s, rebuild_fn, &b, err))) goto out;
+            if (b.n == 0) break;
             b.started = true;
-            if (ops->items && (status = ops->items(ops->ctx, c, b.items, b.n, err)))
-                goto out;
+            if (ops->items && (status = ops->items(ops->ctx, c, b.items, b.n, err))) goto out;
             pr.items += b.n;
             pr.elapsed_s = seconds_since(&t0);
-            if (ops->progress)
-                ops->progress(ops->ctx, &pr);
+            if (ops->progress) ops->progress(ops->ctx, &pr);
             if (pr.elapsed_s - last_log >= 5.0) {
                 last_log = pr.elapsed_s;
                 aff_log(AFF_LOG_INFO, "store rebuild: %llu of %llu items after %.1f s",
                         (unsigned long long)pr.items, (unsigned long long)pr.items_total,
                         pr.elapsed_s);
             }
-            if (b.n < b.cap)
-                break;
+            if (b.n < b.cap) break;
         }
     }
     pr.elapsed_s = seconds_since(&t0);
     aff_log(AFF_LOG_INFO, "store rebuilt: %llu collections, %llu items in %.3f s",
             (unsigned long long)pr.collections, (unsigned long long)pr.items, pr.elapsed_s);
 out:
-    if (out)
-        *out = pr;
+    if (out) *out = pr;
     free(cols);
     free(b.vectors);
     free(b.items);
@@ -1335,8 +1257,7 @@ int store_txn_get_profile(store_txn *txn, const char *collection, const char *us
                           store_profile *out, float *sum, aff_err *err)
 {
     key_buf k;
-    if (!user_key(&k, collection, user))
-        return bad_key(err);
+    if (!user_key(&k, collection, user)) return bad_key(err);
     MDB_val v;
     int status = db_get(txn, DB_PROFILES, &k, &v, err);
     if (status == AFF_ENOTFOUND)
@@ -1349,8 +1270,7 @@ int store_txn_put_profile(store_txn *txn, const char *collection, const char *us
                           const store_profile *p, const float *sum, aff_err *err)
 {
     key_buf k;
-    if (!user_key(&k, collection, user))
-        return bad_key(err);
+    if (!user_key(&k, collection, user)) return bad_key(err);
     if (p->n_counts > STORE_MAX_EVENT_TYPES || p->dim == 0 || p->dim > AFF_MAX_DIM)
         return aff__fail(err, AFF_EINVAL, "store: bad profile shape");
     for (uint32_t i = 0; i < p->n_counts; i++) {
@@ -1359,15 +1279,13 @@ int store_txn_put_profile(store_txn *txn, const char *collection, const char *us
     }
     uint8_t *dst;
     int status = db_reserve(txn, DB_PROFILES, &k, profile_size(p), &dst, err);
-    if (status == AFF_OK)
-        encode_profile(dst, p, sum);
+    if (status == AFF_OK) encode_profile(dst, p, sum);
     return status;
 }
 
 static bool event_key(key_buf *k, const char *collection, const char *user, uint64_t seq)
 {
-    if (!user_key(k, collection, user))
-        return false;
+    if (!user_key(k, collection, user)) return false;
     kb_u64be(k, seq);
     return true;
 }
@@ -1376,8 +1294,7 @@ int store_txn_put_event(store_txn *txn, const char *collection, const char *user
                         const store_event *e, aff_err *err)
 {
     key_buf k;
-    if (!event_key(&k, collection, user, seq))
-        return bad_key(err);
+    if (!event_key(&k, collection, user, seq)) return bad_key(err);
     size_t tlen = e->type ? strlen(e->type) : 0, ilen = e->item_id ? strlen(e->item_id) : 0;
     if (tlen == 0 || tlen > STORE_MAX_TYPE_LEN || ilen == 0 || ilen > AFF_MAX_ID_LEN ||
         e->n_context > STORE_MAX_CONTEXT)
@@ -1392,8 +1309,7 @@ int store_txn_put_event(store_txn *txn, const char *collection, const char *user
     }
     uint8_t *dst;
     int status = db_reserve(txn, DB_EVENTS, &k, size, &dst, err);
-    if (status)
-        return status;
+    if (status) return status;
     wr w = {dst};
     w_u8(&w, STORE_VALUE_VERSION);
     w_u8(&w, (uint8_t)tlen);
@@ -1414,12 +1330,11 @@ int store_txn_put_event(store_txn *txn, const char *collection, const char *user
     return AFF_OK;
 }
 
-int store_txn_delete_event(store_txn *txn, const char *collection, const char *user,
-                           uint64_t seq, aff_err *err)
+int store_txn_delete_event(store_txn *txn, const char *collection, const char *user, uint64_t seq,
+                           aff_err *err)
 {
     key_buf k;
-    if (!event_key(&k, collection, user, seq))
-        return bad_key(err);
+    if (!event_key(&k, collection, user, seq)) return bad_key(err);
     return db_del(txn, DB_EVENTS, &k, NULL, err);
 }
 
@@ -1432,15 +1347,13 @@ typedef struct events_scan {
 static int events_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
 {
     events_scan *es = ctx;
-    if (k->mv_size != es->prefix_len + 8)
-        return corrupt(err, "event key");
+    if (k->mv_size != es->prefix_len + 8) return corrupt(err, "event key");
     uint64_t seq = 0;
     const uint8_t *kb = (const uint8_t *)k->mv_data + es->prefix_len;
     for (int i = 0; i < 8; i++)
         seq = (seq << 8) | kb[i];
     rd r = rd_of(v);
-    if (!r_version(&r))
-        return corrupt(err, "event");
+    if (!r_version(&r)) return corrupt(err, "event");
     uint8_t tlen = r_u8(&r);
     uint16_t ilen = r_u16(&r), nctx = r_u16(&r);
     r_u16(&r);
@@ -1462,8 +1375,7 @@ static int events_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *
         r_str16(&r, ctx_buf[i][1], sizeof ctx_buf[i][1]);
         kv[i] = (store_kv){ctx_buf[i][0], ctx_buf[i][1]};
     }
-    if (r.bad)
-        return corrupt(err, "event");
+    if (r.bad) return corrupt(err, "event");
     store_event e = {.item_id = item,
                      .type = type,
                      .ts_ms = ts,
@@ -1477,8 +1389,7 @@ int store_txn_scan_events(store_txn *txn, const char *collection, const char *us
                           store_event_fn fn, void *ctx, aff_err *err)
 {
     key_buf prefix;
-    if (!user_key(&prefix, collection, user))
-        return bad_key(err);
+    if (!user_key(&prefix, collection, user)) return bad_key(err);
     events_scan es = {prefix.n, fn, ctx};
     return scan_prefix(txn, DB_EVENTS, &prefix, NULL, events_visit, &es, err);
 }
@@ -1488,8 +1399,7 @@ int store_txn_scan_events(store_txn *txn, const char *collection, const char *us
 static int decode_interaction(const MDB_val *v, store_interaction *out, aff_err *err)
 {
     rd r = rd_of(v);
-    if (!r_version(&r))
-        return corrupt(err, "interaction");
+    if (!r_version(&r)) return corrupt(err, "interaction");
     r_take(&r, 7);
     out->ref_ms = r_i64(&r);
     out->weight = r_f64(&r);
@@ -1517,8 +1427,7 @@ int store_txn_put_interaction(store_txn *txn, const char *collection, const char
         return bad_key(err);
     uint8_t *dst;
     int status = db_reserve(txn, DB_INTERACTIONS, &k, INTERACTION_SIZE, &dst, err);
-    if (status)
-        return status;
+    if (status) return status;
     wr w = {dst};
     w_u8(&w, STORE_VALUE_VERSION);
     w_zero(&w, 7);
@@ -1532,12 +1441,10 @@ int store_txn_put_interaction(store_txn *txn, const char *collection, const char
 /* Reads the trailing lp(item) of a key whose first `skip` bytes are a known prefix. */
 static bool key_tail_id(const MDB_val *k, size_t skip, char *out)
 {
-    if (k->mv_size < skip + 1)
-        return false;
+    if (k->mv_size < skip + 1) return false;
     const uint8_t *p = (const uint8_t *)k->mv_data + skip;
     size_t len = p[0];
-    if (len == 0 || len > AFF_MAX_ID_LEN || k->mv_size != skip + 1 + len)
-        return false;
+    if (len == 0 || len > AFF_MAX_ID_LEN || k->mv_size != skip + 1 + len) return false;
     memcpy(out, p + 1, len);
     out[len] = '\0';
     return true;
@@ -1556,8 +1463,7 @@ static int interactions_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff
     tail_scan *ts = ctx;
     char item[AFF_MAX_ID_LEN + 1];
     store_interaction in;
-    if (!key_tail_id(k, ts->prefix_len, item))
-        return corrupt(err, "interaction key");
+    if (!key_tail_id(k, ts->prefix_len, item)) return corrupt(err, "interaction key");
     int status = decode_interaction(v, &in, err);
     return status ? status : ts->ifn(ts->ctx, item, &in);
 }
@@ -1566,14 +1472,13 @@ int store_txn_scan_interactions(store_txn *txn, const char *collection, const ch
                                 store_interaction_fn fn, void *ctx, aff_err *err)
 {
     key_buf prefix;
-    if (!user_key(&prefix, collection, user))
-        return bad_key(err);
+    if (!user_key(&prefix, collection, user)) return bad_key(err);
     tail_scan ts = {.prefix_len = prefix.n, .ifn = fn, .ctx = ctx};
     return scan_prefix(txn, DB_INTERACTIONS, &prefix, NULL, interactions_visit, &ts, err);
 }
 
-int store_txn_mark_type(store_txn *txn, const char *collection, const char *user,
-                        const char *type, const char *item, int64_t ts_ms, aff_err *err)
+int store_txn_mark_type(store_txn *txn, const char *collection, const char *user, const char *type,
+                        const char *item, int64_t ts_ms, aff_err *err)
 {
     key_buf k;
     if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, type, STORE_MAX_TYPE_LEN, item,
@@ -1581,8 +1486,7 @@ int store_txn_mark_type(store_txn *txn, const char *collection, const char *user
         return bad_key(err);
     uint8_t *dst;
     int status = db_reserve(txn, DB_BY_TYPE, &k, 16, &dst, err);
-    if (status)
-        return status;
+    if (status) return status;
     wr w = {dst};
     w_u8(&w, STORE_VALUE_VERSION);
     w_zero(&w, 7);
@@ -1594,13 +1498,12 @@ static int type_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *er
 {
     tail_scan *ts = ctx;
     char item[AFF_MAX_ID_LEN + 1];
-    if (!key_tail_id(k, ts->prefix_len, item))
-        return corrupt(err, "by_type key");
+    if (!key_tail_id(k, ts->prefix_len, item)) return corrupt(err, "by_type key");
     return ts->idfn(ts->ctx, item);
 }
 
-int store_txn_scan_type(store_txn *txn, const char *collection, const char *user,
-                        const char *type, store_id_fn fn, void *ctx, aff_err *err)
+int store_txn_scan_type(store_txn *txn, const char *collection, const char *user, const char *type,
+                        store_id_fn fn, void *ctx, aff_err *err)
 {
     key_buf prefix;
     if (!make_key(&prefix, collection, user, AFF_MAX_ID_LEN, type, STORE_MAX_TYPE_LEN, NULL, 0))
@@ -1609,12 +1512,11 @@ int store_txn_scan_type(store_txn *txn, const char *collection, const char *user
     return scan_prefix(txn, DB_BY_TYPE, &prefix, NULL, type_visit, &ts, err);
 }
 
-int store_txn_delete_user(store_txn *txn, const char *collection, const char *user,
-                          bool *existed, aff_err *err)
+int store_txn_delete_user(store_txn *txn, const char *collection, const char *user, bool *existed,
+                          aff_err *err)
 {
     key_buf k;
-    if (!user_key(&k, collection, user))
-        return bad_key(err);
+    if (!user_key(&k, collection, user)) return bad_key(err);
     bool had_profile = false;
     uint64_t n = 0;
     int status;
@@ -1623,8 +1525,7 @@ int store_txn_delete_user(store_txn *txn, const char *collection, const char *us
         (status = del_prefix(txn, DB_INTERACTIONS, &k, &n, err)) ||
         (status = del_prefix(txn, DB_BY_TYPE, &k, &n, err)))
         return status;
-    if (existed)
-        *existed = had_profile || n > 0;
+    if (existed) *existed = had_profile || n > 0;
     return AFF_OK;
 }
 
@@ -1643,8 +1544,7 @@ static void encode_popularity(uint8_t *dst, const store_popularity *p)
 static int decode_popularity(const MDB_val *v, store_popularity *out, aff_err *err)
 {
     rd r = rd_of(v);
-    if (!r_version(&r))
-        return corrupt(err, "popularity");
+    if (!r_version(&r)) return corrupt(err, "popularity");
     r_take(&r, 7);
     out->log_score = r_f64(&r);
     out->count = r_u64(&r);
@@ -1656,8 +1556,7 @@ int store_txn_get_popularity(store_txn *txn, const char *collection, const char 
                              store_popularity *out, aff_err *err)
 {
     key_buf k;
-    if (!make_key(&k, collection, item, AFF_MAX_ID_LEN, NULL, 0, NULL, 0))
-        return bad_key(err);
+    if (!make_key(&k, collection, item, AFF_MAX_ID_LEN, NULL, 0, NULL, 0)) return bad_key(err);
     MDB_val v;
     int status = db_get(txn, DB_POPULARITY, &k, &v, err);
     return status ? status : decode_popularity(&v, out, err);
@@ -1665,15 +1564,13 @@ int store_txn_get_popularity(store_txn *txn, const char *collection, const char 
 
 static bool rank_key(key_buf *k, const char *collection, const char *item, double log_score)
 {
-    if (!make_key(k, collection, NULL, 0, NULL, 0, NULL, 0))
-        return false;
+    if (!make_key(k, collection, NULL, 0, NULL, 0, NULL, 0)) return false;
     kb_u64be(k, ord_double(-log_score));
     return item && *item && kb_str(k, item, AFF_MAX_ID_LEN);
 }
 
 int store_txn_put_popularity(store_txn *txn, const char *collection, const char *item,
-                             const store_popularity *old, const store_popularity *p,
-                             aff_err *err)
+                             const store_popularity *old, const store_popularity *p, aff_err *err)
 {
     key_buf k, rk;
     if (!make_key(&k, collection, item, AFF_MAX_ID_LEN, NULL, 0, NULL, 0) ||
@@ -1685,15 +1582,12 @@ int store_txn_put_popularity(store_txn *txn, const char *collection, const char 
     if (old) {
         key_buf ok;
         rank_key(&ok, collection, item, old->log_score);
-        if ((status = db_del(txn, DB_POP_RANK, &ok, NULL, err)))
-            return status;
+        if ((status = db_del(txn, DB_POP_RANK, &ok, NULL, err))) return status;
     }
     uint8_t *dst;
-    if ((status = db_reserve(txn, DB_POPULARITY, &k, POPULARITY_SIZE, &dst, err)))
-        return status;
+    if ((status = db_reserve(txn, DB_POPULARITY, &k, POPULARITY_SIZE, &dst, err))) return status;
     encode_popularity(dst, p);
-    if ((status = db_reserve(txn, DB_POP_RANK, &rk, POPULARITY_SIZE, &dst, err)))
-        return status;
+    if ((status = db_reserve(txn, DB_POP_RANK, &rk, POPULARITY_SIZE, &dst, err))) return status;
     encode_popularity(dst, p);
     return AFF_OK;
 }
@@ -1703,8 +1597,7 @@ static int popular_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err 
     tail_scan *ts = ctx;
     char item[AFF_MAX_ID_LEN + 1];
     store_popularity p;
-    if (!key_tail_id(k, ts->prefix_len + 8, item))
-        return corrupt(err, "pop_rank key");
+    if (!key_tail_id(k, ts->prefix_len + 8, item)) return corrupt(err, "pop_rank key");
     int status = decode_popularity(v, &p, err);
     return status ? status : ts->pfn(ts->ctx, item, &p);
 }
@@ -1713,8 +1606,7 @@ int store_txn_scan_popular(store_txn *txn, const char *collection, store_popular
                            void *ctx, aff_err *err)
 {
     key_buf prefix;
-    if (!make_key(&prefix, collection, NULL, 0, NULL, 0, NULL, 0))
-        return bad_key(err);
+    if (!make_key(&prefix, collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
     tail_scan ts = {.prefix_len = prefix.n, .pfn = fn, .ctx = ctx};
     return scan_prefix(txn, DB_POP_RANK, &prefix, NULL, popular_visit, &ts, err);
 }

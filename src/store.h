@@ -110,8 +110,7 @@ int store_drop_collection(aff_store *s, const char *name, bool *existed, aff_err
 /* *out: malloc'ed array of *n collections sorted by name; the caller frees it. */
 int store_list_collections(aff_store *s, store_collection **out, size_t *n, aff_err *err);
 /* AFF_ENOTFOUND when there is no such collection. */
-int store_txn_get_collection(store_txn *txn, const char *name, store_collection *out,
-                             aff_err *err);
+int store_txn_get_collection(store_txn *txn, const char *name, store_collection *out, aff_err *err);
 
 /* ---- items ----------------------------------------------------------------------------- */
 
@@ -156,9 +155,9 @@ int store_txn_get_item(store_txn *txn, const char *collection, const char *id,
 /* ---- start-up rebuild ------------------------------------------------------------------ */
 
 typedef struct store_rebuild_progress {
-    uint64_t collections;    /* collections announced so far */
-    uint64_t items;          /* items delivered so far */
-    uint64_t items_total;    /* items in the store when the rebuild began */
+    uint64_t collections; /* collections announced so far */
+    uint64_t items;       /* items delivered so far */
+    uint64_t items_total; /* items in the store when the rebuild began */
     double elapsed_s;
 } store_rebuild_progress;
 
@@ -186,9 +185,9 @@ int store_rebuild(aff_store *s, const store_rebuild_ops *ops, store_rebuild_prog
 
 /* ---- profiles' records ------------------------------------------------------------------ */
 
-#define STORE_MAX_TYPE_LEN 31    /* an event type name: "view", "purchase", custom ... */
-#define STORE_MAX_EVENT_TYPES 32 /* distinct event types counted per profile */
-#define STORE_MAX_CONTEXT 16     /* context entries per event */
+#define STORE_MAX_TYPE_LEN    31  /* an event type name: "view", "purchase", custom ... */
+#define STORE_MAX_EVENT_TYPES 32  /* distinct event types counted per profile */
+#define STORE_MAX_CONTEXT     16  /* context entries per event */
 #define STORE_MAX_CONTEXT_LEN 256 /* bytes in a context key or value */
 
 typedef struct store_type_count {
@@ -249,8 +248,8 @@ int store_txn_put_profile(store_txn *txn, const char *collection, const char *us
 
 int store_txn_put_event(store_txn *txn, const char *collection, const char *user, uint64_t seq,
                         const store_event *e, aff_err *err);
-int store_txn_delete_event(store_txn *txn, const char *collection, const char *user,
-                           uint64_t seq, aff_err *err);
+int store_txn_delete_event(store_txn *txn, const char *collection, const char *user, uint64_t seq,
+                           aff_err *err);
 typedef int (*store_event_fn)(void *ctx, uint64_t seq, const store_event *e);
 /* The user's history, oldest first. */
 int store_txn_scan_events(store_txn *txn, const char *collection, const char *user,
@@ -267,17 +266,17 @@ int store_txn_scan_interactions(store_txn *txn, const char *collection, const ch
                                 store_interaction_fn fn, void *ctx, aff_err *err);
 
 /* Records that the user had an event of `type` with `item` at ts_ms (the latest one wins). */
-int store_txn_mark_type(store_txn *txn, const char *collection, const char *user,
-                        const char *type, const char *item, int64_t ts_ms, aff_err *err);
+int store_txn_mark_type(store_txn *txn, const char *collection, const char *user, const char *type,
+                        const char *item, int64_t ts_ms, aff_err *err);
 typedef int (*store_id_fn)(void *ctx, const char *id);
 /* Every item the user had an event of `type` with, in id order; cost O(those items). */
-int store_txn_scan_type(store_txn *txn, const char *collection, const char *user,
-                        const char *type, store_id_fn fn, void *ctx, aff_err *err);
+int store_txn_scan_type(store_txn *txn, const char *collection, const char *user, const char *type,
+                        store_id_fn fn, void *ctx, aff_err *err);
 
 /* Erases the user's profile, history, interactions and type index in the collection.
  * *existed (may be NULL) tells whether there was a profile. */
-int store_txn_delete_user(store_txn *txn, const char *collection, const char *user,
-                          bool *existed, aff_err *err);
+int store_txn_delete_user(store_txn *txn, const char *collection, const char *user, bool *existed,
+                          aff_err *err);
 
 /* AFF_ENOTFOUND when the item has no counter. */
 int store_txn_get_popularity(store_txn *txn, const char *collection, const char *item,
@@ -285,8 +284,7 @@ int store_txn_get_popularity(store_txn *txn, const char *collection, const char 
 /* Writes the counter and moves the item in the ranking index. old is the counter as read
  * (NULL when there was none). */
 int store_txn_put_popularity(store_txn *txn, const char *collection, const char *item,
-                             const store_popularity *old, const store_popularity *p,
-                             aff_err *err);
+                             const store_popularity *old, const store_popularity *p, aff_err *err);
 typedef int (*store_popularity_fn)(void *ctx, const char *item, const store_popularity *p);
 /* Counters by log_score descending (ties by item id). */
 int store_txn_scan_popular(store_txn *txn, const char *collection, store_popularity_fn fn,

@@ -1,0 +1,722 @@
+/*
+ * test_profiles.c: shoppers' profiles on a real store (LMDB in a temp dir) and, where a
+ * ranking over the catalog is the point, a real engine on the CPU backend fed the same items.
+ *
+ * The catalog: three categories, each clustered around its own axis of an 8-d space, so
+ * "the user's interests" have a checkable direction.
+ */
+#include <criterion/criterion.h>
+
+#include <ftw.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine.h"
+#include "log.h"
+#include "profiles.h"
+#include "store.h"
+
+#define DIM     8
+#define PER_CAT 10
+#define DAY_MS  (86400LL * 1000)
+#define T0      (1767225600000LL) /* 2026-01-01, the tests' "now" */
+
+static const char *const cats[3] = {"shoes", "books", "toys"};
+
+static char dir[256];
+static aff_store *store;
+static aff_profiles *prof;
+static aff_engine *engine;
+static int64_t clock_ms = T0;
+
+static int64_t test_clock(void *ctx)
+{
+    return *(int64_t *)ctx;
+}
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    return remove(path);
+}
+
+static void item_id(char *out, size_t cap, int cat, int j)
+{
+    snprintf(out, cap, "%s-%d", cats[cat], j);
+}
+
+static void item_vec(int cat, int j, float *v)
+{
+    memset(v, 0, DIM * sizeof *v);
+    v[cat] = 1.0f;
+    v[3 + j % 5] = 0.1f * (float)(j + 1);
+}
+
+static void open_all(const profiles_config *pc)
+{
+    aff_err err = {0};
+    store_config sc = {.dir = dir};
+    cr_assert_eq(store_create(&store, &sc, &err), AFF_OK, "%s", err.msg);
+    profiles_config def;
+    if (!pc) {
+        profiles_config_init(&def);
+        def.now_ms = test_clock;
+        def.now_ctx = &clock_ms;
+        pc = &def;
+    }
+    cr_assert_eq(profiles_create(&prof, store, pc, &err), AFF_OK, "%s", err.msg);
+}
+
+static void close_all(void)
+{
+    profiles_destroy(prof);
+    store_destroy(store);
+    prof = NULL;
+    store = NULL;
+}
+
+/* Stores the catalog in the store and, when with_engine, in a CPU engine too. */
+static void load_catalog(bool with_engine)
+{
+    aff_err err = {0};
+    store_collection c = {.name = "shop", .dim = DIM, .metric = AFF_METRIC_COSINE};
+    cr_assert_eq(store_put_collection(store, &c, &err), AFF_OK, "%s", err.msg);
+    char ids[3 * PER_CAT][32];
+    float vecs[3 * PER_CAT][DIM];
+    store_item items[3 * PER_CAT];
+    aff_item eitems[3 * PER_CAT];
+    for (int cat = 0; cat < 3; cat++) {
+        for (int j = 0; j < PER_CAT; j++) {
+            int i = cat * PER_CAT + j;
+            item_id(ids[i], sizeof ids[i], cat, j);
+            item_vec(cat, j, vecs[i]);
+            items[i] = (store_item){.id = ids[i],
+                                    .vector = vecs[i],
+                                    .dim = DIM,
+                                    .category = cats[cat],
+                                    .price = (float)j,
+                                    .available = j != 9};
+            eitems[i] = (aff_item){.id = ids[i],
+                                   .vector = vecs[i],
+                                   .dim = DIM,
+                                   .category = cats[cat],
+                                   .price = (float)j,
+                                   .available = j != 9};
+        }
+    }
+    cr_assert_eq(store_put_items(store, "shop", items, 3 * PER_CAT, &err), AFF_OK, "%s", err.msg);
+    if (with_engine) {
+        engine_config ec = {.backend = ENGINE_BACKEND_CPU, .faiss = {.threads = 1}};
+        cr_assert_eq(engine_create(&engine, &ec, &err), AFF_OK, "%s", err.msg);
+        engine_collection_spec spec = {.name = "shop", .dim = DIM, .metric = AFF_METRIC_COSINE};
+        cr_assert_eq(engine_create_collection(engine, &spec, &err), AFF_OK, "%s", err.msg);
+        cr_assert_eq(engine_upsert(engine, "shop", eitems, 3 * PER_CAT, &err), AFF_OK, "%s",
+                     err.msg);
+    }
+}
+
+static void setup(void)
+{
+    aff_log_set_level(AFF_LOG_WARN);
+    snprintf(dir, sizeof dir, "/tmp/aff-profiles-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    clock_ms = T0;
+    open_all(NULL);
+    load_catalog(false);
+}
+
+static void teardown(void)
+{
+    close_all();
+    engine_destroy(engine);
+    engine = NULL;
+    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+TestSuite(profiles, .init = setup, .fini = teardown, .timeout = 120);
+
+static profiles_event ev(int cat, int j, profiles_event_kind type, int64_t ts)
+{
+    static char ids[64][32];
+    static int next;
+    char *id = ids[next++ % 64];
+    item_id(id, 32, cat, j);
+    return (profiles_event){.item_id = id, .type = type, .timestamp_ms = ts};
+}
+
+static void put(const char *user, const profiles_event *events, size_t n)
+{
+    aff_err err = {0};
+    uint32_t applied = 0, n_rej = 0;
+    profiles_rejection rej[64];
+    cr_assert_eq(profiles_put_events(prof, "shop", user, events, n, &applied, rej, &n_rej, &err),
+                 AFF_OK, "%s", err.msg);
+    cr_assert_eq(n_rej, 0, "rejected: %s", n_rej ? rej[0].reason : "");
+    cr_assert_eq(applied, n);
+}
+
+static float dot(const float *a, const float *b)
+{
+    float s = 0;
+    for (int i = 0; i < DIM; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+static void user_vector(const char *user, float *v)
+{
+    bool found = false;
+    aff_err err = {0};
+    cr_assert_eq(profiles_user_vector(prof, "shop", user, v, DIM, &found, &err), AFF_OK, "%s",
+                 err.msg);
+    cr_assert(found, "user %s has no profile", user);
+}
+
+/* The category whose axis the vector leans to most. */
+static int leaning(const float *v)
+{
+    int best = 0;
+    for (int c = 1; c < 3; c++)
+        if (v[c] > v[best]) best = c;
+    return best;
+}
+
+/* History visitors. */
+typedef struct hist {
+    int n;
+    int64_t ts[16];
+} hist;
+
+static int collect(void *ctx, uint64_t seq, const store_event *e)
+{
+    hist *h = ctx;
+    if (h->n < 16) h->ts[h->n] = e->ts_ms;
+    h->n++;
+    return 0;
+}
+
+static int count(void *ctx, uint64_t seq, const store_event *e)
+{
+    (*(int *)ctx)++;
+    return 0;
+}
+
+typedef struct last_seen {
+    double value;
+    char ctx[64];
+} last_seen;
+
+static int last_event(void *c, uint64_t seq, const store_event *e)
+{
+    last_seen *l = c;
+    l->value = e->value;
+    l->ctx[0] = '\0';
+    for (uint32_t i = 0; i < e->n_context; i++)
+        snprintf(l->ctx + strlen(l->ctx), sizeof l->ctx - strlen(l->ctx), "%s%s=%s", i ? "," : "",
+                 e->context[i].key, e->context[i].value);
+    return 0;
+}
+
+Test(profiles, user_who_views_and_buys_shoes_is_recommended_shoes_minus_purchases)
+{
+    engine_config ec = {.backend = ENGINE_BACKEND_CPU, .faiss = {.threads = 1}};
+    aff_err err = {0};
+    cr_assert_eq(engine_create(&engine, &ec, &err), AFF_OK, "%s", err.msg);
+    engine_collection_spec spec = {.name = "shop", .dim = DIM, .metric = AFF_METRIC_COSINE};
+    cr_assert_eq(engine_create_collection(engine, &spec, &err), AFF_OK, "%s", err.msg);
+    for (int cat = 0; cat < 3; cat++) {
+        for (int j = 0; j < PER_CAT; j++) {
+            char id[32];
+            float v[DIM];
+            item_id(id, sizeof id, cat, j);
+            item_vec(cat, j, v);
+            aff_item it = {.id = id,
+                           .vector = v,
+                           .dim = DIM,
+                           .category = cats[cat],
+                           .price = (float)j,
+                           .available = j != 9};
+            cr_assert_eq(engine_upsert(engine, "shop", &it, 1, &err), AFF_OK, "%s", err.msg);
+        }
+    }
+
+    profiles_event e[] = {
+        ev(0, 1, PROFILES_EVENT_VIEW, T0 - 3 * DAY_MS),
+        ev(0, 2, PROFILES_EVENT_VIEW, T0 - 2 * DAY_MS),
+        ev(0, 2, PROFILES_EVENT_PURCHASE, T0 - DAY_MS),
+        ev(1, 0, PROFILES_EVENT_VIEW, T0 - DAY_MS),
+        ev(0, 3, PROFILES_EVENT_ADD_TO_CART, T0),
+    };
+    put("alice", e, 5);
+
+    const char *excl[] = {"purchase"};
+    profiles_plan plan;
+    cr_assert_eq(profiles_plan_recommend(prof, "shop", "alice", excl, 1, NULL, &plan, &err), AFF_OK,
+                 "%s", err.msg);
+    cr_assert_eq(plan.source, PROFILES_SOURCE_PROFILE);
+    cr_assert_eq(plan.n_excluded, 1);
+    cr_assert_str_eq(plan.filter.exclude_ids[0], "shoes-2");
+
+    aff_query q = {.vector = plan.vector, .dim = plan.dim, .k = 5, .filter = &plan.filter};
+    aff_hit hits[5];
+    uint32_t n_hits = 0;
+    aff_err qerr = {0};
+    cr_assert_eq(engine_search(engine, "shop", &q, 1, hits, &n_hits, &qerr), AFF_OK, "%s",
+                 qerr.msg);
+    cr_assert_eq(n_hits, 5);
+    for (uint32_t i = 0; i < n_hits; i++) {
+        cr_assert(strncmp(hits[i].id, "shoes-", 6) == 0, "hit %u is %s", i, hits[i].id);
+        cr_assert_str_neq(hits[i].id, "shoes-2", "the purchased item is excluded");
+    }
+    profiles_plan_release(&plan);
+
+    /* Without the exclusion the purchased item is among the best. */
+    cr_assert_eq(profiles_plan_recommend(prof, "shop", "alice", NULL, 0, NULL, &plan, &err),
+                 AFF_OK);
+    q = (aff_query){.vector = plan.vector, .dim = plan.dim, .k = 10, .filter = &plan.filter};
+    aff_hit all[10];
+    cr_assert_eq(engine_search(engine, "shop", &q, 1, all, &n_hits, &qerr), AFF_OK);
+    bool seen = false;
+    for (uint32_t i = 0; i < n_hits; i++)
+        seen = seen || strcmp(all[i].id, "shoes-2") == 0;
+    cr_assert(seen);
+    profiles_plan_release(&plan);
+}
+
+Test(profiles, purchases_stay_excluded_beyond_the_bounded_history)
+{
+    close_all();
+    profiles_config pc;
+    profiles_config_init(&pc);
+    pc.history_len = 10;
+    pc.now_ms = test_clock;
+    pc.now_ctx = &clock_ms;
+    open_all(&pc);
+    profiles_event first = ev(2, 4, PROFILES_EVENT_PURCHASE, T0 - 10 * DAY_MS);
+    put("bob", &first, 1);
+    for (int i = 0; i < 60; i++) {
+        profiles_event v = ev(1, i % PER_CAT, PROFILES_EVENT_VIEW, T0 - DAY_MS + i);
+        put("bob", &v, 1);
+    }
+    profiles_user_info info;
+    cr_assert_eq(profiles_get_user(prof, "shop", "bob", &info, NULL), AFF_OK);
+    cr_assert_eq(info.history_length, 10);
+
+    const char *excl[] = {"purchase"};
+    profiles_plan plan;
+    aff_err err = {0};
+    cr_assert_eq(profiles_plan_recommend(prof, "shop", "bob", excl, 1, NULL, &plan, &err), AFF_OK);
+    cr_assert_eq(plan.n_excluded, 1);
+    cr_assert_str_eq(plan.filter.exclude_ids[0], "toys-4");
+    profiles_plan_release(&plan);
+
+    /* The history keeps exactly the last 10 events, oldest first. */
+    hist h = {0};
+    cr_assert_eq(profiles_history(prof, "shop", "bob", collect, &h, NULL), AFF_OK);
+    cr_assert_eq(h.n, 10);
+    cr_assert_eq(h.ts[0], T0 - DAY_MS + 50);
+    cr_assert_eq(h.ts[9], T0 - DAY_MS + 59);
+}
+
+Test(profiles, unknown_user_gets_popular_items_through_the_filter)
+{
+    /* toys-1: two purchases (16); books-2: five views (5); shoes-3: one click (2);
+     * shoes-9: three purchases but unavailable. */
+    profiles_event a[] = {ev(2, 1, PROFILES_EVENT_PURCHASE, T0), ev(1, 2, PROFILES_EVENT_VIEW, T0),
+                          ev(1, 2, PROFILES_EVENT_VIEW, T0), ev(0, 3, PROFILES_EVENT_CLICK, T0),
+                          ev(0, 9, PROFILES_EVENT_PURCHASE, T0)};
+    profiles_event b[] = {
+        ev(2, 1, PROFILES_EVENT_PURCHASE, T0), ev(1, 2, PROFILES_EVENT_VIEW, T0),
+        ev(1, 2, PROFILES_EVENT_VIEW, T0),     ev(1, 2, PROFILES_EVENT_VIEW, T0),
+        ev(0, 9, PROFILES_EVENT_PURCHASE, T0), ev(0, 9, PROFILES_EVENT_PURCHASE, T0)};
+    put("u1", a, 5);
+    put("u2", b, 6);
+
+    profiles_plan plan;
+    aff_err err = {0};
+    const char *excl[] = {"purchase"};
+    cr_assert_eq(profiles_plan_recommend(prof, "shop", "stranger", excl, 1, NULL, &plan, &err),
+                 AFF_OK);
+    cr_assert_eq(plan.source, PROFILES_SOURCE_POPULARITY);
+    cr_assert_null(plan.vector);
+    cr_assert_eq(plan.n_excluded, 0);
+
+    aff_hit hits[10];
+    uint32_t n = 0;
+    cr_assert_eq(profiles_popular(prof, "shop", 10, &plan.filter, hits, &n, &err), AFF_OK, "%s",
+                 err.msg);
+    cr_assert_eq(n, 4);
+    cr_assert_str_eq(hits[0].id, "shoes-9");
+    cr_assert_float_eq(hits[0].score, 24.0f, 1e-3);
+    cr_assert_str_eq(hits[1].id, "toys-1");
+    cr_assert_float_eq(hits[1].score, 16.0f, 1e-3);
+    cr_assert_str_eq(hits[2].id, "books-2");
+    cr_assert_float_eq(hits[2].score, 5.0f, 1e-3);
+    cr_assert_str_eq(hits[3].id, "shoes-3");
+    profiles_plan_release(&plan);
+
+    /* Same filters as a search: availability, category, exclusions. */
+    aff_filter f = {.price_min = -INFINITY, .price_max = INFINITY, .available_only = true};
+    cr_assert_eq(profiles_popular(prof, "shop", 10, &f, hits, &n, &err), AFF_OK);
+    cr_assert_eq(n, 3);
+    cr_assert_str_eq(hits[0].id, "toys-1");
+    const char *only[] = {"books", "shoes"};
+    const char *skip[] = {"books-2"};
+    f = (aff_filter){.categories = only,
+                     .n_categories = 2,
+                     .price_min = -INFINITY,
+                     .price_max = INFINITY,
+                     .exclude_ids = skip,
+                     .n_exclude_ids = 1};
+    cr_assert_eq(profiles_popular(prof, "shop", 10, &f, hits, &n, &err), AFF_OK);
+    cr_assert_eq(n, 2);
+    cr_assert_str_eq(hits[0].id, "shoes-9");
+    cr_assert_str_eq(hits[1].id, "shoes-3");
+    cr_assert_eq(profiles_popular(prof, "shop", 1, NULL, hits, &n, &err), AFF_OK);
+    cr_assert_eq(n, 1);
+
+    /* A week later (the popularity half-life) every score has halved. */
+    clock_ms = T0 + 7 * DAY_MS;
+    cr_assert_eq(profiles_popular(prof, "shop", 1, NULL, hits, &n, &err), AFF_OK);
+    cr_assert_float_eq(hits[0].score, 12.0f, 1e-3);
+}
+
+Test(profiles, decay_makes_old_interests_fade)
+{
+    profiles_event e[11];
+    for (int i = 0; i < 10; i++)
+        e[i] = ev(0, i, PROFILES_EVENT_PURCHASE, T0 - 120 * DAY_MS); /* 80 weight, 8.6 HL ago */
+    e[10] = ev(1, 0, PROFILES_EVENT_VIEW, T0);                       /* 1 weight, now */
+    put("carol", e, 11);
+    float v[DIM];
+    user_vector("carol", v);
+    cr_assert_eq(leaning(v), 1, "recent books beat old shoes: %f %f", v[0], v[1]);
+
+    /* Without decay (a half-life of a century) the shoe purchases dominate. */
+    close_all();
+    profiles_config pc;
+    profiles_config_init(&pc);
+    pc.half_life_s = 100 * 365 * 86400.0;
+    pc.now_ms = test_clock;
+    pc.now_ctx = &clock_ms;
+    open_all(&pc);
+    put("dave", e, 11);
+    user_vector("dave", v);
+    cr_assert_eq(leaning(v), 0);
+}
+
+Test(profiles, profile_is_the_decayed_weighted_sum_in_any_event_order)
+{
+    /* Events out of time order, one repeated item, mixed types. */
+    const int64_t ts[6] = {T0,          T0 - 20 * DAY_MS, T0 - 3 * DAY_MS, T0 - 40 * DAY_MS,
+                           T0 - DAY_MS, T0 - 3 * DAY_MS};
+    const profiles_event_kind kinds[6] = {PROFILES_EVENT_VIEW,  PROFILES_EVENT_PURCHASE,
+                                          PROFILES_EVENT_CLICK, PROFILES_EVENT_ADD_TO_CART,
+                                          PROFILES_EVENT_VIEW,  PROFILES_EVENT_PURCHASE};
+    const int cat[6] = {0, 1, 2, 1, 0, 2}, idx[6] = {1, 2, 3, 2, 5, 7};
+    const double w[5] = {0, 1, 2, 4, 8};
+    double want[DIM] = {0};
+    for (int i = 0; i < 6; i++) {
+        profiles_event e = ev(cat[i], idx[i], kinds[i], ts[i]);
+        put("erin", &e, 1);
+        float x[DIM];
+        item_vec(cat[i], idx[i], x);
+        float nx = sqrtf(dot(x, x));
+        double f = w[kinds[i]] * exp2(-(double)(T0 - ts[i]) / (14.0 * DAY_MS));
+        for (int d = 0; d < DIM; d++)
+            want[d] += f * x[d] / nx;
+    }
+    double norm = 0;
+    for (int d = 0; d < DIM; d++)
+        norm += want[d] * want[d];
+    norm = sqrt(norm);
+    float v[DIM];
+    user_vector("erin", v);
+    for (int d = 0; d < DIM; d++)
+        cr_assert_float_eq(v[d], (float)(want[d] / norm), 1e-5, "dim %d: %f vs %f", d, v[d],
+                           want[d] / norm);
+}
+
+Test(profiles, delete_user_erases_everything_durably)
+{
+    profiles_event e[] = {ev(0, 1, PROFILES_EVENT_PURCHASE, T0), ev(1, 1, PROFILES_EVENT_VIEW, T0)};
+    put("frank", e, 2);
+    put("grace", e, 2);
+    bool existed = false;
+    aff_err err = {0};
+    cr_assert_eq(profiles_delete_user(prof, NULL, "frank", &existed, &err), AFF_OK, "%s", err.msg);
+    cr_assert(existed);
+    close_all();
+    open_all(NULL);
+    profiles_user_info info;
+    cr_assert_eq(profiles_get_user(prof, "shop", "frank", &info, &err), AFF_ENOTFOUND);
+    const char *excl[] = {"purchase", "view"};
+    profiles_plan plan;
+    cr_assert_eq(profiles_plan_recommend(prof, "shop", "frank", excl, 2, NULL, &plan, &err),
+                 AFF_OK);
+    cr_assert_eq(plan.source, PROFILES_SOURCE_POPULARITY);
+    cr_assert_eq(plan.n_excluded, 0);
+    profiles_plan_release(&plan);
+    int n = 0;
+    cr_assert_eq(profiles_history(prof, "shop", "frank", count, &n, NULL), AFF_OK);
+    cr_assert_eq(n, 0);
+    cr_assert_eq(profiles_delete_user(prof, "shop", "frank", &existed, &err), AFF_OK);
+    cr_assert_not(existed);
+    /* Another user is untouched. */
+    cr_assert_eq(profiles_get_user(prof, "shop", "grace", &info, &err), AFF_OK);
+    cr_assert_eq(info.history_length, 2);
+}
+
+Test(profiles, survives_a_restart_with_identical_answers)
+{
+    profiles_event e[] = {ev(2, 1, PROFILES_EVENT_CLICK, T0 - DAY_MS),
+                          ev(2, 5, PROFILES_EVENT_PURCHASE, T0), ev(0, 5, PROFILES_EVENT_VIEW, T0)};
+    e[2].value = 12.5;
+    store_kv ctx[] = {{"device", "mobile"}, {"session", "s-1"}};
+    e[2].context = ctx;
+    e[2].n_context = 2;
+    put("heidi", e, 3);
+    float before[DIM], after[DIM];
+    user_vector("heidi", before);
+    aff_hit hb[5], ha[5];
+    uint32_t nb, na;
+    cr_assert_eq(profiles_popular(prof, "shop", 5, NULL, hb, &nb, NULL), AFF_OK);
+    close_all();
+    open_all(NULL);
+    user_vector("heidi", after);
+    cr_assert_arr_eq(before, after, sizeof before);
+    cr_assert_eq(profiles_popular(prof, "shop", 5, NULL, ha, &na, NULL), AFF_OK);
+    cr_assert_eq(na, nb);
+    for (uint32_t i = 0; i < na; i++) {
+        cr_assert_str_eq(ha[i].id, hb[i].id);
+        cr_assert_eq(ha[i].score, hb[i].score);
+    }
+    /* Value and context come back with the event. */
+    last_seen l = {0};
+    cr_assert_eq(profiles_history(prof, "shop", "heidi", last_event, &l, NULL), AFF_OK);
+    cr_assert_eq(l.value, 12.5);
+    cr_assert_str_eq(l.ctx, "device=mobile,session=s-1");
+}
+
+Test(profiles, bad_events_are_rejected_one_by_one)
+{
+    profiles_event e[] = {
+        ev(0, 1, PROFILES_EVENT_VIEW, T0),
+        {.item_id = "no-such-item", .type = PROFILES_EVENT_VIEW},
+        ev(0, 2, PROFILES_EVENT_UNSPECIFIED, T0),
+        {.item_id = "shoes-3", .type = PROFILES_EVENT_CUSTOM, .custom_type = "wishlist"},
+        ev(0, 4, PROFILES_EVENT_VIEW, T0 + 3 * DAY_MS),
+        ev(0, 5, PROFILES_EVENT_CLICK, 0),
+    };
+    uint32_t applied = 0, n_rej = 0;
+    profiles_rejection rej[6];
+    aff_err err = {0};
+    cr_assert_eq(profiles_put_events(prof, "shop", "ivan", e, 6, &applied, rej, &n_rej, &err),
+                 AFF_OK, "%s", err.msg);
+    cr_assert_eq(applied, 2);
+    cr_assert_eq(n_rej, 4);
+    cr_assert_eq(rej[0].index, 1);
+    cr_assert(strstr(rej[0].reason, "unknown item id 'no-such-item'"), "%s", rej[0].reason);
+    cr_assert_eq(rej[1].index, 2);
+    cr_assert_eq(rej[2].index, 3);
+    cr_assert(strstr(rej[2].reason, "wishlist"), "%s", rej[2].reason);
+    cr_assert_eq(rej[3].index, 4);
+    cr_assert(strstr(rej[3].reason, "timestamp"), "%s", rej[3].reason);
+    profiles_user_info info;
+    cr_assert_eq(profiles_get_user(prof, "shop", "ivan", &info, NULL), AFF_OK);
+    cr_assert_eq(info.last_event_ms, T0, "timestamp 0 means now");
+
+    cr_assert_eq(profiles_put_events(prof, "nope", "ivan", e, 1, &applied, rej, &n_rej, &err),
+                 AFF_ENOTFOUND);
+    cr_assert_eq(profiles_put_events(prof, "shop", "", e, 1, &applied, rej, &n_rej, &err),
+                 AFF_EINVAL);
+    cr_assert_eq(profiles_put_events(prof, "shop", "ivan", e, 0, &applied, rej, &n_rej, &err),
+                 AFF_EINVAL);
+}
+
+Test(profiles, deleted_items_stop_contributing_and_never_come_back)
+{
+    profiles_event e[] = {ev(0, 1, PROFILES_EVENT_PURCHASE, T0),
+                          ev(0, 2, PROFILES_EVENT_PURCHASE, T0), ev(1, 3, PROFILES_EVENT_VIEW, T0)};
+    put("judy", e, 3);
+    float v[DIM];
+    user_vector("judy", v);
+    cr_assert_eq(leaning(v), 0);
+
+    const char *gone[] = {"shoes-1", "shoes-2"};
+    size_t n_del = 0;
+    cr_assert_eq(store_delete_items(store, "shop", gone, 2, &n_del, NULL), AFF_OK);
+    cr_assert_eq(n_del, 2);
+    user_vector("judy", v);
+    float want[DIM];
+    item_vec(1, 3, want);
+    float nw = sqrtf(dot(want, want));
+    for (int d = 0; d < DIM; d++)
+        cr_assert_float_eq(v[d], want[d] / nw, 1e-6, "only books-3 is left");
+
+    aff_hit hits[10];
+    uint32_t n;
+    cr_assert_eq(profiles_popular(prof, "shop", 10, NULL, hits, &n, NULL), AFF_OK);
+    cr_assert_eq(n, 1);
+    cr_assert_str_eq(hits[0].id, "books-3");
+
+    /* The next write persists the recomputed profile; an event on a deleted item is refused. */
+    profiles_event more = ev(1, 4, PROFILES_EVENT_VIEW, T0);
+    put("judy", &more, 1);
+    user_vector("judy", v);
+    cr_assert_eq(leaning(v), 1);
+    cr_assert_lt(v[0], 1e-6);
+    profiles_event dead = ev(0, 1, PROFILES_EVENT_VIEW, T0);
+    uint32_t applied, n_rej;
+    profiles_rejection rej[1];
+    cr_assert_eq(profiles_put_events(prof, "shop", "judy", &dead, 1, &applied, rej, &n_rej, NULL),
+                 AFF_OK);
+    cr_assert_eq(n_rej, 1);
+
+    /* A user whose every item was deleted falls back to popularity. */
+    profiles_event only = ev(2, 6, PROFILES_EVENT_VIEW, T0);
+    put("ken", &only, 1);
+    const char *toy[] = {"toys-6"};
+    cr_assert_eq(store_delete_items(store, "shop", toy, 1, NULL, NULL), AFF_OK);
+    profiles_plan plan;
+    cr_assert_eq(profiles_plan_recommend(prof, "shop", "ken", NULL, 0, NULL, &plan, NULL), AFF_OK);
+    cr_assert_eq(plan.source, PROFILES_SOURCE_POPULARITY);
+    profiles_plan_release(&plan);
+}
+
+Test(profiles, reupserted_item_vector_updates_profiles)
+{
+    profiles_event e = ev(2, 0, PROFILES_EVENT_PURCHASE, T0);
+    put("liz", &e, 1);
+    float v[DIM];
+    user_vector("liz", v);
+    cr_assert_eq(leaning(v), 2);
+    /* toys-0 is re-upserted as a book-like vector. */
+    float nv[DIM] = {0, 2, 0, 0, 0, 0, 0, 0};
+    store_item it = {.id = "toys-0", .vector = nv, .dim = DIM, .category = "toys"};
+    cr_assert_eq(store_put_items(store, "shop", &it, 1, NULL), AFF_OK);
+    user_vector("liz", v);
+    cr_assert_float_eq(v[1], 1.0f, 1e-6);
+}
+
+Test(profiles, get_user_reports_counts_activity_and_top_categories)
+{
+    profiles_event e[] = {ev(0, 1, PROFILES_EVENT_VIEW, T0 - 5 * DAY_MS),
+                          ev(0, 1, PROFILES_EVENT_PURCHASE, T0 - 4 * DAY_MS),
+                          ev(1, 2, PROFILES_EVENT_VIEW, T0 - 2 * DAY_MS),
+                          ev(1, 3, PROFILES_EVENT_VIEW, T0 - 2 * DAY_MS),
+                          ev(1, 5, PROFILES_EVENT_VIEW, T0 - 2 * DAY_MS),
+                          ev(2, 4, PROFILES_EVENT_CLICK, T0 - DAY_MS)};
+    /* Decayed weights now: shoes 1·2^(-5/14) + 8·2^(-4/14) ≈ 7.3, books 3·2^(-2/14) ≈ 2.7,
+     * toys 2·2^(-1/14) ≈ 1.9. */
+    put("mia", e, 6);
+    profiles_user_info info;
+    aff_err err = {0};
+    cr_assert_eq(profiles_get_user(prof, "shop", "mia", &info, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(info.last_event_ms, T0 - DAY_MS);
+    cr_assert_eq(info.history_length, 6);
+    uint64_t views = 0, buys = 0, clicks = 0;
+    for (uint32_t i = 0; i < info.n_counts; i++) {
+        if (!strcmp(info.counts[i].type, "view")) views = info.counts[i].count;
+        if (!strcmp(info.counts[i].type, "purchase")) buys = info.counts[i].count;
+        if (!strcmp(info.counts[i].type, "click")) clicks = info.counts[i].count;
+    }
+    cr_assert_eq(views, 4);
+    cr_assert_eq(buys, 1);
+    cr_assert_eq(clicks, 1);
+    cr_assert_eq(info.n_top_categories, 3);
+    cr_assert_str_eq(info.top_categories[0].category, "shoes");
+    cr_assert_str_eq(info.top_categories[1].category, "books");
+    cr_assert_str_eq(info.top_categories[2].category, "toys");
+    float total = 0;
+    for (uint32_t i = 0; i < 3; i++)
+        total += info.top_categories[i].weight;
+    cr_assert_float_eq(total, 1.0f, 1e-5);
+    cr_assert_eq(profiles_get_user(prof, "shop", "nobody", &info, &err), AFF_ENOTFOUND);
+}
+
+Test(profiles, custom_event_types_carry_their_configured_weights)
+{
+    close_all();
+    profiles_custom_type custom[] = {{"wishlist", 50.0f}, {"impression", 0.0f}};
+    profiles_config pc;
+    profiles_config_init(&pc);
+    pc.custom_types = custom;
+    pc.n_custom_types = 2;
+    pc.now_ms = test_clock;
+    pc.now_ctx = &clock_ms;
+    open_all(&pc);
+    profiles_event e[] = {
+        ev(0, 1, PROFILES_EVENT_PURCHASE, T0),
+        {.item_id = "books-1",
+         .type = PROFILES_EVENT_CUSTOM,
+         .custom_type = "wishlist",
+         .timestamp_ms = T0},
+        {.item_id = "toys-1",
+         .type = PROFILES_EVENT_CUSTOM,
+         .custom_type = "impression",
+         .timestamp_ms = T0},
+    };
+    put("nina", e, 3);
+    float v[DIM];
+    user_vector("nina", v);
+    cr_assert_eq(leaning(v), 1, "the wishlist (50) outweighs the purchase (8)");
+    cr_assert_float_eq(v[2], 0.0f, 1e-7, "a zero-weight type adds nothing");
+    const char *excl[] = {"wishlist"};
+    profiles_plan plan;
+    cr_assert_eq(profiles_plan_recommend(prof, "shop", "nina", excl, 1, NULL, &plan, NULL), AFF_OK);
+    cr_assert_eq(plan.n_excluded, 1);
+    cr_assert_str_eq(plan.filter.exclude_ids[0], "books-1");
+    profiles_plan_release(&plan);
+
+    profiles_custom_type clash[] = {{"view", 1.0f}};
+    pc.custom_types = clash;
+    pc.n_custom_types = 1;
+    aff_profiles *bad = NULL;
+    cr_assert_eq(profiles_create(&bad, store, &pc, NULL), AFF_EINVAL);
+    profiles_custom_type neg[] = {{"meh", -1.0f}};
+    pc.custom_types = neg;
+    cr_assert_eq(profiles_create(&bad, store, &pc, NULL), AFF_EINVAL);
+}
+
+Test(profiles, request_exclusions_and_user_exclusions_combine)
+{
+    profiles_event e[] = {ev(0, 1, PROFILES_EVENT_PURCHASE, T0), ev(0, 2, PROFILES_EVENT_VIEW, T0)};
+    put("oscar", e, 2);
+    const char *req_ex[] = {"shoes-7"};
+    const char *cat_only[] = {"shoes"};
+    aff_filter f = {.categories = cat_only,
+                    .n_categories = 1,
+                    .price_min = 1.0f,
+                    .price_max = INFINITY,
+                    .exclude_ids = req_ex,
+                    .n_exclude_ids = 1};
+    const char *excl[] = {"purchase", "view"};
+    profiles_plan plan;
+    cr_assert_eq(profiles_plan_recommend(prof, "shop", "oscar", excl, 2, &f, &plan, NULL), AFF_OK);
+    cr_assert_eq(plan.filter.n_exclude_ids, 3);
+    cr_assert_str_eq(plan.filter.exclude_ids[0], "shoes-7");
+    cr_assert_eq(plan.filter.n_categories, 1);
+    cr_assert_eq(plan.filter.price_min, 1.0f);
+    profiles_plan_release(&plan);
+}
+
+Test(profiles, works_without_a_data_dir)
+{
+    close_all();
+    aff_err err = {0};
+    store_config sc = {0};
+    cr_assert_eq(store_create(&store, &sc, &err), AFF_OK, "%s", err.msg);
+    profiles_config pc;
+    profiles_config_init(&pc);
+    pc.now_ms = test_clock;
+    pc.now_ctx = &clock_ms;
+    cr_assert_eq(profiles_create(&prof, store, &pc, &err), AFF_OK);
+    load_catalog(false);
+    profiles_event e[] = {ev(1, 1, PROFILES_EVENT_PURCHASE, T0)};
+    put("pat", e, 1);
+    float v[DIM];
+    user_vector("pat", v);
+    cr_assert_eq(leaning(v), 1);
+}
