@@ -1,0 +1,121 @@
+/*
+ * select_radix.cu: top-k selection for 256 < k ≤ 2048 — one thread block per (segment, query)
+ * finds the k-th best ordered key by radix select, then gathers and sorts the k winners.
+ *
+ * What it computes: the same as select_block.cu (the k largest keys of the block's candidate
+ * range, best first, padded with the sentinel 0), for the larger k buckets 512, 1024, 2048.
+ *
+ * How: keys are unique 64-bit integers (score bits, then ~row), so the k-th largest key is a
+ * single value t and the answer is exactly the keys ≥ t. Pass p builds a 256-bin histogram of
+ * byte p (most significant first) over the keys that share the bytes chosen so far, and a block
+ * scan from the top bin picks the bin holding the k-th key. The search stops as soon as the
+ * chosen bin holds exactly the keys still needed: usually after 3–4 passes on real scores, at
+ * most 8 (many equal scores). Pass 0 also counts the candidates; when there are no more than k,
+ * all are taken. A last pass gathers the keys ≥ t into shared memory (at most 2048 × 8 bytes)
+ * and a bitonic sort orders them.
+ *
+ * Memory traffic: the candidate range is read once per pass plus once to gather (4 bytes per
+ * implicit score, 8 per explicit key, mostly from L2); the filter and norms are evaluated on
+ * every pass — the price of not storing the filtered scores. k keys written per block.
+ * Limits: k ≤ 2048 (shared memory); candidates per block < 2^32.
+ */
+#include <cub/block/block_scan.cuh>
+
+#include "select.cuh"
+
+#define SR_THREADS 256u
+
+template <uint32_t K>
+__global__ void __launch_bounds__(SR_THREADS) select_radix_kernel(select_args a)
+{
+    typedef cub::BlockScan<uint32_t, SR_THREADS> block_scan;
+    __shared__ typename block_scan::TempStorage scan_tmp;
+    __shared__ unsigned long long buf[K];
+    __shared__ uint32_t hist[256];
+    __shared__ uint32_t s_total, s_sel, s_remaining, s_bin, s_count;
+
+    const uint32_t b = blockIdx.y, s = blockIdx.x;
+    const select_range r = select_block_range(a, s);
+    const unsigned long long prior = select_prior(a, b);
+    const uint32_t total = r.n_expl + r.n_impl;
+
+    uint32_t remaining = a.k;
+    unsigned long long prefix = 0ull, mask = 0ull, thresh = 1ull;
+    for (uint32_t pass = 0; pass < 8; pass++) {
+        const uint32_t shift = 56u - 8u * pass;
+        hist[threadIdx.x] = 0;
+        __syncthreads();
+        for (uint32_t idx = threadIdx.x; idx < total; idx += SR_THREADS) {
+            unsigned long long c = select_load(a, b, r, idx, 0ull, prior);
+            if (c && (c & mask) == prefix) atomicAdd(&hist[(uint32_t)(c >> shift) & 0xFFu], 1u);
+        }
+        __syncthreads();
+        uint32_t v = hist[255u - threadIdx.x], cum;
+        block_scan(scan_tmp).InclusiveSum(v, cum);
+        if (threadIdx.x == SR_THREADS - 1) s_total = cum;
+        if (v > 0 && cum >= remaining && cum - v < remaining) {
+            s_sel = 255u - threadIdx.x;
+            s_remaining = remaining - (cum - v);
+            s_bin = v;
+        }
+        __syncthreads();
+        if (pass == 0 && s_total <= a.k) {
+            thresh = 1ull; /* every candidate */
+            break;
+        }
+        prefix |= (unsigned long long)s_sel << shift;
+        mask |= 0xFFull << shift;
+        remaining = s_remaining;
+        bool done = s_bin == remaining;
+        __syncthreads(); /* everyone has read s_* before the next pass rewrites them */
+        thresh = prefix;
+        if (done) break;
+    }
+
+    for (uint32_t i = threadIdx.x; i < K; i += SR_THREADS)
+        buf[i] = 0ull;
+    if (threadIdx.x == 0) s_count = 0;
+    __syncthreads();
+    for (uint32_t idx = threadIdx.x; idx < total; idx += SR_THREADS) {
+        unsigned long long c = select_load(a, b, r, idx, 0ull, prior);
+        if (c && c >= thresh) {
+            uint32_t pos = atomicAdd(&s_count, 1u);
+            if (pos < K) buf[pos] = c;
+        }
+    }
+    __syncthreads();
+    kernels__bitonic_sort_desc(buf, K);
+
+    unsigned long long *out = a.out + (size_t)b * a.out_stride + (size_t)s * a.k;
+    for (uint32_t j = threadIdx.x; j < a.k; j += SR_THREADS)
+        out[j] = buf[j];
+}
+
+int select_radix_launch(const select_args *a, uint32_t k_bucket, uint32_t segments,
+                        uint32_t queries, cudaStream_t stream, kernels_err *err)
+{
+    int rc = 0;
+    dim3 grid(segments, queries);
+    if (a->k == 0 || a->k > k_bucket || queries > 65535u)
+        return kernels__fail(err, AFF_EINTERNAL,
+                             "radix select: bad launch (k %u, bucket %u, "
+                             "queries %u)",
+                             a->k, k_bucket, queries);
+    switch (k_bucket) {
+    case 512:
+        select_radix_kernel<512><<<grid, SR_THREADS, 0, stream>>>(*a);
+        break;
+    case 1024:
+        select_radix_kernel<1024><<<grid, SR_THREADS, 0, stream>>>(*a);
+        break;
+    case 2048:
+        select_radix_kernel<2048><<<grid, SR_THREADS, 0, stream>>>(*a);
+        break;
+    default:
+        return kernels__fail(err, AFF_EINTERNAL, "radix select: no instance for k bucket %u",
+                             k_bucket);
+    }
+    KLAUNCH(err);
+out:
+    return rc;
+}

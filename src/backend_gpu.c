@@ -1,0 +1,433 @@
+/*
+ * backend_gpu.c: the CUDA backend — backend_ops on top of kernels/affinity_kernels.h, the only
+ * CUDA-facing header it includes (no CUDA type appears here).
+ *
+ * Owns: the opened device, a small pool of workspaces (each a stream, a cuBLAS handle, pinned
+ * buffers and device scratch; a search or score call takes one for its duration, so concurrent
+ * calls run on different streams and overlap), and per table a kernels_table on the device.
+ * Validates everything the kernels assume: rows in range, appends in order, finite values,
+ * k ≤ KERNELS_MAX_K. Writes grow capacity geometrically (gpu_plan_capacity); moves are cut into
+ * conflict-free batches (gpu_plan_move_batches) so each batch is one parallel device copy.
+ *
+ * Errors: a device fault is AFF_EDEVICE with the runtime's reason; running out of device memory
+ * on a write is AFF_ENOMEM with the bytes that were needed. Nothing aborts.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "gpu_plan.h"
+#include "log.h"
+#include "status.h"
+
+_Static_assert(KERNELS_MAX_TAGS == AFF_MAX_TAGS_PER_ITEM, "tag columns must hold every tag");
+_Static_assert(KERNELS_MAX_K >= AFF_MAX_K, "selection kernels must cover the engine's k");
+
+#define GPU_WORKSPACES        2
+#define GPU_DEFAULT_MAX_BATCH 1024u
+
+typedef struct gpu_slot {
+    kernels_workspace *ws;
+    kernels_filter *filters; /* host, filters_cap entries */
+    uint32_t filters_cap;
+    gpu_filter_arena arena;
+    bool busy;
+} gpu_slot;
+
+typedef struct gpu_backend {
+    backend base;
+    kernels_device *dev;
+    kernels_device_info info;
+    bool fp32;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    gpu_slot slots[GPU_WORKSPACES];
+    _Atomic uint64_t table_bytes; /* sum of kernels_table_bytes over live tables */
+} gpu_backend;
+
+typedef struct gpu_table {
+    backend_table base;
+    gpu_backend *b;
+    kernels_table *kt;
+    uint32_t dim;
+    uint64_t bytes; /* this table's share of b->table_bytes */
+} gpu_table;
+
+static const backend_ops gpu_ops;
+
+static int gpu_fail(aff_err *err, const kernels_err *kerr)
+{
+    return aff__fail(err, kerr->code ? kerr->code : AFF_EDEVICE, "%s", kerr->msg);
+}
+
+/* Brings the backend's byte total in line with the table's current size. */
+static void gpu_table_account(gpu_table *t)
+{
+    uint64_t now = kernels_table_bytes(t->kt);
+    if (now >= t->bytes)
+        atomic_fetch_add(&t->b->table_bytes, now - t->bytes);
+    else
+        atomic_fetch_sub(&t->b->table_bytes, t->bytes - now);
+    t->bytes = now;
+}
+
+static gpu_slot *gpu_slot_acquire(gpu_backend *b)
+{
+    pthread_mutex_lock(&b->lock);
+    for (;;) {
+        for (int i = 0; i < GPU_WORKSPACES; i++) {
+            if (!b->slots[i].busy) {
+                b->slots[i].busy = true;
+                pthread_mutex_unlock(&b->lock);
+                return &b->slots[i];
+            }
+        }
+        pthread_cond_wait(&b->cond, &b->lock);
+    }
+}
+
+static void gpu_slot_release(gpu_backend *b, gpu_slot *s)
+{
+    pthread_mutex_lock(&b->lock);
+    s->busy = false;
+    pthread_cond_signal(&b->cond);
+    pthread_mutex_unlock(&b->lock);
+}
+
+static void gpu_destroy(backend *base)
+{
+    gpu_backend *b = (gpu_backend *)base;
+    if (!b) return;
+    for (int i = 0; i < GPU_WORKSPACES; i++) {
+        kernels_workspace_destroy(b->slots[i].ws);
+        free(b->slots[i].filters);
+        gpu_filter_arena_free(&b->slots[i].arena);
+    }
+    kernels_device_close(b->dev);
+    pthread_cond_destroy(&b->cond);
+    pthread_mutex_destroy(&b->lock);
+    free(b);
+}
+
+static void gpu_describe(backend *base, backend_info *out)
+{
+    gpu_backend *b = (gpu_backend *)base;
+    memset(out, 0, sizeof *out);
+    snprintf(out->name, sizeof out->name, "cuda");
+    snprintf(out->device, sizeof out->device, "%.127s", b->info.name);
+    uint64_t used = atomic_load(&b->table_bytes);
+    pthread_mutex_lock(&b->lock);
+    for (int i = 0; i < GPU_WORKSPACES; i++)
+        if (!b->slots[i].busy) used += kernels_workspace_bytes(b->slots[i].ws);
+    pthread_mutex_unlock(&b->lock);
+    out->memory_used = used;
+    out->memory_total = b->info.memory_total;
+}
+
+static int gpu_table_create(backend *base, const backend_table_params *p, backend_table **out,
+                            aff_err *err)
+{
+    gpu_backend *b = (gpu_backend *)base;
+    kernels_err kerr = {0};
+    *out = NULL;
+    if (p->dim == 0 || p->dim > AFF_MAX_DIM)
+        return aff__fail(err, AFF_EINVAL, "dimension %u outside 1..%u", p->dim, AFF_MAX_DIM);
+    gpu_table *t = calloc(1, sizeof *t);
+    if (!t) return aff__fail(err, AFF_ENOMEM, "out of memory creating a table");
+    t->base.ops = &gpu_ops;
+    t->b = b;
+    t->dim = p->dim;
+    uint32_t cap = p->initial_capacity ? p->initial_capacity : GPU_PLAN_MIN_CAPACITY;
+    if (cap > KERNELS_MAX_ROWS) cap = KERNELS_MAX_ROWS;
+    /* HNSW is a CPU index; on the GPU every collection is searched exactly. */
+    int rc = kernels_table_create(
+        &t->kt, b->dev, p->dim, b->fp32 ? KERNELS_STORAGE_FP32 : KERNELS_STORAGE_FP16,
+        p->metric == AFF_METRIC_L2 ? KERNELS_METRIC_L2 : KERNELS_METRIC_IP, cap, &kerr);
+    if (rc) {
+        free(t);
+        return gpu_fail(err, &kerr);
+    }
+    gpu_table_account(t);
+    *out = &t->base;
+    return AFF_OK;
+}
+
+static void gpu_table_destroy(backend_table *bt)
+{
+    gpu_table *t = (gpu_table *)bt;
+    if (!t) return;
+    atomic_fetch_sub(&t->b->table_bytes, t->bytes);
+    kernels_table_destroy(t->kt);
+    free(t);
+}
+
+static int gpu_table_write(backend_table *bt, const uint32_t *rows, uint32_t n,
+                           const float *vectors, const backend_row_attrs *attrs, aff_err *err)
+{
+    gpu_table *t = (gpu_table *)bt;
+    kernels_err kerr = {0};
+    int rc = AFF_OK;
+    uint32_t *keep = NULL, *krows = NULL;
+    float *kvec = NULL;
+    kernels_row_attrs *kattrs = NULL;
+    const uint32_t count = kernels_table_count(t->kt), dim = t->dim;
+
+    uint64_t next = count;
+    for (uint32_t i = 0; i < n; i++) {
+        if (rows[i] < count) continue;
+        if (rows[i] != next)
+            return aff__fail(err, AFF_EINVAL,
+                             "write %u: row %u is neither stored (< %u) nor the "
+                             "next append (%llu)",
+                             i, rows[i], count, (unsigned long long)next);
+        next++;
+    }
+    if (next > KERNELS_MAX_ROWS)
+        return aff__fail(err, AFF_EFULL, "a GPU table holds at most %u rows", KERNELS_MAX_ROWS);
+    for (size_t j = 0; j < (size_t)n * dim; j++)
+        if (!isfinite(vectors[j]))
+            return aff__fail(err, AFF_EINVAL, "write %zu: vector component %zu is not finite",
+                             j / dim, j % dim);
+    for (uint32_t i = 0; i < n; i++) {
+        if (!isfinite(attrs[i].price))
+            return aff__fail(err, AFF_EINVAL, "write %u: price is not finite", i);
+        if (attrs[i].n_tags > KERNELS_MAX_TAGS)
+            return aff__fail(err, AFF_EINVAL, "write %u: %u tags, at most %u", i, attrs[i].n_tags,
+                             KERNELS_MAX_TAGS);
+    }
+    if (n == 0) return AFF_OK;
+
+    uint32_t m = 0;
+    keep = malloc((size_t)n * sizeof *keep);
+    krows = malloc((size_t)n * sizeof *krows);
+    kattrs = malloc((size_t)n * sizeof *kattrs);
+    if (!keep || !krows || !kattrs || gpu_plan_dedupe_rows(rows, n, keep, &m) != 0) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory writing %u rows", n);
+        goto out;
+    }
+    const float *vsrc = vectors;
+    if (m < n) {
+        /* A row written twice: the last write wins, as if applied in order. */
+        kvec = malloc((size_t)m * dim * sizeof *kvec);
+        if (!kvec) {
+            rc = aff__fail(err, AFF_ENOMEM, "out of memory writing %u rows", n);
+            goto out;
+        }
+        for (uint32_t j = 0; j < m; j++)
+            memcpy(kvec + (size_t)j * dim, vectors + (size_t)keep[j] * dim, dim * sizeof *kvec);
+        vsrc = kvec;
+    }
+    for (uint32_t j = 0; j < m; j++) {
+        const backend_row_attrs *a = &attrs[keep[j]];
+        kernels_row_attrs *k = &kattrs[j];
+        memset(k, 0, sizeof *k);
+        krows[j] = rows[keep[j]];
+        k->category = a->category;
+        k->n_tags = a->n_tags;
+        memcpy(k->tags, a->tags, a->n_tags * sizeof a->tags[0]);
+        k->tag_bloom = a->tag_bloom;
+        k->price = a->price;
+        k->available = a->available ? 1 : 0;
+    }
+
+    uint32_t cap = kernels_table_capacity(t->kt);
+    uint32_t want = gpu_plan_capacity(cap, next);
+    if (want > cap && kernels_table_reserve(t->kt, want, &kerr) != 0) {
+        if (kerr.code == AFF_ENOMEM && want > next) {
+            /* Geometric growth did not fit; try the exact size before giving up. */
+            kernels_err again = {0};
+            if (kernels_table_reserve(t->kt, (uint32_t)next, &again) != 0) {
+                rc = gpu_fail(err, &again);
+                goto out;
+            }
+        } else {
+            rc = gpu_fail(err, &kerr);
+            goto out;
+        }
+    }
+    if (kernels_table_write(t->kt, krows, m, vsrc, kattrs, (uint32_t)next, &kerr) != 0) {
+        rc = gpu_fail(err, &kerr);
+        goto out;
+    }
+out:
+    gpu_table_account(t);
+    free(keep);
+    free(krows);
+    free(kvec);
+    free(kattrs);
+    return rc;
+}
+
+static int gpu_table_move(backend_table *bt, const uint32_t *src, const uint32_t *dst, uint32_t n,
+                          uint32_t new_count, aff_err *err)
+{
+    gpu_table *t = (gpu_table *)bt;
+    kernels_err kerr = {0};
+    int rc = AFF_OK;
+    uint32_t *ends = NULL, nb = 0;
+    const uint32_t count = kernels_table_count(t->kt);
+    if (new_count > count)
+        return aff__fail(err, AFF_EINVAL, "move: new count %u above count %u", new_count, count);
+    for (uint32_t i = 0; i < n; i++)
+        if (src[i] >= count || dst[i] >= count)
+            return aff__fail(err, AFF_EINVAL, "move %u: rows %u -> %u outside 0..%u", i, src[i],
+                             dst[i], count);
+    if (n == 0)
+        return kernels_table_move(t->kt, NULL, NULL, 0, new_count, &kerr) ? gpu_fail(err, &kerr)
+                                                                          : AFF_OK;
+    ends = malloc((size_t)n * sizeof *ends);
+    if (!ends || gpu_plan_move_batches(src, dst, n, ends, &nb) != 0) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory planning %u moves", n);
+        goto out;
+    }
+    for (uint32_t j = 0, b0 = 0; j < nb; b0 = ends[j], j++) {
+        uint32_t c = j + 1 == nb ? new_count : count;
+        if (kernels_table_move(t->kt, src + b0, dst + b0, ends[j] - b0, c, &kerr) != 0) {
+            rc = gpu_fail(err, &kerr);
+            goto out;
+        }
+    }
+out:
+    free(ends);
+    return rc;
+}
+
+static int gpu_table_search(backend_table *bt, const backend_search *s, aff_err *err)
+{
+    gpu_table *t = (gpu_table *)bt;
+    kernels_err kerr = {0};
+    int rc = AFF_OK;
+    bool any_filter = false;
+    for (uint32_t i = 0; i < s->nq; i++) {
+        if (s->k[i] == 0 || s->k[i] > KERNELS_MAX_K)
+            return aff__fail(err, AFF_EINVAL, "query %u: k %u outside 1..%u", i, s->k[i],
+                             KERNELS_MAX_K);
+        if (s->filters && s->filters[i]) any_filter = true;
+    }
+    if (s->nq == 0) return AFF_OK;
+    gpu_slot *slot = gpu_slot_acquire(t->b);
+    kernels_search_args a = {
+        .queries = s->queries,
+        .nq = s->nq,
+        .k = s->k,
+        .out_rows = s->out_rows,
+        .out_scores = s->out_scores,
+        .out_counts = s->out_counts,
+    };
+    if (any_filter) {
+        if (slot->filters_cap < s->nq) {
+            kernels_filter *f = realloc(slot->filters, (size_t)s->nq * sizeof *f);
+            if (!f) {
+                rc = aff__fail(err, AFF_ENOMEM, "out of memory compiling %u filters", s->nq);
+                goto out;
+            }
+            slot->filters = f;
+            slot->filters_cap = s->nq;
+        }
+        if ((rc = gpu_plan_encode_filters(s->filters, s->nq, slot->filters, &slot->arena))) {
+            rc = aff__fail(err, rc, "cannot compile the filters of %u queries", s->nq);
+            goto out;
+        }
+        a.filters = slot->filters;
+        a.arena = slot->arena.words;
+        a.arena_words = (uint32_t)slot->arena.len;
+    }
+    if (kernels_search(slot->ws, t->kt, &a, &kerr) != 0) rc = gpu_fail(err, &kerr);
+out:
+    gpu_slot_release(t->b, slot);
+    return rc;
+}
+
+static int gpu_table_score(backend_table *bt, const float *queries, uint32_t nq,
+                           const uint32_t *offsets, const uint32_t *rows, float *scores,
+                           aff_err *err)
+{
+    gpu_table *t = (gpu_table *)bt;
+    kernels_err kerr = {0};
+    int rc = AFF_OK;
+    if (nq == 0) return AFF_OK;
+    gpu_slot *slot = gpu_slot_acquire(t->b);
+    if (kernels_score(slot->ws, t->kt, queries, nq, offsets, rows, scores, &kerr) != 0)
+        rc = gpu_fail(err, &kerr);
+    gpu_slot_release(t->b, slot);
+    return rc;
+}
+
+static int gpu_table_read(backend_table *bt, const uint32_t *rows, uint32_t n, float *out,
+                          aff_err *err)
+{
+    gpu_table *t = (gpu_table *)bt;
+    kernels_err kerr = {0};
+    if (n == 0) return AFF_OK;
+    if (kernels_table_read(t->kt, rows, n, out, &kerr) != 0) return gpu_fail(err, &kerr);
+    return AFF_OK;
+}
+
+static uint32_t gpu_table_count(const backend_table *bt)
+{
+    return kernels_table_count(((const gpu_table *)bt)->kt);
+}
+
+static uint64_t gpu_table_memory(const backend_table *bt)
+{
+    return kernels_table_bytes(((const gpu_table *)bt)->kt);
+}
+
+static const backend_ops gpu_ops = {
+    .destroy = gpu_destroy,
+    .describe = gpu_describe,
+    .table_create = gpu_table_create,
+    .table_destroy = gpu_table_destroy,
+    .table_write = gpu_table_write,
+    .table_move = gpu_table_move,
+    .table_search = gpu_table_search,
+    .table_score = gpu_table_score,
+    .table_read = gpu_table_read,
+    .table_count = gpu_table_count,
+    .table_memory = gpu_table_memory,
+};
+
+int backend_gpu_create(backend **out, const backend_gpu_config *cfg, aff_err *err)
+{
+    kernels_err kerr = {0};
+    int rc = AFF_OK, n = 0;
+    gpu_backend *b = NULL;
+    *out = NULL;
+    if (kernels_device_count(&n, &kerr) != 0) return aff__fail(err, AFF_EDEVICE, "%s", kerr.msg);
+    if (n == 0) return aff__fail(err, AFF_EDEVICE, "no CUDA device found");
+    int ordinal = cfg ? cfg->device : 0;
+    if (ordinal < 0 || ordinal >= n)
+        return aff__fail(err, AFF_EDEVICE, "CUDA device %d requested but %d present", ordinal, n);
+    b = calloc(1, sizeof *b);
+    if (!b) return aff__fail(err, AFF_ENOMEM, "out of memory creating the GPU backend");
+    b->base.ops = &gpu_ops;
+    b->fp32 = cfg && cfg->fp32;
+    pthread_mutex_init(&b->lock, NULL);
+    pthread_cond_init(&b->cond, NULL);
+    atomic_init(&b->table_bytes, 0);
+    if (kernels_device_open(&b->dev, ordinal, &kerr) != 0) {
+        rc = aff__fail(err, AFF_EDEVICE, "%s", kerr.msg);
+        goto out;
+    }
+    kernels_device_describe(b->dev, &b->info);
+    uint32_t max_batch = cfg && cfg->max_batch ? cfg->max_batch : GPU_DEFAULT_MAX_BATCH;
+    for (int i = 0; i < GPU_WORKSPACES; i++) {
+        if (kernels_workspace_create(&b->slots[i].ws, b->dev, max_batch, &kerr) != 0) {
+            rc = gpu_fail(err, &kerr);
+            goto out;
+        }
+    }
+    char mem[32];
+    snprintf(mem, sizeof mem, "%llu", (unsigned long long)b->info.memory_total);
+    aff_log_kv(AFF_LOG_INFO, "CUDA device opened", "device", b->info.name, "memory_bytes", mem,
+               "storage", b->fp32 ? "fp32" : "fp16", NULL);
+    *out = &b->base;
+    b = NULL;
+out:
+    gpu_destroy(b ? &b->base : NULL);
+    return rc;
+}
