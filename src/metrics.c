@@ -592,8 +592,8 @@ static int open_listener(const char *addr, int *fd_out, uint16_t *port_out, aff_
             }
             int one = 1, zero = 0;
             setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-            if (ai->ai_family == AF_INET6)
-                setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, host[0] ? &one : &zero, sizeof one);
+            if (ai->ai_family == AF_INET6 && !host[0])
+                setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
             if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, 64) != 0) {
                 last_errno = errno;
                 close(fd);

@@ -368,3 +368,15 @@ Test(metrics, maps_method_names)
     }
     cr_assert_null(metrics_method_name(METRICS_METHOD_COUNT));
 }
+
+Test(metrics, empty_host_listens_on_every_address)
+{
+    aff_metrics *m = NULL;
+    aff_err err;
+    cr_assert_eq(metrics_create(&m, ":0", &err), 0, "%s", err.msg);
+    http_reply r;
+    http_request(metrics_port(m), "GET", "/healthz", &r);
+    cr_assert_eq(r.status, 200);
+    http_reply_free(&r);
+    metrics_destroy(m);
+}
