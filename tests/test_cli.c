@@ -1,0 +1,372 @@
+/* The `affinity` CLI end to end: a real affinityd on an ephemeral loopback port (--listen
+ * 127.0.0.1:0, port read back from --port-file) driven by the real CLI binary; --json output is
+ * parsed with jsonv and checked against what the data must give. */
+#include <criterion/criterion.h>
+#include <fcntl.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "jsonv.h"
+#include "vecfile.h"
+
+#define N_ITEMS 300
+#define DIM     8
+
+static char dir[256];
+static char addr[64];
+static pid_t server_pid;
+static float vecs[N_ITEMS * DIM];
+
+static const char *path_in(const char *name)
+{
+    static char bufs[4][512];
+    static int next;
+    char *b = bufs[next++ % 4];
+    snprintf(b, 512, "%s/%s", dir, name);
+    return b;
+}
+
+static void start_server(void)
+{
+    snprintf(dir, sizeof(dir), "/tmp/aff_test_cli_XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    const char *port_file = path_in("port");
+    server_pid = fork();
+    cr_assert(server_pid >= 0);
+    if (server_pid == 0) {
+        int fd = open(path_in("affinityd.log"), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+        execl(AFF_BINARY_DIR "/src/affinityd", "affinityd", "--listen", "127.0.0.1:0",
+              "--port-file", port_file, "--backend", "cpu", "--threads", "2", "--log-level", "warn",
+              (char *)NULL);
+        _exit(127);
+    }
+    for (int i = 0; i < 600; i++) {
+        FILE *f = fopen(port_file, "r");
+        int port = 0;
+        if (f) {
+            if (fscanf(f, "%d", &port) != 1) port = 0;
+            fclose(f);
+        }
+        if (port > 0) {
+            snprintf(addr, sizeof(addr), "127.0.0.1:%d", port);
+            return;
+        }
+        int st;
+        cr_assert_eq(waitpid(server_pid, &st, WNOHANG), 0, "affinityd exited early");
+        usleep(50000);
+    }
+    cr_assert_fail("affinityd did not write its port in 30 s");
+}
+
+static void stop_server(void)
+{
+    if (server_pid > 0) {
+        kill(server_pid, SIGTERM);
+        int st = 0;
+        for (int i = 0; i < 400 && waitpid(server_pid, &st, WNOHANG) == 0; i++)
+            usleep(50000);
+        if (waitpid(server_pid, &st, WNOHANG) == 0) {
+            kill(server_pid, SIGKILL);
+            waitpid(server_pid, &st, 0);
+        }
+        server_pid = 0;
+    }
+    char cmd[300];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);
+}
+
+/* Runs the CLI with `args` (a shell fragment) and returns its stdout; *status is its exit
+ * code. The caller frees the text. */
+static char *run_cli(int *status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static char *run_cli(int *status, const char *fmt, ...)
+{
+    char args[2048], cmd[2600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof(args), fmt, ap);
+    va_end(ap);
+    snprintf(cmd, sizeof(cmd), "%s/src/affinity --addr %s --timeout-ms 20000 %s 2>>%s/cli.err",
+             AFF_BINARY_DIR, addr, args, dir);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    size_t cap = 4096, len = 0;
+    char *out = malloc(cap);
+    size_t n;
+    while ((n = fread(out + len, 1, cap - len - 1, p)) > 0) {
+        len += n;
+        if (cap - len < 1024) {
+            cap *= 2;
+            out = realloc(out, cap);
+        }
+    }
+    out[len] = '\0';
+    int st = pclose(p);
+    *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return out;
+}
+
+/* Runs the CLI with --json, checks the exit code and parses stdout. */
+static jsonv *cli_json(int want_status, const char *args)
+{
+    int status;
+    char *out = run_cli(&status, "--json %s", args);
+    cr_assert_eq(status, want_status, "affinity %s: exit %d, want %d; stdout: %s", args, status,
+                 want_status, out);
+    jsonv *v = NULL;
+    aff_err err = {0};
+    cr_assert_eq(jsonv_parse(out, strlen(out), &v, &err), AFF_OK,
+                 "affinity %s printed non-JSON: %s (%s)", args, out, err.msg);
+    free(out);
+    return v;
+}
+
+static double num(const jsonv *v, const char *key)
+{
+    const jsonv *m = jsonv_get(v, key);
+    cr_assert(m && m->type == JSONV_NUMBER, "no number '%s'", key);
+    return m->number;
+}
+
+static const char *str(const jsonv *v, const char *key)
+{
+    const jsonv *m = jsonv_get(v, key);
+    cr_assert(m && m->type == JSONV_STRING, "no string '%s'", key);
+    return m->string;
+}
+
+/* Unit vectors in random directions; item i is "item-i", category "cat-(i % 5)", price i. */
+static void write_catalog(void)
+{
+    srand(1234);
+    for (int i = 0; i < N_ITEMS; i++) {
+        double norm = 0;
+        for (int j = 0; j < DIM; j++) {
+            vecs[i * DIM + j] = (float)(rand() / (double)RAND_MAX - 0.5);
+            norm += vecs[i * DIM + j] * vecs[i * DIM + j];
+        }
+        for (int j = 0; j < DIM; j++)
+            vecs[i * DIM + j] = (float)(vecs[i * DIM + j] / sqrt(norm));
+    }
+    aff_err err = {0};
+    cr_assert_eq(vecfile_write(path_in("items.npy"), vecs, N_ITEMS, DIM, &err), AFF_OK);
+    cr_assert_eq(vecfile_write(path_in("items.fvecs"), vecs, N_ITEMS, DIM, &err), AFF_OK);
+    FILE *csv = fopen(path_in("items.csv"), "w");
+    FILE *jl = fopen(path_in("items.jsonl"), "w");
+    fprintf(csv, "id,category,tags,price,available\n");
+    for (int i = 0; i < N_ITEMS; i++) {
+        fprintf(csv, "item-%d,cat-%d,t%d|all,%d,%s\n", i, i % 5, i % 3, i,
+                i % 7 ? "true" : "false");
+        fprintf(jl,
+                "{\"id\": \"item-%d\", \"category\": \"cat-%d\", \"tags\": [\"all\"], "
+                "\"price\": %d, \"available\": true}\n",
+                i, i % 5, i);
+    }
+    fclose(csv);
+    fclose(jl);
+}
+
+static void setup(void)
+{
+    start_server();
+    write_catalog();
+}
+
+TestSuite(cli, .init = setup, .fini = stop_server, .timeout = 120);
+
+static void vector_arg(char *buf, size_t len, const float *v)
+{
+    size_t o = 0;
+    for (int j = 0; j < DIM; j++)
+        o += (size_t)snprintf(buf + o, len - o, "%s%.7f", j ? "," : "", (double)v[j]);
+}
+
+static void load_both(void)
+{
+    char args[1024];
+    snprintf(args, sizeof(args), "load shop --create --metric cosine --vectors %s --attrs %s",
+             path_in("items.npy"), path_in("items.csv"));
+    jsonv *v = cli_json(0, args);
+    cr_assert_eq(num(v, "upserted"), N_ITEMS);
+    jsonv_free(v);
+    snprintf(args, sizeof(args), "collections create shop2 --dim %d --metric ip", DIM);
+    v = cli_json(0, args);
+    jsonv_free(v);
+    snprintf(args, sizeof(args), "load shop2 --batch 7 --vectors %s --attrs %s",
+             path_in("items.fvecs"), path_in("items.jsonl"));
+    v = cli_json(0, args);
+    cr_assert_eq(num(v, "upserted"), N_ITEMS);
+    jsonv_free(v);
+}
+
+Test(cli, load_npy_csv_and_fvecs_jsonl_then_list)
+{
+    load_both();
+    jsonv *v = cli_json(0, "collections list");
+    const jsonv *cols = jsonv_get(v, "collections");
+    cr_assert(cols && cols->n == 2);
+    cr_assert_str_eq(str(jsonv_at(cols, 0), "name"), "shop");
+    cr_assert_eq(num(jsonv_at(cols, 0), "item_count"), N_ITEMS);
+    cr_assert_eq(num(jsonv_at(cols, 0), "dimension"), DIM);
+    cr_assert_str_eq(str(jsonv_at(cols, 0), "metric"), "cosine");
+    cr_assert_str_eq(str(jsonv_at(cols, 1), "name"), "shop2");
+    cr_assert_str_eq(str(jsonv_at(cols, 1), "metric"), "ip");
+    cr_assert_eq(num(jsonv_at(cols, 1), "item_count"), N_ITEMS);
+    jsonv_free(v);
+    /* Attributes arrived: item-7 is unavailable, category cat-2, tags t1 and all. */
+    v = cli_json(0, "get shop item-7 nope");
+    const jsonv *it = jsonv_at(jsonv_get(v, "items"), 0);
+    cr_assert_str_eq(str(it, "category"), "cat-2");
+    cr_assert_eq(num(it, "price"), 7);
+    cr_assert_eq(jsonv_get(it, "available")->boolean, false);
+    cr_assert_eq(jsonv_get(it, "tags")->n, 2);
+    cr_assert_str_eq(jsonv_at(jsonv_get(v, "missing_ids"), 0)->string, "nope");
+    jsonv_free(v);
+    /* Human output too. */
+    int status;
+    char *out = run_cli(&status, "collections describe shop");
+    cr_assert_eq(status, 0);
+    cr_assert(strstr(out, "shop") && strstr(out, "300 items"), "%s", out);
+    free(out);
+}
+
+Test(cli, search_similar_recommend_rerank)
+{
+    load_both();
+    char vec[512], args[2048];
+    vector_arg(vec, sizeof(vec), &vecs[42 * DIM]);
+    /* The item's own vector finds the item first, with cosine 1. */
+    snprintf(args, sizeof(args), "search shop --vector %s -k 5", vec);
+    jsonv *v = cli_json(0, args);
+    const jsonv *hits = jsonv_get(jsonv_at(jsonv_get(v, "results"), 0), "hits");
+    cr_assert_eq(hits->n, 5);
+    cr_assert_str_eq(str(jsonv_at(hits, 0), "id"), "item-42");
+    cr_assert_float_eq(num(jsonv_at(hits, 0), "score"), 1.0, 1e-4);
+    for (size_t i = 1; i < hits->n; i++)
+        cr_assert_leq(num(jsonv_at(hits, i), "score"), num(jsonv_at(hits, i - 1), "score"));
+    jsonv_free(v);
+    /* With a filter: only cat-3 items (42 % 5 == 2, so item-42 is out). */
+    snprintf(args, sizeof(args), "search shop --vector %s -k 4 --category cat-3", vec);
+    v = cli_json(0, args);
+    hits = jsonv_get(jsonv_at(jsonv_get(v, "results"), 0), "hits");
+    cr_assert_eq(hits->n, 4);
+    for (size_t i = 0; i < hits->n; i++) {
+        int id = atoi(str(jsonv_at(hits, i), "id") + 5);
+        cr_assert_eq(id % 5, 3);
+    }
+    jsonv_free(v);
+    /* Many queries from a file. */
+    snprintf(args, sizeof(args), "search shop2 --vectors %s --limit 3 -k 1", path_in("items.npy"));
+    v = cli_json(0, args);
+    const jsonv *res = jsonv_get(v, "results");
+    cr_assert_eq(res->n, 3);
+    cr_assert_str_eq(str(jsonv_at(jsonv_get(jsonv_at(res, 2), "hits"), 0), "id"), "item-2");
+    jsonv_free(v);
+
+    v = cli_json(0, "similar shop item-42 item-5 -k 3");
+    res = jsonv_get(v, "results");
+    cr_assert_eq(res->n, 2);
+    cr_assert_str_eq(str(jsonv_at(res, 0), "query"), "item-42");
+    hits = jsonv_get(jsonv_at(res, 0), "hits");
+    cr_assert_eq(hits->n, 3);
+    for (size_t i = 0; i < hits->n; i++)
+        cr_assert_str_neq(str(jsonv_at(hits, i), "id"), "item-42");
+    jsonv_free(v);
+
+    snprintf(args, sizeof(args), "recommend shop --vector %s -k 2 --exclude item-42", vec);
+    v = cli_json(0, args);
+    cr_assert_str_eq(str(v, "source"), "vector");
+    hits = jsonv_get(v, "hits");
+    cr_assert_eq(hits->n, 2);
+    cr_assert_str_neq(str(jsonv_at(hits, 0), "id"), "item-42");
+    jsonv_free(v);
+
+    /* Rerank with weight 1: pure affinity, so item-42 comes first whatever its base score. */
+    snprintf(args, sizeof(args),
+             "rerank shop --vector %s --weight 1 --candidates item-1:0.9,item-42:0.1,ghost:0.5",
+             vec);
+    v = cli_json(0, args);
+    const jsonv *items = jsonv_get(v, "items");
+    cr_assert_eq(items->n, 3);
+    cr_assert_str_eq(str(jsonv_at(items, 0), "id"), "item-42");
+    cr_assert_float_eq(num(jsonv_at(items, 0), "base_score"), 0.1, 1e-6);
+    cr_assert_str_eq(str(jsonv_at(items, 2), "id"), "ghost");
+    cr_assert_eq(jsonv_get(jsonv_at(items, 2), "found")->boolean, false);
+    jsonv_free(v);
+
+    int status;
+    char *out = run_cli(&status, "search shop --vector %s -k 2", vec);
+    cr_assert_eq(status, 0);
+    cr_assert(strstr(out, "item-42"), "%s", out);
+    free(out);
+}
+
+Test(cli, health_info_and_errors)
+{
+    jsonv *v = cli_json(0, "health");
+    cr_assert_str_eq(str(v, "status"), "SERVING");
+    jsonv_free(v);
+    load_both();
+    v = cli_json(0, "info");
+    cr_assert(jsonv_get(v, "backend") && jsonv_get(v, "max_batch"));
+    jsonv_free(v);
+    /* Wrong dimension: INVALID_ARGUMENT with a message naming both dimensions. */
+    v = cli_json(1, "search shop --vector 1,2,3");
+    const jsonv *e = jsonv_get(v, "error");
+    cr_assert_not_null(e);
+    cr_assert_eq(num(e, "code"), 3);
+    cr_assert_str_eq(str(e, "name"), "INVALID_ARGUMENT");
+    cr_assert(strstr(str(e, "message"), "3") && strstr(str(e, "message"), "8"), "%s",
+              str(e, "message"));
+    jsonv_free(v);
+    v = cli_json(1, "collections describe nope");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "NOT_FOUND");
+    jsonv_free(v);
+    v = cli_json(0, "delete shop item-1 item-2 ghost");
+    cr_assert_eq(num(v, "deleted"), 2);
+    jsonv_free(v);
+    v = cli_json(0, "collections drop shop2");
+    jsonv_free(v);
+    /* A load whose attribute file is short fails before anything is sent. */
+    FILE *f = fopen(path_in("short.csv"), "w");
+    fprintf(f, "id\na\nb\n");
+    fclose(f);
+    int status;
+    char *out = run_cli(&status, "load shop --vectors %s --attrs %s", path_in("items.npy"),
+                        path_in("short.csv"));
+    cr_assert_eq(status, 2);
+    free(out);
+    out = run_cli(&status, "frobnicate");
+    cr_assert_eq(status, 2);
+    free(out);
+}
+
+Test(cli, events_and_user_profile)
+{
+    load_both();
+    jsonv *v = cli_json(0, "events shop u1 view:item-3 purchase:item-4");
+    cr_assert_eq(num(v, "applied"), 2);
+    jsonv_free(v);
+    v = cli_json(0, "recommend shop --user u1 -k 3 --exclude-events purchase");
+    cr_assert_str_eq(str(v, "source"), "profile");
+    const jsonv *hits = jsonv_get(v, "hits");
+    for (size_t i = 0; i < hits->n; i++)
+        cr_assert_str_neq(str(jsonv_at(hits, i), "id"), "item-4");
+    jsonv_free(v);
+    v = cli_json(0, "user get shop u1");
+    cr_assert_eq(num(v, "history_length"), 2);
+    jsonv_free(v);
+    v = cli_json(0, "user delete shop u1");
+    cr_assert(jsonv_get(v, "existed")->boolean);
+    jsonv_free(v);
+}
