@@ -213,4 +213,8 @@ typedef struct backend_gpu_config {
  * AFF_EDEVICE (with the reason) when no usable device is present. */
 int backend_gpu_create(backend **out, const backend_gpu_config *cfg, aff_err *err);
 
+/* Creates the no-op backend (stores no vectors, scores nothing): the transport-ceiling
+ * baseline for benchmarks. */
+int backend_noop_create(backend **out, aff_err *err);
+
 #endif

@@ -428,6 +428,10 @@ static int choose_backend(const engine_config *cfg, backend **out, aff_err *err)
     backend_faiss_config faiss_cfg = cfg ? cfg->faiss : (backend_faiss_config){0};
     if (choice == ENGINE_BACKEND_CPU)
         return backend_faiss_create(out, &faiss_cfg, err);
+    if (choice == ENGINE_BACKEND_NOOP) {
+        aff_log(AFF_LOG_WARN, "no-op backend selected: results are meaningless (benchmarks only)");
+        return backend_noop_create(out, err);
+    }
 #ifdef AFFINITY_HAVE_CUDA
     backend_gpu_config gpu_cfg = cfg ? cfg->gpu : (backend_gpu_config){0};
     aff_err gpu_err = {0};

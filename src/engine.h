@@ -26,6 +26,7 @@ typedef enum engine_backend_choice {
     ENGINE_BACKEND_AUTO = 0, /* GPU when one is usable, else FAISS */
     ENGINE_BACKEND_GPU = 1,  /* GPU or fail */
     ENGINE_BACKEND_CPU = 2,  /* FAISS */
+    ENGINE_BACKEND_NOOP = 3, /* no scoring at all: the transport-ceiling benchmark baseline */
 } engine_backend_choice;
 
 typedef struct engine_config {

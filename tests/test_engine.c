@@ -953,3 +953,28 @@ Test(engine, concurrent_search_during_upsert_and_delete)
     check_batches("conc", &ref, 5, NULL, "after churn");
     ref_free(&ref);
 }
+
+Test(engine, noop_backend_runs_bookkeeping_without_scoring)
+{
+    aff_engine *noop;
+    aff_err err = {0};
+    engine_config cfg = {.backend = ENGINE_BACKEND_NOOP};
+    cr_assert_eq(engine_create(&noop, &cfg, &err), AFF_OK, "%s", err.msg);
+    engine_collection_spec spec = {.name = "n", .dim = 2, .metric = AFF_METRIC_IP};
+    cr_assert_eq(engine_create_collection(noop, &spec, &err), AFF_OK);
+    float v[2] = {1, 2};
+    aff_item items[3] = {{.id = "a", .vector = v, .dim = 2},
+                         {.id = "b", .vector = v, .dim = 2},
+                         {.id = "c", .vector = v, .dim = 2}};
+    cr_assert_eq(engine_upsert(noop, "n", items, 3, &err), AFF_OK);
+    aff_query q = {.vector = v, .dim = 2, .k = 2};
+    aff_hit hits[2];
+    uint32_t n;
+    cr_assert_eq(engine_search(noop, "n", &q, 1, hits, &n, &err), AFF_OK);
+    cr_assert_eq(n, 2);
+    cr_assert_str_eq(hits[0].id, "a");
+    backend_info info;
+    engine_backend_info(noop, &info);
+    cr_assert_str_eq(info.name, "noop");
+    engine_destroy(noop);
+}
