@@ -305,6 +305,33 @@ KERNELS_HD kernels_segments kernels_plan_segments(uint32_t len, uint32_t batch, 
     return s;
 }
 
+/* The candidates thread block s of a selection launch reads (see kernels/select.cuh): in tile
+ * mode (impl_len > 0) segment s of the score tile plus, for s == 0, the whole explicit list
+ * (the running best of the earlier tiles); in merge mode segment s of the explicit list. */
+typedef struct kernels_block_range {
+    uint32_t expl_begin, n_expl, impl_begin, n_impl;
+} kernels_block_range;
+
+KERNELS_HD kernels_block_range kernels_select_range(uint32_t expl_len, uint32_t expl_seg,
+                                                    uint32_t impl_len, uint32_t impl_seg,
+                                                    uint32_t s)
+{
+    kernels_block_range r = {0, 0, 0, 0};
+    if (impl_len > 0) {
+        uint64_t i0 = (uint64_t)s * impl_seg, i1 = i0 + impl_seg;
+        if (i1 > impl_len) i1 = impl_len;
+        r.impl_begin = (uint32_t)(i0 < impl_len ? i0 : impl_len);
+        r.n_impl = i1 > i0 ? (uint32_t)(i1 - i0) : 0;
+        r.n_expl = s == 0 ? expl_len : 0;
+    } else {
+        uint64_t e0 = (uint64_t)s * expl_seg, e1 = e0 + expl_seg;
+        if (e1 > expl_len) e1 = expl_len;
+        r.expl_begin = (uint32_t)(e0 < expl_len ? e0 : expl_len);
+        r.n_expl = e1 > e0 ? (uint32_t)(e1 - e0) : 0;
+    }
+    return r;
+}
+
 /* Columns a filter reads, row-indexed (tags: KERNELS_MAX_TAGS per row). */
 typedef struct kernels_attr_cols {
     const uint32_t *category;

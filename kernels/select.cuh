@@ -39,28 +39,11 @@ typedef struct select_args {
     uint32_t out_stride, k;
 } select_args;
 
-/* The candidate range of block (s, b): n_expl explicit elements from expl_begin, then n_impl
- * implicit ones from impl_begin. */
-typedef struct select_range {
-    uint32_t expl_begin, n_expl, impl_begin, n_impl;
-} select_range;
+typedef kernels_block_range select_range;
 
 __device__ __forceinline__ select_range select_block_range(const select_args &a, uint32_t s)
 {
-    select_range r = {0, 0, 0, 0};
-    if (a.impl_len > 0) {
-        uint32_t i0 = s * a.impl_seg;
-        uint32_t i1 = min(a.impl_len, i0 + a.impl_seg);
-        r.impl_begin = i0;
-        r.n_impl = i1 > i0 ? i1 - i0 : 0;
-        r.n_expl = s == 0 ? a.expl_len : 0;
-    } else {
-        uint32_t e0 = s * a.expl_seg;
-        uint32_t e1 = min(a.expl_len, e0 + a.expl_seg);
-        r.expl_begin = e0;
-        r.n_expl = e1 > e0 ? e1 - e0 : 0;
-    }
-    return r;
+    return kernels_select_range(a.expl_len, a.expl_seg, a.impl_len, a.impl_seg, s);
 }
 
 /* The key of element idx of block (r, b), or 0 when it is no candidate or does not beat
