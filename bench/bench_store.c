@@ -4,8 +4,9 @@
  * latency ingestion adds to concurrent Recommend planning (profiles_plan_recommend: the
  * store-side part of a Recommend by user id).
  *
- *   bench_store [--dir DIR] [--items N] [--dim D] [--users U] [--seconds S]
+ *   bench_store [--dir DIR] [--items N] [--dim D] [--users U] [--seconds S] [--no-sync]
  *
+ * --no-sync skips fsync (not durable): the CPU cost of ingestion without the disk.
  * DIR defaults to a fresh directory under $TMPDIR or /tmp, removed afterwards. Prints a
  * Markdown report on stdout.
  */
@@ -27,6 +28,7 @@ typedef struct opts {
     const char *dir;
     uint32_t items, dim, users;
     double seconds;
+    bool no_sync;
 } opts;
 
 static double now_s(void)
@@ -196,10 +198,12 @@ int main(int argc, char **argv)
             o.users = (uint32_t)atoi(argv[++i]);
         else if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
             o.seconds = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--no-sync"))
+            o.no_sync = true;
         else {
             fprintf(stderr,
                     "usage: %s [--dir DIR] [--items N] [--dim D] [--users U] "
-                    "[--seconds S]\n",
+                    "[--seconds S] [--no-sync]\n",
                     argv[0]);
             return 2;
         }
@@ -220,15 +224,17 @@ int main(int argc, char **argv)
     aff_store *s = NULL;
     aff_profiles *p = NULL;
     aff_err err = {0};
-    store_config sc = {.dir = o.dir};
+    store_config sc = {.dir = o.dir, .no_sync = o.no_sync};
     int rc = store_create(&s, &sc, &err);
     if (rc) die("open store", rc, &err);
     if ((rc = profiles_create(&p, s, NULL, &err))) die("profiles", rc, &err);
 
     printf("## bench_store\n\n");
-    printf("Store in `%s` (durable: fsync on every commit). Catalog %u items × %u dims, "
+    printf("Store in `%s` (%s). Catalog %u items × %u dims, "
            "%u users, events of random types on random items.\n\n",
-           own_dir ? "$TMPDIR/bench-store-XXXXXX" : o.dir, o.items, o.dim, o.users);
+           own_dir ? "$TMPDIR/bench-store-XXXXXX" : o.dir,
+           o.no_sync ? "NOT durable: --no-sync, no fsync" : "durable: fsync on every commit",
+           o.items, o.dim, o.users);
     double ips = load_catalog(s, &o);
     printf("Catalog bulk load (batches of 1000 items, one commit each): **%.0f items/s**\n\n", ips);
 
