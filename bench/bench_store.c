@@ -238,7 +238,7 @@ int main(int argc, char **argv)
     double ips = load_catalog(s, &o);
     printf("Catalog bulk load (batches of 1000 items, one commit each): **%.0f items/s**\n\n", ips);
 
-    printf("### Events ingested (profiles_put_events, durable commit per call)\n\n");
+    printf("### Events ingested (profiles_put_events, one commit per call)\n\n");
     printf("| events per call | events | seconds | events/s | calls/s | p50 ms | p99 ms | max ms "
            "|\n|---|---|---|---|---|---|---|---|\n");
     ingest_result r;
