@@ -78,6 +78,10 @@ static const opt_def opts[] = {
      .help = "debug, info, warn, error or off"},
     {"grace-seconds", U32(grace_seconds, 0, 3600), .def = "10",
      .help = "after SIGTERM/SIGINT, how long in-flight calls may still finish, 0..3600"},
+    {"drain-notice-ms", U32(drain_notice_ms, 0, 600000), .def = "0",
+     .help = "after SIGTERM/SIGINT, keep listening this long with health NOT_SERVING and new "
+             "calls answered UNAVAILABLE before closing the port, 0..600000 (part of the grace "
+             "period)"},
     {"gpu-device", INT(gpu_device, 0, 255), .def = "0", .help = "CUDA device ordinal, 0..255"},
     {"fp32", BOOL(fp32), .def = "false",
      .help = "keep the GPU catalog in fp32 instead of fp16 (twice the memory)"},
@@ -340,12 +344,13 @@ void config_log(const aff_config *c)
     }
     kv[n] = NULL;
     /* aff_log_kv takes a NULL-terminated vararg list; pass the table in fixed slots. */
-    _Static_assert(2 * (N_OPTS - 2) <= 40, "config_log passes at most 20 fields");
+    _Static_assert(2 * (N_OPTS - 2) <= 46, "config_log passes at most 23 fields");
     const char *k[2 * N_OPTS + 1];
     for (size_t i = 0; i < 2 * N_OPTS + 1; i++)
         k[i] = i < n ? kv[i] : NULL;
     aff_log_kv(AFF_LOG_INFO, "configuration", k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7], k[8],
                k[9], k[10], k[11], k[12], k[13], k[14], k[15], k[16], k[17], k[18], k[19], k[20],
                k[21], k[22], k[23], k[24], k[25], k[26], k[27], k[28], k[29], k[30], k[31], k[32],
-               k[33], k[34], k[35], k[36], k[37], k[38], k[39], k[40], NULL);
+               k[33], k[34], k[35], k[36], k[37], k[38], k[39], k[40], k[41], k[42], k[43], k[44],
+               k[45], k[46], NULL);
 }

@@ -37,12 +37,13 @@ typedef struct aff_config {
     char port_file[CONFIG_PATH_MAX];  /* where to write the bound port once listening */
     bool demo;                        /* load the built-in demo shop */
     aff_log_level log_level;
-    uint32_t grace_seconds; /* how long in-flight calls may take after SIGTERM */
-    int gpu_device;         /* CUDA device ordinal */
-    bool fp32;              /* GPU catalog in fp32 instead of fp16 */
-    uint32_t cpu_threads;   /* FAISS/BLAS threads; 0 = all cores */
-    bool help;              /* --help was given: print config_usage and exit 0 */
-    bool version;           /* --version was given */
+    uint32_t grace_seconds;   /* how long in-flight calls may take after SIGTERM */
+    uint32_t drain_notice_ms; /* NOT_SERVING while still listening, before closing */
+    int gpu_device;           /* CUDA device ordinal */
+    bool fp32;                /* GPU catalog in fp32 instead of fp16 */
+    uint32_t cpu_threads;     /* FAISS/BLAS threads; 0 = all cores */
+    bool help;                /* --help was given: print config_usage and exit 0 */
+    bool version;             /* --version was given */
 } aff_config;
 
 /* Fills *out with defaults, then the environment, then argv. AFF_EINVAL with a message

@@ -118,7 +118,7 @@ int main(int argc, char **argv)
     if (engine_create(&engine, &ecfg, &err)) goto fail;
     backend_info bi;
     engine_backend_info(engine, &bi);
-    aff_log_kv(AFF_LOG_INFO, "backend selected", "requested", config_backend_name(cfg.backend),
+    aff_log_kv(AFF_LOG_INFO, "backend in use", "requested", config_backend_name(cfg.backend),
                "backend", bi.name, "device", bi.device, NULL);
 
     batcher_config bcfg = {.max_batch = cfg.max_batch,
@@ -167,7 +167,9 @@ int main(int argc, char **argv)
     aff_log_kv(AFF_LOG_INFO, "shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                NULL);
     metrics_set_serving(metrics, false);
-    if (transport_shutdown(server, cfg.grace_seconds * 1000u))
+    uint32_t grace_ms = cfg.grace_seconds * 1000u;
+    if (transport_shutdown(server, cfg.drain_notice_ms < grace_ms ? cfg.drain_notice_ms : grace_ms,
+                           grace_ms))
         aff_log(AFF_LOG_WARN, "some calls did not finish within %u s and were cancelled",
                 cfg.grace_seconds);
     rc = 0;

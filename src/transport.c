@@ -390,6 +390,7 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     pthread_cond_init(&t->cv, NULL);
     atomic_init(&t->serving, false);
     atomic_init(&t->draining, false);
+    atomic_init(&t->closing, false);
     t->shutdown_tag = (ttag){on_shutdown, t};
     if (cfg->token && cfg->token[0]) {
         size_t n = strlen(cfg->token) + 8;
@@ -523,7 +524,7 @@ static bool wait_shutdown(transport *t, int64_t until_ns)
     return done;
 }
 
-int transport_shutdown(transport *t, uint32_t grace_ms)
+int transport_shutdown(transport *t, uint32_t notice_ms, uint32_t grace_ms)
 {
     int rc = 0;
     pthread_mutex_lock(&t->mu);
@@ -531,11 +532,22 @@ int transport_shutdown(transport *t, uint32_t grace_ms)
     t->shutdown_started = true;
     pthread_mutex_unlock(&t->mu);
     if (started || !t->started) return 0;
+    int64_t t0 = batcher_now_ns();
     atomic_store(&t->draining, true);
-    aff_log(AFF_LOG_INFO, "draining: health NOT_SERVING, no new calls, %u ms for calls in flight",
-            grace_ms);
+    if (notice_ms) {
+        /* Still listening: health says NOT_SERVING and new calls get UNAVAILABLE, so load
+         * balancers and clients move away before the port closes. */
+        aff_log(AFF_LOG_INFO, "draining: health NOT_SERVING, new calls UNAVAILABLE for %u ms",
+                notice_ms);
+        struct timespec ts = {.tv_sec = notice_ms / 1000,
+                              .tv_nsec = (long)(notice_ms % 1000) * 1000000};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+            ;
+    }
+    aff_log(AFF_LOG_INFO, "closing: no new calls, %u ms for calls in flight", grace_ms);
+    atomic_store(&t->closing, true);
     grpc_server_shutdown_and_notify(t->server, t->cqs[0], &t->shutdown_tag);
-    if (!wait_shutdown(t, batcher_now_ns() + (int64_t)grace_ms * 1000000)) {
+    if (!wait_shutdown(t, t0 + (int64_t)grace_ms * 1000000)) {
         aff_log(AFF_LOG_WARN, "grace period over: cancelling the calls still running");
         rc = AFF_EDEADLINE;
         grpc_server_cancel_all_calls(t->server);
@@ -548,7 +560,7 @@ int transport_shutdown(transport *t, uint32_t grace_ms)
 void transport_destroy(transport *t)
 {
     if (!t) return;
-    if (t->started) transport_shutdown(t, 0);
+    if (t->started) transport_shutdown(t, 0, 0);
     if (t->server) grpc_server_destroy(t->server);
     for (uint32_t i = 0; t->cqs && i < t->n_threads; i++)
         if (t->cqs[i]) grpc_completion_queue_shutdown(t->cqs[i]);

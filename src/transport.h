@@ -45,10 +45,11 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
 int transport_port(const transport *t);
 /* Health: SERVING when true. Thread-safe. */
 void transport_set_serving(transport *t, bool serving);
-/* Drains: health NOT_SERVING, stops accepting calls (new ones fail UNAVAILABLE), waits up to
- * grace_ms for calls in flight to finish, then cancels the rest. Returns 0 when every call
- * finished in time, AFF_EDEADLINE when some had to be cancelled. Call once. */
-int transport_shutdown(transport *t, uint32_t grace_ms);
+/* Drains: health NOT_SERVING and new calls UNAVAILABLE at once; after notice_ms stops
+ * accepting calls and connections; calls in flight get until grace_ms (counted from the
+ * start) to finish, then the rest are cancelled. Returns 0 when every call finished in
+ * time, AFF_EDEADLINE when some had to be cancelled. Only the first call does anything. */
+int transport_shutdown(transport *t, uint32_t notice_ms, uint32_t grace_ms);
 /* Stops the threads and frees the server. Shuts down first (grace 0) if needed. NULL: no-op. */
 void transport_destroy(transport *t);
 

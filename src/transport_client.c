@@ -31,7 +31,7 @@ struct transport_client_stream {
     grpc_metadata_array initial_md, trailing_md;
     grpc_status_code status;
     grpc_slice details;
-    bool got_initial_md, closed_send, finished;
+    bool got_initial_md, closed_send, finished, recv_ended;
     /* distinct tags for the operations that may be outstanding at once */
     char tag_send, tag_recv, tag_status;
 };
@@ -373,13 +373,12 @@ int transport_client_stream_close_send(transport_client_stream *s, aff_err *err)
     return 0;
 }
 
-int transport_client_stream_recv(transport_client_stream *s, const ProtobufCMessageDescriptor *desc,
-                                 ProtobufCMessage **msg, aff_err *err)
+/* Receives the next raw message into *bb (NULL at the end of the stream). */
+static int stream_recv_raw(transport_client_stream *s, grpc_byte_buffer **bb, aff_err *err)
 {
-    grpc_byte_buffer *bb = NULL;
     grpc_op ops[2];
     size_t n = 0;
-    *msg = NULL;
+    *bb = NULL;
     memset(ops, 0, sizeof ops);
     if (!s->got_initial_md) {
         s->got_initial_md = true;
@@ -387,11 +386,25 @@ int transport_client_stream_recv(transport_client_stream *s, const ProtobufCMess
         ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->initial_md;
     }
     ops[n].op = GRPC_OP_RECV_MESSAGE;
-    ops[n++].data.recv_message.recv_message = &bb;
+    ops[n++].data.recv_message.recv_message = bb;
     if (grpc_call_start_batch(s->call, ops, n, &s->tag_recv, NULL) != GRPC_CALL_OK)
         return aff__fail(err, AFF_EINTERNAL, "cannot receive on the stream");
     pluck(s->cq, &s->tag_recv);
-    if (!bb) return 0;
+    return 0;
+}
+
+int transport_client_stream_recv(transport_client_stream *s, const ProtobufCMessageDescriptor *desc,
+                                 ProtobufCMessage **msg, aff_err *err)
+{
+    grpc_byte_buffer *bb = NULL;
+    *msg = NULL;
+    if (s->recv_ended) return 0;
+    int rc = stream_recv_raw(s, &bb, err);
+    if (rc) return rc;
+    if (!bb) {
+        s->recv_ended = true;
+        return 0;
+    }
     *msg = transport__unpack(bb, desc);
     grpc_byte_buffer_destroy(bb);
     if (!*msg) return aff__fail(err, AFF_EINTERNAL, "a streamed response could not be decoded");
@@ -410,10 +423,17 @@ int transport_client_stream_finish(transport_client_stream *s,
         return AFF_EINVAL;
     }
     transport_client_stream_close_send(s, &err);
+    /* gRPC delivers the status only after the messages before it were read: drain them,
+     * keeping the first as the response of a client-streaming call. */
     ProtobufCMessage *m = NULL;
-    if (resp_desc && resp) {
-        int r = transport_client_stream_recv(s, resp_desc, &m, &err);
-        if (r < 0) m = NULL;
+    while (!s->recv_ended) {
+        grpc_byte_buffer *bb = NULL;
+        if (stream_recv_raw(s, &bb, &err) || !bb) {
+            s->recv_ended = true;
+            break;
+        }
+        if (resp_desc && resp && !m) m = transport__unpack(bb, resp_desc);
+        grpc_byte_buffer_destroy(bb);
     }
     pluck(s->cq, &s->tag_status);
     s->finished = true;

@@ -82,7 +82,8 @@ struct transport {
     bool started;       /* grpc_server_start was called */
     int port;
     atomic_bool serving;
-    atomic_bool draining;
+    atomic_bool draining; /* health NOT_SERVING, new calls UNAVAILABLE */
+    atomic_bool closing;  /* grpc_server_shutdown_and_notify called: stop re-arming */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool shutdown_started, shutdown_done;

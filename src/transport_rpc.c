@@ -172,7 +172,6 @@ static void rpc_create_collection(tcall *c, ProtobufCMessage *msg)
     collection_info_to_pb(&ci, &bi, &info);
     Affinity__V1__CreateCollectionResponse resp = AFFINITY__V1__CREATE_COLLECTION_RESPONSE__INIT;
     resp.collection = &info;
-    aff_log_kv(AFF_LOG_INFO, "collection created", "collection", r->name, NULL);
     tcall_finish(c, 0, NULL, &resp.base);
 }
 
@@ -184,7 +183,6 @@ static void rpc_drop_collection(tcall *c, ProtobufCMessage *msg)
         tcall_fail(c, &err);
         return;
     }
-    aff_log_kv(AFF_LOG_INFO, "collection dropped", "collection", r->name, NULL);
     Affinity__V1__DropCollectionResponse resp = AFFINITY__V1__DROP_COLLECTION_RESPONSE__INIT;
     tcall_finish(c, 0, NULL, &resp.base);
 }
