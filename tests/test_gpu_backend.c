@@ -1,7 +1,735 @@
-/* Placeholder while the suite is being written. */
-#include <criterion/criterion.h>
+/*
+ * The CUDA backend (and, for k up to 2048, the kernels directly) against a plain CPU reference
+ * written here: double-precision scores of every row, the filter predicate
+ * backend_filter_matches(), a full sort by (score descending, row ascending).
+ *
+ * How results are compared: position by position on scores (the j-th best score may differ
+ * from the reference's j-th best only by the scoring error bound), every returned row must
+ * exist, pass the filter, appear once and carry its own reference score within the bound,
+ * scores must be non-increasing and the count must be min(k, rows passing). Ties therefore
+ * come back in any order without failing — except with exactly representable data (small
+ * integers), where the ids themselves must match the reference, lower row first on ties.
+ *
+ * Error bounds (stated, then asserted):
+ *   fp32 storage: |err| ≤ (dim + 4) · 2^-21 · (2 Σ|q_i x_i| + Σ x_i² + Σ q_i²) + 1e-6
+ *     (fp32 accumulation; 4× the textbook dim · 2^-23 for tensor-core summation order);
+ *   fp16 storage: add 1.01 · 2^-10 · (2 Σ|q_i x_i| + Σ x_i²) — q and x are each rounded to
+ *     fp16 (relative 2^-11 each) before the product; L2 also uses the rounded |x|².
+ *
+ * Without a device every test skips with the runtime's reason (cr_skip_test). Random tests
+ * print their seed.
+ */
+#include "backend.h"
+#include "gpu_plan.h"
 
-Test(test_gpu_backend, placeholder)
+#include <criterion/criterion.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- randomness -------------------------------------------------------------------------------
+ */
+
+static uint64_t rng_state;
+
+static uint32_t rng(void)
 {
-    cr_skip_test("being written");
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 11);
+}
+
+static float rng_unit(void)
+{
+    return (float)(rng() % 2000001) / 1000000.0f - 1.0f;
+}
+
+static void seed_test(void)
+{
+    unsigned seed = (unsigned)time(NULL) ^ (unsigned)clock() ^ (unsigned)getpid();
+    rng_state = 0x9E3779B97F4A7C15ull ^ seed;
+    printf("seed %u\n", seed);
+    fflush(stdout);
+}
+
+/* ---- device --------------------------------------------------------------------------------- */
+
+static backend *open_gpu(bool fp32, uint32_t max_batch)
+{
+    backend *b = NULL;
+    aff_err err = {0};
+    backend_gpu_config cfg = {.device = 0, .fp32 = fp32, .max_batch = max_batch};
+    int rc = backend_gpu_create(&b, &cfg, &err);
+    if (rc == AFF_EDEVICE) cr_skip_test("%s", err.msg);
+    cr_assert_eq(rc, AFF_OK, "backend_gpu_create: %s", err.msg);
+    return b;
+}
+
+/* ---- reference ------------------------------------------------------------------------------ */
+
+typedef struct ref_table {
+    uint32_t dim, n, cap;
+    aff_metric metric;
+    bool fp16;
+    float *vec;
+    backend_row_attrs *attrs;
+    backend_table *t;
+} ref_table;
+
+static void ref_open(ref_table *r, backend *b, uint32_t dim, aff_metric metric, bool fp16,
+                     uint32_t initial_capacity)
+{
+    memset(r, 0, sizeof *r);
+    r->dim = dim;
+    r->metric = metric;
+    r->fp16 = fp16;
+    backend_table_params p = {.dim = dim, .metric = metric, .initial_capacity = initial_capacity};
+    aff_err err = {0};
+    cr_assert_eq(b->ops->table_create(b, &p, &r->t, &err), AFF_OK, "%s", err.msg);
+}
+
+static void ref_close(ref_table *r)
+{
+    if (r->t) r->t->ops->table_destroy(r->t);
+    free(r->vec);
+    free(r->attrs);
+}
+
+static void random_attrs(backend_row_attrs *a)
+{
+    memset(a, 0, sizeof *a);
+    a->category = rng() % 20 + 1;
+    a->price = (float)(rng() % 101);
+    a->available = rng() % 4 != 0;
+    a->n_tags = rng() % 4;
+    uint32_t t = rng() % 10 + 1;
+    for (uint32_t i = 0; i < a->n_tags; i++) {
+        a->tags[i] = t;
+        a->tag_bloom |= backend_tag_bit(t);
+        t += rng() % 12 + 1;
+    }
+}
+
+/* Writes rows (given, or appends when rows == NULL) with the given vectors (or random ones)
+ * through the backend and into the reference. */
+static void ref_write(ref_table *r, const uint32_t *rows_in, uint32_t n, const float *vec_in,
+                      int value_kind)
+{
+    uint32_t *rows = malloc((n ? n : 1) * sizeof *rows);
+    float *vec = malloc(((size_t)n * r->dim + 1) * sizeof *vec);
+    backend_row_attrs *attrs = malloc((n ? n : 1) * sizeof *attrs);
+    uint32_t appended = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        rows[i] = rows_in ? rows_in[i] : r->n + i;
+        if (rows[i] >= r->n) appended++;
+        for (uint32_t d = 0; d < r->dim; d++)
+            vec[(size_t)i * r->dim + d] = vec_in       ? vec_in[(size_t)i * r->dim + d]
+                                          : value_kind ? (float)((int)(rng() % 3) - 1)
+                                                       : rng_unit();
+        random_attrs(&attrs[i]);
+    }
+    aff_err err = {0};
+    int rc = r->t->ops->table_write(r->t, rows, n, vec, attrs, &err);
+    cr_assert_eq(rc, AFF_OK, "table_write: %s", err.msg);
+    if (r->n + appended > r->cap) {
+        r->cap = (r->n + appended) * 2;
+        r->vec = realloc(r->vec, (size_t)r->cap * r->dim * sizeof *r->vec);
+        r->attrs = realloc(r->attrs, (size_t)r->cap * sizeof *r->attrs);
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        memcpy(r->vec + (size_t)rows[i] * r->dim, vec + (size_t)i * r->dim, r->dim * 4);
+        r->attrs[rows[i]] = attrs[i];
+    }
+    r->n += appended;
+    cr_assert_eq(r->t->ops->table_count(r->t), r->n);
+    free(rows);
+    free(vec);
+    free(attrs);
+}
+
+/* Deletes rows the way the engine does: each hole, highest first, filled with the last row. */
+static void ref_delete(ref_table *r, uint32_t *dead, uint32_t nd)
+{
+    for (uint32_t i = 0; i < nd; i++) /* sort descending, unique */
+        for (uint32_t j = i + 1; j < nd; j++)
+            if (dead[j] > dead[i]) {
+                uint32_t t = dead[i];
+                dead[i] = dead[j];
+                dead[j] = t;
+            }
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < nd; i++)
+        if (m == 0 || dead[m - 1] != dead[i]) dead[m++] = dead[i];
+    uint32_t *src = malloc((m + 1) * 4), *dst = malloc((m + 1) * 4), moves = 0, count = r->n;
+    for (uint32_t i = 0; i < m; i++) {
+        uint32_t last = --count;
+        if (dead[i] != last) {
+            src[moves] = last;
+            dst[moves] = dead[i];
+            moves++;
+        }
+    }
+    aff_err err = {0};
+    cr_assert_eq(r->t->ops->table_move(r->t, src, dst, moves, count, &err), AFF_OK, "%s", err.msg);
+    for (uint32_t i = 0; i < moves; i++) {
+        memcpy(r->vec + (size_t)dst[i] * r->dim, r->vec + (size_t)src[i] * r->dim, r->dim * 4);
+        r->attrs[dst[i]] = r->attrs[src[i]];
+    }
+    r->n = count;
+    cr_assert_eq(r->t->ops->table_count(r->t), r->n);
+    free(src);
+    free(dst);
+}
+
+typedef struct ref_hit {
+    double score;
+    uint32_t row;
+} ref_hit;
+
+static int cmp_hit(const void *a, const void *b)
+{
+    const ref_hit *x = a, *y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return (x->row > y->row) - (x->row < y->row);
+}
+
+static double ref_score(const ref_table *r, const float *q, uint32_t row, double *bound)
+{
+    const float *x = r->vec + (size_t)row * r->dim;
+    double dot = 0, absdot = 0, xx = 0, qq = 0;
+    for (uint32_t d = 0; d < r->dim; d++) {
+        dot += (double)q[d] * x[d];
+        absdot += fabs((double)q[d] * x[d]);
+        xx += (double)x[d] * x[d];
+        qq += (double)q[d] * q[d];
+    }
+    double b = (r->dim + 4) * ldexp(1.0, -21) * (2 * absdot + xx + qq) + 1e-6;
+    if (r->fp16) b += 1.01 * ldexp(1.0, -10) * (2 * absdot + xx);
+    *bound = b;
+    if (r->metric == AFF_METRIC_L2) return 2 * dot - xx - qq;
+    return dot;
+}
+
+/* Checks one query's results against the reference (see the file comment). exact: the data is
+ * exactly representable, so ids must match too. */
+static void check_query(const ref_table *r, const float *q, uint32_t k, const backend_filter *f,
+                        const uint32_t *rows, const float *scores, uint32_t count, bool exact,
+                        const char *what)
+{
+    ref_hit *hits = malloc((r->n + 1) * sizeof *hits);
+    double tol = 0;
+    uint32_t m = 0;
+    for (uint32_t row = 0; row < r->n; row++) {
+        if (!backend_filter_matches(f, &r->attrs[row], row)) continue;
+        double b;
+        hits[m].score = ref_score(r, q, row, &b);
+        hits[m].row = row;
+        if (b > tol) tol = b;
+        m++;
+    }
+    qsort(hits, m, sizeof *hits, cmp_hit);
+    uint32_t want = k < m ? k : m;
+    cr_assert_eq(count, want, "%s: %u hits, expected %u (k %u, %u rows pass)", what, count, want, k,
+                 m);
+    char *seen = calloc(r->n + 1, 1);
+    for (uint32_t j = 0; j < count; j++) {
+        cr_assert_lt(rows[j], r->n, "%s: row %u out of range", what, rows[j]);
+        cr_assert(!seen[rows[j]], "%s: row %u returned twice", what, rows[j]);
+        seen[rows[j]] = 1;
+        cr_assert(backend_filter_matches(f, &r->attrs[rows[j]], rows[j]),
+                  "%s: row %u fails the filter", what, rows[j]);
+        double b, own = ref_score(r, q, rows[j], &b);
+        cr_assert(fabs(scores[j] - own) <= b, "%s: row %u scored %.9g, reference %.9g (bound %g)",
+                  what, rows[j], scores[j], own, b);
+        cr_assert(fabs(scores[j] - hits[j].score) <= tol,
+                  "%s: position %u scored %.9g, reference %.9g (bound %g)", what, j, scores[j],
+                  hits[j].score, tol);
+        if (j > 0) cr_assert(scores[j] <= scores[j - 1], "%s: scores increase at %u", what, j);
+        if (exact) {
+            cr_assert_eq(rows[j], hits[j].row, "%s: position %u row %u, reference row %u", what, j,
+                         rows[j], hits[j].row);
+            cr_assert_eq((double)scores[j], hits[j].score, "%s: exact score", what);
+        }
+    }
+    free(seen);
+    free(hits);
+}
+
+/* Runs nq random queries (k per query, optional filters) and checks each. */
+static void run_queries_on(const ref_table *r, const float *given, uint32_t nq, const uint32_t *k,
+                           const backend_filter *const *filters, bool exact, int value_kind,
+                           const char *what, uint32_t *rows_out)
+{
+    float *q = malloc(((size_t)nq * r->dim + 1) * 4);
+    size_t total = 0;
+    for (uint32_t i = 0; i < nq; i++)
+        total += k[i];
+    uint32_t *rows = malloc((total + 1) * 4), *counts = malloc((nq + 1) * 4);
+    float *scores = malloc((total + 1) * 4);
+    for (size_t i = 0; i < (size_t)nq * r->dim; i++)
+        q[i] = given ? given[i] : value_kind ? (float)((int)(rng() % 3) - 1) : rng_unit();
+    backend_search s = {.queries = q,
+                        .nq = nq,
+                        .k = k,
+                        .filters = filters,
+                        .out_rows = rows,
+                        .out_scores = scores,
+                        .out_counts = counts};
+    aff_err err = {0};
+    cr_assert_eq(r->t->ops->table_search(r->t, &s, &err), AFF_OK, "%s: %s", what, err.msg);
+    size_t off = 0;
+    for (uint32_t i = 0; i < nq; i++) {
+        char label[160];
+        snprintf(label, sizeof label, "%s query %u", what, i);
+        check_query(r, q + (size_t)i * r->dim, k[i], filters ? filters[i] : NULL, rows + off,
+                    scores + off, counts[i], exact, label);
+        off += k[i];
+    }
+    if (rows_out) memcpy(rows_out, rows, total * 4);
+    free(q);
+    free(rows);
+    free(counts);
+    free(scores);
+}
+
+static void run_queries(const ref_table *r, uint32_t nq, const uint32_t *k,
+                        const backend_filter *const *filters, bool exact, int value_kind,
+                        const char *what)
+{
+    run_queries_on(r, NULL, nq, k, filters, exact, value_kind, what, NULL);
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static void run_uniform(const ref_table *r, uint32_t nq, uint32_t k, bool exact, int value_kind,
+                        const char *what)
+{
+    uint32_t *ks = malloc(nq * 4);
+    for (uint32_t i = 0; i < nq; i++)
+        ks[i] = k;
+    run_queries(r, nq, ks, NULL, exact, value_kind, what);
+    free(ks);
+}
+
+/* ---- tests ---------------------------------------------------------------------------------- */
+
+Test(gpu_backend, reports_no_device_as_edevice)
+{
+    backend *b = NULL;
+    aff_err err = {0};
+    int rc = backend_gpu_create(&b, &(backend_gpu_config){0}, &err);
+    if (rc != AFF_OK) {
+        cr_assert_eq(rc, AFF_EDEVICE, "without a device the code is EDEVICE, got %d", rc);
+        cr_assert_neq(err.msg[0], '\0', "the reason is given");
+        cr_skip_test("%s", err.msg);
+    }
+    backend_info info;
+    b->ops->describe(b, &info);
+    cr_assert_str_eq(info.name, "cuda");
+    cr_assert_neq(info.device[0], '\0');
+    cr_assert_gt(info.memory_total, 0);
+    b->ops->destroy(b);
+}
+
+Test(gpu_backend, k_one_k_n_and_k_beyond_n)
+{
+    seed_test();
+    for (int fp32 = 0; fp32 < 2; fp32++) {
+        backend *b = open_gpu(fp32, 64);
+        ref_table r;
+        ref_open(&r, b, 37, AFF_METRIC_IP, !fp32, 0);
+        ref_write(&r, NULL, 500, NULL, 0);
+        run_uniform(&r, 5, 1, false, 0, "k=1");
+        run_uniform(&r, 5, 500, false, 0, "k=n");
+        run_uniform(&r, 5, 1024, false, 0, "k>n");
+        ref_close(&r);
+        b->ops->destroy(b);
+    }
+}
+
+Test(gpu_backend, empty_table_returns_nothing)
+{
+    backend *b = open_gpu(false, 64);
+    ref_table r;
+    ref_open(&r, b, 8, AFF_METRIC_IP, true, 0);
+    run_uniform(&r, 3, 10, false, 0, "empty");
+    ref_close(&r);
+    b->ops->destroy(b);
+}
+
+Test(gpu_backend, ties_break_by_lower_row)
+{
+    seed_test();
+    /* Components in {-1, 0, 1}: every score is a small integer, exact in fp16 and fp32, so
+     * the order is fully determined and ids must match the reference. */
+    for (int metric = 0; metric < 2; metric++) {
+        backend *b = open_gpu(false, 64);
+        ref_table r;
+        ref_open(&r, b, 16, metric ? AFF_METRIC_L2 : AFF_METRIC_IP, true, 0);
+        ref_write(&r, NULL, 3000, NULL, 1);
+        run_uniform(&r, 7, 1, true, 1, "ties k=1");
+        run_uniform(&r, 7, 100, true, 1, "ties k=100");
+        run_uniform(&r, 7, 1000, true, 1, "ties k=1000");
+        ref_close(&r);
+        b->ops->destroy(b);
+    }
+}
+
+static void random_filter(backend_filter *f, uint64_t *catbits, uint32_t *tags, uint32_t *excl,
+                          uint32_t n_rows)
+{
+    backend_filter_init(f);
+    if (rng() % 2) {
+        f->category_words = 1;
+        catbits[0] = ((uint64_t)rng() << 32) | rng();
+        f->category_bits = catbits;
+    }
+    if (rng() % 3 == 0) {
+        f->n_tags = rng() % 3 + 1;
+        uint32_t t = rng() % 10 + 1;
+        for (uint32_t i = 0; i < f->n_tags; i++) {
+            tags[i] = t;
+            f->tag_bloom |= backend_tag_bit(t);
+            t += rng() % 10 + 1;
+        }
+        f->tags = tags;
+    }
+    if (rng() % 3 == 0) {
+        f->price_min = (float)(rng() % 50);
+        f->price_max = f->price_min + (float)(rng() % 60);
+    }
+    f->available_only = rng() % 3 == 0;
+    if (rng() % 2 && n_rows) {
+        uint32_t r = rng() % 5;
+        for (uint32_t i = 0; i < 64 && r < n_rows; i++) {
+            excl[i] = r;
+            f->n_exclude_rows = i + 1;
+            r += rng() % 7 + 1;
+        }
+        f->exclude_rows = excl;
+    }
+}
+
+Test(gpu_backend, filters_and_exclusions)
+{
+    seed_test();
+    enum { NQ = 24 };
+    for (int fp32 = 0; fp32 < 2; fp32++) {
+        backend *b = open_gpu(fp32, 8); /* several chunks */
+        ref_table r;
+        ref_open(&r, b, 24, fp32 ? AFF_METRIC_L2 : AFF_METRIC_IP, !fp32, 0);
+        ref_write(&r, NULL, 20000, NULL, 0);
+        static backend_filter fs[NQ];
+        static uint64_t cat[NQ][1];
+        static uint32_t tags[NQ][4], excl[NQ][64];
+        const backend_filter *fp[NQ];
+        uint32_t ks[NQ];
+        for (uint32_t i = 0; i < NQ; i++) {
+            random_filter(&fs[i], cat[i], tags[i], excl[i], r.n);
+            fp[i] = i % 5 == 4 ? NULL : &fs[i];
+            ks[i] = i % 3 == 0 ? 1000 : i % 3 == 1 ? 10 : 200;
+        }
+        run_queries(&r, NQ, ks, fp, false, 0, "filters");
+
+        /* Exclude exactly the best rows of an unfiltered query: the next ones take their place. */
+        float q[24];
+        for (int i = 0; i < 24; i++)
+            q[i] = rng_unit();
+        uint32_t k50 = 50, top[50];
+        run_queries_on(&r, q, 1, &k50, NULL, false, 0, "unfiltered", top);
+        qsort(top, 50, 4, cmp_u32);
+        backend_filter ex;
+        backend_filter_init(&ex);
+        ex.exclude_rows = top;
+        ex.n_exclude_rows = 50;
+        const backend_filter *exp = &ex;
+        run_queries_on(&r, q, 1, &k50, &exp, false, 0, "top rows excluded", NULL);
+        ref_close(&r);
+        b->ops->destroy(b);
+    }
+}
+
+Test(gpu_backend, random_sizes_against_reference)
+{
+    seed_test();
+    for (int round = 0; round < 12; round++) {
+        bool fp32 = rng() % 2;
+        backend *b = open_gpu(fp32, rng() % 2 ? 1024 : 5);
+        ref_table r;
+        uint32_t dim = rng() % 300 + 1;
+        ref_open(&r, b, dim, rng() % 2 ? AFF_METRIC_L2 : AFF_METRIC_IP, !fp32, rng() % 2000);
+        uint32_t n = rng() % 60000 + 1;
+        ref_write(&r, NULL, n, NULL, 0);
+        uint32_t nq = rng() % 20 + 1, ks[20];
+        for (uint32_t i = 0; i < nq; i++)
+            ks[i] = rng() % 2 ? rng() % AFF_MAX_K + 1 : rng() % 64 + 1;
+        char what[96];
+        snprintf(what, sizeof what, "round %d (n %u dim %u fp32 %d)", round, n, dim, fp32);
+        run_queries(&r, nq, ks, NULL, false, 0, what);
+        ref_close(&r);
+        b->ops->destroy(b);
+    }
+}
+
+Test(gpu_backend, many_tiles_and_segments)
+{
+    seed_test();
+    /* 300k rows: one tile cut into many segments for a few queries (merge levels), and several
+     * tiles for 64 queries (running best, prior bound). */
+    backend *b = open_gpu(false, 1024);
+    ref_table r;
+    ref_open(&r, b, 32, AFF_METRIC_IP, true, 0);
+    for (int i = 0; i < 6; i++)
+        ref_write(&r, NULL, 50000, NULL, 0);
+    run_uniform(&r, 2, 100, false, 0, "segments k=100");
+    run_uniform(&r, 2, 1000, false, 0, "segments k=1000");
+    run_uniform(&r, 64, 10, false, 0, "tiles k=10");
+    run_uniform(&r, 64, 700, false, 0, "tiles k=700");
+    ref_close(&r);
+    b->ops->destroy(b);
+}
+
+Test(gpu_backend, overwrites_moves_and_deletes)
+{
+    seed_test();
+    for (int fp32 = 0; fp32 < 2; fp32++) {
+        backend *b = open_gpu(fp32, 64);
+        ref_table r;
+        ref_open(&r, b, 20, AFF_METRIC_IP, !fp32, 0);
+        ref_write(&r, NULL, 4000, NULL, 0);
+        /* Overwrite random rows, some twice in one call (the last write wins), and append. */
+        uint32_t rows[300];
+        for (uint32_t i = 0; i < 300; i++)
+            rows[i] = i < 250 ? rng() % r.n : r.n + (i - 250);
+        rows[10] = rows[20];
+        float *vec = malloc(300 * 20 * 4);
+        for (uint32_t i = 0; i < 300 * 20; i++)
+            vec[i] = rng_unit();
+        ref_write(&r, rows, 300, vec, 0);
+        free(vec);
+        run_uniform(&r, 6, 50, false, 0, "after overwrite");
+        /* Deletes, including the last rows and chains the engine produces. */
+        uint32_t dead[400];
+        for (int round = 0; round < 5; round++) {
+            uint32_t nd = rng() % 400 + 1;
+            for (uint32_t i = 0; i < nd; i++)
+                dead[i] = rng() % 3 == 0 ? r.n - 1 - rng() % 50 : rng() % r.n;
+            ref_delete(&r, dead, nd);
+            run_uniform(&r, 4, 300, false, 0, "after delete");
+        }
+        /* Stored vectors moved intact. */
+        uint32_t probe[5] = {0, 1, r.n / 2, r.n - 2, r.n - 1};
+        float out[5 * 20];
+        aff_err err = {0};
+        cr_assert_eq(r.t->ops->table_read(r.t, probe, 5, out, &err), AFF_OK, "%s", err.msg);
+        for (uint32_t i = 0; i < 5; i++)
+            for (uint32_t d = 0; d < 20; d++) {
+                float want = r.vec[(size_t)probe[i] * 20 + d];
+                cr_assert(fabsf(out[i * 20 + d] - want) <= (fp32 ? 0.0f : ldexpf(fabsf(want), -11)),
+                          "row %u col %u: %g vs %g", probe[i], d, out[i * 20 + d], want);
+            }
+        /* Delete everything. */
+        uint32_t *all = malloc(r.n * 4), n = r.n;
+        for (uint32_t i = 0; i < n; i++)
+            all[i] = i;
+        ref_delete(&r, all, n);
+        free(all);
+        run_uniform(&r, 2, 10, false, 0, "all deleted");
+        ref_close(&r);
+        b->ops->destroy(b);
+    }
+}
+
+Test(gpu_backend, grows_past_capacity)
+{
+    seed_test();
+    backend *b = open_gpu(true, 64);
+    ref_table r;
+    ref_open(&r, b, 40, AFF_METRIC_L2, false, 16);
+    uint64_t mem0 = r.t->ops->table_memory(r.t);
+    for (int i = 0; i < 40; i++)
+        ref_write(&r, NULL, rng() % 300 + 1, NULL, 0);
+    cr_assert_gt(r.t->ops->table_memory(r.t), mem0, "capacity grew");
+    run_uniform(&r, 5, 100, false, 0, "after growth");
+    uint32_t probe[3] = {0, 15, 16};
+    float out[3 * 40];
+    aff_err err = {0};
+    cr_assert_eq(r.t->ops->table_read(r.t, probe, 3, out, &err), AFF_OK, "%s", err.msg);
+    for (uint32_t i = 0; i < 3; i++)
+        cr_assert_arr_eq(out + i * 40, r.vec + (size_t)probe[i] * 40, 40 * 4,
+                         "row %u changed while growing", probe[i]);
+    ref_close(&r);
+    b->ops->destroy(b);
+}
+
+Test(gpu_backend, rejects_bad_writes_and_changes_nothing)
+{
+    backend *b = open_gpu(false, 64);
+    ref_table r;
+    ref_open(&r, b, 4, AFF_METRIC_IP, true, 0);
+    ref_write(&r, NULL, 10, NULL, 0);
+    float bad[4] = {1, NAN, 0, 0}, inf[4] = {INFINITY, 0, 0, 0}, ok[4] = {1, 2, 3, 4};
+    backend_row_attrs a;
+    memset(&a, 0, sizeof a);
+    uint32_t row = 10, gap = 12;
+    aff_err err = {0};
+    cr_assert_eq(r.t->ops->table_write(r.t, &row, 1, bad, &a, &err), AFF_EINVAL);
+    cr_assert_eq(r.t->ops->table_write(r.t, &row, 1, inf, &a, &err), AFF_EINVAL);
+    cr_assert_eq(r.t->ops->table_write(r.t, &gap, 1, ok, &a, &err), AFF_EINVAL);
+    a.price = NAN;
+    cr_assert_eq(r.t->ops->table_write(r.t, &row, 1, ok, &a, &err), AFF_EINVAL);
+    cr_assert_eq(r.t->ops->table_count(r.t), 10);
+    run_uniform(&r, 2, 10, false, 0, "after rejected writes");
+    ref_close(&r);
+    b->ops->destroy(b);
+}
+
+Test(gpu_backend, score_gathers_and_dots)
+{
+    seed_test();
+    for (int metric = 0; metric < 2; metric++) {
+        backend *b = open_gpu(false, 64);
+        ref_table r;
+        ref_open(&r, b, 70, metric ? AFF_METRIC_L2 : AFF_METRIC_IP, true, 0);
+        ref_write(&r, NULL, 3000, NULL, 0);
+        enum { NQ = 9 };
+        uint32_t offsets[NQ + 1] = {0};
+        for (uint32_t i = 0; i < NQ; i++)
+            offsets[i + 1] = offsets[i] + (i == 3 ? 0 : rng() % 1000 + 1);
+        uint32_t *rows = malloc(offsets[NQ] * 4 + 4);
+        float *scores = malloc(offsets[NQ] * 4 + 4), *q = malloc(NQ * 70 * 4);
+        for (uint32_t j = 0; j < offsets[NQ]; j++)
+            rows[j] = rng() % r.n;
+        for (uint32_t i = 0; i < NQ * 70; i++)
+            q[i] = rng_unit();
+        aff_err err = {0};
+        cr_assert_eq(r.t->ops->table_score(r.t, q, NQ, offsets, rows, scores, &err), AFF_OK, "%s",
+                     err.msg);
+        for (uint32_t i = 0; i < NQ; i++)
+            for (uint32_t j = offsets[i]; j < offsets[i + 1]; j++) {
+                double bound, want = ref_score(&r, q + i * 70, rows[j], &bound);
+                cr_assert(fabs(scores[j] - want) <= bound, "query %u row %u: %g vs %g", i, rows[j],
+                          scores[j], want);
+            }
+        free(rows);
+        free(scores);
+        free(q);
+        ref_close(&r);
+        b->ops->destroy(b);
+    }
+}
+
+typedef struct search_job {
+    const ref_table *r;
+    int value_kind;
+} search_job;
+
+static void *search_thread(void *arg)
+{
+    const search_job *j = arg;
+    for (int i = 0; i < 5; i++)
+        run_uniform(j->r, 3, 50, true, j->value_kind, "concurrent");
+    return NULL;
+}
+
+Test(gpu_backend, concurrent_searches_share_the_table)
+{
+    seed_test();
+    backend *b = open_gpu(false, 64);
+    ref_table r;
+    ref_open(&r, b, 16, AFF_METRIC_IP, true, 0);
+    ref_write(&r, NULL, 5000, NULL, 1);
+    search_job job = {&r, 1};
+    pthread_t th[3];
+    for (int i = 0; i < 3; i++)
+        pthread_create(&th[i], NULL, search_thread, &job);
+    for (int i = 0; i < 3; i++)
+        pthread_join(th[i], NULL);
+    ref_close(&r);
+    b->ops->destroy(b);
+}
+
+/* ---- the kernels directly: k up to 2048 ---------------------------------------------------------
+ */
+
+Test(gpu_kernels, k_up_to_2048)
+{
+    seed_test();
+    kernels_err kerr = {0};
+    int n_dev = 0;
+    if (kernels_device_count(&n_dev, &kerr) != 0 || n_dev == 0)
+        cr_skip_test("%s", kerr.msg[0] ? kerr.msg : "no CUDA device present");
+    kernels_device *dev = NULL;
+    kernels_table *t = NULL;
+    kernels_workspace *ws = NULL;
+    cr_assert_eq(kernels_device_open(&dev, 0, &kerr), 0, "%s", kerr.msg);
+    cr_assert_eq(kernels_workspace_create(&ws, dev, 3, &kerr), 0, "%s", kerr.msg); /* chunks */
+    const uint32_t dim = 48, n = 9000;
+    cr_assert_eq(
+        kernels_table_create(&t, dev, dim, KERNELS_STORAGE_FP32, KERNELS_METRIC_IP, n, &kerr), 0,
+        "%s", kerr.msg);
+    float *x = malloc((size_t)n * dim * 4);
+    uint32_t *rows = malloc(n * 4);
+    for (uint32_t i = 0; i < n; i++)
+        rows[i] = i;
+    /* Values on a coarse grid so many scores tie exactly. */
+    for (size_t i = 0; i < (size_t)n * dim; i++)
+        x[i] = (float)((int)(rng() % 5) - 2) * 0.5f;
+    cr_assert_eq(kernels_table_write(t, rows, n, x, NULL, n, &kerr), 0, "%s", kerr.msg);
+
+    enum { NQ = 7 };
+    const uint32_t ks[NQ] = {2048, 2047, 1500, 513, 257, 256, 1};
+    float q[NQ * 48];
+    for (uint32_t i = 0; i < NQ * dim; i++)
+        q[i] = (float)((int)(rng() % 5) - 2) * 0.25f;
+    size_t total = 0;
+    for (uint32_t i = 0; i < NQ; i++)
+        total += ks[i];
+    uint32_t *out_rows = malloc(total * 4), counts[NQ];
+    float *out_scores = malloc(total * 4), ms = -1;
+    kernels_search_args a = {.queries = q,
+                             .nq = NQ,
+                             .k = ks,
+                             .out_rows = out_rows,
+                             .out_scores = out_scores,
+                             .out_counts = counts,
+                             .elapsed_ms = &ms};
+    cr_assert_eq(kernels_search(ws, t, &a, &kerr), 0, "%s", kerr.msg);
+    cr_assert_geq(ms, 0.0f);
+    ref_hit *hits = malloc(n * sizeof *hits);
+    size_t off = 0;
+    for (uint32_t i = 0; i < NQ; i++) {
+        for (uint32_t r = 0; r < n; r++) {
+            double s = 0;
+            for (uint32_t d = 0; d < dim; d++)
+                s += (double)q[i * dim + d] * x[(size_t)r * dim + d];
+            hits[r].score = s;
+            hits[r].row = r;
+        }
+        qsort(hits, n, sizeof *hits, cmp_hit);
+        cr_assert_eq(counts[i], ks[i]);
+        /* Quarter-grid data: every score is exact, so rows must match, ties by lower row. */
+        for (uint32_t j = 0; j < ks[i]; j++) {
+            cr_assert_eq((double)out_scores[off + j], hits[j].score, "k %u position %u", ks[i], j);
+            cr_assert_eq(out_rows[off + j], hits[j].row, "k %u position %u", ks[i], j);
+        }
+        off += ks[i];
+    }
+    free(hits);
+    free(out_rows);
+    free(out_scores);
+    free(x);
+    free(rows);
+    kernels_table_destroy(t);
+    kernels_workspace_destroy(ws);
+    kernels_device_close(dev);
 }
