@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -673,8 +674,13 @@ static int build_pools(load_ctx *ctx, pool_inputs *in, rng *r)
                 }
                 Affinity__V1__RerankRequest m = AFFINITY__V1__RERANK_REQUEST__INIT;
                 m.collection = (char *)c->collection;
-                m.user_case = AFFINITY__V1__RERANK_REQUEST__USER_USER_ID;
-                m.user_id = user;
+                if (c->recommend_by_vector) {
+                    m.user_case = AFFINITY__V1__RERANK_REQUEST__USER_USER_VECTOR;
+                    m.user_vector = &uv;
+                } else {
+                    m.user_case = AFFINITY__V1__RERANK_REQUEST__USER_USER_ID;
+                    m.user_id = user;
+                }
                 m.n_candidates = n;
                 m.candidates = cp;
                 p->msgs[j] = pack_slice(&m.base);
@@ -736,6 +742,7 @@ typedef struct load_result {
     char first_error[N_CODES][160];
     batch_snapshot before, after;
     double window_s;
+    double client_cpu_s, client_wall_s; /* this process, from the first call to the last */
 } load_result;
 
 static double ms(uint64_t ns)
@@ -804,9 +811,10 @@ static int write_json(const load_ctx *ctx, const load_result *res, const char *p
         fprintf(f, "%s\"%s\": %.3f", k ? ", " : "", kind_names[k], c->mix[k]);
     fprintf(f,
             "},\n  \"calls\": %llu,\n  \"ok\": %llu,\n  \"achieved_rps\": %.2f,\n"
-            "  \"ok_rps\": %.2f,\n  \"latency\": ",
+            "  \"ok_rps\": %.2f,\n  \"client_cpu_cores\": %.3f,\n  \"latency\": ",
             (unsigned long long)res->calls, (unsigned long long)res->ok,
-            (double)res->calls / res->window_s, (double)res->ok / res->window_s);
+            (double)res->calls / res->window_s, (double)res->ok / res->window_s,
+            res->client_wall_s > 0 ? res->client_cpu_s / res->client_wall_s : 0.0);
     json_latency(f, res->hist);
     fprintf(f, ",\n  \"by_kind\": {");
     bool first = true;
@@ -881,6 +889,8 @@ static void print_summary(const load_ctx *ctx, const load_result *res)
     printf("  calls      %llu (%llu ok), %.1f calls/s achieved, %.1f ok/s\n",
            (unsigned long long)res->calls, (unsigned long long)res->ok,
            (double)res->calls / res->window_s, (double)res->ok / res->window_s);
+    printf("  client     %.2f cores of CPU (user + system, this load generator)\n",
+           res->client_wall_s > 0 ? res->client_cpu_s / res->client_wall_s : 0.0);
     printf("  latency ms p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f  mean %.3f\n",
            ms(hdr_value_at(h, 0.5)), ms(hdr_value_at(h, 0.9)), ms(hdr_value_at(h, 0.99)),
            ms(hdr_value_at(h, 0.999)), ms(h->total ? h->max : 0), hdr_mean(h) / 1e6);
@@ -991,7 +1001,8 @@ static void usage_run(FILE *f)
             "  --users U                distinct users (default 100000), ids user-0..\n"
             "  --user-prefix P          (default user-)\n"
             "  --zipf S                 popularity skew exponent (default 1.0)\n"
-            "  --recommend-by user|vector  (default user)\n"
+            "  --recommend-by user|vector  Recommend and Rerank by user id (stored profile) or\n"
+            "                           by a user vector from the query set (default user)\n"
             "  --rerank-candidates N    (default 100); --events-per-call N (default 1)\n"
             "  --pool N                 pre-built requests per kind (default 4096)\n"
             "  --timeout-ms MS          per-call deadline (default 1000)\n"
@@ -1374,6 +1385,8 @@ static int run_main(int argc, char **argv)
         w->cq = grpc_completion_queue_create_for_next(NULL);
     }
 
+    struct rusage ru0, ru1;
+    getrusage(RUSAGE_SELF, &ru0);
     ctx.t_start = now_ns();
     ctx.t_window = ctx.t_start + (int64_t)(c->warmup_s * 1e9);
     ctx.t_end = ctx.t_window + (int64_t)(c->duration_s * 1e9);
@@ -1400,6 +1413,12 @@ static int run_main(int argc, char **argv)
     server_stats(&ctx, &res.after);
     for (uint32_t i = 0; i < c->threads; i++)
         pthread_join(workers[i].thread, NULL);
+    getrusage(RUSAGE_SELF, &ru1);
+    res.client_wall_s = (double)(now_ns() - ctx.t_start) / 1e9;
+    res.client_cpu_s = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec) +
+                       (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec) / 1e6 +
+                       (double)(ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) +
+                       (double)(ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec) / 1e6;
 
     res.hist = malloc(sizeof(hdr_hist));
     bool ok = res.hist != NULL;
