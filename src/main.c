@@ -3,11 +3,12 @@
  *
  * Start-up order: configuration (frozen from here on) → engine and backend → batcher →
  * metrics endpoint (optional) → gRPC server (health NOT_SERVING) → port file → demo catalog
- * (optional) → health SERVING. SIGTERM/SIGINT are blocked in every thread and taken by
- * sigwait() here, so no handler runs in signal context. Shutdown: health NOT_SERVING, no new
+ * (optional) → health SERVING. SIGTERM/SIGINT only write a byte to a pipe that main() waits
+ * on (see stop_pipe_w). Shutdown: health NOT_SERVING, no new
  * calls, in-flight calls get --grace-seconds to finish, then the rest are cancelled; exit 0.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -73,6 +74,56 @@ static int write_port_file(const char *path, int port, aff_err *err)
     return 0;
 }
 
+/* The write end of the stop pipe. The one piece of mutable global state besides the
+ * configuration: a signal handler can reach nothing else. Libraries (OpenBLAS) start threads
+ * before main() with every signal unblocked, so blocking signals and sigwait() is not enough:
+ * a SIGTERM could land on such a thread and kill the process. A handler that writes one byte
+ * is safe wherever the signal lands; later signals during the drain change nothing. */
+static int stop_pipe_w = -1;
+
+static void on_stop_signal(int sig)
+{
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    if (write(stop_pipe_w, &b, 1) < 0) {
+        /* the pipe is full: a stop is already pending */
+    }
+    errno = saved;
+}
+
+static int stop_pipe_r = -1;
+
+static int install_stop_handler(aff_err *err)
+{
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0)
+        return aff__fail(err, AFF_EINTERNAL, "cannot create the signal pipe: %s", strerror(errno));
+    stop_pipe_r = fds[0];
+    stop_pipe_w = fds[1];
+    int fl = fcntl(stop_pipe_r, F_GETFL);
+    fcntl(stop_pipe_r, F_SETFL, fl & ~O_NONBLOCK);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    return 0;
+}
+
+/* Blocks until SIGTERM or SIGINT arrives; returns which. */
+static int wait_stop_signal(void)
+{
+    unsigned char b = 0;
+    for (;;) {
+        ssize_t n = read(stop_pipe_r, &b, 1);
+        if (n == 1) return b;
+        if (n < 0 && errno != EINTR) return SIGTERM;
+    }
+}
+
 int main(int argc, char **argv)
 {
     int rc = 1;
@@ -99,13 +150,7 @@ int main(int argc, char **argv)
     }
     aff_log_set_level(cfg.log_level);
 
-    /* Signals: taken synchronously by sigwait below; threads inherit the mask. */
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    if (install_stop_handler(&err)) goto fail;
 
     aff_log_kv(AFF_LOG_INFO, "affinityd starting", "version", AFF_VERSION_STRING, NULL);
     config_log(&cfg);
@@ -162,8 +207,7 @@ int main(int argc, char **argv)
     metrics_set_serving(metrics, true);
     aff_log(AFF_LOG_INFO, "serving");
 
-    int sig = 0;
-    sigwait(&stop_signals, &sig);
+    int sig = wait_stop_signal();
     aff_log_kv(AFF_LOG_INFO, "shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                NULL);
     metrics_set_serving(metrics, false);
