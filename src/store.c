@@ -66,6 +66,7 @@
 #define STORE_DEFAULT_READERS  1024
 #define STORE_KEY_MAX          511
 #define STORE_REBUILD_BATCH    4096
+#define STORE_GROUP_MAX        64 /* writes committed together at most */
 
 enum {
     DB_META,
@@ -85,6 +86,16 @@ static const char *const db_names[DB_COUNT] = {
     "interactions", "by_type",     "popularity", "pop_rank",
 };
 
+/* One store_update call waiting in the group-commit queue (on its caller's stack). */
+typedef struct write_req {
+    store_txn_fn fn;
+    void *ctx;
+    int status;
+    bool done; /* set by the leader under gc_mu; the caller may return after that */
+    aff_err err;
+    struct write_req *next;
+} write_req;
+
 struct aff_store {
     MDB_env *env;
     MDB_dbi dbi[DB_COUNT];
@@ -93,7 +104,13 @@ struct aff_store {
     bool persistent;
     int lock_fd;
     _Atomic uint64_t commits;
+    _Atomic uint64_t writes;
     _Atomic uint64_t grows;
+    /* Group commit: writers queue here; one leader at a time runs the queue. */
+    pthread_mutex_t gc_mu;
+    pthread_cond_t gc_cv;
+    write_req *gc_head, *gc_tail;
+    bool gc_busy;
 };
 
 struct store_txn {
@@ -502,39 +519,118 @@ static int store_adopt_size(aff_store *s, aff_err *err)
     return rc ? mdb_fail(NULL, err, rc, "adopt map size") : AFF_OK;
 }
 
-int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
+/* Sets every request of a group that has not failed on its own to the group's failure. */
+static void fail_group(write_req *group, const aff_err *e)
 {
+    for (write_req *r = group; r; r = r->next) {
+        if (r->status == AFF_OK) {
+            r->status = e->code;
+            r->err = *e;
+        }
+    }
+}
+
+/* Runs a group of writes in one transaction and one durable commit. A request whose callback
+ * fails is taken out of the group and the transaction is run again without it, so its writes
+ * leave no trace and the others still commit (callbacks are re-runnable by contract; failing
+ * callbacks are rare, as validation happens before writing). LMDB's nested transactions
+ * would avoid the re-run but cost a 2 MiB allocation each. When the map fills, the group is
+ * aborted, the map grown and the group run again. */
+static void run_group(aff_store *s, write_req *group)
+{
+    for (write_req *r = group; r; r = r->next)
+        r->status = AFF_OK;
     for (;;) {
+        aff_err e = {0};
         pthread_rwlock_rdlock(&s->resize_lock);
         uint64_t seen = current_map_size(s);
         store_txn t = {.s = s};
-        int status;
+        bool retry = false, any = false;
         int rc = mdb_txn_begin(s->env, NULL, 0, &t.txn);
         if (rc) {
             pthread_rwlock_unlock(&s->resize_lock);
-            if (rc == MDB_MAP_RESIZED) {
-                if ((status = store_adopt_size(s, err))) return status;
-                continue;
+            if (rc == MDB_MAP_RESIZED && store_adopt_size(s, &e) == AFF_OK) continue;
+            if (rc != MDB_MAP_RESIZED) mdb_fail(NULL, &e, rc, "begin write transaction");
+            fail_group(group, &e);
+            return;
+        }
+        for (write_req *r = group; r && !retry; r = r->next) {
+            if (r->status != AFF_OK) continue; /* failed in an earlier run */
+            aff__err_clear(&r->err);
+            int st = r->fn(&t, r->ctx, &r->err);
+            if (t.mdb_rc == MDB_MAP_FULL) {
+                retry = true;
+            } else if (st != AFF_OK || t.mdb_rc) {
+                r->status = st != AFF_OK ? st : mdb_fail(NULL, &r->err, t.mdb_rc, "write");
+                retry = true; /* run the others again without it */
             }
-            return mdb_fail(NULL, err, rc, "begin write transaction");
+            any = true;
         }
-        status = fn(&t, ctx, err);
-        if (status == AFF_OK && !t.mdb_rc) {
-            rc = mdb_txn_commit(t.txn);
-            if (rc) status = mdb_fail(&t, err, rc, "commit");
-        } else {
+        if (retry || !any) {
             mdb_txn_abort(t.txn);
-            if (status == AFF_OK) status = mdb_fail(NULL, err, t.mdb_rc, "write");
-        }
-        pthread_rwlock_unlock(&s->resize_lock);
-        if (t.mdb_rc == MDB_MAP_FULL) {
-            if ((status = store_grow(s, seen, err))) return status;
-            aff__err_clear(err);
+            pthread_rwlock_unlock(&s->resize_lock);
+            if (!any) return;
+            if (t.mdb_rc == MDB_MAP_FULL && (rc = store_grow(s, seen, &e)) != AFF_OK) {
+                fail_group(group, &e);
+                return;
+            }
             continue;
         }
-        if (status == AFF_OK) atomic_fetch_add(&s->commits, 1);
-        return status;
+        rc = mdb_txn_commit(t.txn);
+        pthread_rwlock_unlock(&s->resize_lock);
+        if (rc == MDB_MAP_FULL) {
+            if (store_grow(s, seen, &e) == AFF_OK) continue;
+            fail_group(group, &e);
+            return;
+        }
+        if (rc) {
+            mdb_fail(NULL, &e, rc, "commit");
+            fail_group(group, &e);
+            return;
+        }
+        atomic_fetch_add(&s->commits, 1);
+        return;
     }
+}
+
+int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
+{
+    write_req req = {.fn = fn, .ctx = ctx};
+    pthread_mutex_lock(&s->gc_mu);
+    if (s->gc_tail)
+        s->gc_tail->next = &req;
+    else
+        s->gc_head = &req;
+    s->gc_tail = &req;
+    while (!req.done) {
+        if (s->gc_busy) {
+            pthread_cond_wait(&s->gc_cv, &s->gc_mu);
+            continue;
+        }
+        /* Lead: take up to STORE_GROUP_MAX queued writes (ours among them) as one group. */
+        s->gc_busy = true;
+        write_req *group = s->gc_head, *last = group;
+        for (int i = 1; i < STORE_GROUP_MAX && last->next; i++)
+            last = last->next;
+        s->gc_head = last->next;
+        if (!s->gc_head) s->gc_tail = NULL;
+        last->next = NULL;
+        pthread_mutex_unlock(&s->gc_mu);
+        run_group(s, group);
+        pthread_mutex_lock(&s->gc_mu);
+        for (write_req *r = group, *next; r; r = next) {
+            next = r->next;
+            r->done = true;
+        }
+        s->gc_busy = false;
+        pthread_cond_broadcast(&s->gc_cv);
+    }
+    pthread_mutex_unlock(&s->gc_mu);
+    if (req.status == AFF_OK)
+        atomic_fetch_add(&s->writes, 1);
+    else if (err)
+        *err = req.err;
+    return req.status;
 }
 
 int store_view(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
@@ -708,6 +804,8 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
     pthread_rwlock_init(&s->resize_lock, &attr);
     pthread_rwlockattr_destroy(&attr);
     s->resize_lock_ready = true;
+    pthread_mutex_init(&s->gc_mu, NULL);
+    pthread_cond_init(&s->gc_cv, NULL);
 
     if (cfg->dir) {
         if (snprintf(path, sizeof path, "%s", cfg->dir) >= (int)sizeof path) {
@@ -799,7 +897,11 @@ void store_destroy(aff_store *s)
     if (!s) return;
     if (s->env) mdb_env_close(s->env);
     if (s->lock_fd >= 0) close(s->lock_fd); /* releases the flock */
-    if (s->resize_lock_ready) pthread_rwlock_destroy(&s->resize_lock);
+    if (s->resize_lock_ready) {
+        pthread_rwlock_destroy(&s->resize_lock);
+        pthread_mutex_destroy(&s->gc_mu);
+        pthread_cond_destroy(&s->gc_cv);
+    }
     free(s);
 }
 
@@ -819,6 +921,7 @@ void store_get_stats(aff_store *s, store_stats *out)
     out->map_size = info.me_mapsize;
     out->used_bytes = (uint64_t)(info.me_last_pgno + 1) * st.ms_psize;
     out->commits = atomic_load(&s->commits);
+    out->writes = atomic_load(&s->writes);
     out->map_grows = atomic_load(&s->grows);
 }
 

@@ -11,8 +11,11 @@
  * with fsync (unless the store was opened with no_sync or in memory). A failed write changes
  * nothing: LMDB's copy-on-write B-tree never exposes a half-written transaction, and a failed
  * commit (disk full, I/O error) leaves the previous state intact and returns AFF_EIO.
- * Batched writers (store_put_items, a store_update doing many puts) commit once per call:
- * that is the group commit.
+ * Group commit, twice over: a batched call (store_put_items, profiles_put_events with many
+ * events) is one transaction, and concurrent store_update calls are queued and committed
+ * together (up to 64 per commit, one fsync); a call that fails is taken out and the group
+ * run again without it, so it leaves no trace and does not affect the others. Every caller
+ * returns after the shared commit.
  *
  * Map size: the memory map grows by doubling whenever a write transaction runs out of room;
  * callers never see "map full". Growing needs every transaction of this process closed, so
@@ -63,7 +66,8 @@ bool store_persistent(const aff_store *s);
 typedef struct store_stats {
     uint64_t map_size;   /* current map size in bytes */
     uint64_t used_bytes; /* pages in use in the map */
-    uint64_t commits;    /* write transactions committed since open */
+    uint64_t commits;    /* write transactions committed (and fsync'ed) since open */
+    uint64_t writes;     /* successful store_update calls (≥ commits: group commit) */
     uint64_t map_grows;  /* times the map was grown since open */
 } store_stats;
 void store_get_stats(aff_store *s, store_stats *out);
@@ -74,9 +78,11 @@ void store_get_stats(aff_store *s, store_stats *out);
  * aff_status to abort; the store passes that code back to the caller. */
 typedef int (*store_txn_fn)(store_txn *txn, void *ctx, aff_err *err);
 
-/* Runs fn in one write transaction and commits it durably. fn may run more than once: when
- * the map fills, the transaction is aborted, the map grown and fn run again from the start,
- * so fn must reset any output it writes into ctx and have no other side effects. */
+/* Runs fn in a write transaction and commits it durably; returns fn's status or the commit's
+ * failure. fn may run on another thread (the group's leader) and more than once: when the map
+ * fills, the group is aborted, the map grown and fn run again from the start, so fn must
+ * reset any output it writes into ctx and have no other side effects. fn's writes are
+ * discarded when it returns an error; err receives its message. */
 int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);
 /* Runs fn in one read transaction (a consistent snapshot). */
 int store_view(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);

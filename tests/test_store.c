@@ -347,16 +347,14 @@ static int seen_items(void *ctx, const store_collection *c, const store_item *it
 {
     rebuild_seen *r = ctx;
     r->batches++;
-    if (n > r->max_batch)
-        r->max_batch = n;
+    if (n > r->max_batch) r->max_batch = n;
     r->items[r->n_collections - 1] += n;
     for (size_t i = 0; i < n; i++) {
         size_t idx = strtoul(items[i].id + 5, NULL, 10);
         float v[64];
         item_vector(idx, c->dim, v);
         if (items[i].dim != c->dim || memcmp(v, items[i].vector, c->dim * sizeof(float)) ||
-            items[i].n_tags != 2 || strcmp(items[i].tags[1], "all") ||
-            items[i].price != (float)idx)
+            items[i].n_tags != 2 || strcmp(items[i].tags[1], "all") || items[i].price != (float)idx)
             r->bad_item = true;
     }
     return 0;
@@ -439,8 +437,7 @@ static void *writer(void *arg)
             item_vector((size_t)k, 64, v);
             items[k] = (store_item){.id = ids[k], .vector = v, .dim = 64};
         }
-        if (store_put_items(w->s, "c", items, 50, NULL) != AFF_OK)
-            w->failures++;
+        if (store_put_items(w->s, "c", items, 50, NULL) != AFF_OK) w->failures++;
     }
     return NULL;
 }
@@ -450,8 +447,7 @@ static void *reader(void *arg)
     stress *r = arg;
     float v[64];
     while (!*r->stop) {
-        if (store_get_item(r->s, "c", "item-3", NULL, v, NULL) != AFF_OK)
-            r->failures++;
+        if (store_get_item(r->s, "c", "item-3", NULL, v, NULL) != AFF_OK) r->failures++;
     }
     return NULL;
 }
@@ -481,5 +477,84 @@ Test(store, concurrent_writers_and_readers_across_map_growth)
     store_get_stats(s, &stats);
     cr_assert_gt(stats.map_grows, 0);
     cr_assert_eq(store_get_item(s, "c", "w2-39-49", NULL, NULL, NULL), AFF_OK);
+    store_destroy(s);
+}
+
+typedef struct group_write {
+    aff_store *s;
+    const char *user;
+    int sleep_ms;
+    bool fail;
+    int status;
+    aff_err err;
+} group_write;
+
+static int group_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    group_write *g = ctx;
+    store_interaction in = {.ref_ms = 1, .weight = 2.0, .last_ms = 1, .count = 1};
+    int rc = store_txn_put_interaction(txn, "c", g->user, "item-1", &in, err);
+    if (rc) return rc;
+    if (g->sleep_ms) usleep((useconds_t)g->sleep_ms * 1000);
+    if (g->fail) return aff__fail(err, AFF_EINVAL, "%s refused", g->user);
+    return AFF_OK;
+}
+
+static void *group_thread(void *arg)
+{
+    group_write *g = arg;
+    g->status = store_update(g->s, group_fn, g, &g->err);
+    return NULL;
+}
+
+typedef struct probe {
+    const char *user;
+    bool found;
+} probe;
+
+static int probe_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    probe *p = ctx;
+    store_interaction in;
+    int rc = store_txn_get_interaction(txn, "c", p->user, "item-1", &in, err);
+    p->found = rc == AFF_OK;
+    return rc == AFF_ENOTFOUND ? AFF_OK : rc;
+}
+
+/* While a slow write holds the commit, three more queue up; they commit together, and the
+ * one that fails leaves no trace without hurting the others. */
+Test(store, concurrent_writes_commit_together_and_fail_alone)
+{
+    aff_store *s = open_store(0);
+    add_collection(s, "c", 4);
+    store_stats before, after;
+    store_get_stats(s, &before);
+    group_write w[4] = {{.s = s, .user = "a", .sleep_ms = 300},
+                        {.s = s, .user = "b"},
+                        {.s = s, .user = "x", .fail = true},
+                        {.s = s, .user = "d"}};
+    pthread_t th[4];
+    pthread_create(&th[0], NULL, group_thread, &w[0]);
+    usleep(50 * 1000);
+    for (int i = 1; i < 4; i++)
+        pthread_create(&th[i], NULL, group_thread, &w[i]);
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    store_get_stats(s, &after);
+    cr_assert_eq(w[0].status, AFF_OK, "%s", w[0].err.msg);
+    cr_assert_eq(w[1].status, AFF_OK, "%s", w[1].err.msg);
+    cr_assert_eq(w[2].status, AFF_EINVAL);
+    cr_assert_str_eq(w[2].err.msg, "x refused");
+    cr_assert_eq(w[3].status, AFF_OK, "%s", w[3].err.msg);
+    cr_assert_eq(after.commits - before.commits, 2, "one commit for a, one for b, x and d");
+    cr_assert_eq(after.writes - before.writes, 3);
+    store_destroy(s);
+    s = open_store(0);
+    const char *users[4] = {"a", "b", "x", "d"};
+    for (int i = 0; i < 4; i++) {
+        probe p = {.user = users[i]};
+        cr_assert_eq(store_view(s, probe_fn, &p, NULL), AFF_OK);
+        cr_assert_eq(p.found, i != 2, "user %s", users[i]);
+    }
     store_destroy(s);
 }
