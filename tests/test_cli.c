@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -21,6 +22,7 @@
 
 static char dir[256];
 static char addr[64];
+static char cli_flags[1024]; /* global flags every CLI run gets (TLS, token) */
 static pid_t server_pid;
 static float vecs[N_ITEMS * DIM];
 
@@ -33,22 +35,30 @@ static const char *path_in(const char *name)
     return b;
 }
 
-static void start_server(void)
+/* Starts affinityd with the common flags plus `extra` (NULL-terminated, may be NULL). */
+static void start_server_with(const char *const *extra)
 {
     snprintf(dir, sizeof(dir), "/tmp/aff_test_cli_XXXXXX");
     cr_assert_not_null(mkdtemp(dir));
     const char *port_file = path_in("port");
     const char *data_dir = path_in("data"); /* profiles (events, users) need storage */
+    const char *argv[32] = {"affinityd",  "--listen",    "127.0.0.1:0", "--port-file", port_file,
+                            "--data-dir", data_dir,      "--backend",   "cpu",         "--threads",
+                            "2",          "--log-level", "warn"};
+    int argc = 13;
+    for (int i = 0; extra && extra[i] && argc < 31; i++)
+        argv[argc++] = extra[i];
+    argv[argc] = NULL;
+    const char *log_path = path_in("affinityd.log");
     server_pid = fork();
     cr_assert(server_pid >= 0);
     if (server_pid == 0) {
-        int fd = open(path_in("affinityd.log"), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        prctl(PR_SET_PDEATHSIG, SIGTERM); /* never outlive the test */
+        int fd = open(log_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
         dup2(fd, 1);
         dup2(fd, 2);
         setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
-        execl(AFF_BINARY_DIR "/src/affinityd", "affinityd", "--listen", "127.0.0.1:0",
-              "--port-file", port_file, "--data-dir", data_dir, "--backend", "cpu", "--threads",
-              "2", "--log-level", "warn", (char *)NULL);
+        execv(AFF_BINARY_DIR "/src/affinityd", (char *const *)argv);
         _exit(127);
     }
     for (int i = 0; i < 600; i++) {
@@ -92,13 +102,13 @@ static void stop_server(void)
 static char *run_cli(int *status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static char *run_cli(int *status, const char *fmt, ...)
 {
-    char args[2048], cmd[2600];
+    char args[2048], cmd[4096];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(args, sizeof(args), fmt, ap);
     va_end(ap);
-    snprintf(cmd, sizeof(cmd), "%s/src/affinity --addr %s --timeout-ms 20000 %s 2>>%s/cli.err",
-             AFF_BINARY_DIR, addr, args, dir);
+    snprintf(cmd, sizeof(cmd), "%s/src/affinity --addr %s --timeout-ms 20000 %s %s 2>>%s/cli.err",
+             AFF_BINARY_DIR, addr, cli_flags, args, dir);
     FILE *p = popen(cmd, "r");
     cr_assert_not_null(p);
     size_t cap = 4096, len = 0;
@@ -179,7 +189,7 @@ static void write_catalog(void)
 
 static void setup(void)
 {
-    start_server();
+    start_server_with(NULL);
     write_catalog();
 }
 
@@ -357,8 +367,10 @@ Test(cli, events_and_user_profile)
     load_both();
     int status;
     char *out = run_cli(&status, "--json events shop u1 view:item-3 purchase:item-4");
-    if (status == 1 && strstr(out, "UNIMPLEMENTED"))
+    if (status == 1 && strstr(out, "UNIMPLEMENTED")) {
+        stop_server(); /* a skipped test does not run .fini */
         cr_skip_test("this affinityd has no user profiles yet: %s", out);
+    }
     free(out);
     jsonv *v = cli_json(0, "user get shop u1");
     cr_assert_eq(num(v, "history_length"), 2);
@@ -378,4 +390,80 @@ Test(cli, events_and_user_profile)
     v = cli_json(0, "user delete shop u1");
     cr_assert(jsonv_get(v, "existed")->boolean);
     jsonv_free(v);
+}
+
+/* TLS with a self-signed certificate (made with openssl) and a bearer token. */
+static char tls_dir[64];
+
+static void setup_tls(void)
+{
+    snprintf(tls_dir, sizeof(tls_dir), "/tmp/aff_test_cli_tls_XXXXXX");
+    char *tmp = tls_dir;
+    cr_assert_not_null(mkdtemp(tmp));
+    char cmd[1024];
+    snprintf(cmd, sizeof(cmd),
+             "openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/key.pem -out %s/cert.pem "
+             "-days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost >/dev/null 2>&1 "
+             "&& echo 'tok-123' > %s/token",
+             tmp, tmp, tmp);
+    if (system(cmd) != 0) cr_skip_test("openssl cannot make a test certificate");
+    static char cert[256], key[256], token[256];
+    snprintf(cert, sizeof(cert), "%s/cert.pem", tmp);
+    snprintf(key, sizeof(key), "%s/key.pem", tmp);
+    snprintf(token, sizeof(token), "%s/token", tmp);
+    const char *extra[] = {"--tls-cert", cert, "--tls-key", key, "--token-file", token, NULL};
+    start_server_with(extra);
+    /* The certificate names localhost: connect by that name. */
+    char *colon = strchr(addr, ':');
+    char port[16];
+    snprintf(port, sizeof(port), "%s", colon + 1);
+    snprintf(addr, sizeof(addr), "localhost:%s", port);
+    snprintf(cli_flags, sizeof(cli_flags), "--tls-ca %s --token-file %s", cert, token);
+    write_catalog();
+}
+
+static void teardown_tls(void)
+{
+    stop_server();
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", tls_dir);
+    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tls_dir);
+}
+
+TestSuite(cli_tls, .init = setup_tls, .fini = teardown_tls, .timeout = 120);
+
+Test(cli_tls, tls_and_token)
+{
+    jsonv *v = cli_json(0, "health");
+    cr_assert_str_eq(str(v, "status"), "SERVING");
+    jsonv_free(v);
+    char args[1024];
+    snprintf(args, sizeof(args), "load shop --create --vectors %s --attrs %s", path_in("items.npy"),
+             path_in("items.csv"));
+    v = cli_json(0, args);
+    cr_assert_eq(num(v, "upserted"), N_ITEMS);
+    jsonv_free(v);
+    char vec[512];
+    vector_arg(vec, sizeof(vec), &vecs[7 * DIM]);
+    snprintf(args, sizeof(args), "search shop --vector %s -k 1", vec);
+    v = cli_json(0, args);
+    cr_assert_str_eq(
+        str(jsonv_at(jsonv_get(jsonv_at(jsonv_get(v, "results"), 0), "hits"), 0), "id"), "item-7");
+    jsonv_free(v);
+    /* A wrong token is refused; so is plaintext. */
+    FILE *f = fopen(path_in("wrong"), "w");
+    fprintf(f, "nope\n");
+    fclose(f);
+    char saved[1024];
+    snprintf(saved, sizeof(saved), "%s", cli_flags);
+    snprintf(cli_flags, sizeof(cli_flags), "--tls-ca %s/cert.pem --token-file %s", tls_dir,
+             path_in("wrong"));
+    v = cli_json(1, "collections list");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "UNAUTHENTICATED");
+    jsonv_free(v);
+    snprintf(cli_flags, sizeof(cli_flags), "--timeout-ms 3000");
+    v = cli_json(1, "collections list");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "UNAVAILABLE");
+    jsonv_free(v);
+    snprintf(cli_flags, sizeof(cli_flags), "%s", saved);
 }
