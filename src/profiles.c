@@ -779,6 +779,9 @@ int profiles_popular(aff_profiles *p, const char *collection, uint32_t k, const 
     *n_hits = 0;
     if (k == 0 || k > AFF_MAX_K)
         return aff__fail(err, AFF_EINVAL, "k must be 1..%d, not %u", AFF_MAX_K, k);
+    if (filter && (isnan(filter->price_min) || isnan(filter->price_max) ||
+                   filter->price_min > filter->price_max))
+        return aff__fail(err, AFF_EINVAL, "filter price bounds must be numbers with min ≤ max");
     popular_ctx c = {.p = p,
                      .collection = collection,
                      .k = k,

@@ -378,6 +378,10 @@ Test(profiles, unknown_user_gets_popular_items_through_the_filter)
     cr_assert_str_eq(hits[1].id, "shoes-3");
     cr_assert_eq(profiles_popular(prof, "shop", 1, NULL, hits, &n, &err), AFF_OK);
     cr_assert_eq(n, 1);
+    f = (aff_filter){.price_min = 5.0f, .price_max = 1.0f};
+    cr_assert_eq(profiles_popular(prof, "shop", 1, &f, hits, &n, &err), AFF_EINVAL);
+    cr_assert_eq(profiles_popular(prof, "shop", 0, NULL, hits, &n, &err), AFF_EINVAL);
+    cr_assert_eq(profiles_popular(prof, "nope", 1, NULL, hits, &n, &err), AFF_ENOTFOUND);
 
     /* A week later (the popularity half-life) every score has halved. */
     clock_ms = T0 + 7 * DAY_MS;
