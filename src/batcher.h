@@ -89,6 +89,10 @@ typedef struct batcher_config {
     uint32_t max_wait_us; /* see the header comment */
     uint32_t queue_limit; /* requests queued per (collection, kind), ≥ 1 */
     uint32_t workers;     /* engine calls that may run at once; 0 = 1 */
+    /* Optional observer, called by a worker (without locks held) as each batch starts:
+     * queries in the batch and requests still queued. For metrics; must be quick. */
+    void (*on_batch)(void *ctx, uint64_t queries, uint64_t queued);
+    void *on_batch_ctx;
 } batcher_config;
 
 #define BATCHER_HIST_BUCKETS 16

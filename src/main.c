@@ -1,8 +1,8 @@
 /*
  * main.c: affinityd — flags and environment, start-up, signals and graceful shutdown.
  *
- * Start-up order: configuration (frozen from here on) → engine and backend → batcher →
- * metrics endpoint (optional) → gRPC server (health NOT_SERVING) → port file → demo catalog
+ * Start-up order: configuration (frozen from here on) → engine and backend → metrics
+ * (endpoint optional) → batcher → gRPC server (health NOT_SERVING) → port file → demo catalog
  * (optional) → health SERVING. SIGTERM/SIGINT only write a byte to a pipe that main() waits
  * on (see stop_pipe_w). Shutdown: health NOT_SERVING, no new
  * calls, in-flight calls get --grace-seconds to finish, then the rest are cancelled; exit 0.
@@ -113,6 +113,13 @@ static int install_stop_handler(aff_err *err)
     return 0;
 }
 
+/* batcher_config.on_batch: batch sizes and queue depth into the metrics registry. */
+static void observe_batch(void *ctx, uint64_t queries, uint64_t queued)
+{
+    metrics_observe_batch(ctx, queries);
+    metrics_set_queue_depth(ctx, (int64_t)queued);
+}
+
 /* Blocks until SIGTERM or SIGINT arrives; returns which. */
 static int wait_stop_signal(void)
 {
@@ -166,20 +173,22 @@ int main(int argc, char **argv)
     aff_log_kv(AFF_LOG_INFO, "backend in use", "requested", config_backend_name(cfg.backend),
                "backend", bi.name, "device", bi.device, NULL);
 
+    /* Metrics: the registry always exists (updates are cheap); the HTTP endpoint runs when
+     * --metrics-listen is set. The transport counts calls and latencies, the batcher reports
+     * batch sizes and queue depth through on_batch. */
+    if (metrics_create(&metrics, cfg.metrics_listen, &err)) goto fail;
+    metrics_set_backend(metrics, bi.name, bi.device);
+    if (cfg.metrics_listen[0])
+        aff_log(AFF_LOG_INFO, "metrics on port %u", (unsigned)metrics_port(metrics));
+
     batcher_config bcfg = {.max_batch = cfg.max_batch,
                            .max_wait_us = cfg.max_wait_us,
                            .queue_limit = cfg.queue_limit,
-                           .workers = cfg.batch_workers};
+                           .workers = cfg.batch_workers,
+                           .on_batch = observe_batch,
+                           .on_batch_ctx = metrics};
     batcher_exec exec = batcher_engine_exec(engine);
     if (batcher_create(&bat, &bcfg, &exec, &err)) goto fail;
-
-    /* Metrics hook: the endpoint runs when --metrics-listen is set. Per-request metrics are
-     * for the metrics work to wire into transport.c (tcall_finish sees every call's end). */
-    if (cfg.metrics_listen[0]) {
-        if (metrics_create(&metrics, cfg.metrics_listen, &err)) goto fail;
-        metrics_set_backend(metrics, bi.name, bi.device);
-        aff_log(AFF_LOG_INFO, "metrics on port %u", (unsigned)metrics_port(metrics));
-    }
 
     if (cfg.data_dir[0])
         aff_log_kv(AFF_LOG_WARN,
@@ -194,7 +203,8 @@ int main(int argc, char **argv)
                              .token = token,
                              .max_batch = cfg.max_batch,
                              .max_wait_us = cfg.max_wait_us,
-                             .persistent = false};
+                             .persistent = false,
+                             .metrics = metrics};
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];
     snprintf(port, sizeof port, "%d", transport_port(server));

@@ -152,6 +152,10 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
     ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
     pthread_mutex_unlock(&c->mu);
+    if (c->def && c->t->metric_ids[c->def - c->t->defs] >= 0)
+        metrics_observe_request(c->t->cfg.metrics,
+                                (metrics_method)c->t->metric_ids[c->def - c->t->defs], grpc_code,
+                                (uint64_t)(batcher_now_ns() - c->start_ns));
     if (grpc_code != 0)
         aff_log_kv(AFF_LOG_DEBUG, "call failed", "method", c->def ? c->def->path : "(unknown)",
                    "status", msg ? msg : "", NULL);
@@ -263,6 +267,7 @@ static void on_request(void *arg, bool ok)
         tcall_unref(c);
         return;
     }
+    c->start_ns = batcher_now_ns();
     if (!atomic_load(&t->draining)) arm_slot(t, c->cq, (size_t)(c->def - t->defs));
 
     if (!c->def->open && !authorized(t, &c->md)) {
@@ -405,7 +410,8 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     t->cqs = calloc(t->n_threads, sizeof *t->cqs);
     t->threads = calloc(t->n_threads, sizeof *t->threads);
     t->registered = calloc(t->n_defs, sizeof *t->registered);
-    if (!t->cqs || !t->threads || !t->registered) {
+    t->metric_ids = calloc(t->n_defs, sizeof *t->metric_ids);
+    if (!t->cqs || !t->threads || !t->registered || !t->metric_ids) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory creating the server");
         goto out;
     }
@@ -426,6 +432,8 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
         grpc_server_register_completion_queue(t->server, t->cqs[i], NULL);
     }
     for (size_t i = 0; i < t->n_defs; i++) {
+        metrics_method mm;
+        t->metric_ids[i] = metrics_method_from_name(t->defs[i].path, &mm) == 0 ? (int)mm : -1;
         t->registered[i] = grpc_server_register_method(
             t->server, t->defs[i].path, NULL,
             t->defs[i].req_desc ? GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER : GRPC_SRM_PAYLOAD_NONE,
@@ -571,6 +579,7 @@ void transport_destroy(transport *t)
     free(t->cqs);
     free(t->threads);
     free(t->registered);
+    free(t->metric_ids);
     free(t->authorization);
     pthread_cond_destroy(&t->cv);
     pthread_mutex_destroy(&t->mu);

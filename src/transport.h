@@ -21,6 +21,7 @@
 
 #include "batcher.h"
 #include "engine.h"
+#include "metrics.h"
 #include "status.h"
 
 typedef struct transport transport;
@@ -35,6 +36,7 @@ typedef struct transport_config {
     uint32_t max_batch;   /* reported by GetServerInfo */
     uint32_t max_wait_us; /* reported by GetServerInfo */
     bool persistent;      /* reported by GetServerInfo */
+    aff_metrics *metrics; /* per-call counters and latencies; NULL: none; borrowed */
 } transport_config;
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad

@@ -57,6 +57,7 @@ struct tcall {
     grpc_slice status_details;
     int cancelled; /* from RECV_CLOSE_ON_SERVER */
     bool sent_initial_md;
+    int64_t start_ns; /* when the call arrived (batcher clock), for latency metrics */
     bool finished;
     atomic_int refs;
     pthread_mutex_t mu; /* streaming handlers' state */
@@ -91,6 +92,7 @@ struct transport {
     const tmethod_def *defs;
     size_t n_defs;
     void **registered; /* per def */
+    int *metric_ids;   /* per def: metrics_method, or -1 (health) */
 };
 
 /* The affinity.v1 and health method table (transport_rpc.c). */

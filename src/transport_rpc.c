@@ -505,6 +505,7 @@ static void serve_done(batcher_request *br)
 {
     tcall *c = br->user;
     serve_state *st = c->state;
+    metrics_observe_queue_wait(c->t->cfg.metrics, br->wait_ns);
     if (br->status != AFF_OK) {
         tcall_fail(c, &br->err);
     } else {
@@ -977,6 +978,7 @@ static void bitem_done(batcher_request *br)
     bitem *it = br->user;
     tcall *c = it->c;
     bstream *s = c->state;
+    metrics_observe_queue_wait(c->t->cfg.metrics, br->wait_ns);
     pthread_mutex_lock(&s->mu);
     if (br->status != AFF_OK) {
         it->code = aff_status_grpc_code(br->status);
