@@ -65,6 +65,7 @@ int kernels_score(kernels_workspace *ws, const kernels_table *t, const float *qu
 
     const size_t q_b = (size_t)nq * t->dim * 4, off_b = ((size_t)nq + 1) * 4,
                  rows_b = (size_t)total * 4;
+    KCUDA(err, cudaSetDevice(ws->dev->ordinal));
     if ((rc = kernels__buf_reserve(&ws->qin, q_b, err)) ||
         (rc = kernels__buf_reserve(&ws->meta, off_b, err)) ||
         (rc = kernels__buf_reserve(&ws->out_rows, rows_b, err)) ||
@@ -72,7 +73,6 @@ int kernels_score(kernels_workspace *ws, const kernels_table *t, const float *qu
         (rc = kernels__hostbuf_reserve(&ws->h_in, q_b + off_b + rows_b, err)) ||
         (rc = kernels__hostbuf_reserve(&ws->h_out, rows_b, err)))
         goto out;
-    KCUDA(err, cudaSetDevice(ws->dev->ordinal));
     {
         char *h = (char *)ws->h_in.p;
         memcpy(h, queries, q_b);

@@ -188,10 +188,18 @@ static int gpu_table_write(backend_table *bt, const uint32_t *rows, uint32_t n,
     }
     if (next > KERNELS_MAX_ROWS)
         return aff__fail(err, AFF_EFULL, "a GPU table holds at most %u rows", KERNELS_MAX_ROWS);
-    for (size_t j = 0; j < (size_t)n * dim; j++)
+    /* fp16 holds magnitudes up to 65504; larger components would become infinite. */
+    const float limit = t->b->fp32 ? INFINITY : 65504.0f;
+    for (size_t j = 0; j < (size_t)n * dim; j++) {
         if (!isfinite(vectors[j]))
             return aff__fail(err, AFF_EINVAL, "write %zu: vector component %zu is not finite",
                              j / dim, j % dim);
+        if (fabsf(vectors[j]) > limit)
+            return aff__fail(err, AFF_EINVAL,
+                             "write %zu: vector component %zu (%g) exceeds the fp16 range of the "
+                             "GPU catalog (|x| <= 65504; start the server with fp32 storage)",
+                             j / dim, j % dim, (double)vectors[j]);
+    }
     for (uint32_t i = 0; i < n; i++) {
         if (!isfinite(attrs[i].price))
             return aff__fail(err, AFF_EINVAL, "write %u: price is not finite", i);
