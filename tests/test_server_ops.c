@@ -9,7 +9,10 @@
  */
 #include <criterion/criterion.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <pthread.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -372,4 +375,69 @@ Test(server_ops, configuration_comes_from_the_environment)
     transport_client_free(&info->base);
     transport_client_destroy(c);
     cr_assert_eq(ts_stop(&s, SIGINT, 60000), 0);
+}
+
+/* Reads the metrics port from the server log ("metrics on port N"), polling. */
+static int metrics_port_from_log(const test_server *s)
+{
+    int64_t until = ts_now_ms() + 30000;
+    while (ts_now_ms() < until) {
+        FILE *f = fopen(s->log_path, "r");
+        char line[2048];
+        while (f && fgets(line, sizeof line, f)) {
+            const char *p = strstr(line, "metrics on port ");
+            if (p) {
+                fclose(f);
+                return atoi(p + strlen("metrics on port "));
+            }
+        }
+        if (f) fclose(f);
+        sleep_ms(10);
+    }
+    return 0;
+}
+
+static char *http_get(int port, const char *path)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) != 0) return NULL;
+    char req[256];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n", path);
+    if (write(fd, req, (size_t)n) != n) {
+        close(fd);
+        return NULL;
+    }
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap);
+    ssize_t r;
+    while ((r = read(fd, buf + len, cap - len - 1)) > 0) {
+        len += (size_t)r;
+        if (len + 1 == cap) buf = realloc(buf, cap *= 2);
+    }
+    buf[len] = '\0';
+    close(fd);
+    return buf;
+}
+
+Test(server_ops, metrics_count_calls_and_batches)
+{
+    test_server s;
+    static const char *const args[] = {"--demo", "--metrics-listen", "127.0.0.1:0", NULL};
+    ts_start_serving(&s, args);
+    int port = metrics_port_from_log(&s);
+    cr_assert_gt(port, 0, "no metrics port in the log");
+    transport_client *c = ts_client(&s, NULL);
+    transport_call_status st;
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(search_products(c, 1, 30000, (uint64_t)i, &st), 0, "%s", st.message);
+    cr_assert_eq(search_products(c, 1, 30000, 9, &st), 0);
+    char *body = http_get(port, "/metrics");
+    cr_assert(body, "GET /metrics failed");
+    cr_assert(strstr(body, "affinity_requests_total{method=\"Search\",code=\"OK\"} 4"), "%s", body);
+    cr_assert(strstr(body, "affinity_batch_size_count"), "%s", body);
+    free(body);
+    transport_client_destroy(c);
+    cr_assert_eq(ts_stop(&s, SIGTERM, 60000), 0);
 }
