@@ -391,6 +391,14 @@ static void rpc_get_items(tcall *c, ProtobufCMessage *msg)
         return;
     }
     size_t n = r->n_ids;
+    if (r->include_vectors &&
+        (uint64_t)n * dim * sizeof(float) > (uint64_t)c->t->cfg.max_message_bytes) {
+        fail(c, AFF_EFULL,
+             "%zu vectors of dimension %u would exceed the %u-byte message limit; ask for "
+             "fewer ids per call or leave include_vectors off",
+             n, dim, c->t->cfg.max_message_bytes);
+        return;
+    }
     engine_item *found = xcalloc(n, sizeof *found);
     float *vectors = r->include_vectors ? xcalloc(n * dim, sizeof *vectors) : NULL;
     Affinity__V1__Item *items = xcalloc(n, sizeof *items);
