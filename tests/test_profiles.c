@@ -850,3 +850,97 @@ Test(profiles, acknowledged_writes_survive_sigkill, .timeout = 120)
     cr_log_info("%d batches written across 10 kills", next);
     cr_assert_gt(next, 10, "the writer made progress (%d batches)", next);
 }
+
+/* ---- restart through the engine ------------------------------------------------------------- */
+
+static int rebuild_collection(void *ctx, const store_collection *c, aff_err *err)
+{
+    engine_collection_spec spec = {.name = c->name,
+                                   .dim = c->dim,
+                                   .metric = c->metric,
+                                   .index = c->index,
+                                   .hnsw_m = c->hnsw_m,
+                                   .hnsw_ef_search = c->hnsw_ef_search};
+    return engine_create_collection(ctx, &spec, err);
+}
+
+static int rebuild_items(void *ctx, const store_collection *c, const store_item *items, size_t n,
+                         aff_err *err)
+{
+    aff_item *batch = calloc(n, sizeof *batch);
+    for (size_t i = 0; i < n; i++)
+        batch[i] = (aff_item){.id = items[i].id,
+                              .vector = items[i].vector,
+                              .dim = items[i].dim,
+                              .category = items[i].category,
+                              .tags = items[i].tags,
+                              .n_tags = items[i].n_tags,
+                              .price = items[i].price,
+                              .available = items[i].available};
+    int rc = engine_upsert(ctx, c->name, batch, n, err);
+    free(batch);
+    return rc;
+}
+
+/* Recommend for `user` the way the server will: plan, then search or popularity. */
+static uint32_t recommend(const char *user, aff_hit *hits, profiles_source *source)
+{
+    const char *excl[] = {"purchase"};
+    profiles_plan plan;
+    aff_err err = {0};
+    cr_assert_eq(profiles_plan_recommend(prof, "shop", user, excl, 1, NULL, &plan, &err), AFF_OK,
+                 "%s", err.msg);
+    uint32_t n = 0;
+    *source = plan.source;
+    if (plan.source == PROFILES_SOURCE_PROFILE) {
+        aff_query q = {.vector = plan.vector, .dim = plan.dim, .k = 8, .filter = &plan.filter};
+        cr_assert_eq(engine_search(engine, "shop", &q, 1, hits, &n, &err), AFF_OK, "%s", err.msg);
+    } else {
+        cr_assert_eq(profiles_popular(prof, "shop", 8, &plan.filter, hits, &n, &err), AFF_OK);
+    }
+    profiles_plan_release(&plan);
+    return n;
+}
+
+/* The server's restart: a new engine rebuilt from the store gives identical answers. */
+Test(profiles, restart_rebuilds_the_engine_with_identical_answers)
+{
+    aff_err err = {0};
+    engine_config ec = {.backend = ENGINE_BACKEND_CPU, .faiss = {.threads = 1}};
+    cr_assert_eq(engine_create(&engine, &ec, &err), AFF_OK, "%s", err.msg);
+    store_rebuild_ops ops = {
+        .collection = rebuild_collection, .items = rebuild_items, .ctx = engine, .batch_size = 7};
+    cr_assert_eq(store_rebuild(store, &ops, NULL, &err), AFF_OK, "%s", err.msg);
+    profiles_event e[] = {ev(1, 1, PROFILES_EVENT_PURCHASE, T0 - DAY_MS),
+                          ev(1, 4, PROFILES_EVENT_VIEW, T0), ev(2, 2, PROFILES_EVENT_CLICK, T0)};
+    put("quinn", e, 3);
+    aff_hit before[2][8], after[2][8];
+    uint32_t nb[2], na[2];
+    profiles_source sb[2], sa[2];
+    const char *users[2] = {"quinn", "stranger"};
+    for (int i = 0; i < 2; i++)
+        nb[i] = recommend(users[i], before[i], &sb[i]);
+    cr_assert_eq(sb[0], PROFILES_SOURCE_PROFILE);
+    cr_assert_eq(sb[1], PROFILES_SOURCE_POPULARITY);
+    cr_assert_eq(nb[0], 8);
+    for (uint32_t i = 0; i < nb[0]; i++)
+        cr_assert_str_neq(before[0][i].id, "books-1", "purchased");
+
+    engine_destroy(engine);
+    close_all();
+    open_all(NULL);
+    cr_assert_eq(engine_create(&engine, &ec, &err), AFF_OK, "%s", err.msg);
+    ops.ctx = engine;
+    store_rebuild_progress pr;
+    cr_assert_eq(store_rebuild(store, &ops, &pr, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(pr.items, 3 * PER_CAT);
+    for (int i = 0; i < 2; i++) {
+        na[i] = recommend(users[i], after[i], &sa[i]);
+        cr_assert_eq(sa[i], sb[i]);
+        cr_assert_eq(na[i], nb[i]);
+        for (uint32_t j = 0; j < na[i]; j++) {
+            cr_assert_str_eq(after[i][j].id, before[i][j].id, "user %s hit %u", users[i], j);
+            cr_assert_eq(after[i][j].score, before[i][j].score);
+        }
+    }
+}
