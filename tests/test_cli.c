@@ -1,20 +1,19 @@
-/* The `affinity` CLI end to end: a real affinityd on an ephemeral loopback port (--listen
- * 127.0.0.1:0, port read back from --port-file) driven by the real CLI binary; --json output is
+/* The `affinity` CLI end to end: a real affinityd on an ephemeral loopback port (started by
+ * tests/server_helpers.c) driven by the real CLI binary; --json output is
  * parsed with jsonv and checked against what the data must give. */
 #include <criterion/criterion.h>
-#include <fcntl.h>
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "jsonv.h"
+#include "server_helpers.h"
 #include "vecfile.h"
 
 #define N_ITEMS 300
@@ -23,7 +22,7 @@
 static char dir[256];
 static char addr[64];
 static char cli_flags[1024]; /* global flags every CLI run gets (TLS, token) */
-static pid_t server_pid;
+static test_server server;
 static float vecs[N_ITEMS * DIM];
 
 static const char *path_in(const char *name)
@@ -35,63 +34,24 @@ static const char *path_in(const char *name)
     return b;
 }
 
-/* Starts affinityd with the common flags plus `extra` (NULL-terminated, may be NULL). */
+/* Starts affinityd (tests/server_helpers.c) in a fresh directory that also holds this test's
+ * files, with storage so profiles work, plus `extra` flags (NULL-terminated, may be NULL). */
 static void start_server_with(const char *const *extra)
 {
     snprintf(dir, sizeof(dir), "/tmp/aff_test_cli_XXXXXX");
     cr_assert_not_null(mkdtemp(dir));
-    const char *port_file = path_in("port");
-    const char *data_dir = path_in("data"); /* profiles (events, users) need storage */
-    const char *argv[32] = {"affinityd",  "--listen",    "127.0.0.1:0", "--port-file", port_file,
-                            "--data-dir", data_dir,      "--backend",   "cpu",         "--threads",
-                            "2",          "--log-level", "warn"};
-    int argc = 13;
-    for (int i = 0; extra && extra[i] && argc < 31; i++)
-        argv[argc++] = extra[i];
-    argv[argc] = NULL;
-    const char *log_path = path_in("affinityd.log");
-    server_pid = fork();
-    cr_assert(server_pid >= 0);
-    if (server_pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGTERM); /* never outlive the test */
-        int fd = open(log_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        dup2(fd, 1);
-        dup2(fd, 2);
-        setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
-        execv(AFF_BINARY_DIR "/src/affinityd", (char *const *)argv);
-        _exit(127);
-    }
-    for (int i = 0; i < 600; i++) {
-        FILE *f = fopen(port_file, "r");
-        int port = 0;
-        if (f) {
-            if (fscanf(f, "%d", &port) != 1) port = 0;
-            fclose(f);
-        }
-        if (port > 0) {
-            snprintf(addr, sizeof(addr), "127.0.0.1:%d", port);
-            return;
-        }
-        int st;
-        cr_assert_eq(waitpid(server_pid, &st, WNOHANG), 0, "affinityd exited early");
-        usleep(50000);
-    }
-    cr_assert_fail("affinityd did not write its port in 30 s");
+    const char *args[32] = {"--data-dir", path_in("data"), "--threads", "2", "--log-level", "warn"};
+    int n = 6;
+    for (int i = 0; extra && extra[i] && n < 31; i++)
+        args[n++] = extra[i];
+    args[n] = NULL;
+    cr_assert_eq(ts_start(&server, dir, args), 0, "affinityd did not start");
+    snprintf(addr, sizeof(addr), "%s", server.target);
 }
 
 static void stop_server(void)
 {
-    if (server_pid > 0) {
-        kill(server_pid, SIGTERM);
-        int st = 0;
-        for (int i = 0; i < 400 && waitpid(server_pid, &st, WNOHANG) == 0; i++)
-            usleep(50000);
-        if (waitpid(server_pid, &st, WNOHANG) == 0) {
-            kill(server_pid, SIGKILL);
-            waitpid(server_pid, &st, 0);
-        }
-        server_pid = 0;
-    }
+    if (server.pid > 0 && ts_stop(&server, SIGTERM, 20000) != 0) ts_dump_log(&server);
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);
