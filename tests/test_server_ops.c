@@ -185,22 +185,24 @@ Test(server_ops, expired_calls_are_not_computed)
     test_server s;
     ts_start_serving(&s, demo_args);
     transport_client *c = ts_client(&s, NULL);
-    worker w[2];
+    enum { NH = 4 };
+    worker w[NH];
     memset(w, 0, sizeof w);
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < NH; i++) {
         w[i] = (worker){.c = c, .calls = 1, .nq = HEAVY_QUERIES, .seed = (uint64_t)i};
         pthread_create(&w[i].th, NULL, worker_main, &w[i]);
     }
-    /* One heavy call runs, the other waits: a small call queued now waits behind it. */
+    /* One heavy call runs, others wait (each goes alone: 1024 queries > max_batch): a small
+     * call queued now waits behind all of them. */
     cr_assert(wait_stats(c, busy_with_one_queued, 60000), "no queue formed");
     transport_call_status st;
     int code = search_products(c, 1, 100, 7, &st);
     cr_assert_eq(code, TS_DEADLINE_EXCEEDED, "%d %s", code, st.message);
     /* The server drops it when its turn comes, without computing it. */
     cr_assert(wait_stats(c, one_expired, 60000), "the expired call was not counted");
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < NH; i++)
         pthread_join(w[i].th, NULL);
-    cr_assert_eq(count_code(w, 2, 0), 2, "%s", w[0].first_error);
+    cr_assert_eq(count_code(w, NH, 0), NH, "%s", w[0].first_error);
     transport_client_destroy(c);
     cr_assert_eq(ts_stop(&s, SIGTERM, 60000), 0);
 }
@@ -438,6 +440,92 @@ Test(server_ops, metrics_count_calls_and_batches)
     cr_assert(strstr(body, "affinity_requests_total{method=\"Search\",code=\"OK\"} 4"), "%s", body);
     cr_assert(strstr(body, "affinity_batch_size_count"), "%s", body);
     free(body);
+    transport_client_destroy(c);
+    cr_assert_eq(ts_stop(&s, SIGTERM, 60000), 0);
+}
+
+Test(server_ops, restarts_itself_with_passive_openmp)
+{
+    /* OpenMP reads OMP_WAIT_POLICY once at load: affinityd re-executes itself with PASSIVE. */
+    unsetenv("OMP_WAIT_POLICY");
+    test_server s;
+    ts_start_serving(&s, NULL);
+    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/environ", (int)s.pid);
+    FILE *f = fopen(path, "r");
+    cr_assert(f);
+    char env[65536];
+    size_t n = fread(env, 1, sizeof env - 1, f);
+    fclose(f);
+    bool found = false;
+    for (size_t i = 0; i < n; i += strlen(env + i) + 1) {
+        env[n] = '\0';
+        if (strcmp(env + i, "OMP_WAIT_POLICY=PASSIVE") == 0) found = true;
+    }
+    cr_assert(found, "OMP_WAIT_POLICY=PASSIVE is not in the server's environment");
+    cr_assert_eq(ts_stop(&s, SIGTERM, 60000), 0);
+}
+
+Test(server_ops, demo_shop_is_loaded_and_clustered)
+{
+    test_server s;
+    ts_start_serving(&s, demo_args);
+    transport_client *c = ts_client(&s, NULL);
+    transport_call_status st;
+    Affinity__V1__ListCollectionsRequest lr = AFFINITY__V1__LIST_COLLECTIONS_REQUEST__INIT;
+    Affinity__V1__ListCollectionsResponse *list = NULL;
+    cr_assert_eq(ts_call(c, TRANSPORT_METHOD_LIST_COLLECTIONS, &lr,
+                         &affinity__v1__list_collections_response__descriptor, 0, &list, &st),
+                 0);
+    const char *names[] = {"banners", "categories", "offers", "products"};
+    uint64_t counts[] = {8, DEMO_CATEGORIES, 10, DEMO_PRODUCTS};
+    cr_assert_eq(list->n_collections, 4);
+    for (int i = 0; i < 4; i++) {
+        cr_assert_str_eq(list->collections[i]->name, names[i]);
+        cr_assert_eq(list->collections[i]->item_count, counts[i], "%s", names[i]);
+        cr_assert_eq(list->collections[i]->dimension, DEMO_DIM);
+    }
+    transport_client_free(&list->base);
+
+    /* Neighbours of a product are mostly from its own category. */
+    char *ids[] = {"p000123"};
+    Affinity__V1__GetItemsRequest gr = AFFINITY__V1__GET_ITEMS_REQUEST__INIT;
+    gr.collection = "products";
+    gr.n_ids = 1;
+    gr.ids = ids;
+    Affinity__V1__GetItemsResponse *item = NULL;
+    cr_assert_eq(ts_call(c, TRANSPORT_METHOD_GET_ITEMS, &gr,
+                         &affinity__v1__get_items_response__descriptor, 0, &item, &st),
+                 0);
+    cr_assert_eq(item->n_items, 1);
+    char category[64];
+    snprintf(category, sizeof category, "%s", item->items[0]->category);
+    transport_client_free(&item->base);
+    Affinity__V1__SimilarItemsRequest sr = AFFINITY__V1__SIMILAR_ITEMS_REQUEST__INIT;
+    sr.collection = "products";
+    sr.n_item_ids = 1;
+    sr.item_ids = ids;
+    sr.k = 20;
+    Affinity__V1__SimilarItemsResponse *sim = NULL;
+    cr_assert_eq(ts_call(c, TRANSPORT_METHOD_SIMILAR_ITEMS, &sr,
+                         &affinity__v1__similar_items_response__descriptor, 0, &sim, &st),
+                 0, "%s", st.message);
+    cr_assert_eq(sim->results[0]->n_hits, 20);
+    char *hit_ids[20];
+    for (int i = 0; i < 20; i++)
+        hit_ids[i] = sim->results[0]->hits[i]->id;
+    gr.n_ids = 20;
+    gr.ids = hit_ids;
+    cr_assert_eq(ts_call(c, TRANSPORT_METHOD_GET_ITEMS, &gr,
+                         &affinity__v1__get_items_response__descriptor, 0, &item, &st),
+                 0);
+    int same = 0;
+    for (size_t i = 0; i < item->n_items; i++)
+        same += strcmp(item->items[i]->category, category) == 0;
+    cr_assert_geq(same, 16, "only %d of 20 neighbours share the category %s", same, category);
+    transport_client_free(&item->base);
+    transport_client_free(&sim->base);
     transport_client_destroy(c);
     cr_assert_eq(ts_stop(&s, SIGTERM, 60000), 0);
 }
