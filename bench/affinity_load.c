@@ -38,19 +38,21 @@
 #include <unistd.h>
 
 #include "affinity/v1/affinity.pb-c.h"
+#include "grpc/health/v1/health.pb-c.h"
 #include "hdr.h"
 #include "vecfile.h"
 
 /* ---- call kinds ------------------------------------------------------------------------ */
 
-enum { K_RECOMMEND, K_SIMILAR, K_RERANK, K_SEARCH, K_EVENTS, K_COUNT };
+/* K_HEALTH (grpc.health.v1 Check) touches neither batcher nor engine: the transport alone. */
+enum { K_RECOMMEND, K_SIMILAR, K_RERANK, K_SEARCH, K_EVENTS, K_HEALTH, K_COUNT };
 
-static const char *const kind_names[K_COUNT] = {"recommend", "similar", "rerank", "search",
-                                                "events"};
+static const char *const kind_names[K_COUNT] = {"recommend", "similar", "rerank",
+                                                "search",    "events",  "health"};
 static const char *const kind_methods[K_COUNT] = {
     "/affinity.v1.Affinity/Recommend", "/affinity.v1.Affinity/SimilarItems",
-    "/affinity.v1.Affinity/Rerank", "/affinity.v1.Affinity/Search",
-    "/affinity.v1.Affinity/PutEvents"};
+    "/affinity.v1.Affinity/Rerank",    "/affinity.v1.Affinity/Search",
+    "/affinity.v1.Affinity/PutEvents", "/grpc.health.v1.Health/Check"};
 
 #define N_CODES     18 /* gRPC codes 0..16, plus "UNSENT" (open-loop arrivals never sent) */
 #define CODE_UNSENT 17
@@ -688,6 +690,12 @@ static int build_pools(load_ctx *ctx, pool_inputs *in, rng *r)
                 free(cp);
                 break;
             }
+            case K_HEALTH: {
+                Grpc__Health__V1__HealthCheckRequest m =
+                    GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+                p->msgs[j] = pack_slice(&m.base);
+                break;
+            }
             case K_EVENTS: {
                 uint32_t n = c->events_per_call;
                 Affinity__V1__Event *evs = calloc(n, sizeof(*evs));
@@ -993,7 +1001,8 @@ static void usage_run(FILE *f)
             "  --channels N             connections (default 4)\n"
             "  --threads T              completion-queue threads (default 1)\n"
             "  --mix LIST               weights, e.g. recommend=40,similar=20,rerank=10,\n"
-            "                           search=20,events=10 (the default)\n"
+            "                           search=20,events=10 (the default); health=1 calls\n"
+            "                           grpc.health.v1 Check (transport only, no engine)\n"
             "  --k K                    results per query (default 10)\n"
             "  --queries FILE           query vectors (.npy/.fvecs); default random unit vectors\n"
             "  --dim D, --items N       catalog shape (default: DescribeCollection)\n"
@@ -1118,7 +1127,7 @@ static int run_main(int argc, char **argv)
             if (parse_mix(optarg, c->mix) != 0) {
                 fprintf(stderr,
                         "affinity_load: bad --mix '%s'; kinds: recommend, similar, "
-                        "rerank, search, events with weights >= 0, e.g. search=1\n",
+                        "rerank, search, events, health with weights >= 0, e.g. search=1\n",
                         optarg);
                 return 2;
             }
