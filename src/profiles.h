@@ -133,7 +133,9 @@ typedef struct profiles_plan {
     uint32_t dim;
     float *vector; /* PROFILE: dim floats of unit length; else NULL */
     /* The request's filter with exclude_ids extended by the items the user had the
-     * requested event types with. Pass it to engine_search or profiles_popular. */
+     * requested event types with. Pass it to engine_search or profiles_popular. Its
+     * categories, tags and the request's own exclude ids stay borrowed from the request's
+     * filter: keep that alive as long as the plan. */
     aff_filter filter;
     uint32_t n_excluded; /* ids added from the user's events */
     const char **exclude_ids;
