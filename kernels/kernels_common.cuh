@@ -16,6 +16,7 @@
 #include <stdio.h>
 
 #include "affinity_kernels.h"
+#include "bitonic.cuh"
 
 /* Fills err (when not NULL) and returns code. */
 int kernels__fail(kernels_err *err, int code, const char *fmt, ...)
@@ -142,28 +143,6 @@ __device__ __forceinline__ float kernels__round(const __half *, float v)
 __device__ __forceinline__ float kernels__round(const float *, float v)
 {
     return v;
-}
-
-/* Sorts buf[0..n) (n a power of two) descending, with all threads of the block. Must be called
- * by every thread; ends with a barrier. */
-__device__ __forceinline__ void kernels__bitonic_sort_desc(unsigned long long *buf, uint32_t n)
-{
-    for (uint32_t size = 2; size <= n; size <<= 1) {
-        for (uint32_t stride = size >> 1; stride > 0; stride >>= 1) {
-            for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
-                uint32_t j = i ^ stride;
-                if (j > i) {
-                    unsigned long long a = buf[i], b = buf[j];
-                    bool desc = (i & size) == 0;
-                    if (desc ? (a < b) : (a > b)) {
-                        buf[i] = b;
-                        buf[j] = a;
-                    }
-                }
-            }
-            __syncthreads();
-        }
-    }
 }
 
 /* Sum over a block (blockDim.x a multiple of 32, ≤ 1024); result valid in every thread. */

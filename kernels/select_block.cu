@@ -87,6 +87,7 @@ __global__ void __launch_bounds__(SB_THREADS) select_block_kernel(select_args a)
         out[j] = buf[j];
 }
 
+#ifndef KERNELS_EMULATE /* tests/test_gpu_select_emul.cpp runs the kernel above on the CPU */
 int select_block_launch(const select_args *a, uint32_t k_bucket, uint32_t segments,
                         uint32_t queries, cudaStream_t stream, kernels_err *err)
 {
@@ -118,3 +119,4 @@ int select_block_launch(const select_args *a, uint32_t k_bucket, uint32_t segmen
 out:
     return rc;
 }
+#endif
