@@ -151,6 +151,15 @@ static void server_stop(server *s)
     kill(s->pid, SIGTERM);
     int status;
     waitpid(s->pid, &status, 0);
+    char path[160];
+    snprintf(path, sizeof path, "%s/port", s->dir);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/affinityd.log", s->dir);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        unlink(path);
+    else
+        fprintf(stderr, "affinityd exited with status %d; log kept in %s\n", status, path);
+    rmdir(s->dir);
 }
 
 static void check(int rc, const transport_call_status *st, const char *what)

@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -188,6 +189,18 @@ void ts_start_serving(test_server *s, const char *const *args)
     }
 }
 
+/* Removes the server's files (kept when a test fails, for its log). */
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    return remove(path);
+}
+
+void ts_remove_dir(const test_server *s)
+{
+    if (strncmp(s->dir, "/tmp/affinity-e2e-", 18) == 0)
+        nftw(s->dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+}
+
 int ts_stop(test_server *s, int sig, int timeout_ms)
 {
     if (s->pid <= 0) return -1;
@@ -206,8 +219,9 @@ int ts_stop(test_server *s, int sig, int timeout_ms)
         sleep_ms(10);
     }
     s->pid = 0;
-    if (WIFEXITED(status)) return WEXITSTATUS(status);
-    return 128 + WTERMSIG(status);
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (code == 0) ts_remove_dir(s);
+    return code;
 }
 
 void ts_create_collection(transport_client *c, const char *name, uint32_t dim,

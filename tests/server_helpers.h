@@ -47,8 +47,11 @@ bool ts_wait_serving(test_server *s, const char *tls_root);
 /* Starts and waits for SERVING; asserts on failure. */
 void ts_start_serving(test_server *s, const char *const *args);
 /* Sends sig and waits up to timeout_ms for the exit; returns the exit status (0..255),
- * 128 + signal when killed by one, -1 on timeout (then the server is killed). */
+ * 128 + signal when killed by one, -1 on timeout (then the server is killed). A clean exit
+ * (0) removes the server's directory; otherwise it stays for the log. */
 int ts_stop(test_server *s, int sig, int timeout_ms);
+/* Deletes the server's temporary directory (ts_stop does so after a clean exit). */
+void ts_remove_dir(const test_server *s);
 /* Prints the server log to stderr (for failed tests). */
 void ts_dump_log(const test_server *s);
 

@@ -344,6 +344,7 @@ Test(server_ops, a_taken_port_is_an_error)
     buf[n] = '\0';
     fclose(f);
     cr_assert(strstr(buf, "cannot listen"), "%s", buf);
+    ts_remove_dir(&b);
     cr_assert_eq(ts_stop(&a, SIGTERM, 60000), 0);
 }
 
@@ -359,6 +360,7 @@ Test(server_ops, bad_flags_fail_with_a_clear_message)
     buf[n] = '\0';
     fclose(f);
     cr_assert(strstr(buf, "--max-batch") && strstr(buf, "1..65536"), "%s", buf);
+    ts_remove_dir(&s);
 }
 
 Test(server_ops, configuration_comes_from_the_environment)
