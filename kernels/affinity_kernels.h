@@ -105,7 +105,8 @@ uint32_t kernels_table_capacity(const kernels_table *t);
 uint32_t kernels_table_dim(const kernels_table *t);
 /* Device bytes held by the table (rows at capacity, columns, write staging). */
 uint64_t kernels_table_bytes(const kernels_table *t);
-/* Device bytes one row occupies at capacity (vector padding, norm and attribute columns). */
+/* Device bytes one row occupies at capacity: padded vector, norm and attribute columns; a
+ * table whose rows carry tags adds 4 × KERNELS_MAX_TAGS bytes a row for the tag column. */
 uint64_t kernels_table_row_bytes(uint32_t dim, kernels_storage storage);
 /* Grows capacity to `capacity` rows (no-op when already that large), copying the live rows
  * device to device. On failure the table is unchanged; out of memory is AFF_ENOMEM with the

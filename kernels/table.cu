@@ -5,7 +5,7 @@
  * 16-byte boundary; padding is zero so GEMMs over dpad are exact), in fp16 (default) or fp32;
  * per row the squared norm of the stored (rounded) vector for L2 scoring, and the attribute
  * columns filters read: category, price, flags (available bit, tag count), tag bloom word and
- * up to 16 tag ids.
+ * up to 16 tag ids (a column allocated only once some row has tags).
  *
  * Updates are incremental, never a re-upload: a write scatters only the given rows (converted
  * and normed on the device); appends write past count; capacity grows by device-to-device
@@ -34,8 +34,7 @@ static size_t align16(size_t x)
 uint64_t kernels_table_row_bytes(uint32_t dim, kernels_storage storage)
 {
     return (uint64_t)kernels_padded_dim(dim, storage) * kernels__elem_bytes(storage) +
-           4 /* norm */ + 4 /* category */ + 4 /* price */ + 4 /* flags */ + 8 /* bloom */ +
-           4 * KERNELS_MAX_TAGS;
+           4 /* norm */ + 4 /* category */ + 4 /* price */ + 4 /* flags */ + 8 /* bloom */;
 }
 
 /* The column arrays of one capacity, allocated or freed together. */
@@ -58,7 +57,7 @@ static void table_cols_free(table_cols *c)
 }
 
 static int table_cols_alloc(table_cols *c, uint32_t dpad, kernels_storage storage, uint32_t cap,
-                            kernels_err *err)
+                            bool with_tags, kernels_err *err)
 {
     int rc = 0;
     size_t n = cap ? cap : 1;
@@ -72,10 +71,11 @@ static int table_cols_alloc(table_cols *c, uint32_t dpad, kernels_storage storag
         {(void **)&c->price, n * 4},
         {(void **)&c->flags, n * 4},
         {(void **)&c->bloom, n * 8},
-        {(void **)&c->tags, n * 4 * KERNELS_MAX_TAGS},
+        {(void **)&c->tags, with_tags ? n * 4 * KERNELS_MAX_TAGS : 0},
     };
     memset(c, 0, sizeof *c);
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
+        if (parts[i].bytes == 0) continue;
         cudaError_t e = cudaMalloc(parts[i].p, parts[i].bytes);
         if (e != cudaSuccess) {
             size_t free_b = 0, total_b = 0;
@@ -87,8 +87,9 @@ static int table_cols_alloc(table_cols *c, uint32_t dpad, kernels_storage storag
                 "device memory: a table of %u rows × %u columns needs %llu bytes, "
                 "%zu bytes free (%s)",
                 cap, dpad,
-                (unsigned long long)((uint64_t)n * kernels_table_row_bytes(dpad, storage)), free_b,
-                cudaGetErrorString(e));
+                (unsigned long long)((uint64_t)n * (kernels_table_row_bytes(dpad, storage) +
+                                                    (with_tags ? 4 * KERNELS_MAX_TAGS : 0))),
+                free_b, cudaGetErrorString(e));
             table_cols_free(c);
             return rc;
         }
@@ -150,7 +151,7 @@ int kernels_table_create(kernels_table **out, kernels_device *d, uint32_t dim,
     t->dpad = kernels_padded_dim(dim, storage);
     KCUDA(err, cudaSetDevice(d->ordinal));
     KCUDA(err, cudaStreamCreateWithFlags(&t->stream, cudaStreamNonBlocking));
-    if ((rc = table_cols_alloc(&c, t->dpad, storage, capacity, err))) goto out;
+    if ((rc = table_cols_alloc(&c, t->dpad, storage, capacity, false, err))) goto out;
     table_cols_set(t, &c);
     t->capacity = capacity;
     *out = t;
@@ -191,8 +192,9 @@ uint32_t kernels_table_dim(const kernels_table *t)
 uint64_t kernels_table_bytes(const kernels_table *t)
 {
     if (!t) return 0;
-    return (uint64_t)(t->capacity ? t->capacity : 1) * kernels_table_row_bytes(t->dim, t->storage) +
-           t->staging_bytes;
+    uint64_t rows = t->capacity ? t->capacity : 1;
+    return rows * kernels_table_row_bytes(t->dim, t->storage) +
+           (t->tags ? rows * 4 * KERNELS_MAX_TAGS : 0) + t->staging_bytes;
 }
 
 int kernels_table_reserve(kernels_table *t, uint32_t capacity, kernels_err *err)
@@ -205,7 +207,7 @@ int kernels_table_reserve(kernels_table *t, uint32_t capacity, kernels_err *err)
         return kernels__fail(err, AFF_EFULL, "table: %u rows requested, at most %u", capacity,
                              KERNELS_MAX_ROWS);
     KCUDA(err, cudaSetDevice(t->dev->ordinal));
-    if ((rc = table_cols_alloc(&nc, t->dpad, t->storage, capacity, err))) goto out;
+    if ((rc = table_cols_alloc(&nc, t->dpad, t->storage, capacity, t->tags != NULL, err))) goto out;
     if (t->count) {
         size_t n = t->count;
         cudaStream_t s = t->stream;
@@ -217,8 +219,9 @@ int kernels_table_reserve(kernels_table *t, uint32_t capacity, kernels_err *err)
         KCUDA(err, cudaMemcpyAsync(nc.price, t->price, n * 4, cudaMemcpyDeviceToDevice, s));
         KCUDA(err, cudaMemcpyAsync(nc.flags, t->flags, n * 4, cudaMemcpyDeviceToDevice, s));
         KCUDA(err, cudaMemcpyAsync(nc.bloom, t->bloom, n * 8, cudaMemcpyDeviceToDevice, s));
-        KCUDA(err, cudaMemcpyAsync(nc.tags, t->tags, n * 4 * KERNELS_MAX_TAGS,
-                                   cudaMemcpyDeviceToDevice, s));
+        if (t->tags)
+            KCUDA(err, cudaMemcpyAsync(nc.tags, t->tags, n * 4 * KERNELS_MAX_TAGS,
+                                       cudaMemcpyDeviceToDevice, s));
         KCUDA(err, cudaStreamSynchronize(s));
     }
     oc = table_cols_of(t);
@@ -248,7 +251,7 @@ __global__ void table_write_rows(T *x, uint32_t dim, uint32_t dpad, float *norms
         acc += r * r;
     }
     float sum = kernels__block_sum(acc, red);
-    uint32_t nt = attrs ? min(attrs[i].n_tags, KERNELS_MAX_TAGS) : 0;
+    uint32_t nt = attrs && tags ? min(attrs[i].n_tags, KERNELS_MAX_TAGS) : 0;
     if (threadIdx.x == 0) {
         norms[row] = sum;
         category[row] = attrs ? attrs[i].category : 0;
@@ -256,7 +259,7 @@ __global__ void table_write_rows(T *x, uint32_t dim, uint32_t dpad, float *norms
         flags[row] = (attrs ? (attrs[i].available ? 1u : 0u) : 1u) | (nt << 8);
         bloom[row] = attrs ? attrs[i].tag_bloom : 0ull;
     }
-    for (uint32_t k = threadIdx.x; k < KERNELS_MAX_TAGS; k += blockDim.x)
+    for (uint32_t k = threadIdx.x; tags && k < KERNELS_MAX_TAGS; k += blockDim.x)
         tags[(size_t)row * KERNELS_MAX_TAGS + k] = k < nt ? attrs[i].tags[k] : 0u;
 }
 
@@ -275,6 +278,25 @@ int kernels_table_write(kernels_table *t, const uint32_t *rows, uint32_t n, cons
     uint32_t chunk = (uint32_t)(TABLE_STAGING_MAX / per_row);
     if (chunk == 0) chunk = 1;
     KCUDA(err, cudaSetDevice(t->dev->ordinal));
+    if (attrs && !t->tags) {
+        /* The tag column appears with the first tagged row (64 bytes a row). */
+        bool any = false;
+        for (uint32_t i = 0; i < n && !any; i++)
+            any = attrs[i].n_tags > 0;
+        if (any) {
+            size_t tb = (size_t)(t->capacity ? t->capacity : 1) * 4 * KERNELS_MAX_TAGS;
+            cudaError_t e = cudaMalloc((void **)&t->tags, tb);
+            if (e != cudaSuccess) {
+                (void)cudaGetLastError();
+                t->tags = NULL;
+                rc = kernels__fail(err, e == cudaErrorMemoryAllocation ? AFF_ENOMEM : AFF_EDEVICE,
+                                   "device memory: the tag column of %u rows needs %zu bytes (%s)",
+                                   t->capacity, tb, cudaGetErrorString(e));
+                goto out;
+            }
+            KCUDA(err, cudaMemsetAsync(t->tags, 0, tb, t->stream));
+        }
+    }
     for (uint32_t i0 = 0; i0 < n; i0 += chunk) {
         uint32_t m = n - i0 < chunk ? n - i0 : chunk;
         size_t vec_b = (size_t)m * t->dim * 4;
@@ -325,7 +347,7 @@ __global__ void table_move_rows(T *x, uint32_t dpad, float *norms, uint32_t *cat
         flags[d] = flags[s];
         bloom[d] = bloom[s];
     }
-    for (uint32_t k = threadIdx.x; k < KERNELS_MAX_TAGS; k += blockDim.x)
+    for (uint32_t k = threadIdx.x; tags && k < KERNELS_MAX_TAGS; k += blockDim.x)
         tags[(size_t)d * KERNELS_MAX_TAGS + k] = tags[(size_t)s * KERNELS_MAX_TAGS + k];
 }
 
@@ -455,8 +477,9 @@ int kernels_table_fill_random(kernels_table *t, uint32_t n, uint64_t seed, kerne
     KCUDA(err, cudaMemsetAsync(t->category + r0, 0, (size_t)n * 4, t->stream));
     KCUDA(err, cudaMemsetAsync(t->price + r0, 0, (size_t)n * 4, t->stream));
     KCUDA(err, cudaMemsetAsync(t->bloom + r0, 0, (size_t)n * 8, t->stream));
-    KCUDA(err, cudaMemsetAsync(t->tags + (size_t)r0 * KERNELS_MAX_TAGS, 0,
-                               (size_t)n * 4 * KERNELS_MAX_TAGS, t->stream));
+    if (t->tags)
+        KCUDA(err, cudaMemsetAsync(t->tags + (size_t)r0 * KERNELS_MAX_TAGS, 0,
+                                   (size_t)n * 4 * KERNELS_MAX_TAGS, t->stream));
     if (t->storage == KERNELS_STORAGE_FP16) {
         table_fill_values<__half>
             <<<4096, 256, 0, t->stream>>>((__half *)t->vectors, t->dim, t->dpad, r0, n, seed);
