@@ -663,6 +663,11 @@ static void rpc_search(tcall *c, ProtobufCMessage *msg)
     st->what = "query";
     for (size_t i = 0; i < nq; i++) {
         const Affinity__V1__Query *q = r->queries[i];
+        if (q->n_vector == 0) {
+            fail(c, AFF_EINVAL, "query %zu has no vector; Search needs %u values per query", i,
+                 dim);
+            return;
+        }
         filter_from_pb(q->filter ? q->filter : r->filter, &st->filters[i]);
         st->queries[i] = (aff_query){.vector = q->vector,
                                      .dim = (uint32_t)q->n_vector,
@@ -739,6 +744,8 @@ static int recommend_prepare(transport *t, const Affinity__V1__RecommendRequest 
                          "none (use filter.exclude_ids instead)");
     if (r->k < 1 || r->k > AFF_MAX_K)
         return aff__fail(err, AFF_EINVAL, "k = %u is out of range 1..%d", r->k, AFF_MAX_K);
+    if (r->user_vector->n_values == 0)
+        return aff__fail(err, AFF_EINVAL, "user_vector is empty; it needs %u values", dim);
     filter_from_pb(r->filter, f);
     *q = (aff_query){.vector = r->user_vector->values,
                      .dim = (uint32_t)r->user_vector->n_values,

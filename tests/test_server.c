@@ -611,6 +611,8 @@ Test(server, every_error_has_its_status_code, .init = start_with_catalog, .fini 
     /* INVALID_ARGUMENT: dimension */
     cr_assert_eq(search_status("shop", v, DIM - 1, 5, NULL, &st), 3, "%s", st.message);
     cr_assert(strstr(st.message, "dimension is 16"), "%s", st.message);
+    cr_assert_eq(search_status("shop", NULL, 0, 5, NULL, &st), 3);
+    cr_assert(strstr(st.message, "no vector"), "%s", st.message);
     /* NaN */
     float nan_v[DIM] = {0};
     nan_v[3] = NAN;
