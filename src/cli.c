@@ -535,8 +535,10 @@ static void progress(uint64_t done, uint64_t total, double secs, bool final)
     fflush(stderr);
 }
 
-/* Creates the collection when it does not exist (with --create). */
-static int ensure_collection(cli *c, const char *name, uint32_t dim, Affinity__V1__Metric metric)
+/* Checks that the collection exists with the file's dimension, creating it when missing and
+ * `create` is set, so a mismatch fails before any item is sent. */
+static int prepare_collection(cli *c, const char *name, uint32_t dim, Affinity__V1__Metric metric,
+                              bool create, const char *vec_path)
 {
     int rc = connect_client(c);
     if (rc) return rc;
@@ -547,10 +549,23 @@ static int ensure_collection(cli *c, const char *name, uint32_t dim, Affinity__V
     rc = transport_client_unary(c->client, TRANSPORT_METHOD_DESCRIBE_COLLECTION, &dreq.base,
                                 &affinity__v1__collection_info__descriptor, 0, &resp, &st);
     if (rc == 0) {
+        uint32_t have = ((Affinity__V1__CollectionInfo *)resp)->dimension;
         transport_client_free(resp);
+        if (have != dim) {
+            fprintf(stderr,
+                    "affinity: %s has vectors of dimension %u but collection %s has "
+                    "dimension %u\n",
+                    vec_path, dim, name, have);
+            return EXIT_USAGE;
+        }
         return 0;
     }
-    if (st.code != 5) return report_rpc_error(c, "DescribeCollection", rc, &st);
+    if (st.code != 5 || !create) {
+        if (st.code == 5)
+            snprintf(st.message, sizeof(st.message),
+                     "collection \"%s\" does not exist; add --create to create it", name);
+        return report_rpc_error(c, "DescribeCollection", rc, &st);
+    }
     Affinity__V1__CreateCollectionRequest req = AFFINITY__V1__CREATE_COLLECTION_REQUEST__INIT;
     req.name = (char *)name;
     req.dimension = dim;
@@ -657,7 +672,7 @@ static int cmd_load(cli *c, int argc, char **argv)
         rc = EXIT_USAGE;
         goto out;
     }
-    if (create && (rc = ensure_collection(c, collection, dim, metric))) goto out;
+    if ((rc = prepare_collection(c, collection, dim, metric, create, vec_path))) goto out;
     if ((rc = connect_client(c))) goto out;
     /* A bulk load may take long: the stream gets an hour unless --timeout-ms says more. */
     uint32_t stream_ms = c->opts.timeout_ms > 3600000 ? c->opts.timeout_ms : 3600000;

@@ -317,6 +317,23 @@ Test(cli, health_info_and_errors)
                         path_in("short.csv"));
     cr_assert_eq(status, 2);
     free(out);
+    /* A missing collection without --create, and a dimension mismatch, fail before sending. */
+    char args[1024];
+    snprintf(args, sizeof(args), "load nope --vectors %s --attrs %s", path_in("items.npy"),
+             path_in("items.csv"));
+    v = cli_json(1, args);
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "NOT_FOUND");
+    cr_assert(strstr(str(jsonv_get(v, "error"), "message"), "--create"));
+    jsonv_free(v);
+    v = cli_json(0, "collections create four --dim 4");
+    jsonv_free(v);
+    out = run_cli(&status, "load four --vectors %s --attrs %s", path_in("items.npy"),
+                  path_in("items.csv"));
+    cr_assert_eq(status, 2);
+    free(out);
+    v = cli_json(0, "collections describe four");
+    cr_assert_eq(num(v, "item_count"), 0);
+    jsonv_free(v);
     out = run_cli(&status, "frobnicate");
     cr_assert_eq(status, 2);
     free(out);
