@@ -413,29 +413,35 @@ static void *worker_main(void *arg)
 {
     worker *w = arg;
     load_ctx *ctx = w->ctx;
-    bool stopping = false;
-    int64_t drain_limit = ctx->t_end + (int64_t)ctx->cfg.timeout_ms * 1000000 + 2000000000;
+    const int64_t timeout_ns = (int64_t)ctx->cfg.timeout_ms * 1000000;
+    /* Open loop: arrivals intended before t_end are still sent after it, for up to one call
+     * timeout; whatever is left then counts as unsent. Every call has a deadline, so all are
+     * done by drain_limit. */
+    const int64_t send_limit = ctx->t_end + timeout_ns;
+    const int64_t drain_limit = send_limit + timeout_ns + 2000000000;
     for (;;) {
         int64_t now = now_ns();
-        if (!stopping && now >= ctx->t_end) stopping = true;
-        if (!stopping) {
-            if (ctx->cfg.open_loop) {
-                while (w->next_arrival <= now && w->next_arrival < ctx->t_end) {
-                    backlog_push(w, w->next_arrival);
-                    w->next_arrival += (int64_t)(-log(1.0 - rng_unit(&w->rng)) / w->rate * 1e9);
-                }
+        if (ctx->cfg.open_loop) {
+            while (w->next_arrival <= now && w->next_arrival < ctx->t_end) {
+                backlog_push(w, w->next_arrival);
+                w->next_arrival += (int64_t)(-log(1.0 - rng_unit(&w->rng)) / w->rate * 1e9);
+            }
+            if (now < send_limit)
                 while (w->backlog_len > 0 && w->n_free > 0)
                     if (!worker_issue(w, backlog_pop(w))) break;
-            } else {
-                while (w->n_free > 0)
-                    if (!worker_issue(w, now)) break;
-            }
+        } else if (now < ctx->t_end) {
+            while (w->n_free > 0)
+                if (!worker_issue(w, now)) break;
         }
-        if (stopping && w->n_free == w->n_slots) break;
+        bool sending_done =
+            now >= ctx->t_end && (!ctx->cfg.open_loop || w->backlog_len == 0 || now >= send_limit);
+        if (sending_done && w->n_free == w->n_slots) break;
         if (now > drain_limit) break;
         int64_t wake = now + 50000000;
-        if (!stopping && ctx->cfg.open_loop && w->next_arrival < wake) wake = w->next_arrival;
-        if (!stopping && wake > ctx->t_end) wake = ctx->t_end;
+        if (now < ctx->t_end) {
+            if (ctx->cfg.open_loop && w->next_arrival < wake) wake = w->next_arrival;
+            if (wake > ctx->t_end) wake = ctx->t_end;
+        }
         int64_t wait = wake - now;
         if (wait < 0) wait = 0;
         grpc_event ev = grpc_completion_queue_next(w->cq, deadline_in_ns(wait), NULL);
@@ -1228,7 +1234,7 @@ static int run_main(int argc, char **argv)
     grpc_channel_credentials *creds = NULL;
 
     /* A hard bound on the process's lifetime, whatever the server does. */
-    alarm((unsigned)(c->warmup_s + c->duration_s + c->timeout_ms / 1000.0 + 60));
+    alarm((unsigned)(c->warmup_s + c->duration_s + 2 * (c->timeout_ms / 1000.0) + 60));
 
     grpc_init();
     if (c->token_file) {
