@@ -89,7 +89,7 @@ static double ref_score(const float *q, const float *x, uint32_t dim, bool l2, b
         qq += (double)q[d] * q[d];
     }
     *bound = (dim + 4) * ldexp(1.0, -21) * (2 * ad + xx + qq) + 1e-6;
-    if (fp16) *bound += 1.01 * ldexp(1.0, -10) * (2 * ad + xx);
+    if (fp16) *bound += 1.01 * ldexp(1.0, -10) * (2 * ad + xx) + dim * ldexp(1.0, -22);
     return l2 ? 2 * dot - xx - qq : dot;
 }
 
