@@ -17,12 +17,12 @@ set arrow 1 from graph 0, first bound to graph 1, first bound nohead dt 2 lw 2 l
 set label 1 sprintf("p99 bound %g ms", bound) at graph 0.02, first bound*1.15 tc rgb "red"
 b = dir."/load-sweep-batched.tsv"
 u = dir."/load-sweep-unbatched.tsv"
-plot b using 6:7 with linespoints lw 2 pt 7 lc rgb "#1f77b4" title "batching on: p50", \
-     b using 6:9 with linespoints lw 2 pt 5 lc rgb "#1f77b4" dt 2 title "batching on: p99", \
-     b using 6:10 with linespoints lw 1 pt 4 lc rgb "#1f77b4" dt 3 title "batching on: p99.9", \
-     u using 6:7 with linespoints lw 2 pt 7 lc rgb "#ff7f0e" title "max_batch=1: p50", \
-     u using 6:9 with linespoints lw 2 pt 5 lc rgb "#ff7f0e" dt 2 title "max_batch=1: p99", \
-     u using 6:10 with linespoints lw 1 pt 4 lc rgb "#ff7f0e" dt 3 title "max_batch=1: p99.9"
+plot b using 6:7 smooth unique with linespoints lw 2 pt 7 lc rgb "#1f77b4" title "batching on: p50", \
+     b using 6:9 smooth unique with linespoints lw 2 pt 5 lc rgb "#1f77b4" dt 2 title "batching on: p99", \
+     b using 6:10 smooth unique with linespoints lw 1 pt 4 lc rgb "#1f77b4" dt 3 title "batching on: p99.9", \
+     u using 6:7 smooth unique with linespoints lw 2 pt 7 lc rgb "#ff7f0e" title "max_batch=1: p50", \
+     u using 6:9 smooth unique with linespoints lw 2 pt 5 lc rgb "#ff7f0e" dt 2 title "max_batch=1: p99", \
+     u using 6:10 smooth unique with linespoints lw 1 pt 4 lc rgb "#ff7f0e" dt 3 title "max_batch=1: p99.9"
 
 set output dir."/load-batch.png"
 set title "Server batch size vs load (GetServerInfo batch_stats)\n".title_extra
@@ -30,5 +30,5 @@ set ylabel "mean requests per engine batch"
 unset logscale y
 unset arrow 1
 unset label 1
-plot b using 6:13 with linespoints lw 2 pt 7 lc rgb "#1f77b4" title "batching on", \
-     u using 6:13 with linespoints lw 2 pt 7 lc rgb "#ff7f0e" title "max_batch=1"
+plot b using 6:13 smooth unique with linespoints lw 2 pt 7 lc rgb "#1f77b4" title "batching on", \
+     u using 6:13 smooth unique with linespoints lw 2 pt 7 lc rgb "#ff7f0e" title "max_batch=1"
