@@ -6,18 +6,20 @@
  * range, best first, padded with the sentinel 0), for the larger k buckets 512, 1024, 2048.
  *
  * How: keys are unique 64-bit integers (score bits, then ~row), so the k-th largest key is a
- * single value t and the answer is exactly the keys ≥ t. Pass p builds a 256-bin histogram of
- * byte p (most significant first) over the keys that share the bytes chosen so far, and a block
- * scan from the top bin picks the bin holding the k-th key. The search stops as soon as the
- * chosen bin holds exactly the keys still needed: usually after 3–4 passes on real scores, at
- * most 8 (many equal scores). Pass 0 also counts the candidates; when there are no more than k,
- * all are taken. A last pass gathers the keys ≥ t into shared memory (at most 2048 × 8 bytes)
- * and a bitonic sort orders them.
+ * single value t and the answer is exactly the keys ≥ t. A first pass over the block's range
+ * evaluates every candidate once (score transform, prior bound, filter), histograms its top
+ * byte and copies the surviving keys into shared memory while they fit (3072 keys). Pass p then
+ * builds a 256-bin histogram of byte p (most significant first) over the keys that share the
+ * bytes chosen so far, and a block scan from the top bin picks the bin holding the k-th key; the
+ * search stops as soon as that bin holds exactly the keys still needed — usually after 3–4
+ * passes on real scores, at most 8 (many equal scores). With no more than k candidates all are
+ * taken. A last pass gathers the keys ≥ t (at most 2048) and a bitonic sort orders them.
  *
- * Memory traffic: the candidate range is read once per pass plus once to gather (4 bytes per
- * implicit score, 8 per explicit key, mostly from L2); the filter and norms are evaluated on
- * every pass — the price of not storing the filtered scores. k keys written per block.
- * Limits: k ≤ 2048 (shared memory); candidates per block < 2^32.
+ * Memory traffic: when the survivors fit in shared memory — the common case once the prior
+ * bound (the k-th best of the earlier tiles) has risen, since then only the running best and a
+ * few new rows survive — the range is read from global memory (mostly L2) once. Otherwise every
+ * pass re-reads it and re-evaluates filter and norms. k keys written per block. Limits:
+ * k ≤ 2048; about 42 KiB of shared memory for k = 2048; candidates per block < 2^32.
  */
 #ifndef KERNELS_EMULATE
 #include <cub/block/block_scan.cuh>
@@ -27,59 +29,81 @@
 
 #define SR_THREADS 256u
 
+/* Survivors kept in shared memory for the passes after the first. */
+#define SR_CAND 3072u
+
 template <uint32_t K>
 __global__ void __launch_bounds__(SR_THREADS) select_radix_kernel(select_args a)
 {
     typedef cub::BlockScan<uint32_t, SR_THREADS> block_scan;
     __shared__ typename block_scan::TempStorage scan_tmp;
     __shared__ unsigned long long buf[K];
+    __shared__ unsigned long long cand[SR_CAND];
     __shared__ uint32_t hist[256];
-    __shared__ uint32_t s_total, s_sel, s_remaining, s_bin, s_count;
+    __shared__ uint32_t s_ncand, s_sel, s_remaining, s_bin, s_count;
 
     const uint32_t b = blockIdx.y, s = blockIdx.x;
     const select_range r = select_block_range(a, s);
     const unsigned long long prior = select_prior(a, b);
     const uint32_t total = r.n_expl + r.n_impl;
 
+    /* First pass: every candidate evaluated once; top-byte histogram; survivors to shared. */
+    hist[threadIdx.x] = 0;
+    if (threadIdx.x == 0) s_ncand = 0;
+    __syncthreads();
+    for (uint32_t idx = threadIdx.x; idx < total; idx += SR_THREADS) {
+        unsigned long long c = select_load(a, b, r, idx, 0ull, prior);
+        if (c) {
+            atomicAdd(&hist[(uint32_t)(c >> 56)], 1u);
+            uint32_t pos = atomicAdd(&s_ncand, 1u);
+            if (pos < SR_CAND) cand[pos] = c;
+        }
+    }
+    __syncthreads();
+    const uint32_t n_valid = s_ncand;
+    const bool in_shared = n_valid <= SR_CAND;
+    const uint32_t m = in_shared ? n_valid : total;
+
     uint32_t remaining = a.k;
-    unsigned long long prefix = 0ull, mask = 0ull, thresh = 1ull;
-    for (uint32_t pass = 0; pass < 8; pass++) {
-        const uint32_t shift = 56u - 8u * pass;
-        hist[threadIdx.x] = 0;
-        __syncthreads();
-        for (uint32_t idx = threadIdx.x; idx < total; idx += SR_THREADS) {
-            unsigned long long c = select_load(a, b, r, idx, 0ull, prior);
-            if (c && (c & mask) == prefix) atomicAdd(&hist[(uint32_t)(c >> shift) & 0xFFu], 1u);
+    unsigned long long prefix = 0ull, mask = 0ull, thresh = 1ull; /* 1: every candidate */
+    if (n_valid > a.k) {
+        for (uint32_t pass = 0; pass < 8; pass++) {
+            const uint32_t shift = 56u - 8u * pass;
+            if (pass > 0) {
+                hist[threadIdx.x] = 0;
+                __syncthreads();
+                for (uint32_t i = threadIdx.x; i < m; i += SR_THREADS) {
+                    unsigned long long c =
+                        in_shared ? cand[i] : select_load(a, b, r, i, 0ull, prior);
+                    if (c && (c & mask) == prefix)
+                        atomicAdd(&hist[(uint32_t)(c >> shift) & 0xFFu], 1u);
+                }
+                __syncthreads();
+            }
+            uint32_t v = hist[255u - threadIdx.x], cum;
+            block_scan(scan_tmp).InclusiveSum(v, cum);
+            if (v > 0 && cum >= remaining && cum - v < remaining) {
+                s_sel = 255u - threadIdx.x;
+                s_remaining = remaining - (cum - v);
+                s_bin = v;
+            }
+            __syncthreads();
+            prefix |= (unsigned long long)s_sel << shift;
+            mask |= 0xFFull << shift;
+            remaining = s_remaining;
+            bool done = s_bin == remaining;
+            __syncthreads(); /* everyone has read s_* and hist before they are rewritten */
+            thresh = prefix;
+            if (done) break;
         }
-        __syncthreads();
-        uint32_t v = hist[255u - threadIdx.x], cum;
-        block_scan(scan_tmp).InclusiveSum(v, cum);
-        if (threadIdx.x == SR_THREADS - 1) s_total = cum;
-        if (v > 0 && cum >= remaining && cum - v < remaining) {
-            s_sel = 255u - threadIdx.x;
-            s_remaining = remaining - (cum - v);
-            s_bin = v;
-        }
-        __syncthreads();
-        if (pass == 0 && s_total <= a.k) {
-            thresh = 1ull; /* every candidate */
-            break;
-        }
-        prefix |= (unsigned long long)s_sel << shift;
-        mask |= 0xFFull << shift;
-        remaining = s_remaining;
-        bool done = s_bin == remaining;
-        __syncthreads(); /* everyone has read s_* before the next pass rewrites them */
-        thresh = prefix;
-        if (done) break;
     }
 
     for (uint32_t i = threadIdx.x; i < K; i += SR_THREADS)
         buf[i] = 0ull;
     if (threadIdx.x == 0) s_count = 0;
     __syncthreads();
-    for (uint32_t idx = threadIdx.x; idx < total; idx += SR_THREADS) {
-        unsigned long long c = select_load(a, b, r, idx, 0ull, prior);
+    for (uint32_t i = threadIdx.x; i < m; i += SR_THREADS) {
+        unsigned long long c = in_shared ? cand[i] : select_load(a, b, r, i, 0ull, prior);
         if (c && c >= thresh) {
             uint32_t pos = atomicAdd(&s_count, 1u);
             if (pos < K) buf[pos] = c;

@@ -386,6 +386,12 @@ Test(gpu_select_emul, radix_select_matches_a_sort)
         }
         merge_case(kb, kb / 2 + 1 + rng() % (kb / 2), rng() % 12000 + 1, 4096);
     }
+    /* Survivors that fit in shared memory, and a range that does not (passes re-read it). */
+    tile_case(1024, 700, 2500, 4096, ORDER_RANDOM, false, false, true);
+    tile_case(1024, 700, 20000, 32768, ORDER_RANDOM, true, false, false);
+    merge_case(512, 300, 9000, 9000);
+    tile_case(2048, 1500, 3072, 4096, ORDER_RANDOM, false, false, false); /* exactly fits */
+    tile_case(2048, 1500, 3073, 4096, ORDER_RANDOM, false, false, false); /* one too many */
     /* All scores equal: the radix passes run into the row bits. */
     tile_case(512, 300, 3000, 4096, ORDER_TIES, false, false, false);
     tile_case(2048, 2048, 2047, 4096, ORDER_RANDOM, true, false, false);
