@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -45,6 +46,33 @@ static double now_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* CPU seconds (user + system) used so far by this process. */
+static double self_cpu_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec * 1e-6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec * 1e-6;
+}
+
+/* CPU seconds used so far by process pid (from /proc/pid/stat), 0 when unreadable. */
+static double proc_cpu_s(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *p = strrchr(buf, ')');
+    unsigned long utime = 0, stime = 0;
+    if (!p ||
+        sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime) != 2)
+        return 0;
+    return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
 }
 
 static uint64_t rng_next(uint64_t *s)
@@ -68,7 +96,10 @@ static int cmp_double(const void *a, const void *b)
 
 /* ---- raw FAISS ------------------------------------------------------------------------- */
 
-static double faiss_qps(const float *xb, int n, int d, int k, int batch, double seconds)
+/* Queries per second of raw FAISS at one batch size; *cpu_ms_per_query gets the CPU time
+ * (all threads) per query. */
+static double faiss_qps(const float *xb, int n, int d, int k, int batch, double seconds,
+                        double *cpu_ms_per_query)
 {
     FaissIndexFlatIP *idx = NULL;
     if (faiss_IndexFlatIP_new_with(&idx, d) || faiss_Index_add(idx, n, xb)) {
@@ -83,6 +114,7 @@ static double faiss_qps(const float *xb, int n, int d, int k, int batch, double 
         q[i] = rng_f(&seed);
     faiss_Index_search(idx, batch, q, k, dist, labels); /* warm-up */
     long queries = 0;
+    double c0 = self_cpu_s();
     double t0 = now_s(), t;
     do {
         faiss_Index_search(idx, batch, q, k, dist, labels);
@@ -93,6 +125,7 @@ static double faiss_qps(const float *xb, int n, int d, int k, int batch, double 
     free(dist);
     free(labels);
     faiss_Index_free(idx);
+    *cpu_ms_per_query = (self_cpu_s() - c0) * 1e3 / (double)queries;
     return (double)queries / (t - t0);
 }
 
@@ -267,10 +300,11 @@ static void *loader_main(void *arg)
 
 typedef struct result {
     double qps, p50_ms, p99_ms;
+    double server_cpu_ms, client_cpu_ms; /* CPU time per call */
     long errors;
 } result;
 
-static result run_load(transport_client *c, const opts *o, int threads)
+static result run_load(transport_client *c, const opts *o, int threads, pid_t server_pid)
 {
     loader *ls = calloc((size_t)threads, sizeof *ls);
     volatile int stop = 0;
@@ -286,7 +320,7 @@ static result run_load(transport_client *c, const opts *o, int threads)
             ls[i].stop = &stop;
             pthread_create(&ls[i].th, NULL, loader_main, &ls[i]);
         }
-        double t0 = now_s();
+        double t0 = now_s(), server_c0 = proc_cpu_s(server_pid), client_c0 = self_cpu_s();
         double dur = phase == 0 ? 0.5 : o->seconds;
         while (now_s() - t0 < dur) {
             struct timespec ts = {0, 10000000};
@@ -308,10 +342,13 @@ static result run_load(transport_client *c, const opts *o, int threads)
                 for (long j = 0; j < ls[i].n_lat; j++)
                     all[k++] = ls[i].lat[j];
             qsort(all, (size_t)total, sizeof *all, cmp_double);
+            double per = total ? 1e3 / (double)total : 0;
             result r = {.qps = (double)total / elapsed,
                         .p50_ms = total ? all[total / 2] * 1e3 : 0,
                         .p99_ms = total ? all[(long)((double)total * 0.99)] * 1e3 : 0,
-                        .errors = errors};
+                        .errors = errors,
+                        .server_cpu_ms = (proc_cpu_s(server_pid) - server_c0) * per,
+                        .client_cpu_ms = (self_cpu_s() - client_c0) * per};
             free(all);
             for (int i = 0; i < threads; i++)
                 free(ls[i].lat);
@@ -377,12 +414,14 @@ int main(int argc, char **argv)
     printf("Catalog N=%d, d=%d, inner product, k=%d; one query per Search call; %.0f s per "
            "point after 0.5 s warm-up.\n\n",
            o.n, o.dim, o.k, o.seconds);
-    double raw64 = faiss_qps(xb, o.n, o.dim, o.k, 64, o.seconds);
-    double raw256 = faiss_qps(xb, o.n, o.dim, o.k, 256, o.seconds);
-    double raw1 = faiss_qps(xb, o.n, o.dim, o.k, 1, o.seconds);
+    double cpu1, cpu64, cpu256;
+    double raw64 = faiss_qps(xb, o.n, o.dim, o.k, 64, o.seconds, &cpu64);
+    double raw256 = faiss_qps(xb, o.n, o.dim, o.k, 256, o.seconds, &cpu256);
+    double raw1 = faiss_qps(xb, o.n, o.dim, o.k, 1, o.seconds, &cpu1);
     printf("### Raw FAISS (IndexFlatIP, faiss_Index_search, in-process)\n\n");
-    printf("| batch | queries/s |\n|---:|---:|\n| 1 | %.0f |\n| 64 | %.0f |\n| 256 | %.0f |\n\n",
-           raw1, raw64, raw256);
+    printf("| batch | queries/s | CPU ms per query |\n|---:|---:|---:|\n| 1 | %.0f | %.3f |\n"
+           "| 64 | %.0f | %.3f |\n| 256 | %.0f | %.3f |\n\n",
+           raw1, cpu1, raw64, cpu64, raw256, cpu256);
     double raw_best = raw64 > raw256 ? raw64 : raw256;
 
     int conc[4] = {1, 16, 64, 256};
@@ -401,19 +440,21 @@ int main(int argc, char **argv)
         }
         load_catalog(c, xb, &o);
         for (int i = 0; i < 4; i++) {
-            res[m][i] = run_load(c, &o, conc[i]);
+            res[m][i] = run_load(c, &o, conc[i], s.pid);
             server_stats(c, stats[m][i], sizeof stats[m][i]);
         }
         transport_client_destroy(c);
         server_stop(&s);
     }
     printf("### affinityd Search over gRPC (loopback, client on the same machine)\n\n");
-    printf("| max_batch | calls in flight | calls/s | p50 ms | p99 ms | errors | server batch "
-           "counters (cumulative) |\n|---:|---:|---:|---:|---:|---:|---|\n");
+    printf("| max_batch | calls in flight | calls/s | p50 ms | p99 ms | errors | server CPU ms "
+           "per call | client CPU ms per call | server batch counters (cumulative) |\n"
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for (int m = 0; m < 2; m++)
         for (int i = 0; i < 4; i++)
-            printf("| %d | %d | %.0f | %.2f | %.2f | %ld | %s |\n", mb[m], conc[i], res[m][i].qps,
-                   res[m][i].p50_ms, res[m][i].p99_ms, res[m][i].errors, stats[m][i]);
+            printf("| %d | %d | %.0f | %.2f | %.2f | %ld | %.3f | %.3f | %s |\n", mb[m], conc[i],
+                   res[m][i].qps, res[m][i].p50_ms, res[m][i].p99_ms, res[m][i].errors,
+                   res[m][i].server_cpu_ms, res[m][i].client_cpu_ms, stats[m][i]);
     double best_batched = 0, best_unbatched = 0;
     for (int i = 0; i < 3; i++) { /* the targets are for 1, 16 and 64 in flight */
         if (res[0][i].qps > best_batched) best_batched = res[0][i].qps;
@@ -425,6 +466,13 @@ int main(int argc, char **argv)
            "largest batch 64 calls in flight can form); target ≥ 0.8×\n",
            o.batched_max, best_batched, best_batched / raw_best, raw_best, best_batched / raw64,
            raw64);
+    printf("- CPU cost: the server spends %.3f ms of CPU per call at 64 in flight (raw FAISS: "
+           "%.3f ms per query at batch 64); the client beside it spends %.3f ms per call. On 2 "
+           "cores the client's share is CPU the server cannot use, so calls/s here understates "
+           "a server whose clients run elsewhere; CPU per call is the fairer comparison: "
+           "**%.2f×** raw FAISS efficiency at batch 64\n",
+           res[0][2].server_cpu_ms, cpu64, res[0][2].client_cpu_ms,
+           res[0][2].server_cpu_ms > 0 ? cpu64 / res[0][2].server_cpu_ms : 0);
     printf("- at 256 in flight: %.0f calls/s = **%.2f×** raw FAISS batch 256\n", res[0][3].qps,
            res[0][3].qps / raw256);
     printf("- batched vs max_batch=1 at 64 in flight: %.0f / %.0f = **%.1f×**; best vs best: "
