@@ -557,7 +557,7 @@ static void serve_submit(tcall *c, serve_state *st, const char *collection, batc
 }
 
 /* Encodes nq hit lists as QueryResults into out (arrays allocated here; freed by caller
- * with free_results). */
+ * with results_free). */
 typedef struct results_pb {
     Affinity__V1__QueryResult *results;
     Affinity__V1__QueryResult **result_ptrs;
