@@ -20,7 +20,7 @@ export OMP_WAIT_POLICY=PASSIVE
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$root" rev-parse --short HEAD)"
   echo "- machine: nproc=$(nproc), $(lscpu | grep 'Model name' | sed 's/  */ /g')"
-  echo "- load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "- load average before the run: $(cut -d' ' -f1-3 /proc/loadavg); CPU idle in the second before: $(vmstat 1 2 | tail -1 | awk '{print $15}')%"
   echo "- command: bench/server_quick.sh $* (bench_server_quick $*)"
   echo "- note: the machine is shared with other engineers' builds and tests (noisy); the"
   echo "  client runs on the same 2 cores as the server and takes CPU from it."
