@@ -463,6 +463,16 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
             rc = err ? err->code : AFF_EINVAL;
             goto out;
         }
+        if (!strstr(cert, "-----BEGIN CERTIFICATE-----")) {
+            rc = aff__fail(err, AFF_EINVAL, "TLS certificate '%s' holds no PEM certificate",
+                           cfg->tls_cert_file);
+            goto out;
+        }
+        if (!strstr(key, "PRIVATE KEY-----")) {
+            rc = aff__fail(err, AFF_EINVAL, "TLS key '%s' holds no PEM private key",
+                           cfg->tls_key_file);
+            goto out;
+        }
         grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
         creds = grpc_ssl_server_credentials_create(NULL, &pair, 1, 0, NULL);
     } else {
