@@ -5,7 +5,7 @@
  * the table's metric (q·x, or 2 q·x - |x|² - |q|² for L2 from the stored row norms). The query
  * stays in fp32 (it is not rounded to the storage type as the search GEMM does).
  *
- * How: one block per query holds the query in shared memory (dim ≤ 4096 floats = 16 KiB);
+ * How: one block per query holds the query in shared memory (AFF_MAX_DIM floats = 16 KiB);
  * each warp takes one candidate at a time, its lanes read consecutive columns of the row
  * (coalesced) and a shuffle reduction sums them.
  *
@@ -21,7 +21,7 @@ __global__ void gather_dot_kernel(const T *x, uint32_t dpad, const float *norms,
                                   const float *queries, uint32_t dim, const uint32_t *offsets,
                                   const uint32_t *rows, float *out)
 {
-    extern __shared__ float q[];
+    __shared__ float q[AFF_MAX_DIM];
     __shared__ float red[32];
     const uint32_t b = blockIdx.x;
     float acc = 0.0f;
@@ -85,17 +85,16 @@ int kernels_score(kernels_workspace *ws, const kernels_table *t, const float *qu
     }
     {
         const float *norms = t->metric == KERNELS_METRIC_L2 ? t->norms : NULL;
-        const size_t shmem = (size_t)t->dim * 4;
         if (t->storage == KERNELS_STORAGE_FP16)
-            gather_dot_kernel<__half><<<nq, 256, shmem, ws->stream>>>(
-                (const __half *)t->vectors, t->dpad, norms, (const float *)ws->qin.p, t->dim,
-                (const uint32_t *)ws->meta.p, (const uint32_t *)ws->out_rows.p,
-                (float *)ws->out_scores.p);
+            KERNELS_LAUNCH(gather_dot_kernel<__half>, nq, 256, 0, ws->stream)
+            ((const __half *)t->vectors, t->dpad, norms, (const float *)ws->qin.p, t->dim,
+             (const uint32_t *)ws->meta.p, (const uint32_t *)ws->out_rows.p,
+             (float *)ws->out_scores.p);
         else
-            gather_dot_kernel<float><<<nq, 256, shmem, ws->stream>>>(
-                (const float *)t->vectors, t->dpad, norms, (const float *)ws->qin.p, t->dim,
-                (const uint32_t *)ws->meta.p, (const uint32_t *)ws->out_rows.p,
-                (float *)ws->out_scores.p);
+            KERNELS_LAUNCH(gather_dot_kernel<float>, nq, 256, 0, ws->stream)
+            ((const float *)t->vectors, t->dpad, norms, (const float *)ws->qin.p, t->dim,
+             (const uint32_t *)ws->meta.p, (const uint32_t *)ws->out_rows.p,
+             (float *)ws->out_scores.p);
         KLAUNCH(err);
     }
     KCUDA(err, cudaMemcpyAsync(ws->h_out.p, ws->out_scores.p, rows_b, cudaMemcpyDeviceToHost,

@@ -9,9 +9,17 @@
 #ifndef AFFINITY_KERNELS_COMMON_CUH
 #define AFFINITY_KERNELS_COMMON_CUH
 
+#ifdef KERNELS_EMULATE
+/* tests/gpu_emul_runtime.h: the CUDA runtime, cuBLAS and the built-ins on the CPU, for tests. */
+#include "gpu_emul_runtime.h"
+#else
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+/* kernel<<<grid, block, shared, stream>>>(args), written as a macro so the CPU emulation used
+ * by the tests can launch the same kernels. */
+#define KERNELS_LAUNCH(kernel, grid, block, shared, stream) kernel<<<grid, block, shared, stream>>>
+#endif
 #include <stdarg.h>
 #include <stdio.h>
 

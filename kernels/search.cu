@@ -27,7 +27,11 @@
 
 #include "select.cuh"
 
+/* Bytes of one score tile (B × T × 4); the CPU emulation used by tests sets it smaller so that
+ * small tables still span many tiles. */
+#ifndef SEARCH_TILE_BUDGET
 #define SEARCH_TILE_BUDGET ((uint64_t)32 << 20)
+#endif
 
 template <typename T>
 __global__ void search_prepare_queries(const float *qin, uint32_t dim, uint32_t dpad, T *qout,
@@ -144,11 +148,10 @@ static int search_chunk(kernels_workspace *ws, const kernels_table *t, const ker
     }
 
     if (t->storage == KERNELS_STORAGE_FP16)
-        search_prepare_queries<__half><<<nb, 128, 0, ws->stream>>>(
-            (const float *)ws->qin.p, dim, dpad, (__half *)ws->qdev.p, (float *)ws->qnorm.p);
-    else
-        search_prepare_queries<float><<<nb, 128, 0, ws->stream>>>(
-            (const float *)ws->qin.p, dim, dpad, (float *)ws->qdev.p, (float *)ws->qnorm.p);
+        KERNELS_LAUNCH(search_prepare_queries<__half>, nb, 128, 0, ws->stream)
+    ((const float *)ws->qin.p, dim, dpad, (__half *)ws->qdev.p, (float *)ws->qnorm.p);
+    else KERNELS_LAUNCH(search_prepare_queries<float>, nb, 128, 0, ws->stream)(
+        (const float *)ws->qin.p, dim, dpad, (float *)ws->qdev.p, (float *)ws->qnorm.p);
     KLAUNCH(err);
 
     {
@@ -220,10 +223,10 @@ static int search_chunk(kernels_workspace *ws, const kernels_table *t, const ker
             p = 1 - p;
         }
 
-        search_decode<<<nb, 256, 0, ws->stream>>>(
-            (const unsigned long long *)ws->best[p].p, kmax, (const uint32_t *)ws->meta.p, nb,
-            (const float *)ws->qnorm.p, l2 ? 1 : 0, (uint32_t *)ws->out_rows.p,
-            (float *)ws->out_scores.p, (uint32_t *)ws->out_counts.p);
+        KERNELS_LAUNCH(search_decode, nb, 256, 0, ws->stream)
+        ((const unsigned long long *)ws->best[p].p, kmax, (const uint32_t *)ws->meta.p, nb,
+         (const float *)ws->qnorm.p, l2 ? 1 : 0, (uint32_t *)ws->out_rows.p,
+         (float *)ws->out_scores.p, (uint32_t *)ws->out_counts.p);
         KLAUNCH(err);
     }
 

@@ -87,7 +87,6 @@ __global__ void __launch_bounds__(SB_THREADS) select_block_kernel(select_args a)
         out[j] = buf[j];
 }
 
-#ifndef KERNELS_EMULATE /* tests/test_gpu_select_emul.cpp runs the kernel above on the CPU */
 int select_block_launch(const select_args *a, uint32_t k_bucket, uint32_t segments,
                         uint32_t queries, cudaStream_t stream, kernels_err *err)
 {
@@ -100,16 +99,16 @@ int select_block_launch(const select_args *a, uint32_t k_bucket, uint32_t segmen
                              a->k, k_bucket, queries);
     switch (k_bucket) {
     case 32:
-        select_block_kernel<32><<<grid, SB_THREADS, 0, stream>>>(*a);
+        KERNELS_LAUNCH(select_block_kernel<32>, grid, SB_THREADS, 0, stream)(*a);
         break;
     case 64:
-        select_block_kernel<64><<<grid, SB_THREADS, 0, stream>>>(*a);
+        KERNELS_LAUNCH(select_block_kernel<64>, grid, SB_THREADS, 0, stream)(*a);
         break;
     case 128:
-        select_block_kernel<128><<<grid, SB_THREADS, 0, stream>>>(*a);
+        KERNELS_LAUNCH(select_block_kernel<128>, grid, SB_THREADS, 0, stream)(*a);
         break;
     case 256:
-        select_block_kernel<256><<<grid, SB_THREADS, 0, stream>>>(*a);
+        KERNELS_LAUNCH(select_block_kernel<256>, grid, SB_THREADS, 0, stream)(*a);
         break;
     default:
         return kernels__fail(err, AFF_EINTERNAL, "block select: no instance for k bucket %u",
@@ -119,4 +118,3 @@ int select_block_launch(const select_args *a, uint32_t k_bucket, uint32_t segmen
 out:
     return rc;
 }
-#endif

@@ -117,7 +117,6 @@ __global__ void __launch_bounds__(SR_THREADS) select_radix_kernel(select_args a)
         out[j] = buf[j];
 }
 
-#ifndef KERNELS_EMULATE /* tests/test_gpu_select_emul.cpp runs the kernel above on the CPU */
 int select_radix_launch(const select_args *a, uint32_t k_bucket, uint32_t segments,
                         uint32_t queries, cudaStream_t stream, kernels_err *err)
 {
@@ -130,13 +129,13 @@ int select_radix_launch(const select_args *a, uint32_t k_bucket, uint32_t segmen
                              a->k, k_bucket, queries);
     switch (k_bucket) {
     case 512:
-        select_radix_kernel<512><<<grid, SR_THREADS, 0, stream>>>(*a);
+        KERNELS_LAUNCH(select_radix_kernel<512>, grid, SR_THREADS, 0, stream)(*a);
         break;
     case 1024:
-        select_radix_kernel<1024><<<grid, SR_THREADS, 0, stream>>>(*a);
+        KERNELS_LAUNCH(select_radix_kernel<1024>, grid, SR_THREADS, 0, stream)(*a);
         break;
     case 2048:
-        select_radix_kernel<2048><<<grid, SR_THREADS, 0, stream>>>(*a);
+        KERNELS_LAUNCH(select_radix_kernel<2048>, grid, SR_THREADS, 0, stream)(*a);
         break;
     default:
         return kernels__fail(err, AFF_EINTERNAL, "radix select: no instance for k bucket %u",
@@ -146,4 +145,3 @@ int select_radix_launch(const select_args *a, uint32_t k_bucket, uint32_t segmen
 out:
     return rc;
 }
-#endif

@@ -315,13 +315,13 @@ int kernels_table_write(kernels_table *t, const uint32_t *rows, uint32_t n, cons
         const kernels_row_attrs *d_attrs =
             attrs ? (const kernels_row_attrs *)(st + attrs_off) : NULL;
         if (t->storage == KERNELS_STORAGE_FP16)
-            table_write_rows<__half><<<m, 128, 0, t->stream>>>(
-                (__half *)t->vectors, t->dim, t->dpad, t->norms, t->category, t->price, t->flags,
-                t->bloom, t->tags, (const uint32_t *)(st + rows_off), (const float *)st, d_attrs);
+            KERNELS_LAUNCH(table_write_rows<__half>, m, 128, 0, t->stream)
+            ((__half *)t->vectors, t->dim, t->dpad, t->norms, t->category, t->price, t->flags,
+             t->bloom, t->tags, (const uint32_t *)(st + rows_off), (const float *)st, d_attrs);
         else
-            table_write_rows<float><<<m, 128, 0, t->stream>>>(
-                (float *)t->vectors, t->dim, t->dpad, t->norms, t->category, t->price, t->flags,
-                t->bloom, t->tags, (const uint32_t *)(st + rows_off), (const float *)st, d_attrs);
+            KERNELS_LAUNCH(table_write_rows<float>, m, 128, 0, t->stream)
+            ((float *)t->vectors, t->dim, t->dpad, t->norms, t->category, t->price, t->flags,
+             t->bloom, t->tags, (const uint32_t *)(st + rows_off), (const float *)st, d_attrs);
         KLAUNCH(err);
         KCUDA(err, cudaStreamSynchronize(t->stream));
     }
@@ -373,13 +373,13 @@ int kernels_table_move(kernels_table *t, const uint32_t *src, const uint32_t *ds
         KCUDA(err, cudaMemcpyAsync(st + dst_off, dst + i0, (size_t)m * 4, cudaMemcpyHostToDevice,
                                    t->stream));
         if (t->storage == KERNELS_STORAGE_FP16)
-            table_move_rows<__half><<<m, 128, 0, t->stream>>>(
-                (__half *)t->vectors, t->dpad, t->norms, t->category, t->price, t->flags, t->bloom,
-                t->tags, (const uint32_t *)st, (const uint32_t *)(st + dst_off));
+            KERNELS_LAUNCH(table_move_rows<__half>, m, 128, 0, t->stream)
+            ((__half *)t->vectors, t->dpad, t->norms, t->category, t->price, t->flags, t->bloom,
+             t->tags, (const uint32_t *)st, (const uint32_t *)(st + dst_off));
         else
-            table_move_rows<float><<<m, 128, 0, t->stream>>>(
-                (float *)t->vectors, t->dpad, t->norms, t->category, t->price, t->flags, t->bloom,
-                t->tags, (const uint32_t *)st, (const uint32_t *)(st + dst_off));
+            KERNELS_LAUNCH(table_move_rows<float>, m, 128, 0, t->stream)
+            ((float *)t->vectors, t->dpad, t->norms, t->category, t->price, t->flags, t->bloom,
+             t->tags, (const uint32_t *)st, (const uint32_t *)(st + dst_off));
         KLAUNCH(err);
         KCUDA(err, cudaStreamSynchronize(t->stream));
     }
@@ -417,13 +417,13 @@ int kernels_table_read(kernels_table *t, const uint32_t *rows, uint32_t n, float
         KCUDA(err,
               cudaMemcpyAsync(st, rows + i0, (size_t)m * 4, cudaMemcpyHostToDevice, t->stream));
         if (t->storage == KERNELS_STORAGE_FP16)
-            table_read_rows<__half><<<m, 128, 0, t->stream>>>((const __half *)t->vectors, t->dim,
-                                                              t->dpad, (const uint32_t *)st,
-                                                              (float *)(st + out_off));
+            KERNELS_LAUNCH(table_read_rows<__half>, m, 128, 0, t->stream)
+            ((const __half *)t->vectors, t->dim, t->dpad, (const uint32_t *)st,
+             (float *)(st + out_off));
         else
-            table_read_rows<float><<<m, 128, 0, t->stream>>>((const float *)t->vectors, t->dim,
-                                                             t->dpad, (const uint32_t *)st,
-                                                             (float *)(st + out_off));
+            KERNELS_LAUNCH(table_read_rows<float>, m, 128, 0, t->stream)
+            ((const float *)t->vectors, t->dim, t->dpad, (const uint32_t *)st,
+             (float *)(st + out_off));
         KLAUNCH(err);
         KCUDA(err, cudaMemcpyAsync(out + (size_t)i0 * t->dim, st + out_off, (size_t)m * t->dim * 4,
                                    cudaMemcpyDeviceToHost, t->stream));
@@ -481,17 +481,17 @@ int kernels_table_fill_random(kernels_table *t, uint32_t n, uint64_t seed, kerne
         KCUDA(err, cudaMemsetAsync(t->tags + (size_t)r0 * KERNELS_MAX_TAGS, 0,
                                    (size_t)n * 4 * KERNELS_MAX_TAGS, t->stream));
     if (t->storage == KERNELS_STORAGE_FP16) {
-        table_fill_values<__half>
-            <<<4096, 256, 0, t->stream>>>((__half *)t->vectors, t->dim, t->dpad, r0, n, seed);
+        KERNELS_LAUNCH(table_fill_values<__half>, 4096, 256, 0, t->stream)
+        ((__half *)t->vectors, t->dim, t->dpad, r0, n, seed);
         KLAUNCH(err);
-        table_fill_norms<__half>
-            <<<n, 128, 0, t->stream>>>((const __half *)t->vectors, t->dpad, r0, t->norms, t->flags);
+        KERNELS_LAUNCH(table_fill_norms<__half>, n, 128, 0, t->stream)
+        ((const __half *)t->vectors, t->dpad, r0, t->norms, t->flags);
     } else {
-        table_fill_values<float>
-            <<<4096, 256, 0, t->stream>>>((float *)t->vectors, t->dim, t->dpad, r0, n, seed);
+        KERNELS_LAUNCH(table_fill_values<float>, 4096, 256, 0, t->stream)
+        ((float *)t->vectors, t->dim, t->dpad, r0, n, seed);
         KLAUNCH(err);
-        table_fill_norms<float>
-            <<<n, 128, 0, t->stream>>>((const float *)t->vectors, t->dpad, r0, t->norms, t->flags);
+        KERNELS_LAUNCH(table_fill_norms<float>, n, 128, 0, t->stream)
+        ((const float *)t->vectors, t->dpad, r0, t->norms, t->flags);
     }
     KLAUNCH(err);
     KCUDA(err, cudaStreamSynchronize(t->stream));

@@ -60,6 +60,20 @@ static void seed_test(void)
 
 /* ---- device --------------------------------------------------------------------------------- */
 
+/* Sizes are divided by this on the CPU emulation of the device (tests/gpu_emul_runtime.h),
+ * which is thousands of times slower than a GPU. */
+static uint32_t emul_div = 1;
+
+static uint32_t scaled(uint32_t n)
+{
+    return n / emul_div > 0 ? n / emul_div : 1;
+}
+
+static void note_device(const char *name)
+{
+    if (strncmp(name, "Emulated", 8) == 0) emul_div = 16;
+}
+
 static backend *open_gpu(bool fp32, uint32_t max_batch)
 {
     backend *b = NULL;
@@ -68,6 +82,9 @@ static backend *open_gpu(bool fp32, uint32_t max_batch)
     int rc = backend_gpu_create(&b, &cfg, &err);
     if (rc == AFF_EDEVICE) cr_skip_test("%s", err.msg);
     cr_assert_eq(rc, AFF_OK, "backend_gpu_create: %s", err.msg);
+    backend_info info;
+    b->ops->describe(b, &info);
+    note_device(info.device);
     return b;
 }
 
@@ -429,7 +446,7 @@ Test(gpu_backend, filters_and_exclusions)
         backend *b = open_gpu(fp32, 8); /* several chunks */
         ref_table r;
         ref_open(&r, b, 24, fp32 ? AFF_METRIC_L2 : AFF_METRIC_IP, !fp32, 0);
-        ref_write(&r, NULL, 20000, NULL, 0);
+        ref_write(&r, NULL, scaled(20000), NULL, 0);
         static backend_filter fs[NQ];
         static uint64_t cat[NQ][1];
         static uint32_t tags[NQ][4], excl[NQ][64];
@@ -463,13 +480,13 @@ Test(gpu_backend, filters_and_exclusions)
 Test(gpu_backend, random_sizes_against_reference)
 {
     seed_test();
-    for (int round = 0; round < 12; round++) {
+    for (int round = 0; round<12; round += emul_div> 1 ? 3 : 1) {
         bool fp32 = rng() % 2;
         backend *b = open_gpu(fp32, rng() % 2 ? 1024 : 5);
         ref_table r;
         uint32_t dim = rng() % 300 + 1;
         ref_open(&r, b, dim, rng() % 2 ? AFF_METRIC_L2 : AFF_METRIC_IP, !fp32, rng() % 2000);
-        uint32_t n = rng() % 60000 + 1;
+        uint32_t n = rng() % scaled(60000) + 1;
         ref_write(&r, NULL, n, NULL, 0);
         uint32_t nq = rng() % 20 + 1, ks[20];
         for (uint32_t i = 0; i < nq; i++)
@@ -491,11 +508,12 @@ Test(gpu_backend, many_tiles_and_segments)
     ref_table r;
     ref_open(&r, b, 32, AFF_METRIC_IP, true, 0);
     for (int i = 0; i < 6; i++)
-        ref_write(&r, NULL, 50000, NULL, 0);
+        ref_write(&r, NULL, scaled(50000), NULL, 0);
     run_uniform(&r, 2, 100, false, 0, "segments k=100");
     run_uniform(&r, 2, 1000, false, 0, "segments k=1000");
-    run_uniform(&r, 64, 10, false, 0, "tiles k=10");
-    run_uniform(&r, 64, 700, false, 0, "tiles k=700");
+    const uint32_t nq = emul_div > 1 ? 16 : 64; /* the emulation's tiles are smaller */
+    run_uniform(&r, nq, 10, false, 0, "tiles k=10");
+    run_uniform(&r, nq, 700, false, 0, "tiles k=700");
     ref_close(&r);
     b->ops->destroy(b);
 }
@@ -675,6 +693,9 @@ Test(gpu_kernels, k_up_to_2048)
     kernels_table *t = NULL;
     kernels_workspace *ws = NULL;
     cr_assert_eq(kernels_device_open(&dev, 0, &kerr), 0, "%s", kerr.msg);
+    kernels_device_info info;
+    kernels_device_describe(dev, &info);
+    note_device(info.name);
     cr_assert_eq(kernels_workspace_create(&ws, dev, 3, &kerr), 0, "%s", kerr.msg); /* chunks */
     const uint32_t dim = 48, n = 9000;
     cr_assert_eq(

@@ -7,17 +7,15 @@
  * memory-model or performance problems, but it checks the algorithms and their barriers
  * without a device; the device suites repeat the comparison on the GPU.
  *
- * This file includes the kernels' .cu files on purpose (with KERNELS_EMULATE, which leaves
- * their launchers out): it is a test harness for exactly that code. Random tests print their
- * seed.
+ * The kernels come from tests/gpu_emul_kernels.cpp (the kernels library built against
+ * tests/gpu_emul_runtime.h); this file calls their launchers. Random tests print their seed.
  */
-#define KERNELS_EMULATE             1
-#define AFFINITY_KERNELS_COMMON_CUH 1 /* the CUDA-only common header is replaced below */
+#ifndef KERNELS_EMULATE
+#define KERNELS_EMULATE 1
+#endif
 
 #include <criterion/criterion.h>
 #include <math.h>
-#include <pthread.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,128 +24,18 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <thread>
 #include <vector>
 
-/* ---- the CUDA built-ins the selection kernels use ------------------------------------------- */
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(n)
-#define __shared__ static
-
-struct dim3 {
-    unsigned x, y, z;
-};
-static thread_local dim3 threadIdx;
-static dim3 blockIdx, blockDim, gridDim;
-static pthread_barrier_t emu_barrier;
-
-static inline void __syncthreads()
-{
-    pthread_barrier_wait(&emu_barrier);
-}
-
-static inline uint32_t atomicAdd(uint32_t *p, uint32_t v)
-{
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-}
-
-typedef void *cudaStream_t;
-
-namespace cub
-{
-/* BlockScan::InclusiveSum with the same contract as CUB's: every thread calls it; the temp
- * storage may be reused after a barrier. */
-template <typename T, int N> struct BlockScan {
-    struct TempStorage {
-        T v[N];
-    };
-    TempStorage &s;
-    explicit BlockScan(TempStorage &t) : s(t) {}
-    void InclusiveSum(T in, T &out)
-    {
-        s.v[threadIdx.x] = in;
-        __syncthreads();
-        T acc = 0;
-        for (unsigned i = 0; i <= threadIdx.x; i++)
-            acc += s.v[i];
-        out = acc;
-        __syncthreads();
-    }
-};
-} // namespace cub
-
-#include "affinity_kernels.h"
-
-int kernels__fail(kernels_err *err, int code, const char *fmt, ...)
-{
-    if (err) {
-        err->code = code;
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err->msg, sizeof err->msg, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
-
-#include "bitonic.cuh"
 #include "select.cuh"
-#include "select_block.cu"
-#include "select_radix.cu"
 
-/* Runs kernel(args) over a (gx, gy) grid of `threads`-thread blocks, one block at a time. */
-template <typename F> static void emu_launch(unsigned gx, unsigned gy, unsigned threads, F kernel)
-{
-    blockDim = {threads, 1, 1};
-    gridDim = {gx, gy, 1};
-    pthread_barrier_init(&emu_barrier, NULL, threads);
-    for (unsigned y = 0; y < gy; y++) {
-        for (unsigned x = 0; x < gx; x++) {
-            blockIdx = {x, y, 0};
-            std::vector<std::thread> th;
-            for (unsigned t = 0; t < threads; t++)
-                th.emplace_back([t, &kernel] {
-                    threadIdx = {t, 0, 0};
-                    kernel();
-                });
-            for (auto &h : th)
-                h.join();
-        }
-    }
-    pthread_barrier_destroy(&emu_barrier);
-}
-
+/* Launches the selection for bucket kb through the kernels' own launchers. */
 static void run_select(const select_args &a, uint32_t kb, uint32_t segs, uint32_t queries)
 {
-    switch (kb) {
-    case 32:
-        emu_launch(segs, queries, 256, [&] { select_block_kernel<32>(a); });
-        break;
-    case 64:
-        emu_launch(segs, queries, 256, [&] { select_block_kernel<64>(a); });
-        break;
-    case 128:
-        emu_launch(segs, queries, 256, [&] { select_block_kernel<128>(a); });
-        break;
-    case 256:
-        emu_launch(segs, queries, 256, [&] { select_block_kernel<256>(a); });
-        break;
-    case 512:
-        emu_launch(segs, queries, 256, [&] { select_radix_kernel<512>(a); });
-        break;
-    case 1024:
-        emu_launch(segs, queries, 256, [&] { select_radix_kernel<1024>(a); });
-        break;
-    case 2048:
-        emu_launch(segs, queries, 256, [&] { select_radix_kernel<2048>(a); });
-        break;
-    default:
-        cr_assert_fail("no bucket %u", kb);
-    }
+    kernels_err err = {0, {0}};
+    int rc = kb <= KERNELS_BLOCK_SELECT_MAX_K
+                 ? select_block_launch(&a, kb, segs, queries, NULL, &err)
+                 : select_radix_launch(&a, kb, segs, queries, NULL, &err);
+    cr_assert_eq(rc, 0, "launch: %s", err.msg);
 }
 
 /* ---- inputs and the reference ------------------------------------------------------------------
