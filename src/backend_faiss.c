@@ -6,15 +6,18 @@
  *   - small batches (nq < SCAN_MAX_NQ): our own scan, rows split across OpenMP threads, each
  *     thread computing dot products with a vectorized loop and keeping per-query top-k heaps,
  *     filters checked only for rows that would enter a heap. FAISS runs a single query on
- *     one thread; this uses every core and makes filtered and unfiltered cost the same.
- *   - larger unfiltered batches: faiss_Index_search (FAISS tiles the batch through BLAS).
- *   - larger batches with any filter: our own tiled BLAS scoring (sgemm on row tiles) and the
- *     same filtered heap selection. FAISS 1.7.3 leaves its BLAS path when given an
- *     IDSelector (50% selectivity fell from ~6,800 to ~150 queries/s at N=100k), so filters
- *     never go through FAISS.
- *   - HNSW tables answer unfiltered queries from the graph; filtered queries take the exact
- *     path (a graph walk cannot promise k filtered results). Rows overwritten or moved mark
- *     the graph stale; it is rebuilt on the next HNSW search (HNSW suits append-mostly data).
+ *     one thread; this uses every core.
+ *   - larger batches, filtered or not: rows split across OpenMP threads once per search; each
+ *     thread scores its slice tile by tile with single-threaded sgemm and feeds the same heaps.
+ *     FAISS instead enters a parallel region per 1024-row tile and leans on OpenBLAS's own
+ *     thread pool, whose idle threads spin (sched_yield) and take CPU from the gRPC threads;
+ *     and FAISS 1.7.3 leaves its BLAS path entirely when given an IDSelector (50% selectivity
+ *     fell from ~6,800 to ~150 queries/s at N=100k). So BLAS runs single-threaded here
+ *     (openblas_set_num_threads(1) at start-up) and the parallelism is ours.
+ *   - HNSW tables answer unfiltered queries from the FAISS graph; filtered queries take the
+ *     exact path (a graph walk cannot promise k filtered results). Rows overwritten or moved
+ *     mark the graph stale; it is rebuilt on the next HNSW search (HNSW suits append-mostly
+ *     catalogs).
  * Scores are "higher is better": inner product, or for L2 the negated squared distance,
  * computed as 2 q.x - |x|^2 - |q|^2 from stored row norms. Ties go to the lower row.
  *
@@ -44,8 +47,9 @@
 
 /* Batches smaller than this use the threaded scan instead of BLAS. */
 #define SCAN_MAX_NQ 4
-/* Scores buffered per sgemm tile: nq × tile_rows floats. */
-#define TILE_SCORES (1u << 17) /* 512 KiB: stays in L2 while the heaps read it */
+
+/* OpenBLAS's thread control; weak so another BLAS still links (then BLAS threads as it will). */
+extern void openblas_set_num_threads(int threads) __attribute__((weak));
 
 /* Fortran BLAS, as FAISS itself calls it (column-major). */
 extern int sgemm_(const char *transa, const char *transb, const int *m, const int *n,
@@ -453,50 +457,79 @@ out:
     return rc;
 }
 
-/* Larger filtered batches: sgemm on row tiles, then filtered selection per query. */
-static int search_tiled(faiss_table *t, const backend_search *s, const size_t *offsets,
+/* Queries handled per parallel pass of search_split (bounds heap and tile memory). */
+#define SPLIT_MAX_NQ 512
+/* Scores each thread buffers per sgemm tile: nq × tile_rows floats (256 KiB, L2-resident). */
+#define SPLIT_TILE_SCORES (1u << 16)
+
+/* Larger batches: each thread takes a contiguous slice of rows and scores it tile by tile with
+ * single-threaded sgemm, offering every tile to its own per-query heaps; heaps are merged at
+ * the end. One parallel region per pass, no BLAS threads. */
+static int search_split(faiss_table *t, const backend_search *s, const size_t *offsets,
                         aff_err *err)
 {
-    const uint32_t nq = s->nq, count = t->count;
+    const uint32_t count = t->count;
     const int dim = (int)t->dim;
-    uint32_t tile = TILE_SCORES / nq;
-    tile = tile < 512 ? 512 : tile > 16384 ? 16384 : tile;
-    float *scores = malloc((size_t)nq * tile * sizeof *scores);
-    topk_heap *heaps = calloc(nq, sizeof *heaps);
+    int nthreads = omp_get_max_threads();
+    if ((uint64_t)count * t->dim < 1u << 16)
+        nthreads = 1;
+    const uint32_t group = s->nq < SPLIT_MAX_NQ ? s->nq : SPLIT_MAX_NQ;
+    uint32_t tile = SPLIT_TILE_SCORES / group;
+    tile = tile < 64 ? 64 : tile > 8192 ? 8192 : tile;
+    float *scores = malloc((size_t)nthreads * group * tile * sizeof *scores);
+    topk_heap *heaps = calloc((size_t)nthreads * group, sizeof *heaps);
     int rc = AFF_OK;
     if (!scores || !heaps) {
-        rc = aff__fail(err, AFF_ENOMEM, "out of memory for a %u x %u score tile", nq, tile);
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory for %d x %u x %u scores", nthreads, group,
+                       tile);
         goto out;
     }
-    for (uint32_t q = 0; q < nq && rc == AFF_OK; q++)
-        if (topk_init(&heaps[q], s->k[q]) != AFF_OK)
-            rc = aff__fail(err, AFF_ENOMEM, "out of memory for top-k heaps");
-    if (rc != AFF_OK)
-        goto out;
     const float *xb = flat_rows(t);
-    const float one = 1.0f, zero = 0.0f;
-    for (uint32_t r0 = 0; r0 < count; r0 += tile) {
-        int n = (int)(count - r0 < tile ? count - r0 : tile);
-        int m = (int)nq;
-        /* Column-major: C (n x m) = A^T (n x d) * B (d x m); row q of C is query q's scores. */
-        sgemm_("T", "N", &n, &m, &dim, &one, xb + (size_t)r0 * dim, &dim, s->queries, &dim,
-               &zero, scores, &n);
-#pragma omp parallel for schedule(dynamic, 4)
-        for (uint32_t q = 0; q < nq; q++)
-            offer_rows(t, &heaps[q], filter_of(s, q), scores + (size_t)q * n, r0, (uint32_t)n);
+    for (uint32_t g0 = 0; g0 < s->nq && rc == AFF_OK; g0 += group) {
+        const uint32_t gq = s->nq - g0 < group ? s->nq - g0 : group;
+        for (uint32_t i = 0; i < (uint32_t)nthreads * gq && rc == AFF_OK; i++) {
+            topk_free(&heaps[i]);
+            if (topk_init(&heaps[i], s->k[g0 + i % gq]) != AFF_OK)
+                rc = aff__fail(err, AFF_ENOMEM, "out of memory for top-k heaps");
+        }
+        if (rc != AFF_OK)
+            break;
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+            const uint32_t lo = (uint32_t)((uint64_t)count * tid / nt);
+            const uint32_t hi = (uint32_t)((uint64_t)count * (tid + 1) / nt);
+            float *sc = scores + (size_t)tid * group * tile;
+            topk_heap *mine = heaps + (size_t)tid * gq;
+            const float one = 1.0f, zero = 0.0f;
+            const int m = (int)gq;
+            for (uint32_t r0 = lo; r0 < hi; r0 += tile) {
+                int n = (int)(hi - r0 < tile ? hi - r0 : tile);
+                /* Column-major: C (n x m) = A^T (n x d) * B (d x m); column q of C (contiguous)
+                 * is query q's scores for rows r0..r0+n-1. */
+                sgemm_("T", "N", &n, &m, &dim, &one, xb + (size_t)r0 * dim, &dim,
+                       s->queries + (size_t)g0 * dim, &dim, &zero, sc, &n);
+                for (uint32_t q = 0; q < gq; q++)
+                    offer_rows(t, &mine[q], filter_of(s, g0 + q), sc + (size_t)q * n, r0,
+                               (uint32_t)n);
+            }
+        }
+        for (uint32_t q = 0; q < gq; q++) {
+            for (int th = 1; th < nthreads; th++)
+                topk_merge(&heaps[q], &heaps[(size_t)th * gq + q]);
+            emit(t, s, g0 + q, offsets[g0 + q], &heaps[q]);
+        }
     }
-    for (uint32_t q = 0; q < nq; q++)
-        emit(t, s, q, offsets[q], &heaps[q]);
 out:
     if (heaps)
-        for (uint32_t q = 0; q < nq; q++)
-            topk_free(&heaps[q]);
+        for (size_t i = 0; i < (size_t)nthreads * group; i++)
+            topk_free(&heaps[i]);
     free(heaps);
     free(scores);
     return rc;
 }
 
-/* Unfiltered batches through FAISS itself (flat or HNSW). */
+/* Unfiltered batches through the FAISS HNSW graph. */
 static int search_faiss(faiss_table *t, FaissIndex *index, const backend_search *s,
                         const size_t *offsets, aff_err *err)
 {
@@ -565,10 +598,8 @@ static int faiss_table_search(backend_table *bt, const backend_search *s, aff_er
         pthread_mutex_unlock(&t->hnsw_lock);
     } else if (s->nq < SCAN_MAX_NQ) {
         rc = search_scan(t, s, offsets, err);
-    } else if (!any_filter) {
-        rc = search_faiss(t, t->flat, s, offsets, err);
     } else {
-        rc = search_tiled(t, s, offsets, err);
+        rc = search_split(t, s, offsets, err);
     }
 out:
     free(offsets);
@@ -680,9 +711,9 @@ int backend_faiss_create(backend **out, const backend_faiss_config *cfg, aff_err
     if (cfg && cfg->threads > 0)
         omp_set_num_threads(cfg->threads);
     fb->threads = omp_get_max_threads();
-    /* FAISS computes batches of at least this many queries with BLAS; its default (20) leaves
-     * batches of 2..19 on a per-query loop about 7x slower here. */
-    faiss_set_distance_compute_blas_threshold(SCAN_MAX_NQ);
+    /* Our threads split the rows; each calls BLAS on its own slice (see the file comment). */
+    if (openblas_set_num_threads)
+        openblas_set_num_threads(1);
     read_cpu_model(fb->cpu_model, sizeof fb->cpu_model);
     const char *wait = getenv("OMP_WAIT_POLICY");
     if (!wait || strcasecmp(wait, "passive") != 0)
