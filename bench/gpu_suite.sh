@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh [--quick] [--out DIR]
 #
 # Steps, each logged to suite.log with its exit status and time:
-#   1. configure + build with CUDA ON (-DAFFINITY_GPU=ON -DAFFINITY_WERROR=ON, Release) the GPU
+#   1. configure + build with CUDA ON (-DAFFINITY_GPU=ON, Release; warnings are CI's job) the GPU
 #      tests and the kernel benchmark, in $BUILD_DIR (default build-gpu-suite/);
 #   2. the device suites test_gpu_backend and test_gpu_parity (ctest label "gpu"; the parity
 #      test runs the same queries through FAISS and the GPU backend) and test_gpu_host — run
@@ -82,7 +82,7 @@ not_run() {
 
 # ---- 1. build ----
 mode=full
-if step configure 240 cmake -S "$root" -B "$build" -DAFFINITY_GPU=ON -DAFFINITY_WERROR=ON \
+if step configure 240 cmake -S "$root" -B "$build" -DAFFINITY_GPU=ON -DAFFINITY_WERROR=OFF \
     -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc"; then
     step build 420 cmake --build "$build" -j"$(nproc)" --target test_gpu_host test_gpu_backend \
         test_gpu_parity bench_kernels || mode=broken
