@@ -85,14 +85,17 @@ int kernels_score(kernels_workspace *ws, const kernels_table *t, const float *qu
     }
     {
         const float *norms = t->metric == KERNELS_METRIC_L2 ? t->norms : NULL;
-        if (t->storage == KERNELS_STORAGE_FP16)
+        if (t->storage == KERNELS_STORAGE_FP16) {
             KERNELS_LAUNCH(gather_dot_kernel<__half>, nq, 256, 0, ws->stream)
-        ((const __half *)t->vectors, t->dpad, norms, (const float *)ws->qin.p, t->dim,
-         (const uint32_t *)ws->meta.p, (const uint32_t *)ws->out_rows.p, (float *)ws->out_scores.p);
-        else KERNELS_LAUNCH(gather_dot_kernel<float>, nq, 256, 0, ws->stream)(
-            (const float *)t->vectors, t->dpad, norms, (const float *)ws->qin.p, t->dim,
-            (const uint32_t *)ws->meta.p, (const uint32_t *)ws->out_rows.p,
-            (float *)ws->out_scores.p);
+            ((const __half *)t->vectors, t->dpad, norms, (const float *)ws->qin.p, t->dim,
+             (const uint32_t *)ws->meta.p, (const uint32_t *)ws->out_rows.p,
+             (float *)ws->out_scores.p);
+        } else {
+            KERNELS_LAUNCH(gather_dot_kernel<float>, nq, 256, 0, ws->stream)
+            ((const float *)t->vectors, t->dpad, norms, (const float *)ws->qin.p, t->dim,
+             (const uint32_t *)ws->meta.p, (const uint32_t *)ws->out_rows.p,
+             (float *)ws->out_scores.p);
+        }
         KLAUNCH(err);
     }
     KCUDA(err, cudaMemcpyAsync(ws->h_out.p, ws->out_scores.p, rows_b, cudaMemcpyDeviceToHost,

@@ -147,11 +147,13 @@ static int search_chunk(kernels_workspace *ws, const kernels_table *t, const ker
         }
     }
 
-    if (t->storage == KERNELS_STORAGE_FP16)
+    if (t->storage == KERNELS_STORAGE_FP16) {
         KERNELS_LAUNCH(search_prepare_queries<__half>, nb, 128, 0, ws->stream)
-    ((const float *)ws->qin.p, dim, dpad, (__half *)ws->qdev.p, (float *)ws->qnorm.p);
-    else KERNELS_LAUNCH(search_prepare_queries<float>, nb, 128, 0, ws->stream)(
-        (const float *)ws->qin.p, dim, dpad, (float *)ws->qdev.p, (float *)ws->qnorm.p);
+        ((const float *)ws->qin.p, dim, dpad, (__half *)ws->qdev.p, (float *)ws->qnorm.p);
+    } else {
+        KERNELS_LAUNCH(search_prepare_queries<float>, nb, 128, 0, ws->stream)
+        ((const float *)ws->qin.p, dim, dpad, (float *)ws->qdev.p, (float *)ws->qnorm.p);
+    }
     KLAUNCH(err);
 
     {

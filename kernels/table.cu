@@ -314,14 +314,15 @@ int kernels_table_write(kernels_table *t, const uint32_t *rows, uint32_t n, cons
                                   cudaMemcpyHostToDevice, t->stream));
         const kernels_row_attrs *d_attrs =
             attrs ? (const kernels_row_attrs *)(st + attrs_off) : NULL;
-        if (t->storage == KERNELS_STORAGE_FP16)
+        if (t->storage == KERNELS_STORAGE_FP16) {
             KERNELS_LAUNCH(table_write_rows<__half>, m, 128, 0, t->stream)
             ((__half *)t->vectors, t->dim, t->dpad, t->norms, t->category, t->price, t->flags,
              t->bloom, t->tags, (const uint32_t *)(st + rows_off), (const float *)st, d_attrs);
-        else
+        } else {
             KERNELS_LAUNCH(table_write_rows<float>, m, 128, 0, t->stream)
             ((float *)t->vectors, t->dim, t->dpad, t->norms, t->category, t->price, t->flags,
              t->bloom, t->tags, (const uint32_t *)(st + rows_off), (const float *)st, d_attrs);
+        }
         KLAUNCH(err);
         KCUDA(err, cudaStreamSynchronize(t->stream));
     }
@@ -372,14 +373,15 @@ int kernels_table_move(kernels_table *t, const uint32_t *src, const uint32_t *ds
         KCUDA(err, cudaMemcpyAsync(st, src + i0, (size_t)m * 4, cudaMemcpyHostToDevice, t->stream));
         KCUDA(err, cudaMemcpyAsync(st + dst_off, dst + i0, (size_t)m * 4, cudaMemcpyHostToDevice,
                                    t->stream));
-        if (t->storage == KERNELS_STORAGE_FP16)
+        if (t->storage == KERNELS_STORAGE_FP16) {
             KERNELS_LAUNCH(table_move_rows<__half>, m, 128, 0, t->stream)
             ((__half *)t->vectors, t->dpad, t->norms, t->category, t->price, t->flags, t->bloom,
              t->tags, (const uint32_t *)st, (const uint32_t *)(st + dst_off));
-        else
+        } else {
             KERNELS_LAUNCH(table_move_rows<float>, m, 128, 0, t->stream)
             ((float *)t->vectors, t->dpad, t->norms, t->category, t->price, t->flags, t->bloom,
              t->tags, (const uint32_t *)st, (const uint32_t *)(st + dst_off));
+        }
         KLAUNCH(err);
         KCUDA(err, cudaStreamSynchronize(t->stream));
     }
@@ -416,14 +418,15 @@ int kernels_table_read(kernels_table *t, const uint32_t *rows, uint32_t n, float
         char *st = (char *)t->staging;
         KCUDA(err,
               cudaMemcpyAsync(st, rows + i0, (size_t)m * 4, cudaMemcpyHostToDevice, t->stream));
-        if (t->storage == KERNELS_STORAGE_FP16)
+        if (t->storage == KERNELS_STORAGE_FP16) {
             KERNELS_LAUNCH(table_read_rows<__half>, m, 128, 0, t->stream)
             ((const __half *)t->vectors, t->dim, t->dpad, (const uint32_t *)st,
              (float *)(st + out_off));
-        else
+        } else {
             KERNELS_LAUNCH(table_read_rows<float>, m, 128, 0, t->stream)
             ((const float *)t->vectors, t->dim, t->dpad, (const uint32_t *)st,
              (float *)(st + out_off));
+        }
         KLAUNCH(err);
         KCUDA(err, cudaMemcpyAsync(out + (size_t)i0 * t->dim, st + out_off, (size_t)m * t->dim * 4,
                                    cudaMemcpyDeviceToHost, t->stream));
