@@ -1043,6 +1043,32 @@ out:
     return rc;
 }
 
+int engine_filter_items(aff_engine *e, const char *name, const char *const *ids, size_t n,
+                        const aff_filter *filter, bool *pass, aff_err *err)
+{
+    collection *c;
+    int rc = collection_acquire(e, name, &c, err);
+    if (rc != AFF_OK)
+        return rc;
+    compiled_filter cf = {0};
+    if ((rc = validate_filter(filter, err)) != AFF_OK)
+        goto out_release;
+    pthread_rwlock_rdlock(&c->lock);
+    if ((rc = compile_filter(c, filter, UINT32_MAX, &cf, err)) != AFF_OK)
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t row;
+        pass[i] = ids[i] && !cf.matches_nothing && strmap_get(c->ids, ids[i], &row) &&
+                  backend_filter_matches(&cf.f, &c->attrs[row], row);
+    }
+out:
+    pthread_rwlock_unlock(&c->lock);
+    compiled_filter_free(&cf);
+out_release:
+    collection_release(c);
+    return rc;
+}
+
 /* ---- re-ranking -------------------------------------------------------------------------------- */
 
 static int validate_rerank(const collection *c, const aff_rerank_query *q, aff_err *err)

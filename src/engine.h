@@ -155,6 +155,11 @@ int engine_validate_query(aff_engine *e, const char *collection, const aff_query
 int engine_search(aff_engine *e, const char *collection, const aff_query *queries, size_t nq,
                   aff_hit *hits, uint32_t *n_hits, aff_err *query_errs);
 
+/* pass[i] = item ids[i] exists and passes filter (NULL: exists). One evaluator for every
+ * caller that ranks items itself (e.g. popularity), with the same semantics as search. */
+int engine_filter_items(aff_engine *e, const char *collection, const char *const *ids, size_t n,
+                        const aff_filter *filter, bool *pass, aff_err *err);
+
 /* ---- re-ranking ------------------------------------------------------------------------ */
 
 typedef struct aff_rerank_query {

@@ -978,3 +978,44 @@ Test(engine, noop_backend_runs_bookkeeping_without_scoring)
     cr_assert_str_eq(info.name, "noop");
     engine_destroy(noop);
 }
+
+Test(engine, filter_items_agrees_with_search_semantics)
+{
+    seed_test();
+    ref_coll ref;
+    make_collection("fi", 4, AFF_METRIC_IP, &ref);
+    add_random("fi", &ref, 300, "f");
+    const char *cats[] = {"shoes", "hats"};
+    const char *tags[] = {"eco"};
+    aff_filter f;
+    aff_filter_init(&f);
+    f.categories = cats;
+    f.n_categories = 2;
+    f.tags = tags;
+    f.n_tags = 1;
+    f.price_max = 60;
+    const char *excluded[] = {ref.items[3].id};
+    f.exclude_ids = excluded;
+    f.n_exclude_ids = 1;
+    const char *ids[302];
+    bool pass[302];
+    for (uint32_t i = 0; i < ref.n; i++)
+        ids[i] = ref.items[i].id;
+    ids[300] = "unknown";
+    ids[301] = NULL;
+    aff_err err;
+    cr_assert_eq(engine_filter_items(engine, "fi", ids, 302, &f, pass, &err), AFF_OK, "%s",
+                 err.msg);
+    uint32_t passing = 0;
+    for (uint32_t i = 0; i < ref.n; i++) {
+        cr_assert_eq(pass[i], ref_passes(&ref.items[i], &f, NULL), "item %u", i);
+        passing += pass[i];
+    }
+    cr_assert_gt(passing, 0, "the filter should pass some of 300 random items");
+    cr_assert_not(pass[3]);
+    cr_assert_not(pass[300]);
+    cr_assert_not(pass[301]);
+    cr_assert_eq(engine_filter_items(engine, "fi", ids, 2, NULL, pass, &err), AFF_OK);
+    cr_assert(pass[0] && pass[1]);
+    ref_free(&ref);
+}
