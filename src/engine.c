@@ -905,23 +905,41 @@ int engine_validate_query(aff_engine *e, const char *name, const aff_query *q, a
     return rc;
 }
 
+/* Batch entry for engine_search and engine_rerank: clears every query's outcome and takes a
+ * reference on the collection; when that fails, every query gets the same error. */
+static int acquire_for_batch(aff_engine *e, const char *name, size_t nq, aff_err *query_errs,
+                             collection **out)
+{
+    for (size_t i = 0; i < nq; i++)
+        aff__err_clear(&query_errs[i]);
+    aff_err cerr;
+    int rc = collection_acquire(e, name, out, &cerr);
+    if (rc != AFF_OK)
+        for (size_t i = 0; i < nq; i++)
+            query_errs[i] = cerr;
+    return rc;
+}
+
+/* AFF_OK when every query succeeded, else the first failed query's code. */
+static int first_failure(const aff_err *query_errs, size_t nq)
+{
+    for (size_t i = 0; i < nq; i++)
+        if (query_errs[i].code != AFF_OK)
+            return query_errs[i].code;
+    return AFF_OK;
+}
+
 int engine_search(aff_engine *e, const char *name, const aff_query *queries, size_t nq,
                   aff_hit *hits, uint32_t *n_hits, aff_err *query_errs)
 {
-    for (size_t i = 0; i < nq; i++) {
-        aff__err_clear(&query_errs[i]);
+    for (size_t i = 0; i < nq; i++)
         n_hits[i] = 0;
-    }
     if (nq == 0)
         return AFF_OK;
     collection *c;
-    aff_err cerr;
-    int rc = collection_acquire(e, name, &c, &cerr);
-    if (rc != AFF_OK) {
-        for (size_t i = 0; i < nq; i++)
-            query_errs[i] = cerr;
+    int rc = acquire_for_batch(e, name, nq, query_errs, &c);
+    if (rc != AFF_OK)
         return rc;
-    }
     size_t *offsets = malloc(nq * sizeof *offsets);
     uint32_t *batch_of = malloc(nq * sizeof *batch_of); /* batch slot -> query index */
     uint32_t *ks = malloc(nq * sizeof *ks);
@@ -1013,12 +1031,7 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
         }
     }
 done:
-    rc = AFF_OK;
-    for (size_t i = 0; i < nq; i++)
-        if (query_errs[i].code != AFF_OK) {
-            rc = query_errs[i].code;
-            break;
-        }
+    rc = first_failure(query_errs, nq);
     goto out;
 fail_all:
     for (size_t i = 0; i < nq; i++)
@@ -1111,18 +1124,12 @@ static int cmp_rerank(const void *a, const void *b)
 int engine_rerank(aff_engine *e, const char *name, const aff_rerank_query *queries, size_t nq,
                   aff_rerank_hit *out, aff_err *query_errs)
 {
-    for (size_t i = 0; i < nq; i++)
-        aff__err_clear(&query_errs[i]);
     if (nq == 0)
         return AFF_OK;
     collection *c;
-    aff_err cerr;
-    int rc = collection_acquire(e, name, &c, &cerr);
-    if (rc != AFF_OK) {
-        for (size_t i = 0; i < nq; i++)
-            query_errs[i] = cerr;
+    int rc = acquire_for_batch(e, name, nq, query_errs, &c);
+    if (rc != AFF_OK)
         return rc;
-    }
     size_t total = 0;
     for (size_t i = 0; i < nq; i++)
         total += rerank_span(&queries[i]);
@@ -1189,12 +1196,7 @@ int engine_rerank(aff_engine *e, const char *name, const aff_rerank_query *queri
         qsort(out + oo, q->n, sizeof *out, cmp_rerank);
         oo += q->n;
     }
-    rc = AFF_OK;
-    for (size_t i = 0; i < nq; i++)
-        if (query_errs[i].code != AFF_OK) {
-            rc = query_errs[i].code;
-            break;
-        }
+    rc = first_failure(query_errs, nq);
 out:
     free(qbuf);
     free(offsets);
