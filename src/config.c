@@ -8,6 +8,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,7 +20,9 @@ typedef enum opt_type {
     OPT_BOOL,   /* bool; a flag without value means true */
     OPT_BACKEND,
     OPT_LOG_LEVEL,
-    OPT_ACTION, /* --help, --version: bool, never from the environment */
+    OPT_EVENT_WEIGHTS, /* config_event_weights, from "name=weight,..." */
+    OPT_HOURS,         /* double hours within (0, max] */
+    OPT_ACTION,        /* --help, --version: bool, never from the environment */
 } opt_type;
 
 typedef struct opt_def {
@@ -40,7 +43,8 @@ typedef struct opt_def {
     .type = OPT_U32, .offset = offsetof(aff_config, field), .min = lo, .max = hi
 #define INT(field, lo, hi)                                                                         \
     .type = OPT_INT, .offset = offsetof(aff_config, field), .min = lo, .max = hi
-#define BOOL(field) .type = OPT_BOOL, .offset = offsetof(aff_config, field)
+#define BOOL(field)      .type = OPT_BOOL, .offset = offsetof(aff_config, field)
+#define HOURS(field, hi) .type = OPT_HOURS, .offset = offsetof(aff_config, field), .max = hi
 
 static const opt_def opts[] = {
     {"listen", STR(listen), .def = "0.0.0.0:50051",
@@ -87,6 +91,21 @@ static const opt_def opts[] = {
      .help = "keep the GPU catalog in fp32 instead of fp16 (twice the memory)"},
     {"cpu-threads", U32(cpu_threads, 0, 1024), .def = "0",
      .help = "FAISS/BLAS threads for the CPU backend, 0 = all cores"},
+    {"event-weights", .type = OPT_EVENT_WEIGHTS, .offset = offsetof(aff_config, event_weights),
+     .def = "view=1,click=2,add_to_cart=4,purchase=8",
+     .help = "behaviour event weights, name=weight,...: the built-in view, click, add_to_cart "
+             "and purchase (unnamed ones keep their default) and up to 28 custom types "
+             "([a-z0-9_], 1..31 bytes) that PutEvents may send as EVENT_TYPE_CUSTOM; weights "
+             "are finite and >= 0 (0: counted, but moves no profile or popularity)"},
+    {"profile-half-life-hours", HOURS(profile_half_life_hours, 876000), .def = "336",
+     .help = "half-life of an event's weight in a user's profile, hours in (0, 876000] "
+             "(336 = 14 days): an event this much older counts half"},
+    {"popularity-half-life-hours", HOURS(popularity_half_life_hours, 876000), .def = "168",
+     .help = "half-life of an event in the popularity ranking that answers users without a "
+             "profile, hours in (0, 876000] (168 = 7 days)"},
+    {"history-length", U32(history_length, 1, 100000), .def = "500",
+     .help = "recent events kept per user and collection, 1..100000 (exclusions by event "
+             "type cover all time regardless)"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
@@ -132,6 +151,80 @@ static bool parse_bool(const char *v, bool *out)
     return false;
 }
 
+static bool valid_type_name(const char *s, size_t n)
+{
+    if (n == 0 || n > STORE_MAX_TYPE_LEN) return false;
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= '0' && s[i] <= '9') || s[i] == '_'))
+            return false;
+    return true;
+}
+
+/* Parses "name=weight,..." into *out: built-in types not named keep their defaults. */
+static int parse_event_weights(const char *value, const char *source, config_event_weights *out,
+                               aff_err *err)
+{
+    static const char *const builtin[4] = {"view", "click", "add_to_cart", "purchase"};
+    config_event_weights w = {.view = 1, .click = 2, .add_to_cart = 4, .purchase = 8};
+    float *slots[4] = {&w.view, &w.click, &w.add_to_cart, &w.purchase};
+    bool seen_builtin[4] = {false};
+    const char *p = value;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        const char *eq = memchr(p, '=', len);
+        if (!eq)
+            return aff__fail(err, AFF_EINVAL,
+                             "%s: '%.*s' is not name=weight (e.g. view=1,purchase=8,wishlist=3)",
+                             source, (int)len, p);
+        size_t nlen = (size_t)(eq - p);
+        char num[64];
+        size_t vlen = len - nlen - 1;
+        if (vlen == 0 || vlen >= sizeof num)
+            return aff__fail(err, AFF_EINVAL, "%s: '%.*s' has no weight", source, (int)len, p);
+        memcpy(num, eq + 1, vlen);
+        num[vlen] = '\0';
+        char *nend = NULL;
+        errno = 0;
+        float weight = strtof(num, &nend);
+        if (*nend || errno || !isfinite(weight) || weight < 0)
+            return aff__fail(err, AFF_EINVAL,
+                             "%s: weight '%s' of '%.*s' is not a finite number >= 0", source, num,
+                             (int)nlen, p);
+        if (!valid_type_name(p, nlen))
+            return aff__fail(err, AFF_EINVAL,
+                             "%s: event type '%.*s' must be 1..%d bytes of [a-z0-9_]", source,
+                             (int)nlen, p, STORE_MAX_TYPE_LEN);
+        int b = -1;
+        for (int i = 0; i < 4; i++)
+            if (strlen(builtin[i]) == nlen && strncmp(builtin[i], p, nlen) == 0) b = i;
+        bool dup = b >= 0 && seen_builtin[b];
+        for (uint32_t i = 0; i < w.n_custom && !dup; i++)
+            dup = strlen(w.custom_names[i]) == nlen && strncmp(w.custom_names[i], p, nlen) == 0;
+        if (dup)
+            return aff__fail(err, AFF_EINVAL, "%s: event type '%.*s' is given twice", source,
+                             (int)nlen, p);
+        if (b >= 0) {
+            *slots[b] = weight;
+            seen_builtin[b] = true;
+        } else {
+            if (w.n_custom == PROFILES_MAX_CUSTOM_TYPES)
+                return aff__fail(err, AFF_EINVAL, "%s: at most %d custom event types", source,
+                                 PROFILES_MAX_CUSTOM_TYPES);
+            memcpy(w.custom_names[w.n_custom], p, nlen);
+            w.custom_names[w.n_custom][nlen] = '\0';
+            w.custom_weights[w.n_custom++] = weight;
+        }
+        if (!end) break;
+        p = end + 1;
+        if (!*p)
+            return aff__fail(err, AFF_EINVAL, "%s: a trailing comma; give name=weight pairs",
+                             source);
+    }
+    *out = w;
+    return 0;
+}
+
 /* Stores value into the field of o; `source` names where it came from for messages. */
 static int set_opt(aff_config *c, const opt_def *o, const char *value, const char *source,
                    aff_err *err)
@@ -175,6 +268,18 @@ static int set_opt(aff_config *c, const opt_def *o, const char *value, const cha
         else
             return aff__fail(err, AFF_EINVAL, "%s: '%s' is not a backend (auto, gpu or cpu)",
                              source, value);
+        return 0;
+    }
+    case OPT_EVENT_WEIGHTS:
+        return parse_event_weights(value, source, (config_event_weights *)field, err);
+    case OPT_HOURS: {
+        char *end = NULL;
+        errno = 0;
+        double v = strtod(value, &end);
+        if (!*value || *end || errno || !(v > 0) || v > (double)o->max)
+            return aff__fail(err, AFF_EINVAL, "%s: '%s' is not a number of hours in (0, %lld]",
+                             source, value, o->max);
+        *(double *)field = v;
         return 0;
     }
     case OPT_LOG_LEVEL:
@@ -336,6 +441,19 @@ void config_log(const aff_config *c)
             snprintf(v, sizeof vals[0], "%s", l >= 0 && l <= AFF_LOG_OFF ? names[l] : "?");
             break;
         }
+        case OPT_EVENT_WEIGHTS: {
+            const config_event_weights *w = (const config_event_weights *)field;
+            int len = snprintf(v, sizeof vals[0], "view=%g,click=%g,add_to_cart=%g,purchase=%g",
+                               (double)w->view, (double)w->click, (double)w->add_to_cart,
+                               (double)w->purchase);
+            for (uint32_t j = 0; j < w->n_custom && len > 0 && (size_t)len < sizeof vals[0]; j++)
+                len += snprintf(v + len, sizeof vals[0] - (size_t)len, ",%s=%g", w->custom_names[j],
+                                (double)w->custom_weights[j]);
+            break;
+        }
+        case OPT_HOURS:
+            snprintf(v, sizeof vals[0], "%g", *(const double *)field);
+            break;
         case OPT_ACTION:
             continue;
         }
@@ -344,13 +462,32 @@ void config_log(const aff_config *c)
     }
     kv[n] = NULL;
     /* aff_log_kv takes a NULL-terminated vararg list; pass the table in fixed slots. */
-    _Static_assert(2 * (N_OPTS - 2) <= 46, "config_log passes at most 23 fields");
-    const char *k[2 * N_OPTS + 1];
-    for (size_t i = 0; i < 2 * N_OPTS + 1; i++)
+    _Static_assert(2 * (N_OPTS - 2) <= 58, "config_log passes at most 29 fields");
+    const char *k[59];
+    for (size_t i = 0; i < sizeof k / sizeof k[0]; i++)
         k[i] = i < n ? kv[i] : NULL;
     aff_log_kv(AFF_LOG_INFO, "configuration", k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7], k[8],
                k[9], k[10], k[11], k[12], k[13], k[14], k[15], k[16], k[17], k[18], k[19], k[20],
                k[21], k[22], k[23], k[24], k[25], k[26], k[27], k[28], k[29], k[30], k[31], k[32],
                k[33], k[34], k[35], k[36], k[37], k[38], k[39], k[40], k[41], k[42], k[43], k[44],
-               k[45], k[46], NULL);
+               k[45], k[46], k[47], k[48], k[49], k[50], k[51], k[52], k[53], k[54], k[55], k[56],
+               k[57], k[58], NULL);
+}
+
+void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_type *custom)
+{
+    profiles_config_init(out);
+    const config_event_weights *w = &c->event_weights;
+    out->weight_view = w->view;
+    out->weight_click = w->click;
+    out->weight_add_to_cart = w->add_to_cart;
+    out->weight_purchase = w->purchase;
+    for (uint32_t i = 0; i < w->n_custom; i++)
+        custom[i] =
+            (profiles_custom_type){.name = w->custom_names[i], .weight = w->custom_weights[i]};
+    out->custom_types = custom;
+    out->n_custom_types = w->n_custom;
+    out->half_life_s = c->profile_half_life_hours * 3600.0;
+    out->popularity_half_life_s = c->popularity_half_life_hours * 3600.0;
+    out->history_len = c->history_length;
 }

@@ -16,9 +16,18 @@
 
 #include "engine.h"
 #include "log.h"
+#include "profiles.h"
 #include "status.h"
 
 #define CONFIG_PATH_MAX 1024
+
+/* --event-weights: the four built-in types' weights and the custom types. */
+typedef struct config_event_weights {
+    float view, click, add_to_cart, purchase;
+    uint32_t n_custom;
+    char custom_names[PROFILES_MAX_CUSTOM_TYPES][STORE_MAX_TYPE_LEN + 1];
+    float custom_weights[PROFILES_MAX_CUSTOM_TYPES];
+} config_event_weights;
 
 typedef struct aff_config {
     char listen[256]; /* host:port; port 0 picks a free port */
@@ -42,8 +51,12 @@ typedef struct aff_config {
     int gpu_device;           /* CUDA device ordinal */
     bool fp32;                /* GPU catalog in fp32 instead of fp16 */
     uint32_t cpu_threads;     /* FAISS/BLAS threads; 0 = all cores */
-    bool help;                /* --help was given: print config_usage and exit 0 */
-    bool version;             /* --version was given */
+    config_event_weights event_weights;
+    double profile_half_life_hours;    /* profile decay */
+    double popularity_half_life_hours; /* popularity decay */
+    uint32_t history_length;           /* events kept per user */
+    bool help;                         /* --help was given: print config_usage and exit 0 */
+    bool version;                      /* --version was given */
 } aff_config;
 
 /* Fills *out with defaults, then the environment, then argv. AFF_EINVAL with a message
@@ -55,5 +68,7 @@ void config_usage(FILE *f, const char *prog);
  * here, and paths are shown as given. */
 void config_log(const aff_config *c);
 const char *config_backend_name(engine_backend_choice b);
+/* Fills a profiles configuration from c; the custom types point into c. */
+void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_type *custom);
 
 #endif

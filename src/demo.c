@@ -64,14 +64,24 @@ static void normalize(float *v)
         v[j] *= inv;
 }
 
-static int create(aff_engine *e, const char *name, aff_err *err)
+static int create(aff_catalog *catalog, const char *name, aff_err *err)
 {
     engine_collection_spec spec = {
         .name = name, .dim = DEMO_DIM, .metric = AFF_METRIC_COSINE, .index = BACKEND_INDEX_FLAT};
-    return engine_create_collection(e, &spec, err);
+    return catalog_create_collection(catalog, &spec, err);
 }
 
-int demo_load(aff_engine *e, aff_err *err)
+bool demo_present(aff_engine *e)
+{
+    static const char *const names[] = {"products", "categories", "banners", "offers"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        uint32_t dim;
+        if (engine_collection_dim(e, names[i], &dim, NULL) == AFF_OK) return true;
+    }
+    return false;
+}
+
+int demo_load(aff_catalog *catalog, aff_err *err)
 {
     int rc = 0;
     rng r = {DEMO_SEED};
@@ -91,7 +101,7 @@ int demo_load(aff_engine *e, aff_err *err)
     }
 
     /* products */
-    if ((rc = create(e, "products", err))) goto out;
+    if ((rc = create(catalog, "products", err))) goto out;
     for (uint32_t base = 0; base < DEMO_PRODUCTS; base += UPSERT_CHUNK) {
         uint32_t n = DEMO_PRODUCTS - base < UPSERT_CHUNK ? DEMO_PRODUCTS - base : UPSERT_CHUNK;
         for (uint32_t i = 0; i < n; i++) {
@@ -116,18 +126,18 @@ int demo_load(aff_engine *e, aff_err *err)
                                   .price = price,
                                   .available = available};
         }
-        if ((rc = engine_upsert(e, "products", items, n, err))) goto out;
+        if ((rc = catalog_upsert(catalog, "products", items, n, err))) goto out;
     }
 
     /* categories: one item per category at its centroid */
-    if ((rc = create(e, "categories", err))) goto out;
+    if ((rc = create(catalog, "categories", err))) goto out;
     for (int c = 0; c < DEMO_CATEGORIES; c++)
         items[c] = (aff_item){.id = demo_category_names[c],
                               .vector = centroid[c],
                               .dim = DEMO_DIM,
                               .category = demo_category_names[c],
                               .available = true};
-    if ((rc = engine_upsert(e, "categories", items, DEMO_CATEGORIES, err))) goto out;
+    if ((rc = catalog_upsert(catalog, "categories", items, DEMO_CATEGORIES, err))) goto out;
 
     /* banners: blends of two or three categories */
     static const struct {
@@ -144,7 +154,7 @@ int demo_load(aff_engine *e, aff_err *err)
         {"banner-gaming-night", {5, 8, 7}, "new"},
         {"banner-wellness", {15, 16, 24}, "campaign"},
     };
-    if ((rc = create(e, "banners", err))) goto out;
+    if ((rc = create(catalog, "banners", err))) goto out;
     size_t nb = sizeof banners / sizeof banners[0];
     for (size_t b = 0; b < nb; b++) {
         float *v = vecs + b * DEMO_DIM;
@@ -163,7 +173,7 @@ int demo_load(aff_engine *e, aff_err *err)
                               .n_tags = 1,
                               .available = true};
     }
-    if ((rc = engine_upsert(e, "banners", items, nb, err))) goto out;
+    if ((rc = catalog_upsert(catalog, "banners", items, nb, err))) goto out;
 
     /* offers: one per chosen category, near its centroid */
     static const struct {
@@ -177,7 +187,7 @@ int demo_load(aff_engine *e, aff_err *err)
         {"offer-garden-free-delivery", 19, 0}, {"offer-kitchen-set", 21, 40},
         {"offer-pets-subscription", 23, 15},   {"offer-grocery-weekly", 24, 8},
     };
-    if ((rc = create(e, "offers", err))) goto out;
+    if ((rc = create(catalog, "offers", err))) goto out;
     size_t no = sizeof offers / sizeof offers[0];
     for (size_t o = 0; o < no; o++) {
         float *v = vecs + o * DEMO_DIM;
@@ -194,7 +204,7 @@ int demo_load(aff_engine *e, aff_err *err)
                               .price = offers[o].price,
                               .available = true};
     }
-    if ((rc = engine_upsert(e, "offers", items, no, err))) goto out;
+    if ((rc = catalog_upsert(catalog, "offers", items, no, err))) goto out;
     aff_log(AFF_LOG_INFO,
             "demo shop loaded: products (%d items, %d categories, d=%d), categories, banners, "
             "offers",

@@ -15,9 +15,11 @@
 #ifndef AFFINITY_DEMO_H
 #define AFFINITY_DEMO_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
+#include "catalog.h"
 #include "engine.h"
 #include "status.h"
 
@@ -28,7 +30,10 @@
 /* The category names, in index order. */
 extern const char *const demo_category_names[DEMO_CATEGORIES];
 
-/* Creates and fills the four demo collections in e. AFF_EEXIST when one already exists. */
-int demo_load(aff_engine *e, aff_err *err);
+/* Creates and fills the four demo collections through the catalog (engine and store, so a
+ * persistent server keeps them). AFF_EEXIST when one already exists. */
+int demo_load(aff_catalog *catalog, aff_err *err);
+/* True when e holds any of the four demo collections (e.g. rebuilt from the store). */
+bool demo_present(aff_engine *e);
 
 #endif

@@ -1,11 +1,15 @@
 /*
  * main.c: affinityd — flags and environment, start-up, signals and graceful shutdown.
  *
- * Start-up order: configuration (frozen from here on) → engine and backend → metrics
- * (endpoint optional) → batcher → gRPC server (health NOT_SERVING) → port file → demo catalog
- * (optional) → health SERVING. SIGTERM/SIGINT only write a byte to a pipe that main() waits
- * on (see stop_pipe_w). Shutdown: health NOT_SERVING, no new
- * calls, in-flight calls get --grace-seconds to finish, then the rest are cancelled; exit 0.
+ * Start-up order: configuration (frozen from here on) → store (LMDB under --data-dir, or a
+ * private in-memory one) → profiles → engine and backend → catalog → metrics (endpoint
+ * optional) → batcher → gRPC server (health NOT_SERVING, every other call UNAVAILABLE) → port
+ * file → rebuild of the engine from the store (logged with progress and its duration) → demo
+ * catalog (optional) → health SERVING. SIGTERM/SIGINT only write a byte to a pipe that main()
+ * waits on (see stop_pipe_w). Shutdown: health NOT_SERVING, no new calls, in-flight calls get
+ * --grace-seconds to finish, then the rest are cancelled; then the transport, batcher,
+ * profiles, catalog, engine and finally the store (every acknowledged write is already
+ * committed) are closed; exit 0.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -17,11 +21,14 @@
 #include <unistd.h>
 
 #include "batcher.h"
+#include "catalog.h"
 #include "config.h"
 #include "demo.h"
 #include "engine.h"
 #include "log.h"
 #include "metrics.h"
+#include "profiles.h"
+#include "store.h"
 #include "transport.h"
 
 /* OpenMP reads OMP_WAIT_POLICY once, when the library loads: without PASSIVE, idle FAISS and
@@ -137,7 +144,10 @@ int main(int argc, char **argv)
     aff_config cfg;
     aff_err err = {0};
     char token[4096] = "";
+    aff_store *store = NULL;
+    aff_profiles *profiles = NULL;
     aff_engine *engine = NULL;
+    aff_catalog *catalog = NULL;
     batcher *bat = NULL;
     aff_metrics *metrics = NULL;
     transport *server = NULL;
@@ -163,6 +173,17 @@ int main(int argc, char **argv)
     config_log(&cfg);
     if (cfg.token_file[0] && read_token(cfg.token_file, token, sizeof token, &err)) goto fail;
 
+    /* Storage first: a data dir that cannot be used (or is held by another process) stops
+     * the start before anything listens. */
+    store_config scfg = {.dir = cfg.data_dir[0] ? cfg.data_dir : NULL};
+    if (store_create(&store, &scfg, &err)) goto fail;
+    if (!cfg.data_dir[0])
+        aff_log(AFF_LOG_WARN, "in memory only: no --data-dir, everything is lost at exit");
+    profiles_config pcfg;
+    profiles_custom_type custom[PROFILES_MAX_CUSTOM_TYPES];
+    config_profiles(&cfg, &pcfg, custom);
+    if (profiles_create(&profiles, store, &pcfg, &err)) goto fail;
+
     engine_config ecfg = {
         .backend = cfg.backend,
         .faiss = {.threads = (int)cfg.cpu_threads},
@@ -172,6 +193,7 @@ int main(int argc, char **argv)
     engine_backend_info(engine, &bi);
     aff_log_kv(AFF_LOG_INFO, "backend in use", "requested", config_backend_name(cfg.backend),
                "backend", bi.name, "device", bi.device, NULL);
+    if (catalog_create(&catalog, engine, store, &err)) goto fail;
 
     /* Metrics: the registry always exists (updates are cheap); the HTTP endpoint runs when
      * --metrics-listen is set. The transport counts calls and latencies, the batcher reports
@@ -190,11 +212,6 @@ int main(int argc, char **argv)
     batcher_exec exec = batcher_engine_exec(engine);
     if (batcher_create(&bat, &bcfg, &exec, &err)) goto fail;
 
-    if (cfg.data_dir[0])
-        aff_log_kv(AFF_LOG_WARN,
-                   "--data-dir is accepted but storage is not wired in yet: serving from memory",
-                   "data_dir", cfg.data_dir, NULL);
-
     transport_config tcfg = {.listen = cfg.listen,
                              .threads = cfg.threads,
                              .max_message_bytes = cfg.max_message_bytes,
@@ -203,7 +220,8 @@ int main(int argc, char **argv)
                              .token = token,
                              .max_batch = cfg.max_batch,
                              .max_wait_us = cfg.max_wait_us,
-                             .persistent = false,
+                             .catalog = catalog,
+                             .profiles = profiles,
                              .metrics = metrics};
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];
@@ -212,7 +230,17 @@ int main(int argc, char **argv)
                cfg.tls_cert[0] ? "on" : "off", "auth", token[0] ? "bearer token" : "off", NULL);
     if (cfg.port_file[0] && write_port_file(cfg.port_file, transport_port(server), &err)) goto fail;
 
-    if (cfg.demo && demo_load(engine, &err)) goto fail;
+    /* The engine is rebuilt from the store while health says NOT_SERVING and every other
+     * call is refused, so no write can race the rebuild. */
+    if (catalog_rebuild(catalog, NULL, &err)) goto fail;
+    /* --demo goes through the durable path like any client's writes, so the demo shop
+     * survives restarts with --data-dir and profiles can use its items. When the store
+     * already holds a demo collection (an earlier --demo run, possibly with changes made
+     * since), the demo is not loaded again: the stored state wins. */
+    if (cfg.demo && demo_present(engine))
+        aff_log(AFF_LOG_INFO, "demo shop already in the store: not loaded again");
+    else if (cfg.demo && demo_load(catalog, &err))
+        goto fail;
     transport_set_serving(server, true);
     metrics_set_serving(metrics, true);
     aff_log(AFF_LOG_INFO, "serving");
@@ -235,7 +263,10 @@ out:
     transport_destroy(server);
     batcher_destroy(bat);
     metrics_destroy(metrics);
+    profiles_destroy(profiles);
+    catalog_destroy(catalog);
     engine_destroy(engine);
+    store_destroy(store);
     if (rc == 0) aff_log(AFF_LOG_INFO, "stopped");
     memset(token, 0, sizeof token);
     return rc;

@@ -278,6 +278,11 @@ static void on_request(void *arg, bool ok)
     } else if (atomic_load(&t->draining) && !c->def->open) {
         tcall_finish(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down; retry elsewhere",
                      NULL);
+    } else if (!atomic_load(&t->serving) && !c->def->open) {
+        tcall_finish(c, GRPC_STATUS_UNAVAILABLE,
+                     "the server is starting (loading the catalog from storage); retry when "
+                     "health reports SERVING",
+                     NULL);
     } else if (c->def->req_desc) {
         c->req = transport__unpack(c->payload, c->def->req_desc);
         if (!c->req) {
@@ -379,6 +384,8 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     char *cert = NULL, *key = NULL;
     grpc_server_credentials *creds = NULL;
     *out = NULL;
+    if (!cfg->catalog || !cfg->profiles)
+        return aff__fail(err, AFF_EINVAL, "transport: a catalog and profiles are required");
     grpc_init();
     t = calloc(1, sizeof *t);
     if (!t) {

@@ -8,10 +8,12 @@
  * answers from the batcher's completion callback. No gRPC or protobuf type leaks out of this
  * header.
  *
- * Life cycle: transport_create binds and starts serving with health NOT_SERVING;
- * transport_set_serving(true) once the catalog is loaded; transport_shutdown drains;
+ * Life cycle: transport_create binds and starts serving with health NOT_SERVING (every call
+ * but health is answered UNAVAILABLE until then, so nothing writes during the start-up
+ * rebuild); transport_set_serving(true) once the catalog is loaded; transport_shutdown drains;
  * transport_destroy frees. The engine and batcher are borrowed and must outlive the
- * transport (destroy the batcher only after transport_shutdown returned).
+ * transport (destroy the batcher only after transport_shutdown returned); so must the
+ * catalog and profiles, whose calls block on disk and run on the transport's threads.
  */
 #ifndef AFFINITY_TRANSPORT_H
 #define AFFINITY_TRANSPORT_H
@@ -20,8 +22,10 @@
 #include <stdint.h>
 
 #include "batcher.h"
+#include "catalog.h"
 #include "engine.h"
 #include "metrics.h"
+#include "profiles.h"
 #include "status.h"
 
 typedef struct transport transport;
@@ -32,11 +36,12 @@ typedef struct transport_config {
     uint32_t max_message_bytes; /* larger messages get RESOURCE_EXHAUSTED */
     const char *tls_cert_file;  /* NULL or "": plaintext */
     const char *tls_key_file;
-    const char *token;    /* NULL or "": no authentication; copied */
-    uint32_t max_batch;   /* reported by GetServerInfo */
-    uint32_t max_wait_us; /* reported by GetServerInfo */
-    bool persistent;      /* reported by GetServerInfo */
-    aff_metrics *metrics; /* per-call counters and latencies; NULL: none; borrowed */
+    const char *token;      /* NULL or "": no authentication; copied */
+    uint32_t max_batch;     /* reported by GetServerInfo */
+    uint32_t max_wait_us;   /* reported by GetServerInfo */
+    aff_catalog *catalog;   /* durable catalog writes; GetServerInfo.persistent; borrowed */
+    aff_profiles *profiles; /* events and profiles; borrowed */
+    aff_metrics *metrics;   /* per-call counters and latencies; NULL: none; borrowed */
 } transport_config;
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad

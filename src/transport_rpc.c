@@ -5,8 +5,10 @@
  * tcall_fail); request memory belongs to the call (c->req) and per-call state to c->state;
  * serving calls reach the engine only through the batcher.
  *
- * Profiles (PutEvents, GetUser, DeleteUser, and Recommend/Rerank by user_id) are answered in
- * one place, profiles_unavailable(), until the storage work wires them in.
+ * Durable writes and profiles: catalog writes go through the catalog (engine, then a durable
+ * store commit; the call is answered only after it), PutEvents/GetUser/DeleteUser and
+ * Recommend/Rerank by user_id through the profiles module. Both block on disk (fsync), so
+ * they run here on the completion-queue threads, never on the batcher's.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -15,8 +17,10 @@
 #include <string.h>
 
 #include "affinity/v1/affinity.pb-c.h"
+#include "catalog.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "log.h"
+#include "profiles.h"
 #include "transport_codec.h"
 #include "transport_internal.h"
 
@@ -88,32 +92,186 @@ static void collection_info_to_pb(const engine_collection_info *ci, const backen
     info->hnsw_ef_search = ci->hnsw_ef_search;
 }
 
-/* ---- profiles: wired in by the storage work --------------------------------------------- */
+/* ---- behaviour events and profiles ------------------------------------------------------- */
 
-/* The single place that answers profile-backed requests until --data-dir support lands. */
-static void profiles_unavailable(tcall *c, const char *what)
+/* Checks that the collection exists (NOT_FOUND from the engine, with its message). */
+static bool require_collection(tcall *c, const char *collection)
 {
-    char msg[256];
-    snprintf(msg, sizeof msg,
-             "%s needs user profiles; profiles arrive with --data-dir support (until then, "
-             "send a user_vector)",
-             what);
-    tcall_finish(c, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
+    aff_err err;
+    uint32_t dim;
+    if (engine_collection_dim(c->t->engine, collection, &dim, &err) == AFF_OK) return true;
+    tcall_fail(c, &err);
+    return false;
 }
 
-static void rpc_put_events(tcall *c, ProtobufCMessage *req)
+/* A rejection the transport decides itself (before the profiles module sees the event). */
+static bool event_precheck(const Affinity__V1__Event *e, char *reason, size_t size)
 {
-    profiles_unavailable(c, "PutEvents");
+    if (!isfinite(e->value)) {
+        snprintf(reason, size, "value must be a finite number");
+        return false;
+    }
+    if (e->custom_type[0] && e->type != AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CUSTOM) {
+        snprintf(reason, size,
+                 "custom_type '%.64s' is set but type is not EVENT_TYPE_CUSTOM; set one or "
+                 "the other",
+                 e->custom_type);
+        return false;
+    }
+    if (e->type == AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CUSTOM && !e->custom_type[0]) {
+        snprintf(reason, size,
+                 "EVENT_TYPE_CUSTOM needs custom_type (a type configured with "
+                 "--event-weights)");
+        return false;
+    }
+    return true;
 }
 
-static void rpc_get_user(tcall *c, ProtobufCMessage *req)
+/* PutEvents: one durable transaction for the call's valid events; each invalid one comes
+ * back as a RejectedEvent with its position and reason. */
+static void rpc_put_events(tcall *c, ProtobufCMessage *msg)
 {
-    profiles_unavailable(c, "GetUser");
+    const Affinity__V1__PutEventsRequest *r = (void *)msg;
+    aff_err err;
+    size_t n = r->n_events;
+    if (!require_collection(c, r->collection)) return;
+    if (n < 1 || n > PROFILES_MAX_EVENTS) {
+        fail(c, AFF_EINVAL, "%zu events; PutEvents takes 1..%d per call", n, PROFILES_MAX_EVENTS);
+        return;
+    }
+    size_t n_kv = 0;
+    for (size_t i = 0; i < n; i++)
+        n_kv += r->events[i]->n_context;
+    profiles_event *events = xcalloc(n, sizeof *events);
+    uint32_t *index = xcalloc(n, sizeof *index); /* events[j] is request event index[j] */
+    store_kv *kv = xcalloc(n_kv, sizeof *kv);
+    profiles_rejection *rej = xcalloc(n, sizeof *rej);
+    Affinity__V1__RejectedEvent *out = xcalloc(n, sizeof *out);
+    Affinity__V1__RejectedEvent **out_ptrs = xcalloc(n, sizeof *out_ptrs);
+    char(*reasons)[160] = xcalloc(n, sizeof *reasons);
+    bool *pre_rejected = xcalloc(n, sizeof *pre_rejected);
+    if (!events || !index || !kv || !rej || !out || !out_ptrs || !reasons || !pre_rejected) {
+        fail(c, AFF_ENOMEM, "out of memory reading %zu events", n);
+        goto out;
+    }
+    size_t m = 0, off = 0;
+    for (size_t i = 0; i < n; i++) {
+        const Affinity__V1__Event *e = r->events[i];
+        if (!event_precheck(e, reasons[i], sizeof reasons[i])) {
+            pre_rejected[i] = true;
+            continue;
+        }
+        for (size_t j = 0; j < e->n_context; j++)
+            kv[off + j] = (store_kv){.key = e->context[j]->key, .value = e->context[j]->value};
+        index[m] = (uint32_t)i;
+        events[m++] = (profiles_event){.item_id = e->item_id,
+                                       .type = (profiles_event_kind)e->type,
+                                       .custom_type = e->custom_type[0] ? e->custom_type : NULL,
+                                       .timestamp_ms = e->timestamp_ms,
+                                       .value = e->value,
+                                       .context = kv + off,
+                                       .n_context = (uint32_t)e->n_context};
+        off += e->n_context;
+    }
+    uint32_t applied = 0, n_rej = 0;
+    if (m && profiles_put_events(c->t->cfg.profiles, r->collection, r->user_id, events, m, &applied,
+                                 rej, &n_rej, &err)) {
+        tcall_fail(c, &err);
+        goto out;
+    }
+    /* The profiles module reports in its own (ascending) order: map back and merge. */
+    for (uint32_t k = 0; k < n_rej; k++) {
+        uint32_t i = index[rej[k].index];
+        pre_rejected[i] = true;
+        snprintf(reasons[i], sizeof reasons[i], "%s", rej[k].reason);
+    }
+    size_t n_out = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!pre_rejected[i]) continue;
+        affinity__v1__rejected_event__init(&out[n_out]);
+        out[n_out].index = (uint32_t)i;
+        out[n_out].reason = reasons[i];
+        out_ptrs[n_out] = &out[n_out];
+        n_out++;
+    }
+    Affinity__V1__PutEventsResponse resp = AFFINITY__V1__PUT_EVENTS_RESPONSE__INIT;
+    resp.applied_count = applied;
+    resp.n_rejected = n_out;
+    resp.rejected = out_ptrs;
+    tcall_finish(c, 0, NULL, &resp.base);
+out:
+    free(events);
+    free(index);
+    free(kv);
+    free(rej);
+    free(out);
+    free(out_ptrs);
+    free(reasons);
+    free(pre_rejected);
 }
 
-static void rpc_delete_user(tcall *c, ProtobufCMessage *req)
+static void rpc_get_user(tcall *c, ProtobufCMessage *msg)
 {
-    profiles_unavailable(c, "DeleteUser");
+    const Affinity__V1__GetUserRequest *r = (void *)msg;
+    aff_err err;
+    if (!require_collection(c, r->collection)) return;
+    profiles_user_info *info = malloc(sizeof *info);
+    if (!info) {
+        fail(c, AFF_ENOMEM, "out of memory reading a user");
+        return;
+    }
+    int rc = profiles_get_user(c->t->cfg.profiles, r->collection, r->user_id, info, &err);
+    if (rc == AFF_ENOTFOUND) {
+        fail(c, AFF_ENOTFOUND,
+             "user '%.128s' is unknown in collection '%s' (no events, or deleted)", r->user_id,
+             r->collection);
+    } else if (rc) {
+        tcall_fail(c, &err);
+    } else {
+        Affinity__V1__GetUserResponse__EventCountsEntry counts[STORE_MAX_EVENT_TYPES];
+        Affinity__V1__GetUserResponse__EventCountsEntry *count_ptrs[STORE_MAX_EVENT_TYPES];
+        Affinity__V1__CategoryWeight cats[PROFILES_TOP_CATEGORIES];
+        Affinity__V1__CategoryWeight *cat_ptrs[PROFILES_TOP_CATEGORIES];
+        for (uint32_t i = 0; i < info->n_counts; i++) {
+            affinity__v1__get_user_response__event_counts_entry__init(&counts[i]);
+            counts[i].key = info->counts[i].type;
+            counts[i].value = info->counts[i].count;
+            count_ptrs[i] = &counts[i];
+        }
+        for (uint32_t i = 0; i < info->n_top_categories; i++) {
+            affinity__v1__category_weight__init(&cats[i]);
+            cats[i].category = info->top_categories[i].category;
+            cats[i].weight = info->top_categories[i].weight;
+            cat_ptrs[i] = &cats[i];
+        }
+        Affinity__V1__GetUserResponse resp = AFFINITY__V1__GET_USER_RESPONSE__INIT;
+        resp.user_id = r->user_id;
+        resp.n_event_counts = info->n_counts;
+        resp.event_counts = count_ptrs;
+        resp.last_event_ms = info->last_event_ms;
+        resp.n_top_categories = info->n_top_categories;
+        resp.top_categories = cat_ptrs;
+        resp.history_length = info->history_length;
+        tcall_finish(c, 0, NULL, &resp.base);
+    }
+    free(info);
+}
+
+/* DeleteUser: erases the user from one collection, or from all with an empty collection,
+ * durably; answered after the commit. */
+static void rpc_delete_user(tcall *c, ProtobufCMessage *msg)
+{
+    const Affinity__V1__DeleteUserRequest *r = (void *)msg;
+    aff_err err;
+    if (r->collection[0] && !require_collection(c, r->collection)) return;
+    bool existed = false;
+    if (profiles_delete_user(c->t->cfg.profiles, r->collection, r->user_id, &existed, &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
+    Affinity__V1__DeleteUserResponse resp = AFFINITY__V1__DELETE_USER_RESPONSE__INIT;
+    resp.existed = existed;
+    tcall_finish(c, 0, NULL, &resp.base);
 }
 
 /* ---- collections ------------------------------------------------------------------------ */
@@ -157,7 +315,7 @@ static void rpc_create_collection(tcall *c, ProtobufCMessage *msg)
              (int)r->index);
         return;
     }
-    if (engine_create_collection(c->t->engine, &spec, &err)) {
+    if (catalog_create_collection(c->t->cfg.catalog, &spec, &err)) {
         tcall_fail(c, &err);
         return;
     }
@@ -179,7 +337,7 @@ static void rpc_drop_collection(tcall *c, ProtobufCMessage *msg)
 {
     const Affinity__V1__DropCollectionRequest *r = (void *)msg;
     aff_err err;
-    if (engine_drop_collection(c->t->engine, r->name, &err)) {
+    if (catalog_drop_collection(c->t->cfg.catalog, r->name, &err)) {
         tcall_fail(c, &err);
         return;
     }
@@ -326,7 +484,7 @@ static void upsert_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
                               .available = it->available_set ? it->available : true};
     }
     aff_err err;
-    if (r->n_items && engine_upsert(c->t->engine, st->collection, items, r->n_items, &err)) {
+    if (r->n_items && catalog_upsert(c->t->cfg.catalog, st->collection, items, r->n_items, &err)) {
         snprintf(msg, sizeof msg, "message %llu: %s; %llu items applied before it",
                  (unsigned long long)st->batches, err.msg, (unsigned long long)st->upserted);
         code = aff_status_grpc_code(err.code);
@@ -366,8 +524,8 @@ static void rpc_delete_items(tcall *c, ProtobufCMessage *msg)
         return;
     }
     size_t deleted = 0;
-    if (engine_delete(c->t->engine, r->collection, (const char *const *)r->ids, r->n_ids, &deleted,
-                      &err)) {
+    if (catalog_delete(c->t->cfg.catalog, r->collection, (const char *const *)r->ids, r->n_ids,
+                       &deleted, &err)) {
         tcall_fail(c, &err);
         return;
     }
@@ -457,6 +615,24 @@ out:
 
 /* ---- serving through the batcher ---------------------------------------------------------- */
 
+/* A Recommend request made ready: either a query to queue (q, whose filter points into the
+ * job, so the job must not move once prepared) or, for a user without a profile, the
+ * popularity answer already computed (answered). */
+typedef struct recommend_job {
+    aff_query q;
+    aff_filter f;       /* the request's filter; its arrays are borrowed from the request */
+    profiles_plan plan; /* by user_id: profile vector and exclusions; owned when has_plan */
+    bool has_plan;
+    bool answered; /* POPULARITY: the hits are final, nothing to queue */
+    Affinity__V1__RecommendSource source;
+} recommend_job;
+
+static void recommend_job_release(recommend_job *j)
+{
+    if (j->has_plan) profiles_plan_release(&j->plan);
+    j->has_plan = false;
+}
+
 /* One unary serving call: its queries, outputs and batcher request. */
 typedef struct serve_state {
     batcher_request br;
@@ -471,6 +647,10 @@ typedef struct serve_state {
     aff_err *errs;
     void (*respond)(tcall *c, struct serve_state *st); /* called when all queries succeeded */
     const char *what;                                  /* "query", "item", ... for error messages */
+    recommend_job job;                                 /* Recommend */
+    float *user_vector;                                /* Rerank by user_id: the profile */
+    Affinity__V1__RecommendSource rerank_source;
+    bool rerank_without_profile; /* Rerank of an unknown user: base scores only */
 } serve_state;
 
 static void serve_state_free(void *p)
@@ -485,6 +665,8 @@ static void serve_state_free(void *p)
     free(st->n_hits);
     free(st->rerank_out);
     free(st->errs);
+    recommend_job_release(&st->job);
+    free(st->user_vector);
     free(st);
 }
 
@@ -724,37 +906,79 @@ static void rpc_similar_items(tcall *c, ProtobufCMessage *msg)
     serve_submit(c, st, r->collection, BATCHER_SEARCH, nq);
 }
 
-/* Validates a vector Recommend request and fills q and f (pointing into r). Returns 0, or an
- * error with AFF_EUNSUPPORTED meaning "needs profiles". */
-static int recommend_prepare(transport *t, const Affinity__V1__RecommendRequest *r, aff_query *q,
-                             aff_filter *f, aff_err *err)
+/* Recommend by user_id: the user's profile as the query vector, or the collection's popular
+ * items when the user has none; both through the request's filter and the exclusions of
+ * exclude_event_types. Reads the store (no fsync). */
+static int recommend_user_prepare(transport *t, const Affinity__V1__RecommendRequest *r,
+                                  recommend_job *j, aff_hit *hits, uint32_t *n_hits, aff_err *err)
+{
+    const char *types[4];
+    size_t nt = 0;
+    for (size_t i = 0; i < r->n_exclude_event_types; i++) {
+        const char *name = profiles_event_kind_name((profiles_event_kind)r->exclude_event_types[i]);
+        if (!name)
+            return aff__fail(err, AFF_EINVAL,
+                             "exclude_event_types[%zu] = %d; use EVENT_TYPE_VIEW, "
+                             "EVENT_TYPE_CLICK, EVENT_TYPE_ADD_TO_CART or EVENT_TYPE_PURCHASE",
+                             i, (int)r->exclude_event_types[i]);
+        bool dup = false;
+        for (size_t k = 0; k < nt; k++)
+            dup = dup || types[k] == name;
+        if (!dup) types[nt++] = name;
+    }
+    int rc = profiles_plan_recommend(t->cfg.profiles, r->collection, r->user_id, types, nt, &j->f,
+                                     &j->plan, err);
+    if (rc) return rc;
+    j->has_plan = true;
+    if (j->plan.source == PROFILES_SOURCE_PROFILE) {
+        j->source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_PROFILE;
+        j->q = (aff_query){
+            .vector = j->plan.vector, .dim = j->plan.dim, .k = r->k, .filter = &j->plan.filter};
+        return engine_validate_query(t->engine, r->collection, &j->q, err);
+    }
+    j->source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_POPULARITY;
+    j->answered = true;
+    j->q = (aff_query){.k = r->k, .filter = &j->plan.filter};
+    return profiles_popular(t->cfg.profiles, r->collection, r->k, &j->plan.filter, hits, n_hits,
+                            err);
+}
+
+/* Validates a Recommend request and makes j ready (see recommend_job); hits has room for
+ * r->k hits. The job points into r, which must outlive it. */
+static int recommend_prepare(transport *t, const Affinity__V1__RecommendRequest *r,
+                             recommend_job *j, aff_hit *hits, uint32_t *n_hits, aff_err *err)
 {
     uint32_t dim;
     int rc = engine_collection_dim(t->engine, r->collection, &dim, err);
     if (rc) return rc;
+    if (r->k < 1 || r->k > AFF_MAX_K)
+        return aff__fail(err, AFF_EINVAL, "k = %u is out of range 1..%d", r->k, AFF_MAX_K);
+    filter_from_pb(r->filter, &j->f);
     if (r->user_case == AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_ID)
-        return aff__fail(err, AFF_EUNSUPPORTED,
-                         "Recommend by user_id needs user profiles; profiles arrive with "
-                         "--data-dir support (until then, send a user_vector)");
+        return recommend_user_prepare(t, r, j, hits, n_hits, err);
     if (r->user_case != AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR || !r->user_vector)
         return aff__fail(err, AFF_EINVAL, "set user_vector (or user_id) to say who the user is");
     if (r->n_exclude_event_types)
         return aff__fail(err, AFF_EINVAL,
                          "exclude_event_types needs a user_id with history; a user_vector has "
                          "none (use filter.exclude_ids instead)");
-    if (r->k < 1 || r->k > AFF_MAX_K)
-        return aff__fail(err, AFF_EINVAL, "k = %u is out of range 1..%d", r->k, AFF_MAX_K);
     if (r->user_vector->n_values == 0)
         return aff__fail(err, AFF_EINVAL, "user_vector is empty; it needs %u values", dim);
-    filter_from_pb(r->filter, f);
-    *q = (aff_query){.vector = r->user_vector->values,
-                     .dim = (uint32_t)r->user_vector->n_values,
-                     .k = r->k,
-                     .filter = f};
-    rc = engine_validate_query(t->engine, r->collection, q, err);
+    j->source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_VECTOR;
+    j->q = (aff_query){.vector = r->user_vector->values,
+                       .dim = (uint32_t)r->user_vector->n_values,
+                       .k = r->k,
+                       .filter = &j->f};
+    rc = engine_validate_query(t->engine, r->collection, &j->q, err);
     if (rc == AFF_EINVAL && strstr(err->msg, "query vector"))
         aff__fail(err, rc, "user_vector: %s", err->msg);
     return rc;
+}
+
+/* Room for the hits of a Recommend before it is validated (k out of range fails later). */
+static uint32_t recommend_room(const Affinity__V1__RecommendRequest *r)
+{
+    return r->k >= 1 && r->k <= AFF_MAX_K ? r->k : 1;
 }
 
 static void respond_recommend(tcall *c, serve_state *st)
@@ -767,7 +991,7 @@ static void respond_recommend(tcall *c, serve_state *st)
         Affinity__V1__RecommendResponse resp = AFFINITY__V1__RECOMMEND_RESPONSE__INIT;
         resp.n_hits = rp.results[0].n_hits;
         resp.hits = rp.results[0].hits;
-        resp.source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_VECTOR;
+        resp.source = st->job.source;
         resp.request_id = r->request_id;
         tcall_finish(c, 0, NULL, &resp.base);
     }
@@ -778,28 +1002,22 @@ static void rpc_recommend(tcall *c, ProtobufCMessage *msg)
 {
     const Affinity__V1__RecommendRequest *r = (void *)msg;
     aff_err err;
-    aff_query q;
-    aff_filter f;
-    int rc = recommend_prepare(c->t, r, &q, &f, &err);
-    if (rc == AFF_EUNSUPPORTED) {
-        profiles_unavailable(c, "Recommend by user_id");
-        return;
-    }
-    if (rc) {
-        tcall_fail(c, &err);
-        return;
-    }
-    serve_state *st = serve_state_new(c, 1, q.k, false);
+    serve_state *st = serve_state_new(c, 1, recommend_room(r), false);
     if (!st) {
         fail(c, AFF_ENOMEM, "out of memory preparing the query");
         return;
     }
     st->respond = respond_recommend;
     st->what = "query";
-    st->filters[0] = f;
-    st->queries[0] = q;
-    st->queries[0].filter = &st->filters[0];
-    serve_submit(c, st, r->collection, BATCHER_SEARCH, 1);
+    if (recommend_prepare(c->t, r, &st->job, st->hits, &st->n_hits[0], &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
+    st->queries[0] = st->job.q;
+    if (st->job.answered)
+        respond_recommend(c, st);
+    else
+        serve_submit(c, st, r->collection, BATCHER_SEARCH, 1);
 }
 
 static void respond_rerank(tcall *c, serve_state *st)
@@ -815,7 +1033,7 @@ static void respond_rerank(tcall *c, serve_state *st)
             affinity__v1__reranked_item__init(&items[i]);
             items[i].id = (char *)st->rerank.ids[h->index];
             items[i].base_score = h->base;
-            items[i].affinity = h->affinity;
+            items[i].affinity = st->rerank_without_profile ? 0.0f : h->affinity;
             items[i].score = h->blended;
             items[i].found = h->found;
             ptrs[i] = &items[i];
@@ -823,13 +1041,16 @@ static void respond_rerank(tcall *c, serve_state *st)
         Affinity__V1__RerankResponse resp = AFFINITY__V1__RERANK_RESPONSE__INIT;
         resp.n_items = n;
         resp.items = ptrs;
-        resp.source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_VECTOR;
+        resp.source = st->rerank_source;
         tcall_finish(c, 0, NULL, &resp.base);
     }
     free(items);
     free(ptrs);
 }
 
+/* Rerank by user_vector, or by user_id with the user's profile (source PROFILE). A user
+ * without a profile keeps the caller's ranking: weight 0, so the blended score is the base
+ * score (affinity reported as 0, source UNSPECIFIED: nothing personal was used). */
 static void rpc_rerank(tcall *c, ProtobufCMessage *msg)
 {
     const Affinity__V1__RerankRequest *r = (void *)msg;
@@ -839,11 +1060,9 @@ static void rpc_rerank(tcall *c, ProtobufCMessage *msg)
         tcall_fail(c, &err);
         return;
     }
-    if (r->user_case == AFFINITY__V1__RERANK_REQUEST__USER_USER_ID) {
-        profiles_unavailable(c, "Rerank by user_id");
-        return;
-    }
-    if (r->user_case != AFFINITY__V1__RERANK_REQUEST__USER_USER_VECTOR || !r->user_vector) {
+    bool by_id = r->user_case == AFFINITY__V1__RERANK_REQUEST__USER_USER_ID;
+    if (!by_id &&
+        (r->user_case != AFFINITY__V1__RERANK_REQUEST__USER_USER_VECTOR || !r->user_vector)) {
         fail(c, AFF_EINVAL, "set user_vector (or user_id) to say who the user is");
         return;
     }
@@ -867,8 +1086,37 @@ static void rpc_rerank(tcall *c, ProtobufCMessage *msg)
         ids[i] = r->candidates[i]->id;
         st->base_scores[i] = r->candidates[i]->base_score;
     }
-    st->rerank = (aff_rerank_query){.vector = r->user_vector->values,
-                                    .dim = (uint32_t)r->user_vector->n_values,
+    const float *vector;
+    uint32_t vdim;
+    if (by_id) {
+        bool found = false;
+        st->user_vector = xcalloc(dim, sizeof *st->user_vector);
+        if (!st->user_vector) {
+            fail(c, AFF_ENOMEM, "out of memory reading the user's profile");
+            return;
+        }
+        if (profiles_user_vector(c->t->cfg.profiles, r->collection, r->user_id, st->user_vector,
+                                 dim, &found, &err)) {
+            tcall_fail(c, &err);
+            return;
+        }
+        if (found) {
+            st->rerank_source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_PROFILE;
+        } else {
+            st->user_vector[0] = 1.0f; /* any valid vector: weight 0 ignores it */
+            st->rerank_without_profile = true;
+            st->rerank_source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_UNSPECIFIED;
+            weight = 0.0f;
+        }
+        vector = st->user_vector;
+        vdim = dim;
+    } else {
+        vector = r->user_vector->values;
+        vdim = (uint32_t)r->user_vector->n_values;
+        st->rerank_source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_VECTOR;
+    }
+    st->rerank = (aff_rerank_query){.vector = vector,
+                                    .dim = vdim,
                                     .ids = ids,
                                     .base_scores = st->base_scores,
                                     .n = (uint32_t)n,
@@ -885,8 +1133,7 @@ typedef struct bitem {
     tcall *c;
     Affinity__V1__RecommendRequest *req; /* owned */
     batcher_request br;
-    aff_query q;
-    aff_filter f;
+    recommend_job job;
     aff_hit *hits;
     uint32_t n_hits;
     aff_err qerr;
@@ -906,6 +1153,7 @@ typedef struct bstream {
 static void bitem_free(bitem *it)
 {
     if (!it) return;
+    recommend_job_release(&it->job);
     if (it->req) protobuf_c_message_free_unpacked(&it->req->base, NULL);
     free(it->hits);
     free(it);
@@ -944,7 +1192,7 @@ static void bitem_send(tcall *c, bitem *it)
             }
             resp.n_hits = it->n_hits;
             resp.hits = ptrs;
-            resp.source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_VECTOR;
+            resp.source = it->job.source;
         }
     }
     if (it->code != 0) {
@@ -1038,24 +1286,19 @@ static void bstream_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
                        (unsigned long long)s->received);
     } else if (atomic_load(&c->t->draining)) {
         rc = aff__fail(&err, AFF_EUNAVAILABLE, "the server is shutting down; retry elsewhere");
+    } else if (!(it->hits = xcalloc(recommend_room(it->req), sizeof *it->hits))) {
+        rc = aff__fail(&err, AFF_ENOMEM, "out of memory preparing the query");
     } else {
-        rc = recommend_prepare(c->t, it->req, &it->q, &it->f, &err);
-        if (rc == AFF_EUNSUPPORTED)
-            rc = aff__fail(&err, AFF_EUNSUPPORTED,
-                           "Recommend by user_id needs user profiles; profiles arrive with "
-                           "--data-dir support (until then, send a user_vector)");
+        rc = recommend_prepare(c->t, it->req, &it->job, it->hits, &it->n_hits, &err);
     }
-    if (!rc) {
-        it->q.filter = &it->f;
-        it->hits = xcalloc(it->q.k, sizeof *it->hits);
-        if (!it->hits) rc = aff__fail(&err, AFF_ENOMEM, "out of memory preparing the query");
-    }
-    if (!rc) {
+    if (!rc && it->job.answered) {
+        it->done = true; /* popularity: answered at once, in order with the others */
+    } else if (!rc) {
         it->br = (batcher_request){.kind = BATCHER_SEARCH,
                                    .collection = it->req->collection,
                                    .deadline_ns = tcall_deadline_ns(c),
                                    .nq = 1,
-                                   .queries = &it->q,
+                                   .queries = &it->job.q,
                                    .hits = it->hits,
                                    .n_hits = &it->n_hits,
                                    .query_errs = &it->qerr,
@@ -1140,7 +1383,7 @@ static void rpc_get_server_info(tcall *c, ProtobufCMessage *msg)
     info.max_batch = t->cfg.max_batch;
     info.max_wait_us = t->cfg.max_wait_us;
     info.batch_stats = &stats;
-    info.persistent = t->cfg.persistent;
+    info.persistent = catalog_persistent(t->cfg.catalog);
     tcall_finish(c, 0, NULL, &info.base);
 }
 

@@ -195,10 +195,21 @@ static int remove_entry(const char *path, const struct stat *sb, int flag, struc
     return remove(path);
 }
 
+void ts_remove_path(const char *dir)
+{
+    if (strncmp(dir, "/tmp/affinity-e2e-", 18) == 0)
+        nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+}
+
 void ts_remove_dir(const test_server *s)
 {
-    if (strncmp(s->dir, "/tmp/affinity-e2e-", 18) == 0)
-        nftw(s->dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+    ts_remove_path(s->dir);
+}
+
+void ts_make_dir(char *out, size_t size, const char *what)
+{
+    int n = snprintf(out, size, "/tmp/affinity-e2e-%s-XXXXXX", what);
+    cr_assert(n > 0 && (size_t)n < size && mkdtemp(out), "cannot make a directory for %s", what);
 }
 
 int ts_stop(test_server *s, int sig, int timeout_ms)

@@ -10,6 +10,7 @@
 #define AFFINITY_TESTS_SERVER_HELPERS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -52,6 +53,11 @@ void ts_start_serving(test_server *s, const char *const *args);
 int ts_stop(test_server *s, int sig, int timeout_ms);
 /* Deletes the server's temporary directory (ts_stop does so after a clean exit). */
 void ts_remove_dir(const test_server *s);
+/* Makes a fresh directory /tmp/affinity-e2e-<what>-XXXXXX (e.g. a --data-dir that outlives
+ * several servers) into out; asserts on failure. */
+void ts_make_dir(char *out, size_t size, const char *what);
+/* Deletes a directory made by ts_make_dir (or any /tmp/affinity-e2e-* one) with its files. */
+void ts_remove_path(const char *dir);
 /* Prints the server log to stderr (for failed tests). */
 void ts_dump_log(const test_server *s);
 

@@ -1,0 +1,169 @@
+/*
+ * catalog.c: owns the order of engine and store calls for catalog writes and the start-up
+ * rebuild (see catalog.h). Rules kept: the engine validates before the store writes; a write
+ * returns 0 only after the store committed; one mutex orders writes on both.
+ */
+#include "catalog.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+struct aff_catalog {
+    aff_engine *engine;
+    aff_store *store;
+    pthread_mutex_t write_mu; /* held across the engine call and the store commit */
+};
+
+int catalog_create(aff_catalog **out, aff_engine *e, aff_store *s, aff_err *err)
+{
+    *out = NULL;
+    aff_catalog *c = calloc(1, sizeof *c);
+    if (!c) return aff__fail(err, AFF_ENOMEM, "catalog: out of memory");
+    c->engine = e;
+    c->store = s;
+    pthread_mutex_init(&c->write_mu, NULL);
+    *out = c;
+    return AFF_OK;
+}
+
+void catalog_destroy(aff_catalog *c)
+{
+    if (!c) return;
+    pthread_mutex_destroy(&c->write_mu);
+    free(c);
+}
+
+bool catalog_persistent(const aff_catalog *c)
+{
+    return store_persistent(c->store);
+}
+
+/* ---- rebuild ------------------------------------------------------------------------------ */
+
+static int rebuild_collection(void *ctx, const store_collection *sc, aff_err *err)
+{
+    aff_catalog *c = ctx;
+    engine_collection_spec spec = {.name = sc->name,
+                                   .dim = sc->dim,
+                                   .metric = sc->metric,
+                                   .index = sc->index,
+                                   .hnsw_m = sc->hnsw_m,
+                                   .hnsw_ef_search = sc->hnsw_ef_search};
+    return engine_create_collection(c->engine, &spec, err);
+}
+
+static int rebuild_items(void *ctx, const store_collection *sc, const store_item *items, size_t n,
+                         aff_err *err)
+{
+    aff_catalog *c = ctx;
+    aff_item *batch = calloc(n ? n : 1, sizeof *batch);
+    if (!batch) return aff__fail(err, AFF_ENOMEM, "out of memory rebuilding '%s'", sc->name);
+    for (size_t i = 0; i < n; i++)
+        batch[i] = (aff_item){.id = items[i].id,
+                              .vector = items[i].vector,
+                              .dim = items[i].dim,
+                              .category = items[i].category,
+                              .tags = items[i].tags,
+                              .n_tags = items[i].n_tags,
+                              .price = items[i].price,
+                              .available = items[i].available};
+    int rc = engine_upsert(c->engine, sc->name, batch, n, err);
+    free(batch);
+    return rc;
+}
+
+int catalog_rebuild(aff_catalog *c, store_rebuild_progress *out, aff_err *err)
+{
+    store_rebuild_ops ops = {
+        .collection = rebuild_collection, .items = rebuild_items, .progress = NULL, .ctx = c};
+    pthread_mutex_lock(&c->write_mu);
+    int rc = store_rebuild(c->store, &ops, out, err);
+    pthread_mutex_unlock(&c->write_mu);
+    return rc;
+}
+
+/* ---- writes ------------------------------------------------------------------------------- */
+
+int catalog_create_collection(aff_catalog *c, const engine_collection_spec *spec, aff_err *err)
+{
+    pthread_mutex_lock(&c->write_mu);
+    int rc = engine_create_collection(c->engine, spec, err);
+    if (rc) goto out;
+    engine_collection_info ci;
+    if ((rc = engine_describe_collection(c->engine, spec->name, &ci, err))) goto undo;
+    /* The engine filled in defaults (HNSW parameters): store what it serves. */
+    store_collection sc = {.dim = ci.dim,
+                           .metric = ci.metric,
+                           .index = ci.index,
+                           .hnsw_m = ci.hnsw_m,
+                           .hnsw_ef_search = ci.hnsw_ef_search};
+    memcpy(sc.name, ci.name, sizeof sc.name);
+    if ((rc = store_put_collection(c->store, &sc, err))) goto undo;
+    goto out;
+undo:;
+    aff_err drop_err;
+    if (engine_drop_collection(c->engine, spec->name, &drop_err))
+        aff_log_kv(AFF_LOG_ERROR, "cannot undo a collection the store refused", "collection",
+                   spec->name, "error", drop_err.msg, NULL);
+out:
+    pthread_mutex_unlock(&c->write_mu);
+    return rc;
+}
+
+int catalog_drop_collection(aff_catalog *c, const char *name, aff_err *err)
+{
+    uint32_t dim;
+    pthread_mutex_lock(&c->write_mu);
+    int rc = engine_collection_dim(c->engine, name, &dim, err);
+    if (rc == AFF_OK && (rc = store_drop_collection(c->store, name, NULL, err)) == AFF_OK)
+        rc = engine_drop_collection(c->engine, name, err);
+    pthread_mutex_unlock(&c->write_mu);
+    return rc;
+}
+
+int catalog_upsert(aff_catalog *c, const char *collection, const aff_item *items, size_t n,
+                   aff_err *err)
+{
+    store_item *si = calloc(n ? n : 1, sizeof *si);
+    if (!si) return aff__fail(err, AFF_ENOMEM, "out of memory writing %zu items", n);
+    for (size_t i = 0; i < n; i++)
+        si[i] = (store_item){.id = items[i].id,
+                             .vector = items[i].vector,
+                             .dim = items[i].dim,
+                             .category = items[i].category,
+                             .tags = items[i].tags,
+                             .n_tags = items[i].n_tags,
+                             .price = items[i].price,
+                             .available = items[i].available};
+    pthread_mutex_lock(&c->write_mu);
+    int rc = engine_upsert(c->engine, collection, items, n, err);
+    if (rc == AFF_OK && n) rc = store_put_items(c->store, collection, si, n, err);
+    pthread_mutex_unlock(&c->write_mu);
+    free(si);
+    return rc;
+}
+
+int catalog_delete(aff_catalog *c, const char *collection, const char *const *ids, size_t n,
+                   size_t *n_deleted, aff_err *err)
+{
+    if (n_deleted) *n_deleted = 0;
+    /* The engine's id rule, checked before the store commits so that the engine cannot
+     * refuse the delete afterwards. */
+    for (size_t i = 0; i < n; i++) {
+        size_t len = ids[i] ? strnlen(ids[i], AFF_MAX_ID_LEN + 1) : 0;
+        if (len == 0 || len > AFF_MAX_ID_LEN)
+            return aff__fail(err, AFF_EINVAL, "id %zu is %s; ids are 1..%d bytes", i,
+                             len ? "too long" : "empty", AFF_MAX_ID_LEN);
+    }
+    uint32_t dim;
+    pthread_mutex_lock(&c->write_mu);
+    int rc = engine_collection_dim(c->engine, collection, &dim, err);
+    if (rc == AFF_OK && n &&
+        (rc = store_delete_items(c->store, collection, ids, n, NULL, err)) == 0)
+        rc = engine_delete(c->engine, collection, ids, n, n_deleted, err);
+    pthread_mutex_unlock(&c->write_mu);
+    return rc;
+}
