@@ -257,6 +257,54 @@ static bool authorized(const transport *t, const grpc_metadata_array *md)
     return ok;
 }
 
+/* ---- blocking work ----------------------------------------------------------------------- */
+
+static void *blocking_thread(void *arg)
+{
+    transport *t = arg;
+    for (;;) {
+        pthread_mutex_lock(&t->jobs_mu);
+        while (!t->jobs_head && !t->jobs_stop)
+            pthread_cond_wait(&t->jobs_cv, &t->jobs_mu);
+        tjob *j = t->jobs_head;
+        if (j) {
+            t->jobs_head = j->next;
+            if (!t->jobs_head) t->jobs_tail = NULL;
+        }
+        pthread_mutex_unlock(&t->jobs_mu);
+        if (!j) return NULL; /* stopping and the queue is empty */
+        j->fn(j->c);
+        tcall_unref(j->c);
+        free(j);
+    }
+}
+
+void transport__defer(tcall *c, void (*fn)(tcall *c))
+{
+    transport *t = c->t;
+    tjob *j = malloc(sizeof *j);
+    if (!j || !t->n_workers) { /* no memory or no workers: run it here rather than fail */
+        free(j);
+        fn(c);
+        return;
+    }
+    tcall_ref(c);
+    *j = (tjob){.c = c, .fn = fn};
+    pthread_mutex_lock(&t->jobs_mu);
+    if (t->jobs_tail)
+        t->jobs_tail->next = j;
+    else
+        t->jobs_head = j;
+    t->jobs_tail = j;
+    pthread_cond_signal(&t->jobs_cv);
+    pthread_mutex_unlock(&t->jobs_mu);
+}
+
+static void run_unary(tcall *c)
+{
+    c->def->unary(c, c->req);
+}
+
 /* ---- request dispatch ------------------------------------------------------------------ */
 
 static void on_request(void *arg, bool ok)
@@ -290,6 +338,8 @@ static void on_request(void *arg, bool ok)
             snprintf(msg, sizeof msg, "the request is not a valid %s message",
                      c->def->req_desc->name);
             tcall_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+        } else if (c->def->blocking) {
+            transport__defer(c, run_unary);
         } else {
             c->def->unary(c, c->req);
         }
@@ -400,6 +450,8 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     t->n_defs = transport__n_methods;
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->cv, NULL);
+    pthread_mutex_init(&t->jobs_mu, NULL);
+    pthread_cond_init(&t->jobs_cv, NULL);
     atomic_init(&t->serving, false);
     atomic_init(&t->draining, false);
     atomic_init(&t->closing, false);
@@ -451,6 +503,14 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
         }
     }
 
+    for (uint32_t i = 0; i < TRANSPORT_BLOCKING_THREADS; i++) {
+        int e = pthread_create(&t->workers[i], NULL, blocking_thread, t);
+        if (e) {
+            rc = aff__fail(err, AFF_EINTERNAL, "cannot start a worker thread: %s", strerror(e));
+            goto out;
+        }
+        t->n_workers++;
+    }
     for (uint32_t i = 0; i < t->n_threads; i++) {
         int e = pthread_create(&t->threads[i], NULL, cq_thread, t->cqs[i]);
         if (e) {
@@ -586,6 +646,13 @@ void transport_destroy(transport *t)
 {
     if (!t) return;
     if (t->started) transport_shutdown(t, 0, 0);
+    /* Blocking work first: its calls may still answer, which needs the completion queues. */
+    pthread_mutex_lock(&t->jobs_mu);
+    t->jobs_stop = true;
+    pthread_cond_broadcast(&t->jobs_cv);
+    pthread_mutex_unlock(&t->jobs_mu);
+    for (uint32_t i = 0; i < t->n_workers; i++)
+        pthread_join(t->workers[i], NULL);
     if (t->server) grpc_server_destroy(t->server);
     for (uint32_t i = 0; t->cqs && i < t->n_threads; i++)
         if (t->cqs[i]) grpc_completion_queue_shutdown(t->cqs[i]);
@@ -600,6 +667,8 @@ void transport_destroy(transport *t)
     free(t->authorization);
     pthread_cond_destroy(&t->cv);
     pthread_mutex_destroy(&t->mu);
+    pthread_cond_destroy(&t->jobs_cv);
+    pthread_mutex_destroy(&t->jobs_mu);
     free(t);
     grpc_shutdown();
 }

@@ -7,6 +7,10 @@
  * runs, each gRPC operation batch in flight holds one, and each request in the batcher holds
  * one. The last unref frees the call and everything it owns. A handler answers a unary call
  * exactly once, with tcall_finish (from any thread).
+ *
+ * Blocking work: store and profile calls wait on disk (fsync). Methods marked `blocking` run
+ * on the transport's own worker threads (transport__defer), so a completion-queue thread
+ * never sleeps in fsync and the serving calls it should be reading stay fast.
  */
 #ifndef AFFINITY_TRANSPORT_INTERNAL_H
 #define AFFINITY_TRANSPORT_INTERNAL_H
@@ -36,6 +40,7 @@ typedef struct tmethod_def {
     const char *path;
     const ProtobufCMessageDescriptor *req_desc; /* NULL: streaming */
     bool open;                                  /* true: no bearer token needed (health) */
+    bool blocking; /* unary: the handler waits on disk; run it on a worker (transport__defer) */
     /* Handles a decoded request; req belongs to the call (freed with it). */
     void (*unary)(tcall *c, ProtobufCMessage *req);
     /* Starts a streaming call (the handler drives recv/send with tcall_recv/tcall_send). */
@@ -70,6 +75,15 @@ struct tcall {
     void (*on_send)(tcall *c, bool ok);
 };
 
+/* Work waiting for a blocking-work thread. */
+typedef struct tjob {
+    struct tjob *next;
+    tcall *c;
+    void (*fn)(tcall *c);
+} tjob;
+
+#define TRANSPORT_BLOCKING_THREADS 4 /* concurrent fsync-bound calls (they share commits) */
+
 struct transport {
     transport_config cfg;
     char *authorization; /* "Bearer <token>" or NULL */
@@ -93,6 +107,12 @@ struct transport {
     size_t n_defs;
     void **registered; /* per def */
     int *metric_ids;   /* per def: metrics_method, or -1 (health) */
+    pthread_t workers[TRANSPORT_BLOCKING_THREADS];
+    uint32_t n_workers; /* blocking-work threads running */
+    pthread_mutex_t jobs_mu;
+    pthread_cond_t jobs_cv;
+    tjob *jobs_head, *jobs_tail;
+    bool jobs_stop; /* workers finish the queue, then exit */
 };
 
 /* The affinity.v1 and health method table (transport_rpc.c). */
@@ -112,6 +132,9 @@ bool tcall_recv(tcall *c);
 /* Streaming: sends one message (initial metadata first if needed); c->on_send runs when
  * gRPC has taken it. One send at a time. */
 bool tcall_send(tcall *c, const ProtobufCMessage *msg);
+/* Runs fn(c) on a blocking-work thread, holding a reference on c until fn returned. Jobs run
+ * in FIFO order; fn answers the call (or drives its stream) as a handler would. */
+void transport__defer(tcall *c, void (*fn)(tcall *c));
 /* Health: SERVING (catalog loaded and not draining). */
 bool transport__serving(const transport *t);
 /* The call's deadline on the batcher's clock (0: none). */

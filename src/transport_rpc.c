@@ -397,6 +397,8 @@ typedef struct upsert_state {
     char collection[AFF_MAX_NAME_LEN + 1];
     uint64_t upserted;
     uint64_t batches;
+    bool recv_ok;              /* the receive handed to upsert_work (one at a time) */
+    grpc_byte_buffer *recv_bb; /* owned until upsert_work takes it */
 } upsert_state;
 
 static void upsert_finish(tcall *c, int code, const char *msg)
@@ -411,7 +413,9 @@ static void upsert_finish(tcall *c, int code, const char *msg)
     tcall_finish(c, 0, NULL, &resp.base);
 }
 
-static void upsert_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
+/* One stream message: applied durably (engine, then one store commit) before the next is
+ * read. Runs on a blocking-work thread. */
+static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
 {
     upsert_state *st = c->state;
     char msg[512];
@@ -501,6 +505,29 @@ out:
         upsert_finish(c, GRPC_STATUS_INTERNAL, "cannot read the next message");
 }
 
+static void upsert_work(tcall *c)
+{
+    upsert_state *st = c->state;
+    grpc_byte_buffer *bb = st->recv_bb;
+    st->recv_bb = NULL;
+    upsert_message(c, st->recv_ok, bb);
+}
+
+static void upsert_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
+{
+    upsert_state *st = c->state;
+    st->recv_ok = ok;
+    st->recv_bb = bb;
+    transport__defer(c, upsert_work);
+}
+
+static void upsert_state_free(void *p)
+{
+    upsert_state *st = p;
+    if (st && st->recv_bb) grpc_byte_buffer_destroy(st->recv_bb);
+    free(st);
+}
+
 static void rpc_upsert_items(tcall *c)
 {
     upsert_state *st = calloc(1, sizeof *st);
@@ -509,7 +536,7 @@ static void rpc_upsert_items(tcall *c)
         return;
     }
     c->state = st;
-    c->state_free = free;
+    c->state_free = upsert_state_free;
     c->on_recv = upsert_on_recv;
     if (!tcall_recv(c)) fail(c, AFF_EINTERNAL, "cannot read the request stream");
 }
@@ -1415,32 +1442,36 @@ static void rpc_health_watch(tcall *c)
 #define AFF_PATH(m) "/affinity.v1.Affinity/" m
 #define UNARY(m, desc, fn)                                                                         \
     {                                                                                              \
-        AFF_PATH(m), &affinity__v1__##desc##__descriptor, false, fn, NULL                          \
+        AFF_PATH(m), &affinity__v1__##desc##__descriptor, false, false, fn, NULL                   \
+    }
+#define BLOCKING(m, desc, fn)                                                                      \
+    {                                                                                              \
+        AFF_PATH(m), &affinity__v1__##desc##__descriptor, false, true, fn, NULL                    \
     }
 #define STREAM(m, fn)                                                                              \
     {                                                                                              \
-        AFF_PATH(m), NULL, false, NULL, fn                                                         \
+        AFF_PATH(m), NULL, false, false, NULL, fn                                                  \
     }
 
 const tmethod_def transport__methods[] = {
-    UNARY("CreateCollection", create_collection_request, rpc_create_collection),
-    UNARY("DropCollection", drop_collection_request, rpc_drop_collection),
+    BLOCKING("CreateCollection", create_collection_request, rpc_create_collection),
+    BLOCKING("DropCollection", drop_collection_request, rpc_drop_collection),
     UNARY("ListCollections", list_collections_request, rpc_list_collections),
     UNARY("DescribeCollection", describe_collection_request, rpc_describe_collection),
     STREAM("UpsertItems", rpc_upsert_items),
-    UNARY("DeleteItems", delete_items_request, rpc_delete_items),
+    BLOCKING("DeleteItems", delete_items_request, rpc_delete_items),
     UNARY("GetItems", get_items_request, rpc_get_items),
     UNARY("Search", search_request, rpc_search),
     UNARY("SimilarItems", similar_items_request, rpc_similar_items),
     UNARY("Recommend", recommend_request, rpc_recommend),
     UNARY("Rerank", rerank_request, rpc_rerank),
     STREAM("BatchRecommend", rpc_batch_recommend),
-    UNARY("PutEvents", put_events_request, rpc_put_events),
+    BLOCKING("PutEvents", put_events_request, rpc_put_events),
     UNARY("GetUser", get_user_request, rpc_get_user),
-    UNARY("DeleteUser", delete_user_request, rpc_delete_user),
+    BLOCKING("DeleteUser", delete_user_request, rpc_delete_user),
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
-     rpc_health_check, NULL},
-    {"/grpc.health.v1.Health/Watch", NULL, true, NULL, rpc_health_watch},
+     false, rpc_health_check, NULL},
+    {"/grpc.health.v1.Health/Watch", NULL, true, false, NULL, rpc_health_watch},
 };
 const size_t transport__n_methods = sizeof transport__methods / sizeof transport__methods[0];
