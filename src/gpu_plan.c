@@ -40,9 +40,9 @@ static int arena_push(gpu_filter_arena *a, const uint32_t *src, size_t n, uint32
         a->words = w;
         a->cap = cap;
     }
-    if (src)
+    if (n && src)
         memcpy(a->words + a->len, src, n * sizeof *src);
-    else
+    else if (n)
         memset(a->words + a->len, 0, n * sizeof *a->words);
     *off = (uint32_t)a->len;
     a->len += n;
