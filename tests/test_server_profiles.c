@@ -1014,3 +1014,80 @@ Test(server_profiles, sigkill_mid_stream_loses_no_acknowledged_write, .timeout =
     free(L);
     ts_remove_path(data);
 }
+
+Test(server_profiles, old_interests_fade_with_the_half_life, .init = start_behaviour,
+     .fini = stop_behaviour)
+{
+    /* Ten purchases of shoes 90 days ago (6.4 half-lives of 14 days: weight 80 -> 0.9) and
+     * five views of toys now (weight 5): without decay shoes would dominate 16 to 1; with
+     * it the profile has moved to toys. */
+    int64_t now = (int64_t)time(NULL) * 1000, old = now - 90LL * 24 * 3600 * 1000;
+    Affinity__V1__Event e[15];
+    Affinity__V1__Event *p[15];
+    for (int i = 0; i < 15; i++) {
+        affinity__v1__event__init(&e[i]);
+        bool shoes = i < 10;
+        e[i].item_id = sh.id[shoes ? i : 75 + (i - 10)];
+        e[i].type = shoes ? AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_PURCHASE
+                          : AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_VIEW;
+        e[i].timestamp_ms = shoes ? old : now;
+        p[i] = &e[i];
+    }
+    Affinity__V1__PutEventsRequest req = AFFINITY__V1__PUT_EVENTS_REQUEST__INIT;
+    req.collection = "shop";
+    req.user_id = "fickle";
+    req.n_events = 15;
+    req.events = p;
+    Affinity__V1__PutEventsResponse *r = NULL;
+    cr_assert_eq(ts_call(bcl, TRANSPORT_METHOD_PUT_EVENTS, &req,
+                         &affinity__v1__put_events_response__descriptor, 0, &r, NULL),
+                 0);
+    cr_assert_eq(r->applied_count, 15);
+    transport_client_free(&r->base);
+    Affinity__V1__RecommendResponse *rec = recommend_user(bcl, "shop", "fickle", 5, NULL, 0, NULL);
+    cr_assert_eq(rec->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_PROFILE);
+    for (size_t i = 0; i < rec->n_hits; i++)
+        cr_assert_eq(cat_of(rec->hits[i]->id), 3, "hit %zu is %s", i, rec->hits[i]->id);
+    transport_client_free(&rec->base);
+    int code;
+    Affinity__V1__GetUserResponse *u = get_user(bcl, "shop", "fickle", &code);
+    cr_assert_eq(code, 0);
+    cr_assert_str_eq(u->top_categories[0]->category, "toys");
+    cr_assert_eq(event_count(u, "purchase"), 10);
+    transport_client_free(&u->base);
+}
+
+Test(server_profiles, demo_is_stored_once_with_a_data_dir, .timeout = 120)
+{
+    char data[128];
+    ts_make_dir(data, sizeof data, "demo");
+    static const char *const demo[] = {"--demo", NULL};
+    test_server s;
+    for (int run = 0; run < 2; run++) {
+        start_on(&s, data, demo);
+        transport_client *cl = ts_client(&s, NULL);
+        if (run == 0) {
+            ev evs[] = {{"p000001", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_PURCHASE}};
+            put_ok(cl, "products", "demo-user", evs, 1);
+            const char *gone[] = {"p000002"};
+            cr_assert_eq(delete_items(cl, "products", gone, 1), 0);
+        }
+        Affinity__V1__DescribeCollectionRequest dr =
+            AFFINITY__V1__DESCRIBE_COLLECTION_REQUEST__INIT;
+        dr.name = "products";
+        Affinity__V1__CollectionInfo *ci = NULL;
+        cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_DESCRIBE_COLLECTION, &dr,
+                             &affinity__v1__collection_info__descriptor, 0, &ci, NULL),
+                     0);
+        /* the second start rebuilt the stored shop (with the delete) instead of reloading */
+        cr_assert_eq(ci->item_count, 99999);
+        transport_client_free(&ci->base);
+        int code;
+        Affinity__V1__GetUserResponse *u = get_user(cl, "products", "demo-user", &code);
+        cr_assert_eq(code, 0);
+        transport_client_free(&u->base);
+        transport_client_destroy(cl);
+        cr_assert_eq(ts_stop(&s, SIGTERM, 30000), 0);
+    }
+    ts_remove_path(data);
+}
