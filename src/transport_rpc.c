@@ -7,8 +7,10 @@
  *
  * Durable writes and profiles: catalog writes go through the catalog (engine, then a durable
  * store commit; the call is answered only after it), PutEvents/GetUser/DeleteUser and
- * Recommend/Rerank by user_id through the profiles module. Both block on disk (fsync), so
- * they run here on the completion-queue threads, never on the batcher's.
+ * Recommend/Rerank by user_id through the profiles module. Writes block on disk (fsync):
+ * their methods are marked blocking and run on the transport's blocking-work threads (see
+ * transport_internal.h), never on a completion-queue thread or the batcher's. Profile reads
+ * (a snapshot, no fsync) run where the call arrives.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -135,6 +137,11 @@ static void rpc_put_events(tcall *c, ProtobufCMessage *msg)
     aff_err err;
     size_t n = r->n_events;
     if (!require_collection(c, r->collection)) return;
+    size_t user_len = strnlen(r->user_id, AFF_MAX_ID_LEN + 1);
+    if (user_len == 0 || user_len > AFF_MAX_ID_LEN) {
+        fail(c, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+        return;
+    }
     if (n < 1 || n > PROFILES_MAX_EVENTS) {
         fail(c, AFF_EINVAL, "%zu events; PutEvents takes 1..%d per call", n, PROFILES_MAX_EVENTS);
         return;
