@@ -375,21 +375,45 @@ static const backend_filter *filter_of(const backend_search *s, uint32_t q)
     return filter_active(s, q) ? s->filters[q] : NULL;
 }
 
-/* Offers row scores[0..n) (rows first_row..) to query q's heap, checking the filter only
- * for rows that would enter it. L2 scores arrive as q.x and are turned into 2 q.x - |x|^2. */
+/* The score a candidate must reach to be looked at: the heap's worst entry once it is full,
+ * else -inf (everything but NaN gets in). Ties at the threshold take the slow path, where
+ * topk_would_accept() applies the row order. */
+static inline float heap_threshold(const topk_heap *h)
+{
+    return h->n < h->k ? -__builtin_inff() : h->scores[0];
+}
+
+/* The slow path of offer_rows: exact acceptance test, then the filter, then the heap. */
+static inline void offer_one(const faiss_table *t, topk_heap *h, const backend_filter *f,
+                             float s, uint32_t row, float *thresh)
+{
+    if (!topk_would_accept(h, s, row))
+        return;
+    if (f && !backend_filter_matches(f, &t->attrs[row], row))
+        return;
+    topk_push(h, s, row);
+    *thresh = heap_threshold(h);
+}
+
+/* Offers row scores[0..n) (rows first_row..) to one query's heap. The loop does one compare
+ * per score against a threshold kept in a register; the filter is checked only for rows that
+ * would enter the heap. L2 scores arrive as q.x and become 2 q.x - |x|^2 (-|q|^2 is added at
+ * the end, in emit). */
 static void offer_rows(const faiss_table *t, topk_heap *h, const backend_filter *f,
                        const float *scores, uint32_t first_row, uint32_t n)
 {
-    for (uint32_t j = 0; j < n; j++) {
-        uint32_t row = first_row + j;
-        float s = scores[j];
-        if (t->sq_norms)
-            s = 2.0f * s - t->sq_norms[row];
-        if (!topk_would_accept(h, s, row))
-            continue;
-        if (f && !backend_filter_matches(f, &t->attrs[row], row))
-            continue;
-        topk_push(h, s, row);
+    float thresh = heap_threshold(h);
+    if (t->sq_norms) {
+        const float *norms = t->sq_norms + first_row;
+        for (uint32_t j = 0; j < n; j++) {
+            float s = 2.0f * scores[j] - norms[j];
+            if (s >= thresh)
+                offer_one(t, h, f, s, first_row + j, &thresh);
+        }
+    } else {
+        for (uint32_t j = 0; j < n; j++)
+            if (scores[j] >= thresh)
+                offer_one(t, h, f, scores[j], first_row + j, &thresh);
     }
 }
 
@@ -459,8 +483,9 @@ out:
 
 /* Queries handled per parallel pass of search_split (bounds heap and tile memory). */
 #define SPLIT_MAX_NQ 512
-/* Scores each thread buffers per sgemm tile: nq × tile_rows floats (256 KiB, L2-resident). */
-#define SPLIT_TILE_SCORES (1u << 16)
+/* Scores each thread buffers per sgemm tile: nq × tile_rows floats (1 MiB: 1024 rows at nq = 256,
+ * large enough for BLAS to run near its peak, small enough to stay in L2 on current x86). */
+#define SPLIT_TILE_SCORES (1u << 18)
 
 /* Larger batches: each thread takes a contiguous slice of rows and scores it tile by tile with
  * single-threaded sgemm, offering every tile to its own per-query heaps; heaps are merged at
