@@ -82,7 +82,7 @@ typedef struct tjob {
     void (*fn)(tcall *c);
 } tjob;
 
-#define TRANSPORT_BLOCKING_THREADS 4 /* concurrent fsync-bound calls (they share commits) */
+#define TRANSPORT_BLOCKING_THREADS 16 /* concurrent fsync-bound calls (they share commits) */
 
 struct transport {
     transport_config cfg;
