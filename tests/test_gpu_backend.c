@@ -32,31 +32,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "test_rng.h"
+
 /* ---- randomness -------------------------------------------------------------------------------
  */
-
-static uint64_t rng_state;
-
-static uint32_t rng(void)
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)(rng_state >> 11);
-}
-
-static float rng_unit(void)
-{
-    return (float)(rng() % 2000001) / 1000000.0f - 1.0f;
-}
-
-static void seed_test(void)
-{
-    unsigned seed = (unsigned)time(NULL) ^ (unsigned)clock() ^ (unsigned)getpid();
-    rng_state = 0x9E3779B97F4A7C15ull ^ seed;
-    printf("seed %u\n", seed);
-    fflush(stdout);
-}
 
 /* ---- device --------------------------------------------------------------------------------- */
 

@@ -16,23 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-static uint64_t rng_state;
-
-static uint32_t rng(void)
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)(rng_state >> 11);
-}
-
-static void seed_test(void)
-{
-    unsigned seed = (unsigned)time(NULL) ^ (unsigned)clock();
-    rng_state = 0x9E3779B97F4A7C15ull ^ seed;
-    printf("seed %u\n", seed);
-    fflush(stdout);
-}
+#include "test_rng.h"
 
 /* ---- ordered keys ------------------------------------------------------------------------- */
 

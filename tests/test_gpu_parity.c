@@ -16,20 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static uint64_t rng_state;
-
-static uint32_t rng(void)
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)(rng_state >> 11);
-}
-
-static float rng_unit(void)
-{
-    return (float)(rng() % 2000001) / 1000000.0f - 1.0f;
-}
+#include "test_rng.h"
 
 typedef struct side {
     backend *b;
@@ -93,10 +80,7 @@ static void compare(const float *q, const float *vec, uint32_t dim, aff_metric m
 
 Test(gpu_parity, same_rows_as_faiss)
 {
-    unsigned seed = (unsigned)time(NULL) ^ (unsigned)getpid();
-    rng_state = 0x9E3779B97F4A7C15ull ^ seed;
-    printf("seed %u\n", seed);
-    fflush(stdout);
+    seed_test();
     for (int metric = 0; metric < 2; metric++) {
         aff_metric m = metric ? AFF_METRIC_L2 : AFF_METRIC_IP;
         const uint32_t dim = 64, n = 50000, nq = 40;
