@@ -51,7 +51,8 @@ static const opt_def opts[] = {
      .help = "address to serve gRPC on, host:port (port 0: any free port; see --port-file)"},
     {"threads", U32(threads, 1, 64), .def = "2", .help = "gRPC completion-queue threads, 1..64"},
     {"backend", .type = OPT_BACKEND, .offset = offsetof(aff_config, backend), .def = "auto",
-     .help = "scoring backend: auto (GPU when usable, else CPU), gpu (or fail), cpu (FAISS)"},
+     .help = "scoring backend: auto (GPU when usable, else CPU), gpu (or fail), cpu (FAISS), "
+             "noop (no scoring: the transport-ceiling benchmark baseline)"},
     {"max-batch", U32(max_batch, 1, 65536), .def = "256",
      .help = "most queries packed into one engine call, 1..65536 (1 turns batching off)"},
     {"max-wait-us", U32(max_wait_us, 0, 1000000), .def = "2000",
@@ -120,6 +121,8 @@ const char *config_backend_name(engine_backend_choice b)
         return "gpu";
     case ENGINE_BACKEND_CPU:
         return "cpu";
+    case ENGINE_BACKEND_NOOP:
+        return "noop";
     default:
         return "auto";
     }
@@ -265,8 +268,11 @@ static int set_opt(aff_config *c, const opt_def *o, const char *value, const cha
             *b = ENGINE_BACKEND_GPU;
         else if (strcmp(value, "cpu") == 0)
             *b = ENGINE_BACKEND_CPU;
+        else if (strcmp(value, "noop") == 0)
+            *b = ENGINE_BACKEND_NOOP;
         else
-            return aff__fail(err, AFF_EINVAL, "%s: '%s' is not a backend (auto, gpu or cpu)",
+            return aff__fail(err, AFF_EINVAL,
+                             "%s: '%s' is not a backend (auto, gpu, cpu, or noop for benchmarks)",
                              source, value);
         return 0;
     }
