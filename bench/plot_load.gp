@@ -6,7 +6,7 @@ set terminal pngcairo size 1100,700 font "DejaVu Sans,11" noenhanced
 set datafile separator "\t"
 set datafile commentschars "#"
 set grid
-set key top left
+set key bottom right box opaque
 
 set output dir."/load-latency.png"
 set title "Affinity: latency vs achieved throughput (open loop, Search k=10)\n".title_extra
