@@ -41,6 +41,8 @@
 #include "grpc/health/v1/health.pb-c.h"
 #include "hdr.h"
 #include "vecfile.h"
+#include "rng.h"
+#include "metrics.h"
 
 /* ---- call kinds ------------------------------------------------------------------------ */
 
@@ -56,24 +58,11 @@ static const char *const kind_methods[K_COUNT] = {
 
 #define N_CODES     18 /* gRPC codes 0..16, plus "UNSENT" (open-loop arrivals never sent) */
 #define CODE_UNSENT 17
-static const char *const code_names[N_CODES] = {"OK",
-                                                "CANCELLED",
-                                                "UNKNOWN",
-                                                "INVALID_ARGUMENT",
-                                                "DEADLINE_EXCEEDED",
-                                                "NOT_FOUND",
-                                                "ALREADY_EXISTS",
-                                                "PERMISSION_DENIED",
-                                                "RESOURCE_EXHAUSTED",
-                                                "FAILED_PRECONDITION",
-                                                "ABORTED",
-                                                "OUT_OF_RANGE",
-                                                "UNIMPLEMENTED",
-                                                "INTERNAL",
-                                                "UNAVAILABLE",
-                                                "DATA_LOSS",
-                                                "UNAUTHENTICATED",
-                                                "UNSENT"};
+/* Names for the codes counted here: gRPC's own, plus UNSENT. */
+static const char *code_name(int code)
+{
+    return code == CODE_UNSENT ? "UNSENT" : metrics_grpc_code_name(code);
+}
 
 /* ---- configuration ---------------------------------------------------------------------- */
 
@@ -127,30 +116,6 @@ static gpr_timespec deadline_in_ns(int64_t ns)
     return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_nanos(ns, GPR_TIMESPAN));
 }
 
-typedef struct rng {
-    uint64_t s;
-} rng;
-
-static uint64_t rng_next(rng *r)
-{
-    uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-/* Uniform in [0, 1). */
-static double rng_unit(rng *r)
-{
-    return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
-}
-
-static double rng_gauss(rng *r)
-{
-    double u = rng_unit(r), v = rng_unit(r);
-    return sqrt(-2.0 * log(u + 1e-300)) * cos(6.283185307179586 * v);
-}
-
 static uint64_t gcd_u64(uint64_t a, uint64_t b)
 {
     while (b) {
@@ -188,9 +153,9 @@ static int zipf_init(zipf *z, uint64_t n, double s, uint64_t seed)
     return 0;
 }
 
-static uint64_t zipf_draw(const zipf *z, rng *r)
+static uint64_t zipf_draw(const zipf *z, aff_rng *r)
 {
-    double u = rng_unit(r);
+    double u = aff_rng_uniform(r);
     uint64_t lo = 0, hi = z->n - 1;
     while (lo < hi) {
         uint64_t mid = (lo + hi) / 2;
@@ -265,7 +230,7 @@ typedef struct worker {
     uint32_t *free_slots;
     uint32_t n_free;
     uint32_t next_channel, n_channels; /* this worker uses channels id, id+T, id+2T, ... */
-    rng rng;
+    aff_rng rng;
     /* Open loop: Poisson arrivals waiting for a free slot, by intended start time. */
     double rate;
     int64_t next_arrival;
@@ -280,9 +245,9 @@ typedef struct worker {
     char first_error[N_CODES][160];
 } worker;
 
-static int pick_kind(const load_ctx *ctx, rng *r)
+static int pick_kind(const load_ctx *ctx, aff_rng *r)
 {
-    double u = rng_unit(r);
+    double u = aff_rng_uniform(r);
     for (int k = 0; k < K_COUNT; k++)
         if (u < ctx->mix_cdf[k]) return k;
     return K_COUNT - 1;
@@ -309,7 +274,7 @@ static bool worker_issue(worker *w, int64_t intended)
     call_slot *s = &w->slots[si];
     int kind = pick_kind(ctx, &w->rng);
     const req_pool *p = &ctx->pools[kind];
-    grpc_slice msg = p->msgs[rng_next(&w->rng) % p->n];
+    grpc_slice msg = p->msgs[aff_rng_next(&w->rng) % p->n];
     grpc_channel *ch = ctx->channels[w->id + w->next_channel * ctx->cfg.threads];
     w->next_channel = (w->next_channel + 1) % w->n_channels;
     s->kind = kind;
@@ -424,7 +389,7 @@ static void *worker_main(void *arg)
         if (ctx->cfg.open_loop) {
             while (w->next_arrival <= now && w->next_arrival < ctx->t_end) {
                 backlog_push(w, w->next_arrival);
-                w->next_arrival += (int64_t)(-log(1.0 - rng_unit(&w->rng)) / w->rate * 1e9);
+                w->next_arrival += (int64_t)(-log(1.0 - aff_rng_uniform(&w->rng)) / w->rate * 1e9);
             }
             if (now < send_limit)
                 while (w->backlog_len > 0 && w->n_free > 0)
@@ -599,7 +564,7 @@ static void id_of(char *buf, size_t len, const char *prefix, uint64_t i)
     snprintf(buf, len, "%s%llu", prefix, (unsigned long long)i);
 }
 
-static int build_pools(load_ctx *ctx, pool_inputs *in, rng *r)
+static int build_pools(load_ctx *ctx, pool_inputs *in, aff_rng *r)
 {
     const load_config *c = &ctx->cfg;
     char **ids = NULL;
@@ -620,7 +585,7 @@ static int build_pools(load_ctx *ctx, pool_inputs *in, rng *r)
         if (!p->msgs) goto out;
         for (uint32_t j = 0; j < p->n; j++) {
             const float *qv =
-                in->queries + (size_t)((kind == K_SEARCH ? j : rng_next(r)) % in->nq) * c->dim;
+                in->queries + (size_t)((kind == K_SEARCH ? j : aff_rng_next(r)) % in->nq) * c->dim;
             id_of(user, sizeof(user), c->user_prefix, zipf_draw(&in->users, r));
             Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
             uv.n_values = c->dim;
@@ -716,7 +681,7 @@ static int build_pools(load_ctx *ctx, pool_inputs *in, rng *r)
                     evs[i] = init;
                     id_of(ids[i], AFF_MAX_ID_LEN + 1, c->item_prefix, zipf_draw(&in->items, r));
                     evs[i].item_id = ids[i];
-                    double u = rng_unit(r);
+                    double u = aff_rng_uniform(r);
                     evs[i].type = u < 0.70   ? AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_VIEW
                                   : u < 0.90 ? AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CLICK
                                   : u < 0.97 ? AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_ADD_TO_CART
@@ -845,7 +810,7 @@ static int write_json(const load_ctx *ctx, const load_result *res, const char *p
     first = true;
     for (int i = 1; i < N_CODES; i++) {
         if (!res->codes[i]) continue;
-        fprintf(f, "%s\"%s\": %llu", first ? "" : ", ", code_names[i],
+        fprintf(f, "%s\"%s\": %llu", first ? "" : ", ", code_name(i),
                 (unsigned long long)res->codes[i]);
         first = false;
     }
@@ -853,7 +818,7 @@ static int write_json(const load_ctx *ctx, const load_result *res, const char *p
     first = true;
     for (int i = 1; i < N_CODES; i++) {
         if (!res->first_error[i][0]) continue;
-        fprintf(f, "%s\"%s\": ", first ? "" : ", ", code_names[i]);
+        fprintf(f, "%s\"%s\": ", first ? "" : ", ", code_name(i));
         json_string(f, res->first_error[i]);
         first = false;
     }
@@ -916,8 +881,8 @@ static void print_summary(const load_ctx *ctx, const load_result *res)
                    ms(hdr_value_at(res->hist_kind[k], 0.99)));
     for (int i = 1; i < N_CODES; i++)
         if (res->codes[i])
-            printf("  error      %s x %llu (%s)\n", code_names[i],
-                   (unsigned long long)res->codes[i], res->first_error[i]);
+            printf("  error      %s x %llu (%s)\n", code_name(i), (unsigned long long)res->codes[i],
+                   res->first_error[i]);
     if (res->before.valid && res->after.valid) {
         uint64_t batches, requests, hist[32];
         batch_delta(res, &batches, &requests, hist);
@@ -1302,7 +1267,7 @@ static int run_main(int argc, char **argv)
                        &affinity__v1__collection_info__descriptor, &out, detail, sizeof(detail));
         if (st != 0) {
             fprintf(stderr, "affinity_load: DescribeCollection(%s) at %s failed: %s (%s)\n",
-                    c->collection, c->addr, st < N_CODES ? code_names[st] : "?", detail);
+                    c->collection, c->addr, code_name(st), detail);
             goto out;
         }
         Affinity__V1__CollectionInfo *ci = (Affinity__V1__CollectionInfo *)out;
@@ -1316,7 +1281,7 @@ static int run_main(int argc, char **argv)
         goto out;
     }
 
-    rng r0 = {c->seed};
+    aff_rng r0 = {c->seed};
     if (c->queries_path) {
         aff_err err = {0};
         uint64_t nq;
@@ -1341,7 +1306,7 @@ static int run_main(int argc, char **argv)
             double norm = 0;
             float *v = queries + i * c->dim;
             for (uint32_t j = 0; j < c->dim; j++) {
-                v[j] = (float)rng_gauss(&r0);
+                v[j] = (float)aff_rng_normal(&r0);
                 norm += (double)v[j] * v[j];
             }
             for (uint32_t j = 0; j < c->dim; j++)
@@ -1581,13 +1546,13 @@ static int gen_main(int argc, char **argv)
     FILE *csv = NULL;
     char path[4096];
     aff_err err = {0};
-    rng r = {seed};
+    aff_rng r = {seed};
     if (!centres || !data) {
         fprintf(stderr, "affinity_load gen: out of memory\n");
         goto out;
     }
     for (size_t i = 0; i < (size_t)clusters * dim; i++)
-        centres[i] = (float)rng_gauss(&r);
+        centres[i] = (float)aff_rng_normal(&r);
     /* Items and queries alike: a centre plus noise, normalized. */
     for (int pass = 0; pass < 2; pass++) {
         uint64_t n = pass == 0 ? rows : nq;
@@ -1601,19 +1566,20 @@ static int gen_main(int argc, char **argv)
             fprintf(csv, "id,category,tags,price,available\n");
         }
         for (uint64_t i = 0; i < n; i++) {
-            uint32_t cl = (uint32_t)(rng_next(&r) % clusters);
+            uint32_t cl = (uint32_t)(aff_rng_next(&r) % clusters);
             float *v = data + i * dim;
             double norm = 0;
             for (uint32_t j = 0; j < dim; j++) {
-                v[j] = centres[(size_t)cl * dim + j] + 0.6f * (float)rng_gauss(&r);
+                v[j] = centres[(size_t)cl * dim + j] + 0.6f * (float)aff_rng_normal(&r);
                 norm += (double)v[j] * v[j];
             }
             for (uint32_t j = 0; j < dim; j++)
                 v[j] = (float)(v[j] / sqrt(norm));
             if (pass == 0)
                 fprintf(csv, "%s%llu,cat-%u,tag-%u|tag-%u,%.2f,%s\n", prefix, (unsigned long long)i,
-                        cl % 25, (unsigned)(rng_next(&r) % 50), (unsigned)(rng_next(&r) % 50),
-                        1.0 + rng_unit(&r) * 499.0, rng_unit(&r) < 0.9 ? "true" : "false");
+                        cl % 25, (unsigned)(aff_rng_next(&r) % 50),
+                        (unsigned)(aff_rng_next(&r) % 50), 1.0 + aff_rng_uniform(&r) * 499.0,
+                        aff_rng_uniform(&r) < 0.9 ? "true" : "false");
         }
         snprintf(path, sizeof(path), "%s/%s", out_dir, pass == 0 ? "catalog.npy" : "queries.npy");
         if (vecfile_write(path, data, n, dim, &err) != 0) {

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "rng.h"
 
 #define DEMO_SEED    0x5eed0af1u
 #define UPSERT_CHUNK 5000
@@ -28,31 +29,6 @@ static const float base_price[DEMO_CATEGORIES] = {199, 499, 999, 89, 449, 59,  1
 static const char *const tag_names[] = {"sale",    "new",  "bestseller", "eco",
                                         "premium", "gift", "limited",    "clearance"};
 #define N_TAGS (sizeof tag_names / sizeof tag_names[0])
-
-typedef struct rng {
-    uint64_t s;
-} rng;
-
-/* splitmix64: small, fast, and the same on every platform. */
-static uint64_t rng_next(rng *r)
-{
-    uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static double rng_uniform(rng *r)
-{
-    return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
-}
-
-static float rng_normal(rng *r)
-{
-    double u1 = rng_uniform(r), u2 = rng_uniform(r);
-    if (u1 < 1e-300) u1 = 1e-300;
-    return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
-}
 
 static void normalize(float *v)
 {
@@ -84,7 +60,7 @@ bool demo_present(aff_engine *e)
 int demo_load(aff_catalog *catalog, aff_err *err)
 {
     int rc = 0;
-    rng r = {DEMO_SEED};
+    aff_rng r = {DEMO_SEED};
     float(*centroid)[DEMO_DIM] = calloc(DEMO_CATEGORIES, sizeof *centroid);
     float *vecs = calloc((size_t)UPSERT_CHUNK * DEMO_DIM, sizeof *vecs);
     aff_item *items = calloc(UPSERT_CHUNK, sizeof *items);
@@ -96,7 +72,7 @@ int demo_load(aff_catalog *catalog, aff_err *err)
     }
     for (int c = 0; c < DEMO_CATEGORIES; c++) {
         for (int j = 0; j < DEMO_DIM; j++)
-            centroid[c][j] = rng_normal(&r);
+            centroid[c][j] = (float)aff_rng_normal(&r);
         normalize(centroid[c]);
     }
 
@@ -105,18 +81,18 @@ int demo_load(aff_catalog *catalog, aff_err *err)
     for (uint32_t base = 0; base < DEMO_PRODUCTS; base += UPSERT_CHUNK) {
         uint32_t n = DEMO_PRODUCTS - base < UPSERT_CHUNK ? DEMO_PRODUCTS - base : UPSERT_CHUNK;
         for (uint32_t i = 0; i < n; i++) {
-            uint32_t cat = (uint32_t)(rng_next(&r) % DEMO_CATEGORIES);
+            uint32_t cat = (uint32_t)(aff_rng_next(&r) % DEMO_CATEGORIES);
             float *v = vecs + (size_t)i * DEMO_DIM;
             for (int j = 0; j < DEMO_DIM; j++)
-                v[j] = centroid[cat][j] + 0.12f * rng_normal(&r);
+                v[j] = centroid[cat][j] + 0.12f * (float)aff_rng_normal(&r);
             normalize(v);
             snprintf(ids[i], sizeof ids[i], "p%06u", base + i);
-            uint32_t n_tags = (uint32_t)(rng_next(&r) % 4);
+            uint32_t n_tags = (uint32_t)(aff_rng_next(&r) % 4);
             for (uint32_t t = 0; t < n_tags && t < 3; t++)
-                tags[i][t] = tag_names[rng_next(&r) % N_TAGS];
-            float price = base_price[cat] * (float)exp(0.45 * rng_normal(&r));
+                tags[i][t] = tag_names[aff_rng_next(&r) % N_TAGS];
+            float price = base_price[cat] * (float)exp(0.45 * (float)aff_rng_normal(&r));
             price = floorf(price) + 0.99f;
-            bool available = rng_next(&r) % 10 != 0;
+            bool available = aff_rng_next(&r) % 10 != 0;
             items[i] = (aff_item){.id = ids[i],
                                   .vector = v,
                                   .dim = DEMO_DIM,
@@ -192,7 +168,7 @@ int demo_load(aff_catalog *catalog, aff_err *err)
     for (size_t o = 0; o < no; o++) {
         float *v = vecs + o * DEMO_DIM;
         for (int j = 0; j < DEMO_DIM; j++)
-            v[j] = centroid[offers[o].cat][j] + 0.05f * rng_normal(&r);
+            v[j] = centroid[offers[o].cat][j] + 0.05f * (float)aff_rng_normal(&r);
         normalize(v);
         tags[o][0] = "offer";
         items[o] = (aff_item){.id = offers[o].id,

@@ -125,6 +125,11 @@ static const char *const grpc_code_names[METRICS_GRPC_CODES] = {
     "UNAUTHENTICATED",
 };
 
+const char *metrics_grpc_code_name(int code)
+{
+    return code >= 0 && code < METRICS_GRPC_CODES ? grpc_code_names[code] : "UNKNOWN_CODE";
+}
+
 static const char *const event_type_names[METRICS_EVENT_TYPES] = {
     NULL, "view", "click", "add_to_cart", "purchase", "custom",
 };

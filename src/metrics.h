@@ -125,5 +125,8 @@ int metrics_render(aff_metrics *m, char **out, size_t *len, aff_err *err);
 int metrics_method_from_name(const char *name, metrics_method *out);
 /* "Recommend" for METRICS_METHOD_RECOMMEND; NULL when out of range. */
 const char *metrics_method_name(metrics_method method);
+/* The canonical name of a gRPC status code ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN_CODE"
+ * outside 0..16. */
+const char *metrics_grpc_code_name(int code);
 
 #endif
