@@ -10,6 +10,7 @@
 #include <criterion/criterion.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,8 +66,8 @@ static void make_collection(const char *name, uint32_t dim, aff_metric metric, r
     *ref = (ref_coll){.dim = dim, .metric = metric};
 }
 
-static const char *const categories[] = {"shoes", "shirts", "bags", "hats", "socks",
-                                         "belts", "coats", "jeans", "dresses", "watches"};
+static const char *const categories[] = {"shoes", "shirts", "bags",  "hats",    "socks",
+                                         "belts", "coats",  "jeans", "dresses", "watches"};
 static const char *const tag_pool[] = {"sale", "new", "eco", "premium", "kids", "unisex"};
 
 /* Adds n random items to both the engine and the reference (ids "<prefix><i>"). */
@@ -94,9 +95,14 @@ static void add_random(const char *coll, ref_coll *ref, uint32_t n, const char *
         r->price = (float)(rng() % 10000) / 100.0f;
         r->available = rng() % 4 != 0;
         r->alive = true;
-        items[i] = (aff_item){.id = r->id, .vector = r->vec, .dim = ref->dim,
-                              .category = r->category, .tags = tagp[i], .n_tags = r->n_tags,
-                              .price = r->price, .available = r->available};
+        items[i] = (aff_item){.id = r->id,
+                              .vector = r->vec,
+                              .dim = ref->dim,
+                              .category = r->category,
+                              .tags = tagp[i],
+                              .n_tags = r->n_tags,
+                              .price = r->price,
+                              .available = r->available};
     }
     aff_err err = {0};
     cr_assert_eq(engine_upsert(engine, coll, items, n, &err), AFF_OK, "%s", err.msg);
@@ -108,8 +114,7 @@ static void add_random(const char *coll, ref_coll *ref, uint32_t n, const char *
 static ref_item *ref_find(ref_coll *ref, const char *id)
 {
     for (uint32_t i = 0; i < ref->n; i++)
-        if (ref->items[i].alive && strcmp(ref->items[i].id, id) == 0)
-            return &ref->items[i];
+        if (ref->items[i].alive && strcmp(ref->items[i].id, id) == 0) return &ref->items[i];
     return NULL;
 }
 
@@ -122,32 +127,25 @@ static void ref_free(ref_coll *ref)
 
 static bool ref_passes(const ref_item *r, const aff_filter *f, const char *self)
 {
-    if (!r->alive || (self && strcmp(r->id, self) == 0))
-        return false;
-    if (!f)
-        return true;
-    if (f->available_only && !r->available)
-        return false;
-    if (!(r->price >= f->price_min && r->price <= f->price_max))
-        return false;
+    if (!r->alive || (self && strcmp(r->id, self) == 0)) return false;
+    if (!f) return true;
+    if (f->available_only && !r->available) return false;
+    if (!(r->price >= f->price_min && r->price <= f->price_max)) return false;
     if (f->n_categories) {
         bool any = false;
         for (uint32_t i = 0; i < f->n_categories; i++)
             any |= strcmp(f->categories[i], r->category) == 0;
-        if (!any)
-            return false;
+        if (!any) return false;
     }
     if (f->n_tags) {
         bool any = false;
         for (uint32_t i = 0; i < f->n_tags; i++)
             for (uint32_t t = 0; t < r->n_tags; t++)
                 any |= strcmp(f->tags[i], r->tags[t]) == 0;
-        if (!any)
-            return false;
+        if (!any) return false;
     }
     for (uint32_t i = 0; i < f->n_exclude_ids; i++)
-        if (strcmp(f->exclude_ids[i], r->id) == 0)
-            return false;
+        if (strcmp(f->exclude_ids[i], r->id) == 0) return false;
     return true;
 }
 
@@ -162,10 +160,8 @@ static double ref_score(const ref_coll *ref, const float *q, const float *x)
         xx += (double)x[j] * x[j];
         l2 += ((double)q[j] - x[j]) * ((double)q[j] - x[j]);
     }
-    if (ref->metric == AFF_METRIC_COSINE)
-        return dot / sqrt(qq * xx);
-    if (ref->metric == AFF_METRIC_L2)
-        return l2;
+    if (ref->metric == AFF_METRIC_COSINE) return dot / sqrt(qq * xx);
+    if (ref->metric == AFF_METRIC_L2) return l2;
     return dot;
 }
 
@@ -192,8 +188,7 @@ static void check_answer(ref_coll *ref, const float *q, uint32_t k, const aff_fi
     double *expect = malloc((ref->n + 1) * sizeof *expect);
     uint32_t m = 0;
     for (uint32_t i = 0; i < ref->n; i++)
-        if (ref_passes(&ref->items[i], f, self))
-            expect[m++] = ref_score(ref, q, ref->items[i].vec);
+        if (ref_passes(&ref->items[i], f, self)) expect[m++] = ref_score(ref, q, ref->items[i].vec);
     qsort(expect, m, sizeof *expect, ref->metric == AFF_METRIC_L2 ? cmp_asc : cmp_desc);
     uint32_t want = m < k ? m : k;
     cr_assert_eq(n, want, "%s: %u hits, expected %u (k=%u, %u items pass)", what, n, want, k, m);
@@ -231,8 +226,7 @@ static void search_and_check(const char *coll, ref_coll *ref, const aff_query *q
         char label[96];
         snprintf(label, sizeof label, "%s query %u/%u", what, i, nq);
         const float *qv = qs[i].vector;
-        if (!qv)
-            qv = ref_find(ref, qs[i].item_id)->vec;
+        if (!qv) qv = ref_find(ref, qs[i].item_id)->vec;
         check_answer(ref, qv, qs[i].k, qs[i].filter, qs[i].vector ? NULL : qs[i].item_id,
                      hits + off, n_hits[i], label);
         off += qs[i].k;
@@ -260,8 +254,8 @@ static void check_batches(const char *coll, ref_coll *ref, uint32_t k, const aff
         float *q = random_queries(nq, ref->dim);
         aff_query *qs = calloc(nq, sizeof *qs);
         for (uint32_t i = 0; i < nq; i++)
-            qs[i] = (aff_query){.vector = q + (size_t)i * ref->dim, .dim = ref->dim, .k = k,
-                                .filter = f};
+            qs[i] = (aff_query){
+                .vector = q + (size_t)i * ref->dim, .dim = ref->dim, .k = k, .filter = f};
         char label[96];
         snprintf(label, sizeof label, "%s nq=%u k=%u", what, nq, k);
         search_and_check(coll, ref, qs, nq, label);
@@ -348,13 +342,13 @@ Test(engine, ties_are_deterministic_and_by_insertion_order)
         for (uint32_t q = 0; q < nq; q++) {
             cr_assert_eq(n[q], 5);
             for (int i = 0; i < 5; i++)
-                cr_assert_str_eq(hits[q * 5 + i].id, ids[i], "nq=%u: ties go to earlier rows",
-                                 nq);
+                cr_assert_str_eq(hits[q * 5 + i].id, ids[i], "nq=%u: ties go to earlier rows", nq);
         }
     }
 }
 
-/* ---- filters ------------------------------------------------------------------------------------ */
+/* ---- filters ------------------------------------------------------------------------------------
+ */
 
 Test(engine, filters_of_every_kind)
 {
@@ -454,7 +448,8 @@ Test(engine, exclusion_lists_of_0_1_and_5000_ids)
     ref_free(&ref);
 }
 
-/* ---- writes -------------------------------------------------------------------------------------- */
+/* ---- writes
+ * -------------------------------------------------------------------------------------- */
 
 Test(engine, deleted_and_reupserted_ids)
 {
@@ -466,8 +461,7 @@ Test(engine, deleted_and_reupserted_ids)
     const char **ids = malloc(800 * sizeof *ids);
     uint32_t nd = 0;
     for (uint32_t i = 0; i < ref.n; i++)
-        if (rng() % 3 == 0 && nd < 790)
-            ids[nd++] = ref.items[i].id;
+        if (rng() % 3 == 0 && nd < 790) ids[nd++] = ref.items[i].id;
     ids[nd++] = ids[0];
     ids[nd++] = "never-existed";
     size_t deleted = 0;
@@ -489,27 +483,35 @@ Test(engine, deleted_and_reupserted_ids)
     for (uint32_t i = 0; i < nd - 2; i += 2) {
         ref_item *r = NULL;
         for (uint32_t j = 0; j < ref.n; j++)
-            if (strcmp(ref.items[j].id, ids[i]) == 0)
-                r = &ref.items[j];
+            if (strcmp(ref.items[j].id, ids[i]) == 0) r = &ref.items[j];
         for (uint32_t j = 0; j < ref.dim; j++)
             r->vec[j] = rng_unit();
         r->alive = true;
         const char *tg[3] = {r->tags[0], r->tags[1], r->tags[2]};
-        aff_item it = {.id = r->id, .vector = r->vec, .dim = ref.dim, .category = r->category,
-                       .tags = tg, .n_tags = r->n_tags, .price = r->price,
+        aff_item it = {.id = r->id,
+                       .vector = r->vec,
+                       .dim = ref.dim,
+                       .category = r->category,
+                       .tags = tg,
+                       .n_tags = r->n_tags,
+                       .price = r->price,
                        .available = r->available};
         cr_assert_eq(engine_upsert(engine, "del", &it, 1, &err), AFF_OK, "%s", err.msg);
     }
     for (uint32_t i = 1; i < ref.n; i += 7) {
         ref_item *r = &ref.items[i];
-        if (!r->alive)
-            continue;
+        if (!r->alive) continue;
         for (uint32_t j = 0; j < ref.dim; j++)
             r->vec[j] = rng_unit();
         r->price = 5;
         const char *tg[3] = {r->tags[0], r->tags[1], r->tags[2]};
-        aff_item it = {.id = r->id, .vector = r->vec, .dim = ref.dim, .category = r->category,
-                       .tags = tg, .n_tags = r->n_tags, .price = r->price,
+        aff_item it = {.id = r->id,
+                       .vector = r->vec,
+                       .dim = ref.dim,
+                       .category = r->category,
+                       .tags = tg,
+                       .n_tags = r->n_tags,
+                       .price = r->price,
                        .available = r->available};
         cr_assert_eq(engine_upsert(engine, "del", &it, 1, &err), AFF_OK, "%s", err.msg);
     }
@@ -549,8 +551,14 @@ Test(engine, get_item_returns_attributes_and_vector)
 {
     float v[3] = {3, 4, 0};
     const char *tags[] = {"sale", "new", "sale"};
-    aff_item it = {.id = "sku-1", .vector = v, .dim = 3, .category = "shoes", .tags = tags,
-                   .n_tags = 3, .price = 19.99f, .available = true};
+    aff_item it = {.id = "sku-1",
+                   .vector = v,
+                   .dim = 3,
+                   .category = "shoes",
+                   .tags = tags,
+                   .n_tags = 3,
+                   .price = 19.99f,
+                   .available = true};
     ref_coll ref;
     make_collection("get", 3, AFF_METRIC_COSINE, &ref);
     aff_err err;
@@ -615,7 +623,8 @@ Test(engine, batch_with_one_bad_query_answers_the_others)
     ref_free(&ref);
 }
 
-/* ---- re-ranking ------------------------------------------------------------------------------------- */
+/* ---- re-ranking
+ * ------------------------------------------------------------------------------------- */
 
 Test(engine, rerank_blends_scores_and_puts_unknown_ids_last)
 {
@@ -632,8 +641,8 @@ Test(engine, rerank_blends_scores_and_puts_unknown_ids_last)
     float user[2] = {1, 0};
     const char *cands[] = {"y", "ghost", "x", "z"};
     float base[] = {0.9f, 5.0f, 0.1f, 0.5f};
-    aff_rerank_query q = {.vector = user, .dim = 2, .ids = cands, .base_scores = base, .n = 4,
-                          .weight = 0.5f};
+    aff_rerank_query q = {
+        .vector = user, .dim = 2, .ids = cands, .base_scores = base, .n = 4, .weight = 0.5f};
     aff_rerank_hit out[4];
     aff_err qe;
     cr_assert_eq(engine_rerank(engine, "rr", &q, 1, out, &qe), AFF_OK, "%s", qe.msg);
@@ -668,7 +677,8 @@ Test(engine, rerank_blends_scores_and_puts_unknown_ids_last)
     cr_assert_eq(outb[8].index, 2);
 }
 
-/* ---- collections ------------------------------------------------------------------------------------ */
+/* ---- collections
+ * ------------------------------------------------------------------------------------ */
 
 Test(engine, collections_create_list_describe_drop)
 {
@@ -701,8 +711,11 @@ Test(engine, hnsw_collection_finds_near_neighbours_and_filters_exactly)
 {
     seed_test();
     aff_err err;
-    engine_collection_spec spec = {.name = "graph", .dim = 16, .metric = AFF_METRIC_L2,
-                                   .index = BACKEND_INDEX_HNSW, .hnsw_ef_search = 128};
+    engine_collection_spec spec = {.name = "graph",
+                                   .dim = 16,
+                                   .metric = AFF_METRIC_L2,
+                                   .index = BACKEND_INDEX_HNSW,
+                                   .hnsw_ef_search = 128};
     cr_assert_eq(engine_create_collection(engine, &spec, &err), AFF_OK, "%s", err.msg);
     ref_coll ref = {.dim = 16, .metric = AFF_METRIC_L2};
     add_random("graph", &ref, 2000, "g");
@@ -736,7 +749,8 @@ Test(engine, hnsw_collection_finds_near_neighbours_and_filters_exactly)
     ref_free(&ref);
 }
 
-/* ---- bad input --------------------------------------------------------------------------------------- */
+/* ---- bad input
+ * --------------------------------------------------------------------------------------- */
 
 Test(engine, bad_collection_specs_are_rejected)
 {
@@ -795,8 +809,7 @@ Test(engine, bad_items_are_rejected_and_nothing_is_applied)
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         aff_item batch[2] = {{.id = "fine", .vector = good, .dim = 3}, cases[i].item};
         aff_err err = {0};
-        cr_assert_eq(engine_upsert(engine, "strict", batch, 2, &err), AFF_EINVAL, "case %zu",
-                     i);
+        cr_assert_eq(engine_upsert(engine, "strict", batch, 2, &err), AFF_EINVAL, "case %zu", i);
         cr_assert(strstr(err.msg, cases[i].expect), "case %zu: message \"%s\" lacks \"%s\"", i,
                   err.msg, cases[i].expect);
     }
@@ -841,8 +854,8 @@ Test(engine, bad_queries_are_rejected_with_reasons)
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         aff_err err = {0};
-        cr_assert_eq(engine_validate_query(engine, "q", &cases[i].q, &err), AFF_EINVAL,
-                     "case %zu", i);
+        cr_assert_eq(engine_validate_query(engine, "q", &cases[i].q, &err), AFF_EINVAL, "case %zu",
+                     i);
         cr_assert(strstr(err.msg, cases[i].expect), "case %zu: \"%s\" lacks \"%s\"", i, err.msg,
                   cases[i].expect);
         aff_hit hits[2000];
@@ -857,12 +870,13 @@ Test(engine, bad_queries_are_rejected_with_reasons)
     cr_assert_eq(engine_search(engine, "missing", &ok, 1, &hit, &n, &err), AFF_ENOTFOUND);
 }
 
-/* ---- concurrency --------------------------------------------------------------------------------------- */
+/* ---- concurrency
+ * --------------------------------------------------------------------------------------- */
 
 typedef struct writer_arg {
     uint32_t dim;
-    volatile bool stop;
-    int rounds;
+    atomic_int rounds; /* rounds completed */
+    atomic_bool done;  /* the writer has finished (all rounds, or an error) */
 } writer_arg;
 
 /* Upserts and deletes "churn-*" items while the readers search. */
@@ -871,22 +885,22 @@ static void *writer_main(void *p)
     writer_arg *w = p;
     float *v = malloc(w->dim * sizeof *v);
     char id[32];
-    for (int round = 0; !w->stop && round < 400; round++) {
+    for (int round = 0; round < 400; round++) {
         for (uint32_t j = 0; j < w->dim; j++)
             v[j] = (float)((round * 7 + j) % 13) / 13.0f - 0.5f;
         v[0] = -1; /* far from the probes below */
         snprintf(id, sizeof id, "churn-%d", round % 50);
         aff_item it = {.id = id, .vector = v, .dim = w->dim, .price = 1};
         aff_err err;
-        if (engine_upsert(engine, "conc", &it, 1, &err) != AFF_OK)
-            break;
+        if (engine_upsert(engine, "conc", &it, 1, &err) != AFF_OK) break;
         if (round % 3 == 0) {
             const char *ids[] = {id};
             engine_delete(engine, "conc", ids, 1, NULL, &err);
         }
-        w->rounds = round + 1;
+        atomic_store(&w->rounds, round + 1);
     }
     free(v);
+    atomic_store(&w->done, true);
     return NULL;
 }
 
@@ -899,8 +913,9 @@ Test(engine, concurrent_search_during_upsert_and_delete)
     writer_arg w = {.dim = 8};
     pthread_t th;
     pthread_create(&th, NULL, writer_main, &w);
-    /* Every base item's own vector must find that item first, whatever the writer does. */
-    for (int i = 0; i < 600; i++) {
+    /* Every base item's own vector must find that item first, whatever the writer does. The
+     * reader keeps going until the writer has finished, so the two always overlap. */
+    for (int i = 0; i < 600 || !atomic_load(&w.done); i++) {
         ref_item *r = &ref.items[rng() % ref.n];
         aff_query q[4];
         for (int j = 0; j < 4; j++)
@@ -917,9 +932,8 @@ Test(engine, concurrent_search_during_upsert_and_delete)
             cr_assert(hits[j * 3].score >= hits[j * 3 + 1].score);
         }
     }
-    w.stop = true;
     pthread_join(th, NULL);
-    cr_assert_gt(w.rounds, 0);
+    cr_assert_eq(atomic_load(&w.rounds), 400, "the writer stopped early");
     const char *churn[50];
     char names[50][16];
     for (int i = 0; i < 50; i++) {
