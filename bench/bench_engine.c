@@ -35,11 +35,10 @@ extern void openblas_set_num_threads(int threads) __attribute__((weak));
 
 static void blas_threads(int n)
 {
-    if (openblas_set_num_threads)
-        openblas_set_num_threads(n);
+    if (openblas_set_num_threads) openblas_set_num_threads(n);
 }
 #define QUERY_POOL 4096
-#define ROUNDS 3
+#define ROUNDS     3
 
 static double clock_s(clockid_t id)
 {
@@ -94,15 +93,13 @@ typedef int (*batch_fn)(bench_ctx *c, uint32_t nq, uint32_t k, const aff_filter 
 static rate measure(bench_ctx *c, batch_fn fn, uint32_t nq, uint32_t k, const aff_filter *f)
 {
     uint32_t off = 0;
-    if (fn(c, nq, k, f, off) != 0)
-        return (rate){-1, -1};
+    if (fn(c, nq, k, f, off) != 0) return (rate){-1, -1};
     double t0 = now_s(), cpu0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), t;
     uint64_t done = 0;
     int batches = 0;
     do {
         off = (off + nq) % (QUERY_POOL - nq);
-        if (fn(c, nq, k, f, off) != 0)
-            return (rate){-1, -1};
+        if (fn(c, nq, k, f, off) != 0) return (rate){-1, -1};
         done += nq;
         batches++;
         t = now_s();
@@ -114,10 +111,8 @@ static rate measure(bench_ctx *c, batch_fn fn, uint32_t nq, uint32_t k, const af
 /* Keeps the best of several rounds: the highest rate and the lowest CPU per query. */
 static void keep_best(rate *best, rate r)
 {
-    if (r.qps > best->qps)
-        best->qps = r.qps;
-    if (r.cpu_us >= 0 && (best->cpu_us <= 0 || r.cpu_us < best->cpu_us))
-        best->cpu_us = r.cpu_us;
+    if (r.qps > best->qps) best->qps = r.qps;
+    if (r.cpu_us >= 0 && (best->cpu_us <= 0 || r.cpu_us < best->cpu_us)) best->cpu_us = r.cpu_us;
 }
 
 static rate measure_faiss(bench_ctx *c, batch_fn fn, uint32_t nq, uint32_t k)
@@ -160,11 +155,10 @@ static int run_engine(bench_ctx *c, uint32_t nq, uint32_t k, const aff_filter *f
         hits = realloc(hits, cap_h * sizeof *hits);
     }
     for (uint32_t i = 0; i < nq; i++)
-        qs[i] = (aff_query){.vector = c->queries + (size_t)(off + i) * c->dim, .dim = c->dim,
-                            .k = k, .filter = f};
+        qs[i] = (aff_query){
+            .vector = c->queries + (size_t)(off + i) * c->dim, .dim = c->dim, .k = k, .filter = f};
     int rc = engine_search(c->engine, "bench", qs, nq, hits, n_hits, errs);
-    if (rc != AFF_OK)
-        fprintf(stderr, "engine_search: %s\n", errs[0].msg);
+    if (rc != AFF_OK) fprintf(stderr, "engine_search: %s\n", errs[0].msg);
     return rc;
 }
 
@@ -174,8 +168,7 @@ static int load(bench_ctx *c)
     c->data = malloc(total * sizeof(float));
     c->queries = malloc((size_t)QUERY_POOL * c->dim * sizeof(float));
     c->ids = malloc((size_t)c->n * sizeof *c->ids);
-    if (!c->data || !c->queries || !c->ids)
-        return -1;
+    if (!c->data || !c->queries || !c->ids) return -1;
     for (size_t i = 0; i < total; i++)
         c->data[i] = rng_normal();
     for (size_t i = 0; i < (size_t)QUERY_POOL * c->dim; i++)
@@ -202,9 +195,12 @@ static int load(bench_ctx *c)
         for (uint32_t i = 0; i < m; i++) {
             uint32_t r = base + i;
             snprintf(c->ids[r], sizeof c->ids[r], "sku-%u", r);
-            items[i] = (aff_item){.id = c->ids[r], .vector = c->data + (size_t)r * c->dim,
-                                  .dim = c->dim, .category = c->cat_names[r % N_CATEGORIES],
-                                  .price = (float)(r % 1000), .available = true};
+            items[i] = (aff_item){.id = c->ids[r],
+                                  .vector = c->data + (size_t)r * c->dim,
+                                  .dim = c->dim,
+                                  .category = c->cat_names[r % N_CATEGORIES],
+                                  .price = (float)(r % 1000),
+                                  .available = true};
         }
         if (engine_upsert(c->engine, "bench", items, m, &err) != AFF_OK) {
             fprintf(stderr, "%s\n", err.msg);
@@ -229,8 +225,7 @@ static void unload(bench_ctx *c)
 /* OpenMP reads OMP_WAIT_POLICY once at start-up: re-exec with it set (see README). */
 static void ensure_passive_omp(char **argv)
 {
-    if (getenv("OMP_WAIT_POLICY"))
-        return;
+    if (getenv("OMP_WAIT_POLICY")) return;
     setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
     execv("/proc/self/exe", argv);
 }
@@ -275,22 +270,21 @@ int main(int argc, char **argv)
     char head[1024];
     snprintf(head, sizeof head,
              "# Engine benchmark\n\nMachine: %s, %ld cores (%s). d=%u, metric=ip, flat index. "
-             "Rates: queries/second, best of 3 interleaved rounds of >= %.1f s after warm-up. CPU us/q: process CPU time (all threads) per query, lowest of the rounds.\n\n"
+             "Rates: queries/second, best of 3 interleaved rounds of >= %.1f s after warm-up. CPU "
+             "us/q: process CPU time (all threads) per query, lowest of the rounds.\n\n"
              "| N | nq | k | FAISS direct | engine | engine/FAISS | 50%% filter | 10%% filter | "
              "1%% filter | 50%%/unf | 10%%/unf | 1%%/unf | FAISS CPU us/q | engine CPU us/q | "
              "10%% filter CPU us/q |\n"
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
              info.device, sysconf(_SC_NPROCESSORS_ONLN), host, dim, seconds);
     fputs(head, stdout);
-    if (out)
-        fputs(head, out);
+    if (out) fputs(head, out);
 
     const char *p = sizes;
     double worst_unf = INFINITY, worst_filt = INFINITY;
     while (*p) {
         uint32_t n = (uint32_t)strtoul(p, (char **)&p, 10);
-        if (*p == ',')
-            p++;
+        if (*p == ',') p++;
         bench_ctx c = {.n = n, .dim = dim, .seconds = seconds, .engine = engine};
         if (load(&c) != 0) {
             fprintf(stderr, "loading N=%u failed\n", n);
@@ -325,8 +319,7 @@ int main(int argc, char **argv)
                          filt[2].qps / unf.qps, faiss.cpu_us, unf.cpu_us, filt[1].cpu_us);
                 fputs(line, stdout);
                 fflush(stdout);
-                if (out)
-                    fputs(line, out);
+                if (out) fputs(line, out);
                 worst_unf = fmin(worst_unf, unf.qps / faiss.qps);
                 worst_filt = fmin(worst_filt, fmin(filt[0].qps, filt[1].qps) / unf.qps);
             }

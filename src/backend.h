@@ -40,7 +40,7 @@ typedef struct backend_row_attrs {
     /* The fields every filter reads come first, in one cache line. */
     uint32_t category;
     float price;
-    uint64_t tag_bloom;                   /* OR of backend_tag_bit(tag) over tags */
+    uint64_t tag_bloom; /* OR of backend_tag_bit(tag) over tags */
     uint8_t available;
     uint8_t n_tags;
     uint32_t tags[AFF_MAX_TAGS_PER_ITEM]; /* sorted ascending, unique */
@@ -54,10 +54,10 @@ typedef struct backend_filter {
     uint32_t category_words;       /* length of category_bits in 64-bit words */
     const uint32_t *tags;          /* any-of, sorted ascending; n_tags == 0: any tags */
     uint32_t n_tags;
-    uint64_t tag_bloom;            /* OR of backend_tag_bit() over tags */
-    float price_min, price_max;    /* inclusive bounds */
+    uint64_t tag_bloom;         /* OR of backend_tag_bit() over tags */
+    float price_min, price_max; /* inclusive bounds */
     uint8_t available_only;
-    const uint32_t *exclude_rows;  /* sorted ascending, unique */
+    const uint32_t *exclude_rows; /* sorted ascending, unique */
     uint32_t n_exclude_rows;
 } backend_filter;
 
@@ -99,25 +99,20 @@ static inline bool backend__sorted_contains(const uint32_t *a, uint32_t n, uint3
 static inline bool backend_filter_matches(const backend_filter *f, const backend_row_attrs *a,
                                           uint32_t row)
 {
-    if (!f)
-        return true;
-    if (f->available_only && !a->available)
-        return false;
-    if (!(a->price >= f->price_min && a->price <= f->price_max))
-        return false;
+    if (!f) return true;
+    if (f->available_only && !a->available) return false;
+    if (!(a->price >= f->price_min && a->price <= f->price_max)) return false;
     if (f->category_bits) {
         uint32_t w = a->category >> 6;
         if (w >= f->category_words || !((f->category_bits[w] >> (a->category & 63u)) & 1u))
             return false;
     }
     if (f->n_tags) {
-        if (!(a->tag_bloom & f->tag_bloom))
-            return false;
+        if (!(a->tag_bloom & f->tag_bloom)) return false;
         bool any = false;
         for (uint32_t i = 0; i < a->n_tags && !any; i++)
             any = backend__sorted_contains(f->tags, f->n_tags, a->tags[i]);
-        if (!any)
-            return false;
+        if (!any) return false;
     }
     if (f->n_exclude_rows && backend__sorted_contains(f->exclude_rows, f->n_exclude_rows, row))
         return false;
@@ -140,7 +135,7 @@ typedef struct backend_table_params {
  * out_rows/out_scores, best first, and their number (≤ k[i], fewer when fewer rows pass)
  * in out_counts[i]. */
 typedef struct backend_search {
-    const float *queries;                 /* nq × dim, row-major */
+    const float *queries; /* nq × dim, row-major */
     uint32_t nq;
     const uint32_t *k;                    /* per query, 1..AFF_MAX_K */
     const backend_filter *const *filters; /* per query; NULL array or NULL entry: no filter */
@@ -176,12 +171,10 @@ typedef struct backend_ops {
     int (*table_search)(backend_table *t, const backend_search *s, aff_err *err);
     /* Gather-and-dot for re-ranking: scores[j] for j in offsets[i]..offsets[i+1]-1 is the
      * score of query i against rows[j]. offsets has nq + 1 entries. */
-    int (*table_score)(backend_table *t, const float *queries, uint32_t nq,
-                       const uint32_t *offsets, const uint32_t *rows, float *scores,
-                       aff_err *err);
+    int (*table_score)(backend_table *t, const float *queries, uint32_t nq, const uint32_t *offsets,
+                       const uint32_t *rows, float *scores, aff_err *err);
     /* Copies the stored vectors of n rows into out (n × dim floats). */
-    int (*table_read)(backend_table *t, const uint32_t *rows, uint32_t n, float *out,
-                      aff_err *err);
+    int (*table_read)(backend_table *t, const uint32_t *rows, uint32_t n, float *out, aff_err *err);
     uint32_t (*table_count)(const backend_table *t);
     uint64_t (*table_memory)(const backend_table *t); /* bytes this table holds */
 } backend_ops;
@@ -204,9 +197,9 @@ typedef struct backend_faiss_config {
 int backend_faiss_create(backend **out, const backend_faiss_config *cfg, aff_err *err);
 
 typedef struct backend_gpu_config {
-    int device;          /* CUDA device ordinal */
-    bool fp32;           /* store the catalog as fp32 instead of fp16 */
-    uint32_t max_batch;  /* largest query batch to plan buffers for */
+    int device;         /* CUDA device ordinal */
+    bool fp32;          /* store the catalog as fp32 instead of fp16 */
+    uint32_t max_batch; /* largest query batch to plan buffers for */
 } backend_gpu_config;
 
 /* Creates the CUDA backend. Returns AFF_EUNSUPPORTED when built without CUDA and

@@ -52,9 +52,9 @@
 extern void openblas_set_num_threads(int threads) __attribute__((weak));
 
 /* Fortran BLAS, as FAISS itself calls it (column-major). */
-extern int sgemm_(const char *transa, const char *transb, const int *m, const int *n,
-                  const int *k, const float *alpha, const float *a, const int *lda,
-                  const float *b, const int *ldb, const float *beta, float *c, const int *ldc);
+extern int sgemm_(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                  const float *alpha, const float *a, const int *lda, const float *b,
+                  const int *ldb, const float *beta, float *c, const int *ldc);
 
 typedef struct faiss_backend {
     backend base;
@@ -70,14 +70,14 @@ typedef struct faiss_table {
     aff_metric metric;
     backend_index_kind index_kind;
     uint32_t hnsw_m, hnsw_ef_search;
-    FaissIndex *flat;            /* IndexFlatIP / IndexFlatL2: rows 0..count-1 */
-    FaissIndex *hnsw;            /* HNSW over the same vectors, or NULL */
-    bool hnsw_stale;             /* rows changed in place since the graph was built */
-    pthread_mutex_t hnsw_lock;   /* guards hnsw and hnsw_stale during searches */
-    backend_row_attrs *attrs;    /* capacity entries */
-    float *sq_norms;             /* L2 only: |x|^2 per row, capacity entries */
+    FaissIndex *flat;          /* IndexFlatIP / IndexFlatL2: rows 0..count-1 */
+    FaissIndex *hnsw;          /* HNSW over the same vectors, or NULL */
+    bool hnsw_stale;           /* rows changed in place since the graph was built */
+    pthread_mutex_t hnsw_lock; /* guards hnsw and hnsw_stale during searches */
+    backend_row_attrs *attrs;  /* capacity entries */
+    float *sq_norms;           /* L2 only: |x|^2 per row, capacity entries */
     uint32_t count, capacity;
-    uint64_t accounted;          /* bytes last added to owner->memory_used */
+    uint64_t accounted; /* bytes last added to owner->memory_used */
 } faiss_table;
 
 static const char *faiss_error_text(void)
@@ -92,8 +92,7 @@ static uint64_t table_bytes(const faiss_table *t)
 {
     uint64_t bytes = (uint64_t)t->count * t->dim * sizeof(float);
     bytes += (uint64_t)t->capacity * sizeof(backend_row_attrs);
-    if (t->sq_norms)
-        bytes += (uint64_t)t->capacity * sizeof(float);
+    if (t->sq_norms) bytes += (uint64_t)t->capacity * sizeof(float);
     if (t->hnsw) /* vectors again plus about 2·M links of 8 bytes per row */
         bytes += (uint64_t)t->count * (t->dim * sizeof(float) + 2u * t->hnsw_m * 8u);
     return bytes;
@@ -127,7 +126,8 @@ dot_rows(const float *restrict q, const float *restrict rows, uint32_t n, uint32
         float s = 0;
         for (; j < dim; j++)
             s += q[j] * x[j];
-        out[r] = s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        out[r] =
+            s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     }
 }
 
@@ -135,13 +135,11 @@ dot_rows(const float *restrict q, const float *restrict rows, uint32_t n, uint32
 
 static int table_reserve(faiss_table *t, uint32_t rows, aff_err *err)
 {
-    if (rows <= t->capacity)
-        return AFF_OK;
+    if (rows <= t->capacity) return AFF_OK;
     uint64_t cap = t->capacity ? t->capacity : 1024;
     while (cap < rows)
         cap *= 2;
-    if (cap > UINT32_MAX)
-        cap = UINT32_MAX;
+    if (cap > UINT32_MAX) cap = UINT32_MAX;
     backend_row_attrs *attrs = realloc(t->attrs, cap * sizeof *attrs);
     if (!attrs)
         return aff__fail(err, AFF_ENOMEM, "cannot grow attribute column to %llu rows",
@@ -191,14 +189,12 @@ static int hnsw_build(faiss_table *t, aff_err *err)
         rc = aff__fail(err, AFF_EINTERNAL, "FAISS efSearch: %s", faiss_error_text());
         goto out;
     }
-    if (t->hnsw)
-        faiss_Index_free(t->hnsw);
+    if (t->hnsw) faiss_Index_free(t->hnsw);
     t->hnsw = graph;
     graph = NULL;
     t->hnsw_stale = false;
 out:
-    if (graph)
-        faiss_Index_free(graph);
+    if (graph) faiss_Index_free(graph);
     faiss_ParameterSpace_free(ps);
     return rc;
 }
@@ -209,8 +205,7 @@ static int faiss_table_create(backend *b, const backend_table_params *p, backend
     faiss_backend *fb = (faiss_backend *)b;
     *out = NULL;
     faiss_table *t = calloc(1, sizeof *t);
-    if (!t)
-        return aff__fail(err, AFF_ENOMEM, "out of memory creating a table");
+    if (!t) return aff__fail(err, AFF_ENOMEM, "out of memory creating a table");
     t->base.ops = b->ops;
     t->owner = fb;
     t->dim = p->dim;
@@ -228,8 +223,7 @@ static int faiss_table_create(backend *b, const backend_table_params *p, backend
     }
     if ((rc = table_reserve(t, p->initial_capacity ? p->initial_capacity : 1024, err)) != AFF_OK)
         goto fail;
-    if (p->index == BACKEND_INDEX_HNSW && (rc = hnsw_build(t, err)) != AFF_OK)
-        goto fail;
+    if (p->index == BACKEND_INDEX_HNSW && (rc = hnsw_build(t, err)) != AFF_OK) goto fail;
     account(t);
     *out = &t->base;
     return AFF_OK;
@@ -241,13 +235,10 @@ fail:
 static void faiss_table_destroy(backend_table *bt)
 {
     faiss_table *t = (faiss_table *)bt;
-    if (!t)
-        return;
+    if (!t) return;
     atomic_fetch_sub(&t->owner->memory_used, t->accounted);
-    if (t->flat)
-        faiss_Index_free(t->flat);
-    if (t->hnsw)
-        faiss_Index_free(t->hnsw);
+    if (t->flat) faiss_Index_free(t->flat);
+    if (t->hnsw) faiss_Index_free(t->hnsw);
     pthread_mutex_destroy(&t->hnsw_lock);
     free(t->attrs);
     free(t->sq_norms);
@@ -277,13 +268,11 @@ static int faiss_table_write(backend_table *bt, const uint32_t *rows, uint32_t n
                              t->count + appended);
     }
     int rc = table_reserve(t, t->count + appended, err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     float *packed = NULL;
     if (appended) {
         packed = malloc((size_t)appended * t->dim * sizeof *packed);
-        if (!packed)
-            return aff__fail(err, AFF_ENOMEM, "out of memory staging %u rows", appended);
+        if (!packed) return aff__fail(err, AFF_ENOMEM, "out of memory staging %u rows", appended);
         for (uint32_t i = 0, a = 0; i < n; i++)
             if (rows[i] >= t->count)
                 memcpy(packed + (size_t)a++ * t->dim, vectors + (size_t)i * t->dim,
@@ -305,8 +294,7 @@ static int faiss_table_write(backend_table *bt, const uint32_t *rows, uint32_t n
             overwrote = true;
         }
         t->attrs[r] = attrs[i];
-        if (t->sq_norms)
-            t->sq_norms[r] = sq_norm(v, t->dim);
+        if (t->sq_norms) t->sq_norms[r] = sq_norm(v, t->dim);
     }
     if (t->hnsw) {
         pthread_mutex_lock(&t->hnsw_lock);
@@ -323,23 +311,20 @@ out:
     return rc;
 }
 
-static int faiss_table_move(backend_table *bt, const uint32_t *src, const uint32_t *dst,
-                            uint32_t n, uint32_t new_count, aff_err *err)
+static int faiss_table_move(backend_table *bt, const uint32_t *src, const uint32_t *dst, uint32_t n,
+                            uint32_t new_count, aff_err *err)
 {
     faiss_table *t = (faiss_table *)bt;
     if (new_count > t->count)
-        return aff__fail(err, AFF_EINTERNAL, "cannot truncate %u rows to %u", t->count,
-                         new_count);
+        return aff__fail(err, AFF_EINTERNAL, "cannot truncate %u rows to %u", t->count, new_count);
     float *xb = flat_rows(t);
     for (uint32_t i = 0; i < n; i++) {
         if (src[i] >= t->count || dst[i] >= t->count)
-            return aff__fail(err, AFF_EINTERNAL, "move %u -> %u outside %u rows", src[i],
-                             dst[i], t->count);
-        memmove(xb + (size_t)dst[i] * t->dim, xb + (size_t)src[i] * t->dim,
-                t->dim * sizeof(float));
+            return aff__fail(err, AFF_EINTERNAL, "move %u -> %u outside %u rows", src[i], dst[i],
+                             t->count);
+        memmove(xb + (size_t)dst[i] * t->dim, xb + (size_t)src[i] * t->dim, t->dim * sizeof(float));
         t->attrs[dst[i]] = t->attrs[src[i]];
-        if (t->sq_norms)
-            t->sq_norms[dst[i]] = t->sq_norms[src[i]];
+        if (t->sq_norms) t->sq_norms[dst[i]] = t->sq_norms[src[i]];
     }
     bool truncating = new_count < t->count;
     if (truncating) {
@@ -350,8 +335,8 @@ static int faiss_table_move(backend_table *bt, const uint32_t *src, const uint32
         int frc = faiss_Index_remove_ids(t->flat, (const FaissIDSelector *)tail, &removed);
         faiss_IDSelectorRange_free(tail);
         if (frc != 0 || removed != t->count - new_count)
-            return aff__fail(err, AFF_EINTERNAL, "FAISS truncate to %u rows failed: %s",
-                             new_count, faiss_error_text());
+            return aff__fail(err, AFF_EINTERNAL, "FAISS truncate to %u rows failed: %s", new_count,
+                             faiss_error_text());
         t->count = new_count;
     }
     if (t->hnsw && (n || truncating)) {
@@ -384,13 +369,11 @@ static inline float heap_threshold(const topk_heap *h)
 }
 
 /* The slow path of offer_rows: exact acceptance test, then the filter, then the heap. */
-static inline void offer_one(const faiss_table *t, topk_heap *h, const backend_filter *f,
-                             float s, uint32_t row, float *thresh)
+static inline void offer_one(const faiss_table *t, topk_heap *h, const backend_filter *f, float s,
+                             uint32_t row, float *thresh)
 {
-    if (!topk_would_accept(h, s, row))
-        return;
-    if (f && !backend_filter_matches(f, &t->attrs[row], row))
-        return;
+    if (!topk_would_accept(h, s, row)) return;
+    if (f && !backend_filter_matches(f, &t->attrs[row], row)) return;
     topk_push(h, s, row);
     *thresh = heap_threshold(h);
 }
@@ -407,13 +390,11 @@ static void offer_rows(const faiss_table *t, topk_heap *h, const backend_filter 
         const float *norms = t->sq_norms + first_row;
         for (uint32_t j = 0; j < n; j++) {
             float s = 2.0f * scores[j] - norms[j];
-            if (s >= thresh)
-                offer_one(t, h, f, s, first_row + j, &thresh);
+            if (s >= thresh) offer_one(t, h, f, s, first_row + j, &thresh);
         }
     } else {
         for (uint32_t j = 0; j < n; j++)
-            if (scores[j] >= thresh)
-                offer_one(t, h, f, scores[j], first_row + j, &thresh);
+            if (scores[j] >= thresh) offer_one(t, h, f, scores[j], first_row + j, &thresh);
     }
 }
 
@@ -432,26 +413,22 @@ static void emit(const faiss_table *t, const backend_search *s, uint32_t q, size
 
 /* Small batches: every thread scans a slice of the rows for all queries, then the per-thread
  * heaps are merged. */
-static int search_scan(faiss_table *t, const backend_search *s, const size_t *offsets,
-                       aff_err *err)
+static int search_scan(faiss_table *t, const backend_search *s, const size_t *offsets, aff_err *err)
 {
     const uint32_t nq = s->nq, count = t->count, dim = t->dim;
     const float *xb = flat_rows(t);
     int nthreads = omp_get_max_threads();
-    if ((uint64_t)count * dim < 1u << 16)
-        nthreads = 1; /* not worth waking a second thread */
+    if ((uint64_t)count * dim < 1u << 16) nthreads = 1; /* not worth waking a second thread */
     uint32_t kmax = 0;
     for (uint32_t q = 0; q < nq; q++)
         kmax = s->k[q] > kmax ? s->k[q] : kmax;
     topk_heap *heaps = calloc((size_t)nthreads * nq, sizeof *heaps);
     int rc = AFF_OK;
-    if (!heaps)
-        return aff__fail(err, AFF_ENOMEM, "out of memory for %u heaps", nthreads * nq);
+    if (!heaps) return aff__fail(err, AFF_ENOMEM, "out of memory for %u heaps", nthreads * nq);
     for (int i = 0; i < nthreads * (int)nq && rc == AFF_OK; i++)
         if (topk_init(&heaps[i], s->k[i % nq]) != AFF_OK)
             rc = aff__fail(err, AFF_ENOMEM, "out of memory for top-%u heaps", kmax);
-    if (rc != AFF_OK)
-        goto out;
+    if (rc != AFF_OK) goto out;
 
 #pragma omp parallel num_threads(nthreads)
     {
@@ -464,8 +441,8 @@ static int search_scan(faiss_table *t, const backend_search *s, const size_t *of
             uint32_t n = (uint32_t)(hi - r0 < CHUNK ? hi - r0 : CHUNK);
             for (uint32_t q = 0; q < nq; q++) {
                 dot_rows(s->queries + (size_t)q * dim, xb + r0 * dim, n, dim, scores);
-                offer_rows(t, &heaps[(size_t)tid * nq + q], filter_of(s, q), scores,
-                           (uint32_t)r0, n);
+                offer_rows(t, &heaps[(size_t)tid * nq + q], filter_of(s, q), scores, (uint32_t)r0,
+                           n);
             }
         }
     }
@@ -496,8 +473,7 @@ static int search_split(faiss_table *t, const backend_search *s, const size_t *o
     const uint32_t count = t->count;
     const int dim = (int)t->dim;
     int nthreads = omp_get_max_threads();
-    if ((uint64_t)count * t->dim < 1u << 16)
-        nthreads = 1;
+    if ((uint64_t)count * t->dim < 1u << 16) nthreads = 1;
     const uint32_t group = s->nq < SPLIT_MAX_NQ ? s->nq : SPLIT_MAX_NQ;
     uint32_t tile = SPLIT_TILE_SCORES / group;
     tile = tile < 64 ? 64 : tile > 8192 ? 8192 : tile;
@@ -517,8 +493,7 @@ static int search_split(faiss_table *t, const backend_search *s, const size_t *o
             if (topk_init(&heaps[i], s->k[g0 + i % gq]) != AFF_OK)
                 rc = aff__fail(err, AFF_ENOMEM, "out of memory for top-k heaps");
         }
-        if (rc != AFF_OK)
-            break;
+        if (rc != AFF_OK) break;
 #pragma omp parallel num_threads(nthreads)
         {
             const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -561,8 +536,7 @@ static int search_faiss(faiss_table *t, FaissIndex *index, const backend_search 
     uint32_t kmax = 0;
     for (uint32_t q = 0; q < s->nq; q++)
         kmax = s->k[q] > kmax ? s->k[q] : kmax;
-    if (kmax > t->count)
-        kmax = t->count;
+    if (kmax > t->count) kmax = t->count;
     float *dist = malloc((size_t)s->nq * kmax * sizeof *dist);
     idx_t *labels = malloc((size_t)s->nq * kmax * sizeof *labels);
     int rc = AFF_OK;
@@ -580,8 +554,7 @@ static int search_faiss(faiss_table *t, FaissIndex *index, const backend_search 
         uint32_t *rw = s->out_rows + offsets[q];
         for (uint32_t i = 0; i < kmax && n < want; i++) {
             idx_t label = labels[(size_t)q * kmax + i];
-            if (label < 0)
-                continue;
+            if (label < 0) continue;
             float d = dist[(size_t)q * kmax + i];
             sc[n] = t->metric == AFF_METRIC_L2 ? -d : d;
             rw[n] = (uint32_t)label;
@@ -600,11 +573,9 @@ out:
 static int faiss_table_search(backend_table *bt, const backend_search *s, aff_err *err)
 {
     faiss_table *t = (faiss_table *)bt;
-    if (s->nq == 0)
-        return AFF_OK;
+    if (s->nq == 0) return AFF_OK;
     size_t *offsets = malloc(s->nq * sizeof *offsets);
-    if (!offsets)
-        return aff__fail(err, AFF_ENOMEM, "out of memory");
+    if (!offsets) return aff__fail(err, AFF_ENOMEM, "out of memory");
     size_t off = 0;
     bool any_filter = false;
     for (uint32_t q = 0; q < s->nq; q++) {
@@ -614,8 +585,7 @@ static int faiss_table_search(backend_table *bt, const backend_search *s, aff_er
         s->out_counts[q] = 0;
     }
     int rc = AFF_OK;
-    if (t->count == 0)
-        goto out;
+    if (t->count == 0) goto out;
     if (t->hnsw && !any_filter) {
         pthread_mutex_lock(&t->hnsw_lock);
         if (!t->hnsw_stale || (rc = hnsw_build(t, err)) == AFF_OK)
@@ -642,8 +612,7 @@ static int faiss_table_score(backend_table *bt, const float *queries, uint32_t n
         float qn = t->sq_norms ? sq_norm(qv, t->dim) : 0.0f;
         for (uint32_t j = offsets[q]; j < offsets[q + 1]; j++) {
             if (rows[j] >= t->count)
-                return aff__fail(err, AFF_EINTERNAL, "row %u outside %u rows", rows[j],
-                                 t->count);
+                return aff__fail(err, AFF_EINTERNAL, "row %u outside %u rows", rows[j], t->count);
             float s;
             dot_rows(qv, xb + (size_t)rows[j] * t->dim, 1, t->dim, &s);
             scores[j] = t->sq_norms ? 2.0f * s - t->sq_norms[rows[j]] - qn : s;
@@ -709,8 +678,7 @@ static void read_cpu_model(char *buf, size_t size)
 {
     snprintf(buf, size, "CPU");
     FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f)
-        return;
+    if (!f) return;
     char line[256];
     while (fgets(line, sizeof line, f)) {
         if (strncmp(line, "model name", 10) == 0) {
@@ -730,15 +698,12 @@ int backend_faiss_create(backend **out, const backend_faiss_config *cfg, aff_err
 {
     *out = NULL;
     faiss_backend *fb = calloc(1, sizeof *fb);
-    if (!fb)
-        return aff__fail(err, AFF_ENOMEM, "out of memory creating the FAISS backend");
+    if (!fb) return aff__fail(err, AFF_ENOMEM, "out of memory creating the FAISS backend");
     fb->base.ops = &faiss_ops;
-    if (cfg && cfg->threads > 0)
-        omp_set_num_threads(cfg->threads);
+    if (cfg && cfg->threads > 0) omp_set_num_threads(cfg->threads);
     fb->threads = omp_get_max_threads();
     /* Our threads split the rows; each calls BLAS on its own slice (see the file comment). */
-    if (openblas_set_num_threads)
-        openblas_set_num_threads(1);
+    if (openblas_set_num_threads) openblas_set_num_threads(1);
     read_cpu_model(fb->cpu_model, sizeof fb->cpu_model);
     const char *wait = getenv("OMP_WAIT_POLICY");
     if (!wait || strcasecmp(wait, "passive") != 0)

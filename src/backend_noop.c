@@ -32,8 +32,7 @@ static int noop_table_create(backend *b, const backend_table_params *p, backend_
                              aff_err *err)
 {
     noop_table *t = calloc(1, sizeof *t);
-    if (!t)
-        return aff__fail(err, AFF_ENOMEM, "out of memory");
+    if (!t) return aff__fail(err, AFF_ENOMEM, "out of memory");
     t->base.ops = b->ops;
     t->dim = p->dim;
     *out = &t->base;
@@ -50,13 +49,12 @@ static int noop_table_write(backend_table *bt, const uint32_t *rows, uint32_t n,
 {
     noop_table *t = (noop_table *)bt;
     for (uint32_t i = 0; i < n; i++)
-        if (rows[i] == t->count)
-            t->count++;
+        if (rows[i] == t->count) t->count++;
     return AFF_OK;
 }
 
-static int noop_table_move(backend_table *bt, const uint32_t *src, const uint32_t *dst,
-                           uint32_t n, uint32_t new_count, aff_err *err)
+static int noop_table_move(backend_table *bt, const uint32_t *src, const uint32_t *dst, uint32_t n,
+                           uint32_t new_count, aff_err *err)
 {
     ((noop_table *)bt)->count = new_count;
     return AFF_OK;
@@ -120,8 +118,7 @@ static const backend_ops noop_ops = {
 int backend_noop_create(backend **out, aff_err *err)
 {
     backend *b = calloc(1, sizeof *b);
-    if (!b)
-        return aff__fail(err, AFF_ENOMEM, "out of memory");
+    if (!b) return aff__fail(err, AFF_ENOMEM, "out of memory");
     b->ops = &noop_ops;
     *out = b;
     return AFF_OK;

@@ -43,9 +43,9 @@ typedef struct collection {
     pthread_rwlock_t lock;
     const backend_ops *ops;
     backend_table *table;
-    strmap *ids;               /* id -> row; owns the id strings */
-    const char **row_ids;      /* row -> id (points into ids' keys) */
-    backend_row_attrs *attrs;  /* row -> attributes */
+    strmap *ids;              /* id -> row; owns the id strings */
+    const char **row_ids;     /* row -> id (points into ids' keys) */
+    backend_row_attrs *attrs; /* row -> attributes */
     uint32_t count, capacity;
     vocab categories, tags;
 } collection;
@@ -77,8 +77,7 @@ static int check_string(const char *s, size_t max, const char *what, aff_err *er
     if (!s || !*s)
         return aff__fail(err, AFF_EINVAL, "%s is empty; it must be 1..%zu bytes", what, max);
     size_t len = strnlen(s, max + 1);
-    if (len > max)
-        return aff__fail(err, AFF_EINVAL, "%s is longer than %zu bytes", what, max);
+    if (len > max) return aff__fail(err, AFF_EINVAL, "%s is longer than %zu bytes", what, max);
     return AFF_OK;
 }
 
@@ -128,13 +127,11 @@ static int cmp_u32(const void *a, const void *b)
 /* Sorts and removes duplicates; returns the new length. */
 static uint32_t sort_unique(uint32_t *a, uint32_t n)
 {
-    if (n < 2)
-        return n;
+    if (n < 2) return n;
     qsort(a, n, sizeof *a, cmp_u32);
     uint32_t m = 1;
     for (uint32_t i = 1; i < n; i++)
-        if (a[i] != a[m - 1])
-            a[m++] = a[i];
+        if (a[i] != a[m - 1]) a[m++] = a[i];
     return m;
 }
 
@@ -155,19 +152,16 @@ static void vocab_free(vocab *v)
 /* The id of s, interning it when new. Returns 0 or AFF_ENOMEM. */
 static int vocab_intern(vocab *v, const char *s, uint32_t *id)
 {
-    if (strmap_get(v->map, s, id))
-        return AFF_OK;
+    if (strmap_get(v->map, s, id)) return AFF_OK;
     if (v->next >= v->cap) {
         uint32_t cap = v->cap ? v->cap * 2 : 64;
         const char **names = realloc(v->names, cap * sizeof *names);
-        if (!names)
-            return AFF_ENOMEM;
+        if (!names) return AFF_ENOMEM;
         v->names = names;
         v->cap = cap;
     }
     const char *key;
-    if (strmap_put(v->map, s, v->next, &key) != AFF_OK)
-        return AFF_ENOMEM;
+    if (strmap_put(v->map, s, v->next, &key) != AFF_OK) return AFF_ENOMEM;
     v->names[v->next] = key;
     *id = v->next++;
     return AFF_OK;
@@ -182,10 +176,8 @@ static size_t vocab_memory(const vocab *v)
 
 static void collection_free(collection *c)
 {
-    if (!c)
-        return;
-    if (c->table)
-        c->ops->table_destroy(c->table);
+    if (!c) return;
+    if (c->table) c->ops->table_destroy(c->table);
     strmap_destroy(c->ids);
     vocab_free(&c->categories);
     vocab_free(&c->tags);
@@ -197,16 +189,14 @@ static void collection_free(collection *c)
 
 static void collection_release(collection *c)
 {
-    if (c && atomic_fetch_sub(&c->refs, 1) == 1)
-        collection_free(c);
+    if (c && atomic_fetch_sub(&c->refs, 1) == 1) collection_free(c);
 }
 
 /* Finds a collection and takes a reference; the caller releases it. */
 static int collection_acquire(aff_engine *e, const char *name, collection **out, aff_err *err)
 {
     *out = NULL;
-    if (!name || !*name)
-        return aff__fail(err, AFF_EINVAL, "collection name is empty");
+    if (!name || !*name) return aff__fail(err, AFF_EINVAL, "collection name is empty");
     pthread_mutex_lock(&e->lock);
     for (size_t i = 0; i < e->n_colls; i++) {
         if (strcmp(e->colls[i]->name, name) == 0) {
@@ -216,24 +206,22 @@ static int collection_acquire(aff_engine *e, const char *name, collection **out,
         }
     }
     pthread_mutex_unlock(&e->lock);
-    if (!*out)
-        return aff__fail(err, AFF_ENOTFOUND, "collection \"%.64s\" does not exist", name);
+    if (!*out) return aff__fail(err, AFF_ENOTFOUND, "collection \"%.64s\" does not exist", name);
     return AFF_OK;
 }
 
 static int check_collection_name(const char *name, aff_err *err)
 {
     int rc = check_string(name, AFF_MAX_NAME_LEN, "collection name", err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     for (const char *p = name; *p; p++) {
         char ch = *p;
         bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
                   (ch >= '0' && ch <= '9') || ch == '_' || ch == '-' || ch == '.';
         if (!ok)
             return aff__fail(err, AFF_EINVAL,
-                             "collection name \"%.64s\" has '%c'; allowed: A-Z a-z 0-9 _ - .",
-                             name, ch);
+                             "collection name \"%.64s\" has '%c'; allowed: A-Z a-z 0-9 _ - .", name,
+                             ch);
     }
     return AFF_OK;
 }
@@ -241,8 +229,7 @@ static int check_collection_name(const char *name, aff_err *err)
 int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, aff_err *err)
 {
     int rc = check_collection_name(spec->name, err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     if (spec->dim < 1 || spec->dim > AFF_MAX_DIM)
         return aff__fail(err, AFF_EINVAL, "dimension %u is out of range 1..%d", spec->dim,
                          AFF_MAX_DIM);
@@ -257,8 +244,7 @@ int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, 
         return aff__fail(err, AFF_EINVAL, "hnsw_m must be ≤ 256 and hnsw_ef_search ≤ 4096");
 
     collection *c = calloc(1, sizeof *c);
-    if (!c)
-        return aff__fail(err, AFF_ENOMEM, "out of memory creating a collection");
+    if (!c) return aff__fail(err, AFF_ENOMEM, "out of memory creating a collection");
     snprintf(c->name, sizeof c->name, "%s", spec->name);
     c->dim = spec->dim;
     c->metric = spec->metric;
@@ -284,8 +270,7 @@ int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, 
         .hnsw_m = c->hnsw_m,
         .hnsw_ef_search = c->hnsw_ef_search,
     };
-    if ((rc = c->ops->table_create(e->backend, &params, &c->table, err)) != AFF_OK)
-        goto fail;
+    if ((rc = c->ops->table_create(e->backend, &params, &c->table, err)) != AFF_OK) goto fail;
 
     pthread_mutex_lock(&e->lock);
     for (size_t i = 0; i < e->n_colls; i++) {
@@ -359,8 +344,7 @@ int engine_describe_collection(aff_engine *e, const char *name, engine_collectio
 {
     collection *c;
     int rc = collection_acquire(e, name, &c, err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     pthread_rwlock_rdlock(&c->lock);
     describe_locked(e, c, out);
     pthread_rwlock_unlock(&c->lock);
@@ -372,8 +356,7 @@ int engine_collection_dim(aff_engine *e, const char *name, uint32_t *dim, aff_er
 {
     collection *c;
     int rc = collection_acquire(e, name, &c, err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     *dim = c->dim;
     collection_release(c);
     return AFF_OK;
@@ -385,8 +368,7 @@ static int cmp_info_name(const void *a, const void *b)
                   ((const engine_collection_info *)b)->name);
 }
 
-int engine_list_collections(aff_engine *e, engine_collection_info **out, size_t *n,
-                            aff_err *err)
+int engine_list_collections(aff_engine *e, engine_collection_info **out, size_t *n, aff_err *err)
 {
     *out = NULL;
     *n = 0;
@@ -412,8 +394,7 @@ int engine_list_collections(aff_engine *e, engine_collection_info **out, size_t 
         collection_release(held[i]);
     }
     free(held);
-    if (!infos)
-        return aff__fail(err, AFF_ENOMEM, "out of memory listing collections");
+    if (!infos) return aff__fail(err, AFF_ENOMEM, "out of memory listing collections");
     qsort(infos, count, sizeof *infos, cmp_info_name);
     *out = infos;
     *n = count;
@@ -426,8 +407,7 @@ static int choose_backend(const engine_config *cfg, backend **out, aff_err *err)
 {
     engine_backend_choice choice = cfg ? cfg->backend : ENGINE_BACKEND_AUTO;
     backend_faiss_config faiss_cfg = cfg ? cfg->faiss : (backend_faiss_config){0};
-    if (choice == ENGINE_BACKEND_CPU)
-        return backend_faiss_create(out, &faiss_cfg, err);
+    if (choice == ENGINE_BACKEND_CPU) return backend_faiss_create(out, &faiss_cfg, err);
     if (choice == ENGINE_BACKEND_NOOP) {
         aff_log(AFF_LOG_WARN, "no-op backend selected: results are meaningless (benchmarks only)");
         return backend_noop_create(out, err);
@@ -436,8 +416,7 @@ static int choose_backend(const engine_config *cfg, backend **out, aff_err *err)
     backend_gpu_config gpu_cfg = cfg ? cfg->gpu : (backend_gpu_config){0};
     aff_err gpu_err = {0};
     int rc = backend_gpu_create(out, &gpu_cfg, &gpu_err);
-    if (rc == AFF_OK)
-        return AFF_OK;
+    if (rc == AFF_OK) return AFF_OK;
     if (choice == ENGINE_BACKEND_GPU)
         return aff__fail(err, rc, "GPU backend requested but unusable: %s", gpu_err.msg);
     aff_log_kv(AFF_LOG_INFO, "GPU backend unavailable, using FAISS on the CPU", "reason",
@@ -456,8 +435,7 @@ int engine_create(aff_engine **out, const engine_config *cfg, aff_err *err)
 {
     *out = NULL;
     aff_engine *e = calloc(1, sizeof *e);
-    if (!e)
-        return aff__fail(err, AFF_ENOMEM, "out of memory creating the engine");
+    if (!e) return aff__fail(err, AFF_ENOMEM, "out of memory creating the engine");
     int rc = choose_backend(cfg, &e->backend, err);
     if (rc != AFF_OK) {
         free(e);
@@ -465,16 +443,15 @@ int engine_create(aff_engine **out, const engine_config *cfg, aff_err *err)
     }
     e->backend->ops->describe(e->backend, &e->info);
     pthread_mutex_init(&e->lock, NULL);
-    aff_log_kv(AFF_LOG_INFO, "backend selected", "backend", e->info.name, "device",
-               e->info.device, NULL);
+    aff_log_kv(AFF_LOG_INFO, "backend selected", "backend", e->info.name, "device", e->info.device,
+               NULL);
     *out = e;
     return AFF_OK;
 }
 
 void engine_destroy(aff_engine *e)
 {
-    if (!e)
-        return;
+    if (!e) return;
     for (size_t i = 0; i < e->n_colls; i++)
         collection_release(e->colls[i]);
     free(e->colls);
@@ -495,18 +472,17 @@ static int validate_item(const collection *c, const aff_item *it, size_t index, 
     char what[64];
     snprintf(what, sizeof what, "item %zu id", index);
     int rc = check_string(it->id, AFF_MAX_ID_LEN, what, err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     char vwhat[AFF_MAX_ID_LEN + 64];
     snprintf(vwhat, sizeof vwhat, "vector of item \"%s\"", it->id);
     if ((rc = check_vector(it->vector, it->dim, c->dim, c->metric, vwhat, err)) != AFF_OK)
         return rc;
     if (it->category && strnlen(it->category, AFF_MAX_ATTR_LEN + 1) > AFF_MAX_ATTR_LEN)
-        return aff__fail(err, AFF_EINVAL, "category of item \"%s\" is longer than %d bytes",
-                         it->id, AFF_MAX_ATTR_LEN);
+        return aff__fail(err, AFF_EINVAL, "category of item \"%s\" is longer than %d bytes", it->id,
+                         AFF_MAX_ATTR_LEN);
     if (it->n_tags > AFF_MAX_TAGS_PER_ITEM)
-        return aff__fail(err, AFF_EINVAL, "item \"%s\" has %u tags; at most %d are allowed",
-                         it->id, it->n_tags, AFF_MAX_TAGS_PER_ITEM);
+        return aff__fail(err, AFF_EINVAL, "item \"%s\" has %u tags; at most %d are allowed", it->id,
+                         it->n_tags, AFF_MAX_TAGS_PER_ITEM);
     for (uint32_t t = 0; t < it->n_tags; t++) {
         snprintf(vwhat, sizeof vwhat, "tag %u of item \"%s\"", t, it->id);
         if ((rc = check_string(it->tags ? it->tags[t] : NULL, AFF_MAX_ATTR_LEN, vwhat, err)) !=
@@ -521,8 +497,7 @@ static int validate_item(const collection *c, const aff_item *it, size_t index, 
 /* Grows the row -> id and row -> attrs arrays to hold `rows` rows. */
 static int reserve_rows(collection *c, uint32_t rows, aff_err *err)
 {
-    if (rows <= c->capacity)
-        return AFF_OK;
+    if (rows <= c->capacity) return AFF_OK;
     uint64_t cap = c->capacity ? c->capacity : 1024;
     while (cap < rows)
         cap *= 2;
@@ -556,13 +531,11 @@ static int build_attrs(collection *c, const aff_item *it, backend_row_attrs *a, 
     return AFF_OK;
 }
 
-int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t n,
-                  aff_err *err)
+int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t n, aff_err *err)
 {
     collection *c;
     int rc = collection_acquire(e, name, &c, err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     uint32_t *rows = NULL;
     size_t *pick = NULL;
     char **new_keys = NULL;
@@ -571,15 +544,13 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
     strmap *seen = NULL;
     bool locked = false;
     size_t m = 0; /* distinct ids */
-    if (n == 0)
-        goto out;
+    if (n == 0) goto out;
     if (n > UINT32_MAX / 2) {
         rc = aff__fail(err, AFF_EINVAL, "too many items in one call");
         goto out;
     }
     for (size_t i = 0; i < n; i++)
-        if ((rc = validate_item(c, &items[i], i, err)) != AFF_OK)
-            goto out;
+        if ((rc = validate_item(c, &items[i], i, err)) != AFF_OK) goto out;
 
     /* A later duplicate of an id in the same call wins: keep each id's last occurrence. */
     pick = malloc(n * sizeof *pick);
@@ -595,8 +566,7 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
     for (size_t i = 0; i < n; i++) {
         uint32_t last;
         strmap_get(seen, items[i].id, &last);
-        if (last == i)
-            pick[m++] = i;
+        if (last == i) pick[m++] = i;
     }
     rows = malloc(m * sizeof *rows);
     new_keys = calloc(m, sizeof *new_keys);
@@ -622,17 +592,15 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
                 goto out;
             }
         }
-        if ((rc = build_attrs(c, it, &attrs[j], err)) != AFF_OK)
-            goto out;
+        if ((rc = build_attrs(c, it, &attrs[j], err)) != AFF_OK) goto out;
         prepare_vector(it->vector, c->dim, c->metric, vectors + j * c->dim);
     }
     if ((uint64_t)c->count + appended > UINT32_MAX - 1) {
-        rc = aff__fail(err, AFF_EFULL, "collection \"%s\" cannot hold more than %u items",
-                       c->name, UINT32_MAX - 1);
+        rc = aff__fail(err, AFF_EFULL, "collection \"%s\" cannot hold more than %u items", c->name,
+                       UINT32_MAX - 1);
         goto out;
     }
-    if ((rc = reserve_rows(c, c->count + appended, err)) != AFF_OK)
-        goto out;
+    if ((rc = reserve_rows(c, c->count + appended, err)) != AFF_OK) goto out;
     if (strmap_reserve(c->ids, (size_t)c->count + appended) != AFF_OK) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory growing the id map");
         goto out;
@@ -652,8 +620,7 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
     }
     c->count += appended;
 out:
-    if (locked)
-        pthread_rwlock_unlock(&c->lock);
+    if (locked) pthread_rwlock_unlock(&c->lock);
     for (size_t j = 0; new_keys && j < m; j++)
         free(new_keys[j]);
     free(new_keys);
@@ -674,22 +641,18 @@ static int cmp_u32_desc(const void *a, const void *b)
 int engine_delete(aff_engine *e, const char *name, const char *const *ids, size_t n,
                   size_t *n_deleted, aff_err *err)
 {
-    if (n_deleted)
-        *n_deleted = 0;
+    if (n_deleted) *n_deleted = 0;
     collection *c;
     int rc = collection_acquire(e, name, &c, err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     uint32_t *dead = NULL, *src = NULL, *dst = NULL;
     bool locked = false;
     for (size_t i = 0; i < n; i++) {
         char what[48];
         snprintf(what, sizeof what, "id %zu", i);
-        if ((rc = check_string(ids[i], AFF_MAX_ID_LEN, what, err)) != AFF_OK)
-            goto out;
+        if ((rc = check_string(ids[i], AFF_MAX_ID_LEN, what, err)) != AFF_OK) goto out;
     }
-    if (n == 0)
-        goto out;
+    if (n == 0) goto out;
     dead = malloc(n * sizeof *dead);
     src = malloc(n * sizeof *src);
     dst = malloc(n * sizeof *dst);
@@ -702,8 +665,7 @@ int engine_delete(aff_engine *e, const char *name, const char *const *ids, size_
     uint32_t nd = 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t row;
-        if (strmap_get(c->ids, ids[i], &row))
-            dead[nd++] = row;
+        if (strmap_get(c->ids, ids[i], &row)) dead[nd++] = row;
     }
     nd = sort_unique(dead, nd);
     qsort(dead, nd, sizeof *dead, cmp_u32_desc);
@@ -717,8 +679,7 @@ int engine_delete(aff_engine *e, const char *name, const char *const *ids, size_
             moves++;
         }
     }
-    if ((rc = c->ops->table_move(c->table, src, dst, moves, count, err)) != AFF_OK)
-        goto out;
+    if ((rc = c->ops->table_move(c->table, src, dst, moves, count, err)) != AFF_OK) goto out;
     for (uint32_t i = 0; i < nd; i++)
         strmap_remove(c->ids, c->row_ids[dead[i]]);
     for (uint32_t i = 0; i < moves; i++) {
@@ -727,11 +688,9 @@ int engine_delete(aff_engine *e, const char *name, const char *const *ids, size_
         strmap_set(c->ids, c->row_ids[dst[i]], dst[i]);
     }
     c->count = count;
-    if (n_deleted)
-        *n_deleted = nd;
+    if (n_deleted) *n_deleted = nd;
 out:
-    if (locked)
-        pthread_rwlock_unlock(&c->lock);
+    if (locked) pthread_rwlock_unlock(&c->lock);
     free(dead);
     free(src);
     free(dst);
@@ -744,15 +703,12 @@ int engine_get_item(aff_engine *e, const char *name, const char *id, engine_item
 {
     collection *c;
     int rc = collection_acquire(e, name, &c, err);
-    if (rc != AFF_OK)
-        return rc;
-    if ((rc = check_string(id, AFF_MAX_ID_LEN, "item id", err)) != AFF_OK)
-        goto out_release;
+    if (rc != AFF_OK) return rc;
+    if ((rc = check_string(id, AFF_MAX_ID_LEN, "item id", err)) != AFF_OK) goto out_release;
     pthread_rwlock_rdlock(&c->lock);
     uint32_t row;
     if (!strmap_get(c->ids, id, &row)) {
-        rc = aff__fail(err, AFF_ENOTFOUND, "item \"%s\" is not in collection \"%s\"", id,
-                       c->name);
+        rc = aff__fail(err, AFF_ENOTFOUND, "item \"%s\" is not in collection \"%s\"", id, c->name);
         goto out;
     }
     *out = (engine_item){0};
@@ -765,8 +721,7 @@ int engine_get_item(aff_engine *e, const char *name, const char *id, engine_item
         snprintf(out->tags[t], sizeof out->tags[t], "%s", c->tags.names[a->tags[t]]);
     out->price = a->price;
     out->available = a->available;
-    if (vector)
-        rc = c->ops->table_read(c->table, &row, 1, vector, err);
+    if (vector) rc = c->ops->table_read(c->table, &row, 1, vector, err);
 out:
     pthread_rwlock_unlock(&c->lock);
 out_release:
@@ -795,18 +750,15 @@ static void compiled_filter_free(compiled_filter *cf)
 
 static int validate_filter(const aff_filter *f, aff_err *err)
 {
-    if (!f)
-        return AFF_OK;
+    if (!f) return AFF_OK;
     int rc;
     for (uint32_t i = 0; i < f->n_categories; i++)
         if ((rc = check_string(f->categories[i], AFF_MAX_ATTR_LEN, "filter category", err)))
             return rc;
     for (uint32_t i = 0; i < f->n_tags; i++)
-        if ((rc = check_string(f->tags[i], AFF_MAX_ATTR_LEN, "filter tag", err)))
-            return rc;
+        if ((rc = check_string(f->tags[i], AFF_MAX_ATTR_LEN, "filter tag", err))) return rc;
     for (uint32_t i = 0; i < f->n_exclude_ids; i++)
-        if ((rc = check_string(f->exclude_ids[i], AFF_MAX_ID_LEN, "excluded id", err)))
-            return rc;
+        if ((rc = check_string(f->exclude_ids[i], AFF_MAX_ID_LEN, "excluded id", err))) return rc;
     if (isnan(f->price_min) || isnan(f->price_max))
         return aff__fail(err, AFF_EINVAL, "filter price bounds must be numbers, not NaN");
     if (f->price_min > f->price_max)
@@ -824,28 +776,23 @@ static int compile_filter(const collection *c, const aff_filter *f, uint32_t sel
     backend_filter_init(&cf->f);
     uint32_t n_ex = (f ? f->n_exclude_ids : 0) + (self_row != UINT32_MAX);
     if (n_ex) {
-        if (!(cf->exclude_rows = malloc(n_ex * sizeof *cf->exclude_rows)))
-            goto nomem;
+        if (!(cf->exclude_rows = malloc(n_ex * sizeof *cf->exclude_rows))) goto nomem;
         uint32_t m = 0;
         for (uint32_t i = 0; f && i < f->n_exclude_ids; i++) {
             uint32_t row;
-            if (strmap_get(c->ids, f->exclude_ids[i], &row))
-                cf->exclude_rows[m++] = row;
+            if (strmap_get(c->ids, f->exclude_ids[i], &row)) cf->exclude_rows[m++] = row;
         }
-        if (self_row != UINT32_MAX)
-            cf->exclude_rows[m++] = self_row;
+        if (self_row != UINT32_MAX) cf->exclude_rows[m++] = self_row;
         cf->f.n_exclude_rows = sort_unique(cf->exclude_rows, m);
         cf->f.exclude_rows = cf->exclude_rows;
     }
-    if (!f)
-        return AFF_OK;
+    if (!f) return AFF_OK;
     cf->f.price_min = f->price_min;
     cf->f.price_max = f->price_max;
     cf->f.available_only = f->available_only;
     if (f->n_categories) {
         uint32_t words = (c->categories.next + 63) / 64;
-        if (!(cf->category_bits = calloc(words, sizeof *cf->category_bits)))
-            goto nomem;
+        if (!(cf->category_bits = calloc(words, sizeof *cf->category_bits))) goto nomem;
         bool any = false;
         for (uint32_t i = 0; i < f->n_categories; i++) {
             uint32_t id;
@@ -859,12 +806,10 @@ static int compile_filter(const collection *c, const aff_filter *f, uint32_t sel
         cf->matches_nothing |= !any;
     }
     if (f->n_tags) {
-        if (!(cf->tags = malloc(f->n_tags * sizeof *cf->tags)))
-            goto nomem;
+        if (!(cf->tags = malloc(f->n_tags * sizeof *cf->tags))) goto nomem;
         uint32_t m = 0;
         for (uint32_t i = 0; i < f->n_tags; i++)
-            if (strmap_get(c->tags.map, f->tags[i], &cf->tags[m]))
-                m++;
+            if (strmap_get(c->tags.map, f->tags[i], &cf->tags[m])) m++;
         m = sort_unique(cf->tags, m);
         for (uint32_t i = 0; i < m; i++)
             cf->f.tag_bloom |= backend_tag_bit(cf->tags[i]);
@@ -898,8 +843,7 @@ int engine_validate_query(aff_engine *e, const char *name, const aff_query *q, a
 {
     collection *c;
     int rc = collection_acquire(e, name, &c, err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     rc = validate_query(c, q, err);
     collection_release(c);
     return rc;
@@ -924,8 +868,7 @@ static int acquire_for_batch(aff_engine *e, const char *name, size_t nq, aff_err
 static int first_failure(const aff_err *query_errs, size_t nq)
 {
     for (size_t i = 0; i < nq; i++)
-        if (query_errs[i].code != AFF_OK)
-            return query_errs[i].code;
+        if (query_errs[i].code != AFF_OK) return query_errs[i].code;
     return AFF_OK;
 }
 
@@ -934,12 +877,10 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
 {
     for (size_t i = 0; i < nq; i++)
         n_hits[i] = 0;
-    if (nq == 0)
-        return AFF_OK;
+    if (nq == 0) return AFF_OK;
     collection *c;
     int rc = acquire_for_batch(e, name, nq, query_errs, &c);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     size_t *offsets = malloc(nq * sizeof *offsets);
     uint32_t *batch_of = malloc(nq * sizeof *batch_of); /* batch slot -> query index */
     uint32_t *ks = malloc(nq * sizeof *ks);
@@ -965,8 +906,7 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
     size_t total_k = 0;
     for (size_t i = 0; i < nq; i++) {
         const aff_query *q = &queries[i];
-        if (query_errs[i].code != AFF_OK)
-            continue;
+        if (query_errs[i].code != AFF_OK) continue;
         uint32_t self = UINT32_MAX;
         float *qv = qbuf + (size_t)nb * c->dim;
         if (q->vector) {
@@ -977,11 +917,9 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
                           q->item_id, c->name);
                 continue;
             }
-            if (c->ops->table_read(c->table, &self, 1, qv, &query_errs[i]) != AFF_OK)
-                continue;
+            if (c->ops->table_read(c->table, &self, 1, qv, &query_errs[i]) != AFF_OK) continue;
         }
-        if (compile_filter(c, q->filter, self, &cfs[nb], &query_errs[i]) != AFF_OK)
-            continue;
+        if (compile_filter(c, q->filter, self, &cfs[nb], &query_errs[i]) != AFF_OK) continue;
         if (cfs[nb].matches_nothing) {
             compiled_filter_free(&cfs[nb]);
             continue;
@@ -1035,11 +973,9 @@ done:
     goto out;
 fail_all:
     for (size_t i = 0; i < nq; i++)
-        aff__fail(&query_errs[i], AFF_ENOMEM, "out of memory running a batch of %zu queries",
-                  nq);
+        aff__fail(&query_errs[i], AFF_ENOMEM, "out of memory running a batch of %zu queries", nq);
 out:
-    if (locked)
-        pthread_rwlock_unlock(&c->lock);
+    if (locked) pthread_rwlock_unlock(&c->lock);
     if (cfs)
         for (size_t i = 0; i < nq; i++)
             compiled_filter_free(&cfs[i]);
@@ -1061,14 +997,11 @@ int engine_filter_items(aff_engine *e, const char *name, const char *const *ids,
 {
     collection *c;
     int rc = collection_acquire(e, name, &c, err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     compiled_filter cf = {0};
-    if ((rc = validate_filter(filter, err)) != AFF_OK)
-        goto out_release;
+    if ((rc = validate_filter(filter, err)) != AFF_OK) goto out_release;
     pthread_rwlock_rdlock(&c->lock);
-    if ((rc = compile_filter(c, filter, UINT32_MAX, &cf, err)) != AFF_OK)
-        goto out;
+    if ((rc = compile_filter(c, filter, UINT32_MAX, &cf, err)) != AFF_OK) goto out;
     for (size_t i = 0; i < n; i++) {
         uint32_t row;
         pass[i] = ids[i] && !cf.matches_nothing && strmap_get(c->ids, ids[i], &row) &&
@@ -1082,13 +1015,13 @@ out_release:
     return rc;
 }
 
-/* ---- re-ranking -------------------------------------------------------------------------------- */
+/* ---- re-ranking --------------------------------------------------------------------------------
+ */
 
 static int validate_rerank(const collection *c, const aff_rerank_query *q, aff_err *err)
 {
     int rc = check_vector(q->vector, q->dim, c->dim, c->metric, "user vector", err);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     if (q->n < 1 || q->n > AFF_MAX_RERANK_CANDIDATES)
         return aff__fail(err, AFF_EINVAL, "%u candidates; re-ranking takes 1..%d", q->n,
                          AFF_MAX_RERANK_CANDIDATES);
@@ -1097,8 +1030,7 @@ static int validate_rerank(const collection *c, const aff_rerank_query *q, aff_e
     for (uint32_t i = 0; i < q->n; i++) {
         char what[48];
         snprintf(what, sizeof what, "candidate %u id", i);
-        if ((rc = check_string(q->ids[i], AFF_MAX_ID_LEN, what, err)))
-            return rc;
+        if ((rc = check_string(q->ids[i], AFF_MAX_ID_LEN, what, err))) return rc;
         if (q->base_scores && !isfinite(q->base_scores[i]))
             return aff__fail(err, AFF_EINVAL, "base score of candidate %u is not finite", i);
     }
@@ -1114,22 +1046,18 @@ static uint32_t rerank_span(const aff_rerank_query *q)
 static int cmp_rerank(const void *a, const void *b)
 {
     const aff_rerank_hit *x = a, *y = b;
-    if (x->found != y->found)
-        return x->found ? -1 : 1;
-    if (x->found && x->blended != y->blended)
-        return x->blended > y->blended ? -1 : 1;
+    if (x->found != y->found) return x->found ? -1 : 1;
+    if (x->found && x->blended != y->blended) return x->blended > y->blended ? -1 : 1;
     return x->index < y->index ? -1 : x->index > y->index;
 }
 
 int engine_rerank(aff_engine *e, const char *name, const aff_rerank_query *queries, size_t nq,
                   aff_rerank_hit *out, aff_err *query_errs)
 {
-    if (nq == 0)
-        return AFF_OK;
+    if (nq == 0) return AFF_OK;
     collection *c;
     int rc = acquire_for_batch(e, name, nq, query_errs, &c);
-    if (rc != AFF_OK)
-        return rc;
+    if (rc != AFF_OK) return rc;
     size_t total = 0;
     for (size_t i = 0; i < nq; i++)
         total += rerank_span(&queries[i]);
@@ -1170,8 +1098,8 @@ int engine_rerank(aff_engine *e, const char *name, const aff_rerank_query *queri
     }
     offsets[nb] = nrows;
     aff_err berr = {0};
-    int brc = nrows ? c->ops->table_score(c->table, qbuf, nb, offsets, rows, scores, &berr)
-                    : AFF_OK;
+    int brc =
+        nrows ? c->ops->table_score(c->table, qbuf, nb, offsets, rows, scores, &berr) : AFF_OK;
     pthread_rwlock_unlock(&c->lock);
     oo = 0;
     for (size_t i = 0; i < nq; i++) {
@@ -1188,10 +1116,9 @@ int engine_rerank(aff_engine *e, const char *name, const aff_rerank_query *queri
         uint32_t next = offsets[slot_of[i]];
         for (uint32_t j = 0; j < q->n; j++) {
             aff_rerank_hit *h = &out[oo + j];
-            if (h->found)
-                h->affinity = scores[next++];
-            h->blended = h->found ? (1.0f - q->weight) * h->base + q->weight * h->affinity
-                                  : h->base;
+            if (h->found) h->affinity = scores[next++];
+            h->blended =
+                h->found ? (1.0f - q->weight) * h->base + q->weight * h->affinity : h->base;
         }
         qsort(out + oo, q->n, sizeof *out, cmp_rerank);
         oo += q->n;

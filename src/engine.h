@@ -44,8 +44,8 @@ void engine_backend_info(aff_engine *e, backend_info *out);
 /* ---- collections ---------------------------------------------------------------------- */
 
 typedef struct engine_collection_spec {
-    const char *name;         /* [A-Za-z0-9_.-], 1..AFF_MAX_NAME_LEN bytes */
-    uint32_t dim;             /* 1..AFF_MAX_DIM */
+    const char *name; /* [A-Za-z0-9_.-], 1..AFF_MAX_NAME_LEN bytes */
+    uint32_t dim;     /* 1..AFF_MAX_DIM */
     aff_metric metric;
     backend_index_kind index; /* FLAT (default) or HNSW */
     uint32_t hnsw_m;          /* 0 = 32 */
@@ -68,8 +68,7 @@ int engine_drop_collection(aff_engine *e, const char *name, aff_err *err);
 int engine_describe_collection(aff_engine *e, const char *name, engine_collection_info *out,
                                aff_err *err);
 /* *out is a malloc'ed array of *n entries sorted by name; the caller frees it. */
-int engine_list_collections(aff_engine *e, engine_collection_info **out, size_t *n,
-                            aff_err *err);
+int engine_list_collections(aff_engine *e, engine_collection_info **out, size_t *n, aff_err *err);
 
 /* Name, dim and metric of a collection, for validation before batching. */
 int engine_collection_dim(aff_engine *e, const char *name, uint32_t *dim, aff_err *err);
@@ -77,13 +76,13 @@ int engine_collection_dim(aff_engine *e, const char *name, uint32_t *dim, aff_er
 /* ---- items ---------------------------------------------------------------------------- */
 
 typedef struct aff_item {
-    const char *id;            /* 1..AFF_MAX_ID_LEN bytes, NUL-terminated */
-    const float *vector;       /* dim finite floats */
-    uint32_t dim;              /* floats in vector; must equal the collection's dimension */
-    const char *category;      /* NULL or "" = none; ≤ AFF_MAX_ATTR_LEN bytes */
-    const char *const *tags;   /* n_tags strings, each 1..AFF_MAX_ATTR_LEN bytes */
-    uint32_t n_tags;           /* ≤ AFF_MAX_TAGS_PER_ITEM */
-    float price;               /* finite */
+    const char *id;          /* 1..AFF_MAX_ID_LEN bytes, NUL-terminated */
+    const float *vector;     /* dim finite floats */
+    uint32_t dim;            /* floats in vector; must equal the collection's dimension */
+    const char *category;    /* NULL or "" = none; ≤ AFF_MAX_ATTR_LEN bytes */
+    const char *const *tags; /* n_tags strings, each 1..AFF_MAX_ATTR_LEN bytes */
+    uint32_t n_tags;         /* ≤ AFF_MAX_TAGS_PER_ITEM */
+    float price;             /* finite */
     bool available;
 } aff_item;
 
@@ -116,10 +115,10 @@ int engine_get_item(aff_engine *e, const char *collection, const char *id, engin
 typedef struct aff_filter {
     const char *const *categories; /* any-of; n_categories == 0: any category */
     uint32_t n_categories;
-    const char *const *tags;       /* any-of; n_tags == 0: any tags */
+    const char *const *tags; /* any-of; n_tags == 0: any tags */
     uint32_t n_tags;
-    float price_min;               /* inclusive; -INFINITY when open */
-    float price_max;               /* inclusive; INFINITY when open */
+    float price_min; /* inclusive; -INFINITY when open */
+    float price_max; /* inclusive; INFINITY when open */
     bool available_only;
     const char *const *exclude_ids; /* any length; unknown ids are ignored */
     uint32_t n_exclude_ids;
@@ -129,10 +128,10 @@ typedef struct aff_filter {
 void aff_filter_init(aff_filter *f);
 
 typedef struct aff_query {
-    const float *vector;     /* dim floats; NULL to search by item_id */
-    uint32_t dim;            /* floats in vector; must equal the collection's dimension */
-    const char *item_id;     /* with vector NULL: that item's vector, the item excluded */
-    uint32_t k;              /* 1..AFF_MAX_K */
+    const float *vector;      /* dim floats; NULL to search by item_id */
+    uint32_t dim;             /* floats in vector; must equal the collection's dimension */
+    const char *item_id;      /* with vector NULL: that item's vector, the item excluded */
+    uint32_t k;               /* 1..AFF_MAX_K */
     const aff_filter *filter; /* NULL: no filter */
 } aff_query;
 
@@ -143,8 +142,7 @@ typedef struct aff_hit {
 
 /* Checks one query against a collection without running it (dimension, finiteness, k,
  * filter shape, item id). The transport calls it before queueing so bad requests fail fast. */
-int engine_validate_query(aff_engine *e, const char *collection, const aff_query *q,
-                          aff_err *err);
+int engine_validate_query(aff_engine *e, const char *collection, const aff_query *q, aff_err *err);
 
 /* Runs nq queries on one collection as one backend batch. Query i's hits go to
  * hits[off(i)..] with off(i) = k[0] + ... + k[i-1], best first, and their number to
@@ -163,18 +161,18 @@ int engine_filter_items(aff_engine *e, const char *collection, const char *const
 /* ---- re-ranking ------------------------------------------------------------------------ */
 
 typedef struct aff_rerank_query {
-    const float *vector;        /* the user: dim floats */
-    uint32_t dim;               /* floats in vector; must equal the collection's dimension */
-    const char *const *ids;     /* candidates, 1..AFF_MAX_RERANK_CANDIDATES */
-    const float *base_scores;   /* the caller's scores (e.g. from a search engine); NULL = 0 */
+    const float *vector;      /* the user: dim floats */
+    uint32_t dim;             /* floats in vector; must equal the collection's dimension */
+    const char *const *ids;   /* candidates, 1..AFF_MAX_RERANK_CANDIDATES */
+    const float *base_scores; /* the caller's scores (e.g. from a search engine); NULL = 0 */
     uint32_t n;
-    float weight;               /* blended = (1 - weight) * base + weight * affinity, 0..1 */
+    float weight; /* blended = (1 - weight) * base + weight * affinity, 0..1 */
 } aff_rerank_query;
 
 typedef struct aff_rerank_hit {
-    uint32_t index;  /* position in the caller's candidate list */
-    bool found;      /* false: id not in the collection; ranked after all found ids */
-    float affinity;  /* user-item score (0 when not found); l2: negated squared distance */
+    uint32_t index; /* position in the caller's candidate list */
+    bool found;     /* false: id not in the collection; ranked after all found ids */
+    float affinity; /* user-item score (0 when not found); l2: negated squared distance */
     float base;
     float blended;
 } aff_rerank_hit;
@@ -182,7 +180,7 @@ typedef struct aff_rerank_hit {
 /* Re-ranks nq candidate lists. Query i's n_i results go to out[off(i)..] with
  * off(i) = n_0 + ... + n_{i-1}, by blended score descending, ties in candidate order.
  * Per-query outcomes and the return value work as in engine_search. */
-int engine_rerank(aff_engine *e, const char *collection, const aff_rerank_query *queries,
-                  size_t nq, aff_rerank_hit *out, aff_err *query_errs);
+int engine_rerank(aff_engine *e, const char *collection, const aff_rerank_query *queries, size_t nq,
+                  aff_rerank_hit *out, aff_err *query_errs);
 
 #endif

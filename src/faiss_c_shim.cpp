@@ -26,12 +26,12 @@ extern "C" {
 #include <faiss/c_api/utils/distances_c.h>
 }
 
-namespace {
+namespace
+{
 
 thread_local std::string last_error;
 
-template <typename F>
-int guarded(F &&body)
+template <typename F> int guarded(F &&body)
 {
     try {
         body();
@@ -85,8 +85,8 @@ int faiss_Index_add(FaissIndex *index, idx_t n, const float *x)
     return guarded([&] { index_of(index)->add(n, x); });
 }
 
-int faiss_Index_search(const FaissIndex *index, idx_t n, const float *x, idx_t k,
-                       float *distances, idx_t *labels)
+int faiss_Index_search(const FaissIndex *index, idx_t n, const float *x, idx_t k, float *distances,
+                       idx_t *labels)
 {
     return guarded([&] { index_of(index)->search(n, x, k, distances, labels); });
 }
@@ -95,23 +95,20 @@ int faiss_Index_remove_ids(FaissIndex *index, const FaissIDSelector *sel, size_t
 {
     return guarded([&] {
         size_t n = index_of(index)->remove_ids(*reinterpret_cast<const faiss::IDSelector *>(sel));
-        if (n_removed)
-            *n_removed = n;
+        if (n_removed) *n_removed = n;
     });
 }
 
 int faiss_IndexFlatIP_new_with(FaissIndexFlatIP **p_index, idx_t d)
 {
-    return guarded([&] {
-        *p_index = reinterpret_cast<FaissIndexFlatIP *>(new faiss::IndexFlatIP(d));
-    });
+    return guarded(
+        [&] { *p_index = reinterpret_cast<FaissIndexFlatIP *>(new faiss::IndexFlatIP(d)); });
 }
 
 int faiss_IndexFlatL2_new_with(FaissIndexFlatL2 **p_index, idx_t d)
 {
-    return guarded([&] {
-        *p_index = reinterpret_cast<FaissIndexFlatL2 *>(new faiss::IndexFlatL2(d));
-    });
+    return guarded(
+        [&] { *p_index = reinterpret_cast<FaissIndexFlatL2 *>(new faiss::IndexFlatL2(d)); });
 }
 
 void faiss_IndexFlat_xb(FaissIndexFlat *index, float **p_xb, size_t *p_size)
@@ -149,9 +146,8 @@ int faiss_index_factory(FaissIndex **p_index, int d, const char *description,
 
 int faiss_ParameterSpace_new(FaissParameterSpace **space)
 {
-    return guarded([&] {
-        *space = reinterpret_cast<FaissParameterSpace *>(new faiss::ParameterSpace());
-    });
+    return guarded(
+        [&] { *space = reinterpret_cast<FaissParameterSpace *>(new faiss::ParameterSpace()); });
 }
 
 void faiss_ParameterSpace_free(FaissParameterSpace *obj)
@@ -163,8 +159,8 @@ int faiss_ParameterSpace_set_index_parameter(const FaissParameterSpace *space, F
                                              const char *name, double value)
 {
     return guarded([&] {
-        reinterpret_cast<const faiss::ParameterSpace *>(space)->set_index_parameter(
-            index_of(index), name, value);
+        reinterpret_cast<const faiss::ParameterSpace *>(space)->set_index_parameter(index_of(index),
+                                                                                    name, value);
     });
 }
 

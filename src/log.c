@@ -45,8 +45,7 @@ typedef struct line_buf {
 
 static void put_raw(line_buf *b, const char *s, size_t n)
 {
-    if (n > sizeof b->data - 8 - b->len)
-        n = sizeof b->data - 8 - b->len;
+    if (n > sizeof b->data - 8 - b->len) n = sizeof b->data - 8 - b->len;
     memcpy(b->data + b->len, s, n);
     b->len += n;
 }
@@ -88,8 +87,8 @@ static void line_begin(line_buf *b, aff_log_level level)
     char head[96];
     int n = snprintf(head, sizeof head,
                      "{\"ts\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\",\"level\":\"%s\"",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, ts.tv_nsec / 1000000, level_names[level]);
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     ts.tv_nsec / 1000000, level_names[level]);
     put_raw(b, head, (size_t)n);
 }
 
@@ -102,8 +101,7 @@ static void line_end(line_buf *b)
 
 void aff_log(aff_log_level level, const char *fmt, ...)
 {
-    if (level < aff_log_get_level() || level >= AFF_LOG_OFF)
-        return;
+    if (level < aff_log_get_level() || level >= AFF_LOG_OFF) return;
     char msg[2048];
     va_list ap;
     va_start(ap, fmt);
@@ -117,8 +115,7 @@ void aff_log(aff_log_level level, const char *fmt, ...)
 
 void aff_log_kv(aff_log_level level, const char *msg, ...)
 {
-    if (level < aff_log_get_level() || level >= AFF_LOG_OFF)
-        return;
+    if (level < aff_log_get_level() || level >= AFF_LOG_OFF) return;
     line_buf b;
     line_begin(&b, level);
     put_field(&b, "msg", msg);
@@ -126,8 +123,7 @@ void aff_log_kv(aff_log_level level, const char *msg, ...)
     va_start(ap, msg);
     for (;;) {
         const char *key = va_arg(ap, const char *);
-        if (!key)
-            break;
+        if (!key) break;
         const char *value = va_arg(ap, const char *);
         put_field(&b, key, value);
     }

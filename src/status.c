@@ -9,7 +9,7 @@
 const char *aff_strerror(int status)
 {
     switch (status) {
-#define AFF__STATUS_MSG(name, value, grpc, msg)                                                   \
+#define AFF__STATUS_MSG(name, value, grpc, msg)                                                    \
     case value:                                                                                    \
         return msg;
         AFF_STATUS_MAP(AFF__STATUS_MSG)
@@ -21,7 +21,7 @@ const char *aff_strerror(int status)
 const char *aff_status_name(int status)
 {
     switch (status) {
-#define AFF__STATUS_NAME(name, value, grpc, msg)                                                  \
+#define AFF__STATUS_NAME(name, value, grpc, msg)                                                   \
     case value:                                                                                    \
         return #name;
         AFF_STATUS_MAP(AFF__STATUS_NAME)
@@ -33,7 +33,7 @@ const char *aff_status_name(int status)
 int aff_status_grpc_code(int status)
 {
     switch (status) {
-#define AFF__STATUS_GRPC(name, value, grpc, msg)                                                  \
+#define AFF__STATUS_GRPC(name, value, grpc, msg)                                                   \
     case value:                                                                                    \
         return grpc;
         AFF_STATUS_MAP(AFF__STATUS_GRPC)

@@ -54,8 +54,7 @@ int strmap_create(strmap **out, size_t expected)
 {
     *out = NULL;
     strmap *m = calloc(1, sizeof *m);
-    if (!m)
-        return AFF_ENOMEM;
+    if (!m) return AFF_ENOMEM;
     size_t cap = capacity_for(expected);
     m->slots = calloc(cap, sizeof *m->slots);
     if (!m->slots) {
@@ -69,8 +68,7 @@ int strmap_create(strmap **out, size_t expected)
 
 void strmap_destroy(strmap *m)
 {
-    if (!m)
-        return;
+    if (!m) return;
     for (size_t i = 0; i <= m->mask; i++)
         free(m->slots[i].key);
     free(m->slots);
@@ -83,10 +81,8 @@ static size_t find_slot(const strmap *m, const char *key, size_t len, uint64_t h
     size_t i = h & m->mask;
     for (;;) {
         const slot *s = &m->slots[i];
-        if (s->hash == 0)
-            return i;
-        if (s->hash == h && strncmp(s->key, key, len) == 0 && s->key[len] == '\0')
-            return i;
+        if (s->hash == 0) return i;
+        if (s->hash == h && strncmp(s->key, key, len) == 0 && s->key[len] == '\0') return i;
         i = (i + 1) & m->mask;
     }
 }
@@ -94,13 +90,11 @@ static size_t find_slot(const strmap *m, const char *key, size_t len, uint64_t h
 static int rehash(strmap *m, size_t new_cap)
 {
     slot *fresh = calloc(new_cap, sizeof *fresh);
-    if (!fresh)
-        return AFF_ENOMEM;
+    if (!fresh) return AFF_ENOMEM;
     size_t mask = new_cap - 1;
     for (size_t i = 0; i <= m->mask; i++) {
         slot s = m->slots[i];
-        if (s.hash == 0)
-            continue;
+        if (s.hash == 0) continue;
         size_t j = s.hash & mask;
         while (fresh[j].hash != 0)
             j = (j + 1) & mask;
@@ -115,8 +109,7 @@ static int rehash(strmap *m, size_t new_cap)
 int strmap_reserve(strmap *m, size_t count)
 {
     size_t cap = capacity_for(count);
-    if (cap <= m->mask + 1)
-        return AFF_OK;
+    if (cap <= m->mask + 1) return AFF_OK;
     return rehash(m, cap);
 }
 
@@ -124,10 +117,8 @@ bool strmap_get(const strmap *m, const char *key, uint32_t *value)
 {
     size_t len = strlen(key);
     const slot *s = &m->slots[find_slot(m, key, len, strmap_hash(key, len))];
-    if (s->hash == 0)
-        return false;
-    if (value)
-        *value = s->value;
+    if (s->hash == 0) return false;
+    if (value) *value = s->value;
     return true;
 }
 
@@ -135,8 +126,7 @@ bool strmap_set(strmap *m, const char *key, uint32_t value)
 {
     size_t len = strlen(key);
     slot *s = &m->slots[find_slot(m, key, len, strmap_hash(key, len))];
-    if (s->hash == 0)
-        return false;
+    if (s->hash == 0) return false;
     s->value = value;
     return true;
 }
@@ -149,13 +139,11 @@ int strmap_put_owned(strmap *m, char *key, uint32_t value, const char **key_out)
     if (s->hash != 0) {
         s->value = value;
         free(key);
-        if (key_out)
-            *key_out = s->key;
+        if (key_out) *key_out = s->key;
         return AFF_OK;
     }
     if (m->count + 1 > (m->mask + 1) * 3 / 4) {
-        if (rehash(m, (m->mask + 1) * 2) != AFF_OK)
-            return AFF_ENOMEM;
+        if (rehash(m, (m->mask + 1) * 2) != AFF_OK) return AFF_ENOMEM;
         s = &m->slots[find_slot(m, key, len, h)];
     }
     s->hash = h;
@@ -163,8 +151,7 @@ int strmap_put_owned(strmap *m, char *key, uint32_t value, const char **key_out)
     s->value = value;
     m->count++;
     m->key_bytes += len + 1;
-    if (key_out)
-        *key_out = key;
+    if (key_out) *key_out = key;
     return AFF_OK;
 }
 
@@ -178,11 +165,9 @@ int strmap_put(strmap *m, const char *key, uint32_t value, const char **key_out)
         return AFF_OK;
     }
     char *copy = strdup(key);
-    if (!copy)
-        return AFF_ENOMEM;
+    if (!copy) return AFF_ENOMEM;
     int rc = strmap_put_owned(m, copy, value, key_out);
-    if (rc != AFF_OK)
-        free(copy);
+    if (rc != AFF_OK) free(copy);
     return rc;
 }
 
@@ -190,8 +175,7 @@ bool strmap_remove(strmap *m, const char *key)
 {
     size_t len = strlen(key);
     size_t i = find_slot(m, key, len, strmap_hash(key, len));
-    if (m->slots[i].hash == 0)
-        return false;
+    if (m->slots[i].hash == 0) return false;
     free(m->slots[i].key);
     m->key_bytes -= len + 1;
     m->count--;
@@ -226,6 +210,5 @@ void strmap_foreach(const strmap *m, void (*fn)(const char *key, uint32_t value,
                     void *ctx)
 {
     for (size_t i = 0; i <= m->mask; i++)
-        if (m->slots[i].hash != 0)
-            fn(m->slots[i].key, m->slots[i].value, ctx);
+        if (m->slots[i].hash != 0) fn(m->slots[i].key, m->slots[i].value, ctx);
 }

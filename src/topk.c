@@ -36,12 +36,10 @@ static void sift_down(float *s, uint32_t *r, uint32_t n, uint32_t i)
     uint32_t rv = r[i];
     for (;;) {
         uint32_t c = 2 * i + 1;
-        if (c >= n)
-            break;
+        if (c >= n) break;
         if (c + 1 < n && topk_better(s[c], r[c], s[c + 1], r[c + 1]))
             c++; /* pick the worse child */
-        if (!topk_better(sv, rv, s[c], r[c]))
-            break;
+        if (!topk_better(sv, rv, s[c], r[c])) break;
         s[i] = s[c];
         r[i] = r[c];
         i = c;
@@ -56,8 +54,7 @@ static void sift_up(float *s, uint32_t *r, uint32_t i)
     uint32_t rv = r[i];
     while (i > 0) {
         uint32_t p = (i - 1) / 2;
-        if (!topk_better(s[p], r[p], sv, rv))
-            break;
+        if (!topk_better(s[p], r[p], sv, rv)) break;
         s[i] = s[p];
         r[i] = r[p];
         i = p;
@@ -68,8 +65,7 @@ static void sift_up(float *s, uint32_t *r, uint32_t i)
 
 void topk_push(topk_heap *h, float score, uint32_t row)
 {
-    if (!topk_would_accept(h, score, row))
-        return;
+    if (!topk_would_accept(h, score, row)) return;
     if (h->n < h->k) {
         h->scores[h->n] = score;
         h->rows[h->n] = row;

@@ -32,10 +32,8 @@ static inline bool topk_better(float score, uint32_t row, float other_score, uin
 /* True when pushing (score, row) would change the heap. */
 static inline bool topk_would_accept(const topk_heap *h, float score, uint32_t row)
 {
-    if (score != score)
-        return false;
-    if (h->n < h->k)
-        return true;
+    if (score != score) return false;
+    if (h->n < h->k) return true;
     return topk_better(score, row, h->scores[0], h->rows[0]);
 }
 

@@ -62,8 +62,7 @@ Test(strmap, random_operations_match_reference)
         uint32_t v;
         bool got = strmap_get(m, key, &v);
         cr_assert_eq(got, present[k], "seed %u key %d", seed, k);
-        if (got)
-            cr_assert_eq(v, ref[k]);
+        if (got) cr_assert_eq(v, ref[k]);
         n += present[k];
     }
     cr_assert_eq(strmap_count(m), n);
