@@ -14,8 +14,16 @@
 struct aff_catalog {
     aff_engine *engine;
     aff_store *store;
+    aff_model *model;         /* behaviour spaces mirrored after each write; NULL: none */
     pthread_mutex_t write_mu; /* held across the engine call and the store commit */
 };
+
+void catalog_attach_model(aff_catalog *c, aff_model *m)
+{
+    pthread_mutex_lock(&c->write_mu);
+    c->model = m;
+    pthread_mutex_unlock(&c->write_mu);
+}
 
 int catalog_create(aff_catalog **out, aff_engine *e, aff_store *s, aff_err *err)
 {
@@ -51,7 +59,8 @@ static int rebuild_collection(void *ctx, const store_collection *sc, aff_err *er
                                    .metric = sc->metric,
                                    .index = sc->index,
                                    .hnsw_m = sc->hnsw_m,
-                                   .hnsw_ef_search = sc->hnsw_ef_search};
+                                   .hnsw_ef_search = sc->hnsw_ef_search,
+                                   .learned_only = sc->learned_only};
     return engine_create_collection(c->engine, &spec, err);
 }
 
@@ -63,8 +72,8 @@ static int rebuild_items(void *ctx, const store_collection *sc, const store_item
     if (!batch) return aff__fail(err, AFF_ENOMEM, "out of memory rebuilding '%s'", sc->name);
     for (size_t i = 0; i < n; i++)
         batch[i] = (aff_item){.id = items[i].id,
-                              .vector = items[i].vector,
-                              .dim = items[i].dim,
+                              .vector = sc->learned_only ? NULL : items[i].vector,
+                              .dim = sc->learned_only ? 0 : items[i].dim,
                               .category = items[i].category,
                               .tags = items[i].tags,
                               .n_tags = items[i].n_tags,
@@ -99,7 +108,8 @@ int catalog_create_collection(aff_catalog *c, const engine_collection_spec *spec
                            .metric = ci.metric,
                            .index = ci.index,
                            .hnsw_m = ci.hnsw_m,
-                           .hnsw_ef_search = ci.hnsw_ef_search};
+                           .hnsw_ef_search = ci.hnsw_ef_search,
+                           .learned_only = ci.learned_only};
     memcpy(sc.name, ci.name, sizeof sc.name);
     if ((rc = store_put_collection(c->store, &sc, err))) goto undo;
     goto out;
@@ -120,6 +130,7 @@ int catalog_drop_collection(aff_catalog *c, const char *name, aff_err *err)
     int rc = engine_collection_dim(c->engine, name, &dim, err);
     if (rc == AFF_OK && (rc = store_drop_collection(c->store, name, NULL, err)) == AFF_OK)
         rc = engine_drop_collection(c->engine, name, err);
+    if (rc == AFF_OK) model_on_drop(c->model, name);
     pthread_mutex_unlock(&c->write_mu);
     return rc;
 }
@@ -127,12 +138,15 @@ int catalog_drop_collection(aff_catalog *c, const char *name, aff_err *err)
 int catalog_upsert(aff_catalog *c, const char *collection, const aff_item *items, size_t n,
                    aff_err *err)
 {
+    /* Learned-only collections store one 0 per item (the engine has validated that they came
+     * without vectors before the store sees them). */
+    static const float zero_vector[1] = {0.0f};
     store_item *si = calloc(n ? n : 1, sizeof *si);
     if (!si) return aff__fail(err, AFF_ENOMEM, "out of memory writing %zu items", n);
     for (size_t i = 0; i < n; i++)
         si[i] = (store_item){.id = items[i].id,
-                             .vector = items[i].vector,
-                             .dim = items[i].dim,
+                             .vector = items[i].dim ? items[i].vector : zero_vector,
+                             .dim = items[i].dim ? items[i].dim : 1,
                              .category = items[i].category,
                              .tags = items[i].tags,
                              .n_tags = items[i].n_tags,
@@ -141,6 +155,7 @@ int catalog_upsert(aff_catalog *c, const char *collection, const aff_item *items
     pthread_mutex_lock(&c->write_mu);
     int rc = engine_upsert(c->engine, collection, items, n, err);
     if (rc == AFF_OK && n) rc = store_put_items(c->store, collection, si, n, err);
+    if (rc == AFF_OK && n) model_on_upsert(c->model, collection, items, n);
     pthread_mutex_unlock(&c->write_mu);
     free(si);
     return rc;
@@ -164,6 +179,7 @@ int catalog_delete(aff_catalog *c, const char *collection, const char *const *id
     if (rc == AFF_OK && n &&
         (rc = store_delete_items(c->store, collection, ids, n, NULL, err)) == 0)
         rc = engine_delete(c->engine, collection, ids, n, n_deleted, err);
+    if (rc == AFF_OK) model_on_delete(c->model, collection, ids, n);
     pthread_mutex_unlock(&c->write_mu);
     return rc;
 }

@@ -26,6 +26,7 @@
 #include <stddef.h>
 
 #include "engine.h"
+#include "model.h"
 #include "status.h"
 #include "store.h"
 
@@ -35,6 +36,9 @@ typedef struct aff_catalog aff_catalog;
 int catalog_create(aff_catalog **out, aff_engine *e, aff_store *s, aff_err *err);
 /* NULL is a no-op. */
 void catalog_destroy(aff_catalog *c);
+/* From now on every committed write is mirrored into m's behaviour spaces, under the catalog's
+ * write lock (model_on_upsert/_delete/_drop). Call once at start-up; m outlives the catalog. */
+void catalog_attach_model(aff_catalog *c, aff_model *m);
 
 /* Loads every collection and item of the store into the engine (which must hold none of
  * them). The store logs progress every 5 s and a final line with counts and seconds; *out

@@ -107,6 +107,17 @@ static const opt_def opts[] = {
     {"history-length", U32(history_length, 1, 100000), .def = "500",
      .help = "recent events kept per user and collection, 1..100000 (exclusions by event "
              "type cover all time regardless)"},
+    {"train-interval-s", U32(train_interval_s, 0, 31536000), .def = "3600",
+     .help = "retrain a collection's model (iALS) in the background this often when it has new "
+             "events, seconds, 0..31536000 (0: off)"},
+    {"train-after-events", U32(train_after_events, 0, 4000000000u), .def = "0",
+     .help = "also retrain once a collection has this many new events, 0..4000000000 (0: off)"},
+    {"model-factors", U32(model_factors, 8, 512), .def = "64",
+     .help = "default learned factors d for collections that set none, 8..512"},
+    {"model-epochs", U32(model_epochs, 1, 1000), .def = "12",
+     .help = "default training epochs for collections that set none, 1..1000"},
+    {"train-threads", U32(train_threads, 0, 1024), .def = "0",
+     .help = "threads per training job (run at low priority), 0 = all cores"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
@@ -467,17 +478,16 @@ void config_log(const aff_config *c)
         kv[n++] = v;
     }
     kv[n] = NULL;
-    /* aff_log_kv takes a NULL-terminated vararg list; pass the table in fixed slots. */
-    _Static_assert(2 * (N_OPTS - 2) <= 58, "config_log passes at most 29 fields");
-    const char *k[59];
-    for (size_t i = 0; i < sizeof k / sizeof k[0]; i++)
-        k[i] = i < n ? kv[i] : NULL;
-    aff_log_kv(AFF_LOG_INFO, "configuration", k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7], k[8],
-               k[9], k[10], k[11], k[12], k[13], k[14], k[15], k[16], k[17], k[18], k[19], k[20],
-               k[21], k[22], k[23], k[24], k[25], k[26], k[27], k[28], k[29], k[30], k[31], k[32],
-               k[33], k[34], k[35], k[36], k[37], k[38], k[39], k[40], k[41], k[42], k[43], k[44],
-               k[45], k[46], k[47], k[48], k[49], k[50], k[51], k[52], k[53], k[54], k[55], k[56],
-               k[57], k[58], NULL);
+    /* aff_log_kv takes a NULL-terminated vararg list; pass the table in fixed slots, at most
+     * 14 settings per line. */
+    for (size_t from = 0; from < n; from += 28) {
+        const char *k[29];
+        for (size_t i = 0; i < sizeof k / sizeof k[0]; i++)
+            k[i] = i < 28 && from + i < n ? kv[from + i] : NULL;
+        aff_log_kv(AFF_LOG_INFO, "configuration", k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7],
+                   k[8], k[9], k[10], k[11], k[12], k[13], k[14], k[15], k[16], k[17], k[18], k[19],
+                   k[20], k[21], k[22], k[23], k[24], k[25], k[26], k[27], k[28], NULL);
+    }
 }
 
 void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_type *custom)
@@ -496,4 +506,15 @@ void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_
     out->half_life_s = c->profile_half_life_hours * 3600.0;
     out->popularity_half_life_s = c->popularity_half_life_hours * 3600.0;
     out->history_len = c->history_length;
+}
+
+void config_model(const aff_config *c, model_config *out)
+{
+    model_config_init(out);
+    out->defaults.factors = c->model_factors;
+    out->defaults.epochs = c->model_epochs;
+    out->half_life_s = c->profile_half_life_hours * 3600.0;
+    out->train_interval_s = c->train_interval_s;
+    out->train_after_events = c->train_after_events;
+    out->train_threads = c->train_threads;
 }

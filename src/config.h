@@ -16,6 +16,7 @@
 
 #include "engine.h"
 #include "log.h"
+#include "model.h"
 #include "profiles.h"
 #include "status.h"
 
@@ -55,6 +56,11 @@ typedef struct aff_config {
     double profile_half_life_hours;    /* profile decay */
     double popularity_half_life_hours; /* popularity decay */
     uint32_t history_length;           /* events kept per user */
+    uint32_t train_interval_s;         /* background retraining period; 0 = off */
+    uint32_t train_after_events;       /* retrain after this many new events; 0 = off */
+    uint32_t model_factors;            /* default learned factors */
+    uint32_t model_epochs;             /* default training epochs */
+    uint32_t train_threads;            /* threads per training job; 0 = all cores */
     bool help;                         /* --help was given: print config_usage and exit 0 */
     bool version;                      /* --version was given */
 } aff_config;
@@ -70,5 +76,7 @@ void config_log(const aff_config *c);
 const char *config_backend_name(engine_backend_choice b);
 /* Fills a profiles configuration from c; the custom types point into c. */
 void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_type *custom);
+/* Fills a model configuration from c (decay from the profile half-life). */
+void config_model(const aff_config *c, model_config *out);
 
 #endif

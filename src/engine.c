@@ -39,6 +39,7 @@ typedef struct collection {
     aff_metric metric;
     backend_index_kind index;
     uint32_t hnsw_m, hnsw_ef_search;
+    bool learned_only; /* no content vectors: zero rows (engine.h) */
     atomic_int refs;
     pthread_rwlock_t lock;
     const backend_ops *ops;
@@ -228,8 +229,12 @@ static int check_collection_name(const char *name, aff_err *err)
 
 int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, aff_err *err)
 {
-    int rc = check_collection_name(spec->name, err);
+    int rc = spec->internal && spec->name && spec->name[0] == ENGINE_INTERNAL_PREFIX
+                 ? check_collection_name(spec->name + 1, err)
+                 : check_collection_name(spec->name, err);
     if (rc != AFF_OK) return rc;
+    if (spec->learned_only && spec->dim != 1)
+        return aff__fail(err, AFF_EINTERNAL, "a learned-only collection is created with dim 1");
     if (spec->dim < 1 || spec->dim > AFF_MAX_DIM)
         return aff__fail(err, AFF_EINVAL, "dimension %u is out of range 1..%d", spec->dim,
                          AFF_MAX_DIM);
@@ -251,6 +256,7 @@ int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, 
     c->index = spec->index;
     c->hnsw_m = spec->hnsw_m ? spec->hnsw_m : 32;
     c->hnsw_ef_search = spec->hnsw_ef_search ? spec->hnsw_ef_search : 64;
+    c->learned_only = spec->learned_only;
     atomic_init(&c->refs, 1);
     c->ops = e->backend->ops;
     pthread_rwlockattr_t attr;
@@ -293,9 +299,10 @@ int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, 
     }
     e->colls[e->n_colls++] = c;
     pthread_mutex_unlock(&e->lock);
-    aff_log_kv(AFF_LOG_INFO, "collection created", "collection", c->name, "metric",
-               metric_name(c->metric), "index", c->index == BACKEND_INDEX_HNSW ? "hnsw" : "flat",
-               NULL);
+    if (!spec->internal)
+        aff_log_kv(AFF_LOG_INFO, "collection created", "collection", c->name, "metric",
+                   metric_name(c->metric), "index",
+                   c->index == BACKEND_INDEX_HNSW ? "hnsw" : "flat", NULL);
     return AFF_OK;
 fail:
     collection_free(c);
@@ -332,6 +339,7 @@ static void describe_locked(aff_engine *e, collection *c, engine_collection_info
     out->index = c->index;
     out->hnsw_m = c->hnsw_m;
     out->hnsw_ef_search = c->hnsw_ef_search;
+    out->learned_only = c->learned_only;
     out->n_items = c->count;
     out->memory_bytes = c->ops->table_memory(c->table) + strmap_memory(c->ids) +
                         (uint64_t)c->capacity * (sizeof(char *) + sizeof(backend_row_attrs)) +
@@ -348,6 +356,17 @@ int engine_describe_collection(aff_engine *e, const char *name, engine_collectio
     pthread_rwlock_rdlock(&c->lock);
     describe_locked(e, c, out);
     pthread_rwlock_unlock(&c->lock);
+    collection_release(c);
+    return AFF_OK;
+}
+
+int engine_collection_has_content(aff_engine *e, const char *name, bool *has_content,
+                                  aff_err *err)
+{
+    collection *c;
+    int rc = collection_acquire(e, name, &c, err);
+    if (rc != AFF_OK) return rc;
+    *has_content = !c->learned_only;
     collection_release(c);
     return AFF_OK;
 }
@@ -379,10 +398,13 @@ int engine_list_collections(aff_engine *e, engine_collection_info **out, size_t 
         pthread_mutex_unlock(&e->lock);
         return aff__fail(err, AFF_ENOMEM, "out of memory listing collections");
     }
+    size_t listed = 0;
     for (size_t i = 0; i < count; i++) {
-        held[i] = e->colls[i];
-        atomic_fetch_add(&held[i]->refs, 1);
+        if (e->colls[i]->name[0] == ENGINE_INTERNAL_PREFIX) continue; /* behaviour spaces */
+        held[listed] = e->colls[i];
+        atomic_fetch_add(&held[listed++]->refs, 1);
     }
+    count = listed;
     pthread_mutex_unlock(&e->lock);
     engine_collection_info *infos = calloc(count ? count : 1, sizeof *infos);
     for (size_t i = 0; i < count; i++) {
@@ -475,8 +497,15 @@ static int validate_item(const collection *c, const aff_item *it, size_t index, 
     if (rc != AFF_OK) return rc;
     char vwhat[AFF_MAX_ID_LEN + 64];
     snprintf(vwhat, sizeof vwhat, "vector of item \"%s\"", it->id);
-    if ((rc = check_vector(it->vector, it->dim, c->dim, c->metric, vwhat, err)) != AFF_OK)
+    if (c->learned_only) {
+        if (it->dim != 0)
+            return aff__fail(err, AFF_EINVAL,
+                             "item \"%s\" has a vector but collection \"%s\" learns its vectors "
+                             "from events (created with dimension 0): send items without vectors",
+                             it->id, c->name);
+    } else if ((rc = check_vector(it->vector, it->dim, c->dim, c->metric, vwhat, err)) != AFF_OK) {
         return rc;
+    }
     if (it->category && strnlen(it->category, AFF_MAX_ATTR_LEN + 1) > AFF_MAX_ATTR_LEN)
         return aff__fail(err, AFF_EINVAL, "category of item \"%s\" is longer than %d bytes", it->id,
                          AFF_MAX_ATTR_LEN);
@@ -593,7 +622,10 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
             }
         }
         if ((rc = build_attrs(c, it, &attrs[j], err)) != AFF_OK) goto out;
-        prepare_vector(it->vector, c->dim, c->metric, vectors + j * c->dim);
+        if (c->learned_only)
+            memset(vectors + j * c->dim, 0, c->dim * sizeof *vectors);
+        else
+            prepare_vector(it->vector, c->dim, c->metric, vectors + j * c->dim);
     }
     if ((uint64_t)c->count + appended > UINT32_MAX - 1) {
         rc = aff__fail(err, AFF_EFULL, "collection \"%s\" cannot hold more than %u items", c->name,
@@ -827,6 +859,12 @@ nomem:
 
 static int validate_query(const collection *c, const aff_query *q, aff_err *err)
 {
+    if (c->learned_only)
+        return aff__fail(err, AFF_EPRECONDITION,
+                         "collection \"%s\" has no content vectors (created with dimension 0): "
+                         "rank it in its behaviour space (SPACE_BEHAVIOUR) once a model is "
+                         "trained",
+                         c->name);
     if (q->k < 1 || q->k > AFF_MAX_K)
         return aff__fail(err, AFF_EINVAL, "k = %u is out of range 1..%d", q->k, AFF_MAX_K);
     int rc;

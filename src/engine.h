@@ -43,8 +43,17 @@ void engine_backend_info(aff_engine *e, backend_info *out);
 
 /* ---- collections ---------------------------------------------------------------------- */
 
+/* Names of internal collections (the behaviour spaces of model.h) start with this character,
+ * which client names cannot contain; engine_list_collections leaves them out. */
+#define ENGINE_INTERNAL_PREFIX '#'
+
 typedef struct engine_collection_spec {
-    const char *name; /* [A-Za-z0-9_.-], 1..AFF_MAX_NAME_LEN bytes */
+    const char *name; /* [A-Za-z0-9_.-], 1..AFF_MAX_NAME_LEN bytes; internal: '#' + that */
+    bool internal;    /* an internal collection (name starts with ENGINE_INTERNAL_PREFIX) */
+    /* No content space: items come without vectors (aff_item.dim 0) and rank only in the
+     * collection's learned behaviour space (model.h). dim must be 1: the backend keeps a zero
+     * row per item for attributes and filters. */
+    bool learned_only;
     uint32_t dim;     /* 1..AFF_MAX_DIM */
     aff_metric metric;
     backend_index_kind index; /* FLAT (default) or HNSW */
@@ -61,6 +70,7 @@ typedef struct engine_collection_info {
     uint64_t n_items;
     uint64_t memory_bytes; /* backend table plus the engine's id and attribute maps */
     char backend[32];
+    bool learned_only;
 } engine_collection_info;
 
 int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, aff_err *err);
@@ -70,6 +80,10 @@ int engine_describe_collection(aff_engine *e, const char *name, engine_collectio
 /* *out is a malloc'ed array of *n entries sorted by name; the caller frees it. */
 int engine_list_collections(aff_engine *e, engine_collection_info **out, size_t *n, aff_err *err);
 
+/* Whether the collection has a content space (false: learned-only). */
+int engine_collection_has_content(aff_engine *e, const char *name, bool *has_content,
+                                  aff_err *err);
+
 /* Name, dim and metric of a collection, for validation before batching. */
 int engine_collection_dim(aff_engine *e, const char *name, uint32_t *dim, aff_err *err);
 
@@ -78,7 +92,8 @@ int engine_collection_dim(aff_engine *e, const char *name, uint32_t *dim, aff_er
 typedef struct aff_item {
     const char *id;          /* 1..AFF_MAX_ID_LEN bytes, NUL-terminated */
     const float *vector;     /* dim finite floats */
-    uint32_t dim;            /* floats in vector; must equal the collection's dimension */
+    uint32_t dim;            /* floats in vector; must equal the collection's dimension (0 and
+                                vector NULL in learned-only collections) */
     const char *category;    /* NULL or "" = none; ≤ AFF_MAX_ATTR_LEN bytes */
     const char *const *tags; /* n_tags strings, each 1..AFF_MAX_ATTR_LEN bytes */
     uint32_t n_tags;         /* ≤ AFF_MAX_TAGS_PER_ITEM */

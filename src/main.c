@@ -148,6 +148,7 @@ int main(int argc, char **argv)
     aff_profiles *profiles = NULL;
     aff_engine *engine = NULL;
     aff_catalog *catalog = NULL;
+    aff_model *model = NULL;
     batcher *bat = NULL;
     aff_metrics *metrics = NULL;
     transport *server = NULL;
@@ -194,6 +195,10 @@ int main(int argc, char **argv)
     aff_log_kv(AFF_LOG_INFO, "backend in use", "requested", config_backend_name(cfg.backend),
                "backend", bi.name, "device", bi.device, NULL);
     if (catalog_create(&catalog, engine, store, &err)) goto fail;
+    model_config mcfg;
+    config_model(&cfg, &mcfg);
+    if (model_create(&model, engine, store, &mcfg, &err)) goto fail;
+    catalog_attach_model(catalog, model);
 
     /* Metrics: the registry always exists (updates are cheap); the HTTP endpoint runs when
      * --metrics-listen is set. The transport counts calls and latencies, the batcher reports
@@ -222,6 +227,7 @@ int main(int argc, char **argv)
                              .max_wait_us = cfg.max_wait_us,
                              .catalog = catalog,
                              .profiles = profiles,
+                             .model = model,
                              .metrics = metrics};
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];
@@ -241,6 +247,8 @@ int main(int argc, char **argv)
         aff_log(AFF_LOG_INFO, "demo shop already in the store: not loaded again");
     else if (cfg.demo && demo_load(catalog, &err))
         goto fail;
+    /* Learned models: the last trained version of each collection serves at once. */
+    if (model_load_all(model, &err)) goto fail;
     transport_set_serving(server, true);
     metrics_set_serving(metrics, true);
     aff_log(AFF_LOG_INFO, "serving");
@@ -265,6 +273,7 @@ out:
     metrics_destroy(metrics);
     profiles_destroy(profiles);
     catalog_destroy(catalog);
+    model_destroy(model);
     engine_destroy(engine);
     store_destroy(store);
     if (rc == 0) aff_log(AFF_LOG_INFO, "stopped");

@@ -53,7 +53,10 @@ typedef struct aff_metrics aff_metrics;
     X(PUT_EVENTS, "PutEvents")                                                                     \
     X(GET_USER, "GetUser")                                                                         \
     X(DELETE_USER, "DeleteUser")                                                                   \
-    X(GET_SERVER_INFO, "GetServerInfo")
+    X(GET_SERVER_INFO, "GetServerInfo")                                                            \
+    X(TRAIN, "Train")                                                                              \
+    X(GET_MODEL, "GetModel")                                                                       \
+    X(GET_SEGMENT, "GetSegment")
 
 typedef enum metrics_method {
 #define METRICS__METHOD_ENUM(name, str) METRICS_METHOD_##name,

@@ -15,12 +15,14 @@
  *   by_type       lp(collection) lp(user) lp(type) lp(item) -> by_type v1
  *   popularity    lp(collection) lp(item)                -> popularity v1
  *   pop_rank      lp(collection) be64(ord(-log_score)) lp(item) -> popularity v1 (a copy)
+ *   models        lp(collection)                         -> an opaque blob (model.c's encoding,
+ *                                                            versioned by its first byte)
  *
  * Values start with a version byte (1 today); readers reject other versions as corrupt
  * (AFF_EINTERNAL). Integers and floats are in host byte order (little-endian on every
  * platform we build for): a store is not portable across byte orders. Layouts (bytes):
  *
- *   collection   u8 ver, u8 metric, u8 index, u8 0, u32 dim, u32 hnsw_m, u32 hnsw_ef,
+ *   collection   u8 ver, u8 metric, u8 index, u8 flags (bit 0: learned-only), u32 dim, u32 hnsw_m, u32 hnsw_ef,
  *                u64 generation                                               (24 bytes)
  *   item         u8 ver, u8 available, u16 n_tags, f32 price, u32 dim, f32 vector[dim],
  *                u16 len + category, n_tags x (u16 len + tag)
@@ -78,12 +80,13 @@ enum {
     DB_BY_TYPE,
     DB_POPULARITY,
     DB_POP_RANK,
+    DB_MODELS,
     DB_COUNT
 };
 
 static const char *const db_names[DB_COUNT] = {
     "meta",         "collections", "items",      "profiles", "events",
-    "interactions", "by_type",     "popularity", "pop_rank",
+    "interactions", "by_type",     "popularity", "pop_rank", "models",
 };
 
 /* One store_update call waiting in the group-commit queue (on its caller's stack). */
@@ -336,7 +339,7 @@ static void encode_collection(uint8_t *dst, const store_collection *c)
     w_u8(&w, STORE_VALUE_VERSION);
     w_u8(&w, (uint8_t)c->metric);
     w_u8(&w, (uint8_t)c->index);
-    w_u8(&w, 0);
+    w_u8(&w, c->learned_only ? 1 : 0);
     w_u32(&w, c->dim);
     w_u32(&w, c->hnsw_m);
     w_u32(&w, c->hnsw_ef_search);
@@ -352,7 +355,7 @@ static int decode_collection(const MDB_val *k, const MDB_val *v, store_collectio
     c->name[k->mv_size] = '\0';
     c->metric = (aff_metric)r_u8(&r);
     c->index = (backend_index_kind)r_u8(&r);
-    r_u8(&r);
+    c->learned_only = (r_u8(&r) & 1) != 0;
     c->dim = r_u32(&r);
     c->hnsw_m = r_u32(&r);
     c->hnsw_ef_search = r_u32(&r);
@@ -1569,6 +1572,106 @@ static int interactions_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff
     if (!key_tail_id(k, ts->prefix_len, item)) return corrupt(err, "interaction key");
     int status = decode_interaction(v, &in, err);
     return status ? status : ts->ifn(ts->ctx, item, &in);
+}
+
+typedef struct all_interactions {
+    size_t prefix_len;
+    store_user_interaction_fn fn;
+    void *ctx;
+} all_interactions;
+
+static int all_interactions_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    all_interactions *a = ctx;
+    char user[AFF_MAX_ID_LEN + 1], item[AFF_MAX_ID_LEN + 1];
+    store_interaction in;
+    /* key: lp(collection) lp(user) lp(item) */
+    if (k->mv_size < a->prefix_len + 1) return corrupt(err, "interaction key");
+    const uint8_t *p = (const uint8_t *)k->mv_data + a->prefix_len;
+    size_t ulen = p[0];
+    if (ulen == 0 || ulen > AFF_MAX_ID_LEN || k->mv_size < a->prefix_len + 1 + ulen + 1)
+        return corrupt(err, "interaction key");
+    memcpy(user, p + 1, ulen);
+    user[ulen] = '\0';
+    if (!key_tail_id(k, a->prefix_len + 1 + ulen, item)) return corrupt(err, "interaction key");
+    int status = decode_interaction(v, &in, err);
+    return status ? status : a->fn(a->ctx, user, item, &in);
+}
+
+int store_txn_scan_collection_interactions(store_txn *txn, const char *collection,
+                                           store_user_interaction_fn fn, void *ctx, aff_err *err)
+{
+    key_buf prefix;
+    if (!make_key(&prefix, collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
+    all_interactions a = {.prefix_len = prefix.n, .fn = fn, .ctx = ctx};
+    return scan_prefix(txn, DB_INTERACTIONS, &prefix, NULL, all_interactions_visit, &a, err);
+}
+
+/* ---- models ---------------------------------------------------------------------------------- */
+
+typedef struct model_put {
+    const char *collection;
+    const void *blob;
+    size_t len;
+} model_put;
+
+static int put_model_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    model_put *m = ctx;
+    store_collection c;
+    int status = store_txn_get_collection(t, m->collection, &c, err);
+    if (status) return status;
+    key_buf k;
+    if (!make_key(&k, m->collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
+    uint8_t *dst;
+    if ((status = db_reserve(t, DB_MODELS, &k, m->len, &dst, err))) return status;
+    memcpy(dst, m->blob, m->len);
+    return AFF_OK;
+}
+
+int store_put_model(aff_store *s, const char *collection, const void *blob, size_t len,
+                    aff_err *err)
+{
+    if (len == 0) return aff__fail(err, AFF_EINVAL, "store: empty model");
+    model_put m = {.collection = collection, .blob = blob, .len = len};
+    return store_update(s, put_model_fn, &m, err);
+}
+
+typedef struct model_get {
+    const char *collection;
+    void *blob;
+    size_t len;
+} model_get;
+
+static int get_model_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    model_get *m = ctx;
+    free(m->blob);
+    m->blob = NULL;
+    key_buf k;
+    if (!make_key(&k, m->collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
+    MDB_val v;
+    int status = db_get(t, DB_MODELS, &k, &v, err);
+    if (status) return status;
+    if (!(m->blob = malloc(v.mv_size ? v.mv_size : 1)))
+        return aff__fail(err, AFF_ENOMEM, "store: out of memory reading a model");
+    memcpy(m->blob, v.mv_data, v.mv_size);
+    m->len = v.mv_size;
+    return AFF_OK;
+}
+
+int store_get_model(aff_store *s, const char *collection, void **blob, size_t *len, aff_err *err)
+{
+    model_get m = {.collection = collection};
+    int status = store_view(s, get_model_fn, &m, err);
+    if (status) {
+        free(m.blob);
+        m.blob = NULL;
+        m.len = 0;
+    }
+    *blob = m.blob;
+    *len = m.len;
+    return status;
 }
 
 int store_txn_scan_interactions(store_txn *txn, const char *collection, const char *user,

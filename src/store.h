@@ -101,6 +101,7 @@ typedef struct store_collection {
     aff_metric metric;
     backend_index_kind index;
     uint32_t hnsw_m, hnsw_ef_search;
+    bool learned_only; /* no content vectors (items are stored with one 0) */
     /* Bumped by every delete of an item and every re-upsert that changes an item's vector:
      * profiles computed at an older generation are recomputed on next use. Store-owned:
      * ignored by store_put_collection. */
@@ -271,6 +272,13 @@ typedef int (*store_interaction_fn)(void *ctx, const char *item, const store_int
 int store_txn_scan_interactions(store_txn *txn, const char *collection, const char *user,
                                 store_interaction_fn fn, void *ctx, aff_err *err);
 
+typedef int (*store_user_interaction_fn)(void *ctx, const char *user, const char *item,
+                                         const store_interaction *in);
+/* Every (user, item) interaction of the collection, by user then item id (the trainer's
+ * input). One read transaction: run it with store_view. */
+int store_txn_scan_collection_interactions(store_txn *txn, const char *collection,
+                                           store_user_interaction_fn fn, void *ctx, aff_err *err);
+
 /* Records that the user had an event of `type` with `item` at ts_ms (the latest one wins). */
 int store_txn_mark_type(store_txn *txn, const char *collection, const char *user, const char *type,
                         const char *item, int64_t ts_ms, aff_err *err);
@@ -295,5 +303,15 @@ typedef int (*store_popularity_fn)(void *ctx, const char *item, const store_popu
 /* Counters by log_score descending (ties by item id). */
 int store_txn_scan_popular(store_txn *txn, const char *collection, store_popularity_fn fn,
                            void *ctx, aff_err *err);
+
+/* ---- models ---------------------------------------------------------------------------------- */
+
+/* The collection's learned model as an opaque blob (model.c owns its layout), replaced whole in
+ * one durable transaction. AFF_ENOTFOUND when the collection does not exist. Dropping the
+ * collection erases it. */
+int store_put_model(aff_store *s, const char *collection, const void *blob, size_t len,
+                    aff_err *err);
+/* *blob: a malloc'ed copy (the caller frees it). AFF_ENOTFOUND when none is stored. */
+int store_get_model(aff_store *s, const char *collection, void **blob, size_t *len, aff_err *err);
 
 #endif

@@ -25,6 +25,7 @@
 #include "catalog.h"
 #include "engine.h"
 #include "metrics.h"
+#include "model.h"
 #include "profiles.h"
 #include "status.h"
 
@@ -41,6 +42,7 @@ typedef struct transport_config {
     uint32_t max_wait_us;   /* reported by GetServerInfo */
     aff_catalog *catalog;   /* durable catalog writes; GetServerInfo.persistent; borrowed */
     aff_profiles *profiles; /* events and profiles; borrowed */
+    aff_model *model;       /* learned models (Train, Recommend by model); NULL: none; borrowed */
     aff_metrics *metrics;   /* per-call counters and latencies; NULL: none; borrowed */
 } transport_config;
 

@@ -46,6 +46,9 @@
 #define TRANSPORT_METHOD_GET_USER            "/affinity.v1.Affinity/GetUser"
 #define TRANSPORT_METHOD_DELETE_USER         "/affinity.v1.Affinity/DeleteUser"
 #define TRANSPORT_METHOD_GET_SERVER_INFO     "/affinity.v1.Affinity/GetServerInfo"
+#define TRANSPORT_METHOD_TRAIN               "/affinity.v1.Affinity/Train"
+#define TRANSPORT_METHOD_GET_MODEL           "/affinity.v1.Affinity/GetModel"
+#define TRANSPORT_METHOD_GET_SEGMENT         "/affinity.v1.Affinity/GetSegment"
 #define TRANSPORT_METHOD_HEALTH_CHECK        "/grpc.health.v1.Health/Check"
 #define TRANSPORT_METHOD_HEALTH_WATCH        "/grpc.health.v1.Health/Watch"
 

@@ -25,6 +25,7 @@
 #include "profiles.h"
 #include "transport_codec.h"
 #include "transport_internal.h"
+#include "transport_model.h"
 
 #define MAX_QUERIES_PER_CALL   1024   /* Search/SimilarItems queries in one request */
 #define MAX_IDS_PER_CALL       100000 /* GetItems/DeleteItems ids in one request */
@@ -82,7 +83,7 @@ static void collection_info_to_pb(const engine_collection_info *ci, const backen
 {
     affinity__v1__collection_info__init(info);
     info->name = (char *)ci->name;
-    info->dimension = ci->dim;
+    info->dimension = ci->learned_only ? 0 : ci->dim;
     info->metric = metric_to_pb(ci->metric);
     info->index = ci->index == BACKEND_INDEX_HNSW ? AFFINITY__V1__INDEX_KIND__INDEX_KIND_HNSW
                                                   : AFFINITY__V1__INDEX_KIND__INDEX_KIND_FLAT;
@@ -186,6 +187,7 @@ static void rpc_put_events(tcall *c, ProtobufCMessage *msg)
         tcall_fail(c, &err);
         goto out;
     }
+    model_note_events(c->t->cfg.model, r->collection, applied);
     /* The profiles module reports in its own (ascending) order: map back and merge. */
     for (uint32_t k = 0; k < n_rej; k++) {
         uint32_t i = index[rej[k].index];
@@ -287,14 +289,27 @@ static void rpc_create_collection(tcall *c, ProtobufCMessage *msg)
 {
     const Affinity__V1__CreateCollectionRequest *r = (void *)msg;
     aff_err err;
+    /* dimension 0: no content space; the collection learns its vectors from events. */
     engine_collection_spec spec = {.name = r->name,
-                                   .dim = r->dimension,
+                                   .dim = r->dimension ? r->dimension : 1,
+                                   .learned_only = r->dimension == 0,
                                    .hnsw_m = r->hnsw_m,
                                    .hnsw_ef_search = r->hnsw_ef_search};
+    if (spec.learned_only && r->metric != AFFINITY__V1__METRIC__METRIC_UNSPECIFIED &&
+        r->metric != AFFINITY__V1__METRIC__METRIC_INNER_PRODUCT) {
+        fail(c, AFF_EINVAL,
+             "dimension 0 makes a learned-only collection (inner product of learned factors); "
+             "leave metric unset or use METRIC_INNER_PRODUCT");
+        return;
+    }
+    if (spec.learned_only && r->index == AFFINITY__V1__INDEX_KIND__INDEX_KIND_HNSW) {
+        fail(c, AFF_EINVAL, "dimension 0 (learned-only) collections use INDEX_KIND_FLAT");
+        return;
+    }
     switch (r->metric) {
     case AFFINITY__V1__METRIC__METRIC_UNSPECIFIED:
     case AFFINITY__V1__METRIC__METRIC_COSINE:
-        spec.metric = AFF_METRIC_COSINE;
+        spec.metric = spec.learned_only ? AFF_METRIC_IP : AFF_METRIC_COSINE;
         break;
     case AFFINITY__V1__METRIC__METRIC_INNER_PRODUCT:
         spec.metric = AFF_METRIC_IP;
@@ -322,7 +337,23 @@ static void rpc_create_collection(tcall *c, ProtobufCMessage *msg)
              (int)r->index);
         return;
     }
+    als_params params;
+    if (r->model && c->t->cfg.model) {
+        als_params defaults;
+        model_default_params(c->t->cfg.model, &defaults);
+        if (transport__model_params(r->model, &defaults, "model", &params, &err)) {
+            tcall_fail(c, &err);
+            return;
+        }
+    }
     if (catalog_create_collection(c->t->cfg.catalog, &spec, &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
+    if (r->model && c->t->cfg.model &&
+        model_configure(c->t->cfg.model, r->name, &params, &err) != AFF_OK) {
+        aff_err derr;
+        catalog_drop_collection(c->t->cfg.catalog, r->name, &derr);
         tcall_fail(c, &err);
         return;
     }
@@ -335,6 +366,8 @@ static void rpc_create_collection(tcall *c, ProtobufCMessage *msg)
     engine_backend_info(c->t->engine, &bi);
     Affinity__V1__CollectionInfo info;
     collection_info_to_pb(&ci, &bi, &info);
+    tmodel_pb mst;
+    transport__collection_model(c->t, r->name, &info, &mst);
     Affinity__V1__CreateCollectionResponse resp = AFFINITY__V1__CREATE_COLLECTION_RESPONSE__INIT;
     resp.collection = &info;
     tcall_finish(c, 0, NULL, &resp.base);
@@ -365,11 +398,13 @@ static void rpc_list_collections(tcall *c, ProtobufCMessage *msg)
     engine_backend_info(c->t->engine, &bi);
     Affinity__V1__CollectionInfo *infos = xcalloc(n, sizeof *infos);
     Affinity__V1__CollectionInfo **ptrs = xcalloc(n, sizeof *ptrs);
-    if (!infos || !ptrs) {
+    tmodel_pb *msts = xcalloc(n, sizeof *msts);
+    if (!infos || !ptrs || !msts) {
         fail(c, AFF_ENOMEM, "out of memory listing collections");
     } else {
         for (size_t i = 0; i < n; i++) {
             collection_info_to_pb(&list[i], &bi, &infos[i]);
+            transport__collection_model(c->t, list[i].name, &infos[i], &msts[i]);
             ptrs[i] = &infos[i];
         }
         Affinity__V1__ListCollectionsResponse resp = AFFINITY__V1__LIST_COLLECTIONS_RESPONSE__INIT;
@@ -379,6 +414,7 @@ static void rpc_list_collections(tcall *c, ProtobufCMessage *msg)
     }
     free(infos);
     free(ptrs);
+    free(msts);
     free(list);
 }
 
@@ -395,6 +431,8 @@ static void rpc_describe_collection(tcall *c, ProtobufCMessage *msg)
     engine_backend_info(c->t->engine, &bi);
     Affinity__V1__CollectionInfo info;
     collection_info_to_pb(&ci, &bi, &info);
+    tmodel_pb mst;
+    transport__collection_model(c->t, r->name, &info, &mst);
     tcall_finish(c, 0, NULL, &info.base);
 }
 
@@ -659,12 +697,16 @@ typedef struct recommend_job {
     bool has_plan;
     bool answered; /* POPULARITY: the hits are final, nothing to queue */
     Affinity__V1__RecommendSource source;
+    model_user_factor_out *factor; /* MODEL: the folded-in user factor and its space; owned */
+    const char *target;            /* the engine collection to queue q on */
 } recommend_job;
 
 static void recommend_job_release(recommend_job *j)
 {
     if (j->has_plan) profiles_plan_release(&j->plan);
     j->has_plan = false;
+    free(j->factor);
+    j->factor = NULL;
 }
 
 /* One unary serving call: its queries, outputs and batcher request. */
@@ -685,6 +727,7 @@ typedef struct serve_state {
     float *user_vector;                                /* Rerank by user_id: the profile */
     Affinity__V1__RecommendSource rerank_source;
     bool rerank_without_profile; /* Rerank of an unknown user: base scores only */
+    char space[MODEL_SPACE_NAME_LEN + 1]; /* SimilarItems in the behaviour space */
 } serve_state;
 
 static void serve_state_free(void *p)
@@ -926,18 +969,53 @@ static void rpc_similar_items(tcall *c, ProtobufCMessage *msg)
     }
     st->respond = respond_search;
     st->what = "item";
+    const char *target = r->collection;
+    /* A learned-only collection has only its behaviour space. */
+    bool has_content = true;
+    if (r->space == AFFINITY__V1__SPACE__SPACE_UNSPECIFIED &&
+        engine_collection_has_content(c->t->engine, r->collection, &has_content, &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
+    if (r->space == AFFINITY__V1__SPACE__SPACE_BEHAVIOUR || !has_content) {
+        bool found = false;
+        if (c->t->cfg.model &&
+            model_space(c->t->cfg.model, r->collection, st->space, &dim, &found, &err)) {
+            tcall_fail(c, &err);
+            return;
+        }
+        if (!found) {
+            fail(c, AFF_EPRECONDITION,
+                 "space SPACE_BEHAVIOUR needs a trained model; collection \"%s\" has none yet "
+                 "(call Train)",
+                 r->collection);
+            return;
+        }
+        target = st->space;
+    } else if (r->space != AFFINITY__V1__SPACE__SPACE_UNSPECIFIED &&
+               r->space != AFFINITY__V1__SPACE__SPACE_CONTENT) {
+        fail(c, AFF_EINVAL, "space %d is unknown; use SPACE_CONTENT or SPACE_BEHAVIOUR",
+             (int)r->space);
+        return;
+    }
     for (size_t i = 0; i < nq; i++) {
         filter_from_pb(r->filter, &st->filters[i]);
         st->queries[i] =
             (aff_query){.item_id = r->item_ids[i], .k = r->k, .filter = &st->filters[i]};
-        if (engine_validate_query(c->t->engine, r->collection, &st->queries[i], &err)) {
+        if (engine_validate_query(c->t->engine, target, &st->queries[i], &err)) {
             aff_err e2;
-            aff__fail(&e2, err.code, "item %zu: %s", i, err.msg);
-            tcall_fail(c, nq > 1 ? &e2 : &err);
+            if (target != r->collection && err.code == AFF_ENOTFOUND)
+                aff__fail(&e2, err.code,
+                          "item_ids[%zu] = \"%.128s\" has no learned factor yet (no events "
+                          "before the last training)",
+                          i, r->item_ids[i]);
+            else
+                aff__fail(&e2, err.code, "item %zu: %s", i, err.msg);
+            tcall_fail(c, nq > 1 || target != r->collection ? &e2 : &err);
             return;
         }
     }
-    serve_submit(c, st, r->collection, BATCHER_SEARCH, nq);
+    serve_submit(c, st, target, BATCHER_SEARCH, nq);
 }
 
 /* Recommend by user_id: the user's profile as the query vector, or the collection's popular
@@ -964,7 +1042,23 @@ static int recommend_user_prepare(transport *t, const Affinity__V1__RecommendReq
                                      &j->plan, err);
     if (rc) return rc;
     j->has_plan = true;
-    if (j->plan.source == PROFILES_SOURCE_PROFILE) {
+    if (r->space != AFFINITY__V1__SPACE__SPACE_CONTENT && t->cfg.model) {
+        if (!(j->factor = malloc(sizeof *j->factor)))
+            return aff__fail(err, AFF_ENOMEM, "out of memory folding in the user");
+        if ((rc = model_user_factor(t->cfg.model, r->collection, r->user_id, j->factor, err)))
+            return rc;
+        if (j->factor->found) {
+            j->source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_MODEL;
+            j->target = j->factor->space;
+            j->q = (aff_query){.vector = j->factor->vector,
+                               .dim = j->factor->dim,
+                               .k = r->k,
+                               .filter = &j->plan.filter};
+            return engine_validate_query(t->engine, j->target, &j->q, err);
+        }
+    }
+    if (j->plan.source == PROFILES_SOURCE_PROFILE &&
+        r->space != AFFINITY__V1__SPACE__SPACE_BEHAVIOUR) {
         j->source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_PROFILE;
         j->q = (aff_query){
             .vector = j->plan.vector, .dim = j->plan.dim, .k = r->k, .filter = &j->plan.filter};
@@ -988,6 +1082,12 @@ static int recommend_prepare(transport *t, const Affinity__V1__RecommendRequest 
     if (r->k < 1 || r->k > AFF_MAX_K)
         return aff__fail(err, AFF_EINVAL, "k = %u is out of range 1..%d", r->k, AFF_MAX_K);
     filter_from_pb(r->filter, &j->f);
+    j->target = r->collection;
+    if (r->space != AFFINITY__V1__SPACE__SPACE_UNSPECIFIED &&
+        r->space != AFFINITY__V1__SPACE__SPACE_CONTENT &&
+        r->space != AFFINITY__V1__SPACE__SPACE_BEHAVIOUR)
+        return aff__fail(err, AFF_EINVAL, "space %d is unknown; use SPACE_CONTENT or SPACE_BEHAVIOUR",
+                         (int)r->space);
     if (r->user_case == AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_ID)
         return recommend_user_prepare(t, r, j, hits, n_hits, err);
     if (r->user_case != AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR || !r->user_vector)
@@ -1051,7 +1151,7 @@ static void rpc_recommend(tcall *c, ProtobufCMessage *msg)
     if (st->job.answered)
         respond_recommend(c, st);
     else
-        serve_submit(c, st, r->collection, BATCHER_SEARCH, 1);
+        serve_submit(c, st, st->job.target, BATCHER_SEARCH, 1);
 }
 
 static void respond_rerank(tcall *c, serve_state *st)
@@ -1329,7 +1429,7 @@ static void bstream_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
         it->done = true; /* popularity: answered at once, in order with the others */
     } else if (!rc) {
         it->br = (batcher_request){.kind = BATCHER_SEARCH,
-                                   .collection = it->req->collection,
+                                   .collection = it->job.target,
                                    .deadline_ns = tcall_deadline_ns(c),
                                    .nq = 1,
                                    .queries = &it->job.q,
@@ -1476,6 +1576,9 @@ const tmethod_def transport__methods[] = {
     BLOCKING("PutEvents", put_events_request, rpc_put_events),
     UNARY("GetUser", get_user_request, rpc_get_user),
     BLOCKING("DeleteUser", delete_user_request, rpc_delete_user),
+    BLOCKING("Train", train_request, transport__rpc_train),
+    UNARY("GetModel", get_model_request, transport__rpc_get_model),
+    UNARY("GetSegment", get_segment_request, transport__rpc_get_segment),
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
      false, rpc_health_check, NULL},

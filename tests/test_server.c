@@ -678,7 +678,7 @@ Test(server, every_error_has_its_status_code, .init = start_with_catalog, .fini 
                          &affinity__v1__create_collection_response__descriptor, 0, NULL, &st),
                  3, "%s", st.message);
     cr.name = "ok";
-    cr.dimension = 0;
+    cr.dimension = 5000; /* 0 is valid: a learned-only collection */
     cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_CREATE_COLLECTION, &cr,
                          &affinity__v1__create_collection_response__descriptor, 0, NULL, &st),
                  3);

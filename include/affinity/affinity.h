@@ -52,7 +52,8 @@ extern "C" {
     X(EIO, -10, 13, "I/O error")                                                                   \
     X(EUNSUPPORTED, -11, 12, "not supported")                                                      \
     X(ECANCELLED, -12, 1, "cancelled")                                                             \
-    X(EINTERNAL, -13, 13, "internal error")
+    X(EINTERNAL, -13, 13, "internal error")                                                        \
+    X(EPRECONDITION, -14, 9, "failed precondition")
 
 typedef enum aff_status {
 #define AFF__STATUS_ENUM(name, value, grpc, msg) AFF_##name = (value),

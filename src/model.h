@@ -1,0 +1,159 @@
+/*
+ * model.h: per-collection learned models (iALS, see als.h): background training from the
+ * events the store holds, persistence and versioning, the behaviour space that serves them, and
+ * the fold-in of a shopper's current events into a user factor.
+ *
+ * Spaces. A collection has a content space (the shop's vectors: the engine collection of the
+ * same name) and, once a model is trained, a behaviour space: an engine collection named
+ * "#b<N>" (a name no client can create) with one row per item of the model, its learned factor
+ * as the vector (inner product) and the item's current attributes, so every filter, exclusion
+ * and backend (GPU included) works on it unchanged. Catalog writes are mirrored into it
+ * (model_on_upsert / model_on_delete): attributes follow the catalog, deleted items leave it.
+ *
+ * Versions. A model version is immutable once published; a new one is built completely (its
+ * space included) before one pointer swap makes it current, so serving never sees half a model.
+ * The previous version's space stays until the next swap, so a query planned just before a
+ * swap still finds its space when the batcher runs it.
+ *
+ * Confidence. Each (user, item) interaction the store keeps is a decayed, type-weighted event
+ * sum r (profiles.h); its confidence is als_confidence(r decayed to now) with the profiles'
+ * half-life, so a purchase counts more than a view and old events fade.
+ *
+ * Fold-in. model_user_factor reads the user's interactions from the store and solves the
+ * user's row exactly against the current item factors (als_solve_row): a Recommend right after
+ * PutEvents sees the new events (read-your-writes), with no per-user state to keep in sync.
+ *
+ * Threading: every function may be called from any thread. Training runs on one background
+ * thread per collection (OpenMP inside, niced); at most one job per collection at a time.
+ */
+#ifndef AFFINITY_MODEL_H
+#define AFFINITY_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "als.h"
+#include "engine.h"
+#include "store.h"
+
+typedef struct aff_model aff_model;
+
+#define MODEL_SPACE_NAME_LEN 31
+
+typedef struct model_config {
+    als_params defaults;          /* a collection's parameters until it configures its own */
+    double half_life_s;           /* event decay for confidences (the profiles' half-life) */
+    uint32_t train_interval_s;    /* retrain a collection with new events this often; 0 = off */
+    uint64_t train_after_events;  /* retrain after this many new events; 0 = off */
+    uint32_t train_threads;       /* OpenMP threads per training job; 0 = all cores */
+    int64_t (*now_ms)(void *ctx); /* NULL: the real-time clock */
+    void *now_ctx;
+} model_config;
+
+void model_config_init(model_config *cfg);
+
+/* Borrows e and s (both outlive the model). Starts the scheduler thread when an automatic
+ * trigger is configured. */
+int model_create(aff_model **out, aff_engine *e, aff_store *s, const model_config *cfg,
+                 aff_err *err);
+/* Cancels running jobs, joins every thread, frees everything. NULL is a no-op. */
+void model_destroy(aff_model *m);
+
+/* Start-up: loads every collection's persisted model and parameters from the store and builds
+ * their behaviour spaces. Run after the catalog rebuild, before serving. Logs each model. */
+int model_load_all(aff_model *m, aff_err *err);
+
+/* Sets the collection's training parameters (validated, persisted). */
+int model_configure(aff_model *m, const char *collection, const als_params *p, aff_err *err);
+/* The server's default parameters (for validating a new collection's). */
+void model_default_params(const aff_model *m, als_params *out);
+/* The collection's parameters (configured or the defaults). */
+int model_get_params(aff_model *m, const char *collection, als_params *out, aff_err *err);
+
+/* Starts a training job in the background and returns at once with its id. p (may be NULL)
+ * overrides the collection's parameters for this job only. When a job is already running,
+ * *job_id is that job's and *already_running is set. AFF_ENOTFOUND for an unknown collection;
+ * AFF_EPRECONDITION when it has no events to learn from (checked before starting). */
+int model_train(aff_model *m, const char *collection, const als_params *p, uint64_t *job_id,
+                bool *already_running, aff_err *err);
+/* Runs a training job on the calling thread (tests, benchmarks). */
+int model_train_sync(aff_model *m, const char *collection, const als_params *p, aff_err *err);
+
+typedef enum model_state {
+    MODEL_STATE_NONE = 0,     /* never trained */
+    MODEL_STATE_TRAINING = 1, /* a job is running (a previous model may serve meanwhile) */
+    MODEL_STATE_READY = 2,    /* a model serves */
+    MODEL_STATE_FAILED = 3,   /* the last job failed and no model serves; see last_error */
+} model_state;
+
+const char *model_state_name(model_state s);
+
+typedef struct model_version_info {
+    uint64_t id;           /* 1, 2, ... per server data dir */
+    int64_t trained_at_ms; /* when training finished */
+    uint64_t events_used;  /* (user, item) interactions learned from */
+    uint64_t users, items; /* rows of the model */
+    uint32_t epochs;
+    double loss; /* final objective / interactions */
+    double duration_s;
+    als_params params;
+    char space[MODEL_SPACE_NAME_LEN + 1]; /* the engine collection of its behaviour space */
+} model_version_info;
+
+typedef struct model_info {
+    model_state state;
+    bool has_model;
+    model_version_info current; /* valid when has_model */
+    bool job_running;
+    uint64_t job_id; /* the running or last job; 0 = none yet */
+    uint32_t job_epoch, job_epochs;
+    double job_loss; /* after job_epoch epochs */
+    int64_t job_started_ms;
+    char last_error[256];        /* the last job's failure; "" when it succeeded */
+    uint64_t events_since_train; /* events applied since the current model's data was read */
+    als_params params;           /* what the next job uses */
+} model_info;
+
+/* AFF_ENOTFOUND for an unknown collection. */
+int model_get_info(aff_model *m, const char *collection, model_info *out, aff_err *err);
+
+/* ---- serving ----------------------------------------------------------------------------- */
+
+typedef struct model_user_factor_out {
+    bool found; /* false: no model, or none of the user's items is in it */
+    uint32_t dim;
+    uint64_t version;
+    uint32_t n_known; /* the user's items that the model knows */
+    char space[MODEL_SPACE_NAME_LEN + 1];
+    float vector[ALS_MAX_FACTORS];
+} model_user_factor_out;
+
+/* Folds the user's current interactions into a factor against the current model. */
+int model_user_factor(aff_model *m, const char *collection, const char *user,
+                      model_user_factor_out *out, aff_err *err);
+
+/* The current behaviour space of the collection: *found false when no model serves. */
+int model_space(aff_model *m, const char *collection, char space[MODEL_SPACE_NAME_LEN + 1],
+                uint32_t *dim, bool *found, aff_err *err);
+
+/* The users most drawn to an item (segments for campaigns), best first, from the trainer's user
+ * factors (as of the last training). users[i] receives up to AFF_MAX_ID_LEN+1 bytes each.
+ * AFF_EPRECONDITION when no model serves, AFF_ENOTFOUND when the item is not in it. */
+typedef struct model_segment_hit {
+    char user[AFF_MAX_ID_LEN + 1];
+    float score;
+} model_segment_hit;
+int model_segment(aff_model *m, const char *collection, const char *const *item_ids, size_t n_items,
+                  uint32_t k, model_segment_hit *out, uint32_t *n_out, aff_err *err);
+
+/* ---- hooks ------------------------------------------------------------------------------- */
+
+/* n events were applied to the collection (counts toward --train-after-events). */
+void model_note_events(aff_model *m, const char *collection, uint64_t n);
+/* Catalog writes, called by the catalog after they are durable, under its write lock. */
+void model_on_upsert(aff_model *m, const char *collection, const aff_item *items, size_t n);
+void model_on_delete(aff_model *m, const char *collection, const char *const *ids, size_t n);
+void model_on_drop(aff_model *m, const char *collection);
+
+#endif
