@@ -620,6 +620,31 @@ static void rpc_get_items(tcall *c, ProtobufCMessage *msg)
         tcall_fail(c, &err);
         return;
     }
+    /* Where vectors come from: the collection itself, or its behaviour space. */
+    char space[MODEL_SPACE_NAME_LEN + 1] = "";
+    bool has_content = true;
+    if (r->space == AFFINITY__V1__SPACE__SPACE_BEHAVIOUR) {
+        bool found = false;
+        if (c->t->cfg.model &&
+            model_space(c->t->cfg.model, r->collection, space, &dim, &found, &err)) {
+            tcall_fail(c, &err);
+            return;
+        }
+        if (!found) {
+            fail(c, AFF_EPRECONDITION,
+                 "space SPACE_BEHAVIOUR needs a trained model; collection \"%s\" has none yet",
+                 r->collection);
+            return;
+        }
+    } else if (r->space != AFFINITY__V1__SPACE__SPACE_UNSPECIFIED &&
+               r->space != AFFINITY__V1__SPACE__SPACE_CONTENT) {
+        fail(c, AFF_EINVAL, "space %d is unknown; use SPACE_CONTENT or SPACE_BEHAVIOUR",
+             (int)r->space);
+        return;
+    } else if (engine_collection_has_content(c->t->engine, r->collection, &has_content, &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
     size_t n = r->n_ids;
     if (r->include_vectors &&
         (uint64_t)n * dim * sizeof(float) > (uint64_t)c->t->cfg.max_message_bytes) {
@@ -642,8 +667,9 @@ static void rpc_get_items(tcall *c, ProtobufCMessage *msg)
     }
     size_t nf = 0, nm = 0;
     for (size_t i = 0; i < n; i++) {
-        float *v = vectors ? vectors + nf * dim : NULL;
-        int rc = engine_get_item(c->t->engine, r->collection, r->ids[i], &found[nf], v, &err);
+        float *v = vectors && has_content ? vectors + nf * dim : NULL;
+        int rc = engine_get_item(c->t->engine, r->collection, r->ids[i], &found[nf],
+                                 space[0] ? NULL : v, &err);
         if (rc == AFF_ENOTFOUND) {
             missing[nm++] = r->ids[i];
             continue;
@@ -651,6 +677,12 @@ static void rpc_get_items(tcall *c, ProtobufCMessage *msg)
         if (rc) {
             tcall_fail(c, &err);
             goto out;
+        }
+        if (v && space[0]) {
+            engine_item tmp;
+            aff_err serr;
+            if (engine_get_item(c->t->engine, space, r->ids[i], &tmp, v, &serr) != AFF_OK)
+                v = NULL; /* not learned yet */
         }
         Affinity__V1__Item *it = &items[nf];
         affinity__v1__item__init(it);
@@ -728,6 +760,7 @@ typedef struct serve_state {
     Affinity__V1__RecommendSource rerank_source;
     bool rerank_without_profile; /* Rerank of an unknown user: base scores only */
     char space[MODEL_SPACE_NAME_LEN + 1]; /* SimilarItems in the behaviour space */
+    model_user_factor_out *factor;        /* Rerank by the learned model; owned */
 } serve_state;
 
 static void serve_state_free(void *p)
@@ -744,6 +777,7 @@ static void serve_state_free(void *p)
     free(st->errs);
     recommend_job_release(&st->job);
     free(st->user_vector);
+    free(st->factor);
     free(st);
 }
 
@@ -1154,9 +1188,45 @@ static void rpc_recommend(tcall *c, ProtobufCMessage *msg)
         serve_submit(c, st, st->job.target, BATCHER_SEARCH, 1);
 }
 
+static int cmp_rerank_hit(const void *a, const void *b)
+{
+    const aff_rerank_hit *x = a, *y = b;
+    if (x->found != y->found) return x->found ? -1 : 1;
+    if (x->blended != y->blended) return x->blended > y->blended ? -1 : 1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+/* Rerank in the behaviour space: candidates of the collection that the model does not know
+ * yet (no events before the last training) are found, with affinity 0. */
+static void rerank_fix_unlearned(tcall *c, serve_state *st)
+{
+    uint32_t n = st->rerank.n, missing = 0;
+    for (uint32_t i = 0; i < n; i++)
+        missing += !st->rerank_out[i].found;
+    if (!missing) return;
+    const Affinity__V1__RerankRequest *r = (void *)c->req;
+    bool *pass = xcalloc(n, sizeof *pass);
+    aff_err err;
+    if (!pass || engine_filter_items(c->t->engine, r->collection, st->rerank.ids, n, NULL, pass,
+                                     &err) != AFF_OK) {
+        free(pass);
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        aff_rerank_hit *h = &st->rerank_out[i];
+        if (h->found || !pass[h->index]) continue;
+        h->found = true;
+        h->affinity = 0.0f;
+        h->blended = (1.0f - st->rerank.weight) * h->base;
+    }
+    qsort(st->rerank_out, n, sizeof *st->rerank_out, cmp_rerank_hit);
+    free(pass);
+}
+
 static void respond_rerank(tcall *c, serve_state *st)
 {
     uint32_t n = st->rerank.n;
+    if (st->factor) rerank_fix_unlearned(c, st);
     Affinity__V1__RerankedItem *items = xcalloc(n, sizeof *items);
     Affinity__V1__RerankedItem **ptrs = xcalloc(n, sizeof *ptrs);
     if (!items || !ptrs) {
@@ -1222,7 +1292,28 @@ static void rpc_rerank(tcall *c, ProtobufCMessage *msg)
     }
     const float *vector;
     uint32_t vdim;
-    if (by_id) {
+    const char *target = r->collection;
+    if (by_id && c->t->cfg.model) {
+        if (!(st->factor = malloc(sizeof *st->factor))) {
+            fail(c, AFF_ENOMEM, "out of memory folding in the user");
+            return;
+        }
+        if (model_user_factor(c->t->cfg.model, r->collection, r->user_id, st->factor, &err)) {
+            tcall_fail(c, &err);
+            return;
+        }
+        if (!st->factor->found) {
+            free(st->factor);
+            st->factor = NULL;
+        }
+    }
+    if (st->factor) {
+        /* The learned affinity: the user's folded-in factor in the behaviour space. */
+        vector = st->factor->vector;
+        vdim = st->factor->dim;
+        target = st->factor->space;
+        st->rerank_source = AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_MODEL;
+    } else if (by_id) {
         bool found = false;
         st->user_vector = xcalloc(dim, sizeof *st->user_vector);
         if (!st->user_vector) {
@@ -1257,7 +1348,7 @@ static void rpc_rerank(tcall *c, ProtobufCMessage *msg)
                                     .weight = weight};
     st->respond = respond_rerank;
     st->what = "query";
-    serve_submit(c, st, r->collection, BATCHER_RERANK, 1);
+    serve_submit(c, st, target, BATCHER_RERANK, 1);
 }
 
 /* ---- BatchRecommend: many users in, results out in request order -------------------------- */
