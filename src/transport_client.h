@@ -45,6 +45,7 @@
 #define TRANSPORT_METHOD_PUT_EVENTS          "/affinity.v1.Affinity/PutEvents"
 #define TRANSPORT_METHOD_GET_USER            "/affinity.v1.Affinity/GetUser"
 #define TRANSPORT_METHOD_DELETE_USER         "/affinity.v1.Affinity/DeleteUser"
+#define TRANSPORT_METHOD_IMPORT_EVENTS       "/affinity.v1.Affinity/ImportEvents"
 #define TRANSPORT_METHOD_GET_SERVER_INFO     "/affinity.v1.Affinity/GetServerInfo"
 #define TRANSPORT_METHOD_HEALTH_CHECK        "/grpc.health.v1.Health/Check"
 #define TRANSPORT_METHOD_HEALTH_WATCH        "/grpc.health.v1.Health/Watch"

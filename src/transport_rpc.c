@@ -24,6 +24,7 @@
 #include "log.h"
 #include "profiles.h"
 #include "transport_codec.h"
+#include "transport_import.h"
 #include "transport_internal.h"
 
 #define MAX_QUERIES_PER_CALL   1024   /* Search/SimilarItems queries in one request */
@@ -186,6 +187,8 @@ static void rpc_put_events(tcall *c, ProtobufCMessage *msg)
         tcall_fail(c, &err);
         goto out;
     }
+    if (applied && c->t->cfg.on_events)
+        c->t->cfg.on_events(c->t->cfg.on_events_ctx, r->collection, applied);
     /* The profiles module reports in its own (ascending) order: map back and merge. */
     for (uint32_t k = 0; k < n_rej; k++) {
         uint32_t i = index[rej[k].index];
@@ -1476,6 +1479,7 @@ const tmethod_def transport__methods[] = {
     BLOCKING("PutEvents", put_events_request, rpc_put_events),
     UNARY("GetUser", get_user_request, rpc_get_user),
     BLOCKING("DeleteUser", delete_user_request, rpc_delete_user),
+    STREAM("ImportEvents", transport__import_events), /* transport_import.c */
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
      false, rpc_health_check, NULL},
