@@ -1359,8 +1359,14 @@ typedef struct import_run {
     Affinity__V1__Event *evs;
     Affinity__V1__ImportedEvent *ies;
     Affinity__V1__ImportedEvent **ie_ptrs;
-    uint64_t *lines; /* stream index -> file line */
-    size_t n_lines, cap_lines;
+    /* Stream index -> file line, kept compact: the line of event i is i + the offset of the
+     * last jump at or before i; a jump is recorded only where blank or malformed lines (or
+     * the header) shift lines against indices, so memory does not grow with the events. */
+    struct line_jump {
+        uint64_t index, offset;
+    } * jumps;
+    size_t n_jumps, cap_jumps;
+    uint64_t n_lines; /* events read and sent so far */
     uint64_t n_malformed;
     import_malformed *malformed; /* the first IMPORT_MAX_MALFORMED_LISTED */
     double t0, last_report;
@@ -1439,21 +1445,40 @@ static int import_read_batch(const cli *c, import_run *r, size_t *n)
             fprintf(stderr, "\naffinity: %s\n", err.msg);
             return EXIT_USAGE;
         }
-        if (r->n_lines == r->cap_lines) {
-            size_t cap = r->cap_lines ? r->cap_lines * 2 : 4096;
-            uint64_t *nl = realloc(r->lines, cap * sizeof *nl);
-            if (!nl) {
-                fprintf(stderr, "affinity: out of memory\n");
-                return EXIT_USAGE;
+        uint64_t offset = eventfile_line(r->reader) - r->n_lines;
+        if (!r->n_jumps || r->jumps[r->n_jumps - 1].offset != offset) {
+            if (r->n_jumps == r->cap_jumps) {
+                size_t cap = r->cap_jumps ? r->cap_jumps * 2 : 64;
+                struct line_jump *nj = realloc(r->jumps, cap * sizeof *nj);
+                if (!nj) {
+                    fprintf(stderr, "affinity: out of memory\n");
+                    return EXIT_USAGE;
+                }
+                r->jumps = nj;
+                r->cap_jumps = cap;
             }
-            r->lines = nl;
-            r->cap_lines = cap;
+            r->jumps[r->n_jumps++] = (struct line_jump){r->n_lines, offset};
         }
-        r->lines[r->n_lines++] = eventfile_line(r->reader);
+        r->n_lines++;
         import_fill(r, *n);
         (*n)++;
     }
     return 0;
+}
+
+/* The file line of stream event index (0 when out of range). */
+static uint64_t import_line_of(const import_run *r, uint64_t index)
+{
+    if (index >= r->n_lines || !r->n_jumps) return 0;
+    size_t lo = 0, hi = r->n_jumps; /* the last jump with jump.index <= index */
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (r->jumps[mid].index <= index)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return index + r->jumps[lo].offset;
 }
 
 static void import_print(const cli *c, const import_run *r, const char *collection,
@@ -1471,7 +1496,7 @@ static void import_print(const cli *c, const import_run *r, const char *collecti
                rate);
         for (size_t i = 0; i < resp->n_rejected; i++) {
             const Affinity__V1__ImportRejection *x = resp->rejected[i];
-            uint64_t line = x->index < r->n_lines ? r->lines[x->index] : 0;
+            uint64_t line = import_line_of(r, x->index);
             printf("%s{\"line\": %llu, \"index\": %llu, \"user_id\": ", i ? ", " : "",
                    (unsigned long long)line, (unsigned long long)x->index);
             jstr(x->user_id);
@@ -1501,7 +1526,7 @@ static void import_print(const cli *c, const import_run *r, const char *collecti
     printf("\n");
     for (size_t i = 0; i < resp->n_rejected; i++) {
         const Affinity__V1__ImportRejection *x = resp->rejected[i];
-        uint64_t line = x->index < r->n_lines ? r->lines[x->index] : 0;
+        uint64_t line = import_line_of(r, x->index);
         printf("  %s:%llu: rejected (user %s): %s\n", r->path, (unsigned long long)line, x->user_id,
                x->reason);
     }
@@ -1615,7 +1640,7 @@ out:
     free(r.evs);
     free(r.ies);
     free(r.ie_ptrs);
-    free(r.lines);
+    free(r.jumps);
     free(r.malformed);
     return rc;
 }

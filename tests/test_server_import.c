@@ -381,6 +381,19 @@ Test(server_import, bad_calls_fail_with_clear_errors_and_change_nothing, .timeou
     cr_assert_eq(r->applied_count, 0);
     cr_assert_eq(r->rejected_count, 2);
     transport_client_free(&r->base);
+    /* 1,500 rejections over two messages: all counted, the first 1,000 listed in order. */
+    iev *unknown_items = calloc(750, sizeof *unknown_items);
+    for (int i = 0; i < 750; i++)
+        unknown_items[i] = (iev){"x1", "nope", V, NULL, 0, 0};
+    const imsg lots[] = {{"shop", unknown_items, 750}, {NULL, unknown_items, 750}};
+    cr_assert_eq(import(cl, lots, 2, &r, &st), 0, "%s", st.message);
+    cr_assert_eq(r->applied_count, 0);
+    cr_assert_eq(r->rejected_count, 1500);
+    cr_assert_eq(r->n_rejected, 1000);
+    for (size_t i = 0; i < r->n_rejected; i++)
+        cr_assert_eq(r->rejected[i]->index, i);
+    transport_client_free(&r->base);
+    free(unknown_items);
     /* An empty stream: OK, nothing. */
     cr_assert_eq(import(cl, NULL, 0, &r, &st), 0);
     cr_assert_eq(r->applied_count + r->rejected_count, 0);
