@@ -119,8 +119,9 @@ typedef struct profiles_rejection {
 
 /* Applies a user's events to the collection in one durable transaction: profile, history,
  * exclusion index and popularity change together and before the call returns. Events that
- * are invalid (unknown item id, unknown type, bad timestamp or context) are rejected one by
- * one into rejected[] (capacity n) and the rest applied. Returns AFF_OK even when some were
+ * are invalid (unknown item id, unknown type, a custom_type without PROFILES_EVENT_CUSTOM,
+ * bad timestamp, non-finite value or bad context) are rejected one by one into rejected[]
+ * (capacity n) and the rest applied. Returns AFF_OK even when some were
  * rejected; an error (unknown collection, bad user id, n out of 1..PROFILES_MAX_EVENTS,
  * AFF_EIO) means nothing was applied. */
 int profiles_put_events(aff_profiles *p, const char *collection, const char *user_id,
