@@ -239,6 +239,16 @@ static int recompute_profile(store_txn *txn, const aff_profiles *p, const store_
 
 /* ---- put events ----------------------------------------------------------------------------- */
 
+/* One applied event's popularity term, w * 2^(t/H_pop) as its log2; written per item at the
+ * end of the transaction (flush_popularity), so an item with many events in one call costs
+ * one counter update. */
+typedef struct pop_term {
+    const char *item; /* borrowed from the call's events */
+    double log_term;
+    int64_t ts;
+    size_t seq; /* order of application: ties in the sort keep it, so sums are deterministic */
+} pop_term;
+
 typedef struct put_ctx {
     aff_profiles *p;
     const char *collection;
@@ -249,6 +259,8 @@ typedef struct put_ctx {
     int64_t now;
     float *sum, *x;        /* AFF_MAX_DIM floats each */
     profiles_event *group; /* import: scratch for one user's run of events (n entries) */
+    pop_term *pop;         /* n entries: the transaction's popularity terms */
+    size_t n_pop;
     uint32_t applied, n_rejected;
     profiles_rejection *rejected;
 } put_ctx;
@@ -337,17 +349,11 @@ static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, 
         return status;
 
     if (w > 0) {
-        store_popularity old, pop = {.log_score = -INFINITY, .count = 0, .last_ms = ts};
-        status = store_txn_get_popularity(txn, c->collection, e->item_id, &old, err);
-        if (status && status != AFF_ENOTFOUND) return status;
-        bool had = status == AFF_OK;
-        if (had) pop = old;
-        pop.log_score = log2_add(pop.log_score, log2(w) + (double)ts / p->pop_half_life_ms);
-        pop.count++;
-        if (ts > pop.last_ms) pop.last_ms = ts;
-        if ((status = store_txn_put_popularity(txn, c->collection, e->item_id, had ? &old : NULL,
-                                               &pop, err)))
-            return status;
+        c->pop[c->n_pop] = (pop_term){.item = e->item_id,
+                                      .log_term = log2(w) + (double)ts / p->pop_half_life_ms,
+                                      .ts = ts,
+                                      .seq = c->n_pop};
+        c->n_pop++;
     }
 
     store_event se = {.item_id = e->item_id,
@@ -367,6 +373,42 @@ static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, 
     }
     count_type(prof, tw->name);
     if (ts > prof->last_event_ms) prof->last_event_ms = ts;
+    return AFF_OK;
+}
+
+static int cmp_pop_term(const void *a, const void *b)
+{
+    const pop_term *x = a, *y = b;
+    int d = strcmp(x->item, y->item);
+    if (d) return d;
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* Adds the transaction's popularity terms to the items' counters, one update per item, in
+ * item id order. */
+static int flush_popularity(store_txn *txn, put_ctx *c, aff_err *err)
+{
+    qsort(c->pop, c->n_pop, sizeof *c->pop, cmp_pop_term);
+    for (size_t i = 0, end; i < c->n_pop; i = end) {
+        const char *item = c->pop[i].item;
+        double log_sum = -INFINITY;
+        int64_t last = c->pop[i].ts;
+        for (end = i; end < c->n_pop && strcmp(c->pop[end].item, item) == 0; end++) {
+            log_sum = log2_add(log_sum, c->pop[end].log_term);
+            if (c->pop[end].ts > last) last = c->pop[end].ts;
+        }
+        store_popularity old, pop = {.log_score = -INFINITY, .count = 0, .last_ms = last};
+        int status = store_txn_get_popularity(txn, c->collection, item, &old, err);
+        if (status && status != AFF_ENOTFOUND) return status;
+        bool had = status == AFF_OK;
+        if (had) pop = old;
+        pop.log_score = log2_add(pop.log_score, log_sum);
+        pop.count += end - i;
+        if (last > pop.last_ms) pop.last_ms = last;
+        if ((status =
+                 store_txn_put_popularity(txn, c->collection, item, had ? &old : NULL, &pop, err)))
+            return status;
+    }
     return AFF_OK;
 }
 
@@ -458,11 +500,13 @@ static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
     put_ctx *c = ctx;
     c->applied = 0;
     c->n_rejected = 0;
+    c->n_pop = 0;
     store_collection col;
     int status = store_txn_get_collection(txn, c->collection, &col, err);
     if (status) return status;
     /* With nothing applied the (empty) transaction commits. */
-    return apply_user_events(txn, c, &col, c->user, c->events, c->n, 0, err);
+    if ((status = apply_user_events(txn, c, &col, c->user, c->events, c->n, 0, err))) return status;
+    return flush_popularity(txn, c, err);
 }
 
 int profiles_put_events(aff_profiles *p, const char *collection, const char *user_id,
@@ -487,7 +531,8 @@ int profiles_put_events(aff_profiles *p, const char *collection, const char *use
         goto out;
     }
     c.sum = malloc(2 * AFF_MAX_DIM * sizeof(float));
-    if (!c.sum) {
+    c.pop = malloc(n * sizeof *c.pop);
+    if (!c.sum || !c.pop) {
         status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
         goto out;
     }
@@ -497,6 +542,7 @@ out:
     if (n_applied) *n_applied = status ? 0 : c.applied;
     if (n_rejected) *n_rejected = status ? 0 : c.n_rejected;
     free(c.sum);
+    free(c.pop);
     return status;
 }
 
@@ -507,6 +553,7 @@ static int import_events_fn(store_txn *txn, void *ctx, aff_err *err)
     put_ctx *c = ctx;
     c->applied = 0;
     c->n_rejected = 0;
+    c->n_pop = 0;
     store_collection col;
     int status = store_txn_get_collection(txn, c->collection, &col, err);
     if (status) return status;
@@ -526,7 +573,7 @@ static int import_events_fn(store_txn *txn, void *ctx, aff_err *err)
         if ((status = apply_user_events(txn, c, &col, user, c->group, end - i, i, err)))
             return status;
     }
-    return AFF_OK;
+    return flush_popularity(txn, c, err);
 }
 
 int profiles_import_events(aff_profiles *p, const char *collection,
@@ -547,7 +594,8 @@ int profiles_import_events(aff_profiles *p, const char *collection,
     }
     c.sum = malloc(2 * AFF_MAX_DIM * sizeof(float));
     c.group = malloc(n * sizeof *c.group);
-    if (!c.sum || !c.group) {
+    c.pop = malloc(n * sizeof *c.pop);
+    if (!c.sum || !c.group || !c.pop) {
         status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
         goto out;
     }
@@ -558,6 +606,7 @@ out:
     if (n_rejected) *n_rejected = status ? 0 : c.n_rejected;
     free(c.sum);
     free(c.group);
+    free(c.pop);
     return status;
 }
 
