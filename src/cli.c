@@ -1543,7 +1543,7 @@ static int cmd_events_import(cli *c, int argc, char **argv)
                                          {"no-progress", 0, 0, 'N'},
                                          {0, 0, 0, 0}};
     eventfile_format format = EVENTFILE_AUTO;
-    import_run r = {.batch = 5000};
+    import_run r = {.batch = 10000}; /* the most a message may carry: fewest commits */
     int show_progress = -1, opt;
     optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
     while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
