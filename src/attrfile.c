@@ -33,8 +33,7 @@ static int fail_at(attrfile_reader *r, aff_err *err, const char *what, const cha
                      what, detail ? ": " : "", detail ? detail : "");
 }
 
-/* Splits a CSV line in place; fields[] point into line. Returns the field count or -1. */
-static int csv_split(char *line, char **fields, int max)
+int attrfile_csv_split(char *line, char **fields, int max)
 {
     int n = 0;
     char *p = line;
@@ -115,7 +114,7 @@ int attrfile_open(attrfile_reader **out, const char *path, aff_err *err)
         r->line_no = 1;
         chomp(r->line);
         char *fields[MAX_CSV_FIELDS];
-        int nf = csv_split(r->line, fields, MAX_CSV_FIELDS);
+        int nf = attrfile_csv_split(r->line, fields, MAX_CSV_FIELDS);
         if (nf < 0) {
             rc = fail_at(r, err, "malformed CSV header", NULL);
             goto out;
@@ -230,7 +229,7 @@ static int parse_available(attrfile_reader *r, aff_err *err, const char *s, bool
 static int next_csv(attrfile_reader *r, attr_record *rec, aff_err *err)
 {
     char *fields[MAX_CSV_FIELDS];
-    int nf = csv_split(r->line, fields, MAX_CSV_FIELDS);
+    int nf = attrfile_csv_split(r->line, fields, MAX_CSV_FIELDS);
     if (nf < 0)
         return fail_at(r, err, "malformed CSV line", "unbalanced quotes or too many fields");
     const char *val[COL_COUNT];

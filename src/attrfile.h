@@ -39,4 +39,9 @@ int attrfile_next(attrfile_reader *r, attr_record *rec, aff_err *err);
 /* The line number of the record last returned (1-based), for messages. */
 uint64_t attrfile_line(const attrfile_reader *r);
 
+/* Splits one CSV line (no line break) in place: fields[] point into line, quoted fields are
+ * unquoted ("" is a quote). Returns the field count, or -1 for unbalanced quotes or more than
+ * max fields. Shared with eventfile.c. */
+int attrfile_csv_split(char *line, char **fields, int max);
+
 #endif

@@ -28,6 +28,7 @@
 #include "affinity/affinity.h"
 #include "affinity/v1/affinity.pb-c.h"
 #include "attrfile.h"
+#include "eventfile.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "transport_client.h"
 #include "vecfile.h"
@@ -1269,8 +1270,12 @@ out:
 
 /* ---- behaviour and users ------------------------------------------------------------------ */
 
+static int cmd_events_import(cli *c, int argc, char **argv);
+
 static int cmd_events(cli *c, int argc, char **argv)
 {
+    if (argc >= 2 && strcmp(argv[1], "import") == 0)
+        return cmd_events_import(c, argc - 1, argv + 1);
     if (argc < 4)
         return usage_error("usage: affinity events COLLECTION USER TYPE:ITEM_ID... "
                            "(TYPE: view, click, cart, purchase, or custom=NAME)%s",
@@ -1332,6 +1337,311 @@ out:
     transport_client_free(resp);
     free(evs);
     free(eps);
+    return rc;
+}
+
+/* ---- events import ------------------------------------------------------------------------- */
+
+#define IMPORT_MAX_MALFORMED_LISTED 1000 /* malformed lines kept for --json output */
+
+typedef struct import_malformed {
+    uint64_t line;
+    char reason[256];
+} import_malformed;
+
+typedef struct import_run {
+    const char *path;
+    eventfile_reader *reader;
+    transport_client_stream *stream;
+    uint32_t batch;
+    bool show_progress, tty;
+    event_record *recs;
+    Affinity__V1__Event *evs;
+    Affinity__V1__ImportedEvent *ies;
+    Affinity__V1__ImportedEvent **ie_ptrs;
+    /* Stream index -> file line, kept compact: the line of event i is i + the offset of the
+     * last jump at or before i; a jump is recorded only where blank or malformed lines (or
+     * the header) shift lines against indices, so memory does not grow with the events. */
+    struct line_jump {
+        uint64_t index, offset;
+    } * jumps;
+    size_t n_jumps, cap_jumps;
+    uint64_t n_lines; /* events read and sent so far */
+    uint64_t n_malformed;
+    import_malformed *malformed; /* the first IMPORT_MAX_MALFORMED_LISTED */
+    double t0, last_report;
+} import_run;
+
+static void import_progress(import_run *r, bool final)
+{
+    double now = mono_s();
+    if (!r->show_progress) return;
+    if (!final && now - r->last_report < (r->tty ? 0.1 : 5.0)) return;
+    r->last_report = now;
+    double secs = now - r->t0;
+    uint64_t size = eventfile_size(r->reader), done = eventfile_offset(r->reader);
+    double frac = size ? (double)done / (double)size : 0.0;
+    double rate = secs > 0 ? (double)r->n_lines / secs : 0.0;
+    if (r->tty) {
+        int width = 30, fill = (int)(frac * width);
+        fprintf(stderr, "\r[");
+        for (int i = 0; i < width; i++)
+            fputc(i < fill ? '#' : ' ', stderr);
+        fprintf(stderr, "] %3.0f%%  %llu events sent  %.0f events/s", frac * 100,
+                (unsigned long long)r->n_lines, rate);
+        if (r->n_malformed) fprintf(stderr, "  %llu malformed", (unsigned long long)r->n_malformed);
+        if (final) fputc('\n', stderr);
+    } else {
+        fprintf(stderr, "affinity: %s: %3.0f%%, %llu events sent, %.0f events/s\n", r->path,
+                frac * 100, (unsigned long long)r->n_lines, rate);
+    }
+    fflush(stderr);
+}
+
+/* Fills ImportedEvent i of the message from record i. */
+static void import_fill(import_run *r, size_t i)
+{
+    event_record *rec = &r->recs[i];
+    Affinity__V1__Event *e = &r->evs[i];
+    affinity__v1__event__init(e);
+    e->item_id = rec->item_id;
+    if (parse_event_type(rec->type, &e->type)) {
+        e->type = AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CUSTOM;
+        e->custom_type = rec->type;
+    }
+    e->timestamp_ms = rec->timestamp_ms;
+    e->value = rec->value;
+    affinity__v1__imported_event__init(&r->ies[i]);
+    r->ies[i].user_id = rec->user_id;
+    r->ies[i].event = e;
+    r->ie_ptrs[i] = &r->ies[i];
+}
+
+/* Reads up to r->batch records, reporting malformed lines; *n: records read. Returns 0 or
+ * EXIT_USAGE when the file cannot be read. */
+static int import_read_batch(const cli *c, import_run *r, size_t *n)
+{
+    *n = 0;
+    while (*n < r->batch) {
+        aff_err err = {0};
+        int got = eventfile_next(r->reader, &r->recs[*n], &err);
+        if (got == 0) break;
+        if (got == AFF_EINVAL) {
+            uint64_t line = eventfile_line(r->reader);
+            if (r->n_malformed < IMPORT_MAX_MALFORMED_LISTED) {
+                r->malformed[r->n_malformed].line = line;
+                snprintf(r->malformed[r->n_malformed].reason,
+                         sizeof r->malformed[r->n_malformed].reason, "%s", err.msg);
+            }
+            r->n_malformed++;
+            if (!c->json) {
+                if (r->tty && r->show_progress) fputc('\n', stderr);
+                fprintf(stderr, "affinity: %s:%llu: malformed, not sent: %s\n", r->path,
+                        (unsigned long long)line, err.msg);
+            }
+            continue;
+        }
+        if (got < 0) {
+            fprintf(stderr, "\naffinity: %s\n", err.msg);
+            return EXIT_USAGE;
+        }
+        uint64_t offset = eventfile_line(r->reader) - r->n_lines;
+        if (!r->n_jumps || r->jumps[r->n_jumps - 1].offset != offset) {
+            if (r->n_jumps == r->cap_jumps) {
+                size_t cap = r->cap_jumps ? r->cap_jumps * 2 : 64;
+                struct line_jump *nj = realloc(r->jumps, cap * sizeof *nj);
+                if (!nj) {
+                    fprintf(stderr, "affinity: out of memory\n");
+                    return EXIT_USAGE;
+                }
+                r->jumps = nj;
+                r->cap_jumps = cap;
+            }
+            r->jumps[r->n_jumps++] = (struct line_jump){r->n_lines, offset};
+        }
+        r->n_lines++;
+        import_fill(r, *n);
+        (*n)++;
+    }
+    return 0;
+}
+
+/* The file line of stream event index (0 when out of range). */
+static uint64_t import_line_of(const import_run *r, uint64_t index)
+{
+    if (index >= r->n_lines || !r->n_jumps) return 0;
+    size_t lo = 0, hi = r->n_jumps; /* the last jump with jump.index <= index */
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (r->jumps[mid].index <= index)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return index + r->jumps[lo].offset;
+}
+
+static void import_print(const cli *c, const import_run *r, const char *collection,
+                         const Affinity__V1__ImportEventsResponse *resp, double secs)
+{
+    double rate = secs > 0 ? (double)resp->applied_count / secs : 0.0;
+    if (c->json) {
+        printf("{\"collection\": ");
+        jstr(collection);
+        printf(", \"sent\": %llu, \"applied\": %llu, \"rejected_count\": %llu, "
+               "\"malformed_count\": %llu, \"seconds\": %.3f, \"events_per_second\": %.1f, "
+               "\"rejected\": [",
+               (unsigned long long)r->n_lines, (unsigned long long)resp->applied_count,
+               (unsigned long long)resp->rejected_count, (unsigned long long)r->n_malformed, secs,
+               rate);
+        for (size_t i = 0; i < resp->n_rejected; i++) {
+            const Affinity__V1__ImportRejection *x = resp->rejected[i];
+            uint64_t line = import_line_of(r, x->index);
+            printf("%s{\"line\": %llu, \"index\": %llu, \"user_id\": ", i ? ", " : "",
+                   (unsigned long long)line, (unsigned long long)x->index);
+            jstr(x->user_id);
+            printf(", \"reason\": ");
+            jstr(x->reason);
+            printf("}");
+        }
+        printf("], \"malformed\": [");
+        uint64_t listed = r->n_malformed < IMPORT_MAX_MALFORMED_LISTED
+                              ? r->n_malformed
+                              : IMPORT_MAX_MALFORMED_LISTED;
+        for (uint64_t i = 0; i < listed; i++) {
+            printf("%s{\"line\": %llu, \"reason\": ", i ? ", " : "",
+                   (unsigned long long)r->malformed[i].line);
+            jstr(r->malformed[i].reason);
+            printf("}");
+        }
+        printf("]}\n");
+        return;
+    }
+    printf("imported %llu of %llu events into %s in %.2f s (%.0f events/s)",
+           (unsigned long long)resp->applied_count, (unsigned long long)r->n_lines, collection,
+           secs, rate);
+    if (resp->rejected_count) printf("; %llu rejected", (unsigned long long)resp->rejected_count);
+    if (r->n_malformed)
+        printf("; %llu malformed lines not sent", (unsigned long long)r->n_malformed);
+    printf("\n");
+    for (size_t i = 0; i < resp->n_rejected; i++) {
+        const Affinity__V1__ImportRejection *x = resp->rejected[i];
+        uint64_t line = import_line_of(r, x->index);
+        printf("  %s:%llu: rejected (user %s): %s\n", r->path, (unsigned long long)line, x->user_id,
+               x->reason);
+    }
+    if (resp->rejected_count > resp->n_rejected)
+        printf("  ... and %llu more rejected (the server lists the first %zu)\n",
+               (unsigned long long)(resp->rejected_count - resp->n_rejected), resp->n_rejected);
+}
+
+static int cmd_events_import(cli *c, int argc, char **argv)
+{
+    static const struct option opts[] = {{"format", 1, 0, 'f'},
+                                         {"batch", 1, 0, 'b'},
+                                         {"progress", 0, 0, 'P'},
+                                         {"no-progress", 0, 0, 'N'},
+                                         {0, 0, 0, 0}};
+    eventfile_format format = EVENTFILE_AUTO;
+    import_run r = {.batch = 10000}; /* the most a message may carry: fewest commits */
+    int show_progress = -1, opt;
+    optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (opt) {
+        case 'f':
+            if (strcasecmp(optarg, "csv") == 0)
+                format = EVENTFILE_CSV;
+            else if (strcasecmp(optarg, "jsonl") == 0 || strcasecmp(optarg, "ndjson") == 0)
+                format = EVENTFILE_JSONL;
+            else
+                return usage_error("bad --format '%s'; use csv or jsonl", optarg);
+            break;
+        case 'b':
+            if (parse_u32(optarg, &r.batch) || r.batch == 0 || r.batch > 10000)
+                return usage_error("bad --batch '%s'; 1..10000 events per message", optarg);
+            break;
+        case 'P':
+            show_progress = 1;
+            break;
+        case 'N':
+            show_progress = 0;
+            break;
+        default:
+            return EXIT_USAGE;
+        }
+    }
+    if (optind != argc - 2)
+        return usage_error("usage: affinity events import COLLECTION FILE [--format csv|jsonl] "
+                           "[--batch N] [--progress|--no-progress]%s",
+                           "");
+    const char *collection = argv[optind];
+    r.path = argv[optind + 1];
+    r.tty = isatty(2);
+    r.show_progress = show_progress < 0 ? true : show_progress == 1;
+    if (show_progress < 0 && c->json && r.tty) r.show_progress = false;
+
+    ProtobufCMessage *resp = NULL;
+    aff_err err = {0};
+    int rc = 0;
+    if (eventfile_open(&r.reader, r.path, format, &err) != 0) {
+        fprintf(stderr, "affinity: %s\n", err.msg);
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    r.recs = malloc(r.batch * sizeof *r.recs);
+    r.evs = calloc(r.batch, sizeof *r.evs);
+    r.ies = calloc(r.batch, sizeof *r.ies);
+    r.ie_ptrs = calloc(r.batch, sizeof *r.ie_ptrs);
+    r.malformed = calloc(IMPORT_MAX_MALFORMED_LISTED, sizeof *r.malformed);
+    if (!r.recs || !r.evs || !r.ies || !r.ie_ptrs || !r.malformed) {
+        fprintf(stderr, "affinity: out of memory\n");
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    if ((rc = connect_client(c))) goto out;
+    /* A bulk import may take long: the stream gets a day unless --timeout-ms says more. */
+    uint32_t stream_ms = c->opts.timeout_ms > 86400000 ? c->opts.timeout_ms : 86400000;
+    if (transport_client_stream_open(c->client, TRANSPORT_METHOD_IMPORT_EVENTS, stream_ms,
+                                     &r.stream, &err) != 0) {
+        fprintf(stderr, "affinity: %s\n", err.msg);
+        rc = EXIT_RPC;
+        goto out;
+    }
+    r.t0 = mono_s();
+    for (;;) {
+        size_t n;
+        if ((rc = import_read_batch(c, &r, &n))) goto out;
+        if (n == 0) break;
+        Affinity__V1__ImportEventsRequest req = AFFINITY__V1__IMPORT_EVENTS_REQUEST__INIT;
+        req.collection = (char *)collection;
+        req.n_events = n;
+        req.events = r.ie_ptrs;
+        if (transport_client_stream_send(r.stream, &req.base, &err) != 0)
+            break; /* the server ended the call; finish() says why */
+        import_progress(&r, false);
+    }
+    transport_call_status st = {0};
+    int frc = transport_client_stream_finish(
+        r.stream, &affinity__v1__import_events_response__descriptor, &resp, &st);
+    double secs = mono_s() - r.t0;
+    import_progress(&r, true);
+    if (frc != 0) {
+        rc = report_rpc_error(c, "ImportEvents", frc, &st);
+        goto out;
+    }
+    const Affinity__V1__ImportEventsResponse *ir = (const void *)resp;
+    import_print(c, &r, collection, ir, secs);
+    rc = r.n_malformed ? EXIT_USAGE : ir->rejected_count ? EXIT_RPC : 0;
+out:
+    transport_client_free(resp);
+    transport_client_stream_destroy(r.stream);
+    eventfile_close(r.reader);
+    free(r.recs);
+    free(r.evs);
+    free(r.ies);
+    free(r.ie_ptrs);
+    free(r.jumps);
+    free(r.malformed);
     return rc;
 }
 
@@ -1512,6 +1822,9 @@ static void usage(FILE *f)
                "         [--weight W]\n"
                "  events COLLECTION USER TYPE:ITEM_ID...   (view, click, cart, purchase,\n"
                "                                            custom=NAME)\n"
+               "  events import COLLECTION FILE.csv|FILE.jsonl [--format csv|jsonl] [--batch N]\n"
+               "         [--progress|--no-progress]   history in bulk; exit 1 if rows were\n"
+               "                                      rejected, 2 if lines were malformed\n"
                "  user get COLLECTION USER | user delete [COLLECTION] USER\n"
                "  info                  server version, backend, batching statistics\n"
                "  health [SERVICE]      grpc.health.v1 check; exit 0 only when SERVING\n"

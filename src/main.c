@@ -138,6 +138,12 @@ static int wait_stop_signal(void)
     }
 }
 
+/* Applied events count toward the model's --train-after-events trigger. */
+static void note_events(void *ctx, const char *collection, uint64_t n_applied)
+{
+    model_note_events(ctx, collection, n_applied);
+}
+
 int main(int argc, char **argv)
 {
     int rc = 1;
@@ -228,6 +234,8 @@ int main(int argc, char **argv)
                              .catalog = catalog,
                              .profiles = profiles,
                              .model = model,
+                             .on_events = note_events,
+                             .on_events_ctx = model,
                              .metrics = metrics};
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];

@@ -53,6 +53,7 @@ typedef struct aff_metrics aff_metrics;
     X(PUT_EVENTS, "PutEvents")                                                                     \
     X(GET_USER, "GetUser")                                                                         \
     X(DELETE_USER, "DeleteUser")                                                                   \
+    X(IMPORT_EVENTS, "ImportEvents")                                                               \
     X(GET_SERVER_INFO, "GetServerInfo")                                                            \
     X(TRAIN, "Train")                                                                              \
     X(GET_MODEL, "GetModel")                                                                       \

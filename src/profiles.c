@@ -239,13 +239,28 @@ static int recompute_profile(store_txn *txn, const aff_profiles *p, const store_
 
 /* ---- put events ----------------------------------------------------------------------------- */
 
+/* One applied event's popularity term, w * 2^(t/H_pop) as its log2; written per item at the
+ * end of the transaction (flush_popularity), so an item with many events in one call costs
+ * one counter update. */
+typedef struct pop_term {
+    const char *item; /* borrowed from the call's events */
+    double log_term;
+    int64_t ts;
+    size_t seq; /* order of application: ties in the sort keep it, so sums are deterministic */
+} pop_term;
+
 typedef struct put_ctx {
     aff_profiles *p;
-    const char *collection, *user;
-    const profiles_event *events;
+    const char *collection;
+    const char *user;                   /* profiles_put_events: the one user */
+    const profiles_event *events;       /* profiles_put_events: n events of user */
+    const profiles_user_event *uevents; /* profiles_import_events: n events of any users */
     size_t n;
     int64_t now;
-    float *sum, *x; /* AFF_MAX_DIM floats each */
+    float *sum, *x;        /* AFF_MAX_DIM floats each */
+    profiles_event *group; /* import: scratch for one user's run of events (n entries) */
+    pop_term *pop;         /* n entries: the transaction's popularity terms */
+    size_t n_pop;
     uint32_t applied, n_rejected;
     profiles_rejection *rejected;
 } put_ctx;
@@ -309,8 +324,9 @@ static double log2_add(double a, double b)
     return hi + log2(1.0 + exp2(lo - hi));
 }
 
-static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, store_profile *prof,
-                       const type_weight *tw, const profiles_event *e, int64_t ts, aff_err *err)
+static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, const char *user,
+                       store_profile *prof, const type_weight *tw, const profiles_event *e,
+                       int64_t ts, aff_err *err)
 {
     const aff_profiles *p = c->p;
     double w = tw->weight;
@@ -323,27 +339,21 @@ static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, 
     }
 
     store_interaction in = {.ref_ms = 0, .weight = 0, .last_ms = ts, .count = 0};
-    status = store_txn_get_interaction(txn, c->collection, c->user, e->item_id, &in, err);
+    status = store_txn_get_interaction(txn, c->collection, user, e->item_id, &in, err);
     if (status && status != AFF_ENOTFOUND) return status;
     decayed_add(p->half_life_ms, &in.ref_ms, &in.weight, NULL, NULL, 0, w, ts);
     in.count++;
     if (ts > in.last_ms) in.last_ms = ts;
-    if ((status = store_txn_put_interaction(txn, c->collection, c->user, e->item_id, &in, err)) ||
-        (status = store_txn_mark_type(txn, c->collection, c->user, tw->name, e->item_id, ts, err)))
+    if ((status = store_txn_put_interaction(txn, c->collection, user, e->item_id, &in, err)) ||
+        (status = store_txn_mark_type(txn, c->collection, user, tw->name, e->item_id, ts, err)))
         return status;
 
     if (w > 0) {
-        store_popularity old, pop = {.log_score = -INFINITY, .count = 0, .last_ms = ts};
-        status = store_txn_get_popularity(txn, c->collection, e->item_id, &old, err);
-        if (status && status != AFF_ENOTFOUND) return status;
-        bool had = status == AFF_OK;
-        if (had) pop = old;
-        pop.log_score = log2_add(pop.log_score, log2(w) + (double)ts / p->pop_half_life_ms);
-        pop.count++;
-        if (ts > pop.last_ms) pop.last_ms = ts;
-        if ((status = store_txn_put_popularity(txn, c->collection, e->item_id, had ? &old : NULL,
-                                               &pop, err)))
-            return status;
+        c->pop[c->n_pop] = (pop_term){.item = e->item_id,
+                                      .log_term = log2(w) + (double)ts / p->pop_half_life_ms,
+                                      .ts = ts,
+                                      .seq = c->n_pop};
+        c->n_pop++;
     }
 
     store_event se = {.item_id = e->item_id,
@@ -352,14 +362,13 @@ static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, 
                       .value = e->value,
                       .context = e->context,
                       .n_context = e->n_context};
-    if ((status = store_txn_put_event(txn, c->collection, c->user, prof->next_seq, &se, err)))
+    if ((status = store_txn_put_event(txn, c->collection, user, prof->next_seq, &se, err)))
         return status;
     prof->next_seq++;
     prof->n_history++;
     while (prof->n_history > p->history_len) {
         uint64_t oldest = prof->next_seq - prof->n_history;
-        if ((status = store_txn_delete_event(txn, c->collection, c->user, oldest, err)))
-            return status;
+        if ((status = store_txn_delete_event(txn, c->collection, user, oldest, err))) return status;
         prof->n_history--;
     }
     count_type(prof, tw->name);
@@ -367,76 +376,137 @@ static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, 
     return AFF_OK;
 }
 
-static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
+static int cmp_pop_term(const void *a, const void *b)
 {
-    put_ctx *c = ctx;
+    const pop_term *x = a, *y = b;
+    int d = strcmp(x->item, y->item);
+    if (d) return d;
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* Adds the transaction's popularity terms to the items' counters, one update per item, in
+ * item id order. */
+static int flush_popularity(store_txn *txn, put_ctx *c, aff_err *err)
+{
+    qsort(c->pop, c->n_pop, sizeof *c->pop, cmp_pop_term);
+    for (size_t i = 0, end; i < c->n_pop; i = end) {
+        const char *item = c->pop[i].item;
+        double log_sum = -INFINITY;
+        int64_t last = c->pop[i].ts;
+        for (end = i; end < c->n_pop && strcmp(c->pop[end].item, item) == 0; end++) {
+            log_sum = log2_add(log_sum, c->pop[end].log_term);
+            if (c->pop[end].ts > last) last = c->pop[end].ts;
+        }
+        store_popularity old, pop = {.log_score = -INFINITY, .count = 0, .last_ms = last};
+        int status = store_txn_get_popularity(txn, c->collection, item, &old, err);
+        if (status && status != AFF_ENOTFOUND) return status;
+        bool had = status == AFF_OK;
+        if (had) pop = old;
+        pop.log_score = log2_add(pop.log_score, log_sum);
+        pop.count += end - i;
+        if (last > pop.last_ms) pop.last_ms = last;
+        if ((status =
+                 store_txn_put_popularity(txn, c->collection, item, had ? &old : NULL, &pop, err)))
+            return status;
+    }
+    return AFF_OK;
+}
+
+/* Why event e cannot be applied (checked before the store is read), or NULL; *arg receives
+ * the reason's %s argument. */
+static const char *event_problem(const put_ctx *c, const profiles_event *e, const type_weight *tw,
+                                 int64_t ts, const char **arg)
+{
+    *arg = "";
+    if (!valid_id(e->item_id, AFF_MAX_ID_LEN)) return "item id must be 1..128 bytes%s";
+    if (e->custom_type && *e->custom_type && e->type != PROFILES_EVENT_CUSTOM) {
+        *arg = e->custom_type;
+        return "custom_type '%.64s' is set but type is not EVENT_TYPE_CUSTOM; set one or the "
+               "other";
+    }
+    if (!tw) {
+        if (e->type != PROFILES_EVENT_CUSTOM)
+            return "event type must be view, click, add_to_cart, purchase or custom%s";
+        if (!e->custom_type || !*e->custom_type)
+            return "EVENT_TYPE_CUSTOM needs custom_type (a type configured with "
+                   "--event-weights)%s";
+        *arg = e->custom_type;
+        return "custom event type '%.64s' is not configured on the server";
+    }
+    if (ts < 0 || ts > c->now + FUTURE_SLACK_MS)
+        return "timestamp must be Unix milliseconds, not negative and at most one day ahead%s";
+    if (!isfinite(e->value)) return "value must be a finite number%s";
+    if (!valid_context(e))
+        return "context: at most 16 entries, keys 1..256 bytes, values ≤ 256 bytes%s";
+    return NULL;
+}
+
+/* Applies n events of one user inside txn: reads the user's profile, applies each valid event
+ * (rejecting the others with index first + i) and writes the profile back when any applied.
+ * The one per-user path of profiles_put_events and profiles_import_events. */
+static int apply_user_events(store_txn *txn, put_ctx *c, const store_collection *col,
+                             const char *user, const profiles_event *events, size_t n, size_t first,
+                             aff_err *err)
+{
     const aff_profiles *p = c->p;
-    c->applied = 0;
-    c->n_rejected = 0;
-    store_collection col;
     store_profile prof;
-    int status = store_txn_get_collection(txn, c->collection, &col, err);
-    if (status) return status;
-    status = store_txn_get_profile(txn, c->collection, c->user, &prof, c->sum, err);
+    uint32_t applied = 0;
+    int status = store_txn_get_profile(txn, c->collection, user, &prof, c->sum, err);
     if (status == AFF_ENOTFOUND) {
         memset(&prof, 0, sizeof prof);
-        prof.dim = col.dim;
-        prof.generation = col.generation;
+        prof.dim = col->dim;
+        prof.generation = col->generation;
         prof.ref_ms = 0;
-        memset(c->sum, 0, (size_t)col.dim * sizeof(float));
+        memset(c->sum, 0, (size_t)col->dim * sizeof(float));
         aff__err_clear(err);
     } else if (status) {
         return status;
-    } else if (prof.dim != col.dim) {
+    } else if (prof.dim != col->dim) {
         return aff__fail(err, AFF_EINTERNAL,
                          "profiles: profile of '%s' has dimension %u, the "
                          "collection %u",
-                         c->user, prof.dim, col.dim);
-    } else if (prof.generation != col.generation) {
-        if ((status = recompute_profile(txn, p, &col, c->user, &prof, c->sum, c->x, err)))
+                         user, prof.dim, col->dim);
+    } else if (prof.generation != col->generation) {
+        if ((status = recompute_profile(txn, p, col, user, &prof, c->sum, c->x, err)))
             return status;
     }
 
-    for (size_t i = 0; i < c->n; i++) {
-        const profiles_event *e = &c->events[i];
+    for (size_t i = 0; i < n; i++) {
+        const profiles_event *e = &events[i];
         const type_weight *tw = event_type(p, e);
         int64_t ts = e->timestamp_ms ? e->timestamp_ms : c->now;
-        if (!valid_id(e->item_id, AFF_MAX_ID_LEN)) {
-            reject(c, i, "item id must be 1..128 bytes%s", "");
-            continue;
-        }
-        if (!tw) {
-            reject(c, i,
-                   e->type == PROFILES_EVENT_CUSTOM
-                       ? "custom event type '%s' is not configured on the server"
-                       : "event type must be view, click, add_to_cart, purchase or custom%s",
-                   e->type == PROFILES_EVENT_CUSTOM && e->custom_type ? e->custom_type : "");
-            continue;
-        }
-        if (ts < 0 || ts > c->now + FUTURE_SLACK_MS) {
-            reject(c, i,
-                   "timestamp must be Unix milliseconds, not negative and at most one day "
-                   "ahead%s",
-                   "");
-            continue;
-        }
-        if (!valid_context(e)) {
-            reject(c, i, "context: at most 16 entries, keys 1..256 bytes, values ≤ 256 bytes%s",
-                   "");
+        const char *arg, *problem = event_problem(c, e, tw, ts, &arg);
+        if (problem) {
+            reject(c, first + i, problem, arg);
             continue;
         }
         status = store_txn_get_item(txn, c->collection, e->item_id, NULL, c->x, err);
         if (status == AFF_ENOTFOUND) {
             aff__err_clear(err);
-            reject(c, i, "unknown item id '%.120s'", e->item_id);
+            reject(c, first + i, "unknown item id '%.120s'", e->item_id);
             continue;
         }
         if (status) return status;
-        if ((status = apply_event(txn, c, &col, &prof, tw, e, ts, err))) return status;
-        c->applied++;
+        if ((status = apply_event(txn, c, col, user, &prof, tw, e, ts, err))) return status;
+        applied++;
     }
-    if (c->applied == 0) return AFF_OK; /* nothing to write; the (empty) transaction commits */
-    return store_txn_put_profile(txn, c->collection, c->user, &prof, c->sum, err);
+    c->applied += applied;
+    if (applied == 0) return AFF_OK; /* nothing to write for this user */
+    return store_txn_put_profile(txn, c->collection, user, &prof, c->sum, err);
+}
+
+static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    put_ctx *c = ctx;
+    c->applied = 0;
+    c->n_rejected = 0;
+    c->n_pop = 0;
+    store_collection col;
+    int status = store_txn_get_collection(txn, c->collection, &col, err);
+    if (status) return status;
+    /* With nothing applied the (empty) transaction commits. */
+    if ((status = apply_user_events(txn, c, &col, c->user, c->events, c->n, 0, err))) return status;
+    return flush_popularity(txn, c, err);
 }
 
 int profiles_put_events(aff_profiles *p, const char *collection, const char *user_id,
@@ -461,7 +531,8 @@ int profiles_put_events(aff_profiles *p, const char *collection, const char *use
         goto out;
     }
     c.sum = malloc(2 * AFF_MAX_DIM * sizeof(float));
-    if (!c.sum) {
+    c.pop = malloc(n * sizeof *c.pop);
+    if (!c.sum || !c.pop) {
         status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
         goto out;
     }
@@ -471,6 +542,71 @@ out:
     if (n_applied) *n_applied = status ? 0 : c.applied;
     if (n_rejected) *n_rejected = status ? 0 : c.n_rejected;
     free(c.sum);
+    free(c.pop);
+    return status;
+}
+
+/* One transaction for the whole import call: each run of consecutive events of one user goes
+ * through apply_user_events (one profile read and write per run). */
+static int import_events_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    put_ctx *c = ctx;
+    c->applied = 0;
+    c->n_rejected = 0;
+    c->n_pop = 0;
+    store_collection col;
+    int status = store_txn_get_collection(txn, c->collection, &col, err);
+    if (status) return status;
+    for (size_t i = 0, end; i < c->n; i = end) {
+        const char *user = c->uevents[i].user_id;
+        for (end = i + 1; end < c->n; end++) {
+            const char *u = c->uevents[end].user_id;
+            if (u != user && (!u || !user || strcmp(u, user) != 0)) break;
+        }
+        if (!valid_id(user, AFF_MAX_ID_LEN)) {
+            for (size_t j = i; j < end; j++)
+                reject(c, j, "user id must be 1..128 bytes%s", "");
+            continue;
+        }
+        for (size_t j = i; j < end; j++)
+            c->group[j - i] = c->uevents[j].event;
+        if ((status = apply_user_events(txn, c, &col, user, c->group, end - i, i, err)))
+            return status;
+    }
+    return flush_popularity(txn, c, err);
+}
+
+int profiles_import_events(aff_profiles *p, const char *collection,
+                           const profiles_user_event *events, size_t n, uint32_t *n_applied,
+                           profiles_rejection *rejected, uint32_t *n_rejected, aff_err *err)
+{
+    int status = AFF_OK;
+    put_ctx c = {.p = p,
+                 .collection = collection,
+                 .uevents = events,
+                 .n = n,
+                 .now = now_ms(p),
+                 .rejected = rejected};
+    if (n == 0 || n > PROFILES_MAX_IMPORT_EVENTS || !events) {
+        status = aff__fail(err, AFF_EINVAL, "an import message carries 1..%d events, not %zu",
+                           PROFILES_MAX_IMPORT_EVENTS, n);
+        goto out;
+    }
+    c.sum = malloc(2 * AFF_MAX_DIM * sizeof(float));
+    c.group = malloc(n * sizeof *c.group);
+    c.pop = malloc(n * sizeof *c.pop);
+    if (!c.sum || !c.group || !c.pop) {
+        status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+        goto out;
+    }
+    c.x = c.sum + AFF_MAX_DIM;
+    status = store_update(p->store, import_events_fn, &c, err);
+out:
+    if (n_applied) *n_applied = status ? 0 : c.applied;
+    if (n_rejected) *n_rejected = status ? 0 : c.n_rejected;
+    free(c.sum);
+    free(c.group);
+    free(c.pop);
     return status;
 }
 

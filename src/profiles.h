@@ -119,13 +119,33 @@ typedef struct profiles_rejection {
 
 /* Applies a user's events to the collection in one durable transaction: profile, history,
  * exclusion index and popularity change together and before the call returns. Events that
- * are invalid (unknown item id, unknown type, bad timestamp or context) are rejected one by
- * one into rejected[] (capacity n) and the rest applied. Returns AFF_OK even when some were
+ * are invalid (unknown item id, unknown type, a custom_type without PROFILES_EVENT_CUSTOM,
+ * bad timestamp, non-finite value or bad context) are rejected one by one into rejected[]
+ * (capacity n) and the rest applied. Returns AFF_OK even when some were
  * rejected; an error (unknown collection, bad user id, n out of 1..PROFILES_MAX_EVENTS,
  * AFF_EIO) means nothing was applied. */
 int profiles_put_events(aff_profiles *p, const char *collection, const char *user_id,
                         const profiles_event *events, size_t n, uint32_t *n_applied,
                         profiles_rejection *rejected, uint32_t *n_rejected, aff_err *err);
+
+#define PROFILES_MAX_IMPORT_EVENTS 10000 /* events in one profiles_import_events call */
+
+/* One event of a bulk import: any user's. */
+typedef struct profiles_user_event {
+    const char *user_id; /* 1..AFF_MAX_ID_LEN bytes; otherwise the event is rejected */
+    profiles_event event;
+} profiles_user_event;
+
+/* Applies events of many users (historical imports) in ONE durable transaction, each event
+ * exactly as profiles_put_events would (the same code: each run of consecutive events of one
+ * user is applied as one profiles_put_events call's events are, so keep a user's events
+ * together for speed). Invalid events, a bad user id included, are rejected one by one into
+ * rejected[] (capacity n; index = position in events) and the rest applied. Returns AFF_OK
+ * even when some were rejected; an error (unknown collection: AFF_ENOTFOUND; n out of
+ * 1..PROFILES_MAX_IMPORT_EVENTS; AFF_EIO) means nothing was applied. */
+int profiles_import_events(aff_profiles *p, const char *collection,
+                           const profiles_user_event *events, size_t n, uint32_t *n_applied,
+                           profiles_rejection *rejected, uint32_t *n_rejected, aff_err *err);
 
 /* What a Recommend by user id runs on. Owns its memory; release with profiles_plan_release. */
 typedef struct profiles_plan {

@@ -44,6 +44,12 @@ typedef struct transport_config {
     aff_profiles *profiles; /* events and profiles; borrowed */
     aff_model *model;       /* learned models (Train, Recommend by model); NULL: none; borrowed */
     aff_metrics *metrics;   /* per-call counters and latencies; NULL: none; borrowed */
+    /* Told after events were applied durably (each PutEvents call, each ImportEvents
+     * message): n_applied new events in collection. Runs on the blocking-work thread that
+     * applied them, maybe on several at once: keep it quick and thread-safe (e.g. add to a
+     * counter that triggers a retrain). NULL: none. */
+    void (*on_events)(void *ctx, const char *collection, uint64_t n_applied);
+    void *on_events_ctx;
 } transport_config;
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad

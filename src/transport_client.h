@@ -45,6 +45,7 @@
 #define TRANSPORT_METHOD_PUT_EVENTS          "/affinity.v1.Affinity/PutEvents"
 #define TRANSPORT_METHOD_GET_USER            "/affinity.v1.Affinity/GetUser"
 #define TRANSPORT_METHOD_DELETE_USER         "/affinity.v1.Affinity/DeleteUser"
+#define TRANSPORT_METHOD_IMPORT_EVENTS       "/affinity.v1.Affinity/ImportEvents"
 #define TRANSPORT_METHOD_GET_SERVER_INFO     "/affinity.v1.Affinity/GetServerInfo"
 #define TRANSPORT_METHOD_TRAIN               "/affinity.v1.Affinity/Train"
 #define TRANSPORT_METHOD_GET_MODEL           "/affinity.v1.Affinity/GetModel"

@@ -24,6 +24,7 @@
 #include "log.h"
 #include "profiles.h"
 #include "transport_codec.h"
+#include "transport_import.h"
 #include "transport_internal.h"
 #include "transport_model.h"
 
@@ -187,7 +188,8 @@ static void rpc_put_events(tcall *c, ProtobufCMessage *msg)
         tcall_fail(c, &err);
         goto out;
     }
-    model_note_events(c->t->cfg.model, r->collection, applied);
+    if (applied && c->t->cfg.on_events)
+        c->t->cfg.on_events(c->t->cfg.on_events_ctx, r->collection, applied);
     /* The profiles module reports in its own (ascending) order: map back and merge. */
     for (uint32_t k = 0; k < n_rej; k++) {
         uint32_t i = index[rej[k].index];
@@ -1667,7 +1669,8 @@ const tmethod_def transport__methods[] = {
     BLOCKING("PutEvents", put_events_request, rpc_put_events),
     UNARY("GetUser", get_user_request, rpc_get_user),
     BLOCKING("DeleteUser", delete_user_request, rpc_delete_user),
-    BLOCKING("Train", train_request, transport__rpc_train),
+    STREAM("ImportEvents", transport__import_events), /* transport_import.c */
+    BLOCKING("Train", train_request, transport__rpc_train),      /* transport_model.c */
     UNARY("GetModel", get_model_request, transport__rpc_get_model),
     UNARY("GetSegment", get_segment_request, transport__rpc_get_segment),
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),

@@ -369,6 +369,130 @@ Test(cli, events_and_user_profile)
     jsonv_free(v);
 }
 
+static void write_file(const char *name, const char *text)
+{
+    FILE *f = fopen(path_in(name), "w");
+    cr_assert_not_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* The "line" members of the objects in array key of v, in order, into lines (up to max). */
+static size_t lines_of(const jsonv *v, const char *key, int *lines, size_t max)
+{
+    const jsonv *a = jsonv_get(v, key);
+    cr_assert(a && a->type == JSONV_ARRAY, "no array '%s'", key);
+    for (size_t i = 0; i < a->n && i < max; i++)
+        lines[i] = (int)num(jsonv_at(a, i), "line");
+    return a->n;
+}
+
+Test(cli, events_import_csv_and_jsonl_with_line_numbers)
+{
+    load_both();
+    /* CSV, messages of 2 events: lines 5, 9, 10 are rejected by the server, lines 6, 7, 11
+     * and 13 are malformed and never sent. */
+    write_file("events.csv", "user_id,item_id,type,timestamp_ms,value\n"
+                             "u1,item-1,view,,\n"
+                             "u1,item-2,purchase,1700000000000,2\n"
+                             "u2,item-3,cart,1700000000001,\n"
+                             "u2,nope,view,1700000000002,0\n"
+                             "u3,item-4,click,notanumber,0\n"
+                             "\"u3,item-5,view,1,0\n"
+                             "\n"
+                             "u3,item-6,wishlist,1700000000003,0\n"
+                             ",item-7,view,1700000000004,0\n"
+                             "u3,item-8,view,1700000000005,abc\n"
+                             "u3,item-9,view\n"
+                             "u4,item-10\n");
+    char args[1024];
+    snprintf(args, sizeof(args), "events import shop %s --batch 2", path_in("events.csv"));
+    jsonv *v = cli_json(2, args);
+    cr_assert_eq(num(v, "sent"), 7);
+    cr_assert_eq(num(v, "applied"), 4);
+    cr_assert_eq(num(v, "rejected_count"), 3);
+    cr_assert_eq(num(v, "malformed_count"), 4);
+    int lines[8];
+    cr_assert_eq(lines_of(v, "rejected", lines, 8), 3);
+    cr_assert(lines[0] == 5 && lines[1] == 9 && lines[2] == 10, "rejected lines %d %d %d", lines[0],
+              lines[1], lines[2]);
+    const jsonv *rej = jsonv_get(v, "rejected");
+    cr_assert(strstr(str(jsonv_at(rej, 0), "reason"), "unknown item id 'nope'"));
+    cr_assert(strstr(str(jsonv_at(rej, 1), "reason"), "'wishlist' is not configured"));
+    cr_assert(strstr(str(jsonv_at(rej, 2), "reason"), "user id"));
+    cr_assert_eq(lines_of(v, "malformed", lines, 8), 4);
+    cr_assert(lines[0] == 6 && lines[1] == 7 && lines[2] == 11 && lines[3] == 13,
+              "malformed lines %d %d %d %d", lines[0], lines[1], lines[2], lines[3]);
+    cr_assert(strstr(str(jsonv_at(jsonv_get(v, "malformed"), 0), "reason"), "timestamp_ms"));
+    jsonv_free(v);
+    v = cli_json(0, "user get shop u1");
+    cr_assert_eq(num(v, "history_length"), 2);
+    jsonv_free(v);
+    v = cli_json(0, "user get shop u3");
+    cr_assert_eq(num(v, "history_length"), 1); /* only line 12 */
+    jsonv_free(v);
+
+    /* JSON Lines: line 4 rejected; 3 (bad JSON), 5 (not an object), 7 (no user_id) and 8
+     * (timestamp not an integer) malformed; a numeric user id is a string id. */
+    write_file(
+        "events.jsonl",
+        "{\"user_id\": \"j1\", \"item_id\": \"item-1\", \"type\": \"view\", "
+        "\"timestamp_ms\": 1700000000000}\n"
+        "{\"user_id\": \"j1\", \"item_id\": \"item-2\", \"type\": \"purchase\", \"value\": 3}\n"
+        "{\"user_id\": \"j1\", \"item_id\": \"item-3\"\n"
+        "{\"user_id\": \"j2\", \"item_id\": \"nope\", \"type\": \"click\"}\n"
+        "[1, 2]\n"
+        "{\"user_id\": 7, \"item_id\": \"item-4\", \"type\": \"add_to_cart\", "
+        "\"timestamp_ms\": \"1700000000001\"}\n"
+        "{\"item_id\": \"item-5\", \"type\": \"view\"}\n"
+        "{\"user_id\": \"j3\", \"item_id\": \"item-6\", \"type\": \"view\", "
+        "\"timestamp_ms\": 1.5}\n");
+    snprintf(args, sizeof(args), "events import shop %s", path_in("events.jsonl"));
+    v = cli_json(2, args);
+    cr_assert_eq(num(v, "applied"), 3);
+    cr_assert_eq(num(v, "rejected_count"), 1);
+    cr_assert_eq(lines_of(v, "rejected", lines, 8), 1);
+    cr_assert_eq(lines[0], 4);
+    cr_assert_eq(lines_of(v, "malformed", lines, 8), 4);
+    cr_assert(lines[0] == 3 && lines[1] == 5 && lines[2] == 7 && lines[3] == 8);
+    jsonv_free(v);
+    v = cli_json(0, "user get shop 7");
+    cr_assert_eq(num(v, "history_length"), 1);
+    cr_assert_eq(num(jsonv_get(v, "event_counts"), "add_to_cart"), 1);
+    jsonv_free(v);
+
+    /* A clean file (named .txt, so --format says what it is): exit 0. */
+    write_file("clean.txt", "type,item_id,user_id\nview,item-1,c1\nclick,item-2,c1\n");
+    snprintf(args, sizeof(args), "events import shop %s --format csv", path_in("clean.txt"));
+    v = cli_json(0, args);
+    cr_assert_eq(num(v, "applied"), 2);
+    cr_assert_eq(num(v, "rejected_count") + num(v, "malformed_count"), 0);
+    jsonv_free(v);
+    /* Only server rejections: exit 1, the line in the human output. */
+    write_file("rej.jsonl", "{\"user_id\": \"r1\", \"item_id\": \"nope\", \"type\": \"view\"}\n");
+    int status;
+    char *out = run_cli(&status, "events import shop %s --no-progress", path_in("rej.jsonl"));
+    cr_assert_eq(status, 1, "%s", out);
+    cr_assert(strstr(out, "rej.jsonl:1: rejected (user r1): unknown item id 'nope'"), "%s", out);
+    free(out);
+    /* An unknown collection: exit 1 with NOT_FOUND, nothing applied. */
+    out = run_cli(&status, "--json events import nowhere %s --format csv", path_in("clean.txt"));
+    cr_assert_eq(status, 1, "%s", out);
+    cr_assert(strstr(out, "NOT_FOUND") && strstr(out, "nowhere"), "%s", out);
+    free(out);
+    /* Bad usage and unreadable files: exit 2. */
+    out = run_cli(&status, "events import shop %s --batch 0", path_in("clean.txt"));
+    cr_assert_eq(status, 2);
+    free(out);
+    out = run_cli(&status, "events import shop %s", path_in("clean.txt"));
+    cr_assert_eq(status, 2); /* .txt without --format */
+    free(out);
+    write_file("nohead.csv", "user_id,item\nu,item-1\n");
+    out = run_cli(&status, "events import shop %s", path_in("nohead.csv"));
+    cr_assert_eq(status, 2);
+    free(out);
+}
+
 /* TLS with a self-signed certificate (made with openssl) and a bearer token. */
 static char tls_dir[64];
 

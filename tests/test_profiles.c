@@ -944,3 +944,60 @@ Test(profiles, restart_rebuilds_the_engine_with_identical_answers)
         }
     }
 }
+
+/* ImportEvents' bulk path: events of several users interleaved in one call give each user
+ * exactly the profile that profiles_put_events gives for that user's events in the same
+ * order; bad events (a bad user id included) are rejected with their call index. */
+Test(profiles, import_matches_put_events_and_rejects_one_by_one)
+{
+    profiles_event a[3] = {ev(0, 1, PROFILES_EVENT_VIEW, T0 - 5 * DAY_MS),
+                           ev(0, 2, PROFILES_EVENT_PURCHASE, T0 - 2 * DAY_MS),
+                           ev(1, 3, PROFILES_EVENT_CLICK, T0 - DAY_MS)};
+    profiles_event b[2] = {ev(2, 4, PROFILES_EVENT_ADD_TO_CART, T0 - 3 * DAY_MS),
+                           ev(2, 5, PROFILES_EVENT_VIEW, 0)};
+    profiles_event unknown = {.item_id = "nope", .type = PROFILES_EVENT_VIEW};
+    profiles_event nan_value = ev(1, 1, PROFILES_EVENT_VIEW, T0);
+    nan_value.value = NAN;
+    profiles_user_event im[] = {
+        {"ann", a[0]},      {"ann", a[1]}, {"bob", b[0]}, {"", a[2]},    {"ann", unknown},
+        {"bob", nan_value}, {"ann", a[2]}, {NULL, b[1]},  {"bob", b[1]},
+    };
+    size_t n = sizeof im / sizeof im[0];
+    profiles_rejection rej[16];
+    uint32_t applied = 0, n_rej = 0;
+    aff_err err = {0};
+    cr_assert_eq(profiles_import_events(prof, "shop", im, n, &applied, rej, &n_rej, &err), AFF_OK,
+                 "%s", err.msg);
+    cr_assert_eq(applied, 5);
+    cr_assert_eq(n_rej, 4);
+    const uint32_t want_index[4] = {3, 4, 5, 7};
+    const char *want_reason[4] = {"user id", "unknown item id 'nope'", "finite", "user id"};
+    for (int i = 0; i < 4; i++) {
+        cr_assert_eq(rej[i].index, want_index[i], "rejection %d at %u", i, rej[i].index);
+        cr_assert(strstr(rej[i].reason, want_reason[i]), "%s", rej[i].reason);
+    }
+    put("ann2", a, 3);
+    put("bob2", b, 2);
+    float va[DIM], vb[DIM], wa[DIM], wb[DIM];
+    user_vector("ann", va);
+    user_vector("ann2", wa);
+    user_vector("bob", vb);
+    user_vector("bob2", wb);
+    cr_assert_arr_eq(va, wa, sizeof va, "imported and put profiles of ann differ");
+    cr_assert_arr_eq(vb, wb, sizeof vb, "imported and put profiles of bob differ");
+    profiles_user_info info;
+    cr_assert_eq(profiles_get_user(prof, "shop", "ann", &info, &err), AFF_OK);
+    cr_assert_eq(info.history_length, 3);
+
+    /* Per-call errors apply nothing. */
+    profiles_user_event one[] = {{"carl", a[0]}};
+    cr_assert_eq(profiles_import_events(prof, "nowhere", one, 1, &applied, rej, &n_rej, &err),
+                 AFF_ENOTFOUND);
+    cr_assert(strstr(err.msg, "nowhere"), "%s", err.msg);
+    cr_assert_eq(profiles_import_events(prof, "shop", one, 0, &applied, rej, &n_rej, &err),
+                 AFF_EINVAL);
+    cr_assert_eq(profiles_import_events(prof, "shop", one, PROFILES_MAX_IMPORT_EVENTS + 1, &applied,
+                                        rej, &n_rej, &err),
+                 AFF_EINVAL);
+    cr_assert_eq(profiles_get_user(prof, "shop", "carl", &info, &err), AFF_ENOTFOUND);
+}
