@@ -360,8 +360,7 @@ int engine_describe_collection(aff_engine *e, const char *name, engine_collectio
     return AFF_OK;
 }
 
-int engine_collection_has_content(aff_engine *e, const char *name, bool *has_content,
-                                  aff_err *err)
+int engine_collection_has_content(aff_engine *e, const char *name, bool *has_content, aff_err *err)
 {
     collection *c;
     int rc = collection_acquire(e, name, &c, err);

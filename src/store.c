@@ -22,18 +22,16 @@
  * (AFF_EINTERNAL). Integers and floats are in host byte order (little-endian on every
  * platform we build for): a store is not portable across byte orders. Layouts (bytes):
  *
- *   collection   u8 ver, u8 metric, u8 index, u8 flags (bit 0: learned-only), u32 dim, u32 hnsw_m, u32 hnsw_ef,
- *                u64 generation                                               (24 bytes)
- *   item         u8 ver, u8 available, u16 n_tags, f32 price, u32 dim, f32 vector[dim],
- *                u16 len + category, n_tags x (u16 len + tag)
- *   profile      u8 ver, u8 n_counts, u16 0, u32 dim, u64 generation, i64 ref_ms,
- *                i64 last_event_ms, u64 next_seq, u32 n_history, u32 0, f64 weight,
- *                f32 sum[dim], n_counts x (u8 len + type name, u64 count)
- *   event        u8 ver, u8 type_len, u16 item_len, u16 n_context, u16 0, i64 ts_ms,
- *                f64 value, type, item, n_context x (u16 len + key, u16 len + value)
- *   interaction  u8 ver, 7 x u8 0, i64 ref_ms, f64 weight, i64 last_ms, u64 count (40 bytes)
- *   by_type      u8 ver, 7 x u8 0, i64 last_ms                                 (16 bytes)
- *   popularity   u8 ver, 7 x u8 0, f64 log_score, u64 count, i64 last_ms       (32 bytes)
+ *   collection   u8 ver, u8 metric, u8 index, u8 flags (bit 0: learned-only), u32 dim, u32 hnsw_m,
+ * u32 hnsw_ef, u64 generation                                               (24 bytes) item u8 ver,
+ * u8 available, u16 n_tags, f32 price, u32 dim, f32 vector[dim], u16 len + category, n_tags x (u16
+ * len + tag) profile      u8 ver, u8 n_counts, u16 0, u32 dim, u64 generation, i64 ref_ms, i64
+ * last_event_ms, u64 next_seq, u32 n_history, u32 0, f64 weight, f32 sum[dim], n_counts x (u8 len +
+ * type name, u64 count) event        u8 ver, u8 type_len, u16 item_len, u16 n_context, u16 0, i64
+ * ts_ms, f64 value, type, item, n_context x (u16 len + key, u16 len + value) interaction  u8 ver, 7
+ * x u8 0, i64 ref_ms, f64 weight, i64 last_ms, u64 count (40 bytes) by_type      u8 ver, 7 x u8 0,
+ * i64 last_ms                                 (16 bytes) popularity   u8 ver, 7 x u8 0, f64
+ * log_score, u64 count, i64 last_ms       (32 bytes)
  *
  * ord(x) maps a double to a u64 whose unsigned order is the numeric order, so a forward scan
  * of pop_rank within a collection yields counters best first.

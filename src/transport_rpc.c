@@ -760,7 +760,7 @@ typedef struct serve_state {
     recommend_job job;                                 /* Recommend */
     float *user_vector;                                /* Rerank by user_id: the profile */
     Affinity__V1__RecommendSource rerank_source;
-    bool rerank_without_profile; /* Rerank of an unknown user: base scores only */
+    bool rerank_without_profile;          /* Rerank of an unknown user: base scores only */
     char space[MODEL_SPACE_NAME_LEN + 1]; /* SimilarItems in the behaviour space */
     model_user_factor_out *factor;        /* Rerank by the learned model; owned */
 } serve_state;
@@ -1122,7 +1122,8 @@ static int recommend_prepare(transport *t, const Affinity__V1__RecommendRequest 
     if (r->space != AFFINITY__V1__SPACE__SPACE_UNSPECIFIED &&
         r->space != AFFINITY__V1__SPACE__SPACE_CONTENT &&
         r->space != AFFINITY__V1__SPACE__SPACE_BEHAVIOUR)
-        return aff__fail(err, AFF_EINVAL, "space %d is unknown; use SPACE_CONTENT or SPACE_BEHAVIOUR",
+        return aff__fail(err, AFF_EINVAL,
+                         "space %d is unknown; use SPACE_CONTENT or SPACE_BEHAVIOUR",
                          (int)r->space);
     if (r->user_case == AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_ID)
         return recommend_user_prepare(t, r, j, hits, n_hits, err);
@@ -1669,8 +1670,8 @@ const tmethod_def transport__methods[] = {
     BLOCKING("PutEvents", put_events_request, rpc_put_events),
     UNARY("GetUser", get_user_request, rpc_get_user),
     BLOCKING("DeleteUser", delete_user_request, rpc_delete_user),
-    STREAM("ImportEvents", transport__import_events), /* transport_import.c */
-    BLOCKING("Train", train_request, transport__rpc_train),      /* transport_model.c */
+    STREAM("ImportEvents", transport__import_events),       /* transport_import.c */
+    BLOCKING("Train", train_request, transport__rpc_train), /* transport_model.c */
     UNARY("GetModel", get_model_request, transport__rpc_get_model),
     UNARY("GetSegment", get_segment_request, transport__rpc_get_segment),
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),
