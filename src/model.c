@@ -1236,7 +1236,7 @@ static void *scheduler_main(void *arg)
         pthread_mutex_lock(&m->mu);
         size_t n = m->n_colls;
         mcoll **colls = malloc((n ? n : 1) * sizeof *colls);
-        if (colls) memcpy(colls, m->colls, n * sizeof *colls);
+        if (colls && n) memcpy(colls, m->colls, n * sizeof *colls);
         pthread_mutex_unlock(&m->mu);
         for (size_t i = 0; colls && i < n; i++) {
             mcoll *c = colls[i];
