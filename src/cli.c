@@ -356,9 +356,157 @@ static const char *source_name(Affinity__V1__RecommendSource s)
         return "profile";
     case AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_POPULARITY:
         return "popularity";
+    case AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_MODEL:
+        return "model";
     default:
         return "unspecified";
     }
+}
+
+/* ---- learning: model state output ------------------------------------------------------- */
+
+/* ms since the Unix epoch as ISO-8601 UTC ("2026-11-30T07:41:02.123Z") into buf; "-" for 0. */
+static const char *iso_time(int64_t ms, char *buf, size_t len)
+{
+    if (ms <= 0) {
+        snprintf(buf, len, "-");
+        return buf;
+    }
+    time_t secs = (time_t)(ms / 1000);
+    struct tm tm;
+    char day[32];
+    if (!gmtime_r(&secs, &tm) || strftime(day, sizeof day, "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
+        snprintf(buf, len, "%lld ms", (long long)ms);
+        return buf;
+    }
+    snprintf(buf, len, "%s.%03dZ", day, (int)(ms % 1000));
+    return buf;
+}
+
+static void print_params_json(const Affinity__V1__ModelParams *p)
+{
+    if (!p) {
+        printf("null");
+        return;
+    }
+    printf("{\"factors\": %u, \"epochs\": %u, \"lambda\": ", p->factors, p->epochs);
+    if (p->lambda)
+        jfloat(p->lambda->value);
+    else
+        printf("null");
+    printf(", \"alpha0\": ");
+    if (p->alpha0)
+        jfloat(p->alpha0->value);
+    else
+        printf("null");
+    printf(", \"nu\": ");
+    if (p->nu)
+        jfloat(p->nu->value);
+    else
+        printf("null");
+    printf(", \"cg_steps\": ");
+    if (p->cg_steps)
+        printf("%u", p->cg_steps->value);
+    else
+        printf("null");
+    printf("}");
+}
+
+/* One line: "factors 64, epochs 12, lambda 0.007, alpha0 0.3, nu 1, cg-steps 3". */
+static void print_params_text(const Affinity__V1__ModelParams *p)
+{
+    if (!p) {
+        printf("-");
+        return;
+    }
+    printf("factors %u, epochs %u", p->factors, p->epochs);
+    if (p->lambda) printf(", lambda %g", (double)p->lambda->value);
+    if (p->alpha0) printf(", alpha0 %g", (double)p->alpha0->value);
+    if (p->nu) printf(", nu %g", (double)p->nu->value);
+    if (p->cg_steps) {
+        if (p->cg_steps->value)
+            printf(", cg-steps %u", p->cg_steps->value);
+        else
+            printf(", exact solves");
+    }
+}
+
+/* A ModelInfo as one JSON object (no newline). */
+static void print_model_json(const Affinity__V1__ModelInfo *m)
+{
+    char when[64];
+    printf("{\"state\": ");
+    jstr(m->state);
+    printf(", \"version\": %llu, \"trained_at_ms\": %lld, \"trained_at\": ",
+           (unsigned long long)m->version, (long long)m->trained_at_ms);
+    if (m->trained_at_ms > 0)
+        jstr(iso_time(m->trained_at_ms, when, sizeof when));
+    else
+        printf("null");
+    printf(", \"events_used\": %llu, \"users\": %llu, \"items\": %llu, \"epochs\": %u, "
+           "\"loss\": ",
+           (unsigned long long)m->events_used, (unsigned long long)m->users,
+           (unsigned long long)m->items, m->epochs);
+    jfloat(m->loss);
+    printf(", \"duration_s\": ");
+    jfloat(m->duration_s);
+    printf(", \"params\": ");
+    print_params_json(m->params);
+    printf(", \"job\": ");
+    if (m->job) {
+        const Affinity__V1__TrainingJob *j = m->job;
+        printf("{\"id\": %llu, \"running\": %s, \"epoch\": %u, \"epochs\": %u, \"loss\": ",
+               (unsigned long long)j->id, j->running ? "true" : "false", j->epoch, j->epochs);
+        jfloat(j->loss);
+        printf(", \"started_ms\": %lld, \"error\": ", (long long)j->started_ms);
+        if (j->error && j->error[0])
+            jstr(j->error);
+        else
+            printf("null");
+        printf("}");
+    } else {
+        printf("null");
+    }
+    printf(", \"events_since_train\": %llu, \"next_params\": ",
+           (unsigned long long)m->events_since_train);
+    print_params_json(m->next_params);
+    printf("}");
+}
+
+/* The serving model's facts, one per line, each prefixed with `indent`. */
+static void print_model_text(const Affinity__V1__ModelInfo *m, const char *indent)
+{
+    char when[64];
+    printf("%sstate               %s\n", indent, m->state);
+    if (m->version) {
+        printf("%sversion             %llu\n", indent, (unsigned long long)m->version);
+        printf("%strained at          %s\n", indent, iso_time(m->trained_at_ms, when, sizeof when));
+        printf("%sevents used         %llu\n", indent, (unsigned long long)m->events_used);
+        printf("%susers               %llu\n", indent, (unsigned long long)m->users);
+        printf("%sitems               %llu\n", indent, (unsigned long long)m->items);
+        printf("%sfactors             %u\n", indent, m->params ? m->params->factors : 0);
+        printf("%sepochs              %u\n", indent, m->epochs);
+        printf("%sloss                %.6g\n", indent, m->loss);
+        printf("%sduration            %.3f s\n", indent, m->duration_s);
+        printf("%sparams              ", indent);
+        print_params_text(m->params);
+        printf("\n");
+    }
+    if (m->job) {
+        const Affinity__V1__TrainingJob *j = m->job;
+        printf("%sjob                 #%llu ", indent, (unsigned long long)j->id);
+        if (j->running)
+            printf("running: epoch %u/%u, loss %.6g, started %s\n", j->epoch, j->epochs, j->loss,
+                   iso_time(j->started_ms, when, sizeof when));
+        else if (j->error && j->error[0])
+            printf("failed: %s\n", j->error);
+        else
+            printf("done (%u/%u epochs)\n", j->epoch, j->epochs);
+    }
+    printf("%sevents since train  %llu\n", indent, (unsigned long long)m->events_since_train);
+    printf("%snext params         ", indent);
+    print_params_text(m->next_params);
+    printf("\n");
 }
 
 static void print_collection(cli *c, const Affinity__V1__CollectionInfo *ci, bool json_alone)
@@ -375,12 +523,34 @@ static void print_collection(cli *c, const Affinity__V1__CollectionInfo *ci, boo
         jstr(ci->device);
         if (ci->index == AFFINITY__V1__INDEX_KIND__INDEX_KIND_HNSW)
             printf(", \"hnsw_m\": %u, \"hnsw_ef_search\": %u", ci->hnsw_m, ci->hnsw_ef_search);
+        printf(", \"spaces\": [");
+        for (size_t i = 0; i < ci->n_spaces; i++) {
+            printf("%s", i ? ", " : "");
+            jstr(ci->spaces[i]);
+        }
+        printf("], \"model\": ");
+        if (ci->model)
+            print_model_json(ci->model);
+        else
+            printf("null");
         printf("}%s", json_alone ? "\n" : "");
         return;
     }
-    printf("%-24s dim %-5u %-7s %-5s %10llu items %9.1f MiB  %s %s\n", ci->name, ci->dimension,
+    printf("%-24s dim %-5u %-7s %-5s %10llu items %9.1f MiB  %s %s", ci->name, ci->dimension,
            metric_name(ci->metric), index_name(ci->index), (unsigned long long)ci->item_count,
            (double)ci->memory_bytes / (1024.0 * 1024.0), ci->backend, ci->device);
+    if (ci->model && ci->model->version)
+        printf("  model v%llu %s", (unsigned long long)ci->model->version, ci->model->state);
+    else if (ci->model)
+        printf("  model %s", ci->model->state);
+    printf("\n");
+    if (!json_alone) return;
+    /* describe: the spaces and the model in full. */
+    printf("  spaces              ");
+    for (size_t i = 0; i < ci->n_spaces; i++)
+        printf("%s%s", i ? ", " : "", ci->spaces[i]);
+    printf("%s\n", ci->n_spaces ? "" : "(none until a model is trained)");
+    if (ci->model) print_model_text(ci->model, "  ");
 }
 
 static int parse_metric(const char *s, Affinity__V1__Metric *m)
@@ -394,6 +564,105 @@ static int parse_metric(const char *s, Affinity__V1__Metric *m)
         *m = AFFINITY__V1__METRIC__METRIC_L2;
     else
         return -1;
+    return 0;
+}
+
+/* ---- learning: parameter flags ----------------------------------------------------------- */
+
+/* The iALS parameter flags shared by `collections create` and `train`. The server checks the
+ * ranges (and names the field); here only the syntax. */
+typedef struct model_flags {
+    Affinity__V1__ModelParams msg;
+    Affinity__V1__FloatValue lambda, alpha0, nu;
+    Affinity__V1__UInt32Value cg_steps;
+    bool any;
+} model_flags;
+
+enum { OPT_FACTORS = 1200, OPT_EPOCHS, OPT_LAMBDA, OPT_ALPHA0, OPT_NU, OPT_CG_STEPS };
+
+#define MODEL_OPTIONS                                                                              \
+    {"factors", 1, 0, OPT_FACTORS}, {"epochs", 1, 0, OPT_EPOCHS}, {"lambda", 1, 0, OPT_LAMBDA},    \
+        {"alpha0", 1, 0, OPT_ALPHA0}, {"nu", 1, 0, OPT_NU},                                        \
+    {                                                                                              \
+        "cg-steps", 1, 0, OPT_CG_STEPS                                                             \
+    }
+
+#define MODEL_FLAGS_USAGE                                                                          \
+    "[--factors N] [--epochs N] [--lambda X] [--alpha0 X] [--nu X] [--cg-steps N]"
+
+static void model_flags_init(model_flags *m)
+{
+    memset(m, 0, sizeof *m);
+    affinity__v1__model_params__init(&m->msg);
+    affinity__v1__float_value__init(&m->lambda);
+    affinity__v1__float_value__init(&m->alpha0);
+    affinity__v1__float_value__init(&m->nu);
+    affinity__v1__uint32_value__init(&m->cg_steps);
+}
+
+/* Handles a model option: 1 if opt was one, 0 if not, -1 on a bad value (reported). */
+static int model_option(model_flags *m, int opt, const char *arg)
+{
+    bool bad = false;
+    switch (opt) {
+    case OPT_FACTORS:
+        /* 0 would mean "unset" on the wire: refuse it rather than silently keep the default. */
+        bad = parse_u32(arg, &m->msg.factors) || m->msg.factors == 0;
+        break;
+    case OPT_EPOCHS:
+        bad = parse_u32(arg, &m->msg.epochs) || m->msg.epochs == 0;
+        break;
+    case OPT_LAMBDA:
+        bad = parse_float(arg, &m->lambda.value);
+        m->msg.lambda = &m->lambda;
+        break;
+    case OPT_ALPHA0:
+        bad = parse_float(arg, &m->alpha0.value);
+        m->msg.alpha0 = &m->alpha0;
+        break;
+    case OPT_NU:
+        bad = parse_float(arg, &m->nu.value);
+        m->msg.nu = &m->nu;
+        break;
+    case OPT_CG_STEPS:
+        bad = parse_u32(arg, &m->cg_steps.value);
+        m->msg.cg_steps = &m->cg_steps;
+        break;
+    default:
+        return 0;
+    }
+    if (bad) {
+        const char *what = opt == OPT_FACTORS    ? "--factors"
+                           : opt == OPT_EPOCHS   ? "--epochs"
+                           : opt == OPT_CG_STEPS ? "--cg-steps"
+                                                 : "--lambda/--alpha0/--nu";
+        fprintf(stderr, "affinity: bad %s '%s'; use %s\n(see affinity --help)\n", what, arg,
+                opt == OPT_FACTORS || opt == OPT_EPOCHS ? "a positive integer"
+                : opt == OPT_CG_STEPS                   ? "an integer (0: exact solves)"
+                                                        : "a finite number");
+        return -1;
+    }
+    m->any = true;
+    return 1;
+}
+
+/* The parameters message, or NULL when no model flag was given (the server's values). */
+static Affinity__V1__ModelParams *model_flags_msg(model_flags *m)
+{
+    return m->any ? &m->msg : NULL;
+}
+
+enum { OPT_SPACE = 1300 };
+
+/* --space content|behaviour (get, similar, recommend). */
+static int parse_space(const char *s, Affinity__V1__Space *out)
+{
+    if (strcasecmp(s, "content") == 0)
+        *out = AFFINITY__V1__SPACE__SPACE_CONTENT;
+    else if (strcasecmp(s, "behaviour") == 0 || strcasecmp(s, "behavior") == 0)
+        *out = AFFINITY__V1__SPACE__SPACE_BEHAVIOUR;
+    else
+        return usage_error("bad --space '%s'; use content or behaviour", s);
     return 0;
 }
 
@@ -450,23 +719,32 @@ static int cmd_collections(cli *c, int argc, char **argv)
         return 0;
     }
     if (strcmp(sub, "create") == 0) {
-        static const struct option opts[] = {{"dim", 1, 0, 'd'},     {"metric", 1, 0, 'm'},
-                                             {"index", 1, 0, 'i'},   {"hnsw-m", 1, 0, 'M'},
-                                             {"hnsw-ef", 1, 0, 'e'}, {0, 0, 0, 0}};
+        static const struct option opts[] = {{"dim", 1, 0, 'd'},    {"dimension", 1, 0, 'd'},
+                                             {"metric", 1, 0, 'm'}, {"index", 1, 0, 'i'},
+                                             {"hnsw-m", 1, 0, 'M'}, {"hnsw-ef", 1, 0, 'e'},
+                                             MODEL_OPTIONS,         {0, 0, 0, 0}};
         Affinity__V1__CreateCollectionRequest req = AFFINITY__V1__CREATE_COLLECTION_REQUEST__INIT;
         req.metric = AFFINITY__V1__METRIC__METRIC_COSINE;
+        model_flags mf;
+        model_flags_init(&mf);
+        bool dim_set = false, metric_set = false;
         int opt;
         argc--;
         argv++; /* getopt sees "create NAME ..." */
         optind = 0;
         while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+            int mo = model_option(&mf, opt, optarg);
+            if (mo < 0) return EXIT_USAGE;
+            if (mo) continue;
             switch (opt) {
             case 'd':
                 if (parse_u32(optarg, &req.dimension)) return usage_error("bad --dim '%s'", optarg);
+                dim_set = true;
                 break;
             case 'm':
                 if (parse_metric(optarg, &req.metric))
                     return usage_error("bad --metric '%s'; use cosine, ip or l2", optarg);
+                metric_set = true;
                 break;
             case 'i':
                 if (strcmp(optarg, "flat") == 0)
@@ -487,11 +765,18 @@ static int cmd_collections(cli *c, int argc, char **argv)
                 return EXIT_USAGE;
             }
         }
-        if (optind != argc - 1 || req.dimension == 0)
-            return usage_error("usage: affinity collections create NAME --dim D [--metric "
-                               "cosine|ip|l2] [--index flat|hnsw] [--hnsw-m M] [--hnsw-ef E]%s",
-                               "");
+        if (optind != argc - 1 || !dim_set)
+            return usage_error(
+                "usage: affinity collections create NAME --dim D [--metric "
+                "cosine|ip|l2] [--index flat|hnsw] [--hnsw-m M] [--hnsw-ef E] " MODEL_FLAGS_USAGE
+                " (--dim 0: learned-only)%s",
+                "");
         req.name = argv[optind];
+        /* A learned-only collection ranks by inner product of learned factors; the server
+         * refuses an explicit cosine there, so only send a metric that was asked for. */
+        if (req.dimension == 0 && !metric_set)
+            req.metric = AFFINITY__V1__METRIC__METRIC_UNSPECIFIED;
+        req.model = model_flags_msg(&mf);
         if ((rc = call(c, TRANSPORT_METHOD_CREATE_COLLECTION, "CreateCollection", &req.base,
                        &affinity__v1__create_collection_response__descriptor, &resp)))
             return rc;
@@ -552,6 +837,14 @@ static int prepare_collection(cli *c, const char *name, uint32_t dim, Affinity__
     if (rc == 0) {
         uint32_t have = ((Affinity__V1__CollectionInfo *)resp)->dimension;
         transport_client_free(resp);
+        if (have != dim && !vec_path) {
+            fprintf(stderr,
+                    "affinity: collection %s has vectors of dimension %u; give them with "
+                    "--vectors (items without vectors need a collection created with "
+                    "--dim 0)\n",
+                    name, have);
+            return EXIT_USAGE;
+        }
         if (have != dim) {
             fprintf(stderr,
                     "affinity: %s has vectors of dimension %u but collection %s has "
@@ -571,12 +864,16 @@ static int prepare_collection(cli *c, const char *name, uint32_t dim, Affinity__
     req.name = (char *)name;
     req.dimension = dim;
     req.metric = metric;
+    /* dim 0 (learned-only) ranks by inner product of learned factors; cosine is refused. */
+    if (dim == 0 && metric == AFFINITY__V1__METRIC__METRIC_COSINE)
+        req.metric = AFFINITY__V1__METRIC__METRIC_UNSPECIFIED;
     if ((rc = call(c, TRANSPORT_METHOD_CREATE_COLLECTION, "CreateCollection", &req.base,
                    &affinity__v1__create_collection_response__descriptor, &resp)))
         return rc;
     transport_client_free(resp);
     if (!c->json)
-        fprintf(stderr, "created collection %s (dim %u, %s)\n", name, dim, metric_name(metric));
+        fprintf(stderr, "created collection %s (dim %u, %s)\n", name, dim,
+                dim ? metric_name(metric) : "learned-only");
     return 0;
 }
 
@@ -625,12 +922,17 @@ static int cmd_load(cli *c, int argc, char **argv)
             return EXIT_USAGE;
         }
     }
-    if (optind != argc - 1 || !vec_path || (!attr_path && !id_prefix))
+    /* Without --vectors, --attrs alone loads items without vectors into a learned-only
+     * collection (dimension 0). */
+    if (optind != argc - 1 || (!attr_path && !id_prefix) || (!vec_path && !attr_path) ||
+        (!vec_path && id_prefix))
         return usage_error(
             "usage: affinity load COLLECTION --vectors FILE.npy|FILE.fvecs (--attrs FILE.csv|"
             "FILE.jsonl | --id-prefix P) [--batch N] [--create [--metric cosine|ip|l2]] "
-            "[--progress|--no-progress]%s",
+            "[--progress|--no-progress], or load COLLECTION --attrs FILE (items without "
+            "vectors, for a learned-only collection)%s",
             "");
+    if (!vec_path) show_progress = 0; /* the total is not known in advance */
     const char *collection = argv[optind];
     if (show_progress < 0) show_progress = isatty(2) && !c->json;
 
@@ -646,7 +948,7 @@ static int cmd_load(cli *c, int argc, char **argv)
     ProtobufCMessage *resp = NULL;
     aff_err err = {0};
     int rc = 0;
-    if (vecfile_open(&vr, vec_path, &err) != 0) {
+    if (vec_path && vecfile_open(&vr, vec_path, &err) != 0) {
         fprintf(stderr, "affinity: %s\n", err.msg);
         rc = EXIT_USAGE;
         goto out;
@@ -656,13 +958,13 @@ static int cmd_load(cli *c, int argc, char **argv)
         rc = EXIT_USAGE;
         goto out;
     }
-    uint32_t dim = vecfile_dim(vr);
-    uint64_t total = vecfile_rows(vr);
+    uint32_t dim = vr ? vecfile_dim(vr) : 0;
+    uint64_t total = vr ? vecfile_rows(vr) : 0;
     /* Keep each message near 1 MiB whatever the dimension. */
     uint32_t per_msg = (uint32_t)((1u << 20) / ((uint64_t)dim * 4 + 256));
     if (per_msg < 1) per_msg = 1;
     if (batch > per_msg) batch = per_msg;
-    vecs = malloc((size_t)batch * dim * sizeof(float));
+    vecs = malloc(((size_t)batch * dim + 1) * sizeof(float));
     recs = calloc(batch, sizeof(attr_record));
     items = calloc(batch, sizeof(*items));
     item_ptrs = calloc(batch, sizeof(*item_ptrs));
@@ -688,17 +990,27 @@ static int cmd_load(cli *c, int argc, char **argv)
     bool send_failed = false;
     for (;;) {
         size_t n = 0;
-        if (vecfile_read(vr, vecs, batch, &n, &err) != 0) {
+        if (vr && vecfile_read(vr, vecs, batch, &n, &err) != 0) {
             fprintf(stderr, "\naffinity: %s\n", err.msg);
             rc = EXIT_USAGE;
             goto out;
+        }
+        while (!vr && n < batch) { /* no vectors: as many records as the batch holds */
+            int got = attrfile_next(ar, &recs[n], &err);
+            if (got < 0) {
+                fprintf(stderr, "\naffinity: %s\n", err.msg);
+                rc = EXIT_USAGE;
+                goto out;
+            }
+            if (got == 0) break;
+            n++;
         }
         if (n == 0) break;
         for (size_t i = 0; i < n; i++) {
             Affinity__V1__Item init = AFFINITY__V1__ITEM__INIT;
             items[i] = init;
             if (ar) {
-                int got = attrfile_next(ar, &recs[i], &err);
+                int got = vr ? attrfile_next(ar, &recs[i], &err) : 1;
                 if (got < 0) {
                     fprintf(stderr, "\naffinity: %s\n", err.msg);
                     rc = EXIT_USAGE;
@@ -745,7 +1057,7 @@ static int cmd_load(cli *c, int argc, char **argv)
             last_draw = now;
         }
     }
-    if (!send_failed && ar) {
+    if (!send_failed && ar && vr) {
         attr_record extra;
         int got = attrfile_next(ar, &extra, &err);
         if (got != 0) {
@@ -791,16 +1103,22 @@ out:
 
 static int cmd_get(cli *c, int argc, char **argv)
 {
-    static const struct option opts[] = {{"vectors", 0, 0, 'v'}, {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"vectors", 0, 0, 'v'}, {"space", 1, 0, OPT_SPACE}, {0, 0, 0, 0}};
     Affinity__V1__GetItemsRequest req = AFFINITY__V1__GET_ITEMS_REQUEST__INIT;
     int opt;
     optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
     while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (opt == OPT_SPACE) {
+            if (parse_space(optarg, &req.space)) return EXIT_USAGE;
+            continue;
+        }
         if (opt != 'v') return EXIT_USAGE;
         req.include_vectors = 1;
     }
     if (argc - optind < 2)
-        return usage_error("usage: affinity get COLLECTION ID... [--vectors]%s", "");
+        return usage_error(
+            "usage: affinity get COLLECTION ID... [--vectors [--space content|behaviour]]%s", "");
     req.collection = argv[optind];
     req.n_ids = (size_t)(argc - optind - 1);
     req.ids = argv + optind + 1;
@@ -993,7 +1311,8 @@ out:
 
 static int cmd_similar(cli *c, int argc, char **argv)
 {
-    static const struct option opts[] = {{"k", 1, 0, 'k'}, FILTER_OPTIONS, {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"k", 1, 0, 'k'}, {"space", 1, 0, OPT_SPACE}, FILTER_OPTIONS, {0, 0, 0, 0}};
     filter_args fa;
     memset(&fa, 0, sizeof(fa));
     Affinity__V1__SimilarItemsRequest req = AFFINITY__V1__SIMILAR_ITEMS_REQUEST__INIT;
@@ -1008,13 +1327,18 @@ static int cmd_similar(cli *c, int argc, char **argv)
             goto out;
         }
         if (f) continue;
+        if (opt == OPT_SPACE) {
+            if ((rc = parse_space(optarg, &req.space))) goto out;
+            continue;
+        }
         if (opt != 'k' || parse_u32(optarg, &req.k)) {
             rc = usage_error("bad option%s", "");
             goto out;
         }
     }
     if (argc - optind < 2) {
-        rc = usage_error("usage: affinity similar COLLECTION ITEM_ID... [-k K] [filter flags]%s",
+        rc = usage_error("usage: affinity similar COLLECTION ITEM_ID... [-k K] "
+                         "[--space content|behaviour] [filter flags]%s",
                          "");
         goto out;
     }
@@ -1059,6 +1383,7 @@ static int cmd_recommend(cli *c, int argc, char **argv)
                                          {"vector", 1, 0, OPT_VECTOR},
                                          {"exclude-events", 1, 0, OPT_EXCLUDE_EVENTS},
                                          {"k", 1, 0, 'k'},
+                                         {"space", 1, 0, OPT_SPACE},
                                          FILTER_OPTIONS,
                                          {0, 0, 0, 0}};
     filter_args fa;
@@ -1115,6 +1440,9 @@ static int cmd_recommend(cli *c, int argc, char **argv)
                 goto out;
             }
             break;
+        case OPT_SPACE:
+            if ((rc = parse_space(optarg, &req.space))) goto out;
+            break;
         default:
             rc = EXIT_USAGE;
             goto out;
@@ -1122,7 +1450,8 @@ static int cmd_recommend(cli *c, int argc, char **argv)
     }
     if (optind != argc - 1 || req.user_case == AFFINITY__V1__RECOMMEND_REQUEST__USER__NOT_SET) {
         rc = usage_error("usage: affinity recommend COLLECTION (--user ID | --vector V1,V2,...) "
-                         "[-k K] [--exclude-events purchase,...] [filter flags]%s",
+                         "[-k K] [--exclude-events purchase,...] [--space content|behaviour] "
+                         "[filter flags]%s",
                          "");
         goto out;
     }
@@ -1710,6 +2039,228 @@ static int cmd_user(cli *c, int argc, char **argv)
                        "");
 }
 
+/* ---- learning ------------------------------------------------------------------------------ */
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+/* Shows a running job on stderr: a bar redrawn in place on a terminal, otherwise one line each
+ * time the epoch changes. *shown: the last epoch shown (UINT32_MAX: none yet). */
+static void train_progress(const char *collection, const Affinity__V1__TrainingJob *j, double secs,
+                           bool tty, uint32_t *shown, bool final)
+{
+    if (tty) {
+        int width = 30;
+        double frac = j->epochs ? (double)j->epoch / (double)j->epochs : 0.0;
+        int fill = (int)(frac * width);
+        fprintf(stderr, "\r[");
+        for (int i = 0; i < width; i++)
+            fputc(i < fill ? '#' : ' ', stderr);
+        fprintf(stderr, "] epoch %u/%u  loss %-10.6g  %.1f s", j->epoch, j->epochs, j->loss, secs);
+        if (final) fputc('\n', stderr);
+    } else if (j->epoch != *shown) {
+        fprintf(stderr, "affinity: training %s: epoch %u/%u, loss %.6g, %.1f s\n", collection,
+                j->epoch, j->epochs, j->loss, secs);
+    }
+    *shown = j->epoch;
+    fflush(stderr);
+}
+
+/* GetModel for collection into *out (free with transport_client_free); 0 or the exit status. */
+static int get_model(cli *c, const char *collection, Affinity__V1__ModelInfo **out)
+{
+    Affinity__V1__GetModelRequest req = AFFINITY__V1__GET_MODEL_REQUEST__INIT;
+    req.collection = (char *)collection;
+    ProtobufCMessage *resp = NULL;
+    int rc = call(c, TRANSPORT_METHOD_GET_MODEL, "GetModel", &req.base,
+                  &affinity__v1__model_info__descriptor, &resp);
+    *out = (Affinity__V1__ModelInfo *)resp;
+    return rc;
+}
+
+static int cmd_train(cli *c, int argc, char **argv)
+{
+    enum { OPT_SAVE = 1, OPT_WAIT, OPT_NO_WAIT, OPT_PROGRESS, OPT_NO_PROGRESS };
+    static const struct option opts[] = {{"save", 0, 0, OPT_SAVE},
+                                         {"wait", 0, 0, OPT_WAIT},
+                                         {"no-wait", 0, 0, OPT_NO_WAIT},
+                                         {"progress", 0, 0, OPT_PROGRESS},
+                                         {"no-progress", 0, 0, OPT_NO_PROGRESS},
+                                         MODEL_OPTIONS,
+                                         {0, 0, 0, 0}};
+    Affinity__V1__TrainRequest req = AFFINITY__V1__TRAIN_REQUEST__INIT;
+    model_flags mf;
+    model_flags_init(&mf);
+    bool wait = true;
+    int show_progress = -1, opt;
+    optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        int mo = model_option(&mf, opt, optarg);
+        if (mo < 0) return EXIT_USAGE;
+        if (mo) continue;
+        switch (opt) {
+        case OPT_SAVE:
+            req.save_params = 1;
+            break;
+        case OPT_WAIT:
+            wait = true;
+            break;
+        case OPT_NO_WAIT:
+            wait = false;
+            break;
+        case OPT_PROGRESS:
+            show_progress = 1;
+            break;
+        case OPT_NO_PROGRESS:
+            show_progress = 0;
+            break;
+        default:
+            return EXIT_USAGE;
+        }
+    }
+    if (optind != argc - 1)
+        return usage_error("usage: affinity train COLLECTION " MODEL_FLAGS_USAGE
+                           " [--save] [--wait|--no-wait] [--progress|--no-progress]%s",
+                           "");
+    const char *collection = argv[optind];
+    bool tty = isatty(2);
+    if (show_progress < 0) show_progress = !(c->json && tty);
+    req.collection = (char *)collection;
+    req.params = model_flags_msg(&mf);
+
+    ProtobufCMessage *resp = NULL;
+    Affinity__V1__ModelInfo *mi = NULL;
+    double t0 = mono_s();
+    int rc = call(c, TRANSPORT_METHOD_TRAIN, "Train", &req.base,
+                  &affinity__v1__train_response__descriptor, &resp);
+    if (rc) return rc;
+    const Affinity__V1__TrainResponse *tr = (const void *)resp;
+    uint64_t job_id = tr->job_id;
+    if (tr->already_running)
+        fprintf(stderr,
+                "affinity: job #%llu was already training %s; %s it (it does not use this "
+                "call's parameters%s)\n",
+                (unsigned long long)job_id, collection, wait ? "following" : "not starting",
+                req.save_params ? "; they were saved for the next job" : "");
+    if (!wait) {
+        if (c->json) {
+            printf("{\"job_id\": %llu, \"already_running\": %s, \"model\": ",
+                   (unsigned long long)job_id, tr->already_running ? "true" : "false");
+            if (tr->model)
+                print_model_json(tr->model);
+            else
+                printf("null");
+            printf("}\n");
+        } else {
+            printf("training %s: job %llu%s\n", collection, (unsigned long long)job_id,
+                   tr->already_running ? " (already running)" : "");
+        }
+        goto out;
+    }
+    /* Poll until our job is no longer the running one. */
+    uint32_t shown = UINT32_MAX;
+    const Affinity__V1__TrainingJob *j = NULL;
+    for (;;) {
+        transport_client_free(mi ? &mi->base : NULL);
+        mi = NULL;
+        if ((rc = get_model(c, collection, &mi))) {
+            if (show_progress && tty && shown != UINT32_MAX) fputc('\n', stderr);
+            goto out;
+        }
+        j = mi->job;
+        bool ours = j && j->id == job_id;
+        if (!ours || !j->running) break;
+        if (show_progress) train_progress(collection, j, mono_s() - t0, tty, &shown, false);
+        sleep_ms(200);
+    }
+    bool ours = j && j->id == job_id;
+    if (show_progress && ours) train_progress(collection, j, mono_s() - t0, tty, &shown, true);
+    bool failed = ours && j->error && j->error[0];
+    if (c->json) {
+        print_model_json(mi);
+        printf("\n");
+    } else if (!failed) {
+        printf("trained %s: model version %llu from %llu events (%llu users, %llu items), %u "
+               "epochs, loss %.6g, %.3f s\n",
+               collection, (unsigned long long)mi->version, (unsigned long long)mi->events_used,
+               (unsigned long long)mi->users, (unsigned long long)mi->items, mi->epochs, mi->loss,
+               mi->duration_s);
+    }
+    if (failed) {
+        fprintf(stderr, "affinity: training %s (job %llu) failed: %s\n", collection,
+                (unsigned long long)job_id, j->error);
+        rc = EXIT_RPC;
+    }
+out:
+    transport_client_free(mi ? &mi->base : NULL);
+    transport_client_free(resp);
+    return rc;
+}
+
+static int cmd_model(cli *c, int argc, char **argv)
+{
+    if (argc != 3 || strcmp(argv[1], "get") != 0)
+        return usage_error("usage: affinity model get COLLECTION%s", "");
+    Affinity__V1__ModelInfo *mi = NULL;
+    int rc = get_model(c, argv[2], &mi);
+    if (rc) return rc;
+    if (c->json) {
+        print_model_json(mi);
+        printf("\n");
+    } else {
+        printf("model of %s:\n", argv[2]);
+        print_model_text(mi, "  ");
+    }
+    transport_client_free(&mi->base);
+    return 0;
+}
+
+static int cmd_segment(cli *c, int argc, char **argv)
+{
+    static const struct option opts[] = {{"k", 1, 0, 'k'}, {0, 0, 0, 0}};
+    Affinity__V1__GetSegmentRequest req = AFFINITY__V1__GET_SEGMENT_REQUEST__INIT;
+    req.k = 10;
+    int opt;
+    optind = 0; /* 0: glibc re-initializes (permuting, fresh state) */
+    while ((opt = getopt_long(argc, argv, "k:", opts, NULL)) != -1) {
+        if (opt != 'k') return EXIT_USAGE;
+        if (parse_u32(optarg, &req.k)) return usage_error("bad -k '%s'", optarg);
+    }
+    if (argc - optind < 2)
+        return usage_error("usage: affinity segment COLLECTION ITEM_ID... [-k K]%s", "");
+    req.collection = argv[optind];
+    req.n_item_ids = (size_t)(argc - optind - 1);
+    req.item_ids = argv + optind + 1;
+    ProtobufCMessage *resp = NULL;
+    int rc = call(c, TRANSPORT_METHOD_GET_SEGMENT, "GetSegment", &req.base,
+                  &affinity__v1__get_segment_response__descriptor, &resp);
+    if (rc) return rc;
+    const Affinity__V1__GetSegmentResponse *r = (const void *)resp;
+    if (c->json) {
+        printf("{\"model_version\": %llu, \"users\": [", (unsigned long long)r->model_version);
+        for (size_t i = 0; i < r->n_users; i++) {
+            printf("%s{\"user_id\": ", i ? ", " : "");
+            jstr(r->users[i]->user_id);
+            printf(", \"score\": ");
+            jfloat(r->users[i]->score);
+            printf("}");
+        }
+        printf("]}\n");
+    } else {
+        printf("model version %llu\n", (unsigned long long)r->model_version);
+        if (r->n_users == 0) printf("  (no users)\n");
+        for (size_t i = 0; i < r->n_users; i++)
+            printf("  %3zu  %-32s %10.6f\n", i + 1, r->users[i]->user_id,
+                   (double)r->users[i]->score);
+    }
+    transport_client_free(resp);
+    return 0;
+}
+
 /* ---- operations ---------------------------------------------------------------------------- */
 
 static int cmd_info(cli *c, int argc, char **argv)
@@ -1809,15 +2360,17 @@ static void usage(FILE *f)
                "commands:\n"
                "  collections list | describe NAME | drop NAME\n"
                "  collections create NAME --dim D [--metric cosine|ip|l2] [--index flat|hnsw]\n"
-               "                     [--hnsw-m M] [--hnsw-ef E]\n"
+               "                     [--hnsw-m M] [--hnsw-ef E] [model flags]\n"
+               "                     (--dim 0: learned-only, vectors learned from events)\n"
                "  load COLLECTION --vectors F.npy|F.fvecs (--attrs F.csv|F.jsonl | --id-prefix P)\n"
                "       [--batch N] [--create [--metric M]] [--progress|--no-progress]\n"
-               "  get COLLECTION ID... [--vectors]\n"
+               "  load COLLECTION --attrs F.csv|F.jsonl   items without vectors (learned-only)\n"
+               "  get COLLECTION ID... [--vectors [--space content|behaviour]]\n"
                "  delete COLLECTION ID...\n"
                "  search COLLECTION (--vector V1,V2,... | --vectors FILE [--limit N]) [-k K]\n"
-               "  similar COLLECTION ITEM_ID... [-k K]\n"
+               "  similar COLLECTION ITEM_ID... [-k K] [--space content|behaviour]\n"
                "  recommend COLLECTION (--user ID | --vector V1,V2,...) [-k K]\n"
-               "            [--exclude-events purchase,cart,...]\n"
+               "            [--exclude-events purchase,cart,...] [--space content|behaviour]\n"
                "  rerank COLLECTION (--user ID | --vector V...) --candidates ID[:SCORE],...\n"
                "         [--weight W]\n"
                "  events COLLECTION USER TYPE:ITEM_ID...   (view, click, cart, purchase,\n"
@@ -1826,12 +2379,22 @@ static void usage(FILE *f)
                "         [--progress|--no-progress]   history in bulk; exit 1 if rows were\n"
                "                                      rejected, 2 if lines were malformed\n"
                "  user get COLLECTION USER | user delete [COLLECTION] USER\n"
+               "  train COLLECTION [model flags] [--save] [--wait|--no-wait]\n"
+               "        [--progress|--no-progress]   learn the model (iALS) from the events;\n"
+               "                                     waits and shows epochs unless --no-wait;\n"
+               "                                     exit 1 if the job failed\n"
+               "  model get COLLECTION  the model: state, version, training job, parameters\n"
+               "  segment COLLECTION ITEM_ID... [-k K]   shoppers most drawn to the items\n"
                "  info                  server version, backend, batching statistics\n"
                "  health [SERVICE]      grpc.health.v1 check; exit 0 only when SERVING\n"
                "\n"
                "filter flags (search, similar, recommend): --category C, --tag T (repeatable,\n"
                "any-of), --price-min P, --price-max P, --available-only, --exclude ID\n"
                "(repeatable)\n"
+               "\n"
+               "model flags (collections create, train): --factors N (8..512), --epochs N,\n"
+               "--lambda X, --alpha0 X, --nu X, --cg-steps N (0: exact solves); train --save\n"
+               "also makes them the collection's parameters\n"
                "\n"
                "exit status: 0 ok, 1 the call failed (message on stderr), 2 bad usage or input\n");
 }
@@ -1852,6 +2415,9 @@ static const command commands[] = {
     {"rerank", cmd_rerank},
     {"events", cmd_events},
     {"user", cmd_user},
+    {"train", cmd_train},
+    {"model", cmd_model},
+    {"segment", cmd_segment},
     {"info", cmd_info},
     {"health", cmd_health},
 };

@@ -493,6 +493,266 @@ Test(cli, events_import_csv_and_jsonl_with_line_numbers)
     free(out);
 }
 
+/* ---- learning: train, model get, segment, --space ------------------------------------------- */
+
+/* The text of a file (the CLI's stderr log); the caller frees it. */
+static char *read_text(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    cr_assert_not_null(f, "cannot open %s", path);
+    size_t cap = 4096, len = 0, n;
+    char *out = malloc(cap);
+    while ((n = fread(out + len, 1, cap - len - 1, f)) > 0) {
+        len += n;
+        if (cap - len < 1024) {
+            cap *= 2;
+            out = realloc(out, cap);
+        }
+    }
+    out[len] = '\0';
+    fclose(f);
+    return out;
+}
+
+/* A learned-only collection "learned" of items li-0..li-7 without vectors, and the events of
+ * two groups of shoppers: u0..u2 use li-0..li-3, u3..u5 use li-4..li-7. */
+static void learned_shop(void)
+{
+    jsonv *v = cli_json(0, "collections create learned --dim 0 --factors 8 --epochs 4");
+    cr_assert_eq(num(v, "dimension"), 0);
+    cr_assert_eq(jsonv_get(v, "spaces")->n, 0);
+    const jsonv *m = jsonv_get(v, "model");
+    cr_assert_str_eq(str(m, "state"), "none");
+    cr_assert_eq(num(jsonv_get(m, "next_params"), "factors"), 8);
+    cr_assert_eq(num(jsonv_get(m, "next_params"), "epochs"), 4);
+    jsonv_free(v);
+    FILE *f = fopen(path_in("litems.csv"), "w");
+    fprintf(f, "id,category\n");
+    for (int i = 0; i < 8; i++)
+        fprintf(f, "li-%d,g%d\n", i, i / 4);
+    fclose(f);
+    char args[1024];
+    snprintf(args, sizeof(args), "load learned --attrs %s", path_in("litems.csv"));
+    v = cli_json(0, args);
+    cr_assert_eq(num(v, "upserted"), 8);
+    jsonv_free(v);
+    f = fopen(path_in("levents.csv"), "w");
+    fprintf(f, "user_id,item_id,type\n");
+    for (int u = 0; u < 6; u++)
+        for (int i = 0; i < 4; i++)
+            fprintf(f, "u%d,li-%d,%s\n", u, (u / 3) * 4 + i, i == 0 ? "purchase" : "view");
+    fclose(f);
+    snprintf(args, sizeof(args), "events import learned %s", path_in("levents.csv"));
+    v = cli_json(0, args);
+    cr_assert_eq(num(v, "applied"), 24);
+    jsonv_free(v);
+}
+
+Test(cli, train_model_get_recommend_segment)
+{
+    learned_shop();
+    /* Items with vectors are refused by a learned-only collection; items without vectors by a
+     * content one, before anything is sent. */
+    int status;
+    char *out = run_cli(&status, "load learned --vectors %s --attrs %s", path_in("items.npy"),
+                        path_in("items.csv"));
+    cr_assert_eq(status, 2, "%s", out);
+    free(out);
+    jsonv *c4 = cli_json(0, "collections create four --dim 4");
+    jsonv_free(c4);
+    out = run_cli(&status, "load four --attrs %s", path_in("litems.csv"));
+    cr_assert_eq(status, 2, "%s", out);
+    free(out);
+
+    /* Train and wait: the model's facts on stdout, the epochs on stderr (not a terminal). */
+    out = run_cli(&status, "train learned --wait");
+    cr_assert_eq(status, 0, "%s", out);
+    cr_assert(strstr(out, "trained learned: model version 1 from 24 events (6 users, 8 items), 4 "
+                          "epochs"),
+              "%s", out);
+    free(out);
+    char *err = read_text(path_in("cli.err"));
+    cr_assert(strstr(err, "affinity: training learned: epoch 4/4, loss "), "%s", err);
+    free(err);
+
+    jsonv *v = cli_json(0, "model get learned");
+    cr_assert_str_eq(str(v, "state"), "ready");
+    cr_assert_eq(num(v, "version"), 1);
+    cr_assert_eq(num(v, "events_used"), 24);
+    cr_assert_eq(num(v, "users"), 6);
+    cr_assert_eq(num(v, "items"), 8);
+    cr_assert_eq(num(v, "epochs"), 4);
+    cr_assert_eq(num(jsonv_get(v, "params"), "factors"), 8);
+    cr_assert_eq(num(v, "events_since_train"), 0);
+    const char *when = str(v, "trained_at"); /* ISO-8601 UTC, e.g. 2026-11-30T07:41:02.123Z */
+    cr_assert(strlen(when) == 24 && when[4] == '-' && when[10] == 'T' && when[23] == 'Z', "%s",
+              when);
+    const jsonv *job = jsonv_get(v, "job");
+    cr_assert_eq(jsonv_get(job, "running")->boolean, false);
+    cr_assert_eq(jsonv_get(job, "error")->type, JSONV_NULL);
+    cr_assert_eq(num(job, "epoch"), 4);
+    jsonv_free(v);
+    out = run_cli(&status, "model get learned");
+    cr_assert_eq(status, 0);
+    cr_assert(strstr(out, "state               ready") && strstr(out, "version             1") &&
+                  strstr(out, "factors             8"),
+              "%s", out);
+    free(out);
+
+    /* Describe shows the behaviour space and the model. */
+    v = cli_json(0, "collections describe learned");
+    const jsonv *spaces = jsonv_get(v, "spaces");
+    cr_assert_eq(spaces->n, 1);
+    cr_assert_str_eq(jsonv_at(spaces, 0)->string, "behaviour");
+    cr_assert_str_eq(str(jsonv_get(v, "model"), "state"), "ready");
+    jsonv_free(v);
+    out = run_cli(&status, "collections describe learned");
+    cr_assert_eq(status, 0);
+    cr_assert(strstr(out, "model v1 ready") && strstr(out, "spaces              behaviour"), "%s",
+              out);
+    free(out);
+
+    /* Serving from the model. */
+    v = cli_json(0, "recommend learned --user u0 -k 3");
+    cr_assert_str_eq(str(v, "source"), "model");
+    cr_assert_gt(jsonv_get(v, "hits")->n, 0);
+    jsonv_free(v);
+    out = run_cli(&status, "recommend learned --user u4 -k 2 --space behaviour");
+    cr_assert_eq(status, 0);
+    cr_assert(strstr(out, "source: model"), "%s", out);
+    free(out);
+    v = cli_json(0, "similar learned li-0 -k 3 --space behaviour");
+    const jsonv *hits = jsonv_get(jsonv_at(jsonv_get(v, "results"), 0), "hits");
+    cr_assert_eq(hits->n, 3);
+    for (size_t i = 0; i < hits->n; i++)
+        cr_assert_str_neq(str(jsonv_at(hits, i), "id"), "li-0");
+    jsonv_free(v);
+    out = run_cli(&status, "similar learned li-0 --space sideways");
+    cr_assert_eq(status, 2);
+    free(out);
+
+    /* Segment: the shoppers of li-0 and li-1 (u0..u2) come first. */
+    v = cli_json(0, "segment learned li-0 li-1 -k 3");
+    cr_assert_eq(num(v, "model_version"), 1);
+    const jsonv *users = jsonv_get(v, "users");
+    cr_assert_eq(users->n, 3);
+    for (size_t i = 0; i < users->n; i++) {
+        const char *u = str(jsonv_at(users, i), "user_id");
+        cr_assert(strcmp(u, "u0") == 0 || strcmp(u, "u1") == 0 || strcmp(u, "u2") == 0,
+                  "segment of li-0, li-1 ranks %s at %zu", u, i);
+        if (i)
+            cr_assert_leq(num(jsonv_at(users, i), "score"), num(jsonv_at(users, i - 1), "score"));
+    }
+    jsonv_free(v);
+    out = run_cli(&status, "segment learned li-5 -k 1");
+    cr_assert_eq(status, 0);
+    cr_assert(strstr(out, "model version 1") &&
+                  (strstr(out, " u3 ") || strstr(out, " u4 ") || strstr(out, " u5 ")),
+              "%s", out);
+    free(out);
+    v = cli_json(1, "segment learned nope");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "NOT_FOUND");
+    jsonv_free(v);
+
+    /* --no-wait returns the job; a waiting call then follows a running job or starts one. */
+    v = cli_json(0, "train learned --no-wait --epochs 2");
+    cr_assert_gt(num(v, "job_id"), 0);
+    jsonv_free(v);
+    v = cli_json(0, "train learned --epochs 3 --save");
+    cr_assert_str_eq(str(v, "state"), "ready");
+    cr_assert_geq(num(v, "version"), 2);
+    cr_assert_eq(jsonv_get(jsonv_get(v, "job"), "running")->boolean, false);
+    jsonv_free(v);
+}
+
+Test(cli, train_errors)
+{
+    learned_shop();
+    /* The server's range check, naming the field; nothing trained. */
+    jsonv *v = cli_json(1, "train learned --factors 3");
+    const jsonv *e = jsonv_get(v, "error");
+    cr_assert_str_eq(str(e, "name"), "INVALID_ARGUMENT");
+    cr_assert(strstr(str(e, "message"), "params.factors"), "%s", str(e, "message"));
+    jsonv_free(v);
+    v = cli_json(0, "model get learned");
+    cr_assert_str_eq(str(v, "state"), "none");
+    cr_assert_eq(num(v, "version"), 0);
+    jsonv_free(v);
+    v = cli_json(1, "collections create bad --dim 0 --factors 1000");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "INVALID_ARGUMENT");
+    cr_assert(strstr(str(jsonv_get(v, "error"), "message"), "factors"), "%s",
+              str(jsonv_get(v, "error"), "message"));
+    jsonv_free(v);
+    /* Unknown collection. */
+    v = cli_json(1, "train nowhere");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "NOT_FOUND");
+    jsonv_free(v);
+    v = cli_json(1, "model get nowhere");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "NOT_FOUND");
+    jsonv_free(v);
+    /* No events yet: FAILED_PRECONDITION, exit 1, the reason on stderr. */
+    v = cli_json(0, "collections create empty --dim 0");
+    jsonv_free(v);
+    int status;
+    char *out = run_cli(&status, "train empty");
+    cr_assert_eq(status, 1, "%s", out);
+    free(out);
+    char *err = read_text(path_in("cli.err"));
+    cr_assert(strstr(err, "Train failed: FAILED_PRECONDITION") && strstr(err, "no events"), "%s",
+              err);
+    free(err);
+    v = cli_json(1, "segment learned li-0");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "FAILED_PRECONDITION");
+    jsonv_free(v);
+    /* A job that fails (its events' items were deleted after Train accepted them): exit 1, the
+     * final ModelInfo with the job's error. */
+    v = cli_json(0, "collections create gone --dim 0");
+    jsonv_free(v);
+    write_file("gone.csv", "id\nx1\nx2\n");
+    out = run_cli(&status, "load gone --attrs %s", path_in("gone.csv"));
+    cr_assert_eq(status, 0, "%s", out);
+    free(out);
+    v = cli_json(0, "events gone shopper view:x1 view:x2");
+    jsonv_free(v);
+    v = cli_json(0, "delete gone x1 x2");
+    jsonv_free(v);
+    v = cli_json(1, "train gone");
+    cr_assert_str_eq(str(v, "state"), "failed");
+    cr_assert_eq(num(v, "version"), 0);
+    cr_assert(strstr(str(jsonv_get(v, "job"), "error"), "no events on its items"), "%s",
+              str(jsonv_get(v, "job"), "error"));
+    jsonv_free(v);
+    out = run_cli(&status, "train gone");
+    cr_assert_eq(status, 1, "%s", out);
+    free(out);
+    err = read_text(path_in("cli.err"));
+    cr_assert(strstr(err, "affinity: training gone (job ") && strstr(err, ") failed: collection"),
+              "%s", err);
+    free(err);
+    /* Bad flags: usage errors, exit 2, nothing sent. */
+    const char *bad[] = {"train learned --factors abc",
+                         "train learned --factors 0",
+                         "train learned --lambda x",
+                         "train learned --cg-steps -1",
+                         "train learned --bogus",
+                         "train",
+                         "train a b",
+                         "model get",
+                         "model put learned",
+                         "segment learned",
+                         "segment learned li-0 -k x",
+                         "recommend learned --user u0 --space x",
+                         "collections create x --dim 0 --epochs y"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        out = run_cli(&status, "%s", bad[i]);
+        cr_assert_eq(status, 2, "affinity %s: exit %d", bad[i], status);
+        free(out);
+    }
+    v = cli_json(0, "model get learned");
+    cr_assert_eq(num(v, "version"), 0);
+    jsonv_free(v);
+}
+
 /* TLS with a self-signed certificate (made with openssl) and a bearer token. */
 static char tls_dir[64];
 
