@@ -737,6 +737,11 @@ static bool filter_passes(const aff_filter *f, const store_item_record *r)
             any = any_of(r->tags[i], f->tags, f->n_tags);
         if (!any) return false;
     }
+    if (f->n_exclude_categories && r->category[0] &&
+        any_of(r->category, f->exclude_categories, f->n_exclude_categories))
+        return false;
+    for (uint32_t i = 0; i < r->n_tags && f->n_exclude_tags; i++)
+        if (any_of(r->tags[i], f->exclude_tags, f->n_exclude_tags)) return false;
     return true;
 }
 
