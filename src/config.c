@@ -107,6 +107,11 @@ static const opt_def opts[] = {
     {"history-length", U32(history_length, 1, 100000), .def = "500",
      .help = "recent events kept per user and collection, 1..100000 (exclusions by event "
              "type cover all time regardless)"},
+    /* ---- pipeline ---- */
+    {"serving-config", STR(serving_config), .def = "",
+     .help = "JSON file of named rule presets (boosts, pins, promotions, caps, diversity, "
+             "exploration) that requests select with `preset`; re-read when it changes "
+             "(checked at most once a second); empty: none"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",

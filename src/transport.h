@@ -25,6 +25,7 @@
 #include "catalog.h"
 #include "engine.h"
 #include "metrics.h"
+#include "pipeline.h"
 #include "profiles.h"
 #include "status.h"
 
@@ -42,6 +43,7 @@ typedef struct transport_config {
     aff_catalog *catalog;   /* durable catalog writes; GetServerInfo.persistent; borrowed */
     aff_profiles *profiles; /* events and profiles; borrowed */
     aff_metrics *metrics;   /* per-call counters and latencies; NULL: none; borrowed */
+    aff_pipeline *pipeline; /* the recommendation pipeline serving calls use; borrowed */
 } transport_config;
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad
