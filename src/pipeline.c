@@ -35,7 +35,11 @@ typedef struct preset_set {
     size_t n;
     char **names;          /* point into tree */
     pipeline_rules *rules; /* n */
-    void **allocs;         /* arrays built from the tree */
+    size_t n_layouts;
+    char **layout_names;     /* point into tree */
+    pipeline_slot **layouts; /* n_layouts arrays of layout_sizes[i] slots */
+    uint32_t *layout_sizes;
+    void **allocs; /* arrays built from the tree */
     size_t n_allocs, cap_allocs;
 } preset_set;
 
@@ -58,6 +62,9 @@ static void preset_set_unref(preset_set *s)
     free(s->allocs);
     free(s->names);
     free(s->rules);
+    free(s->layout_names);
+    free(s->layouts);
+    free(s->layout_sizes);
     jsonv_free(s->tree);
     free(s);
 }
@@ -237,6 +244,59 @@ static int json_rules(preset_set *s, const jsonv *v, const char *field, pipeline
     return pipeline_validate_rules(r, AFF_MAX_K, field, err);
 }
 
+/* "layouts": {name: [slot, ...]}; a slot's preset must name a preset of the same file. */
+static int json_layouts(preset_set *s, const jsonv *v, const char *path, aff_err *err)
+{
+    if (v->type != JSONV_OBJECT)
+        return aff__fail(err, AFF_EINVAL, "presets file %s: layouts must be an object", path);
+    s->n_layouts = v->n;
+    s->layout_names = calloc(v->n ? v->n : 1, sizeof *s->layout_names);
+    s->layouts = calloc(v->n ? v->n : 1, sizeof *s->layouts);
+    s->layout_sizes = calloc(v->n ? v->n : 1, sizeof *s->layout_sizes);
+    if (!s->layout_names || !s->layouts || !s->layout_sizes)
+        return aff__fail(err, AFF_ENOMEM, "out of memory reading presets");
+    for (size_t i = 0; i < v->n; i++) {
+        const jsonv *a = &v->items[i];
+        s->layout_names[i] = v->keys[i];
+        if (a->type != JSONV_ARRAY || a->n < 1 || a->n > PIPELINE_MAX_SLOTS)
+            return aff__fail(err, AFF_EINVAL,
+                             "presets file %s: layouts.%s must be an array of 1..%d slots", path,
+                             v->keys[i], PIPELINE_MAX_SLOTS);
+        pipeline_slot *slots = set_alloc(s, a->n, sizeof *slots);
+        aff_filter *filters = set_alloc(s, a->n, sizeof *filters);
+        if (!slots || !filters) return aff__fail(err, AFF_ENOMEM, "out of memory reading presets");
+        for (size_t j = 0; j < a->n; j++) {
+            const jsonv *sl = &a->items[j];
+            char field[PIPELINE_MAX_NAME_LEN + 64];
+            snprintf(field, sizeof field, "layouts.%s[%zu]", v->keys[i], j);
+            const jsonv *name = jsonv_get(sl, "name"), *coll = jsonv_get(sl, "collection"),
+                        *k = jsonv_get(sl, "k"), *preset = jsonv_get(sl, "preset");
+            if (!name || name->type != JSONV_STRING || !coll || coll->type != JSONV_STRING || !k ||
+                k->type != JSONV_NUMBER || (preset && preset->type != JSONV_STRING))
+                return aff__fail(err, AFF_EINVAL,
+                                 "presets file %s: %s needs name, collection (strings), k (a "
+                                 "number) and optionally preset (a string) and filter",
+                                 path, field);
+            char sub[PIPELINE_MAX_NAME_LEN + 80];
+            snprintf(sub, sizeof sub, "%s.filter", field);
+            int rc = json_filter(s, jsonv_get(sl, "filter"), sub, &filters[j], err);
+            if (rc) return rc;
+            slots[j] = (pipeline_slot){
+                .name = name->string,
+                .collection = coll->string,
+                .k = k->number >= 1 && k->number <= AFF_MAX_K ? (uint32_t)k->number : 0,
+                .filter = &filters[j],
+                .preset = preset ? preset->string : NULL};
+            if (!slots[j].k)
+                return aff__fail(err, AFF_EINVAL, "presets file %s: %s.k must be 1..%d", path,
+                                 field, AFF_MAX_K);
+        }
+        s->layouts[i] = slots;
+        s->layout_sizes[i] = (uint32_t)a->n;
+    }
+    return AFF_OK;
+}
+
 static int presets_load(const char *path, preset_set **out, struct timespec *mtime, aff_err *err)
 {
     *out = NULL;
@@ -298,6 +358,8 @@ static int presets_load(const char *path, preset_set **out, struct timespec *mti
             goto out;
         }
     }
+    const jsonv *layouts = jsonv_get(s->tree, "layouts");
+    if (layouts && (rc = json_layouts(s, layouts, path, err))) goto out;
 out:
     if (rc)
         preset_set_unref(s);
@@ -1465,11 +1527,303 @@ int pipeline_start(aff_pipeline *p, const pipeline_request *req, int64_t deadlin
         return AFF_OK;
     }
     j->br.deadline_ns = deadline_ns;
+    *out = j; /* published first: done may run before batcher_submit returns */
     if ((rc = batcher_submit(p->batcher, &j->br, err))) {
+        *out = NULL;
         pipeline_job_destroy(j);
         return rc;
     }
-    *out = j;
     *pending = true;
     return AFF_OK;
+}
+
+/* ---- pages --------------------------------------------------------------------------------- */
+
+/* Slots of different collections run at once; slots of one collection run one after another,
+ * each excluding the items its collection's earlier slots show, so no item appears twice and
+ * every slot still fills. */
+struct pipeline_page {
+    pipeline_page_output out; /* first: what the caller reads */
+    aff_pipeline *p;
+    const pipeline_page_request *req;
+    pipeline_page_done_fn done;
+    void *user;
+    int64_t deadline_ns;
+    preset_set *presets; /* while the layout's slots are borrowed */
+    const pipeline_slot *slots;
+    uint32_t n;
+    pipeline_request *reqs; /* per slot */
+    aff_filter *filters;    /* per slot: its filter plus the page's earlier items */
+    const char **excl;      /* the exclusion lists, slot s at excl + excl_off[s] */
+    size_t *excl_off;
+    struct page_slot_ref {
+        pipeline_page *pg;
+        uint32_t slot;
+    } * refs;              /* per slot: the completion's context */
+    pipeline_rules *rules; /* per slot: its rules less pins of items shown earlier */
+    pipeline_pin *pins;    /* per slot, PIPELINE_MAX_PINS */
+    pipeline_job **jobs;
+    pipeline_hit *hits; /* per slot, k of the slot */
+    pipeline_hit **hit_ptrs;
+    uint32_t *n_hits;
+    pipeline_source *sources;
+    atomic_int remaining; /* slots not finished, plus one while starting */
+    pthread_mutex_t mu;   /* guards out.status / out.err */
+};
+
+const pipeline_page_output *pipeline_page_output_of(const pipeline_page *page)
+{
+    return &page->out;
+}
+
+void pipeline_page_destroy(pipeline_page *pg)
+{
+    if (!pg) return;
+    for (uint32_t i = 0; pg->jobs && i < pg->n; i++)
+        pipeline_job_destroy(pg->jobs[i]);
+    preset_set_unref(pg->presets);
+    pthread_mutex_destroy(&pg->mu);
+    free(pg->reqs);
+    free(pg->filters);
+    free(pg->excl);
+    free(pg->excl_off);
+    free(pg->refs);
+    free(pg->rules);
+    free(pg->pins);
+    free(pg->jobs);
+    free(pg->hits);
+    free(pg->hit_ptrs);
+    free(pg->n_hits);
+    free(pg->sources);
+    free(pg);
+}
+
+static void page_fail(pipeline_page *pg, uint32_t slot, const aff_err *e)
+{
+    pthread_mutex_lock(&pg->mu);
+    if (pg->out.status == AFF_OK) {
+        pg->out.status = e->code ? e->code : AFF_EINTERNAL;
+        aff__fail(&pg->out.err, pg->out.status, "slots[%u] (%.64s): %s", slot,
+                  pg->slots[slot].name ? pg->slots[slot].name : "", e->msg);
+    }
+    pthread_mutex_unlock(&pg->mu);
+}
+
+static bool same_collection(const pipeline_page *pg, uint32_t a, uint32_t b)
+{
+    return strcmp(pg->slots[a].collection, pg->slots[b].collection) == 0;
+}
+
+static bool page_shows(const pipeline_page *pg, uint32_t before, uint32_t slot, const char *id)
+{
+    for (uint32_t e = 0; e < before; e++) {
+        if (!same_collection(pg, e, slot)) continue;
+        for (uint32_t t = 0; t < pg->n_hits[e]; t++)
+            if (strcmp(pg->hit_ptrs[e][t].id, id) == 0) return true;
+    }
+    return false;
+}
+
+static void page_run_slot(pipeline_page *pg, uint32_t s);
+
+/* Slot s finished (or failed to start): keep its hits, start the next slot of its collection,
+ * and finish the page when it was the last. Returns true when this call finished the page. */
+static bool page_slot_finished(pipeline_page *pg, uint32_t s)
+{
+    const pipeline_output *o = pg->jobs[s] ? pipeline_job_output(pg->jobs[s]) : NULL;
+    if (o && o->status) page_fail(pg, s, &o->err);
+    if (o && !o->status) {
+        uint32_t m = 0;
+        for (uint32_t i = 0; i < o->n_hits[0] && m < pg->slots[s].k; i++)
+            if (!page_shows(pg, s, s, o->hits[0][i].id)) /* pins of an item shown earlier */
+                pg->hit_ptrs[s][m++] = o->hits[0][i];
+        pg->n_hits[s] = m;
+        pg->sources[s] = o->source;
+    }
+    for (uint32_t next = s + 1; next < pg->n; next++) {
+        if (!same_collection(pg, s, next)) continue;
+        page_run_slot(pg, next);
+        break;
+    }
+    return atomic_fetch_sub(&pg->remaining, 1) == 1;
+}
+
+static void page_slot_done(pipeline_job *job, void *user)
+{
+    (void)job;
+    struct page_slot_ref *ref = user;
+    pipeline_page *pg = ref->pg;
+    if (page_slot_finished(pg, ref->slot)) pg->done(pg, pg->user);
+}
+
+/* Starts slot s with the items its collection's earlier slots show excluded. */
+static void page_run_slot(pipeline_page *pg, uint32_t s)
+{
+    const pipeline_slot *sl = &pg->slots[s];
+    aff_filter *f = &pg->filters[s];
+    if (sl->filter)
+        *f = *sl->filter;
+    else
+        aff_filter_init(f);
+    const char **ex = pg->excl + pg->excl_off[s];
+    uint32_t n = 0;
+    for (uint32_t i = 0; sl->filter && i < sl->filter->n_exclude_ids; i++)
+        ex[n++] = sl->filter->exclude_ids[i];
+    for (uint32_t e = 0; e < s; e++) {
+        if (!same_collection(pg, e, s)) continue;
+        for (uint32_t t = 0; t < pg->n_hits[e]; t++)
+            ex[n++] = pg->hit_ptrs[e][t].id;
+    }
+    f->exclude_ids = ex;
+    f->n_exclude_ids = n;
+    const pipeline_rules *rules = sl->rules;
+    if (rules && rules->n_pins) { /* an item shown earlier is not pinned again */
+        pipeline_rules *r = &pg->rules[s];
+        pipeline_pin *pins = pg->pins + (size_t)s * PIPELINE_MAX_PINS;
+        *r = *rules;
+        r->n_pins = 0;
+        for (uint32_t i = 0; i < rules->n_pins; i++)
+            if (!page_shows(pg, s, s, rules->pins[i].item_id)) pins[r->n_pins++] = rules->pins[i];
+        r->pins = pins;
+        rules = r;
+    }
+    pg->reqs[s] = (pipeline_request){.kind = PIPELINE_RECOMMEND,
+                                     .collection = sl->collection,
+                                     .user_id = pg->req->user_id,
+                                     .k = sl->k,
+                                     .filter = f,
+                                     .exclude_event_types = pg->req->exclude_event_types,
+                                     .n_exclude_event_types = pg->req->n_exclude_event_types,
+                                     .preset = sl->preset,
+                                     .rules = rules};
+    bool pending = false;
+    aff_err err;
+    /* pipeline_start publishes the job in pg->jobs[s] before it can complete. */
+    int rc = pipeline_start(pg->p, &pg->reqs[s], pg->deadline_ns, page_slot_done, &pg->refs[s],
+                            &pg->jobs[s], &pending, &err);
+    if (rc) page_fail(pg, s, &err);
+    if (rc || !pending) {
+        if (page_slot_finished(pg, s)) pg->done(pg, pg->user);
+    }
+}
+
+static int find_layout(pipeline_page *pg, const char *name, aff_err *err)
+{
+    pg->presets = presets_acquire(pg->p);
+    for (size_t i = 0; pg->presets && i < pg->presets->n_layouts; i++) {
+        if (strcmp(pg->presets->layout_names[i], name) == 0) {
+            pg->slots = pg->presets->layouts[i];
+            pg->n = pg->presets->layout_sizes[i];
+            return AFF_OK;
+        }
+    }
+    return aff__fail(err, AFF_EINVAL,
+                     "layout \"%.64s\" is unknown; layouts are configured in the serving config "
+                     "(--serving-config)",
+                     name);
+}
+
+int pipeline_page_start(aff_pipeline *p, const pipeline_page_request *req, int64_t deadline_ns,
+                        pipeline_page_done_fn done, void *user, pipeline_page **out, bool *pending,
+                        aff_err *err)
+{
+    *out = NULL;
+    *pending = false;
+    pipeline_page *pg = calloc(1, sizeof *pg);
+    if (!pg) return aff__fail(err, AFF_ENOMEM, "out of memory preparing the page");
+    pthread_mutex_init(&pg->mu, NULL);
+    pg->p = p;
+    pg->req = req;
+    pg->done = done;
+    pg->user = user;
+    pg->deadline_ns = deadline_ns;
+    pg->slots = req->slots;
+    pg->n = req->n_slots;
+    recommendation_id(pg->out.recommendation_id);
+    int rc = AFF_OK;
+    if (!req->user_id || !req->user_id[0]) {
+        rc = aff__fail(err, AFF_EINVAL, "user_id is required: whose page is it?");
+        goto fail;
+    }
+    if (!pg->n && req->layout && req->layout[0] && (rc = find_layout(pg, req->layout, err)))
+        goto fail;
+    if (pg->n < 1 || pg->n > PIPELINE_MAX_SLOTS) {
+        rc = aff__fail(err, AFF_EINVAL, "%u slots; a page has 1..%d (set slots or layout)", pg->n,
+                       PIPELINE_MAX_SLOTS);
+        goto fail;
+    }
+    size_t total_k = 0, total_ex = 0;
+    if (!(pg->excl_off = calloc(pg->n, sizeof *pg->excl_off))) goto nomem;
+    for (uint32_t s = 0; s < pg->n; s++) {
+        const pipeline_slot *sl = &pg->slots[s];
+        size_t len = sl->name ? strnlen(sl->name, PIPELINE_MAX_NAME_LEN + 1) : 0;
+        if (len < 1 || len > PIPELINE_MAX_NAME_LEN) {
+            rc = aff__fail(err, AFF_EINVAL, "slots[%u].name must be 1..%d bytes", s,
+                           PIPELINE_MAX_NAME_LEN);
+            goto fail;
+        }
+        if (!sl->collection || !sl->collection[0]) {
+            rc = aff__fail(err, AFF_EINVAL, "slots[%u].collection is required", s);
+            goto fail;
+        }
+        if (sl->k < 1 || sl->k > AFF_MAX_K) {
+            rc = aff__fail(err, AFF_EINVAL, "slots[%u].k = %u is out of range 1..%d", s, sl->k,
+                           AFF_MAX_K);
+            goto fail;
+        }
+        char field[32];
+        snprintf(field, sizeof field, "slots[%u].rules", s);
+        if ((rc = pipeline_validate_rules(sl->rules, sl->k, field, err))) goto fail;
+        total_k += sl->k;
+        pg->excl_off[s] = total_ex;
+        total_ex += sl->filter ? sl->filter->n_exclude_ids : 0;
+        for (uint32_t e = 0; e < s; e++)
+            if (strcmp(pg->slots[e].collection, sl->collection) == 0) total_ex += pg->slots[e].k;
+    }
+    pg->reqs = calloc(pg->n, sizeof *pg->reqs);
+    pg->filters = calloc(pg->n, sizeof *pg->filters);
+    pg->excl = calloc(total_ex ? total_ex : 1, sizeof *pg->excl);
+    pg->refs = calloc(pg->n, sizeof *pg->refs);
+    pg->rules = calloc(pg->n, sizeof *pg->rules);
+    pg->pins = calloc((size_t)pg->n * PIPELINE_MAX_PINS, sizeof *pg->pins);
+    pg->jobs = calloc(pg->n, sizeof *pg->jobs);
+    pg->hits = calloc(total_k, sizeof *pg->hits);
+    pg->hit_ptrs = calloc(pg->n, sizeof *pg->hit_ptrs);
+    pg->n_hits = calloc(pg->n, sizeof *pg->n_hits);
+    pg->sources = calloc(pg->n, sizeof *pg->sources);
+    if (!pg->reqs || !pg->filters || !pg->excl || !pg->refs || !pg->rules || !pg->pins ||
+        !pg->jobs || !pg->hits || !pg->hit_ptrs || !pg->n_hits || !pg->sources)
+        goto nomem;
+    size_t off = 0;
+    for (uint32_t s = 0; s < pg->n; s++) {
+        pg->refs[s] = (struct page_slot_ref){pg, s};
+        pg->hit_ptrs[s] = pg->hits + off;
+        off += pg->slots[s].k;
+    }
+    pg->out.n_slots = pg->n;
+    pg->out.slots = pg->slots;
+    pg->out.hits = (const pipeline_hit *const *)pg->hit_ptrs;
+    pg->out.n_hits = pg->n_hits;
+    pg->out.sources = pg->sources;
+    atomic_init(&pg->remaining, (int)pg->n + 1);
+    /* The first slot of each collection starts now; each finished slot starts the next one of
+     * its collection. */
+    for (uint32_t s = 0; s < pg->n; s++) {
+        bool first = true;
+        for (uint32_t e = 0; e < s && first; e++)
+            first = strcmp(pg->slots[e].collection, pg->slots[s].collection) != 0;
+        if (first) page_run_slot(pg, s);
+    }
+    if (atomic_fetch_sub(&pg->remaining, 1) != 1) {
+        *out = pg; /* the last slot's completion calls done */
+        *pending = true;
+        return AFF_OK;
+    }
+    *out = pg;
+    return AFF_OK;
+nomem:
+    rc = aff__fail(err, AFF_ENOMEM, "out of memory preparing the page");
+fail:
+    pipeline_page_destroy(pg);
+    return rc;
 }

@@ -246,6 +246,59 @@ int pipeline_start(aff_pipeline *p, const pipeline_request *req, int64_t deadlin
 const pipeline_output *pipeline_job_output(const pipeline_job *job);
 void pipeline_job_destroy(pipeline_job *job);
 
+/* ---- pages ------------------------------------------------------------------------------- */
+
+#define PIPELINE_MAX_SLOTS 16
+
+/* One slot of a page: k items of a collection, with its own filter and rules. */
+typedef struct pipeline_slot {
+    const char *name;         /* 1..PIPELINE_MAX_NAME_LEN bytes */
+    const char *collection;   /* the items shown in the slot */
+    uint32_t k;               /* 1..AFF_MAX_K */
+    const aff_filter *filter; /* NULL: none */
+    const char *preset;       /* NULL or "": none */
+    const pipeline_rules *rules;
+} pipeline_slot;
+
+/* A personalized page: explicit slots, or a layout named in the serving config (its "layouts"
+ * member: {"layouts": {"home": [{"name": ..., "collection": ..., "k": ..., "preset": ...,
+ * "filter": {...}}]}}). Borrowed by the page until pipeline_page_destroy. */
+typedef struct pipeline_page_request {
+    const char *user_id; /* the shopper; unknown shoppers get popular items in every slot */
+    const pipeline_slot *slots;
+    uint32_t n_slots; /* 0: use layout */
+    const char *layout;
+    const int *exclude_event_types; /* as pipeline_request; applied in every slot */
+    uint32_t n_exclude_event_types;
+} pipeline_page_request;
+
+typedef struct pipeline_page_output {
+    int status; /* AFF_OK, or the first failure (err names the slot) */
+    aff_err err;
+    char recommendation_id[33];
+    uint32_t n_slots;
+    const pipeline_slot *slots;      /* resolved (the layout's when one was named) */
+    const pipeline_hit *const *hits; /* per slot */
+    const uint32_t *n_hits;
+    const pipeline_source *sources;
+} pipeline_page_output;
+
+typedef struct pipeline_page pipeline_page;
+typedef void (*pipeline_page_done_fn)(pipeline_page *page, void *user);
+
+/* Fills every slot of a page in one call, one pipeline job (one engine query) per slot.
+ * Slots of different collections run at once; slots of one collection run in slot order,
+ * each with the items its collection's earlier slots show added to its exclusions, so no
+ * item appears twice and every slot fills when the collection has enough items. A request
+ * pin of an item shown earlier is dropped (the slot fills organically); a preset's pin of
+ * such an item is dropped from the later slot after ranking. Every hit carries its reason.
+ * Same contract as pipeline_start for errors, pending and done. */
+int pipeline_page_start(aff_pipeline *p, const pipeline_page_request *req, int64_t deadline_ns,
+                        pipeline_page_done_fn done, void *user, pipeline_page **out, bool *pending,
+                        aff_err *err);
+const pipeline_page_output *pipeline_page_output_of(const pipeline_page *page);
+void pipeline_page_destroy(pipeline_page *page);
+
 /* ---- the seam for shopper sources ---------------------------------------------------------- */
 
 /* What answers for a shopper: the vector and the engine collection ("space") it is searched

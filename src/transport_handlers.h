@@ -35,6 +35,7 @@ void rpc_similar_items(tcall *c, ProtobufCMessage *msg);
 void rpc_recommend(tcall *c, ProtobufCMessage *msg);
 void rpc_rerank(tcall *c, ProtobufCMessage *msg);
 void rpc_batch_recommend(tcall *c);
+void rpc_recommend_page(tcall *c, ProtobufCMessage *msg);
 
 /* ---- behaviour events and shoppers (transport_events.c) ---- */
 void rpc_put_events(tcall *c, ProtobufCMessage *msg);

@@ -136,6 +136,7 @@ const tmethod_def transport__methods[] = {
     UNARY("Recommend", recommend_request, rpc_recommend),
     UNARY("Rerank", rerank_request, rpc_rerank),
     STREAM("BatchRecommend", rpc_batch_recommend),
+    UNARY("RecommendPage", recommend_page_request, rpc_recommend_page),
     BLOCKING("PutEvents", put_events_request, rpc_put_events),
     UNARY("GetUser", get_user_request, rpc_get_user),
     BLOCKING("DeleteUser", delete_user_request, rpc_delete_user),

@@ -770,3 +770,133 @@ void rpc_batch_recommend(tcall *c)
     c->on_send = bstream_on_send;
     if (!tcall_recv(c)) transport__fail(c, AFF_EINTERNAL, "cannot read the request stream");
 }
+
+/* ---- RecommendPage ------------------------------------------------------------------------------
+ */
+
+typedef struct page_state {
+    pipeline_page_request req;
+    pipeline_slot *slots;
+    serve_req *slot_reqs; /* per slot: filter and rules storage */
+    size_t n_slot_reqs;
+    int *exclude_types;
+    pipeline_page *page;
+} page_state;
+
+static void page_state_free(void *p)
+{
+    page_state *st = p;
+    if (!st) return;
+    pipeline_page_destroy(st->page);
+    for (size_t i = 0; st->slot_reqs && i < st->n_slot_reqs; i++) {
+        free(st->slot_reqs[i].boosts);
+        free(st->slot_reqs[i].pins);
+        free(st->slot_reqs[i].promotions);
+    }
+    free(st->slot_reqs);
+    free(st->slots);
+    free(st->exclude_types);
+    free(st);
+}
+
+static void page_respond(tcall *c, pipeline_page *page)
+{
+    const Affinity__V1__RecommendPageRequest *r = (void *)c->req;
+    const pipeline_page_output *o = pipeline_page_output_of(page);
+    if (o->status != AFF_OK) {
+        tcall_fail(c, &o->err);
+        return;
+    }
+    hits_pb hp = {0};
+    Affinity__V1__SlotResult *res = transport__calloc(o->n_slots, sizeof *res);
+    Affinity__V1__SlotResult **rp = transport__calloc(o->n_slots, sizeof *rp);
+    if (!res || !rp || !hits_to_pb(o->hits, o->n_hits, o->n_slots, &hp)) {
+        transport__fail(c, AFF_ENOMEM, "out of memory encoding the page");
+    } else {
+        size_t h = 0;
+        for (uint32_t s = 0; s < o->n_slots; s++) {
+            affinity__v1__slot_result__init(&res[s]);
+            res[s].name = (char *)o->slots[s].name;
+            res[s].collection = (char *)o->slots[s].collection;
+            res[s].n_hits = o->n_hits[s];
+            res[s].hits = hp.ptrs + h;
+            res[s].source = (Affinity__V1__RecommendSource)o->sources[s];
+            h += o->n_hits[s];
+            rp[s] = &res[s];
+        }
+        Affinity__V1__RecommendPageResponse resp = AFFINITY__V1__RECOMMEND_PAGE_RESPONSE__INIT;
+        resp.n_slots = o->n_slots;
+        resp.slots = rp;
+        resp.recommendation_id = (char *)o->recommendation_id;
+        resp.request_id = r->request_id;
+        tcall_finish(c, 0, NULL, &resp.base);
+    }
+    hits_pb_free(&hp);
+    free(res);
+    free(rp);
+}
+
+static void page_done(pipeline_page *page, void *user)
+{
+    tcall *c = user;
+    ((page_state *)c->state)->page = page;
+    page_respond(c, page);
+    tcall_unref(c);
+}
+
+void rpc_recommend_page(tcall *c, ProtobufCMessage *msg)
+{
+    const Affinity__V1__RecommendPageRequest *r = (void *)msg;
+    size_t n = r->n_slots <= PIPELINE_MAX_SLOTS ? r->n_slots : 0; /* the pipeline refuses more */
+    page_state *st = calloc(1, sizeof *st);
+    if (st) {
+        c->state = st;
+        c->state_free = page_state_free;
+        st->slots = transport__calloc(n, sizeof *st->slots);
+        st->slot_reqs = transport__calloc(n, sizeof *st->slot_reqs);
+        st->exclude_types = transport__calloc(r->n_exclude_event_types, sizeof *st->exclude_types);
+    }
+    if (!st || !st->slots || !st->slot_reqs || !st->exclude_types) {
+        transport__fail(c, AFF_ENOMEM, "out of memory preparing the page");
+        return;
+    }
+    st->req.n_slots = (uint32_t)n;
+    st->n_slot_reqs = n;
+    for (size_t i = 0; i < n; i++) {
+        const Affinity__V1__PageSlot *ps = r->slots[i];
+        serve_req *sr = &st->slot_reqs[i];
+        filter_from_pb(ps->filter, &sr->filter);
+        if (!rules_from_pb(ps->rules, sr)) {
+            transport__fail(c, AFF_ENOMEM, "out of memory preparing the page");
+            return;
+        }
+        st->slots[i] = (pipeline_slot){.name = ps->name,
+                                       .collection = ps->collection,
+                                       .k = ps->k,
+                                       .filter = &sr->filter,
+                                       .preset = ps->preset,
+                                       .rules = sr->req.rules};
+    }
+    if (r->n_slots > PIPELINE_MAX_SLOTS) st->req.n_slots = (uint32_t)r->n_slots; /* refused */
+    for (size_t i = 0; i < r->n_exclude_event_types; i++)
+        st->exclude_types[i] = (int)r->exclude_event_types[i];
+    st->req.user_id = r->user_id;
+    st->req.slots = st->slots;
+    st->req.layout = r->layout;
+    st->req.exclude_event_types = st->exclude_types;
+    st->req.n_exclude_event_types = (uint32_t)r->n_exclude_event_types;
+    aff_err err;
+    bool pending;
+    pipeline_page *page;
+    tcall_ref(c);
+    if (pipeline_page_start(c->t->cfg.pipeline, &st->req, tcall_deadline_ns(c), page_done, c, &page,
+                            &pending, &err)) {
+        tcall_unref(c);
+        tcall_fail(c, &err);
+        return;
+    }
+    if (pending) return; /* page_done answers (perhaps already has) */
+    st->page = page;
+    page_respond(c, page);
+    tcall_unref(c);
+}

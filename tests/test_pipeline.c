@@ -812,3 +812,154 @@ Test(pipeline_service, presets_from_a_file_with_reload)
     svc_stop(&s);
     unlink(path);
 }
+
+/* ---- pages ------------------------------------------------------------------------------------
+ */
+
+static void page_wake(pipeline_page *page, void *user)
+{
+    (void)page;
+    wake(NULL, user);
+}
+
+static int run_page(svc *s, const pipeline_page_request *req, pipeline_page **page, aff_err *err)
+{
+    waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false};
+    bool pending;
+    int rc = pipeline_page_start(s->pl, req, 0, page_wake, &w, page, &pending, err);
+    if (rc) return rc;
+    pthread_mutex_lock(&w.mu);
+    while (pending && !w.done)
+        pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    return AFF_OK;
+}
+
+/* Every slot full, no id twice on the page, every hit with a reason. */
+static void check_page(const pipeline_page_output *o, pipeline_reason_kind organic)
+{
+    cr_assert_eq(o->status, AFF_OK, "%s", o->err.msg);
+    cr_assert_eq(strlen(o->recommendation_id), 32);
+    for (uint32_t s = 0; s < o->n_slots; s++) {
+        cr_assert_eq(o->n_hits[s], o->slots[s].k, "slot %s: %u of %u", o->slots[s].name,
+                     o->n_hits[s], o->slots[s].k);
+        for (uint32_t i = 0; i < o->n_hits[s]; i++) {
+            const pipeline_hit *h = &o->hits[s][i];
+            cr_assert_neq(h->reason.kind, PIPELINE_REASON_UNSPECIFIED);
+            if (h->reason.kind != PIPELINE_REASON_PINNED &&
+                h->reason.kind != PIPELINE_REASON_PROMOTED)
+                cr_assert_eq(h->reason.kind, organic, "%s", h->id);
+            for (uint32_t t = 0; t <= s; t++)
+                for (uint32_t j = 0; j < (t == s ? i : o->n_hits[t]); j++)
+                    cr_assert_str_neq(o->hits[t][j].id, h->id, "%s twice on the page", h->id);
+        }
+    }
+}
+
+Test(pipeline_page, fills_every_slot_without_repeating_an_item)
+{
+    svc s;
+    svc_start(&s, NULL);
+    const int hist[3] = {0, 1, 2};
+    events(&s, "ann", hist, 3);
+    const char *toys[1] = {"toys"};
+    aff_filter toy_filter;
+    aff_filter_init(&toy_filter);
+    toy_filter.categories = toys;
+    toy_filter.n_categories = 1;
+    pipeline_pin pin = {.item_id = "shoes-05", .position = 1};
+    pipeline_rules pinned = {.pins = &pin, .n_pins = 1};
+    pipeline_slot slots[4] = {
+        {.name = "for-you", .collection = "shop", .k = 8},
+        {.name = "more", .collection = "shop", .k = 8, .rules = &pinned}, /* shoes-05 is above */
+        {.name = "toys", .collection = "shop", .k = 4, .filter = &toy_filter},
+        {.name = "again", .collection = "shop", .k = 6},
+    };
+    pipeline_page_request req = {.user_id = "ann", .slots = slots, .n_slots = 4};
+    pipeline_page *page;
+    aff_err err;
+    cr_assert_eq(run_page(&s, &req, &page, &err), AFF_OK, "%s", err.msg);
+    const pipeline_page_output *o = pipeline_page_output_of(page);
+    check_page(o, PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM);
+    cr_assert_eq(o->sources[0], PIPELINE_SOURCE_PROFILE);
+    bool first_has_pin = false;
+    for (uint32_t i = 0; i < o->n_hits[0]; i++)
+        first_has_pin |= strcmp(o->hits[0][i].id, "shoes-05") == 0;
+    cr_assert(first_has_pin, "ann's own page starts with shoes, shoes-05 among them");
+    for (uint32_t i = 0; i < o->n_hits[2]; i++)
+        cr_assert(strncmp(o->hits[2][i].id, "toys-", 5) == 0);
+    pipeline_page_destroy(page);
+
+    /* a cold-start shopper gets a popular page: 24 items have events, the page asks for 24 */
+    int popular[24];
+    for (int i = 0; i < 24; i++)
+        popular[i] = i * 5;
+    events(&s, "crowd", popular, 12);
+    events(&s, "crowd2", popular + 12, 12);
+    slots[1].rules = NULL;
+    slots[2].filter = NULL;
+    slots[2].k = 2;
+    req.user_id = "newcomer";
+    cr_assert_eq(run_page(&s, &req, &page, &err), AFF_OK, "%s", err.msg);
+    o = pipeline_page_output_of(page);
+    check_page(o, PIPELINE_REASON_POPULAR);
+    for (uint32_t i = 0; i < o->n_slots; i++)
+        cr_assert_eq(o->sources[i], PIPELINE_SOURCE_POPULARITY);
+    pipeline_page_destroy(page);
+    slots[1].rules = &pinned;
+    slots[2].filter = &toy_filter;
+    slots[2].k = 4;
+
+    /* errors name the slot */
+    slots[3].k = 0;
+    req.user_id = "ann";
+    cr_assert_eq(run_page(&s, &req, &page, &err), AFF_EINVAL);
+    cr_assert(strstr(err.msg, "slots[3].k"), "%s", err.msg);
+    slots[3].k = 6;
+    slots[3].collection = "nope";
+    cr_assert_eq(run_page(&s, &req, &page, &err), AFF_OK, "%s", err.msg);
+    o = pipeline_page_output_of(page);
+    cr_assert_eq(o->status, AFF_ENOTFOUND);
+    cr_assert(strstr(o->err.msg, "slots[3] (again)"), "%s", o->err.msg);
+    pipeline_page_destroy(page);
+    svc_stop(&s);
+}
+
+Test(pipeline_page, layouts_come_from_the_serving_config)
+{
+    char path[] = "/tmp/aff-layouts-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert_geq(fd, 0);
+    close(fd);
+    write_file(path,
+               "{\"presets\": {\"cap1\": {\"max_per_category\": 1}},"
+               " \"layouts\": {\"home\": ["
+               "  {\"name\": \"hero\", \"collection\": \"shop\", \"k\": 1},"
+               "  {\"name\": \"mixed\", \"collection\": \"shop\", \"k\": 4, \"preset\": \"cap1\"},"
+               "  {\"name\": \"books\", \"collection\": \"shop\", \"k\": 3,"
+               "   \"filter\": {\"categories\": [\"books\"]}}]}}");
+    svc s;
+    svc_start(&s, path);
+    const int hist[2] = {40, 41};
+    events(&s, "bob", hist, 2);
+    pipeline_page_request req = {.user_id = "bob", .layout = "home"};
+    pipeline_page *page;
+    aff_err err;
+    cr_assert_eq(run_page(&s, &req, &page, &err), AFF_OK, "%s", err.msg);
+    const pipeline_page_output *o = pipeline_page_output_of(page);
+    check_page(o, PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM);
+    cr_assert_eq(o->n_slots, 3);
+    cr_assert_str_eq(o->slots[1].name, "mixed");
+    char cats_seen[4] = {0};
+    for (uint32_t i = 0; i < o->n_hits[1]; i++) {
+        int c = index_of(&s, o->hits[1][i].id) / PER_CAT;
+        cr_assert_eq(cats_seen[c], 0, "the cap1 preset allows one per category");
+        cats_seen[c] = 1;
+    }
+    pipeline_page_destroy(page);
+    req.layout = "away";
+    cr_assert_eq(run_page(&s, &req, &page, &err), AFF_EINVAL);
+    cr_assert(strstr(err.msg, "layout \"away\""), "%s", err.msg);
+    svc_stop(&s);
+    unlink(path);
+}

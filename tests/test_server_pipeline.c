@@ -419,3 +419,107 @@ Test(server_pipeline, every_bad_rule_is_invalid_argument_naming_the_field)
     cr_assert_eq(recommend(cl, &req, &r, &st), 0, "%s", st.message);
     transport_client_free(&r->base);
 }
+
+static Affinity__V1__RecommendPageResponse *page(const char *user, Affinity__V1__PageSlot **slots,
+                                                 size_t n, int *code, transport_call_status *st)
+{
+    Affinity__V1__RecommendPageRequest req = AFFINITY__V1__RECOMMEND_PAGE_REQUEST__INIT;
+    req.user_id = (char *)user;
+    req.n_slots = n;
+    req.slots = slots;
+    req.request_id = "page-1";
+    Affinity__V1__RecommendPageResponse *resp = NULL;
+    *code = ts_call(cl, TRANSPORT_METHOD_RECOMMEND_PAGE, &req,
+                    &affinity__v1__recommend_page_response__descriptor, 0, &resp, st);
+    return resp;
+}
+
+Test(server_pipeline, recommend_page_fills_every_slot_once)
+{
+    /* a second collection: banners, linked to nothing, same dimension */
+    ts_create_collection(cl, "banners", DIM, AFFINITY__V1__METRIC__METRIC_COSINE);
+    Affinity__V1__Item items[5];
+    Affinity__V1__Item *ptrs[5];
+    char bid[5][16];
+    for (int i = 0; i < 5; i++) {
+        affinity__v1__item__init(&items[i]);
+        snprintf(bid[i], sizeof bid[i], "banner-%d", i);
+        items[i].id = bid[i];
+        items[i].n_vector = DIM;
+        items[i].vector = vecs[i * 20];
+        ptrs[i] = &items[i];
+    }
+    transport_client_stream *s = NULL;
+    aff_err err;
+    cr_assert_eq(transport_client_stream_open(cl, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
+    Affinity__V1__UpsertItemsRequest up = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
+    up.collection = "banners";
+    up.n_items = 5;
+    up.items = ptrs;
+    cr_assert_eq(transport_client_stream_send(s, &up.base, &err), 0);
+    transport_call_status st;
+    Affinity__V1__UpsertItemsResponse *ur = NULL;
+    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
+                                   (ProtobufCMessage **)&ur, &st);
+    cr_assert_eq(st.code, 0, "%s", st.message);
+    transport_client_free(&ur->base);
+    transport_client_stream_destroy(s);
+
+    const int hist[2] = {26, 27}; /* books */
+    put_views(cl, "cat", hist, 2);
+    Affinity__V1__PageSlot sl[4];
+    Affinity__V1__PageSlot *sp[4];
+    const char *names[4] = {"hero", "for-you", "more", "toys"};
+    const char *colls[4] = {"banners", "shop", "shop", "shop"};
+    const uint32_t ks[4] = {1, 6, 6, 3};
+    Affinity__V1__Filter toys = AFFINITY__V1__FILTER__INIT;
+    char *toy_cat = "toys";
+    toys.n_categories = 1;
+    toys.categories = &toy_cat;
+    for (int i = 0; i < 4; i++) {
+        affinity__v1__page_slot__init(&sl[i]);
+        sl[i].name = (char *)names[i];
+        sl[i].collection = (char *)colls[i];
+        sl[i].k = ks[i];
+        sp[i] = &sl[i];
+    }
+    sl[3].filter = &toys;
+    int code;
+    Affinity__V1__RecommendPageResponse *r = page("cat", sp, 4, &code, &st);
+    cr_assert_eq(code, 0, "%s", st.message);
+    cr_assert(is_hex32(r->recommendation_id));
+    cr_assert_str_eq(r->request_id, "page-1");
+    cr_assert_eq(r->n_slots, 4);
+    cr_assert_eq(r->slots[0]->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_POPULARITY,
+                 "no banner events yet: the hero is popular (or empty)");
+    for (size_t i = 1; i < 4; i++) {
+        const Affinity__V1__SlotResult *res = r->slots[i];
+        cr_assert_str_eq(res->name, names[i]);
+        cr_assert_eq(res->n_hits, ks[i], "slot %s", names[i]);
+        cr_assert_eq(res->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_PROFILE);
+        for (size_t j = 0; j < res->n_hits; j++) {
+            cr_assert_not_null(res->hits[j]->reason);
+            cr_assert_eq(res->hits[j]->reason->kind,
+                         AFFINITY__V1__REASON_KIND__REASON_KIND_SIMILAR_TO_HISTORY_ITEM);
+            for (size_t t = 1; t <= i; t++)
+                for (size_t u = 0; u < (t == i ? j : r->slots[t]->n_hits); u++)
+                    cr_assert_str_neq(r->slots[t]->hits[u]->id, res->hits[j]->id, "twice: %s",
+                                      res->hits[j]->id);
+        }
+    }
+    transport_client_free(&r->base);
+
+    /* a bad slot is INVALID_ARGUMENT naming it; nothing else changes */
+    sl[2].k = 0;
+    r = page("cat", sp, 4, &code, &st);
+    cr_assert_eq(code, TS_INVALID_ARGUMENT);
+    cr_assert(strstr(st.message, "slots[2].k"), "%s", st.message);
+    sl[2].k = 6;
+    r = page("", sp, 4, &code, &st);
+    cr_assert_eq(code, TS_INVALID_ARGUMENT);
+    cr_assert(strstr(st.message, "user_id"), "%s", st.message);
+    sl[1].collection = "nope";
+    r = page("cat", sp, 4, &code, &st);
+    cr_assert_eq(code, TS_NOT_FOUND, "%d %s", code, st.message);
+    cr_assert(strstr(st.message, "slots[1] (for-you)"), "%s", st.message);
+}
