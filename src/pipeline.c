@@ -652,10 +652,17 @@ static void take(rank_ctx *c, uint32_t i)
 
 static float cos_sim(const float *a, const float *b, uint32_t dim)
 {
-    float s = 0;
-    for (uint32_t j = 0; j < dim; j++)
-        s += a[j] * b[j];
-    return s;
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    uint32_t j = 0;
+    for (; j + 4 <= dim; j += 4) {
+        s0 += a[j] * b[j];
+        s1 += a[j + 1] * b[j + 1];
+        s2 += a[j + 2] * b[j + 2];
+        s3 += a[j + 3] * b[j + 3];
+    }
+    for (; j < dim; j++)
+        s0 += a[j] * b[j];
+    return (s0 + s1) + (s2 + s3);
 }
 
 typedef struct picked {
@@ -723,14 +730,20 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
     uint32_t organic_target = slots > n_res + x ? slots - n_res - x : 0;
     float lambda = r->has_diversity ? r->diversity : 0.0f;
     if (lambda > 0.0f && in->dim) {
+        /* MMR looks at the best 3k + 10 organic candidates (the rest fill in
+         * score order below if needed): O(k * pool * d) work. */
+        uint32_t pool_n = 0, pool_max = 3 * k + 10;
         float gmin = INFINITY, gmax = -INFINITY;
-        for (uint32_t i = 0; i < n; i++) {
+        for (uint32_t o = 0; o < n && pool_n < pool_max; o++) {
+            uint32_t i = c.order[o];
             if (!in->cands[i].organic) continue;
+            pool[pool_n++] = i;
             gmin = fminf(gmin, c.good[i]);
             gmax = fmaxf(gmax, c.good[i]);
         }
         float range = gmax > gmin ? gmax - gmin : 1.0f;
-        for (uint32_t i = 0; i < n; i++) {
+        for (uint32_t p = 0; p < pool_n; p++) {
+            uint32_t i = pool[p];
             maxsim[i] = -INFINITY;
             for (uint32_t q = 0; q < n_res; q++) {
                 const float *v = in->cands[reserved[q].cand].vector;
@@ -741,9 +754,9 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
         while (n_org < organic_target) {
             uint32_t best = UINT32_MAX;
             float best_v = -INFINITY;
-            for (uint32_t o = 0; o < n; o++) {
-                uint32_t i = c.order[o];
-                if (!in->cands[i].organic || !can_take(&c, i)) continue;
+            for (uint32_t p = 0; p < pool_n; p++) {
+                uint32_t i = pool[p];
+                if (!can_take(&c, i)) continue;
                 float rel = (c.good[i] - gmin) / range;
                 float sim = maxsim[i] == -INFINITY ? 0.0f : maxsim[i];
                 float v = (1.0f - lambda) * rel - lambda * sim;
@@ -756,10 +769,11 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             take(&c, best);
             organic[n_org++] = (picked){best, in->organic_reason, NULL};
             const float *bv = in->cands[best].vector;
-            if (bv)
-                for (uint32_t i = 0; i < n; i++)
-                    if (c.state[i] == 0 && in->cands[i].vector)
-                        maxsim[i] = fmaxf(maxsim[i], cos_sim(bv, in->cands[i].vector, in->dim));
+            for (uint32_t p = 0; bv && p < pool_n; p++) {
+                uint32_t i = pool[p];
+                if (c.state[i] == 0 && in->cands[i].vector)
+                    maxsim[i] = fmaxf(maxsim[i], cos_sim(bv, in->cands[i].vector, in->dim));
+            }
         }
     } else {
         for (uint32_t o = 0; o < n && n_org < organic_target; o++) {
@@ -864,6 +878,8 @@ struct pipeline_job {
     bool ranked;          /* any rule, diversity or exploration: over-fetch and rank */
     uint32_t k, kq, kpromo;
     uint32_t n_groups, per_group; /* engine queries per group: 1 + promotions */
+    bool promos_ran;              /* promotion queries ran (phase 2, or popularity) */
+    bool deepened;                /* the organic queries ran again, deeper, because rules starved */
     aff_metric metric;
     uint32_t dim;
     profiles_plan plan;
@@ -886,6 +902,19 @@ struct pipeline_job {
     aff_rerank_query rq;
     aff_rerank_hit *rerank_out;
 };
+
+/* Engine query q (0: organic, 1 + j: promotion j) of group g. Organic queries come first,
+ * so phase 1 (organic only) and phase 2 (promotions) are each one contiguous batch. */
+static size_t qidx(const pipeline_job *j, uint32_t g, uint32_t q)
+{
+    return q == 0 ? g : j->n_groups + (size_t)g * (j->per_group - 1) + (q - 1);
+}
+
+/* The group of engine query i. */
+static uint32_t group_of(const pipeline_job *j, size_t i)
+{
+    return i < j->n_groups ? (uint32_t)i : (uint32_t)((i - j->n_groups) / (j->per_group - 1));
+}
 
 const pipeline_output *pipeline_job_output(const pipeline_job *job)
 {
@@ -980,7 +1009,10 @@ static int history_visit(void *ctx, uint64_t seq, const store_event *e)
 {
     (void)seq;
     history_ctx *h = ctx;
-    snprintf(h->ring[h->seen % HISTORY_RING], AFF_MAX_ID_LEN + 1, "%s", e->item_id);
+    size_t len = strnlen(e->item_id, AFF_MAX_ID_LEN);
+    char *slot = h->ring[h->seen % HISTORY_RING];
+    memcpy(slot, e->item_id, len);
+    slot[len] = 0;
     h->seen++;
     return 0;
 }
@@ -1063,13 +1095,16 @@ static float score_vec(const pipeline_job *j, const float *item)
     return j->metric == AFF_METRIC_COSINE && q2 > 0 ? s / (float)sqrt(q2) : s;
 }
 
+#define PROMOTIONS_SHORT 1 /* finish_group: the pool lacks promotion candidates */
+#define RULES_STARVED    2 /* finish_group: rules left slots empty; a deeper pool may fill them */
+
 /* Ranks group g from its candidate lists (organic first, then one per promotion) into
  * j->hits. Runs on the thread that finished the candidates. */
 static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
 {
     pipeline_hit *out = j->hits + (size_t)g * j->k;
-    const aff_hit *org = j->cand + j->cand_off[(size_t)g * j->per_group];
-    uint32_t n_org = j->cand_n[(size_t)g * j->per_group];
+    const aff_hit *org = j->cand + j->cand_off[qidx(j, g, 0)];
+    uint32_t n_org = j->cand_n[qidx(j, g, 0)];
     const char *related = j->req->kind == PIPELINE_SIMILAR ? j->req->item_ids[g] : NULL;
     if (!j->ranked) {
         uint32_t m = n_org < j->k ? n_org : j->k;
@@ -1087,7 +1122,7 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
     const pipeline_rules *r = &j->rules;
     uint32_t total = n_org;
     for (uint32_t q = 1; q < j->per_group; q++)
-        total += j->cand_n[(size_t)g * j->per_group + q];
+        total += j->cand_n[qidx(j, g, q)];
     uint32_t n_all = total + r->n_pins;
     pipeline_candidate *cands = calloc(n_all ? n_all : 1, sizeof *cands);
     const char **ids = calloc(n_all ? n_all : 1, sizeof *ids);
@@ -1106,8 +1141,8 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         ids[n++] = org[i].id;
     }
     for (uint32_t q = 1; q < j->per_group; q++) {
-        const aff_hit *ph = j->cand + j->cand_off[(size_t)g * j->per_group + q];
-        for (uint32_t i = 0; i < j->cand_n[(size_t)g * j->per_group + q]; i++) {
+        const aff_hit *ph = j->cand + j->cand_off[qidx(j, g, q)];
+        for (uint32_t i = 0; i < j->cand_n[qidx(j, g, q)]; i++) {
             bool dup = false;
             for (uint32_t t = 0; t < n && !dup; t++)
                 dup = strcmp(ids[t], ph[i].id) == 0;
@@ -1132,6 +1167,16 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         cands[i].category = cls[i].category;
         cands[i].matches = cls[i].matches;
         if (cands[i].organic) cands[i].matches |= 1u; /* the engine applied the filter */
+    }
+    for (uint32_t q = 0; q < r->n_promotions && !j->promos_ran; q++) {
+        uint64_t bit = (uint64_t)1 << (1 + r->n_boosts + q);
+        uint32_t have = 0;
+        for (uint32_t i = 0; i < n; i++)
+            have += (cands[i].matches & bit) != 0;
+        if (have < slots_of(r->promotions[q].share, j->k)) {
+            rc = PROMOTIONS_SHORT;
+            goto out;
+        }
     }
     for (uint32_t p = 0; p < r->n_pins; p++) {
         uint32_t at = n + p;
@@ -1173,6 +1218,11 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
                               .organic_related = related,
                               .seed = j->out.exploration_seed + g};
     if ((rc = pipeline_rank(&in, out, &j->n_hits[g], err))) goto out;
+    if (j->n_hits[g] < j->k && n_org == j->queries[qidx(j, g, 0)].k && !j->deepened &&
+        j->queries[qidx(j, g, 0)].k < AFF_MAX_K) {
+        rc = RULES_STARVED; /* the engine had more: ask it for a deeper pool */
+        goto out;
+    }
     if (j->src.source == PIPELINE_SOURCE_PROFILE) explain_history(j, out, j->n_hits[g]);
 out:
     free(cands);
@@ -1183,34 +1233,99 @@ out:
     return rc;
 }
 
-static void finish(pipeline_job *j)
+/* Ranks every group. Returns 0 when done (or failed: out.status), PROMOTIONS_SHORT when the
+ * organic pool lacks promotion candidates, RULES_STARVED when rules (caps) left slots empty
+ * though the engine had more: then nothing is final and more queries must run. */
+static int finish(pipeline_job *j)
 {
-    if (j->out.status) return;
+    if (j->out.status) return 0;
     for (uint32_t g = 0; g < j->n_groups; g++) {
-        if ((j->out.status = finish_group(j, g, &j->out.err))) return;
+        int rc = finish_group(j, g, &j->out.err);
+        if (rc == PROMOTIONS_SHORT || rc == RULES_STARVED) return rc;
+        if ((j->out.status = rc)) return 0;
         j->hit_ptrs[g] = j->hits + (size_t)g * j->k;
     }
+    return 0;
+}
+
+/* Makes every organic query four times deeper (at most AFF_MAX_K) and lays the candidate
+ * buffer out again, for one more round with every query. */
+static int deepen(pipeline_job *j, aff_err *err)
+{
+    size_t nq = (size_t)j->n_groups * j->per_group, off = 0;
+    for (uint32_t g = 0; g < j->n_groups; g++) {
+        aff_query *q = &j->queries[qidx(j, g, 0)];
+        q->k = 4 * q->k < AFF_MAX_K ? 4 * q->k : AFF_MAX_K;
+    }
+    for (size_t i = 0; i < nq; i++) {
+        j->cand_off[i] = off;
+        off += j->queries[i].k;
+        j->cand_n[i] = 0;
+    }
+    free(j->cand);
+    if (!(j->cand = calloc(off ? off : 1, sizeof *j->cand)))
+        return aff__fail(err, AFF_ENOMEM, "out of memory preparing a deeper query");
+    j->deepened = true;
+    return AFF_OK;
+}
+
+static void batch_done(batcher_request *br);
+
+/* Submits engine queries [from, from + n) as one batcher request. */
+static int submit_range(pipeline_job *j, size_t from, size_t n, int64_t deadline_ns, aff_err *err)
+{
+    j->br = (batcher_request){.kind = BATCHER_SEARCH,
+                              .collection = j->src.space,
+                              .deadline_ns = deadline_ns,
+                              .nq = n,
+                              .queries = j->queries + from,
+                              .hits = j->cand + j->cand_off[from],
+                              .n_hits = j->cand_n + from,
+                              .query_errs = j->qerrs + from,
+                              .done = batch_done,
+                              .user = j};
+    return batcher_submit(j->p->batcher, &j->br, err);
 }
 
 static void batch_done(batcher_request *br)
 {
     pipeline_job *j = br->user;
-    j->out.queue_wait_ns = br->wait_ns;
+    j->out.queue_wait_ns += br->wait_ns;
+    j->out.rounds++;
     if (br->status != AFF_OK) {
         j->out.status = br->status;
         j->out.err = br->err;
     } else if (j->req->kind != PIPELINE_RERANK) {
         for (size_t i = 0; i < br->nq; i++) {
-            if (j->qerrs[i].code == AFF_OK) continue;
-            j->out.status = j->qerrs[i].code;
-            uint32_t g = (uint32_t)(i / j->per_group);
+            const aff_err *qe = &br->query_errs[i];
+            if (qe->code == AFF_OK) continue;
+            j->out.status = qe->code;
+            uint32_t g = group_of(j, (size_t)(br->queries - j->queries) + i);
             if (j->n_groups > 1)
-                aff__fail(&j->out.err, j->qerrs[i].code, "item %u: %s", g, j->qerrs[i].msg);
+                aff__fail(&j->out.err, qe->code, "item %u: %s", g, qe->msg);
             else
-                j->out.err = j->qerrs[i];
+                j->out.err = *qe;
             break;
         }
-        finish(j);
+        int more = finish(j);
+        if (more) {
+            /* One more round, then rank again: the promotion queries (phase 2), or every query
+             * with a deeper organic pool. */
+            aff_err err;
+            int64_t deadline = br->deadline_ns;
+            size_t nq = (size_t)j->n_groups * j->per_group;
+            int rc = AFF_OK;
+            if (more == PROMOTIONS_SHORT && !j->deepened) {
+                j->promos_ran = true;
+                rc = submit_range(j, j->n_groups, nq - j->n_groups, deadline, &err);
+            } else {
+                j->promos_ran = true;
+                if (!(rc = deepen(j, &err))) rc = submit_range(j, 0, nq, deadline, &err);
+            }
+            if (rc == AFF_OK) return; /* batch_done runs again */
+            j->out.status = err.code;
+            j->out.err = err;
+        }
     } else if (j->qerrs[0].code != AFF_OK) {
         j->out.status = j->qerrs[0].code;
         j->out.err = j->qerrs[0];
@@ -1218,16 +1333,24 @@ static void batch_done(batcher_request *br)
     j->done(j, j->user);
 }
 
-/* Popularity (cold start): candidates now, from the profiles module. */
+/* Popularity (cold start): candidates now, from the profiles module (a deeper second round
+ * when rules starved, as for engine queries). */
 static int run_popularity(pipeline_job *j, aff_err *err)
 {
-    for (uint32_t q = 0; q < j->per_group; q++) {
-        const aff_filter *f = q == 0 ? j->base : &j->promo_filters[q - 1];
-        int rc = profiles_popular(j->p->profiles, j->req->collection, j->queries[q].k, f,
-                                  j->cand + j->cand_off[q], &j->cand_n[q], err);
+    j->promos_ran = true;
+    for (;;) {
+        for (uint32_t q = 0; q < j->per_group; q++) {
+            const aff_filter *f = q == 0 ? j->base : &j->promo_filters[q - 1];
+            size_t i = qidx(j, 0, q);
+            int rc = profiles_popular(j->p->profiles, j->req->collection, j->queries[i].k, f,
+                                      j->cand + j->cand_off[i], &j->cand_n[i], err);
+            if (rc) return rc;
+        }
+        int more = finish(j);
+        if (!more) break;
+        int rc = deepen(j, err);
         if (rc) return rc;
     }
-    finish(j);
     if (j->out.status) {
         *err = j->out.err;
         return j->out.status;
@@ -1401,9 +1524,11 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     /* Over-fetch when the rules need room: caps need the most. */
     j->kq = j->k;
     if (j->ranked) {
-        uint32_t want = j->k + 50 > 4 * j->k ? j->k + 50 : 4 * j->k;
+        /* Enough room for most requests; when rules starve (a cap over a concentrated
+         * profile) a second, four times deeper round fills the slots (finish_group). */
+        uint32_t want = j->k + 20 > 2 * j->k ? j->k + 20 : 2 * j->k;
         if (r->has_max_per_category && r->max_per_category)
-            want = j->k + 100 > 8 * j->k ? j->k + 100 : 8 * j->k;
+            want = j->k + 40 > 4 * j->k ? j->k + 40 : 4 * j->k;
         j->kq = want < AFF_MAX_K ? want : AFF_MAX_K;
         if (j->kq < j->k) j->kq = j->k;
     }
@@ -1443,10 +1568,9 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
         uint32_t want = 4 * slots_of(r->promotions[q].share, j->k) + 16;
         if (want > j->kpromo) j->kpromo = want < AFF_MAX_K ? want : AFF_MAX_K;
     }
-    size_t off = 0;
     for (uint32_t g = 0; g < j->n_groups; g++) {
         for (uint32_t q = 0; q < j->per_group; q++) {
-            size_t i = (size_t)g * j->per_group + q;
+            size_t i = qidx(j, g, q);
             aff_query *aq = &j->queries[i];
             aq->k = q == 0 ? j->kq : j->kpromo;
             aq->filter = q == 0 ? j->base : &j->promo_filters[q - 1];
@@ -1456,9 +1580,12 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
                 aq->vector = j->qvec;
                 aq->dim = req->user_id ? j->src.dim : req->dim;
             }
-            j->cand_off[i] = off;
-            off += aq->k;
         }
+    }
+    size_t off = 0;
+    for (size_t i = 0; i < nq; i++) {
+        j->cand_off[i] = off;
+        off += j->queries[i].k;
     }
     j->cand = calloc(off ? off : 1, sizeof *j->cand);
     if (!j->cand) return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
@@ -1473,7 +1600,7 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
         if (rc == AFF_OK) continue;
         if (req->kind == PIPELINE_SIMILAR && j->n_groups > 1) {
             aff_err e2 = *err;
-            return aff__fail(err, rc, "item %zu: %s", i / j->per_group, e2.msg);
+            return aff__fail(err, rc, "item %u: %s", group_of(j, i), e2.msg);
         }
         if (req->kind == PIPELINE_RECOMMEND && !req->user_id && rc == AFF_EINVAL &&
             strstr(err->msg, "query vector")) {
@@ -1482,9 +1609,11 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
         }
         return rc;
     }
+    /* Phase 1: the organic queries only; promotions are taken from their pool when it holds
+     * enough matches, else their own queries run as phase 2 (see batch_done). */
     j->br = (batcher_request){.kind = BATCHER_SEARCH,
                               .collection = j->src.space,
-                              .nq = nq,
+                              .nq = j->n_groups,
                               .queries = j->queries,
                               .hits = j->cand,
                               .n_hits = j->cand_n,

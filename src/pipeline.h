@@ -231,6 +231,7 @@ typedef struct pipeline_output {
     uint32_t n_rerank;
     bool rerank_without_profile; /* an unknown user: base scores only, affinity 0 */
     uint64_t queue_wait_ns;      /* time the candidates waited in the batcher */
+    uint32_t rounds;             /* engine rounds: 1, or 2-3 when promotions or caps needed more */
 } pipeline_output;
 
 typedef struct pipeline_job pipeline_job;
