@@ -39,6 +39,9 @@ typedef struct preset_set {
     char **layout_names;     /* point into tree */
     pipeline_slot **layouts; /* n_layouts arrays of layout_sizes[i] slots */
     uint32_t *layout_sizes;
+    size_t n_ranked;
+    char **ranked_names; /* "collections": {name: {"ranked_by": other}}; point into tree */
+    char **ranked_by;
     void **allocs; /* arrays built from the tree */
     size_t n_allocs, cap_allocs;
 } preset_set;
@@ -65,6 +68,8 @@ static void preset_set_unref(preset_set *s)
     free(s->layout_names);
     free(s->layouts);
     free(s->layout_sizes);
+    free(s->ranked_names);
+    free(s->ranked_by);
     jsonv_free(s->tree);
     free(s);
 }
@@ -244,6 +249,28 @@ static int json_rules(preset_set *s, const jsonv *v, const char *field, pipeline
     return pipeline_validate_rules(r, AFF_MAX_K, field, err);
 }
 
+/* "collections": {name: {"ranked_by": "products"}}: whose profile ranks the collection. */
+static int json_collections(preset_set *s, const jsonv *v, const char *path, aff_err *err)
+{
+    if (v->type != JSONV_OBJECT)
+        return aff__fail(err, AFF_EINVAL, "presets file %s: collections must be an object", path);
+    s->ranked_names = calloc(v->n ? v->n : 1, sizeof *s->ranked_names);
+    s->ranked_by = calloc(v->n ? v->n : 1, sizeof *s->ranked_by);
+    if (!s->ranked_names || !s->ranked_by)
+        return aff__fail(err, AFF_ENOMEM, "out of memory reading presets");
+    for (size_t i = 0; i < v->n; i++) {
+        const jsonv *rb = jsonv_get(&v->items[i], "ranked_by");
+        if (!rb || rb->type != JSONV_STRING || !rb->string[0] ||
+            strlen(rb->string) > AFF_MAX_NAME_LEN)
+            return aff__fail(err, AFF_EINVAL,
+                             "presets file %s: collections.%s.ranked_by must name a collection",
+                             path, v->keys[i]);
+        s->ranked_names[s->n_ranked] = v->keys[i];
+        s->ranked_by[s->n_ranked++] = rb->string;
+    }
+    return AFF_OK;
+}
+
 /* "layouts": {name: [slot, ...]}; a slot's preset must name a preset of the same file. */
 static int json_layouts(preset_set *s, const jsonv *v, const char *path, aff_err *err)
 {
@@ -358,6 +385,8 @@ static int presets_load(const char *path, preset_set **out, struct timespec *mti
             goto out;
         }
     }
+    const jsonv *colls = jsonv_get(s->tree, "collections");
+    if (colls && (rc = json_collections(s, colls, path, err))) goto out;
     const jsonv *layouts = jsonv_get(s->tree, "layouts");
     if (layouts && (rc = json_layouts(s, layouts, path, err))) goto out;
 out:
@@ -966,14 +995,42 @@ static void recommendation_id(char out[33])
 }
 
 int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const char *user_id,
-                                 const profiles_plan *plan, pipeline_user_source *out, aff_err *err)
+                                 const char *ranked_by, const profiles_plan *plan,
+                                 pipeline_user_source *out, aff_err *err)
 {
-    (void)p;
-    (void)user_id;
     memset(out, 0, sizeof *out);
     snprintf(out->space, sizeof out->space, "%s", collection);
+    snprintf(out->history, sizeof out->history, "%s", collection);
     /* The learned model's seam: a user factor found for (collection, user_id) answers here,
      * before the content profile, with its own space and LIKED_BY_SIMILAR_SHOPPERS. */
+    if (ranked_by && ranked_by[0] && strcmp(ranked_by, collection) != 0) {
+        /* Another collection's profile ranks this one (banners by product behaviour): same
+         * vector space, so the dimensions must agree. */
+        uint32_t dim, rdim;
+        int rc = engine_collection_dim(p->engine, collection, &dim, err);
+        if (!rc) rc = engine_collection_dim(p->engine, ranked_by, &rdim, err);
+        if (rc) return rc;
+        if (dim != rdim)
+            return aff__fail(err, AFF_EINVAL,
+                             "collection \"%s\" is ranked by \"%s\" (serving config) but their "
+                             "dimensions differ (%u and %u)",
+                             collection, ranked_by, dim, rdim);
+        bool found = false;
+        if (!(out->vector = malloc((size_t)dim * sizeof *out->vector)))
+            return aff__fail(err, AFF_ENOMEM, "out of memory reading the profile");
+        if ((rc = profiles_user_vector(p->profiles, ranked_by, user_id, out->vector, dim, &found,
+                                       err)))
+            return rc;
+        if (found) {
+            out->dim = dim;
+            out->source = PIPELINE_SOURCE_PROFILE;
+            out->reason = PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM;
+            snprintf(out->history, sizeof out->history, "%s", ranked_by);
+            return AFF_OK;
+        }
+        free(out->vector);
+        out->vector = NULL;
+    }
     if (plan->source == PROFILES_SOURCE_PROFILE && plan->vector) {
         out->vector = malloc((size_t)plan->dim * sizeof *out->vector);
         if (!out->vector) return aff__fail(err, AFF_ENOMEM, "out of memory reading the profile");
@@ -1028,8 +1085,7 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     float *vec = malloc((size_t)(n + PIPELINE_HISTORY_ITEMS) * j->dim * sizeof *vec);
     aff_err err;
     if (!h.ring || !ids || !cls || !vec) goto out;
-    if (profiles_history(j->p->profiles, j->req->collection, j->req->user_id, history_visit, &h,
-                         &err))
+    if (profiles_history(j->p->profiles, j->src.history, j->req->user_id, history_visit, &h, &err))
         goto out;
     uint32_t nh = 0;
     for (uint64_t s = h.seen; s > 0 && s + HISTORY_RING > h.seen && nh < PIPELINE_HISTORY_ITEMS;
@@ -1043,9 +1099,16 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     if (!nh) goto out;
     for (uint32_t i = 0; i < n; i++)
         ids[i] = hits[i].id;
-    if (engine_classify_items(j->p->engine, j->req->collection, ids, n + nh, NULL, 0, cls, vec,
-                              &err))
+    if (strcmp(j->src.history, j->req->collection) == 0) {
+        if (engine_classify_items(j->p->engine, j->req->collection, ids, n + nh, NULL, 0, cls, vec,
+                                  &err))
+            goto out;
+    } else if (engine_classify_items(j->p->engine, j->req->collection, ids, n, NULL, 0, cls, vec,
+                                     &err) ||
+               engine_classify_items(j->p->engine, j->src.history, ids + n, nh, NULL, 0, cls + n,
+                                     vec + (size_t)n * j->dim, &err)) {
         goto out;
+    }
     for (uint32_t i = 0; i < n; i++) {
         if (hits[i].reason.kind != PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM || !cls[i].found)
             continue;
@@ -1397,6 +1460,15 @@ static int find_preset(pipeline_job *j, const char *name, const pipeline_rules *
                      name, j->presets->n);
 }
 
+/* The collection whose profile ranks `collection` in the serving config, or NULL. */
+static const char *ranked_by(pipeline_job *j, const char *collection)
+{
+    if (!j->presets) j->presets = presets_acquire(j->p);
+    for (size_t i = 0; j->presets && i < j->presets->n_ranked; i++)
+        if (strcmp(j->presets->ranked_names[i], collection) == 0) return j->presets->ranked_by[i];
+    return NULL;
+}
+
 static int start_rerank(pipeline_job *j, aff_err *err)
 {
     const pipeline_request *req = j->req;
@@ -1417,7 +1489,7 @@ static int start_rerank(pipeline_job *j, aff_err *err)
                                          NULL, &j->plan, err);
         if (rc) return rc;
         j->has_plan = true;
-        if ((rc = pipeline_user_source_resolve(j->p, req->collection, req->user_id, &j->plan,
+        if ((rc = pipeline_user_source_resolve(j->p, req->collection, req->user_id, NULL, &j->plan,
                                                &j->src, err)))
             return rc;
         if (j->src.source == PIPELINE_SOURCE_POPULARITY) {
@@ -1493,8 +1565,9 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
             return rc;
         j->has_plan = true;
         j->base = &j->plan.filter;
-        if ((rc = pipeline_user_source_resolve(j->p, req->collection, req->user_id, &j->plan,
-                                               &j->src, err)))
+        if ((rc = pipeline_user_source_resolve(j->p, req->collection, req->user_id,
+                                               ranked_by(j, req->collection), &j->plan, &j->src,
+                                               err)))
             return rc;
         j->qvec = j->src.vector;
     } else {

@@ -306,19 +306,23 @@ void pipeline_page_destroy(pipeline_page *page);
  * against. POPULARITY has no vector. */
 typedef struct pipeline_user_source {
     pipeline_source source;
-    char space[AFF_MAX_NAME_LEN + 1]; /* engine collection searched with vector */
+    char space[AFF_MAX_NAME_LEN + 1];   /* engine collection searched with vector */
+    char history[AFF_MAX_NAME_LEN + 1]; /* whose history explains the hits (reasons) */
     uint32_t dim;
     float *vector;               /* owned (free()); NULL for POPULARITY */
     pipeline_reason_kind reason; /* default reason of the hits it produces */
 } pipeline_user_source;
 
-/* Decides who answers for user_id in collection: today the stored content profile (space =
- * collection) or, without one, popularity. plan is the profiles module's snapshot (profile
- * vector and exclusions) already read for this request. A learned model plugs in here: look
- * up the user's factor first and, when found, answer with its source, its factor space and
- * reason LIKED_BY_SIMILAR_SHOPPERS. */
+/* Decides who answers for user_id in collection, in this order: the content profile of
+ * ranked_by (another collection of the same dimension whose behaviour ranks this one, e.g.
+ * products for banners; from the serving config's "collections"; NULL: none) searched
+ * against collection; the user's own content profile in collection (plan, the profiles
+ * module's snapshot of vector and exclusions already read for this request); popularity.
+ * A learned model plugs in here first: look up the user's factor and, when found, answer
+ * with its source, its factor space (an engine collection holding the item factors under the
+ * same ids) and reason LIKED_BY_SIMILAR_SHOPPERS. */
 int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const char *user_id,
-                                 const profiles_plan *plan, pipeline_user_source *out,
-                                 aff_err *err);
+                                 const char *ranked_by, const profiles_plan *plan,
+                                 pipeline_user_source *out, aff_err *err);
 
 #endif

@@ -222,6 +222,7 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
     }
     int code = 0;
     aff_item *items = NULL;
+    float *linked = NULL; /* derived vectors of linked items */
     if (r->collection[0]) {
         if (st->collection[0] && strcmp(st->collection, r->collection) != 0) {
             snprintf(msg, sizeof msg,
@@ -260,6 +261,41 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
                               .available = it->available_set ? it->available : true};
     }
     aff_err err;
+    /* Linked items without a vector: derived from what they link to (the catalog decides). */
+    size_t n_linked = 0;
+    for (size_t i = 0; i < r->n_items; i++)
+        n_linked += r->items[i]->n_vector == 0 && r->items[i]->n_linked_ids;
+    if (n_linked) {
+        uint32_t dim;
+        if (engine_collection_dim(c->t->engine, st->collection, &dim, &err)) {
+            snprintf(msg, sizeof msg, "message %llu: %s", (unsigned long long)st->batches, err.msg);
+            code = aff_status_grpc_code(err.code);
+            goto out;
+        }
+        if (!(linked = transport__calloc(n_linked * dim, sizeof *linked))) {
+            snprintf(msg, sizeof msg, "out of memory deriving linked vectors");
+            code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+            goto out;
+        }
+        for (size_t i = 0, l = 0; i < r->n_items; i++) {
+            const Affinity__V1__Item *it = r->items[i];
+            if (it->n_vector || !it->n_linked_ids) continue;
+            char field[32];
+            snprintf(field, sizeof field, "items[%zu]", i);
+            const char *lc = it->linked_collection[0] ? it->linked_collection : st->collection;
+            if (catalog_link_vector(c->t->cfg.catalog, lc, (const char *const *)it->linked_ids,
+                                    it->n_linked_ids, dim, field, linked + l * dim, &err)) {
+                snprintf(msg, sizeof msg, "message %llu: %s; %llu items applied before it",
+                         (unsigned long long)st->batches, err.msg,
+                         (unsigned long long)st->upserted);
+                code = aff_status_grpc_code(err.code);
+                goto out;
+            }
+            items[i].vector = linked + l * dim;
+            items[i].dim = dim;
+            l++;
+        }
+    }
     if (r->n_items && catalog_upsert(c->t->cfg.catalog, st->collection, items, r->n_items, &err)) {
         snprintf(msg, sizeof msg, "message %llu: %s; %llu items applied before it",
                  (unsigned long long)st->batches, err.msg, (unsigned long long)st->upserted);
@@ -270,6 +306,7 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
     st->batches++;
 out:
     free(items);
+    free(linked);
     protobuf_c_message_free_unpacked(&r->base, NULL);
     if (code)
         upsert_finish(c, code, msg);

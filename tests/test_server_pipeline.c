@@ -120,7 +120,8 @@ static void start(void)
     const char *text =
         "{\"presets\": {\"home\": {\"pins\": [{\"item_id\": \"toys-03\", \"position\": 2}],"
         " \"promotions\": [{\"name\": \"book-fair\", \"filter\": {\"categories\": [\"books\"]},"
-        " \"share\": 0.3}]}}}";
+        " \"share\": 0.3}]}},"
+        " \"collections\": {\"banners\": {\"ranked_by\": \"shop\"}}}";
     cr_assert_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
     close(fd);
     const char *args[] = {"--serving-config", presets_path, NULL};
@@ -490,8 +491,9 @@ Test(server_pipeline, recommend_page_fills_every_slot_once)
     cr_assert(is_hex32(r->recommendation_id));
     cr_assert_str_eq(r->request_id, "page-1");
     cr_assert_eq(r->n_slots, 4);
-    cr_assert_eq(r->slots[0]->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_POPULARITY,
-                 "no banner events yet: the hero is popular (or empty)");
+    cr_assert_eq(r->slots[0]->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_PROFILE,
+                 "banners are ranked by the shopper's shop profile (serving config)");
+    cr_assert_eq(r->slots[0]->n_hits, 1);
     for (size_t i = 1; i < 4; i++) {
         const Affinity__V1__SlotResult *res = r->slots[i];
         cr_assert_str_eq(res->name, names[i]);
@@ -522,4 +524,75 @@ Test(server_pipeline, recommend_page_fills_every_slot_once)
     r = page("cat", sp, 4, &code, &st);
     cr_assert_eq(code, TS_NOT_FOUND, "%d %s", code, st.message);
     cr_assert(strstr(st.message, "slots[1] (for-you)"), "%s", st.message);
+}
+
+Test(server_pipeline, banners_linked_to_products_are_ranked_by_the_product_profile)
+{
+    ts_create_collection(cl, "banners", DIM, AFFINITY__V1__METRIC__METRIC_COSINE);
+    /* banner-<c> links to three items of category c and has no vector of its own */
+    Affinity__V1__Item items[N_CATS];
+    Affinity__V1__Item *ptrs[N_CATS];
+    char bid[N_CATS][16];
+    char *links[N_CATS][3];
+    for (int c = 0; c < N_CATS; c++) {
+        affinity__v1__item__init(&items[c]);
+        snprintf(bid[c], sizeof bid[c], "banner-%s", cat_names[c]);
+        items[c].id = bid[c];
+        for (int l = 0; l < 3; l++)
+            links[c][l] = ids[c * N_PER_CAT + l];
+        items[c].n_linked_ids = 3;
+        items[c].linked_ids = links[c];
+        items[c].linked_collection = "shop";
+        ptrs[c] = &items[c];
+    }
+    transport_client_stream *s = NULL;
+    aff_err err;
+    transport_call_status st;
+    cr_assert_eq(transport_client_stream_open(cl, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
+    Affinity__V1__UpsertItemsRequest up = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
+    up.collection = "banners";
+    up.n_items = N_CATS;
+    up.items = ptrs;
+    cr_assert_eq(transport_client_stream_send(s, &up.base, &err), 0);
+    Affinity__V1__UpsertItemsResponse *ur = NULL;
+    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
+                                   (ProtobufCMessage **)&ur, &st);
+    cr_assert_eq(st.code, 0, "%s", st.message);
+    cr_assert_eq(ur->upserted_count, N_CATS);
+    transport_client_free(&ur->base);
+    transport_client_stream_destroy(s);
+
+    /* a shopper who only ever looked at garden products */
+    const int hist[3] = {2 * N_PER_CAT + 5, 2 * N_PER_CAT + 6, 2 * N_PER_CAT + 7};
+    put_views(cl, "gardener", hist, 3);
+    Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
+    req.collection = "banners";
+    req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_ID;
+    req.user_id = "gardener";
+    req.k = 2;
+    Affinity__V1__RecommendResponse *r;
+    cr_assert_eq(recommend(cl, &req, &r, &st), 0, "%s", st.message);
+    cr_assert_eq(r->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_PROFILE);
+    cr_assert_eq(r->n_hits, 2);
+    cr_assert_str_eq(r->hits[0]->id, "banner-garden");
+    cr_assert_eq(r->hits[0]->reason->kind,
+                 AFFINITY__V1__REASON_KIND__REASON_KIND_SIMILAR_TO_HISTORY_ITEM);
+    cr_assert(strncmp(r->hits[0]->reason->related_item_id, "garden-0", 8) == 0, "%s",
+              r->hits[0]->reason->related_item_id);
+    transport_client_free(&r->base);
+
+    /* a link to nothing is refused, naming the item */
+    char *none[1] = {"no-such-product"};
+    items[0].n_linked_ids = 1;
+    items[0].linked_ids = none;
+    up.n_items = 1;
+    cr_assert_eq(transport_client_stream_open(cl, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
+    transport_client_stream_send(s, &up.base, &err);
+    ur = NULL;
+    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
+                                   (ProtobufCMessage **)&ur, &st);
+    cr_assert_eq(st.code, TS_INVALID_ARGUMENT, "%s", st.message);
+    cr_assert(strstr(st.message, "items[0]"), "%s", st.message);
+    if (ur) transport_client_free(&ur->base);
+    transport_client_stream_destroy(s);
 }
