@@ -148,6 +148,50 @@ static int json_filter(preset_set *s, const jsonv *v, const char *field, aff_fil
     return AFF_OK;
 }
 
+/* An "audience" object, or NULL when absent. */
+static int json_audience(preset_set *s, const jsonv *v, const char *field,
+                         const pipeline_audience **out, aff_err *err)
+{
+    *out = NULL;
+    if (!v) return AFF_OK;
+    if (v->type != JSONV_OBJECT) return aff__fail(err, AFF_EINVAL, "%s must be an object", field);
+    pipeline_audience *a = set_alloc(s, 1, sizeof *a);
+    if (!a) return aff__fail(err, AFF_ENOMEM, "out of memory reading presets");
+    pipeline_audience_init(a);
+    char sub[200];
+    int rc;
+    struct {
+        const char *key;
+        float *f;
+    } nums[] = {{"min_price_sensitivity", &a->min_price_sensitivity},
+                {"max_price_sensitivity", &a->max_price_sensitivity},
+                {"min_loyalty", &a->min_loyalty},
+                {"min_activity", &a->min_activity},
+                {"min_purchase_intent", &a->min_purchase_intent}};
+    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
+        double d = *nums[i].f;
+        snprintf(sub, sizeof sub, "%s.%s", field, nums[i].key);
+        if ((rc = json_number(jsonv_get(v, nums[i].key), sub, &d, err))) return rc;
+        *nums[i].f = (float)d;
+    }
+    double h = -1;
+    snprintf(sub, sizeof sub, "%s.from_hour", field);
+    if ((rc = json_number(jsonv_get(v, "from_hour"), sub, &h, err))) return rc;
+    a->from_hour = (int)h;
+    h = -1;
+    snprintf(sub, sizeof sub, "%s.to_hour", field);
+    if ((rc = json_number(jsonv_get(v, "to_hour"), sub, &h, err))) return rc;
+    a->to_hour = (int)h;
+    snprintf(sub, sizeof sub, "%s.devices", field);
+    if ((rc = json_strings(s, jsonv_get(v, "devices"), sub, &a->devices, &a->n_devices, err)))
+        return rc;
+    snprintf(sub, sizeof sub, "%s.locales", field);
+    if ((rc = json_strings(s, jsonv_get(v, "locales"), sub, &a->locales, &a->n_locales, err)))
+        return rc;
+    *out = a;
+    return AFF_OK;
+}
+
 static int json_rules(preset_set *s, const jsonv *v, const char *field, pipeline_rules *r,
                       aff_err *err)
 {
@@ -169,6 +213,10 @@ static int json_rules(preset_set *s, const jsonv *v, const char *field, pipeline
             snprintf(sub, sizeof sub, "%s.boosts[%zu].weight", field, i);
             if ((rc = json_number(jsonv_get(&a->items[i], "weight"), sub, &w, err))) return rc;
             b[i].weight = (float)w;
+            snprintf(sub, sizeof sub, "%s.boosts[%zu].audience", field, i);
+            if ((rc = json_audience(s, jsonv_get(&a->items[i], "audience"), sub, &b[i].audience,
+                                    err)))
+                return rc;
         }
         r->boosts = b;
         r->n_boosts = (uint32_t)a->n;
@@ -212,6 +260,10 @@ static int json_rules(preset_set *s, const jsonv *v, const char *field, pipeline
             snprintf(sub, sizeof sub, "%s.promotions[%zu].share", field, i);
             if ((rc = json_number(jsonv_get(&a->items[i], "share"), sub, &sh, err))) return rc;
             pr[i].share = (float)sh;
+            snprintf(sub, sizeof sub, "%s.promotions[%zu].audience", field, i);
+            if ((rc = json_audience(s, jsonv_get(&a->items[i], "audience"), sub, &pr[i].audience,
+                                    err)))
+                return rc;
         }
         r->promotions = pr;
         r->n_promotions = (uint32_t)a->n;
@@ -502,9 +554,53 @@ static uint32_t slots_of(float share, uint32_t k)
     return (uint32_t)floor((double)share * k + 0.5);
 }
 
+void pipeline_audience_init(pipeline_audience *a)
+{
+    *a = (pipeline_audience){.min_price_sensitivity = 0.0f,
+                             .max_price_sensitivity = 1.0f,
+                             .from_hour = -1,
+                             .to_hour = -1};
+}
+
+static int validate_audience(const pipeline_audience *a, const char *field, const char *what,
+                             uint32_t i, aff_err *err)
+{
+    if (!a) return AFF_OK;
+    const struct {
+        const char *name;
+        float v;
+    } unit[] = {{"min_price_sensitivity", a->min_price_sensitivity},
+                {"max_price_sensitivity", a->max_price_sensitivity},
+                {"min_loyalty", a->min_loyalty},
+                {"min_purchase_intent", a->min_purchase_intent}};
+    for (size_t u = 0; u < sizeof unit / sizeof unit[0]; u++)
+        if (!(unit[u].v >= 0.0f && unit[u].v <= 1.0f))
+            return aff__fail(err, AFF_EINVAL, "%s.%s[%u].audience.%s = %g is outside 0..1", field,
+                             what, i, unit[u].name, (double)unit[u].v);
+    if (a->min_price_sensitivity > a->max_price_sensitivity)
+        return aff__fail(err, AFF_EINVAL,
+                         "%s.%s[%u].audience.min_price_sensitivity is above max_price_sensitivity",
+                         field, what, i);
+    if (!(a->min_activity >= 0.0f && isfinite(a->min_activity)))
+        return aff__fail(err, AFF_EINVAL, "%s.%s[%u].audience.min_activity must be >= 0", field,
+                         what, i);
+    if (a->from_hour < -1 || a->from_hour > 23 || a->to_hour < -1 || a->to_hour > 23 ||
+        (a->from_hour < 0) != (a->to_hour < 0))
+        return aff__fail(err, AFF_EINVAL,
+                         "%s.%s[%u].audience.from_hour/to_hour must both be 0..23 (or both unset)",
+                         field, what, i);
+    return AFF_OK;
+}
+
 int pipeline_validate_rules(const pipeline_rules *r, uint32_t k, const char *field, aff_err *err)
 {
     if (!r) return AFF_OK;
+    int arc;
+    for (uint32_t i = 0; i < r->n_boosts && i < PIPELINE_MAX_BOOSTS; i++)
+        if ((arc = validate_audience(r->boosts[i].audience, field, "boosts", i, err))) return arc;
+    for (uint32_t i = 0; i < r->n_promotions && i < PIPELINE_MAX_PROMOTIONS; i++)
+        if ((arc = validate_audience(r->promotions[i].audience, field, "promotions", i, err)))
+            return arc;
     if (r->n_boosts > PIPELINE_MAX_BOOSTS)
         return aff__fail(err, AFF_EINVAL, "%s.boosts has %u entries; at most %d", field,
                          r->n_boosts, PIPELINE_MAX_BOOSTS);
@@ -901,8 +997,8 @@ struct pipeline_job {
     const pipeline_request *req;
     pipeline_done_fn done;
     void *user;
-    preset_set *presets; /* referenced while the merged rules borrow from it */
-    void *owned_rules[3];
+    preset_set *presets;  /* referenced while the merged rules borrow from it */
+    void *owned_rules[5]; /* merged boosts, pins, promotions; audience-filtered boosts, promos */
     pipeline_rules rules; /* merged, validated */
     bool ranked;          /* any rule, diversity or exploration: over-fetch and rank */
     uint32_t k, kq, kpromo;
@@ -955,7 +1051,7 @@ void pipeline_job_destroy(pipeline_job *j)
     if (!j) return;
     if (j->has_plan) profiles_plan_release(&j->plan);
     free(j->src.vector);
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 5; i++)
         free(j->owned_rules[i]);
     preset_set_unref(j->presets);
     free(j->promo_filters);
@@ -1469,6 +1565,96 @@ static const char *ranked_by(pipeline_job *j, const char *collection)
     return NULL;
 }
 
+static bool audience_needs_traits(const pipeline_audience *a)
+{
+    return a && (a->min_price_sensitivity > 0.0f || a->max_price_sensitivity < 1.0f ||
+                 a->min_loyalty > 0.0f || a->min_activity > 0.0f || a->min_purchase_intent > 0.0f);
+}
+
+static bool any_of_str(const char *s, const char *const *set, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (s && set[i] && strcmp(s, set[i]) == 0) return true;
+    return false;
+}
+
+static bool audience_matches(const pipeline_audience *a, const profiles_traits *t,
+                             const pipeline_context *ctx, int hour)
+{
+    if (!a) return true;
+    if (audience_needs_traits(a)) {
+        if (!t) return false;
+        if (t->price_sensitivity < a->min_price_sensitivity ||
+            t->price_sensitivity > a->max_price_sensitivity || t->loyalty < a->min_loyalty ||
+            t->activity < a->min_activity || t->purchase_intent < a->min_purchase_intent)
+            return false;
+    }
+    if (a->n_devices && !any_of_str(ctx ? ctx->device : NULL, a->devices, a->n_devices))
+        return false;
+    if (a->n_locales && !any_of_str(ctx ? ctx->locale : NULL, a->locales, a->n_locales))
+        return false;
+    if (a->from_hour >= 0) {
+        bool in = a->from_hour <= a->to_hour ? hour >= a->from_hour && hour <= a->to_hour
+                                             : hour >= a->from_hour || hour <= a->to_hour;
+        if (!in) return false;
+    }
+    return true;
+}
+
+/* Keeps the boosts and promotions whose audience matches this shopper and request. Traits are
+ * read (one history scan) only when an audience asks for them. */
+static int apply_audiences(pipeline_job *j, aff_err *err)
+{
+    pipeline_rules *r = &j->rules;
+    bool any = false, traits_needed = false;
+    for (uint32_t i = 0; i < r->n_boosts; i++) {
+        any |= r->boosts[i].audience != NULL;
+        traits_needed |= audience_needs_traits(r->boosts[i].audience);
+    }
+    for (uint32_t i = 0; i < r->n_promotions; i++) {
+        any |= r->promotions[i].audience != NULL;
+        traits_needed |= audience_needs_traits(r->promotions[i].audience);
+    }
+    if (!any) return AFF_OK;
+    profiles_traits traits, *t = NULL;
+    if (traits_needed && j->req->user_id) {
+        const char *coll = j->src.history[0] ? j->src.history : j->req->collection;
+        aff_err terr;
+        int rc = profiles_user_traits(j->p->profiles, coll, j->req->user_id, &traits, &terr);
+        if (rc == AFF_OK)
+            t = &traits;
+        else if (rc != AFF_ENOTFOUND)
+            return aff__fail(err, rc, "%s", terr.msg);
+    }
+    const pipeline_context *ctx = j->req->context;
+    int hour = ctx && ctx->hour >= 0 ? ctx->hour : -1;
+    if (hour < 0) {
+        time_t now = time(NULL);
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        hour = tm.tm_hour;
+    }
+    pipeline_boost *b = calloc(r->n_boosts ? r->n_boosts : 1, sizeof *b);
+    pipeline_promotion *pr = calloc(r->n_promotions ? r->n_promotions : 1, sizeof *pr);
+    if (!b || !pr) {
+        free(b);
+        free(pr);
+        return aff__fail(err, AFF_ENOMEM, "out of memory applying audiences");
+    }
+    uint32_t nb = 0, np = 0;
+    for (uint32_t i = 0; i < r->n_boosts; i++)
+        if (audience_matches(r->boosts[i].audience, t, ctx, hour)) b[nb++] = r->boosts[i];
+    for (uint32_t i = 0; i < r->n_promotions; i++)
+        if (audience_matches(r->promotions[i].audience, t, ctx, hour)) pr[np++] = r->promotions[i];
+    j->owned_rules[3] = b;
+    j->owned_rules[4] = pr;
+    r->boosts = b;
+    r->n_boosts = nb;
+    r->promotions = pr;
+    r->n_promotions = np;
+    return AFF_OK;
+}
+
 static int start_rerank(pipeline_job *j, aff_err *err)
 {
     const pipeline_request *req = j->req;
@@ -1545,6 +1731,8 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     if ((rc = find_preset(j, req->preset, &preset, err))) return rc;
     if ((rc = merge_rules(preset, req->rules, &j->rules, j->owned_rules, err))) return rc;
     if ((rc = pipeline_validate_rules(&j->rules, j->k, "rules", err))) return rc;
+    if (req->context && (req->context->hour < -1 || req->context->hour > 23))
+        return aff__fail(err, AFF_EINVAL, "context.hour = %d is outside 0..23", req->context->hour);
     j->ranked = rules_active(&j->rules);
     j->base = req->filter;
     j->n_groups = 1;
@@ -1585,6 +1773,8 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
         snprintf(j->src.space, sizeof j->src.space, "%s", req->collection);
         j->qvec = req->vector;
     }
+    if ((rc = apply_audiences(j, err))) return rc;
+    j->ranked = rules_active(&j->rules);
     j->out.source = j->src.source;
     const pipeline_rules *r = &j->rules;
     if (r->has_exploration && r->exploration_share > 0.0f) {
@@ -1897,7 +2087,8 @@ static void page_run_slot(pipeline_page *pg, uint32_t s)
                                      .exclude_event_types = pg->req->exclude_event_types,
                                      .n_exclude_event_types = pg->req->n_exclude_event_types,
                                      .preset = sl->preset,
-                                     .rules = rules};
+                                     .rules = rules,
+                                     .context = pg->req->context};
     bool pending = false;
     aff_err err;
     /* pipeline_start publishes the job in pg->jobs[s] before it can complete. */

@@ -98,9 +98,31 @@ typedef struct pipeline_hit {
 
 /* ---- rules -------------------------------------------------------------------------------- */
 
+/* Who a rule is for: shopper traits (profiles_traits, computed from events) and the request's
+ * context. Every part set must hold; pipeline_audience_init opens every part. */
+typedef struct pipeline_audience {
+    float min_price_sensitivity, max_price_sensitivity; /* 0..1 */
+    float min_loyalty, min_activity, min_purchase_intent;
+    const char *const *devices; /* any-of; n_devices == 0: any */
+    uint32_t n_devices;
+    const char *const *locales; /* any-of */
+    uint32_t n_locales;
+    int from_hour, to_hour; /* 0..23 inclusive, wrapping when from > to; -1: any hour */
+} pipeline_audience;
+
+void pipeline_audience_init(pipeline_audience *a);
+
+/* The request's context, for audiences. */
+typedef struct pipeline_context {
+    const char *device; /* NULL or "": unknown */
+    const char *locale;
+    int hour; /* 0..23; -1: the server's hour now (UTC) */
+} pipeline_context;
+
 typedef struct pipeline_boost {
-    aff_filter filter; /* items passing it get weight added (see the score rule) */
-    float weight;      /* finite; negative buries */
+    aff_filter filter;                 /* items passing it get weight added (see the score rule) */
+    float weight;                      /* finite; negative buries */
+    const pipeline_audience *audience; /* NULL: everyone */
 } pipeline_boost;
 
 typedef struct pipeline_pin {
@@ -111,7 +133,8 @@ typedef struct pipeline_pin {
 typedef struct pipeline_promotion {
     const char *name; /* 1..PIPELINE_MAX_NAME_LEN bytes; reported in the hit's reason */
     aff_filter filter;
-    float share; /* (0, 1]: round(share * k) slots are reserved */
+    float share;                       /* (0, 1]: round(share * k) slots are reserved */
+    const pipeline_audience *audience; /* NULL: everyone */
 } pipeline_promotion;
 
 /* Rules of one request or preset. Arrays and strings are borrowed. A field is "set" when
@@ -207,8 +230,9 @@ typedef struct pipeline_request {
     const aff_filter *filter;       /* NULL: none */
     const int *exclude_event_types; /* affinity.v1.EventType values; user_id only */
     uint32_t n_exclude_event_types;
-    const char *preset;          /* NULL or "": none */
-    const pipeline_rules *rules; /* NULL: none; applied over the preset */
+    const char *preset;              /* NULL or "": none */
+    const pipeline_rules *rules;     /* NULL: none; applied over the preset */
+    const pipeline_context *context; /* NULL: unknown device and locale, the hour now */
     /* RERANK */
     const char *const *candidate_ids;
     const float *base_scores;
@@ -271,6 +295,7 @@ typedef struct pipeline_page_request {
     const char *layout;
     const int *exclude_event_types; /* as pipeline_request; applied in every slot */
     uint32_t n_exclude_event_types;
+    const pipeline_context *context;
 } pipeline_page_request;
 
 typedef struct pipeline_page_output {

@@ -166,6 +166,22 @@ void rpc_get_user(tcall *c, ProtobufCMessage *msg)
         resp.n_top_categories = info->n_top_categories;
         resp.top_categories = cat_ptrs;
         resp.history_length = info->history_length;
+        profiles_traits tr;
+        Affinity__V1__Traits traits = AFFINITY__V1__TRAITS__INIT;
+        if (profiles_user_traits(c->t->cfg.profiles, r->collection, r->user_id, &tr, &err) ==
+            AFF_OK) {
+            traits.price_sensitivity = tr.price_sensitivity;
+            traits.recency_days = tr.recency_days;
+            traits.frequency_90d = tr.frequency_90d;
+            traits.monetary_90d = tr.monetary_90d;
+            traits.rfm_recency = tr.r;
+            traits.rfm_frequency = tr.f;
+            traits.rfm_monetary = tr.m;
+            traits.loyalty = tr.loyalty;
+            traits.activity = tr.activity;
+            traits.purchase_intent = tr.purchase_intent;
+            resp.traits = &traits;
+        }
         tcall_finish(c, 0, NULL, &resp.base);
     }
     free(info);

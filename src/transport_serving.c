@@ -51,6 +51,8 @@ typedef struct serve_req {
     pipeline_boost *boosts;
     pipeline_pin *pins;
     pipeline_promotion *promotions;
+    pipeline_audience *audiences; /* per boost, then per promotion */
+    pipeline_context context;
     int *exclude_types;
     const char **candidate_ids;
     float *base_scores;
@@ -62,10 +64,43 @@ static void serve_req_free(serve_req *s)
     free(s->boosts);
     free(s->pins);
     free(s->promotions);
+    free(s->audiences);
     free(s->exclude_types);
     free(s->candidate_ids);
     free(s->base_scores);
     free(s);
+}
+
+/* NULL when pb is NULL; else out, filled. */
+static const pipeline_audience *audience_from_pb(const Affinity__V1__Audience *pb,
+                                                 pipeline_audience *out)
+{
+    if (!pb) return NULL;
+    pipeline_audience_init(out);
+    if (pb->min_price_sensitivity) out->min_price_sensitivity = pb->min_price_sensitivity->value;
+    if (pb->max_price_sensitivity) out->max_price_sensitivity = pb->max_price_sensitivity->value;
+    if (pb->min_loyalty) out->min_loyalty = pb->min_loyalty->value;
+    if (pb->min_activity) out->min_activity = pb->min_activity->value;
+    if (pb->min_purchase_intent) out->min_purchase_intent = pb->min_purchase_intent->value;
+    out->devices = (const char *const *)pb->devices;
+    out->n_devices = (uint32_t)pb->n_devices;
+    out->locales = (const char *const *)pb->locales;
+    out->n_locales = (uint32_t)pb->n_locales;
+    /* out of range values stay out of range, so the pipeline names them */
+    if (pb->from_hour) out->from_hour = pb->from_hour->value > 23 ? 24 : (int)pb->from_hour->value;
+    if (pb->to_hour) out->to_hour = pb->to_hour->value > 23 ? 24 : (int)pb->to_hour->value;
+    return out;
+}
+
+/* NULL when pb is NULL; else out, filled. */
+static const pipeline_context *context_from_pb(const Affinity__V1__RequestContext *pb,
+                                               pipeline_context *out)
+{
+    if (!pb) return NULL;
+    out->device = pb->device;
+    out->locale = pb->locale;
+    out->hour = pb->hour ? (pb->hour->value > 23 ? 24 : (int)pb->hour->value) : -1;
+    return out;
 }
 
 /* Counts are capped only to bound memory; the pipeline checks the limits with field names. */
@@ -76,10 +111,12 @@ static bool rules_from_pb(const Affinity__V1__Rules *r, serve_req *s)
     s->boosts = transport__calloc(r->n_boosts, sizeof *s->boosts);
     s->pins = transport__calloc(r->n_pins, sizeof *s->pins);
     s->promotions = transport__calloc(r->n_promotions, sizeof *s->promotions);
-    if (!s->boosts || !s->pins || !s->promotions) return false;
+    s->audiences = transport__calloc(r->n_boosts + r->n_promotions, sizeof *s->audiences);
+    if (!s->boosts || !s->pins || !s->promotions || !s->audiences) return false;
     for (size_t i = 0; i < r->n_boosts; i++) {
         filter_from_pb(r->boosts[i]->filter, &s->boosts[i].filter);
         s->boosts[i].weight = r->boosts[i]->weight;
+        s->boosts[i].audience = audience_from_pb(r->boosts[i]->audience, &s->audiences[i]);
     }
     for (size_t i = 0; i < r->n_pins; i++)
         s->pins[i] =
@@ -88,6 +125,8 @@ static bool rules_from_pb(const Affinity__V1__Rules *r, serve_req *s)
         s->promotions[i].name = r->promotions[i]->name;
         filter_from_pb(r->promotions[i]->filter, &s->promotions[i].filter);
         s->promotions[i].share = r->promotions[i]->share;
+        s->promotions[i].audience =
+            audience_from_pb(r->promotions[i]->audience, &s->audiences[r->n_boosts + i]);
     }
     o->boosts = s->boosts;
     o->n_boosts = (uint32_t)r->n_boosts;
@@ -136,6 +175,7 @@ static serve_req *recommend_from_pb(const Affinity__V1__RecommendRequest *r)
     q->exclude_event_types = s->exclude_types;
     q->n_exclude_event_types = (uint32_t)r->n_exclude_event_types;
     q->preset = r->preset;
+    q->context = context_from_pb(r->context, &s->context);
     if (!rules_from_pb(r->rules, s)) goto nomem;
     return s;
 nomem:
@@ -507,7 +547,8 @@ void rpc_similar_items(tcall *c, ProtobufCMessage *msg)
                                     .n_item_ids = (uint32_t)r->n_item_ids,
                                     .k = r->k,
                                     .filter = &s->filter,
-                                    .preset = r->preset};
+                                    .preset = r->preset,
+                                    .context = context_from_pb(r->context, &s->context)};
         filter_from_pb(r->filter, &s->filter);
         if (!rules_from_pb(r->rules, s)) {
             serve_req_free(s);
@@ -780,6 +821,7 @@ typedef struct page_state {
     serve_req *slot_reqs; /* per slot: filter and rules storage */
     size_t n_slot_reqs;
     int *exclude_types;
+    pipeline_context context;
     pipeline_page *page;
 } page_state;
 
@@ -792,6 +834,7 @@ static void page_state_free(void *p)
         free(st->slot_reqs[i].boosts);
         free(st->slot_reqs[i].pins);
         free(st->slot_reqs[i].promotions);
+        free(st->slot_reqs[i].audiences);
     }
     free(st->slot_reqs);
     free(st->slots);
@@ -850,6 +893,7 @@ void rpc_recommend_page(tcall *c, ProtobufCMessage *msg)
     size_t n = r->n_slots <= PIPELINE_MAX_SLOTS ? r->n_slots : 0; /* the pipeline refuses more */
     page_state *st = calloc(1, sizeof *st);
     if (st) {
+        st->req.context = context_from_pb(r->context, &st->context);
         c->state = st;
         c->state_free = page_state_free;
         st->slots = transport__calloc(n, sizeof *st->slots);

@@ -964,3 +964,123 @@ Test(pipeline_page, layouts_come_from_the_serving_config)
     svc_stop(&s);
     unlink(path);
 }
+
+/* ---- traits and audiences ----------------------------------------------------------------------
+ */
+
+static void typed_events(svc *s, const char *user, const int *items, const profiles_event_kind *k,
+                         int n)
+{
+    profiles_event ev[16];
+    for (int i = 0; i < n; i++)
+        ev[i] = (profiles_event){.item_id = s->ids[items[i]], .type = k[i]};
+    uint32_t applied = 0, n_rej = 0;
+    profiles_rejection rej[16];
+    aff_err err;
+    cr_assert_eq(
+        profiles_put_events(s->profiles, "shop", user, ev, (size_t)n, &applied, rej, &n_rej, &err),
+        AFF_OK, "%s", err.msg);
+    cr_assert_eq(applied, (uint32_t)n, "%s", n_rej ? rej[0].reason : "");
+}
+
+Test(pipeline_traits, traits_from_synthetic_histories)
+{
+    svc s;
+    svc_start(&s, NULL);
+    const profiles_event_kind V = PROFILES_EVENT_VIEW, P = PROFILES_EVENT_PURCHASE,
+                              C = PROFILES_EVENT_ADD_TO_CART;
+    /* prices are index % 10: items 9, 19, 29 cost 9; items 1, 11 cost 1 */
+    const int thrifty_items[5] = {9, 19, 29, 1, 11};
+    const profiles_event_kind thrifty_kinds[5] = {V, V, V, P, P};
+    typed_events(&s, "thrifty", thrifty_items, thrifty_kinds, 5);
+    const int lavish_items[2] = {1, 9};
+    const profiles_event_kind lavish_kinds[2] = {V, P};
+    typed_events(&s, "lavish", lavish_items, lavish_kinds, 2);
+    const int carter_items[2] = {5, 6};
+    const profiles_event_kind carter_kinds[2] = {C, V};
+    typed_events(&s, "carter", carter_items, carter_kinds, 2);
+
+    profiles_traits t;
+    aff_err err;
+    cr_assert_eq(profiles_user_traits(s.profiles, "shop", "thrifty", &t, &err), AFF_OK, "%s",
+                 err.msg);
+    cr_assert_float_eq(t.price_sensitivity, 0.5f + 0.5f * 8.0f / 9.0f, 1e-5);
+    cr_assert_eq(t.frequency_90d, 2);
+    cr_assert_float_eq(t.monetary_90d, 2.0, 1e-9);
+    cr_assert_eq(t.r, 5);
+    cr_assert_eq(t.f, 3);
+    cr_assert_eq(t.m, 2);
+    cr_assert_float_eq(t.loyalty, 7.0f / 12.0f, 1e-6);
+    cr_assert_float_eq(t.activity, 5.0f / 7.0f, 1e-6);
+    cr_assert_float_eq(t.purchase_intent, 0.15f, 1e-6); /* three views in the last hour */
+    cr_assert_lt(t.recency_days, 0.01f);
+
+    cr_assert_eq(profiles_user_traits(s.profiles, "shop", "lavish", &t, &err), AFF_OK);
+    cr_assert_float_eq(t.price_sensitivity, 0.5f - 0.5f * 8.0f / 9.0f, 1e-5);
+    cr_assert_eq(profiles_user_traits(s.profiles, "shop", "carter", &t, &err), AFF_OK);
+    cr_assert_float_eq(t.purchase_intent, 0.55f, 1e-6, "an open cart and one view");
+    cr_assert_float_eq(t.price_sensitivity, 0.5f + 0.5f / 6.0f, 1e-6, "carted 5, viewed 6");
+    const int bought[1] = {5};
+    const profiles_event_kind buy[1] = {P};
+    typed_events(&s, "carter", bought, buy, 1);
+    cr_assert_eq(profiles_user_traits(s.profiles, "shop", "carter", &t, &err), AFF_OK);
+    cr_assert_float_eq(t.purchase_intent, 0.05f, 1e-6, "the cart was bought");
+    cr_assert_eq(profiles_user_traits(s.profiles, "shop", "nobody", &t, &err), AFF_ENOTFOUND);
+
+    /* audiences: a promotion for price-sensitive shoppers, a boost for mobile at any hour */
+    const char *toys[1] = {"toys"}, *mobile[1] = {"mobile"};
+    pipeline_audience sensitive, on_mobile;
+    pipeline_audience_init(&sensitive);
+    sensitive.min_price_sensitivity = 0.7f;
+    pipeline_audience_init(&on_mobile);
+    on_mobile.devices = mobile;
+    on_mobile.n_devices = 1;
+    pipeline_promotion promo = {.name = "deals", .share = 0.3f, .audience = &sensitive};
+    aff_filter_init(&promo.filter);
+    promo.filter.categories = toys;
+    promo.filter.n_categories = 1;
+    const char *sale[1] = {"sale"};
+    pipeline_boost boost = {.weight = 10.0f, .audience = &on_mobile};
+    aff_filter_init(&boost.filter);
+    boost.filter.tags = sale; /* items with index % 3 == 0 */
+    boost.filter.n_tags = 1;
+    pipeline_rules rules = {.promotions = &promo, .n_promotions = 1};
+    pipeline_request req = {
+        .kind = PIPELINE_RECOMMEND, .collection = "shop", .k = 10, .rules = &rules};
+    const char *users[2] = {"thrifty", "lavish"};
+    for (int u = 0; u < 2; u++) {
+        req.user_id = users[u];
+        pipeline_job *job;
+        cr_assert_eq(run(&s, &req, &job, &err), AFF_OK, "%s", err.msg);
+        const pipeline_output *o = pipeline_job_output(job);
+        cr_assert_eq(o->status, AFF_OK, "%s", o->err.msg);
+        int promoted = 0;
+        for (uint32_t i = 0; i < o->n_hits[0]; i++)
+            promoted += o->hits[0][i].reason.kind == PIPELINE_REASON_PROMOTED;
+        cr_assert_eq(promoted, u == 0 ? 3 : 0, "%s: %d promoted", users[u], promoted);
+        pipeline_job_destroy(job);
+    }
+    rules = (pipeline_rules){.boosts = &boost, .n_boosts = 1};
+    pipeline_context ctx = {.device = "mobile", .hour = -1};
+    req.user_id = "lavish";
+    for (int c = 0; c < 2; c++) {
+        req.context = c == 0 ? &ctx : NULL;
+        pipeline_job *job;
+        cr_assert_eq(run(&s, &req, &job, &err), AFF_OK, "%s", err.msg);
+        const pipeline_output *o = pipeline_job_output(job);
+        cr_assert_eq(o->status, AFF_OK, "%s", o->err.msg);
+        int sale_on_top = 0;
+        for (uint32_t i = 0; i < 3; i++)
+            sale_on_top += index_of(&s, o->hits[0][i].id) % 3 == 0;
+        if (c == 0) cr_assert_eq(sale_on_top, 3, "boosted on mobile");
+        if (c == 0) cr_assert_gt(o->hits[0][0].score, 5.0f, "score + 10");
+        if (c == 1) cr_assert_lt(o->hits[0][0].score, 1.5f, "no boost without the context");
+        pipeline_job_destroy(job);
+    }
+    /* a bad audience names its field */
+    sensitive.min_price_sensitivity = 1.5f;
+    rules = (pipeline_rules){.promotions = &promo, .n_promotions = 1};
+    cr_assert_eq(pipeline_validate_rules(&rules, 10, "rules", &err), AFF_EINVAL);
+    cr_assert(strstr(err.msg, "rules.promotions[0].audience.min_price_sensitivity"), "%s", err.msg);
+    svc_stop(&s);
+}

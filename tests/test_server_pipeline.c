@@ -596,3 +596,82 @@ Test(server_pipeline, banners_linked_to_products_are_ranked_by_the_product_profi
     if (ur) transport_client_free(&ur->base);
     transport_client_stream_destroy(s);
 }
+
+Test(server_pipeline, traits_in_get_user_and_audiences_in_rules)
+{
+    const int hist[3] = {1, 2, 3};
+    put_views(cl, "tess", hist, 3);
+    Affinity__V1__GetUserRequest gr = AFFINITY__V1__GET_USER_REQUEST__INIT;
+    gr.collection = "shop";
+    gr.user_id = "tess";
+    Affinity__V1__GetUserResponse *u = NULL;
+    transport_call_status st;
+    cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_GET_USER, &gr,
+                         &affinity__v1__get_user_response__descriptor, 0, &u, &st),
+                 0, "%s", st.message);
+    cr_assert_not_null(u->traits);
+    cr_assert_float_eq(u->traits->activity, 3.0f / 7.0f, 1e-5);
+    cr_assert_float_eq(u->traits->price_sensitivity, 0.5f, 1e-6, "nothing bought: neutral");
+    cr_assert_eq(u->traits->rfm_recency, 5);
+    cr_assert_eq(u->traits->rfm_frequency, 1);
+    cr_assert_float_eq(u->traits->purchase_intent, 0.15f, 1e-5);
+    transport_client_free(&u->base);
+
+    /* a promotion for shoppers with purchase intent >= 0.1 and a tablet-only one */
+    Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
+    req.collection = "shop";
+    req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_ID;
+    req.user_id = "tess";
+    req.k = 10;
+    Affinity__V1__Rules rules = AFFINITY__V1__RULES__INIT;
+    Affinity__V1__Promotion p1 = AFFINITY__V1__PROMOTION__INIT, p2 = AFFINITY__V1__PROMOTION__INIT;
+    Affinity__V1__Filter f1 = AFFINITY__V1__FILTER__INIT, f2 = AFFINITY__V1__FILTER__INIT;
+    char *garden = "garden", *toys = "toys";
+    f1.n_categories = 1;
+    f1.categories = &garden;
+    f2.n_categories = 1;
+    f2.categories = &toys;
+    Affinity__V1__Audience a1 = AFFINITY__V1__AUDIENCE__INIT, a2 = AFFINITY__V1__AUDIENCE__INIT;
+    Affinity__V1__FloatValue intent = AFFINITY__V1__FLOAT_VALUE__INIT;
+    intent.value = 0.1f;
+    a1.min_purchase_intent = &intent;
+    char *tablet = "tablet";
+    a2.n_devices = 1;
+    a2.devices = &tablet;
+    p1.name = "garden-intent";
+    p1.filter = &f1;
+    p1.share = 0.2f;
+    p1.audience = &a1;
+    p2.name = "toys-tablet";
+    p2.filter = &f2;
+    p2.share = 0.2f;
+    p2.audience = &a2;
+    Affinity__V1__Promotion *promos[2] = {&p1, &p2};
+    rules.n_promotions = 2;
+    rules.promotions = promos;
+    req.rules = &rules;
+    Affinity__V1__RequestContext ctx = AFFINITY__V1__REQUEST_CONTEXT__INIT;
+    ctx.device = "phone";
+    req.context = &ctx;
+    Affinity__V1__RecommendResponse *r;
+    cr_assert_eq(recommend(cl, &req, &r, &st), 0, "%s", st.message);
+    int garden_promo = 0, toys_promo = 0;
+    for (size_t i = 0; i < r->n_hits; i++) {
+        if (r->hits[i]->reason->kind != AFFINITY__V1__REASON_KIND__REASON_KIND_PROMOTED) continue;
+        garden_promo += strcmp(r->hits[i]->reason->promotion, "garden-intent") == 0;
+        toys_promo += strcmp(r->hits[i]->reason->promotion, "toys-tablet") == 0;
+    }
+    cr_assert_eq(garden_promo, 2);
+    cr_assert_eq(toys_promo, 0, "a phone is not a tablet");
+    transport_client_free(&r->base);
+
+    Affinity__V1__FloatValue bad = AFFINITY__V1__FLOAT_VALUE__INIT;
+    bad.value = 2.0f;
+    a1.min_loyalty = &bad;
+    expect_bad(&req, "rules.promotions[0].audience.min_loyalty");
+    a1.min_loyalty = NULL;
+    Affinity__V1__UInt32Value hour = AFFINITY__V1__UINT32_VALUE__INIT;
+    hour.value = 30;
+    ctx.hour = &hour;
+    expect_bad(&req, "context.hour");
+}
