@@ -190,7 +190,7 @@ int main(int argc, char **argv)
 
     /* rules: every kind on */
     static const char *sale = "sale", *eco = "eco", *gift_cat = "cat07";
-    pipeline_boost boosts[2];
+    pipeline_boost boosts[2] = {0};
     aff_filter_init(&boosts[0].filter);
     boosts[0].filter.tags = &sale;
     boosts[0].filter.n_tags = 1;

@@ -8,7 +8,9 @@
  *               "space"), answers: pipeline_user_source(); rules merged from a preset and the
  *               request and validated once, here
  *   candidates  the engine through the batcher (or popularity), over-fetched (k' > k) when
- *               rules, diversity or exploration need room; one extra query per promotion
+ *               rules, diversity or exploration need room; promotions take their items from
+ *               that pool, and run their own queries (a second round) only when it lacks
+ *               matches; rules that starve (caps) get one deeper round
  *   filters     the request's filter runs inside the engine's scoring pass (any-of and
  *               none-of categories and tags, price, availability, exclusions)
  *   rules       boosts and buries, promotions with a reserved share, a cap per category,

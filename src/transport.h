@@ -2,10 +2,11 @@
  * transport.h: the gRPC server (affinity.v1.Affinity and grpc.health.v1.Health) on gRPC C
  * core's asynchronous API.
  *
- * The transport decodes and validates requests, checks the bearer token, and either answers
- * on its completion-queue thread (collections, catalog, server info, health) or hands plain C
- * requests to the batcher (Search, SimilarItems, Recommend, Rerank, BatchRecommend) and
- * answers from the batcher's completion callback. No gRPC or protobuf type leaks out of this
+ * The transport decodes requests, checks the bearer token, and either answers on its
+ * completion-queue thread (collections, catalog, server info, health) or hands plain C
+ * requests on: Search to the batcher, SimilarItems, Recommend, Rerank, BatchRecommend and
+ * RecommendPage to the ranking pipeline (which decides and queues them), answering from the
+ * completion callback. No gRPC or protobuf type leaks out of this
  * header.
  *
  * Life cycle: transport_create binds and starts serving with health NOT_SERVING (every call
