@@ -481,21 +481,26 @@ static preset_set *presets_acquire(aff_pipeline *p)
     if (!p->presets_path) return NULL;
     int64_t now = now_ns();
     bool check = false;
+    struct timespec seen;
     pthread_mutex_lock(&p->mu);
     if (now - p->checked_ns >= 1000000000) {
         p->checked_ns = now;
         check = true;
     }
+    seen = p->mtime;
     pthread_mutex_unlock(&p->mu);
     if (check) {
         struct stat st;
         if (stat(p->presets_path, &st) == 0 &&
-            (st.st_mtim.tv_sec != p->mtime.tv_sec || st.st_mtim.tv_nsec != p->mtime.tv_nsec)) {
+            (st.st_mtim.tv_sec != seen.tv_sec || st.st_mtim.tv_nsec != seen.tv_nsec)) {
             aff_err err;
-            if (pipeline_reload_presets(p, &err))
+            if (pipeline_reload_presets(p, &err)) {
                 aff_log_kv(AFF_LOG_ERROR, "presets not reloaded; the previous ones stay", "error",
                            err.msg, NULL);
-            else
+                pthread_mutex_lock(&p->mu);
+                p->mtime = st.st_mtim; /* logged once per change of the file */
+                pthread_mutex_unlock(&p->mu);
+            } else
                 aff_log_kv(AFF_LOG_INFO, "presets reloaded", "path", p->presets_path, NULL);
         }
     }
