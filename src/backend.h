@@ -59,6 +59,9 @@ typedef struct backend_filter {
     uint8_t available_only;
     const uint32_t *exclude_rows; /* sorted ascending, unique */
     uint32_t n_exclude_rows;
+    const uint32_t *exclude_tags; /* none-of, sorted ascending; n_exclude_tags == 0: none */
+    uint32_t n_exclude_tags;
+    uint64_t exclude_tag_bloom; /* OR of backend_tag_bit() over exclude_tags */
 } backend_filter;
 
 static inline uint64_t backend_tag_bit(uint32_t tag)
@@ -78,7 +81,7 @@ static inline bool backend_filter_is_empty(const backend_filter *f)
 {
     return !f || (!f->category_bits && f->n_tags == 0 && !f->available_only &&
                   f->price_min == -__builtin_inff() && f->price_max == __builtin_inff() &&
-                  f->n_exclude_rows == 0);
+                  f->n_exclude_rows == 0 && f->n_exclude_tags == 0);
 }
 
 static inline bool backend__sorted_contains(const uint32_t *a, uint32_t n, uint32_t v)
@@ -113,6 +116,11 @@ static inline bool backend_filter_matches(const backend_filter *f, const backend
         for (uint32_t i = 0; i < a->n_tags && !any; i++)
             any = backend__sorted_contains(f->tags, f->n_tags, a->tags[i]);
         if (!any) return false;
+    }
+    if (f->n_exclude_tags && (a->tag_bloom & f->exclude_tag_bloom)) {
+        for (uint32_t i = 0; i < a->n_tags; i++)
+            if (backend__sorted_contains(f->exclude_tags, f->n_exclude_tags, a->tags[i]))
+                return false;
     }
     if (f->n_exclude_rows && backend__sorted_contains(f->exclude_rows, f->n_exclude_rows, row))
         return false;

@@ -161,6 +161,47 @@ int catalog_upsert(aff_catalog *c, const char *collection, const aff_item *items
     return rc;
 }
 
+int catalog_link_vector(aff_catalog *c, const char *linked_collection, const char *const *ids,
+                        size_t n, uint32_t dim, const char *field, float *out, aff_err *err)
+{
+    uint32_t ldim;
+    int rc = engine_collection_dim(c->engine, linked_collection, &ldim, err);
+    if (rc) return rc;
+    if (ldim != dim)
+        return aff__fail(err, AFF_EINVAL,
+                         "%s: linked_collection \"%s\" has dimension %u, the item needs %u", field,
+                         linked_collection, ldim, dim);
+    if (n < 1 || n > 1000)
+        return aff__fail(err, AFF_EINVAL, "%s: %zu linked_ids; an item links 1..1000", field, n);
+    engine_item_class *cls = calloc(n, sizeof *cls);
+    float *vec = calloc(n * dim, sizeof *vec);
+    if (!cls || !vec) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory linking %zu items", n);
+        goto out;
+    }
+    if ((rc = engine_classify_items(c->engine, linked_collection, ids, n, NULL, 0, cls, vec, err)))
+        goto out;
+    memset(out, 0, dim * sizeof *out);
+    size_t found = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!cls[i].found) continue;
+        found++;
+        for (uint32_t d = 0; d < dim; d++)
+            out[d] += vec[i * dim + d];
+    }
+    if (!found) {
+        rc = aff__fail(err, AFF_EINVAL, "%s: none of its %zu linked_ids is in \"%s\"", field, n,
+                       linked_collection);
+        goto out;
+    }
+    for (uint32_t d = 0; d < dim; d++)
+        out[d] /= (float)found;
+out:
+    free(cls);
+    free(vec);
+    return rc;
+}
+
 int catalog_delete(aff_catalog *c, const char *collection, const char *const *ids, size_t n,
                    size_t *n_deleted, aff_err *err)
 {

@@ -54,6 +54,13 @@ int catalog_drop_collection(aff_catalog *c, const char *name, aff_err *err);
 /* Upserts n ≥ 1 items into both, one durable transaction. */
 int catalog_upsert(aff_catalog *c, const char *collection, const aff_item *items, size_t n,
                    aff_err *err);
+/* A linked item's vector (a banner or offer linked to products or categories, given without
+ * a vector of its own): the mean of the linked items' vectors in linked_collection (as
+ * stored: unit length in cosine collections), dim floats into out. AFF_ENOTFOUND for an
+ * unknown collection; AFF_EINVAL when the dimensions differ or none of the ids exists
+ * (field names the item, e.g. "items[3]"). Reads only; the caller upserts the result. */
+int catalog_link_vector(aff_catalog *c, const char *linked_collection, const char *const *ids,
+                        size_t n, uint32_t dim, const char *field, float *out, aff_err *err);
 /* Deletes the ids that exist from both; *n_deleted (may be NULL) counts them. */
 int catalog_delete(aff_catalog *c, const char *collection, const char *const *ids, size_t n,
                    size_t *n_deleted, aff_err *err);

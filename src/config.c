@@ -118,6 +118,11 @@ static const opt_def opts[] = {
      .help = "default training epochs for collections that set none, 1..1000"},
     {"train-threads", U32(train_threads, 0, 1024), .def = "0",
      .help = "threads per training job (run at low priority), 0 = all cores"},
+    /* ---- pipeline ---- */
+    {"serving-config", STR(serving_config), .def = "",
+     .help = "JSON file of named rule presets (boosts, pins, promotions, caps, diversity, "
+             "exploration) that requests select with `preset`; re-read when it changes "
+             "(checked at most once a second); empty: none"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",

@@ -53,16 +53,17 @@ typedef struct aff_config {
     bool fp32;                /* GPU catalog in fp32 instead of fp16 */
     uint32_t cpu_threads;     /* FAISS/BLAS threads; 0 = all cores */
     config_event_weights event_weights;
-    double profile_half_life_hours;    /* profile decay */
-    double popularity_half_life_hours; /* popularity decay */
-    uint32_t history_length;           /* events kept per user */
-    uint32_t train_interval_s;         /* background retraining period; 0 = off */
-    uint32_t train_after_events;       /* retrain after this many new events; 0 = off */
-    uint32_t model_factors;            /* default learned factors */
-    uint32_t model_epochs;             /* default training epochs */
-    uint32_t train_threads;            /* threads per training job; 0 = all cores */
-    bool help;                         /* --help was given: print config_usage and exit 0 */
-    bool version;                      /* --version was given */
+    double profile_half_life_hours;       /* profile decay */
+    double popularity_half_life_hours;    /* popularity decay */
+    uint32_t history_length;              /* events kept per user */
+    uint32_t train_interval_s;            /* background retraining period; 0 = off */
+    uint32_t train_after_events;          /* retrain after this many new events; 0 = off */
+    uint32_t model_factors;               /* default learned factors */
+    uint32_t model_epochs;                /* default training epochs */
+    uint32_t train_threads;               /* threads per training job; 0 = all cores */
+    char serving_config[CONFIG_PATH_MAX]; /* rule presets (JSON); "" = none */
+    bool help;                            /* --help was given: print config_usage and exit 0 */
+    bool version;                         /* --version was given */
 } aff_config;
 
 /* Fills *out with defaults, then the environment, then argv. AFF_EINVAL with a message

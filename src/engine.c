@@ -380,6 +380,18 @@ int engine_collection_dim(aff_engine *e, const char *name, uint32_t *dim, aff_er
     return AFF_OK;
 }
 
+int engine_collection_shape(aff_engine *e, const char *name, uint32_t *dim, aff_metric *metric,
+                            aff_err *err)
+{
+    collection *c;
+    int rc = collection_acquire(e, name, &c, err);
+    if (rc != AFF_OK) return rc;
+    *dim = c->dim;
+    *metric = c->metric;
+    collection_release(c);
+    return AFF_OK;
+}
+
 static int cmp_info_name(const void *a, const void *b)
 {
     return strcmp(((const engine_collection_info *)a)->name,
@@ -768,6 +780,7 @@ typedef struct compiled_filter {
     uint64_t *category_bits;
     uint32_t *tags;
     uint32_t *exclude_rows;
+    uint32_t *exclude_tags;
     bool matches_nothing; /* e.g. only unknown categories were asked for */
 } compiled_filter;
 
@@ -776,6 +789,7 @@ static void compiled_filter_free(compiled_filter *cf)
     free(cf->category_bits);
     free(cf->tags);
     free(cf->exclude_rows);
+    free(cf->exclude_tags);
     *cf = (compiled_filter){0};
 }
 
@@ -790,6 +804,14 @@ static int validate_filter(const aff_filter *f, aff_err *err)
         if ((rc = check_string(f->tags[i], AFF_MAX_ATTR_LEN, "filter tag", err))) return rc;
     for (uint32_t i = 0; i < f->n_exclude_ids; i++)
         if ((rc = check_string(f->exclude_ids[i], AFF_MAX_ID_LEN, "excluded id", err))) return rc;
+    for (uint32_t i = 0; i < f->n_exclude_categories; i++)
+        if ((rc = check_string(f->exclude_categories[i], AFF_MAX_ATTR_LEN,
+                               "filter exclude_categories entry", err)))
+            return rc;
+    for (uint32_t i = 0; i < f->n_exclude_tags; i++)
+        if ((rc = check_string(f->exclude_tags[i], AFF_MAX_ATTR_LEN, "filter exclude_tags entry",
+                               err)))
+            return rc;
     if (isnan(f->price_min) || isnan(f->price_max))
         return aff__fail(err, AFF_EINVAL, "filter price bounds must be numbers, not NaN");
     if (f->price_min > f->price_max)
@@ -835,6 +857,35 @@ static int compile_filter(const collection *c, const aff_filter *f, uint32_t sel
         cf->f.category_bits = cf->category_bits;
         cf->f.category_words = words;
         cf->matches_nothing |= !any;
+    }
+    if (f->n_exclude_categories) {
+        /* None-of categories: the complement as an any-of set (category 0, "none", passes),
+         * intersected with the any-of set when there is one. Every backend reads it as is. */
+        uint32_t words = (c->categories.next + 63) / 64;
+        if (!cf->category_bits) {
+            if (!(cf->category_bits = calloc(words ? words : 1, sizeof *cf->category_bits)))
+                goto nomem;
+            for (uint32_t id = 0; id < c->categories.next; id++)
+                cf->category_bits[id >> 6] |= (uint64_t)1 << (id & 63);
+            cf->f.category_bits = cf->category_bits;
+            cf->f.category_words = words;
+        }
+        for (uint32_t i = 0; i < f->n_exclude_categories; i++) {
+            uint32_t id;
+            if (strmap_get(c->categories.map, f->exclude_categories[i], &id))
+                cf->category_bits[id >> 6] &= ~((uint64_t)1 << (id & 63));
+        }
+    }
+    if (f->n_exclude_tags) {
+        if (!(cf->exclude_tags = malloc(f->n_exclude_tags * sizeof *cf->exclude_tags))) goto nomem;
+        uint32_t m = 0;
+        for (uint32_t i = 0; i < f->n_exclude_tags; i++)
+            if (strmap_get(c->tags.map, f->exclude_tags[i], &cf->exclude_tags[m])) m++;
+        m = sort_unique(cf->exclude_tags, m);
+        for (uint32_t i = 0; i < m; i++)
+            cf->f.exclude_tag_bloom |= backend_tag_bit(cf->exclude_tags[i]);
+        cf->f.exclude_tags = cf->exclude_tags;
+        cf->f.n_exclude_tags = m;
     }
     if (f->n_tags) {
         if (!(cf->tags = malloc(f->n_tags * sizeof *cf->tags))) goto nomem;
@@ -1048,6 +1099,72 @@ out:
     pthread_rwlock_unlock(&c->lock);
     compiled_filter_free(&cf);
 out_release:
+    collection_release(c);
+    return rc;
+}
+
+int engine_classify_items(aff_engine *e, const char *name, const char *const *ids, size_t n,
+                          const aff_filter *const *filters, uint32_t n_filters,
+                          engine_item_class *out, float *vectors, aff_err *err)
+{
+    if (n_filters > 64)
+        return aff__fail(err, AFF_EINVAL, "%u filters; at most 64 at once", n_filters);
+    for (uint32_t j = 0; j < n_filters; j++) {
+        int rc = validate_filter(filters[j], err);
+        if (rc != AFF_OK) return rc;
+    }
+    collection *c;
+    int rc = collection_acquire(e, name, &c, err);
+    if (rc != AFF_OK) return rc;
+    compiled_filter cfs[64];
+    uint32_t compiled = 0;
+    uint32_t *rows = malloc((n ? n : 1) * sizeof *rows);
+    if (!rows) {
+        collection_release(c);
+        return aff__fail(err, AFF_ENOMEM, "out of memory classifying %zu items", n);
+    }
+    pthread_rwlock_rdlock(&c->lock);
+    for (; compiled < n_filters; compiled++)
+        if ((rc = compile_filter(c, filters[compiled], UINT32_MAX, &cfs[compiled], err)) != AFF_OK)
+            goto out;
+    size_t n_found = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t row;
+        out[i] = (engine_item_class){0};
+        if (!ids[i] || !strmap_get(c->ids, ids[i], &row)) continue;
+        const backend_row_attrs *a = &c->attrs[row];
+        out[i].found = true;
+        out[i].category = a->category;
+        for (uint32_t j = 0; j < n_filters; j++)
+            if (!filters[j] ||
+                (!cfs[j].matches_nothing && backend_filter_matches(&cfs[j].f, a, row)))
+                out[i].matches |= (uint64_t)1 << j;
+        rows[n_found++] = row;
+    }
+    if (vectors && n) {
+        float *tmp = malloc((n_found ? n_found : 1) * c->dim * sizeof *tmp);
+        if (!tmp) {
+            rc = aff__fail(err, AFF_ENOMEM, "out of memory reading %zu vectors", n_found);
+            goto out;
+        }
+        if (n_found && (rc = c->ops->table_read(c->table, rows, (uint32_t)n_found, tmp, err))) {
+            free(tmp);
+            goto out;
+        }
+        for (size_t i = 0, f = 0; i < n; i++) {
+            float *v = vectors + i * c->dim;
+            if (out[i].found)
+                memcpy(v, tmp + (f++) * c->dim, c->dim * sizeof *v);
+            else
+                memset(v, 0, c->dim * sizeof *v);
+        }
+        free(tmp);
+    }
+out:
+    pthread_rwlock_unlock(&c->lock);
+    for (uint32_t j = 0; j < compiled; j++)
+        compiled_filter_free(&cfs[j]);
+    free(rows);
     collection_release(c);
     return rc;
 }

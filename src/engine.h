@@ -86,6 +86,9 @@ int engine_collection_has_content(aff_engine *e, const char *name, bool *has_con
 
 /* Name, dim and metric of a collection, for validation before batching. */
 int engine_collection_dim(aff_engine *e, const char *name, uint32_t *dim, aff_err *err);
+/* Dimension and metric of a collection. */
+int engine_collection_shape(aff_engine *e, const char *name, uint32_t *dim, aff_metric *metric,
+                            aff_err *err);
 
 /* ---- items ---------------------------------------------------------------------------- */
 
@@ -137,6 +140,10 @@ typedef struct aff_filter {
     bool available_only;
     const char *const *exclude_ids; /* any length; unknown ids are ignored */
     uint32_t n_exclude_ids;
+    const char *const *exclude_categories; /* none-of: the item's category is none of these */
+    uint32_t n_exclude_categories;
+    const char *const *exclude_tags; /* none-of: the item has none of these tags */
+    uint32_t n_exclude_tags;
 } aff_filter;
 
 /* An aff_filter that matches everything. */
@@ -172,6 +179,24 @@ int engine_search(aff_engine *e, const char *collection, const aff_query *querie
  * caller that ranks items itself (e.g. popularity), with the same semantics as search. */
 int engine_filter_items(aff_engine *e, const char *collection, const char *const *ids, size_t n,
                         const aff_filter *filter, bool *pass, aff_err *err);
+
+/* What engine_classify_items reports per id. */
+typedef struct engine_item_class {
+    bool found;        /* false: the id is not in the collection (the rest is zero) */
+    uint32_t category; /* the collection's interned category id; 0 = none. Equal ids, equal
+                          categories; valid for comparisons within one call only */
+    uint64_t matches;  /* bit j set: the item passes filters[j] */
+} engine_item_class;
+
+/* Classifies n ids of a collection under one read lock, for callers that rank candidates
+ * themselves (the pipeline's rules, caps and diversity): out[i] as above for up to 64
+ * filters (each with the semantics of search, NULL entries match every item), and, when
+ * vectors is not NULL, each found item's dim floats at vectors + i * dim (normalized for
+ * cosine collections; zeros for ids not found). AFF_EINVAL for a malformed filter or more
+ * than 64 filters. */
+int engine_classify_items(aff_engine *e, const char *collection, const char *const *ids, size_t n,
+                          const aff_filter *const *filters, uint32_t n_filters,
+                          engine_item_class *out, float *vectors, aff_err *err);
 
 /* ---- re-ranking ------------------------------------------------------------------------ */
 

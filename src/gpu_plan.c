@@ -61,6 +61,7 @@ int gpu_plan_encode_filters(const backend_filter *const *filters, uint32_t nq, k
         k->price_min = -INFINITY;
         k->price_max = INFINITY;
         if (!f) continue;
+        if (f->n_exclude_tags) return AFF_EUNSUPPORTED; /* no device form yet (none-of tags) */
         if (f->available_only) k->flags |= KERNELS_FILTER_AVAILABLE;
         if (!(f->price_min == -INFINITY && f->price_max == INFINITY)) {
             k->flags |= KERNELS_FILTER_PRICE;

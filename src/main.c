@@ -27,6 +27,7 @@
 #include "engine.h"
 #include "log.h"
 #include "metrics.h"
+#include "pipeline.h"
 #include "profiles.h"
 #include "store.h"
 #include "transport.h"
@@ -158,6 +159,7 @@ int main(int argc, char **argv)
     batcher *bat = NULL;
     aff_metrics *metrics = NULL;
     transport *server = NULL;
+    aff_pipeline *pipeline = NULL;
 
     ensure_passive_openmp(argv);
     if (config_parse(&cfg, argc, argv, &err)) {
@@ -222,6 +224,12 @@ int main(int argc, char **argv)
                            .on_batch_ctx = metrics};
     batcher_exec exec = batcher_engine_exec(engine);
     if (batcher_create(&bat, &bcfg, &exec, &err)) goto fail;
+    pipeline_config plcfg = {.engine = engine,
+                             .batcher = bat,
+                             .profiles = profiles,
+                             .model = model,
+                             .presets_path = cfg.serving_config};
+    if (pipeline_create(&pipeline, &plcfg, &err)) goto fail;
 
     transport_config tcfg = {.listen = cfg.listen,
                              .threads = cfg.threads,
@@ -236,7 +244,8 @@ int main(int argc, char **argv)
                              .model = model,
                              .on_events = note_events,
                              .on_events_ctx = model,
-                             .metrics = metrics};
+                             .metrics = metrics,
+                             .pipeline = pipeline};
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];
     snprintf(port, sizeof port, "%d", transport_port(server));
@@ -278,6 +287,7 @@ fail:
 out:
     transport_destroy(server);
     batcher_destroy(bat);
+    pipeline_destroy(pipeline);
     metrics_destroy(metrics);
     profiles_destroy(profiles);
     catalog_destroy(catalog);

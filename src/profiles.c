@@ -873,6 +873,11 @@ static bool filter_passes(const aff_filter *f, const store_item_record *r)
             any = any_of(r->tags[i], f->tags, f->n_tags);
         if (!any) return false;
     }
+    if (f->n_exclude_categories && r->category[0] &&
+        any_of(r->category, f->exclude_categories, f->n_exclude_categories))
+        return false;
+    for (uint32_t i = 0; i < r->n_tags && f->n_exclude_tags; i++)
+        if (any_of(r->tags[i], f->exclude_tags, f->n_exclude_tags)) return false;
     return true;
 }
 
@@ -1119,4 +1124,137 @@ int profiles_history(aff_profiles *p, const char *collection, const char *user_i
 {
     history_ctx h = {collection, user_id, fn, ctx};
     return store_view(p->store, history_fn, &h, err);
+}
+
+/* ---- shopper traits ------------------------------------------------------------------------- */
+
+#define TRAITS_MAX_CARTS 64
+
+typedef struct traits_ctx {
+    aff_profiles *p;
+    const char *collection, *user;
+    int64_t now;
+    store_txn *txn;
+    store_item_record rec;
+    aff_err *err;
+    uint64_t events;
+    int64_t last_ms;
+    double browse_sum, buy_sum;
+    uint32_t browse_n, buy_n;
+    uint32_t purchases_90d, events_7d, views_1h;
+    double spend_90d;
+    struct {
+        char id[AFF_MAX_ID_LEN + 1];
+        int64_t cart_ms, bought_ms;
+    } carts[TRAITS_MAX_CARTS];
+    uint32_t n_carts;
+} traits_ctx;
+
+static int traits_visit(void *ctx, uint64_t seq, const store_event *e)
+{
+    (void)seq;
+    traits_ctx *t = ctx;
+    const int64_t day = 86400000;
+    t->events++;
+    if (e->ts_ms > t->last_ms) t->last_ms = e->ts_ms;
+    int64_t age = t->now - e->ts_ms;
+    bool view = strcmp(e->type, "view") == 0, click = strcmp(e->type, "click") == 0;
+    bool cart = strcmp(e->type, "add_to_cart") == 0, buy = strcmp(e->type, "purchase") == 0;
+    if (age <= 7 * day) t->events_7d++;
+    if (view && age <= 3600000) t->views_1h++;
+    if (!(view || click || cart || buy)) return 0;
+    int status = store_txn_get_item(t->txn, t->collection, e->item_id, &t->rec, NULL, t->err);
+    if (status == AFF_ENOTFOUND) { /* deleted since: no price */
+        aff__err_clear(t->err);
+        return 0;
+    }
+    if (status) return status;
+    double price = t->rec.price;
+    if (view || click) {
+        t->browse_sum += price;
+        t->browse_n++;
+    } else {
+        t->buy_sum += price;
+        t->buy_n++;
+    }
+    if (buy && age <= 90 * day) {
+        t->purchases_90d++;
+        t->spend_90d += price * (e->value > 1 ? e->value : 1);
+    }
+    if ((cart || buy) && age <= day) {
+        uint32_t i = 0;
+        while (i < t->n_carts && strcmp(t->carts[i].id, e->item_id) != 0)
+            i++;
+        if (i == t->n_carts) {
+            if (t->n_carts == TRAITS_MAX_CARTS || buy) return 0;
+            snprintf(t->carts[i].id, sizeof t->carts[i].id, "%s", e->item_id);
+            t->carts[i].cart_ms = t->carts[i].bought_ms = INT64_MIN;
+            t->n_carts++;
+        }
+        if (cart && e->ts_ms > t->carts[i].cart_ms) t->carts[i].cart_ms = e->ts_ms;
+        if (buy && e->ts_ms > t->carts[i].bought_ms) t->carts[i].bought_ms = e->ts_ms;
+    }
+    return 0;
+}
+
+static int traits_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    traits_ctx *t = ctx;
+    t->txn = txn;
+    t->err = err;
+    return store_txn_scan_events(txn, t->collection, t->user, traits_visit, t, err);
+}
+
+static uint8_t score5(double v, const double th[4])
+{
+    for (int i = 0; i < 4; i++)
+        if (v >= th[i]) return (uint8_t)(5 - i);
+    return 1;
+}
+
+int profiles_user_traits(aff_profiles *p, const char *collection, const char *user_id,
+                         profiles_traits *out, aff_err *err)
+{
+    memset(out, 0, sizeof *out);
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    traits_ctx *t = calloc(1, sizeof *t);
+    if (!t) return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    t->p = p;
+    t->collection = collection;
+    t->user = user_id;
+    t->now = now_ms(p);
+    t->last_ms = INT64_MIN;
+    int status = store_view(p->store, traits_fn, t, err);
+    if (!status && !t->events)
+        status = aff__fail(err, AFF_ENOTFOUND, "user \"%s\" has no history in \"%s\"", user_id,
+                           collection);
+    if (status) {
+        free(t);
+        return status;
+    }
+    double v = t->browse_n ? t->browse_sum / t->browse_n : 0;
+    double b = t->buy_n ? t->buy_sum / t->buy_n : 0;
+    double hi = v > b ? v : b;
+    out->price_sensitivity =
+        t->browse_n && t->buy_n && hi > 0 ? (float)(0.5 + 0.5 * (v - b) / hi) : 0.5f;
+    out->recency_days = (float)((double)(t->now - t->last_ms) / 86400000.0);
+    if (out->recency_days < 0) out->recency_days = 0;
+    out->frequency_90d = t->purchases_90d;
+    out->monetary_90d = t->spend_90d;
+    /* recency: fewer days is better, so score the negated value */
+    static const double r_th[4] = {-1, -7, -30, -90}, f_th[4] = {10, 5, 2, 1},
+                        m_th[4] = {1000, 300, 100, 1e-9};
+    out->r = score5(-out->recency_days, r_th);
+    out->f = score5(t->purchases_90d, f_th);
+    out->m = score5(t->spend_90d, m_th);
+    out->loyalty = (float)(out->r + out->f + out->m - 3) / 12.0f;
+    out->activity = (float)t->events_7d / 7.0f;
+    uint32_t open = 0;
+    for (uint32_t i = 0; i < t->n_carts; i++)
+        open += t->carts[i].cart_ms != INT64_MIN && t->carts[i].bought_ms < t->carts[i].cart_ms;
+    double intent = 0.5 * open + 0.05 * t->views_1h;
+    out->purchase_intent = (float)(intent < 1 ? intent : 1);
+    free(t);
+    return AFF_OK;
 }

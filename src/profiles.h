@@ -212,4 +212,34 @@ int profiles_delete_user(aff_profiles *p, const char *collection, const char *us
 int profiles_history(aff_profiles *p, const char *collection, const char *user_id,
                      store_event_fn fn, void *ctx, aff_err *err);
 
+/* ---- shopper traits (pipeline) ---------------------------------------------------------- */
+
+/* Traits computed from the user's bounded history in one snapshot, at the profiles clock:
+ *   price_sensitivity  0.5 + 0.5 (V - B) / max(V, B), with V the mean price of items viewed
+ *                      or clicked and B of items carted or purchased: 1 buys far cheaper than
+ *                      browses, 0 far dearer, 0.5 neutral (or no purchases yet)
+ *   recency_days       days since the last event
+ *   frequency_90d      purchases in the last 90 days
+ *   monetary_90d       sum over them of price x max(1, value)
+ *   r, f, m            RFM scores 1..5: recency <= 1, 7, 30, 90 days; purchases >= 10, 5, 2,
+ *                      1; spend >= 1000, 300, 100, > 0
+ *   loyalty            (r + f + m - 3) / 12, 0..1
+ *   activity           events per day over the last 7 days
+ *   purchase_intent    min(1, 0.5 x items carted in the last 24 h and not bought since +
+ *                      0.05 x views in the last hour), 0..1 */
+typedef struct profiles_traits {
+    float price_sensitivity;
+    float recency_days;
+    uint32_t frequency_90d;
+    double monetary_90d;
+    uint8_t r, f, m;
+    float loyalty;
+    float activity;
+    float purchase_intent;
+} profiles_traits;
+
+/* AFF_ENOTFOUND when the user has no history in the collection. */
+int profiles_user_traits(aff_profiles *p, const char *collection, const char *user_id,
+                         profiles_traits *out, aff_err *err);
+
 #endif

@@ -434,8 +434,9 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     char *cert = NULL, *key = NULL;
     grpc_server_credentials *creds = NULL;
     *out = NULL;
-    if (!cfg->catalog || !cfg->profiles)
-        return aff__fail(err, AFF_EINVAL, "transport: a catalog and profiles are required");
+    if (!cfg->catalog || !cfg->profiles || !cfg->pipeline)
+        return aff__fail(err, AFF_EINVAL,
+                         "transport: a catalog, profiles and a pipeline are required");
     grpc_init();
     t = calloc(1, sizeof *t);
     if (!t) {

@@ -2,10 +2,11 @@
  * transport.h: the gRPC server (affinity.v1.Affinity and grpc.health.v1.Health) on gRPC C
  * core's asynchronous API.
  *
- * The transport decodes and validates requests, checks the bearer token, and either answers
- * on its completion-queue thread (collections, catalog, server info, health) or hands plain C
- * requests to the batcher (Search, SimilarItems, Recommend, Rerank, BatchRecommend) and
- * answers from the batcher's completion callback. No gRPC or protobuf type leaks out of this
+ * The transport decodes requests, checks the bearer token, and either answers on its
+ * completion-queue thread (collections, catalog, server info, health) or hands plain C
+ * requests on: Search to the batcher, SimilarItems, Recommend, Rerank, BatchRecommend and
+ * RecommendPage to the ranking pipeline (which decides and queues them), answering from the
+ * completion callback. No gRPC or protobuf type leaks out of this
  * header.
  *
  * Life cycle: transport_create binds and starts serving with health NOT_SERVING (every call
@@ -26,6 +27,7 @@
 #include "engine.h"
 #include "metrics.h"
 #include "model.h"
+#include "pipeline.h"
 #include "profiles.h"
 #include "status.h"
 
@@ -50,6 +52,7 @@ typedef struct transport_config {
      * counter that triggers a retrain). NULL: none. */
     void (*on_events)(void *ctx, const char *collection, uint64_t n_applied);
     void *on_events_ctx;
+    aff_pipeline *pipeline; /* the recommendation pipeline serving calls use; borrowed */
 } transport_config;
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad

@@ -42,6 +42,7 @@
 #define TRANSPORT_METHOD_RECOMMEND           "/affinity.v1.Affinity/Recommend"
 #define TRANSPORT_METHOD_RERANK              "/affinity.v1.Affinity/Rerank"
 #define TRANSPORT_METHOD_BATCH_RECOMMEND     "/affinity.v1.Affinity/BatchRecommend"
+#define TRANSPORT_METHOD_RECOMMEND_PAGE      "/affinity.v1.Affinity/RecommendPage"
 #define TRANSPORT_METHOD_PUT_EVENTS          "/affinity.v1.Affinity/PutEvents"
 #define TRANSPORT_METHOD_GET_USER            "/affinity.v1.Affinity/GetUser"
 #define TRANSPORT_METHOD_DELETE_USER         "/affinity.v1.Affinity/DeleteUser"

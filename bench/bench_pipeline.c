@@ -1,0 +1,326 @@
+/*
+ * bench_pipeline.c: the CPU cost of the ranking pipeline against the bare engine call, in one
+ * process and one run (so the ratio holds on a loaded machine). N items of dimension d in one
+ * collection with categories and tags, shoppers with stored profiles; a real batcher
+ * (max_batch 256) packs `inflight` concurrent calls, as a server under batched load does.
+ *
+ *   bare      batcher SEARCH with each shopper's profile vector (the engine call alone)
+ *   pipeline  Recommend by user_id through the pipeline, no rules (profile read, reasons)
+ *   rules     the same with every rule on: boost, bury, pin, promotion 20%, category cap 3,
+ *             diversity 0.3, exploration 10%
+ *   page      RecommendPage, 4 slots: banners 1, categories 6, products 12, offers 2
+ *
+ * Reported: process CPU seconds per call (all threads, CLOCK_PROCESS_CPUTIME_ID) and ratios.
+ * Usage: bench_pipeline [N] [d] [calls] [inflight]
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "catalog.h"
+#include "log.h"
+#include "pipeline.h"
+#include "rng.h"
+
+static uint32_t N = 100000, D = 128, CALLS = 4096, INFLIGHT = 256;
+#define USERS  1024
+#define N_CATS 50
+
+typedef struct counter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint32_t done;
+} counter;
+
+static counter ctr = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+
+static void count_one(void)
+{
+    pthread_mutex_lock(&ctr.mu);
+    ctr.done++;
+    pthread_cond_signal(&ctr.cv);
+    pthread_mutex_unlock(&ctr.mu);
+}
+
+static void wait_for(uint32_t n)
+{
+    pthread_mutex_lock(&ctr.mu);
+    while (ctr.done < n)
+        pthread_cond_wait(&ctr.cv, &ctr.mu);
+    pthread_mutex_unlock(&ctr.mu);
+}
+
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void die(const char *what, const aff_err *err)
+{
+    fprintf(stderr, "bench_pipeline: %s: %s\n", what, err->msg);
+    exit(1);
+}
+
+static void load(aff_catalog *cat, const char *name, uint32_t n, uint32_t dim, aff_rng *r)
+{
+    aff_err err;
+    engine_collection_spec spec = {.name = name, .dim = dim, .metric = AFF_METRIC_COSINE};
+    if (catalog_create_collection(cat, &spec, &err)) die("create", &err);
+    static char cats[N_CATS][16];
+    static const char *tag_names[4] = {"sale", "new", "eco", "gift"};
+    for (int c = 0; c < N_CATS; c++)
+        snprintf(cats[c], sizeof cats[c], "cat%02d", c);
+    const uint32_t chunk = 4096;
+    float *vec = malloc((size_t)chunk * dim * sizeof *vec);
+    char(*ids)[24] = malloc(chunk * sizeof *ids);
+    aff_item *items = malloc(chunk * sizeof *items);
+    for (uint32_t base = 0; base < n; base += chunk) {
+        uint32_t m = n - base < chunk ? n - base : chunk;
+        for (uint32_t i = 0; i < m; i++) {
+            for (uint32_t d = 0; d < dim; d++)
+                vec[(size_t)i * dim + d] = (float)aff_rng_normal(r);
+            snprintf(ids[i], sizeof ids[i], "%s-%u", name, base + i);
+            uint32_t c = (uint32_t)(aff_rng_next(r) % N_CATS);
+            items[i] = (aff_item){.id = ids[i],
+                                  .vector = vec + (size_t)i * dim,
+                                  .dim = dim,
+                                  .category = cats[c],
+                                  .tags = &tag_names[(base + i) % 4],
+                                  .n_tags = 1,
+                                  .price = (float)(aff_rng_next(r) % 100),
+                                  .available = true};
+        }
+        if (catalog_upsert(cat, name, items, m, &err)) die("upsert", &err);
+    }
+    free(vec);
+    free(ids);
+    free(items);
+}
+
+static void bare_done(batcher_request *br)
+{
+    (void)br;
+    count_one();
+}
+
+static void job_done(pipeline_job *job, void *user)
+{
+    (void)job;
+    (void)user;
+    count_one();
+}
+
+static void page_done(pipeline_page *page, void *user)
+{
+    (void)page;
+    (void)user;
+    count_one();
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1) N = (uint32_t)atoi(argv[1]);
+    if (argc > 2) D = (uint32_t)atoi(argv[2]);
+    if (argc > 3) CALLS = (uint32_t)atoi(argv[3]);
+    if (argc > 4) INFLIGHT = (uint32_t)atoi(argv[4]);
+    aff_log_set_level(AFF_LOG_WARN);
+    aff_err err;
+    aff_store *store;
+    aff_profiles *prof;
+    aff_engine *eng;
+    aff_catalog *cat;
+    batcher *bat;
+    aff_pipeline *pl;
+    store_config sc = {.dir = NULL};
+    if (store_create(&store, &sc, &err)) die("store", &err);
+    profiles_config pc;
+    profiles_config_init(&pc);
+    if (profiles_create(&prof, store, &pc, &err)) die("profiles", &err);
+    engine_config ec = {.backend = ENGINE_BACKEND_CPU};
+    if (engine_create(&eng, &ec, &err)) die("engine", &err);
+    if (catalog_create(&cat, eng, store, &err)) die("catalog", &err);
+    aff_rng r = {12345};
+    load(cat, "products", N, D, &r);
+    load(cat, "banners", 200, D, &r);
+    load(cat, "categories", 50, D, &r);
+    load(cat, "offers", 100, D, &r);
+    batcher_config bc = {.max_batch = 256, .max_wait_us = 2000, .queue_limit = 100000};
+    batcher_exec ex = batcher_engine_exec(eng);
+    if (batcher_create(&bat, &bc, &ex, &err)) die("batcher", &err);
+    pipeline_config plc = {.engine = eng, .batcher = bat, .profiles = prof};
+    if (pipeline_create(&pl, &plc, &err)) die("pipeline", &err);
+
+    /* shoppers: 20 views each in products (and 2 in each small collection) */
+    static char users[USERS][16];
+    float *uvec = malloc((size_t)USERS * D * sizeof *uvec);
+    for (int u = 0; u < USERS; u++) {
+        snprintf(users[u], sizeof users[u], "u%04d", u);
+        char items[20][24];
+        profiles_event ev[20];
+        for (int i = 0; i < 20; i++) {
+            snprintf(items[i], sizeof items[i], "products-%u", (uint32_t)(aff_rng_next(&r) % N));
+            ev[i] = (profiles_event){.item_id = items[i], .type = PROFILES_EVENT_VIEW};
+        }
+        uint32_t applied, nrej;
+        profiles_rejection rej[20];
+        if (profiles_put_events(prof, "products", users[u], ev, 20, &applied, rej, &nrej, &err))
+            die("events", &err);
+        const char *small[3] = {"banners", "categories", "offers"};
+        const uint32_t sizes[3] = {200, 50, 100};
+        for (int c = 0; c < 3; c++) {
+            for (int i = 0; i < 2; i++) {
+                snprintf(items[i], sizeof items[i], "%s-%u", small[c],
+                         (uint32_t)(aff_rng_next(&r) % sizes[c]));
+                ev[i] = (profiles_event){.item_id = items[i], .type = PROFILES_EVENT_VIEW};
+            }
+            if (profiles_put_events(prof, small[c], users[u], ev, 2, &applied, rej, &nrej, &err))
+                die("events", &err);
+        }
+        bool found;
+        if (profiles_user_vector(prof, "products", users[u], uvec + (size_t)u * D, D, &found,
+                                 &err) ||
+            !found)
+            die("profile", &err);
+    }
+
+    /* rules: every kind on */
+    static const char *sale = "sale", *eco = "eco", *gift_cat = "cat07";
+    pipeline_boost boosts[2] = {0};
+    aff_filter_init(&boosts[0].filter);
+    boosts[0].filter.tags = &sale;
+    boosts[0].filter.n_tags = 1;
+    boosts[0].weight = 0.05f;
+    aff_filter_init(&boosts[1].filter);
+    boosts[1].filter.tags = &eco;
+    boosts[1].filter.n_tags = 1;
+    boosts[1].weight = -0.05f;
+    pipeline_promotion promo = {.name = "gifts", .share = 0.2f};
+    aff_filter_init(&promo.filter);
+    promo.filter.categories = &gift_cat;
+    promo.filter.n_categories = 1;
+    pipeline_pin pin = {.item_id = "products-7", .position = 3};
+    pipeline_rules rules = {.boosts = boosts,
+                            .n_boosts = 2,
+                            .pins = &pin,
+                            .n_pins = 1,
+                            .promotions = &promo,
+                            .n_promotions = 1,
+                            .has_max_per_category = true,
+                            .max_per_category = 3,
+                            .has_diversity = true,
+                            .diversity = 0.3f,
+                            .has_exploration = true,
+                            .exploration_share = 0.1f,
+                            .exploration_seed = 7};
+    /* BENCH_RULES=list of b,p,m,c,d,e (boosts, pins, promotions, cap, diversity,
+     * exploration) turns rules off one by one for a breakdown; default: all on. */
+    const char *only = getenv("BENCH_RULES");
+    if (only) {
+        if (!strchr(only, 'b')) rules.n_boosts = 0;
+        if (!strchr(only, 'p')) rules.n_pins = 0;
+        if (!strchr(only, 'm')) rules.n_promotions = 0;
+        if (!strchr(only, 'c')) rules.has_max_per_category = false;
+        if (!strchr(only, 'd')) rules.has_diversity = false;
+        if (!strchr(only, 'e')) rules.has_exploration = false;
+    }
+
+    aff_query *q = calloc(INFLIGHT, sizeof *q);
+    aff_hit *hits = calloc((size_t)INFLIGHT * 10, sizeof *hits);
+    uint32_t *n_hits = calloc(INFLIGHT, sizeof *n_hits);
+    aff_err *qerr = calloc(INFLIGHT, sizeof *qerr);
+    batcher_request *br = calloc(INFLIGHT, sizeof *br);
+    pipeline_request *preq = calloc(INFLIGHT, sizeof *preq);
+    pipeline_job **jobs = calloc(INFLIGHT, sizeof *jobs);
+    pipeline_page_request *pgreq = calloc(INFLIGHT, sizeof *pgreq);
+    pipeline_page **pages = calloc(INFLIGHT, sizeof *pages);
+    pipeline_slot slots[4] = {{.name = "hero", .collection = "banners", .k = 1},
+                              {.name = "categories", .collection = "categories", .k = 6},
+                              {.name = "for-you", .collection = "products", .k = 12},
+                              {.name = "offers", .collection = "offers", .k = 2}};
+    const char *mode_names[4] = {"bare engine", "pipeline", "pipeline+rules", "page(4 slots)"};
+    double per_call[4] = {0};
+    double rounds[4] = {0};
+    for (int mode = 0; mode < 4; mode++) {
+        uint32_t calls = mode == 3 ? CALLS / 4 : CALLS;
+        /* a warm-up round, then the measured ones */
+        for (int measured = 0; measured < 2; measured++) {
+            uint32_t total = measured ? calls : INFLIGHT;
+            ctr.done = 0;
+            double t0 = cpu_s();
+            uint32_t sent = 0;
+            while (sent < total) {
+                uint32_t wave = total - sent < INFLIGHT ? total - sent : INFLIGHT;
+                uint32_t base = ctr.done;
+                for (uint32_t i = 0; i < wave; i++) {
+                    uint32_t u = (sent + i) % USERS;
+                    bool pending = false;
+                    if (mode == 0) {
+                        q[i] = (aff_query){.vector = uvec + (size_t)u * D, .dim = D, .k = 10};
+                        br[i] = (batcher_request){.kind = BATCHER_SEARCH,
+                                                  .collection = "products",
+                                                  .nq = 1,
+                                                  .queries = &q[i],
+                                                  .hits = hits + (size_t)i * 10,
+                                                  .n_hits = &n_hits[i],
+                                                  .query_errs = &qerr[i],
+                                                  .done = bare_done};
+                        if (batcher_submit(bat, &br[i], &err)) die("submit", &err);
+                    } else if (mode < 3) {
+                        preq[i] = (pipeline_request){.kind = PIPELINE_RECOMMEND,
+                                                     .collection = "products",
+                                                     .user_id = users[u],
+                                                     .k = 10,
+                                                     .rules = mode == 2 ? &rules : NULL};
+                        if (pipeline_start(pl, &preq[i], 0, job_done, NULL, &jobs[i], &pending,
+                                           &err))
+                            die("pipeline", &err);
+                        if (!pending) count_one();
+                    } else {
+                        pgreq[i] = (pipeline_page_request){
+                            .user_id = users[u], .slots = slots, .n_slots = 4};
+                        if (pipeline_page_start(pl, &pgreq[i], 0, page_done, NULL, &pages[i],
+                                                &pending, &err))
+                            die("page", &err);
+                        if (!pending) count_one();
+                    }
+                }
+                wait_for(base + wave);
+                for (uint32_t i = 0; i < wave; i++) {
+                    if (mode == 1 || mode == 2) {
+                        const pipeline_output *o = pipeline_job_output(jobs[i]);
+                        if (o->status) die("job", &o->err);
+                        if (measured) rounds[mode] += o->rounds;
+                        pipeline_job_destroy(jobs[i]);
+                    } else if (mode == 3) {
+                        const pipeline_page_output *o = pipeline_page_output_of(pages[i]);
+                        if (o->status) die("page", &o->err);
+                        pipeline_page_destroy(pages[i]);
+                    }
+                }
+                sent += wave;
+            }
+            if (measured) per_call[mode] = (cpu_s() - t0) / calls;
+        }
+        printf("%-16s %8.1f us CPU per call", mode_names[mode], per_call[mode] * 1e6);
+        if (mode == 1 || mode == 2) printf("  (%.2f engine rounds per call)", rounds[mode] / calls);
+        printf("\n");
+        fflush(stdout);
+    }
+    printf("\nN = %u, d = %u, k = 10, %u calls (%u pages), %u in flight, batcher max_batch 256\n",
+           N, D, CALLS, CALLS / 4, INFLIGHT);
+    printf("pipeline / bare        = %.3f\n", per_call[1] / per_call[0]);
+    printf("pipeline+rules / bare  = %.3f   (target <= 1.10)\n", per_call[2] / per_call[0]);
+    printf("page(4) / pipeline     = %.3f   (target <= 2.0)\n", per_call[3] / per_call[1]);
+    pipeline_destroy(pl);
+    batcher_destroy(bat);
+    catalog_destroy(cat);
+    engine_destroy(eng);
+    profiles_destroy(prof);
+    store_destroy(store);
+    return 0;
+}
