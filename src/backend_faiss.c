@@ -108,8 +108,8 @@ static bool quantized(const faiss_table *t)
  * large that map is. */
 static uint64_t table_bytes(const faiss_table *t)
 {
-    uint64_t bytes =
-        quantized(t) ? cpu_codes_bytes(&t->codes) : (uint64_t)t->count * t->dim * sizeof(float);
+    uint64_t bytes = quantized(t) ? cpu_codes_bytes(&t->codes, t->count)
+                                  : (uint64_t)t->count * t->dim * sizeof(float);
     bytes += (uint64_t)t->capacity * sizeof(backend_row_attrs);
     if (t->sq_norms) bytes += (uint64_t)t->capacity * sizeof(float);
     if (t->hnsw) /* vectors again plus about 2·M links of 8 bytes per row */

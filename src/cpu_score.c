@@ -209,11 +209,12 @@ static size_t block_bytes(const cpu_codes *c)
     return (size_t)c->steps * 32;
 }
 
-static int grow_floats(float **p, uint32_t old, uint32_t cap)
+/* Rows past the last written one stay uninitialized (so never resident): the kernels read whole
+ * blocks of 8 rows but report only rows below the table's count. */
+static int grow_floats(float **p, uint32_t cap)
 {
     float *n = realloc(*p, (size_t)cap * sizeof *n);
     if (!n) return AFF_ENOMEM;
-    memset(n + old, 0, (size_t)(cap - old) * sizeof *n);
     *p = n;
     return AFF_OK;
 }
@@ -227,11 +228,8 @@ int cpu_codes_reserve(cpu_codes *c, uint32_t rows)
     uint8_t *blocks = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
     if (!blocks) return AFF_ENOMEM;
     if (old_bytes) memcpy(blocks, c->blocks, old_bytes);
-    /* Unwritten rows hold the code of 0 (int8: 128, bf16: +0) so they read as zero vectors. */
-    memset(blocks + old_bytes, c->precision == BACKEND_PRECISION_INT8 ? 128 : 0, bytes - old_bytes);
-    if (grow_floats(&c->scale, c->capacity, cap) != AFF_OK ||
-        grow_floats(&c->norm, c->capacity, cap) != AFF_OK ||
-        grow_floats(&c->err, c->capacity, cap) != AFF_OK) {
+    if (grow_floats(&c->scale, cap) != AFF_OK || grow_floats(&c->norm, cap) != AFF_OK ||
+        grow_floats(&c->err, cap) != AFF_OK) {
         free(blocks); /* the float arrays may have grown; harmless, capacity is unchanged */
         return AFF_ENOMEM;
     }
@@ -303,9 +301,9 @@ void cpu_codes_copy(cpu_codes *c, uint32_t dst, uint32_t src)
     c->err[dst] = c->err[src];
 }
 
-uint64_t cpu_codes_bytes(const cpu_codes *c)
+uint64_t cpu_codes_bytes(const cpu_codes *c, uint32_t rows)
 {
-    return (uint64_t)c->capacity / 8 * block_bytes(c) + (uint64_t)c->capacity * 3 * sizeof(float);
+    return (uint64_t)(rows + 7u) / 8 * block_bytes(c) + (uint64_t)rows * 3 * sizeof(float);
 }
 
 double cpu_codes_bytes_per_row(backend_precision p, uint32_t dim)

@@ -69,8 +69,9 @@ int cpu_codes_reserve(cpu_codes *c, uint32_t rows);
 void cpu_codes_set(cpu_codes *c, uint32_t row, const float *x);
 /* Copies row src over row dst. */
 void cpu_codes_copy(cpu_codes *c, uint32_t dst, uint32_t src);
-/* Bytes held (all capacity). */
-uint64_t cpu_codes_bytes(const cpu_codes *c);
+/* Bytes the first `rows` rows occupy (capacity past the written rows is never touched, so
+ * never resident). */
+uint64_t cpu_codes_bytes(const cpu_codes *c, uint32_t rows);
 /* Bytes per row, for documentation and benchmarks. */
 double cpu_codes_bytes_per_row(backend_precision p, uint32_t dim);
 
