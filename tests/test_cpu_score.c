@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h"
 #include "engine.h"
 #include "log.h"
 
@@ -477,4 +478,28 @@ Test(cpu_score, engine_rejects_an_unknown_precision)
     spec.precision = BACKEND_PRECISION_BF16;
     cr_assert_eq(engine_create_collection(e, &spec, &err), AFF_OK, "%s", err.msg);
     engine_destroy(e);
+}
+
+Test(cpu_score, the_flag_and_its_environment_variable_set_the_precision)
+{
+    aff_config cfg;
+    aff_err err = {0};
+    unsetenv("AFFINITY_CPU_PRECISION");
+    char *plain[] = {"affinityd", NULL};
+    cr_assert_eq(config_parse(&cfg, 1, plain, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(cfg.cpu_precision, BACKEND_PRECISION_AUTO);
+    char *flag[] = {"affinityd", "--cpu-precision", "bf16", NULL};
+    cr_assert_eq(config_parse(&cfg, 3, flag, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(cfg.cpu_precision, BACKEND_PRECISION_BF16);
+    setenv("AFFINITY_CPU_PRECISION", "int8", 1);
+    cr_assert_eq(config_parse(&cfg, 1, plain, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(cfg.cpu_precision, BACKEND_PRECISION_INT8);
+    char *eq[] = {"affinityd", "--cpu-precision=fp32", NULL};
+    cr_assert_eq(config_parse(&cfg, 2, eq, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(cfg.cpu_precision, BACKEND_PRECISION_FP32, "the flag wins over the environment");
+    char *bad[] = {"affinityd", "--cpu-precision", "fp16", NULL};
+    cr_assert_eq(config_parse(&cfg, 3, bad, &err), AFF_EINVAL);
+    cr_assert(strstr(err.msg, "--cpu-precision") && strstr(err.msg, "fp16"),
+              "the message names the flag and the value: %s", err.msg);
+    unsetenv("AFFINITY_CPU_PRECISION");
 }
