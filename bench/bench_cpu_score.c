@@ -154,7 +154,7 @@ int main(int argc, char **argv)
     const backend_precision precs[] = {BACKEND_PRECISION_BF16, BACKEND_PRECISION_INT8};
     cpu_codes codes[2];
     for (int i = 0; i < 2; i++) {
-        cpu_codes_init(&codes[i], precs[i], su.dim);
+        cpu_codes_init(&codes[i], precs[i], su.dim, BACKEND_CPU_ISA_AUTO);
         if (cpu_codes_reserve(&codes[i], su.n) != AFF_OK) return 1;
         for (uint32_t r = 0; r < su.n; r++)
             cpu_codes_set(&codes[i], r, su.data + (size_t)r * su.dim);

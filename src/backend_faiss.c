@@ -264,7 +264,7 @@ static int faiss_table_create(backend *b, const backend_table_params *p, backend
     }
     int frc = 0;
     if (quantized(t)) {
-        cpu_codes_init(&t->codes, t->precision, p->dim);
+        cpu_codes_init(&t->codes, t->precision, p->dim, fb->isa);
         cold_open(t);
     } else {
         frc = p->metric == AFF_METRIC_L2 ? faiss_IndexFlatL2_new_with(&t->flat, p->dim)

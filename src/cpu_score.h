@@ -47,12 +47,13 @@ int cpu_precision_parse(const char *s, backend_precision *out);
 backend_precision cpu_precision_default(backend_cpu_isa isa);
 
 /* A compact copy of a table's vectors: rows in blocks of 8, each block `steps` slots of 32
- * bytes (int8: 4 dims of 8 rows as unsigned code + 128; bf16: 2 dims of 8 rows), plus per row
+ * bytes (int8: 4 dims of 8 rows as unsigned code + range + 1; bf16: 2 dims of 8 rows), plus per row
  * the scale, |x|_2 and |x - x~|_2 that the bounds use. Owns its arrays. */
 typedef struct cpu_codes {
     backend_precision precision; /* BF16 or INT8 */
     uint32_t dim;
     uint32_t steps;    /* 32-byte slots per block: ceil(dim / 4) or ceil(dim / 2) */
+    int code_range;    /* int8: codes lie in [-code_range, code_range], stored + code_range + 1 */
     uint32_t capacity; /* rows, a multiple of 8 */
     uint8_t *blocks;   /* capacity / 8 blocks of steps * 32 bytes, 64-byte aligned */
     float *scale;      /* int8: s_x (x~ = s_x c); bf16: 1 */
@@ -60,8 +61,9 @@ typedef struct cpu_codes {
     float *err;        /* |x - x~|_2, rounded up */
 } cpu_codes;
 
-/* Sets up an empty copy (no rows). precision is BF16 or INT8. */
-void cpu_codes_init(cpu_codes *c, backend_precision precision, uint32_t dim);
+/* Sets up an empty copy (no rows). precision is BF16 or INT8; isa: the kernels that will scan
+ * it (int8 codes take 7 bits for the AVX2 kernel, 8 for the others; every kernel reads both). */
+void cpu_codes_init(cpu_codes *c, backend_precision precision, uint32_t dim, backend_cpu_isa isa);
 void cpu_codes_free(cpu_codes *c);
 /* Grows the capacity to at least `rows`. Returns 0 or AFF_ENOMEM (then unchanged). */
 int cpu_codes_reserve(cpu_codes *c, uint32_t rows);
