@@ -169,7 +169,8 @@ static int table_reserve(faiss_table *t, uint32_t rows, aff_err *err)
     uint64_t cap = t->capacity ? t->capacity : 1024;
     while (cap < rows)
         cap *= 2;
-    if (cap > UINT32_MAX) cap = UINT32_MAX;
+    cap = (cap + 7) & ~(uint64_t)7; /* the bf16/int8 kernels read whole blocks of 8 rows */
+    if (cap > UINT32_MAX - 7) cap = UINT32_MAX - 7;
     backend_row_attrs *attrs = realloc(t->attrs, cap * sizeof *attrs);
     if (!attrs)
         return aff__fail(err, AFF_ENOMEM, "cannot grow attribute column to %llu rows",

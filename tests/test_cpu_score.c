@@ -143,7 +143,7 @@ static void run_case(const case_spec *cs)
     backend_faiss_config cfg = {.precision = cs->precision, .isa = cs->isa};
     cr_assert_eq(backend_faiss_create(&b, &cfg, &err), AFF_OK, "%s", err.msg);
     backend_table *bt = NULL;
-    backend_table_params p = {.dim = cs->dim, .metric = cs->metric, .initial_capacity = 16};
+    backend_table_params p = {.dim = cs->dim, .metric = cs->metric, .initial_capacity = 13};
     cr_assert_eq(b->ops->table_create(b, &p, &bt, &err), AFF_OK, "%s", err.msg);
 
     ref_table t = {.dim = cs->dim, .n = cs->n, .metric = cs->metric};
