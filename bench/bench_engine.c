@@ -23,6 +23,7 @@
 #include <faiss/c_api/Index_c.h>
 #include <faiss/c_api/utils/distances_c.h>
 
+#include "cpu_score.h"
 #include "engine.h"
 #include "log.h"
 
@@ -80,6 +81,7 @@ typedef struct bench_ctx {
     float *data;    /* n × dim */
     float *queries; /* QUERY_POOL × dim */
     aff_engine *engine;
+    const char *coll; /* the collection run_engine searches */
     FaissIndex *faiss;
     char (*ids)[16];
     const char *cat_names[N_CATEGORIES];
@@ -157,12 +159,12 @@ static int run_engine(bench_ctx *c, uint32_t nq, uint32_t k, const aff_filter *f
     for (uint32_t i = 0; i < nq; i++)
         qs[i] = (aff_query){
             .vector = c->queries + (size_t)(off + i) * c->dim, .dim = c->dim, .k = k, .filter = f};
-    int rc = engine_search(c->engine, "bench", qs, nq, hits, n_hits, errs);
+    int rc = engine_search(c->engine, c->coll, qs, nq, hits, n_hits, errs);
     if (rc != AFF_OK) fprintf(stderr, "engine_search: %s\n", errs[0].msg);
     return rc;
 }
 
-static int load(bench_ctx *c)
+static int load_data(bench_ctx *c)
 {
     size_t total = (size_t)c->n * c->dim;
     c->data = malloc(total * sizeof(float));
@@ -177,13 +179,18 @@ static int load(bench_ctx *c)
         snprintf(c->cat_buf[i], sizeof c->cat_buf[i], "c%d", i);
         c->cat_names[i] = c->cat_buf[i];
     }
-
     if (faiss_IndexFlatIP_new_with(&c->faiss, c->dim) != 0 ||
         faiss_Index_add(c->faiss, c->n, c->data) != 0)
         return -1;
+    return 0;
+}
 
+/* Creates collection `name` with the given CPU precision and loads every item into it. */
+static int load_collection(bench_ctx *c, const char *name, backend_precision precision)
+{
     aff_err err = {0};
-    engine_collection_spec spec = {.name = "bench", .dim = c->dim, .metric = AFF_METRIC_IP};
+    engine_collection_spec spec = {
+        .name = name, .dim = c->dim, .metric = AFF_METRIC_IP, .precision = precision};
     if (engine_create_collection(c->engine, &spec, &err) != AFF_OK) {
         fprintf(stderr, "%s\n", err.msg);
         return -1;
@@ -202,7 +209,7 @@ static int load(bench_ctx *c)
                                   .price = (float)(r % 1000),
                                   .available = true};
         }
-        if (engine_upsert(c->engine, "bench", items, m, &err) != AFF_OK) {
+        if (engine_upsert(c->engine, name, items, m, &err) != AFF_OK) {
             fprintf(stderr, "%s\n", err.msg);
             free(items);
             return -1;
@@ -212,14 +219,154 @@ static int load(bench_ctx *c)
     return 0;
 }
 
-static void unload(bench_ctx *c)
+static int load(bench_ctx *c)
 {
-    aff_err err;
-    engine_drop_collection(c->engine, "bench", &err);
+    c->coll = "bench";
+    return load_data(c) != 0 ? -1 : load_collection(c, "bench", BACKEND_PRECISION_FP32);
+}
+
+static void unload_data(bench_ctx *c)
+{
     faiss_Index_free(c->faiss);
     free(c->data);
     free(c->queries);
     free(c->ids);
+}
+
+static void unload(bench_ctx *c)
+{
+    aff_err err;
+    engine_drop_collection(c->engine, "bench", &err);
+    unload_data(c);
+}
+
+/* kB of anonymous and file-backed resident memory of this process (/proc/self/status). */
+static void rss_kb(long *anon, long *file)
+{
+    *anon = *file = -1;
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return;
+    char line[256];
+    while (fgets(line, sizeof line, f)) {
+        sscanf(line, "RssAnon: %ld", anon);
+        sscanf(line, "RssFile: %ld", file);
+    }
+    fclose(f);
+}
+
+/* ---- precision comparison (issue 16) ------------------------------------------------------ */
+
+#define MAX_PREC 3
+
+/* FAISS IndexFlatIP (its best configuration, as above) against the engine with each CPU
+ * precision in its own collection, loaded together, measured in interleaved rounds; each also
+ * with a category filter passing 10% of the items. Then bytes per item. */
+static int run_precisions(aff_engine *engine, const char *sizes, uint32_t dim, double seconds,
+                          const backend_precision *precs, int n_prec, FILE *out)
+{
+    char names[MAX_PREC][32];
+    char head[2048];
+    int len = snprintf(head, sizeof head, "| N | nq | k | FAISS IndexFlatIP |");
+    for (int i = 0; i < n_prec; i++)
+        len +=
+            snprintf(head + len, sizeof head - (size_t)len, " %s |", cpu_precision_name(precs[i]));
+    for (int i = 0; i < n_prec; i++)
+        len += snprintf(head + len, sizeof head - (size_t)len, " %s/FAISS |",
+                        cpu_precision_name(precs[i]));
+    for (int i = 0; i < n_prec; i++)
+        len += snprintf(head + len, sizeof head - (size_t)len, " %s 10%% filter |",
+                        cpu_precision_name(precs[i]));
+    for (int i = 0; i < n_prec; i++)
+        len += snprintf(head + len, sizeof head - (size_t)len, " %s 10%%/FAISS |",
+                        cpu_precision_name(precs[i]));
+    len += snprintf(head + len, sizeof head - (size_t)len, " FAISS CPU us/q |");
+    for (int i = 0; i < n_prec; i++)
+        len += snprintf(head + len, sizeof head - (size_t)len, " %s CPU us/q |",
+                        cpu_precision_name(precs[i]));
+    for (int i = 0; i < n_prec; i++)
+        len += snprintf(head + len, sizeof head - (size_t)len, " %s CPU x FAISS |",
+                        cpu_precision_name(precs[i]));
+    len += snprintf(head + len, sizeof head - (size_t)len, "\n|");
+    for (int i = 0; i < 5 + 6 * n_prec; i++)
+        len += snprintf(head + len, sizeof head - (size_t)len, "---|");
+    snprintf(head + len, sizeof head - (size_t)len, "\n");
+    fputs(head, stdout);
+    if (out) fputs(head, out);
+
+    char mem[4096];
+    int mlen = snprintf(mem, sizeof mem,
+                        "\n| N | collection | engine accounting B/item | RssAnon delta B/item | "
+                        "RssFile delta B/item |\n|---|---|---|---|---|\n");
+    const char *p = sizes;
+    while (*p) {
+        uint32_t n = (uint32_t)strtoul(p, (char **)&p, 10);
+        if (*p == ',') p++;
+        bench_ctx c = {.n = n, .dim = dim, .seconds = seconds, .engine = engine};
+        if (load_data(&c) != 0) return -1;
+        for (int i = 0; i < n_prec; i++) {
+            snprintf(names[i], sizeof names[i], "bench-%s", cpu_precision_name(precs[i]));
+            long a0, f0, a1, f1;
+            rss_kb(&a0, &f0);
+            if (load_collection(&c, names[i], precs[i]) != 0) return -1;
+            rss_kb(&a1, &f1);
+            engine_collection_info info;
+            aff_err err = {0};
+            engine_describe_collection(engine, names[i], &info, &err);
+            mlen += snprintf(mem + mlen, sizeof mem - (size_t)mlen,
+                             "| %u | %s | %.0f | %.0f | %.0f |\n", n, names[i],
+                             (double)info.memory_bytes / n, (double)(a1 - a0) * 1024.0 / n,
+                             (double)(f1 - f0) * 1024.0 / n);
+        }
+        static const uint32_t nqs[] = {1, 16, 256};
+        static const uint32_t ks[] = {10, 100};
+        for (size_t a = 0; a < 3; a++) {
+            for (size_t b = 0; b < 2; b++) {
+                uint32_t nq = nqs[a], k = ks[b];
+                rate faiss = {0}, unf[MAX_PREC] = {{0}}, filt[MAX_PREC] = {{0}};
+                aff_filter f;
+                aff_filter_init(&f);
+                f.categories = c.cat_names;
+                f.n_categories = N_CATEGORIES / 10;
+                for (int round = 0; round < ROUNDS; round++) {
+                    keep_best(&faiss, measure_faiss(&c, run_faiss, nq, k));
+                    for (int i = 0; i < n_prec; i++) {
+                        c.coll = names[i];
+                        keep_best(&unf[i], measure(&c, run_engine, nq, k, NULL));
+                        keep_best(&filt[i], measure(&c, run_engine, nq, k, &f));
+                    }
+                }
+                char line[2048];
+                int l = snprintf(line, sizeof line, "| %u | %u | %u | %.0f |", n, nq, k, faiss.qps);
+                for (int i = 0; i < n_prec; i++)
+                    l += snprintf(line + l, sizeof line - (size_t)l, " %.0f |", unf[i].qps);
+                for (int i = 0; i < n_prec; i++)
+                    l += snprintf(line + l, sizeof line - (size_t)l, " %.2f |",
+                                  unf[i].qps / faiss.qps);
+                for (int i = 0; i < n_prec; i++)
+                    l += snprintf(line + l, sizeof line - (size_t)l, " %.0f |", filt[i].qps);
+                for (int i = 0; i < n_prec; i++)
+                    l += snprintf(line + l, sizeof line - (size_t)l, " %.2f |",
+                                  filt[i].qps / faiss.qps);
+                l += snprintf(line + l, sizeof line - (size_t)l, " %.0f |", faiss.cpu_us);
+                for (int i = 0; i < n_prec; i++)
+                    l += snprintf(line + l, sizeof line - (size_t)l, " %.0f |", unf[i].cpu_us);
+                for (int i = 0; i < n_prec; i++)
+                    l += snprintf(line + l, sizeof line - (size_t)l, " %.2f |",
+                                  faiss.cpu_us / unf[i].cpu_us);
+                snprintf(line + l, sizeof line - (size_t)l, "\n");
+                fputs(line, stdout);
+                fflush(stdout);
+                if (out) fputs(line, out);
+            }
+        }
+        aff_err err;
+        for (int i = 0; i < n_prec; i++)
+            engine_drop_collection(engine, names[i], &err);
+        unload_data(&c);
+    }
+    fputs(mem, stdout);
+    if (out) fputs(mem, out);
+    return 0;
 }
 
 /* OpenMP reads OMP_WAIT_POLICY once at start-up: re-exec with it set (see README). */
@@ -235,6 +382,7 @@ int main(int argc, char **argv)
     ensure_passive_omp(argv);
     const char *sizes = "100000,1000000";
     const char *out_path = NULL;
+    const char *precisions = NULL;
     uint32_t dim = 128;
     double seconds = 1.0;
     for (int i = 1; i < argc; i++) {
@@ -246,8 +394,12 @@ int main(int argc, char **argv)
             seconds = atof(argv[++i]);
         else if (!strcmp(argv[i], "--out") && i + 1 < argc)
             out_path = argv[++i];
+        else if (!strcmp(argv[i], "--precisions") && i + 1 < argc)
+            precisions = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--sizes N,N] [--dim D] [--seconds S] [--out FILE]\n",
+            fprintf(stderr,
+                    "usage: %s [--sizes N,N] [--dim D] [--seconds S] [--out FILE] "
+                    "[--precisions fp32,int8,bf16]\n",
                     argv[0]);
             return 2;
         }
@@ -267,6 +419,33 @@ int main(int argc, char **argv)
     FILE *out = out_path ? fopen(out_path, "w") : NULL;
     char host[64] = "?";
     gethostname(host, sizeof host);
+    if (precisions) {
+        backend_precision precs[MAX_PREC];
+        int n_prec = 0;
+        char list[64];
+        snprintf(list, sizeof list, "%s", precisions);
+        for (char *tok = strtok(list, ","); tok && n_prec < MAX_PREC; tok = strtok(NULL, ","))
+            if (cpu_precision_parse(tok, &precs[n_prec++]) != AFF_OK) {
+                fprintf(stderr, "unknown precision %s\n", tok);
+                return 2;
+            }
+        char head[1024];
+        snprintf(
+            head, sizeof head,
+            "# CPU precision benchmark\n\nMachine: %s, %ld cores (%s). d=%u, metric=ip, "
+            "flat. Queries/second, best of %d interleaved rounds of >= %.1f s after "
+            "warm-up; CPU us/q: process CPU time (all threads) per query, lowest of the rounds "
+            "(less "
+            "disturbed by other processes than the rates). Every engine precision returns the fp32 "
+            "top-k; the 10%% filter columns are the engine filtered against FAISS unfiltered.\n\n",
+            info.device, sysconf(_SC_NPROCESSORS_ONLN), host, dim, ROUNDS, seconds);
+        fputs(head, stdout);
+        if (out) fputs(head, out);
+        int rc = run_precisions(engine, sizes, dim, seconds, precs, n_prec, out);
+        if (out) fclose(out);
+        engine_destroy(engine);
+        return rc ? 1 : 0;
+    }
     char head[1024];
     snprintf(head, sizeof head,
              "# Engine benchmark\n\nMachine: %s, %ld cores (%s). d=%u, metric=ip, flat index. "

@@ -130,6 +130,24 @@ static inline bool backend_filter_matches(const backend_filter *f, const backend
 typedef struct backend backend;
 typedef struct backend_table backend_table;
 
+/* How the CPU backend scores a flat table (docs/cpu-precision.md). BF16 and INT8 scan a compact
+ * copy of the catalog and re-rank a provably sufficient candidate set in fp32, so every
+ * precision returns the fp32 top-k; the fp32 rows then live in a cold, file-backed array. */
+typedef enum backend_precision {
+    BACKEND_PRECISION_AUTO = 0, /* table: the backend's default; backend: fastest exact one */
+    BACKEND_PRECISION_FP32 = 1,
+    BACKEND_PRECISION_BF16 = 2,
+    BACKEND_PRECISION_INT8 = 3,
+} backend_precision;
+
+/* The widest instruction set the CPU backend's own kernels may use (AUTO: what the CPU has). */
+typedef enum backend_cpu_isa {
+    BACKEND_CPU_ISA_AUTO = 0,
+    BACKEND_CPU_ISA_SCALAR = 1, /* portable C, any CPU */
+    BACKEND_CPU_ISA_AVX2 = 2,   /* AVX2 + FMA */
+    BACKEND_CPU_ISA_AVX512 = 3, /* AVX-512 VL with VNNI (int8) and BF16 (bf16) where present */
+} backend_cpu_isa;
+
 typedef struct backend_table_params {
     uint32_t dim;              /* 1..AFF_MAX_DIM */
     aff_metric metric;         /* COSINE arrives as normalized vectors; treat as IP */
@@ -137,6 +155,8 @@ typedef struct backend_table_params {
     uint32_t hnsw_m;           /* HNSW graph degree (default 32) */
     uint32_t hnsw_ef_search;   /* HNSW search breadth (default 64) */
     uint32_t initial_capacity; /* rows to reserve; 0 = backend default */
+
+    backend_precision precision; /* CPU backend, flat tables only; AUTO = backend default */
 } backend_table_params;
 
 /* One batch of searches. Query i writes its hits at offset(i) = k[0] + ... + k[i-1] in
@@ -198,7 +218,9 @@ struct backend_table {
 };
 
 typedef struct backend_faiss_config {
-    int threads; /* OpenMP threads for FAISS/BLAS; 0 = all cores */
+    int threads;                 /* OpenMP threads for FAISS/BLAS; 0 = all cores */
+    backend_precision precision; /* default for flat tables; AUTO = fastest exact one */
+    backend_cpu_isa isa;         /* cap on the kernels' instruction set; AUTO = detect */
 } backend_faiss_config;
 
 /* Creates the FAISS CPU backend. */

@@ -33,6 +33,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <faiss/c_api/AutoTune_c.h>
 #include <faiss/c_api/IndexFlat_c.h>
@@ -42,6 +44,7 @@
 #include <faiss/c_api/index_factory_c.h>
 #include <faiss/c_api/utils/distances_c.h>
 
+#include "cpu_score.h"
 #include "log.h"
 #include "topk.h"
 
@@ -59,6 +62,8 @@ extern int sgemm_(const char *transa, const char *transb, const int *m, const in
 typedef struct faiss_backend {
     backend base;
     int threads;
+    backend_precision precision; /* default for flat tables, never AUTO */
+    backend_cpu_isa isa;         /* kernels in use, never AUTO */
     _Atomic uint64_t memory_used;
     char cpu_model[128];
 } faiss_backend;
@@ -70,12 +75,17 @@ typedef struct faiss_table {
     aff_metric metric;
     backend_index_kind index_kind;
     uint32_t hnsw_m, hnsw_ef_search;
-    FaissIndex *flat;          /* IndexFlatIP / IndexFlatL2: rows 0..count-1 */
-    FaissIndex *hnsw;          /* HNSW over the same vectors, or NULL */
-    bool hnsw_stale;           /* rows changed in place since the graph was built */
-    pthread_mutex_t hnsw_lock; /* guards hnsw and hnsw_stale during searches */
-    backend_row_attrs *attrs;  /* capacity entries */
-    float *sq_norms;           /* L2 only: |x|^2 per row, capacity entries */
+    FaissIndex *flat;            /* IndexFlatIP / IndexFlatL2: rows 0..count-1; fp32 tables */
+    backend_precision precision; /* FP32, or BF16/INT8: codes + cold below instead of flat */
+    cpu_codes codes;             /* bf16/int8: the compact copy the scan reads */
+    float *cold;                 /* bf16/int8: fp32 rows, file-backed (re-ranking, reads) */
+    size_t cold_bytes;           /* mapped length of cold */
+    int cold_fd;                 /* the unlinked file behind cold, or -1 (anonymous) */
+    FaissIndex *hnsw;            /* HNSW over the same vectors, or NULL */
+    bool hnsw_stale;             /* rows changed in place since the graph was built */
+    pthread_mutex_t hnsw_lock;   /* guards hnsw and hnsw_stale during searches */
+    backend_row_attrs *attrs;    /* capacity entries */
+    float *sq_norms;             /* L2 only: |x|^2 per row, capacity entries */
     uint32_t count, capacity;
     uint64_t accounted; /* bytes last added to owner->memory_used */
 } faiss_table;
@@ -88,9 +98,18 @@ static const char *faiss_error_text(void)
 
 /* ---- memory accounting ------------------------------------------------------------- */
 
+static bool quantized(const faiss_table *t)
+{
+    return t->precision != BACKEND_PRECISION_FP32;
+}
+
+/* Resident bytes: the fp32 rows of a bf16/int8 table live in a file-backed map the kernel may
+ * evict (only re-ranking and reads touch it), so they are not counted; cold_bytes says how
+ * large that map is. */
 static uint64_t table_bytes(const faiss_table *t)
 {
-    uint64_t bytes = (uint64_t)t->count * t->dim * sizeof(float);
+    uint64_t bytes = quantized(t) ? cpu_codes_bytes(&t->codes, t->count)
+                                  : (uint64_t)t->count * t->dim * sizeof(float);
     bytes += (uint64_t)t->capacity * sizeof(backend_row_attrs);
     if (t->sq_norms) bytes += (uint64_t)t->capacity * sizeof(float);
     if (t->hnsw) /* vectors again plus about 2·M links of 8 bytes per row */
@@ -108,30 +127,41 @@ static void account(faiss_table *t)
     t->accounted = now;
 }
 
-/* ---- vector kernels ----------------------------------------------------------------- */
+/* ---- table lifecycle ------------------------------------------------------------------- */
 
-/* Dot products of one query against `n` consecutive rows. Compiled for AVX-512, AVX2+FMA
- * and the baseline, picked at load time. */
-__attribute__((target_clones("avx512f", "arch=haswell", "default"))) static void
-dot_rows(const float *restrict q, const float *restrict rows, uint32_t n, uint32_t dim,
-         float *restrict out)
+/* The cold fp32 rows of a bf16/int8 table: a MAP_SHARED map of an unlinked file under $TMPDIR
+ * (or /tmp), so its pages are clean page cache once written back and the kernel may drop them;
+ * anonymous memory when no file can be made. */
+static void cold_open(faiss_table *t)
 {
-    for (uint32_t r = 0; r < n; r++) {
-        const float *x = rows + (size_t)r * dim;
-        float acc[8] = {0};
-        uint32_t j = 0;
-        for (; j + 8 <= dim; j += 8)
-            for (int l = 0; l < 8; l++)
-                acc[l] += q[j + l] * x[j + l];
-        float s = 0;
-        for (; j < dim; j++)
-            s += q[j] * x[j];
-        out[r] =
-            s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    }
+    const char *dir = getenv("TMPDIR");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/affinity-cold-XXXXXX", dir && *dir ? dir : "/tmp");
+    t->cold_fd = mkstemp(path);
+    if (t->cold_fd >= 0)
+        unlink(path);
+    else
+        aff_log_kv(AFF_LOG_WARN, "no file for the cold fp32 rows: keeping them in memory", "path",
+                   path, NULL);
 }
 
-/* ---- table lifecycle ------------------------------------------------------------------- */
+static int cold_reserve(faiss_table *t, uint64_t rows, aff_err *err)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t bytes = ((size_t)rows * t->dim * sizeof(float) + page - 1) / page * page;
+    if (bytes <= t->cold_bytes) return AFF_OK;
+    if (t->cold_fd >= 0 && ftruncate(t->cold_fd, (off_t)bytes) != 0)
+        return aff__fail(err, AFF_EIO, "cannot grow the cold vector file to %zu bytes", bytes);
+    void *p = t->cold
+                  ? mremap(t->cold, t->cold_bytes, bytes, MREMAP_MAYMOVE)
+                  : mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                         t->cold_fd >= 0 ? MAP_SHARED : MAP_PRIVATE | MAP_ANONYMOUS, t->cold_fd, 0);
+    if (p == MAP_FAILED)
+        return aff__fail(err, AFF_ENOMEM, "cannot map %zu bytes of cold vectors", bytes);
+    t->cold = p;
+    t->cold_bytes = bytes;
+    return AFF_OK;
+}
 
 static int table_reserve(faiss_table *t, uint32_t rows, aff_err *err)
 {
@@ -139,7 +169,8 @@ static int table_reserve(faiss_table *t, uint32_t rows, aff_err *err)
     uint64_t cap = t->capacity ? t->capacity : 1024;
     while (cap < rows)
         cap *= 2;
-    if (cap > UINT32_MAX) cap = UINT32_MAX;
+    cap = (cap + 7) & ~(uint64_t)7; /* the bf16/int8 kernels read whole blocks of 8 rows */
+    if (cap > UINT32_MAX - 7) cap = UINT32_MAX - 7;
     backend_row_attrs *attrs = realloc(t->attrs, cap * sizeof *attrs);
     if (!attrs)
         return aff__fail(err, AFF_ENOMEM, "cannot grow attribute column to %llu rows",
@@ -152,6 +183,13 @@ static int table_reserve(faiss_table *t, uint32_t rows, aff_err *err)
                              (unsigned long long)cap);
         t->sq_norms = norms;
     }
+    if (quantized(t)) {
+        if (cpu_codes_reserve(&t->codes, (uint32_t)cap) != AFF_OK)
+            return aff__fail(err, AFF_ENOMEM, "cannot grow the %s codes to %llu rows",
+                             cpu_precision_name(t->precision), (unsigned long long)cap);
+        int rc = cold_reserve(t, cap, err);
+        if (rc != AFF_OK) return rc;
+    }
     t->capacity = (uint32_t)cap;
     return AFF_OK;
 }
@@ -162,6 +200,7 @@ static void faiss_table_destroy(backend_table *bt);
 
 static float *flat_rows(faiss_table *t)
 {
+    if (quantized(t)) return t->cold;
     float *xb = NULL;
     size_t size = 0;
     faiss_IndexFlat_xb(t->flat, &xb, &size);
@@ -214,9 +253,24 @@ static int faiss_table_create(backend *b, const backend_table_params *p, backend
     t->hnsw_m = p->hnsw_m ? p->hnsw_m : 32;
     t->hnsw_ef_search = p->hnsw_ef_search ? p->hnsw_ef_search : 64;
     pthread_mutex_init(&t->hnsw_lock, NULL);
+    t->cold_fd = -1;
+    /* HNSW walks the graph over fp32 vectors: reduced precision applies to flat tables. */
+    t->precision = p->index == BACKEND_INDEX_HNSW           ? BACKEND_PRECISION_FP32
+                   : p->precision == BACKEND_PRECISION_AUTO ? fb->precision
+                                                            : p->precision;
     int rc;
-    int frc = p->metric == AFF_METRIC_L2 ? faiss_IndexFlatL2_new_with(&t->flat, p->dim)
+    if (t->precision > BACKEND_PRECISION_INT8) {
+        rc = aff__fail(err, AFF_EINTERNAL, "unknown precision %d", (int)t->precision);
+        goto fail;
+    }
+    int frc = 0;
+    if (quantized(t)) {
+        cpu_codes_init(&t->codes, t->precision, p->dim, fb->isa);
+        cold_open(t);
+    } else {
+        frc = p->metric == AFF_METRIC_L2 ? faiss_IndexFlatL2_new_with(&t->flat, p->dim)
                                          : faiss_IndexFlatIP_new_with(&t->flat, p->dim);
+    }
     if (frc != 0) {
         rc = aff__fail(err, AFF_ENOMEM, "FAISS flat index: %s", faiss_error_text());
         goto fail;
@@ -240,20 +294,15 @@ static void faiss_table_destroy(backend_table *bt)
     if (t->flat) faiss_Index_free(t->flat);
     if (t->hnsw) faiss_Index_free(t->hnsw);
     pthread_mutex_destroy(&t->hnsw_lock);
+    cpu_codes_free(&t->codes);
+    if (t->cold) munmap(t->cold, t->cold_bytes);
+    if (t->cold_fd >= 0) close(t->cold_fd);
     free(t->attrs);
     free(t->sq_norms);
     free(t);
 }
 
 /* ---- writes ----------------------------------------------------------------------------- */
-
-static float sq_norm(const float *x, uint32_t dim)
-{
-    float s = 0;
-    for (uint32_t j = 0; j < dim; j++)
-        s += x[j] * x[j];
-    return s;
-}
 
 static int faiss_table_write(backend_table *bt, const uint32_t *rows, uint32_t n,
                              const float *vectors, const backend_row_attrs *attrs, aff_err *err)
@@ -270,7 +319,7 @@ static int faiss_table_write(backend_table *bt, const uint32_t *rows, uint32_t n
     int rc = table_reserve(t, t->count + appended, err);
     if (rc != AFF_OK) return rc;
     float *packed = NULL;
-    if (appended) {
+    if (appended && !quantized(t)) {
         packed = malloc((size_t)appended * t->dim * sizeof *packed);
         if (!packed) return aff__fail(err, AFF_ENOMEM, "out of memory staging %u rows", appended);
         for (uint32_t i = 0, a = 0; i < n; i++)
@@ -283,18 +332,20 @@ static int faiss_table_write(backend_table *bt, const uint32_t *rows, uint32_t n
             goto out;
         }
     }
-    /* Rows past the old count are now in the flat index; bring the columns along. */
+    /* Rows past the old count are now in the flat index (bf16/int8: capacity is reserved);
+     * bring the columns along. */
     float *xb = flat_rows(t);
     bool overwrote = false;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t r = rows[i];
         const float *v = vectors + (size_t)i * t->dim;
-        if (r < t->count) {
+        if (r < t->count || quantized(t)) {
             memcpy(xb + (size_t)r * t->dim, v, t->dim * sizeof(float));
-            overwrote = true;
+            overwrote |= r < t->count;
         }
+        if (quantized(t)) cpu_codes_set(&t->codes, r, v);
         t->attrs[r] = attrs[i];
-        if (t->sq_norms) t->sq_norms[r] = sq_norm(v, t->dim);
+        if (t->sq_norms) t->sq_norms[r] = cpu_sq_norm(v, t->dim);
     }
     if (t->hnsw) {
         pthread_mutex_lock(&t->hnsw_lock);
@@ -325,9 +376,12 @@ static int faiss_table_move(backend_table *bt, const uint32_t *src, const uint32
         memmove(xb + (size_t)dst[i] * t->dim, xb + (size_t)src[i] * t->dim, t->dim * sizeof(float));
         t->attrs[dst[i]] = t->attrs[src[i]];
         if (t->sq_norms) t->sq_norms[dst[i]] = t->sq_norms[src[i]];
+        if (quantized(t)) cpu_codes_copy(&t->codes, dst[i], src[i]);
     }
     bool truncating = new_count < t->count;
-    if (truncating) {
+    if (truncating && quantized(t)) {
+        t->count = new_count;
+    } else if (truncating) {
         FaissIDSelectorRange *tail = NULL;
         if (faiss_IDSelectorRange_new(&tail, new_count, t->count) != 0)
             return aff__fail(err, AFF_ENOMEM, "FAISS selector: %s", faiss_error_text());
@@ -403,7 +457,7 @@ static void emit(const faiss_table *t, const backend_search *s, uint32_t q, size
                  topk_heap *h)
 {
     uint32_t n = topk_sort(h);
-    float shift = t->sq_norms ? -sq_norm(s->queries + (size_t)q * t->dim, t->dim) : 0.0f;
+    float shift = t->sq_norms ? -cpu_sq_norm(s->queries + (size_t)q * t->dim, t->dim) : 0.0f;
     for (uint32_t i = 0; i < n; i++) {
         s->out_rows[off + i] = h->rows[i];
         s->out_scores[off + i] = h->scores[i] + shift;
@@ -440,7 +494,7 @@ static int search_scan(faiss_table *t, const backend_search *s, const size_t *of
         for (uint64_t r0 = lo; r0 < hi; r0 += CHUNK) {
             uint32_t n = (uint32_t)(hi - r0 < CHUNK ? hi - r0 : CHUNK);
             for (uint32_t q = 0; q < nq; q++) {
-                dot_rows(s->queries + (size_t)q * dim, xb + r0 * dim, n, dim, scores);
+                cpu_dot_rows(s->queries + (size_t)q * dim, xb + r0 * dim, n, dim, scores);
                 offer_rows(t, &heaps[(size_t)tid * nq + q], filter_of(s, q), scores, (uint32_t)r0,
                            n);
             }
@@ -591,6 +645,15 @@ static int faiss_table_search(backend_table *bt, const backend_search *s, aff_er
         if (!t->hnsw_stale || (rc = hnsw_build(t, err)) == AFF_OK)
             rc = search_faiss(t, t->hnsw, s, offsets, err);
         pthread_mutex_unlock(&t->hnsw_lock);
+    } else if (quantized(t)) {
+        cpu_search_table st = {.codes = &t->codes,
+                               .isa = t->owner->isa,
+                               .rows = t->cold,
+                               .sq_norms = t->sq_norms,
+                               .attrs = t->attrs,
+                               .count = t->count,
+                               .threads = t->owner->threads};
+        rc = cpu_score_search(&st, s, offsets, NULL, err);
     } else if (s->nq < SCAN_MAX_NQ) {
         rc = search_scan(t, s, offsets, err);
     } else {
@@ -609,12 +672,12 @@ static int faiss_table_score(backend_table *bt, const float *queries, uint32_t n
     const float *xb = flat_rows(t);
     for (uint32_t q = 0; q < nq; q++) {
         const float *qv = queries + (size_t)q * t->dim;
-        float qn = t->sq_norms ? sq_norm(qv, t->dim) : 0.0f;
+        float qn = t->sq_norms ? cpu_sq_norm(qv, t->dim) : 0.0f;
         for (uint32_t j = offsets[q]; j < offsets[q + 1]; j++) {
             if (rows[j] >= t->count)
                 return aff__fail(err, AFF_EINTERNAL, "row %u outside %u rows", rows[j], t->count);
             float s;
-            dot_rows(qv, xb + (size_t)rows[j] * t->dim, 1, t->dim, &s);
+            cpu_dot_rows(qv, xb + (size_t)rows[j] * t->dim, 1, t->dim, &s);
             scores[j] = t->sq_norms ? 2.0f * s - t->sq_norms[rows[j]] - qn : s;
         }
     }
@@ -656,7 +719,8 @@ static void faiss_backend_describe(backend *b, backend_info *out)
     faiss_backend *fb = (faiss_backend *)b;
     *out = (backend_info){0};
     snprintf(out->name, sizeof out->name, "faiss-cpu");
-    snprintf(out->device, sizeof out->device, "%.96s (%d threads)", fb->cpu_model, fb->threads);
+    snprintf(out->device, sizeof out->device, "%.80s (%d threads, %s, %s)", fb->cpu_model,
+             fb->threads, cpu_isa_name(fb->isa), cpu_precision_name(fb->precision));
     out->memory_used = atomic_load(&fb->memory_used);
 }
 
@@ -702,6 +766,10 @@ int backend_faiss_create(backend **out, const backend_faiss_config *cfg, aff_err
     fb->base.ops = &faiss_ops;
     if (cfg && cfg->threads > 0) omp_set_num_threads(cfg->threads);
     fb->threads = omp_get_max_threads();
+    fb->isa = cpu_isa_detect(cfg ? cfg->isa : BACKEND_CPU_ISA_AUTO);
+    fb->precision = cfg && cfg->precision != BACKEND_PRECISION_AUTO
+                        ? cfg->precision
+                        : cpu_precision_default(fb->isa);
     /* Our threads split the rows; each calls BLAS on its own slice (see the file comment). */
     if (openblas_set_num_threads) openblas_set_num_threads(1);
     read_cpu_model(fb->cpu_model, sizeof fb->cpu_model);

@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_score.h"
+
 typedef enum opt_type {
     OPT_STRING, /* char[size] */
     OPT_U32,    /* uint32_t within [min, max] */
@@ -23,6 +25,7 @@ typedef enum opt_type {
     OPT_EVENT_WEIGHTS, /* config_event_weights, from "name=weight,..." */
     OPT_HOURS,         /* double hours within (0, max] */
     OPT_ACTION,        /* --help, --version: bool, never from the environment */
+    OPT_PRECISION,     /* backend_precision: auto, fp32, bf16, int8 */
 } opt_type;
 
 typedef struct opt_def {
@@ -92,6 +95,11 @@ static const opt_def opts[] = {
      .help = "keep the GPU catalog in fp32 instead of fp16 (twice the memory)"},
     {"cpu-threads", U32(cpu_threads, 0, 1024), .def = "0",
      .help = "FAISS/BLAS threads for the CPU backend, 0 = all cores"},
+    {"cpu-precision", .type = OPT_PRECISION, .offset = offsetof(aff_config, cpu_precision),
+     .def = "auto",
+     .help = "how the CPU backend scores flat collections: fp32, bf16 or int8 (a compact copy "
+             "scanned first, candidates re-ranked in fp32: the same top-k as fp32), or auto "
+             "(int8 on CPUs with AVX2, else fp32)"},
     {"event-weights", .type = OPT_EVENT_WEIGHTS, .offset = offsetof(aff_config, event_weights),
      .def = "view=1,click=2,add_to_cart=4,purchase=8",
      .help = "behaviour event weights, name=weight,...: the built-in view, click, add_to_cart "
@@ -304,6 +312,11 @@ static int set_opt(aff_config *c, const opt_def *o, const char *value, const cha
         *(double *)field = v;
         return 0;
     }
+    case OPT_PRECISION:
+        if (cpu_precision_parse(value, (backend_precision *)field) != AFF_OK)
+            return aff__fail(err, AFF_EINVAL,
+                             "%s: '%s' is not a precision (auto, fp32, bf16, int8)", source, value);
+        return 0;
     case OPT_LOG_LEVEL:
         if (aff_log_parse_level(value, (aff_log_level *)field))
             return aff__fail(err, AFF_EINVAL,
@@ -456,6 +469,10 @@ void config_log(const aff_config *c)
         case OPT_BACKEND:
             snprintf(v, sizeof vals[0], "%s",
                      config_backend_name(*(const engine_backend_choice *)field));
+            break;
+        case OPT_PRECISION:
+            snprintf(v, sizeof vals[0], "%s",
+                     cpu_precision_name(*(const backend_precision *)field));
             break;
         case OPT_LOG_LEVEL: {
             static const char *const names[] = {"debug", "info", "warn", "error", "off"};

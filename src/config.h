@@ -52,6 +52,9 @@ typedef struct aff_config {
     int gpu_device;           /* CUDA device ordinal */
     bool fp32;                /* GPU catalog in fp32 instead of fp16 */
     uint32_t cpu_threads;     /* FAISS/BLAS threads; 0 = all cores */
+
+    backend_precision cpu_precision; /* flat collections on the CPU backend; AUTO = fastest */
+
     config_event_weights event_weights;
     double profile_half_life_hours;       /* profile decay */
     double popularity_half_life_hours;    /* popularity decay */

@@ -247,6 +247,9 @@ int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, 
                          (int)spec->index);
     if (spec->hnsw_m > 256 || spec->hnsw_ef_search > 4096)
         return aff__fail(err, AFF_EINVAL, "hnsw_m must be ≤ 256 and hnsw_ef_search ≤ 4096");
+    if ((unsigned)spec->precision > BACKEND_PRECISION_INT8)
+        return aff__fail(err, AFF_EINVAL, "unknown precision %d; use auto, fp32, bf16 or int8",
+                         (int)spec->precision);
 
     collection *c = calloc(1, sizeof *c);
     if (!c) return aff__fail(err, AFF_ENOMEM, "out of memory creating a collection");
@@ -275,6 +278,7 @@ int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, 
         .index = c->index,
         .hnsw_m = c->hnsw_m,
         .hnsw_ef_search = c->hnsw_ef_search,
+        .precision = spec->precision,
     };
     if ((rc = c->ops->table_create(e->backend, &params, &c->table, err)) != AFF_OK) goto fail;
 

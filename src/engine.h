@@ -59,6 +59,8 @@ typedef struct engine_collection_spec {
     backend_index_kind index; /* FLAT (default) or HNSW */
     uint32_t hnsw_m;          /* 0 = 32 */
     uint32_t hnsw_ef_search;  /* 0 = 64 */
+
+    backend_precision precision; /* CPU backend, flat index: AUTO = --cpu-precision */
 } engine_collection_spec;
 
 typedef struct engine_collection_info {

@@ -195,7 +195,7 @@ int main(int argc, char **argv)
 
     engine_config ecfg = {
         .backend = cfg.backend,
-        .faiss = {.threads = (int)cfg.cpu_threads},
+        .faiss = {.threads = (int)cfg.cpu_threads, .precision = cfg.cpu_precision},
         .gpu = {.device = cfg.gpu_device, .fp32 = cfg.fp32, .max_batch = cfg.max_batch}};
     if (engine_create(&engine, &ecfg, &err)) goto fail;
     backend_info bi;

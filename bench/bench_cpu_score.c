@@ -1,0 +1,237 @@
+/*
+ * bench_cpu_score: the CPU backend's scan alone, per precision and kernel set, on one table:
+ * queries/second, CPU time per query and the rows re-ranked in fp32 per query (the candidate
+ * set of the rule in src/cpu_score.h).
+ *
+ *   bench_cpu_score [--n 100000] [--dim 128] [--nq 256] [--k 10] [--seconds 1] [--only int8]
+ *
+ * fp32 is the backend's own fp32 path (threaded scan or sgemm); bf16 and int8 call
+ * cpu_score_search directly. Each figure is the best of 3 interleaved rounds.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <omp.h>
+
+#include "backend.h"
+#include "cpu_score.h"
+#include "log.h"
+
+static double clock_s(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static float rng_normal(void)
+{
+    float s = 0;
+    for (int i = 0; i < 4; i++) {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        s += (float)(rng_state >> 40) / (float)(1 << 24) - 0.5f;
+    }
+    return s;
+}
+
+typedef struct run {
+    double qps, cpu_us, cand, reported;
+} run;
+
+typedef struct setup {
+    uint32_t n, dim, nq, k;
+    double seconds;
+    float *data, *queries;
+    backend_row_attrs *attrs;
+    uint32_t *kk, *rows, *counts;
+    float *scores;
+    size_t *offsets;
+} setup;
+
+/* kind: 0 = backend fp32 table; else a cpu_codes scan with that precision and ISA. */
+static run measure(setup *su, backend_table *fp32, const cpu_codes *codes, backend_cpu_isa isa)
+{
+    backend_search s = {.queries = su->queries,
+                        .nq = su->nq,
+                        .k = su->kk,
+                        .out_rows = su->rows,
+                        .out_scores = su->scores,
+                        .out_counts = su->counts};
+    cpu_search_table t = {.codes = codes,
+                          .isa = isa,
+                          .rows = su->data,
+                          .attrs = su->attrs,
+                          .count = su->n,
+                          .threads = omp_get_max_threads()};
+    aff_err err = {0};
+    uint64_t batches = 0, cand = 0, reported = 0;
+    double t0 = clock_s(CLOCK_MONOTONIC), c0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), now;
+    do {
+        cpu_search_stats st = {0};
+        int rc = fp32 ? fp32->ops->table_search(fp32, &s, &err)
+                      : cpu_score_search(&t, &s, su->offsets, &st, &err);
+        if (rc != AFF_OK) {
+            fprintf(stderr, "search: %s\n", err.msg);
+            exit(1);
+        }
+        cand += st.candidates;
+        reported += st.reported;
+        batches++;
+        now = clock_s(CLOCK_MONOTONIC);
+    } while (now - t0 < su->seconds || batches < 2);
+    double q = (double)batches * su->nq;
+    return (run){q / (now - t0), (clock_s(CLOCK_PROCESS_CPUTIME_ID) - c0) * 1e6 / q,
+                 (double)cand / q, (double)reported / q};
+}
+
+int main(int argc, char **argv)
+{
+    setup su = {.n = 100000, .dim = 128, .nq = 256, .k = 10, .seconds = 1.0};
+    const char *only = NULL;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--only"))
+            only = argv[i + 1];
+        else if (!strcmp(argv[i], "--n"))
+            su.n = (uint32_t)atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--dim"))
+            su.dim = (uint32_t)atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--nq"))
+            su.nq = (uint32_t)atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--k"))
+            su.k = (uint32_t)atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--seconds"))
+            su.seconds = atof(argv[i + 1]);
+        else {
+            fprintf(stderr,
+                    "usage: %s [--n N] [--dim D] [--nq Q] [--k K] [--seconds S] [--only "
+                    "fp32|bf16|int8]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    aff_log_set_level(AFF_LOG_WARN);
+    su.data = malloc((size_t)su.n * su.dim * sizeof(float));
+    su.queries = malloc((size_t)su.nq * su.dim * sizeof(float));
+    su.attrs = calloc(su.n, sizeof *su.attrs);
+    su.kk = malloc(su.nq * sizeof *su.kk);
+    su.offsets = malloc(su.nq * sizeof *su.offsets);
+    su.rows = malloc((size_t)su.nq * su.k * sizeof *su.rows);
+    su.scores = malloc((size_t)su.nq * su.k * sizeof *su.scores);
+    su.counts = malloc(su.nq * sizeof *su.counts);
+    for (size_t i = 0; i < (size_t)su.n * su.dim; i++)
+        su.data[i] = rng_normal();
+    for (size_t i = 0; i < (size_t)su.nq * su.dim; i++)
+        su.queries[i] = rng_normal();
+    for (uint32_t q = 0; q < su.nq; q++) {
+        su.kk[q] = su.k;
+        su.offsets[q] = (size_t)q * su.k;
+    }
+    uint32_t *all = malloc(su.n * sizeof *all);
+    for (uint32_t r = 0; r < su.n; r++) {
+        all[r] = r;
+        su.attrs[r].available = 1;
+    }
+
+    aff_err err = {0};
+    backend *b = NULL;
+    backend_faiss_config cfg = {.precision = BACKEND_PRECISION_FP32};
+    backend_table *fp32 = NULL;
+    backend_table_params p = {.dim = su.dim, .metric = AFF_METRIC_IP};
+    if (backend_faiss_create(&b, &cfg, &err) != AFF_OK ||
+        b->ops->table_create(b, &p, &fp32, &err) != AFF_OK ||
+        fp32->ops->table_write(fp32, all, su.n, su.data, su.attrs, &err) != AFF_OK) {
+        fprintf(stderr, "fp32 table: %s\n", err.msg);
+        return 1;
+    }
+    const backend_precision precs[] = {BACKEND_PRECISION_BF16, BACKEND_PRECISION_INT8};
+    cpu_codes codes[2];
+    for (int i = 0; i < 2; i++) {
+        cpu_codes_init(&codes[i], precs[i], su.dim, BACKEND_CPU_ISA_AUTO);
+        if (cpu_codes_reserve(&codes[i], su.n) != AFF_OK) return 1;
+        for (uint32_t r = 0; r < su.n; r++)
+            cpu_codes_set(&codes[i], r, su.data + (size_t)r * su.dim);
+    }
+    backend_cpu_isa best = cpu_isa_detect(BACKEND_CPU_ISA_AUTO);
+    printf("N=%u d=%u nq=%u k=%u threads=%d best ISA %s; best of 3 rounds of %.1f s\n\n", su.n,
+           su.dim, su.nq, su.k, omp_get_max_threads(), cpu_isa_name(best), su.seconds);
+    enum { MAXC = 1 + 2 * 3 };
+    run best_run[MAXC];
+    const char *label[MAXC];
+    const char *isa_label[MAXC];
+    const cpu_codes *cfgc[MAXC];
+    backend_cpu_isa cisa[MAXC];
+    int nc = 0;
+    label[nc] = "fp32";
+    isa_label[nc] = "FAISS/BLAS + scan";
+    cfgc[nc] = NULL;
+    cisa[nc++] = BACKEND_CPU_ISA_AUTO;
+    for (int i = 0; i < 2; i++)
+        for (backend_cpu_isa isa = BACKEND_CPU_ISA_AVX2; isa <= best; isa++) {
+            label[nc] = cpu_precision_name(precs[i]);
+            isa_label[nc] = cpu_isa_name(isa);
+            cfgc[nc] = &codes[i];
+            cisa[nc++] = isa;
+        }
+    for (int i = 0; i < nc; i++)
+        best_run[i] = (run){0, INFINITY, 0, 0};
+    for (int round = 0; round < 3; round++)
+        for (int i = 0; i < nc; i++) {
+            if (only && strcmp(only, label[i]) != 0) continue;
+            run r = measure(&su, cfgc[i] ? NULL : fp32, cfgc[i], cisa[i]);
+            best_run[i].qps = fmax(best_run[i].qps, r.qps);
+            best_run[i].cpu_us = fmin(best_run[i].cpu_us, r.cpu_us);
+            best_run[i].cand = r.cand;
+            best_run[i].reported = r.reported;
+        }
+    /* recall@k of each configuration against the fp32 answer (one batch, ids compared). */
+    backend_search s = {.queries = su.queries,
+                        .nq = su.nq,
+                        .k = su.kk,
+                        .out_rows = su.rows,
+                        .out_scores = su.scores,
+                        .out_counts = su.counts};
+    uint32_t *ref = malloc((size_t)su.nq * su.k * sizeof *ref);
+    if (fp32->ops->table_search(fp32, &s, &err) != AFF_OK) return 1;
+    memcpy(ref, su.rows, (size_t)su.nq * su.k * sizeof *ref);
+    double recall[MAXC];
+    for (int i = 0; i < nc; i++) {
+        cpu_search_table t = {.codes = cfgc[i],
+                              .isa = cisa[i],
+                              .rows = su.data,
+                              .attrs = su.attrs,
+                              .count = su.n,
+                              .threads = omp_get_max_threads()};
+        if (cfgc[i] && cpu_score_search(&t, &s, su.offsets, NULL, &err) != AFF_OK) return 1;
+        if (!cfgc[i]) memcpy(su.rows, ref, (size_t)su.nq * su.k * sizeof *ref);
+        uint64_t hit = 0;
+        for (uint32_t q = 0; q < su.nq; q++)
+            for (uint32_t x = 0; x < su.k; x++)
+                for (uint32_t y = 0; y < su.k; y++)
+                    if (su.rows[(size_t)q * su.k + x] == ref[(size_t)q * su.k + y]) {
+                        hit++;
+                        break;
+                    }
+        recall[i] = (double)hit / ((double)su.nq * su.k);
+    }
+    free(ref);
+    printf("| precision | kernels | q/s | CPU us/q | reported rows/q | re-ranked rows/q | x fp32 "
+           "(CPU) | recall@k vs fp32 |\n");
+    printf("|---|---|---|---|---|---|---|---|\n");
+    for (int i = 0; i < nc; i++)
+        printf("| %s | %s | %.0f | %.0f | %.1f | %.1f | %.2f | %.4f |\n", label[i], isa_label[i],
+               best_run[i].qps, best_run[i].cpu_us, best_run[i].reported, best_run[i].cand,
+               best_run[0].cpu_us / best_run[i].cpu_us, recall[i]);
+    for (int i = 0; i < 2; i++)
+        cpu_codes_free(&codes[i]);
+    fp32->ops->table_destroy(fp32);
+    b->ops->destroy(b);
+    return 0;
+}

@@ -1,0 +1,1128 @@
+/*
+ * cpu_score.c: the reduced-precision scan of the CPU backend (cpu_score.h): encoding rows to
+ * bf16 or int8 with their error bounds, the scan kernels (portable C, AVX2, AVX-512) and the
+ * search that keeps the provable candidates and re-ranks them in fp32.
+ *
+ * Rules kept here: every candidate bound is computed from measured rounding errors (see the
+ * rule in cpu_score.h), and a stale threshold is only ever lower than the true one, so a kernel
+ * may report more rows than needed, never fewer. The kernels agree with the portable C ones up
+ * to float rounding, which the bounds' slack covers; tests compare each one with a plain sort.
+ */
+#include "cpu_score.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "topk.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define CPU_SCORE_X86 1
+#endif
+
+/* ---- names and dispatch ------------------------------------------------------------- */
+
+const char *cpu_isa_name(backend_cpu_isa isa)
+{
+    switch (isa) {
+    case BACKEND_CPU_ISA_SCALAR:
+        return "scalar";
+    case BACKEND_CPU_ISA_AVX2:
+        return "avx2";
+    case BACKEND_CPU_ISA_AVX512:
+        return "avx512";
+    default:
+        return "auto";
+    }
+}
+
+const char *cpu_precision_name(backend_precision p)
+{
+    switch (p) {
+    case BACKEND_PRECISION_FP32:
+        return "fp32";
+    case BACKEND_PRECISION_BF16:
+        return "bf16";
+    case BACKEND_PRECISION_INT8:
+        return "int8";
+    default:
+        return "auto";
+    }
+}
+
+int cpu_precision_parse(const char *s, backend_precision *out)
+{
+    static const struct {
+        const char *name;
+        backend_precision p;
+    } names[] = {{"auto", BACKEND_PRECISION_AUTO},
+                 {"fp32", BACKEND_PRECISION_FP32},
+                 {"bf16", BACKEND_PRECISION_BF16},
+                 {"int8", BACKEND_PRECISION_INT8}};
+    for (size_t i = 0; s && i < sizeof names / sizeof names[0]; i++) {
+        if (strcasecmp(s, names[i].name) == 0) {
+            *out = names[i].p;
+            return AFF_OK;
+        }
+    }
+    return AFF_EINVAL;
+}
+
+static bool has_avx512_bf16(void)
+{
+#if CPU_SCORE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
+backend_cpu_isa cpu_isa_detect(backend_cpu_isa cap)
+{
+    backend_cpu_isa best = BACKEND_CPU_ISA_SCALAR;
+#if CPU_SCORE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        best = BACKEND_CPU_ISA_AVX2;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+            best = BACKEND_CPU_ISA_AVX512;
+    }
+#endif
+    if (cap != BACKEND_CPU_ISA_AUTO && cap < best) best = cap;
+    return best;
+}
+
+backend_precision cpu_precision_default(backend_cpu_isa isa)
+{
+    /* The portable int8 loop is slower than BLAS fp32; the vector kernels are not. */
+    return isa >= BACKEND_CPU_ISA_AVX2 ? BACKEND_PRECISION_INT8 : BACKEND_PRECISION_FP32;
+}
+
+/* ---- exact fp32 scoring -------------------------------------------------------------- */
+
+static void dot_rows_portable(const float *restrict q, const float *restrict rows, uint32_t n,
+                              uint32_t dim, float *restrict out)
+{
+    for (uint32_t r = 0; r < n; r++) {
+        const float *x = rows + (size_t)r * dim;
+        float acc[8] = {0};
+        uint32_t j = 0;
+        for (; j + 8 <= dim; j += 8)
+            for (int l = 0; l < 8; l++)
+                acc[l] += q[j + l] * x[j + l];
+        float s = 0;
+        for (; j < dim; j++)
+            s += q[j] * x[j];
+        out[r] =
+            s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    }
+}
+
+#if CPU_SCORE_X86
+/* Four independent FMA chains of 8 lanes (the portable loop does not vectorize in ISO C mode,
+ * where GCC neither contracts to FMA nor reorders the sum). */
+__attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *restrict q,
+                                                              const float *restrict rows,
+                                                              uint32_t n, uint32_t dim,
+                                                              float *restrict out)
+{
+    for (uint32_t r = 0; r < n; r++) {
+        const float *x = rows + (size_t)r * dim;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        uint32_t j = 0;
+        for (; j + 32 <= dim; j += 32) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(x + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+        }
+        for (; j + 8 <= dim; j += 8)
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(x + j), a0);
+        __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        float s = _mm_cvtss_f32(h);
+        for (; j < dim; j++)
+            s += q[j] * x[j];
+        out[r] = s;
+    }
+}
+#endif
+
+void cpu_dot_rows(const float *restrict q, const float *restrict rows, uint32_t n, uint32_t dim,
+                  float *restrict out)
+{
+#if CPU_SCORE_X86
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        dot_rows_avx2(q, rows, n, dim, out);
+        return;
+    }
+#endif
+    dot_rows_portable(q, rows, n, dim, out);
+}
+
+/* ---- encoding ------------------------------------------------------------------------- */
+
+static uint16_t to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even; inputs are finite */
+    return (uint16_t)(u >> 16);
+}
+
+static float from_bf16(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+void cpu_codes_init(cpu_codes *c, backend_precision precision, uint32_t dim, backend_cpu_isa isa)
+{
+    *c = (cpu_codes){.precision = precision, .dim = dim};
+    c->steps = precision == BACKEND_PRECISION_INT8 ? (dim + 3) / 4 : (dim + 1) / 2;
+    /* The AVX2 kernel sums two VPMADDUBSW results in 16 bits, which needs row codes in
+     * [-63, 63] (2 · 2 · 127 · 63 < 2^15); the other kernels take the full [-127, 127]. */
+    c->code_range = cpu_isa_detect(isa) == BACKEND_CPU_ISA_AVX2 ? 63 : 127;
+}
+
+void cpu_codes_free(cpu_codes *c)
+{
+    if (!c) return;
+    free(c->blocks);
+    free(c->scale);
+    free(c->norm);
+    free(c->err);
+    c->blocks = NULL;
+    c->scale = c->norm = c->err = NULL;
+    c->capacity = 0;
+}
+
+static size_t block_bytes(const cpu_codes *c)
+{
+    return (size_t)c->steps * 32;
+}
+
+/* Rows past the last written one stay uninitialized (so never resident): the kernels read whole
+ * blocks of 8 rows but report only rows below the table's count. */
+static int grow_floats(float **p, uint32_t cap)
+{
+    float *n = realloc(*p, (size_t)cap * sizeof *n);
+    if (!n) return AFF_ENOMEM;
+    *p = n;
+    return AFF_OK;
+}
+
+int cpu_codes_reserve(cpu_codes *c, uint32_t rows)
+{
+    if (rows <= c->capacity) return AFF_OK;
+    uint32_t cap = (rows + 7u) & ~7u;
+    size_t old_bytes = (size_t)c->capacity / 8 * block_bytes(c);
+    size_t bytes = (size_t)cap / 8 * block_bytes(c);
+    uint8_t *blocks = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!blocks) return AFF_ENOMEM;
+    if (old_bytes) memcpy(blocks, c->blocks, old_bytes);
+    if (grow_floats(&c->scale, cap) != AFF_OK || grow_floats(&c->norm, cap) != AFF_OK ||
+        grow_floats(&c->err, cap) != AFF_OK) {
+        free(blocks); /* the float arrays may have grown; harmless, capacity is unchanged */
+        return AFF_ENOMEM;
+    }
+    free(c->blocks);
+    c->blocks = blocks;
+    c->capacity = cap;
+    return AFF_OK;
+}
+
+/* Address of row `row`'s 4 bytes in slot g. */
+static uint8_t *slot(const cpu_codes *c, uint32_t row, uint32_t g)
+{
+    return c->blocks + (size_t)(row >> 3) * block_bytes(c) + (size_t)g * 32 + (row & 7u) * 4;
+}
+
+void cpu_codes_set(cpu_codes *c, uint32_t row, const float *x)
+{
+    double norm = 0, err = 0; /* sums of squares */
+    if (c->precision == BACKEND_PRECISION_INT8) {
+        float amax = 0;
+        for (uint32_t i = 0; i < c->dim; i++)
+            amax = fmaxf(amax, fabsf(x[i]));
+        float s = amax > 0 ? amax / (float)c->code_range : 1.0f;
+        for (uint32_t g = 0; g < c->steps; g++) {
+            uint8_t *p = slot(c, row, g);
+            for (uint32_t j = 0; j < 4; j++) {
+                uint32_t i = g * 4 + j;
+                long code = 0;
+                if (i < c->dim) {
+                    code = lrintf(x[i] / s);
+                    code = code > c->code_range    ? c->code_range
+                           : code < -c->code_range ? -c->code_range
+                                                   : code;
+                    double d = (double)x[i] - (double)s * (double)code;
+                    norm += (double)x[i] * x[i];
+                    err += d * d;
+                }
+                p[j] = (uint8_t)(code + c->code_range + 1);
+            }
+        }
+        c->scale[row] = s;
+    } else {
+        for (uint32_t g = 0; g < c->steps; g++) {
+            uint8_t *p = slot(c, row, g);
+            for (uint32_t j = 0; j < 2; j++) {
+                uint32_t i = g * 2 + j;
+                uint16_t h = 0;
+                if (i < c->dim) {
+                    h = to_bf16(x[i]);
+                    double d = (double)x[i] - (double)from_bf16(h);
+                    norm += (double)x[i] * x[i];
+                    err += d * d;
+                }
+                memcpy(p + 2 * j, &h, sizeof h);
+            }
+        }
+        c->scale[row] = 1.0f;
+    }
+    /* Rounded up so the stored bounds never fall below the exact ones. */
+    c->norm[row] = nextafterf((float)sqrt(norm), INFINITY);
+    c->err[row] = nextafterf((float)sqrt(err), INFINITY);
+}
+
+void cpu_codes_copy(cpu_codes *c, uint32_t dst, uint32_t src)
+{
+    if (dst == src) return;
+    for (uint32_t g = 0; g < c->steps; g++)
+        memcpy(slot(c, dst, g), slot(c, src, g), 4);
+    c->scale[dst] = c->scale[src];
+    c->norm[dst] = c->norm[src];
+    c->err[dst] = c->err[src];
+}
+
+uint64_t cpu_codes_bytes(const cpu_codes *c, uint32_t rows)
+{
+    return (uint64_t)(rows + 7u) / 8 * block_bytes(c) + (uint64_t)rows * 3 * sizeof(float);
+}
+
+double cpu_codes_bytes_per_row(backend_precision p, uint32_t dim)
+{
+    cpu_codes c;
+    cpu_codes_init(&c, p, dim, BACKEND_CPU_ISA_SCALAR);
+    return (double)block_bytes(&c) / 8.0 + 3 * sizeof(float);
+}
+
+/* ---- queries -------------------------------------------------------------------------- */
+
+/* One prepared query: a = scale * row_scale * (dot - offset); e = alpha |x|_2 + beta |x - x~|_2. */
+typedef struct cpu_query {
+    float scale;
+    int32_t offset;
+    float alpha, beta;
+} cpu_query;
+
+/* A row the kernel could not rule out: hi = upper bound of its score, width = hi - lower. */
+typedef struct cpu_hit {
+    uint32_t row;
+    uint32_t q; /* index within the kernel's query group */
+    float hi, width;
+} cpu_hit;
+
+/* One kernel call: blocks block0.. of the codes against nq (1..4) queries. */
+typedef struct scan_args {
+    const cpu_codes *c;
+    uint32_t block0, nblocks;
+    const uint32_t *qpack; /* nq × steps words: 4 int8 codes or 2 bf16 per word */
+    const float *qf;       /* nq × 2·steps floats (bf16 values widened); bf16 only */
+    const uint32_t *qwide; /* nq × steps × 8 words: each qpack word repeated (wide kernels) */
+    const cpu_query *qc;   /* nq */
+    uint32_t nq;
+    const float *thresh;   /* nq: report rows whose upper bound is >= this */
+    const float *sq_norms; /* L2: |x|^2; NULL for inner product */
+    uint32_t limit;        /* rows >= limit are never reported */
+    cpu_hit *hits;         /* room for nblocks × 8 × nq */
+    uint32_t nhits;
+} scan_args;
+
+typedef struct kernel_desc {
+    void (*scan)(scan_args *a);
+    int qrange; /* int8 query codes lie in [-qrange, qrange] */
+    bool wide;  /* reads scan_args.qwide */
+} kernel_desc;
+
+/* Slack for float accumulation, scan and reference together, per unit of |q|_2 |x|_2. */
+static double round_slack(uint32_t dim)
+{
+    return (2.0 * dim + 16.0) * 0x1p-24;
+}
+
+static void query_prepare(const cpu_codes *c, const kernel_desc *k, const float *q, cpu_query *out,
+                          uint32_t *qpack, float *qf)
+{
+    const double grow = 1.0 + 0x1p-12;          /* covers the few float operations on the bounds */
+    double qinf = 0, qnorm = 0, dq = 0, qt = 0; /* |q|_inf, |q|^2, |q - q~|^2, |q~|^2 */
+    for (uint32_t i = 0; i < c->dim; i++) {
+        qinf = fmax(qinf, fabs((double)q[i]));
+        qnorm += (double)q[i] * q[i];
+    }
+    float scale = 1.0f;
+    int32_t offset = 0;
+    if (c->precision == BACKEND_PRECISION_INT8) {
+        scale = qinf > 0 ? (float)qinf / (float)k->qrange : 1.0f;
+        int32_t sum = 0;
+        for (uint32_t g = 0; g < c->steps; g++) {
+            uint32_t w = 0;
+            for (uint32_t j = 0; j < 4; j++) {
+                uint32_t i = g * 4 + j;
+                long code = 0;
+                if (i < c->dim) {
+                    code = lrintf(q[i] / scale);
+                    code = code > k->qrange ? k->qrange : code < -k->qrange ? -k->qrange : code;
+                    double v = (double)scale * (double)code, d = (double)q[i] - v;
+                    dq += d * d;
+                    qt += v * v;
+                }
+                sum += (int32_t)code;
+                w |= (uint32_t)(uint8_t)(int8_t)code << (8 * j);
+            }
+            qpack[g] = w;
+        }
+        offset = (c->code_range + 1) * sum;
+    } else {
+        for (uint32_t g = 0; g < c->steps; g++) {
+            uint32_t w = 0;
+            for (uint32_t j = 0; j < 2; j++) {
+                uint32_t i = g * 2 + j;
+                uint16_t h = i < c->dim ? to_bf16(q[i]) : 0;
+                float v = from_bf16(h);
+                if (i < c->dim) {
+                    double d = (double)q[i] - (double)v;
+                    dq += d * d;
+                    qt += (double)v * v;
+                }
+                qf[2 * g + j] = v;
+                w |= (uint32_t)h << (16 * j);
+            }
+            qpack[g] = w;
+        }
+    }
+    /* e = |q - q~|_2 |x|_2 + |q~|_2 |x - x~|_2 + slack |q|_2 |x|_2 (Cauchy-Schwarz twice). */
+    *out = (cpu_query){.scale = scale,
+                       .offset = offset,
+                       .alpha = (float)((sqrt(dq) + round_slack(c->dim) * sqrt(qnorm)) * grow),
+                       .beta = (float)(sqrt(qt) * grow)};
+}
+
+/* ---- portable kernels ------------------------------------------------------------------- */
+
+static void push_hit(scan_args *a, uint32_t row, uint32_t q, float hi, float e)
+{
+    float w = e + e;
+    if (a->sq_norms) w += w;
+    a->hits[a->nhits++] = (cpu_hit){.row = row, .q = q, .hi = hi, .width = w};
+}
+
+static void offer_scalar(scan_args *a, uint32_t row, uint32_t q, float dot)
+{
+    if (row >= a->limit) return;
+    const cpu_codes *c = a->c;
+    const cpu_query *qq = &a->qc[q];
+    float av = dot * qq->scale * c->scale[row];
+    float e = qq->alpha * c->norm[row] + qq->beta * c->err[row];
+    float hi = av + e;
+    if (a->sq_norms) hi = 2.0f * hi - a->sq_norms[row];
+    if (hi >= a->thresh[q]) push_hit(a, row, q, hi, e);
+}
+
+static void scan_int8_scalar(scan_args *a)
+{
+    const uint32_t steps = a->c->steps;
+    for (uint32_t b = a->block0; b < a->block0 + a->nblocks; b++) {
+        const uint8_t *x = a->c->blocks + (size_t)b * block_bytes(a->c);
+        for (uint32_t lane = 0; lane < 8; lane++) {
+            for (uint32_t q = 0; q < a->nq; q++) {
+                const uint32_t *qp = a->qpack + (size_t)q * steps;
+                int32_t dot = 0;
+                for (uint32_t g = 0; g < steps; g++)
+                    for (uint32_t j = 0; j < 4; j++)
+                        dot += (int32_t)x[g * 32 + lane * 4 + j] *
+                               (int32_t)(int8_t)(uint8_t)(qp[g] >> (8 * j));
+                offer_scalar(a, b * 8 + lane, q, (float)(dot - a->qc[q].offset));
+            }
+        }
+    }
+}
+
+static void scan_bf16_scalar(scan_args *a)
+{
+    const uint32_t steps = a->c->steps;
+    for (uint32_t b = a->block0; b < a->block0 + a->nblocks; b++) {
+        const uint8_t *x = a->c->blocks + (size_t)b * block_bytes(a->c);
+        for (uint32_t lane = 0; lane < 8; lane++) {
+            for (uint32_t q = 0; q < a->nq; q++) {
+                const float *qf = a->qf + (size_t)q * 2 * steps;
+                float dot = 0;
+                for (uint32_t g = 0; g < steps; g++) {
+                    uint16_t h[2];
+                    memcpy(h, x + g * 32 + lane * 4, sizeof h);
+                    dot += from_bf16(h[0]) * qf[2 * g] + from_bf16(h[1]) * qf[2 * g + 1];
+                }
+                offer_scalar(a, b * 8 + lane, q, dot);
+            }
+        }
+    }
+}
+
+/* ---- AVX2 and AVX-512 kernels ----------------------------------------------------------- */
+
+#if CPU_SCORE_X86
+
+/* The rare path of the vector epilogue: some of 8 rows passed the threshold. */
+__attribute__((noinline)) static void push_mask(scan_args *a, uint32_t row0, uint32_t q, int mask,
+                                                const float *hi, const float *e)
+{
+    for (uint32_t j = 0; j < 8; j++)
+        if ((mask >> j & 1) && row0 + j < a->limit) push_hit(a, row0 + j, q, hi[j], e[j]);
+}
+
+/* Bounds for 8 rows row0.. and query q from their 8 dot products; reports those that pass. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+epilogue_avx2(scan_args *a, uint32_t row0, uint32_t q, __m256 dot)
+{
+    const cpu_codes *c = a->c;
+    const cpu_query *qq = &a->qc[q];
+    __m256 av = _mm256_mul_ps(_mm256_mul_ps(dot, _mm256_set1_ps(qq->scale)),
+                              _mm256_loadu_ps(c->scale + row0));
+    __m256 e =
+        _mm256_fmadd_ps(_mm256_set1_ps(qq->alpha), _mm256_loadu_ps(c->norm + row0),
+                        _mm256_mul_ps(_mm256_set1_ps(qq->beta), _mm256_loadu_ps(c->err + row0)));
+    __m256 hi = _mm256_add_ps(av, e);
+    if (a->sq_norms)
+        hi = _mm256_fmsub_ps(_mm256_set1_ps(2.0f), hi, _mm256_loadu_ps(a->sq_norms + row0));
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(a->thresh[q]), _CMP_GE_OQ));
+    if (mask) {
+        float his[8], es[8];
+        _mm256_storeu_ps(his, hi);
+        _mm256_storeu_ps(es, e);
+        push_mask(a, row0, q, mask, his, es);
+    }
+}
+
+/* int8, AVX2: VPMADDUBSW (unsigned row code × signed query code, pairs summed to int16; query
+ * codes lie in [-63, 63] so 2 · 255 · 63 cannot saturate) then VPMADDWD by 1 to int32. One block
+ * (8 rows) against nq queries per pass: nq accumulators, no spills. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+scan_int8_avx2_n(scan_args *a, const uint32_t nq)
+{
+    const uint32_t steps = a->c->steps;
+    const size_t stride = block_bytes(a->c);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint32_t *qp[4];
+#pragma GCC unroll 4
+    for (uint32_t q = 0; q < nq; q++)
+        qp[q] = a->qpack + (size_t)q * steps;
+    for (uint32_t b = a->block0; b < a->block0 + a->nblocks; b++) {
+        const __m256i *x = (const __m256i *)(a->c->blocks + (size_t)b * stride);
+        __m256i acc[4];
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++)
+            acc[q] = _mm256_setzero_si256();
+        for (size_t g = 0; g < steps; g++) {
+            __m256i v = _mm256_load_si256(x + g);
+#pragma GCC unroll 4
+            for (uint32_t q = 0; q < nq; q++) {
+                __m256i w = _mm256_set1_epi32((int)qp[q][g]);
+                acc[q] =
+                    _mm256_add_epi32(acc[q], _mm256_madd_epi16(_mm256_maddubs_epi16(v, w), ones));
+            }
+        }
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++) {
+            __m256i off = _mm256_set1_epi32(a->qc[q].offset);
+            epilogue_avx2(a, b * 8, q, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[q], off)));
+        }
+    }
+}
+
+/* int8, AVX2, row codes in [-63, 63] (stored + 64, so at most 127): two VPMADDUBSW results
+ * (each pair sum at most 2 · 127 · 63) add in 16 bits before one VPMADDWD widens them, three
+ * multiplies per 64 products instead of four. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+scan_int8_avx2x2_n(scan_args *a, const uint32_t nq)
+{
+    const uint32_t steps = a->c->steps;
+    const size_t stride = block_bytes(a->c);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i *qw[4]; /* each query word repeated 8 times: a memory operand, no broadcast */
+#pragma GCC unroll 4
+    for (uint32_t q = 0; q < nq; q++)
+        qw[q] = (const __m256i *)a->qwide + (size_t)q * steps;
+    for (uint32_t b = a->block0; b < a->block0 + a->nblocks; b++) {
+        const __m256i *x = (const __m256i *)(a->c->blocks + (size_t)b * stride);
+        __m256i acc[4];
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++)
+            acc[q] = _mm256_setzero_si256();
+        size_t g = 0;
+        for (; g + 2 <= steps; g += 2) {
+            __m256i v0 = _mm256_load_si256(x + g), v1 = _mm256_load_si256(x + g + 1);
+#pragma GCC unroll 4
+            for (uint32_t q = 0; q < nq; q++) {
+                __m256i p =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(v0, _mm256_load_si256(qw[q] + g)),
+                                     _mm256_maddubs_epi16(v1, _mm256_load_si256(qw[q] + g + 1)));
+                acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(p, ones));
+            }
+        }
+        if (g < steps) {
+            __m256i v = _mm256_load_si256(x + g);
+#pragma GCC unroll 4
+            for (uint32_t q = 0; q < nq; q++)
+                acc[q] = _mm256_add_epi32(
+                    acc[q],
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256(qw[q] + g)), ones));
+        }
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++) {
+            __m256i off = _mm256_set1_epi32(a->qc[q].offset);
+            epilogue_avx2(a, b * 8, q, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[q], off)));
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void scan_int8_avx2x2(scan_args *a)
+{
+    switch (a->nq) {
+    case 1:
+        scan_int8_avx2x2_n(a, 1);
+        break;
+    case 2:
+        scan_int8_avx2x2_n(a, 2);
+        break;
+    case 3:
+        scan_int8_avx2x2_n(a, 3);
+        break;
+    default:
+        scan_int8_avx2x2_n(a, 4);
+        break;
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void scan_int8_avx2(scan_args *a)
+{
+    switch (a->nq) {
+    case 1:
+        scan_int8_avx2_n(a, 1);
+        break;
+    case 2:
+        scan_int8_avx2_n(a, 2);
+        break;
+    case 3:
+        scan_int8_avx2_n(a, 3);
+        break;
+    default:
+        scan_int8_avx2_n(a, 4);
+        break;
+    }
+}
+
+/* bf16, AVX2: no bf16 arithmetic, so each slot is widened to fp32 (even dims by a shift, odd
+ * ones by a mask) and multiplied with FMA: the same arithmetic rate as fp32, half the bytes. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+scan_bf16_avx2_n(scan_args *a, const uint32_t nq)
+{
+    const uint32_t steps = a->c->steps;
+    const size_t stride = block_bytes(a->c);
+    const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
+    const uint32_t end = a->block0 + a->nblocks;
+    uint32_t b = a->block0;
+    for (; b + 2 <= end; b += 2) {
+        const uint8_t *x0 = a->c->blocks + (size_t)b * stride, *x1 = x0 + stride;
+        __m256 ae0[4], ao0[4], ae1[4], ao1[4];
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++)
+            ae0[q] = ao0[q] = ae1[q] = ao1[q] = _mm256_setzero_ps();
+        for (uint32_t g = 0; g < steps; g++) {
+            __m256i v0 = _mm256_load_si256((const __m256i *)(x0 + g * 32));
+            __m256i v1 = _mm256_load_si256((const __m256i *)(x1 + g * 32));
+            __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+            __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, hi_mask));
+            __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+            __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, hi_mask));
+#pragma GCC unroll 4
+            for (uint32_t q = 0; q < nq; q++) {
+                __m256 qe = _mm256_broadcast_ss(a->qf + (size_t)q * 2 * steps + 2 * g);
+                __m256 qo = _mm256_broadcast_ss(a->qf + (size_t)q * 2 * steps + 2 * g + 1);
+                ae0[q] = _mm256_fmadd_ps(e0, qe, ae0[q]);
+                ao0[q] = _mm256_fmadd_ps(o0, qo, ao0[q]);
+                ae1[q] = _mm256_fmadd_ps(e1, qe, ae1[q]);
+                ao1[q] = _mm256_fmadd_ps(o1, qo, ao1[q]);
+            }
+        }
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++) {
+            epilogue_avx2(a, b * 8, q, _mm256_add_ps(ae0[q], ao0[q]));
+            epilogue_avx2(a, b * 8 + 8, q, _mm256_add_ps(ae1[q], ao1[q]));
+        }
+    }
+    for (; b < end; b++) {
+        const uint8_t *x0 = a->c->blocks + (size_t)b * stride;
+        for (uint32_t q = 0; q < nq; q++) {
+            __m256 ae = _mm256_setzero_ps(), ao = _mm256_setzero_ps();
+            for (uint32_t g = 0; g < steps; g++) {
+                __m256i v0 = _mm256_load_si256((const __m256i *)(x0 + g * 32));
+                ae =
+                    _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
+                                    _mm256_broadcast_ss(a->qf + (size_t)q * 2 * steps + 2 * g), ae);
+                ao = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, hi_mask)),
+                                     _mm256_broadcast_ss(a->qf + (size_t)q * 2 * steps + 2 * g + 1),
+                                     ao);
+            }
+            epilogue_avx2(a, b * 8, q, _mm256_add_ps(ae, ao));
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void scan_bf16_avx2(scan_args *a)
+{
+    switch (a->nq) {
+    case 1:
+        scan_bf16_avx2_n(a, 1);
+        break;
+    case 2:
+        scan_bf16_avx2_n(a, 2);
+        break;
+    case 3:
+        scan_bf16_avx2_n(a, 3);
+        break;
+    default:
+        scan_bf16_avx2_n(a, 4);
+        break;
+    }
+}
+
+#define AVX512_INT8_TARGET "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni"
+#define AVX512_BF16_TARGET "avx2,fma,avx512f,avx512vl,avx512bw,avx512bf16"
+
+/* int8, AVX-512 VNNI: VPDPBUSD adds four unsigned × signed byte products to each int32 lane in
+ * one instruction, without intermediate saturation (query codes use the full [-127, 127]). */
+static inline __attribute__((always_inline, target(AVX512_INT8_TARGET))) void
+scan_int8_vnni_n(scan_args *a, const uint32_t nq)
+{
+    const uint32_t steps = a->c->steps;
+    const size_t stride = block_bytes(a->c);
+    const uint32_t end = a->block0 + a->nblocks;
+    uint32_t b = a->block0;
+    for (; b + 2 <= end; b += 2) {
+        const uint8_t *x0 = a->c->blocks + (size_t)b * stride, *x1 = x0 + stride;
+        __m256i acc0[4], acc1[4];
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++)
+            acc0[q] = acc1[q] = _mm256_setzero_si256();
+        for (uint32_t g = 0; g < steps; g++) {
+            __m256i v0 = _mm256_load_si256((const __m256i *)(x0 + g * 32));
+            __m256i v1 = _mm256_load_si256((const __m256i *)(x1 + g * 32));
+#pragma GCC unroll 4
+            for (uint32_t q = 0; q < nq; q++) {
+                __m256i w = _mm256_set1_epi32((int)a->qpack[q * steps + g]);
+                acc0[q] = _mm256_dpbusd_epi32(acc0[q], v0, w);
+                acc1[q] = _mm256_dpbusd_epi32(acc1[q], v1, w);
+            }
+        }
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++) {
+            __m256i off = _mm256_set1_epi32(a->qc[q].offset);
+            epilogue_avx2(a, b * 8, q, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc0[q], off)));
+            epilogue_avx2(a, b * 8 + 8, q, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc1[q], off)));
+        }
+    }
+    for (; b < end; b++) {
+        const uint8_t *x0 = a->c->blocks + (size_t)b * stride;
+        for (uint32_t q = 0; q < nq; q++) {
+            __m256i acc = _mm256_setzero_si256();
+            for (uint32_t g = 0; g < steps; g++)
+                acc = _mm256_dpbusd_epi32(acc, _mm256_load_si256((const __m256i *)(x0 + g * 32)),
+                                          _mm256_set1_epi32((int)a->qpack[q * steps + g]));
+            __m256i off = _mm256_set1_epi32(a->qc[q].offset);
+            epilogue_avx2(a, b * 8, q, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc, off)));
+        }
+    }
+}
+
+__attribute__((target(AVX512_INT8_TARGET))) static void scan_int8_vnni(scan_args *a)
+{
+    switch (a->nq) {
+    case 1:
+        scan_int8_vnni_n(a, 1);
+        break;
+    case 2:
+        scan_int8_vnni_n(a, 2);
+        break;
+    case 3:
+        scan_int8_vnni_n(a, 3);
+        break;
+    default:
+        scan_int8_vnni_n(a, 4);
+        break;
+    }
+}
+
+/* bf16, AVX-512 BF16: VDPBF16PS adds both products of a bf16 pair to each fp32 lane. */
+static inline __attribute__((always_inline, target(AVX512_BF16_TARGET))) void
+scan_bf16_avx512_n(scan_args *a, const uint32_t nq)
+{
+    const uint32_t steps = a->c->steps;
+    const size_t stride = block_bytes(a->c);
+    const uint32_t end = a->block0 + a->nblocks;
+    uint32_t b = a->block0;
+    for (; b + 2 <= end; b += 2) {
+        const uint8_t *x0 = a->c->blocks + (size_t)b * stride, *x1 = x0 + stride;
+        __m256 acc0[4], acc1[4];
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++)
+            acc0[q] = acc1[q] = _mm256_setzero_ps();
+        for (uint32_t g = 0; g < steps; g++) {
+            __m256i v0 = _mm256_load_si256((const __m256i *)(x0 + g * 32));
+            __m256i v1 = _mm256_load_si256((const __m256i *)(x1 + g * 32));
+#pragma GCC unroll 4
+            for (uint32_t q = 0; q < nq; q++) {
+                __m256i w = _mm256_set1_epi32((int)a->qpack[q * steps + g]);
+                acc0[q] = _mm256_dpbf16_ps(acc0[q], (__m256bh)v0, (__m256bh)w);
+                acc1[q] = _mm256_dpbf16_ps(acc1[q], (__m256bh)v1, (__m256bh)w);
+            }
+        }
+#pragma GCC unroll 4
+        for (uint32_t q = 0; q < nq; q++) {
+            epilogue_avx2(a, b * 8, q, acc0[q]);
+            epilogue_avx2(a, b * 8 + 8, q, acc1[q]);
+        }
+    }
+    for (; b < end; b++) {
+        const uint8_t *x0 = a->c->blocks + (size_t)b * stride;
+        for (uint32_t q = 0; q < nq; q++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (uint32_t g = 0; g < steps; g++)
+                acc = _mm256_dpbf16_ps(acc,
+                                       (__m256bh)_mm256_load_si256((const __m256i *)(x0 + g * 32)),
+                                       (__m256bh)_mm256_set1_epi32((int)a->qpack[q * steps + g]));
+            epilogue_avx2(a, b * 8, q, acc);
+        }
+    }
+}
+
+__attribute__((target(AVX512_BF16_TARGET))) static void scan_bf16_avx512(scan_args *a)
+{
+    switch (a->nq) {
+    case 1:
+        scan_bf16_avx512_n(a, 1);
+        break;
+    case 2:
+        scan_bf16_avx512_n(a, 2);
+        break;
+    case 3:
+        scan_bf16_avx512_n(a, 3);
+        break;
+    default:
+        scan_bf16_avx512_n(a, 4);
+        break;
+    }
+}
+
+#endif /* CPU_SCORE_X86 */
+
+static kernel_desc pick_kernel(const cpu_codes *c, backend_cpu_isa isa)
+{
+    if (c->precision == BACKEND_PRECISION_INT8) {
+#if CPU_SCORE_X86
+        if (isa >= BACKEND_CPU_ISA_AVX512) return (kernel_desc){scan_int8_vnni, 127, false};
+        if (isa >= BACKEND_CPU_ISA_AVX2)
+            return c->code_range <= 63 ? (kernel_desc){scan_int8_avx2x2, 63, true}
+                                       : (kernel_desc){scan_int8_avx2, 63, false};
+#endif
+        return (kernel_desc){scan_int8_scalar, 127, false};
+    }
+#if CPU_SCORE_X86
+    if (isa >= BACKEND_CPU_ISA_AVX512 && has_avx512_bf16())
+        return (kernel_desc){scan_bf16_avx512, 0, false};
+    if (isa >= BACKEND_CPU_ISA_AVX2) return (kernel_desc){scan_bf16_avx2, 0, false};
+#endif
+    (void)isa;
+    (void)has_avx512_bf16;
+    return (kernel_desc){scan_bf16_scalar, 0, false};
+}
+
+/* ---- search ----------------------------------------------------------------------------- */
+
+/* The wide copy of n packed query words (each repeated 8 times), or NULL when out of memory. */
+static uint32_t *widen(const uint32_t *qpack, size_t n)
+{
+    uint32_t *w = aligned_alloc(32, (n * 8 * sizeof *w + 31) & ~(size_t)31);
+    if (w)
+        for (size_t i = 0; i < n; i++)
+            for (int l = 0; l < 8; l++)
+                w[i * 8 + l] = qpack[i];
+    return w;
+}
+
+int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uint32_t row,
+                    float *approx, float *bound)
+{
+    const kernel_desc kd = pick_kernel(c, isa);
+    cpu_query qc;
+    uint32_t *qwide = NULL;
+    uint32_t *qpack = malloc((size_t)c->steps * sizeof *qpack);
+    float *qf = malloc((size_t)c->steps * 2 * sizeof *qf);
+    int rc = AFF_ENOMEM;
+    if (!qpack || !qf) goto out;
+    query_prepare(c, &kd, q, &qc, qpack, qf);
+    qwide = kd.wide ? widen(qpack, c->steps) : NULL;
+    if (kd.wide && !qwide) goto out;
+    cpu_hit hits[8];
+    const float thresh = -INFINITY;
+    scan_args a = {.c = c,
+                   .block0 = row / 8,
+                   .nblocks = 1,
+                   .qpack = qpack,
+                   .qf = qf,
+                   .qwide = qwide,
+                   .qc = &qc,
+                   .nq = 1,
+                   .thresh = &thresh,
+                   .limit = row + 1,
+                   .hits = hits};
+    kd.scan(&a);
+    rc = AFF_EINTERNAL;
+    for (uint32_t i = 0; i < a.nhits; i++) {
+        if (hits[i].row != row) continue;
+        *bound = hits[i].width / 2;
+        *approx = hits[i].hi - *bound;
+        rc = AFF_OK;
+    }
+out:
+    free(qwide);
+    free(qf);
+    free(qpack);
+    return rc;
+}
+
+/* Bytes of codes scanned per tile: the tile stays in L2 while every query group passes over it. */
+#define TILE_BYTES (64u * 1024u)
+/* Queries per kernel call. */
+#define GROUP 4u
+
+typedef struct cand {
+    float hi;
+    uint32_t row;
+} cand;
+
+/* One query's state in one thread: the k largest lower bounds seen (their k-th is L) and the
+ * rows whose upper bound reached L when they were seen. */
+typedef struct qstate {
+    topk_heap lo;
+    cand *c;
+    uint32_t n, cap;
+} qstate;
+
+static float lower_threshold(const qstate *st)
+{
+    return st->lo.n < st->lo.k ? -INFINITY : st->lo.scores[0];
+}
+
+static const backend_filter *filter_of(const backend_search *s, uint32_t q)
+{
+    if (!s->filters || !s->filters[q] || backend_filter_is_empty(s->filters[q])) return NULL;
+    return s->filters[q];
+}
+
+/* Takes one reported row: filter, lower bound, candidate. Returns false when out of memory. */
+static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st, const cpu_hit *h)
+{
+    if (f && !backend_filter_matches(f, &t->attrs[h->row], h->row)) return true;
+    topk_push(&st->lo, h->hi - h->width, h->row);
+    float L = lower_threshold(st);
+    if (h->hi < L) return true;
+    if (st->n == st->cap) {
+        uint32_t m = 0;
+        for (uint32_t i = 0; i < st->n; i++)
+            if (st->c[i].hi >= L) st->c[m++] = st->c[i];
+        st->n = m;
+        if (m > st->cap / 2) {
+            cand *grown = realloc(st->c, (size_t)st->cap * 2 * sizeof *grown);
+            if (!grown) return false;
+            st->c = grown;
+            st->cap *= 2;
+        }
+    }
+    st->c[st->n++] = (cand){h->hi, h->row};
+    return true;
+}
+
+float cpu_sq_norm(const float *x, uint32_t dim)
+{
+    float s = 0;
+    for (uint32_t j = 0; j < dim; j++)
+        s += x[j] * x[j];
+    return s;
+}
+
+int cpu_score_search(const cpu_search_table *t, const backend_search *s, const size_t *offsets,
+                     cpu_search_stats *stats, aff_err *err)
+{
+    const cpu_codes *c = t->codes;
+    const uint32_t nq = s->nq, steps = c->steps, dim = c->dim;
+    const kernel_desc kd = pick_kernel(c, t->isa);
+    const uint32_t nblocks = (t->count + 7) / 8;
+    int nthreads = t->threads > 0 ? t->threads : 1;
+    if ((uint64_t)t->count * dim < 1u << 16) nthreads = 1;
+    if ((uint32_t)nthreads > nblocks) nthreads = nblocks ? (int)nblocks : 1;
+    uint32_t tile = TILE_BYTES / (uint32_t)block_bytes(c);
+    tile = tile < 2 ? 2 : tile;
+    uint32_t kmax = 1;
+    for (uint32_t q = 0; q < nq; q++)
+        kmax = s->k[q] > kmax ? s->k[q] : kmax;
+    const uint32_t first_tile = (2 * kmax + 7) / 8 < tile ? (2 * kmax + 7) / 8 : tile;
+
+    int rc = AFF_OK;
+    uint32_t *qwide = NULL;
+    cpu_query *qc = malloc(nq * sizeof *qc);
+    uint32_t *qpack = malloc((size_t)nq * steps * sizeof *qpack);
+    float *qf = malloc((size_t)nq * steps * 2 * sizeof *qf);
+    cpu_hit *hits = malloc((size_t)nthreads * tile * 8 * GROUP * sizeof *hits);
+    qstate *states = calloc((size_t)nthreads * nq, sizeof *states);
+    if (!qc || !qpack || !qf || !hits || !states) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
+        goto out;
+    }
+    for (size_t i = 0; i < (size_t)nthreads * nq; i++) {
+        qstate *st = &states[i];
+        st->cap = 2 * s->k[i % nq] + 64;
+        st->c = malloc(st->cap * sizeof *st->c);
+        if (!st->c || topk_init(&st->lo, s->k[i % nq]) != AFF_OK) {
+            rc = aff__fail(err, AFF_ENOMEM, "out of memory for candidate lists");
+            goto out;
+        }
+    }
+    for (uint32_t q = 0; q < nq; q++)
+        query_prepare(c, &kd, s->queries + (size_t)q * dim, &qc[q], qpack + (size_t)q * steps,
+                      qf + (size_t)q * steps * 2);
+    if (kd.wide && !(qwide = widen(qpack, (size_t)nq * steps))) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory for %u queries", nq);
+        goto out;
+    }
+
+    atomic_int failed = 0;
+    uint64_t reported = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : reported)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        const uint32_t b_lo = (uint32_t)((uint64_t)nblocks * tid / nt);
+        const uint32_t b_hi = (uint32_t)((uint64_t)nblocks * (tid + 1) / nt);
+        qstate *mine = states + (size_t)tid * nq;
+        cpu_hit *my_hits = hits + (size_t)tid * tile * 8 * GROUP;
+        float thresh[GROUP];
+        /* Short first tiles: until L exists every row is reported and a stale L reports many,
+         * so tiles start at about 2k rows and double up to the full tile while L rises. */
+        uint32_t step = first_tile;
+        for (uint32_t b0 = b_lo; b0 < b_hi && !atomic_load(&failed);
+             b0 += step, step = 2 * step < tile ? 2 * step : tile) {
+            const uint32_t nb = b_hi - b0 < step ? b_hi - b0 : step;
+            for (uint32_t g0 = 0; g0 < nq; g0 += GROUP) {
+                const uint32_t gq = nq - g0 < GROUP ? nq - g0 : GROUP;
+                for (uint32_t q = 0; q < gq; q++)
+                    thresh[q] = lower_threshold(&mine[g0 + q]);
+                scan_args a = {.c = c,
+                               .block0 = b0,
+                               .nblocks = nb,
+                               .qpack = qpack + (size_t)g0 * steps,
+                               .qf = qf + (size_t)g0 * steps * 2,
+                               .qwide = qwide ? qwide + (size_t)g0 * steps * 8 : NULL,
+                               .qc = qc + g0,
+                               .nq = gq,
+                               .thresh = thresh,
+                               .sq_norms = t->sq_norms,
+                               .limit = t->count,
+                               .hits = my_hits};
+                kd.scan(&a);
+                reported += a.nhits;
+                for (uint32_t i = 0; i < a.nhits; i++) {
+                    const cpu_hit *h = &my_hits[i];
+                    if (!take(t, filter_of(s, g0 + h->q), &mine[g0 + h->q], h))
+                        atomic_store(&failed, 1);
+                }
+            }
+        }
+    }
+    if (atomic_load(&failed)) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory for candidate lists");
+        goto out;
+    }
+
+    /* Re-rank: the fp32 scores of every candidate whose upper bound reaches the final L. */
+    uint64_t reranked = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic) reduction(+ : reranked)
+    for (uint32_t q = 0; q < nq; q++) {
+        qstate *st = &states[q];
+        for (int th = 1; th < nthreads; th++)
+            topk_merge(&st->lo, &states[(size_t)th * nq + q].lo);
+        const float L = lower_threshold(st);
+        const float *qv = s->queries + (size_t)q * dim;
+        topk_heap ex;
+        if (topk_init(&ex, s->k[q]) != AFF_OK) {
+            atomic_store(&failed, 1);
+            continue;
+        }
+        for (int th = 0; th < nthreads; th++) {
+            qstate *ts = &states[(size_t)th * nq + q];
+            uint32_t m = 0;
+            for (uint32_t i = 0; i < ts->n; i++)
+                if (ts->c[i].hi >= L) ts->c[m++] = ts->c[i];
+            for (uint32_t i = 0; i < m; i++) {
+                if (i + 4 < m) { /* the rows are scattered: fetch ahead */
+                    const char *next = (const char *)(t->rows + (size_t)ts->c[i + 4].row * dim);
+                    for (size_t off = 0; off < dim * sizeof(float); off += 64)
+                        __builtin_prefetch(next + off);
+                }
+                const uint32_t row = ts->c[i].row;
+                float d;
+                cpu_dot_rows(qv, t->rows + (size_t)row * dim, 1, dim, &d);
+                topk_push(&ex, t->sq_norms ? 2.0f * d - t->sq_norms[row] : d, row);
+            }
+            reranked += m;
+        }
+        const uint32_t n = topk_sort(&ex);
+        const float shift = t->sq_norms ? -cpu_sq_norm(qv, dim) : 0.0f;
+        for (uint32_t i = 0; i < n; i++) {
+            s->out_rows[offsets[q] + i] = ex.rows[i];
+            s->out_scores[offsets[q] + i] = ex.scores[i] + shift;
+        }
+        s->out_counts[q] = n;
+        topk_free(&ex);
+    }
+    if (atomic_load(&failed)) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory for re-ranking heaps");
+        goto out;
+    }
+    if (stats) {
+        stats->candidates = reranked;
+        stats->reported = reported;
+    }
+out:
+    if (states)
+        for (size_t i = 0; i < (size_t)nthreads * nq; i++) {
+            topk_free(&states[i].lo);
+            free(states[i].c);
+        }
+    free(states);
+    free(hits);
+    free(qwide);
+    free(qf);
+    free(qpack);
+    free(qc);
+    return rc;
+}
