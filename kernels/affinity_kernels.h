@@ -46,6 +46,9 @@ extern "C" {
 
 typedef struct kernels_err {
     int code;
+    /* true when the failure was a sticky device fault (illegal address, launch failure, ECC,
+     * ...): the CUDA context is unusable from then on and every later call fails too. */
+    bool context_lost;
     char msg[256];
 } kernels_err;
 
@@ -121,7 +124,11 @@ int kernels_table_write(kernels_table *t, const uint32_t *rows, uint32_t n, cons
  * gpu_plan_move_batches); then sets the row count to new_count. Synchronous. */
 int kernels_table_move(kernels_table *t, const uint32_t *src, const uint32_t *dst, uint32_t n,
                        uint32_t new_count, kernels_err *err);
-/* Copies the stored vectors of n rows (each < count) to out (n × dim floats). Synchronous. */
+/* Copies the stored vectors of n rows (each < count) to out (n × dim floats). Synchronous.
+ * Safe to call from several threads at once on one table (the engine calls it under its shared
+ * read lock, concurrently with searches): reads take the table's read mutex, which guards the
+ * read staging buffer and the table's stream; writes and moves are the engine's exclusive
+ * callers. */
 int kernels_table_read(kernels_table *t, const uint32_t *rows, uint32_t n, float *out,
                        kernels_err *err);
 /* Benchmarks: appends rows count..count+n-1 filled on the device with kernels_bench_value()

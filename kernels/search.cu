@@ -297,5 +297,8 @@ int kernels_search(kernels_workspace *ws, const kernels_table *t, const kernels_
     KCUDA(err, cudaEventSynchronize(ws->ev_stop));
     if (a->elapsed_ms) KCUDA(err, cudaEventElapsedTime(a->elapsed_ms, ws->ev_start, ws->ev_stop));
 out:
+    /* A failure may leave uploads, kernels and downloads queued: drain them before the pinned
+     * buffers and scratch can be reused by the next call (or freed by a growing reserve). */
+    if (rc) kernels__drain(ws->stream);
     return rc;
 }
