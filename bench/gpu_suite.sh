@@ -11,9 +11,10 @@
 #   - The benchmark and the PyTorch baseline are measurements, not tests: when the time budget
 #     or a missing PyTorch stops them, status.md says so and the exit status does not change.
 #
-# Binaries: with --bundle DIR (made here, without a GPU, by bench/gpu_bundle.sh and carried to
-# the device machine) nothing is compiled on the device: DIR/bin holds the suites and
-# bench_kernels, DIR/lib their libraries. Without --bundle it configures and builds in
+# Binaries: with --bundle DIR or --bundle FILE.tar.xz (made here, without a GPU, by
+# bench/gpu_bundle.sh and carried to the device machine) nothing is compiled on the device:
+# DIR/bin holds the suites and bench_kernels, DIR/lib their libraries (a .tar.xz is unpacked
+# to a temporary folder first). Without --bundle it configures and builds in
 # $BUILD_DIR (default build-gpu-suite/) first; a failed build fails the suite.
 #
 # Results are written AS IT GOES into the output folder: --out DIR, else $OUT when set (the
@@ -127,6 +128,15 @@ export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 write_status "running"
 
 # ---- 1. binaries ----
+if [ -n "$bundle" ] && [ -f "$bundle" ]; then
+    unpacked=$(mktemp -d)
+    if tar -xJf "$bundle" -C "$unpacked" >>"$log" 2>&1; then
+        [ -f "$unpacked/MANIFEST" ] && cat "$unpacked/MANIFEST" >>"$log"
+        bundle=$unpacked
+    else
+        not_run test bundle "cannot unpack $bundle"
+    fi
+fi
 if [ -n "$bundle" ]; then
     bin=$bundle/bin
     export LD_LIBRARY_PATH="$bundle/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

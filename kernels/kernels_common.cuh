@@ -19,7 +19,16 @@
 /* kernel<<<grid, block, shared, stream>>>(args), written as a macro so the CPU emulation used
  * by the tests can launch the same kernels. */
 #define KERNELS_LAUNCH(kernel, grid, block, shared, stream) kernel<<<grid, block, shared, stream>>>
+/* The launch's dynamic shared memory, as 8-byte words. */
+#define KERNELS_DYNAMIC_SHARED(name)                        extern __shared__ unsigned long long name[]
 #endif
+/* #pragma unroll for nvcc; nothing for the host compiler of the emulation. */
+#ifdef KERNELS_EMULATE
+#define KERNELS_UNROLL
+#else
+#define KERNELS_UNROLL _Pragma("unroll")
+#endif
+
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>

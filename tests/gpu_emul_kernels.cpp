@@ -13,6 +13,7 @@
 #include "device.cu"
 #include "gather_dot.cu"
 #include "search.cu"
+#include "search_fused.cu"
 #include "select_block.cu"
 #include "select_radix.cu"
 #include "table.cu"

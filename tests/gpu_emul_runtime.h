@@ -60,11 +60,26 @@ inline pthread_barrier_t emul_block_barrier;
 inline pthread_barrier_t emul_warp_barrier[32];
 inline float emul_shfl_buf[1024];
 inline std::mutex emul_launch_lock; /* one launch at a time: the built-ins above are global */
+inline std::mutex emul_dyn_lock;    /* guards emul_dyn_shared across a whole launch */
 
 inline void __syncthreads()
 {
     pthread_barrier_wait(&emul_block_barrier);
 }
+
+/* The calling thread's warp (32 threads; blocks are a multiple of 32). */
+inline void __syncwarp(unsigned = 0xFFFFFFFFu)
+{
+    pthread_barrier_wait(&emul_warp_barrier[threadIdx.x >> 5]);
+}
+
+/* Dynamic shared memory of the running launch (its `shared` bytes, 8-byte aligned). */
+inline std::vector<unsigned long long> emul_dyn_shared;
+inline unsigned long long *emul_dynamic_shared()
+{
+    return emul_dyn_shared.data();
+}
+#define KERNELS_DYNAMIC_SHARED(name) unsigned long long *name = emul_dynamic_shared()
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask)
 {
@@ -137,17 +152,22 @@ inline bool emul_launch_begin(void *stream);
 template <typename F> struct emul_launch {
     dim3 g, b;
     F f;
+    size_t shared;
     void *stream;
     template <typename... A> void operator()(A... args)
     {
         if (!emul_launch_begin(stream)) return;
+        std::lock_guard<std::mutex> hold(emul_dyn_lock);
+        /* Junk, as on a device: a kernel must initialize what it reads. */
+        emul_dyn_shared.assign((shared + 7) / 8 + 1, 0xA5A5A5A5A5A5A5A5ull);
         emul_run_grid(g, b, [&] { f(args...); });
     }
 };
 
-template <typename F> emul_launch<F> emul_make_launch(dim3 g, dim3 b, F f, size_t, void *stream)
+template <typename F>
+emul_launch<F> emul_make_launch(dim3 g, dim3 b, F f, size_t shared, void *stream)
 {
-    return emul_launch<F>{g, b, f, stream};
+    return emul_launch<F>{g, b, f, shared, stream};
 }
 
 #define KERNELS_LAUNCH(kernel, grid, block, shared, stream)                                        \
@@ -202,7 +222,8 @@ enum cudaMemcpyKind {
     cudaMemcpyDeviceToDevice = 3
 };
 #define cudaStreamNonBlocking 0x01
-#define cudaHostAllocDefault  0x00
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+#define cudaHostAllocDefault 0x00
 
 struct emul_stream {
     std::atomic<uint64_t> pending{0}; /* operations queued since the last synchronization */
@@ -393,6 +414,12 @@ inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s)
 inline cudaError_t cudaMemset(void *p, int v, size_t n)
 {
     memset(p, v, n);
+    return cudaSuccess;
+}
+
+template <typename F> inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int)
+{
+    EMUL_POISONED();
     return cudaSuccess;
 }
 

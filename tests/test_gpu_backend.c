@@ -924,7 +924,8 @@ Test(gpu_engine, concurrent_get_items_and_similar_items)
     aff_hit *want = calloc((size_t)ENG_ITEMS * ENG_K, sizeof *want);
     uint32_t *want_n = calloc(ENG_ITEMS, sizeof *want_n);
     /* Quarter-grid data: scores are exact in fp16 and fp32; ties go to the lower row. */
-    for (uint32_t i = 0; i<ENG_ITEMS; i += emul_div> 1 ? 5 : 1) {
+    const uint32_t step = emul_div > 1 ? 25 : 1; /* the emulation: 60 items */
+    for (uint32_t i = 0; i < ENG_ITEMS; i += step) {
         char id[16];
         snprintf(id, sizeof id, "item%u", i);
         aff_query q = {.item_id = id, .k = ENG_K};
@@ -938,11 +939,8 @@ Test(gpu_engine, concurrent_get_items_and_similar_items)
     eng_job jobs[THREADS];
     pthread_t th[THREADS];
     for (int i = 0; i < THREADS; i++) {
-        jobs[i] = (eng_job){.e = e,
-                            .want = want,
-                            .want_n = want_n,
-                            .seed = 5u + (uint32_t)i,
-                            .step = emul_div > 1 ? 5 : 1};
+        jobs[i] = (eng_job){
+            .e = e, .want = want, .want_n = want_n, .seed = 5u + (uint32_t)i, .step = step};
         pthread_create(&th[i], NULL, eng_worker, &jobs[i]);
     }
     for (int i = 0; i < THREADS; i++)
@@ -1195,3 +1193,161 @@ Test(gpu_faults, the_engine_keeps_serving_and_reports_the_fault)
 }
 
 #endif /* KERNELS_EMULATE */
+
+/* ---- the fused small-batch path against the tiled path and a CPU reference ------------------ */
+
+/* Both paths forced on the same exact data (quarter grid: every score exact in fp16 and fp32,
+ * so rows must match the reference, ties by lower row), both storages and metrics, B from 1 to
+ * 32 (all three register tilings), k buckets 32 to 128, several fused blocks plus merge. */
+Test(gpu_kernels, fused_and_tiled_paths_match_the_reference)
+{
+    seed_test();
+    kernels_err kerr = {0};
+    int n_dev = 0;
+    if (kernels_device_count(&n_dev, &kerr) != 0 || n_dev == 0)
+        cr_skip_test("%s", kerr.msg[0] ? kerr.msg : "no CUDA device present");
+    kernels_device *dev = NULL;
+    cr_assert_eq(kernels_device_open(&dev, 0, &kerr), 0, "%s", kerr.msg);
+    kernels_device_info info;
+    kernels_device_describe(dev, &info);
+    note_device(info.name);
+    kernels_workspace *ws = NULL;
+    cr_assert_eq(kernels_workspace_create(&ws, dev, 32, &kerr), 0, "%s", kerr.msg);
+    const uint32_t n = emul_div > 1 ? 2500 : 40000;
+    const uint32_t dims[2] = {20, 72};
+    for (int st = 0; st < 2; st++) {
+        for (int metric = 0; metric < 2; metric++) {
+            /* The emulation is slow: there, fp16 with inner product and fp32 with L2 only. */
+            if (emul_div > 1 && st != metric) continue;
+            const uint32_t dim = dims[(st + metric) % 2];
+            kernels_table *t = NULL;
+            cr_assert_eq(
+                kernels_table_create(&t, dev, dim, st ? KERNELS_STORAGE_FP32 : KERNELS_STORAGE_FP16,
+                                     metric ? KERNELS_METRIC_L2 : KERNELS_METRIC_IP, n, &kerr),
+                0, "%s", kerr.msg);
+            float *x = malloc((size_t)n * dim * 4);
+            uint32_t *rows = malloc(n * 4);
+            for (uint32_t i = 0; i < n; i++)
+                rows[i] = i;
+            for (size_t i = 0; i < (size_t)n * dim; i++)
+                x[i] = (float)((int)(rng() % 5) - 2) * 0.5f;
+            cr_assert_eq(kernels_table_write(t, rows, n, x, NULL, n, &kerr), 0, "%s", kerr.msg);
+            const uint32_t nbs[3] = {1, 5, 32};
+            const uint32_t kss[4] = {1, 10, 64, 128};
+            for (int bi = 0; bi < 3; bi++) {
+                for (int ki = 0; ki < 4; ki++) {
+                    if (emul_div > 1 && ki % 2 == 0 && !(ki == 0 && bi == 0)) continue;
+                    const uint32_t nq = nbs[bi];
+                    uint32_t ks[32];
+                    float *q = malloc((size_t)nq * dim * 4);
+                    for (uint32_t i = 0; i < nq; i++)
+                        ks[i] = i % 3 == 2 ? kss[ki] / 2 + 1 : kss[ki]; /* mixed k */
+                    for (size_t i = 0; i < (size_t)nq * dim; i++)
+                        q[i] = (float)((int)(rng() % 5) - 2) * 0.25f;
+                    size_t total = 0;
+                    for (uint32_t i = 0; i < nq; i++)
+                        total += ks[i];
+                    uint32_t *orow[2], cnt[2][32];
+                    float *osc[2];
+                    for (int path = 0; path < 2; path++) {
+                        orow[path] = malloc(total * 4);
+                        osc[path] = malloc(total * 4);
+                        kernels_search_args a = {.queries = q,
+                                                 .nq = nq,
+                                                 .k = ks,
+                                                 .out_rows = orow[path],
+                                                 .out_scores = osc[path],
+                                                 .out_counts = cnt[path],
+                                                 .path = path ? KERNELS_PATH_FUSED
+                                                              : KERNELS_PATH_TILED};
+                        cr_assert_eq(kernels_search(ws, t, &a, &kerr), 0, "path %d: %s", path,
+                                     kerr.msg);
+                    }
+                    ref_hit *hits = malloc(n * sizeof *hits);
+                    size_t off = 0;
+                    for (uint32_t i = 0; i < nq; i++) {
+                        for (uint32_t r = 0; r < n; r++) {
+                            double dot = 0, xx = 0, qq = 0;
+                            for (uint32_t d = 0; d < dim; d++) {
+                                double qv = q[i * dim + d], xv = x[(size_t)r * dim + d];
+                                dot += qv * xv;
+                                xx += xv * xv;
+                                qq += qv * qv;
+                            }
+                            hits[r].score = metric ? 2 * dot - xx - qq : dot;
+                            hits[r].row = r;
+                        }
+                        qsort(hits, n, sizeof *hits, cmp_hit);
+                        for (int path = 0; path < 2; path++) {
+                            cr_assert_eq(cnt[path][i], ks[i], "path %d B %u query %u count", path,
+                                         nq, i);
+                            for (uint32_t j = 0; j < ks[i]; j++) {
+                                cr_assert_eq(orow[path][off + j], hits[j].row,
+                                             "path %d st %d metric %d B %u k %u query %u "
+                                             "position %u",
+                                             path, st, metric, nq, ks[i], i, j);
+                                cr_assert_eq((double)osc[path][off + j], hits[j].score,
+                                             "path %d score at %u", path, j);
+                            }
+                        }
+                        off += ks[i];
+                    }
+                    free(hits);
+                    for (int path = 0; path < 2; path++) {
+                        free(orow[path]);
+                        free(osc[path]);
+                    }
+                    free(q);
+                }
+            }
+            /* A forced fused path the chunk cannot take is refused, not run wrong. */
+            uint32_t k200 = 200, r200[200], c1;
+            float s200[200], q1[72] = {0};
+            kernels_search_args bad = {.queries = q1,
+                                       .nq = 1,
+                                       .k = &k200,
+                                       .out_rows = r200,
+                                       .out_scores = s200,
+                                       .out_counts = &c1,
+                                       .path = KERNELS_PATH_FUSED};
+            cr_assert_eq(kernels_search(ws, t, &bad, &kerr), AFF_EINVAL);
+            free(x);
+            free(rows);
+            kernels_table_destroy(t);
+        }
+    }
+    kernels_workspace_destroy(ws);
+    kernels_device_close(dev);
+}
+
+/* The backend's automatic choice sends small batches with k <= 128 through the fused scan;
+ * filters and exclusions there are applied only to rows beating the threshold. */
+Test(gpu_backend, small_batches_with_filters_take_the_fused_path)
+{
+    seed_test();
+    cr_assert_eq(kernels_choose_path(1, 32, 1000), KERNELS_PATH_FUSED);
+    cr_assert_eq(kernels_choose_path(32, 128, 1000), KERNELS_PATH_FUSED);
+    cr_assert_eq(kernels_choose_path(33, 32, 1000), KERNELS_PATH_TILED);
+    cr_assert_eq(kernels_choose_path(8, 256, 1000), KERNELS_PATH_TILED);
+    enum { NQ = 20 };
+    for (int fp32 = 0; fp32 < 2; fp32++) {
+        backend *b = open_gpu(fp32, 64);
+        ref_table r;
+        ref_open(&r, b, 24, fp32 ? AFF_METRIC_IP : AFF_METRIC_L2, !fp32, 0);
+        ref_write(&r, NULL, scaled(40000), NULL, 0);
+        static backend_filter fs[NQ];
+        static uint64_t cat[NQ][1];
+        static uint32_t tags[NQ][4], excl[NQ][64];
+        const backend_filter *fp[NQ];
+        uint32_t ks[NQ];
+        for (uint32_t i = 0; i < NQ; i++) {
+            random_filter(&fs[i], cat[i], tags[i], excl[i], r.n);
+            fp[i] = i % 4 == 3 ? NULL : &fs[i];
+            ks[i] = i % 3 == 0 ? 128 : i % 3 == 1 ? 1 : 37;
+        }
+        run_queries(&r, NQ, ks, fp, false, 0, "fused with filters");
+        run_uniform(&r, 1, 100, false, 0, "fused B=1");
+        ref_close(&r);
+        b->ops->destroy(b);
+    }
+}

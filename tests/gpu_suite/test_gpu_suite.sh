@@ -114,6 +114,15 @@ rc=$?
 check "no bundle: exit 1 (got $rc)" [ $rc = 1 ]
 check "no bundle: NOT RUN" has "$tmp/nob/status.md" "NOT RUN"
 
+# A packed bundle (what gpu_bundle.sh carries) is unpacked and run.
+make_bundle "$tmp/packed" pass
+tar -cf - -C "$tmp/packed" . | xz -1 >"$tmp/packed.tar.xz"
+PATH="$tmp/path:/usr/bin:/bin" OUT="" bash "$suite" --quick --bundle "$tmp/packed.tar.xz" \
+    --out "$tmp/pk" >"$tmp/pk.txt" 2>&1
+rc=$?
+check "packed bundle: exit 0 (got $rc)" [ $rc = 0 ]
+check "packed bundle: the suites ran" has "$tmp/pk/status.md" "| test_gpu_backend | pass"
+
 # $OUT is the default output folder (the device tool's).
 make_bundle "$tmp/o.bundle" pass
 mkdir -p "$tmp/outvar"
