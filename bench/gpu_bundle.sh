@@ -26,10 +26,11 @@ nvcc=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 limit_mib=${BUNDLE_LIMIT_MIB:-56} # of the 64 MiB a call carries, leave room for the tree
 
 [ -x "$nvcc" ] || { echo "gpu_bundle: no nvcc at $nvcc" >&2; exit 2; }
+mkdir -p "$build"
 cmake -S "$root" -B "$build" -DAFFINITY_GPU=ON -DAFFINITY_WERROR=OFF -DCMAKE_BUILD_TYPE=Release \
     -DAFFINITY_BENCH=ON -DCMAKE_CUDA_COMPILER="$nvcc" \
-    "-DCMAKE_BUILD_RPATH=\$ORIGIN/../lib" >"$build.configure.log" 2>&1 ||
-    { tail -n 30 "$build.configure.log" >&2; echo "gpu_bundle: configure failed" >&2; exit 1; }
+    "-DCMAKE_BUILD_RPATH=\$ORIGIN/../lib" >"$build/configure.log" 2>&1 ||
+    { tail -n 30 "$build/configure.log" >&2; echo "gpu_bundle: configure failed" >&2; exit 1; }
 cmake --build "$build" -j"${JOBS:-2}" --target test_gpu_host test_gpu_backend test_gpu_parity \
     bench_kernels
 
