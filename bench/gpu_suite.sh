@@ -52,6 +52,8 @@ started=$(date -u +%FT%TZ)
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
 slug=$(printf '%s' "${gpu_name:-no-gpu}" | tr -c 'A-Za-z0-9' '-' | tr -s '-' | sed 's/^-//; s/-$//')
 res=${outdir:-${OUT:-$root/bench/results/$(date -u +%Y-%m-%d)-$slug}}
+# Without a GPU and without a folder named, nothing is left in bench/results.
+[ -z "$gpu_name" ] && [ -z "$outdir" ] && [ -z "${OUT:-}" ] && res=$(mktemp -d)
 mkdir -p "$res" || { echo "gpu_suite: cannot create $res" >&2; exit 1; }
 log=$res/suite.log
 status_md=$res/status.md
@@ -80,7 +82,7 @@ if [ -z "$gpu_name" ]; then
     msg="no GPU found (nvidia-smi reports none): the device tests did NOT run"
     steps+=("| device | FAIL: $msg | - |")
     write_status "FAIL (exit 2)"
-    echo "gpu_suite: $msg" | tee -a "$log" >&2
+    echo "gpu_suite: $msg (status in $status_md)" | tee -a "$log" >&2
     exit 2
 fi
 left() { echo $((budget - (SECONDS - t_start))); }
