@@ -15,8 +15,13 @@
  * metrics and filters; exit status 1 on any mismatch. It needs only nvcc and the CUDA
  * libraries, so bench/gpu_suite.sh runs it even where the full build's dependencies are absent.
  *
+ * Paths (--paths auto,tiled,fused): each point is timed through every listed search path
+ * (kernels_path) that can serve it; "path" in the JSON. --quick times tiled and fused side by
+ * side so that a device run can fill kernels_choose_path's placeholder table.
+ *
  * Usage: bench_kernels [--check] [--quick] [--out FILE] [--seed S] [--iters N]
  *                      [--n 1000000,10000000] [--d 128,256] [--b 1,16,128,1024] [--k 10,100,1000]
+ *                      [--paths auto,tiled,fused]
  */
 #include <math.h>
 #include <stdbool.h>
@@ -314,6 +319,9 @@ int main(int argc, char **argv)
     uint64_t seed = 1;
     int iters = 30;
     bool check = false;
+    kernels_path paths[3] = {KERNELS_PATH_AUTO};
+    int n_paths = 1;
+    static const char *const path_names[3] = {"auto", "tiled", "fused"};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--check"))
@@ -321,8 +329,11 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--quick")) {
             parse_list("1000000", &ns);
             parse_list("128", &ds);
-            parse_list("1,128", &bs);
-            parse_list("10,1000", &kl);
+            parse_list("1,16,32,128", &bs);
+            parse_list("10,100,1000", &kl);
+            paths[0] = KERNELS_PATH_TILED;
+            paths[1] = KERNELS_PATH_FUSED;
+            n_paths = 2;
             iters = 10;
         } else if (v && !strcmp(a, "--out"))
             out_path = argv[++i];
@@ -338,10 +349,26 @@ int main(int argc, char **argv)
             i++;
         else if (v && !strcmp(a, "--k") && !parse_list(v, &kl))
             i++;
-        else {
+        else if (v && !strcmp(a, "--paths")) {
+            n_paths = 0;
+            for (const char *p = v; *p && n_paths < 3;) {
+                int found = -1;
+                for (int j = 0; j < 3; j++)
+                    if (!strncmp(p, path_names[j], strlen(path_names[j]))) found = j;
+                if (found < 0) break;
+                paths[n_paths++] = (kernels_path)found;
+                p += strlen(path_names[found]);
+                if (*p == ',') p++;
+            }
+            if (n_paths == 0) {
+                fprintf(stderr, "bench_kernels: --paths takes auto, tiled, fused\n");
+                return 2;
+            }
+            i++;
+        } else {
             fprintf(stderr,
                     "usage: %s [--check] [--quick] [--out FILE] [--seed S] [--iters N] "
-                    "[--n LIST] [--d LIST] [--b LIST] [--k LIST]\n",
+                    "[--n LIST] [--d LIST] [--b LIST] [--k LIST] [--paths LIST]\n",
                     argv[0]);
             return 2;
         }
@@ -369,6 +396,9 @@ int main(int argc, char **argv)
         perror(out_path);
         return 2;
     }
+    /* Line by line: a run cut by its time limit still leaves every finished row. */
+    if (out) setvbuf(out, NULL, _IOLBF, 0);
+    setvbuf(stdout, NULL, _IOLBF, 0);
     double copy_gbps = 0, gemm_tflops = 0;
     if (kernels_bench_copy_bandwidth(dev, (uint64_t)1 << 30, 20, &copy_gbps, &err) ||
         kernels_bench_gemm_rate(dev, 8192, 8192, 8192, 10, &gemm_tflops, &err)) {
@@ -383,8 +413,8 @@ int main(int argc, char **argv)
                 "\"copy_gbps\":%.1f,\"gemm_tflops\":%.2f}\n",
                 info.name, info.sm_count, (unsigned long long)info.memory_total, copy_gbps,
                 gemm_tflops);
-    printf("%9s %4s %5s %5s %10s %8s %8s %9s %6s\n", "N", "d", "B", "k", "ms/batch", "GB/s",
-           "TFLOP/s", "floor ms", "ratio");
+    printf("%9s %4s %5s %5s %6s %10s %8s %8s %9s %6s\n", "N", "d", "B", "k", "path", "ms/batch",
+           "GB/s", "TFLOP/s", "floor ms", "ratio");
 
     uint32_t max_b = 0;
     for (int i = 0; i < bs.n; i++)
@@ -430,8 +460,13 @@ int main(int argc, char **argv)
                 float *q = malloc((size_t)nb * dim * 4);
                 for (size_t i = 0; i < (size_t)nb * dim; i++)
                     q[i] = kernels_bench_value(seed + 1, i);
-                for (int ki = 0; ki < kl.n; ki++) {
+                for (int pk = 0; pk < kl.n * n_paths; pk++) {
+                    const int ki = pk / n_paths;
+                    const kernels_path path = paths[pk % n_paths];
                     const uint32_t k = (uint32_t)kl.v[ki];
+                    if (path == KERNELS_PATH_FUSED &&
+                        (nb > KERNELS_FUSED_MAX_B || kernels_k_bucket(k) > KERNELS_FUSED_MAX_K))
+                        continue; /* the fused scan cannot serve this point */
                     uint32_t *kk = malloc(nb * 4), *rows = malloc((size_t)nb * k * 4),
                              *counts = malloc(nb * 4);
                     float *scores = malloc((size_t)nb * k * 4), *ms = malloc(iters * 4);
@@ -444,7 +479,8 @@ int main(int argc, char **argv)
                                              .out_rows = rows,
                                              .out_scores = scores,
                                              .out_counts = counts,
-                                             .elapsed_ms = &elapsed};
+                                             .elapsed_ms = &elapsed,
+                                             .path = path};
                     int runs = 0;
                     double spent = 0;
                     for (int w = 0; w < 3 && !status; w++)
@@ -467,17 +503,18 @@ int main(int argc, char **argv)
                         double floor_s = catalog / (copy_gbps * 1e9);
                         double gemm_s = flops / (gemm_tflops * 1e12);
                         if (gemm_s > floor_s) floor_s = gemm_s;
-                        printf("%9u %4u %5u %5u %10.3f %8.0f %8.1f %9.3f %6.2f\n", n, dim, nb, k,
-                               med, catalog / sec / 1e9, flops / sec / 1e12, floor_s * 1e3,
-                               sec / floor_s);
+                        printf("%9u %4u %5u %5u %6s %10.3f %8.0f %8.1f %9.3f %6.2f\n", n, dim, nb,
+                               k, path_names[path], med, catalog / sec / 1e9, flops / sec / 1e12,
+                               floor_s * 1e3, sec / floor_s);
                         if (out) {
                             fprintf(out,
                                     "{\"kind\":\"search\",\"n\":%u,\"d\":%u,\"b\":%u,\"k\":%u,"
-                                    "\"runs\":%d,\"ms_median\":%.4f,\"ms_min\":%.4f,"
-                                    "\"gbps\":%.1f,\"tflops\":%.2f,\"floor_ms\":%.4f,"
-                                    "\"ratio\":%.3f,\"top_rows\":[",
-                                    n, dim, nb, k, runs, med, ms[0], catalog / sec / 1e9,
-                                    flops / sec / 1e12, floor_s * 1e3, sec / floor_s);
+                                    "\"path\":\"%s\",\"runs\":%d,\"ms_median\":%.4f,"
+                                    "\"ms_min\":%.4f,\"gbps\":%.1f,\"tflops\":%.2f,"
+                                    "\"floor_ms\":%.4f,\"ratio\":%.3f,\"top_rows\":[",
+                                    n, dim, nb, k, path_names[path], runs, med, ms[0],
+                                    catalog / sec / 1e9, flops / sec / 1e12, floor_s * 1e3,
+                                    sec / floor_s);
                             for (uint32_t j = 0; j < counts[0] && j < 10; j++)
                                 fprintf(out, "%s%u", j ? "," : "", rows[j]);
                             fprintf(out, "],\"top_scores\":[");

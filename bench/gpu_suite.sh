@@ -1,194 +1,227 @@
 #!/usr/bin/env bash
 # gpu_suite.sh: the whole GPU check in one command, on a machine with a CUDA device.
 #
-#   bash bench/gpu_suite.sh [--quick] [--out DIR]
+#   bash bench/gpu_suite.sh [--quick] [--bundle DIR] [--out DIR] [--budget SECONDS]
 #
-# Steps, each logged to suite.log with its exit status and time:
-#   1. configure + build with CUDA ON (-DAFFINITY_GPU=ON, Release; warnings are CI's job) the GPU
-#      tests and the kernel benchmark, in $BUILD_DIR (default build-gpu-suite/);
-#   2. the device suites test_gpu_backend and test_gpu_parity (ctest label "gpu"; the parity
-#      test runs the same queries through FAISS and the GPU backend) and test_gpu_host — run
-#      verbose, and a test that SKIPS counts as a failure here: on a GPU machine it must run;
-#   3. bench_kernels --check: kernels against a CPU brute force, k = 1..2048;
-#   4. bench_kernels: the N × d × B × k grid, ceilings measured in the same run;
-#   5. bench/torch_baseline.py on identical data (torch.matmul fp16 + torch.topk);
-#   6. results.md: the joined table (time, GB/s, TFLOP/s, ratio to floor, PyTorch time,
-#      speed-up, top-10 agreement with PyTorch), memory against N·d·2, step statuses.
-# Results go to bench/results/<date>-<gpu>/ (or --out DIR) as four files: results.md,
-# bench_kernels.jsonl, torch_baseline.jsonl, suite.log; when $OUT is set (the device tool),
-# they are copied there too.
+# Honest by construction: it exits 0 only when every device test ran and passed.
+#   - No GPU (nvidia-smi finds none): exit 2, with the reason in status.md.
+#   - A device suite (test_gpu_host, test_gpu_backend, test_gpu_parity, bench_kernels --check)
+#     that cannot be built or found, that skips any test, that reports no test at all, or that
+#     fails: exit 1. "Not run" is a failure, never a pass.
+#   - The benchmark and the PyTorch baseline are measurements, not tests: when the time budget
+#     or a missing PyTorch stops them, status.md says so and the exit status does not change.
 #
-# Where the engine's dependencies (gRPC, protobuf-c, LMDB, FAISS, Criterion) are missing, the
-# CMake configure fails: the script then builds the kernels and bench_kernels with nvcc alone,
-# still runs steps 3-6, and records the Criterion suites and the parity test as NOT RUN.
-# Exit status: 0 when every step that ran passed, 1 otherwise, 2 without a GPU.
+# Binaries: with --bundle DIR or --bundle FILE.tar.xz (made here, without a GPU, by
+# bench/gpu_bundle.sh and carried to the device machine) nothing is compiled on the device:
+# DIR/bin holds the suites and bench_kernels, DIR/lib their libraries (a .tar.xz is unpacked
+# to a temporary folder first). Without --bundle it configures and builds in
+# $BUILD_DIR (default build-gpu-suite/) first; a failed build fails the suite.
+#
+# Results are written AS IT GOES into the output folder: --out DIR, else $OUT when set (the
+# device tool's folder), else bench/results/<date>-<gpu>/. Files (8 at most, flat, so the
+# device tool brings every one back): status.md (one line per step, rewritten after each),
+# suite.log (every command's output, appended live), bench_kernels.jsonl (line-buffered),
+# torch_baseline.jsonl, results.md (the joined table, at the end). A run cut by its time limit
+# still leaves status.md and suite.log up to the step it was in.
+#
+# --quick: a small benchmark grid and the budget at 270 s (default 1500 s), so that a typical
+# run fits in 5 minutes of a 15-minute lease, machine start included, with room for a rerun.
+# Unverified on a device: no GPU was lent when this was written; the step limits below are
+# estimates, and the first device run's suite.log gives the real times.
 set -u
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 quick=0
 outdir=""
+bundle=""
+budget=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --quick) quick=1 ;;
-    --out) outdir=$2; shift ;;
-    *) echo "usage: $0 [--quick] [--out DIR]" >&2; exit 2 ;;
+    --out) outdir=${2:?--out needs a folder}; shift ;;
+    --bundle) bundle=${2:?--bundle needs a folder}; shift ;;
+    --budget) budget=${2:?--budget needs seconds}; shift ;;
+    *) echo "usage: $0 [--quick] [--bundle DIR] [--out DIR] [--budget SECONDS]" >&2; exit 64 ;;
     esac
     shift
 done
+[ -n "$budget" ] || budget=$([ $quick = 1 ] && echo 270 || echo 1500)
+t_start=$SECONDS
+started=$(date -u +%FT%TZ)
 
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
+slug=$(printf '%s' "${gpu_name:-no-gpu}" | tr -c 'A-Za-z0-9' '-' | tr -s '-' | sed 's/^-//; s/-$//')
+res=${outdir:-${OUT:-$root/bench/results/$(date -u +%Y-%m-%d)-$slug}}
+# Without a GPU and without a folder named, nothing is left in bench/results.
+[ -z "$gpu_name" ] && [ -z "$outdir" ] && [ -z "${OUT:-}" ] && res=$(mktemp -d)
+mkdir -p "$res" || { echo "gpu_suite: cannot create $res" >&2; exit 1; }
+log=$res/suite.log
+status_md=$res/status.md
+: >"$log"
+steps=()
+failed=0
+
+# status.md is rewritten after every step, so it is current whenever the run is cut.
+write_status() {
+    {
+        echo "# GPU suite: ${gpu_name:-no GPU}"
+        echo
+        echo "Started $started, mode: $mode, quick: $quick, budget: ${budget} s," \
+            "elapsed: $((SECONDS - t_start)) s."
+        echo "Overall: $1"
+        echo
+        echo "| step | outcome | time |"
+        echo "| --- | --- | --- |"
+        for s in "${steps[@]}"; do echo "$s"; done
+    } >"$status_md.tmp" && mv "$status_md.tmp" "$status_md"
+}
+mode=${bundle:+bundle}
+mode=${mode:-build}
+
 if [ -z "$gpu_name" ]; then
-    echo "gpu_suite: no GPU found (nvidia-smi reports none)" >&2
+    msg="no GPU found (nvidia-smi reports none): the device tests did NOT run"
+    steps+=("| device | FAIL: $msg | - |")
+    write_status "FAIL (exit 2)"
+    echo "gpu_suite: $msg (status in $status_md)" | tee -a "$log" >&2
     exit 2
 fi
-slug=$(printf '%s' "$gpu_name" | tr -c 'A-Za-z0-9' '-' | tr -s '-' | sed 's/^-//; s/-$//')
-res=${outdir:-$root/bench/results/$(date -u +%Y-%m-%d)-$slug}
-build=${BUILD_DIR:-$root/build-gpu-suite}
-mkdir -p "$res" "$build"
-log=$res/suite.log
-: >"$log"
-export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
-nvcc=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
-quick_flag=()
-[ $quick = 1 ] && quick_flag=(--quick)
+left() { echo $((budget - (SECONDS - t_start))); }
 
-status=0
-steps=()
-# step NAME TIMEOUT CMD...: runs CMD with output appended to the log, records the outcome.
+# step KIND NAME LIMIT CMD...: runs CMD, output appended to the log, and records the outcome.
+# KIND is "test" (not passing fails the suite) or "measure".
 step() {
-    local name=$1 limit=$2
-    shift 2
+    local kind=$1 name=$2 limit=$3
+    shift 3
     local t0=$SECONDS rc
     echo "==== $name: $*" >>"$log"
-    timeout "$limit" "$@" >>"$log" 2>&1
+    if [ "$(type -t "$1")" = function ]; then # timeout runs programs: give it the function
+        timeout -k 10 "$limit" bash -c "$(declare -f "$1"); \"\$@\"" _ "$@" >>"$log" 2>&1
+    else
+        timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+    fi
     rc=$?
     echo "==== $name: exit $rc after $((SECONDS - t0)) s" >>"$log"
-    steps+=("| $name | $([ $rc = 0 ] && echo pass || echo "FAIL (exit $rc)") | $((SECONDS - t0)) s |")
-    [ $rc = 0 ] || status=1
-    echo "gpu_suite: $name: exit $rc ($((SECONDS - t0)) s)"
+    local what="pass"
+    if [ $rc = 124 ] || [ $rc = 137 ]; then
+        what="FAIL: timed out after $limit s"
+    elif [ $rc != 0 ]; then
+        what="FAIL (exit $rc)"
+    fi
+    if [ $rc != 0 ] && [ "$kind" = test ]; then failed=1; fi
+    steps+=("| $name | $what | $((SECONDS - t0)) s |")
+    write_status "running"
+    echo "gpu_suite: $name: $what ($((SECONDS - t0)) s)"
     return $rc
 }
-not_run() {
-    steps+=("| $1 | NOT RUN: $2 | - |")
-    echo "gpu_suite: $1: not run ($2)"
+not_run() { # KIND NAME REASON: a test that did not run fails the suite
+    [ "$1" = test ] && failed=1
+    steps+=("| $2 | $([ "$1" = test ] && echo FAIL: NOT RUN || echo not run): $3 | - |")
+    write_status "running"
+    echo "gpu_suite: $2: not run ($3)"
 }
 
 {
     echo "GPU: $gpu_name"
     nvidia-smi 2>&1 | head -n 15
-    "$nvcc" --version 2>&1 | tail -n 2
     echo "git: $(git -C "$root" rev-parse --short HEAD 2>/dev/null) $(git -C "$root" status --porcelain 2>/dev/null | wc -l) changed files"
+    [ -n "$bundle" ] && [ -f "$bundle/MANIFEST" ] && cat "$bundle/MANIFEST"
 } >>"$log" 2>&1
+export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
+write_status "running"
 
-# ---- 1. build ----
-mode=full
-if step configure 240 cmake -S "$root" -B "$build" -DAFFINITY_GPU=ON -DAFFINITY_WERROR=OFF \
-    -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc"; then
-    step build 420 cmake --build "$build" -j"$(nproc)" --target test_gpu_host test_gpu_backend \
-        test_gpu_parity bench_kernels || mode=broken
-    bench=$build/bench/bench_kernels
+# ---- 1. binaries ----
+if [ -n "$bundle" ] && [ -f "$bundle" ]; then
+    unpacked=$(mktemp -d)
+    if tar -xJf "$bundle" -C "$unpacked" >>"$log" 2>&1; then
+        [ -f "$unpacked/MANIFEST" ] && cat "$unpacked/MANIFEST" >>"$log"
+        bundle=$unpacked
+    else
+        not_run test bundle "cannot unpack $bundle"
+    fi
+fi
+if [ -n "$bundle" ]; then
+    bin=$bundle/bin
+    export LD_LIBRARY_PATH="$bundle/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    [ -d "$bin" ] || not_run test bundle "no $bin (make it with bench/gpu_bundle.sh and carry it)"
 else
-    mode=kernels-only
-    bench=$build/bench_kernels_standalone
-    step build-kernels-only 420 "$nvcc" -O3 -std=c++17 -arch=sm_90 -lineinfo \
-        -I"$root/kernels" -I"$root/include" "$root"/kernels/*.cu "$root/bench/bench_kernels.c" \
-        -lcublas -o "$bench" || mode=broken
+    build=${BUILD_DIR:-$root/build-gpu-suite}
+    nvcc=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+    bin=$build/bin-suite
+    if step test configure 240 cmake -S "$root" -B "$build" -DAFFINITY_GPU=ON \
+        -DAFFINITY_WERROR=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc" &&
+        step test build 600 cmake --build "$build" -j"$(nproc)" --target test_gpu_host \
+            test_gpu_backend test_gpu_parity bench_kernels; then
+        mkdir -p "$bin"
+        ln -sf "$build/tests/test_gpu_host" "$build/tests/test_gpu_backend" \
+            "$build/tests/test_gpu_parity" "$build/bench/bench_kernels" "$bin/"
+    fi
 fi
 
-# ---- 2. device suites ----
-run_suite() { # fails when the suite fails or when any test in it skipped
-    local bin=$1 out
-    out=$("$bin" --verbose --jobs=2 2>&1)
-    local rc=$?
+# ---- 2. device suites: every one must run and pass ----
+# A Criterion suite passes here only when it exits 0, skips nothing and ran at least one test.
+run_suite() {
+    local exe=$1 out rc
+    out=$("$exe" --verbose --jobs=4 2>&1)
+    rc=$?
     printf '%s\n' "$out"
     if printf '%s\n' "$out" | grep -q '\[SKIP\]'; then
-        echo "gpu_suite: a test skipped on a GPU machine; that is a failure here"
-        return 1
+        echo "gpu_suite: a test SKIPPED on a GPU machine; that is a failure here"
+        return 3
+    fi
+    local tested
+    tested=$(printf '%s\n' "$out" | sed -n 's/.*Synthesis: Tested: \([0-9]*\).*/\1/p' | tail -n 1)
+    if [ -z "$tested" ] || [ "$tested" = 0 ]; then
+        echo "gpu_suite: no test ran (no Criterion synthesis, or Tested: 0)"
+        return 4
     fi
     return $rc
 }
-if [ $mode = full ]; then
-    step test_gpu_host 120 run_suite "$build/tests/test_gpu_host"
-    step test_gpu_backend 300 run_suite "$build/tests/test_gpu_backend"
-    step test_gpu_parity 240 run_suite "$build/tests/test_gpu_parity"
+suite_limit=${SUITE_LIMIT:-$([ $quick = 1 ] && echo 150 || echo 600)} # SUITE_LIMIT: for tests
+for t in test_gpu_host test_gpu_backend test_gpu_parity; do
+    if [ ! -x "$bin/$t" ]; then
+        not_run test "$t" "no binary at $bin/$t"
+    elif [ "$(left)" -lt 20 ]; then
+        not_run test "$t" "time budget spent"
+    else
+        step test "$t" "$suite_limit" run_suite "$bin/$t"
+    fi
+done
+if [ ! -x "$bin/bench_kernels" ]; then
+    not_run test kernel_self_check "no binary at $bin/bench_kernels"
+elif [ "$(left)" -lt 20 ]; then
+    not_run test kernel_self_check "time budget spent"
 else
-    for t in test_gpu_host test_gpu_backend test_gpu_parity; do
-        not_run $t "full build unavailable ($mode); see the configure step in suite.log"
-    done
+    step test kernel_self_check "$suite_limit" "$bin/bench_kernels" --check
 fi
 
-# ---- 3-5. self-check, benchmark, PyTorch ----
-if [ $mode != broken ]; then
-    step kernel_self_check 240 "$bench" --check
-    step bench_kernels 600 "$bench" "${quick_flag[@]}" --out "$res/bench_kernels.jsonl"
+# ---- 3. measurements, within what is left of the budget ----
+quick_flag=()
+[ $quick = 1 ] && quick_flag=(--quick)
+if [ ! -x "$bin/bench_kernels" ]; then
+    not_run measure bench_kernels "no binary"
+elif [ "$(left)" -lt 60 ]; then
+    not_run measure bench_kernels "time budget spent ($(left) s left)"
 else
-    not_run kernel_self_check "no build"
-    not_run bench_kernels "no build"
+    step measure bench_kernels "$(($(left) - 30))" "$bin/bench_kernels" "${quick_flag[@]}" \
+        --out "$res/bench_kernels.jsonl"
 fi
-if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    step torch_baseline 600 python3 "$root/bench/torch_baseline.py" \
+if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    not_run measure torch_baseline "python3 has no CUDA-enabled torch"
+elif [ "$(left)" -lt 40 ]; then
+    not_run measure torch_baseline "time budget spent ($(left) s left)"
+else
+    step measure torch_baseline "$(($(left) - 10))" python3 "$root/bench/torch_baseline.py" \
         "${quick_flag[@]}" --out "$res/torch_baseline.jsonl"
-else
-    not_run torch_baseline "python3 has no CUDA-enabled torch"
 fi
 
-# ---- 6. results ----
-python3 - "$res" "$gpu_name" "$mode" "${steps[@]}" >"$res/results.md" <<'EOF'
-import json, os, sys
-res, gpu, mode, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-def load(name):
-    p = os.path.join(res, name)
-    if not os.path.exists(p):
-        return []
-    out = []
-    for line in open(p):
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-ours, torch = load("bench_kernels.jsonl"), load("torch_baseline.jsonl")
-tmap = {(r["n"], r["d"], r["b"], r["k"]): r for r in torch if r.get("kind") == "torch"}
-print(f"# GPU suite on {gpu}\n")
-print(f"Build mode: {mode}. Every figure below was measured in this one run.\n")
-print("| step | outcome | time |\n| --- | --- | --- |")
-for s in steps:
-    print(s)
-for c in (r for r in ours if r.get("kind") == "ceilings"):
-    print(f"\nCeilings: device-to-device copy {c['copy_gbps']:.0f} GB/s (read + write), "
-          f"fp16 GEMM {c['gemm_tflops']:.1f} TFLOP/s (8192³, fp32 accumulate).")
-mem = [r for r in ours if r.get("kind") == "memory"]
-if mem:
-    print("\n| N | d | N·d·2 (MiB) | vectors (MiB) | table with norms and attributes (MiB) | device memory taken (MiB) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for m in mem:
-        mib = 1 << 20
-        print(f"| {m['n']} | {m['d']} | {m['catalog_bytes']/mib:.0f} | {m['vector_bytes']/mib:.0f} "
-              f"| {m['table_bytes']/mib:.0f} | {m['device_used_delta']/mib:.0f} |")
-rows = [r for r in ours if r.get("kind") == "search"]
-if rows:
-    print("\n| N | d | B | k | ms/batch | GB/s | TFLOP/s | floor ms | ratio to floor | PyTorch ms | speed-up | top-10 same as PyTorch |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        t = tmap.get((r["n"], r["d"], r["b"], r["k"]))
-        tms = f"{t['ms_median']:.3f}" if t else "-"
-        sp = f"{t['ms_median'] / r['ms_median']:.2f}×" if t else "-"
-        agree = "-"
-        if t:
-            a, b = r.get("top_rows", []), t.get("top_rows", [])
-            agree = f"{len(set(a) & set(b))}/{max(len(a), len(b))}"
-        print(f"| {r['n']} | {r['d']} | {r['b']} | {r['k']} | {r['ms_median']:.3f} | {r['gbps']:.0f} "
-              f"| {r['tflops']:.1f} | {r['floor_ms']:.3f} | {r['ratio']:.2f} | {tms} | {sp} | {agree} |")
-    print("\nTimes are CUDA-event medians per batch including query upload and result download, for "
-          "both programs. Top-10 agreement is informational: PyTorch rounds scores to fp16 "
-          "(more ties), ours keeps fp32 scores.")
-EOF
-rcres=$?
-[ $rcres = 0 ] || status=1
-echo "gpu_suite: results in $res (status $status)"
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    cp "$res"/results.md "$res"/suite.log "$OUT"/ 2>/dev/null
-    cp "$res"/*.jsonl "$OUT"/ 2>/dev/null
+# ---- 4. results ----
+python3 "$root/bench/gpu_results.py" "$res" "$gpu_name" "$mode" "${steps[@]}" \
+    >"$res/results.md" 2>>"$log" || echo "gpu_suite: results.md could not be made" >>"$log"
+if [ $failed = 0 ]; then
+    write_status "PASS (every device test ran and passed)"
+    echo "gpu_suite: PASS; results in $res"
+    exit 0
 fi
-cat "$res/results.md"
-exit $status
+write_status "FAIL (exit 1): a device test failed or did not run"
+echo "gpu_suite: FAIL: a device test failed or did not run; see $status_md" >&2
+exit 1

@@ -46,6 +46,9 @@ extern "C" {
 
 typedef struct kernels_err {
     int code;
+    /* true when the failure was a sticky device fault (illegal address, launch failure, ECC,
+     * ...): the CUDA context is unusable from then on and every later call fails too. */
+    bool context_lost;
     char msg[256];
 } kernels_err;
 
@@ -121,7 +124,11 @@ int kernels_table_write(kernels_table *t, const uint32_t *rows, uint32_t n, cons
  * gpu_plan_move_batches); then sets the row count to new_count. Synchronous. */
 int kernels_table_move(kernels_table *t, const uint32_t *src, const uint32_t *dst, uint32_t n,
                        uint32_t new_count, kernels_err *err);
-/* Copies the stored vectors of n rows (each < count) to out (n × dim floats). Synchronous. */
+/* Copies the stored vectors of n rows (each < count) to out (n × dim floats). Synchronous.
+ * Safe to call from several threads at once on one table (the engine calls it under its shared
+ * read lock, concurrently with searches): reads take the table's read mutex, which guards the
+ * read staging buffer and the table's stream; writes and moves are the engine's exclusive
+ * callers. */
 int kernels_table_read(kernels_table *t, const uint32_t *rows, uint32_t n, float *out,
                        kernels_err *err);
 /* Benchmarks: appends rows count..count+n-1 filled on the device with kernels_bench_value()
@@ -149,6 +156,17 @@ typedef struct kernels_filter {
 #define KERNELS_FILTER_TAGS      0x8u
 #define KERNELS_FILTER_EXCLUDE   0x10u
 
+/* How a batch is searched (see kernels_choose_path). */
+typedef enum kernels_path {
+    KERNELS_PATH_AUTO = 0,  /* kernels_choose_path decides */
+    KERNELS_PATH_TILED = 1, /* cuBLAS GEMM tiles + selection + merge (any B, k) */
+    KERNELS_PATH_FUSED = 2, /* one scan kernel + merge (B ≤ KERNELS_FUSED_MAX_B, k bucket ≤
+                               KERNELS_FUSED_MAX_K) */
+} kernels_path;
+
+#define KERNELS_FUSED_MAX_B 32u
+#define KERNELS_FUSED_MAX_K 128u
+
 /* One batch: query i writes up to k[i] hits, best first, at offset k[0] + ... + k[i-1] in
  * out_rows/out_scores, and their number in out_counts[i]. Ties are broken by lower row. */
 typedef struct kernels_search_args {
@@ -162,6 +180,8 @@ typedef struct kernels_search_args {
     float *out_scores;
     uint32_t *out_counts;
     float *elapsed_ms; /* if not NULL: device time of the whole call (CUDA events) */
+    kernels_path path; /* AUTO (0) unless a benchmark or test forces one; a forced FUSED on a
+                          chunk it cannot serve is AFF_EINVAL */
 } kernels_search_args;
 
 /* Creates a workspace planned for batches of up to max_batch queries (larger calls are cut
@@ -213,6 +233,41 @@ KERNELS_HD uint32_t kernels_k_bucket(uint32_t k)
     while (b < k)
         b <<= 1;
     return b;
+}
+
+/*
+ * The path for one chunk of nb queries whose largest k rounds to k_bucket, over n_rows rows.
+ *
+ * PLACEHOLDER TABLE, unverified on a device: no GPU has run either path yet. The fused scan
+ * reads the catalog once and writes no score tile, so it should win where the tiled path is
+ * bound by its per-tile launches and score traffic (small B); the GEMM wins as B grows (the
+ * fused scan does B·dpad FMAs per row on CUDA cores, not tensor cores). The first device run
+ * (bench_kernels --path tiled|fused over B × k) replaces these bounds with measured ones.
+ */
+#define KERNELS_CHOOSE_FUSED_MAX_B    32u  /* placeholder */
+#define KERNELS_CHOOSE_FUSED_MAX_K    128u /* placeholder (the fused kernel's own limit) */
+#define KERNELS_CHOOSE_FUSED_MIN_ROWS 1u   /* placeholder */
+
+KERNELS_HD kernels_path kernels_choose_path(uint32_t nb, uint32_t k_bucket, uint32_t n_rows)
+{
+    if (nb >= 1 && nb <= KERNELS_CHOOSE_FUSED_MAX_B && nb <= KERNELS_FUSED_MAX_B && k_bucket >= 1 &&
+        k_bucket <= KERNELS_CHOOSE_FUSED_MAX_K && k_bucket <= KERNELS_FUSED_MAX_K &&
+        n_rows >= KERNELS_CHOOSE_FUSED_MIN_ROWS)
+        return KERNELS_PATH_FUSED;
+    return KERNELS_PATH_TILED;
+}
+
+/* Blocks of the fused scan over n_rows: about two per SM, each a slice of whole 128-row steps.
+ * *seg receives the rows per block. */
+KERNELS_HD uint32_t kernels_plan_fused_blocks(uint32_t n_rows, uint32_t sm_count, uint32_t *seg)
+{
+    uint64_t steps = ((uint64_t)n_rows + 127u) / 128u;
+    uint64_t want = 2u * (uint64_t)(sm_count ? sm_count : 1);
+    if (steps == 0) steps = 1;
+    if (want > steps) want = steps;
+    uint64_t per = (steps + want - 1) / want; /* steps per block */
+    *seg = (uint32_t)(per * 128u);
+    return (uint32_t)((steps + per - 1) / per);
 }
 
 /* Columns padded so every row starts on a 16-byte boundary: dim rounded up to 8 (fp16) or 4. */

@@ -23,6 +23,47 @@ int kernels__fail(kernels_err *err, int code, const char *fmt, ...)
     return code;
 }
 
+int kernels__cuda_fail(kernels_err *err, cudaError_t e, const char *call, const char *file,
+                       int line)
+{
+    const bool sticky = kernels__sticky(e);
+    (void)cudaGetLastError(); /* clears a non-sticky error; a sticky one stays regardless */
+    int rc = kernels__fail(err, e == cudaErrorMemoryAllocation ? AFF_ENOMEM : AFF_EDEVICE,
+                           "%s failed: %s%s (%s:%d)", call, cudaGetErrorString(e),
+                           sticky ? " [device fault: the CUDA context is lost]" : "", file, line);
+    if (err) err->context_lost = sticky;
+    return rc;
+}
+
+int kernels__cublas_fail(kernels_err *err, cublasStatus_t s, const char *call, const char *file,
+                         int line)
+{
+    const cudaError_t behind = cudaPeekAtLastError();
+    const bool sticky = kernels__sticky(behind);
+    int rc = kernels__fail(err, s == CUBLAS_STATUS_ALLOC_FAILED ? AFF_ENOMEM : AFF_EDEVICE,
+                           "%s failed: %s%s%s (%s:%d)", call, cublasGetStatusString(s),
+                           sticky ? "; device fault: " : "",
+                           sticky ? cudaGetErrorString(behind) : "", file, line);
+    if (err) err->context_lost = sticky;
+    return rc;
+}
+
+void kernels__drain(cudaStream_t s)
+{
+    if (s) (void)cudaStreamSynchronize(s);
+    (void)cudaGetLastError();
+}
+
+/* A failed allocation: out of memory, or the sticky error of a lost context. */
+static int alloc_fail(kernels_err *err, cudaError_t e, size_t bytes, const char *what)
+{
+    (void)cudaGetLastError();
+    int rc = kernels__fail(err, e == cudaErrorMemoryAllocation ? AFF_ENOMEM : AFF_EDEVICE,
+                           "%s of %zu bytes: %s", what, bytes, cudaGetErrorString(e));
+    if (err) err->context_lost = kernels__sticky(e);
+    return rc;
+}
+
 int kernels__buf_reserve(kbuf *b, size_t bytes, kernels_err *err)
 {
     int rc = 0;
@@ -37,11 +78,7 @@ int kernels__buf_reserve(kbuf *b, size_t bytes, kernels_err *err)
     }
     {
         cudaError_t e = cudaMalloc(&p, bytes);
-        if (e != cudaSuccess) {
-            (void)cudaGetLastError();
-            return kernels__fail(err, e == cudaErrorMemoryAllocation ? AFF_ENOMEM : AFF_EDEVICE,
-                                 "device scratch of %zu bytes: %s", bytes, cudaGetErrorString(e));
-        }
+        if (e != cudaSuccess) return alloc_fail(err, e, bytes, "device scratch");
     }
     b->p = p;
     b->bytes = bytes;
@@ -65,11 +102,7 @@ int kernels__hostbuf_reserve(khostbuf *b, size_t bytes, kernels_err *err)
     b->p = NULL;
     b->bytes = 0;
     cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
-    if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        return kernels__fail(err, AFF_ENOMEM, "pinned host buffer of %zu bytes: %s", bytes,
-                             cudaGetErrorString(e));
-    }
+    if (e != cudaSuccess) return alloc_fail(err, e, bytes, "pinned host buffer");
     b->p = p;
     b->bytes = bytes;
     return 0;

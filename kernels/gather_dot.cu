@@ -103,5 +103,6 @@ int kernels_score(kernels_workspace *ws, const kernels_table *t, const float *qu
     KCUDA(err, cudaStreamSynchronize(ws->stream));
     memcpy(scores, ws->h_out.p, rows_b);
 out:
+    if (rc) kernels__drain(ws->stream);
     return rc;
 }

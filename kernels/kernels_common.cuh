@@ -19,7 +19,17 @@
 /* kernel<<<grid, block, shared, stream>>>(args), written as a macro so the CPU emulation used
  * by the tests can launch the same kernels. */
 #define KERNELS_LAUNCH(kernel, grid, block, shared, stream) kernel<<<grid, block, shared, stream>>>
+/* The launch's dynamic shared memory, as 8-byte words. */
+#define KERNELS_DYNAMIC_SHARED(name)                        extern __shared__ unsigned long long name[]
 #endif
+/* #pragma unroll for nvcc; nothing for the host compiler of the emulation. */
+#ifdef KERNELS_EMULATE
+#define KERNELS_UNROLL
+#else
+#define KERNELS_UNROLL _Pragma("unroll")
+#endif
+
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 
@@ -30,15 +40,44 @@
 int kernels__fail(kernels_err *err, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* True for the errors that poison the CUDA context for good ("sticky" errors: every later
+ * runtime call of the process returns them). */
+static inline bool kernels__sticky(cudaError_t e)
+{
+    switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorAssert:
+        return true;
+    default:
+        return false;
+    }
+}
+
+/* Fills err from a failed CUDA call (code, message, context_lost) and returns the code. */
+int kernels__cuda_fail(kernels_err *err, cudaError_t e, const char *call, const char *file,
+                       int line);
+/* Fills err from a failed cuBLAS call; a sticky CUDA error behind it sets context_lost. */
+int kernels__cublas_fail(kernels_err *err, cublasStatus_t s, const char *call, const char *file,
+                         int line);
+/* After a failure: waits for everything already queued on the stream, so that pinned buffers
+ * and scratch are never reused or freed while a copy or kernel still reads them. Ignores the
+ * outcome (the caller already has its error) and clears the non-sticky error state. */
+void kernels__drain(cudaStream_t s);
+
 /* Both macros need `int rc` and a label `out` in the calling function. */
 #define KCUDA(err, call)                                                                           \
     do {                                                                                           \
         cudaError_t kc_e_ = (call);                                                                \
         if (kc_e_ != cudaSuccess) {                                                                \
-            (void)cudaGetLastError();                                                              \
-            rc = kernels__fail(                                                                    \
-                (err), kc_e_ == cudaErrorMemoryAllocation ? AFF_ENOMEM : AFF_EDEVICE,              \
-                "%s failed: %s (%s:%d)", #call, cudaGetErrorString(kc_e_), __FILE__, __LINE__);    \
+            rc = kernels__cuda_fail((err), kc_e_, #call, __FILE__, __LINE__);                      \
             goto out;                                                                              \
         }                                                                                          \
     } while (0)
@@ -47,9 +86,7 @@ int kernels__fail(kernels_err *err, int code, const char *fmt, ...)
     do {                                                                                           \
         cublasStatus_t kb_s_ = (call);                                                             \
         if (kb_s_ != CUBLAS_STATUS_SUCCESS) {                                                      \
-            rc = kernels__fail(                                                                    \
-                (err), kb_s_ == CUBLAS_STATUS_ALLOC_FAILED ? AFF_ENOMEM : AFF_EDEVICE,             \
-                "%s failed: %s (%s:%d)", #call, cublasGetStatusString(kb_s_), __FILE__, __LINE__); \
+            rc = kernels__cublas_fail((err), kb_s_, #call, __FILE__, __LINE__);                    \
             goto out;                                                                              \
         }                                                                                          \
     } while (0)
@@ -77,8 +114,14 @@ struct kernels_table {
     uint64_t *bloom;    /* capacity */
     uint32_t *tags;     /* capacity × KERNELS_MAX_TAGS */
     cudaStream_t stream;
-    void *staging; /* device staging for writes, moves and reads */
+    void *staging; /* device staging for writes and moves (the exclusive callers) */
     size_t staging_bytes;
+    /* Reads run under the engine's shared lock, concurrently with each other: they take
+     * read_lock and use their own stream and staging, never the writers' ones. */
+    pthread_mutex_t read_lock;
+    cudaStream_t read_stream;
+    void *read_staging;
+    size_t read_staging_bytes;
 };
 
 /* A growable device buffer. */

@@ -7,7 +7,11 @@
  * product; 2 q·x - |x|² - |q|² = -|q - x|² for L2, from precomputed row norms, no second pass)
  * among rows 0..count-1 that pass the query's filter, best first, ties by lower row.
  *
- * How, per chunk of B ≤ max_batch queries:
+ * Paths: kernels_choose_path picks, per chunk, the fused small-batch scan (search_fused.cu:
+ * one kernel reads the catalog once, then a merge launch) or the tiled path below. Both end in
+ * the same running-best layout and search_decode.
+ *
+ * How the tiled path works, per chunk of B ≤ max_batch queries:
  *   1. upload queries, k, offsets and filters (pinned buffers), convert queries to the storage
  *      type with zero padding and compute |q|²;
  *   2. for each tile of T rows (T·B·4 bytes ≤ 32 MiB so the score tile stays in L2): one GEMM
@@ -79,6 +83,38 @@ static int search_select(const select_args *a, uint32_t k_bucket, uint32_t segme
     return select_radix_launch(a, k_bucket, segments, queries, stream, err);
 }
 
+/* Merge levels: len keys per query in ws->cand[0] (segment lists of k_bucket-selected keys)
+ * down to kmax keys per query in next. Each level is at least eightfold smaller. */
+static int search_merge(kernels_workspace *ws, uint32_t len, uint32_t nb, uint32_t kb,
+                        uint32_t kmax, uint32_t target_blocks, unsigned long long *next,
+                        kernels_err *err)
+{
+    int rc = 0;
+    uint32_t c = 0;
+    for (bool more = true; more;) {
+        kernels_segments ms = kernels_plan_segments(len, nb, kb, target_blocks);
+        select_args m;
+        memset(&m, 0, sizeof m);
+        m.expl = (const unsigned long long *)ws->cand[c].p;
+        m.expl_stride = len;
+        m.expl_len = len;
+        m.expl_seg = ms.length;
+        m.k = kmax;
+        if (ms.count == 1) {
+            m.out = next;
+            m.out_stride = kmax;
+            more = false;
+        } else {
+            m.out = (unsigned long long *)ws->cand[1 - c].p;
+            m.out_stride = ms.count * kmax;
+        }
+        if ((rc = search_select(&m, kb, ms.count, nb, ws->stream, err))) return rc;
+        len = ms.count * kmax;
+        c = 1 - c;
+    }
+    return rc;
+}
+
 /* One chunk of at most ws->max_batch queries; results go to the caller's arrays at out_base. */
 static int search_chunk(kernels_workspace *ws, const kernels_table *t, const kernels_search_args *a,
                         uint32_t q0, uint32_t nb, size_t out_base, bool any_filter,
@@ -98,21 +134,33 @@ static int search_chunk(kernels_workspace *ws, const kernels_table *t, const ker
         total_out += k;
     }
     const uint32_t kb = kernels_k_bucket(kmax);
-    const uint32_t tile = kernels_plan_tile_rows(n, nb, SEARCH_TILE_BUDGET);
-    const uint32_t ntiles = (uint32_t)(((uint64_t)n + tile - 1) / tile);
-    const kernels_segments seg = kernels_plan_segments(tile, nb, kb, target_blocks);
+    const kernels_path path =
+        a->path != KERNELS_PATH_AUTO ? a->path : kernels_choose_path(nb, kb, n);
+    if (path == KERNELS_PATH_FUSED && (nb > KERNELS_FUSED_MAX_B || kb > KERNELS_FUSED_MAX_K))
+        return kernels__fail(err, AFF_EINVAL,
+                             "the fused path serves at most %u queries with k <= %u (chunk of %u, "
+                             "k bucket %u)",
+                             KERNELS_FUSED_MAX_B, KERNELS_FUSED_MAX_K, nb, kb);
+    const bool fused = path == KERNELS_PATH_FUSED;
+    const uint32_t tile = fused ? 0 : kernels_plan_tile_rows(n, nb, SEARCH_TILE_BUDGET);
+    const uint32_t ntiles = fused ? 0 : (uint32_t)(((uint64_t)n + tile - 1) / tile);
+    const kernels_segments seg =
+        fused ? kernels_segments{1, 0} : kernels_plan_segments(tile, nb, kb, target_blocks);
+    uint32_t fseg = 0;
+    const uint32_t fblocks = fused ? kernels_plan_fused_blocks(n, ws->dev->sm_count, &fseg) : 0;
 
     const size_t in_bytes = (size_t)nb * dim * 4 + (size_t)nb * 8 +
                             (any_filter ? (size_t)nb * sizeof(kernels_filter) : 0);
     const size_t out_bytes = total_out * 8 + (size_t)nb * 4;
     const size_t best_bytes = (size_t)nb * kmax * 8;
-    const size_t cand_bytes = seg.count > 1 ? (size_t)nb * seg.count * kmax * 8 : 8;
+    const uint32_t lists = fused ? fblocks : seg.count; /* k-lists per query before merging */
+    const size_t cand_bytes = lists > 1 ? (size_t)nb * lists * kmax * 8 : 8;
     if ((rc = kernels__buf_reserve(&ws->qin, (size_t)nb * dim * 4, err)) ||
         (rc = kernels__buf_reserve(&ws->qdev, (size_t)nb * dpad * esz, err)) ||
         (rc = kernels__buf_reserve(&ws->qnorm, (size_t)nb * 4, err)) ||
         (rc = kernels__buf_reserve(&ws->meta, (size_t)nb * 8, err)) ||
         (rc = kernels__buf_reserve(&ws->filters, (size_t)nb * sizeof(kernels_filter), err)) ||
-        (rc = kernels__buf_reserve(&ws->scores, (size_t)tile * nb * 4, err)) ||
+        (rc = kernels__buf_reserve(&ws->scores, fused ? 4 : (size_t)tile * nb * 4, err)) ||
         (rc = kernels__buf_reserve(&ws->best[0], best_bytes, err)) ||
         (rc = kernels__buf_reserve(&ws->best[1], best_bytes, err)) ||
         (rc = kernels__buf_reserve(&ws->cand[0], cand_bytes, err)) ||
@@ -160,6 +208,18 @@ static int search_chunk(kernels_workspace *ws, const kernels_table *t, const ker
         const cudaDataType_t ab = t->storage == KERNELS_STORAGE_FP16 ? CUDA_R_16F : CUDA_R_32F;
         const float alpha = 1.0f, beta = 0.0f;
         uint32_t p = 0; /* best[p] holds the running best of the tiles done so far */
+        if (fused) {
+            unsigned long long *best = (unsigned long long *)ws->best[0].p;
+            if ((rc = search_fused_scan(t, ws->qdev.p, nb, kmax, kb,
+                                        any_filter ? (const kernels_filter *)ws->filters.p : NULL,
+                                        (const uint32_t *)ws->arena.p, fblocks, fseg,
+                                        fblocks > 1 ? (unsigned long long *)ws->cand[0].p : best,
+                                        fblocks > 1 ? fblocks * kmax : kmax, ws->stream, err)))
+                goto out;
+            if (fblocks > 1 &&
+                (rc = search_merge(ws, fblocks * kmax, nb, kb, kmax, target_blocks, best, err)))
+                goto out;
+        }
         for (uint32_t ti = 0; ti < ntiles; ti++) {
             const uint32_t rb = ti * tile;
             const uint32_t rows = n - rb < tile ? n - rb : tile;
@@ -197,31 +257,10 @@ static int search_chunk(kernels_workspace *ws, const kernels_table *t, const ker
                 s.out_stride = seg.count * kmax;
             }
             if ((rc = search_select(&s, kb, seg.count, nb, ws->stream, err))) goto out;
-
             /* Merge levels: segment lists -> new running best. */
-            uint32_t len = seg.count * kmax, c = 0;
-            bool more = seg.count > 1;
-            while (more) {
-                kernels_segments ms = kernels_plan_segments(len, nb, kb, target_blocks);
-                select_args m;
-                memset(&m, 0, sizeof m);
-                m.expl = (const unsigned long long *)ws->cand[c].p;
-                m.expl_stride = len;
-                m.expl_len = len;
-                m.expl_seg = ms.length;
-                m.k = kmax;
-                if (ms.count == 1) {
-                    m.out = next;
-                    m.out_stride = kmax;
-                    more = false;
-                } else {
-                    m.out = (unsigned long long *)ws->cand[1 - c].p;
-                    m.out_stride = ms.count * kmax;
-                }
-                if ((rc = search_select(&m, kb, ms.count, nb, ws->stream, err))) goto out;
-                len = ms.count * kmax;
-                c = 1 - c;
-            }
+            if (seg.count > 1 &&
+                (rc = search_merge(ws, seg.count * kmax, nb, kb, kmax, target_blocks, next, err)))
+                goto out;
             p = 1 - p;
         }
 
@@ -297,5 +336,8 @@ int kernels_search(kernels_workspace *ws, const kernels_table *t, const kernels_
     KCUDA(err, cudaEventSynchronize(ws->ev_stop));
     if (a->elapsed_ms) KCUDA(err, cudaEventElapsedTime(a->elapsed_ms, ws->ev_start, ws->ev_stop));
 out:
+    /* A failure may leave uploads, kernels and downloads queued: drain them before the pinned
+     * buffers and scratch can be reused by the next call (or freed by a growing reserve). */
+    if (rc) kernels__drain(ws->stream);
     return rc;
 }

@@ -78,5 +78,12 @@ int select_block_launch(const select_args *a, uint32_t k_bucket, uint32_t segmen
                         uint32_t queries, cudaStream_t stream, kernels_err *err);
 int select_radix_launch(const select_args *a, uint32_t k_bucket, uint32_t segments,
                         uint32_t queries, cudaStream_t stream, kernels_err *err);
+/* The fused small-batch scan (search_fused.cu): block s of `blocks` reduces rows
+ * [s·seg, (s+1)·seg) of t to the k best keys of each of the nb prepared queries (storage
+ * type, dpad columns), written to out[b * out_stride + s * k + j]. */
+int search_fused_scan(const kernels_table *t, const void *queries, uint32_t nb, uint32_t k,
+                      uint32_t k_bucket, const kernels_filter *filters, const uint32_t *arena,
+                      uint32_t blocks, uint32_t seg, unsigned long long *out, uint32_t out_stride,
+                      cudaStream_t stream, kernels_err *err);
 
 #endif

@@ -90,6 +90,7 @@ static int table_cols_alloc(table_cols *c, uint32_t dpad, kernels_storage storag
                 (unsigned long long)((uint64_t)n * (kernels_table_row_bytes(dpad, storage) +
                                                     (with_tags ? 4 * KERNELS_MAX_TAGS : 0))),
                 free_b, cudaGetErrorString(e));
+            if (err) err->context_lost = kernels__sticky(e);
             table_cols_free(c);
             return rc;
         }
@@ -114,19 +115,25 @@ static void table_cols_set(kernels_table *t, const table_cols *c)
     t->tags = c->tags;
 }
 
-static int table_staging(kernels_table *t, size_t bytes, kernels_err *err)
+/* Grows a staging buffer (contents are not kept). Only its owner's stream may use it. */
+static int staging_reserve(void **buf, size_t *have, size_t bytes, kernels_err *err)
 {
     int rc = 0;
-    if (bytes <= t->staging_bytes) return 0;
-    if (t->staging) {
-        (void)cudaFree(t->staging);
-        t->staging = NULL;
-        t->staging_bytes = 0;
+    if (bytes <= *have) return 0;
+    if (*buf) {
+        (void)cudaFree(*buf);
+        *buf = NULL;
+        *have = 0;
     }
-    KCUDA(err, cudaMalloc(&t->staging, bytes));
-    t->staging_bytes = bytes;
+    KCUDA(err, cudaMalloc(buf, bytes));
+    *have = bytes;
 out:
     return rc;
+}
+
+static int table_staging(kernels_table *t, size_t bytes, kernels_err *err)
+{
+    return staging_reserve(&t->staging, &t->staging_bytes, bytes, err);
 }
 
 int kernels_table_create(kernels_table **out, kernels_device *d, uint32_t dim,
@@ -149,8 +156,10 @@ int kernels_table_create(kernels_table **out, kernels_device *d, uint32_t dim,
     t->storage = storage;
     t->metric = metric;
     t->dpad = kernels_padded_dim(dim, storage);
+    pthread_mutex_init(&t->read_lock, NULL);
     KCUDA(err, cudaSetDevice(d->ordinal));
     KCUDA(err, cudaStreamCreateWithFlags(&t->stream, cudaStreamNonBlocking));
+    KCUDA(err, cudaStreamCreateWithFlags(&t->read_stream, cudaStreamNonBlocking));
     if ((rc = table_cols_alloc(&c, t->dpad, storage, capacity, false, err))) goto out;
     table_cols_set(t, &c);
     t->capacity = capacity;
@@ -166,11 +175,15 @@ void kernels_table_destroy(kernels_table *t)
     if (!t) return;
     (void)cudaSetDevice(t->dev->ordinal);
     if (t->stream) (void)cudaStreamSynchronize(t->stream);
+    if (t->read_stream) (void)cudaStreamSynchronize(t->read_stream);
     table_cols c = table_cols_of(t);
     table_cols_free(&c);
     if (t->staging) (void)cudaFree(t->staging);
+    if (t->read_staging) (void)cudaFree(t->read_staging);
     if (t->stream) (void)cudaStreamDestroy(t->stream);
+    if (t->read_stream) (void)cudaStreamDestroy(t->read_stream);
     (void)cudaGetLastError();
+    pthread_mutex_destroy(&t->read_lock);
     free(t);
 }
 
@@ -194,7 +207,7 @@ uint64_t kernels_table_bytes(const kernels_table *t)
     if (!t) return 0;
     uint64_t rows = t->capacity ? t->capacity : 1;
     return rows * kernels_table_row_bytes(t->dim, t->storage) +
-           (t->tags ? rows * 4 * KERNELS_MAX_TAGS : 0) + t->staging_bytes;
+           (t->tags ? rows * 4 * KERNELS_MAX_TAGS : 0) + t->staging_bytes + t->read_staging_bytes;
 }
 
 int kernels_table_reserve(kernels_table *t, uint32_t capacity, kernels_err *err)
@@ -230,6 +243,7 @@ int kernels_table_reserve(kernels_table *t, uint32_t capacity, kernels_err *err)
     table_cols_free(&oc);
     memset(&nc, 0, sizeof nc);
 out:
+    if (rc) kernels__drain(t->stream); /* copies into nc may still be queued */
     table_cols_free(&nc);
     return rc;
 }
@@ -292,6 +306,7 @@ int kernels_table_write(kernels_table *t, const uint32_t *rows, uint32_t n, cons
                 rc = kernels__fail(err, e == cudaErrorMemoryAllocation ? AFF_ENOMEM : AFF_EDEVICE,
                                    "device memory: the tag column of %u rows needs %zu bytes (%s)",
                                    t->capacity, tb, cudaGetErrorString(e));
+                if (err) err->context_lost = kernels__sticky(e);
                 goto out;
             }
             KCUDA(err, cudaMemsetAsync(t->tags, 0, tb, t->stream));
@@ -328,6 +343,7 @@ int kernels_table_write(kernels_table *t, const uint32_t *rows, uint32_t n, cons
     }
     t->count = new_count;
 out:
+    if (rc) kernels__drain(t->stream);
     return rc;
 }
 
@@ -387,6 +403,7 @@ int kernels_table_move(kernels_table *t, const uint32_t *src, const uint32_t *ds
     }
     t->count = new_count;
 out:
+    if (rc) kernels__drain(t->stream);
     return rc;
 }
 
@@ -410,29 +427,36 @@ int kernels_table_read(kernels_table *t, const uint32_t *rows, uint32_t n, float
     const size_t per_row = (size_t)t->dim * 4 + 4;
     uint32_t chunk = (uint32_t)(TABLE_STAGING_MAX / per_row);
     if (chunk == 0) chunk = 1;
+    /* Concurrent readers (GetItems, SimilarItems by id) share the read stream and staging one
+     * at a time; they never touch the writers' staging (writers hold the engine's lock alone). */
+    pthread_mutex_lock(&t->read_lock);
     KCUDA(err, cudaSetDevice(t->dev->ordinal));
     for (uint32_t i0 = 0; i0 < n; i0 += chunk) {
         uint32_t m = n - i0 < chunk ? n - i0 : chunk;
         size_t out_off = align16((size_t)m * 4);
-        if ((rc = table_staging(t, out_off + (size_t)m * t->dim * 4, err))) goto out;
-        char *st = (char *)t->staging;
-        KCUDA(err,
-              cudaMemcpyAsync(st, rows + i0, (size_t)m * 4, cudaMemcpyHostToDevice, t->stream));
+        if ((rc = staging_reserve(&t->read_staging, &t->read_staging_bytes,
+                                  out_off + (size_t)m * t->dim * 4, err)))
+            goto out;
+        char *st = (char *)t->read_staging;
+        KCUDA(err, cudaMemcpyAsync(st, rows + i0, (size_t)m * 4, cudaMemcpyHostToDevice,
+                                   t->read_stream));
         if (t->storage == KERNELS_STORAGE_FP16) {
-            KERNELS_LAUNCH(table_read_rows<__half>, m, 128, 0, t->stream)
+            KERNELS_LAUNCH(table_read_rows<__half>, m, 128, 0, t->read_stream)
             ((const __half *)t->vectors, t->dim, t->dpad, (const uint32_t *)st,
              (float *)(st + out_off));
         } else {
-            KERNELS_LAUNCH(table_read_rows<float>, m, 128, 0, t->stream)
+            KERNELS_LAUNCH(table_read_rows<float>, m, 128, 0, t->read_stream)
             ((const float *)t->vectors, t->dim, t->dpad, (const uint32_t *)st,
              (float *)(st + out_off));
         }
         KLAUNCH(err);
         KCUDA(err, cudaMemcpyAsync(out + (size_t)i0 * t->dim, st + out_off, (size_t)m * t->dim * 4,
-                                   cudaMemcpyDeviceToHost, t->stream));
-        KCUDA(err, cudaStreamSynchronize(t->stream));
+                                   cudaMemcpyDeviceToHost, t->read_stream));
+        KCUDA(err, cudaStreamSynchronize(t->read_stream));
     }
 out:
+    if (rc) kernels__drain(t->read_stream);
+    pthread_mutex_unlock(&t->read_lock);
     return rc;
 }
 
@@ -500,5 +524,6 @@ int kernels_table_fill_random(kernels_table *t, uint32_t n, uint64_t seed, kerne
     KCUDA(err, cudaStreamSynchronize(t->stream));
     t->count = r0 + n;
 out:
+    if (rc) kernels__drain(t->stream);
     return rc;
 }

@@ -177,6 +177,14 @@ typedef struct backend_info {
     char device[128];      /* e.g. "NVIDIA H100 80GB HBM3" or the CPU model */
     uint64_t memory_used;  /* bytes held by all tables (device memory for the GPU) */
     uint64_t memory_total; /* device memory size, 0 on the CPU */
+    /* Largest |component| a stored or query vector may have (0: any finite value). The GPU's
+     * fp16 catalog holds ±65504; the engine rejects larger values with INVALID_ARGUMENT. */
+    float max_abs_component;
+    /* Device faults (calls that found the CUDA context lost) and, after one, how many tables
+     * were handed to the CPU fallback; fault holds the first fault's reason ("" if none). */
+    uint64_t device_faults;
+    uint32_t tables_on_cpu;
+    char fault[256];
 } backend_info;
 
 typedef struct backend_ops {
@@ -230,10 +238,17 @@ typedef struct backend_gpu_config {
     int device;         /* CUDA device ordinal */
     bool fp32;          /* store the catalog as fp32 instead of fp16 */
     uint32_t max_batch; /* largest query batch to plan buffers for */
+    /* The FAISS backend a table is handed to after a device fault (see backend_gpu.c). */
+    backend_faiss_config fallback;
 } backend_gpu_config;
 
 /* Creates the CUDA backend. Returns AFF_EUNSUPPORTED when built without CUDA and
- * AFF_EDEVICE (with the reason) when no usable device is present. */
+ * AFF_EDEVICE (with the reason) when no usable device is present.
+ *
+ * After a device fault (a sticky CUDA error: the context is lost for the rest of the process)
+ * the backend does not try to recover the context: it hands each table, on its next call, to
+ * a FAISS CPU table rebuilt from the host copy it keeps of every row, retries the failed call
+ * there, and reports the fault in backend_info (device_faults, tables_on_cpu, fault). */
 int backend_gpu_create(backend **out, const backend_gpu_config *cfg, aff_err *err);
 
 /* Creates the no-op backend (stores no vectors, scores nothing): the transport-ceiling

@@ -9,8 +9,17 @@
  * k ≤ KERNELS_MAX_K. Writes grow capacity geometrically (gpu_plan_capacity); moves are cut into
  * conflict-free batches (gpu_plan_move_batches) so each batch is one parallel device copy.
  *
- * Errors: a device fault is AFF_EDEVICE with the runtime's reason; running out of device memory
+ * Errors: a CUDA error is AFF_EDEVICE with the runtime's reason; running out of device memory
  * on a write is AFF_ENOMEM with the bytes that were needed. Nothing aborts.
+ *
+ * Host copy and device faults: every table keeps a host copy of its rows (fp32 vectors as
+ * written and their attributes; N × dim × 4 bytes plus 80 a row of host memory). Reads
+ * (GetItems, SimilarItems by id) are served from it, so they never touch the device. A sticky
+ * device fault (illegal address, launch failure, ECC: the CUDA context is lost for the rest of
+ * the process) is not recovered: the backend marks itself faulted, and each table, on its next
+ * call, is handed to a FAISS CPU table rebuilt from the host copy; the call that met the fault
+ * is retried there, so no request fails for it. backend_info reports the fault (device_faults,
+ * tables_on_cpu, the first reason), the engine passes it to ServerInfo and /metrics.
  */
 #include <math.h>
 #include <pthread.h>
@@ -43,31 +52,189 @@ typedef struct gpu_backend {
     kernels_device *dev;
     kernels_device_info info;
     bool fp32;
-    pthread_mutex_t lock;
+    backend_faiss_config fallback_cfg;
+    pthread_mutex_t lock; /* slots, fault_msg, cpu */
     pthread_cond_t cond;
     gpu_slot slots[GPU_WORKSPACES];
     _Atomic uint64_t table_bytes; /* sum of kernels_table_bytes over live tables */
+    /* Device faults: once faulted, every table moves to `cpu` on its next call. */
+    atomic_bool faulted;
+    _Atomic uint64_t faults;
+    _Atomic uint32_t tables_on_cpu;
+    char fault_msg[256];
+    backend *cpu; /* the FAISS fallback, created with the first handover */
 } gpu_backend;
+
+/* The host copy of a table's rows, in row order (see the file comment). */
+typedef struct gpu_mirror {
+    float *vec;
+    backend_row_attrs *attrs;
+    uint32_t n, cap;
+} gpu_mirror;
 
 typedef struct gpu_table {
     backend_table base;
     gpu_backend *b;
-    kernels_table *kt;
+    kernels_table *kt; /* NULL for a table created after a device fault */
     uint32_t dim;
+    backend_table_params params;
     uint64_t bytes; /* this table's share of b->table_bytes */
+    gpu_mirror mirror;
+    pthread_mutex_t cpu_lock;     /* serializes the handover */
+    _Atomic(backend_table *) cpu; /* set once handed to the CPU; then every call goes there */
 } gpu_table;
 
 static const backend_ops gpu_ops;
+static void gpu_table_destroy(backend_table *bt);
+static uint32_t gpu_table_count(const backend_table *bt);
 
 static int gpu_fail(aff_err *err, const kernels_err *kerr)
 {
     return aff__fail(err, kerr->code ? kerr->code : AFF_EDEVICE, "%s", kerr->msg);
 }
 
+/* ---- host copy ------------------------------------------------------------------------------ */
+
+static void mirror_free(gpu_mirror *m)
+{
+    free(m->vec);
+    free(m->attrs);
+    memset(m, 0, sizeof *m);
+}
+
+/* Room for `rows` rows; contents kept. */
+static int mirror_reserve(gpu_mirror *m, uint32_t dim, uint64_t rows, aff_err *err)
+{
+    if (rows <= m->cap) return AFF_OK;
+    uint64_t cap = (uint64_t)m->cap + m->cap / 2;
+    if (cap < rows) cap = rows;
+    if (cap < 64) cap = 64;
+    float *v = realloc(m->vec, (size_t)cap * dim * sizeof *v);
+    if (!v)
+        return aff__fail(err, AFF_ENOMEM, "out of host memory for %llu rows",
+                         (unsigned long long)cap);
+    m->vec = v;
+    backend_row_attrs *a = realloc(m->attrs, (size_t)cap * sizeof *a);
+    if (!a)
+        return aff__fail(err, AFF_ENOMEM, "out of host memory for %llu rows",
+                         (unsigned long long)cap);
+    m->attrs = a;
+    m->cap = (uint32_t)cap;
+    return AFF_OK;
+}
+
+/* Applies a validated write (capacity reserved): in order, so a repeated row keeps the last. */
+static void mirror_write(gpu_mirror *m, uint32_t dim, const uint32_t *rows, uint32_t n,
+                         const float *vectors, const backend_row_attrs *attrs)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        memcpy(m->vec + (size_t)rows[i] * dim, vectors + (size_t)i * dim, dim * sizeof(float));
+        m->attrs[rows[i]] = attrs[i];
+        if (rows[i] >= m->n) m->n = rows[i] + 1;
+    }
+}
+
+static void mirror_move(gpu_mirror *m, uint32_t dim, const uint32_t *src, const uint32_t *dst,
+                        uint32_t n, uint32_t new_count)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        if (src[i] == dst[i]) continue;
+        memcpy(m->vec + (size_t)dst[i] * dim, m->vec + (size_t)src[i] * dim, dim * sizeof(float));
+        m->attrs[dst[i]] = m->attrs[src[i]];
+    }
+    m->n = new_count;
+}
+
+/* ---- device faults and the CPU handover ----------------------------------------------------- */
+
+/* Records a call that found the context lost; the first one is logged and kept as the reason. */
+static void gpu_note_fault(gpu_backend *b, const kernels_err *kerr)
+{
+    atomic_fetch_add(&b->faults, 1);
+    pthread_mutex_lock(&b->lock);
+    bool first = !atomic_load(&b->faulted);
+    if (first) {
+        snprintf(b->fault_msg, sizeof b->fault_msg, "%s", kerr->msg);
+        atomic_store(&b->faulted, true);
+    }
+    pthread_mutex_unlock(&b->lock);
+    if (first)
+        aff_log_kv(AFF_LOG_ERROR,
+                   "GPU device fault: the CUDA context is lost; every collection moves to FAISS "
+                   "on the CPU on its next call",
+                   "reason", kerr->msg, NULL);
+}
+
+static int gpu_cpu_backend(gpu_backend *b, backend **out, aff_err *err)
+{
+    int rc = AFF_OK;
+    pthread_mutex_lock(&b->lock);
+    if (!b->cpu) rc = backend_faiss_create(&b->cpu, &b->fallback_cfg, err);
+    *out = b->cpu;
+    pthread_mutex_unlock(&b->lock);
+    return rc;
+}
+
+/* The table's CPU copy, built from the host copy on first use. Safe from concurrent readers. */
+static int gpu_handover(gpu_table *t, backend_table **out, aff_err *err)
+{
+    int rc = AFF_OK;
+    backend_table *c = atomic_load(&t->cpu);
+    uint32_t *rows = NULL;
+    if (c) {
+        *out = c;
+        return AFF_OK;
+    }
+    pthread_mutex_lock(&t->cpu_lock);
+    c = atomic_load(&t->cpu);
+    if (!c) {
+        backend *cpu = NULL;
+        if ((rc = gpu_cpu_backend(t->b, &cpu, err))) goto out;
+        backend_table_params p = t->params;
+        p.initial_capacity = t->mirror.n;
+        if ((rc = cpu->ops->table_create(cpu, &p, &c, err))) goto out;
+        enum { CHUNK = 8192 };
+        rows = malloc(CHUNK * sizeof *rows);
+        if (!rows) rc = aff__fail(err, AFF_ENOMEM, "out of memory moving a table to the CPU");
+        for (uint32_t r0 = 0; !rc && r0 < t->mirror.n; r0 += CHUNK) {
+            uint32_t m = t->mirror.n - r0 < CHUNK ? t->mirror.n - r0 : CHUNK;
+            for (uint32_t i = 0; i < m; i++)
+                rows[i] = r0 + i;
+            rc = c->ops->table_write(c, rows, m, t->mirror.vec + (size_t)r0 * t->dim,
+                                     t->mirror.attrs + r0, err);
+        }
+        if (rc) {
+            c->ops->table_destroy(c);
+            c = NULL;
+            goto out;
+        }
+        atomic_store(&t->cpu, c);
+        atomic_fetch_add(&t->b->tables_on_cpu, 1);
+        char n[24];
+        snprintf(n, sizeof n, "%u", t->mirror.n);
+        aff_log_kv(AFF_LOG_WARN, "table handed to the CPU backend after a device fault", "rows", n,
+                   NULL);
+    }
+out:
+    pthread_mutex_unlock(&t->cpu_lock);
+    free(rows);
+    *out = c;
+    return rc;
+}
+
+/* The CPU table to use instead of the device: already handed over, or the backend is faulted
+ * (then hands over now). *cpu NULL: use the device. */
+static int gpu_route(gpu_table *t, backend_table **cpu, aff_err *err)
+{
+    *cpu = atomic_load(&t->cpu);
+    if (*cpu || !atomic_load(&t->b->faulted)) return AFF_OK;
+    return gpu_handover(t, cpu, err);
+}
+
 /* Brings the backend's byte total in line with the table's current size. */
 static void gpu_table_account(gpu_table *t)
 {
-    uint64_t now = kernels_table_bytes(t->kt);
+    uint64_t now = t->kt ? kernels_table_bytes(t->kt) : 0;
     if (now >= t->bytes)
         atomic_fetch_add(&t->b->table_bytes, now - t->bytes);
     else
@@ -108,6 +275,7 @@ static void gpu_destroy(backend *base)
         gpu_filter_arena_free(&b->slots[i].arena);
     }
     kernels_device_close(b->dev);
+    if (b->cpu) b->cpu->ops->destroy(b->cpu);
     pthread_cond_destroy(&b->cond);
     pthread_mutex_destroy(&b->lock);
     free(b);
@@ -126,6 +294,12 @@ static void gpu_describe(backend *base, backend_info *out)
     pthread_mutex_unlock(&b->lock);
     out->memory_used = used;
     out->memory_total = b->info.memory_total;
+    out->max_abs_component = b->fp32 ? 0.0f : 65504.0f;
+    out->device_faults = atomic_load(&b->faults);
+    out->tables_on_cpu = atomic_load(&b->tables_on_cpu);
+    pthread_mutex_lock(&b->lock);
+    snprintf(out->fault, sizeof out->fault, "%s", b->fault_msg);
+    pthread_mutex_unlock(&b->lock);
 }
 
 static int gpu_table_create(backend *base, const backend_table_params *p, backend_table **out,
@@ -141,15 +315,29 @@ static int gpu_table_create(backend *base, const backend_table_params *p, backen
     t->base.ops = &gpu_ops;
     t->b = b;
     t->dim = p->dim;
+    t->params = *p;
+    pthread_mutex_init(&t->cpu_lock, NULL);
+    atomic_init(&t->cpu, NULL);
     uint32_t cap = p->initial_capacity ? p->initial_capacity : GPU_PLAN_MIN_CAPACITY;
     if (cap > KERNELS_MAX_ROWS) cap = KERNELS_MAX_ROWS;
-    /* HNSW is a CPU index; on the GPU every collection is searched exactly. */
-    int rc = kernels_table_create(
-        &t->kt, b->dev, p->dim, b->fp32 ? KERNELS_STORAGE_FP32 : KERNELS_STORAGE_FP16,
-        p->metric == AFF_METRIC_L2 ? KERNELS_METRIC_L2 : KERNELS_METRIC_IP, cap, &kerr);
+    int rc = AFF_OK;
+    if (!atomic_load(&b->faulted)) {
+        /* HNSW is a CPU index; on the GPU every collection is searched exactly. */
+        rc = kernels_table_create(
+            &t->kt, b->dev, p->dim, b->fp32 ? KERNELS_STORAGE_FP32 : KERNELS_STORAGE_FP16,
+            p->metric == AFF_METRIC_L2 ? KERNELS_METRIC_L2 : KERNELS_METRIC_IP, cap, &kerr);
+        if (rc && kerr.context_lost) {
+            gpu_note_fault(b, &kerr);
+            rc = AFF_OK;
+        } else if (rc) {
+            rc = gpu_fail(err, &kerr);
+        }
+    }
+    backend_table *cpu = NULL;
+    if (!rc && !t->kt) rc = gpu_handover(t, &cpu, err); /* faulted: straight to the CPU */
     if (rc) {
-        free(t);
-        return gpu_fail(err, &kerr);
+        gpu_table_destroy(&t->base);
+        return rc;
     }
     gpu_table_account(t);
     *out = &t->base;
@@ -162,6 +350,13 @@ static void gpu_table_destroy(backend_table *bt)
     if (!t) return;
     atomic_fetch_sub(&t->b->table_bytes, t->bytes);
     kernels_table_destroy(t->kt);
+    backend_table *cpu = atomic_load(&t->cpu);
+    if (cpu) {
+        cpu->ops->table_destroy(cpu);
+        atomic_fetch_sub(&t->b->tables_on_cpu, 1);
+    }
+    mirror_free(&t->mirror);
+    pthread_mutex_destroy(&t->cpu_lock);
     free(t);
 }
 
@@ -174,7 +369,7 @@ static int gpu_table_write(backend_table *bt, const uint32_t *rows, uint32_t n,
     uint32_t *keep = NULL, *krows = NULL;
     float *kvec = NULL;
     kernels_row_attrs *kattrs = NULL;
-    const uint32_t count = kernels_table_count(t->kt), dim = t->dim;
+    const uint32_t count = gpu_table_count(&t->base), dim = t->dim;
 
     uint64_t next = count;
     for (uint32_t i = 0; i < n; i++) {
@@ -208,6 +403,10 @@ static int gpu_table_write(backend_table *bt, const uint32_t *rows, uint32_t n,
                              KERNELS_MAX_TAGS);
     }
     if (n == 0) return AFF_OK;
+    backend_table *cpu = NULL;
+    if ((rc = gpu_route(t, &cpu, err))) return rc;
+    if (cpu) return cpu->ops->table_write(cpu, rows, n, vectors, attrs, err);
+    if ((rc = mirror_reserve(&t->mirror, dim, next, err))) return rc;
 
     uint32_t m = 0;
     keep = malloc((size_t)n * sizeof *keep);
@@ -245,21 +444,26 @@ static int gpu_table_write(backend_table *bt, const uint32_t *rows, uint32_t n,
     uint32_t cap = kernels_table_capacity(t->kt);
     uint32_t want = gpu_plan_capacity(cap, next);
     if (want > cap && kernels_table_reserve(t->kt, want, &kerr) != 0) {
-        if (kerr.code == AFF_ENOMEM && want > next) {
+        if (kerr.code == AFF_ENOMEM && !kerr.context_lost && want > next) {
             /* Geometric growth did not fit; try the exact size before giving up. */
-            kernels_err again = {0};
-            if (kernels_table_reserve(t->kt, (uint32_t)next, &again) != 0) {
-                rc = gpu_fail(err, &again);
-                goto out;
-            }
+            memset(&kerr, 0, sizeof kerr);
+            if (kernels_table_reserve(t->kt, (uint32_t)next, &kerr) != 0) goto dev_fail;
         } else {
-            rc = gpu_fail(err, &kerr);
-            goto out;
+            goto dev_fail;
         }
     }
-    if (kernels_table_write(t->kt, krows, m, vsrc, kattrs, (uint32_t)next, &kerr) != 0) {
+    if (kernels_table_write(t->kt, krows, m, vsrc, kattrs, (uint32_t)next, &kerr) != 0)
+        goto dev_fail;
+    mirror_write(&t->mirror, dim, rows, n, vectors, attrs);
+    goto out;
+dev_fail:
+    if (kerr.context_lost) {
+        /* The write is valid: keep it in the host copy, which the CPU table is built from. */
+        gpu_note_fault(t->b, &kerr);
+        mirror_write(&t->mirror, dim, rows, n, vectors, attrs);
+        rc = gpu_handover(t, &cpu, err);
+    } else {
         rc = gpu_fail(err, &kerr);
-        goto out;
     }
 out:
     gpu_table_account(t);
@@ -277,16 +481,21 @@ static int gpu_table_move(backend_table *bt, const uint32_t *src, const uint32_t
     kernels_err kerr = {0};
     int rc = AFF_OK;
     uint32_t *ends = NULL, nb = 0;
-    const uint32_t count = kernels_table_count(t->kt);
+    const uint32_t count = gpu_table_count(&t->base);
     if (new_count > count)
         return aff__fail(err, AFF_EINVAL, "move: new count %u above count %u", new_count, count);
     for (uint32_t i = 0; i < n; i++)
         if (src[i] >= count || dst[i] >= count)
             return aff__fail(err, AFF_EINVAL, "move %u: rows %u -> %u outside 0..%u", i, src[i],
                              dst[i], count);
-    if (n == 0)
-        return kernels_table_move(t->kt, NULL, NULL, 0, new_count, &kerr) ? gpu_fail(err, &kerr)
-                                                                          : AFF_OK;
+    backend_table *cpu = NULL;
+    if ((rc = gpu_route(t, &cpu, err))) return rc;
+    if (cpu) return cpu->ops->table_move(cpu, src, dst, n, new_count, err);
+    if (n == 0) {
+        if (kernels_table_move(t->kt, NULL, NULL, 0, new_count, &kerr) != 0) goto dev_fail;
+        mirror_move(&t->mirror, t->dim, src, dst, 0, new_count);
+        goto out;
+    }
     ends = malloc((size_t)n * sizeof *ends);
     if (!ends || gpu_plan_move_batches(src, dst, n, ends, &nb) != 0) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory planning %u moves", n);
@@ -294,10 +503,18 @@ static int gpu_table_move(backend_table *bt, const uint32_t *src, const uint32_t
     }
     for (uint32_t j = 0, b0 = 0; j < nb; b0 = ends[j], j++) {
         uint32_t c = j + 1 == nb ? new_count : count;
-        if (kernels_table_move(t->kt, src + b0, dst + b0, ends[j] - b0, c, &kerr) != 0) {
-            rc = gpu_fail(err, &kerr);
-            goto out;
-        }
+        if (kernels_table_move(t->kt, src + b0, dst + b0, ends[j] - b0, c, &kerr) != 0)
+            goto dev_fail;
+    }
+    mirror_move(&t->mirror, t->dim, src, dst, n, new_count);
+    goto out;
+dev_fail:
+    if (kerr.context_lost) {
+        gpu_note_fault(t->b, &kerr);
+        mirror_move(&t->mirror, t->dim, src, dst, n, new_count);
+        rc = gpu_handover(t, &cpu, err);
+    } else {
+        rc = gpu_fail(err, &kerr);
     }
 out:
     free(ends);
@@ -316,7 +533,21 @@ static int gpu_table_search(backend_table *bt, const backend_search *s, aff_err 
                              KERNELS_MAX_K);
         if (s->filters && s->filters[i]) any_filter = true;
     }
+    /* Queries are converted to the storage type: in fp16 a component beyond ±65504 would
+     * become infinite and inf × 0 = NaN scores (the engine checks this before batching too). */
+    if (!t->b->fp32) {
+        const float *q = s->queries;
+        for (size_t j = 0; j < (size_t)s->nq * t->dim; j++)
+            if (!(fabsf(q[j]) <= 65504.0f))
+                return aff__fail(err, AFF_EINVAL,
+                                 "query %zu: vector component %zu (%g) is outside the fp16 range "
+                                 "of the GPU catalog (finite, |x| <= 65504)",
+                                 j / t->dim, j % t->dim, (double)q[j]);
+    }
     if (s->nq == 0) return AFF_OK;
+    backend_table *cpu = NULL;
+    if ((rc = gpu_route(t, &cpu, err))) return rc;
+    if (cpu) return cpu->ops->table_search(cpu, s, err);
     gpu_slot *slot = gpu_slot_acquire(t->b);
     kernels_search_args a = {
         .queries = s->queries,
@@ -347,6 +578,11 @@ static int gpu_table_search(backend_table *bt, const backend_search *s, aff_err 
     if (kernels_search(slot->ws, t->kt, &a, &kerr) != 0) rc = gpu_fail(err, &kerr);
 out:
     gpu_slot_release(t->b, slot);
+    if (rc && kerr.context_lost) {
+        /* Retried on the CPU: the caller sees the answer, health and metrics see the fault. */
+        gpu_note_fault(t->b, &kerr);
+        if ((rc = gpu_handover(t, &cpu, err)) == AFF_OK) rc = cpu->ops->table_search(cpu, s, err);
+    }
     return rc;
 }
 
@@ -358,10 +594,18 @@ static int gpu_table_score(backend_table *bt, const float *queries, uint32_t nq,
     kernels_err kerr = {0};
     int rc = AFF_OK;
     if (nq == 0) return AFF_OK;
+    backend_table *cpu = NULL;
+    if ((rc = gpu_route(t, &cpu, err))) return rc;
+    if (cpu) return cpu->ops->table_score(cpu, queries, nq, offsets, rows, scores, err);
     gpu_slot *slot = gpu_slot_acquire(t->b);
     if (kernels_score(slot->ws, t->kt, queries, nq, offsets, rows, scores, &kerr) != 0)
         rc = gpu_fail(err, &kerr);
     gpu_slot_release(t->b, slot);
+    if (rc && kerr.context_lost) {
+        gpu_note_fault(t->b, &kerr);
+        if ((rc = gpu_handover(t, &cpu, err)) == AFF_OK)
+            rc = cpu->ops->table_score(cpu, queries, nq, offsets, rows, scores, err);
+    }
     return rc;
 }
 
@@ -369,20 +613,33 @@ static int gpu_table_read(backend_table *bt, const uint32_t *rows, uint32_t n, f
                           aff_err *err)
 {
     gpu_table *t = (gpu_table *)bt;
-    kernels_err kerr = {0};
     if (n == 0) return AFF_OK;
-    if (kernels_table_read(t->kt, rows, n, out, &kerr) != 0) return gpu_fail(err, &kerr);
+    backend_table *cpu = atomic_load(&t->cpu);
+    if (cpu) return cpu->ops->table_read(cpu, rows, n, out, err);
+    /* From the host copy: exact, no device round trip, and safe for concurrent readers (writes
+     * and moves, the only changes, run alone under the engine's lock). */
+    for (uint32_t i = 0; i < n; i++)
+        if (rows[i] >= t->mirror.n)
+            return aff__fail(err, AFF_EINVAL, "read %u: row %u outside 0..%u", i, rows[i],
+                             t->mirror.n);
+    for (uint32_t i = 0; i < n; i++)
+        memcpy(out + (size_t)i * t->dim, t->mirror.vec + (size_t)rows[i] * t->dim,
+               t->dim * sizeof *out);
     return AFF_OK;
 }
 
 static uint32_t gpu_table_count(const backend_table *bt)
 {
-    return kernels_table_count(((const gpu_table *)bt)->kt);
+    const gpu_table *t = (const gpu_table *)bt;
+    backend_table *cpu = atomic_load(&((gpu_table *)t)->cpu);
+    return cpu ? cpu->ops->table_count(cpu) : t->mirror.n;
 }
 
 static uint64_t gpu_table_memory(const backend_table *bt)
 {
-    return kernels_table_bytes(((const gpu_table *)bt)->kt);
+    const gpu_table *t = (const gpu_table *)bt;
+    backend_table *cpu = atomic_load(&((gpu_table *)t)->cpu);
+    return (t->kt ? kernels_table_bytes(t->kt) : 0) + (cpu ? cpu->ops->table_memory(cpu) : 0);
 }
 
 static const backend_ops gpu_ops = {
@@ -414,6 +671,10 @@ int backend_gpu_create(backend **out, const backend_gpu_config *cfg, aff_err *er
     if (!b) return aff__fail(err, AFF_ENOMEM, "out of memory creating the GPU backend");
     b->base.ops = &gpu_ops;
     b->fp32 = cfg && cfg->fp32;
+    if (cfg) b->fallback_cfg = cfg->fallback;
+    atomic_init(&b->faulted, false);
+    atomic_init(&b->faults, 0);
+    atomic_init(&b->tables_on_cpu, 0);
     pthread_mutex_init(&b->lock, NULL);
     pthread_cond_init(&b->cond, NULL);
     atomic_init(&b->table_bytes, 0);

@@ -49,6 +49,7 @@ typedef struct collection {
     backend_row_attrs *attrs; /* row -> attributes */
     uint32_t count, capacity;
     vocab categories, tags;
+    float max_abs; /* backend_info.max_abs_component: largest |component| the backend stores */
 } collection;
 
 struct aff_engine {
@@ -82,8 +83,19 @@ static int check_string(const char *s, size_t max, const char *what, aff_err *er
     return AFF_OK;
 }
 
+/* max_abs > 0: the backend's range for values it stores or scores unnormalized (the GPU's
+ * fp16 catalog); cosine vectors are normalized first and need no limit. */
+static int check_vector_range(const float *v, uint32_t got, uint32_t dim, aff_metric metric,
+                              float max_abs, const char *what, aff_err *err);
+
 static int check_vector(const float *v, uint32_t got, uint32_t dim, aff_metric metric,
                         const char *what, aff_err *err)
+{
+    return check_vector_range(v, got, dim, metric, 0.0f, what, err);
+}
+
+static int check_vector_range(const float *v, uint32_t got, uint32_t dim, aff_metric metric,
+                              float max_abs, const char *what, aff_err *err)
 {
     if (!v || got != dim)
         return aff__fail(err, AFF_EINVAL, "%s has %u values; the collection's dimension is %u",
@@ -93,6 +105,12 @@ static int check_vector(const float *v, uint32_t got, uint32_t dim, aff_metric m
         if (!isfinite(v[j]))
             return aff__fail(err, AFF_EINVAL, "%s has a non-finite value (%s) at index %u", what,
                              isnan(v[j]) ? "NaN" : "Inf", j);
+        if (max_abs > 0 && metric != AFF_METRIC_COSINE && fabsf(v[j]) > max_abs)
+            return aff__fail(err, AFF_EINVAL,
+                             "%s has a value (%g) at index %u outside ±%g, the range of this "
+                             "server's fp16 GPU catalog (start it with fp32 storage for larger "
+                             "values)",
+                             what, (double)v[j], j, (double)max_abs);
         sq += v[j] * v[j];
     }
     if (!isfinite(sq))
@@ -256,6 +274,7 @@ int engine_create_collection(aff_engine *e, const engine_collection_spec *spec, 
     snprintf(c->name, sizeof c->name, "%s", spec->name);
     c->dim = spec->dim;
     c->metric = spec->metric;
+    c->max_abs = e->info.max_abs_component;
     c->index = spec->index;
     c->hnsw_m = spec->hnsw_m ? spec->hnsw_m : 32;
     c->hnsw_ef_search = spec->hnsw_ef_search ? spec->hnsw_ef_search : 64;
@@ -451,6 +470,7 @@ static int choose_backend(const engine_config *cfg, backend **out, aff_err *err)
     }
 #ifdef AFFINITY_HAVE_CUDA
     backend_gpu_config gpu_cfg = cfg ? cfg->gpu : (backend_gpu_config){0};
+    gpu_cfg.fallback = faiss_cfg; /* after a device fault, tables move to FAISS */
     aff_err gpu_err = {0};
     int rc = backend_gpu_create(out, &gpu_cfg, &gpu_err);
     if (rc == AFF_OK) return AFF_OK;
@@ -518,7 +538,8 @@ static int validate_item(const collection *c, const aff_item *it, size_t index, 
                              "item \"%s\" has a vector but collection \"%s\" learns its vectors "
                              "from events (created with dimension 0): send items without vectors",
                              it->id, c->name);
-    } else if ((rc = check_vector(it->vector, it->dim, c->dim, c->metric, vwhat, err)) != AFF_OK) {
+    } else if ((rc = check_vector_range(it->vector, it->dim, c->dim, c->metric, c->max_abs, vwhat,
+                                        err)) != AFF_OK) {
         return rc;
     }
     if (it->category && strnlen(it->category, AFF_MAX_ATTR_LEN + 1) > AFF_MAX_ATTR_LEN)
@@ -923,7 +944,8 @@ static int validate_query(const collection *c, const aff_query *q, aff_err *err)
         return aff__fail(err, AFF_EINVAL, "k = %u is out of range 1..%d", q->k, AFF_MAX_K);
     int rc;
     if (q->vector) {
-        if ((rc = check_vector(q->vector, q->dim, c->dim, c->metric, "query vector", err)))
+        if ((rc = check_vector_range(q->vector, q->dim, c->dim, c->metric, c->max_abs,
+                                     "query vector", err)))
             return rc;
     } else if ((rc = check_string(q->item_id, AFF_MAX_ID_LEN, "query item id", err))) {
         return rc;

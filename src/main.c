@@ -121,6 +121,16 @@ static int install_stop_handler(aff_err *err)
     return 0;
 }
 
+/* Scrape hook of the GPU backend: device memory and device faults (see backend_gpu.c). */
+static void scrape_gpu(aff_metrics *m, metrics_scrape *scrape, void *ctx)
+{
+    (void)scrape;
+    backend_info bi;
+    engine_backend_info(ctx, &bi);
+    metrics_set_gpu_memory(m, bi.memory_used, bi.memory_total);
+    metrics_set_device_faults(m, bi.device_faults, bi.tables_on_cpu);
+}
+
 /* batcher_config.on_batch: batch sizes and queue depth into the metrics registry. */
 static void observe_batch(void *ctx, uint64_t queries, uint64_t queued)
 {
@@ -213,6 +223,7 @@ int main(int argc, char **argv)
      * batch sizes and queue depth through on_batch. */
     if (metrics_create(&metrics, cfg.metrics_listen, &err)) goto fail;
     metrics_set_backend(metrics, bi.name, bi.device);
+    if (strcmp(bi.name, "cuda") == 0) metrics_set_scrape_hook(metrics, scrape_gpu, engine);
     if (cfg.metrics_listen[0])
         aff_log(AFF_LOG_INFO, "metrics on port %u", (unsigned)metrics_port(metrics));
 

@@ -84,6 +84,9 @@ struct aff_metrics {
     _Atomic uint64_t gpu_used;
     _Atomic uint64_t gpu_total;
     atomic_bool gpu_set;
+    _Atomic uint64_t device_faults; /* GPU backend: calls that found the CUDA context lost */
+    _Atomic uint32_t tables_on_cpu; /* GPU backend: tables handed to FAISS after a fault */
+    atomic_bool faults_set;
     atomic_bool serving;
     double start_time; /* Unix seconds */
 
@@ -186,6 +189,14 @@ void metrics_set_gpu_memory(aff_metrics *m, uint64_t used_bytes, uint64_t total_
     atomic_store_explicit(&m->gpu_used, used_bytes, memory_order_relaxed);
     atomic_store_explicit(&m->gpu_total, total_bytes, memory_order_relaxed);
     atomic_store_explicit(&m->gpu_set, true, memory_order_release);
+}
+
+void metrics_set_device_faults(aff_metrics *m, uint64_t faults, uint32_t tables_on_cpu)
+{
+    if (!m) return;
+    atomic_store_explicit(&m->device_faults, faults, memory_order_relaxed);
+    atomic_store_explicit(&m->tables_on_cpu, tables_on_cpu, memory_order_relaxed);
+    atomic_store_explicit(&m->faults_set, true, memory_order_release);
 }
 
 void metrics_set_serving(aff_metrics *m, bool serving)
@@ -443,6 +454,16 @@ static void render_all(aff_metrics *m, sbuf *b, const sbuf *collections)
         sb_printf(b, "affinity_gpu_memory_total_bytes %" PRIu64 "\n",
                   atomic_load_explicit(&m->gpu_total, memory_order_relaxed));
     }
+    if (atomic_load_explicit(&m->faults_set, memory_order_acquire)) {
+        sb_header(b, "affinity_gpu_device_faults_total", "counter",
+                  "GPU calls that found the CUDA context lost (a sticky device fault).");
+        sb_printf(b, "affinity_gpu_device_faults_total %" PRIu64 "\n",
+                  atomic_load_explicit(&m->device_faults, memory_order_relaxed));
+        sb_header(b, "affinity_gpu_tables_on_cpu", "gauge",
+                  "Collections served by FAISS on the CPU after a GPU device fault.");
+        sb_printf(b, "affinity_gpu_tables_on_cpu %" PRIu32 "\n",
+                  atomic_load_explicit(&m->tables_on_cpu, memory_order_relaxed));
+    }
 
     sb_header(b, "process_start_time_seconds", "gauge",
               "Start time of the process since the Unix epoch in seconds.");
@@ -478,6 +499,20 @@ out:
 
 /* ---- HTTP endpoint ---------------------------------------------------------------------- */
 
+/* Runs the scrape hook for its updates alone (what /healthz reports comes from it too). */
+static void refresh(aff_metrics *m)
+{
+    metrics_scrape scrape = {{0}};
+    pthread_mutex_lock(&m->render_lock);
+    pthread_mutex_lock(&m->info_lock);
+    metrics_scrape_fn hook = m->hook;
+    void *hook_ctx = m->hook_ctx;
+    pthread_mutex_unlock(&m->info_lock);
+    if (hook) hook(m, &scrape, hook_ctx);
+    pthread_mutex_unlock(&m->render_lock);
+    free(scrape.lines.p);
+}
+
 static enum MHD_Result send_text(struct MHD_Connection *c, unsigned status, const char *text)
 {
     struct MHD_Response *r =
@@ -500,6 +535,12 @@ static enum MHD_Result handle_request(void *cls, struct MHD_Connection *c, const
     if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 && strcmp(method, MHD_HTTP_METHOD_HEAD) != 0)
         return send_text(c, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n");
     if (strcmp(url, "/healthz") == 0) {
+        refresh(m);
+        if (atomic_load_explicit(&m->serving, memory_order_relaxed) &&
+            atomic_load_explicit(&m->device_faults, memory_order_relaxed) > 0)
+            return send_text(c, MHD_HTTP_OK,
+                             "ok (degraded: a GPU device fault moved the collections to FAISS on "
+                             "the CPU; see affinity_gpu_device_faults_total)\n");
         if (atomic_load_explicit(&m->serving, memory_order_relaxed))
             return send_text(c, MHD_HTTP_OK, "ok\n");
         return send_text(c, MHD_HTTP_SERVICE_UNAVAILABLE, "draining\n");

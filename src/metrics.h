@@ -101,6 +101,10 @@ void metrics_add_queue_depth(aff_metrics *m, int64_t delta);
 void metrics_add_events(aff_metrics *m, metrics_event_type type, uint64_t n);
 /* Device memory in bytes; the two gauges appear from the first call on. */
 void metrics_set_gpu_memory(aff_metrics *m, uint64_t used_bytes, uint64_t total_bytes);
+/* GPU backend device faults (backend_info.device_faults, tables_on_cpu): exported as
+ * affinity_gpu_device_faults_total and affinity_gpu_tables_on_cpu once set; with faults > 0
+ * /healthz still answers 200 but says "ok (degraded: ...)". Call from the scrape hook. */
+void metrics_set_device_faults(aff_metrics *m, uint64_t faults, uint32_t tables_on_cpu);
 /* Serving (true, the initial state) or draining: affinity_serving and /healthz follow it. */
 void metrics_set_serving(aff_metrics *m, bool serving);
 /* The backend in use, e.g. ("cuda", "NVIDIA H100 80GB HBM3") or ("faiss-cpu", "x86_64").

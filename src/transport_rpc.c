@@ -83,6 +83,9 @@ static void rpc_get_server_info(tcall *c, ProtobufCMessage *msg)
     info.max_wait_us = t->cfg.max_wait_us;
     info.batch_stats = &stats;
     info.persistent = catalog_persistent(t->cfg.catalog);
+    info.device_faults = bi.device_faults; /* issue 17: GPU device faults */
+    info.tables_on_cpu = bi.tables_on_cpu;
+    info.device_fault = bi.fault;
     tcall_finish(c, 0, NULL, &info.base);
 }
 

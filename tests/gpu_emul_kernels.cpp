@@ -13,6 +13,25 @@
 #include "device.cu"
 #include "gather_dot.cu"
 #include "search.cu"
+#include "search_fused.cu"
 #include "select_block.cu"
 #include "select_radix.cu"
 #include "table.cu"
+
+#include "gpu_emul_control.h"
+
+extern "C" void emul_inject_launch_failure(int after, int code)
+{
+    emul_fail_launch_code = code;
+    emul_fail_launch_after = after;
+}
+
+extern "C" uint64_t emul_pending_ops(void)
+{
+    return emul_pending_total();
+}
+
+extern "C" uint64_t emul_launch_count(void)
+{
+    return emul_launches.load();
+}

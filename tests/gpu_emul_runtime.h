@@ -14,6 +14,13 @@
  *
  * emul_fail_mallocs_after (set by a test) makes the n-th next cudaMalloc fail with
  * cudaErrorMemoryAllocation, to drive the out-of-memory paths.
+ *
+ * Fault injection (tests/gpu_emul_control.h, callable from C): emul_fail_launch_after makes the
+ * n-th next kernel launch fail with a chosen error instead of running. A sticky error
+ * (cudaErrorIllegalAddress, ...) poisons the emulated context as a real device fault does:
+ * from then on every runtime call returns it and cudaGetLastError cannot clear it. Streams count
+ * the operations queued on them since their last synchronization (emul_pending_ops), so a test
+ * can see work a failure path left queued.
  */
 #ifndef AFFINITY_GPU_EMUL_RUNTIME_H
 #define AFFINITY_GPU_EMUL_RUNTIME_H
@@ -25,8 +32,10 @@
 #include <string.h>
 #include <time.h>
 
+#include <atomic>
 #include <functional>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -51,11 +60,26 @@ inline pthread_barrier_t emul_block_barrier;
 inline pthread_barrier_t emul_warp_barrier[32];
 inline float emul_shfl_buf[1024];
 inline std::mutex emul_launch_lock; /* one launch at a time: the built-ins above are global */
+inline std::mutex emul_dyn_lock;    /* guards emul_dyn_shared across a whole launch */
 
 inline void __syncthreads()
 {
     pthread_barrier_wait(&emul_block_barrier);
 }
+
+/* The calling thread's warp (32 threads; blocks are a multiple of 32). */
+inline void __syncwarp(unsigned = 0xFFFFFFFFu)
+{
+    pthread_barrier_wait(&emul_warp_barrier[threadIdx.x >> 5]);
+}
+
+/* Dynamic shared memory of the running launch (its `shared` bytes, 8-byte aligned). */
+inline std::vector<unsigned long long> emul_dyn_shared;
+inline unsigned long long *emul_dynamic_shared()
+{
+    return emul_dyn_shared.data();
+}
+#define KERNELS_DYNAMIC_SHARED(name) unsigned long long *name = emul_dynamic_shared()
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask)
 {
@@ -122,18 +146,28 @@ inline void emul_run_grid(dim3 g, dim3 b, const std::function<void()> &body)
     pthread_barrier_destroy(&emul_block_barrier);
 }
 
+/* Launch bookkeeping (defined with the runtime below): false when the launch must not run. */
+inline bool emul_launch_begin(void *stream);
+
 template <typename F> struct emul_launch {
     dim3 g, b;
     F f;
+    size_t shared;
+    void *stream;
     template <typename... A> void operator()(A... args)
     {
+        if (!emul_launch_begin(stream)) return;
+        std::lock_guard<std::mutex> hold(emul_dyn_lock);
+        /* Junk, as on a device: a kernel must initialize what it reads. */
+        emul_dyn_shared.assign((shared + 7) / 8 + 1, 0xA5A5A5A5A5A5A5A5ull);
         emul_run_grid(g, b, [&] { f(args...); });
     }
 };
 
-template <typename F> emul_launch<F> emul_make_launch(dim3 g, dim3 b, F f, size_t, void *)
+template <typename F>
+emul_launch<F> emul_make_launch(dim3 g, dim3 b, F f, size_t shared, void *stream)
 {
-    return emul_launch<F>{g, b, f};
+    return emul_launch<F>{g, b, f, shared, stream};
 }
 
 #define KERNELS_LAUNCH(kernel, grid, block, shared, stream)                                        \
@@ -165,20 +199,38 @@ template <typename T, int N> struct BlockScan {
  */
 
 typedef int cudaError_t;
-enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
+/* The runtime's own numbers, so messages and classifications match a real device. */
+enum {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorLaunchOutOfResources = 701,
+    cudaErrorLaunchTimeout = 702,
+    cudaErrorIllegalAddress = 700,
+    cudaErrorHardwareStackError = 714,
+    cudaErrorIllegalInstruction = 715,
+    cudaErrorMisalignedAddress = 716,
+    cudaErrorInvalidAddressSpace = 717,
+    cudaErrorInvalidPc = 718,
+    cudaErrorLaunchFailure = 719,
+    cudaErrorECCUncorrectable = 214,
+    cudaErrorAssert = 710,
+};
 enum cudaMemcpyKind {
     cudaMemcpyHostToDevice = 1,
     cudaMemcpyDeviceToHost = 2,
     cudaMemcpyDeviceToDevice = 3
 };
 #define cudaStreamNonBlocking 0x01
-#define cudaHostAllocDefault  0x00
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+#define cudaHostAllocDefault 0x00
 
 struct emul_stream {
-    int unused;
+    std::atomic<uint64_t> pending{0}; /* operations queued since the last synchronization */
 };
 struct emul_event {
     double ms;
+    emul_stream *stream; /* where it was last recorded */
 };
 typedef emul_stream *cudaStream_t;
 typedef emul_event *cudaEvent_t;
@@ -192,19 +244,84 @@ struct cudaDeviceProp {
 
 inline int emul_fail_mallocs_after = -1; /* -1: never */
 inline cudaError_t emul_last_error = cudaSuccess;
+inline std::atomic<int> emul_fail_launch_after{-1}; /* -1: never */
+inline std::atomic<int> emul_fail_launch_code{0};
+inline std::atomic<int> emul_poison{0}; /* a sticky error: the context is lost */
+inline std::atomic<uint64_t> emul_launches{0};
+inline std::mutex emul_streams_lock;
+inline std::set<emul_stream *> emul_streams;
+
+#define EMUL_POISONED()                                                                            \
+    do {                                                                                           \
+        if (int p_ = emul_poison.load()) return p_;                                                \
+    } while (0)
+
+inline void emul_queue(void *stream)
+{
+    if (stream) ((emul_stream *)stream)->pending++;
+}
+
+inline bool emul_launch_begin(void *stream)
+{
+    if (emul_poison.load()) {
+        emul_last_error = emul_poison.load();
+        return false;
+    }
+    int n = emul_fail_launch_after.load();
+    if (n == 0) {
+        emul_fail_launch_after = -1;
+        int code = emul_fail_launch_code.load();
+        if (code == 700 || code == 702 || code == 710 || (code >= 714 && code <= 719) ||
+            code == 214)
+            emul_poison = code; /* sticky (as kernels__sticky classifies): the context is gone */
+        emul_last_error = code;
+        return false;
+    }
+    if (n > 0) emul_fail_launch_after--;
+    emul_queue(stream);
+    emul_launches++;
+    return true;
+}
+
+inline uint64_t emul_pending_total()
+{
+    std::lock_guard<std::mutex> hold(emul_streams_lock);
+    uint64_t n = 0;
+    for (emul_stream *s : emul_streams)
+        n += s->pending.load();
+    return n;
+}
 
 inline const char *cudaGetErrorString(cudaError_t e)
 {
-    return e == cudaSuccess                 ? "no error"
-           : e == cudaErrorMemoryAllocation ? "out of memory (emulated)"
-                                            : "invalid argument (emulated)";
+    switch (e) {
+    case cudaSuccess:
+        return "no error";
+    case cudaErrorMemoryAllocation:
+        return "out of memory (emulated)";
+    case cudaErrorLaunchOutOfResources:
+        return "too many resources requested for launch (emulated)";
+    case cudaErrorIllegalAddress:
+        return "an illegal memory access was encountered (emulated)";
+    case cudaErrorLaunchFailure:
+        return "unspecified launch failure (emulated)";
+    default:
+        return e >= 700 || e == 214 ? "device fault (emulated)" : "invalid argument (emulated)";
+    }
 }
 
 inline cudaError_t cudaGetLastError()
 {
+    EMUL_POISONED();
     cudaError_t e = emul_last_error;
     emul_last_error = cudaSuccess;
     return e;
+}
+
+inline cudaError_t cudaPeekAtLastError()
+{
+    EMUL_POISONED();
+    return emul_last_error;
 }
 
 inline cudaError_t cudaGetDeviceCount(int *n)
@@ -215,6 +332,7 @@ inline cudaError_t cudaGetDeviceCount(int *n)
 
 inline cudaError_t cudaSetDevice(int d)
 {
+    EMUL_POISONED();
     return d == 0 ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -238,6 +356,7 @@ inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b)
 inline cudaError_t cudaMalloc(void **p, size_t n)
 {
     *p = NULL;
+    EMUL_POISONED();
     if (emul_fail_mallocs_after == 0) {
         emul_fail_mallocs_after = -1;
         return cudaErrorMemoryAllocation;
@@ -258,6 +377,8 @@ inline cudaError_t cudaFree(void *p)
 
 inline cudaError_t cudaHostAlloc(void **p, size_t n, unsigned)
 {
+    *p = NULL;
+    EMUL_POISONED();
     *p = malloc(n ? n : 1);
     return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
@@ -269,9 +390,11 @@ inline cudaError_t cudaFreeHost(void *p)
 }
 
 inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind,
-                                   cudaStream_t)
+                                   cudaStream_t s)
 {
+    EMUL_POISONED();
     if (n) memmove(dst, src, n);
+    emul_queue(s);
     return cudaSuccess;
 }
 
@@ -280,9 +403,11 @@ inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKi
     return cudaMemcpyAsync(dst, src, n, kind, NULL);
 }
 
-inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t)
+inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s)
 {
+    EMUL_POISONED();
     memset(p, v, n);
+    emul_queue(s);
     return cudaSuccess;
 }
 
@@ -292,20 +417,38 @@ inline cudaError_t cudaMemset(void *p, int v, size_t n)
     return cudaSuccess;
 }
 
+template <typename F> inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int)
+{
+    EMUL_POISONED();
+    return cudaSuccess;
+}
+
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned)
 {
+    *s = NULL;
+    EMUL_POISONED();
     *s = new emul_stream();
+    std::lock_guard<std::mutex> hold(emul_streams_lock);
+    emul_streams.insert(*s);
     return cudaSuccess;
 }
 
 inline cudaError_t cudaStreamDestroy(cudaStream_t s)
 {
+    {
+        std::lock_guard<std::mutex> hold(emul_streams_lock);
+        emul_streams.erase(s);
+    }
     delete s;
     return cudaSuccess;
 }
 
-inline cudaError_t cudaStreamSynchronize(cudaStream_t)
+/* Waits for the stream's work: here it is already done, so it only forgets it. After a device
+ * fault it still returns (with the error), as the real one does once the work is abandoned. */
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s)
 {
+    if (s) s->pending = 0;
+    EMUL_POISONED();
     return cudaSuccess;
 }
 
@@ -321,16 +464,22 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e)
     return cudaSuccess;
 }
 
-inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t)
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
 {
+    EMUL_POISONED();
+    emul_queue(s);
+    e->stream = s;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     e->ms = ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
     return cudaSuccess;
 }
 
-inline cudaError_t cudaEventSynchronize(cudaEvent_t)
+/* The work queued before the event on its stream is done (here: all of that stream's work). */
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e)
 {
+    if (e->stream) e->stream->pending = 0;
+    EMUL_POISONED();
     return cudaSuccess;
 }
 
@@ -348,7 +497,12 @@ struct emul_cublas {
 };
 typedef emul_cublas *cublasHandle_t;
 typedef int cublasStatus_t;
-enum { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_ALLOC_FAILED = 3, CUBLAS_STATUS_INVALID_VALUE = 7 };
+enum {
+    CUBLAS_STATUS_SUCCESS = 0,
+    CUBLAS_STATUS_ALLOC_FAILED = 3,
+    CUBLAS_STATUS_INVALID_VALUE = 7,
+    CUBLAS_STATUS_EXECUTION_FAILED = 13
+};
 typedef int cublasOperation_t;
 enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
 typedef int cudaDataType_t;
@@ -387,12 +541,14 @@ inline float emul_elem(const void *p, cudaDataType_t t, size_t i)
 }
 
 /* C (m × n, column-major, fp32) = alpha · op(A) · op(B) + beta · C, as cuBLAS defines it. */
-inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb,
+inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
                                    int m, int n, int k, const void *alpha, const void *A,
                                    cudaDataType_t at, int lda, const void *B, cudaDataType_t bt,
                                    int ldb, const void *beta, void *C, cudaDataType_t ct, int ldc,
                                    cublasComputeType_t, cublasGemmAlgo_t)
 {
+    if (emul_poison.load()) return CUBLAS_STATUS_EXECUTION_FAILED;
+    emul_queue(h->stream);
     if (ct != CUDA_R_32F || m < 0 || n < 0 || k < 0 || ldc < m ||
         lda < (ta == CUBLAS_OP_N ? m : k) || ldb < (tb == CUBLAS_OP_N ? k : n))
         return CUBLAS_STATUS_INVALID_VALUE;

@@ -412,3 +412,25 @@ Test(gpu_host, bench_values_are_reproducible)
     printf("bench values seed 1: %.9g %.9g %.9g\n", kernels_bench_value(1, 0),
            kernels_bench_value(1, 1), kernels_bench_value(1, 123456789));
 }
+
+/* The fused scan's blocks cover rows 0..n-1 exactly once, none empty, at most two per SM. */
+Test(gpu_host, fused_blocks_cover_every_row_once)
+{
+    const uint32_t ns[] = {1, 127, 128, 129, 5000, 40000, 1000000, 10000000, 0xFFFFFF00u};
+    const uint32_t sms[] = {1, 8, 132};
+    for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+        for (size_t j = 0; j < sizeof sms / sizeof sms[0]; j++) {
+            uint32_t seg = 0, blocks = kernels_plan_fused_blocks(ns[i], sms[j], &seg);
+            cr_assert_geq(blocks, 1);
+            cr_assert_leq(blocks, 2 * sms[j], "n %u sm %u: %u blocks", ns[i], sms[j], blocks);
+            cr_assert_eq(seg % 128, 0, "whole steps");
+            cr_assert_geq((uint64_t)blocks * seg, ns[i], "n %u sm %u: rows left over", ns[i],
+                          sms[j]);
+            cr_assert_lt((uint64_t)(blocks - 1) * seg, ns[i], "n %u sm %u: an empty block", ns[i],
+                         sms[j]);
+        }
+    cr_assert_eq(kernels_choose_path(32, 128, 1), KERNELS_PATH_FUSED);
+    cr_assert_eq(kernels_choose_path(33, 32, 1), KERNELS_PATH_TILED);
+    cr_assert_eq(kernels_choose_path(1, 256, 1), KERNELS_PATH_TILED);
+    cr_assert_eq(kernels_choose_path(0, 32, 1), KERNELS_PATH_TILED);
+}

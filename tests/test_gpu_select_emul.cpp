@@ -31,7 +31,7 @@
 /* Launches the selection for bucket kb through the kernels' own launchers. */
 static void run_select(const select_args &a, uint32_t kb, uint32_t segs, uint32_t queries)
 {
-    kernels_err err = {0, {0}};
+    kernels_err err = {0, false, {0}};
     int rc = kb <= KERNELS_BLOCK_SELECT_MAX_K
                  ? select_block_launch(&a, kb, segs, queries, NULL, &err)
                  : select_radix_launch(&a, kb, segs, queries, NULL, &err);

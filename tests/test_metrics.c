@@ -380,3 +380,33 @@ Test(metrics, empty_host_listens_on_every_address)
     http_reply_free(&r);
     metrics_destroy(m);
 }
+
+Test(metrics, reports_gpu_device_faults_and_degraded_health)
+{
+    aff_metrics *m = start();
+    http_reply r;
+    http_request(metrics_port(m), "GET", "/metrics", &r);
+    cr_assert_null(strstr(r.body, "affinity_gpu_device_faults_total"),
+                   "absent until the GPU backend reports");
+    http_reply_free(&r);
+
+    metrics_set_device_faults(m, 0, 0);
+    http_request(metrics_port(m), "GET", "/healthz", &r);
+    cr_assert_str_eq(r.body, "ok\n");
+    http_reply_free(&r);
+    http_request(metrics_port(m), "GET", "/metrics", &r);
+    assert_line(r.body, "affinity_gpu_device_faults_total 0");
+    assert_line(r.body, "affinity_gpu_tables_on_cpu 0");
+    http_reply_free(&r);
+
+    metrics_set_device_faults(m, 3, 2);
+    http_request(metrics_port(m), "GET", "/metrics", &r);
+    assert_line(r.body, "affinity_gpu_device_faults_total 3");
+    assert_line(r.body, "affinity_gpu_tables_on_cpu 2");
+    http_reply_free(&r);
+    http_request(metrics_port(m), "GET", "/healthz", &r);
+    cr_assert_eq(r.status, 200, "still serving, from the CPU");
+    cr_assert(strncmp(r.body, "ok (degraded: a GPU device fault", 32) == 0, "%s", r.body);
+    http_reply_free(&r);
+    metrics_destroy(m);
+}

@@ -747,5 +747,9 @@ Test(server, health_and_server_info, .init = start_with_catalog, .fini = stop_se
     cr_assert_eq(info->max_batch, 256);
     cr_assert(!info->persistent);
     cr_assert_eq(info->batch_stats->n_size_histogram, 16);
+    /* Issue 17: GPU device faults (none on the CPU backend; fields 80-82 are sent). */
+    cr_assert_eq(info->device_faults, 0);
+    cr_assert_eq(info->tables_on_cpu, 0);
+    cr_assert_str_eq(info->device_fault, "");
     transport_client_free(&info->base);
 }
