@@ -107,6 +107,15 @@ static const opt_def opts[] = {
     {"history-length", U32(history_length, 1, 100000), .def = "500",
      .help = "recent events kept per user and collection, 1..100000 (exclusions by event "
              "type cover all time regardless)"},
+    /* ---- connection limits (issue 12) ---- */
+    {"max-connections", U32(max_connections, 0, 1000000), .def = "0",
+     .help = "client connections open at once, 0..1000000; more are refused (closed at once, "
+             "with a log line); 0: RLIMIT_NOFILE less a headroom of 1/8 (at least 64)"},
+    {"idle-timeout-ms", U32(idle_timeout_ms, 1000, 86400000), .def = "300000",
+     .help = "close a connection that has had no call for this long, 1000..86400000 ms"},
+    {"handshake-timeout-ms", U32(handshake_timeout_ms, 100, 600000), .def = "10000",
+     .help = "a new connection must finish its TLS and HTTP/2 handshake (preface and "
+             "SETTINGS) within this, 100..600000 ms, or it is closed"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",

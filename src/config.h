@@ -55,6 +55,9 @@ typedef struct aff_config {
     double profile_half_life_hours;    /* profile decay */
     double popularity_half_life_hours; /* popularity decay */
     uint32_t history_length;           /* events kept per user */
+    uint32_t max_connections;          /* connections open at once; 0 = from RLIMIT_NOFILE */
+    uint32_t idle_timeout_ms;          /* a connection without calls this long is closed */
+    uint32_t handshake_timeout_ms;     /* a new connection's handshake must finish by then */
     bool help;                         /* --help was given: print config_usage and exit 0 */
     bool version;                      /* --version was given */
 } aff_config;

@@ -222,7 +222,10 @@ int main(int argc, char **argv)
                              .max_wait_us = cfg.max_wait_us,
                              .catalog = catalog,
                              .profiles = profiles,
-                             .metrics = metrics};
+                             .metrics = metrics,
+                             .max_connections = cfg.max_connections,
+                             .idle_timeout_ms = cfg.idle_timeout_ms,
+                             .handshake_timeout_ms = cfg.handshake_timeout_ms};
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];
     snprintf(port, sizeof port, "%d", transport_port(server));

@@ -21,6 +21,7 @@
 
 #include "log.h"
 #include "transport_codec.h"
+#include "transport_guard.h"
 #include "transport_internal.h"
 
 #define SLOTS_PER_METHOD 2 /* armed requests per method per completion queue */
@@ -332,11 +333,15 @@ static void on_request(void *arg, bool ok)
                      "health reports SERVING",
                      NULL);
     } else if (c->def->req_desc) {
-        c->req = transport__unpack(c->payload, c->def->req_desc);
+        char why[400];
+        c->req = transport__unpack_checked(c->payload, c->def->req_desc, why, sizeof why);
         if (!c->req) {
-            char msg[160];
-            snprintf(msg, sizeof msg, "the request is not a valid %s message",
-                     c->def->req_desc->name);
+            char msg[560];
+            if (why[0])
+                snprintf(msg, sizeof msg, "%s: %s", c->def->req_desc->short_name, why);
+            else
+                snprintf(msg, sizeof msg, "the request is not a valid %s message",
+                         c->def->req_desc->name);
             tcall_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
         } else if (c->def->blocking) {
             transport__defer(c, run_unary);
@@ -358,6 +363,14 @@ static void on_unknown(void *arg, bool ok)
         return;
     }
     if (!atomic_load(&t->draining)) arm_slot(t, c->cq, t->n_defs);
+    if (!authorized(t, &c->md)) { /* without a token, say nothing about what is offered */
+        tcall_finish(c, GRPC_STATUS_UNAUTHENTICATED,
+                     "missing or wrong bearer token: send metadata "
+                     "\"authorization: Bearer <token>\" with the server's token",
+                     NULL);
+        tcall_unref(c);
+        return;
+    }
     /* The method slice is not NUL-terminated. */
     char path[201], msg[360];
     size_t mlen = GRPC_SLICE_LENGTH(c->details.method);
@@ -475,8 +488,24 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
         goto out;
     }
 
-    grpc_arg args[3] = {
+    /* Connections: a peer that never finishes its handshake, or holds a connection without
+     * calls, or stops answering pings, is closed, so idle sockets cannot pile up. */
+    int idle_ms = cfg->idle_timeout_ms ? (int)cfg->idle_timeout_ms : 300000;
+    int handshake_ms = cfg->handshake_timeout_ms ? (int)cfg->handshake_timeout_ms : 10000;
+    grpc_arg args[] = {
         {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+         .value.integer = idle_ms},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
+         .value.integer = handshake_ms},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_KEEPALIVE_TIME_MS,
+         .value.integer = 60000},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+         .value.integer = 20000},
         {.type = GRPC_ARG_INTEGER,
          .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = (int)cfg->max_message_bytes},
@@ -484,7 +513,7 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
          .key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
          .value.integer = (int)cfg->max_message_bytes},
     };
-    grpc_channel_args ca = {.num_args = 3, .args = args};
+    grpc_channel_args ca = {.num_args = sizeof args / sizeof args[0], .args = args};
     t->server = grpc_server_create(&ca, NULL);
     for (uint32_t i = 0; i < t->n_threads; i++) {
         t->cqs[i] = grpc_completion_queue_create_for_next(NULL);
@@ -557,6 +586,8 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
                        cfg->listen);
         goto out;
     }
+    t->guarded = true;
+    transport__guard_start(cfg->max_connections);
     grpc_server_start(t->server);
     t->started = true;
     for (uint32_t i = 0; i < t->n_threads; i++) {
@@ -654,6 +685,7 @@ void transport_destroy(transport *t)
     for (uint32_t i = 0; i < t->n_workers; i++)
         pthread_join(t->workers[i], NULL);
     if (t->server) grpc_server_destroy(t->server);
+    if (t->guarded) transport__guard_stop();
     for (uint32_t i = 0; t->cqs && i < t->n_threads; i++)
         if (t->cqs[i]) grpc_completion_queue_shutdown(t->cqs[i]);
     for (uint32_t i = 0; i < t->n_started; i++)

@@ -36,12 +36,15 @@ typedef struct transport_config {
     uint32_t max_message_bytes; /* larger messages get RESOURCE_EXHAUSTED */
     const char *tls_cert_file;  /* NULL or "": plaintext */
     const char *tls_key_file;
-    const char *token;      /* NULL or "": no authentication; copied */
-    uint32_t max_batch;     /* reported by GetServerInfo */
-    uint32_t max_wait_us;   /* reported by GetServerInfo */
-    aff_catalog *catalog;   /* durable catalog writes; GetServerInfo.persistent; borrowed */
-    aff_profiles *profiles; /* events and profiles; borrowed */
-    aff_metrics *metrics;   /* per-call counters and latencies; NULL: none; borrowed */
+    const char *token;             /* NULL or "": no authentication; copied */
+    uint32_t max_batch;            /* reported by GetServerInfo */
+    uint32_t max_wait_us;          /* reported by GetServerInfo */
+    aff_catalog *catalog;          /* durable catalog writes; GetServerInfo.persistent; borrowed */
+    aff_profiles *profiles;        /* events and profiles; borrowed */
+    aff_metrics *metrics;          /* per-call counters and latencies; NULL: none; borrowed */
+    uint32_t max_connections;      /* 0: from RLIMIT_NOFILE (transport_guard.h) */
+    uint32_t idle_timeout_ms;      /* 0: 300000 */
+    uint32_t handshake_timeout_ms; /* 0: 10000 */
 } transport_config;
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad

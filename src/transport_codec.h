@@ -10,8 +10,15 @@
 
 /* A new byte buffer holding msg serialized; NULL when out of memory. Caller destroys it. */
 grpc_byte_buffer *transport__pack(const ProtobufCMessage *msg);
-/* Decodes bb with desc; NULL when bb is NULL or the bytes are not a valid message. The
- * result is freed with protobuf_c_message_free_unpacked(msg, NULL). bb is borrowed. */
+/* Decodes bb with desc; NULL when bb is NULL, the bytes are not a valid message, or a string
+ * field at any depth is not valid UTF-8 or holds a NUL byte. In that last case why (may be
+ * NULL) receives the field path and the problem, e.g. "items[3].id is not valid UTF-8 (...)";
+ * otherwise why is "". The result is freed with protobuf_c_message_free_unpacked(msg, NULL).
+ * bb is borrowed. */
+ProtobufCMessage *transport__unpack_checked(grpc_byte_buffer *bb,
+                                            const ProtobufCMessageDescriptor *desc, char *why,
+                                            size_t why_size);
+/* transport__unpack_checked without the reason. */
 ProtobufCMessage *transport__unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc);
 
 #endif

@@ -95,6 +95,7 @@ struct transport {
     uint32_t n_threads; /* completion queues, one thread each */
     uint32_t n_started; /* threads running */
     bool started;       /* grpc_server_start was called */
+    bool guarded;       /* transport__guard_start was called */
     int port;
     atomic_bool serving;
     atomic_bool draining; /* health NOT_SERVING, new calls UNAVAILABLE */

@@ -445,13 +445,16 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
         upsert_finish(c, GRPC_STATUS_UNAVAILABLE, msg);
         return;
     }
-    Affinity__V1__UpsertItemsRequest *r =
-        (void *)transport__unpack(bb, &affinity__v1__upsert_items_request__descriptor);
+    char why[400];
+    Affinity__V1__UpsertItemsRequest *r = (void *)transport__unpack_checked(
+        bb, &affinity__v1__upsert_items_request__descriptor, why, sizeof why);
     grpc_byte_buffer_destroy(bb);
     if (!r) {
         snprintf(msg, sizeof msg,
-                 "message %llu is not a valid UpsertItemsRequest; %llu items applied before it",
-                 (unsigned long long)st->batches, (unsigned long long)st->upserted);
+                 "message %llu is not a valid UpsertItemsRequest%s%.400s; %llu items applied "
+                 "before it",
+                 (unsigned long long)st->batches, why[0] ? ": " : "", why,
+                 (unsigned long long)st->upserted);
         upsert_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg);
         return;
     }
@@ -495,6 +498,12 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
                               .available = it->available_set ? it->available : true};
     }
     aff_err err;
+    uint32_t dim;
+    if (!r->n_items && engine_collection_dim(c->t->engine, st->collection, &dim, &err)) {
+        snprintf(msg, sizeof msg, "message %llu: %s", (unsigned long long)st->batches, err.msg);
+        code = aff_status_grpc_code(err.code);
+        goto out;
+    }
     if (r->n_items && catalog_upsert(c->t->cfg.catalog, st->collection, items, r->n_items, &err)) {
         snprintf(msg, sizeof msg, "message %llu: %s; %llu items applied before it",
                  (unsigned long long)st->batches, err.msg, (unsigned long long)st->upserted);
@@ -1311,13 +1320,15 @@ static void bstream_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
         return;
     }
     it->c = c;
-    it->req = (void *)transport__unpack(bb, &affinity__v1__recommend_request__descriptor);
+    char why[400];
+    it->req = (void *)transport__unpack_checked(bb, &affinity__v1__recommend_request__descriptor,
+                                                why, sizeof why);
     grpc_byte_buffer_destroy(bb);
     aff_err err;
     int rc;
     if (!it->req) {
-        rc = aff__fail(&err, AFF_EINVAL, "message %llu is not a valid RecommendRequest",
-                       (unsigned long long)s->received);
+        rc = aff__fail(&err, AFF_EINVAL, "message %llu is not a valid RecommendRequest%s%s",
+                       (unsigned long long)s->received, why[0] ? ": " : "", why);
     } else if (atomic_load(&c->t->draining)) {
         rc = aff__fail(&err, AFF_EUNAVAILABLE, "the server is shutting down; retry elsewhere");
     } else if (!(it->hits = xcalloc(recommend_room(it->req), sizeof *it->hits))) {

@@ -1,0 +1,345 @@
+#!/usr/bin/python3
+"""Hardening (issue 12) against a real affinityd with a client we did not write (grpcio).
+
+Run by ctest (label e2e) as:
+    /usr/bin/python3 tests/interop/test_hardening.py --affinityd BUILD/src/affinityd \
+        --proto-dir SOURCE/proto
+
+Covers: invalid UTF-8 and NUL bytes in string fields at any depth (INVALID_ARGUMENT naming the
+field, nothing stored); unknown methods need the token; an empty UpsertItems batch to a
+missing collection; descriptor exhaustion under a low RLIMIT_NOFILE and recovery within 1 s;
+the connection limit and its log line; handshake and idle timeouts for silent connections.
+Each group runs its own server (the flags differ); the servers write their port to a file.
+"""
+import argparse
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import grpc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_interop  # noqa: E402  (generate_stubs)
+
+ARGS = None
+PB = None
+HEALTH = None
+WORK = None
+TOKEN = "hardening-token"
+SVC = "/affinity.v1.Affinity/"
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+class Server:
+    """One affinityd in its own directory; flags after the common ones."""
+
+    def __init__(self, name, flags, nofile=None, token=True):
+        self.dir = os.path.join(WORK, name)
+        os.makedirs(self.dir)
+        port_file = os.path.join(self.dir, "port")
+        args = [ARGS.affinityd, "--listen", "127.0.0.1:0", "--port-file", port_file,
+                "--backend", "cpu", "--threads", "2", "--log-level", "info"] + flags
+        if token:
+            token_file = os.path.join(self.dir, "token")
+            with open(token_file, "w") as f:
+                f.write(TOKEN + "\n")
+            args += ["--token-file", token_file]
+        self.log_path = os.path.join(self.dir, "affinityd.log")
+        self.log_file = open(self.log_path, "w")
+        log = self.log_file
+
+        def limit():
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
+                                     preexec_fn=limit)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("affinityd exited with %d:\n%s" % (self.proc.returncode,
+                                                                      self.log()))
+            try:
+                with open(port_file) as f:
+                    port = f.read().strip()
+                if port:
+                    self.port = int(port)
+                    self.addr = "127.0.0.1:" + port
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)
+        else:
+            self.proc.kill()
+            raise RuntimeError("affinityd did not write its port within 60 s")
+        self.wait_serving(60)
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def health(self, timeout=2.0):
+        """SERVING status through a fresh channel, or the gRPC error code."""
+        with grpc.insecure_channel(self.addr) as ch:
+            check = ch.unary_unary("/grpc.health.v1.Health/Check",
+                                   request_serializer=HEALTH.HealthCheckRequest.SerializeToString,
+                                   response_deserializer=HEALTH.HealthCheckResponse.FromString)
+            try:
+                return check(HEALTH.HealthCheckRequest(), timeout=timeout).status
+            except grpc.RpcError as e:
+                return e.code()
+
+    def wait_serving(self, seconds):
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if self.health() == HEALTH.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("affinityd not SERVING within %d s" % seconds)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9
+        finally:
+            self.log_file.close()
+
+
+def md():
+    return [("authorization", "Bearer " + TOKEN)]
+
+
+def unary(channel, method, req_bytes, resp_cls, token=True):
+    fn = channel.unary_unary(SVC + method, request_serializer=lambda b: b,
+                             response_deserializer=resp_cls.FromString)
+    return fn(req_bytes, timeout=10, metadata=md() if token else None)
+
+
+def upsert(channel, messages):
+    fn = channel.stream_unary(SVC + "UpsertItems", request_serializer=lambda b: b,
+                              response_deserializer=PB.UpsertItemsResponse.FromString)
+    return fn(iter(messages), timeout=10, metadata=md())
+
+
+def patch(msg_bytes, old, new):
+    """Replaces a placeholder with bytes of the same length, so the wire framing holds."""
+    assert len(old) == len(new) and msg_bytes.count(old) == 1
+    return msg_bytes.replace(old, new)
+
+
+def wait_closed(sock, seconds):
+    """Seconds until the peer closes sock (reads EOF or a reset), or None."""
+    t0 = time.time()
+    sock.settimeout(0.2)
+    while time.time() - t0 < seconds:
+        try:
+            if sock.recv(65536) == b"":
+                return time.time() - t0
+        except socket.timeout:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return time.time() - t0
+    return None
+
+
+class Strings(unittest.TestCase):
+    """Every string field is valid UTF-8 without NUL, at any depth; the error names it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("strings", [])
+        cls.ch = grpc.insecure_channel(cls.server.addr)
+        unary(cls.ch, "CreateCollection",
+              PB.CreateCollectionRequest(name="c", dimension=2).SerializeToString(),
+              PB.CreateCollectionResponse)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ch.close()
+        assert cls.server.stop() == 0
+
+    def assert_invalid(self, call, *needles):
+        with self.assertRaises(grpc.RpcError) as cm:
+            call()
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT,
+                         cm.exception.details())
+        for n in needles:
+            self.assertIn(n, cm.exception.details())
+
+    def get_ids(self, ids):
+        resp = unary(self.ch, "GetItems",
+                     PB.GetItemsRequest(collection="c", ids=ids).SerializeToString(),
+                     PB.GetItemsResponse)
+        return sorted(it.id for it in resp.items)
+
+    def test_invalid_utf8_item_id_is_rejected_and_not_stored(self):
+        items = [PB.Item(id="ok1", vector=[1, 0]), PB.Item(id="BADX", vector=[0, 1])]
+        raw = patch(PB.UpsertItemsRequest(collection="c", items=items).SerializeToString(),
+                    b"BADX", b"\xff\xfeAB")
+        self.assert_invalid(lambda: upsert(self.ch, [raw]), "items[1].id", "UTF-8")
+        self.assertEqual(self.get_ids(["ok1", "AB"]), [])
+
+    def test_nul_in_an_id_is_rejected(self):
+        items = [PB.Item(id="nulXA", vector=[1, 0]), PB.Item(id="nulYB", vector=[0, 1])]
+        raw = PB.UpsertItemsRequest(collection="c", items=items).SerializeToString()
+        raw = patch(patch(raw, b"nulXA", b"nul\x00A"), b"nulYB", b"nul\x00B")
+        self.assert_invalid(lambda: upsert(self.ch, [raw]), "items[0].id", "NUL")
+        self.assertEqual(self.get_ids(["nul"]), [])
+
+    def test_unary_repeated_and_map_fields_are_checked(self):
+        raw = patch(PB.GetItemsRequest(collection="c", ids=["a", "b", "QQ"]).SerializeToString(),
+                    b"QQ", b"\xc0\x80")  # an overlong NUL
+        self.assert_invalid(lambda: unary(self.ch, "GetItems", raw, PB.GetItemsResponse),
+                            "ids[2]", "UTF-8")
+        ev = PB.Event(item_id="x", type=PB.EVENT_TYPE_VIEW, context={"dev": "ZZZ"})
+        raw = patch(PB.PutEventsRequest(collection="c", user_id="u",
+                                        events=[PB.Event(item_id="x", type=PB.EVENT_TYPE_VIEW),
+                                                ev]).SerializeToString(),
+                    b"ZZZ", b"\xed\xa0\x80")  # a UTF-16 surrogate
+        self.assert_invalid(lambda: unary(self.ch, "PutEvents", raw, PB.PutEventsResponse),
+                            "events[1].context[0].value")
+
+    def test_valid_multibyte_utf8_is_accepted(self):
+        items = [PB.Item(id="käse-🧀", vector=[1, 0], tags=["日本"])]
+        resp = upsert(self.ch, [PB.UpsertItemsRequest(collection="c",
+                                                      items=items).SerializeToString()])
+        self.assertEqual(resp.upserted_count, 1)
+        self.assertEqual(self.get_ids(["käse-🧀"]), ["käse-🧀"])
+
+    def test_empty_batch_to_a_missing_collection_fails(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            upsert(self.ch, [PB.UpsertItemsRequest(collection="nope").SerializeToString()])
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+        with self.assertRaises(grpc.RpcError) as cm:
+            upsert(self.ch, [PB.UpsertItemsRequest(collection="bad name!").SerializeToString()])
+        self.assertIn(cm.exception.code(),
+                      (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT))
+
+    def test_unknown_method_needs_the_token(self):
+        fn = self.ch.unary_unary(SVC + "NoSuchMethod", request_serializer=lambda b: b,
+                                 response_deserializer=lambda b: b)
+        with self.assertRaises(grpc.RpcError) as cm:
+            fn(b"", timeout=5)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+        self.assertNotIn("affinity.v1", cm.exception.details())
+        with self.assertRaises(grpc.RpcError) as cm:
+            fn(b"", timeout=5, metadata=md())
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+
+
+class Descriptors(unittest.TestCase):
+    """A low RLIMIT_NOFILE, many connections: the server sheds them and recovers."""
+
+    def test_exhaustion_then_recovery_within_one_second(self):
+        # No connection limit of our own below the descriptor limit: accept4 hits EMFILE.
+        server = Server("emfile", ["--max-connections", "1000000"], nofile=96, token=False)
+        try:
+            socks = []
+            for _ in range(200):
+                s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                s.sendall(PREFACE + EMPTY_SETTINGS)
+                socks.append(s)
+            time.sleep(1.0)
+            self.assertNotEqual(server.health(timeout=1.0), HEALTH.HealthCheckResponse.SERVING)
+            for s in socks:
+                s.close()
+            t0 = time.time()
+            while server.health(timeout=0.5) != HEALTH.HealthCheckResponse.SERVING:
+                self.assertLess(time.time() - t0, 5.0, "no recovery:\n" + server.log()[-3000:])
+            recovered = time.time() - t0
+            print("recovered %.3f s after the descriptors were freed" % recovered)
+            self.assertLess(recovered, 1.0)
+            self.assertIn("out of file descriptors", server.log())
+        finally:
+            self.assertEqual(server.stop(), 0)
+
+    def test_connection_limit_refuses_with_a_log_line(self):
+        server = Server("limit", ["--max-connections", "8"], token=False)
+        try:
+            socks = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                     for _ in range(16)]
+            for s in socks:
+                s.sendall(PREFACE + EMPTY_SETTINGS)
+            closed = sum(1 for s in socks if wait_closed(s, 0.5) is not None)
+            self.assertGreaterEqual(closed, 8)
+            log = server.log()
+            self.assertIn("connection limit 8", log)
+            self.assertIn("refusing new connections: the connection limit is reached", log)
+            for s in socks:
+                s.close()
+            t0 = time.time()
+            while server.health(timeout=0.5) != HEALTH.HealthCheckResponse.SERVING:
+                self.assertLess(time.time() - t0, 2.0)
+        finally:
+            self.assertEqual(server.stop(), 0)
+
+
+class Timeouts(unittest.TestCase):
+    """Silent connections are closed: no handshake, or a handshake and then nothing."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("timeouts", ["--handshake-timeout-ms", "500",
+                                         "--idle-timeout-ms", "1500"], token=False)
+
+    @classmethod
+    def tearDownClass(cls):
+        assert cls.server.stop() == 0
+
+    def test_a_connection_that_sends_nothing_is_closed(self):
+        s = socket.create_connection(("127.0.0.1", self.server.port), timeout=5)
+        took = wait_closed(s, 10)
+        s.close()
+        self.assertIsNotNone(took, "still open after 10 s")
+        self.assertLess(took, 3.0)
+
+    def test_a_half_sent_preface_is_closed(self):
+        s = socket.create_connection(("127.0.0.1", self.server.port), timeout=5)
+        s.sendall(PREFACE[:10])
+        took = wait_closed(s, 10)
+        s.close()
+        self.assertIsNotNone(took, "still open after 10 s")
+        self.assertLess(took, 3.0)
+
+    def test_an_idle_connection_after_settings_is_closed(self):
+        s = socket.create_connection(("127.0.0.1", self.server.port), timeout=5)
+        s.sendall(PREFACE + EMPTY_SETTINGS)
+        took = wait_closed(s, 20)
+        s.close()
+        self.assertIsNotNone(took, "still open after 20 s")
+        self.assertLess(took, 8.0)
+
+
+def main():
+    global ARGS, PB, HEALTH, WORK
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--affinityd", required=True)
+    parser.add_argument("--proto-dir", required=True)
+    ARGS, rest = parser.parse_known_args()
+    with tempfile.TemporaryDirectory(prefix="aff_hardening_") as work:
+        WORK = work
+        PB, HEALTH = test_interop.generate_stubs(ARGS.proto_dir, work)
+        prog = unittest.main(argv=[sys.argv[0]] + rest, exit=False, verbosity=2)
+        ok = prog.result.wasSuccessful()
+        if not ok:
+            for name in sorted(os.listdir(work)):
+                log = os.path.join(work, name, "affinityd.log")
+                if os.path.exists(log):
+                    with open(log) as f:
+                        sys.stderr.write("---- %s log ----\n%s\n" % (name, f.read()[-3000:]))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
