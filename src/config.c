@@ -116,6 +116,10 @@ static const opt_def opts[] = {
     {"handshake-timeout-ms", U32(handshake_timeout_ms, 100, 600000), .def = "10000",
      .help = "a new connection must finish its TLS and HTTP/2 handshake (preface and "
              "SETTINGS) within this, 100..600000 ms, or it is closed"},
+    {"max-header-bytes", U32(max_header_bytes, 8192, 1048576), .def = "65536",
+     .help = "largest request metadata (all headers of one call) accepted, 8192..1048576 "
+             "bytes; gRPC 1.51 answers a larger one by closing the whole connection, so keep "
+             "this above what clients send"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",

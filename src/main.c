@@ -225,7 +225,8 @@ int main(int argc, char **argv)
                              .metrics = metrics,
                              .max_connections = cfg.max_connections,
                              .idle_timeout_ms = cfg.idle_timeout_ms,
-                             .handshake_timeout_ms = cfg.handshake_timeout_ms};
+                             .handshake_timeout_ms = cfg.handshake_timeout_ms,
+                             .max_header_bytes = cfg.max_header_bytes};
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];
     snprintf(port, sizeof port, "%d", transport_port(server));

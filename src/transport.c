@@ -492,7 +492,13 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
      * calls, or stops answering pings, is closed, so idle sockets cannot pile up. */
     int idle_ms = cfg->idle_timeout_ms ? (int)cfg->idle_timeout_ms : 300000;
     int handshake_ms = cfg->handshake_timeout_ms ? (int)cfg->handshake_timeout_ms : 10000;
+    /* gRPC 1.51 closes the whole connection (not just the call) when a call's headers pass
+     * this limit, so it is set well above the 8 KiB default. */
+    int header_bytes = cfg->max_header_bytes ? (int)cfg->max_header_bytes : 65536;
     grpc_arg args[] = {
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_MAX_METADATA_SIZE,
+         .value.integer = header_bytes},
         {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
         {.type = GRPC_ARG_INTEGER,
          .key = (char *)GRPC_ARG_MAX_CONNECTION_IDLE_MS,

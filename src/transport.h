@@ -45,6 +45,7 @@ typedef struct transport_config {
     uint32_t max_connections;      /* 0: from RLIMIT_NOFILE (transport_guard.h) */
     uint32_t idle_timeout_ms;      /* 0: 300000 */
     uint32_t handshake_timeout_ms; /* 0: 10000 */
+    uint32_t max_header_bytes;     /* request metadata limit; 0: 65536 */
 } transport_config;
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad
