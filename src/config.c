@@ -120,6 +120,9 @@ static const opt_def opts[] = {
      .help = "largest request metadata (all headers of one call) accepted, 8192..1048576 "
              "bytes; gRPC 1.51 answers a larger one by closing the whole connection, so keep "
              "this above what clients send"},
+    {"heap-trim-mib", U32(heap_trim_mib, 0, 65536), .def = "16",
+     .help = "when malloc holds more than this many MiB freed but not returned to the system "
+             "(after an overload storm), return it (checked every second), 0..65536; 0: off"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
@@ -479,18 +482,7 @@ void config_log(const aff_config *c)
         kv[n++] = o->name;
         kv[n++] = v;
     }
-    kv[n] = NULL;
-    /* aff_log_kv takes a NULL-terminated vararg list; pass the table in fixed slots. */
-    _Static_assert(2 * (N_OPTS - 2) <= 58, "config_log passes at most 29 fields");
-    const char *k[59];
-    for (size_t i = 0; i < sizeof k / sizeof k[0]; i++)
-        k[i] = i < n ? kv[i] : NULL;
-    aff_log_kv(AFF_LOG_INFO, "configuration", k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7], k[8],
-               k[9], k[10], k[11], k[12], k[13], k[14], k[15], k[16], k[17], k[18], k[19], k[20],
-               k[21], k[22], k[23], k[24], k[25], k[26], k[27], k[28], k[29], k[30], k[31], k[32],
-               k[33], k[34], k[35], k[36], k[37], k[38], k[39], k[40], k[41], k[42], k[43], k[44],
-               k[45], k[46], k[47], k[48], k[49], k[50], k[51], k[52], k[53], k[54], k[55], k[56],
-               k[57], k[58], NULL);
+    aff_log_fields(AFF_LOG_INFO, "configuration", kv, n / 2);
 }
 
 void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_type *custom)

@@ -59,6 +59,7 @@ typedef struct aff_config {
     uint32_t idle_timeout_ms;          /* a connection without calls this long is closed */
     uint32_t handshake_timeout_ms;     /* a new connection's handshake must finish by then */
     uint32_t max_header_bytes;         /* largest request metadata (all headers) accepted */
+    uint32_t heap_trim_mib;            /* trim malloc's free memory past this; 0 = off */
     bool help;                         /* --help was given: print config_usage and exit 0 */
     bool version;                      /* --version was given */
 } aff_config;

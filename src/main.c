@@ -25,6 +25,7 @@
 #include "config.h"
 #include "demo.h"
 #include "engine.h"
+#include "heap.h"
 #include "log.h"
 #include "metrics.h"
 #include "profiles.h"
@@ -151,6 +152,7 @@ int main(int argc, char **argv)
     batcher *bat = NULL;
     aff_metrics *metrics = NULL;
     transport *server = NULL;
+    heap_trimmer *trimmer = NULL;
 
     ensure_passive_openmp(argv);
     if (config_parse(&cfg, argc, argv, &err)) {
@@ -245,6 +247,9 @@ int main(int argc, char **argv)
         aff_log(AFF_LOG_INFO, "demo shop already in the store: not loaded again");
     else if (cfg.demo && demo_load(catalog, &err))
         goto fail;
+    if (cfg.heap_trim_mib &&
+        heap_trimmer_start(&trimmer, 1000, (size_t)cfg.heap_trim_mib << 20, &err))
+        goto fail;
     transport_set_serving(server, true);
     metrics_set_serving(metrics, true);
     aff_log(AFF_LOG_INFO, "serving");
@@ -264,6 +269,7 @@ fail:
     aff_log_kv(AFF_LOG_ERROR, "start-up failed", "error", err.msg, NULL);
     fprintf(stderr, "affinityd: %s\n", err.msg);
 out:
+    heap_trimmer_stop(trimmer);
     transport_destroy(server);
     batcher_destroy(bat);
     metrics_destroy(metrics);

@@ -378,8 +378,8 @@ static void on_unknown(void *arg, bool ok)
     memcpy(path, GRPC_SLICE_START_PTR(c->details.method), mlen);
     path[mlen] = '\0';
     snprintf(msg, sizeof msg,
-             "method %s is not implemented; this server offers affinity.v1.Affinity and "
-             "grpc.health.v1.Health/Check",
+             "method %s is not implemented; this server offers affinity.v1.Affinity, "
+             "grpc.health.v1.Health/Check and grpc.reflection.v1(alpha).ServerReflection",
              path);
     tcall_finish(c, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
     tcall_unref(c);

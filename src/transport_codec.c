@@ -120,6 +120,18 @@ bad:
     return CHECK_BAD;
 }
 
+bool transport__wire_next(const uint8_t **p, const uint8_t *end, uint32_t *number, unsigned *wt,
+                          const uint8_t **data, size_t *len)
+{
+    uint64_t key;
+    *data = NULL;
+    *len = 0;
+    if (!read_varint(p, end, &key) || key >> 3 > UINT32_MAX) return false;
+    *number = (uint32_t)(key >> 3);
+    *wt = (unsigned)(key & 7);
+    return skip_value(p, end, *wt, data, len);
+}
+
 /* How many times field `number` occurs in msg[0..n) before offset `before`: the index of a
  * repeated field's element, recomputed only when reporting an error. */
 static size_t occurrence(const uint8_t *msg, size_t n, uint32_t number, const uint8_t *before)

@@ -5,6 +5,10 @@
 #ifndef AFFINITY_TRANSPORT_CODEC_H
 #define AFFINITY_TRANSPORT_CODEC_H
 
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
 #include <grpc/byte_buffer.h>
 #include <protobuf-c/protobuf-c.h>
 
@@ -20,5 +24,11 @@ ProtobufCMessage *transport__unpack_checked(grpc_byte_buffer *bb,
                                             size_t why_size);
 /* transport__unpack_checked without the reason. */
 ProtobufCMessage *transport__unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc);
+
+/* Reads the next field of serialized protobuf bytes at *p (advanced past it): its number,
+ * wire type and, for a length-delimited field (wire type 2), its bytes in *data and *len. false
+ * when the bytes are malformed or hold a group. */
+bool transport__wire_next(const uint8_t **p, const uint8_t *end, uint32_t *number, unsigned *wt,
+                          const uint8_t **data, size_t *len);
 
 #endif

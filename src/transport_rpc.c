@@ -25,6 +25,7 @@
 #include "profiles.h"
 #include "transport_codec.h"
 #include "transport_internal.h"
+#include "transport_reflection.h"
 
 #define MAX_QUERIES_PER_CALL   1024   /* Search/SimilarItems queries in one request */
 #define MAX_IDS_PER_CALL       100000 /* GetItems/DeleteItems ids in one request */
@@ -1491,5 +1492,8 @@ const tmethod_def transport__methods[] = {
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
      false, rpc_health_check, NULL},
     {"/grpc.health.v1.Health/Watch", NULL, true, false, NULL, rpc_health_watch},
+    /* issue 12: server reflection (transport_reflection.c) */
+    {TRANSPORT_REFLECTION_V1, NULL, false, false, NULL, transport__reflection_info},
+    {TRANSPORT_REFLECTION_V1ALPHA, NULL, false, false, NULL, transport__reflection_info},
 };
 const size_t transport__n_methods = sizeof transport__methods / sizeof transport__methods[0];

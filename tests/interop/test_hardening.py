@@ -30,6 +30,7 @@ import test_interop  # noqa: E402  (generate_stubs)
 ARGS = None
 PB = None
 HEALTH = None
+REFL = None  # grpc.reflection.v1 messages (v1alpha has the same wire format)
 WORK = None
 TOKEN = "hardening-token"
 SVC = "/affinity.v1.Affinity/"
@@ -349,8 +350,113 @@ class Timeouts(unittest.TestCase):
         self.assertLess(took, 8.0)
 
 
+class Reflection(unittest.TestCase):
+    """grpc.reflection v1 and v1alpha serve the real descriptors (what grpcurl uses)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("reflection", [])
+        cls.ch = grpc.insecure_channel(cls.server.addr)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ch.close()
+        assert cls.server.stop() == 0
+
+    def ask(self, version, requests, token=True):
+        fn = self.ch.stream_stream(
+            "/grpc.reflection.%s.ServerReflection/ServerReflectionInfo" % version,
+            request_serializer=REFL.ServerReflectionRequest.SerializeToString,
+            response_deserializer=REFL.ServerReflectionResponse.FromString)
+        return list(fn(iter(requests), timeout=10, metadata=md() if token else None))
+
+    def test_list_services_in_both_versions(self):
+        want = {"affinity.v1.Affinity", "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+        for version in ("v1", "v1alpha"):
+            (resp,) = self.ask(version, [REFL.ServerReflectionRequest(list_services="*")])
+            self.assertEqual({s.name for s in resp.list_services_response.service}, want)
+            self.assertEqual(resp.original_request.list_services, "*")
+
+    def test_descriptors_are_the_real_ones(self):
+        from google.protobuf import descriptor_pb2, descriptor_pool
+        reqs = [REFL.ServerReflectionRequest(file_containing_symbol=sym) for sym in
+                ("affinity.v1.Affinity", "affinity.v1.SearchRequest",
+                 "affinity.v1.Affinity.Search", "affinity.v1.EventType")]
+        for version in ("v1", "v1alpha"):
+            answers = self.ask(version, reqs)
+            self.assertEqual(len(answers), 4)
+            for a in answers:
+                files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+                         for b in a.file_descriptor_response.file_descriptor_proto]
+                self.assertEqual(files[0].name, "affinity/v1/affinity.proto")
+            # What protoc produced for the Python stubs (which leave out json_name).
+            local = descriptor_pb2.FileDescriptorProto.FromString(PB.DESCRIPTOR.serialized_pb)
+
+            def strip_json_names(messages):
+                for m in messages:
+                    for fld in m.field:
+                        fld.ClearField("json_name")
+                    strip_json_names(m.nested_type)
+
+            served = descriptor_pb2.FileDescriptorProto()
+            served.CopyFrom(files[0])
+            strip_json_names(served.message_type)
+            self.assertEqual(served, local)
+            # The files load into a fresh pool (imports included) and describe every method.
+            pool = descriptor_pool.DescriptorPool()
+            pending = list(files)
+            while pending:
+                progress = False
+                for f in list(pending):
+                    try:
+                        pool.Add(f)
+                        pending.remove(f)
+                        progress = True
+                    except TypeError:
+                        pass
+                self.assertTrue(progress, [f.name for f in pending])
+            svc = pool.FindServiceByName("affinity.v1.Affinity")
+            self.assertEqual({m.name for m in svc.methods},
+                             set(PB.DESCRIPTOR.services_by_name["Affinity"].methods_by_name))
+            self.assertEqual(svc.methods_by_name["Search"].input_type.full_name,
+                             "affinity.v1.SearchRequest")
+
+    def test_by_filename_and_errors(self):
+        answers = self.ask("v1", [
+            REFL.ServerReflectionRequest(file_by_filename="grpc/health/v1/health.proto"),
+            REFL.ServerReflectionRequest(file_containing_symbol="no.such.Thing"),
+            REFL.ServerReflectionRequest(file_by_filename="nope.proto"),
+            REFL.ServerReflectionRequest(all_extension_numbers_of_type="affinity.v1.Item")])
+        from google.protobuf import descriptor_pb2
+        f = descriptor_pb2.FileDescriptorProto.FromString(
+            answers[0].file_descriptor_response.file_descriptor_proto[0])
+        self.assertEqual(f.package, "grpc.health.v1")
+        self.assertEqual(answers[1].error_response.error_code, grpc.StatusCode.NOT_FOUND.value[0])
+        self.assertIn("no.such.Thing", answers[1].error_response.error_message)
+        self.assertEqual(answers[2].error_response.error_code, grpc.StatusCode.NOT_FOUND.value[0])
+        self.assertEqual(answers[3].all_extension_numbers_response.base_type_name,
+                         "affinity.v1.Item")
+
+    def test_reflection_needs_the_token(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.ask("v1", [REFL.ServerReflectionRequest(list_services="")], token=False)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+
+
+def reflection_stubs(proto_dir, out_dir):
+    subprocess.run(["protoc", "--python_out=" + out_dir, "-I" + proto_dir,
+                    "grpc/reflection/v1/reflection.proto"], check=True)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "reflection_pb2", os.path.join(out_dir, "grpc/reflection/v1/reflection_pb2.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main():
-    global ARGS, PB, HEALTH, WORK
+    global ARGS, PB, HEALTH, WORK, REFL
     parser = argparse.ArgumentParser()
     parser.add_argument("--affinityd", required=True)
     parser.add_argument("--proto-dir", required=True)
@@ -358,6 +464,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="aff_hardening_") as work:
         WORK = work
         PB, HEALTH = test_interop.generate_stubs(ARGS.proto_dir, work)
+        REFL = reflection_stubs(ARGS.proto_dir, work)
         prog = unittest.main(argv=[sys.argv[0]] + rest, exit=False, verbosity=2)
         ok = prog.result.wasSuccessful()
         if not ok:
