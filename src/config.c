@@ -123,6 +123,14 @@ static const opt_def opts[] = {
     {"heap-trim-mib", U32(heap_trim_mib, 0, 65536), .def = "16",
      .help = "when malloc holds more than this many MiB freed but not returned to the system "
              "(after an overload storm), return it (checked every second), 0..65536; 0: off"},
+    {"tokens-file", STR(tokens_file), .def = "", .secret_path = true,
+     .help = "file of role tokens, one per line: \"admin TOKEN\" or \"serving TOKEN\", "
+             "optionally followed by COLLECTION,... to limit the token to those; serving "
+             "tokens may search, recommend, send events and read, not change the catalog "
+             "(see docs/security.md)"},
+    {"tls-client-ca", STR(tls_client_ca), .def = "",
+     .help = "with --tls-cert: require client certificates signed by this CA (PEM), i.e. "
+             "mutual TLS"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
@@ -344,6 +352,14 @@ static int validate(const aff_config *c, aff_err *err)
     if (c->tls_key[0] && check_file("tls-key", c->tls_key, err))
         return err ? err->code : AFF_EINVAL;
     if (c->token_file[0] && check_file("token-file", c->token_file, err))
+        return err ? err->code : AFF_EINVAL;
+    if (c->tokens_file[0] && check_file("tokens-file", c->tokens_file, err))
+        return err ? err->code : AFF_EINVAL;
+    if (c->tls_client_ca[0] && !c->tls_cert[0])
+        return aff__fail(err, AFF_EINVAL,
+                         "--tls-client-ca needs --tls-cert and --tls-key: client certificates "
+                         "are checked only on TLS connections");
+    if (c->tls_client_ca[0] && check_file("tls-client-ca", c->tls_client_ca, err))
         return err ? err->code : AFF_EINVAL;
     if (c->metrics_listen[0] && !strchr(c->metrics_listen, ':'))
         return aff__fail(err, AFF_EINVAL, "--metrics-listen: '%s' is not host:port",

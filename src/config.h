@@ -52,16 +52,18 @@ typedef struct aff_config {
     bool fp32;                /* GPU catalog in fp32 instead of fp16 */
     uint32_t cpu_threads;     /* FAISS/BLAS threads; 0 = all cores */
     config_event_weights event_weights;
-    double profile_half_life_hours;    /* profile decay */
-    double popularity_half_life_hours; /* popularity decay */
-    uint32_t history_length;           /* events kept per user */
-    uint32_t max_connections;          /* connections open at once; 0 = from RLIMIT_NOFILE */
-    uint32_t idle_timeout_ms;          /* a connection without calls this long is closed */
-    uint32_t handshake_timeout_ms;     /* a new connection's handshake must finish by then */
-    uint32_t max_header_bytes;         /* largest request metadata (all headers) accepted */
-    uint32_t heap_trim_mib;            /* trim malloc's free memory past this; 0 = off */
-    bool help;                         /* --help was given: print config_usage and exit 0 */
-    bool version;                      /* --version was given */
+    double profile_half_life_hours;      /* profile decay */
+    double popularity_half_life_hours;   /* popularity decay */
+    uint32_t history_length;             /* events kept per user */
+    uint32_t max_connections;            /* connections open at once; 0 = from RLIMIT_NOFILE */
+    uint32_t idle_timeout_ms;            /* a connection without calls this long is closed */
+    uint32_t handshake_timeout_ms;       /* a new connection's handshake must finish by then */
+    uint32_t max_header_bytes;           /* largest request metadata (all headers) accepted */
+    char tokens_file[CONFIG_PATH_MAX];   /* role tokens (transport_auth.h); "" = none */
+    char tls_client_ca[CONFIG_PATH_MAX]; /* mTLS: CA of client certificates; "" = off */
+    uint32_t heap_trim_mib;              /* trim malloc's free memory past this; 0 = off */
+    bool help;                           /* --help was given: print config_usage and exit 0 */
+    bool version;                        /* --version was given */
 } aff_config;
 
 /* Fills *out with defaults, then the environment, then argv. AFF_EINVAL with a message

@@ -220,6 +220,8 @@ int main(int argc, char **argv)
                              .tls_cert_file = cfg.tls_cert,
                              .tls_key_file = cfg.tls_key,
                              .token = token,
+                             .tokens_file = cfg.tokens_file,
+                             .tls_client_ca_file = cfg.tls_client_ca,
                              .max_batch = cfg.max_batch,
                              .max_wait_us = cfg.max_wait_us,
                              .catalog = catalog,
@@ -233,7 +235,9 @@ int main(int argc, char **argv)
     char port[16];
     snprintf(port, sizeof port, "%d", transport_port(server));
     aff_log_kv(AFF_LOG_INFO, "listening", "address", cfg.listen, "port", port, "tls",
-               cfg.tls_cert[0] ? "on" : "off", "auth", token[0] ? "bearer token" : "off", NULL);
+               cfg.tls_cert[0] ? "on" : "off", "auth",
+               token[0] || cfg.tokens_file[0] ? "bearer tokens" : "off", "client certificates",
+               cfg.tls_client_ca[0] ? "required" : "off", NULL);
     if (cfg.port_file[0] && write_port_file(cfg.port_file, transport_port(server), &err)) goto fail;
 
     /* The engine is rebuilt from the store while health says NOT_SERVING and every other

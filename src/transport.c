@@ -15,11 +15,13 @@
 #include <string.h>
 #include <time.h>
 
+#include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
 
 #include "log.h"
+#include "transport_auth.h"
 #include "transport_codec.h"
 #include "transport_guard.h"
 #include "transport_internal.h"
@@ -34,6 +36,8 @@ static void on_unknown(void *arg, bool ok);
 static void on_final(void *arg, bool ok);
 static void on_recv_done(void *arg, bool ok);
 static void on_send_done(void *arg, bool ok);
+static bool collection_in_scope(const tauth_key *key, const char *collection, char *msg,
+                                size_t size);
 
 static tcall *tcall_new(transport *t, grpc_completion_queue *cq, size_t def_index)
 {
@@ -207,12 +211,35 @@ bool tcall_send(tcall *c, const ProtobufCMessage *msg)
     return true;
 }
 
+/* A streamed message from a key limited to collections names one of them (or none: later
+ * UpsertItems messages may leave the collection out). */
+static bool stream_message_in_scope(const tcall *c, grpc_byte_buffer *bb, char *msg, size_t size)
+{
+    const ProtobufCMessageDescriptor *desc = transport__auth_stream_desc(c->def->path);
+    if (!desc) return true;
+    grpc_byte_buffer_reader reader;
+    if (!grpc_byte_buffer_reader_init(&reader, bb)) return true; /* the handler reports it */
+    grpc_slice s = grpc_byte_buffer_reader_readall(&reader);
+    grpc_byte_buffer_reader_destroy(&reader);
+    char collection[AFF_MAX_NAME_LEN + 2];
+    bool ok = !transport__auth_peek_collection(desc, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s),
+                                               collection, sizeof collection) ||
+              !collection[0] || collection_in_scope(c->key, collection, msg, size);
+    grpc_slice_unref(s);
+    return ok;
+}
+
 static void on_recv_done(void *arg, bool ok)
 {
     tcall *c = arg;
     grpc_byte_buffer *bb = c->recv_bb;
     c->recv_bb = NULL;
-    if (c->on_recv)
+    char msg[200];
+    if (bb && c->key && c->key->collections && c->def &&
+        !stream_message_in_scope(c, bb, msg, sizeof msg)) {
+        grpc_byte_buffer_destroy(bb);
+        tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED, msg, NULL);
+    } else if (c->on_recv)
         c->on_recv(c, ok, bb);
     else if (bb)
         grpc_byte_buffer_destroy(bb);
@@ -233,29 +260,44 @@ static void on_final(void *arg, bool ok)
 
 /* ---- authentication -------------------------------------------------------------------- */
 
-/* Compares in time that depends only on the lengths, not on where the bytes differ. */
-static bool equal_const_time(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
+/* The key the call presents when the server needs one: NULL with *code/msg set when the call
+ * must be refused (UNAUTHENTICATED: no valid token; PERMISSION_DENIED: the key's role is too
+ * low for the method). Without authentication every call passes with key NULL. */
+static bool admit(const transport *t, const tcall *c, const char *path, const tauth_key **key,
+                  int *code, char *msg, size_t size)
 {
-    uint8_t diff = (uint8_t)(na != nb);
-    for (size_t i = 0; i < nb; i++)
-        diff |= (uint8_t)(b[i] ^ (i < na ? a[i] : 0));
-    return diff == 0;
+    *key = NULL;
+    if (!t->auth) return true;
+    *key = transport__auth_find(t->auth, &c->md);
+    if (!*key) {
+        *code = GRPC_STATUS_UNAUTHENTICATED;
+        snprintf(msg, size,
+                 "missing or wrong bearer token: send metadata \"authorization: Bearer "
+                 "<token>\" with one of the server's tokens");
+        return false;
+    }
+    if ((*key)->role < transport__auth_method_role(path)) {
+        *code = GRPC_STATUS_PERMISSION_DENIED;
+        snprintf(msg, size,
+                 "%.200s needs an admin token; this token has the serving role (search, "
+                 "recommend, events and reads only)",
+                 path);
+        return false;
+    }
+    return true;
 }
 
-static bool authorized(const transport *t, const grpc_metadata_array *md)
+/* Refuses (PERMISSION_DENIED) a request naming a collection outside the key's scope. */
+static bool collection_in_scope(const tauth_key *key, const char *collection, char *msg,
+                                size_t size)
 {
-    if (!t->authorization) return true;
-    const char *want = t->authorization;
-    bool ok = false;
-    for (size_t i = 0; i < md->count; i++) {
-        const grpc_slice *k = &md->metadata[i].key;
-        if (GRPC_SLICE_LENGTH(*k) != 13 || memcmp(GRPC_SLICE_START_PTR(*k), "authorization", 13))
-            continue;
-        const grpc_slice *v = &md->metadata[i].value;
-        ok |= equal_const_time(GRPC_SLICE_START_PTR(*v), GRPC_SLICE_LENGTH(*v),
-                               (const uint8_t *)want, strlen(want));
-    }
-    return ok;
+    if (!key || transport__auth_collection_ok(key, collection)) return true;
+    if (collection[0])
+        snprintf(msg, size, "this token may not use collection \"%.64s\"", collection);
+    else
+        snprintf(msg, size,
+                 "this token is limited to some collections; name one of them in the request");
+    return false;
 }
 
 /* ---- blocking work ----------------------------------------------------------------------- */
@@ -308,6 +350,18 @@ static void run_unary(tcall *c)
 
 /* ---- request dispatch ------------------------------------------------------------------ */
 
+/* A decoded unary request's "collection" field is within the key's scope (requests without
+ * that field pass). */
+static bool request_in_scope(const tcall *c, const ProtobufCMessage *req, char *msg, size_t size)
+{
+    const ProtobufCFieldDescriptor *fd =
+        protobuf_c_message_descriptor_get_field_by_name(req->descriptor, "collection");
+    if (!fd || fd->type != PROTOBUF_C_TYPE_STRING || fd->label == PROTOBUF_C_LABEL_REPEATED)
+        return true;
+    const char *collection = *(const char *const *)((const char *)req + fd->offset);
+    return collection_in_scope(c->key, collection ? collection : "", msg, size);
+}
+
 static void on_request(void *arg, bool ok)
 {
     tcall *c = arg;
@@ -319,11 +373,10 @@ static void on_request(void *arg, bool ok)
     c->start_ns = batcher_now_ns();
     if (!atomic_load(&t->draining)) arm_slot(t, c->cq, (size_t)(c->def - t->defs));
 
-    if (!c->def->open && !authorized(t, &c->md)) {
-        tcall_finish(c, GRPC_STATUS_UNAUTHENTICATED,
-                     "missing or wrong bearer token: send metadata "
-                     "\"authorization: Bearer <token>\" with the server's token",
-                     NULL);
+    int code = 0;
+    char amsg[400];
+    if (!c->def->open && !admit(t, c, c->def->path, &c->key, &code, amsg, sizeof amsg)) {
+        tcall_finish(c, code, amsg, NULL);
     } else if (atomic_load(&t->draining) && !c->def->open) {
         tcall_finish(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down; retry elsewhere",
                      NULL);
@@ -343,6 +396,9 @@ static void on_request(void *arg, bool ok)
                 snprintf(msg, sizeof msg, "the request is not a valid %s message",
                          c->def->req_desc->name);
             tcall_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+        } else if (c->key && c->key->collections &&
+                   !request_in_scope(c, c->req, amsg, sizeof amsg)) {
+            tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED, amsg, NULL);
         } else if (c->def->blocking) {
             transport__defer(c, run_unary);
         } else {
@@ -363,10 +419,11 @@ static void on_unknown(void *arg, bool ok)
         return;
     }
     if (!atomic_load(&t->draining)) arm_slot(t, c->cq, t->n_defs);
-    if (!authorized(t, &c->md)) { /* without a token, say nothing about what is offered */
+    if (t->auth && !transport__auth_find(t->auth, &c->md)) {
+        /* without a token, say nothing about what is offered */
         tcall_finish(c, GRPC_STATUS_UNAUTHENTICATED,
                      "missing or wrong bearer token: send metadata "
-                     "\"authorization: Bearer <token>\" with the server's token",
+                     "\"authorization: Bearer <token>\" with one of the server's tokens",
                      NULL);
         tcall_unref(c);
         return;
@@ -444,7 +501,7 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
 {
     int rc = 0;
     transport *t = NULL;
-    char *cert = NULL, *key = NULL;
+    char *cert = NULL, *key = NULL, *client_ca = NULL;
     grpc_server_credentials *creds = NULL;
     *out = NULL;
     if (!cfg->catalog || !cfg->profiles)
@@ -469,15 +526,7 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     atomic_init(&t->draining, false);
     atomic_init(&t->closing, false);
     t->shutdown_tag = (ttag){on_shutdown, t};
-    if (cfg->token && cfg->token[0]) {
-        size_t n = strlen(cfg->token) + 8;
-        t->authorization = malloc(n);
-        if (!t->authorization) {
-            rc = aff__fail(err, AFF_ENOMEM, "out of memory creating the server");
-            goto out;
-        }
-        snprintf(t->authorization, n, "Bearer %s", cfg->token);
-    }
+    if ((rc = transport__auth_create(&t->auth, cfg->token, cfg->tokens_file, err))) goto out;
     t->n_threads = cfg->threads ? cfg->threads : 1;
     t->cqs = calloc(t->n_threads, sizeof *t->cqs);
     t->threads = calloc(t->n_threads, sizeof *t->threads);
@@ -575,8 +624,24 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
                            cfg->tls_key_file);
             goto out;
         }
+        if (cfg->tls_client_ca_file && cfg->tls_client_ca_file[0]) {
+            client_ca = slurp(cfg->tls_client_ca_file, err, "client CA");
+            if (!client_ca) {
+                rc = err ? err->code : AFF_EINVAL;
+                goto out;
+            }
+            if (!strstr(client_ca, "-----BEGIN CERTIFICATE-----")) {
+                rc = aff__fail(err, AFF_EINVAL, "client CA '%s' holds no PEM certificate",
+                               cfg->tls_client_ca_file);
+                goto out;
+            }
+        }
         grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
-        creds = grpc_ssl_server_credentials_create(NULL, &pair, 1, 0, NULL);
+        creds = grpc_ssl_server_credentials_create_ex(
+            client_ca, &pair, 1,
+            client_ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                      : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
     } else {
         creds = grpc_insecure_server_credentials_create();
     }
@@ -606,6 +671,7 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
 out:
     if (creds) grpc_server_credentials_release(creds);
     free(cert);
+    free(client_ca);
     if (key) {
         memset(key, 0, strlen(key));
         free(key);
@@ -702,7 +768,7 @@ void transport_destroy(transport *t)
     free(t->threads);
     free(t->registered);
     free(t->metric_ids);
-    free(t->authorization);
+    transport__auth_destroy(t->auth);
     pthread_cond_destroy(&t->cv);
     pthread_mutex_destroy(&t->mu);
     pthread_cond_destroy(&t->jobs_cv);

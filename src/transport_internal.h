@@ -64,6 +64,7 @@ struct tcall {
     bool sent_initial_md;
     int64_t start_ns; /* when the call arrived (batcher clock), for latency metrics */
     bool finished;
+    const struct tauth_key *key; /* the caller's key (NULL without authentication) */
     atomic_int refs;
     pthread_mutex_t mu; /* streaming handlers' state */
     ttag t_request, t_recv, t_send, t_final;
@@ -86,7 +87,7 @@ typedef struct tjob {
 
 struct transport {
     transport_config cfg;
-    char *authorization; /* "Bearer <token>" or NULL */
+    struct tauth *auth; /* bearer-token keys and roles; NULL: no authentication */
     aff_engine *engine;
     batcher *batcher;
     grpc_server *server;

@@ -41,7 +41,7 @@ EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 class Server:
     """One affinityd in its own directory; flags after the common ones."""
 
-    def __init__(self, name, flags, nofile=None, token=True):
+    def __init__(self, name, flags, nofile=None, token=True, tls=False):
         self.dir = os.path.join(WORK, name)
         os.makedirs(self.dir)
         port_file = os.path.join(self.dir, "port")
@@ -81,7 +81,8 @@ class Server:
         else:
             self.proc.kill()
             raise RuntimeError("affinityd did not write its port within 60 s")
-        self.wait_serving(60)
+        if not tls:
+            self.wait_serving(60)
 
     def log(self):
         with open(self.log_path) as f:
@@ -442,6 +443,169 @@ class Reflection(unittest.TestCase):
         with self.assertRaises(grpc.RpcError) as cm:
             self.ask("v1", [REFL.ServerReflectionRequest(list_services="")], token=False)
         self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+
+
+ADMIN = "admin-token-0123456789"
+STORE = "store-token-0123456789"
+SCOPED = "scoped-token-0123456789"
+
+
+class Roles(unittest.TestCase):
+    """Serving tokens cannot change the catalog; scoped tokens see only their collections."""
+
+    @classmethod
+    def setUpClass(cls):
+        tokens = os.path.join(WORK, "tokens")
+        with open(tokens, "w") as f:
+            f.write("# role token [collections]\nadmin %s\nserving %s\n"
+                    "serving %s shop-a  # the storefront of shop a\n" % (ADMIN, STORE, SCOPED))
+        cls.server = Server("roles", ["--tokens-file", tokens], token=False)
+        cls.ch = grpc.insecure_channel(cls.server.addr)
+        for name in ("shop-a", "shop-b"):
+            cls.call("CreateCollection", PB.CreateCollectionRequest(name=name, dimension=2),
+                     PB.CreateCollectionResponse, ADMIN)
+            cls.upsert([PB.UpsertItemsRequest(collection=name,
+                                              items=[PB.Item(id="i1", vector=[1, 0])])], ADMIN)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ch.close()
+        assert cls.server.stop() == 0
+
+    @classmethod
+    def call(cls, method, req, resp_cls, token):
+        fn = cls.ch.unary_unary(SVC + method, request_serializer=req.__class__.SerializeToString,
+                                response_deserializer=resp_cls.FromString)
+        md_ = [("authorization", "Bearer " + token)] if token else None
+        return fn(req, timeout=10, metadata=md_)
+
+    @classmethod
+    def upsert(cls, reqs, token):
+        fn = cls.ch.stream_unary(SVC + "UpsertItems",
+                                 request_serializer=PB.UpsertItemsRequest.SerializeToString,
+                                 response_deserializer=PB.UpsertItemsResponse.FromString)
+        return fn(iter(reqs), timeout=10, metadata=[("authorization", "Bearer " + token)])
+
+    def code(self, fn):
+        try:
+            fn()
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            self.last_details = e.details()
+            return e.code()
+
+    def search(self, collection, token):
+        return self.call("Search", PB.SearchRequest(collection=collection, k=1,
+                                                    queries=[PB.Query(vector=[1, 0])]),
+                         PB.SearchResponse, token)
+
+    def test_serving_token_serves_but_cannot_change_the_catalog(self):
+        self.assertEqual(self.search("shop-a", STORE).results[0].hits[0].id, "i1")
+        ev = PB.PutEventsRequest(collection="shop-a", user_id="u1",
+                                 events=[PB.Event(item_id="i1", type=PB.EVENT_TYPE_VIEW)])
+        self.assertEqual(self.call("PutEvents", ev, PB.PutEventsResponse, STORE).applied_count, 1)
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        self.assertEqual(self.code(lambda: self.call(
+            "DropCollection", PB.DropCollectionRequest(name="shop-a"),
+            PB.DropCollectionResponse, STORE)), denied)
+        self.assertIn("admin", self.last_details)
+        self.assertEqual(self.code(lambda: self.call(
+            "CreateCollection", PB.CreateCollectionRequest(name="x", dimension=2),
+            PB.CreateCollectionResponse, STORE)), denied)
+        self.assertEqual(self.code(lambda: self.call(
+            "DeleteItems", PB.DeleteItemsRequest(collection="shop-a", ids=["i1"]),
+            PB.DeleteItemsResponse, STORE)), denied)
+        self.assertEqual(self.code(lambda: self.call(
+            "DeleteUser", PB.DeleteUserRequest(collection="shop-a", user_id="u1"),
+            PB.DeleteUserResponse, STORE)), denied)
+        self.assertEqual(self.code(lambda: self.upsert(
+            [PB.UpsertItemsRequest(collection="shop-a", items=[PB.Item(id="i2", vector=[0, 1])])],
+            STORE)), denied)
+        # Nothing changed: the catalog still answers as before.
+        self.assertEqual(self.search("shop-a", ADMIN).results[0].hits[0].id, "i1")
+        self.assertEqual(self.code(lambda: self.search("shop-a", "not-a-token-0123456789")),
+                         grpc.StatusCode.UNAUTHENTICATED)
+
+    def test_scoped_token_sees_only_its_collections(self):
+        self.assertEqual(self.search("shop-a", SCOPED).results[0].hits[0].id, "i1")
+        self.assertEqual(self.code(lambda: self.search("shop-b", SCOPED)),
+                         grpc.StatusCode.PERMISSION_DENIED)
+        self.assertIn("shop-b", self.last_details)
+        # Streams are checked message by message.
+        fn = self.ch.stream_stream(SVC + "BatchRecommend",
+                                   request_serializer=PB.RecommendRequest.SerializeToString,
+                                   response_deserializer=PB.RecommendResponse.FromString)
+        reqs = [PB.RecommendRequest(collection=c, k=1, user_vector=PB.UserVector(values=[1, 0]))
+                for c in ("shop-a", "shop-b")]
+        self.assertEqual(self.code(lambda: list(fn(iter(reqs), timeout=10, metadata=[
+            ("authorization", "Bearer " + SCOPED)]))), grpc.StatusCode.PERMISSION_DENIED)
+        # The admin token is not scoped.
+        self.assertEqual(self.search("shop-b", ADMIN).results[0].hits[0].id, "i1")
+
+    def test_a_bad_tokens_file_stops_start_up_with_a_clear_message(self):
+        bad = os.path.join(WORK, "bad-tokens")
+        with open(bad, "w") as f:
+            f.write("root abcdefghijklmnopqrstuvwxyz\n")
+        out = subprocess.run([ARGS.affinityd, "--listen", "127.0.0.1:0", "--backend", "cpu",
+                              "--tokens-file", bad], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("line 1", out.stderr)
+        self.assertIn("admin or serving", out.stderr)
+
+
+class MutualTls(unittest.TestCase):
+    """--tls-client-ca: a client without a certificate from that CA cannot call."""
+
+    def test_client_certificate_is_required(self):
+        d = os.path.join(WORK, "pki")
+        os.makedirs(d)
+
+        def ossl(*args):
+            subprocess.run(["openssl"] + list(args), check=True, cwd=d,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "1", "-subj", "/CN=test-ca")
+        ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+             "server.pem", "-days", "1", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out",
+             "client.csr", "-subj", "/CN=client")
+        ossl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "client.pem", "-days", "1")
+        ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out",
+             "rogue.pem", "-days", "1", "-subj", "/CN=rogue")
+
+        def read(name):
+            with open(os.path.join(d, name), "rb") as f:
+                return f.read()
+
+        server = Server("mtls", ["--tls-cert", os.path.join(d, "server.pem"),
+                                 "--tls-key", os.path.join(d, "server.key"),
+                                 "--tls-client-ca", os.path.join(d, "ca.pem")],
+                        token=False, tls=True)
+        try:
+            def health(key=None, cert=None):
+                creds = grpc.ssl_channel_credentials(read("server.pem"), key, cert)
+                with grpc.secure_channel(server.addr, creds, options=[
+                        ("grpc.ssl_target_name_override", "localhost")]) as ch:
+                    check = ch.unary_unary(
+                        "/grpc.health.v1.Health/Check",
+                        request_serializer=HEALTH.HealthCheckRequest.SerializeToString,
+                        response_deserializer=HEALTH.HealthCheckResponse.FromString)
+                    try:
+                        return check(HEALTH.HealthCheckRequest(), timeout=5).status
+                    except grpc.RpcError as e:
+                        return e.code()
+
+            self.assertEqual(health(read("client.key"), read("client.pem")),
+                             HEALTH.HealthCheckResponse.SERVING)
+            self.assertEqual(health(), grpc.StatusCode.UNAVAILABLE)
+            self.assertEqual(health(read("rogue.key"), read("rogue.pem")),
+                             grpc.StatusCode.UNAVAILABLE)
+        finally:
+            self.assertEqual(server.stop(), 0)
 
 
 def reflection_stubs(proto_dir, out_dir):
