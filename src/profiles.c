@@ -984,3 +984,47 @@ int profiles_history(aff_profiles *p, const char *collection, const char *user_i
     history_ctx h = {collection, user_id, fn, ctx};
     return store_view(p->store, history_fn, &h, err);
 }
+
+/* ---- privacy: export (issue 12) ---------------------------------------------------------- */
+
+typedef struct export_ctx {
+    const char *collection, *user;
+    const profiles_export_fns *fns;
+    const char *type; /* the type being scanned */
+} export_ctx;
+
+static int export_type_item(void *ctx, const char *id)
+{
+    export_ctx *x = ctx;
+    return x->fns->on_type_item(x->fns->ctx, x->type, id);
+}
+
+static int export_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    export_ctx *x = ctx;
+    store_profile prof;
+    int rc = store_txn_get_profile(txn, x->collection, x->user, &prof, NULL, err);
+    if (rc) return rc;
+    if ((rc = store_txn_scan_events(txn, x->collection, x->user, x->fns->on_event, x->fns->ctx,
+                                    err)))
+        return rc;
+    if ((rc = store_txn_scan_interactions(txn, x->collection, x->user, x->fns->on_interaction,
+                                          x->fns->ctx, err)))
+        return rc;
+    for (uint32_t i = 0; i < prof.n_counts; i++) {
+        x->type = prof.counts[i].type;
+        if ((rc = store_txn_scan_type(txn, x->collection, x->user, x->type, export_type_item, x,
+                                      err)))
+            return rc;
+    }
+    return AFF_OK;
+}
+
+int profiles_export(aff_profiles *p, const char *collection, const char *user_id,
+                    const profiles_export_fns *fns, aff_err *err)
+{
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    export_ctx x = {.collection = collection, .user = user_id, .fns = fns};
+    return store_view(p->store, export_fn, &x, err);
+}

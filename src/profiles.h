@@ -192,4 +192,23 @@ int profiles_delete_user(aff_profiles *p, const char *collection, const char *us
 int profiles_history(aff_profiles *p, const char *collection, const char *user_id,
                      store_event_fn fn, void *ctx, aff_err *err);
 
+/* ---- privacy (issue 12) ---- */
+
+/* What a data-access export of one user in one collection reports, in one snapshot. The
+ * pointers given to the callbacks are valid only during the call; a non-zero return stops
+ * the export and is returned. */
+typedef struct profiles_export_fns {
+    store_event_fn on_event;             /* the bounded history, oldest first */
+    store_interaction_fn on_interaction; /* per-item aggregates, all time, by item id */
+    /* the all-time (type, item) index behind exclusions, by type then item id */
+    int (*on_type_item)(void *ctx, const char *type, const char *item);
+    void *ctx;
+} profiles_export_fns;
+
+/* Reports everything held about user_id in collection (besides the profiles_get_user
+ * summary): history, interactions and the type index. AFF_ENOTFOUND when the user has no
+ * profile there. Popularity counters are anonymous per-item sums and are not part of it. */
+int profiles_export(aff_profiles *p, const char *collection, const char *user_id,
+                    const profiles_export_fns *fns, aff_err *err);
+
 #endif

@@ -25,6 +25,7 @@
 #include "profiles.h"
 #include "transport_codec.h"
 #include "transport_internal.h"
+#include "transport_privacy.h"
 #include "transport_reflection.h"
 
 #define MAX_QUERIES_PER_CALL   1024   /* Search/SimilarItems queries in one request */
@@ -1488,6 +1489,7 @@ const tmethod_def transport__methods[] = {
     BLOCKING("PutEvents", put_events_request, rpc_put_events),
     UNARY("GetUser", get_user_request, rpc_get_user),
     BLOCKING("DeleteUser", delete_user_request, rpc_delete_user),
+    BLOCKING("ExportUser", export_user_request, transport__rpc_export_user), /* issue 12 */
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
      false, rpc_health_check, NULL},

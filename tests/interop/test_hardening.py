@@ -518,6 +518,9 @@ class Roles(unittest.TestCase):
         self.assertEqual(self.code(lambda: self.call(
             "DeleteUser", PB.DeleteUserRequest(collection="shop-a", user_id="u1"),
             PB.DeleteUserResponse, STORE)), denied)
+        self.assertEqual(self.code(lambda: self.call(
+            "ExportUser", PB.ExportUserRequest(user_id="u1"),
+            PB.ExportUserResponse, STORE)), denied)
         self.assertEqual(self.code(lambda: self.upsert(
             [PB.UpsertItemsRequest(collection="shop-a", items=[PB.Item(id="i2", vector=[0, 1])])],
             STORE)), denied)
@@ -606,6 +609,77 @@ class MutualTls(unittest.TestCase):
                              grpc.StatusCode.UNAVAILABLE)
         finally:
             self.assertEqual(server.stop(), 0)
+
+
+class Privacy(unittest.TestCase):
+    """ExportUser answers a data-access request with everything held about a shopper."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("privacy", [])
+        cls.ch = grpc.insecure_channel(cls.server.addr)
+        for name in ("p1", "p2"):
+            unary(cls.ch, "CreateCollection",
+                  PB.CreateCollectionRequest(name=name, dimension=2).SerializeToString(),
+                  PB.CreateCollectionResponse)
+            upsert(cls.ch, [PB.UpsertItemsRequest(collection=name, items=[
+                PB.Item(id="a", vector=[1, 0], category="shoes"),
+                PB.Item(id="b", vector=[0, 1], category="hats")]).SerializeToString()])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ch.close()
+        assert cls.server.stop() == 0
+
+    def put(self, collection, user, events):
+        return unary(self.ch, "PutEvents", PB.PutEventsRequest(
+            collection=collection, user_id=user, events=events).SerializeToString(),
+            PB.PutEventsResponse)
+
+    def export(self, collection, user):
+        return unary(self.ch, "ExportUser", PB.ExportUserRequest(
+            collection=collection, user_id=user).SerializeToString(), PB.ExportUserResponse)
+
+    def test_export_holds_history_aggregates_and_type_index(self):
+        self.put("p1", "alice", [
+            PB.Event(item_id="a", type=PB.EVENT_TYPE_VIEW, timestamp_ms=1000,
+                     context={"device": "phone"}),
+            PB.Event(item_id="a", type=PB.EVENT_TYPE_PURCHASE, timestamp_ms=2000, value=2),
+            PB.Event(item_id="b", type=PB.EVENT_TYPE_VIEW, timestamp_ms=3000)])
+        self.put("p2", "alice", [PB.Event(item_id="b", type=PB.EVENT_TYPE_CLICK)])
+        self.put("p1", "bob", [PB.Event(item_id="b", type=PB.EVENT_TYPE_VIEW)])
+        resp = self.export("", "alice")
+        self.assertEqual(resp.user_id, "alice")
+        by = {u.collection: u for u in resp.collections}
+        self.assertEqual(set(by), {"p1", "p2"})
+        p1 = by["p1"]
+        self.assertEqual([(e.item_id, e.type, e.timestamp_ms) for e in p1.events],
+                         [("a", "view", 1000), ("a", "purchase", 2000), ("b", "view", 3000)])
+        self.assertEqual(dict(p1.events[0].context), {"device": "phone"})
+        self.assertEqual(p1.events[1].value, 2)
+        self.assertEqual({i.item_id: i.count for i in p1.interactions}, {"a": 2, "b": 1})
+        self.assertEqual({t.type: list(t.item_ids) for t in p1.type_index},
+                         {"view": ["a", "b"], "purchase": ["a"]})
+        self.assertEqual(dict(p1.summary.event_counts), {"view": 2, "purchase": 1})
+        self.assertIn("popularity", resp.note)
+        # One collection only; nobody else's data.
+        only = self.export("p2", "alice")
+        self.assertEqual([u.collection for u in only.collections], ["p2"])
+        self.assertEqual([e.item_id for e in only.collections[0].events], ["b"])
+        self.assertEqual(len(self.export("", "carol").collections), 0)
+        # After DeleteUser the export is empty.
+        unary(self.ch, "DeleteUser", PB.DeleteUserRequest(user_id="alice").SerializeToString(),
+              PB.DeleteUserResponse)
+        self.assertEqual(len(self.export("", "alice").collections), 0)
+        self.assertEqual(len(self.export("", "bob").collections), 1)
+
+    def test_export_errors(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.export("nope", "alice")
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.export("p1", "")
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def reflection_stubs(proto_dir, out_dir):
