@@ -367,6 +367,24 @@ static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, 
     return AFF_OK;
 }
 
+/* Whether the user opted out in collection, or in every collection. */
+static int opt_out_in(store_txn *txn, const char *collection, const char *user, bool *out,
+                      aff_err *err)
+{
+    *out = false;
+    const char *const scopes[2] = {collection, STORE_ALL_COLLECTIONS};
+    for (int i = 0; i < 2; i++) {
+        int status = store_txn_get_opt_out(txn, scopes[i], user, NULL, err);
+        if (status == AFF_OK) {
+            *out = true;
+            return AFF_OK;
+        }
+        if (status != AFF_ENOTFOUND) return status;
+        aff__err_clear(err);
+    }
+    return AFF_OK;
+}
+
 static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
 {
     put_ctx *c = ctx;
@@ -377,6 +395,14 @@ static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
     store_profile prof;
     int status = store_txn_get_collection(txn, c->collection, &col, err);
     if (status) return status;
+    bool opted_out = false;
+    if ((status = opt_out_in(txn, c->collection, c->user, &opted_out, err))) return status;
+    if (opted_out) { /* no profile kept: nothing about the user is stored */
+        for (size_t i = 0; i < c->n; i++)
+            reject(c, i, "user '%.64s' opted out of personalization: the event is not stored",
+                   c->user);
+        return AFF_OK;
+    }
     status = store_txn_get_profile(txn, c->collection, c->user, &prof, c->sum, err);
     if (status == AFF_ENOTFOUND) {
         memset(&prof, 0, sizeof prof);
@@ -1027,4 +1053,99 @@ int profiles_export(aff_profiles *p, const char *collection, const char *user_id
         return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
     export_ctx x = {.collection = collection, .user = user_id, .fns = fns};
     return store_view(p->store, export_fn, &x, err);
+}
+
+/* ---- privacy: opt-out (issue 12) --------------------------------------------------------- */
+
+typedef struct opt_out_ctx {
+    const char *collection; /* a name or STORE_ALL_COLLECTIONS */
+    const char *user;
+    bool opt_out;
+    int64_t now;
+    const store_collection *cols; /* whose data is erased when opting out */
+    size_t n_cols;
+    bool erased;
+} opt_out_ctx;
+
+static int opt_out_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    opt_out_ctx *o = ctx;
+    o->erased = false;
+    int status;
+    if (!o->opt_out) return store_txn_delete_opt_out(txn, o->collection, o->user, NULL, err);
+    if ((status = store_txn_put_opt_out(txn, o->collection, o->user, o->now, err))) return status;
+    for (size_t i = 0; i < o->n_cols; i++) {
+        bool existed = false;
+        if ((status = store_txn_delete_user(txn, o->cols[i].name, o->user, &existed, err)))
+            return status;
+        o->erased = o->erased || existed;
+    }
+    return AFF_OK;
+}
+
+int profiles_set_opt_out(aff_profiles *p, const char *collection, const char *user_id, bool opt_out,
+                         bool *erased, aff_err *err)
+{
+    store_collection one, *all = NULL;
+    opt_out_ctx o = {.user = user_id, .opt_out = opt_out, .now = now_ms(p)};
+    if (erased) *erased = false;
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    int status = AFF_OK;
+    if (collection && *collection) {
+        memset(&one, 0, sizeof one);
+        snprintf(one.name, sizeof one.name, "%s", collection);
+        o.collection = collection;
+        o.cols = &one;
+        o.n_cols = 1;
+    } else {
+        o.collection = STORE_ALL_COLLECTIONS;
+        if (opt_out && (status = store_list_collections(p->store, &all, &o.n_cols, err)))
+            return status;
+        o.cols = all;
+    }
+    status = store_update(p->store, opt_out_fn, &o, err);
+    if (!status && erased) *erased = o.erased;
+    free(all);
+    return status;
+}
+
+typedef struct opted_ctx {
+    const char *collection, *user;
+    bool here, everywhere;
+} opted_ctx;
+
+static int opted_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    opted_ctx *o = ctx;
+    int status = AFF_OK;
+    if (o->collection[0]) {
+        status = store_txn_get_opt_out(txn, o->collection, o->user, NULL, err);
+        if (status == AFF_ENOTFOUND) {
+            aff__err_clear(err);
+        } else if (status) {
+            return status;
+        } else {
+            o->here = true;
+        }
+    }
+    status = store_txn_get_opt_out(txn, STORE_ALL_COLLECTIONS, o->user, NULL, err);
+    if (status == AFF_ENOTFOUND) {
+        aff__err_clear(err);
+        return AFF_OK;
+    }
+    if (!status) o->everywhere = true;
+    return status;
+}
+
+int profiles_opted_out(aff_profiles *p, const char *collection, const char *user_id, bool *here,
+                       bool *everywhere, aff_err *err)
+{
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    opted_ctx o = {.collection = collection ? collection : "", .user = user_id};
+    int status = store_view(p->store, opted_fn, &o, err);
+    *here = o.here;
+    *everywhere = o.everywhere;
+    return status;
 }

@@ -211,4 +211,18 @@ typedef struct profiles_export_fns {
 int profiles_export(aff_profiles *p, const char *collection, const char *user_id,
                     const profiles_export_fns *fns, aff_err *err);
 
+/* Personalization opt-out of user_id in one collection, or in every collection (collection
+ * NULL or "", including collections created later). Opting out erases what is held about the
+ * user there (as profiles_delete_user) in the same durable transaction, and from then on
+ * nothing about the user is kept: profiles_put_events rejects the user's events unstored,
+ * and Recommend by user id answers from popularity. opt_out false removes that opt-out.
+ * *erased (may be NULL): whether anything was erased. The opt-out record itself is kept
+ * (DeleteUser does not remove it) so that the choice is honoured. */
+int profiles_set_opt_out(aff_profiles *p, const char *collection, const char *user_id, bool opt_out,
+                         bool *erased, aff_err *err);
+/* Whether user_id opted out in collection (*here; "" or NULL: not asked) and in every
+ * collection (*everywhere). */
+int profiles_opted_out(aff_profiles *p, const char *collection, const char *user_id, bool *here,
+                       bool *everywhere, aff_err *err);
+
 #endif

@@ -15,6 +15,7 @@
  *   by_type       lp(collection) lp(user) lp(type) lp(item) -> by_type v1
  *   popularity    lp(collection) lp(item)                -> popularity v1
  *   pop_rank      lp(collection) be64(ord(-log_score)) lp(item) -> popularity v1 (a copy)
+ *   opt_out       lp(collection or "*") lp(user)          -> opt_out v1 (issue 12)
  *
  * Values start with a version byte (1 today); readers reject other versions as corrupt
  * (AFF_EINTERNAL). Integers and floats are in host byte order (little-endian on every
@@ -32,6 +33,7 @@
  *   interaction  u8 ver, 7 x u8 0, i64 ref_ms, f64 weight, i64 last_ms, u64 count (40 bytes)
  *   by_type      u8 ver, 7 x u8 0, i64 last_ms                                 (16 bytes)
  *   popularity   u8 ver, 7 x u8 0, f64 log_score, u64 count, i64 last_ms       (32 bytes)
+ *   opt_out      u8 ver, 7 x u8 0, i64 since_ms                                (16 bytes)
  *
  * ord(x) maps a double to a u64 whose unsigned order is the numeric order, so a forward scan
  * of pop_rank within a collection yields counters best first.
@@ -78,12 +80,13 @@ enum {
     DB_BY_TYPE,
     DB_POPULARITY,
     DB_POP_RANK,
+    DB_OPT_OUT, /* issue 12: personalization opt-outs */
     DB_COUNT
 };
 
 static const char *const db_names[DB_COUNT] = {
     "meta",         "collections", "items",      "profiles", "events",
-    "interactions", "by_type",     "popularity", "pop_rank",
+    "interactions", "by_type",     "popularity", "pop_rank", "opt_out",
 };
 
 /* One store_update call waiting in the group-commit queue (on its caller's stack). */
@@ -1712,4 +1715,48 @@ int store_txn_scan_popular(store_txn *txn, const char *collection, store_popular
     if (!make_key(&prefix, collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
     tail_scan ts = {.prefix_len = prefix.n, .pfn = fn, .ctx = ctx};
     return scan_prefix(txn, DB_POP_RANK, &prefix, NULL, popular_visit, &ts, err);
+}
+
+/* ---- personalization opt-outs (issue 12) ------------------------------------------------- */
+
+#define OPT_OUT_SIZE 16
+
+int store_txn_get_opt_out(store_txn *txn, const char *collection, const char *user,
+                          int64_t *since_ms, aff_err *err)
+{
+    key_buf k;
+    if (!user_key(&k, collection, user)) return bad_key(err);
+    MDB_val v;
+    int status = db_get(txn, DB_OPT_OUT, &k, &v, err);
+    if (status) return status;
+    rd r = rd_of(&v);
+    if (!r_version(&r)) return corrupt(err, "opt_out");
+    r_take(&r, 7);
+    int64_t since = r_i64(&r);
+    if (r.bad) return corrupt(err, "opt_out");
+    if (since_ms) *since_ms = since;
+    return AFF_OK;
+}
+
+int store_txn_put_opt_out(store_txn *txn, const char *collection, const char *user,
+                          int64_t since_ms, aff_err *err)
+{
+    key_buf k;
+    if (!user_key(&k, collection, user)) return bad_key(err);
+    uint8_t *dst;
+    int status = db_reserve(txn, DB_OPT_OUT, &k, OPT_OUT_SIZE, &dst, err);
+    if (status) return status;
+    wr w = {dst};
+    w_u8(&w, STORE_VALUE_VERSION);
+    w_zero(&w, 7);
+    w_i64(&w, since_ms);
+    return AFF_OK;
+}
+
+int store_txn_delete_opt_out(store_txn *txn, const char *collection, const char *user,
+                             bool *existed, aff_err *err)
+{
+    key_buf k;
+    if (!user_key(&k, collection, user)) return bad_key(err);
+    return db_del(txn, DB_OPT_OUT, &k, existed, err);
 }

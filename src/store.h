@@ -296,4 +296,18 @@ typedef int (*store_popularity_fn)(void *ctx, const char *item, const store_popu
 int store_txn_scan_popular(store_txn *txn, const char *collection, store_popularity_fn fn,
                            void *ctx, aff_err *err);
 
+/* ---- personalization opt-outs (issue 12) ---- */
+
+/* The collection name that stands for every collection in an opt-out (no collection can be
+ * named "*"). */
+#define STORE_ALL_COLLECTIONS "*"
+/* AFF_ENOTFOUND when the user has not opted out in collection (or "*"). since_ms may be
+ * NULL. Dropping a collection drops its opt-outs. */
+int store_txn_get_opt_out(store_txn *txn, const char *collection, const char *user,
+                          int64_t *since_ms, aff_err *err);
+int store_txn_put_opt_out(store_txn *txn, const char *collection, const char *user,
+                          int64_t since_ms, aff_err *err);
+int store_txn_delete_opt_out(store_txn *txn, const char *collection, const char *user,
+                             bool *existed, aff_err *err);
+
 #endif

@@ -30,6 +30,7 @@ static const char *const serving_methods[] = {
     "/affinity.v1.Affinity/BatchRecommend",
     "/affinity.v1.Affinity/PutEvents",
     "/affinity.v1.Affinity/GetUser",
+    "/affinity.v1.Affinity/SetUserOptOut", /* a shopper's own choice, relayed by the shop */
     "/affinity.v1.Affinity/GetItems",
     "/affinity.v1.Affinity/ListCollections",
     "/affinity.v1.Affinity/DescribeCollection",

@@ -3,6 +3,7 @@
  * collections:
  *
  *   serving  Search, SimilarItems, Recommend, Rerank, BatchRecommend, PutEvents, GetUser,
+ *            SetUserOptOut,
  *            GetItems, ListCollections, DescribeCollection, GetServerInfo, reflection
  *   admin    everything: also CreateCollection, DropCollection, UpsertItems, DeleteItems,
  *            DeleteUser, ExportUser and any method not listed under serving

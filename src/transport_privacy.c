@@ -235,19 +235,54 @@ void transport__rpc_export_user(tcall *c, ProtobufCMessage *msg)
             n_out++;
         }
     }
+    /* The opt-out records are data about the user too. */
+    char **opted = calloc(n_names + 2, sizeof *opted);
+    size_t n_opted = 0;
+    if (!rc && !opted) rc = aff__fail(&err, AFF_ENOMEM, "out of memory exporting a user");
+    for (size_t i = 0; !rc && i <= n_names; i++) {
+        const char *name = i == n_names ? "" : r->collection[0] ? r->collection : infos[i].name;
+        bool here = false, everywhere = false;
+        rc = profiles_opted_out(c->t->cfg.profiles, name, r->user_id, &here, &everywhere, &err);
+        if (!rc && here) opted[n_opted++] = (char *)name;
+        if (!rc && i == n_names && everywhere) opted[n_opted++] = "*";
+    }
     if (rc) {
         tcall_fail(c, &err);
     } else {
         Affinity__V1__ExportUserResponse resp = AFFINITY__V1__EXPORT_USER_RESPONSE__INIT;
+        resp.n_opted_out = n_opted;
+        resp.opted_out = opted;
         resp.user_id = r->user_id;
         resp.n_collections = n_out;
         resp.collections = ptrs;
         resp.note = "Not included: popularity counters, which are anonymous per-item sums "
-                    "with no link to the user. DeleteUser erases everything listed here.";
+                    "with no link to the user. DeleteUser erases everything listed here but "
+                    "the opt-out records, which are kept so that the choice is honoured.";
         tcall_finish(c, 0, NULL, &resp.base);
     }
+    free(opted);
     free(exports);
     free(ptrs);
     free(infos);
     mem_free(&m);
+}
+
+void transport__rpc_set_user_opt_out(tcall *c, ProtobufCMessage *msg)
+{
+    const Affinity__V1__SetUserOptOutRequest *r = (void *)msg;
+    aff_err err;
+    uint32_t dim;
+    if (r->collection[0] && engine_collection_dim(c->t->engine, r->collection, &dim, &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
+    bool erased = false;
+    if (profiles_set_opt_out(c->t->cfg.profiles, r->collection, r->user_id, r->opt_out, &erased,
+                             &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
+    Affinity__V1__SetUserOptOutResponse resp = AFFINITY__V1__SET_USER_OPT_OUT_RESPONSE__INIT;
+    resp.erased = erased;
+    tcall_finish(c, 0, NULL, &resp.base);
 }

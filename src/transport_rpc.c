@@ -1490,6 +1490,7 @@ const tmethod_def transport__methods[] = {
     UNARY("GetUser", get_user_request, rpc_get_user),
     BLOCKING("DeleteUser", delete_user_request, rpc_delete_user),
     BLOCKING("ExportUser", export_user_request, transport__rpc_export_user), /* issue 12 */
+    BLOCKING("SetUserOptOut", set_user_opt_out_request, transport__rpc_set_user_opt_out),
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
      false, rpc_health_check, NULL},

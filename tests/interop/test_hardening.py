@@ -673,6 +673,65 @@ class Privacy(unittest.TestCase):
         self.assertEqual(len(self.export("", "alice").collections), 0)
         self.assertEqual(len(self.export("", "bob").collections), 1)
 
+    def opt_out(self, collection, user, on):
+        return unary(self.ch, "SetUserOptOut", PB.SetUserOptOutRequest(
+            collection=collection, user_id=user, opt_out=on).SerializeToString(),
+            PB.SetUserOptOutResponse)
+
+    def recommend(self, collection, user):
+        return unary(self.ch, "Recommend", PB.RecommendRequest(
+            collection=collection, user_id=user, k=2).SerializeToString(), PB.RecommendResponse)
+
+    def test_opt_out_erases_keeps_nothing_and_answers_popular(self):
+        self.put("p1", "dora", [PB.Event(item_id="b", type=PB.EVENT_TYPE_PURCHASE)])
+        self.assertEqual(self.recommend("p1", "dora").source, PB.RECOMMEND_SOURCE_PROFILE)
+        self.assertTrue(self.opt_out("p1", "dora", True).erased)
+        self.assertEqual(len(self.export("p1", "dora").collections), 0)
+        self.assertEqual(list(self.export("p1", "dora").opted_out), ["p1"])
+        # Events are answered one by one and not stored; answers are popular ones.
+        resp = self.put("p1", "dora", [PB.Event(item_id="a", type=PB.EVENT_TYPE_VIEW)])
+        self.assertEqual(resp.applied_count, 0)
+        self.assertIn("opted out", resp.rejected[0].reason)
+        self.assertEqual(self.recommend("p1", "dora").source, PB.RECOMMEND_SOURCE_POPULARITY)
+        self.assertEqual(len(self.export("", "dora").collections), 0)
+        # Other collections are not affected; opting back in stores events again.
+        self.assertEqual(self.put("p2", "dora", [PB.Event(item_id="a", type=PB.EVENT_TYPE_VIEW)])
+                         .applied_count, 1)
+        self.assertFalse(self.opt_out("p1", "dora", False).erased)
+        self.assertEqual(self.put("p1", "dora", [PB.Event(item_id="a", type=PB.EVENT_TYPE_VIEW)])
+                         .applied_count, 1)
+        # Every collection at once.
+        self.assertTrue(self.opt_out("", "dora", True).erased)
+        self.assertEqual(list(self.export("", "dora").opted_out), ["*"])
+        self.assertEqual(self.put("p2", "dora", [PB.Event(item_id="a", type=PB.EVENT_TYPE_VIEW)])
+                         .applied_count, 0)
+        self.assertEqual(len(self.export("", "dora").collections), 0)
+
+    def test_opt_out_survives_a_restart(self):
+        data = os.path.join(WORK, "optout-data")
+        os.makedirs(data)
+        for run in range(2):
+            server = Server("optout-%d" % run, ["--data-dir", data])
+            try:
+                with grpc.insecure_channel(server.addr) as ch:
+                    def call(method, req, resp_cls):
+                        return unary(ch, method, req.SerializeToString(), resp_cls)
+                    if run == 0:
+                        call("CreateCollection", PB.CreateCollectionRequest(name="d", dimension=2),
+                             PB.CreateCollectionResponse)
+                        upsert(ch, [PB.UpsertItemsRequest(collection="d", items=[
+                            PB.Item(id="a", vector=[1, 0])]).SerializeToString()])
+                        call("SetUserOptOut", PB.SetUserOptOutRequest(
+                            collection="d", user_id="erin", opt_out=True),
+                            PB.SetUserOptOutResponse)
+                    resp = call("PutEvents", PB.PutEventsRequest(
+                        collection="d", user_id="erin",
+                        events=[PB.Event(item_id="a", type=PB.EVENT_TYPE_VIEW)]),
+                        PB.PutEventsResponse)
+                    self.assertEqual(resp.applied_count, 0, "run %d" % run)
+            finally:
+                self.assertEqual(server.stop(), 0)
+
     def test_export_errors(self):
         with self.assertRaises(grpc.RpcError) as cm:
             self.export("nope", "alice")
