@@ -131,6 +131,11 @@ static const opt_def opts[] = {
     {"tls-client-ca", STR(tls_client_ca), .def = "",
      .help = "with --tls-cert: require client certificates signed by this CA (PEM), i.e. "
              "mutual TLS"},
+    {"event-retention-days", U32(event_retention_days, 0, 36500), .def = "0",
+     .help = "erase behaviour events older than this many days, and what derives from them "
+             "(history, per-item aggregates, type index; the profile is recomputed), at "
+             "start-up and every 10 minutes; events older than this are refused; 0..36500, "
+             "0: keep until DeleteUser"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
@@ -517,4 +522,5 @@ void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_
     out->half_life_s = c->profile_half_life_hours * 3600.0;
     out->popularity_half_life_s = c->popularity_half_life_hours * 3600.0;
     out->history_len = c->history_length;
+    out->retention_ms = (int64_t)c->event_retention_days * 86400000;
 }

@@ -61,6 +61,7 @@ typedef struct aff_config {
     uint32_t max_header_bytes;           /* largest request metadata (all headers) accepted */
     char tokens_file[CONFIG_PATH_MAX];   /* role tokens (transport_auth.h); "" = none */
     char tls_client_ca[CONFIG_PATH_MAX]; /* mTLS: CA of client certificates; "" = off */
+    uint32_t event_retention_days;       /* 0 = events kept until DeleteUser */
     uint32_t heap_trim_mib;              /* trim malloc's free memory past this; 0 = off */
     bool help;                           /* --help was given: print config_usage and exit 0 */
     bool version;                        /* --version was given */

@@ -29,6 +29,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "profiles.h"
+#include "retention.h"
 #include "store.h"
 #include "transport.h"
 
@@ -153,6 +154,7 @@ int main(int argc, char **argv)
     aff_metrics *metrics = NULL;
     transport *server = NULL;
     heap_trimmer *trimmer = NULL;
+    retention *keeper = NULL;
 
     ensure_passive_openmp(argv);
     if (config_parse(&cfg, argc, argv, &err)) {
@@ -251,6 +253,10 @@ int main(int argc, char **argv)
         aff_log(AFF_LOG_INFO, "demo shop already in the store: not loaded again");
     else if (cfg.demo && demo_load(catalog, &err))
         goto fail;
+    /* After the rebuild, before serving: the first retention pass runs beside the serving. */
+    if (cfg.event_retention_days &&
+        retention_start(&keeper, profiles, cfg.event_retention_days, 600000, &err))
+        goto fail;
     if (cfg.heap_trim_mib &&
         heap_trimmer_start(&trimmer, 1000, (size_t)cfg.heap_trim_mib << 20, &err))
         goto fail;
@@ -274,6 +280,7 @@ fail:
     fprintf(stderr, "affinityd: %s\n", err.msg);
 out:
     heap_trimmer_stop(trimmer);
+    retention_stop(keeper);
     transport_destroy(server);
     batcher_destroy(bat);
     metrics_destroy(metrics);

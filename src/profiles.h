@@ -89,6 +89,9 @@ typedef struct profiles_config {
     /* The clock in Unix milliseconds; NULL: the real-time clock. For tests. */
     int64_t (*now_ms)(void *ctx);
     void *now_ctx;
+    /* Event retention (issue 12): events older than this are refused and erased by
+     * profiles_expire; 0: kept until DeleteUser. */
+    int64_t retention_ms;
 } profiles_config;
 
 /* Fills cfg with the defaults above. */
@@ -224,5 +227,16 @@ int profiles_set_opt_out(aff_profiles *p, const char *collection, const char *us
  * collection (*everywhere). */
 int profiles_opted_out(aff_profiles *p, const char *collection, const char *user_id, bool *here,
                        bool *everywhere, aff_err *err);
+
+/* Event retention: erases every event older than cutoff_ms (Unix ms) and what derives from
+ * it, in every collection: history entries, per-item aggregates whose latest event is older,
+ * type-index marks older than the cutoff; the profile is recomputed from what remains, and a
+ * user with nothing left is erased entirely. An aggregate whose latest event is recent keeps
+ * the decayed weight of its item's older events until it, too, expires; event counts by type
+ * are totals and stay; popularity counters are anonymous and stay. One durable transaction
+ * per user with expired data. *n_users and *n_events (may be NULL): users changed, history
+ * events erased. */
+int profiles_expire(aff_profiles *p, int64_t cutoff_ms, uint64_t *n_users, uint64_t *n_events,
+                    aff_err *err);
 
 #endif

@@ -1760,3 +1760,77 @@ int store_txn_delete_opt_out(store_txn *txn, const char *collection, const char 
     if (!user_key(&k, collection, user)) return bad_key(err);
     return db_del(txn, DB_OPT_OUT, &k, existed, err);
 }
+
+/* ---- event retention (issue 12) ------------------------------------------------------------ */
+
+typedef struct users_scan {
+    size_t prefix_len;
+    store_id_fn fn;
+    void *ctx;
+} users_scan;
+
+static int users_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    (void)v;
+    users_scan *us = ctx;
+    char user[AFF_MAX_ID_LEN + 1];
+    if (!key_tail_id(k, us->prefix_len, user)) return corrupt(err, "profile key");
+    return us->fn(us->ctx, user);
+}
+
+int store_txn_scan_users(store_txn *txn, const char *collection, store_id_fn fn, void *ctx,
+                         aff_err *err)
+{
+    key_buf prefix;
+    if (!make_key(&prefix, collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
+    users_scan us = {prefix.n, fn, ctx};
+    return scan_prefix(txn, DB_PROFILES, &prefix, NULL, users_visit, &us, err);
+}
+
+int store_txn_delete_interaction(store_txn *txn, const char *collection, const char *user,
+                                 const char *item, aff_err *err)
+{
+    key_buf k;
+    if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, item, AFF_MAX_ID_LEN, NULL, 0))
+        return bad_key(err);
+    return db_del(txn, DB_INTERACTIONS, &k, NULL, err);
+}
+
+typedef struct marks_scan {
+    size_t prefix_len;
+    store_mark_fn fn;
+    void *ctx;
+} marks_scan;
+
+static int marks_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    marks_scan *ms = ctx;
+    char item[AFF_MAX_ID_LEN + 1];
+    if (!key_tail_id(k, ms->prefix_len, item)) return corrupt(err, "by_type key");
+    rd r = rd_of(v);
+    if (!r_version(&r)) return corrupt(err, "by_type");
+    r_take(&r, 7);
+    int64_t last_ms = r_i64(&r);
+    if (r.bad) return corrupt(err, "by_type");
+    return ms->fn(ms->ctx, item, last_ms);
+}
+
+int store_txn_scan_type_marks(store_txn *txn, const char *collection, const char *user,
+                              const char *type, store_mark_fn fn, void *ctx, aff_err *err)
+{
+    key_buf prefix;
+    if (!make_key(&prefix, collection, user, AFF_MAX_ID_LEN, type, STORE_MAX_TYPE_LEN, NULL, 0))
+        return bad_key(err);
+    marks_scan ms = {prefix.n, fn, ctx};
+    return scan_prefix(txn, DB_BY_TYPE, &prefix, NULL, marks_visit, &ms, err);
+}
+
+int store_txn_unmark_type(store_txn *txn, const char *collection, const char *user,
+                          const char *type, const char *item, aff_err *err)
+{
+    key_buf k;
+    if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, type, STORE_MAX_TYPE_LEN, item,
+                  AFF_MAX_ID_LEN))
+        return bad_key(err);
+    return db_del(txn, DB_BY_TYPE, &k, NULL, err);
+}

@@ -310,4 +310,18 @@ int store_txn_put_opt_out(store_txn *txn, const char *collection, const char *us
 int store_txn_delete_opt_out(store_txn *txn, const char *collection, const char *user,
                              bool *existed, aff_err *err);
 
+/* ---- event retention (issue 12) ---- */
+
+/* Every user with a profile in the collection, in id order. */
+int store_txn_scan_users(store_txn *txn, const char *collection, store_id_fn fn, void *ctx,
+                         aff_err *err);
+int store_txn_delete_interaction(store_txn *txn, const char *collection, const char *user,
+                                 const char *item, aff_err *err);
+typedef int (*store_mark_fn)(void *ctx, const char *item, int64_t last_ms);
+/* store_txn_scan_type with each mark's time. */
+int store_txn_scan_type_marks(store_txn *txn, const char *collection, const char *user,
+                              const char *type, store_mark_fn fn, void *ctx, aff_err *err);
+int store_txn_unmark_type(store_txn *txn, const char *collection, const char *user,
+                          const char *type, const char *item, aff_err *err);
+
 #endif

@@ -732,6 +732,70 @@ class Privacy(unittest.TestCase):
             finally:
                 self.assertEqual(server.stop(), 0)
 
+    def test_event_retention_erases_old_events_durably(self):
+        data = os.path.join(WORK, "retention-data")
+        os.makedirs(data)
+        now = int(time.time() * 1000)
+        old, recent = now - 3 * 86400000, now - 3600000
+        ev = PB.Event
+        for run, flags in enumerate([[], ["--event-retention-days", "1"], []]):
+            server = Server("retention-%d" % run, ["--data-dir", data] + flags)
+            try:
+                with grpc.insecure_channel(server.addr) as ch:
+                    def call(method, req, resp_cls):
+                        return unary(ch, method, req.SerializeToString(), resp_cls)
+
+                    def export(user):
+                        return call("ExportUser", PB.ExportUserRequest(user_id=user),
+                                    PB.ExportUserResponse)
+
+                    def put(user, events):
+                        return call("PutEvents", PB.PutEventsRequest(
+                            collection="r", user_id=user, events=events), PB.PutEventsResponse)
+
+                    if run == 0:
+                        call("CreateCollection", PB.CreateCollectionRequest(name="r", dimension=2),
+                             PB.CreateCollectionResponse)
+                        upsert(ch, [PB.UpsertItemsRequest(collection="r", items=[
+                            PB.Item(id=i, vector=v) for i, v in
+                            (("a", [1, 0]), ("b", [0, 1]), ("c", [1, 1]))]).SerializeToString()])
+                        self.assertEqual(put("old", [
+                            ev(item_id="a", type=PB.EVENT_TYPE_VIEW, timestamp_ms=old),
+                            ev(item_id="b", type=PB.EVENT_TYPE_PURCHASE, timestamp_ms=old)])
+                            .applied_count, 2)
+                        self.assertEqual(put("mixed", [
+                            ev(item_id="a", type=PB.EVENT_TYPE_VIEW, timestamp_ms=old),
+                            ev(item_id="c", type=PB.EVENT_TYPE_VIEW, timestamp_ms=recent)])
+                            .applied_count, 2)
+                        self.assertEqual(len(export("old").collections), 1)
+                        continue
+                    if run == 1:
+                        # The first pass runs at start-up; wait for it.
+                        deadline = time.time() + 20
+                        while export("old").collections and time.time() < deadline:
+                            time.sleep(0.1)
+                        self.assertIn("event retention: erased", server.log())
+                        # Older events are refused at ingest.
+                        resp = put("mixed", [ev(item_id="a", type=PB.EVENT_TYPE_VIEW,
+                                                timestamp_ms=now - 2 * 86400000)])
+                        self.assertEqual(resp.applied_count, 0)
+                        self.assertIn("retention", resp.rejected[0].reason)
+                    self.assertEqual(len(export("old").collections), 0, "run %d" % run)
+                    mixed = export("mixed").collections
+                    self.assertEqual(len(mixed), 1, "run %d" % run)
+                    m = mixed[0]
+                    self.assertEqual([(e.item_id, e.timestamp_ms) for e in m.events],
+                                     [("c", recent)])
+                    self.assertEqual([i.item_id for i in m.interactions], ["c"])
+                    self.assertEqual({t.type: list(t.item_ids) for t in m.type_index},
+                                     {"view": ["c"]})
+                    rec = call("Recommend", PB.RecommendRequest(collection="r", user_id="mixed",
+                                                                k=1), PB.RecommendResponse)
+                    self.assertEqual(rec.source, PB.RECOMMEND_SOURCE_PROFILE)
+                    self.assertEqual(rec.hits[0].id, "c")
+            finally:
+                self.assertEqual(server.stop(), 0)
+
     def test_export_errors(self):
         with self.assertRaises(grpc.RpcError) as cm:
             self.export("nope", "alice")
