@@ -395,6 +395,9 @@ int config_parse(aff_config *out, int argc, char **argv, aff_err *err)
     }
     for (int a = 1; a < argc; a++) {
         const char *arg = argv[a];
+        /* The short spellings people try first. */
+        if (strcmp(arg, "-h") == 0 || strcmp(arg, "help") == 0) arg = "--help";
+        if (strcmp(arg, "-V") == 0 || strcmp(arg, "version") == 0) arg = "--version";
         if (strncmp(arg, "--", 2) != 0) {
             rc = aff__fail(err, AFF_EINVAL,
                            "unexpected argument '%s' (flags start with --; "

@@ -18,7 +18,11 @@
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "transport_auth.h"
@@ -466,6 +470,74 @@ static void on_shutdown(void *arg, bool ok)
 
 /* ---- public API ------------------------------------------------------------------------ */
 
+/* Why gRPC could not listen on host:port: binds a socket there itself to learn the errno,
+ * instead of guessing from gRPC's generic failure. */
+static void listen_problem(const char *listen, char *why, size_t size)
+{
+    char host[256];
+    snprintf(host, sizeof host, "%s", listen);
+    char *colon = strrchr(host, ':');
+    if (!colon) {
+        snprintf(why, size, "not host:port");
+        return;
+    }
+    *colon = '\0';
+    const char *port = colon + 1;
+    char *h = host;
+    if (h[0] == '[') { /* [::1]:port */
+        h++;
+        char *close = strchr(h, ']');
+        if (close) *close = '\0';
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *ai = NULL;
+    int g = getaddrinfo(h[0] ? h : NULL, port, &hints, &ai);
+    if (g) {
+        snprintf(why, size, "cannot resolve the address: %s", gai_strerror(g));
+        return;
+    }
+    int e = 0;
+    for (struct addrinfo *a = ai; a; a = a->ai_next) {
+        int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) continue;
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        e = bind(fd, a->ai_addr, a->ai_addrlen) == 0 ? 0 : errno;
+        close(fd);
+        if (e) break;
+    }
+    freeaddrinfo(ai);
+    if (e == EADDRINUSE)
+        snprintf(why, size, "port %.16s is already in use by another process", port);
+    else if (e == EADDRNOTAVAIL)
+        snprintf(why, size, "%.100s is not an address of this machine", h);
+    else if (e == EACCES)
+        snprintf(why, size, "permission denied (ports below 1024 need privileges)");
+    else if (e)
+        snprintf(why, size, "%s", strerror(e));
+    else
+        snprintf(why, size,
+                 "the address is free, so the TLS certificate and key are probably not a "
+                 "valid pair");
+}
+
+/* gRPC's own log lines become JSON lines of ours. The failure of grpc_server_add_http2_port
+ * is reported by transport_create in one sentence, so gRPC's dump of it goes to debug. */
+static void grpc_log_to_ours(gpr_log_func_args *args)
+{
+    aff_log_level level = args->severity == GPR_LOG_SEVERITY_ERROR  ? AFF_LOG_ERROR
+                          : args->severity == GPR_LOG_SEVERITY_INFO ? AFF_LOG_INFO
+                                                                    : AFF_LOG_DEBUG;
+    if (strncmp(args->message, "grpc_server_add_http2_port", 26) == 0 ||
+        strstr(args->message, "No address added out of total"))
+        level = AFF_LOG_DEBUG;
+    char where[160];
+    snprintf(where, sizeof where, "%s:%d", args->file ? args->file : "?", args->line);
+    aff_log_kv(level, "grpc", "at", where, "detail", args->message, NULL);
+}
+
 static char *slurp(const char *path, aff_err *err, const char *what)
 {
     FILE *f = fopen(path, "rb");
@@ -506,6 +578,7 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     *out = NULL;
     if (!cfg->catalog || !cfg->profiles)
         return aff__fail(err, AFF_EINVAL, "transport: a catalog and profiles are required");
+    gpr_set_log_function(grpc_log_to_ours);
     grpc_init();
     t = calloc(1, sizeof *t);
     if (!t) {
@@ -651,10 +724,9 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     }
     t->port = grpc_server_add_http2_port(t->server, cfg->listen, creds);
     if (t->port <= 0) {
-        rc = aff__fail(err, AFF_EINVAL,
-                       "cannot listen on %s: the port is in use, the address is not local, or "
-                       "the TLS certificate/key are invalid",
-                       cfg->listen);
+        char why[300];
+        listen_problem(cfg->listen, why, sizeof why);
+        rc = aff__fail(err, AFF_EINVAL, "cannot listen on %s: %s", cfg->listen, why);
         goto out;
     }
     t->guarded = true;
