@@ -129,6 +129,22 @@ static void observe_batch(void *ctx, uint64_t queries, uint64_t queued)
     metrics_set_queue_depth(ctx, (int64_t)queued);
 }
 
+/* Scrape hook: items per collection and device memory, read when Prometheus asks. */
+static void scrape_engine(aff_metrics *m, metrics_scrape *scrape, void *ctx)
+{
+    aff_engine *engine = ctx;
+    engine_collection_info *infos = NULL;
+    size_t n = 0;
+    aff_err err;
+    if (engine_list_collections(engine, &infos, &n, &err) == 0)
+        for (size_t i = 0; i < n; i++)
+            metrics_scrape_collection(scrape, infos[i].name, infos[i].n_items);
+    free(infos);
+    backend_info bi;
+    engine_backend_info(engine, &bi);
+    if (bi.memory_total) metrics_set_gpu_memory(m, bi.memory_used, bi.memory_total);
+}
+
 /* Blocks until SIGTERM or SIGINT arrives; returns which. */
 static int wait_stop_signal(void)
 {
@@ -204,6 +220,7 @@ int main(int argc, char **argv)
      * batch sizes and queue depth through on_batch. */
     if (metrics_create(&metrics, cfg.metrics_listen, &err)) goto fail;
     metrics_set_backend(metrics, bi.name, bi.device);
+    metrics_set_scrape_hook(metrics, scrape_engine, engine);
     if (cfg.metrics_listen[0])
         aff_log(AFF_LOG_INFO, "metrics on port %u", (unsigned)metrics_port(metrics));
 

@@ -805,6 +805,38 @@ class Privacy(unittest.TestCase):
         self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
 
 
+class Metrics(unittest.TestCase):
+    """The metrics metrics.h promises are fed: events ingested and items per collection."""
+
+    def test_events_and_items_are_exported(self):
+        import re
+        import urllib.request
+        server = Server("metrics", ["--metrics-listen", "127.0.0.1:0"])
+        try:
+            port = re.search(r"metrics on port (\d+)", server.log()).group(1)
+            with grpc.insecure_channel(server.addr) as ch:
+                unary(ch, "CreateCollection",
+                      PB.CreateCollectionRequest(name="m", dimension=2).SerializeToString(),
+                      PB.CreateCollectionResponse)
+                upsert(ch, [PB.UpsertItemsRequest(collection="m", items=[
+                    PB.Item(id="a", vector=[1, 0]), PB.Item(id="b", vector=[0, 1]),
+                    PB.Item(id="c", vector=[1, 1])]).SerializeToString()])
+                unary(ch, "PutEvents", PB.PutEventsRequest(
+                    collection="m", user_id="u", events=[
+                        PB.Event(item_id="a", type=PB.EVENT_TYPE_VIEW),
+                        PB.Event(item_id="b", type=PB.EVENT_TYPE_VIEW),
+                        PB.Event(item_id="a", type=PB.EVENT_TYPE_PURCHASE),
+                        PB.Event(item_id="nope", type=PB.EVENT_TYPE_VIEW)]).SerializeToString(),
+                    PB.PutEventsResponse)
+            text = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % port,
+                                          timeout=10).read().decode()
+            self.assertIn('affinity_collection_items{collection="m"} 3', text)
+            self.assertIn('affinity_events_ingested_total{type="view"} 2', text)
+            self.assertIn('affinity_events_ingested_total{type="purchase"} 1', text)
+        finally:
+            self.assertEqual(server.stop(), 0)
+
+
 def reflection_stubs(proto_dir, out_dir):
     subprocess.run(["protoc", "--python_out=" + out_dir, "-I" + proto_dir,
                     "grpc/reflection/v1/reflection.proto"], check=True)
