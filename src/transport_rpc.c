@@ -426,6 +426,26 @@ static void upsert_finish(tcall *c, int code, const char *msg)
     tcall_finish(c, 0, NULL, &resp.base);
 }
 
+static int cmp_item_id(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* How many different ids items[0..n) carry (the last of a repeated id wins the upsert). */
+static size_t distinct_ids(const aff_item *items, size_t n)
+{
+    const char **ids = n > 1 ? malloc(n * sizeof *ids) : NULL;
+    if (!ids) return n;
+    for (size_t i = 0; i < n; i++)
+        ids[i] = items[i].id;
+    qsort(ids, n, sizeof *ids, cmp_item_id);
+    size_t m = 1;
+    for (size_t i = 1; i < n; i++)
+        m += strcmp(ids[i], ids[i - 1]) != 0;
+    free(ids);
+    return m;
+}
+
 /* One stream message: applied durably (engine, then one store commit) before the next is
  * read. Runs on a blocking-work thread. */
 static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
@@ -516,7 +536,7 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
         code = aff_status_grpc_code(err.code);
         goto out;
     }
-    st->upserted += r->n_items;
+    st->upserted += distinct_ids(items, r->n_items); /* a repeated id is one item */
     st->batches++;
 out:
     free(items);

@@ -219,6 +219,17 @@ class Strings(unittest.TestCase):
         self.assertEqual(resp.upserted_count, 1)
         self.assertEqual(self.get_ids(["käse-🧀"]), ["käse-🧀"])
 
+    def test_a_repeated_id_in_one_message_counts_once(self):
+        items = [PB.Item(id="dup", vector=[1, 0]), PB.Item(id="dup", vector=[0, 1]),
+                 PB.Item(id="single", vector=[1, 1])]
+        resp = upsert(self.ch, [PB.UpsertItemsRequest(collection="c",
+                                                      items=items).SerializeToString()])
+        self.assertEqual(resp.upserted_count, 2)
+        got = unary(self.ch, "GetItems", PB.GetItemsRequest(
+            collection="c", ids=["dup"], include_vectors=True).SerializeToString(),
+            PB.GetItemsResponse)
+        self.assertEqual(list(got.items[0].vector), [0, 1])  # the last one wins
+
     def test_empty_batch_to_a_missing_collection_fails(self):
         with self.assertRaises(grpc.RpcError) as cm:
             upsert(self.ch, [PB.UpsertItemsRequest(collection="nope").SerializeToString()])
