@@ -156,6 +156,12 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
     grpc_slice_unref(c->status_details);
     c->status_details = grpc_slice_from_copied_string(msg ? msg : "");
     ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    if (c->trailer_key) {
+        c->trailer.key = grpc_slice_from_static_string(c->trailer_key);
+        c->trailer.value = grpc_slice_from_static_string(c->trailer_value);
+        ops[n].data.send_status_from_server.trailing_metadata_count = 1;
+        ops[n].data.send_status_from_server.trailing_metadata = &c->trailer;
+    }
     ops[n].data.send_status_from_server.status = (grpc_status_code)grpc_code;
     ops[n++].data.send_status_from_server.status_details = &c->status_details;
     ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
@@ -169,6 +175,14 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
         aff_log_kv(AFF_LOG_DEBUG, "call failed", "method", c->def ? c->def->path : "(unknown)",
                    "status", msg ? msg : "", NULL);
     start_batch(c, ops, n, &c->t_final);
+}
+
+void tcall_set_trailer(tcall *c, const char *key, const char *value)
+{
+    pthread_mutex_lock(&c->mu);
+    c->trailer_key = key;
+    snprintf(c->trailer_value, sizeof c->trailer_value, "%s", value);
+    pthread_mutex_unlock(&c->mu);
 }
 
 void tcall_fail(tcall *c, const aff_err *err)

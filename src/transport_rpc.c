@@ -417,7 +417,10 @@ typedef struct upsert_state {
 static void upsert_finish(tcall *c, int code, const char *msg)
 {
     upsert_state *st = c->state;
-    if (code != 0) {
+    if (code != 0) { /* the count applied before the failure, for clients (issue 12) */
+        char n[24];
+        snprintf(n, sizeof n, "%llu", (unsigned long long)st->upserted);
+        tcall_set_trailer(c, "affinity-upserted-count", n);
         tcall_finish(c, code, msg, NULL);
         return;
     }

@@ -230,6 +230,15 @@ class Strings(unittest.TestCase):
             PB.GetItemsResponse)
         self.assertEqual(list(got.items[0].vector), [0, 1])  # the last one wins
 
+    def test_partial_upsert_failure_reports_the_count_as_metadata(self):
+        good = PB.UpsertItemsRequest(collection="c", items=[
+            PB.Item(id="p1", vector=[1, 0]), PB.Item(id="p2", vector=[0, 1])])
+        bad = PB.UpsertItemsRequest(items=[PB.Item(id="p3", vector=[1, 0, 0])])
+        with self.assertRaises(grpc.RpcError) as cm:
+            upsert(self.ch, [good.SerializeToString(), bad.SerializeToString()])
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn(("affinity-upserted-count", "2"), cm.exception.trailing_metadata())
+
     def test_empty_batch_to_a_missing_collection_fails(self):
         with self.assertRaises(grpc.RpcError) as cm:
             upsert(self.ch, [PB.UpsertItemsRequest(collection="nope").SerializeToString()])
