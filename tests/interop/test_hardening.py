@@ -239,6 +239,19 @@ class Strings(unittest.TestCase):
         self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
         self.assertIn(("affinity-upserted-count", "2"), cm.exception.trailing_metadata())
 
+    def test_tag_order_is_kept(self):
+        tags = ["zeta", "alpha", "mid", "alpha", "beta"]
+        upsert(self.ch, [PB.UpsertItemsRequest(collection="c", items=[
+            PB.Item(id="tagged", vector=[1, 0], tags=tags)]).SerializeToString()])
+        got = unary(self.ch, "GetItems", PB.GetItemsRequest(
+            collection="c", ids=["tagged"]).SerializeToString(), PB.GetItemsResponse)
+        self.assertEqual(list(got.items[0].tags), ["zeta", "alpha", "mid", "beta"])
+        # Filters still match any of them.
+        resp = unary(self.ch, "Search", PB.SearchRequest(
+            collection="c", k=5, queries=[PB.Query(vector=[1, 0])],
+            filter=PB.Filter(tags=["beta"])).SerializeToString(), PB.SearchResponse)
+        self.assertEqual([h.id for h in resp.results[0].hits], ["tagged"])
+
     def test_empty_batch_to_a_missing_collection_fails(self):
         with self.assertRaises(grpc.RpcError) as cm:
             upsert(self.ch, [PB.UpsertItemsRequest(collection="nope").SerializeToString()])
