@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "event_types.h"
+
 typedef enum opt_type {
     OPT_STRING, /* char[size] */
     OPT_U32,    /* uint32_t within [min, max] */
@@ -196,8 +198,20 @@ static bool valid_type_name(const char *s, size_t n)
 static int parse_event_weights(const char *value, const char *source, config_event_weights *out,
                                aff_err *err)
 {
-    static const char *const builtin[4] = {"view", "click", "add_to_cart", "purchase"};
-    config_event_weights w = {.view = 1, .click = 2, .add_to_cart = 4, .purchase = 8};
+    static const char *const builtin[AFF_EVENT_BUILTIN_COUNT] = {
+#define CONFIG__EVENT_NAME(name, value, str, weight) [value - 1] = str,
+        AFF_EVENT_TYPES(CONFIG__EVENT_NAME)
+#undef CONFIG__EVENT_NAME
+    };
+    static const float defaults[AFF_EVENT_BUILTIN_COUNT] = {
+#define CONFIG__EVENT_WEIGHT(name, value, str, weight) [value - 1] = weight,
+        AFF_EVENT_TYPES(CONFIG__EVENT_WEIGHT)
+#undef CONFIG__EVENT_WEIGHT
+    };
+    config_event_weights w = {.view = defaults[0],
+                              .click = defaults[1],
+                              .add_to_cart = defaults[2],
+                              .purchase = defaults[3]};
     float *slots[4] = {&w.view, &w.click, &w.add_to_cart, &w.purchase};
     bool seen_builtin[4] = {false};
     const char *p = value;

@@ -35,15 +35,22 @@ struct aff_profiles {
     int64_t retention_ms; /* 0: no retention limit */
 };
 
-static const char *const builtin_names[4] = {"view", "click", "add_to_cart", "purchase"};
+static const char *const builtin_names[AFF_EVENT_BUILTIN_COUNT] = {
+#define PROFILES__EVENT_NAME(name, value, str, weight) [value - 1] = str,
+    AFF_EVENT_TYPES(PROFILES__EVENT_NAME)
+#undef PROFILES__EVENT_NAME
+};
 
 void profiles_config_init(profiles_config *cfg)
 {
+#define PROFILES__EVENT_WEIGHT(name, value, str, weight) [value - 1] = weight,
+    static const float weights[AFF_EVENT_BUILTIN_COUNT] = {AFF_EVENT_TYPES(PROFILES__EVENT_WEIGHT)};
+#undef PROFILES__EVENT_WEIGHT
     *cfg = (profiles_config){
-        .weight_view = 1.0f,
-        .weight_click = 2.0f,
-        .weight_add_to_cart = 4.0f,
-        .weight_purchase = 8.0f,
+        .weight_view = weights[PROFILES_EVENT_VIEW - 1],
+        .weight_click = weights[PROFILES_EVENT_CLICK - 1],
+        .weight_add_to_cart = weights[PROFILES_EVENT_ADD_TO_CART - 1],
+        .weight_purchase = weights[PROFILES_EVENT_PURCHASE - 1],
         .half_life_s = 14 * DAY_S,
         .popularity_half_life_s = 7 * DAY_S,
         .history_len = 500,

@@ -46,6 +46,7 @@
 #include <stdint.h>
 
 #include "engine.h"
+#include "event_types.h"
 #include "store.h"
 
 typedef struct aff_profiles aff_profiles;
@@ -53,11 +54,10 @@ typedef struct aff_profiles aff_profiles;
 /* Values match affinity.v1.EventType. */
 typedef enum profiles_event_kind {
     PROFILES_EVENT_UNSPECIFIED = 0,
-    PROFILES_EVENT_VIEW = 1,
-    PROFILES_EVENT_CLICK = 2,
-    PROFILES_EVENT_ADD_TO_CART = 3,
-    PROFILES_EVENT_PURCHASE = 4,
-    PROFILES_EVENT_CUSTOM = 5,
+#define PROFILES__EVENT_ENUM(name, value, str, weight) PROFILES_EVENT_##name = value,
+    AFF_EVENT_TYPES(PROFILES__EVENT_ENUM)
+#undef PROFILES__EVENT_ENUM
+        PROFILES_EVENT_CUSTOM = AFF_EVENT_CUSTOM,
 } profiles_event_kind;
 
 /* Values match affinity.v1.RecommendSource. */
