@@ -3,8 +3,8 @@
  *
  * Why: glibc's malloc gives each busy thread its own arena. After an overload storm (tens of
  * thousands of calls queued, refused and freed across ~30 gRPC, batcher and worker threads)
- * the arenas hold tens of megabytes of free but fragmented memory that they never return by
- * themselves, so RSS climbs with each storm although nothing is leaked (measured in
+ * the arenas hold tens of megabytes of free but fragmented memory; glibc returns only free
+ * space at the top of each heap by itself, so RSS climbs with each storm although nothing is leaked (measured in
  * bench/results/2026-11-30-cpu-2core/overload_storms.md: 153 MB mapped by malloc, 82 MB in
  * use). A trimmer thread checks the free bytes every interval and calls malloc_trim(0) when
  * they pass a threshold.
