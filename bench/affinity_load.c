@@ -1540,6 +1540,20 @@ static int gen_main(int argc, char **argv)
         fprintf(stderr, "affinity_load gen: --out is required and sizes must be positive\n");
         return 2;
     }
+    /* Create --out (and its parents) when missing, like mkdir -p. */
+    char made[4096];
+    snprintf(made, sizeof made, "%s", out_dir);
+    for (char *p = made + 1;; p++) {
+        char c = *p;
+        if (c != '/' && c != '\0') continue;
+        *p = '\0';
+        if (mkdir(made, 0777) != 0 && errno != EEXIST) {
+            fprintf(stderr, "affinity_load gen: cannot create %s: %s\n", made, strerror(errno));
+            return 1;
+        }
+        *p = c;
+        if (c == '\0') break;
+    }
     int rc = 1;
     float *centres = malloc((size_t)clusters * dim * sizeof(float));
     float *data = malloc((size_t)(rows > nq ? rows : nq) * dim * sizeof(float));

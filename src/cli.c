@@ -82,11 +82,21 @@ static void jfloat(double v)
         printf("null");
 }
 
+/* --json: errors go to stdout as one JSON object instead of to stderr. Set once by main()
+ * before any command runs (a CLI program's only mutable global). */
+static bool json_errors;
+
 static int usage_error(const char *fmt, const char *arg)
 {
-    fprintf(stderr, "affinity: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n(see affinity --help)\n");
+    char msg[1024];
+    snprintf(msg, sizeof msg, fmt, arg);
+    if (json_errors) {
+        printf("{\"error\": {\"code\": %d, \"name\": \"USAGE\", \"message\": ", EXIT_USAGE);
+        jstr(msg);
+        printf("}}\n");
+        return EXIT_USAGE;
+    }
+    fprintf(stderr, "affinity: %s\n(see affinity --help)\n", msg);
     return EXIT_USAGE;
 }
 
@@ -101,6 +111,7 @@ static int report_rpc_error(const cli *c, const char *what, int rc, const transp
         printf(", \"call\": ");
         jstr(what);
         printf("}}\n");
+        return EXIT_RPC;
     }
     fprintf(stderr, "affinity: %s failed: %s: %s\n", what, code_name(code), msg);
     return EXIT_RPC;
@@ -824,8 +835,9 @@ static void progress(uint64_t done, uint64_t total, double secs, bool final)
 /* Checks that the collection exists with the file's dimension, creating it when missing and
  * `create` is set, so a mismatch fails before any item is sent. */
 static int prepare_collection(cli *c, const char *name, uint32_t dim, Affinity__V1__Metric metric,
-                              bool create, const char *vec_path)
+                              bool create, const char *vec_path, bool *created)
 {
+    *created = false;
     int rc = connect_client(c);
     if (rc) return rc;
     Affinity__V1__DescribeCollectionRequest dreq = AFFINITY__V1__DESCRIBE_COLLECTION_REQUEST__INIT;
@@ -871,10 +883,30 @@ static int prepare_collection(cli *c, const char *name, uint32_t dim, Affinity__
                    &affinity__v1__create_collection_response__descriptor, &resp)))
         return rc;
     transport_client_free(resp);
+    *created = true;
     if (!c->json)
         fprintf(stderr, "created collection %s (dim %u, %s)\n", name, dim,
                 dim ? metric_name(metric) : "learned-only");
     return 0;
+}
+
+/* A load that created its collection and then failed drops it again, so a retry starts
+ * clean (and nothing half-loaded stays behind). */
+static void undo_create(cli *c, const char *name)
+{
+    Affinity__V1__DropCollectionRequest req = AFFINITY__V1__DROP_COLLECTION_REQUEST__INIT;
+    req.name = (char *)name;
+    ProtobufCMessage *resp = NULL;
+    transport_call_status st = {0};
+    if (c->client && transport_client_unary(c->client, TRANSPORT_METHOD_DROP_COLLECTION, &req.base,
+                                            &affinity__v1__drop_collection_response__descriptor, 0,
+                                            &resp, &st) == 0)
+        fprintf(stderr, "affinity: the load failed; dropped collection %s, which it created\n",
+                name);
+    else
+        fprintf(stderr, "affinity: the load failed; could not drop collection %s: %s\n", name,
+                st.message);
+    transport_client_free(resp);
 }
 
 static int cmd_load(cli *c, int argc, char **argv)
@@ -885,7 +917,7 @@ static int cmd_load(cli *c, int argc, char **argv)
         {"progress", 0, 0, 'P'}, {"no-progress", 0, 0, 'N'}, {0, 0, 0, 0}};
     const char *vec_path = NULL, *attr_path = NULL, *id_prefix = NULL;
     uint32_t batch = 500;
-    bool create = false;
+    bool create = false, created = false;
     int show_progress = -1;
     Affinity__V1__Metric metric = AFFINITY__V1__METRIC__METRIC_COSINE;
     int opt;
@@ -975,7 +1007,7 @@ static int cmd_load(cli *c, int argc, char **argv)
         rc = EXIT_USAGE;
         goto out;
     }
-    if ((rc = prepare_collection(c, collection, dim, metric, create, vec_path))) goto out;
+    if ((rc = prepare_collection(c, collection, dim, metric, create, vec_path, &created))) goto out;
     if ((rc = connect_client(c))) goto out;
     /* A bulk load may take long: the stream gets an hour unless --timeout-ms says more. */
     uint32_t stream_ms = c->opts.timeout_ms > 3600000 ? c->opts.timeout_ms : 3600000;
@@ -1088,6 +1120,7 @@ static int cmd_load(cli *c, int argc, char **argv)
 out:
     transport_client_free(resp);
     transport_client_stream_destroy(stream);
+    if (rc && created) undo_create(c, collection);
     vecfile_close(vr);
     attrfile_close(ar);
     free(vecs);
@@ -1662,6 +1695,7 @@ static int cmd_events(cli *c, int argc, char **argv)
         for (size_t i = 0; i < r->n_rejected; i++)
             printf("  rejected #%u: %s\n", r->rejected[i]->index, r->rejected[i]->reason);
     }
+    if (r->n_rejected) rc = EXIT_RPC; /* some events were not stored: say so to scripts */
 out:
     transport_client_free(resp);
     free(evs);
@@ -2007,8 +2041,14 @@ static int cmd_user(cli *c, int argc, char **argv)
             }
             printf("]}\n");
         } else {
-            printf("user %s: %u events in history, last at %lld ms\n", r->user_id,
-                   r->history_length, (long long)r->last_event_ms);
+            char when[64] = "never";
+            time_t secs = (time_t)(r->last_event_ms / 1000);
+            struct tm tm;
+            if (r->last_event_ms > 0 && gmtime_r(&secs, &tm))
+                snprintf(when, sizeof when, "%04d-%02d-%02d %02d:%02d:%02d UTC", tm.tm_year + 1900,
+                         tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+            printf("user %s: %u events in history, last at %s\n", r->user_id, r->history_length,
+                   when);
             for (size_t i = 0; i < r->n_event_counts; i++)
                 printf("  %-12s %llu\n", r->event_counts[i]->key,
                        (unsigned long long)r->event_counts[i]->value);
@@ -2285,15 +2325,15 @@ static int cmd_info(cli *c, int argc, char **argv)
                (unsigned long long)r->device_memory_total, r->max_batch, r->max_wait_us,
                r->persistent ? "true" : "false");
         if (b) {
-            printf(", \"batch_stats\": {\"batches\": %llu, \"requests\": %llu, "
-                   "\"max_batch_seen\": %llu, \"queue_wait_us_total\": %llu, "
-                   "\"rejected_queue_full\": %llu, \"expired_deadline\": %llu, "
-                   "\"size_histogram\": [",
-                   (unsigned long long)b->batches, (unsigned long long)b->requests,
-                   (unsigned long long)b->max_batch_seen,
-                   (unsigned long long)b->queue_wait_us_total,
-                   (unsigned long long)b->rejected_queue_full,
-                   (unsigned long long)b->expired_deadline);
+            printf(
+                ", \"batch_stats\": {\"batches\": %llu, \"requests\": %llu, "
+                "\"max_batch_seen\": %llu, \"queue_wait_us_total\": %llu, "
+                "\"rejected_queue_full\": %llu, \"expired_deadline\": %llu, "
+                "\"queries\": %llu, \"queued\": %llu, \"size_histogram\": [",
+                (unsigned long long)b->batches, (unsigned long long)b->requests,
+                (unsigned long long)b->max_batch_seen, (unsigned long long)b->queue_wait_us_total,
+                (unsigned long long)b->rejected_queue_full, (unsigned long long)b->expired_deadline,
+                (unsigned long long)b->queries, (unsigned long long)b->queued);
             for (size_t i = 0; i < b->n_size_histogram; i++)
                 printf("%s%llu", i ? ", " : "", (unsigned long long)b->size_histogram[i]);
             printf("]}");
@@ -2314,6 +2354,8 @@ static int cmd_info(cli *c, int argc, char **argv)
                    (unsigned long long)b->max_batch_seen,
                    (unsigned long long)b->rejected_queue_full,
                    (unsigned long long)b->expired_deadline);
+            printf("queries %llu, queued now %llu\n", (unsigned long long)b->queries,
+                   (unsigned long long)b->queued);
             for (size_t i = 0; i < b->n_size_histogram; i++)
                 if (b->size_histogram[i])
                     printf("  batch size [%u, %u): %llu\n", 1u << i, 2u << i,
@@ -2356,6 +2398,8 @@ static void usage(FILE *f)
                "  --tls-server-name N  name to verify in the server certificate\n"
                "  --timeout-ms MS      deadline of each call (default 30000)\n"
                "  --json               print one JSON object (errors too) for scripts\n"
+               "  --version, --help    print the version or this help (also: affinity version,\n"
+               "                       affinity help)\n"
                "\n"
                "commands:\n"
                "  collections list | describe NAME | drop NAME\n"
@@ -2374,7 +2418,8 @@ static void usage(FILE *f)
                "  rerank COLLECTION (--user ID | --vector V...) --candidates ID[:SCORE],...\n"
                "         [--weight W]\n"
                "  events COLLECTION USER TYPE:ITEM_ID...   (view, click, cart, purchase,\n"
-               "                                            custom=NAME)\n"
+               "                                            custom=NAME; exit 1 if any is\n"
+               "                                            rejected)\n"
                "  events import COLLECTION FILE.csv|FILE.jsonl [--format csv|jsonl] [--batch N]\n"
                "         [--progress|--no-progress]   history in bulk; exit 1 if rows were\n"
                "                                      rejected, 2 if lines were malformed\n"
@@ -2396,7 +2441,13 @@ static void usage(FILE *f)
                "--lambda X, --alpha0 X, --nu X, --cg-steps N (0: exact solves); train --save\n"
                "also makes them the collection's parameters\n"
                "\n"
-               "exit status: 0 ok, 1 the call failed (message on stderr), 2 bad usage or input\n");
+               "load: --attrs is CSV with a header (id,category,price,available,tags; tags\n"
+               "separated by '|' or ';') or JSON lines ({\"id\":..,\"category\":..,\"price\":..,\n"
+               "\"available\":..,\"tags\":[..]}), one record per vector row; a failed load\n"
+               "with --create drops the collection it created.\n"
+               "\n"
+               "exit status: 0 ok, 1 the call failed (message on stderr; with --json a JSON\n"
+               "error on stdout), 2 bad usage or input\n");
 }
 
 typedef struct command {
@@ -2445,13 +2496,19 @@ int main(int argc, char **argv)
     memset(&c, 0, sizeof(c));
     c.opts.target = getenv("AFFINITY_ADDR") ? getenv("AFFINITY_ADDR") : "127.0.0.1:50051";
     const char *token_file = getenv("AFFINITY_TOKEN_FILE");
-    static const struct option opts[] = {{"addr", 1, 0, 'a'},       {"token-file", 1, 0, 't'},
-                                         {"tls-ca", 1, 0, 'c'},     {"tls-server-name", 1, 0, 's'},
-                                         {"timeout-ms", 1, 0, 'T'}, {"json", 0, 0, 'j'},
-                                         {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
+    static const struct option opts[] = {{"addr", 1, 0, 'a'},
+                                         {"token-file", 1, 0, 't'},
+                                         {"tls-ca", 1, 0, 'c'},
+                                         {"tls-server-name", 1, 0, 's'},
+                                         {"timeout-ms", 1, 0, 'T'},
+                                         {"json", 0, 0, 'j'},
+                                         {"help", 0, 0, 'h'},
+                                         {"version", 0, 0, 'V'},
+                                         {0, 0, 0, 0}};
     int opt;
+    opterr = 0; /* unknown flags get one line of ours, not the whole usage */
     /* '+': stop at the command; its own flags are parsed by the command. */
-    while ((opt = getopt_long(argc, argv, "+h", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "+hV", opts, NULL)) != -1) {
         switch (opt) {
         case 'a':
             c.opts.target = optarg;
@@ -2475,21 +2532,36 @@ int main(int argc, char **argv)
         case 'h':
             usage(stdout);
             return 0;
+        case 'V':
+            printf("affinity %s\n", AFF_VERSION_STRING);
+            return 0;
         default:
-            usage(stderr);
-            return EXIT_USAGE;
+            json_errors = c.json;
+            return usage_error("unknown or incomplete global flag '%s'; global flags (before the "
+                               "command): --addr --token-file --tls-ca --tls-server-name "
+                               "--timeout-ms --json --version --help",
+                               argv[optind - 1]);
         }
     }
+    json_errors = c.json;
     if (optind >= argc) {
         usage(stderr);
         return EXIT_USAGE;
     }
+    if (strcmp(argv[optind], "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[optind], "version") == 0) {
+        printf("affinity %s\n", AFF_VERSION_STRING);
+        return 0;
+    }
     if (token_file && token_file[0]) {
         c.token = read_token(token_file);
         if (!c.token) {
-            fprintf(stderr, "affinity: cannot read token file %s: %s\n", token_file,
-                    strerror(errno));
-            return EXIT_USAGE;
+            char msg[1200];
+            snprintf(msg, sizeof msg, "cannot read token file %s: %s", token_file, strerror(errno));
+            return usage_error("%s", msg);
         }
         c.opts.token = c.token;
     }

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "cpu_score.h"
+#include "event_types.h"
 
 typedef enum opt_type {
     OPT_STRING, /* char[size] */
@@ -131,6 +132,35 @@ static const opt_def opts[] = {
      .help = "JSON file of named rule presets (boosts, pins, promotions, caps, diversity, "
              "exploration) that requests select with `preset`; re-read when it changes "
              "(checked at most once a second); empty: none"},
+    /* ---- connection limits (issue 12) ---- */
+    {"max-connections", U32(max_connections, 0, 1000000), .def = "0",
+     .help = "client connections open at once, 0..1000000; more are refused (closed at once, "
+             "with a log line); 0: RLIMIT_NOFILE less a headroom of 1/8 (at least 64)"},
+    {"idle-timeout-ms", U32(idle_timeout_ms, 1000, 86400000), .def = "300000",
+     .help = "close a connection that has had no call for this long, 1000..86400000 ms"},
+    {"handshake-timeout-ms", U32(handshake_timeout_ms, 100, 600000), .def = "10000",
+     .help = "a new connection must finish its TLS and HTTP/2 handshake (preface and "
+             "SETTINGS) within this, 100..600000 ms, or it is closed"},
+    {"max-header-bytes", U32(max_header_bytes, 8192, 1048576), .def = "65536",
+     .help = "largest request metadata (all headers of one call) accepted, 8192..1048576 "
+             "bytes; gRPC 1.51 answers a larger one by closing the whole connection, so keep "
+             "this above what clients send"},
+    {"heap-trim-mib", U32(heap_trim_mib, 0, 65536), .def = "16",
+     .help = "when malloc holds more than this many MiB freed but not returned to the system "
+             "(after an overload storm), return it (checked every second), 0..65536; 0: off"},
+    {"tokens-file", STR(tokens_file), .def = "", .secret_path = true,
+     .help = "file of role tokens, one per line: \"admin TOKEN\" or \"serving TOKEN\", "
+             "optionally followed by COLLECTION,... to limit the token to those; serving "
+             "tokens may search, recommend, send events and read, not change the catalog "
+             "(see docs/security.md)"},
+    {"tls-client-ca", STR(tls_client_ca), .def = "",
+     .help = "with --tls-cert: require client certificates signed by this CA (PEM), i.e. "
+             "mutual TLS"},
+    {"event-retention-days", U32(event_retention_days, 0, 36500), .def = "0",
+     .help = "erase behaviour events older than this many days, and what derives from them "
+             "(history, per-item aggregates, type index; the profile is recomputed), at "
+             "start-up and every 10 minutes; events older than this are refused; 0..36500, "
+             "0: keep until DeleteUser"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
@@ -191,8 +221,20 @@ static bool valid_type_name(const char *s, size_t n)
 static int parse_event_weights(const char *value, const char *source, config_event_weights *out,
                                aff_err *err)
 {
-    static const char *const builtin[4] = {"view", "click", "add_to_cart", "purchase"};
-    config_event_weights w = {.view = 1, .click = 2, .add_to_cart = 4, .purchase = 8};
+    static const char *const builtin[AFF_EVENT_BUILTIN_COUNT] = {
+#define CONFIG__EVENT_NAME(name, value, str, weight) [value - 1] = str,
+        AFF_EVENT_TYPES(CONFIG__EVENT_NAME)
+#undef CONFIG__EVENT_NAME
+    };
+    static const float defaults[AFF_EVENT_BUILTIN_COUNT] = {
+#define CONFIG__EVENT_WEIGHT(name, value, str, weight) [value - 1] = weight,
+        AFF_EVENT_TYPES(CONFIG__EVENT_WEIGHT)
+#undef CONFIG__EVENT_WEIGHT
+    };
+    config_event_weights w = {.view = defaults[0],
+                              .click = defaults[1],
+                              .add_to_cart = defaults[2],
+                              .purchase = defaults[3]};
     float *slots[4] = {&w.view, &w.click, &w.add_to_cart, &w.purchase};
     bool seen_builtin[4] = {false};
     const char *p = value;
@@ -358,6 +400,14 @@ static int validate(const aff_config *c, aff_err *err)
         return err ? err->code : AFF_EINVAL;
     if (c->token_file[0] && check_file("token-file", c->token_file, err))
         return err ? err->code : AFF_EINVAL;
+    if (c->tokens_file[0] && check_file("tokens-file", c->tokens_file, err))
+        return err ? err->code : AFF_EINVAL;
+    if (c->tls_client_ca[0] && !c->tls_cert[0])
+        return aff__fail(err, AFF_EINVAL,
+                         "--tls-client-ca needs --tls-cert and --tls-key: client certificates "
+                         "are checked only on TLS connections");
+    if (c->tls_client_ca[0] && check_file("tls-client-ca", c->tls_client_ca, err))
+        return err ? err->code : AFF_EINVAL;
     if (c->metrics_listen[0] && !strchr(c->metrics_listen, ':'))
         return aff__fail(err, AFF_EINVAL, "--metrics-listen: '%s' is not host:port",
                          c->metrics_listen);
@@ -387,6 +437,9 @@ int config_parse(aff_config *out, int argc, char **argv, aff_err *err)
     }
     for (int a = 1; a < argc; a++) {
         const char *arg = argv[a];
+        /* The short spellings people try first. */
+        if (strcmp(arg, "-h") == 0 || strcmp(arg, "help") == 0) arg = "--help";
+        if (strcmp(arg, "-V") == 0 || strcmp(arg, "version") == 0) arg = "--version";
         if (strncmp(arg, "--", 2) != 0) {
             rc = aff__fail(err, AFF_EINVAL,
                            "unexpected argument '%s' (flags start with --; "
@@ -499,17 +552,7 @@ void config_log(const aff_config *c)
         kv[n++] = o->name;
         kv[n++] = v;
     }
-    kv[n] = NULL;
-    /* aff_log_kv takes a NULL-terminated vararg list; pass the table in fixed slots, at most
-     * 14 settings per line. */
-    for (size_t from = 0; from < n; from += 28) {
-        const char *k[29];
-        for (size_t i = 0; i < sizeof k / sizeof k[0]; i++)
-            k[i] = i < 28 && from + i < n ? kv[from + i] : NULL;
-        aff_log_kv(AFF_LOG_INFO, "configuration", k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7],
-                   k[8], k[9], k[10], k[11], k[12], k[13], k[14], k[15], k[16], k[17], k[18], k[19],
-                   k[20], k[21], k[22], k[23], k[24], k[25], k[26], k[27], k[28], NULL);
-    }
+    aff_log_fields(AFF_LOG_INFO, "configuration", kv, n / 2);
 }
 
 void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_type *custom)
@@ -528,6 +571,7 @@ void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_
     out->half_life_s = c->profile_half_life_hours * 3600.0;
     out->popularity_half_life_s = c->popularity_half_life_hours * 3600.0;
     out->history_len = c->history_length;
+    out->retention_ms = (int64_t)c->event_retention_days * 86400000;
 }
 
 void config_model(const aff_config *c, model_config *out)

@@ -65,6 +65,14 @@ typedef struct aff_config {
     uint32_t model_epochs;                /* default training epochs */
     uint32_t train_threads;               /* threads per training job; 0 = all cores */
     char serving_config[CONFIG_PATH_MAX]; /* rule presets (JSON); "" = none */
+    uint32_t max_connections;             /* connections open at once; 0 = from RLIMIT_NOFILE */
+    uint32_t idle_timeout_ms;             /* a connection without calls this long is closed */
+    uint32_t handshake_timeout_ms;        /* a new connection's handshake must finish by then */
+    uint32_t max_header_bytes;            /* largest request metadata (all headers) accepted */
+    char tokens_file[CONFIG_PATH_MAX];    /* role tokens (transport_auth.h); "" = none */
+    char tls_client_ca[CONFIG_PATH_MAX];  /* mTLS: CA of client certificates; "" = off */
+    uint32_t event_retention_days;        /* 0 = events kept until DeleteUser */
+    uint32_t heap_trim_mib;               /* trim malloc's free memory past this; 0 = off */
     bool help;                            /* --help was given: print config_usage and exit 0 */
     bool version;                         /* --version was given */
 } aff_config;

@@ -47,6 +47,9 @@ typedef struct collection {
     strmap *ids;              /* id -> row; owns the id strings */
     const char **row_ids;     /* row -> id (points into ids' keys) */
     backend_row_attrs *attrs; /* row -> attributes */
+    /* row -> the tags in the order the item gave them: indexes into attrs[row].tags, which
+     * the backends need sorted (issue 12: GetItems returns tags as they were sent). */
+    uint8_t (*tag_order)[AFF_MAX_TAGS_PER_ITEM];
     uint32_t count, capacity;
     vocab categories, tags;
     float max_abs; /* backend_info.max_abs_component: largest |component| the backend stores */
@@ -202,6 +205,7 @@ static void collection_free(collection *c)
     vocab_free(&c->tags);
     free(c->row_ids);
     free(c->attrs);
+    free(c->tag_order);
     pthread_rwlock_destroy(&c->lock);
     free(c);
 }
@@ -365,7 +369,8 @@ static void describe_locked(aff_engine *e, collection *c, engine_collection_info
     out->learned_only = c->learned_only;
     out->n_items = c->count;
     out->memory_bytes = c->ops->table_memory(c->table) + strmap_memory(c->ids) +
-                        (uint64_t)c->capacity * (sizeof(char *) + sizeof(backend_row_attrs)) +
+                        (uint64_t)c->capacity *
+                            (sizeof(char *) + sizeof(backend_row_attrs) + AFF_MAX_TAGS_PER_ITEM) +
                         vocab_memory(&c->categories) + vocab_memory(&c->tags);
     snprintf(out->backend, sizeof out->backend, "%s", e->info.name);
 }
@@ -576,21 +581,38 @@ static int reserve_rows(collection *c, uint32_t rows, aff_err *err)
         return aff__fail(err, AFF_ENOMEM, "out of memory growing to %llu rows",
                          (unsigned long long)cap);
     c->attrs = attrs;
+    uint8_t(*order)[AFF_MAX_TAGS_PER_ITEM] = realloc(c->tag_order, cap * sizeof *order);
+    if (!order)
+        return aff__fail(err, AFF_ENOMEM, "out of memory growing to %llu rows",
+                         (unsigned long long)cap);
+    c->tag_order = order;
     c->capacity = (uint32_t)cap;
     return AFF_OK;
 }
 
 /* Interns an item's category and tags into row attributes. Caller holds the write lock. */
-static int build_attrs(collection *c, const aff_item *it, backend_row_attrs *a, aff_err *err)
+static int build_attrs(collection *c, const aff_item *it, backend_row_attrs *a,
+                       uint8_t order[AFF_MAX_TAGS_PER_ITEM], aff_err *err)
 {
     *a = (backend_row_attrs){.price = it->price, .available = it->available};
     if (it->category && *it->category &&
         vocab_intern(&c->categories, it->category, &a->category) != AFF_OK)
         return aff__fail(err, AFF_ENOMEM, "out of memory interning a category");
-    for (uint32_t t = 0; t < it->n_tags; t++)
-        if (vocab_intern(&c->tags, it->tags[t], &a->tags[t]) != AFF_OK)
+    uint32_t given[AFF_MAX_TAGS_PER_ITEM], n_given = 0;
+    for (uint32_t t = 0; t < it->n_tags; t++) {
+        uint32_t id;
+        if (vocab_intern(&c->tags, it->tags[t], &id) != AFF_OK)
             return aff__fail(err, AFF_ENOMEM, "out of memory interning a tag");
-    a->n_tags = (uint8_t)sort_unique(a->tags, it->n_tags);
+        bool dup = false;
+        for (uint32_t k = 0; k < n_given && !dup; k++)
+            dup = given[k] == id;
+        if (!dup) given[n_given++] = id; /* the first occurrence keeps its place */
+    }
+    memcpy(a->tags, given, n_given * sizeof *given);
+    a->n_tags = (uint8_t)sort_unique(a->tags, n_given);
+    for (uint32_t k = 0; k < n_given; k++)
+        for (uint8_t t = 0; t < a->n_tags; t++)
+            if (a->tags[t] == given[k]) order[k] = t;
     for (uint32_t t = 0; t < a->n_tags; t++)
         a->tag_bloom |= backend_tag_bit(a->tags[t]);
     return AFF_OK;
@@ -606,6 +628,7 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
     char **new_keys = NULL;
     float *vectors = NULL;
     backend_row_attrs *attrs = NULL;
+    uint8_t(*orders)[AFF_MAX_TAGS_PER_ITEM] = NULL;
     strmap *seen = NULL;
     bool locked = false;
     size_t m = 0; /* distinct ids */
@@ -637,7 +660,8 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
     new_keys = calloc(m, sizeof *new_keys);
     vectors = malloc(m * c->dim * sizeof *vectors);
     attrs = malloc(m * sizeof *attrs);
-    if (!rows || !new_keys || !vectors || !attrs) {
+    orders = malloc(m * sizeof *orders);
+    if (!rows || !new_keys || !vectors || !attrs || !orders) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory upserting %zu items", n);
         goto out;
     }
@@ -657,7 +681,7 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
                 goto out;
             }
         }
-        if ((rc = build_attrs(c, it, &attrs[j], err)) != AFF_OK) goto out;
+        if ((rc = build_attrs(c, it, &attrs[j], orders[j], err)) != AFF_OK) goto out;
         if (c->learned_only)
             memset(vectors + j * c->dim, 0, c->dim * sizeof *vectors);
         else
@@ -685,6 +709,7 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
             c->row_ids[row] = key;
         }
         c->attrs[row] = attrs[j];
+        memcpy(c->tag_order[row], orders[j], sizeof orders[j]);
     }
     c->count += appended;
 out:
@@ -696,6 +721,7 @@ out:
     free(pick);
     free(vectors);
     free(attrs);
+    free(orders);
     strmap_destroy(seen);
     collection_release(c);
     return rc;
@@ -753,6 +779,7 @@ int engine_delete(aff_engine *e, const char *name, const char *const *ids, size_
     for (uint32_t i = 0; i < moves; i++) {
         c->row_ids[dst[i]] = c->row_ids[src[i]];
         c->attrs[dst[i]] = c->attrs[src[i]];
+        memcpy(c->tag_order[dst[i]], c->tag_order[src[i]], sizeof c->tag_order[0]);
         strmap_set(c->ids, c->row_ids[dst[i]], dst[i]);
     }
     c->count = count;
@@ -785,8 +812,9 @@ int engine_get_item(aff_engine *e, const char *name, const char *id, engine_item
     if (a->category)
         snprintf(out->category, sizeof out->category, "%s", c->categories.names[a->category]);
     out->n_tags = a->n_tags;
-    for (uint32_t t = 0; t < a->n_tags; t++)
-        snprintf(out->tags[t], sizeof out->tags[t], "%s", c->tags.names[a->tags[t]]);
+    for (uint32_t t = 0; t < a->n_tags; t++) /* in the order the item gave them */
+        snprintf(out->tags[t], sizeof out->tags[t], "%s",
+                 c->tags.names[a->tags[c->tag_order[row][t]]]);
     out->price = a->price;
     out->available = a->available;
     if (vector) rc = c->ops->table_read(c->table, &row, 1, vector, err);

@@ -130,3 +130,14 @@ void aff_log_kv(aff_log_level level, const char *msg, ...)
     va_end(ap);
     line_end(&b);
 }
+
+void aff_log_fields(aff_log_level level, const char *msg, const char *const *kv, size_t n_fields)
+{
+    if (level < aff_log_get_level() || level >= AFF_LOG_OFF) return;
+    line_buf b;
+    line_begin(&b, level);
+    put_field(&b, "msg", msg);
+    for (size_t i = 0; i < n_fields; i++)
+        put_field(&b, kv[2 * i], kv[2 * i + 1]);
+    line_end(&b);
+}

@@ -10,6 +10,8 @@
 #ifndef AFFINITY_LOG_H
 #define AFFINITY_LOG_H
 
+#include <stddef.h>
+
 typedef enum aff_log_level {
     AFF_LOG_DEBUG = 0,
     AFF_LOG_INFO = 1,
@@ -27,5 +29,7 @@ int aff_log_parse_level(const char *name, aff_log_level *out);
 void aff_log(aff_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* msg plus string fields: aff_log_kv(AFF_LOG_INFO, "listening", "address", addr, NULL). */
 void aff_log_kv(aff_log_level level, const char *msg, ...) __attribute__((sentinel));
+/* msg plus n_fields string fields given as kv[2 i] (key), kv[2 i + 1] (value). */
+void aff_log_fields(aff_log_level level, const char *msg, const char *const *kv, size_t n_fields);
 
 #endif

@@ -25,10 +25,12 @@
 #include "config.h"
 #include "demo.h"
 #include "engine.h"
+#include "heap.h"
 #include "log.h"
 #include "metrics.h"
 #include "pipeline.h"
 #include "profiles.h"
+#include "retention.h"
 #include "store.h"
 #include "transport.h"
 
@@ -122,20 +124,29 @@ static int install_stop_handler(aff_err *err)
 }
 
 /* Scrape hook of the GPU backend: device memory and device faults (see backend_gpu.c). */
-static void scrape_gpu(aff_metrics *m, metrics_scrape *scrape, void *ctx)
-{
-    (void)scrape;
-    backend_info bi;
-    engine_backend_info(ctx, &bi);
-    metrics_set_gpu_memory(m, bi.memory_used, bi.memory_total);
-    metrics_set_device_faults(m, bi.device_faults, bi.tables_on_cpu);
-}
-
 /* batcher_config.on_batch: batch sizes and queue depth into the metrics registry. */
 static void observe_batch(void *ctx, uint64_t queries, uint64_t queued)
 {
     metrics_observe_batch(ctx, queries);
     metrics_set_queue_depth(ctx, (int64_t)queued);
+}
+
+/* Scrape hook: items per collection, device memory and device faults, read when Prometheus
+ * asks. */
+static void scrape_engine(aff_metrics *m, metrics_scrape *scrape, void *ctx)
+{
+    aff_engine *engine = ctx;
+    engine_collection_info *infos = NULL;
+    size_t n = 0;
+    aff_err err;
+    if (engine_list_collections(engine, &infos, &n, &err) == 0)
+        for (size_t i = 0; i < n; i++)
+            metrics_scrape_collection(scrape, infos[i].name, infos[i].n_items);
+    free(infos);
+    backend_info bi;
+    engine_backend_info(engine, &bi);
+    if (bi.memory_total) metrics_set_gpu_memory(m, bi.memory_used, bi.memory_total);
+    if (strcmp(bi.name, "cuda") == 0) metrics_set_device_faults(m, bi.device_faults, bi.tables_on_cpu);
 }
 
 /* Blocks until SIGTERM or SIGINT arrives; returns which. */
@@ -170,6 +181,8 @@ int main(int argc, char **argv)
     aff_metrics *metrics = NULL;
     transport *server = NULL;
     aff_pipeline *pipeline = NULL;
+    heap_trimmer *trimmer = NULL;
+    retention *keeper = NULL;
 
     ensure_passive_openmp(argv);
     if (config_parse(&cfg, argc, argv, &err)) {
@@ -223,7 +236,7 @@ int main(int argc, char **argv)
      * batch sizes and queue depth through on_batch. */
     if (metrics_create(&metrics, cfg.metrics_listen, &err)) goto fail;
     metrics_set_backend(metrics, bi.name, bi.device);
-    if (strcmp(bi.name, "cuda") == 0) metrics_set_scrape_hook(metrics, scrape_gpu, engine);
+    metrics_set_scrape_hook(metrics, scrape_engine, engine);
     if (cfg.metrics_listen[0])
         aff_log(AFF_LOG_INFO, "metrics on port %u", (unsigned)metrics_port(metrics));
 
@@ -248,6 +261,8 @@ int main(int argc, char **argv)
                              .tls_cert_file = cfg.tls_cert,
                              .tls_key_file = cfg.tls_key,
                              .token = token,
+                             .tokens_file = cfg.tokens_file,
+                             .tls_client_ca_file = cfg.tls_client_ca,
                              .max_batch = cfg.max_batch,
                              .max_wait_us = cfg.max_wait_us,
                              .catalog = catalog,
@@ -256,12 +271,18 @@ int main(int argc, char **argv)
                              .on_events = note_events,
                              .on_events_ctx = model,
                              .metrics = metrics,
-                             .pipeline = pipeline};
+                             .pipeline = pipeline,
+                             .max_connections = cfg.max_connections,
+                             .idle_timeout_ms = cfg.idle_timeout_ms,
+                             .handshake_timeout_ms = cfg.handshake_timeout_ms,
+                             .max_header_bytes = cfg.max_header_bytes};
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];
     snprintf(port, sizeof port, "%d", transport_port(server));
     aff_log_kv(AFF_LOG_INFO, "listening", "address", cfg.listen, "port", port, "tls",
-               cfg.tls_cert[0] ? "on" : "off", "auth", token[0] ? "bearer token" : "off", NULL);
+               cfg.tls_cert[0] ? "on" : "off", "auth",
+               token[0] || cfg.tokens_file[0] ? "bearer tokens" : "off", "client certificates",
+               cfg.tls_client_ca[0] ? "required" : "off", NULL);
     if (cfg.port_file[0] && write_port_file(cfg.port_file, transport_port(server), &err)) goto fail;
 
     /* The engine is rebuilt from the store while health says NOT_SERVING and every other
@@ -277,6 +298,13 @@ int main(int argc, char **argv)
         goto fail;
     /* Learned models: the last trained version of each collection serves at once. */
     if (model_load_all(model, &err)) goto fail;
+    /* After the rebuild, before serving: the first retention pass runs beside the serving. */
+    if (cfg.event_retention_days &&
+        retention_start(&keeper, profiles, cfg.event_retention_days, 600000, &err))
+        goto fail;
+    if (cfg.heap_trim_mib &&
+        heap_trimmer_start(&trimmer, 1000, (size_t)cfg.heap_trim_mib << 20, &err))
+        goto fail;
     transport_set_serving(server, true);
     metrics_set_serving(metrics, true);
     aff_log(AFF_LOG_INFO, "serving");
@@ -296,6 +324,8 @@ fail:
     aff_log_kv(AFF_LOG_ERROR, "start-up failed", "error", err.msg, NULL);
     fprintf(stderr, "affinityd: %s\n", err.msg);
 out:
+    heap_trimmer_stop(trimmer);
+    retention_stop(keeper);
     transport_destroy(server);
     batcher_destroy(bat);
     pipeline_destroy(pipeline);

@@ -30,7 +30,7 @@
 
 #define METRICS_GRPC_CODES   17
 #define METRICS_GRPC_UNKNOWN 2
-#define METRICS_EVENT_TYPES  6 /* index = metrics_event_type; 0 unused */
+#define METRICS_EVENT_TYPES  (AFF_EVENT_CUSTOM + 1) /* index = metrics_event_type; 0 unused */
 #define METRICS_HIST_MAX     16
 #define METRICS_INFO_LEN     128
 #define METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
@@ -134,7 +134,10 @@ const char *metrics_grpc_code_name(int code)
 }
 
 static const char *const event_type_names[METRICS_EVENT_TYPES] = {
-    NULL, "view", "click", "add_to_cart", "purchase", "custom",
+#define METRICS__EVENT_NAME(name, value, str, weight) [value] = str,
+    AFF_EVENT_TYPES(METRICS__EVENT_NAME)
+#undef METRICS__EVENT_NAME
+        [AFF_EVENT_CUSTOM] = "custom",
 };
 
 /* ---- updates ---------------------------------------------------------------------------- */

@@ -32,6 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "event_types.h"
 #include "status.h"
 
 typedef struct aff_metrics aff_metrics;
@@ -68,11 +69,10 @@ typedef enum metrics_method {
 
 /* Event types, numbered as affinity.v1.EventType (so a proto value casts directly). */
 typedef enum metrics_event_type {
-    METRICS_EVENT_VIEW = 1,
-    METRICS_EVENT_CLICK = 2,
-    METRICS_EVENT_ADD_TO_CART = 3,
-    METRICS_EVENT_PURCHASE = 4,
-    METRICS_EVENT_CUSTOM = 5,
+#define METRICS__EVENT_ENUM(name, value, str, weight) METRICS_EVENT_##name = value,
+    AFF_EVENT_TYPES(METRICS__EVENT_ENUM)
+#undef METRICS__EVENT_ENUM
+        METRICS_EVENT_CUSTOM = AFF_EVENT_CUSTOM,
 } metrics_event_type;
 
 /* Starts the registry and, when listen_addr is a non-empty "host:port" ("0.0.0.0:9090",

@@ -32,17 +32,25 @@ struct aff_profiles {
     uint32_t popular_scan_limit;
     int64_t (*now_ms)(void *ctx);
     void *now_ctx;
+    int64_t retention_ms; /* 0: no retention limit */
 };
 
-static const char *const builtin_names[4] = {"view", "click", "add_to_cart", "purchase"};
+static const char *const builtin_names[AFF_EVENT_BUILTIN_COUNT] = {
+#define PROFILES__EVENT_NAME(name, value, str, weight) [value - 1] = str,
+    AFF_EVENT_TYPES(PROFILES__EVENT_NAME)
+#undef PROFILES__EVENT_NAME
+};
 
 void profiles_config_init(profiles_config *cfg)
 {
+#define PROFILES__EVENT_WEIGHT(name, value, str, weight) [value - 1] = weight,
+    static const float weights[AFF_EVENT_BUILTIN_COUNT] = {AFF_EVENT_TYPES(PROFILES__EVENT_WEIGHT)};
+#undef PROFILES__EVENT_WEIGHT
     *cfg = (profiles_config){
-        .weight_view = 1.0f,
-        .weight_click = 2.0f,
-        .weight_add_to_cart = 4.0f,
-        .weight_purchase = 8.0f,
+        .weight_view = weights[PROFILES_EVENT_VIEW - 1],
+        .weight_click = weights[PROFILES_EVENT_CLICK - 1],
+        .weight_add_to_cart = weights[PROFILES_EVENT_ADD_TO_CART - 1],
+        .weight_purchase = weights[PROFILES_EVENT_PURCHASE - 1],
         .half_life_s = 14 * DAY_S,
         .popularity_half_life_s = 7 * DAY_S,
         .history_len = 500,
@@ -127,6 +135,7 @@ int profiles_create(aff_profiles **out, aff_store *store, const profiles_config 
     p->half_life_ms = cfg->half_life_s * 1000.0;
     p->pop_half_life_ms = cfg->popularity_half_life_s * 1000.0;
     p->history_len = cfg->history_len;
+    p->retention_ms = cfg->retention_ms > 0 ? cfg->retention_ms : 0;
     p->popular_scan_limit = cfg->popular_scan_limit ? cfg->popular_scan_limit : 10000;
     p->now_ms = cfg->now_ms;
     p->now_ctx = cfg->now_ctx;
@@ -412,6 +421,24 @@ static int flush_popularity(store_txn *txn, put_ctx *c, aff_err *err)
     return AFF_OK;
 }
 
+/* Whether the user opted out in collection, or in every collection. */
+static int opt_out_in(store_txn *txn, const char *collection, const char *user, bool *out,
+                      aff_err *err)
+{
+    *out = false;
+    const char *const scopes[2] = {collection, STORE_ALL_COLLECTIONS};
+    for (int i = 0; i < 2; i++) {
+        int status = store_txn_get_opt_out(txn, scopes[i], user, NULL, err);
+        if (status == AFF_OK) {
+            *out = true;
+            return AFF_OK;
+        }
+        if (status != AFF_ENOTFOUND) return status;
+        aff__err_clear(err);
+    }
+    return AFF_OK;
+}
+
 /* Why event e cannot be applied (checked before the store is read), or NULL; *arg receives
  * the reason's %s argument. */
 static const char *event_problem(const put_ctx *c, const profiles_event *e, const type_weight *tw,
@@ -435,6 +462,8 @@ static const char *event_problem(const put_ctx *c, const profiles_event *e, cons
     }
     if (ts < 0 || ts > c->now + FUTURE_SLACK_MS)
         return "timestamp must be Unix milliseconds, not negative and at most one day ahead%s";
+    if (c->p->retention_ms && ts < c->now - c->p->retention_ms)
+        return "timestamp is older than the event retention period (--event-retention-days)%s";
     if (!isfinite(e->value)) return "value must be a finite number%s";
     if (!valid_context(e))
         return "context: at most 16 entries, keys 1..256 bytes, values ≤ 256 bytes%s";
@@ -451,7 +480,16 @@ static int apply_user_events(store_txn *txn, put_ctx *c, const store_collection 
     const aff_profiles *p = c->p;
     store_profile prof;
     uint32_t applied = 0;
-    int status = store_txn_get_profile(txn, c->collection, user, &prof, c->sum, err);
+    bool opted_out = false;
+    int status = opt_out_in(txn, c->collection, user, &opted_out, err);
+    if (status) return status;
+    if (opted_out) { /* no profile kept: nothing about the user is stored */
+        for (size_t i = 0; i < n; i++)
+            reject(c, first + i, "user '%.64s' opted out of personalization: the event is not stored",
+                   user);
+        return AFF_OK;
+    }
+    status = store_txn_get_profile(txn, c->collection, user, &prof, c->sum, err);
     if (status == AFF_ENOTFOUND) {
         memset(&prof, 0, sizeof prof);
         prof.dim = col->dim;
@@ -1257,4 +1295,341 @@ int profiles_user_traits(aff_profiles *p, const char *collection, const char *us
     out->purchase_intent = (float)(intent < 1 ? intent : 1);
     free(t);
     return AFF_OK;
+}
+
+/* ---- privacy: export (issue 12) ---------------------------------------------------------- */
+
+typedef struct export_ctx {
+    const char *collection, *user;
+    const profiles_export_fns *fns;
+    const char *type; /* the type being scanned */
+} export_ctx;
+
+static int export_type_item(void *ctx, const char *id)
+{
+    export_ctx *x = ctx;
+    return x->fns->on_type_item(x->fns->ctx, x->type, id);
+}
+
+static int export_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    export_ctx *x = ctx;
+    store_profile prof;
+    int rc = store_txn_get_profile(txn, x->collection, x->user, &prof, NULL, err);
+    if (rc) return rc;
+    if ((rc = store_txn_scan_events(txn, x->collection, x->user, x->fns->on_event, x->fns->ctx,
+                                    err)))
+        return rc;
+    if ((rc = store_txn_scan_interactions(txn, x->collection, x->user, x->fns->on_interaction,
+                                          x->fns->ctx, err)))
+        return rc;
+    for (uint32_t i = 0; i < prof.n_counts; i++) {
+        x->type = prof.counts[i].type;
+        if ((rc = store_txn_scan_type(txn, x->collection, x->user, x->type, export_type_item, x,
+                                      err)))
+            return rc;
+    }
+    return AFF_OK;
+}
+
+int profiles_export(aff_profiles *p, const char *collection, const char *user_id,
+                    const profiles_export_fns *fns, aff_err *err)
+{
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    export_ctx x = {.collection = collection, .user = user_id, .fns = fns};
+    return store_view(p->store, export_fn, &x, err);
+}
+
+/* ---- privacy: opt-out (issue 12) --------------------------------------------------------- */
+
+typedef struct opt_out_ctx {
+    const char *collection; /* a name or STORE_ALL_COLLECTIONS */
+    const char *user;
+    bool opt_out;
+    int64_t now;
+    const store_collection *cols; /* whose data is erased when opting out */
+    size_t n_cols;
+    bool erased;
+} opt_out_ctx;
+
+static int opt_out_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    opt_out_ctx *o = ctx;
+    o->erased = false;
+    int status;
+    if (!o->opt_out) return store_txn_delete_opt_out(txn, o->collection, o->user, NULL, err);
+    if ((status = store_txn_put_opt_out(txn, o->collection, o->user, o->now, err))) return status;
+    for (size_t i = 0; i < o->n_cols; i++) {
+        bool existed = false;
+        if ((status = store_txn_delete_user(txn, o->cols[i].name, o->user, &existed, err)))
+            return status;
+        o->erased = o->erased || existed;
+    }
+    return AFF_OK;
+}
+
+int profiles_set_opt_out(aff_profiles *p, const char *collection, const char *user_id, bool opt_out,
+                         bool *erased, aff_err *err)
+{
+    store_collection one, *all = NULL;
+    opt_out_ctx o = {.user = user_id, .opt_out = opt_out, .now = now_ms(p)};
+    if (erased) *erased = false;
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    int status = AFF_OK;
+    if (collection && *collection) {
+        memset(&one, 0, sizeof one);
+        snprintf(one.name, sizeof one.name, "%s", collection);
+        o.collection = collection;
+        o.cols = &one;
+        o.n_cols = 1;
+    } else {
+        o.collection = STORE_ALL_COLLECTIONS;
+        if (opt_out && (status = store_list_collections(p->store, &all, &o.n_cols, err)))
+            return status;
+        o.cols = all;
+    }
+    status = store_update(p->store, opt_out_fn, &o, err);
+    if (!status && erased) *erased = o.erased;
+    free(all);
+    return status;
+}
+
+typedef struct opted_ctx {
+    const char *collection, *user;
+    bool here, everywhere;
+} opted_ctx;
+
+static int opted_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    opted_ctx *o = ctx;
+    int status = AFF_OK;
+    if (o->collection[0]) {
+        status = store_txn_get_opt_out(txn, o->collection, o->user, NULL, err);
+        if (status == AFF_ENOTFOUND) {
+            aff__err_clear(err);
+        } else if (status) {
+            return status;
+        } else {
+            o->here = true;
+        }
+    }
+    status = store_txn_get_opt_out(txn, STORE_ALL_COLLECTIONS, o->user, NULL, err);
+    if (status == AFF_ENOTFOUND) {
+        aff__err_clear(err);
+        return AFF_OK;
+    }
+    if (!status) o->everywhere = true;
+    return status;
+}
+
+int profiles_opted_out(aff_profiles *p, const char *collection, const char *user_id, bool *here,
+                       bool *everywhere, aff_err *err)
+{
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    opted_ctx o = {.collection = collection ? collection : "", .user = user_id};
+    int status = store_view(p->store, opted_fn, &o, err);
+    *here = o.here;
+    *everywhere = o.everywhere;
+    return status;
+}
+
+/* ---- event retention (issue 12) ------------------------------------------------------------ */
+
+typedef struct expire_ctx {
+    aff_profiles *p;
+    const store_collection *col;
+    const char *user;
+    int64_t cutoff;
+    float *sum, *x;
+    /* filled while scanning */
+    uint64_t min_kept_seq;
+    bool any_kept, any_expired;
+    uint64_t n_events; /* expired history events */
+    uint64_t *seqs;    /* expired event sequence numbers */
+    size_t n_seqs, cap_seqs;
+    char (*items)[AFF_MAX_ID_LEN + 1]; /* expired interactions or marks */
+    size_t n_items, cap_items;
+    size_t n_kept_interactions;
+} expire_ctx;
+
+static int push_seq(expire_ctx *x, uint64_t seq)
+{
+    if (x->n_seqs == x->cap_seqs) {
+        size_t cap = x->cap_seqs ? 2 * x->cap_seqs : 64;
+        uint64_t *n = realloc(x->seqs, cap * sizeof *n);
+        if (!n) return AFF_ENOMEM;
+        x->seqs = n;
+        x->cap_seqs = cap;
+    }
+    x->seqs[x->n_seqs++] = seq;
+    return 0;
+}
+
+static int push_item(expire_ctx *x, const char *item)
+{
+    if (x->n_items == x->cap_items) {
+        size_t cap = x->cap_items ? 2 * x->cap_items : 64;
+        void *n = realloc(x->items, cap * sizeof *x->items);
+        if (!n) return AFF_ENOMEM;
+        x->items = n;
+        x->cap_items = cap;
+    }
+    snprintf(x->items[x->n_items++], sizeof x->items[0], "%s", item);
+    return 0;
+}
+
+static int expire_event_visit(void *ctx, uint64_t seq, const store_event *e)
+{
+    expire_ctx *x = ctx;
+    if (e->ts_ms < x->cutoff) return push_seq(x, seq);
+    if (!x->any_kept || seq < x->min_kept_seq) x->min_kept_seq = seq;
+    x->any_kept = true;
+    return 0;
+}
+
+static int expire_interaction_visit(void *ctx, const char *item, const store_interaction *in)
+{
+    expire_ctx *x = ctx;
+    if (in->last_ms < x->cutoff) return push_item(x, item);
+    x->n_kept_interactions++;
+    return 0;
+}
+
+static int expire_mark_visit(void *ctx, const char *item, int64_t last_ms)
+{
+    expire_ctx *x = ctx;
+    return last_ms < x->cutoff ? push_item(x, item) : 0;
+}
+
+/* One user in one collection, inside a write transaction. */
+static int expire_user_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    expire_ctx *x = ctx;
+    const char *c = x->col->name;
+    store_profile prof;
+    x->n_seqs = x->n_items = x->n_kept_interactions = 0;
+    x->any_kept = x->any_expired = false;
+    x->n_events = 0;
+    int status = store_txn_get_profile(txn, c, x->user, &prof, x->sum, err);
+    if (status == AFF_ENOTFOUND) {
+        aff__err_clear(err);
+        return AFF_OK;
+    }
+    if (status) return status;
+    /* History: erase expired events; the window [next_seq - n_history, next_seq) still holds
+     * every kept event (gaps are allowed: trimming deletes by sequence number). */
+    if ((status = store_txn_scan_events(txn, c, x->user, expire_event_visit, x, err)))
+        return status < 0 ? status : aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    for (size_t i = 0; i < x->n_seqs; i++)
+        if ((status = store_txn_delete_event(txn, c, x->user, x->seqs[i], err))) return status;
+    x->n_events = x->n_seqs;
+    x->any_expired = x->n_seqs > 0;
+    prof.n_history = x->any_kept ? (uint32_t)(prof.next_seq - x->min_kept_seq) : 0;
+    /* Per-item aggregates whose latest event expired. */
+    x->n_items = 0;
+    if ((status = store_txn_scan_interactions(txn, c, x->user, expire_interaction_visit, x, err)))
+        return status < 0 ? status : aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    for (size_t i = 0; i < x->n_items; i++)
+        if ((status = store_txn_delete_interaction(txn, c, x->user, x->items[i], err)))
+            return status;
+    bool interactions_expired = x->n_items > 0;
+    x->any_expired = x->any_expired || interactions_expired;
+    /* Type-index marks older than the cutoff. */
+    for (uint32_t t = 0; t < prof.n_counts; t++) {
+        x->n_items = 0;
+        const char *type = prof.counts[t].type;
+        if ((status = store_txn_scan_type_marks(txn, c, x->user, type, expire_mark_visit, x, err)))
+            return status < 0 ? status : aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+        for (size_t i = 0; i < x->n_items; i++)
+            if ((status = store_txn_unmark_type(txn, c, x->user, type, x->items[i], err)))
+                return status;
+        x->any_expired = x->any_expired || x->n_items > 0;
+    }
+    if (!x->any_expired) return AFF_OK;
+    if (x->n_kept_interactions == 0 && !x->any_kept)
+        return store_txn_delete_user(txn, c, x->user, NULL, err);
+    if (interactions_expired &&
+        (status = recompute_profile(txn, x->p, x->col, x->user, &prof, x->sum, x->x, err)))
+        return status;
+    return store_txn_put_profile(txn, c, x->user, &prof, x->sum, err);
+}
+
+typedef struct user_list {
+    char (*ids)[AFF_MAX_ID_LEN + 1];
+    size_t n, cap;
+} user_list;
+
+static int collect_user(void *ctx, const char *id)
+{
+    user_list *l = ctx;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? 2 * l->cap : 256;
+        void *n = realloc(l->ids, cap * sizeof *l->ids);
+        if (!n) return AFF_ENOMEM;
+        l->ids = n;
+        l->cap = cap;
+    }
+    snprintf(l->ids[l->n++], sizeof l->ids[0], "%s", id);
+    return 0;
+}
+
+typedef struct users_ctx {
+    const char *collection;
+    user_list *list;
+} users_ctx;
+
+static int list_users_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    users_ctx *u = ctx;
+    u->list->n = 0;
+    int status = store_txn_scan_users(txn, u->collection, collect_user, u->list, err);
+    return status > 0 ? aff__fail(err, AFF_ENOMEM, "profiles: out of memory") : status;
+}
+
+int profiles_expire(aff_profiles *p, int64_t cutoff_ms, uint64_t *n_users, uint64_t *n_events,
+                    aff_err *err)
+{
+    store_collection *cols = NULL;
+    size_t n_cols = 0;
+    user_list users = {0};
+    expire_ctx x = {.p = p, .cutoff = cutoff_ms};
+    uint64_t changed = 0, erased = 0;
+    int status = store_list_collections(p->store, &cols, &n_cols, err);
+    if (status) return status;
+    x.sum = malloc(2 * AFF_MAX_DIM * sizeof(float));
+    if (!x.sum) {
+        status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+        goto out;
+    }
+    x.x = x.sum + AFF_MAX_DIM;
+    for (size_t ci = 0; ci < n_cols && !status; ci++) {
+        users_ctx uc = {cols[ci].name, &users};
+        if ((status = store_view(p->store, list_users_fn, &uc, err))) break;
+        x.col = &cols[ci];
+        for (size_t ui = 0; ui < users.n && !status; ui++) {
+            x.user = users.ids[ui];
+            status = store_update(p->store, expire_user_fn, &x, err);
+            if (status == AFF_ENOTFOUND) { /* the collection was dropped meanwhile */
+                aff__err_clear(err);
+                status = AFF_OK;
+                break;
+            }
+            if (!status && x.any_expired) {
+                changed++;
+                erased += x.n_events;
+            }
+        }
+    }
+out:
+    if (n_users) *n_users = changed;
+    if (n_events) *n_events = erased;
+    free(x.sum);
+    free(x.seqs);
+    free(x.items);
+    free(users.ids);
+    free(cols);
+    return status;
 }

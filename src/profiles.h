@@ -46,6 +46,7 @@
 #include <stdint.h>
 
 #include "engine.h"
+#include "event_types.h"
 #include "store.h"
 
 typedef struct aff_profiles aff_profiles;
@@ -53,11 +54,10 @@ typedef struct aff_profiles aff_profiles;
 /* Values match affinity.v1.EventType. */
 typedef enum profiles_event_kind {
     PROFILES_EVENT_UNSPECIFIED = 0,
-    PROFILES_EVENT_VIEW = 1,
-    PROFILES_EVENT_CLICK = 2,
-    PROFILES_EVENT_ADD_TO_CART = 3,
-    PROFILES_EVENT_PURCHASE = 4,
-    PROFILES_EVENT_CUSTOM = 5,
+#define PROFILES__EVENT_ENUM(name, value, str, weight) PROFILES_EVENT_##name = value,
+    AFF_EVENT_TYPES(PROFILES__EVENT_ENUM)
+#undef PROFILES__EVENT_ENUM
+        PROFILES_EVENT_CUSTOM = AFF_EVENT_CUSTOM,
 } profiles_event_kind;
 
 /* Values match affinity.v1.RecommendSource. */
@@ -89,6 +89,9 @@ typedef struct profiles_config {
     /* The clock in Unix milliseconds; NULL: the real-time clock. For tests. */
     int64_t (*now_ms)(void *ctx);
     void *now_ctx;
+    /* Event retention (issue 12): events older than this are refused and erased by
+     * profiles_expire; 0: kept until DeleteUser. */
+    int64_t retention_ms;
 } profiles_config;
 
 /* Fills cfg with the defaults above. */
@@ -241,5 +244,49 @@ typedef struct profiles_traits {
 /* AFF_ENOTFOUND when the user has no history in the collection. */
 int profiles_user_traits(aff_profiles *p, const char *collection, const char *user_id,
                          profiles_traits *out, aff_err *err);
+
+/* ---- privacy (issue 12) ---- */
+
+/* What a data-access export of one user in one collection reports, in one snapshot. The
+ * pointers given to the callbacks are valid only during the call; a non-zero return stops
+ * the export and is returned. */
+typedef struct profiles_export_fns {
+    store_event_fn on_event;             /* the bounded history, oldest first */
+    store_interaction_fn on_interaction; /* per-item aggregates, all time, by item id */
+    /* the all-time (type, item) index behind exclusions, by type then item id */
+    int (*on_type_item)(void *ctx, const char *type, const char *item);
+    void *ctx;
+} profiles_export_fns;
+
+/* Reports everything held about user_id in collection (besides the profiles_get_user
+ * summary): history, interactions and the type index. AFF_ENOTFOUND when the user has no
+ * profile there. Popularity counters are anonymous per-item sums and are not part of it. */
+int profiles_export(aff_profiles *p, const char *collection, const char *user_id,
+                    const profiles_export_fns *fns, aff_err *err);
+
+/* Personalization opt-out of user_id in one collection, or in every collection (collection
+ * NULL or "", including collections created later). Opting out erases what is held about the
+ * user there (as profiles_delete_user) in the same durable transaction, and from then on
+ * nothing about the user is kept: profiles_put_events rejects the user's events unstored,
+ * and Recommend by user id answers from popularity. opt_out false removes that opt-out.
+ * *erased (may be NULL): whether anything was erased. The opt-out record itself is kept
+ * (DeleteUser does not remove it) so that the choice is honoured. */
+int profiles_set_opt_out(aff_profiles *p, const char *collection, const char *user_id, bool opt_out,
+                         bool *erased, aff_err *err);
+/* Whether user_id opted out in collection (*here; "" or NULL: not asked) and in every
+ * collection (*everywhere). */
+int profiles_opted_out(aff_profiles *p, const char *collection, const char *user_id, bool *here,
+                       bool *everywhere, aff_err *err);
+
+/* Event retention: erases every event older than cutoff_ms (Unix ms) and what derives from
+ * it, in every collection: history entries, per-item aggregates whose latest event is older,
+ * type-index marks older than the cutoff; the profile is recomputed from what remains, and a
+ * user with nothing left is erased entirely. An aggregate whose latest event is recent keeps
+ * the decayed weight of its item's older events until it, too, expires; event counts by type
+ * are totals and stay; popularity counters are anonymous and stay. One durable transaction
+ * per user with expired data. *n_users and *n_events (may be NULL): users changed, history
+ * events erased. */
+int profiles_expire(aff_profiles *p, int64_t cutoff_ms, uint64_t *n_users, uint64_t *n_events,
+                    aff_err *err);
 
 #endif

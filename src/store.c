@@ -17,21 +17,25 @@
  *   pop_rank      lp(collection) be64(ord(-log_score)) lp(item) -> popularity v1 (a copy)
  *   models        lp(collection)                         -> an opaque blob (model.c's encoding,
  *                                                            versioned by its first byte)
+ *   opt_out       lp(collection or "*") lp(user)          -> opt_out v1 (issue 12)
  *
  * Values start with a version byte (1 today); readers reject other versions as corrupt
  * (AFF_EINTERNAL). Integers and floats are in host byte order (little-endian on every
  * platform we build for): a store is not portable across byte orders. Layouts (bytes):
  *
- *   collection   u8 ver, u8 metric, u8 index, u8 flags (bit 0: learned-only), u32 dim, u32 hnsw_m,
- * u32 hnsw_ef, u64 generation                                               (24 bytes) item u8 ver,
- * u8 available, u16 n_tags, f32 price, u32 dim, f32 vector[dim], u16 len + category, n_tags x (u16
- * len + tag) profile      u8 ver, u8 n_counts, u16 0, u32 dim, u64 generation, i64 ref_ms, i64
- * last_event_ms, u64 next_seq, u32 n_history, u32 0, f64 weight, f32 sum[dim], n_counts x (u8 len +
- * type name, u64 count) event        u8 ver, u8 type_len, u16 item_len, u16 n_context, u16 0, i64
- * ts_ms, f64 value, type, item, n_context x (u16 len + key, u16 len + value) interaction  u8 ver, 7
- * x u8 0, i64 ref_ms, f64 weight, i64 last_ms, u64 count (40 bytes) by_type      u8 ver, 7 x u8 0,
- * i64 last_ms                                 (16 bytes) popularity   u8 ver, 7 x u8 0, f64
- * log_score, u64 count, i64 last_ms       (32 bytes)
+ *   collection   u8 ver, u8 metric, u8 index, u8 flags (bit 0: learned-only), u32 dim, u32 hnsw_m, u32 hnsw_ef,
+ *                u64 generation                                               (24 bytes)
+ *   item         u8 ver, u8 available, u16 n_tags, f32 price, u32 dim, f32 vector[dim],
+ *                u16 len + category, n_tags x (u16 len + tag)
+ *   profile      u8 ver, u8 n_counts, u16 0, u32 dim, u64 generation, i64 ref_ms,
+ *                i64 last_event_ms, u64 next_seq, u32 n_history, u32 0, f64 weight,
+ *                f32 sum[dim], n_counts x (u8 len + type name, u64 count)
+ *   event        u8 ver, u8 type_len, u16 item_len, u16 n_context, u16 0, i64 ts_ms,
+ *                f64 value, type, item, n_context x (u16 len + key, u16 len + value)
+ *   interaction  u8 ver, 7 x u8 0, i64 ref_ms, f64 weight, i64 last_ms, u64 count (40 bytes)
+ *   by_type      u8 ver, 7 x u8 0, i64 last_ms                                 (16 bytes)
+ *   popularity   u8 ver, 7 x u8 0, f64 log_score, u64 count, i64 last_ms       (32 bytes)
+ *   opt_out      u8 ver, 7 x u8 0, i64 since_ms                                (16 bytes)
  *
  * ord(x) maps a double to a u64 whose unsigned order is the numeric order, so a forward scan
  * of pop_rank within a collection yields counters best first.
@@ -79,12 +83,14 @@ enum {
     DB_POPULARITY,
     DB_POP_RANK,
     DB_MODELS,
+    DB_OPT_OUT, /* issue 12: personalization opt-outs */
     DB_COUNT
 };
 
 static const char *const db_names[DB_COUNT] = {
     "meta",         "collections", "items",      "profiles", "events",
     "interactions", "by_type",     "popularity", "pop_rank", "models",
+    "opt_out",
 };
 
 /* One store_update call waiting in the group-commit queue (on its caller's stack). */
@@ -1813,4 +1819,122 @@ int store_txn_scan_popular(store_txn *txn, const char *collection, store_popular
     if (!make_key(&prefix, collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
     tail_scan ts = {.prefix_len = prefix.n, .pfn = fn, .ctx = ctx};
     return scan_prefix(txn, DB_POP_RANK, &prefix, NULL, popular_visit, &ts, err);
+}
+
+/* ---- personalization opt-outs (issue 12) ------------------------------------------------- */
+
+#define OPT_OUT_SIZE 16
+
+int store_txn_get_opt_out(store_txn *txn, const char *collection, const char *user,
+                          int64_t *since_ms, aff_err *err)
+{
+    key_buf k;
+    if (!user_key(&k, collection, user)) return bad_key(err);
+    MDB_val v;
+    int status = db_get(txn, DB_OPT_OUT, &k, &v, err);
+    if (status) return status;
+    rd r = rd_of(&v);
+    if (!r_version(&r)) return corrupt(err, "opt_out");
+    r_take(&r, 7);
+    int64_t since = r_i64(&r);
+    if (r.bad) return corrupt(err, "opt_out");
+    if (since_ms) *since_ms = since;
+    return AFF_OK;
+}
+
+int store_txn_put_opt_out(store_txn *txn, const char *collection, const char *user,
+                          int64_t since_ms, aff_err *err)
+{
+    key_buf k;
+    if (!user_key(&k, collection, user)) return bad_key(err);
+    uint8_t *dst;
+    int status = db_reserve(txn, DB_OPT_OUT, &k, OPT_OUT_SIZE, &dst, err);
+    if (status) return status;
+    wr w = {dst};
+    w_u8(&w, STORE_VALUE_VERSION);
+    w_zero(&w, 7);
+    w_i64(&w, since_ms);
+    return AFF_OK;
+}
+
+int store_txn_delete_opt_out(store_txn *txn, const char *collection, const char *user,
+                             bool *existed, aff_err *err)
+{
+    key_buf k;
+    if (!user_key(&k, collection, user)) return bad_key(err);
+    return db_del(txn, DB_OPT_OUT, &k, existed, err);
+}
+
+/* ---- event retention (issue 12) ------------------------------------------------------------ */
+
+typedef struct users_scan {
+    size_t prefix_len;
+    store_id_fn fn;
+    void *ctx;
+} users_scan;
+
+static int users_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    (void)v;
+    users_scan *us = ctx;
+    char user[AFF_MAX_ID_LEN + 1];
+    if (!key_tail_id(k, us->prefix_len, user)) return corrupt(err, "profile key");
+    return us->fn(us->ctx, user);
+}
+
+int store_txn_scan_users(store_txn *txn, const char *collection, store_id_fn fn, void *ctx,
+                         aff_err *err)
+{
+    key_buf prefix;
+    if (!make_key(&prefix, collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
+    users_scan us = {prefix.n, fn, ctx};
+    return scan_prefix(txn, DB_PROFILES, &prefix, NULL, users_visit, &us, err);
+}
+
+int store_txn_delete_interaction(store_txn *txn, const char *collection, const char *user,
+                                 const char *item, aff_err *err)
+{
+    key_buf k;
+    if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, item, AFF_MAX_ID_LEN, NULL, 0))
+        return bad_key(err);
+    return db_del(txn, DB_INTERACTIONS, &k, NULL, err);
+}
+
+typedef struct marks_scan {
+    size_t prefix_len;
+    store_mark_fn fn;
+    void *ctx;
+} marks_scan;
+
+static int marks_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    marks_scan *ms = ctx;
+    char item[AFF_MAX_ID_LEN + 1];
+    if (!key_tail_id(k, ms->prefix_len, item)) return corrupt(err, "by_type key");
+    rd r = rd_of(v);
+    if (!r_version(&r)) return corrupt(err, "by_type");
+    r_take(&r, 7);
+    int64_t last_ms = r_i64(&r);
+    if (r.bad) return corrupt(err, "by_type");
+    return ms->fn(ms->ctx, item, last_ms);
+}
+
+int store_txn_scan_type_marks(store_txn *txn, const char *collection, const char *user,
+                              const char *type, store_mark_fn fn, void *ctx, aff_err *err)
+{
+    key_buf prefix;
+    if (!make_key(&prefix, collection, user, AFF_MAX_ID_LEN, type, STORE_MAX_TYPE_LEN, NULL, 0))
+        return bad_key(err);
+    marks_scan ms = {prefix.n, fn, ctx};
+    return scan_prefix(txn, DB_BY_TYPE, &prefix, NULL, marks_visit, &ms, err);
+}
+
+int store_txn_unmark_type(store_txn *txn, const char *collection, const char *user,
+                          const char *type, const char *item, aff_err *err)
+{
+    key_buf k;
+    if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, type, STORE_MAX_TYPE_LEN, item,
+                  AFF_MAX_ID_LEN))
+        return bad_key(err);
+    return db_del(txn, DB_BY_TYPE, &k, NULL, err);
 }

@@ -314,4 +314,32 @@ int store_put_model(aff_store *s, const char *collection, const void *blob, size
 /* *blob: a malloc'ed copy (the caller frees it). AFF_ENOTFOUND when none is stored. */
 int store_get_model(aff_store *s, const char *collection, void **blob, size_t *len, aff_err *err);
 
+/* ---- personalization opt-outs (issue 12) ---- */
+
+/* The collection name that stands for every collection in an opt-out (no collection can be
+ * named "*"). */
+#define STORE_ALL_COLLECTIONS "*"
+/* AFF_ENOTFOUND when the user has not opted out in collection (or "*"). since_ms may be
+ * NULL. Dropping a collection drops its opt-outs. */
+int store_txn_get_opt_out(store_txn *txn, const char *collection, const char *user,
+                          int64_t *since_ms, aff_err *err);
+int store_txn_put_opt_out(store_txn *txn, const char *collection, const char *user,
+                          int64_t since_ms, aff_err *err);
+int store_txn_delete_opt_out(store_txn *txn, const char *collection, const char *user,
+                             bool *existed, aff_err *err);
+
+/* ---- event retention (issue 12) ---- */
+
+/* Every user with a profile in the collection, in id order. */
+int store_txn_scan_users(store_txn *txn, const char *collection, store_id_fn fn, void *ctx,
+                         aff_err *err);
+int store_txn_delete_interaction(store_txn *txn, const char *collection, const char *user,
+                                 const char *item, aff_err *err);
+typedef int (*store_mark_fn)(void *ctx, const char *item, int64_t last_ms);
+/* store_txn_scan_type with each mark's time. */
+int store_txn_scan_type_marks(store_txn *txn, const char *collection, const char *user,
+                              const char *type, store_mark_fn fn, void *ctx, aff_err *err);
+int store_txn_unmark_type(store_txn *txn, const char *collection, const char *user,
+                          const char *type, const char *item, aff_err *err);
+
 #endif

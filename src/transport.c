@@ -15,12 +15,19 @@
 #include <string.h>
 #include <time.h>
 
+#include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "log.h"
+#include "transport_auth.h"
 #include "transport_codec.h"
+#include "transport_guard.h"
 #include "transport_internal.h"
 
 #define SLOTS_PER_METHOD 2 /* armed requests per method per completion queue */
@@ -33,6 +40,8 @@ static void on_unknown(void *arg, bool ok);
 static void on_final(void *arg, bool ok);
 static void on_recv_done(void *arg, bool ok);
 static void on_send_done(void *arg, bool ok);
+static bool collection_in_scope(const tauth_key *key, const char *collection, char *msg,
+                                size_t size);
 
 static tcall *tcall_new(transport *t, grpc_completion_queue *cq, size_t def_index)
 {
@@ -147,6 +156,12 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
     grpc_slice_unref(c->status_details);
     c->status_details = grpc_slice_from_copied_string(msg ? msg : "");
     ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    if (c->trailer_key) {
+        c->trailer.key = grpc_slice_from_static_string(c->trailer_key);
+        c->trailer.value = grpc_slice_from_static_string(c->trailer_value);
+        ops[n].data.send_status_from_server.trailing_metadata_count = 1;
+        ops[n].data.send_status_from_server.trailing_metadata = &c->trailer;
+    }
     ops[n].data.send_status_from_server.status = (grpc_status_code)grpc_code;
     ops[n++].data.send_status_from_server.status_details = &c->status_details;
     ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
@@ -160,6 +175,14 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
         aff_log_kv(AFF_LOG_DEBUG, "call failed", "method", c->def ? c->def->path : "(unknown)",
                    "status", msg ? msg : "", NULL);
     start_batch(c, ops, n, &c->t_final);
+}
+
+void tcall_set_trailer(tcall *c, const char *key, const char *value)
+{
+    pthread_mutex_lock(&c->mu);
+    c->trailer_key = key;
+    snprintf(c->trailer_value, sizeof c->trailer_value, "%s", value);
+    pthread_mutex_unlock(&c->mu);
 }
 
 void tcall_fail(tcall *c, const aff_err *err)
@@ -206,12 +229,35 @@ bool tcall_send(tcall *c, const ProtobufCMessage *msg)
     return true;
 }
 
+/* A streamed message from a key limited to collections names one of them (or none: later
+ * UpsertItems messages may leave the collection out). */
+static bool stream_message_in_scope(const tcall *c, grpc_byte_buffer *bb, char *msg, size_t size)
+{
+    const ProtobufCMessageDescriptor *desc = transport__auth_stream_desc(c->def->path);
+    if (!desc) return true;
+    grpc_byte_buffer_reader reader;
+    if (!grpc_byte_buffer_reader_init(&reader, bb)) return true; /* the handler reports it */
+    grpc_slice s = grpc_byte_buffer_reader_readall(&reader);
+    grpc_byte_buffer_reader_destroy(&reader);
+    char collection[AFF_MAX_NAME_LEN + 2];
+    bool ok = !transport__auth_peek_collection(desc, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s),
+                                               collection, sizeof collection) ||
+              !collection[0] || collection_in_scope(c->key, collection, msg, size);
+    grpc_slice_unref(s);
+    return ok;
+}
+
 static void on_recv_done(void *arg, bool ok)
 {
     tcall *c = arg;
     grpc_byte_buffer *bb = c->recv_bb;
     c->recv_bb = NULL;
-    if (c->on_recv)
+    char msg[200];
+    if (bb && c->key && c->key->collections && c->def &&
+        !stream_message_in_scope(c, bb, msg, sizeof msg)) {
+        grpc_byte_buffer_destroy(bb);
+        tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED, msg, NULL);
+    } else if (c->on_recv)
         c->on_recv(c, ok, bb);
     else if (bb)
         grpc_byte_buffer_destroy(bb);
@@ -232,29 +278,44 @@ static void on_final(void *arg, bool ok)
 
 /* ---- authentication -------------------------------------------------------------------- */
 
-/* Compares in time that depends only on the lengths, not on where the bytes differ. */
-static bool equal_const_time(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
+/* The key the call presents when the server needs one: NULL with *code/msg set when the call
+ * must be refused (UNAUTHENTICATED: no valid token; PERMISSION_DENIED: the key's role is too
+ * low for the method). Without authentication every call passes with key NULL. */
+static bool admit(const transport *t, const tcall *c, const char *path, const tauth_key **key,
+                  int *code, char *msg, size_t size)
 {
-    uint8_t diff = (uint8_t)(na != nb);
-    for (size_t i = 0; i < nb; i++)
-        diff |= (uint8_t)(b[i] ^ (i < na ? a[i] : 0));
-    return diff == 0;
+    *key = NULL;
+    if (!t->auth) return true;
+    *key = transport__auth_find(t->auth, &c->md);
+    if (!*key) {
+        *code = GRPC_STATUS_UNAUTHENTICATED;
+        snprintf(msg, size,
+                 "missing or wrong bearer token: send metadata \"authorization: Bearer "
+                 "<token>\" with one of the server's tokens");
+        return false;
+    }
+    if ((*key)->role < transport__auth_method_role(path)) {
+        *code = GRPC_STATUS_PERMISSION_DENIED;
+        snprintf(msg, size,
+                 "%.200s needs an admin token; this token has the serving role (search, "
+                 "recommend, events and reads only)",
+                 path);
+        return false;
+    }
+    return true;
 }
 
-static bool authorized(const transport *t, const grpc_metadata_array *md)
+/* Refuses (PERMISSION_DENIED) a request naming a collection outside the key's scope. */
+static bool collection_in_scope(const tauth_key *key, const char *collection, char *msg,
+                                size_t size)
 {
-    if (!t->authorization) return true;
-    const char *want = t->authorization;
-    bool ok = false;
-    for (size_t i = 0; i < md->count; i++) {
-        const grpc_slice *k = &md->metadata[i].key;
-        if (GRPC_SLICE_LENGTH(*k) != 13 || memcmp(GRPC_SLICE_START_PTR(*k), "authorization", 13))
-            continue;
-        const grpc_slice *v = &md->metadata[i].value;
-        ok |= equal_const_time(GRPC_SLICE_START_PTR(*v), GRPC_SLICE_LENGTH(*v),
-                               (const uint8_t *)want, strlen(want));
-    }
-    return ok;
+    if (!key || transport__auth_collection_ok(key, collection)) return true;
+    if (collection[0])
+        snprintf(msg, size, "this token may not use collection \"%.64s\"", collection);
+    else
+        snprintf(msg, size,
+                 "this token is limited to some collections; name one of them in the request");
+    return false;
 }
 
 /* ---- blocking work ----------------------------------------------------------------------- */
@@ -307,6 +368,18 @@ static void run_unary(tcall *c)
 
 /* ---- request dispatch ------------------------------------------------------------------ */
 
+/* A decoded unary request's "collection" field is within the key's scope (requests without
+ * that field pass). */
+static bool request_in_scope(const tcall *c, const ProtobufCMessage *req, char *msg, size_t size)
+{
+    const ProtobufCFieldDescriptor *fd =
+        protobuf_c_message_descriptor_get_field_by_name(req->descriptor, "collection");
+    if (!fd || fd->type != PROTOBUF_C_TYPE_STRING || fd->label == PROTOBUF_C_LABEL_REPEATED)
+        return true;
+    const char *collection = *(const char *const *)((const char *)req + fd->offset);
+    return collection_in_scope(c->key, collection ? collection : "", msg, size);
+}
+
 static void on_request(void *arg, bool ok)
 {
     tcall *c = arg;
@@ -318,11 +391,10 @@ static void on_request(void *arg, bool ok)
     c->start_ns = batcher_now_ns();
     if (!atomic_load(&t->draining)) arm_slot(t, c->cq, (size_t)(c->def - t->defs));
 
-    if (!c->def->open && !authorized(t, &c->md)) {
-        tcall_finish(c, GRPC_STATUS_UNAUTHENTICATED,
-                     "missing or wrong bearer token: send metadata "
-                     "\"authorization: Bearer <token>\" with the server's token",
-                     NULL);
+    int code = 0;
+    char amsg[400];
+    if (!c->def->open && !admit(t, c, c->def->path, &c->key, &code, amsg, sizeof amsg)) {
+        tcall_finish(c, code, amsg, NULL);
     } else if (atomic_load(&t->draining) && !c->def->open) {
         tcall_finish(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down; retry elsewhere",
                      NULL);
@@ -332,12 +404,19 @@ static void on_request(void *arg, bool ok)
                      "health reports SERVING",
                      NULL);
     } else if (c->def->req_desc) {
-        c->req = transport__unpack(c->payload, c->def->req_desc);
+        char why[400];
+        c->req = transport__unpack_checked(c->payload, c->def->req_desc, why, sizeof why);
         if (!c->req) {
-            char msg[160];
-            snprintf(msg, sizeof msg, "the request is not a valid %s message",
-                     c->def->req_desc->name);
+            char msg[560];
+            if (why[0])
+                snprintf(msg, sizeof msg, "%s: %s", c->def->req_desc->short_name, why);
+            else
+                snprintf(msg, sizeof msg, "the request is not a valid %s message",
+                         c->def->req_desc->name);
             tcall_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+        } else if (c->key && c->key->collections &&
+                   !request_in_scope(c, c->req, amsg, sizeof amsg)) {
+            tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED, amsg, NULL);
         } else if (c->def->blocking) {
             transport__defer(c, run_unary);
         } else {
@@ -358,6 +437,15 @@ static void on_unknown(void *arg, bool ok)
         return;
     }
     if (!atomic_load(&t->draining)) arm_slot(t, c->cq, t->n_defs);
+    if (t->auth && !transport__auth_find(t->auth, &c->md)) {
+        /* without a token, say nothing about what is offered */
+        tcall_finish(c, GRPC_STATUS_UNAUTHENTICATED,
+                     "missing or wrong bearer token: send metadata "
+                     "\"authorization: Bearer <token>\" with one of the server's tokens",
+                     NULL);
+        tcall_unref(c);
+        return;
+    }
     /* The method slice is not NUL-terminated. */
     char path[201], msg[360];
     size_t mlen = GRPC_SLICE_LENGTH(c->details.method);
@@ -365,8 +453,8 @@ static void on_unknown(void *arg, bool ok)
     memcpy(path, GRPC_SLICE_START_PTR(c->details.method), mlen);
     path[mlen] = '\0';
     snprintf(msg, sizeof msg,
-             "method %s is not implemented; this server offers affinity.v1.Affinity and "
-             "grpc.health.v1.Health/Check",
+             "method %s is not implemented; this server offers affinity.v1.Affinity, "
+             "grpc.health.v1.Health/Check and grpc.reflection.v1(alpha).ServerReflection",
              path);
     tcall_finish(c, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
     tcall_unref(c);
@@ -395,6 +483,74 @@ static void on_shutdown(void *arg, bool ok)
 }
 
 /* ---- public API ------------------------------------------------------------------------ */
+
+/* Why gRPC could not listen on host:port: binds a socket there itself to learn the errno,
+ * instead of guessing from gRPC's generic failure. */
+static void listen_problem(const char *listen, char *why, size_t size)
+{
+    char host[256];
+    snprintf(host, sizeof host, "%s", listen);
+    char *colon = strrchr(host, ':');
+    if (!colon) {
+        snprintf(why, size, "not host:port");
+        return;
+    }
+    *colon = '\0';
+    const char *port = colon + 1;
+    char *h = host;
+    if (h[0] == '[') { /* [::1]:port */
+        h++;
+        char *close = strchr(h, ']');
+        if (close) *close = '\0';
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *ai = NULL;
+    int g = getaddrinfo(h[0] ? h : NULL, port, &hints, &ai);
+    if (g) {
+        snprintf(why, size, "cannot resolve the address: %s", gai_strerror(g));
+        return;
+    }
+    int e = 0;
+    for (struct addrinfo *a = ai; a; a = a->ai_next) {
+        int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) continue;
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        e = bind(fd, a->ai_addr, a->ai_addrlen) == 0 ? 0 : errno;
+        close(fd);
+        if (e) break;
+    }
+    freeaddrinfo(ai);
+    if (e == EADDRINUSE)
+        snprintf(why, size, "port %.16s is already in use by another process", port);
+    else if (e == EADDRNOTAVAIL)
+        snprintf(why, size, "%.100s is not an address of this machine", h);
+    else if (e == EACCES)
+        snprintf(why, size, "permission denied (ports below 1024 need privileges)");
+    else if (e)
+        snprintf(why, size, "%s", strerror(e));
+    else
+        snprintf(why, size,
+                 "the address is free, so the TLS certificate and key are probably not a "
+                 "valid pair");
+}
+
+/* gRPC's own log lines become JSON lines of ours. The failure of grpc_server_add_http2_port
+ * is reported by transport_create in one sentence, so gRPC's dump of it goes to debug. */
+static void grpc_log_to_ours(gpr_log_func_args *args)
+{
+    aff_log_level level = args->severity == GPR_LOG_SEVERITY_ERROR  ? AFF_LOG_ERROR
+                          : args->severity == GPR_LOG_SEVERITY_INFO ? AFF_LOG_INFO
+                                                                    : AFF_LOG_DEBUG;
+    if (strncmp(args->message, "grpc_server_add_http2_port", 26) == 0 ||
+        strstr(args->message, "No address added out of total"))
+        level = AFF_LOG_DEBUG;
+    char where[160];
+    snprintf(where, sizeof where, "%s:%d", args->file ? args->file : "?", args->line);
+    aff_log_kv(level, "grpc", "at", where, "detail", args->message, NULL);
+}
 
 static char *slurp(const char *path, aff_err *err, const char *what)
 {
@@ -431,12 +587,13 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
 {
     int rc = 0;
     transport *t = NULL;
-    char *cert = NULL, *key = NULL;
+    char *cert = NULL, *key = NULL, *client_ca = NULL;
     grpc_server_credentials *creds = NULL;
     *out = NULL;
     if (!cfg->catalog || !cfg->profiles || !cfg->pipeline)
         return aff__fail(err, AFF_EINVAL,
                          "transport: a catalog, profiles and a pipeline are required");
+    gpr_set_log_function(grpc_log_to_ours);
     grpc_init();
     t = calloc(1, sizeof *t);
     if (!t) {
@@ -457,15 +614,7 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     atomic_init(&t->draining, false);
     atomic_init(&t->closing, false);
     t->shutdown_tag = (ttag){on_shutdown, t};
-    if (cfg->token && cfg->token[0]) {
-        size_t n = strlen(cfg->token) + 8;
-        t->authorization = malloc(n);
-        if (!t->authorization) {
-            rc = aff__fail(err, AFF_ENOMEM, "out of memory creating the server");
-            goto out;
-        }
-        snprintf(t->authorization, n, "Bearer %s", cfg->token);
-    }
+    if ((rc = transport__auth_create(&t->auth, cfg->token, cfg->tokens_file, err))) goto out;
     t->n_threads = cfg->threads ? cfg->threads : 1;
     t->cqs = calloc(t->n_threads, sizeof *t->cqs);
     t->threads = calloc(t->n_threads, sizeof *t->threads);
@@ -476,8 +625,30 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
         goto out;
     }
 
-    grpc_arg args[3] = {
+    /* Connections: a peer that never finishes its handshake, or holds a connection without
+     * calls, or stops answering pings, is closed, so idle sockets cannot pile up. */
+    int idle_ms = cfg->idle_timeout_ms ? (int)cfg->idle_timeout_ms : 300000;
+    int handshake_ms = cfg->handshake_timeout_ms ? (int)cfg->handshake_timeout_ms : 10000;
+    /* gRPC 1.51 closes the whole connection (not just the call) when a call's headers pass
+     * this limit, so it is set well above the 8 KiB default. */
+    int header_bytes = cfg->max_header_bytes ? (int)cfg->max_header_bytes : 65536;
+    grpc_arg args[] = {
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_MAX_METADATA_SIZE,
+         .value.integer = header_bytes},
         {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+         .value.integer = idle_ms},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
+         .value.integer = handshake_ms},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_KEEPALIVE_TIME_MS,
+         .value.integer = 60000},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+         .value.integer = 20000},
         {.type = GRPC_ARG_INTEGER,
          .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = (int)cfg->max_message_bytes},
@@ -485,7 +656,7 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
          .key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
          .value.integer = (int)cfg->max_message_bytes},
     };
-    grpc_channel_args ca = {.num_args = 3, .args = args};
+    grpc_channel_args ca = {.num_args = sizeof args / sizeof args[0], .args = args};
     t->server = grpc_server_create(&ca, NULL);
     for (uint32_t i = 0; i < t->n_threads; i++) {
         t->cqs[i] = grpc_completion_queue_create_for_next(NULL);
@@ -541,8 +712,24 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
                            cfg->tls_key_file);
             goto out;
         }
+        if (cfg->tls_client_ca_file && cfg->tls_client_ca_file[0]) {
+            client_ca = slurp(cfg->tls_client_ca_file, err, "client CA");
+            if (!client_ca) {
+                rc = err ? err->code : AFF_EINVAL;
+                goto out;
+            }
+            if (!strstr(client_ca, "-----BEGIN CERTIFICATE-----")) {
+                rc = aff__fail(err, AFF_EINVAL, "client CA '%s' holds no PEM certificate",
+                               cfg->tls_client_ca_file);
+                goto out;
+            }
+        }
         grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
-        creds = grpc_ssl_server_credentials_create(NULL, &pair, 1, 0, NULL);
+        creds = grpc_ssl_server_credentials_create_ex(
+            client_ca, &pair, 1,
+            client_ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                      : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
     } else {
         creds = grpc_insecure_server_credentials_create();
     }
@@ -552,12 +739,13 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     }
     t->port = grpc_server_add_http2_port(t->server, cfg->listen, creds);
     if (t->port <= 0) {
-        rc = aff__fail(err, AFF_EINVAL,
-                       "cannot listen on %s: the port is in use, the address is not local, or "
-                       "the TLS certificate/key are invalid",
-                       cfg->listen);
+        char why[300];
+        listen_problem(cfg->listen, why, sizeof why);
+        rc = aff__fail(err, AFF_EINVAL, "cannot listen on %s: %s", cfg->listen, why);
         goto out;
     }
+    t->guarded = true;
+    transport__guard_start(cfg->max_connections);
     grpc_server_start(t->server);
     t->started = true;
     for (uint32_t i = 0; i < t->n_threads; i++) {
@@ -570,6 +758,7 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
 out:
     if (creds) grpc_server_credentials_release(creds);
     free(cert);
+    free(client_ca);
     if (key) {
         memset(key, 0, strlen(key));
         free(key);
@@ -655,6 +844,7 @@ void transport_destroy(transport *t)
     for (uint32_t i = 0; i < t->n_workers; i++)
         pthread_join(t->workers[i], NULL);
     if (t->server) grpc_server_destroy(t->server);
+    if (t->guarded) transport__guard_stop();
     for (uint32_t i = 0; t->cqs && i < t->n_threads; i++)
         if (t->cqs[i]) grpc_completion_queue_shutdown(t->cqs[i]);
     for (uint32_t i = 0; i < t->n_started; i++)
@@ -665,7 +855,7 @@ void transport_destroy(transport *t)
     free(t->threads);
     free(t->registered);
     free(t->metric_ids);
-    free(t->authorization);
+    transport__auth_destroy(t->auth);
     pthread_cond_destroy(&t->cv);
     pthread_mutex_destroy(&t->mu);
     pthread_cond_destroy(&t->jobs_cv);

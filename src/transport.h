@@ -39,20 +39,26 @@ typedef struct transport_config {
     uint32_t max_message_bytes; /* larger messages get RESOURCE_EXHAUSTED */
     const char *tls_cert_file;  /* NULL or "": plaintext */
     const char *tls_key_file;
-    const char *token;      /* NULL or "": no authentication; copied */
-    uint32_t max_batch;     /* reported by GetServerInfo */
-    uint32_t max_wait_us;   /* reported by GetServerInfo */
-    aff_catalog *catalog;   /* durable catalog writes; GetServerInfo.persistent; borrowed */
-    aff_profiles *profiles; /* events and profiles; borrowed */
-    aff_model *model;       /* learned models (Train, Recommend by model); NULL: none; borrowed */
-    aff_metrics *metrics;   /* per-call counters and latencies; NULL: none; borrowed */
+    const char *tls_client_ca_file; /* mTLS: PEM CA that client certificates must chain to */
+    const char *token;              /* admin bearer token; NULL or "": none; copied */
+    const char *tokens_file;        /* "ROLE TOKEN [COLLECTION,...]" lines; NULL: none */
+    uint32_t max_batch;             /* reported by GetServerInfo */
+    uint32_t max_wait_us;           /* reported by GetServerInfo */
+    aff_catalog *catalog;           /* durable catalog writes; GetServerInfo.persistent; borrowed */
+    aff_profiles *profiles;         /* events and profiles; borrowed */
+    aff_model *model;    /* learned models (Train, Recommend by model); NULL: none; borrowed */
+    aff_metrics *metrics;           /* per-call counters and latencies; NULL: none; borrowed */
     /* Told after events were applied durably (each PutEvents call, each ImportEvents
      * message): n_applied new events in collection. Runs on the blocking-work thread that
      * applied them, maybe on several at once: keep it quick and thread-safe (e.g. add to a
      * counter that triggers a retrain). NULL: none. */
     void (*on_events)(void *ctx, const char *collection, uint64_t n_applied);
     void *on_events_ctx;
-    aff_pipeline *pipeline; /* the recommendation pipeline serving calls use; borrowed */
+    aff_pipeline *pipeline;        /* the recommendation pipeline serving calls use; borrowed */
+    uint32_t max_connections;      /* 0: from RLIMIT_NOFILE (transport_guard.h) */
+    uint32_t idle_timeout_ms;      /* 0: 300000 */
+    uint32_t handshake_timeout_ms; /* 0: 10000 */
+    uint32_t max_header_bytes;     /* request metadata limit; 0: 65536 */
 } transport_config;
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad

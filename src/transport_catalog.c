@@ -214,13 +214,36 @@ typedef struct upsert_state {
 static void upsert_finish(tcall *c, int code, const char *msg)
 {
     upsert_state *st = c->state;
-    if (code != 0) {
+    if (code != 0) { /* the count applied before the failure, for clients (issue 12) */
+        char n[24];
+        snprintf(n, sizeof n, "%llu", (unsigned long long)st->upserted);
+        tcall_set_trailer(c, "affinity-upserted-count", n);
         tcall_finish(c, code, msg, NULL);
         return;
     }
     Affinity__V1__UpsertItemsResponse resp = AFFINITY__V1__UPSERT_ITEMS_RESPONSE__INIT;
     resp.upserted_count = st->upserted;
     tcall_finish(c, 0, NULL, &resp.base);
+}
+
+static int cmp_item_id(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* How many different ids items[0..n) carry (the last of a repeated id wins the upsert). */
+static size_t distinct_ids(const aff_item *items, size_t n)
+{
+    const char **ids = n > 1 ? malloc(n * sizeof *ids) : NULL;
+    if (!ids) return n;
+    for (size_t i = 0; i < n; i++)
+        ids[i] = items[i].id;
+    qsort(ids, n, sizeof *ids, cmp_item_id);
+    size_t m = 1;
+    for (size_t i = 1; i < n; i++)
+        m += strcmp(ids[i], ids[i - 1]) != 0;
+    free(ids);
+    return m;
 }
 
 /* One stream message: applied durably (engine, then one store commit) before the next is
@@ -248,13 +271,16 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
         upsert_finish(c, GRPC_STATUS_UNAVAILABLE, msg);
         return;
     }
-    Affinity__V1__UpsertItemsRequest *r =
-        (void *)transport__unpack(bb, &affinity__v1__upsert_items_request__descriptor);
+    char why[400];
+    Affinity__V1__UpsertItemsRequest *r = (void *)transport__unpack_checked(
+        bb, &affinity__v1__upsert_items_request__descriptor, why, sizeof why);
     grpc_byte_buffer_destroy(bb);
     if (!r) {
         snprintf(msg, sizeof msg,
-                 "message %llu is not a valid UpsertItemsRequest; %llu items applied before it",
-                 (unsigned long long)st->batches, (unsigned long long)st->upserted);
+                 "message %llu is not a valid UpsertItemsRequest%s%.400s; %llu items applied "
+                 "before it",
+                 (unsigned long long)st->batches, why[0] ? ": " : "", why,
+                 (unsigned long long)st->upserted);
         upsert_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg);
         return;
     }
@@ -334,13 +360,19 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
             l++;
         }
     }
+    uint32_t coll_dim;
+    if (!r->n_items && engine_collection_dim(c->t->engine, st->collection, &coll_dim, &err)) {
+        snprintf(msg, sizeof msg, "message %llu: %s", (unsigned long long)st->batches, err.msg);
+        code = aff_status_grpc_code(err.code);
+        goto out;
+    }
     if (r->n_items && catalog_upsert(c->t->cfg.catalog, st->collection, items, r->n_items, &err)) {
         snprintf(msg, sizeof msg, "message %llu: %s; %llu items applied before it",
                  (unsigned long long)st->batches, err.msg, (unsigned long long)st->upserted);
         code = aff_status_grpc_code(err.code);
         goto out;
     }
-    st->upserted += r->n_items;
+    st->upserted += distinct_ids(items, r->n_items); /* a repeated id is one item */
     st->batches++;
 out:
     free(items);

@@ -103,7 +103,10 @@ void rpc_put_events(tcall *c, ProtobufCMessage *msg)
     }
     size_t n_out = 0;
     for (size_t i = 0; i < n; i++) {
-        if (!pre_rejected[i]) continue;
+        if (!pre_rejected[i]) { /* applied: counted by type (affinity_events_total) */
+            metrics_add_events(c->t->cfg.metrics, (metrics_event_type)r->events[i]->type, 1);
+            continue;
+        }
         affinity__v1__rejected_event__init(&out[n_out]);
         out[n_out].index = (uint32_t)i;
         out[n_out].reason = reasons[i];

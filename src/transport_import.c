@@ -220,13 +220,16 @@ static void import_message(tcall *c, bool ok, grpc_byte_buffer *bb)
         tcall_finish(c, GRPC_STATUS_UNAVAILABLE, msg, NULL);
         return;
     }
-    Affinity__V1__ImportEventsRequest *r =
-        (void *)transport__unpack(bb, &affinity__v1__import_events_request__descriptor);
+    char why[400];
+    Affinity__V1__ImportEventsRequest *r = (void *)transport__unpack_checked(
+        bb, &affinity__v1__import_events_request__descriptor, why, sizeof why);
     grpc_byte_buffer_destroy(bb);
     if (!r) {
         snprintf(msg, sizeof msg,
-                 "message %llu is not a valid ImportEventsRequest; %llu events applied before it",
-                 (unsigned long long)st->messages, (unsigned long long)st->applied);
+                 "message %llu is not a valid ImportEventsRequest%s%.300s; %llu events applied "
+                 "before it",
+                 (unsigned long long)st->messages, why[0] ? ": " : "", why,
+                 (unsigned long long)st->applied);
         tcall_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
         return;
     }

@@ -64,6 +64,11 @@ struct tcall {
     bool sent_initial_md;
     int64_t start_ns; /* when the call arrived (batcher clock), for latency metrics */
     bool finished;
+    const struct tauth_key *key; /* the caller's key (NULL without authentication) */
+    /* One trailing-metadata pair sent with the status (tcall_set_trailer); NULL key: none. */
+    const char *trailer_key;
+    char trailer_value[32];
+    grpc_metadata trailer;
     atomic_int refs;
     pthread_mutex_t mu; /* streaming handlers' state */
     ttag t_request, t_recv, t_send, t_final;
@@ -86,7 +91,7 @@ typedef struct tjob {
 
 struct transport {
     transport_config cfg;
-    char *authorization; /* "Bearer <token>" or NULL */
+    struct tauth *auth; /* bearer-token keys and roles; NULL: no authentication */
     aff_engine *engine;
     batcher *batcher;
     grpc_server *server;
@@ -95,6 +100,7 @@ struct transport {
     uint32_t n_threads; /* completion queues, one thread each */
     uint32_t n_started; /* threads running */
     bool started;       /* grpc_server_start was called */
+    bool guarded;       /* transport__guard_start was called */
     int port;
     atomic_bool serving;
     atomic_bool draining; /* health NOT_SERVING, new calls UNAVAILABLE */
@@ -124,6 +130,9 @@ void tcall_unref(tcall *c);
 /* Answers the call: resp (may be NULL when code != 0) is serialized at once and not kept.
  * Sends initial metadata if not yet sent. Thread-safe; the second call is ignored. */
 void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp);
+/* Sends key: value (key a static lower-case string) as trailing metadata with the call's
+ * status, e.g. a count a client needs on failure too. Call before tcall_finish. */
+void tcall_set_trailer(tcall *c, const char *key, const char *value);
 /* tcall_finish with the gRPC code of err->code and err->msg. */
 void tcall_fail(tcall *c, const aff_err *err);
 /* Streaming: starts receiving the next message; c->on_recv runs with it (NULL at the end of

@@ -21,11 +21,14 @@
 #include "catalog.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "log.h"
+#include "metrics.h"
 #include "profiles.h"
 #include "transport_codec.h"
 #include "transport_handlers.h"
 #include "transport_import.h"
 #include "transport_model.h"
+#include "transport_privacy.h"
+#include "transport_reflection.h"
 
 /* ---- helpers shared by the handler files (transport_handlers.h) ---------------------------- */
 
@@ -149,9 +152,14 @@ const tmethod_def transport__methods[] = {
     BLOCKING("Train", train_request, transport__rpc_train), /* transport_model.c */
     UNARY("GetModel", get_model_request, transport__rpc_get_model),
     UNARY("GetSegment", get_segment_request, transport__rpc_get_segment),
+    BLOCKING("ExportUser", export_user_request, transport__rpc_export_user), /* issue 12 */
+    BLOCKING("SetUserOptOut", set_user_opt_out_request, transport__rpc_set_user_opt_out),
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
      false, rpc_health_check, NULL},
     {"/grpc.health.v1.Health/Watch", NULL, true, false, NULL, rpc_health_watch},
+    /* issue 12: server reflection (transport_reflection.c) */
+    {TRANSPORT_REFLECTION_V1, NULL, false, false, NULL, transport__reflection_info},
+    {TRANSPORT_REFLECTION_V1ALPHA, NULL, false, false, NULL, transport__reflection_info},
 };
 const size_t transport__n_methods = sizeof transport__methods / sizeof transport__methods[0];

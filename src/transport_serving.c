@@ -747,13 +747,15 @@ static void bstream_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
         return;
     }
     it->c = c;
-    it->req = (void *)transport__unpack(bb, &affinity__v1__recommend_request__descriptor);
+    char why[400];
+    it->req = (void *)transport__unpack_checked(bb, &affinity__v1__recommend_request__descriptor,
+                                                why, sizeof why);
     grpc_byte_buffer_destroy(bb);
     aff_err err;
     int rc;
     if (!it->req) {
-        rc = aff__fail(&err, AFF_EINVAL, "message %llu is not a valid RecommendRequest",
-                       (unsigned long long)s->received);
+        rc = aff__fail(&err, AFF_EINVAL, "message %llu is not a valid RecommendRequest%s%s",
+                       (unsigned long long)s->received, why[0] ? ": " : "", why);
     } else if (atomic_load(&c->t->draining)) {
         rc = aff__fail(&err, AFF_EUNAVAILABLE, "the server is shutting down; retry elsewhere");
     } else if (!(it->sr = recommend_from_pb(it->req))) {

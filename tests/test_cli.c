@@ -828,3 +828,52 @@ Test(cli_tls, tls_and_token)
     jsonv_free(v);
     snprintf(cli_flags, sizeof(cli_flags), "%s", saved);
 }
+
+/* Issue 12: what a new user trips on. */
+Test(cli, newcomer_paper_cuts)
+{
+    int status;
+    char *out = run_cli(&status, "--version");
+    cr_assert_eq(status, 0);
+    cr_assert(strstr(out, AFF_VERSION_STRING), "%s", out);
+    free(out);
+    out = run_cli(&status, "help");
+    cr_assert_eq(status, 0);
+    cr_assert(strstr(out, "usage: affinity") && strstr(out, "--attrs is CSV"), "%s", out);
+    free(out);
+    /* A global-flag typo: one JSON error (with --json), not the whole usage. */
+    jsonv *v = cli_json(2, "--adr x info");
+    cr_assert(strstr(str(jsonv_get(v, "error"), "message"), "--adr"));
+    jsonv_free(v);
+    v = cli_json(2, "frobnicate");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "USAGE");
+    jsonv_free(v);
+    /* info reports every batching field. */
+    v = cli_json(0, "info");
+    cr_assert(jsonv_get(jsonv_get(v, "batch_stats"), "queries"));
+    cr_assert(jsonv_get(jsonv_get(v, "batch_stats"), "queued"));
+    jsonv_free(v);
+    /* A failed load --create leaves no collection behind. */
+    FILE *f = fopen(path_in("dup.csv"), "w");
+    fprintf(f, "id\n");
+    for (int i = 0; i < N_ITEMS; i++)
+        fprintf(f, "%s\n", i == N_ITEMS - 1 ? "bad\xff" : "ok");
+    fclose(f);
+    out = run_cli(&status, "load tmpcol --create --batch 1000 --vectors %s --attrs %s",
+                  path_in("items.npy"), path_in("dup.csv"));
+    cr_assert_neq(status, 0, "%s", out);
+    free(out);
+    v = cli_json(1, "collections describe tmpcol");
+    cr_assert_str_eq(str(jsonv_get(v, "error"), "name"), "NOT_FOUND");
+    jsonv_free(v);
+    /* Rejected events make the exit status 1; user get prints a date, not milliseconds. */
+    load_both();
+    out = run_cli(&status, "events shop u9 view:item-1 view:no-such-item");
+    cr_assert_eq(status, 1, "%s", out);
+    cr_assert(strstr(out, "applied 1 of 2"), "%s", out);
+    free(out);
+    out = run_cli(&status, "user get shop u9");
+    cr_assert_eq(status, 0);
+    cr_assert(strstr(out, " UTC"), "%s", out);
+    free(out);
+}

@@ -1,0 +1,23 @@
+/*
+ * retention.h: enforces --event-retention-days. A thread runs profiles_expire at start-up and
+ * every interval, so events older than the retention period (and what derives from them) are
+ * erased durably while the server runs; the profiles module refuses older events at ingest.
+ */
+#ifndef AFFINITY_RETENTION_H
+#define AFFINITY_RETENTION_H
+
+#include <stdint.h>
+
+#include "profiles.h"
+#include "status.h"
+
+typedef struct retention retention;
+
+/* Starts the retention thread for days (> 0) on profiles (borrowed; must outlive it). The
+ * first pass starts at once. Errors: AFF_ENOMEM, AFF_EINTERNAL. */
+int retention_start(retention **out, aff_profiles *profiles, uint32_t days, uint32_t interval_ms,
+                    aff_err *err);
+/* Stops the thread (a pass in progress finishes its current user first). NULL: no-op. */
+void retention_stop(retention *r);
+
+#endif
