@@ -1084,3 +1084,22 @@ Test(pipeline_traits, traits_from_synthetic_histories)
     cr_assert(strstr(err.msg, "rules.promotions[0].audience.min_price_sensitivity"), "%s", err.msg);
     svc_stop(&s);
 }
+
+Test(pipeline_rules, the_documented_serving_config_example_loads)
+{
+    svc s;
+    svc_start(&s, AFF_SOURCE_DIR "/docs/serving-config.example.json");
+    pipeline_request req = {.kind = PIPELINE_RECOMMEND,
+                            .collection = "shop",
+                            .vector = s.vec[0],
+                            .dim = SDIM,
+                            .k = 10,
+                            .preset = "discover"};
+    pipeline_job *job;
+    aff_err err;
+    cr_assert_eq(run(&s, &req, &job, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(pipeline_job_output(job)->status, AFF_OK);
+    cr_assert_neq(pipeline_job_output(job)->exploration_seed, 0);
+    pipeline_job_destroy(job);
+    svc_stop(&s);
+}
