@@ -939,6 +939,13 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
         take(&c, i);
         organic[n_org++] = (picked){i, in->organic_reason, NULL};
     }
+    /* The candidates ran out under the cap: it gives way rather than leave slots empty. */
+    for (uint32_t o = 0; in->relax_cap && o < n && n_res + n_org < slots; o++) {
+        uint32_t i = c.order[o];
+        if (!in->cands[i].organic || c.state[i] || !(in->cands[i].matches & 1u)) continue;
+        take(&c, i);
+        organic[n_org++] = (picked){i, in->organic_reason, NULL};
+    }
     /* 4. merge reserved items (by adjusted score) into the organic order */
     for (uint32_t a = 1; a < n_res; a++) { /* insertion sort, stable, descending */
         picked t = reserved[a];
@@ -1102,6 +1109,44 @@ static void recommendation_id(char out[33])
     out[32] = 0;
 }
 
+/* The popularity-weighted mean of the vectors of collection's most popular items (*out NULL
+ * when nothing has events). */
+static int crowd_vector(aff_pipeline *p, const char *collection, uint32_t dim, float **out,
+                        aff_err *err)
+{
+    enum { N_POP = 32 };
+    *out = NULL;
+    aff_hit pop[N_POP];
+    uint32_t np = 0;
+    int rc = profiles_popular(p->profiles, collection, N_POP, NULL, pop, &np, err);
+    if (rc || !np) return rc;
+    const char *ids[N_POP];
+    engine_item_class cls[N_POP];
+    float *vec = malloc((size_t)np * dim * sizeof *vec), *sum = calloc(dim, sizeof *sum);
+    if (!vec || !sum) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory reading popular items");
+        goto out;
+    }
+    for (uint32_t i = 0; i < np; i++)
+        ids[i] = pop[i].id;
+    if ((rc = engine_classify_items(p->engine, collection, ids, np, NULL, 0, cls, vec, err)))
+        goto out;
+    double norm = 0;
+    for (uint32_t i = 0; i < np; i++)
+        for (uint32_t d = 0; cls[i].found && d < dim; d++)
+            sum[d] += pop[i].score * vec[(size_t)i * dim + d];
+    for (uint32_t d = 0; d < dim; d++)
+        norm += (double)sum[d] * sum[d];
+    if (norm > 0 && isfinite(norm)) {
+        *out = sum;
+        sum = NULL;
+    }
+out:
+    free(vec);
+    free(sum);
+    return rc;
+}
+
 int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const char *user_id,
                                  pipeline_space space, const char *ranked_by,
                                  const profiles_plan *plan, pipeline_user_source *out, aff_err *err)
@@ -1158,6 +1203,17 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
         }
         free(out->vector);
         out->vector = NULL;
+        if (plan->source != PROFILES_SOURCE_PROFILE) {
+            /* A cold-start shopper: what the crowd likes in ranked_by ranks this collection. */
+            if ((rc = crowd_vector(p, ranked_by, dim, &out->vector, err))) return rc;
+            if (out->vector) {
+                out->dim = dim;
+                out->source = PIPELINE_SOURCE_POPULARITY;
+                out->reason = PIPELINE_REASON_POPULAR;
+                out->history[0] = 0;
+                return AFF_OK;
+            }
+        }
     }
     if (plan && plan->source == PROFILES_SOURCE_PROFILE && plan->vector) {
         out->vector = malloc((size_t)plan->dim * sizeof *out->vector);
@@ -1420,6 +1476,8 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
                               .pinned = pinned,
                               .organic_reason = j->src.reason,
                               .organic_related = related,
+                              .relax_cap = j->deepened || n_org < j->queries[qidx(j, g, 0)].k ||
+                                           j->queries[qidx(j, g, 0)].k == AFF_MAX_K,
                               .seed = j->out.exploration_seed + g};
     if ((rc = pipeline_rank(&in, out, &j->n_hits[g], err))) goto out;
     if (j->n_hits[g] < j->k && n_org == j->queries[qidx(j, g, 0)].k && !j->deepened &&
@@ -1958,7 +2016,7 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     }
     j->cand = calloc(off ? off : 1, sizeof *j->cand);
     if (!j->cand) return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
-    if (j->src.source == PIPELINE_SOURCE_POPULARITY) {
+    if (j->src.source == PIPELINE_SOURCE_POPULARITY && !j->src.vector) {
         if ((rc = run_popularity(j, err))) return rc;
         *now = true;
         return AFF_OK;

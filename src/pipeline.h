@@ -37,7 +37,9 @@
  *      are merged in by adjusted score (placed before the first organic item they beat);
  *   5. pins are inserted at their exact 1-based positions, reason PINNED.
  * The category cap (max_per_category; 0 = none) holds for steps 1-3; items without a
- * category are never capped; pins are exempt. Promoted items count toward the cap.
+ * category are never capped; pins are exempt. Promoted items count toward the cap. When the
+ * candidates run out under the cap (after a deeper round), it gives way: the slots it would
+ * leave empty are filled in score order.
  *
  * Threading: pipeline functions may be called from any thread. A started job's completion
  * runs on a batcher worker thread.
@@ -198,6 +200,7 @@ typedef struct pipeline_rank_input {
     pipeline_reason_kind organic_reason;
     const char *organic_related; /* related id for organic hits, or NULL */
     uint64_t seed;               /* exploration */
+    bool relax_cap; /* no deeper pool exists: fill slots the cap left empty in score order */
 } pipeline_rank_input;
 
 /* Selects and orders up to k hits (see the header comment). out has room for k. Organic
@@ -361,7 +364,9 @@ typedef struct pipeline_user_source {
  * ranked_by (another collection of the same dimension whose behaviour ranks this one, e.g.
  * products for banners; from the serving config's "collections"; NULL: none) searched
  * against collection; the user's own content profile in collection (plan, the profiles
- * module's snapshot of vector and exclusions already read for this request); popularity.
+ * module's snapshot of vector and exclusions already read for this request); for a
+ * cold-start shopper in a ranked_by collection, the popularity-weighted mean vector of
+ * ranked_by's popular items (source POPULARITY, searched); else popularity itself.
  * A learned model plugs in here first: look up the user's factor and, when found, answer
  * with its source, its factor space (an engine collection holding the item factors under the
  * same ids) and reason LIKED_BY_SIMILAR_SHOPPERS. */

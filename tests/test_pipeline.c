@@ -1084,3 +1084,49 @@ Test(pipeline_traits, traits_from_synthetic_histories)
     cr_assert(strstr(err.msg, "rules.promotions[0].audience.min_price_sensitivity"), "%s", err.msg);
     svc_stop(&s);
 }
+
+Test(pipeline_rules, the_documented_serving_config_example_loads)
+{
+    svc s;
+    svc_start(&s, AFF_SOURCE_DIR "/docs/serving-config.example.json");
+    pipeline_request req = {.kind = PIPELINE_RECOMMEND,
+                            .collection = "shop",
+                            .vector = s.vec[0],
+                            .dim = SDIM,
+                            .k = 10,
+                            .preset = "discover"};
+    pipeline_job *job;
+    aff_err err;
+    cr_assert_eq(run(&s, &req, &job, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(pipeline_job_output(job)->status, AFF_OK);
+    cr_assert_neq(pipeline_job_output(job)->exploration_seed, 0);
+    pipeline_job_destroy(job);
+    svc_stop(&s);
+}
+
+Test(pipeline_service, a_cap_gives_way_only_when_candidates_run_out)
+{
+    svc s;
+    svc_start(&s, NULL);
+    pipeline_rules rules = {.has_max_per_category = true, .max_per_category = 1};
+    pipeline_request req = {.kind = PIPELINE_RECOMMEND,
+                            .collection = "shop",
+                            .vector = s.vec[0],
+                            .dim = SDIM,
+                            .k = 8,
+                            .rules = &rules};
+    pipeline_job *job;
+    aff_err err;
+    cr_assert_eq(run(&s, &req, &job, &err), AFF_OK, "%s", err.msg);
+    const pipeline_output *o = pipeline_job_output(job);
+    cr_assert_eq(o->status, AFF_OK, "%s", o->err.msg);
+    cr_assert_eq(o->n_hits[0], 8, "filled although only 4 categories exist");
+    cr_assert_eq(o->rounds, 2, "a deeper round first");
+    int seen[NCATS] = {0};
+    for (uint32_t i = 0; i < 4; i++) {
+        int c = index_of(&s, o->hits[0][i].id) / PER_CAT;
+        cr_assert_eq(seen[c]++, 0, "the first 4 keep the cap: one per category");
+    }
+    pipeline_job_destroy(job);
+    svc_stop(&s);
+}

@@ -581,6 +581,15 @@ Test(server_pipeline, banners_linked_to_products_are_ranked_by_the_product_profi
               r->hits[0]->reason->related_item_id);
     transport_client_free(&r->base);
 
+    /* a cold-start shopper: the crowd's products (the gardener's) rank the banners */
+    req.user_id = "newcomer";
+    cr_assert_eq(recommend(cl, &req, &r, &st), 0, "%s", st.message);
+    cr_assert_eq(r->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_POPULARITY);
+    cr_assert_eq(r->n_hits, 2);
+    cr_assert_str_eq(r->hits[0]->id, "banner-garden");
+    cr_assert_eq(r->hits[0]->reason->kind, AFFINITY__V1__REASON_KIND__REASON_KIND_POPULAR);
+    transport_client_free(&r->base);
+
     /* a link to nothing is refused, naming the item */
     char *none[1] = {"no-such-product"};
     items[0].n_linked_ids = 1;
