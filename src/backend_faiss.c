@@ -14,6 +14,9 @@
  *     and FAISS 1.7.3 leaves its BLAS path entirely when given an IDSelector (50% selectivity
  *     fell from ~6,800 to ~150 queries/s at N=100k). So BLAS runs single-threaded here
  *     (openblas_set_num_threads(1) at start-up) and the parallelism is ours.
+ *   - bf16/int8 tables (backend_precision, --cpu-precision) keep no FAISS index: cpu_score.c
+ *     scans a compact copy of the rows for every batch size, filtered or not, and re-ranks a
+ *     provable candidate set in fp32 from `cold`, an mmap of an unlinked file under $TMPDIR.
  *   - HNSW tables answer unfiltered queries from the FAISS graph; filtered queries take the
  *     exact path (a graph walk cannot promise k filtered results). Rows overwritten or moved
  *     mark the graph stale; it is rebuilt on the next HNSW search (HNSW suits append-mostly
