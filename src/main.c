@@ -131,17 +131,30 @@ static void observe_batch(void *ctx, uint64_t queries, uint64_t queued)
     metrics_set_queue_depth(ctx, (int64_t)queued);
 }
 
-/* Scrape hook: items per collection, device memory and device faults, read when Prometheus
- * asks. */
+/* What the scrape hook reads. */
+typedef struct scrape_ctx {
+    aff_engine *engine;
+    aff_model *model;
+} scrape_ctx;
+
+/* Scrape hook: items and model state per collection, device memory and device faults, read
+ * when Prometheus asks. */
 static void scrape_engine(aff_metrics *m, metrics_scrape *scrape, void *ctx)
 {
-    aff_engine *engine = ctx;
+    const scrape_ctx *sc = ctx;
+    aff_engine *engine = sc->engine;
     engine_collection_info *infos = NULL;
     size_t n = 0;
     aff_err err;
     if (engine_list_collections(engine, &infos, &n, &err) == 0)
-        for (size_t i = 0; i < n; i++)
+        for (size_t i = 0; i < n; i++) {
             metrics_scrape_collection(scrape, infos[i].name, infos[i].n_items);
+            model_info mi;
+            if (sc->model && model_get_info(sc->model, infos[i].name, &mi, &err) == AFF_OK)
+                metrics_scrape_model(scrape, infos[i].name, mi.has_model ? mi.current.id : 0,
+                                     mi.current.loss, mi.current.duration_s,
+                                     mi.current.events_used, mi.job_running);
+        }
     free(infos);
     backend_info bi;
     engine_backend_info(engine, &bi);
@@ -236,7 +249,8 @@ int main(int argc, char **argv)
      * batch sizes and queue depth through on_batch. */
     if (metrics_create(&metrics, cfg.metrics_listen, &err)) goto fail;
     metrics_set_backend(metrics, bi.name, bi.device);
-    metrics_set_scrape_hook(metrics, scrape_engine, engine);
+    scrape_ctx sctx = {.engine = engine, .model = model};
+    metrics_set_scrape_hook(metrics, scrape_engine, &sctx);
     if (cfg.metrics_listen[0])
         aff_log(AFF_LOG_INFO, "metrics on port %u", (unsigned)metrics_port(metrics));
 

@@ -258,6 +258,9 @@ typedef struct sbuf {
 
 struct metrics_scrape {
     sbuf lines; /* affinity_collection_items samples */
+    /* per-collection model samples, one buffer per metric (Prometheus wants each metric's
+     * samples together under its header) */
+    sbuf model_version, model_loss, model_seconds, model_events, model_training;
 };
 
 static void sb_vprintf(sbuf *b, const char *fmt, va_list ap)
@@ -372,6 +375,30 @@ static uint64_t hist_total(const hist *h, const hist_spec *spec)
     return n;
 }
 
+static void model_sample(sbuf *b, const char *collection, const char *fmt, double v)
+{
+    sb_printf(b, "%s{collection=\"", "");
+    sb_label_value(b, collection);
+    sb_printf(b, fmt, v);
+}
+
+void metrics_scrape_model(metrics_scrape *scrape, const char *collection, uint64_t version,
+                          double loss, double train_seconds, uint64_t events, bool training)
+{
+    if (!scrape || !collection) return;
+    static const char *const names[5] = {"affinity_model_version", "affinity_model_loss",
+                                         "affinity_model_train_seconds", "affinity_model_events",
+                                         "affinity_model_training"};
+    sbuf *bufs[5] = {&scrape->model_version, &scrape->model_loss, &scrape->model_seconds,
+                     &scrape->model_events, &scrape->model_training};
+    const double vals[5] = {(double)version, loss, train_seconds, (double)events, training};
+    for (int i = 0; i < 5; i++) {
+        if (i > 0 && i < 4 && !version) continue; /* no model: only version 0 and training */
+        sb_printf(bufs[i], "%s", names[i]);
+        model_sample(bufs[i], collection, "\"} %.17g\n", vals[i]);
+    }
+}
+
 void metrics_scrape_collection(metrics_scrape *scrape, const char *collection, uint64_t items)
 {
     if (!scrape || !collection) return;
@@ -380,7 +407,8 @@ void metrics_scrape_collection(metrics_scrape *scrape, const char *collection, u
     sb_printf(&scrape->lines, "\"} %" PRIu64 "\n", items);
 }
 
-static void render_all(aff_metrics *m, sbuf *b, const sbuf *collections)
+static void render_all(aff_metrics *m, sbuf *b, const sbuf *collections,
+                       const metrics_scrape *scrape)
 {
     char backend[METRICS_INFO_LEN], device[METRICS_INFO_LEN];
     bool backend_set;
@@ -448,6 +476,29 @@ static void render_all(aff_metrics *m, sbuf *b, const sbuf *collections)
 
     sb_header(b, "affinity_collection_items", "gauge", "Items stored in each collection.");
     if (collections->len) sb_printf(b, "%.*s", (int)collections->len, collections->p);
+    if (scrape) {
+        static const struct {
+            const char *name, *type, *help;
+            size_t off;
+        } model_metrics[] = {
+            {"affinity_model_version", "gauge", "Version of the learned model serving the collection.",
+             offsetof(metrics_scrape, model_version)},
+            {"affinity_model_loss", "gauge", "Final training objective / interactions of that model.",
+             offsetof(metrics_scrape, model_loss)},
+            {"affinity_model_train_seconds", "gauge", "How long that model took to train.",
+             offsetof(metrics_scrape, model_seconds)},
+            {"affinity_model_events", "gauge", "(user, item) interactions that model learned from.",
+             offsetof(metrics_scrape, model_events)},
+            {"affinity_model_training", "gauge", "1 while a training job runs on the collection.",
+             offsetof(metrics_scrape, model_training)},
+        };
+        for (size_t i = 0; i < sizeof model_metrics / sizeof model_metrics[0]; i++) {
+            const sbuf *mb = (const sbuf *)((const char *)scrape + model_metrics[i].off);
+            if (!mb->len) continue;
+            sb_header(b, model_metrics[i].name, model_metrics[i].type, model_metrics[i].help);
+            sb_printf(b, "%.*s", (int)mb->len, mb->p);
+        }
+    }
 
     if (atomic_load_explicit(&m->gpu_set, memory_order_acquire)) {
         sb_header(b, "affinity_gpu_memory_used_bytes", "gauge", "Device memory in use.");
@@ -473,10 +524,21 @@ static void render_all(aff_metrics *m, sbuf *b, const sbuf *collections)
     sb_printf(b, "process_start_time_seconds %.3f\n", m->start_time);
 }
 
+static void scrape_free(metrics_scrape *s)
+{
+    free(s->lines.p);
+    free(s->model_version.p);
+    free(s->model_loss.p);
+    free(s->model_seconds.p);
+    free(s->model_events.p);
+    free(s->model_training.p);
+}
+
 int metrics_render(aff_metrics *m, char **out, size_t *len, aff_err *err)
 {
     sbuf b = {0};
-    metrics_scrape scrape = {{0}};
+    metrics_scrape scrape;
+    memset(&scrape, 0, sizeof scrape);
     int rc = AFF_OK;
 
     pthread_mutex_lock(&m->render_lock);
@@ -485,7 +547,7 @@ int metrics_render(aff_metrics *m, char **out, size_t *len, aff_err *err)
     void *hook_ctx = m->hook_ctx;
     pthread_mutex_unlock(&m->info_lock);
     if (hook) hook(m, &scrape, hook_ctx);
-    render_all(m, &b, &scrape.lines);
+    render_all(m, &b, &scrape.lines, &scrape);
     pthread_mutex_unlock(&m->render_lock);
 
     if (b.oom || scrape.lines.oom || !b.p) {
@@ -496,7 +558,7 @@ int metrics_render(aff_metrics *m, char **out, size_t *len, aff_err *err)
     *out = b.p;
     if (len) *len = b.len;
 out:
-    free(scrape.lines.p);
+    scrape_free(&scrape);
     return rc;
 }
 
@@ -505,7 +567,8 @@ out:
 /* Runs the scrape hook for its updates alone (what /healthz reports comes from it too). */
 static void refresh(aff_metrics *m)
 {
-    metrics_scrape scrape = {{0}};
+    metrics_scrape scrape;
+    memset(&scrape, 0, sizeof scrape);
     pthread_mutex_lock(&m->render_lock);
     pthread_mutex_lock(&m->info_lock);
     metrics_scrape_fn hook = m->hook;
@@ -513,7 +576,7 @@ static void refresh(aff_metrics *m)
     pthread_mutex_unlock(&m->info_lock);
     if (hook) hook(m, &scrape, hook_ctx);
     pthread_mutex_unlock(&m->render_lock);
-    free(scrape.lines.p);
+    scrape_free(&scrape);
 }
 
 static enum MHD_Result send_text(struct MHD_Connection *c, unsigned status, const char *text)

@@ -122,6 +122,10 @@ typedef void (*metrics_scrape_fn)(aff_metrics *m, metrics_scrape *scrape, void *
 void metrics_set_scrape_hook(aff_metrics *m, metrics_scrape_fn fn, void *ctx);
 /* From inside the hook: one affinity_collection_items{collection="name"} sample. */
 void metrics_scrape_collection(metrics_scrape *scrape, const char *collection, uint64_t items);
+/* The collection's learned model (model.h): version (0: none), final loss, training seconds,
+ * interactions learned from, and whether a job is running now. */
+void metrics_scrape_model(metrics_scrape *scrape, const char *collection, uint64_t version,
+                          double loss, double train_seconds, uint64_t events, bool training);
 
 /* ---- reading ---- */
 

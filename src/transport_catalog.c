@@ -48,6 +48,28 @@ static void collection_info_to_pb(const engine_collection_info *ci, const backen
 
 /* ---- collections ------------------------------------------------------------------------ */
 
+/* A collection's CollectionInfo and the storage it points into. */
+typedef struct collection_pb {
+    engine_collection_info ci;
+    backend_info bi;
+    tmodel_pb model;
+    Affinity__V1__CollectionInfo info;
+} collection_pb;
+
+/* Fills out for collection name, or fails the call (NOT_FOUND) and returns false. */
+static bool describe(tcall *c, const char *name, collection_pb *out)
+{
+    aff_err err;
+    if (engine_describe_collection(c->t->engine, name, &out->ci, &err)) {
+        tcall_fail(c, &err);
+        return false;
+    }
+    engine_backend_info(c->t->engine, &out->bi);
+    collection_info_to_pb(&out->ci, &out->bi, &out->info);
+    transport__collection_model(c->t, name, &out->info, &out->model);
+    return true;
+}
+
 void rpc_create_collection(tcall *c, ProtobufCMessage *msg)
 {
     const Affinity__V1__CreateCollectionRequest *r = (void *)msg;
@@ -122,19 +144,10 @@ void rpc_create_collection(tcall *c, ProtobufCMessage *msg)
         tcall_fail(c, &err);
         return;
     }
-    engine_collection_info ci;
-    backend_info bi;
-    if (engine_describe_collection(c->t->engine, r->name, &ci, &err)) {
-        tcall_fail(c, &err);
-        return;
-    }
-    engine_backend_info(c->t->engine, &bi);
-    Affinity__V1__CollectionInfo info;
-    collection_info_to_pb(&ci, &bi, &info);
-    tmodel_pb mst;
-    transport__collection_model(c->t, r->name, &info, &mst);
+    collection_pb cp;
+    if (!describe(c, r->name, &cp)) return;
     Affinity__V1__CreateCollectionResponse resp = AFFINITY__V1__CREATE_COLLECTION_RESPONSE__INIT;
-    resp.collection = &info;
+    resp.collection = &cp.info;
     tcall_finish(c, 0, NULL, &resp.base);
 }
 
@@ -186,19 +199,8 @@ void rpc_list_collections(tcall *c, ProtobufCMessage *msg)
 void rpc_describe_collection(tcall *c, ProtobufCMessage *msg)
 {
     const Affinity__V1__DescribeCollectionRequest *r = (void *)msg;
-    aff_err err;
-    engine_collection_info ci;
-    backend_info bi;
-    if (engine_describe_collection(c->t->engine, r->name, &ci, &err)) {
-        tcall_fail(c, &err);
-        return;
-    }
-    engine_backend_info(c->t->engine, &bi);
-    Affinity__V1__CollectionInfo info;
-    collection_info_to_pb(&ci, &bi, &info);
-    tmodel_pb mst;
-    transport__collection_model(c->t, r->name, &info, &mst);
-    tcall_finish(c, 0, NULL, &info.base);
+    collection_pb cp;
+    if (describe(c, r->name, &cp)) tcall_finish(c, 0, NULL, &cp.info.base);
 }
 
 /* ---- catalog ------------------------------------------------------------------------------ */

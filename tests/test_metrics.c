@@ -410,3 +410,32 @@ Test(metrics, reports_gpu_device_faults_and_degraded_health)
     http_reply_free(&r);
     metrics_destroy(m);
 }
+
+static void model_hook(aff_metrics *m, metrics_scrape *scrape, void *ctx)
+{
+    (void)m, (void)ctx;
+    metrics_scrape_model(scrape, "products", 3, 0.5, 2.25, 1000, true);
+    metrics_scrape_model(scrape, "banners", 0, 0, 0, 0, false); /* never trained */
+}
+
+Test(metrics, reports_learned_models_per_collection)
+{
+    aff_metrics *m = NULL;
+    aff_err err;
+    cr_assert_eq(metrics_create(&m, "", &err), 0);
+    metrics_set_scrape_hook(m, model_hook, NULL);
+    char *text = NULL;
+    cr_assert_eq(metrics_render(m, &text, NULL, &err), 0);
+    assert_line(text, "affinity_model_version{collection=\"products\"} 3");
+    assert_line(text, "affinity_model_version{collection=\"banners\"} 0");
+    assert_line(text, "affinity_model_loss{collection=\"products\"} 0.5");
+    assert_line(text, "affinity_model_train_seconds{collection=\"products\"} 2.25");
+    assert_line(text, "affinity_model_events{collection=\"products\"} 1000");
+    assert_line(text, "affinity_model_training{collection=\"products\"} 1");
+    assert_line(text, "affinity_model_training{collection=\"banners\"} 0");
+    cr_assert(!strstr(text, "affinity_model_loss{collection=\"banners\"}"),
+              "no loss for a collection without a model");
+    cr_assert(strstr(text, "# TYPE affinity_model_version gauge"), "%s", text);
+    free(text);
+    metrics_destroy(m);
+}
