@@ -899,8 +899,10 @@ int model_get_info(aff_model *m, const char *collection, model_info *out, aff_er
     memset(out, 0, sizeof *out);
     mcoll *c = coll_get(m, collection, err);
     if (!c) return err->code;
-    mversion *v = version_acquire(c);
+    /* The version is read under c->mu, as installs happen: a finished job's report and the
+     * model it installed are seen together. */
     pthread_mutex_lock(&c->mu);
+    mversion *v = version_acquire(c);
     out->has_model = v != NULL;
     if (v) out->current = v->info;
     out->job_running = c->running;
