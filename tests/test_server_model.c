@@ -216,19 +216,29 @@ static void init_names(void)
         snprintf(categories[g], sizeof categories[g], "g%d", g);
 }
 
-Test(server_model, learns_taste_groups_and_folds_in_new_users)
+/* A server on a fresh data dir (path into dir) with the learned-only collection "shop", its
+ * items and the seeded shoppers' events, trained once; returns the model's version. */
+static uint64_t start_trained_shop(char *dir, size_t dir_size, const char *what, test_server *s,
+                                   transport_client **cl)
 {
     init_names();
-    char dir[256];
-    ts_make_dir(dir, sizeof dir, "model");
-    test_server s;
-    start_on(&s, dir);
-    transport_client *cl = ts_client(&s, NULL);
+    ts_make_dir(dir, dir_size, what);
+    start_on(s, dir);
+    *cl = ts_client(s, NULL);
     transport_call_status st;
-    cr_assert_eq(create_learned(cl, "shop", 8, &st), TS_OK, "%s", st.message);
-    cr_assert_eq(upsert_items(cl, "shop", false), TS_OK);
-    seed_users(cl, "shop");
-    uint64_t version = train_and_wait(cl, "shop");
+    cr_assert_eq(create_learned(*cl, "shop", 8, &st), TS_OK, "%s", st.message);
+    cr_assert_eq(upsert_items(*cl, "shop", false), TS_OK);
+    seed_users(*cl, "shop");
+    return train_and_wait(*cl, "shop");
+}
+
+Test(server_model, learns_taste_groups_and_folds_in_new_users)
+{
+    char dir[256];
+    test_server s;
+    transport_client *cl;
+    uint64_t version = start_trained_shop(dir, sizeof dir, "model", &s, &cl);
+    transport_call_status st;
     cr_assert(version >= 1);
 
     Affinity__V1__DescribeCollectionRequest dr = AFFINITY__V1__DESCRIBE_COLLECTION_REQUEST__INIT;
@@ -451,17 +461,10 @@ static void *hammer_main(void *arg)
 
 Test(server_model, model_swaps_under_concurrent_recommend_never_error)
 {
-    init_names();
     char dir[256];
-    ts_make_dir(dir, sizeof dir, "swap");
     test_server s;
-    start_on(&s, dir);
-    transport_client *cl = ts_client(&s, NULL);
-    transport_call_status st;
-    cr_assert_eq(create_learned(cl, "shop", 8, &st), TS_OK, "%s", st.message);
-    cr_assert_eq(upsert_items(cl, "shop", false), TS_OK);
-    seed_users(cl, "shop");
-    uint64_t v1 = train_and_wait(cl, "shop");
+    transport_client *cl;
+    uint64_t v1 = start_trained_shop(dir, sizeof dir, "swap", &s, &cl);
     hammer h = {.s = &s};
     pthread_t th[2];
     for (int i = 0; i < 2; i++)
