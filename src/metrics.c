@@ -30,7 +30,7 @@
 
 #define METRICS_GRPC_CODES   17
 #define METRICS_GRPC_UNKNOWN 2
-#define METRICS_EVENT_TYPES  (AFF_EVENT_CUSTOM + 1) /* index = metrics_event_type; 0 unused */
+#define METRICS_EVENT_TYPES  AFF_EVENT_VALUE_LIMIT /* index = metrics_event_type; 0 unused */
 #define METRICS_HIST_MAX     16
 #define METRICS_INFO_LEN     128
 #define METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
@@ -138,6 +138,9 @@ static const char *const event_type_names[METRICS_EVENT_TYPES] = {
     AFF_EVENT_TYPES(METRICS__EVENT_NAME)
 #undef METRICS__EVENT_NAME
         [AFF_EVENT_CUSTOM] = "custom",
+#define METRICS__MEVENT_NAME(name, value, str) [value] = str,
+    AFF_EVENT_MEASUREMENT_TYPES(METRICS__MEVENT_NAME)
+#undef METRICS__MEVENT_NAME
 };
 
 /* ---- updates ---------------------------------------------------------------------------- */
@@ -182,7 +185,7 @@ void metrics_add_queue_depth(aff_metrics *m, int64_t delta)
 
 void metrics_add_events(aff_metrics *m, metrics_event_type type, uint64_t n)
 {
-    if (!m || type < METRICS_EVENT_VIEW || type > METRICS_EVENT_CUSTOM) return;
+    if (!m || type < METRICS_EVENT_VIEW || (int)type >= METRICS_EVENT_TYPES) return;
     atomic_fetch_add_explicit(&m->events[type], n, memory_order_relaxed);
 }
 
@@ -261,6 +264,8 @@ struct metrics_scrape {
     /* per-collection model samples, one buffer per metric (Prometheus wants each metric's
      * samples together under its header) */
     sbuf model_version, model_loss, model_seconds, model_events, model_training;
+    /* measurement (outcomes.h): totals per series, unattributed events, gauges */
+    sbuf served, outcomes, revenue, unattributed, measure_gauges;
 };
 
 static void sb_vprintf(sbuf *b, const char *fmt, va_list ap)
@@ -399,6 +404,62 @@ void metrics_scrape_model(metrics_scrape *scrape, const char *collection, uint64
     }
 }
 
+/* {collection="..",surface="..",strategy="..",experiment="..",arm=".." (no closing brace) */
+static void outcome_labels(sbuf *b, const char *name, const metrics_outcome_labels *l)
+{
+    const char *keys[5] = {"collection", "surface", "strategy", "experiment", "arm"};
+    const char *vals[5] = {l->collection, l->surface, l->strategy, l->experiment, l->arm};
+    sb_printf(b, "%s{", name);
+    for (int i = 0; i < 5; i++) {
+        sb_printf(b, "%s%s=\"", i ? "," : "", keys[i]);
+        sb_label_value(b, vals[i] ? vals[i] : "");
+        sb_printf(b, "\"");
+    }
+}
+
+void metrics_scrape_outcomes(metrics_scrape *scrape, const metrics_outcome_labels *l,
+                             uint64_t served, const uint64_t outcomes[4], double revenue)
+{
+    if (!scrape || !l) return;
+    static const char *const names[4] = {"impression", "click", "add_to_cart", "purchase"};
+    outcome_labels(&scrape->served, "affinity_recommendations_served_total", l);
+    sb_printf(&scrape->served, "} %" PRIu64 "\n", served);
+    for (int k = 0; k < 4; k++) {
+        outcome_labels(&scrape->outcomes, "affinity_outcomes_total", l);
+        sb_printf(&scrape->outcomes, ",outcome=\"%s\"} %" PRIu64 "\n", names[k], outcomes[k]);
+    }
+    outcome_labels(&scrape->revenue, "affinity_outcome_revenue_total", l);
+    sb_printf(&scrape->revenue, "} %.17g\n", revenue);
+}
+
+void metrics_scrape_unattributed(metrics_scrape *scrape, const char *collection,
+                                 const uint64_t outcomes[4])
+{
+    if (!scrape || !collection) return;
+    static const char *const names[4] = {"impression", "click", "add_to_cart", "purchase"};
+    for (int k = 0; k < 4; k++) {
+        sb_printf(&scrape->unattributed, "affinity_outcomes_unattributed_total{collection=\"");
+        sb_label_value(&scrape->unattributed, collection);
+        sb_printf(&scrape->unattributed, "\",outcome=\"%s\"} %" PRIu64 "\n", names[k],
+                  outcomes[k]);
+    }
+}
+
+void metrics_scrape_measurement(metrics_scrape *scrape, uint64_t records, uint64_t bytes,
+                                uint64_t experiments_running)
+{
+    if (!scrape) return;
+    sbuf *b = &scrape->measure_gauges;
+    sb_header(b, "affinity_attribution_records", "gauge",
+              "Recommendations remembered for attribution.");
+    sb_printf(b, "affinity_attribution_records %" PRIu64 "\n", records);
+    sb_header(b, "affinity_measurement_memory_bytes", "gauge",
+              "Bytes held by attribution records and outcome series.");
+    sb_printf(b, "affinity_measurement_memory_bytes %" PRIu64 "\n", bytes);
+    sb_header(b, "affinity_experiments_running", "gauge", "Experiments running now.");
+    sb_printf(b, "affinity_experiments_running %" PRIu64 "\n", experiments_running);
+}
+
 void metrics_scrape_collection(metrics_scrape *scrape, const char *collection, uint64_t items)
 {
     if (!scrape || !collection) return;
@@ -470,7 +531,7 @@ static void render_all(aff_metrics *m, sbuf *b, const sbuf *collections,
 
     sb_header(b, "affinity_events_ingested_total", "counter",
               "Behaviour events applied to user profiles, by type.");
-    for (int t = METRICS_EVENT_VIEW; t <= METRICS_EVENT_CUSTOM; t++)
+    for (int t = METRICS_EVENT_VIEW; t < METRICS_EVENT_TYPES; t++)
         sb_printf(b, "affinity_events_ingested_total{type=\"%s\"} %" PRIu64 "\n",
                   event_type_names[t], atomic_load_explicit(&m->events[t], memory_order_relaxed));
 
@@ -498,6 +559,30 @@ static void render_all(aff_metrics *m, sbuf *b, const sbuf *collections,
             sb_header(b, model_metrics[i].name, model_metrics[i].type, model_metrics[i].help);
             sb_printf(b, "%.*s", (int)mb->len, mb->p);
         }
+        static const struct {
+            const char *name, *help;
+            size_t off;
+        } outcome_metrics[] = {
+            {"affinity_recommendations_served_total",
+             "Recommendations answered, by collection, surface, strategy, experiment and arm.",
+             offsetof(metrics_scrape, served)},
+            {"affinity_outcomes_total",
+             "Attributed impressions, clicks, add-to-carts and purchases, by series and outcome.",
+             offsetof(metrics_scrape, outcomes)},
+            {"affinity_outcome_revenue_total", "Revenue of attributed purchases, by series.",
+             offsetof(metrics_scrape, revenue)},
+            {"affinity_outcomes_unattributed_total",
+             "Outcome events whose recommendation_id could not be attributed.",
+             offsetof(metrics_scrape, unattributed)},
+        };
+        for (size_t i = 0; i < sizeof outcome_metrics / sizeof outcome_metrics[0]; i++) {
+            const sbuf *mb = (const sbuf *)((const char *)scrape + outcome_metrics[i].off);
+            if (!mb->len) continue;
+            sb_header(b, outcome_metrics[i].name, "counter", outcome_metrics[i].help);
+            sb_printf(b, "%.*s", (int)mb->len, mb->p);
+        }
+        if (scrape->measure_gauges.len)
+            sb_printf(b, "%.*s", (int)scrape->measure_gauges.len, scrape->measure_gauges.p);
     }
 
     if (atomic_load_explicit(&m->gpu_set, memory_order_acquire)) {
@@ -532,6 +617,11 @@ static void scrape_free(metrics_scrape *s)
     free(s->model_seconds.p);
     free(s->model_events.p);
     free(s->model_training.p);
+    free(s->served.p);
+    free(s->outcomes.p);
+    free(s->revenue.p);
+    free(s->unattributed.p);
+    free(s->measure_gauges.p);
 }
 
 int metrics_render(aff_metrics *m, char **out, size_t *len, aff_err *err)

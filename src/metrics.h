@@ -58,7 +58,12 @@ typedef struct aff_metrics aff_metrics;
     X(GET_SERVER_INFO, "GetServerInfo")                                                            \
     X(TRAIN, "Train")                                                                              \
     X(GET_MODEL, "GetModel")                                                                       \
-    X(GET_SEGMENT, "GetSegment")
+    X(GET_SEGMENT, "GetSegment")                                                                   \
+    X(GET_STATS, "GetStats")                                                                       \
+    X(CREATE_EXPERIMENT, "CreateExperiment")                                                       \
+    X(GET_EXPERIMENT, "GetExperiment")                                                             \
+    X(LIST_EXPERIMENTS, "ListExperiments")                                                         \
+    X(STOP_EXPERIMENT, "StopExperiment")
 
 typedef enum metrics_method {
 #define METRICS__METHOD_ENUM(name, str) METRICS_METHOD_##name,
@@ -73,6 +78,9 @@ typedef enum metrics_event_type {
     AFF_EVENT_TYPES(METRICS__EVENT_ENUM)
 #undef METRICS__EVENT_ENUM
         METRICS_EVENT_CUSTOM = AFF_EVENT_CUSTOM,
+#define METRICS__MEVENT_ENUM(name, value, str) METRICS_EVENT_##name = value,
+    AFF_EVENT_MEASUREMENT_TYPES(METRICS__MEVENT_ENUM)
+#undef METRICS__MEVENT_ENUM
 } metrics_event_type;
 
 /* Starts the registry and, when listen_addr is a non-empty "host:port" ("0.0.0.0:9090",
@@ -126,6 +134,23 @@ void metrics_scrape_collection(metrics_scrape *scrape, const char *collection, u
  * interactions learned from, and whether a job is running now. */
 void metrics_scrape_model(metrics_scrape *scrape, const char *collection, uint64_t version,
                           double loss, double train_seconds, uint64_t events, bool training);
+
+/* measurement (outcomes.h), from inside the hook: one series' totals since start as
+ * affinity_recommendations_served_total, affinity_outcomes_total{...,outcome} and
+ * affinity_outcome_revenue_total, labelled collection, surface, strategy, experiment, arm;
+ * outcomes[] in the order impression, click, add_to_cart, purchase. */
+typedef struct metrics_outcome_labels {
+    const char *collection, *surface, *strategy, *experiment, *arm;
+} metrics_outcome_labels;
+void metrics_scrape_outcomes(metrics_scrape *scrape, const metrics_outcome_labels *labels,
+                             uint64_t served, const uint64_t outcomes[4], double revenue);
+/* affinity_outcomes_unattributed_total{collection,outcome}. */
+void metrics_scrape_unattributed(metrics_scrape *scrape, const char *collection,
+                                 const uint64_t outcomes[4]);
+/* affinity_attribution_records, affinity_measurement_memory_bytes and
+ * affinity_experiments_running gauges. */
+void metrics_scrape_measurement(metrics_scrape *scrape, uint64_t records, uint64_t bytes,
+                                uint64_t experiments_running);
 
 /* ---- reading ---- */
 

@@ -35,6 +35,9 @@ static const char *const serving_methods[] = {
     "/affinity.v1.Affinity/ListCollections",
     "/affinity.v1.Affinity/DescribeCollection",
     "/affinity.v1.Affinity/GetServerInfo",
+    "/affinity.v1.Affinity/GetStats", /* measurement: reading outcomes and experiments */
+    "/affinity.v1.Affinity/GetExperiment",
+    "/affinity.v1.Affinity/ListExperiments",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 };

@@ -4,7 +4,8 @@
  *
  *   serving  Search, SimilarItems, Recommend, Rerank, BatchRecommend, PutEvents, GetUser,
  *            SetUserOptOut,
- *            GetItems, ListCollections, DescribeCollection, GetServerInfo, reflection
+ *            GetItems, ListCollections, DescribeCollection, GetServerInfo, reflection,
+ *            GetStats, GetExperiment, ListExperiments
  *   admin    everything: also CreateCollection, DropCollection, UpsertItems, DeleteItems,
  *            DeleteUser, ExportUser and any method not listed under serving
  *
