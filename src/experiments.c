@@ -7,13 +7,13 @@
 
 #include <math.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "jsonv.h"
+#include "jsonw.h"
 #include "log.h"
 #include "rng.h"
 #include "strmap.h"
@@ -38,67 +38,17 @@ static int64_t clock_ms(void *ctx)
 
 /* ---- encoding ------------------------------------------------------------------------------ */
 
-typedef struct jbuf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-} jbuf;
-
-__attribute__((format(printf, 2, 3))) static void jb_printf(jbuf *b, const char *fmt, ...)
-{
-    if (b->oom) return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->p ? b->p + b->len : NULL, b->p ? b->cap - b->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            b->oom = true;
-            return;
-        }
-        if (b->p && b->len + (size_t)n < b->cap) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t cap = b->cap ? b->cap * 2 : 1024;
-        while (cap <= b->len + (size_t)n)
-            cap *= 2;
-        char *q = realloc(b->p, cap);
-        if (!q) {
-            b->oom = true;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-}
-
-static void jb_str(jbuf *b, const char *s)
-{
-    jb_printf(b, "\"");
-    for (; *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\')
-            jb_printf(b, "\\%c", c);
-        else if (c < 0x20)
-            jb_printf(b, "\\u%04x", c);
-        else
-            jb_printf(b, "%c", c);
-    }
-    jb_printf(b, "\"");
-}
-
 /* The stored form; counts as decimal strings would be exact, but every count stays far below
  * 2^53, so JSON numbers are exact too. */
-static void encode(const experiment *e, jbuf *b)
+static void encode(const experiment *e, jsonw *b)
 {
-    jb_printf(b, "{\"v\":1,\"id\":");
-    jb_str(b, e->id);
-    jb_printf(b, ",\"collection\":");
-    jb_str(b, e->collection);
-    jb_printf(b, ",\"surface\":");
-    jb_str(b, e->surface);
-    jb_printf(b,
+    jsonw_printf(b, "{\"v\":1,\"id\":");
+    jsonw_str(b, e->id);
+    jsonw_printf(b, ",\"collection\":");
+    jsonw_str(b, e->collection);
+    jsonw_printf(b, ",\"surface\":");
+    jsonw_str(b, e->surface);
+    jsonw_printf(b,
               ",\"running\":%s,\"created_ms\":%lld,\"stopped_ms\":%lld,\"version\":%llu,"
               "\"bandit\":{\"enabled\":%s,\"metric\":%d,\"has_floor\":%s,\"floor\":%.17g,"
               "\"update_every\":%u,\"seed\":\"%llu\"},\"arms\":[",
@@ -108,11 +58,11 @@ static void encode(const experiment *e, jbuf *b)
               e->bandit.update_every, (unsigned long long)e->bandit.seed);
     for (uint32_t i = 0; i < e->n_arms; i++) {
         const experiments_arm *a = &e->arms[i];
-        jb_printf(b, "%s{\"name\":", i ? "," : "");
-        jb_str(b, a->name);
-        jb_printf(b, ",\"preset\":");
-        jb_str(b, a->preset);
-        jb_printf(b,
+        jsonw_printf(b, "%s{\"name\":", i ? "," : "");
+        jsonw_str(b, a->name);
+        jsonw_printf(b, ",\"preset\":");
+        jsonw_str(b, a->preset);
+        jsonw_printf(b,
                   ",\"share\":%.17g,\"space\":%d,\"has_diversity\":%s,\"diversity\":%.9g,"
                   "\"has_exploration\":%s,\"exploration_share\":%.9g,\"current\":%.17g,"
                   "\"impressions\":%llu,\"successes\":%llu}",
@@ -121,7 +71,7 @@ static void encode(const experiment *e, jbuf *b)
                   e->shares[i], (unsigned long long)e->impressions[i],
                   (unsigned long long)e->successes[i]);
     }
-    jb_printf(b, "]}");
+    jsonw_printf(b, "]}");
 }
 
 static double num(const jsonv *o, const char *k)
@@ -190,7 +140,7 @@ static int decode(const char *id, const void *blob, size_t len, experiment *e, a
 
 static int persist(aff_experiments *ex, const experiment *e, aff_err *err)
 {
-    jbuf b = {0};
+    jsonw b = {0};
     encode(e, &b);
     int rc = b.oom ? aff__fail(err, AFF_ENOMEM, "out of memory storing an experiment")
                    : store_put_experiment(ex->cfg.store, e->id, b.p, b.len, err);
@@ -477,6 +427,59 @@ bool experiments_assign(aff_experiments *ex, const char *collection, const char 
     }
     pthread_mutex_unlock(&ex->mu);
     return found;
+}
+
+/* ---- results ------------------------------------------------------------------------------- */
+
+int experiments_arm_stats(aff_outcomes *o, const experiment *e, uint32_t step_ms,
+                          outcomes_row rows[EXPERIMENTS_MAX_ARMS], aff_err *err)
+{
+    for (uint32_t i = 0; i < e->n_arms; i++) {
+        memset(&rows[i], 0, sizeof rows[i]);
+        snprintf(rows[i].collection, sizeof rows[i].collection, "%s", e->collection);
+        snprintf(rows[i].surface, sizeof rows[i].surface, "%s", e->surface);
+        snprintf(rows[i].experiment, sizeof rows[i].experiment, "%s", e->id);
+        snprintf(rows[i].arm, sizeof rows[i].arm, "%s", e->arms[i].name);
+        snprintf(rows[i].strategy, sizeof rows[i].strategy, "%s",
+                 e->arms[i].preset[0] ? e->arms[i].preset : OUTCOMES_DEFAULT_STRAT);
+    }
+    if (!o) return AFF_OK;
+    outcomes_query q = {.collection = e->collection,
+                        .experiment = e->id,
+                        .from_ms = e->created_ms,
+                        .to_ms = e->stopped_ms,
+                        .step_ms = step_ms};
+    outcomes_result res;
+    int rc = outcomes_query_run(o, &q, &res, err);
+    if (rc) return rc;
+    for (size_t r = 0; r < res.n_rows; r++) {
+        const outcomes_row *row = &res.rows[r];
+        for (uint32_t i = 0; i < e->n_arms; i++) {
+            if (strcmp(row->arm, e->arms[i].name)) continue;
+            outcomes_row *a = &rows[i];
+            a->c.responses += row->c.responses;
+            for (int k = 0; k < OUTCOMES_KINDS; k++)
+                a->c.n[k] += row->c.n[k];
+            a->c.revenue += row->c.revenue;
+            if (row->n_points && !a->points) {
+                a->points = calloc(row->n_points, sizeof *a->points);
+                if (!a->points) {
+                    outcomes_result_free(&res);
+                    return aff__fail(err, AFF_ENOMEM, "out of memory encoding an experiment");
+                }
+                a->n_points = row->n_points;
+                for (uint32_t p = 0; p < row->n_points; p++)
+                    a->points[p].start_ms = row->points[p].start_ms;
+            }
+            for (uint32_t p = 0; p < row->n_points && p < a->n_points; p++) {
+                for (int k = 0; k < OUTCOMES_KINDS; k++)
+                    a->points[p].c.n[k] += row->points[p].c.n[k];
+                a->points[p].c.revenue += row->points[p].c.revenue;
+            }
+        }
+    }
+    outcomes_result_free(&res);
+    return AFF_OK;
 }
 
 /* ---- bandit -------------------------------------------------------------------------------- */

@@ -137,6 +137,12 @@ void experiments_thompson(const uint64_t *impressions, const uint64_t *successes
 void experiments_observe(aff_experiments *ex, const char *experiment, const char *arm,
                          const bool counted[OUTCOMES_KINDS]);
 
+/* The experiment's outcome counts per arm (rows[i] for arms[i]) since it was created (until
+ * it stopped), summed over surfaces and strategies, with points per step_ms when > 0 (the
+ * caller frees rows[i].points). o NULL: zero counts. AFF_EINVAL, AFF_ENOMEM. */
+int experiments_arm_stats(aff_outcomes *o, const experiment *e, uint32_t step_ms,
+                          outcomes_row rows[EXPERIMENTS_MAX_ARMS], aff_err *err);
+
 /* Experiments running now. */
 size_t experiments_running(aff_experiments *ex);
 

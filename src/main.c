@@ -23,6 +23,7 @@
 #include "batcher.h"
 #include "catalog.h"
 #include "config.h"
+#include "console.h"
 #include "demo.h"
 #include "engine.h"
 #include "experiments.h"
@@ -223,6 +224,7 @@ int main(int argc, char **argv)
     retention *keeper = NULL;
     aff_outcomes *outcomes = NULL;
     aff_experiments *experiments = NULL;
+    aff_console *console = NULL;
 
     ensure_passive_openmp(argv);
     if (config_parse(&cfg, argc, argv, &err)) {
@@ -336,6 +338,18 @@ int main(int argc, char **argv)
                token[0] || cfg.tokens_file[0] ? "bearer tokens" : "off", "client certificates",
                cfg.tls_client_ca[0] ? "required" : "off", NULL);
     if (cfg.port_file[0] && write_port_file(cfg.port_file, transport_port(server), &err)) goto fail;
+    /* The web console on the metrics port (read-only; the API's tokens). */
+    console_config ccfg = {.engine = engine,
+                           .model = model,
+                           .profiles = profiles,
+                           .pipeline = pipeline,
+                           .outcomes = outcomes,
+                           .experiments = experiments,
+                           .transport = server,
+                           .backend = bi.name,
+                           .device = bi.device};
+    if (console_create(&console, &ccfg, &err)) goto fail;
+    metrics_set_http_handler(metrics, "/console", console_handle, console);
 
     /* The engine is rebuilt from the store while health says NOT_SERVING and every other
      * call is refused, so no write can race the rebuild. */
@@ -376,6 +390,8 @@ fail:
     aff_log_kv(AFF_LOG_ERROR, "start-up failed", "error", err.msg, NULL);
     fprintf(stderr, "affinityd: %s\n", err.msg);
 out:
+    metrics_set_http_handler(metrics, NULL, NULL, NULL); /* waits for a page in progress */
+    console_destroy(console);
     heap_trimmer_stop(trimmer);
     retention_stop(keeper);
     transport_destroy(server);

@@ -96,6 +96,12 @@ struct aff_metrics {
     bool backend_set;
     metrics_scrape_fn hook;
     void *hook_ctx;
+    /* pages under http_prefix (the web console); http_mu is held while the handler runs, so
+     * removing the handler waits for a page in progress */
+    pthread_mutex_t http_mu;
+    char http_prefix[32];
+    metrics_http_fn http_fn;
+    void *http_ctx;
     pthread_mutex_t render_lock;
 
     struct MHD_Daemon *daemon;
@@ -218,6 +224,16 @@ void metrics_set_backend(aff_metrics *m, const char *backend, const char *device
     snprintf(m->device, sizeof m->device, "%s", device ? device : "");
     m->backend_set = true;
     pthread_mutex_unlock(&m->info_lock);
+}
+
+void metrics_set_http_handler(aff_metrics *m, const char *prefix, metrics_http_fn fn, void *ctx)
+{
+    if (!m) return;
+    pthread_mutex_lock(&m->http_mu);
+    snprintf(m->http_prefix, sizeof m->http_prefix, "%s", fn && prefix ? prefix : "");
+    m->http_fn = fn;
+    m->http_ctx = fn ? ctx : NULL;
+    pthread_mutex_unlock(&m->http_mu);
 }
 
 void metrics_set_scrape_hook(aff_metrics *m, metrics_scrape_fn fn, void *ctx)
@@ -682,6 +698,48 @@ static enum MHD_Result send_text(struct MHD_Connection *c, unsigned status, cons
     return ret;
 }
 
+static const char *http_arg(const metrics_http_request *r, const char *name)
+{
+    return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+/* A page of the registered handler: read-only, never cached, nothing from elsewhere. */
+static enum MHD_Result serve_handler(struct MHD_Connection *c, const char *url,
+                                     metrics_http_fn fn, void *ctx)
+{
+    metrics_http_request req = {
+        .path = url,
+        .authorization =
+            MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
+        .arg = http_arg,
+        .conn = c};
+    metrics_http_response resp = {.status = MHD_HTTP_NOT_FOUND};
+    fn(ctx, &req, &resp);
+    struct MHD_Response *r;
+    if (resp.body_static)
+        r = MHD_create_response_from_buffer(resp.len, resp.body, MHD_RESPMEM_PERSISTENT);
+    else
+        r = MHD_create_response_from_buffer(resp.len, resp.body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        if (!resp.body_static) free(resp.body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE,
+                            resp.content_type ? resp.content_type : "text/plain; charset=utf-8");
+    MHD_add_response_header(r, "Content-Security-Policy",
+                            "default-src 'none'; script-src 'unsafe-inline'; style-src "
+                            "'unsafe-inline'; connect-src 'self'; img-src data:; "
+                            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'");
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(r, "Referrer-Policy", "no-referrer");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    if (resp.status == MHD_HTTP_UNAUTHORIZED)
+        MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    enum MHD_Result ret = MHD_queue_response(c, resp.status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
 static enum MHD_Result handle_request(void *cls, struct MHD_Connection *c, const char *url,
                                       const char *method, const char *version,
                                       const char *upload_data, size_t *upload_data_size,
@@ -701,6 +759,15 @@ static enum MHD_Result handle_request(void *cls, struct MHD_Connection *c, const
             return send_text(c, MHD_HTTP_OK, "ok\n");
         return send_text(c, MHD_HTTP_SERVICE_UNAVAILABLE, "draining\n");
     }
+    pthread_mutex_lock(&m->http_mu);
+    size_t plen = strlen(m->http_prefix);
+    if (m->http_fn && plen && strncmp(url, m->http_prefix, plen) == 0 &&
+        (url[plen] == '\0' || url[plen] == '/')) {
+        enum MHD_Result ret = serve_handler(c, url, m->http_fn, m->http_ctx);
+        pthread_mutex_unlock(&m->http_mu);
+        return ret;
+    }
+    pthread_mutex_unlock(&m->http_mu);
     if (strcmp(url, "/metrics") != 0)
         return send_text(c, MHD_HTTP_NOT_FOUND, "not found: try /metrics or /healthz\n");
 
@@ -831,6 +898,7 @@ int metrics_create(aff_metrics **out, const char *listen_addr, aff_err *err)
     if (!m) return aff__fail(err, AFF_ENOMEM, "metrics: out of memory");
     pthread_mutex_init(&m->info_lock, NULL);
     pthread_mutex_init(&m->render_lock, NULL);
+    pthread_mutex_init(&m->http_mu, NULL);
     atomic_store(&m->serving, true);
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
@@ -871,6 +939,7 @@ void metrics_destroy(aff_metrics *m)
     if (m->daemon) MHD_stop_daemon(m->daemon);
     pthread_mutex_destroy(&m->render_lock);
     pthread_mutex_destroy(&m->info_lock);
+    pthread_mutex_destroy(&m->http_mu);
     free(m);
 }
 

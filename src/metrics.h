@@ -152,6 +152,34 @@ void metrics_scrape_unattributed(metrics_scrape *scrape, const char *collection,
 void metrics_scrape_measurement(metrics_scrape *scrape, uint64_t records, uint64_t bytes,
                                 uint64_t experiments_running);
 
+/* ---- other pages on the endpoint (the web console) ---- */
+
+/* One GET or HEAD request for a path under the handler's prefix. Borrowed for the call. */
+typedef struct metrics_http_request {
+    const char *path;          /* e.g. "/console/api/stats" (no query string) */
+    const char *authorization; /* the Authorization header, or NULL */
+    /* A query-string argument, decoded, or NULL when absent. */
+    const char *(*arg)(const struct metrics_http_request *r, const char *name);
+    void *conn; /* for arg */
+} metrics_http_request;
+/* The handler's answer: body (len bytes) is malloc'ed and freed after sending, unless
+ * body_static (then it must live for the process). Every answer gets a Content-Security-Policy
+ * that allows no resource from anywhere (inline script and style, fetches to this origin
+ * only), nosniff, no-referrer and no-store. */
+typedef struct metrics_http_response {
+    unsigned status; /* HTTP status; preset to 404 */
+    const char *content_type;
+    char *body;
+    size_t len;
+    bool body_static;
+} metrics_http_response;
+/* Runs on the HTTP daemon's thread, one request at a time. */
+typedef void (*metrics_http_fn)(void *ctx, const metrics_http_request *req,
+                                metrics_http_response *resp);
+/* Serves every path equal to prefix or under prefix + "/" with fn (NULL: none). ctx is
+ * borrowed until replaced or destroy; replacing waits for a page in progress. */
+void metrics_set_http_handler(aff_metrics *m, const char *prefix, metrics_http_fn fn, void *ctx);
+
 /* ---- reading ---- */
 
 /* Renders the exposition text (runs the hook). *out is NUL-terminated and malloc'd: the

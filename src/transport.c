@@ -832,6 +832,14 @@ int transport_shutdown(transport *t, uint32_t notice_ms, uint32_t grace_ms)
     return rc;
 }
 
+int transport_check_console_auth(const transport *t, const char *authorization)
+{
+    if (!t->auth) return AFF_OK;
+    const tauth_key *k = transport__auth_find_value(t->auth, authorization);
+    if (!k) return AFF_EUNAUTHENTICATED;
+    return k->role == TRANSPORT_ROLE_ADMIN && !k->collections ? AFF_OK : AFF_EPRECONDITION;
+}
+
 void transport_destroy(transport *t)
 {
     if (!t) return;

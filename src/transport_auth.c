@@ -208,6 +208,18 @@ const tauth_key *transport__auth_find(const tauth *a, const grpc_metadata_array 
     return found;
 }
 
+const tauth_key *transport__auth_find_value(const tauth *a, const char *value)
+{
+    const tauth_key *found = NULL;
+    size_t n = value ? strlen(value) : 0;
+    for (size_t j = 0; value && j < a->n; j++)
+        if (equal_const_time((const uint8_t *)value, n, (const uint8_t *)a->keys[j].bearer,
+                             strlen(a->keys[j].bearer)) &&
+            !found)
+            found = &a->keys[j];
+    return found;
+}
+
 bool transport__auth_collection_ok(const tauth_key *k, const char *name)
 {
     if (!k->collections) return true;

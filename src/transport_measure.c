@@ -229,59 +229,6 @@ typedef struct result_pb {
     experiment e;
 } result_pb;
 
-/* Sums the experiment's series per arm since it was created (every surface and strategy),
- * with points per step_s when > 0. */
-static int arm_rows(transport *t, const experiment *e, uint32_t step_s, outcomes_row *rows,
-                    aff_err *err)
-{
-    for (uint32_t i = 0; i < e->n_arms; i++) {
-        memset(&rows[i], 0, sizeof rows[i]);
-        snprintf(rows[i].collection, sizeof rows[i].collection, "%s", e->collection);
-        snprintf(rows[i].surface, sizeof rows[i].surface, "%s", e->surface);
-        snprintf(rows[i].experiment, sizeof rows[i].experiment, "%s", e->id);
-        snprintf(rows[i].arm, sizeof rows[i].arm, "%s", e->arms[i].name);
-        snprintf(rows[i].strategy, sizeof rows[i].strategy, "%s",
-                 e->arms[i].preset[0] ? e->arms[i].preset : OUTCOMES_DEFAULT_STRAT);
-    }
-    if (!t->cfg.outcomes) return AFF_OK;
-    outcomes_query q = {.collection = e->collection,
-                        .experiment = e->id,
-                        .from_ms = e->created_ms,
-                        .to_ms = e->stopped_ms,
-                        .step_ms = step_s * 1000u};
-    outcomes_result res;
-    int rc = outcomes_query_run(t->cfg.outcomes, &q, &res, err);
-    if (rc) return rc;
-    for (size_t r = 0; r < res.n_rows; r++) {
-        const outcomes_row *row = &res.rows[r];
-        for (uint32_t i = 0; i < e->n_arms; i++) {
-            if (strcmp(row->arm, e->arms[i].name)) continue;
-            outcomes_row *a = &rows[i];
-            a->c.responses += row->c.responses;
-            for (int k = 0; k < OUTCOMES_KINDS; k++)
-                a->c.n[k] += row->c.n[k];
-            a->c.revenue += row->c.revenue;
-            if (row->n_points && !a->points) {
-                a->points = calloc(row->n_points, sizeof *a->points);
-                if (!a->points) {
-                    outcomes_result_free(&res);
-                    return aff__fail(err, AFF_ENOMEM, "out of memory encoding an experiment");
-                }
-                a->n_points = row->n_points;
-                for (uint32_t p = 0; p < row->n_points; p++)
-                    a->points[p].start_ms = row->points[p].start_ms;
-            }
-            for (uint32_t p = 0; p < row->n_points && p < a->n_points; p++) {
-                for (int k = 0; k < OUTCOMES_KINDS; k++)
-                    a->points[p].c.n[k] += row->points[p].c.n[k];
-                a->points[p].c.revenue += row->points[p].c.revenue;
-            }
-        }
-    }
-    outcomes_result_free(&res);
-    return AFF_OK;
-}
-
 static void result_pb_free(result_pb *st)
 {
     for (uint32_t i = 0; i < st->e.n_arms; i++) {
@@ -297,7 +244,7 @@ static int result_to_pb(transport *t, const experiment *e, uint32_t step_s, resu
     memset(st, 0, sizeof *st);
     st->e = *e;
     e = &st->e;
-    int rc = arm_rows(t, e, step_s, st->rows, err);
+    int rc = experiments_arm_stats(t->cfg.outcomes, e, step_s * 1000u, st->rows, err);
     if (rc) return rc;
     Affinity__V1__Experiment *x = &st->exp;
     affinity__v1__experiment__init(x);

@@ -456,7 +456,7 @@ def main():
         suite.addTests(unittest.defaultTestLoader.loadTestsFromTestCase(Measurement))
         if ARGS.chromium:
             import console_check
-            console_check.add_tests(suite, SERVER, PB, STATE, ARGS.chromium)
+            console_check.add_tests(suite, SERVER, PB, STATE, ARGS.chromium, TOKEN)
         result = unittest.TextTestRunner(verbosity=2, failfast=True).run(suite)
         ok = result.wasSuccessful()
     finally:
