@@ -165,9 +165,10 @@ static const opt_def opts[] = {
      .help = "measurement: impressions, clicks, add-to-carts and purchases that carry a "
              "recommendation_id count toward that recommendation for this long after it was "
              "served, 60..2592000 s"},
-    {"attribution-max-records", U32(attribution_max_records, 1000, 100000000), .def = "500000",
+    {"attribution-max-records", U32(attribution_max_records, 0, 100000000), .def = "500000",
      .help = "measurement: recommendations remembered for attribution at most (about "
-             "80 + 9 x k bytes each; the oldest are forgotten first), 1000..100000000"},
+             "80 + 9 x k bytes each; the oldest are forgotten first), 0..100000000; 0: no "
+             "recording, attribution or outcome metrics at all (experiments still assign)"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",

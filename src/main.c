@@ -280,7 +280,7 @@ int main(int argc, char **argv)
     metrics_set_backend(metrics, bi.name, bi.device);
     outcomes_config ocfg = {.window_s = cfg.attribution_window_s,
                             .max_records = cfg.attribution_max_records};
-    if (outcomes_create(&outcomes, &ocfg, &err)) goto fail;
+    if (cfg.attribution_max_records && outcomes_create(&outcomes, &ocfg, &err)) goto fail;
     scrape_ctx sctx = {.engine = engine, .model = model, .outcomes = outcomes};
     metrics_set_scrape_hook(metrics, scrape_engine, &sctx);
     if (cfg.metrics_listen[0])
