@@ -13,7 +13,7 @@ and after each phase, so client time and other processes' load do not count; fig
 median over rounds of on/off ratios from the same round.
 
     /usr/bin/python3 bench/measure_overhead.py --affinityd build/src/affinityd \
-        --proto-dir proto [--rounds 7] [--calls 1500]
+        --proto-dir proto [--rounds 7] [--calls 1500] [--bench-measure build/bench/bench_measure]
 """
 import argparse
 import json
@@ -147,6 +147,8 @@ def main():
     ap.add_argument("--proto-dir", required=True)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=1500)
+    ap.add_argument("--bench-measure", default="",
+                    help="build/bench/bench_measure: measurement's own CPU, in-process")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="aff-measure-bench-")
     pb = stubs(args.proto_dir, work)
@@ -201,7 +203,20 @@ def main():
         mem1 = on.gauge("affinity_measurement_memory_bytes")
         records = on.gauge("affinity_attribution_records")
         st = on.call("GetStats", pb.GetStatsRequest(collection="shop"), pb.GetStatsResponse)
+        micro = {}
+        if args.bench_measure:
+            out = subprocess.run([args.bench_measure, "200000", str(K)], capture_output=True,
+                                 text=True, check=True)
+            micro = json.loads(out.stdout.strip().splitlines()[-1])
+            rec_off = statistics.median(rec_us["off"]) * 1e3
+            ev_off = statistics.median(ev_us["off"]) * 1e3
+            micro["record_plus_assign_share_of_recommend"] = \
+                (micro["record_ns"] + micro["assign_ns"]) / rec_off
+            # per event: the attribution of one event (12 events per call: 10 impressions and
+            # a click attributed, a view not looked at)
+            micro["attribute_share_of_event"] = micro["attribute_ns"] * 11 / 12 / ev_off
         print(json.dumps({
+            "micro": micro,
             "recommend_cpu_ratio_median": statistics.median(rec_ratio),
             "recommend_cpu_ratio_all": rec_ratio,
             "event_cpu_ratio_median": statistics.median(ev_ratio),

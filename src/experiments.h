@@ -20,7 +20,7 @@
  * stored durably before they are used. Same (user, experiment, version): same arm. As u is
  * fixed per shopper, a shopper changes arm only when a boundary moves past their u.
  *
- * Memory: one experiment takes sizeof(experiment) (about 2.4 KiB) in a fixed table of
+ * Memory: one experiment takes sizeof(experiment) (1824 bytes) in a fixed table of
  * EXPERIMENTS_MAX (running and stopped); its outcome series live in outcomes.h.
  *
  * Threading: every function may be called from any thread (one mutex; the store write of a

@@ -11,6 +11,7 @@
  * metrics_create() with a listen address starts a libmicrohttpd daemon on its own thread:
  *   GET /metrics   the text exposition format 0.0.4 (text/plain; version=0.0.4)
  *   GET /healthz   200 "ok" while serving, 503 "draining" after metrics_set_serving(m, false)
+ *   GET <prefix>/… the pages of metrics_set_http_handler (the web console, console.h)
  * Exposed names (units in the name, counters end in _total):
  *   affinity_build_info{version}                       gauge, 1
  *   affinity_backend_info{backend,device}              gauge, 1 (after metrics_set_backend)
@@ -22,6 +23,10 @@
  *   affinity_queue_depth                               gauge, requests queued now
  *   affinity_events_ingested_total{type}               counter, every type always listed
  *   affinity_collection_items{collection}              gauge (from the scrape hook)
+ *   affinity_recommendations_served_total, affinity_outcomes_total{...,outcome},
+ *   affinity_outcome_revenue_total, affinity_outcomes_unattributed_total{collection,outcome},
+ *   affinity_attribution_records, affinity_measurement_memory_bytes,
+ *   affinity_experiments_running                       measurement (from the scrape hook)
  *   affinity_gpu_memory_used_bytes, _total_bytes       gauges (after metrics_set_gpu_memory)
  *   process_start_time_seconds                         gauge
  */
