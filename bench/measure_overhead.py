@@ -30,30 +30,16 @@ import urllib.request
 
 import grpc
 
+# The stub generator and port picker of the measurement test, not a copy of them.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                "measure"))
+from test_measurement import free_port, generate_stubs  # noqa: E402
+
 SVC = "/affinity.v1.Affinity/"
 DIM = 64
 N_ITEMS = 20000
 N_USERS = 400
 K = 10
-
-
-def stubs(proto_dir, out):
-    subprocess.run(["protoc", "--python_out=" + out, "-I" + proto_dir,
-                    "affinity/v1/affinity.proto"], check=True)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "affinity_pb2", os.path.join(out, "affinity/v1/affinity_pb2.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 class Server:
@@ -151,7 +137,7 @@ def main():
                     help="build/bench/bench_measure: measurement's own CPU, in-process")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="aff-measure-bench-")
-    pb = stubs(args.proto_dir, work)
+    pb = generate_stubs(args.proto_dir, work)
     on = Server(args, pb, work, "on", [])
     off = Server(args, pb, work, "off", ["--attribution-max-records", "0"])
     try:

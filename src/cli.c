@@ -2341,6 +2341,15 @@ static int64_t parse_duration_ms(const char *s)
     return (int64_t)(v * unit);
 }
 
+static void print_interval_json(const Affinity__V1__Interval *iv)
+{
+    printf("[");
+    jfloat(iv ? iv->low : 0);
+    printf(", ");
+    jfloat(iv ? iv->high : 0);
+    printf("]");
+}
+
 static void print_stats_row_json(const Affinity__V1__StatsRow *r)
 {
     printf("{\"collection\": ");
@@ -2361,19 +2370,15 @@ static void print_stats_row_json(const Affinity__V1__StatsRow *r)
     jfloat(r->revenue);
     printf(", \"ctr\": ");
     jfloat(r->ctr);
-    printf(", \"ctr_interval\": [");
-    jfloat(r->ctr_interval ? r->ctr_interval->low : 0);
-    printf(", ");
-    jfloat(r->ctr_interval ? r->ctr_interval->high : 0);
-    printf("], \"add_to_cart_rate\": ");
+    printf(", \"ctr_interval\": ");
+    print_interval_json(r->ctr_interval);
+    printf(", \"add_to_cart_rate\": ");
     jfloat(r->add_to_cart_rate);
     printf(", \"conversion_rate\": ");
     jfloat(r->conversion_rate);
-    printf(", \"conversion_interval\": [");
-    jfloat(r->conversion_interval ? r->conversion_interval->low : 0);
-    printf(", ");
-    jfloat(r->conversion_interval ? r->conversion_interval->high : 0);
-    printf("], \"revenue_per_mille\": ");
+    printf(", \"conversion_interval\": ");
+    print_interval_json(r->conversion_interval);
+    printf(", \"revenue_per_mille\": ");
     jfloat(r->revenue_per_mille);
     printf("}");
 }
