@@ -24,7 +24,9 @@
  * EXPERIMENTS_MAX (running and stopped); its outcome series live in outcomes.h.
  *
  * Threading: every function may be called from any thread (one mutex; the store write of a
- * bandit update happens outside it).
+ * bandit update happens outside it; experiments_add and experiments_stop hold it across
+ * their durable write, a few milliseconds in which assignments wait — both are rare admin
+ * calls).
  */
 #ifndef AFFINITY_EXPERIMENTS_H
 #define AFFINITY_EXPERIMENTS_H

@@ -429,6 +429,38 @@ class Measurement(unittest.TestCase):
         self.assertEqual([recommend(u, "pdp", 1).arm for u in users[:50]], again)
 
 
+    def test_t5_pages_similar_and_rerank_are_attributed(self):
+        """Every serving call is recorded: a page (one id, two slots), SimilarItems and Rerank
+        under their surfaces; strategy "page" for pages, the preset or "default" otherwise."""
+        page = SERVER.call("RecommendPage", PB.RecommendPageRequest(
+            user_id="shopper-002", surface="page-home",
+            slots=[PB.PageSlot(name="a", collection="shop", k=2),
+                   PB.PageSlot(name="b", collection="shop", k=2)]), PB.RecommendPageResponse)
+        ids = [h.id for sl in page.slots for h in sl.hits]
+        self.assertEqual(len(ids), 4)
+        sim = SERVER.call("SimilarItems", PB.SimilarItemsRequest(
+            collection="shop", item_ids=["p001"], k=3, surface="pdp-similar", preset="control"),
+            PB.SimilarItemsResponse)
+        rr = SERVER.call("Rerank", PB.RerankRequest(
+            collection="shop", user_id="shopper-002", surface="search",
+            candidates=[PB.RerankCandidate(id="p005", base_score=1.0),
+                        PB.RerankCandidate(id="p006", base_score=0.5),
+                        PB.RerankCandidate(id="nope", base_score=0.1)]), PB.RerankResponse)
+        put("shopper-002", [
+            ev(ids[3], PB.EVENT_TYPE_IMPRESSION, page.recommendation_id, 4),
+            ev(ids[3], PB.EVENT_TYPE_PURCHASE, page.recommendation_id, 4, value=12.5),
+            ev(sim.results[0].hits[2].id, PB.EVENT_TYPE_CLICK, sim.recommendation_id, 3),
+            ev("p006", PB.EVENT_TYPE_CLICK, rr.recommendation_id, 2),
+            ev("nope", PB.EVENT_TYPE_IMPRESSION, rr.recommendation_id, 3)])  # not found: not shown
+        rows = {r.surface: r for r in stats_rows(collection="shop").rows}
+        got = {k: (rows[k].strategy, rows[k].responses, rows[k].impressions, rows[k].clicks,
+                   rows[k].purchases, rows[k].revenue)
+               for k in ("page-home", "pdp-similar", "search")}
+        self.assertEqual(got, {"page-home": ("page", 1, 1, 0, 1, 12.5),
+                               "pdp-similar": ("control", 1, 1, 1, 0, 0.0),
+                               "search": ("default", 1, 1, 1, 0, 0.0)})
+
+
 def wilson(s, n, z=1.959963984540054):
     if n == 0:
         return 0.0, 0.0
