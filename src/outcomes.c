@@ -412,9 +412,9 @@ int outcomes_query_run(aff_outcomes *o, const outcomes_query *q, outcomes_result
     if (q->from_ms < 0 || q->to_ms < 0 || from > to)
         return aff__fail(err, AFF_EINVAL, "from_ms = %lld must be >= 0 and <= to_ms = %lld",
                          (long long)from, (long long)to);
-    if (q->step_ms % OUTCOMES_BUCKET_MS)
-        return aff__fail(err, AFF_EINVAL, "step_s = %u must be a multiple of %d",
-                         q->step_ms / 1000, OUTCOMES_BUCKET_MS / 1000);
+    if (q->step_ms % OUTCOMES_BUCKET_MS || q->step_ms > OUTCOMES_MAX_STEP_MS)
+        return aff__fail(err, AFF_EINVAL, "step_s = %u must be a multiple of %d up to %d",
+                         q->step_ms / 1000, OUTCOMES_BUCKET_MS / 1000, OUTCOMES_MAX_STEP_MS / 1000);
     if (from < oldest) from = oldest;
     if (to > now) to = now;
     if (from > to) from = to;

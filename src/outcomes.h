@@ -38,6 +38,7 @@ typedef struct aff_outcomes aff_outcomes;
 
 #define OUTCOMES_BUCKET_MS     60000 /* one bucket per minute */
 #define OUTCOMES_BUCKETS       1440  /* 24 hours of buckets per series */
+#define OUTCOMES_MAX_STEP_MS   86400000 /* the longest step of a time series */
 #define OUTCOMES_MAX_SERIES    1024
 #define OUTCOMES_MAX_LABEL     64    /* surface, strategy, experiment and arm names */
 #define OUTCOMES_MAX_ITEMS     1024  /* items remembered per recommendation */
@@ -130,7 +131,8 @@ typedef struct outcomes_query {
     const char *surface;
     const char *experiment;
     int64_t from_ms, to_ms; /* bucket starts in [from, to] count; 0, 0: everything kept */
-    uint32_t step_ms;       /* > 0: points per step (a multiple of OUTCOMES_BUCKET_MS) */
+    uint32_t step_ms;       /* > 0: points per step (a multiple of OUTCOMES_BUCKET_MS up to
+                               OUTCOMES_MAX_STEP_MS; checked here, named "step_s") */
 } outcomes_query;
 
 typedef struct outcomes_result {

@@ -233,6 +233,19 @@ class Measurement(unittest.TestCase):
         with self.assertRaises(grpc.RpcError) as cm:
             SERVER.call("GetExperiment", PB.GetExperimentRequest(id="nope"), PB.ExperimentResult)
         self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+        for kw, text in ((dict(from_ms=2000, to_ms=1000), "from_ms = 2000 must be >= 0 and "
+                                                          "<= to_ms = 1000"),
+                         (dict(step_s=30), "step_s = 30 must be a multiple of 60")):
+            with self.assertRaises(grpc.RpcError) as cm:
+                stats_rows(collection="shop", **kw)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertIn(text, cm.exception.details())
+        with self.assertRaises(grpc.RpcError) as cm:
+            e = PB.Experiment(id="x", collection="no-such", surface="home",
+                              arms=[PB.ExperimentArm(name="a", share=1.0)])
+            SERVER.call("CreateExperiment", PB.CreateExperimentRequest(experiment=e),
+                        PB.ExperimentResult)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
         # nothing was created by the refused calls
         lst = SERVER.call("ListExperiments", PB.ListExperimentsRequest(),
                           PB.ListExperimentsResponse)
