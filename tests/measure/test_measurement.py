@@ -491,6 +491,10 @@ def main():
     ap.add_argument("--proto-dir", required=True)
     ap.add_argument("--chromium", default="")
     ARGS, rest = ap.parse_known_args()
+    if ARGS.chromium and not shutil.which(ARGS.chromium):
+        print("chromium not found (%s): the console test needs Debian's chromium; run "
+              "scripts/install-deps.sh" % ARGS.chromium, file=sys.stderr)
+        sys.exit(1)
     work = tempfile.mkdtemp(prefix="aff-measure-")
     PB = generate_stubs(ARGS.proto_dir, work)
     SERVER = Server(work)
