@@ -60,8 +60,11 @@ int main(int argc, char **argv)
     aff_rng r = {42};
     for (uint32_t i = 0; i < n; i++)
         hex_id(&r, ids[i]);
-    outcomes_labels l = {.collection = "shop", .surface = "home", .strategy = "preset-a",
-                         .experiment = "exp", .arm = "b"};
+    outcomes_labels l = {.collection = "shop",
+                         .surface = "home",
+                         .strategy = "preset-a",
+                         .experiment = "exp",
+                         .arm = "b"};
     size_t mem0;
     outcomes_usage(o, NULL, &mem0);
 
@@ -79,8 +82,8 @@ int main(int argc, char **argv)
     }
     double t2 = cpu_ns();
     for (uint32_t i = 0; i < n; i++)
-        outcomes_attribute(o, "shop", "ffffffffffffffffffffffffffffffff", "x", OUTCOMES_CLICK,
-                           0, NULL);
+        outcomes_attribute(o, "shop", "ffffffffffffffffffffffffffffffff", "x", OUTCOMES_CLICK, 0,
+                           NULL);
     double t3 = cpu_ns();
     size_t records, mem1;
     outcomes_usage(o, &records, &mem1);
@@ -116,8 +119,8 @@ int main(int argc, char **argv)
            "\"unattributed_ns\": %.1f, \"assign_ns\": %.1f, \"records\": %zu, "
            "\"bytes_per_record\": %.1f, \"experiment_struct_bytes\": %zu, "
            "\"series_bytes\": %zu, \"experiments_table_bytes\": %zu}\n",
-           n, k, (t1 - t0) / n, (t2 - t1) / (double)events, (t3 - t2) / n, (t5 - t4) / n,
-           records, (double)(mem1 - mem0 - (size_t)OUTCOMES_BUCKETS * 32) / (double)records,
+           n, k, (t1 - t0) / n, (t2 - t1) / (double)events, (t3 - t2) / n, (t5 - t4) / n, records,
+           (double)(mem1 - mem0 - (size_t)OUTCOMES_BUCKETS * 32) / (double)records,
            sizeof(experiment), (size_t)OUTCOMES_BUCKETS * 32,
            (size_t)EXPERIMENTS_MAX * (sizeof(experiment) + 1));
     outcomes_destroy(o);

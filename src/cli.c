@@ -2333,10 +2333,14 @@ static int64_t parse_duration_ms(const char *s)
     double v = strtod(s, &end);
     if (errno || end == s || !(v >= 0)) return -1;
     double unit = 1000.0;
-    if (*end == 's') unit = 1000.0, end++;
-    else if (*end == 'm') unit = 60000.0, end++;
-    else if (*end == 'h') unit = 3600000.0, end++;
-    else if (*end == 'd') unit = 86400000.0, end++;
+    if (*end == 's')
+        unit = 1000.0, end++;
+    else if (*end == 'm')
+        unit = 60000.0, end++;
+    else if (*end == 'h')
+        unit = 3600000.0, end++;
+    else if (*end == 'd')
+        unit = 86400000.0, end++;
     if (*end) return -1;
     return (int64_t)(v * unit);
 }
@@ -2480,8 +2484,8 @@ static void print_experiment(const cli *c, const Affinity__V1__ExperimentResult 
         jstr(e->surface);
         printf(", \"running\": %s, \"created_ms\": %lld, \"stopped_ms\": %lld, \"bandit\": "
                "{\"enabled\": %s, \"version\": %llu}, \"arms\": [",
-               e->running ? "true" : "false", (long long)e->created_ms,
-               (long long)e->stopped_ms, e->bandit && e->bandit->enabled ? "true" : "false",
+               e->running ? "true" : "false", (long long)e->created_ms, (long long)e->stopped_ms,
+               e->bandit && e->bandit->enabled ? "true" : "false",
                (unsigned long long)e->bandit_version);
         for (size_t i = 0; i < x->n_arms; i++) {
             printf("%s{\"arm\": ", i ? ", " : "");
@@ -2502,7 +2506,7 @@ static void print_experiment(const cli *c, const Affinity__V1__ExperimentResult 
     if (e->bandit && e->bandit->enabled)
         printf(", bandit on %s (version %llu)",
                e->bandit->metric == AFFINITY__V1__BANDIT_METRIC__BANDIT_METRIC_CTR ? "CTR"
-                                                                                 : "conversion",
+                                                                                   : "conversion",
                (unsigned long long)e->bandit_version);
     printf("\n");
     print_stats_header();
@@ -2555,8 +2559,9 @@ static int experiments_create_cmd(cli *c, int argc, char **argv)
 {
     enum { O_COLL = 1, O_SURF, O_ARM, O_BANDIT, O_FLOOR, O_EVERY, O_SEED };
     static const struct option opts[] = {
-        {"collection", 1, 0, O_COLL}, {"surface", 1, 0, O_SURF},    {"arm", 1, 0, O_ARM},
-        {"bandit", 1, 0, O_BANDIT},   {"floor", 1, 0, O_FLOOR},     {"update-every", 1, 0, O_EVERY},
+        {"collection", 1, 0, O_COLL}, {"surface", 1, 0, O_SURF},
+        {"arm", 1, 0, O_ARM},         {"bandit", 1, 0, O_BANDIT},
+        {"floor", 1, 0, O_FLOOR},     {"update-every", 1, 0, O_EVERY},
         {"seed", 1, 0, O_SEED},       {0, 0, 0, 0}};
     enum { MAX_ARMS = 8 };
     Affinity__V1__Experiment e = AFFINITY__V1__EXPERIMENT__INIT;
@@ -2569,8 +2574,12 @@ static int experiments_create_cmd(cli *c, int argc, char **argv)
     optind = 0;
     while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (opt) {
-        case O_COLL: e.collection = optarg; break;
-        case O_SURF: e.surface = optarg; break;
+        case O_COLL:
+            e.collection = optarg;
+            break;
+        case O_SURF:
+            e.surface = optarg;
+            break;
         case O_ARM: {
             if (e.n_arms == MAX_ARMS) return usage_error("at most %s arms", "8");
             size_t i = e.n_arms;
@@ -2609,7 +2618,8 @@ static int experiments_create_cmd(cli *c, int argc, char **argv)
             if (errno || *end) return usage_error("bad --seed '%s'", optarg);
             break;
         }
-        default: return EXIT_USAGE;
+        default:
+            return EXIT_USAGE;
         }
     }
     if (argc - optind != 1 || !e.collection || !e.surface)

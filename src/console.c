@@ -63,8 +63,8 @@ static void answer_json(metrics_http_response *resp, jsonw *b)
 
 static void answer_error(metrics_http_response *resp, const aff_err *err)
 {
-    unsigned status = err->code == AFF_EINVAL        ? 400
-                      : err->code == AFF_ENOTFOUND   ? 404
+    unsigned status = err->code == AFF_EINVAL         ? 400
+                      : err->code == AFF_ENOTFOUND    ? 404
                       : err->code == AFF_EUNAVAILABLE ? 503
                                                       : 500;
     jsonw b = {0};
@@ -93,8 +93,8 @@ static void counts_json(jsonw *b, const outcomes_counts *c)
     jsonw_printf(b,
                  "\"responses\":%llu,\"impressions\":%llu,\"clicks\":%llu,\"add_to_carts\":%llu,"
                  "\"purchases\":%llu,\"revenue\":",
-                 (unsigned long long)c->responses, (unsigned long long)imp,
-                 (unsigned long long)clk, (unsigned long long)atc, (unsigned long long)buy);
+                 (unsigned long long)c->responses, (unsigned long long)imp, (unsigned long long)clk,
+                 (unsigned long long)atc, (unsigned long long)buy);
     jsonw_num(b, c->revenue);
     jsonw_printf(b, ",\"ctr\":");
     jsonw_num(b, imp ? (double)clk / (double)imp : 0.0);
@@ -119,8 +119,9 @@ static void points_json(jsonw *b, const outcomes_row *r)
     jsonw_printf(b, "\"points\":[");
     for (uint32_t p = 0; p < r->n_points; p++) {
         const outcomes_counts *c = &r->points[p].c;
-        jsonw_printf(b, "%s{\"start_ms\":%lld,\"impressions\":%llu,\"clicks\":%llu,"
-                        "\"purchases\":%llu}",
+        jsonw_printf(b,
+                     "%s{\"start_ms\":%lld,\"impressions\":%llu,\"clicks\":%llu,"
+                     "\"purchases\":%llu}",
                      p ? "," : "", (long long)r->points[p].start_ms,
                      (unsigned long long)c->n[OUTCOMES_IMPRESSION],
                      (unsigned long long)c->n[OUTCOMES_CLICK],
@@ -158,14 +159,16 @@ static void api_overview(aff_console *c, metrics_http_response *resp)
         const engine_collection_info *ci = &infos[i];
         jsonw_printf(&b, "%s{\"name\":", i ? "," : "");
         jsonw_str(&b, ci->name);
-        jsonw_printf(&b, ",\"dim\":%u,\"metric\":\"%s\",\"items\":%llu,\"memory_bytes\":%llu,"
-                         "\"model\":",
+        jsonw_printf(&b,
+                     ",\"dim\":%u,\"metric\":\"%s\",\"items\":%llu,\"memory_bytes\":%llu,"
+                     "\"model\":",
                      ci->dim, metric_name(ci->metric), (unsigned long long)ci->n_items,
                      (unsigned long long)ci->memory_bytes);
         model_info mi;
         if (c->cfg.model && model_get_info(c->cfg.model, ci->name, &mi, &err) == AFF_OK) {
-            jsonw_printf(&b, "{\"state\":\"%s\",\"version\":%llu,\"trained_at_ms\":%lld,"
-                             "\"events_used\":%llu,\"users\":%llu,\"items\":%llu,\"loss\":",
+            jsonw_printf(&b,
+                         "{\"state\":\"%s\",\"version\":%llu,\"trained_at_ms\":%lld,"
+                         "\"events_used\":%llu,\"users\":%llu,\"items\":%llu,\"loss\":",
                          model_state_name(mi.state),
                          (unsigned long long)(mi.has_model ? mi.current.id : 0),
                          (long long)(mi.has_model ? mi.current.trained_at_ms : 0),
@@ -201,8 +204,8 @@ static void experiment_json(aff_console *c, jsonw *b, const experiment *e, uint3
     jsonw_printf(b,
                  ",\"running\":%s,\"created_ms\":%lld,\"stopped_ms\":%lld,\"bandit\":{"
                  "\"enabled\":%s,\"metric\":\"%s\",\"floor\":",
-                 e->running ? "true" : "false", (long long)e->created_ms,
-                 (long long)e->stopped_ms, e->bandit.enabled ? "true" : "false",
+                 e->running ? "true" : "false", (long long)e->created_ms, (long long)e->stopped_ms,
+                 e->bandit.enabled ? "true" : "false",
                  e->bandit.metric == EXPERIMENTS_METRIC_CTR ? "ctr" : "conversion");
     jsonw_num(b, e->bandit.floor);
     jsonw_printf(b, ",\"update_every\":%u,\"version\":%llu},\"arms\":[", e->bandit.update_every,
@@ -228,7 +231,8 @@ out:
         free(rows[i].points);
 }
 
-static bool step_arg(const metrics_http_request *req, uint32_t *step_ms, metrics_http_response *resp)
+static bool step_arg(const metrics_http_request *req, uint32_t *step_ms,
+                     metrics_http_response *resp)
 {
     const char *s = arg(req, "step_s");
     char *end;
@@ -273,8 +277,7 @@ static void api_experiments(aff_console *c, const metrics_http_request *req,
     answer_json(resp, &b);
 }
 
-static void api_stats(aff_console *c, const metrics_http_request *req,
-                      metrics_http_response *resp)
+static void api_stats(aff_console *c, const metrics_http_request *req, metrics_http_response *resp)
 {
     aff_err err;
     if (!c->cfg.outcomes) {
@@ -358,12 +361,19 @@ static void job_done(pipeline_job *job, void *user)
     pthread_mutex_unlock(&w->mu);
 }
 
-static const char *const reason_names[] = {
-    "", "similar_to_history_item", "similar_to_item", "matches_vector",
-    "liked_by_similar_shoppers", "popular", "trending", "promoted", "pinned", "exploration"};
+static const char *const reason_names[] = {"",
+                                           "similar_to_history_item",
+                                           "similar_to_item",
+                                           "matches_vector",
+                                           "liked_by_similar_shoppers",
+                                           "popular",
+                                           "trending",
+                                           "promoted",
+                                           "pinned",
+                                           "exploration"};
 
-static void recommendations_json(aff_console *c, jsonw *b, const char *collection,
-                                 const char *user, const char *surface, uint32_t k)
+static void recommendations_json(aff_console *c, jsonw *b, const char *collection, const char *user,
+                                 const char *surface, uint32_t k)
 {
     pipeline_request q = {.kind = PIPELINE_RECOMMEND,
                           .collection = collection,
@@ -395,12 +405,12 @@ static void recommendations_json(aff_console *c, jsonw *b, const char *collectio
         jsonw_str(b, err.msg);
         jsonw_printf(b, "}");
     } else {
-        static const char *const sources[] = {[0] = "", [1] = "vector", [2] = "profile",
-                                              [3] = "popularity", [10] = "item", [20] = "model"};
-        const char *src = (size_t)o->source < sizeof sources / sizeof sources[0] &&
-                                  sources[o->source]
-                              ? sources[o->source]
-                              : "";
+        static const char *const sources[] = {[0] = "",           [1] = "vector", [2] = "profile",
+                                              [3] = "popularity", [10] = "item",  [20] = "model"};
+        const char *src =
+            (size_t)o->source < sizeof sources / sizeof sources[0] && sources[o->source]
+                ? sources[o->source]
+                : "";
         jsonw_printf(b, "{\"source\":\"%s\",\"strategy\":", src);
         jsonw_str(b, o->strategy);
         jsonw_printf(b, ",\"experiment\":");
@@ -473,9 +483,10 @@ static void api_shopper(aff_console *c, const metrics_http_request *req,
     profiles_traits tr;
     if (rc == AFF_OK &&
         profiles_user_traits(c->cfg.profiles, collection, user, &tr, &err) == AFF_OK) {
-        jsonw_printf(&b, "{\"price_sensitivity\":%.6g,\"recency_days\":%.6g,"
-                         "\"frequency_90d\":%u,\"monetary_90d\":%.6g,\"rfm\":\"%u%u%u\","
-                         "\"loyalty\":%.6g,\"activity\":%.6g,\"purchase_intent\":%.6g}",
+        jsonw_printf(&b,
+                     "{\"price_sensitivity\":%.6g,\"recency_days\":%.6g,"
+                     "\"frequency_90d\":%u,\"monetary_90d\":%.6g,\"rfm\":\"%u%u%u\","
+                     "\"loyalty\":%.6g,\"activity\":%.6g,\"purchase_intent\":%.6g}",
                      (double)tr.price_sensitivity, (double)tr.recency_days, tr.frequency_90d,
                      tr.monetary_90d, tr.r, tr.f, tr.m, (double)tr.loyalty, (double)tr.activity,
                      (double)tr.purchase_intent);
@@ -483,8 +494,8 @@ static void api_shopper(aff_console *c, const metrics_http_request *req,
         jsonw_printf(&b, "null");
     }
     jsonw_printf(&b, ",\"events\":[");
-    if (rc == AFF_OK && profiles_history(c->cfg.profiles, collection, user, keep_event, ring,
-                                         &err) == AFF_OK) {
+    if (rc == AFF_OK &&
+        profiles_history(c->cfg.profiles, collection, user, keep_event, ring, &err) == AFF_OK) {
         uint64_t shown = ring->n < CONSOLE_EVENTS ? ring->n : CONSOLE_EVENTS;
         for (uint64_t j = 0; j < shown; j++) {
             size_t i = (size_t)((ring->n - 1 - j) % CONSOLE_EVENTS);

@@ -49,13 +49,13 @@ static void encode(const experiment *e, jsonw *b)
     jsonw_printf(b, ",\"surface\":");
     jsonw_str(b, e->surface);
     jsonw_printf(b,
-              ",\"running\":%s,\"created_ms\":%lld,\"stopped_ms\":%lld,\"version\":%llu,"
-              "\"bandit\":{\"enabled\":%s,\"metric\":%d,\"has_floor\":%s,\"floor\":%.17g,"
-              "\"update_every\":%u,\"seed\":\"%llu\"},\"arms\":[",
-              e->running ? "true" : "false", (long long)e->created_ms, (long long)e->stopped_ms,
-              (unsigned long long)e->version, e->bandit.enabled ? "true" : "false",
-              e->bandit.metric, e->bandit.has_floor ? "true" : "false", e->bandit.floor,
-              e->bandit.update_every, (unsigned long long)e->bandit.seed);
+                 ",\"running\":%s,\"created_ms\":%lld,\"stopped_ms\":%lld,\"version\":%llu,"
+                 "\"bandit\":{\"enabled\":%s,\"metric\":%d,\"has_floor\":%s,\"floor\":%.17g,"
+                 "\"update_every\":%u,\"seed\":\"%llu\"},\"arms\":[",
+                 e->running ? "true" : "false", (long long)e->created_ms, (long long)e->stopped_ms,
+                 (unsigned long long)e->version, e->bandit.enabled ? "true" : "false",
+                 e->bandit.metric, e->bandit.has_floor ? "true" : "false", e->bandit.floor,
+                 e->bandit.update_every, (unsigned long long)e->bandit.seed);
     for (uint32_t i = 0; i < e->n_arms; i++) {
         const experiments_arm *a = &e->arms[i];
         jsonw_printf(b, "%s{\"name\":", i ? "," : "");
@@ -63,13 +63,13 @@ static void encode(const experiment *e, jsonw *b)
         jsonw_printf(b, ",\"preset\":");
         jsonw_str(b, a->preset);
         jsonw_printf(b,
-                  ",\"share\":%.17g,\"space\":%d,\"has_diversity\":%s,\"diversity\":%.9g,"
-                  "\"has_exploration\":%s,\"exploration_share\":%.9g,\"current\":%.17g,"
-                  "\"impressions\":%llu,\"successes\":%llu}",
-                  a->share, a->space, a->has_diversity ? "true" : "false", (double)a->diversity,
-                  a->has_exploration ? "true" : "false", (double)a->exploration_share,
-                  e->shares[i], (unsigned long long)e->impressions[i],
-                  (unsigned long long)e->successes[i]);
+                     ",\"share\":%.17g,\"space\":%d,\"has_diversity\":%s,\"diversity\":%.9g,"
+                     "\"has_exploration\":%s,\"exploration_share\":%.9g,\"current\":%.17g,"
+                     "\"impressions\":%llu,\"successes\":%llu}",
+                     a->share, a->space, a->has_diversity ? "true" : "false", (double)a->diversity,
+                     a->has_exploration ? "true" : "false", (double)a->exploration_share,
+                     e->shares[i], (unsigned long long)e->impressions[i],
+                     (unsigned long long)e->successes[i]);
     }
     jsonw_printf(b, "]}");
 }
@@ -311,8 +311,7 @@ int experiments_add(aff_experiments *ex, const experiment *def, experiment *out,
             goto out;
         }
     if (ex->n >= EXPERIMENTS_MAX) {
-        rc = aff__fail(err, AFF_EFULL, "the server keeps at most %d experiments",
-                       EXPERIMENTS_MAX);
+        rc = aff__fail(err, AFF_EFULL, "the server keeps at most %d experiments", EXPERIMENTS_MAX);
         goto out;
     }
     /* Stored under the lock: two adds of one id cannot both pass the check. Adds are rare. */

@@ -66,8 +66,8 @@ typedef struct experiments_arm {
 
 typedef struct experiments_bandit {
     bool enabled;
-    int metric;       /* experiments_metric; 0: conversion */
-    bool has_floor;   /* unset: EXPERIMENTS_DEFAULT_FLOOR */
+    int metric;     /* experiments_metric; 0: conversion */
+    bool has_floor; /* unset: EXPERIMENTS_DEFAULT_FLOOR */
     double floor;
     uint32_t update_every; /* 0: EXPERIMENTS_DEFAULT_EVERY */
     uint64_t seed;

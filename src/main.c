@@ -147,7 +147,7 @@ typedef struct scrape_ctx {
 static void scrape_outcome(void *ctx, const outcomes_labels *l, const outcomes_counts *c)
 {
     const scrape_ctx *sc = ctx;
-    if (strcmp(l->strategy, "(unattributed)") == 0) {
+    if (strcmp(l->strategy, OUTCOMES_UNATTRIBUTED) == 0) {
         metrics_scrape_unattributed(sc->scrape, l->collection, c->n);
         return;
     }

@@ -420,6 +420,15 @@ void metrics_scrape_model(metrics_scrape *scrape, const char *collection, uint64
     }
 }
 
+/* The outcome kinds (outcomes.h order) by their event types' names. */
+static const metrics_event_type outcome_types[4] = {METRICS_EVENT_IMPRESSION, METRICS_EVENT_CLICK,
+                                                    METRICS_EVENT_ADD_TO_CART,
+                                                    METRICS_EVENT_PURCHASE};
+static const char *outcome_name(int k)
+{
+    return event_type_names[outcome_types[k]];
+}
+
 /* {collection="..",surface="..",strategy="..",experiment="..",arm=".." (no closing brace) */
 static void outcome_labels(sbuf *b, const char *name, const metrics_outcome_labels *l)
 {
@@ -437,12 +446,12 @@ void metrics_scrape_outcomes(metrics_scrape *scrape, const metrics_outcome_label
                              uint64_t served, const uint64_t outcomes[4], double revenue)
 {
     if (!scrape || !l) return;
-    static const char *const names[4] = {"impression", "click", "add_to_cart", "purchase"};
     outcome_labels(&scrape->served, "affinity_recommendations_served_total", l);
     sb_printf(&scrape->served, "} %" PRIu64 "\n", served);
     for (int k = 0; k < 4; k++) {
         outcome_labels(&scrape->outcomes, "affinity_outcomes_total", l);
-        sb_printf(&scrape->outcomes, ",outcome=\"%s\"} %" PRIu64 "\n", names[k], outcomes[k]);
+        sb_printf(&scrape->outcomes, ",outcome=\"%s\"} %" PRIu64 "\n", outcome_name(k),
+                  outcomes[k]);
     }
     outcome_labels(&scrape->revenue, "affinity_outcome_revenue_total", l);
     sb_printf(&scrape->revenue, "} %.17g\n", revenue);
@@ -452,11 +461,10 @@ void metrics_scrape_unattributed(metrics_scrape *scrape, const char *collection,
                                  const uint64_t outcomes[4])
 {
     if (!scrape || !collection) return;
-    static const char *const names[4] = {"impression", "click", "add_to_cart", "purchase"};
     for (int k = 0; k < 4; k++) {
         sb_printf(&scrape->unattributed, "affinity_outcomes_unattributed_total{collection=\"");
         sb_label_value(&scrape->unattributed, collection);
-        sb_printf(&scrape->unattributed, "\",outcome=\"%s\"} %" PRIu64 "\n", names[k],
+        sb_printf(&scrape->unattributed, "\",outcome=\"%s\"} %" PRIu64 "\n", outcome_name(k),
                   outcomes[k]);
     }
 }
@@ -704,15 +712,14 @@ static const char *http_arg(const metrics_http_request *r, const char *name)
 }
 
 /* A page of the registered handler: read-only, never cached, nothing from elsewhere. */
-static enum MHD_Result serve_handler(struct MHD_Connection *c, const char *url,
-                                     metrics_http_fn fn, void *ctx)
+static enum MHD_Result serve_handler(struct MHD_Connection *c, const char *url, metrics_http_fn fn,
+                                     void *ctx)
 {
-    metrics_http_request req = {
-        .path = url,
-        .authorization =
-            MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
-        .arg = http_arg,
-        .conn = c};
+    metrics_http_request req = {.path = url,
+                                .authorization = MHD_lookup_connection_value(
+                                    c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
+                                .arg = http_arg,
+                                .conn = c};
     metrics_http_response resp = {.status = MHD_HTTP_NOT_FOUND};
     fn(ctx, &req, &resp);
     struct MHD_Response *r;

@@ -20,11 +20,12 @@
 #include <string.h>
 #include <time.h>
 
+#include "event_types.h"
 #include "strmap.h"
 
 #define OUTCOMES_SHARDS 16
 #define SEP             "\x1f"
-#define UNATTRIBUTED    "(unattributed)"
+#define UNATTRIBUTED    OUTCOMES_UNATTRIBUTED
 #define OVERFLOW        "(overflow)"
 
 typedef struct bucket {
@@ -47,7 +48,7 @@ typedef struct series {
 
 typedef struct rec {
     uint64_t hi, lo;
-    struct rec *chain;        /* next in the hash bucket */
+    struct rec *chain;         /* next in the hash bucket */
     struct rec *older, *newer; /* age list */
     int64_t created_ms;
     uint64_t collection_hash;
@@ -87,12 +88,21 @@ static int64_t now_ms(const aff_outcomes *o)
     return o->cfg.now_ms(o->cfg.now_ctx);
 }
 
-static const char *const kind_names[OUTCOMES_KINDS] = {"impression", "click", "add_to_cart",
-                                                       "purchase"};
+/* The names are the event types' (event_types.h): one definition. */
+static const char *const event_names[AFF_EVENT_VALUE_LIMIT] = {
+#define OUTCOMES__EVENT_NAME(name, value, str, weight) [value] = str,
+    AFF_EVENT_TYPES(OUTCOMES__EVENT_NAME)
+#undef OUTCOMES__EVENT_NAME
+#define OUTCOMES__MEVENT_NAME(name, value, str) [value] = str,
+        AFF_EVENT_MEASUREMENT_TYPES(OUTCOMES__MEVENT_NAME)
+#undef OUTCOMES__MEVENT_NAME
+};
+static const int kind_events[OUTCOMES_KINDS] = {AFF_EVENT_IMPRESSION, 2 /* click */,
+                                                3 /* add_to_cart */, 4 /* purchase */};
 
 const char *outcomes_kind_name(outcomes_kind kind)
 {
-    return kind < OUTCOMES_KINDS ? kind_names[kind] : NULL;
+    return kind < OUTCOMES_KINDS ? event_names[kind_events[kind]] : NULL;
 }
 
 int outcomes_create(aff_outcomes **out, const outcomes_config *cfg, aff_err *err)
@@ -123,8 +133,7 @@ int outcomes_create(aff_outcomes **out, const outcomes_config *cfg, aff_err *err
     return AFF_OK;
 nomem:
     outcomes_destroy(o);
-    return aff__fail(err, AFF_ENOMEM, "outcomes: out of memory for %u records",
-                     cfg->max_records);
+    return aff__fail(err, AFF_ENOMEM, "outcomes: out of memory for %u records", cfg->max_records);
 }
 
 void outcomes_destroy(aff_outcomes *o)
@@ -167,7 +176,8 @@ static uint32_t series_of(aff_outcomes *o, const outcomes_labels *l, bool unattr
     uint32_t idx;
     if (strmap_get(o->index, key, &idx)) return idx;
     outcomes_labels over = {.collection = OVERFLOW, .surface = "", .strategy = OVERFLOW};
-    if (o->n_series >= OUTCOMES_MAX_SERIES - 1 && !(l->collection && !strcmp(l->collection, OVERFLOW)))
+    if (o->n_series >= OUTCOMES_MAX_SERIES - 1 &&
+        !(l->collection && !strcmp(l->collection, OVERFLOW)))
         return series_of(o, &over, false);
     series *s = &o->series[o->n_series];
     memset(s, 0, sizeof *s);
@@ -290,7 +300,11 @@ int outcomes_record(aff_outcomes *o, const char *id, const outcomes_labels *labe
     if (n > OUTCOMES_MAX_ITEMS) n = OUTCOMES_MAX_ITEMS;
     rec *r = malloc(rec_size(n));
     if (!r) return aff__fail(err, AFF_ENOMEM, "outcomes: out of memory recording");
-    *r = (rec){.hi = hi, .lo = lo, .created_ms = t, .series = idx, .n = n,
+    *r = (rec){.hi = hi,
+               .lo = lo,
+               .created_ms = t,
+               .series = idx,
+               .n = n,
                .collection_hash = id_hash(labels->collection ? labels->collection : "")};
     for (uint32_t i = 0; i < n; i++)
         r->items[i] = id_hash(items[i]);
@@ -401,8 +415,7 @@ static int cmp_row(const void *a, const void *b)
     return strcmp(x->strategy, y->strategy);
 }
 
-int outcomes_query_run(aff_outcomes *o, const outcomes_query *q, outcomes_result *out,
-                       aff_err *err)
+int outcomes_query_run(aff_outcomes *o, const outcomes_query *q, outcomes_result *out, aff_err *err)
 {
     memset(out, 0, sizeof *out);
     int64_t now = now_ms(o);
@@ -434,8 +447,8 @@ int outcomes_query_run(aff_outcomes *o, const outcomes_query *q, outcomes_result
     for (uint32_t i = 0; i < o->n_series; i++) {
         const series *s = &o->series[i];
         if (!label_ok(q->collection, s->collection)) continue;
-        if (!s->unattributed && (!label_ok(q->surface, s->surface) ||
-                                 !label_ok(q->experiment, s->experiment)))
+        if (!s->unattributed &&
+            (!label_ok(q->surface, s->surface) || !label_ok(q->experiment, s->experiment)))
             continue;
         outcomes_row *row = &out->rows[out->n_rows];
         memset(row, 0, sizeof *row);

@@ -36,14 +36,15 @@
 
 typedef struct aff_outcomes aff_outcomes;
 
-#define OUTCOMES_BUCKET_MS     60000 /* one bucket per minute */
-#define OUTCOMES_BUCKETS       1440  /* 24 hours of buckets per series */
+#define OUTCOMES_BUCKET_MS     60000    /* one bucket per minute */
+#define OUTCOMES_BUCKETS       1440     /* 24 hours of buckets per series */
 #define OUTCOMES_MAX_STEP_MS   86400000 /* the longest step of a time series */
 #define OUTCOMES_MAX_SERIES    1024
-#define OUTCOMES_MAX_LABEL     64    /* surface, strategy, experiment and arm names */
-#define OUTCOMES_MAX_ITEMS     1024  /* items remembered per recommendation */
-#define OUTCOMES_ID_LEN        32    /* recommendation ids: 32 hex digits */
+#define OUTCOMES_MAX_LABEL     64   /* surface, strategy, experiment and arm names */
+#define OUTCOMES_MAX_ITEMS     1024 /* items remembered per recommendation */
+#define OUTCOMES_ID_LEN        32   /* recommendation ids: 32 hex digits */
 #define OUTCOMES_DEFAULT_STRAT "default"
+#define OUTCOMES_UNATTRIBUTED  "(unattributed)" /* the strategy of unattributed counts */
 
 /* The outcome kinds, in the order they are counted. */
 typedef enum outcomes_kind {
@@ -151,7 +152,7 @@ void outcomes_result_free(outcomes_result *r);
 
 /* Totals since start of every series, for the Prometheus scrape: fn runs once per series
  * (unattributed counts come as a row with every label "" but collection and strategy
- * "(unattributed)"), under the counts lock: keep it quick and do not call back in. */
+ * OUTCOMES_UNATTRIBUTED), under the counts lock: keep it quick and do not call back in. */
 typedef void (*outcomes_total_fn)(void *ctx, const outcomes_labels *labels,
                                   const outcomes_counts *c);
 void outcomes_foreach_total(aff_outcomes *o, outcomes_total_fn fn, void *ctx);

@@ -50,7 +50,7 @@ struct aff_pipeline {
     aff_engine *engine;
     batcher *batcher;
     aff_profiles *profiles;
-    aff_model *model; /* NULL: no learning */
+    aff_model *model;             /* NULL: no learning */
     aff_outcomes *outcomes;       /* NULL: nothing recorded */
     aff_experiments *experiments; /* NULL: no experiments */
     char *presets_path;
@@ -1603,8 +1603,7 @@ static void assign_arm(pipeline_job *j)
 {
     pipeline_request *q = &j->eff;
     if (q->kind == PIPELINE_RECOMMEND && q->user_id && q->user_id[0] &&
-        experiments_assign(j->p->experiments, q->collection, q->surface, q->user_id,
-                           &j->assign)) {
+        experiments_assign(j->p->experiments, q->collection, q->surface, q->user_id, &j->assign)) {
         j->has_arm = true;
         memcpy(j->out.experiment, j->assign.experiment, sizeof j->out.experiment);
         memcpy(j->out.arm, j->assign.arm.name, sizeof j->out.arm);
@@ -2153,8 +2152,9 @@ int pipeline_start(aff_pipeline *p, const pipeline_request *req, int64_t deadlin
     recommendation_id(j->out.recommendation_id);
     if (req->surface && req->surface[0] && !outcomes_label_ok(req->surface)) {
         pipeline_job_destroy(j);
-        return aff__fail(err, AFF_EINVAL, "surface: \"%.64s\" must be 1..%d bytes of [A-Za-z0-9_.:-]",
-                         req->surface, OUTCOMES_MAX_LABEL);
+        return aff__fail(err, AFF_EINVAL,
+                         "surface: \"%.64s\" must be 1..%d bytes of [A-Za-z0-9_.:-]", req->surface,
+                         OUTCOMES_MAX_LABEL);
     }
     assign_arm(j);
     int rc = engine_collection_shape(p->engine, req->collection, &j->dim, &j->metric, err);
@@ -2308,12 +2308,10 @@ static void page_record(pipeline_page *pg)
             for (uint32_t i = 0; i < pg->n_hits[t]; i++)
                 ids[m++] = pg->hit_ptrs[t][i].id;
         }
-        outcomes_labels l = {.collection = pg->slots[s].collection,
-                             .surface = surface,
-                             .strategy = "page"};
+        outcomes_labels l = {
+            .collection = pg->slots[s].collection, .surface = surface, .strategy = "page"};
         aff_err err;
-        if (outcomes_record(pg->p->outcomes, pg->out.recommendation_id, &l, ids, (uint32_t)m,
-                            &err))
+        if (outcomes_record(pg->p->outcomes, pg->out.recommendation_id, &l, ids, (uint32_t)m, &err))
             aff_log(AFF_LOG_DEBUG, "page not recorded: %s", err.msg);
     }
     free(ids);

@@ -91,9 +91,8 @@ enum {
 };
 
 static const char *const db_names[DB_COUNT] = {
-    "meta",         "collections", "items",      "profiles", "events",
-    "interactions", "by_type",     "popularity", "pop_rank", "models",
-    "opt_out",      "experiments",
+    "meta",    "collections", "items",    "profiles", "events",  "interactions",
+    "by_type", "popularity",  "pop_rank", "models",   "opt_out", "experiments",
 };
 
 /* One store_update call waiting in the group-commit queue (on its caller's stack). */

@@ -51,11 +51,20 @@ static void attribute(transport *t, const char *collection, const Affinity__V1__
 {
     outcomes_kind kind;
     switch (e->type) {
-    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_IMPRESSION: kind = OUTCOMES_IMPRESSION; break;
-    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CLICK: kind = OUTCOMES_CLICK; break;
-    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_ADD_TO_CART: kind = OUTCOMES_ADD_TO_CART; break;
-    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_PURCHASE: kind = OUTCOMES_PURCHASE; break;
-    default: return;
+    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_IMPRESSION:
+        kind = OUTCOMES_IMPRESSION;
+        break;
+    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CLICK:
+        kind = OUTCOMES_CLICK;
+        break;
+    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_ADD_TO_CART:
+        kind = OUTCOMES_ADD_TO_CART;
+        break;
+    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_PURCHASE:
+        kind = OUTCOMES_PURCHASE;
+        break;
+    default:
+        return;
     }
     if (!t->cfg.outcomes || (kind != OUTCOMES_IMPRESSION && !e->recommendation_id[0])) return;
     outcomes_attribution a;

@@ -139,7 +139,8 @@ void transport__rpc_get_stats(tcall *c, ProtobufCMessage *msg)
     outcomes_result_free(&res);
 }
 
-/* ---- experiments ------------------------------------------------------------------------------ */
+/* ---- experiments ------------------------------------------------------------------------------
+ */
 
 /* Copies a string field; false (and the call failed, naming the field) when it is too long. */
 static bool copy_field(tcall *c, char *dst, size_t cap, const char *src, const char *field)

@@ -908,8 +908,8 @@ Test(cli, stats_and_experiments)
     cr_assert(strcmp(arm, "a") == 0 || strcmp(arm, "b") == 0, "%s", arm);
     jsonv_free(v);
     char args[512];
-    snprintf(args, sizeof args, "events shop u7 impression:%s@%s click:%s@%s click:item-9@%s",
-             item, rid, item, rid, "00000000000000000000000000000000");
+    snprintf(args, sizeof args, "events shop u7 impression:%s@%s click:%s@%s click:item-9@%s", item,
+             rid, item, rid, "00000000000000000000000000000000");
     v = cli_json(0, args);
     cr_assert_eq(num(v, "applied"), 3);
     jsonv_free(v);

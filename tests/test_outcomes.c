@@ -40,8 +40,8 @@ static void record(aff_outcomes *o, const char *id, const char *coll, const char
                    const char *arm)
 {
     aff_err err;
-    outcomes_labels l = {.collection = coll, .surface = surface, .experiment = arm ? "x" : NULL,
-                         .arm = arm};
+    outcomes_labels l = {
+        .collection = coll, .surface = surface, .experiment = arm ? "x" : NULL, .arm = arm};
     cr_assert_eq(outcomes_record(o, id, &l, ITEMS, 3, &err), AFF_OK, "%s", err.msg);
 }
 
@@ -270,8 +270,8 @@ Test(experiments, validates_persists_and_updates_the_bandit)
     cr_assert_eq(experiments_add(ex, &d, NULL, &err), AFF_EINVAL);
     cr_assert_str_eq(err.msg, "experiment.arms: the shares add up to 0.95; they must add up to 1");
     d.arms[1].share = 0.75;
-    d.bandit = (experiments_bandit){.enabled = true, .metric = EXPERIMENTS_METRIC_CTR,
-                                    .update_every = 10, .seed = 3};
+    d.bandit = (experiments_bandit){
+        .enabled = true, .metric = EXPERIMENTS_METRIC_CTR, .update_every = 10, .seed = 3};
     cr_assert_eq(experiments_add(ex, &d, NULL, &err), AFF_OK, "%s", err.msg);
     cr_assert_eq(experiments_add(ex, &d, NULL, &err), AFF_EEXIST);
 
