@@ -314,3 +314,33 @@ Test(experiments, validates_persists_and_updates_the_bandit)
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     cr_assert_eq(system(cmd), 0);
 }
+
+Test(outcomes, series_beyond_the_cap_count_under_overflow)
+{
+    aff_outcomes *o = make(3600, 100000);
+    char surface[16], id[33];
+    for (int i = 0; i < OUTCOMES_MAX_SERIES + 100; i++) {
+        snprintf(surface, sizeof surface, "s%d", i);
+        snprintf(id, sizeof id, "%032x", i + 1);
+        record(o, id, "shop", surface, NULL);
+    }
+    outcomes_result r;
+    aff_err err;
+    outcomes_query q = {0};
+    cr_assert_eq(outcomes_query_run(o, &q, &r, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(r.n_rows, OUTCOMES_MAX_SERIES);
+    uint64_t total = 0, overflow = 0;
+    for (size_t i = 0; i < r.n_rows; i++) {
+        total += r.rows[i].c.responses;
+        if (strcmp(r.rows[i].collection, "(overflow)") == 0) overflow = r.rows[i].c.responses;
+    }
+    cr_assert_eq(total, OUTCOMES_MAX_SERIES + 100, "nothing is lost");
+    cr_assert_eq(overflow, 101);
+    outcomes_result_free(&r);
+    /* an overflowed answer is still attributed (to the overflow series) */
+    outcomes_attribution a;
+    snprintf(id, sizeof id, "%032x", OUTCOMES_MAX_SERIES + 100);
+    outcomes_attribute(o, "shop", id, "a", OUTCOMES_CLICK, 0, &a);
+    cr_assert(a.attributed);
+    outcomes_destroy(o);
+}
