@@ -361,6 +361,11 @@ void transport__defer(tcall *c, void (*fn)(tcall *c))
     pthread_mutex_unlock(&t->jobs_mu);
 }
 
+bool transport__key_may_use(const tcall *c, const char *collection)
+{
+    return !c->key || transport__auth_collection_ok(c->key, collection);
+}
+
 static void run_unary(tcall *c)
 {
     c->def->unary(c, c->req);

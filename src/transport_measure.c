@@ -352,6 +352,13 @@ void transport__rpc_get_experiment(tcall *c, ProtobufCMessage *msg)
         tcall_fail(c, &err);
         return;
     }
+    if (!transport__key_may_use(c, e.collection)) {
+        tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED,
+                     "this token may not use this experiment's "
+                     "collection",
+                     NULL);
+        return;
+    }
     finish_result(c, &e, r->step_s > UINT32_MAX / 1000 ? UINT32_MAX / 1000 : r->step_s);
 }
 
@@ -361,6 +368,15 @@ void transport__rpc_stop_experiment(tcall *c, ProtobufCMessage *msg)
     aff_err err;
     experiment e;
     if (!have_experiments(c)) return;
+    if (experiments_get(c->t->cfg.experiments, r->id, &e, &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
+    if (!transport__key_may_use(c, e.collection)) {
+        tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED,
+                     "this token may not use this experiment's collection", NULL);
+        return;
+    }
     if (experiments_stop(c->t->cfg.experiments, r->id, &e, &err)) {
         tcall_fail(c, &err);
         return;

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import unittest
+import urllib.error
 import urllib.request
 
 import grpc
@@ -69,6 +70,9 @@ class Server:
         self.token_file = os.path.join(workdir, "token")
         with open(self.token_file, "w") as f:
             f.write(TOKEN + "\n")
+        self.tokens_file = os.path.join(workdir, "tokens")
+        with open(self.tokens_file, "w") as f:
+            f.write("serving reader-token-0123456\nserving scoped-token-0123456 other\n")
         self.presets = os.path.join(workdir, "serving.json")
         with open(self.presets, "w") as f:
             json.dump({"presets": {
@@ -90,7 +94,8 @@ class Server:
         self.proc = subprocess.Popen(
             [ARGS.affinityd, "--listen", "127.0.0.1:0", "--port-file", port_file,
              "--backend", "cpu", "--threads", "2", "--token-file", self.token_file,
-             "--data-dir", self.data, "--serving-config", self.presets,
+             "--tokens-file", self.tokens_file, "--data-dir", self.data,
+             "--serving-config", self.presets,
              "--metrics-listen", "127.0.0.1:%d" % self.metrics_port, "--log-level", "warn"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 60
@@ -280,6 +285,21 @@ class Measurement(unittest.TestCase):
             SERVER.call("CreateExperiment", PB.CreateExperimentRequest(experiment=exp2),
                         PB.ExperimentResult)
         self.assertEqual(cm.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
+        # roles: serving keys read experiments (of their collections), admin keys change them
+        got = SERVER.call("GetExperiment", PB.GetExperimentRequest(id="home-ab"),
+                          PB.ExperimentResult, token="reader-token-0123456")
+        self.assertEqual(got.experiment.id, "home-ab")
+        for method, req, token in (
+                ("GetExperiment", PB.GetExperimentRequest(id="home-ab"), "scoped-token-0123456"),
+                ("StopExperiment", PB.StopExperimentRequest(id="home-ab"), "reader-token-0123456"),
+                ("CreateExperiment", PB.CreateExperimentRequest(experiment=exp2),
+                 "reader-token-0123456")):
+            with self.assertRaises(grpc.RpcError) as cm:
+                SERVER.call(method, req, PB.ExperimentResult, token=token)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.PERMISSION_DENIED, method)
+        with self.assertRaises(urllib.error.HTTPError) as cm:
+            SERVER.http("/console/api/experiments", token="reader-token-0123456")
+        self.assertEqual(cm.exception.code, 403)
 
         rng = random.Random(SEED)
         print("scenario seed", SEED, file=sys.stderr)
