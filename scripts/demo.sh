@@ -13,4 +13,5 @@ echo "demo: building affinityd and affinity..." >&2
 cmake --build build -j"$(nproc)" --target affinityd affinity
 export OMP_WAIT_POLICY=PASSIVE
 echo "demo: starting affinityd on 127.0.0.1:50051 with the demo shop; try build/src/affinity health" >&2
-exec build/src/affinityd --demo --listen 127.0.0.1:50051 "$@"
+echo "demo: metrics and the web console on http://127.0.0.1:9090/console" >&2
+exec build/src/affinityd --demo --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9090 "$@"

@@ -1399,7 +1399,8 @@ static int parse_event_type(const char *s, Affinity__V1__EventType *t)
                  {"click", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CLICK},
                  {"cart", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_ADD_TO_CART},
                  {"add_to_cart", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_ADD_TO_CART},
-                 {"purchase", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_PURCHASE}};
+                 {"purchase", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_PURCHASE},
+                 {"impression", AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_IMPRESSION}};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (strcasecmp(s, names[i].name) == 0) {
             *t = names[i].type;
@@ -1408,7 +1409,7 @@ static int parse_event_type(const char *s, Affinity__V1__EventType *t)
     return -1;
 }
 
-enum { OPT_USER = 1100, OPT_VECTOR, OPT_EXCLUDE_EVENTS, OPT_CANDIDATES, OPT_WEIGHT };
+enum { OPT_USER = 1100, OPT_VECTOR, OPT_EXCLUDE_EVENTS, OPT_CANDIDATES, OPT_WEIGHT, OPT_SURFACE };
 
 static int cmd_recommend(cli *c, int argc, char **argv)
 {
@@ -1417,6 +1418,7 @@ static int cmd_recommend(cli *c, int argc, char **argv)
                                          {"exclude-events", 1, 0, OPT_EXCLUDE_EVENTS},
                                          {"k", 1, 0, 'k'},
                                          {"space", 1, 0, OPT_SPACE},
+                                         {"surface", 1, 0, OPT_SURFACE},
                                          FILTER_OPTIONS,
                                          {0, 0, 0, 0}};
     filter_args fa;
@@ -1476,6 +1478,9 @@ static int cmd_recommend(cli *c, int argc, char **argv)
         case OPT_SPACE:
             if ((rc = parse_space(optarg, &req.space))) goto out;
             break;
+        case OPT_SURFACE:
+            req.surface = optarg;
+            break;
         default:
             rc = EXIT_USAGE;
             goto out;
@@ -1495,11 +1500,22 @@ static int cmd_recommend(cli *c, int argc, char **argv)
         goto out;
     Affinity__V1__RecommendResponse *r = (Affinity__V1__RecommendResponse *)resp;
     if (c->json) {
-        printf("{\"source\": \"%s\", \"hits\": ", source_name(r->source));
+        printf("{\"source\": \"%s\", \"recommendation_id\": ", source_name(r->source));
+        jstr(r->recommendation_id);
+        printf(", \"strategy\": ");
+        jstr(r->strategy);
+        printf(", \"experiment\": ");
+        jstr(r->experiment);
+        printf(", \"arm\": ");
+        jstr(r->arm);
+        printf(", \"hits\": ");
         print_hits(c, r->hits, r->n_hits);
         printf("}\n");
     } else {
-        printf("source: %s\n", source_name(r->source));
+        printf("source: %s  recommendation: %s  strategy: %s", source_name(r->source),
+               r->recommendation_id, r->strategy);
+        if (r->experiment[0]) printf("  experiment: %s  arm: %s", r->experiment, r->arm);
+        printf("\n");
         print_hits(c, r->hits, r->n_hits);
     }
 out:
@@ -1671,6 +1687,12 @@ static int cmd_events(cli *c, int argc, char **argv)
             goto out;
         }
         evs[i].item_id = colon + 1;
+        /* ITEM_ID@RECOMMENDATION_ID: the response that showed the item (32 hex digits) */
+        char *at = strrchr(colon + 1, '@');
+        if (at && strlen(at + 1) == 32 && strspn(at + 1, "0123456789abcdefABCDEF") == 32) {
+            *at = '\0';
+            evs[i].recommendation_id = at + 1;
+        }
         eps[i] = &evs[i];
     }
     Affinity__V1__PutEventsRequest req = AFFINITY__V1__PUT_EVENTS_REQUEST__INIT;
@@ -2301,6 +2323,366 @@ static int cmd_segment(cli *c, int argc, char **argv)
     return 0;
 }
 
+/* ---- measurement: outcome metrics and experiments ------------------------------------------- */
+
+/* "90s", "30m", "6h", "2d" (or plain seconds) into milliseconds; -1 when malformed. */
+static int64_t parse_duration_ms(const char *s)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || !(v >= 0)) return -1;
+    double unit = 1000.0;
+    if (*end == 's')
+        unit = 1000.0, end++;
+    else if (*end == 'm')
+        unit = 60000.0, end++;
+    else if (*end == 'h')
+        unit = 3600000.0, end++;
+    else if (*end == 'd')
+        unit = 86400000.0, end++;
+    if (*end) return -1;
+    return (int64_t)(v * unit);
+}
+
+static void print_interval_json(const Affinity__V1__Interval *iv)
+{
+    printf("[");
+    jfloat(iv ? iv->low : 0);
+    printf(", ");
+    jfloat(iv ? iv->high : 0);
+    printf("]");
+}
+
+static void print_stats_row_json(const Affinity__V1__StatsRow *r)
+{
+    printf("{\"collection\": ");
+    jstr(r->collection);
+    printf(", \"surface\": ");
+    jstr(r->surface);
+    printf(", \"strategy\": ");
+    jstr(r->strategy);
+    printf(", \"experiment\": ");
+    jstr(r->experiment);
+    printf(", \"arm\": ");
+    jstr(r->arm);
+    printf(", \"responses\": %llu, \"impressions\": %llu, \"clicks\": %llu, \"add_to_carts\": "
+           "%llu, \"purchases\": %llu, \"revenue\": ",
+           (unsigned long long)r->responses, (unsigned long long)r->impressions,
+           (unsigned long long)r->clicks, (unsigned long long)r->add_to_carts,
+           (unsigned long long)r->purchases);
+    jfloat(r->revenue);
+    printf(", \"ctr\": ");
+    jfloat(r->ctr);
+    printf(", \"ctr_interval\": ");
+    print_interval_json(r->ctr_interval);
+    printf(", \"add_to_cart_rate\": ");
+    jfloat(r->add_to_cart_rate);
+    printf(", \"conversion_rate\": ");
+    jfloat(r->conversion_rate);
+    printf(", \"conversion_interval\": ");
+    print_interval_json(r->conversion_interval);
+    printf(", \"revenue_per_mille\": ");
+    jfloat(r->revenue_per_mille);
+    printf("}");
+}
+
+static void print_stats_header(void)
+{
+    printf("  %-14s %-12s %-12s %-12s %-10s %8s %8s %7s %8s %16s %7s %8s %10s\n", "collection",
+           "surface", "strategy", "experiment", "arm", "served", "impr", "clicks", "CTR",
+           "CTR 95% CI", "purch", "conv", "RPM");
+}
+
+static void print_stats_row_text(const Affinity__V1__StatsRow *r)
+{
+    printf("  %-14s %-12s %-12s %-12s %-10s %8llu %8llu %7llu %7.3f%% %6.2f-%6.2f%% %7llu "
+           "%7.3f%% %10.2f\n",
+           r->collection, r->surface[0] ? r->surface : "-", r->strategy,
+           r->experiment[0] ? r->experiment : "-", r->arm[0] ? r->arm : "-",
+           (unsigned long long)r->responses, (unsigned long long)r->impressions,
+           (unsigned long long)r->clicks, 100 * r->ctr,
+           100 * (r->ctr_interval ? r->ctr_interval->low : 0),
+           100 * (r->ctr_interval ? r->ctr_interval->high : 0), (unsigned long long)r->purchases,
+           100 * r->conversion_rate, r->revenue_per_mille);
+}
+
+static int cmd_stats(cli *c, int argc, char **argv)
+{
+    enum { OPT_SURF = 1, OPT_EXP, OPT_SINCE };
+    static const struct option opts[] = {{"surface", 1, 0, OPT_SURF},
+                                         {"experiment", 1, 0, OPT_EXP},
+                                         {"since", 1, 0, OPT_SINCE},
+                                         {0, 0, 0, 0}};
+    Affinity__V1__GetStatsRequest req = AFFINITY__V1__GET_STATS_REQUEST__INIT;
+    int opt;
+    optind = 0;
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (opt == OPT_SURF) {
+            req.surface = optarg;
+        } else if (opt == OPT_EXP) {
+            req.experiment = optarg;
+        } else if (opt == OPT_SINCE) {
+            int64_t ms = parse_duration_ms(optarg);
+            if (ms < 0) return usage_error("bad --since '%s'; e.g. 90s, 30m, 6h, 1d", optarg);
+            struct timespec now;
+            clock_gettime(CLOCK_REALTIME, &now);
+            req.from_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000 - ms;
+            if (req.from_ms < 1) req.from_ms = 1;
+        } else {
+            return EXIT_USAGE;
+        }
+    }
+    if (argc - optind > 1)
+        return usage_error("usage: affinity stats [COLLECTION] [--surface S] [--experiment E] "
+                           "[--since 1h]%s",
+                           "");
+    if (optind < argc) req.collection = argv[optind];
+    ProtobufCMessage *resp = NULL;
+    int rc = call(c, TRANSPORT_METHOD_GET_STATS, "GetStats", &req.base,
+                  &affinity__v1__get_stats_response__descriptor, &resp);
+    if (rc) return rc;
+    const Affinity__V1__GetStatsResponse *r = (const void *)resp;
+    if (c->json) {
+        printf("{\"from_ms\": %lld, \"to_ms\": %lld, \"unattributed\": {", (long long)r->from_ms,
+               (long long)r->to_ms);
+        for (size_t i = 0; i < r->n_unattributed; i++) {
+            printf("%s", i ? ", " : "");
+            jstr(r->unattributed[i]->key);
+            printf(": %llu", (unsigned long long)r->unattributed[i]->value);
+        }
+        printf("}, \"rows\": [");
+        for (size_t i = 0; i < r->n_rows; i++) {
+            printf("%s", i ? ", " : "");
+            print_stats_row_json(r->rows[i]);
+        }
+        printf("]}\n");
+    } else {
+        print_stats_header();
+        for (size_t i = 0; i < r->n_rows; i++)
+            print_stats_row_text(r->rows[i]);
+        if (!r->n_rows) printf("  (no recommendations served in the range)\n");
+        printf("unattributed:");
+        for (size_t i = 0; i < r->n_unattributed; i++)
+            printf(" %s %llu", r->unattributed[i]->key,
+                   (unsigned long long)r->unattributed[i]->value);
+        printf("\n");
+    }
+    transport_client_free(resp);
+    return 0;
+}
+
+static void print_experiment(const cli *c, const Affinity__V1__ExperimentResult *x)
+{
+    const Affinity__V1__Experiment *e = x->experiment;
+    if (c->json) {
+        printf("{\"id\": ");
+        jstr(e->id);
+        printf(", \"collection\": ");
+        jstr(e->collection);
+        printf(", \"surface\": ");
+        jstr(e->surface);
+        printf(", \"running\": %s, \"created_ms\": %lld, \"stopped_ms\": %lld, \"bandit\": "
+               "{\"enabled\": %s, \"version\": %llu}, \"arms\": [",
+               e->running ? "true" : "false", (long long)e->created_ms, (long long)e->stopped_ms,
+               e->bandit && e->bandit->enabled ? "true" : "false",
+               (unsigned long long)e->bandit_version);
+        for (size_t i = 0; i < x->n_arms; i++) {
+            printf("%s{\"arm\": ", i ? ", " : "");
+            jstr(x->arms[i]->arm);
+            printf(", \"preset\": ");
+            jstr(i < e->n_arms ? e->arms[i]->preset : "");
+            printf(", \"share\": ");
+            jfloat(x->arms[i]->share);
+            printf(", \"stats\": ");
+            print_stats_row_json(x->arms[i]->stats);
+            printf("}");
+        }
+        printf("]}");
+        return;
+    }
+    printf("experiment %s on %s/%s: %s", e->id, e->collection, e->surface,
+           e->running ? "running" : "stopped");
+    if (e->bandit && e->bandit->enabled)
+        printf(", bandit on %s (version %llu)",
+               e->bandit->metric == AFFINITY__V1__BANDIT_METRIC__BANDIT_METRIC_CTR ? "CTR"
+                                                                                   : "conversion",
+               (unsigned long long)e->bandit_version);
+    printf("\n");
+    print_stats_header();
+    for (size_t i = 0; i < x->n_arms; i++) {
+        printf("  share %.3f of traffic, preset %s:\n", x->arms[i]->share,
+               i < e->n_arms && e->arms[i]->preset[0] ? e->arms[i]->preset : "(none)");
+        print_stats_row_text(x->arms[i]->stats);
+    }
+}
+
+/* --arm name=N,share=S[,preset=P][,diversity=D][,exploration=E][,space=content|behaviour] */
+static int parse_arm(char *spec, Affinity__V1__ExperimentArm *a, Affinity__V1__FloatValue *div,
+                     Affinity__V1__FloatValue *expl)
+{
+    char *save = NULL;
+    for (char *kv = strtok_r(spec, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(kv, '=');
+        if (!eq) return -1;
+        *eq = '\0';
+        const char *v = eq + 1;
+        char *end;
+        if (strcmp(kv, "name") == 0) {
+            a->name = (char *)v;
+        } else if (strcmp(kv, "share") == 0) {
+            a->share = strtod(v, &end);
+            if (*end || end == v) return -1;
+        } else if (strcmp(kv, "preset") == 0) {
+            a->preset = (char *)v;
+        } else if (strcmp(kv, "diversity") == 0) {
+            if (parse_float(v, &div->value)) return -1;
+            a->diversity = div;
+        } else if (strcmp(kv, "exploration") == 0) {
+            if (parse_float(v, &expl->value)) return -1;
+            a->exploration_share = expl;
+        } else if (strcmp(kv, "space") == 0) {
+            if (strcmp(v, "content") == 0)
+                a->space = AFFINITY__V1__SPACE__SPACE_CONTENT;
+            else if (strcmp(v, "behaviour") == 0 || strcmp(v, "behavior") == 0)
+                a->space = AFFINITY__V1__SPACE__SPACE_BEHAVIOUR;
+            else
+                return -1;
+        } else {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int experiments_create_cmd(cli *c, int argc, char **argv)
+{
+    enum { O_COLL = 1, O_SURF, O_ARM, O_BANDIT, O_FLOOR, O_EVERY, O_SEED };
+    static const struct option opts[] = {
+        {"collection", 1, 0, O_COLL}, {"surface", 1, 0, O_SURF},
+        {"arm", 1, 0, O_ARM},         {"bandit", 1, 0, O_BANDIT},
+        {"floor", 1, 0, O_FLOOR},     {"update-every", 1, 0, O_EVERY},
+        {"seed", 1, 0, O_SEED},       {0, 0, 0, 0}};
+    enum { MAX_ARMS = 8 };
+    Affinity__V1__Experiment e = AFFINITY__V1__EXPERIMENT__INIT;
+    Affinity__V1__Bandit bandit = AFFINITY__V1__BANDIT__INIT;
+    Affinity__V1__FloatValue floor = AFFINITY__V1__FLOAT_VALUE__INIT;
+    Affinity__V1__ExperimentArm arms[MAX_ARMS];
+    Affinity__V1__ExperimentArm *arm_ptrs[MAX_ARMS];
+    Affinity__V1__FloatValue divs[MAX_ARMS], expls[MAX_ARMS];
+    int opt;
+    optind = 0;
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (opt) {
+        case O_COLL:
+            e.collection = optarg;
+            break;
+        case O_SURF:
+            e.surface = optarg;
+            break;
+        case O_ARM: {
+            if (e.n_arms == MAX_ARMS) return usage_error("at most %s arms", "8");
+            size_t i = e.n_arms;
+            affinity__v1__experiment_arm__init(&arms[i]);
+            affinity__v1__float_value__init(&divs[i]);
+            affinity__v1__float_value__init(&expls[i]);
+            if (parse_arm(optarg, &arms[i], &divs[i], &expls[i]))
+                return usage_error("bad --arm '%s'; use name=N,share=S[,preset=P][,diversity="
+                                   "D][,exploration=E][,space=content|behaviour]",
+                                   optarg);
+            arm_ptrs[i] = &arms[i];
+            e.n_arms++;
+            break;
+        }
+        case O_BANDIT:
+            bandit.enabled = true;
+            if (strcmp(optarg, "ctr") == 0)
+                bandit.metric = AFFINITY__V1__BANDIT_METRIC__BANDIT_METRIC_CTR;
+            else if (strcmp(optarg, "conversion") == 0)
+                bandit.metric = AFFINITY__V1__BANDIT_METRIC__BANDIT_METRIC_CONVERSION;
+            else
+                return usage_error("bad --bandit '%s'; use ctr or conversion", optarg);
+            break;
+        case O_FLOOR:
+            if (parse_float(optarg, &floor.value)) return usage_error("bad --floor '%s'", optarg);
+            bandit.floor = &floor;
+            break;
+        case O_EVERY:
+            if (parse_u32(optarg, &bandit.update_every))
+                return usage_error("bad --update-every '%s'", optarg);
+            break;
+        case O_SEED: {
+            char *end;
+            errno = 0;
+            bandit.seed = strtoull(optarg, &end, 10);
+            if (errno || *end) return usage_error("bad --seed '%s'", optarg);
+            break;
+        }
+        default:
+            return EXIT_USAGE;
+        }
+    }
+    if (argc - optind != 1 || !e.collection || !e.surface)
+        return usage_error("usage: affinity experiments create ID --collection C --surface S "
+                           "--arm name=N,share=S[,preset=P]... [--bandit ctr|conversion "
+                           "[--floor F] [--update-every N] [--seed N]]%s",
+                           "");
+    e.id = argv[optind];
+    e.arms = arm_ptrs;
+    if (bandit.enabled) e.bandit = &bandit;
+    Affinity__V1__CreateExperimentRequest req = AFFINITY__V1__CREATE_EXPERIMENT_REQUEST__INIT;
+    req.experiment = &e;
+    ProtobufCMessage *resp = NULL;
+    int rc = call(c, TRANSPORT_METHOD_CREATE_EXPERIMENT, "CreateExperiment", &req.base,
+                  &affinity__v1__experiment_result__descriptor, &resp);
+    if (rc) return rc;
+    print_experiment(c, (const void *)resp);
+    if (c->json) printf("\n");
+    transport_client_free(resp);
+    return 0;
+}
+
+static int cmd_experiments(cli *c, int argc, char **argv)
+{
+    const char *sub = argc >= 2 ? argv[1] : "";
+    if (strcmp(sub, "create") == 0) return experiments_create_cmd(c, argc - 1, argv + 1);
+    ProtobufCMessage *resp = NULL;
+    int rc;
+    if (strcmp(sub, "list") == 0 && argc <= 3) {
+        Affinity__V1__ListExperimentsRequest req = AFFINITY__V1__LIST_EXPERIMENTS_REQUEST__INIT;
+        if (argc == 3) req.collection = argv[2];
+        rc = call(c, TRANSPORT_METHOD_LIST_EXPERIMENTS, "ListExperiments", &req.base,
+                  &affinity__v1__list_experiments_response__descriptor, &resp);
+        if (rc) return rc;
+        const Affinity__V1__ListExperimentsResponse *r = (const void *)resp;
+        if (c->json) printf("{\"experiments\": [");
+        for (size_t i = 0; i < r->n_experiments; i++) {
+            if (c->json && i) printf(", ");
+            print_experiment(c, r->experiments[i]);
+        }
+        if (c->json) printf("]}\n");
+        if (!c->json && !r->n_experiments) printf("(no experiments)\n");
+    } else if ((strcmp(sub, "get") == 0 || strcmp(sub, "stop") == 0) && argc == 3) {
+        bool stop = sub[0] == 's';
+        Affinity__V1__GetExperimentRequest get = AFFINITY__V1__GET_EXPERIMENT_REQUEST__INIT;
+        Affinity__V1__StopExperimentRequest st = AFFINITY__V1__STOP_EXPERIMENT_REQUEST__INIT;
+        get.id = st.id = argv[2];
+        rc = stop ? call(c, TRANSPORT_METHOD_STOP_EXPERIMENT, "StopExperiment", &st.base,
+                         &affinity__v1__experiment_result__descriptor, &resp)
+                  : call(c, TRANSPORT_METHOD_GET_EXPERIMENT, "GetExperiment", &get.base,
+                         &affinity__v1__experiment_result__descriptor, &resp);
+        if (rc) return rc;
+        print_experiment(c, (const void *)resp);
+        if (c->json) printf("\n");
+    } else {
+        return usage_error("usage: affinity experiments list [COLLECTION] | get ID | stop ID | "
+                           "create ID ...%s",
+                           "");
+    }
+    transport_client_free(resp);
+    return 0;
+}
+
 /* ---- operations ---------------------------------------------------------------------------- */
 
 static int cmd_info(cli *c, int argc, char **argv)
@@ -2415,11 +2797,12 @@ static void usage(FILE *f)
                "  similar COLLECTION ITEM_ID... [-k K] [--space content|behaviour]\n"
                "  recommend COLLECTION (--user ID | --vector V1,V2,...) [-k K]\n"
                "            [--exclude-events purchase,cart,...] [--space content|behaviour]\n"
+               "            [--surface S]   (a running experiment on S assigns the arm)\n"
                "  rerank COLLECTION (--user ID | --vector V...) --candidates ID[:SCORE],...\n"
                "         [--weight W]\n"
-               "  events COLLECTION USER TYPE:ITEM_ID...   (view, click, cart, purchase,\n"
-               "                                            custom=NAME; exit 1 if any is\n"
-               "                                            rejected)\n"
+               "  events COLLECTION USER TYPE:ITEM_ID[@RECOMMENDATION_ID]...\n"
+               "                        (view, click, cart, purchase, impression,\n"
+               "                        custom=NAME; exit 1 if any is rejected)\n"
                "  events import COLLECTION FILE.csv|FILE.jsonl [--format csv|jsonl] [--batch N]\n"
                "         [--progress|--no-progress]   history in bulk; exit 1 if rows were\n"
                "                                      rejected, 2 if lines were malformed\n"
@@ -2430,6 +2813,13 @@ static void usage(FILE *f)
                "                                     exit 1 if the job failed\n"
                "  model get COLLECTION  the model: state, version, training job, parameters\n"
                "  segment COLLECTION ITEM_ID... [-k K]   shoppers most drawn to the items\n"
+               "  stats [COLLECTION] [--surface S] [--experiment E] [--since 1h]\n"
+               "                        impressions, CTR, conversion, revenue per surface,\n"
+               "                        strategy and arm (attributed outcomes)\n"
+               "  experiments list [COLLECTION] | get ID | stop ID\n"
+               "  experiments create ID --collection C --surface S\n"
+               "              --arm name=N,share=S[,preset=P][,diversity=D][,exploration=E]...\n"
+               "              [--bandit ctr|conversion [--floor F] [--update-every N] [--seed N]]\n"
                "  info                  server version, backend, batching statistics\n"
                "  health [SERVICE]      grpc.health.v1 check; exit 0 only when SERVING\n"
                "\n"
@@ -2469,6 +2859,8 @@ static const command commands[] = {
     {"train", cmd_train},
     {"model", cmd_model},
     {"segment", cmd_segment},
+    {"stats", cmd_stats},
+    {"experiments", cmd_experiments},
     {"info", cmd_info},
     {"health", cmd_health},
 };

@@ -161,6 +161,14 @@ static const opt_def opts[] = {
              "(history, per-item aggregates, type index; the profile is recomputed), at "
              "start-up and every 10 minutes; events older than this are refused; 0..36500, "
              "0: keep until DeleteUser"},
+    {"attribution-window-s", U32(attribution_window_s, 60, 2592000), .def = "86400",
+     .help = "measurement: impressions, clicks, add-to-carts and purchases that carry a "
+             "recommendation_id count toward that recommendation for this long after it was "
+             "served, 60..2592000 s"},
+    {"attribution-max-records", U32(attribution_max_records, 0, 100000000), .def = "500000",
+     .help = "measurement: recommendations remembered for attribution at most (about "
+             "80 + 9 x k bytes each; the oldest are forgotten first), 0..100000000; 0: no "
+             "recording, attribution or outcome metrics at all (experiments still assign)"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",

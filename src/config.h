@@ -73,6 +73,8 @@ typedef struct aff_config {
     char tls_client_ca[CONFIG_PATH_MAX];  /* mTLS: CA of client certificates; "" = off */
     uint32_t event_retention_days;        /* 0 = events kept until DeleteUser */
     uint32_t heap_trim_mib;               /* trim malloc's free memory past this; 0 = off */
+    uint32_t attribution_window_s;        /* measurement: events attributed within this */
+    uint32_t attribution_max_records;     /* measurement: recommendations remembered at most */
     bool help;                            /* --help was given: print config_usage and exit 0 */
     bool version;                         /* --version was given */
 } aff_config;

@@ -16,4 +16,12 @@
 #define AFF_EVENT_BUILTIN_COUNT 4 /* the entries above, valued 1..4 */
 #define AFF_EVENT_CUSTOM        5
 
+/* Measurement-only types: accepted by PutEvents and counted by the outcomes module (attributed
+ * to the recommendation that showed the item), never applied to profiles or models, so they
+ * have no weight. X(NAME, value, "name"). */
+#define AFF_EVENT_MEASUREMENT_TYPES(X) X(IMPRESSION, 6, "impression")
+
+#define AFF_EVENT_IMPRESSION  6
+#define AFF_EVENT_VALUE_LIMIT 7 /* every type value, built-in, custom or measurement, is below */
+
 #endif

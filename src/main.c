@@ -23,11 +23,14 @@
 #include "batcher.h"
 #include "catalog.h"
 #include "config.h"
+#include "console.h"
 #include "demo.h"
 #include "engine.h"
+#include "experiments.h"
 #include "heap.h"
 #include "log.h"
 #include "metrics.h"
+#include "outcomes.h"
 #include "pipeline.h"
 #include "profiles.h"
 #include "retention.h"
@@ -135,13 +138,36 @@ static void observe_batch(void *ctx, uint64_t queries, uint64_t queued)
 typedef struct scrape_ctx {
     aff_engine *engine;
     aff_model *model;
+    aff_outcomes *outcomes;
+    aff_experiments *experiments;
+    metrics_scrape *scrape; /* during outcomes_foreach_total */
 } scrape_ctx;
+
+/* outcomes_foreach_total callback: one series into the scrape. */
+static void scrape_outcome(void *ctx, const outcomes_labels *l, const outcomes_counts *c)
+{
+    const scrape_ctx *sc = ctx;
+    if (strcmp(l->strategy, OUTCOMES_UNATTRIBUTED) == 0) {
+        metrics_scrape_unattributed(sc->scrape, l->collection, c->n);
+        return;
+    }
+    metrics_outcome_labels ml = {l->collection, l->surface, l->strategy, l->experiment, l->arm};
+    metrics_scrape_outcomes(sc->scrape, &ml, c->responses, c->n, c->revenue);
+}
 
 /* Scrape hook: items and model state per collection, device memory and device faults, read
  * when Prometheus asks. */
 static void scrape_engine(aff_metrics *m, metrics_scrape *scrape, void *ctx)
 {
-    const scrape_ctx *sc = ctx;
+    scrape_ctx *sc = ctx;
+    if (sc->outcomes) {
+        size_t records = 0, bytes = 0;
+        sc->scrape = scrape;
+        outcomes_foreach_total(sc->outcomes, scrape_outcome, sc);
+        outcomes_usage(sc->outcomes, &records, &bytes);
+        metrics_scrape_measurement(scrape, records, bytes,
+                                   sc->experiments ? experiments_running(sc->experiments) : 0);
+    }
     aff_engine *engine = sc->engine;
     engine_collection_info *infos = NULL;
     size_t n = 0;
@@ -196,6 +222,9 @@ int main(int argc, char **argv)
     aff_pipeline *pipeline = NULL;
     heap_trimmer *trimmer = NULL;
     retention *keeper = NULL;
+    aff_outcomes *outcomes = NULL;
+    aff_experiments *experiments = NULL;
+    aff_console *console = NULL;
 
     ensure_passive_openmp(argv);
     if (config_parse(&cfg, argc, argv, &err)) {
@@ -249,7 +278,10 @@ int main(int argc, char **argv)
      * batch sizes and queue depth through on_batch. */
     if (metrics_create(&metrics, cfg.metrics_listen, &err)) goto fail;
     metrics_set_backend(metrics, bi.name, bi.device);
-    scrape_ctx sctx = {.engine = engine, .model = model};
+    outcomes_config ocfg = {.window_s = cfg.attribution_window_s,
+                            .max_records = cfg.attribution_max_records};
+    if (cfg.attribution_max_records && outcomes_create(&outcomes, &ocfg, &err)) goto fail;
+    scrape_ctx sctx = {.engine = engine, .model = model, .outcomes = outcomes};
     metrics_set_scrape_hook(metrics, scrape_engine, &sctx);
     if (cfg.metrics_listen[0])
         aff_log(AFF_LOG_INFO, "metrics on port %u", (unsigned)metrics_port(metrics));
@@ -266,8 +298,14 @@ int main(int argc, char **argv)
                              .batcher = bat,
                              .profiles = profiles,
                              .model = model,
-                             .presets_path = cfg.serving_config};
+                             .presets_path = cfg.serving_config,
+                             .outcomes = outcomes};
     if (pipeline_create(&pipeline, &plcfg, &err)) goto fail;
+    experiments_config xcfg = {
+        .store = store, .preset_exists = pipeline_has_preset, .preset_ctx = pipeline};
+    if (experiments_create(&experiments, &xcfg, &err)) goto fail;
+    pipeline_attach_experiments(pipeline, experiments);
+    sctx.experiments = experiments;
 
     transport_config tcfg = {.listen = cfg.listen,
                              .threads = cfg.threads,
@@ -286,6 +324,8 @@ int main(int argc, char **argv)
                              .on_events_ctx = model,
                              .metrics = metrics,
                              .pipeline = pipeline,
+                             .outcomes = outcomes,
+                             .experiments = experiments,
                              .max_connections = cfg.max_connections,
                              .idle_timeout_ms = cfg.idle_timeout_ms,
                              .handshake_timeout_ms = cfg.handshake_timeout_ms,
@@ -298,6 +338,18 @@ int main(int argc, char **argv)
                token[0] || cfg.tokens_file[0] ? "bearer tokens" : "off", "client certificates",
                cfg.tls_client_ca[0] ? "required" : "off", NULL);
     if (cfg.port_file[0] && write_port_file(cfg.port_file, transport_port(server), &err)) goto fail;
+    /* The web console on the metrics port (read-only; the API's tokens). */
+    console_config ccfg = {.engine = engine,
+                           .model = model,
+                           .profiles = profiles,
+                           .pipeline = pipeline,
+                           .outcomes = outcomes,
+                           .experiments = experiments,
+                           .transport = server,
+                           .backend = bi.name,
+                           .device = bi.device};
+    if (console_create(&console, &ccfg, &err)) goto fail;
+    metrics_set_http_handler(metrics, "/console", console_handle, console);
 
     /* The engine is rebuilt from the store while health says NOT_SERVING and every other
      * call is refused, so no write can race the rebuild. */
@@ -338,12 +390,16 @@ fail:
     aff_log_kv(AFF_LOG_ERROR, "start-up failed", "error", err.msg, NULL);
     fprintf(stderr, "affinityd: %s\n", err.msg);
 out:
+    metrics_set_http_handler(metrics, NULL, NULL, NULL); /* waits for a page in progress */
+    console_destroy(console);
     heap_trimmer_stop(trimmer);
     retention_stop(keeper);
     transport_destroy(server);
     batcher_destroy(bat);
     pipeline_destroy(pipeline);
     metrics_destroy(metrics);
+    experiments_destroy(experiments);
+    outcomes_destroy(outcomes);
     profiles_destroy(profiles);
     catalog_destroy(catalog);
     model_destroy(model);

@@ -30,7 +30,7 @@
 
 #define METRICS_GRPC_CODES   17
 #define METRICS_GRPC_UNKNOWN 2
-#define METRICS_EVENT_TYPES  (AFF_EVENT_CUSTOM + 1) /* index = metrics_event_type; 0 unused */
+#define METRICS_EVENT_TYPES  AFF_EVENT_VALUE_LIMIT /* index = metrics_event_type; 0 unused */
 #define METRICS_HIST_MAX     16
 #define METRICS_INFO_LEN     128
 #define METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
@@ -96,6 +96,12 @@ struct aff_metrics {
     bool backend_set;
     metrics_scrape_fn hook;
     void *hook_ctx;
+    /* pages under http_prefix (the web console); http_mu is held while the handler runs, so
+     * removing the handler waits for a page in progress */
+    pthread_mutex_t http_mu;
+    char http_prefix[32];
+    metrics_http_fn http_fn;
+    void *http_ctx;
     pthread_mutex_t render_lock;
 
     struct MHD_Daemon *daemon;
@@ -138,6 +144,9 @@ static const char *const event_type_names[METRICS_EVENT_TYPES] = {
     AFF_EVENT_TYPES(METRICS__EVENT_NAME)
 #undef METRICS__EVENT_NAME
         [AFF_EVENT_CUSTOM] = "custom",
+#define METRICS__MEVENT_NAME(name, value, str) [value] = str,
+    AFF_EVENT_MEASUREMENT_TYPES(METRICS__MEVENT_NAME)
+#undef METRICS__MEVENT_NAME
 };
 
 /* ---- updates ---------------------------------------------------------------------------- */
@@ -182,7 +191,7 @@ void metrics_add_queue_depth(aff_metrics *m, int64_t delta)
 
 void metrics_add_events(aff_metrics *m, metrics_event_type type, uint64_t n)
 {
-    if (!m || type < METRICS_EVENT_VIEW || type > METRICS_EVENT_CUSTOM) return;
+    if (!m || type < METRICS_EVENT_VIEW || (int)type >= METRICS_EVENT_TYPES) return;
     atomic_fetch_add_explicit(&m->events[type], n, memory_order_relaxed);
 }
 
@@ -215,6 +224,16 @@ void metrics_set_backend(aff_metrics *m, const char *backend, const char *device
     snprintf(m->device, sizeof m->device, "%s", device ? device : "");
     m->backend_set = true;
     pthread_mutex_unlock(&m->info_lock);
+}
+
+void metrics_set_http_handler(aff_metrics *m, const char *prefix, metrics_http_fn fn, void *ctx)
+{
+    if (!m) return;
+    pthread_mutex_lock(&m->http_mu);
+    snprintf(m->http_prefix, sizeof m->http_prefix, "%s", fn && prefix ? prefix : "");
+    m->http_fn = fn;
+    m->http_ctx = fn ? ctx : NULL;
+    pthread_mutex_unlock(&m->http_mu);
 }
 
 void metrics_set_scrape_hook(aff_metrics *m, metrics_scrape_fn fn, void *ctx)
@@ -261,6 +280,8 @@ struct metrics_scrape {
     /* per-collection model samples, one buffer per metric (Prometheus wants each metric's
      * samples together under its header) */
     sbuf model_version, model_loss, model_seconds, model_events, model_training;
+    /* measurement (outcomes.h): totals per series, unattributed events, gauges */
+    sbuf served, outcomes, revenue, unattributed, measure_gauges;
 };
 
 static void sb_vprintf(sbuf *b, const char *fmt, va_list ap)
@@ -399,6 +420,70 @@ void metrics_scrape_model(metrics_scrape *scrape, const char *collection, uint64
     }
 }
 
+/* The outcome kinds (outcomes.h order) by their event types' names. */
+static const metrics_event_type outcome_types[4] = {METRICS_EVENT_IMPRESSION, METRICS_EVENT_CLICK,
+                                                    METRICS_EVENT_ADD_TO_CART,
+                                                    METRICS_EVENT_PURCHASE};
+static const char *outcome_name(int k)
+{
+    return event_type_names[outcome_types[k]];
+}
+
+/* {collection="..",surface="..",strategy="..",experiment="..",arm=".." (no closing brace) */
+static void outcome_labels(sbuf *b, const char *name, const metrics_outcome_labels *l)
+{
+    const char *keys[5] = {"collection", "surface", "strategy", "experiment", "arm"};
+    const char *vals[5] = {l->collection, l->surface, l->strategy, l->experiment, l->arm};
+    sb_printf(b, "%s{", name);
+    for (int i = 0; i < 5; i++) {
+        sb_printf(b, "%s%s=\"", i ? "," : "", keys[i]);
+        sb_label_value(b, vals[i] ? vals[i] : "");
+        sb_printf(b, "\"");
+    }
+}
+
+void metrics_scrape_outcomes(metrics_scrape *scrape, const metrics_outcome_labels *l,
+                             uint64_t served, const uint64_t outcomes[4], double revenue)
+{
+    if (!scrape || !l) return;
+    outcome_labels(&scrape->served, "affinity_recommendations_served_total", l);
+    sb_printf(&scrape->served, "} %" PRIu64 "\n", served);
+    for (int k = 0; k < 4; k++) {
+        outcome_labels(&scrape->outcomes, "affinity_outcomes_total", l);
+        sb_printf(&scrape->outcomes, ",outcome=\"%s\"} %" PRIu64 "\n", outcome_name(k),
+                  outcomes[k]);
+    }
+    outcome_labels(&scrape->revenue, "affinity_outcome_revenue_total", l);
+    sb_printf(&scrape->revenue, "} %.17g\n", revenue);
+}
+
+void metrics_scrape_unattributed(metrics_scrape *scrape, const char *collection,
+                                 const uint64_t outcomes[4])
+{
+    if (!scrape || !collection) return;
+    for (int k = 0; k < 4; k++) {
+        sb_printf(&scrape->unattributed, "affinity_outcomes_unattributed_total{collection=\"");
+        sb_label_value(&scrape->unattributed, collection);
+        sb_printf(&scrape->unattributed, "\",outcome=\"%s\"} %" PRIu64 "\n", outcome_name(k),
+                  outcomes[k]);
+    }
+}
+
+void metrics_scrape_measurement(metrics_scrape *scrape, uint64_t records, uint64_t bytes,
+                                uint64_t experiments_running)
+{
+    if (!scrape) return;
+    sbuf *b = &scrape->measure_gauges;
+    sb_header(b, "affinity_attribution_records", "gauge",
+              "Recommendations remembered for attribution.");
+    sb_printf(b, "affinity_attribution_records %" PRIu64 "\n", records);
+    sb_header(b, "affinity_measurement_memory_bytes", "gauge",
+              "Bytes held by attribution records and outcome series.");
+    sb_printf(b, "affinity_measurement_memory_bytes %" PRIu64 "\n", bytes);
+    sb_header(b, "affinity_experiments_running", "gauge", "Experiments running now.");
+    sb_printf(b, "affinity_experiments_running %" PRIu64 "\n", experiments_running);
+}
+
 void metrics_scrape_collection(metrics_scrape *scrape, const char *collection, uint64_t items)
 {
     if (!scrape || !collection) return;
@@ -470,7 +555,7 @@ static void render_all(aff_metrics *m, sbuf *b, const sbuf *collections,
 
     sb_header(b, "affinity_events_ingested_total", "counter",
               "Behaviour events applied to user profiles, by type.");
-    for (int t = METRICS_EVENT_VIEW; t <= METRICS_EVENT_CUSTOM; t++)
+    for (int t = METRICS_EVENT_VIEW; t < METRICS_EVENT_TYPES; t++)
         sb_printf(b, "affinity_events_ingested_total{type=\"%s\"} %" PRIu64 "\n",
                   event_type_names[t], atomic_load_explicit(&m->events[t], memory_order_relaxed));
 
@@ -498,6 +583,30 @@ static void render_all(aff_metrics *m, sbuf *b, const sbuf *collections,
             sb_header(b, model_metrics[i].name, model_metrics[i].type, model_metrics[i].help);
             sb_printf(b, "%.*s", (int)mb->len, mb->p);
         }
+        static const struct {
+            const char *name, *help;
+            size_t off;
+        } outcome_metrics[] = {
+            {"affinity_recommendations_served_total",
+             "Recommendations answered, by collection, surface, strategy, experiment and arm.",
+             offsetof(metrics_scrape, served)},
+            {"affinity_outcomes_total",
+             "Attributed impressions, clicks, add-to-carts and purchases, by series and outcome.",
+             offsetof(metrics_scrape, outcomes)},
+            {"affinity_outcome_revenue_total", "Revenue of attributed purchases, by series.",
+             offsetof(metrics_scrape, revenue)},
+            {"affinity_outcomes_unattributed_total",
+             "Outcome events whose recommendation_id could not be attributed.",
+             offsetof(metrics_scrape, unattributed)},
+        };
+        for (size_t i = 0; i < sizeof outcome_metrics / sizeof outcome_metrics[0]; i++) {
+            const sbuf *mb = (const sbuf *)((const char *)scrape + outcome_metrics[i].off);
+            if (!mb->len) continue;
+            sb_header(b, outcome_metrics[i].name, "counter", outcome_metrics[i].help);
+            sb_printf(b, "%.*s", (int)mb->len, mb->p);
+        }
+        if (scrape->measure_gauges.len)
+            sb_printf(b, "%.*s", (int)scrape->measure_gauges.len, scrape->measure_gauges.p);
     }
 
     if (atomic_load_explicit(&m->gpu_set, memory_order_acquire)) {
@@ -532,6 +641,11 @@ static void scrape_free(metrics_scrape *s)
     free(s->model_seconds.p);
     free(s->model_events.p);
     free(s->model_training.p);
+    free(s->served.p);
+    free(s->outcomes.p);
+    free(s->revenue.p);
+    free(s->unattributed.p);
+    free(s->measure_gauges.p);
 }
 
 int metrics_render(aff_metrics *m, char **out, size_t *len, aff_err *err)
@@ -592,6 +706,47 @@ static enum MHD_Result send_text(struct MHD_Connection *c, unsigned status, cons
     return ret;
 }
 
+static const char *http_arg(const metrics_http_request *r, const char *name)
+{
+    return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+/* A page of the registered handler: read-only, never cached, nothing from elsewhere. */
+static enum MHD_Result serve_handler(struct MHD_Connection *c, const char *url, metrics_http_fn fn,
+                                     void *ctx)
+{
+    metrics_http_request req = {.path = url,
+                                .authorization = MHD_lookup_connection_value(
+                                    c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
+                                .arg = http_arg,
+                                .conn = c};
+    metrics_http_response resp = {.status = MHD_HTTP_NOT_FOUND};
+    fn(ctx, &req, &resp);
+    struct MHD_Response *r;
+    if (resp.body_static)
+        r = MHD_create_response_from_buffer(resp.len, resp.body, MHD_RESPMEM_PERSISTENT);
+    else
+        r = MHD_create_response_from_buffer(resp.len, resp.body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        if (!resp.body_static) free(resp.body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE,
+                            resp.content_type ? resp.content_type : "text/plain; charset=utf-8");
+    MHD_add_response_header(r, "Content-Security-Policy",
+                            "default-src 'none'; script-src 'unsafe-inline'; style-src "
+                            "'unsafe-inline'; connect-src 'self'; img-src data:; "
+                            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'");
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(r, "Referrer-Policy", "no-referrer");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    if (resp.status == MHD_HTTP_UNAUTHORIZED)
+        MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    enum MHD_Result ret = MHD_queue_response(c, resp.status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
 static enum MHD_Result handle_request(void *cls, struct MHD_Connection *c, const char *url,
                                       const char *method, const char *version,
                                       const char *upload_data, size_t *upload_data_size,
@@ -611,6 +766,15 @@ static enum MHD_Result handle_request(void *cls, struct MHD_Connection *c, const
             return send_text(c, MHD_HTTP_OK, "ok\n");
         return send_text(c, MHD_HTTP_SERVICE_UNAVAILABLE, "draining\n");
     }
+    pthread_mutex_lock(&m->http_mu);
+    size_t plen = strlen(m->http_prefix);
+    if (m->http_fn && plen && strncmp(url, m->http_prefix, plen) == 0 &&
+        (url[plen] == '\0' || url[plen] == '/')) {
+        enum MHD_Result ret = serve_handler(c, url, m->http_fn, m->http_ctx);
+        pthread_mutex_unlock(&m->http_mu);
+        return ret;
+    }
+    pthread_mutex_unlock(&m->http_mu);
     if (strcmp(url, "/metrics") != 0)
         return send_text(c, MHD_HTTP_NOT_FOUND, "not found: try /metrics or /healthz\n");
 
@@ -741,6 +905,7 @@ int metrics_create(aff_metrics **out, const char *listen_addr, aff_err *err)
     if (!m) return aff__fail(err, AFF_ENOMEM, "metrics: out of memory");
     pthread_mutex_init(&m->info_lock, NULL);
     pthread_mutex_init(&m->render_lock, NULL);
+    pthread_mutex_init(&m->http_mu, NULL);
     atomic_store(&m->serving, true);
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
@@ -781,6 +946,7 @@ void metrics_destroy(aff_metrics *m)
     if (m->daemon) MHD_stop_daemon(m->daemon);
     pthread_mutex_destroy(&m->render_lock);
     pthread_mutex_destroy(&m->info_lock);
+    pthread_mutex_destroy(&m->http_mu);
     free(m);
 }
 

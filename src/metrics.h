@@ -11,6 +11,7 @@
  * metrics_create() with a listen address starts a libmicrohttpd daemon on its own thread:
  *   GET /metrics   the text exposition format 0.0.4 (text/plain; version=0.0.4)
  *   GET /healthz   200 "ok" while serving, 503 "draining" after metrics_set_serving(m, false)
+ *   GET <prefix>/… the pages of metrics_set_http_handler (the web console, console.h)
  * Exposed names (units in the name, counters end in _total):
  *   affinity_build_info{version}                       gauge, 1
  *   affinity_backend_info{backend,device}              gauge, 1 (after metrics_set_backend)
@@ -22,6 +23,10 @@
  *   affinity_queue_depth                               gauge, requests queued now
  *   affinity_events_ingested_total{type}               counter, every type always listed
  *   affinity_collection_items{collection}              gauge (from the scrape hook)
+ *   affinity_recommendations_served_total, affinity_outcomes_total{...,outcome},
+ *   affinity_outcome_revenue_total, affinity_outcomes_unattributed_total{collection,outcome},
+ *   affinity_attribution_records, affinity_measurement_memory_bytes,
+ *   affinity_experiments_running                       measurement (from the scrape hook)
  *   affinity_gpu_memory_used_bytes, _total_bytes       gauges (after metrics_set_gpu_memory)
  *   process_start_time_seconds                         gauge
  */
@@ -58,7 +63,12 @@ typedef struct aff_metrics aff_metrics;
     X(GET_SERVER_INFO, "GetServerInfo")                                                            \
     X(TRAIN, "Train")                                                                              \
     X(GET_MODEL, "GetModel")                                                                       \
-    X(GET_SEGMENT, "GetSegment")
+    X(GET_SEGMENT, "GetSegment")                                                                   \
+    X(GET_STATS, "GetStats")                                                                       \
+    X(CREATE_EXPERIMENT, "CreateExperiment")                                                       \
+    X(GET_EXPERIMENT, "GetExperiment")                                                             \
+    X(LIST_EXPERIMENTS, "ListExperiments")                                                         \
+    X(STOP_EXPERIMENT, "StopExperiment")
 
 typedef enum metrics_method {
 #define METRICS__METHOD_ENUM(name, str) METRICS_METHOD_##name,
@@ -73,6 +83,9 @@ typedef enum metrics_event_type {
     AFF_EVENT_TYPES(METRICS__EVENT_ENUM)
 #undef METRICS__EVENT_ENUM
         METRICS_EVENT_CUSTOM = AFF_EVENT_CUSTOM,
+#define METRICS__MEVENT_ENUM(name, value, str) METRICS_EVENT_##name = value,
+    AFF_EVENT_MEASUREMENT_TYPES(METRICS__MEVENT_ENUM)
+#undef METRICS__MEVENT_ENUM
 } metrics_event_type;
 
 /* Starts the registry and, when listen_addr is a non-empty "host:port" ("0.0.0.0:9090",
@@ -126,6 +139,51 @@ void metrics_scrape_collection(metrics_scrape *scrape, const char *collection, u
  * interactions learned from, and whether a job is running now. */
 void metrics_scrape_model(metrics_scrape *scrape, const char *collection, uint64_t version,
                           double loss, double train_seconds, uint64_t events, bool training);
+
+/* measurement (outcomes.h), from inside the hook: one series' totals since start as
+ * affinity_recommendations_served_total, affinity_outcomes_total{...,outcome} and
+ * affinity_outcome_revenue_total, labelled collection, surface, strategy, experiment, arm;
+ * outcomes[] in the order impression, click, add_to_cart, purchase. */
+typedef struct metrics_outcome_labels {
+    const char *collection, *surface, *strategy, *experiment, *arm;
+} metrics_outcome_labels;
+void metrics_scrape_outcomes(metrics_scrape *scrape, const metrics_outcome_labels *labels,
+                             uint64_t served, const uint64_t outcomes[4], double revenue);
+/* affinity_outcomes_unattributed_total{collection,outcome}. */
+void metrics_scrape_unattributed(metrics_scrape *scrape, const char *collection,
+                                 const uint64_t outcomes[4]);
+/* affinity_attribution_records, affinity_measurement_memory_bytes and
+ * affinity_experiments_running gauges. */
+void metrics_scrape_measurement(metrics_scrape *scrape, uint64_t records, uint64_t bytes,
+                                uint64_t experiments_running);
+
+/* ---- other pages on the endpoint (the web console) ---- */
+
+/* One GET or HEAD request for a path under the handler's prefix. Borrowed for the call. */
+typedef struct metrics_http_request {
+    const char *path;          /* e.g. "/console/api/stats" (no query string) */
+    const char *authorization; /* the Authorization header, or NULL */
+    /* A query-string argument, decoded, or NULL when absent. */
+    const char *(*arg)(const struct metrics_http_request *r, const char *name);
+    void *conn; /* for arg */
+} metrics_http_request;
+/* The handler's answer: body (len bytes) is malloc'ed and freed after sending, unless
+ * body_static (then it must live for the process). Every answer gets a Content-Security-Policy
+ * that allows no resource from anywhere (inline script and style, fetches to this origin
+ * only), nosniff, no-referrer and no-store. */
+typedef struct metrics_http_response {
+    unsigned status; /* HTTP status; preset to 404 */
+    const char *content_type;
+    char *body;
+    size_t len;
+    bool body_static;
+} metrics_http_response;
+/* Runs on the HTTP daemon's thread, one request at a time. */
+typedef void (*metrics_http_fn)(void *ctx, const metrics_http_request *req,
+                                metrics_http_response *resp);
+/* Serves every path equal to prefix or under prefix + "/" with fn (NULL: none). ctx is
+ * borrowed until replaced or destroy; replacing waits for a page in progress. */
+void metrics_set_http_handler(aff_metrics *m, const char *prefix, metrics_http_fn fn, void *ctx);
 
 /* ---- reading ---- */
 

@@ -50,7 +50,9 @@ struct aff_pipeline {
     aff_engine *engine;
     batcher *batcher;
     aff_profiles *profiles;
-    aff_model *model; /* NULL: no learning */
+    aff_model *model;             /* NULL: no learning */
+    aff_outcomes *outcomes;       /* NULL: nothing recorded */
+    aff_experiments *experiments; /* NULL: no experiments */
     char *presets_path;
     pthread_mutex_t mu; /* guards presets, mtime, checked_ns */
     preset_set *presets;
@@ -521,6 +523,7 @@ int pipeline_create(aff_pipeline **out, const pipeline_config *cfg, aff_err *err
     p->batcher = cfg->batcher;
     p->profiles = cfg->profiles;
     p->model = cfg->model;
+    p->outcomes = cfg->outcomes;
     pthread_mutex_init(&p->mu, NULL);
     if (cfg->presets_path && cfg->presets_path[0]) {
         if (!(p->presets_path = strdup(cfg->presets_path))) {
@@ -536,6 +539,11 @@ int pipeline_create(aff_pipeline **out, const pipeline_config *cfg, aff_err *err
     }
     *out = p;
     return AFF_OK;
+}
+
+void pipeline_attach_experiments(aff_pipeline *p, aff_experiments *ex)
+{
+    p->experiments = ex;
 }
 
 void pipeline_destroy(aff_pipeline *p)
@@ -1008,7 +1016,10 @@ out:
 struct pipeline_job {
     pipeline_output out; /* first: what the caller reads */
     aff_pipeline *p;
-    const pipeline_request *req;
+    const pipeline_request *req; /* &eff */
+    pipeline_request eff;        /* the caller's request with an experiment arm applied */
+    bool has_arm;
+    experiments_assignment assign;
     pipeline_done_fn done;
     void *user;
     preset_set *presets;  /* referenced while the merged rules borrow from it */
@@ -1583,6 +1594,61 @@ static int submit_range(pipeline_job *j, size_t from, size_t n, int64_t deadline
     return batcher_submit(j->p->batcher, &j->br, err);
 }
 
+/* ---- measurement: experiment arms and recommendation records ------------------------------ */
+
+/* A Recommend for a known shopper on a surface with a running experiment gets that
+ * experiment's arm: its preset and space replace the request's (its diversity and exploration
+ * are applied over the merged rules in plan_search). */
+static void assign_arm(pipeline_job *j)
+{
+    pipeline_request *q = &j->eff;
+    if (q->kind == PIPELINE_RECOMMEND && q->user_id && q->user_id[0] &&
+        experiments_assign(j->p->experiments, q->collection, q->surface, q->user_id, &j->assign)) {
+        j->has_arm = true;
+        memcpy(j->out.experiment, j->assign.experiment, sizeof j->out.experiment);
+        memcpy(j->out.arm, j->assign.arm.name, sizeof j->out.arm);
+        if (j->assign.arm.preset[0]) q->preset = j->assign.arm.preset;
+        if (j->assign.arm.space) q->space = (pipeline_space)j->assign.arm.space;
+    }
+    snprintf(j->out.strategy, sizeof j->out.strategy, "%s",
+             q->preset && q->preset[0] ? q->preset : OUTCOMES_DEFAULT_STRAT);
+}
+
+/* Records a finished job's answer for attribution (a failed one is not an answer). Memory
+ * trouble here costs the attribution of this answer, never the answer. */
+static void record_job(pipeline_job *j)
+{
+    const pipeline_request *q = j->req;
+    if (!j->p->outcomes || q->unrecorded || j->out.status != AFF_OK) return;
+    size_t n = 0;
+    if (q->kind == PIPELINE_RERANK) {
+        n = j->out.n_rerank;
+    } else {
+        for (uint32_t g = 0; g < j->out.n_results; g++)
+            n += j->out.n_hits[g];
+    }
+    const char **ids = malloc((n ? n : 1) * sizeof *ids);
+    if (!ids) return;
+    size_t m = 0;
+    if (q->kind == PIPELINE_RERANK) {
+        for (uint32_t i = 0; i < j->out.n_rerank; i++)
+            if (j->out.rerank[i].found) ids[m++] = q->candidate_ids[j->out.rerank[i].index];
+    } else {
+        for (uint32_t g = 0; g < j->out.n_results; g++)
+            for (uint32_t i = 0; i < j->out.n_hits[g]; i++)
+                ids[m++] = j->out.hits[g][i].id;
+    }
+    outcomes_labels l = {.collection = q->collection,
+                         .surface = q->surface,
+                         .strategy = j->out.strategy,
+                         .experiment = j->out.experiment,
+                         .arm = j->out.arm};
+    aff_err err;
+    if (outcomes_record(j->p->outcomes, j->out.recommendation_id, &l, ids, (uint32_t)m, &err))
+        aff_log(AFF_LOG_DEBUG, "recommendation not recorded: %s", err.msg);
+    free(ids);
+}
+
 static void batch_done(batcher_request *br)
 {
     pipeline_job *j = br->user;
@@ -1628,6 +1694,7 @@ static void batch_done(batcher_request *br)
     } else if (j->src.source == PIPELINE_SOURCE_MODEL) {
         rerank_fix_unlearned(j);
     }
+    record_job(j);
     j->done(j, j->user);
 }
 
@@ -1693,6 +1760,17 @@ static int find_preset(pipeline_job *j, const char *name, const pipeline_rules *
     }
     return aff__fail(err, AFF_EINVAL, "preset \"%.64s\" is unknown; %zu presets are configured",
                      name, j->presets->n);
+}
+
+bool pipeline_has_preset(void *pv, const char *name)
+{
+    aff_pipeline *p = pv;
+    preset_set *s = presets_acquire(p);
+    bool found = false;
+    for (size_t i = 0; s && i < s->n && !found; i++)
+        found = strcmp(s->names[i], name) == 0;
+    preset_set_unref(s);
+    return found;
 }
 
 /* The collection whose profile ranks `collection` in the serving config, or NULL. */
@@ -1869,6 +1947,14 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     const pipeline_rules *preset;
     if ((rc = find_preset(j, req->preset, &preset, err))) return rc;
     if ((rc = merge_rules(preset, req->rules, &j->rules, j->owned_rules, err))) return rc;
+    if (j->has_arm && j->assign.arm.has_diversity) {
+        j->rules.has_diversity = true;
+        j->rules.diversity = j->assign.arm.diversity;
+    }
+    if (j->has_arm && j->assign.arm.has_exploration) {
+        j->rules.has_exploration = true;
+        j->rules.exploration_share = j->assign.arm.exploration_share;
+    }
     if ((rc = pipeline_validate_rules(&j->rules, j->k, "rules", err))) return rc;
     if (req->context && (req->context->hour < -1 || req->context->hour > 23))
         return aff__fail(err, AFF_EINVAL, "context.hour = %d is outside 0..23", req->context->hour);
@@ -2059,10 +2145,18 @@ int pipeline_start(aff_pipeline *p, const pipeline_request *req, int64_t deadlin
     pipeline_job *j = calloc(1, sizeof *j);
     if (!j) return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
     j->p = p;
-    j->req = req;
+    j->eff = *req;
+    j->req = &j->eff;
     j->done = done;
     j->user = user;
     recommendation_id(j->out.recommendation_id);
+    if (req->surface && req->surface[0] && !outcomes_label_ok(req->surface)) {
+        pipeline_job_destroy(j);
+        return aff__fail(err, AFF_EINVAL,
+                         "surface: \"%.64s\" must be 1..%d bytes of [A-Za-z0-9_.:-]", req->surface,
+                         OUTCOMES_MAX_LABEL);
+    }
+    assign_arm(j);
     int rc = engine_collection_shape(p->engine, req->collection, &j->dim, &j->metric, err);
     j->vcoll = req->collection;
     j->vdim = j->dim;
@@ -2086,6 +2180,7 @@ int pipeline_start(aff_pipeline *p, const pipeline_request *req, int64_t deadlin
     j->out.hits = j->hit_ptrs;
     j->out.n_hits = j->n_hits;
     if (now) {
+        record_job(j);
         *out = j;
         return AFF_OK;
     }
@@ -2189,6 +2284,39 @@ static bool page_shows(const pipeline_page *pg, uint32_t before, uint32_t slot, 
 
 static void page_run_slot(pipeline_page *pg, uint32_t s);
 
+/* Records a finished page for attribution under its one recommendation id: one record per
+ * collection of its slots (an event names its collection), strategy "page". */
+static void page_record(pipeline_page *pg)
+{
+    if (!pg->p->outcomes || pg->out.status != AFF_OK) return;
+    size_t total = 0;
+    for (uint32_t s = 0; s < pg->n; s++)
+        total += pg->n_hits[s];
+    const char **ids = malloc((total ? total : 1) * sizeof *ids);
+    if (!ids) return;
+    const char *surface = pg->req->surface && pg->req->surface[0] ? pg->req->surface
+                          : pg->req->layout && pg->req->layout[0] ? pg->req->layout
+                                                                  : "page";
+    for (uint32_t s = 0; s < pg->n; s++) {
+        bool first = true;
+        for (uint32_t e = 0; e < s && first; e++)
+            first = !same_collection(pg, e, s);
+        if (!first) continue;
+        size_t m = 0;
+        for (uint32_t t = s; t < pg->n; t++) {
+            if (t != s && !same_collection(pg, s, t)) continue;
+            for (uint32_t i = 0; i < pg->n_hits[t]; i++)
+                ids[m++] = pg->hit_ptrs[t][i].id;
+        }
+        outcomes_labels l = {
+            .collection = pg->slots[s].collection, .surface = surface, .strategy = "page"};
+        aff_err err;
+        if (outcomes_record(pg->p->outcomes, pg->out.recommendation_id, &l, ids, (uint32_t)m, &err))
+            aff_log(AFF_LOG_DEBUG, "page not recorded: %s", err.msg);
+    }
+    free(ids);
+}
+
 /* Slot s finished (or failed to start): keep its hits, start the next slot of its collection,
  * and finish the page when it was the last. Returns true when this call finished the page. */
 static bool page_slot_finished(pipeline_page *pg, uint32_t s)
@@ -2216,7 +2344,10 @@ static void page_slot_done(pipeline_job *job, void *user)
     (void)job;
     struct page_slot_ref *ref = user;
     pipeline_page *pg = ref->pg;
-    if (page_slot_finished(pg, ref->slot)) pg->done(pg, pg->user);
+    if (page_slot_finished(pg, ref->slot)) {
+        page_record(pg);
+        pg->done(pg, pg->user);
+    }
 }
 
 /* Starts slot s with the items its collection's earlier slots show excluded. */
@@ -2250,7 +2381,8 @@ static void page_run_slot(pipeline_page *pg, uint32_t s)
         r->pins = pins;
         rules = r;
     }
-    pg->reqs[s] = (pipeline_request){.kind = PIPELINE_RECOMMEND,
+    pg->reqs[s] = (pipeline_request){.unrecorded = true,
+                                     .kind = PIPELINE_RECOMMEND,
                                      .collection = sl->collection,
                                      .user_id = pg->req->user_id,
                                      .k = sl->k,
@@ -2267,7 +2399,10 @@ static void page_run_slot(pipeline_page *pg, uint32_t s)
                             &pg->jobs[s], &pending, &err);
     if (rc) page_fail(pg, s, &err);
     if (rc || !pending) {
-        if (page_slot_finished(pg, s)) pg->done(pg, pg->user);
+        if (page_slot_finished(pg, s)) {
+            page_record(pg);
+            pg->done(pg, pg->user);
+        }
     }
 }
 
@@ -2307,6 +2442,11 @@ int pipeline_page_start(aff_pipeline *p, const pipeline_page_request *req, int64
     int rc = AFF_OK;
     if (!req->user_id || !req->user_id[0]) {
         rc = aff__fail(err, AFF_EINVAL, "user_id is required: whose page is it?");
+        goto fail;
+    }
+    if (req->surface && req->surface[0] && !outcomes_label_ok(req->surface)) {
+        rc = aff__fail(err, AFF_EINVAL, "surface: \"%.64s\" must be 1..%d bytes of [A-Za-z0-9_.:-]",
+                       req->surface, OUTCOMES_MAX_LABEL);
         goto fail;
     }
     if (!pg->n && req->layout && req->layout[0] && (rc = find_layout(pg, req->layout, err)))
@@ -2383,6 +2523,7 @@ int pipeline_page_start(aff_pipeline *p, const pipeline_page_request *req, int64
         *pending = true;
         return AFF_OK;
     }
+    page_record(pg);
     *out = pg;
     return AFF_OK;
 nomem:

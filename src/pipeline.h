@@ -53,7 +53,9 @@
 
 #include "batcher.h"
 #include "engine.h"
+#include "experiments.h"
 #include "model.h"
+#include "outcomes.h"
 #include "profiles.h"
 #include "status.h"
 
@@ -218,6 +220,9 @@ typedef struct pipeline_config {
     /* A JSON file of named rule presets ("serving configs"), or NULL/"": none. Re-read when
      * its modification time changes (checked at most once a second). Format: docs. */
     const char *presets_path;
+    /* measurement: every answered recommendation is recorded here (its recommendation_id,
+     * labels and items) for attribution; NULL: none; borrowed */
+    aff_outcomes *outcomes;
 } pipeline_config;
 
 /* AFF_EINVAL when the presets file cannot be read or holds a bad preset (message names the
@@ -227,6 +232,12 @@ void pipeline_destroy(aff_pipeline *p);
 
 /* Re-reads the presets file now. On error the previous presets stay in force. */
 int pipeline_reload_presets(aff_pipeline *p, aff_err *err);
+/* Whether the presets in force have one named name (experiments_config.preset_exists). */
+bool pipeline_has_preset(void *p, const char *name);
+/* measurement: Recommend calls naming a surface are assigned an arm by the experiment running
+ * there (experiments.h), which serves with the arm's preset, space, diversity and exploration
+ * over the request's. Call before serving; ex is borrowed. */
+void pipeline_attach_experiments(aff_pipeline *p, aff_experiments *ex);
 
 typedef enum pipeline_kind {
     PIPELINE_RECOMMEND = 0, /* user_id or vector; k hits */
@@ -256,6 +267,9 @@ typedef struct pipeline_request {
     const float *base_scores;
     uint32_t n_candidates;
     float weight; /* 0..1 */
+    /* measurement */
+    const char *surface; /* where the answer is shown (metrics; experiments); NULL or "" */
+    bool unrecorded;     /* not recorded for attribution (a page records itself whole) */
 } pipeline_request;
 
 /* The outcome of a job; valid once it finished. */
@@ -274,6 +288,11 @@ typedef struct pipeline_output {
     bool rerank_without_profile; /* an unknown user: base scores only, affinity 0 */
     uint64_t queue_wait_ns;      /* time the candidates waited in the batcher */
     uint32_t rounds;             /* engine rounds: 1, or 2-3 when promotions or caps needed more */
+    /* measurement: what the metrics count the answer under; experiment and arm "" when no
+     * experiment assigned it */
+    char experiment[OUTCOMES_MAX_LABEL + 1];
+    char arm[OUTCOMES_MAX_LABEL + 1];
+    char strategy[OUTCOMES_MAX_LABEL + 1];
 } pipeline_output;
 
 typedef struct pipeline_job pipeline_job;
@@ -314,6 +333,7 @@ typedef struct pipeline_page_request {
     const int *exclude_event_types; /* as pipeline_request; applied in every slot */
     uint32_t n_exclude_event_types;
     const pipeline_context *context;
+    const char *surface; /* measurement: NULL or "": the layout's name, else "page" */
 } pipeline_page_request;
 
 typedef struct pipeline_page_output {

@@ -18,6 +18,8 @@
  *   models        lp(collection)                         -> an opaque blob (model.c's encoding,
  *                                                            versioned by its first byte)
  *   opt_out       lp(collection or "*") lp(user)          -> opt_out v1 (issue 12)
+ *   experiments   lp(experiment id)                      -> an opaque blob (experiments.c's
+ *                                                            encoding; measurement)
  *
  * Values start with a version byte (1 today); readers reject other versions as corrupt
  * (AFF_EINTERNAL). Integers and floats are in host byte order (little-endian on every
@@ -84,13 +86,13 @@ enum {
     DB_POP_RANK,
     DB_MODELS,
     DB_OPT_OUT, /* issue 12: personalization opt-outs */
+    DB_EXPERIMENTS, /* measurement: A/B experiments and their bandit state */
     DB_COUNT
 };
 
 static const char *const db_names[DB_COUNT] = {
-    "meta",         "collections", "items",      "profiles", "events",
-    "interactions", "by_type",     "popularity", "pop_rank", "models",
-    "opt_out",
+    "meta",    "collections", "items",    "profiles", "events",  "interactions",
+    "by_type", "popularity",  "pop_rank", "models",   "opt_out", "experiments",
 };
 
 /* One store_update call waiting in the group-commit queue (on its caller's stack). */
@@ -1921,4 +1923,60 @@ int store_txn_unmark_type(store_txn *txn, const char *collection, const char *us
                   AFF_MAX_ID_LEN))
         return bad_key(err);
     return db_del(txn, DB_BY_TYPE, &k, NULL, err);
+}
+
+/* ---- experiments (measurement) ---------------------------------------------------------- */
+
+typedef struct experiment_put {
+    const char *id;
+    const void *blob;
+    size_t len;
+} experiment_put;
+
+static int put_experiment_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    const experiment_put *e = ctx;
+    key_buf k;
+    if (!make_key(&k, e->id, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
+    uint8_t *dst;
+    int status = db_reserve(t, DB_EXPERIMENTS, &k, e->len, &dst, err);
+    if (status) return status;
+    memcpy(dst, e->blob, e->len);
+    return AFF_OK;
+}
+
+int store_put_experiment(aff_store *s, const char *id, const void *blob, size_t len, aff_err *err)
+{
+    if (len == 0) return aff__fail(err, AFF_EINVAL, "store: empty experiment");
+    experiment_put e = {.id = id, .blob = blob, .len = len};
+    return store_update(s, put_experiment_fn, &e, err);
+}
+
+typedef struct experiment_scan {
+    store_blob_fn fn;
+    void *ctx;
+} experiment_scan;
+
+static int experiments_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
+{
+    const experiment_scan *es = ctx;
+    const uint8_t *kp = k->mv_data;
+    char id[256];
+    if (k->mv_size < 1 || kp[0] + 1u != k->mv_size)
+        return aff__fail(err, AFF_EINTERNAL, "store: corrupt experiment key");
+    memcpy(id, kp + 1, kp[0]);
+    id[kp[0]] = '\0';
+    return es->fn(es->ctx, id, v->mv_data, v->mv_size);
+}
+
+static int scan_experiments_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    key_buf empty = {.n = 0};
+    return scan_prefix(t, DB_EXPERIMENTS, &empty, NULL, experiments_visit, ctx, err);
+}
+
+int store_scan_experiments(aff_store *s, store_blob_fn fn, void *ctx, aff_err *err)
+{
+    experiment_scan es = {fn, ctx};
+    return store_view(s, scan_experiments_fn, &es, err);
 }

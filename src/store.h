@@ -323,4 +323,14 @@ int store_txn_scan_type_marks(store_txn *txn, const char *collection, const char
 int store_txn_unmark_type(store_txn *txn, const char *collection, const char *user,
                           const char *type, const char *item, aff_err *err);
 
+/* ---- experiments (measurement) ---- */
+
+/* An experiment's state as an opaque blob (experiments.c owns its layout), keyed by its id
+ * and replaced whole in one durable transaction. */
+int store_put_experiment(aff_store *s, const char *id, const void *blob, size_t len, aff_err *err);
+/* fn(ctx, id, blob, len) for every stored experiment in id order; the blob is valid during the
+ * call only. fn returns 0 to go on, > 0 to stop, < 0 (an aff_status) to fail the scan. */
+typedef int (*store_blob_fn)(void *ctx, const char *id, const void *blob, size_t len);
+int store_scan_experiments(aff_store *s, store_blob_fn fn, void *ctx, aff_err *err);
+
 #endif

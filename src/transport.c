@@ -361,6 +361,11 @@ void transport__defer(tcall *c, void (*fn)(tcall *c))
     pthread_mutex_unlock(&t->jobs_mu);
 }
 
+bool transport__key_may_use(const tcall *c, const char *collection)
+{
+    return !c->key || transport__auth_collection_ok(c->key, collection);
+}
+
 static void run_unary(tcall *c)
 {
     c->def->unary(c, c->req);
@@ -830,6 +835,14 @@ int transport_shutdown(transport *t, uint32_t notice_ms, uint32_t grace_ms)
         wait_shutdown(t, INT64_MAX / 2);
     }
     return rc;
+}
+
+int transport_check_console_auth(const transport *t, const char *authorization)
+{
+    if (!t->auth) return AFF_OK;
+    const tauth_key *k = transport__auth_find_value(t->auth, authorization);
+    if (!k) return AFF_EUNAUTHENTICATED;
+    return k->role == TRANSPORT_ROLE_ADMIN && !k->collections ? AFF_OK : AFF_EPRECONDITION;
 }
 
 void transport_destroy(transport *t)

@@ -25,7 +25,9 @@
 #include "batcher.h"
 #include "catalog.h"
 #include "engine.h"
+#include "experiments.h"
 #include "metrics.h"
+#include "outcomes.h"
 #include "model.h"
 #include "pipeline.h"
 #include "profiles.h"
@@ -55,6 +57,8 @@ typedef struct transport_config {
     void (*on_events)(void *ctx, const char *collection, uint64_t n_applied);
     void *on_events_ctx;
     aff_pipeline *pipeline;        /* the recommendation pipeline serving calls use; borrowed */
+    aff_outcomes *outcomes;        /* measurement: attribution of events; NULL: none; borrowed */
+    aff_experiments *experiments;  /* measurement: the experiment RPCs; NULL: none; borrowed */
     uint32_t max_connections;      /* 0: from RLIMIT_NOFILE (transport_guard.h) */
     uint32_t idle_timeout_ms;      /* 0: 300000 */
     uint32_t handshake_timeout_ms; /* 0: 10000 */
@@ -74,6 +78,11 @@ void transport_set_serving(transport *t, bool serving);
  * start) to finish, then the rest are cancelled. Returns 0 when every call finished in
  * time, AFF_EDEADLINE when some had to be cancelled. Only the first call does anything. */
 int transport_shutdown(transport *t, uint32_t notice_ms, uint32_t grace_ms);
+/* The web console's check of an HTTP Authorization header against the same keys as the API:
+ * AFF_OK when authentication is off or it is an admin key for every collection;
+ * AFF_EUNAUTHENTICATED when missing or unknown; AFF_EPRECONDITION for another key (the
+ * console shows every collection and shoppers' data, as ExportUser does). Thread-safe. */
+int transport_check_console_auth(const transport *t, const char *authorization);
 /* Stops the threads and frees the server. Shuts down first (grace 0) if needed. NULL: no-op. */
 void transport_destroy(transport *t);
 

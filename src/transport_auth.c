@@ -35,6 +35,9 @@ static const char *const serving_methods[] = {
     "/affinity.v1.Affinity/ListCollections",
     "/affinity.v1.Affinity/DescribeCollection",
     "/affinity.v1.Affinity/GetServerInfo",
+    "/affinity.v1.Affinity/GetStats", /* measurement: reading outcomes and experiments */
+    "/affinity.v1.Affinity/GetExperiment",
+    "/affinity.v1.Affinity/ListExperiments",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 };
@@ -202,6 +205,18 @@ const tauth_key *transport__auth_find(const tauth *a, const grpc_metadata_array 
                 !found)
                 found = &a->keys[j];
     }
+    return found;
+}
+
+const tauth_key *transport__auth_find_value(const tauth *a, const char *value)
+{
+    const tauth_key *found = NULL;
+    size_t n = value ? strlen(value) : 0;
+    for (size_t j = 0; value && j < a->n; j++)
+        if (equal_const_time((const uint8_t *)value, n, (const uint8_t *)a->keys[j].bearer,
+                             strlen(a->keys[j].bearer)) &&
+            !found)
+            found = &a->keys[j];
     return found;
 }
 

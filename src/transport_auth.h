@@ -4,7 +4,8 @@
  *
  *   serving  Search, SimilarItems, Recommend, Rerank, BatchRecommend, PutEvents, GetUser,
  *            SetUserOptOut,
- *            GetItems, ListCollections, DescribeCollection, GetServerInfo, reflection
+ *            GetItems, ListCollections, DescribeCollection, GetServerInfo, reflection,
+ *            GetStats, GetExperiment, ListExperiments
  *   admin    everything: also CreateCollection, DropCollection, UpsertItems, DeleteItems,
  *            DeleteUser, ExportUser and any method not listed under serving
  *
@@ -50,6 +51,8 @@ size_t transport__auth_count(const tauth *a);
 /* The key presented in md's "authorization" header, or NULL. Every key is compared in time
  * that depends only on the lengths. */
 const tauth_key *transport__auth_find(const tauth *a, const grpc_metadata_array *md);
+/* The key whose "Bearer <token>" equals value (an HTTP Authorization header), or NULL. */
+const tauth_key *transport__auth_find_value(const tauth *a, const char *value);
 /* The role the method at path needs (admin unless it is a serving method). */
 transport_role transport__auth_method_role(const char *path);
 /* May key k use collection name ("" means every collection)? */

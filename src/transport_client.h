@@ -51,6 +51,11 @@
 #define TRANSPORT_METHOD_TRAIN               "/affinity.v1.Affinity/Train"
 #define TRANSPORT_METHOD_GET_MODEL           "/affinity.v1.Affinity/GetModel"
 #define TRANSPORT_METHOD_GET_SEGMENT         "/affinity.v1.Affinity/GetSegment"
+#define TRANSPORT_METHOD_GET_STATS           "/affinity.v1.Affinity/GetStats"
+#define TRANSPORT_METHOD_CREATE_EXPERIMENT   "/affinity.v1.Affinity/CreateExperiment"
+#define TRANSPORT_METHOD_GET_EXPERIMENT      "/affinity.v1.Affinity/GetExperiment"
+#define TRANSPORT_METHOD_LIST_EXPERIMENTS    "/affinity.v1.Affinity/ListExperiments"
+#define TRANSPORT_METHOD_STOP_EXPERIMENT     "/affinity.v1.Affinity/StopExperiment"
 #define TRANSPORT_METHOD_HEALTH_CHECK        "/grpc.health.v1.Health/Check"
 #define TRANSPORT_METHOD_HEALTH_WATCH        "/grpc.health.v1.Health/Watch"
 

@@ -1,6 +1,9 @@
 /*
  * transport_events.c: the affinity.v1 handlers for behaviour events and shoppers (PutEvents,
- * GetUser, DeleteUser): decode, call the profiles module, encode. PutEvents and DeleteUser
+ * GetUser, DeleteUser): decode, call the profiles module, encode. Measurement: impressions go
+ * to the outcomes module only; clicks, add-to-carts and purchases that carry a
+ * recommendation_id are attributed there after the profiles module applied them, and an
+ * attributed outcome of an experiment arm feeds its bandit. PutEvents and DeleteUser
  * block on disk (fsync) and run on the transport's blocking-work threads; GetUser reads a
  * snapshot where the call arrives.
  */
@@ -15,6 +18,13 @@
 /* A rejection the transport decides itself (before the profiles module sees the event). */
 static bool event_precheck(const Affinity__V1__Event *e, char *reason, size_t size)
 {
+    if (e->type == AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_IMPRESSION) {
+        size_t n = strnlen(e->item_id, AFF_MAX_ID_LEN + 1);
+        if (n < 1 || n > AFF_MAX_ID_LEN) {
+            snprintf(reason, size, "item_id must be 1..%d bytes", AFF_MAX_ID_LEN);
+            return false;
+        }
+    }
     if (!isfinite(e->value)) {
         snprintf(reason, size, "value must be a finite number");
         return false;
@@ -33,6 +43,35 @@ static bool event_precheck(const Affinity__V1__Event *e, char *reason, size_t si
         return false;
     }
     return true;
+}
+
+/* Attributes an applied event: every impression (one without a recommendation_id counts as
+ * unattributed), and clicks, add-to-carts and purchases that carry a recommendation_id. */
+static void attribute(transport *t, const char *collection, const Affinity__V1__Event *e)
+{
+    outcomes_kind kind;
+    switch (e->type) {
+    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_IMPRESSION:
+        kind = OUTCOMES_IMPRESSION;
+        break;
+    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CLICK:
+        kind = OUTCOMES_CLICK;
+        break;
+    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_ADD_TO_CART:
+        kind = OUTCOMES_ADD_TO_CART;
+        break;
+    case AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_PURCHASE:
+        kind = OUTCOMES_PURCHASE;
+        break;
+    default:
+        return;
+    }
+    if (!t->cfg.outcomes || (kind != OUTCOMES_IMPRESSION && !e->recommendation_id[0])) return;
+    outcomes_attribution a;
+    outcomes_attribute(t->cfg.outcomes, collection, e->recommendation_id, e->item_id, kind,
+                       e->value, &a);
+    if (a.attributed && a.experiment[0])
+        experiments_observe(t->cfg.experiments, a.experiment, a.arm, a.counted);
 }
 
 /* PutEvents: one durable transaction for the call's valid events; each invalid one comes
@@ -69,10 +108,15 @@ void rpc_put_events(tcall *c, ProtobufCMessage *msg)
         goto out;
     }
     size_t m = 0, off = 0;
+    uint32_t impressions = 0;
     for (size_t i = 0; i < n; i++) {
         const Affinity__V1__Event *e = r->events[i];
         if (!event_precheck(e, reasons[i], sizeof reasons[i])) {
             pre_rejected[i] = true;
+            continue;
+        }
+        if (e->type == AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_IMPRESSION) {
+            impressions++; /* measurement only: never a profile event */
             continue;
         }
         for (size_t j = 0; j < e->n_context; j++)
@@ -105,6 +149,7 @@ void rpc_put_events(tcall *c, ProtobufCMessage *msg)
     for (size_t i = 0; i < n; i++) {
         if (!pre_rejected[i]) { /* applied: counted by type (affinity_events_total) */
             metrics_add_events(c->t->cfg.metrics, (metrics_event_type)r->events[i]->type, 1);
+            attribute(c->t, r->collection, r->events[i]);
             continue;
         }
         affinity__v1__rejected_event__init(&out[n_out]);
@@ -114,7 +159,7 @@ void rpc_put_events(tcall *c, ProtobufCMessage *msg)
         n_out++;
     }
     Affinity__V1__PutEventsResponse resp = AFFINITY__V1__PUT_EVENTS_RESPONSE__INIT;
-    resp.applied_count = applied;
+    resp.applied_count = applied + impressions;
     resp.n_rejected = n_out;
     resp.rejected = out_ptrs;
     tcall_finish(c, 0, NULL, &resp.base);

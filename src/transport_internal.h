@@ -146,6 +146,9 @@ bool tcall_send(tcall *c, const ProtobufCMessage *msg);
 void transport__defer(tcall *c, void (*fn)(tcall *c));
 /* Health: SERVING (catalog loaded and not draining). */
 bool transport__serving(const transport *t);
+/* Whether the call's key may use collection (true without authentication or for a key of
+ * every collection); for requests that name a collection only indirectly (GetExperiment). */
+bool transport__key_may_use(const tcall *c, const char *collection);
 /* The call's deadline on the batcher's clock (0: none). */
 int64_t tcall_deadline_ns(const tcall *c);
 

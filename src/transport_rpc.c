@@ -26,6 +26,7 @@
 #include "transport_codec.h"
 #include "transport_handlers.h"
 #include "transport_import.h"
+#include "transport_measure.h"
 #include "transport_model.h"
 #include "transport_privacy.h"
 #include "transport_reflection.h"
@@ -155,6 +156,12 @@ const tmethod_def transport__methods[] = {
     BLOCKING("ExportUser", export_user_request, transport__rpc_export_user), /* issue 12 */
     BLOCKING("SetUserOptOut", set_user_opt_out_request, transport__rpc_set_user_opt_out),
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),
+    /* measurement (transport_measure.c); creating and stopping store durably */
+    UNARY("GetStats", get_stats_request, transport__rpc_get_stats),
+    BLOCKING("CreateExperiment", create_experiment_request, transport__rpc_create_experiment),
+    UNARY("GetExperiment", get_experiment_request, transport__rpc_get_experiment),
+    UNARY("ListExperiments", list_experiments_request, transport__rpc_list_experiments),
+    BLOCKING("StopExperiment", stop_experiment_request, transport__rpc_stop_experiment),
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
      false, rpc_health_check, NULL},
     {"/grpc.health.v1.Health/Watch", NULL, true, false, NULL, rpc_health_watch},

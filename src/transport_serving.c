@@ -177,6 +177,7 @@ static serve_req *recommend_from_pb(const Affinity__V1__RecommendRequest *r)
     q->n_exclude_event_types = (uint32_t)r->n_exclude_event_types;
     q->preset = r->preset;
     q->context = context_from_pb(r->context, &s->context);
+    q->surface = r->surface;
     if (!rules_from_pb(r->rules, s)) goto nomem;
     return s;
 nomem:
@@ -448,6 +449,9 @@ static void respond_recommend(tcall *c, const pipeline_output *o)
         resp.request_id = r->request_id;
         resp.recommendation_id = (char *)o->recommendation_id;
         resp.exploration_seed = o->exploration_seed;
+        resp.experiment = (char *)o->experiment;
+        resp.arm = (char *)o->arm;
+        resp.strategy = (char *)o->strategy;
         tcall_finish(c, 0, NULL, &resp.base);
     }
     hits_pb_free(&hp);
@@ -550,7 +554,8 @@ void rpc_similar_items(tcall *c, ProtobufCMessage *msg)
                                     .k = r->k,
                                     .filter = &s->filter,
                                     .preset = r->preset,
-                                    .context = context_from_pb(r->context, &s->context)};
+                                    .context = context_from_pb(r->context, &s->context),
+                                    .surface = r->surface};
         filter_from_pb(r->filter, &s->filter);
         if (!rules_from_pb(r->rules, s)) {
             serve_req_free(s);
@@ -597,6 +602,7 @@ void rpc_rerank(tcall *c, ProtobufCMessage *msg)
     q->base_scores = s->base_scores;
     q->n_candidates = r->n_candidates < UINT32_MAX ? (uint32_t)r->n_candidates : UINT32_MAX;
     q->weight = r->affinity_weight ? r->affinity_weight->value : 0.5f;
+    q->surface = r->surface;
     unary_run(c, s);
 }
 
@@ -659,6 +665,9 @@ static void bitem_send(tcall *c, bitem *it)
             resp.source = (Affinity__V1__RecommendSource)o->source;
             resp.recommendation_id = (char *)o->recommendation_id;
             resp.exploration_seed = o->exploration_seed;
+            resp.experiment = (char *)o->experiment;
+            resp.arm = (char *)o->arm;
+            resp.strategy = (char *)o->strategy;
         }
     }
     if (it->code != 0) {
@@ -931,6 +940,7 @@ void rpc_recommend_page(tcall *c, ProtobufCMessage *msg)
     st->req.user_id = r->user_id;
     st->req.slots = st->slots;
     st->req.layout = r->layout;
+    st->req.surface = r->surface;
     st->req.exclude_event_types = st->exclude_types;
     st->req.n_exclude_event_types = (uint32_t)r->n_exclude_event_types;
     aff_err err;

@@ -877,3 +877,67 @@ Test(cli, newcomer_paper_cuts)
     cr_assert(strstr(out, " UTC"), "%s", out);
     free(out);
 }
+
+/* measurement: experiments create/list/get/stop, recommend --surface, events with
+ * ITEM@RECOMMENDATION_ID, stats. */
+Test(cli, stats_and_experiments)
+{
+    load_both();
+    jsonv *v = cli_json(1, "experiments create home-ab --collection shop --surface home "
+                           "--arm name=a,share=0.5 --arm name=b,share=0.4,diversity=0.4");
+    const jsonv *e = jsonv_get(v, "error");
+    cr_assert_str_eq(str(e, "name"), "INVALID_ARGUMENT");
+    cr_assert_str_eq(str(e, "message"),
+                     "experiment.arms: the shares add up to 0.9; they must add up to 1");
+    jsonv_free(v);
+    v = cli_json(0, "experiments create home-ab --collection shop --surface home "
+                    "--arm name=a,share=0.5 --arm name=b,share=0.5,diversity=0.4 "
+                    "--bandit ctr --floor 0.2 --update-every 10 --seed 3");
+    cr_assert_str_eq(str(v, "id"), "home-ab");
+    cr_assert(jsonv_get(v, "running")->boolean);
+    cr_assert(jsonv_get(jsonv_get(v, "bandit"), "enabled")->boolean);
+    jsonv_free(v);
+    v = cli_json(0, "events shop u7 view:item-3");
+    jsonv_free(v);
+    v = cli_json(0, "recommend shop --user u7 -k 3 --surface home");
+    cr_assert_str_eq(str(v, "experiment"), "home-ab");
+    char arm[8], rid[40], item[32];
+    snprintf(arm, sizeof arm, "%s", str(v, "arm"));
+    snprintf(rid, sizeof rid, "%s", str(v, "recommendation_id"));
+    snprintf(item, sizeof item, "%s", str(jsonv_at(jsonv_get(v, "hits"), 0), "id"));
+    cr_assert(strcmp(arm, "a") == 0 || strcmp(arm, "b") == 0, "%s", arm);
+    jsonv_free(v);
+    char args[512];
+    snprintf(args, sizeof args, "events shop u7 impression:%s@%s click:%s@%s click:item-9@%s", item,
+             rid, item, rid, "00000000000000000000000000000000");
+    v = cli_json(0, args);
+    cr_assert_eq(num(v, "applied"), 3);
+    jsonv_free(v);
+    v = cli_json(0, "stats shop --surface home --since 1h");
+    const jsonv *rows = jsonv_get(v, "rows");
+    cr_assert_eq(rows->n, 1);
+    const jsonv *r = jsonv_at(rows, 0);
+    cr_assert_str_eq(str(r, "arm"), arm);
+    cr_assert_eq(num(r, "responses"), 1);
+    cr_assert_eq(num(r, "impressions"), 1);
+    cr_assert_eq(num(r, "clicks"), 1);
+    cr_assert_eq(num(r, "ctr"), 1.0);
+    cr_assert_eq(num(jsonv_get(v, "unattributed"), "click"), 1);
+    jsonv_free(v);
+    v = cli_json(0, "experiments get home-ab");
+    const jsonv *arms = jsonv_get(v, "arms");
+    cr_assert_eq(arms->n, 2);
+    double clicks = 0;
+    for (size_t i = 0; i < arms->n; i++)
+        clicks += num(jsonv_get(jsonv_at(arms, i), "stats"), "clicks");
+    cr_assert_eq(clicks, 1);
+    jsonv_free(v);
+    v = cli_json(0, "experiments stop home-ab");
+    cr_assert(!jsonv_get(v, "running")->boolean);
+    jsonv_free(v);
+    v = cli_json(0, "experiments list");
+    cr_assert_eq(jsonv_get(v, "experiments")->n, 1);
+    jsonv_free(v);
+    v = cli_json(2, "stats --since yesterday");
+    jsonv_free(v);
+}
