@@ -343,11 +343,17 @@ typedef struct scan_args {
     const uint32_t *qwide; /* nq × steps × 8 words: each qpack word repeated (wide kernels) */
     const cpu_query *qc;   /* nq */
     uint32_t nq;
-    const float *thresh;   /* nq: report rows whose upper bound is >= this */
+    float *thresh;         /* nq: report rows whose upper bound is >= this */
     const float *sq_norms; /* L2: |x|^2; NULL for inner product */
     uint32_t limit;        /* rows >= limit are never reported */
-    cpu_hit *hits;         /* room for nblocks × 8 × nq */
-    uint32_t nhits;
+    cpu_hit *hits;         /* room for nblocks × 8 × nq (unused with a sink) */
+    uint32_t nhits;        /* rows reported */
+    /* When set, each reported row goes to sink at once, and the query's threshold becomes
+     * what sink returns (the raised lower bound), so the rest of the tile is tested against
+     * it: far fewer rows are reported than with a threshold fixed for the whole tile, most of
+     * all for larger k. */
+    float (*sink)(void *ctx, const cpu_hit *h);
+    void *sink_ctx;
 } scan_args;
 
 typedef struct kernel_desc {
@@ -425,7 +431,12 @@ static void push_hit(scan_args *a, uint32_t row, uint32_t q, float hi, float e)
 {
     float w = e + e;
     if (a->sq_norms) w += w;
-    a->hits[a->nhits++] = (cpu_hit){.row = row, .q = q, .hi = hi, .width = w};
+    const cpu_hit h = {.row = row, .q = q, .hi = hi, .width = w};
+    a->nhits++;
+    if (a->sink)
+        a->thresh[q] = a->sink(a->sink_ctx, &h);
+    else
+        a->hits[a->nhits - 1] = h;
 }
 
 static void offer_scalar(scan_args *a, uint32_t row, uint32_t q, float dot)
@@ -884,7 +895,7 @@ int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uin
     qwide = kd.wide ? widen(qpack, c->steps) : NULL;
     if (kd.wide && !qwide) goto out;
     cpu_hit hits[8];
-    const float thresh = -INFINITY;
+    float thresh = -INFINITY;
     scan_args a = {.c = c,
                    .block0 = row / 8,
                    .nblocks = 1,
@@ -963,6 +974,23 @@ static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st,
     return true;
 }
 
+/* The scan's sink during a search: one thread's states for the queries of one kernel call. */
+typedef struct take_ctx {
+    const cpu_search_table *t;
+    const backend_search *s;
+    qstate *states; /* this thread's, for queries g0.. */
+    uint32_t g0;
+    bool failed;
+} take_ctx;
+
+static float take_now(void *ctx, const cpu_hit *h)
+{
+    take_ctx *tc = ctx;
+    qstate *st = &tc->states[tc->g0 + h->q];
+    if (!take(tc->t, filter_of(tc->s, tc->g0 + h->q), st, h)) tc->failed = true;
+    return lower_threshold(st);
+}
+
 float cpu_sq_norm(const float *x, uint32_t dim)
 {
     float s = 0;
@@ -993,9 +1021,8 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     cpu_query *qc = malloc(nq * sizeof *qc);
     uint32_t *qpack = malloc((size_t)nq * steps * sizeof *qpack);
     float *qf = malloc((size_t)nq * steps * 2 * sizeof *qf);
-    cpu_hit *hits = malloc((size_t)nthreads * tile * 8 * GROUP * sizeof *hits);
     qstate *states = calloc((size_t)nthreads * nq, sizeof *states);
-    if (!qc || !qpack || !qf || !hits || !states) {
+    if (!qc || !qpack || !qf || !states) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
         goto out;
     }
@@ -1024,7 +1051,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
         const uint32_t b_lo = (uint32_t)((uint64_t)nblocks * tid / nt);
         const uint32_t b_hi = (uint32_t)((uint64_t)nblocks * (tid + 1) / nt);
         qstate *mine = states + (size_t)tid * nq;
-        cpu_hit *my_hits = hits + (size_t)tid * tile * 8 * GROUP;
+        take_ctx tc = {.t = t, .s = s, .states = mine};
         float thresh[GROUP];
         /* Short first tiles: until L exists every row is reported and a stale L reports many,
          * so tiles start at about 2k rows and double up to the full tile while L rises. */
@@ -1047,14 +1074,12 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
                                .thresh = thresh,
                                .sq_norms = t->sq_norms,
                                .limit = t->count,
-                               .hits = my_hits};
+                               .sink = take_now,
+                               .sink_ctx = &tc};
+                tc.g0 = g0;
                 kd.scan(&a);
                 reported += a.nhits;
-                for (uint32_t i = 0; i < a.nhits; i++) {
-                    const cpu_hit *h = &my_hits[i];
-                    if (!take(t, filter_of(s, g0 + h->q), &mine[g0 + h->q], h))
-                        atomic_store(&failed, 1);
-                }
+                if (tc.failed) atomic_store(&failed, 1);
             }
         }
     }
@@ -1119,7 +1144,6 @@ out:
             free(states[i].c);
         }
     free(states);
-    free(hits);
     free(qwide);
     free(qf);
     free(qpack);
