@@ -1017,8 +1017,7 @@ struct pipeline_job {
     bool ranked;          /* any rule, diversity or exploration: over-fetch and rank */
     uint32_t k, kq, kpromo;
     uint32_t n_groups, per_group; /* engine queries per group: 1 + promotions */
-    bool promos_ran;              /* promotion queries ran (phase 2, or popularity) */
-    bool deepened;                /* the organic queries ran again, deeper, because rules starved */
+    uint32_t deepened; /* times the organic queries ran again, 4x deeper, as rules starved */
     aff_metric metric;
     uint32_t dim;
     /* The vectors candidates are compared in (pins' scores, diversity): the collection's own,
@@ -1047,17 +1046,17 @@ struct pipeline_job {
     aff_rerank_hit *rerank_out;
 };
 
-/* Engine query q (0: organic, 1 + j: promotion j) of group g. Organic queries come first,
- * so phase 1 (organic only) and phase 2 (promotions) are each one contiguous batch. */
+/* Engine query q (0: organic, 1 + j: promotion j) of group g. A group's queries lie side by
+ * side: they share the vector, so the engine scores it once for all of them. */
 static size_t qidx(const pipeline_job *j, uint32_t g, uint32_t q)
 {
-    return q == 0 ? g : j->n_groups + (size_t)g * (j->per_group - 1) + (q - 1);
+    return (size_t)g * j->per_group + q;
 }
 
 /* The group of engine query i. */
 static uint32_t group_of(const pipeline_job *j, size_t i)
 {
-    return i < j->n_groups ? (uint32_t)i : (uint32_t)((i - j->n_groups) / (j->per_group - 1));
+    return (uint32_t)(i / j->per_group);
 }
 
 const pipeline_output *pipeline_job_output(const pipeline_job *job)
@@ -1230,6 +1229,25 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
     return AFF_OK;
 }
 
+/* How many candidates the organic query asks for. Deeper is dearer on every backend (the int8
+ * scan reports and re-ranks rows in proportion to k: bench_pipeline measured the bare engine
+ * call at 1.16x for k = 20 and 1.6x for k = 50 against k = 10), so the pool is only as deep
+ * as the rules need for most requests; when they starve anyway (a cap over a concentrated
+ * profile) a second, four times deeper round fills the slots (finish_group). Pins and
+ * promotions need no depth (pins are looked up, promotions have their own source). */
+static uint32_t overfetch_k(const pipeline_rules *r, uint32_t k)
+{
+    bool cap = r->has_max_per_category && r->max_per_category;
+    bool mmr = r->has_diversity && r->diversity > 0.0f;
+    bool explore = r->has_exploration && r->exploration_share > 0.0f;
+    uint32_t want = k;
+    if (cap || mmr)
+        want = 2 * k;
+    else if (r->n_boosts || explore)
+        want = k + (k / 2 > 5 ? k / 2 : 5);
+    return want;
+}
+
 static bool rules_active(const pipeline_rules *r)
 {
     return r->n_boosts || r->n_pins || r->n_promotions ||
@@ -1342,8 +1360,8 @@ static float score_vec(const pipeline_job *j, const float *item)
     return j->vmetric == AFF_METRIC_COSINE && q2 > 0 ? s / (float)sqrt(q2) : s;
 }
 
-#define PROMOTIONS_SHORT 1 /* finish_group: the pool lacks promotion candidates */
 #define RULES_STARVED    2 /* finish_group: rules left slots empty; a deeper pool may fill them */
+#define MAX_DEEPEN       2 /* deeper rounds at most (the pool grows 16-fold) */
 
 /* Ranks group g from its candidate lists (organic first, then one per promotion) into
  * j->hits. Runs on the thread that finished the candidates. */
@@ -1428,16 +1446,6 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         cands[i].matches = cls[i].matches;
         if (cands[i].organic) cands[i].matches |= 1u; /* the engine applied the filter */
     }
-    for (uint32_t q = 0; q < r->n_promotions && !j->promos_ran; q++) {
-        uint64_t bit = (uint64_t)1 << (1 + r->n_boosts + q);
-        uint32_t have = 0;
-        for (uint32_t i = 0; i < n; i++)
-            have += (cands[i].matches & bit) != 0;
-        if (have < slots_of(r->promotions[q].share, j->k)) {
-            rc = PROMOTIONS_SHORT;
-            goto out;
-        }
-    }
     for (uint32_t p = 0; p < r->n_pins; p++) {
         uint32_t at = n + p;
         if (!cls[at].found) {
@@ -1476,11 +1484,11 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
                               .pinned = pinned,
                               .organic_reason = j->src.reason,
                               .organic_related = related,
-                              .relax_cap = j->deepened || n_org < j->queries[qidx(j, g, 0)].k ||
+                              .relax_cap = j->deepened == MAX_DEEPEN || n_org < j->queries[qidx(j, g, 0)].k ||
                                            j->queries[qidx(j, g, 0)].k == AFF_MAX_K,
                               .seed = j->out.exploration_seed + g};
     if ((rc = pipeline_rank(&in, out, &j->n_hits[g], err))) goto out;
-    if (j->n_hits[g] < j->k && n_org == j->queries[qidx(j, g, 0)].k && !j->deepened &&
+    if (j->n_hits[g] < j->k && n_org == j->queries[qidx(j, g, 0)].k && j->deepened < MAX_DEEPEN &&
         j->queries[qidx(j, g, 0)].k < AFF_MAX_K) {
         rc = RULES_STARVED; /* the engine had more: ask it for a deeper pool */
         goto out;
@@ -1495,15 +1503,15 @@ out:
     return rc;
 }
 
-/* Ranks every group. Returns 0 when done (or failed: out.status), PROMOTIONS_SHORT when the
- * organic pool lacks promotion candidates, RULES_STARVED when rules (caps) left slots empty
- * though the engine had more: then nothing is final and more queries must run. */
+/* Ranks every group. Returns 0 when done (or failed: out.status), RULES_STARVED when rules
+ * (caps) left slots empty though the engine had more: then nothing is final and a deeper
+ * round must run. */
 static int finish(pipeline_job *j)
 {
     if (j->out.status) return 0;
     for (uint32_t g = 0; g < j->n_groups; g++) {
         int rc = finish_group(j, g, &j->out.err);
-        if (rc == PROMOTIONS_SHORT || rc == RULES_STARVED) return rc;
+        if (rc == RULES_STARVED) return rc;
         if ((j->out.status = rc)) return 0;
         j->hit_ptrs[g] = j->hits + (size_t)g * j->k;
     }
@@ -1527,7 +1535,7 @@ static int deepen(pipeline_job *j, aff_err *err)
     free(j->cand);
     if (!(j->cand = calloc(off ? off : 1, sizeof *j->cand)))
         return aff__fail(err, AFF_ENOMEM, "out of memory preparing a deeper query");
-    j->deepened = true;
+    j->deepened++;
     return AFF_OK;
 }
 
@@ -1605,19 +1613,11 @@ static void batch_done(batcher_request *br)
         }
         int more = finish(j);
         if (more) {
-            /* One more round, then rank again: the promotion queries (phase 2), or every query
-             * with a deeper organic pool. */
+            /* One more round with a deeper organic pool, then rank again. */
             aff_err err;
-            int64_t deadline = br->deadline_ns;
             size_t nq = (size_t)j->n_groups * j->per_group;
-            int rc = AFF_OK;
-            if (more == PROMOTIONS_SHORT && !j->deepened) {
-                j->promos_ran = true;
-                rc = submit_range(j, j->n_groups, nq - j->n_groups, deadline, &err);
-            } else {
-                j->promos_ran = true;
-                if (!(rc = deepen(j, &err))) rc = submit_range(j, 0, nq, deadline, &err);
-            }
+            int rc = deepen(j, &err);
+            if (!rc) rc = submit_range(j, 0, nq, br->deadline_ns, &err);
             if (rc == AFF_OK) return; /* batch_done runs again */
             j->out.status = err.code;
             j->out.err = err;
@@ -1635,7 +1635,6 @@ static void batch_done(batcher_request *br)
  * when rules starved, as for engine queries). */
 static int run_popularity(pipeline_job *j, aff_err *err)
 {
-    j->promos_ran = true;
     for (;;) {
         for (uint32_t q = 0; q < j->per_group; q++) {
             const aff_filter *f = q == 0 ? j->base : &j->promo_filters[q - 1];
@@ -1948,16 +1947,11 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
                 sizeof j->out.exploration_seed)
                 j->out.exploration_seed = (uint64_t)now_ns();
     }
-    /* Over-fetch when the rules need room: caps need the most. */
+    /* Over-fetch when the rules need room (overfetch_k). */
     j->kq = j->k;
     if (j->ranked) {
-        /* Enough room for most requests; when rules starve (a cap over a concentrated
-         * profile) a second, four times deeper round fills the slots (finish_group). */
-        uint32_t want = j->k + 20 > 2 * j->k ? j->k + 20 : 2 * j->k;
-        if (r->has_max_per_category && r->max_per_category)
-            want = j->k + 40 > 4 * j->k ? j->k + 40 : 4 * j->k;
+        uint32_t want = overfetch_k(r, j->k);
         j->kq = want < AFF_MAX_K ? want : AFF_MAX_K;
-        if (j->kq < j->k) j->kq = j->k;
     }
     j->per_group = 1 + r->n_promotions;
     /* Promotion queries: the promotion's filter plus the shopper's exclusions. */
@@ -1992,7 +1986,9 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     }
     j->kpromo = 0;
     for (uint32_t q = 0; q < r->n_promotions; q++) {
-        uint32_t want = 4 * slots_of(r->promotions[q].share, j->k) + 16;
+        /* room for the slots twice over (the cap, pins and the organic ranking may take
+         * some); the int8 scan's cost grows with k, most for narrow filters */
+        uint32_t want = 2 * slots_of(r->promotions[q].share, j->k) + 4;
         if (want > j->kpromo) j->kpromo = want < AFF_MAX_K ? want : AFF_MAX_K;
     }
     for (uint32_t g = 0; g < j->n_groups; g++) {
@@ -2036,11 +2032,12 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
         }
         return rc;
     }
-    /* Phase 1: the organic queries only; promotions are taken from their pool when it holds
-     * enough matches, else their own queries run as phase 2 (see batch_done). */
+    /* One round: the organic queries and, beside each, its promotions' queries with the same
+     * vector, which the engine scores in the same pass (backend_search.same_as: one scan,
+     * a heap per filter), so a promotion costs heap work, not a second scan or round. */
     j->br = (batcher_request){.kind = BATCHER_SEARCH,
                               .collection = j->src.space,
-                              .nq = j->n_groups,
+                              .nq = nq,
                               .queries = j->queries,
                               .hits = j->cand,
                               .n_hits = j->cand_n,
