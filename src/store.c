@@ -373,10 +373,12 @@ static size_t item_size(const store_item *it)
     size_t n = 12 + (size_t)it->dim * 4 + 2 + (it->category ? strlen(it->category) : 0);
     for (uint32_t i = 0; i < it->n_tags; i++)
         n += 2 + strlen(it->tags[i]);
-    return n;
+    return n + 8; /* the first upsert time */
 }
 
-static void encode_item(uint8_t *dst, const store_item *it)
+/* The trailer after the tags: the first upsert time (values written before it existed end
+ * with the tags; they decode as 0). */
+static void encode_item(uint8_t *dst, const store_item *it, int64_t first_ms)
 {
     wr w = {dst};
     w_u8(&w, STORE_VALUE_VERSION);
@@ -393,6 +395,7 @@ static void encode_item(uint8_t *dst, const store_item *it)
         w_u16(&w, (uint16_t)tlen);
         w_bytes(&w, it->tags[i], tlen);
     }
+    w_u64(&w, (uint64_t)first_ms);
 }
 
 /* Decodes an item value; out and vector may be NULL. The id comes from the caller. */
@@ -415,6 +418,7 @@ static int decode_item(const MDB_val *v, uint32_t dim, store_item_record *out, f
         r_str16(&r, out->category, sizeof out->category);
         for (uint32_t i = 0; i < n_tags; i++)
             r_str16(&r, out->tags[i], sizeof out->tags[i]);
+        out->first_upsert_ms = r.end - r.p >= 8 ? (int64_t)r_u64(&r) : 0;
     }
     return r.bad ? corrupt(err, "item") : AFF_OK;
 }
@@ -1083,10 +1087,18 @@ static int check_item(const store_item *it, size_t i, uint32_t dim, aff_err *err
     return AFF_OK;
 }
 
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 typedef struct put_items_ctx {
     const char *collection;
     const store_item *items;
     size_t n;
+    store_item_record scratch; /* an old value, decoded */
 } put_items_ctx;
 
 static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
@@ -1105,7 +1117,12 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
         make_key(&k, p->collection, it->id, AFF_MAX_ID_LEN, NULL, 0, NULL, 0);
         MDB_val old;
         status = db_get(t, DB_ITEMS, &k, &old, err);
+        int64_t first_ms = it->first_upsert_ms ? it->first_upsert_ms : now_ms();
         if (status == AFF_OK) {
+            store_item_record *was = &p->scratch;
+            /* an existing item keeps its first upsert time (0 stays 0: unknown, counts old) */
+            if ((status = decode_item(&old, c.dim, was, NULL, err))) return status;
+            first_ms = was->first_upsert_ms;
             /* A changed vector invalidates profiles that summed the old one. */
             if (old.mv_size < 12 + (size_t)c.dim * 4 ||
                 memcmp((const uint8_t *)old.mv_data + 12, it->vector, (size_t)c.dim * 4) != 0)
@@ -1115,7 +1132,7 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
         }
         uint8_t *dst;
         if ((status = db_reserve(t, DB_ITEMS, &k, item_size(it), &dst, err))) return status;
-        encode_item(dst, it);
+        encode_item(dst, it, first_ms);
     }
     aff__err_clear(err);
     if (changed) {
@@ -1128,7 +1145,7 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
 int store_put_items(aff_store *s, const char *collection, const store_item *items, size_t n,
                     aff_err *err)
 {
-    put_items_ctx p = {collection, items, n};
+    put_items_ctx p = {.collection = collection, .items = items, .n = n};
     return store_update(s, put_items_fn, &p, err);
 }
 
@@ -1262,7 +1279,8 @@ static int rebuild_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err 
                                .tags = b->tag_ptrs[i],
                                .n_tags = r->n_tags,
                                .price = r->price,
-                               .available = r->available};
+                               .available = r->available,
+                               .first_upsert_ms = r->first_upsert_ms};
     memcpy(b->last.b, k->mv_data, k->mv_size);
     b->last.n = k->mv_size;
     b->n++;

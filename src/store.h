@@ -131,6 +131,10 @@ typedef struct store_item {
     uint32_t n_tags;         /* ≤ AFF_MAX_TAGS_PER_ITEM */
     float price;
     bool available;
+    /* Writes: the time (ms) to record as the first upsert when the item is new (0: now); an
+     * existing item keeps its recorded time. Rebuild: the recorded time, or 0 when the item
+     * was written before first-upsert times were kept. */
+    int64_t first_upsert_ms;
 } store_item;
 
 /* A copy of one stored item's attributes (the vector goes to a separate buffer). */
@@ -141,6 +145,7 @@ typedef struct store_item_record {
     uint32_t n_tags;
     float price;
     bool available;
+    int64_t first_upsert_ms; /* 0: written before first-upsert times were kept */
 } store_item_record;
 
 /* Inserts or replaces n items of an existing collection in one durable transaction (a later
