@@ -8,9 +8,10 @@
  *               "space"), answers: pipeline_user_source(); rules merged from a preset and the
  *               request and validated once, here
  *   candidates  the engine through the batcher (or popularity), over-fetched (k' > k) when
- *               rules, diversity or exploration need room; promotions take their items from
- *               that pool, and run their own queries (a second round) only when it lacks
- *               matches; rules that starve (caps) get one deeper round
+ *               rules, diversity or exploration need room; each promotion's query runs beside
+ *               the organic one in the same engine pass (same vector, scored once); rules
+ *               that starve (caps) get up to two deeper rounds; exploration adds the newest
+ *               items
  *   filters     the request's filter runs inside the engine's scoring pass (any-of and
  *               none-of categories and tags, price, availability, exclusions)
  *   rules       boosts and buries, promotions with a reserved share, a cap per category,
@@ -294,7 +295,7 @@ typedef struct pipeline_output {
     uint32_t n_rerank;
     bool rerank_without_profile; /* an unknown user: base scores only, affinity 0 */
     uint64_t queue_wait_ns;      /* time the candidates waited in the batcher */
-    uint32_t rounds;             /* engine rounds: 1, or 2-3 when promotions or caps needed more */
+    uint32_t rounds;             /* engine rounds: 1, or 2-3 when caps needed a deeper pool */
 } pipeline_output;
 
 typedef struct pipeline_job pipeline_job;
