@@ -1051,8 +1051,14 @@ static void set_thresholds(const take_ctx *tc, scan_args *a, uint32_t q)
 static void take_now(scan_args *a, const cpu_hit *h)
 {
     take_ctx *tc = a->sink_ctx;
-    const uint32_t pi = tc->g0 + h->q;
-    for (uint32_t q = tc->phys[pi]; q != UINT32_MAX; q = tc->next[q])
+    const uint32_t pi = tc->g0 + h->q, q0 = tc->phys[pi];
+    if (tc->next[q0] == UINT32_MAX && !a->qcats) { /* one query for the vector: the usual case */
+        qstate *st = &tc->states[q0];
+        if (!take(tc->t, filter_of(tc->s, q0), st, h)) tc->failed = true;
+        a->thresh[h->q] = lower_threshold(st);
+        return;
+    }
+    for (uint32_t q = q0; q != UINT32_MAX; q = tc->next[q])
         if (!take(tc->t, filter_of(tc->s, q), &tc->states[q], h)) tc->failed = true;
     set_thresholds(tc, a, h->q);
 }
