@@ -34,13 +34,6 @@ void catalog_attach_exposure(aff_catalog *c, aff_exposure *x)
     pthread_mutex_unlock(&c->write_mu);
 }
 
-static int64_t wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int catalog_create(aff_catalog **out, aff_engine *e, aff_store *s, aff_err *err)
 {
     *out = NULL;
@@ -104,7 +97,7 @@ static int rebuild_items(void *ctx, const store_collection *sc, const store_item
         ids[i] = items[i].id;
         first[i] = items[i].first_upsert_ms ? items[i].first_upsert_ms : 1; /* unknown: old */
     }
-    if (first) rc = exposure_note_upsert(c->exposure, sc->name, ids, first, n, wall_ms(), err);
+    if (first) rc = exposure_note_upsert(c->exposure, sc->name, ids, first, n, exposure_now_ms(), err);
     free(ids);
     free(first);
     free(batch);
@@ -169,7 +162,7 @@ int catalog_upsert(aff_catalog *c, const char *collection, const aff_item *items
     /* Learned-only collections store one 0 per item (the engine has validated that they came
      * without vectors before the store sees them). */
     static const float zero_vector[1] = {0.0f};
-    const int64_t now = wall_ms();
+    const int64_t now = exposure_now_ms();
     store_item *si = calloc(n ? n : 1, sizeof *si);
     if (!si) return aff__fail(err, AFF_ENOMEM, "out of memory writing %zu items", n);
     for (size_t i = 0; i < n; i++)

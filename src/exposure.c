@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "strmap.h"
 
@@ -38,6 +39,13 @@ struct aff_exposure {
     coll_x **colls;
     size_t n, cap;
 };
+
+int64_t exposure_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 int exposure_create(aff_exposure **out, double half_life_s, aff_err *err)
 {

@@ -23,6 +23,9 @@ typedef struct aff_exposure aff_exposure;
 #define EXPOSURE_DEFAULT_HALF_LIFE_S (24.0 * 3600.0)
 #define EXPOSURE_RECENT              256 /* newest first-upserted ids kept per collection */
 
+/* The wall clock in ms since the epoch: the time base of every *_ms here. */
+int64_t exposure_now_ms(void);
+
 /* half_life_s > 0 (EXPOSURE_DEFAULT_HALF_LIFE_S: a day). */
 int exposure_create(aff_exposure **out, double half_life_s, aff_err *err);
 void exposure_destroy(aff_exposure *x); /* NULL is a no-op */

@@ -463,13 +463,6 @@ out:
     return rc;
 }
 
-static int64_t wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static int64_t now_ns(void)
 {
     struct timespec ts;
@@ -1411,7 +1404,7 @@ static float score_vec(const pipeline_job *j, const float *item)
 static uint32_t add_new_items(const pipeline_job *j, pipeline_candidate *cands, const char **ids,
                               uint32_t n, char (*buf)[AFF_MAX_ID_LEN + 1])
 {
-    int64_t since = wall_ms() - (int64_t)j->rules.exploration_new_age_s * 1000;
+    int64_t since = exposure_now_ms() - (int64_t)j->rules.exploration_new_age_s * 1000;
     size_t m = exposure_newest(j->p->exposure, j->req->collection, since, buf, PIPELINE_NEW_ITEMS);
     for (size_t i = 0; i < m; i++) {
         bool dup = false;
@@ -1437,7 +1430,7 @@ static void mark_novelty(const pipeline_job *j, pipeline_candidate *cands, uint3
     const char **ids = malloc(n * sizeof *ids);
     exposure_info *info = malloc(n * sizeof *info);
     if (ids && info) {
-        int64_t now = wall_ms();
+        int64_t now = exposure_now_ms();
         for (uint32_t i = 0; i < n; i++)
             ids[i] = cands[i].id;
         exposure_lookup(j->p->exposure, j->req->collection, ids, n, now, info);
@@ -1623,7 +1616,7 @@ static void note_served(const pipeline_job *j)
     for (uint32_t g = 0; g < j->n_groups; g++)
         for (uint32_t i = 0; i < j->n_hits[g]; i++)
             ids[m++] = j->hits[(size_t)g * j->k + i].id;
-    exposure_note_served(j->p->exposure, j->req->collection, ids, m, wall_ms());
+    exposure_note_served(j->p->exposure, j->req->collection, ids, m, exposure_now_ms());
     free(ids);
 }
 

@@ -1087,13 +1087,6 @@ static int check_item(const store_item *it, size_t i, uint32_t dim, aff_err *err
     return AFF_OK;
 }
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 typedef struct put_items_ctx {
     const char *collection;
     const store_item *items;
@@ -1117,7 +1110,7 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
         make_key(&k, p->collection, it->id, AFF_MAX_ID_LEN, NULL, 0, NULL, 0);
         MDB_val old;
         status = db_get(t, DB_ITEMS, &k, &old, err);
-        int64_t first_ms = it->first_upsert_ms ? it->first_upsert_ms : now_ms();
+        int64_t first_ms = it->first_upsert_ms;
         if (status == AFF_OK) {
             store_item_record *was = &p->scratch;
             /* an existing item keeps its first upsert time (0 stays 0: unknown, counts old) */

@@ -131,9 +131,9 @@ typedef struct store_item {
     uint32_t n_tags;         /* ≤ AFF_MAX_TAGS_PER_ITEM */
     float price;
     bool available;
-    /* Writes: the time (ms) to record as the first upsert when the item is new (0: now); an
-     * existing item keeps its recorded time. Rebuild: the recorded time, or 0 when the item
-     * was written before first-upsert times were kept. */
+    /* Writes: the time (ms) to record as the first upsert when the item is new (0: unknown);
+     * an existing item keeps its recorded time. Rebuild: the recorded time, or 0 when the
+     * item was written before first-upsert times were kept (or without one). */
     int64_t first_upsert_ms;
 } store_item;
 

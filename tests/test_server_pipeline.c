@@ -112,6 +112,19 @@ static bool is_hex32(const char *s)
     return true;
 }
 
+/* A Recommend request for "shop" by the vector of item v, k = 10 (uv holds the vector). */
+static void vector_request(Affinity__V1__RecommendRequest *req, Affinity__V1__UserVector *uv, int v)
+{
+    affinity__v1__recommend_request__init(req);
+    affinity__v1__user_vector__init(uv);
+    uv->n_values = DIM;
+    uv->values = vecs[v];
+    req->collection = "shop";
+    req->user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
+    req->user_vector = uv;
+    req->k = 10;
+}
+
 static test_server srv;
 static transport_client *cl;
 static char presets_path[256];
@@ -211,14 +224,9 @@ Test(server_pipeline, recommend_with_rules_reasons_and_ids)
 
 Test(server_pipeline, exploration_replays_with_its_seed)
 {
-    Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
-    Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
-    uv.n_values = DIM;
-    uv.values = vecs[30];
-    req.collection = "shop";
-    req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
-    req.user_vector = &uv;
-    req.k = 10;
+    Affinity__V1__RecommendRequest req;
+    Affinity__V1__UserVector uv;
+    vector_request(&req, &uv, 30);
     Affinity__V1__Rules rules = AFFINITY__V1__RULES__INIT;
     Affinity__V1__Exploration ex = AFFINITY__V1__EXPLORATION__INIT;
     ex.share = 0.3f;
@@ -245,14 +253,9 @@ Test(server_pipeline, exploration_replays_with_its_seed)
 Test(server_pipeline, presets_none_of_filters_and_similar_items)
 {
     /* the "home" preset from --serving-config, with a none-of filter on the request */
-    Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
-    Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
-    uv.n_values = DIM;
-    uv.values = vecs[0];
-    req.collection = "shop";
-    req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
-    req.user_vector = &uv;
-    req.k = 10;
+    Affinity__V1__RecommendRequest req;
+    Affinity__V1__UserVector uv;
+    vector_request(&req, &uv, 0);
     req.preset = "home";
     Affinity__V1__Filter f = AFFINITY__V1__FILTER__INIT;
     char *sale = "sale";
@@ -780,14 +783,9 @@ Test(server_pipeline, rerank_items_carry_reasons)
 /* Recommend with preset "home" for vecs[0]: how many hits are pinned at position 2. */
 static int home_pin_at_2(const char *expect_id)
 {
-    Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
-    Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
-    uv.n_values = DIM;
-    uv.values = vecs[0];
-    req.collection = "shop";
-    req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
-    req.user_vector = &uv;
-    req.k = 10;
+    Affinity__V1__RecommendRequest req;
+    Affinity__V1__UserVector uv;
+    vector_request(&req, &uv, 0);
     req.preset = "home";
     Affinity__V1__RecommendResponse *resp;
     transport_call_status st;
@@ -858,14 +856,9 @@ Test(server_pipeline, exploration_favours_an_item_upserted_just_now)
     transport_client_free(&ur->base);
     transport_client_stream_destroy(s);
 
-    Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
-    Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
-    uv.n_values = DIM;
-    uv.values = vecs[0];
-    req.collection = "shop";
-    req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
-    req.user_vector = &uv;
-    req.k = 10;
+    Affinity__V1__RecommendRequest req;
+    Affinity__V1__UserVector uv;
+    vector_request(&req, &uv, 0);
     Affinity__V1__Rules rules = AFFINITY__V1__RULES__INIT;
     Affinity__V1__Exploration ex = AFFINITY__V1__EXPLORATION__INIT;
     ex.share = 0.1f; /* one slot */
