@@ -27,6 +27,26 @@ static const char *const cat_names[N_CATS] = {"shoes", "books", "garden", "toys"
 static char ids[N_ITEMS][16];
 static float vecs[N_ITEMS][DIM];
 
+/* Upserts n items into "shop" in one UpsertItems stream. */
+static void upsert_items(transport_client *c, Affinity__V1__Item **items, size_t n)
+{
+    transport_client_stream *s = NULL;
+    aff_err err;
+    cr_assert_eq(transport_client_stream_open(c, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
+    Affinity__V1__UpsertItemsRequest req = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
+    req.collection = "shop";
+    req.n_items = n;
+    req.items = items;
+    cr_assert_eq(transport_client_stream_send(s, &req.base, &err), 0);
+    transport_call_status st;
+    Affinity__V1__UpsertItemsResponse *resp = NULL;
+    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
+                                   (ProtobufCMessage **)&resp, &st);
+    cr_assert_eq(st.code, 0, "%s", st.message);
+    transport_client_free(&resp->base);
+    transport_client_stream_destroy(s);
+}
+
 static void upsert_shop(transport_client *cl)
 {
     ts_create_collection(cl, "shop", DIM, AFFINITY__V1__METRIC__METRIC_COSINE);
@@ -55,21 +75,7 @@ static void upsert_shop(transport_client *cl)
         items[i].price = 10.0f + (float)(i % 7);
         ptrs[i] = &items[i];
     }
-    transport_client_stream *s = NULL;
-    aff_err err;
-    cr_assert_eq(transport_client_stream_open(cl, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
-    Affinity__V1__UpsertItemsRequest req = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
-    req.collection = "shop";
-    req.n_items = N_ITEMS;
-    req.items = ptrs;
-    cr_assert_eq(transport_client_stream_send(s, &req.base, &err), 0);
-    transport_call_status st;
-    Affinity__V1__UpsertItemsResponse *resp = NULL;
-    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
-                                   (ProtobufCMessage **)&resp, &st);
-    cr_assert_eq(st.code, 0, "%s", st.message);
-    transport_client_free(&resp->base);
-    transport_client_stream_destroy(s);
+    upsert_items(cl, ptrs, N_ITEMS);
 }
 
 static void put_views(transport_client *cl, const char *user, const int *items, int n)
@@ -840,21 +846,8 @@ Test(server_pipeline, exploration_favours_an_item_upserted_just_now)
     item.vector = far;
     item.category = "toys";
     Affinity__V1__Item *ip = &item;
-    transport_client_stream *s = NULL;
-    aff_err err;
-    cr_assert_eq(transport_client_stream_open(cl, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
-    Affinity__V1__UpsertItemsRequest up = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
-    up.collection = "shop";
-    up.n_items = 1;
-    up.items = &ip;
-    cr_assert_eq(transport_client_stream_send(s, &up.base, &err), 0);
+    upsert_items(cl, &ip, 1);
     transport_call_status st;
-    Affinity__V1__UpsertItemsResponse *ur = NULL;
-    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
-                                   (ProtobufCMessage **)&ur, &st);
-    cr_assert_eq(st.code, 0, "%s", st.message);
-    transport_client_free(&ur->base);
-    transport_client_stream_destroy(s);
 
     Affinity__V1__RecommendRequest req;
     Affinity__V1__UserVector uv;
