@@ -471,6 +471,12 @@ Test(pipeline_rules, every_bad_rule_names_its_field)
     expect_invalid(&r, 10, "rules.diversity");
     r = (pipeline_rules){.has_exploration = true, .exploration_share = 1.2f};
     expect_invalid(&r, 10, "rules.exploration.share");
+    r = (pipeline_rules){.has_exploration = true,
+                         .exploration_share = 0.1f,
+                         .exploration_rarely_shown_below = -1.0f};
+    expect_invalid(&r, 10, "rules.exploration.rarely_shown_below");
+    r.exploration_rarely_shown_below = NAN;
+    expect_invalid(&r, 10, "rules.exploration.rarely_shown_below");
     pipeline_promotion pr[2] = {{.name = "a", .share = 1.5f}, {.name = "b", .share = 0.2f}};
     aff_filter_init(&pr[0].filter);
     aff_filter_init(&pr[1].filter);
