@@ -97,7 +97,8 @@ static int rebuild_items(void *ctx, const store_collection *sc, const store_item
         ids[i] = items[i].id;
         first[i] = items[i].first_upsert_ms ? items[i].first_upsert_ms : 1; /* unknown: old */
     }
-    if (first) rc = exposure_note_upsert(c->exposure, sc->name, ids, first, n, exposure_now_ms(), err);
+    if (first)
+        rc = exposure_note_upsert(c->exposure, sc->name, ids, first, n, exposure_now_ms(), err);
     free(ids);
     free(first);
     free(batch);
@@ -186,8 +187,8 @@ int catalog_upsert(aff_catalog *c, const char *collection, const aff_item *items
         for (size_t i = 0; ids && i < n; i++)
             ids[i] = items[i].id;
         if (!ids || exposure_note_upsert(c->exposure, collection, ids, NULL, n, now, &xerr))
-            aff_log_kv(AFF_LOG_WARN, "item ages not noted: out of memory", "collection",
-                       collection, NULL);
+            aff_log_kv(AFF_LOG_WARN, "item ages not noted: out of memory", "collection", collection,
+                       NULL);
         free(ids);
     }
     pthread_mutex_unlock(&c->write_mu);

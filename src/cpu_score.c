@@ -358,10 +358,10 @@ struct scan_args {
     /* With qcats (and block_cats): in blocks whose categories meet qcats[q] the threshold is
      * thresh_cat[q], elsewhere thresh[q]; a query whose filter admits few categories then
      * skips the blocks that hold none of them. */
-    const uint64_t *block_cats; /* cpu_search_table.block_cats */
+    const uint64_t *block_cats;     /* cpu_search_table.block_cats */
     const backend_row_attrs *attrs; /* cpu_search_table.attrs (with qcats) */
-    const uint64_t *qcats;      /* nq blooms, or NULL */
-    float *thresh_cat;          /* nq */
+    const uint64_t *qcats;          /* nq blooms, or NULL */
+    float *thresh_cat;              /* nq */
 };
 
 typedef struct kernel_desc {
@@ -444,8 +444,7 @@ static inline float block_threshold(const scan_args *a, uint32_t row, uint32_t q
 static void push_hit(scan_args *a, uint32_t row, uint32_t q, float hi, float e)
 {
     /* Under the plain threshold only a row of a restricted query's categories can pass. */
-    if (a->qcats && hi < a->thresh[q] &&
-        !(backend_tag_bit(a->attrs[row].category) & a->qcats[q]))
+    if (a->qcats && hi < a->thresh[q] && !(backend_tag_bit(a->attrs[row].category) & a->qcats[q]))
         return;
     float w = e + e;
     if (a->sq_norms) w += w;
@@ -534,7 +533,8 @@ epilogue_avx2(scan_args *a, uint32_t row0, uint32_t q, __m256 dot)
     __m256 hi = _mm256_add_ps(av, e);
     if (a->sq_norms)
         hi = _mm256_fmsub_ps(_mm256_set1_ps(2.0f), hi, _mm256_loadu_ps(a->sq_norms + row0));
-    int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(block_threshold(a, row0, q)), _CMP_GE_OQ));
+    int mask = _mm256_movemask_ps(
+        _mm256_cmp_ps(hi, _mm256_set1_ps(block_threshold(a, row0, q)), _CMP_GE_OQ));
     if (mask) {
         float his[8], es[8];
         _mm256_storeu_ps(his, hi);
@@ -1015,11 +1015,11 @@ static uint64_t filter_cats(const backend_filter *f)
 typedef struct take_ctx {
     const cpu_search_table *t;
     const backend_search *s;
-    qstate *states;          /* this thread's, one per query */
-    const uint32_t *phys;    /* scanned vector pi -> its first query */
-    const uint32_t *next;    /* query -> the next query with the same vector, or UINT32_MAX */
-    const uint64_t *mcats;   /* per query: filter_cats() of its filter; NULL: none restricts */
-    uint32_t g0;             /* the kernel call's first scanned vector */
+    qstate *states;        /* this thread's, one per query */
+    const uint32_t *phys;  /* scanned vector pi -> its first query */
+    const uint32_t *next;  /* query -> the next query with the same vector, or UINT32_MAX */
+    const uint64_t *mcats; /* per query: filter_cats() of its filter; NULL: none restricts */
+    uint32_t g0;           /* the kernel call's first scanned vector */
     bool failed;
 } take_ctx;
 

@@ -185,8 +185,8 @@ void exposure_drop(aff_exposure *x, const char *collection)
     pthread_mutex_unlock(&x->mu);
 }
 
-void exposure_note_served(aff_exposure *x, const char *collection, const char *const *ids,
-                          size_t n, int64_t now_ms)
+void exposure_note_served(aff_exposure *x, const char *collection, const char *const *ids, size_t n,
+                          int64_t now_ms)
 {
     if (!x || !n) return;
     pthread_mutex_lock(&x->mu);

@@ -40,8 +40,8 @@ void exposure_forget(aff_exposure *x, const char *collection, const char *const 
 void exposure_drop(aff_exposure *x, const char *collection);
 
 /* A response returned these items at now_ms. Unknown ids are ignored. */
-void exposure_note_served(aff_exposure *x, const char *collection, const char *const *ids,
-                          size_t n, int64_t now_ms);
+void exposure_note_served(aff_exposure *x, const char *collection, const char *const *ids, size_t n,
+                          int64_t now_ms);
 
 typedef struct exposure_info {
     int64_t first_ms; /* first upsert (ms since the epoch); 0: unknown id */

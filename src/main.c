@@ -341,8 +341,8 @@ int main(int argc, char **argv)
             aff_log_kv(AFF_LOG_ERROR, "SIGHUP: serving config not reloaded; the previous one stays",
                        "error", rerr.msg, NULL);
         else
-            aff_log_kv(AFF_LOG_INFO, "SIGHUP: serving config reloaded", "path",
-                       cfg.serving_config, NULL);
+            aff_log_kv(AFF_LOG_INFO, "SIGHUP: serving config reloaded", "path", cfg.serving_config,
+                       NULL);
     }
     aff_log_kv(AFF_LOG_INFO, "shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                NULL);

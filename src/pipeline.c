@@ -50,7 +50,7 @@ struct aff_pipeline {
     aff_engine *engine;
     batcher *batcher;
     aff_profiles *profiles;
-    aff_model *model; /* NULL: no learning */
+    aff_model *model;       /* NULL: no learning */
     aff_exposure *exposure; /* NULL: no item ages or served counts */
     char *presets_path;
     pthread_mutex_t mu; /* guards presets, mtime, checked_ns */
@@ -1447,8 +1447,8 @@ static void mark_novelty(const pipeline_job *j, pipeline_candidate *cands, uint3
     free(info);
 }
 
-#define RULES_STARVED    2 /* finish_group: rules left slots empty; a deeper pool may fill them */
-#define MAX_DEEPEN       2 /* deeper rounds at most (the pool grows 16-fold) */
+#define RULES_STARVED 2 /* finish_group: rules left slots empty; a deeper pool may fill them */
+#define MAX_DEEPEN    2 /* deeper rounds at most (the pool grows 16-fold) */
 
 /* Ranks group g from its candidate lists (organic first, then one per promotion) into
  * j->hits. Runs on the thread that finished the candidates. */
@@ -1477,8 +1477,8 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         total += j->cand_n[qidx(j, g, q)];
     bool explore = r->has_exploration && r->exploration_share > 0.0f;
     bool add_new = explore && r->exploration_new_age_s && j->p->exposure;
-    char(*new_ids)[AFF_MAX_ID_LEN + 1] = add_new ? malloc(PIPELINE_NEW_ITEMS * sizeof *new_ids)
-                                                 : NULL;
+    char(*new_ids)[AFF_MAX_ID_LEN + 1] =
+        add_new ? malloc(PIPELINE_NEW_ITEMS * sizeof *new_ids) : NULL;
     uint32_t n_all = total + (add_new ? PIPELINE_NEW_ITEMS : 0) + r->n_pins;
     pipeline_candidate *cands = calloc(n_all ? n_all : 1, sizeof *cands);
     const char **ids = calloc(n_all ? n_all : 1, sizeof *ids);
@@ -1538,8 +1538,8 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         cands[i].category = cls[i].category;
         cands[i].matches = cls[i].matches;
         if (cands[i].organic) cands[i].matches |= 1u; /* the engine applied the filter */
-        if (i >= first_new) cands[i].score = cls[i].found ? score_vec(j, vec + (size_t)i * j->vdim)
-                                                          : 0.0f;
+        if (i >= first_new)
+            cands[i].score = cls[i].found ? score_vec(j, vec + (size_t)i * j->vdim) : 0.0f;
         if (!cls[i].found) cands[i].matches = 0; /* a new item deleted since */
     }
     if (explore) mark_novelty(j, cands, n);
@@ -1572,20 +1572,20 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
             cands[i].vector = v;
         }
     }
-    pipeline_rank_input in = {.rules = r,
-                              .k = j->k,
-                              .lower_is_better = j->vmetric == AFF_METRIC_L2,
-                              .dim = j->vdim,
-                              .cands = cands,
-                              .n = n,
-                              .pinned = pinned,
-                              .organic_reason = j->src.reason,
-                              .organic_related = related,
-                              .relax_cap = j->deepened == MAX_DEEPEN || n_org < j->queries[qidx(j, g, 0)].k ||
-                                           j->queries[qidx(j, g, 0)].k == AFF_MAX_K,
-                              .seed = j->out.exploration_seed + g,
-                              .favour_novel = r->exploration_new_age_s ||
-                                              r->exploration_rarely_shown_below > 0.0f};
+    pipeline_rank_input in = {
+        .rules = r,
+        .k = j->k,
+        .lower_is_better = j->vmetric == AFF_METRIC_L2,
+        .dim = j->vdim,
+        .cands = cands,
+        .n = n,
+        .pinned = pinned,
+        .organic_reason = j->src.reason,
+        .organic_related = related,
+        .relax_cap = j->deepened == MAX_DEEPEN || n_org < j->queries[qidx(j, g, 0)].k ||
+                     j->queries[qidx(j, g, 0)].k == AFF_MAX_K,
+        .seed = j->out.exploration_seed + g,
+        .favour_novel = r->exploration_new_age_s || r->exploration_rarely_shown_below > 0.0f};
     if ((rc = pipeline_rank(&in, out, &j->n_hits[g], err))) goto out;
     if (j->n_hits[g] < j->k && n_org == j->queries[qidx(j, g, 0)].k && j->deepened < MAX_DEEPEN &&
         j->queries[qidx(j, g, 0)].k < AFF_MAX_K) {
@@ -1708,8 +1708,8 @@ static void rerank_explain(pipeline_job *j)
         return;
     }
     pipeline_reason_kind kind = j->out.rerank_without_profile ? PIPELINE_REASON_CALLER_SCORE
-                                : j->req->user_id           ? j->src.reason
-                                                            : PIPELINE_REASON_MATCHES_VECTOR;
+                                : j->req->user_id             ? j->src.reason
+                                                              : PIPELINE_REASON_MATCHES_VECTOR;
     for (uint32_t i = 0; i < n; i++) {
         const aff_rerank_hit *rh = &j->rerank_out[i];
         snprintf(h[i].id, sizeof h[i].id, "%s", j->req->candidate_ids[rh->index]);

@@ -26,7 +26,8 @@
  *   collection   u8 ver, u8 metric, u8 index, u8 flags (bit 0: learned-only), u32 dim, u32 hnsw_m, u32 hnsw_ef,
  *                u64 generation                                               (24 bytes)
  *   item         u8 ver, u8 available, u16 n_tags, f32 price, u32 dim, f32 vector[dim],
- *                u16 len + category, n_tags x (u16 len + tag)
+ *                u16 len + category, n_tags x (u16 len + tag), i64 first_upsert_ms
+ *                (values written before it existed end with the tags: read as 0)
  *   profile      u8 ver, u8 n_counts, u16 0, u32 dim, u64 generation, i64 ref_ms,
  *                i64 last_event_ms, u64 next_seq, u32 n_history, u32 0, f64 weight,
  *                f32 sum[dim], n_counts x (u8 len + type name, u64 count)

@@ -330,9 +330,8 @@ Test(pipeline_rank, exploration_draws_novel_candidates_first)
     p.c[29].novelty = PIPELINE_NOVEL_NEW;
     p.c[29].organic = false;
     p.c[29].explorable = true;
-    pipeline_rules r = {.has_exploration = true,
-                        .exploration_share = 0.2f,
-                        .exploration_rarely_shown_below = 1.0f};
+    pipeline_rules r = {
+        .has_exploration = true, .exploration_share = 0.2f, .exploration_rarely_shown_below = 1.0f};
     pipeline_hit a[10], b[10];
     pipeline_rank_input in = input(&p, &r, 10, NULL);
     in.favour_novel = true;
@@ -1264,9 +1263,8 @@ Test(pipeline_service, exploration_favours_items_the_server_rarely_showed)
         recommend_ids(&s, NULL, 10, shown, NULL);
     /* 1 exploration slot; the pool (k + max(5, k/2) = 15) beyond the 9 organic items holds
      * ranks 10..15: rank 10 was served 11 times, ranks 11..15 once. Below 8 they are rare. */
-    pipeline_rules r = {.has_exploration = true,
-                        .exploration_share = 0.1f,
-                        .exploration_rarely_shown_below = 8.0f};
+    pipeline_rules r = {
+        .has_exploration = true, .exploration_share = 0.1f, .exploration_rarely_shown_below = 8.0f};
     for (uint64_t seed = 1; seed <= 20; seed++) {
         r.exploration_seed = seed;
         char got[10][16];

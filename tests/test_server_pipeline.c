@@ -756,9 +756,8 @@ Test(server_pipeline, rerank_items_carry_reasons)
             if (strcmp(it->id, ids[cand_items[c]]) == 0) at = cand_items[c];
         cr_assert_geq(at, 0);
         /* the nearer of the two history items, by the vectors the test upserted */
-        int nearest = cosine(vecs[at], vecs[hist[0]]) >= cosine(vecs[at], vecs[hist[1]])
-                          ? hist[0]
-                          : hist[1];
+        int nearest =
+            cosine(vecs[at], vecs[hist[0]]) >= cosine(vecs[at], vecs[hist[1]]) ? hist[0] : hist[1];
         cr_assert_str_eq(it->reason->related_item_id, ids[nearest], "%s", it->id);
     }
     transport_client_free(&resp->base);
@@ -780,9 +779,8 @@ Test(server_pipeline, rerank_items_carry_reasons)
     cr_assert_eq(rerank(cl, &req, &resp, &st), 0, "%s", st.message);
     for (size_t i = 0; i < resp->n_items; i++)
         cr_assert_eq(resp->items[i]->reason->kind,
-                     resp->items[i]->found
-                         ? AFFINITY__V1__REASON_KIND__REASON_KIND_MATCHES_VECTOR
-                         : AFFINITY__V1__REASON_KIND__REASON_KIND_CALLER_SCORE);
+                     resp->items[i]->found ? AFFINITY__V1__REASON_KIND__REASON_KIND_MATCHES_VECTOR
+                                           : AFFINITY__V1__REASON_KIND__REASON_KIND_CALLER_SCORE);
     transport_client_free(&resp->base);
 }
 
@@ -868,8 +866,7 @@ Test(server_pipeline, exploration_favours_an_item_upserted_just_now)
             if (resp->hits[i]->reason->kind != AFFINITY__V1__REASON_KIND__REASON_KIND_EXPLORATION)
                 continue;
             explored++;
-            cr_assert_str_eq(resp->hits[i]->id, "brand-new", "seed %llu",
-                             (unsigned long long)seed);
+            cr_assert_str_eq(resp->hits[i]->id, "brand-new", "seed %llu", (unsigned long long)seed);
         }
         cr_assert_eq(explored, 1, "seed %llu", (unsigned long long)seed);
         transport_client_free(&resp->base);
