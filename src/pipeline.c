@@ -1271,7 +1271,7 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
  * scan reports and re-ranks rows in proportion to k: bench_pipeline measured the bare engine
  * call at 1.16x for k = 20 and 1.6x for k = 50 against k = 10), so the pool is only as deep
  * as the rules need for most requests; when they starve anyway (a cap over a concentrated
- * profile) a second, four times deeper round fills the slots (finish_group). Pins and
+ * profile) up to two rounds, each four times deeper, fill the slots (finish_group). Pins and
  * promotions need no depth (pins are looked up, promotions have their own source). */
 static uint32_t overfetch_k(const pipeline_rules *r, uint32_t k)
 {
