@@ -230,7 +230,9 @@ int main(int argc, char **argv)
     }
 
     aff_query *q = calloc(INFLIGHT, sizeof *q);
-    aff_hit *hits = calloc((size_t)INFLIGHT * 10, sizeof *hits);
+    /* BENCH_BARE_K: the bare engine call's k (default 10), to measure what over-fetching costs */
+    const uint32_t bare_k = getenv("BENCH_BARE_K") ? (uint32_t)atoi(getenv("BENCH_BARE_K")) : 10;
+    aff_hit *hits = calloc((size_t)INFLIGHT * bare_k, sizeof *hits);
     uint32_t *n_hits = calloc(INFLIGHT, sizeof *n_hits);
     aff_err *qerr = calloc(INFLIGHT, sizeof *qerr);
     batcher_request *br = calloc(INFLIGHT, sizeof *br);
@@ -245,7 +247,10 @@ int main(int argc, char **argv)
     const char *mode_names[4] = {"bare engine", "pipeline", "pipeline+rules", "page(4 slots)"};
     double per_call[4] = {0};
     double rounds[4] = {0};
+    /* BENCH_MODES=digits (0 bare, 1 pipeline, 2 rules, 3 page) runs only those (profiling). */
+    const char *modes = getenv("BENCH_MODES");
     for (int mode = 0; mode < 4; mode++) {
+        if (modes && !strchr(modes, '0' + mode)) continue;
         uint32_t calls = mode == 3 ? CALLS / 4 : CALLS;
         /* a warm-up round, then the measured ones */
         for (int measured = 0; measured < 2; measured++) {
@@ -260,12 +265,12 @@ int main(int argc, char **argv)
                     uint32_t u = (sent + i) % USERS;
                     bool pending = false;
                     if (mode == 0) {
-                        q[i] = (aff_query){.vector = uvec + (size_t)u * D, .dim = D, .k = 10};
+                        q[i] = (aff_query){.vector = uvec + (size_t)u * D, .dim = D, .k = bare_k};
                         br[i] = (batcher_request){.kind = BATCHER_SEARCH,
                                                   .collection = "products",
                                                   .nq = 1,
                                                   .queries = &q[i],
-                                                  .hits = hits + (size_t)i * 10,
+                                                  .hits = hits + (size_t)i * bare_k,
                                                   .n_hits = &n_hits[i],
                                                   .query_errs = &qerr[i],
                                                   .done = bare_done};

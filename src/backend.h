@@ -167,6 +167,11 @@ typedef struct backend_search {
     uint32_t nq;
     const uint32_t *k;                    /* per query, 1..AFF_MAX_K */
     const backend_filter *const *filters; /* per query; NULL array or NULL entry: no filter */
+    /* NULL, or per query: same_as[q] = p < q when query q's vector equals query p's (and p's
+     * own same_as is p), so a backend may score the vector once and feed both heaps (a
+     * ranking pipeline asks for the shopper's vector under several filters). A hint:
+     * ignoring it gives the same results. */
+    const uint32_t *same_as;
     uint32_t *out_rows;
     float *out_scores;
     uint32_t *out_counts;

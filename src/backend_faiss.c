@@ -88,6 +88,7 @@ typedef struct faiss_table {
     bool hnsw_stale;             /* rows changed in place since the graph was built */
     pthread_mutex_t hnsw_lock;   /* guards hnsw and hnsw_stale during searches */
     backend_row_attrs *attrs;    /* capacity entries */
+    uint64_t *block_cats;        /* bf16/int8: capacity / 8 entries, cpu_block_cats() */
     float *sq_norms;             /* L2 only: |x|^2 per row, capacity entries */
     uint32_t count, capacity;
     uint64_t accounted; /* bytes last added to owner->memory_used */
@@ -187,6 +188,11 @@ static int table_reserve(faiss_table *t, uint32_t rows, aff_err *err)
         t->sq_norms = norms;
     }
     if (quantized(t)) {
+        uint64_t *bc = realloc(t->block_cats, cap / 8 * sizeof *bc);
+        if (!bc)
+            return aff__fail(err, AFF_ENOMEM, "cannot grow the block column to %llu rows",
+                             (unsigned long long)cap);
+        t->block_cats = bc;
         if (cpu_codes_reserve(&t->codes, (uint32_t)cap) != AFF_OK)
             return aff__fail(err, AFF_ENOMEM, "cannot grow the %s codes to %llu rows",
                              cpu_precision_name(t->precision), (unsigned long long)cap);
@@ -301,6 +307,7 @@ static void faiss_table_destroy(backend_table *bt)
     if (t->cold) munmap(t->cold, t->cold_bytes);
     if (t->cold_fd >= 0) close(t->cold_fd);
     free(t->attrs);
+    free(t->block_cats);
     free(t->sq_norms);
     free(t);
 }
@@ -359,6 +366,8 @@ static int faiss_table_write(backend_table *bt, const uint32_t *rows, uint32_t n
         pthread_mutex_unlock(&t->hnsw_lock);
     }
     t->count += appended;
+    for (uint32_t i = 0; quantized(t) && i < n; i++)
+        t->block_cats[rows[i] / 8] = cpu_block_cats(t->attrs, rows[i] / 8, t->count);
     account(t);
 out:
     free(packed);
@@ -381,6 +390,8 @@ static int faiss_table_move(backend_table *bt, const uint32_t *src, const uint32
         if (t->sq_norms) t->sq_norms[dst[i]] = t->sq_norms[src[i]];
         if (quantized(t)) cpu_codes_copy(&t->codes, dst[i], src[i]);
     }
+    for (uint32_t i = 0; quantized(t) && i < n; i++) /* a superset after truncation is fine */
+        t->block_cats[dst[i] / 8] = cpu_block_cats(t->attrs, dst[i] / 8, t->count);
     bool truncating = new_count < t->count;
     if (truncating && quantized(t)) {
         t->count = new_count;
@@ -654,6 +665,7 @@ static int faiss_table_search(backend_table *bt, const backend_search *s, aff_er
                                .rows = t->cold,
                                .sq_norms = t->sq_norms,
                                .attrs = t->attrs,
+                               .block_cats = t->block_cats,
                                .count = t->count,
                                .threads = t->owner->threads};
         rc = cpu_score_search(&st, s, offsets, NULL, err);

@@ -9,12 +9,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "exposure.h"
 #include "log.h"
 
 struct aff_catalog {
     aff_engine *engine;
     aff_store *store;
     aff_model *model;         /* behaviour spaces mirrored after each write; NULL: none */
+    aff_exposure *exposure;   /* first-upsert times fed after each write; NULL: none */
     pthread_mutex_t write_mu; /* held across the engine call and the store commit */
 };
 
@@ -22,6 +24,13 @@ void catalog_attach_model(aff_catalog *c, aff_model *m)
 {
     pthread_mutex_lock(&c->write_mu);
     c->model = m;
+    pthread_mutex_unlock(&c->write_mu);
+}
+
+void catalog_attach_exposure(aff_catalog *c, aff_exposure *x)
+{
+    pthread_mutex_lock(&c->write_mu);
+    c->exposure = x;
     pthread_mutex_unlock(&c->write_mu);
 }
 
@@ -75,6 +84,18 @@ static int rebuild_items(void *ctx, const store_collection *sc, const aff_item *
         if (sc->learned_only) batch[i].vector = NULL, batch[i].dim = 0;
     }
     int rc = engine_upsert(c->engine, sc->name, batch, n, err);
+    const char **ids = c->exposure && rc == AFF_OK ? calloc(n ? n : 1, sizeof *ids) : NULL;
+    int64_t *first = ids ? calloc(n ? n : 1, sizeof *first) : NULL;
+    if (c->exposure && rc == AFF_OK && !first)
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory rebuilding '%s'", sc->name);
+    for (size_t i = 0; first && i < n; i++) {
+        ids[i] = items[i].id;
+        first[i] = items[i].first_upsert_ms ? items[i].first_upsert_ms : 1; /* unknown: old */
+    }
+    if (first)
+        rc = exposure_note_upsert(c->exposure, sc->name, ids, first, n, exposure_now_ms(), err);
+    free(ids);
+    free(first);
     free(batch);
     return rc;
 }
@@ -126,6 +147,7 @@ int catalog_drop_collection(aff_catalog *c, const char *name, aff_err *err)
     if (rc == AFF_OK && (rc = store_drop_collection(c->store, name, NULL, err)) == AFF_OK)
         rc = engine_drop_collection(c->engine, name, err);
     if (rc == AFF_OK) model_on_drop(c->model, name);
+    if (rc == AFF_OK) exposure_drop(c->exposure, name);
     pthread_mutex_unlock(&c->write_mu);
     return rc;
 }
@@ -136,16 +158,29 @@ int catalog_upsert(aff_catalog *c, const char *collection, const aff_item *items
     /* Learned-only collections store one 0 per item (the engine has validated that they came
      * without vectors before the store sees them). */
     static const float zero_vector[1] = {0.0f};
+    const int64_t now = exposure_now_ms();
     aff_item *si = calloc(n ? n : 1, sizeof *si);
     if (!si) return aff__fail(err, AFF_ENOMEM, "out of memory writing %zu items", n);
     for (size_t i = 0; i < n; i++) {
         si[i] = items[i];
         if (!si[i].dim) si[i].vector = zero_vector, si[i].dim = 1;
+        si[i].first_upsert_ms = now;
     }
     pthread_mutex_lock(&c->write_mu);
     int rc = engine_upsert(c->engine, collection, items, n, err);
     if (rc == AFF_OK && n) rc = store_put_items(c->store, collection, si, n, err);
     if (rc == AFF_OK && n) model_on_upsert(c->model, collection, items, n);
+    if (rc == AFF_OK && c->exposure && n) {
+        /* new ids get now; known ids keep their first upsert (as the store did) */
+        const char **ids = calloc(n, sizeof *ids);
+        aff_err xerr;
+        for (size_t i = 0; ids && i < n; i++)
+            ids[i] = items[i].id;
+        if (!ids || exposure_note_upsert(c->exposure, collection, ids, NULL, n, now, &xerr))
+            aff_log_kv(AFF_LOG_WARN, "item ages not noted: out of memory", "collection", collection,
+                       NULL);
+        free(ids);
+    }
     pthread_mutex_unlock(&c->write_mu);
     free(si);
     return rc;
@@ -211,6 +246,7 @@ int catalog_delete(aff_catalog *c, const char *collection, const char *const *id
         (rc = store_delete_items(c->store, collection, ids, n, NULL, err)) == 0)
         rc = engine_delete(c->engine, collection, ids, n, n_deleted, err);
     if (rc == AFF_OK) model_on_delete(c->model, collection, ids, n);
+    if (rc == AFF_OK) exposure_forget(c->exposure, collection, ids, n);
     pthread_mutex_unlock(&c->write_mu);
     return rc;
 }

@@ -39,6 +39,10 @@ void catalog_destroy(aff_catalog *c);
 /* From now on every committed write is mirrored into m's behaviour spaces, under the catalog's
  * write lock (model_on_upsert/_delete/_drop). Call once at start-up; m outlives the catalog. */
 void catalog_attach_model(aff_catalog *c, aff_model *m);
+/* From now on (and in catalog_rebuild) items' first-upsert times go to x, and deletes and
+ * drops make it forget them. Call once at start-up, before the rebuild; x outlives c. */
+struct aff_exposure;
+void catalog_attach_exposure(aff_catalog *c, struct aff_exposure *x);
 
 /* Loads every collection and item of the store into the engine (which must hold none of
  * them). The store logs progress every 5 s and a final line with counts and seconds; *out

@@ -335,7 +335,8 @@ typedef struct cpu_hit {
 } cpu_hit;
 
 /* One kernel call: blocks block0.. of the codes against nq (1..4) queries. */
-typedef struct scan_args {
+typedef struct scan_args scan_args;
+struct scan_args {
     const cpu_codes *c;
     uint32_t block0, nblocks;
     const uint32_t *qpack; /* nq × steps words: 4 int8 codes or 2 bf16 per word */
@@ -343,12 +344,25 @@ typedef struct scan_args {
     const uint32_t *qwide; /* nq × steps × 8 words: each qpack word repeated (wide kernels) */
     const cpu_query *qc;   /* nq */
     uint32_t nq;
-    const float *thresh;   /* nq: report rows whose upper bound is >= this */
+    float *thresh;         /* nq: report rows whose upper bound is >= this */
     const float *sq_norms; /* L2: |x|^2; NULL for inner product */
     uint32_t limit;        /* rows >= limit are never reported */
-    cpu_hit *hits;         /* room for nblocks × 8 × nq */
-    uint32_t nhits;
-} scan_args;
+    cpu_hit *hits;         /* room for nblocks × 8 × nq (unused with a sink) */
+    uint32_t nhits;        /* rows reported */
+    /* When set, each reported row goes to sink at once, and the query's threshold becomes
+     * what sink returns (the raised lower bound), so the rest of the tile is tested against
+     * it: far fewer rows are reported than with a threshold fixed for the whole tile, most of
+     * all for larger k. */
+    void (*sink)(struct scan_args *a, const cpu_hit *h);
+    void *sink_ctx;
+    /* With qcats (and block_cats): in blocks whose categories meet qcats[q] the threshold is
+     * thresh_cat[q], elsewhere thresh[q]; a query whose filter admits few categories then
+     * skips the blocks that hold none of them. */
+    const uint64_t *block_cats;     /* cpu_search_table.block_cats */
+    const backend_row_attrs *attrs; /* cpu_search_table.attrs (with qcats) */
+    const uint64_t *qcats;          /* nq blooms, or NULL */
+    float *thresh_cat;              /* nq */
+};
 
 typedef struct kernel_desc {
     void (*scan)(scan_args *a);
@@ -421,11 +435,25 @@ static void query_prepare(const cpu_codes *c, const kernel_desc *k, const float 
 
 /* ---- portable kernels ------------------------------------------------------------------- */
 
+/* The threshold of query q for row's block (see scan_args.qcats). */
+static inline float block_threshold(const scan_args *a, uint32_t row, uint32_t q)
+{
+    return a->qcats && (a->block_cats[row >> 3] & a->qcats[q]) ? a->thresh_cat[q] : a->thresh[q];
+}
+
 static void push_hit(scan_args *a, uint32_t row, uint32_t q, float hi, float e)
 {
+    /* Under the plain threshold only a row of a restricted query's categories can pass. */
+    if (a->qcats && hi < a->thresh[q] && !(backend_tag_bit(a->attrs[row].category) & a->qcats[q]))
+        return;
     float w = e + e;
     if (a->sq_norms) w += w;
-    a->hits[a->nhits++] = (cpu_hit){.row = row, .q = q, .hi = hi, .width = w};
+    const cpu_hit h = {.row = row, .q = q, .hi = hi, .width = w};
+    a->nhits++;
+    if (a->sink)
+        a->sink(a, &h);
+    else
+        a->hits[a->nhits - 1] = h;
 }
 
 static void offer_scalar(scan_args *a, uint32_t row, uint32_t q, float dot)
@@ -437,7 +465,7 @@ static void offer_scalar(scan_args *a, uint32_t row, uint32_t q, float dot)
     float e = qq->alpha * c->norm[row] + qq->beta * c->err[row];
     float hi = av + e;
     if (a->sq_norms) hi = 2.0f * hi - a->sq_norms[row];
-    if (hi >= a->thresh[q]) push_hit(a, row, q, hi, e);
+    if (hi >= block_threshold(a, row, q)) push_hit(a, row, q, hi, e);
 }
 
 static void scan_int8_scalar(scan_args *a)
@@ -505,7 +533,8 @@ epilogue_avx2(scan_args *a, uint32_t row0, uint32_t q, __m256 dot)
     __m256 hi = _mm256_add_ps(av, e);
     if (a->sq_norms)
         hi = _mm256_fmsub_ps(_mm256_set1_ps(2.0f), hi, _mm256_loadu_ps(a->sq_norms + row0));
-    int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(a->thresh[q]), _CMP_GE_OQ));
+    int mask = _mm256_movemask_ps(
+        _mm256_cmp_ps(hi, _mm256_set1_ps(block_threshold(a, row0, q)), _CMP_GE_OQ));
     if (mask) {
         float his[8], es[8];
         _mm256_storeu_ps(his, hi);
@@ -884,7 +913,7 @@ int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uin
     qwide = kd.wide ? widen(qpack, c->steps) : NULL;
     if (kd.wide && !qwide) goto out;
     cpu_hit hits[8];
-    const float thresh = -INFINITY;
+    float thresh = -INFINITY;
     scan_args a = {.c = c,
                    .block0 = row / 8,
                    .nblocks = 1,
@@ -963,6 +992,77 @@ static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st,
     return true;
 }
 
+uint64_t cpu_block_cats(const backend_row_attrs *attrs, uint32_t b, uint32_t count)
+{
+    uint64_t m = 0;
+    for (uint32_t r = b * 8; r < b * 8 + 8 && r < count; r++)
+        m |= backend_tag_bit(attrs[r].category);
+    return m;
+}
+
+/* The categories filter f admits, as a block_cats bloom (bit c & 63 for category c: the OR of
+ * the words of its category bit set); every bit when f does not restrict categories. */
+static uint64_t filter_cats(const backend_filter *f)
+{
+    if (!f || !f->category_bits) return ~(uint64_t)0;
+    uint64_t m = 0;
+    for (uint32_t w = 0; w < f->category_words; w++)
+        m |= f->category_bits[w];
+    return m;
+}
+
+/* The scan's sink during a search: one thread's states for the queries of one kernel call. */
+typedef struct take_ctx {
+    const cpu_search_table *t;
+    const backend_search *s;
+    qstate *states;        /* this thread's, one per query */
+    const uint32_t *phys;  /* scanned vector pi -> its first query */
+    const uint32_t *next;  /* query -> the next query with the same vector, or UINT32_MAX */
+    const uint64_t *mcats; /* per query: filter_cats() of its filter; NULL: none restricts */
+    uint32_t g0;           /* the kernel call's first scanned vector */
+    bool failed;
+} take_ctx;
+
+/* The thresholds of scanned vector pi: *all, the lowest lower bound of its queries; *plain,
+ * that of its queries without a category restriction (+inf when none). */
+static void family_thresholds(const take_ctx *tc, uint32_t pi, float *plain, float *all)
+{
+    *plain = *all = INFINITY;
+    for (uint32_t q = tc->phys[pi]; q != UINT32_MAX; q = tc->next[q]) {
+        float L = lower_threshold(&tc->states[q]);
+        *all = fminf(*all, L);
+        if (!tc->mcats || tc->mcats[q] == ~(uint64_t)0) *plain = fminf(*plain, L);
+    }
+}
+
+/* Sets the thresholds of the kernel call's vector q (scan_args.thresh, thresh_cat). */
+static void set_thresholds(const take_ctx *tc, scan_args *a, uint32_t q)
+{
+    float plain, all;
+    family_thresholds(tc, tc->g0 + q, &plain, &all);
+    if (a->qcats) {
+        a->thresh[q] = plain;
+        a->thresh_cat[q] = all;
+    } else {
+        a->thresh[q] = all;
+    }
+}
+
+static void take_now(scan_args *a, const cpu_hit *h)
+{
+    take_ctx *tc = a->sink_ctx;
+    const uint32_t pi = tc->g0 + h->q, q0 = tc->phys[pi];
+    if (tc->next[q0] == UINT32_MAX && !a->qcats) { /* one query for the vector: the usual case */
+        qstate *st = &tc->states[q0];
+        if (!take(tc->t, filter_of(tc->s, q0), st, h)) tc->failed = true;
+        a->thresh[h->q] = lower_threshold(st);
+        return;
+    }
+    for (uint32_t q = q0; q != UINT32_MAX; q = tc->next[q])
+        if (!take(tc->t, filter_of(tc->s, q), &tc->states[q], h)) tc->failed = true;
+    set_thresholds(tc, a, h->q);
+}
+
 float cpu_sq_norm(const float *x, uint32_t dim)
 {
     float s = 0;
@@ -991,14 +1091,45 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     int rc = AFF_OK;
     uint32_t *qwide = NULL;
     cpu_query *qc = malloc(nq * sizeof *qc);
+    uint64_t *qcats = NULL; /* per scanned vector, when some filter restricts categories */
+    uint64_t *mcats = NULL; /* per query, then */
     uint32_t *qpack = malloc((size_t)nq * steps * sizeof *qpack);
     float *qf = malloc((size_t)nq * steps * 2 * sizeof *qf);
-    cpu_hit *hits = malloc((size_t)nthreads * tile * 8 * GROUP * sizeof *hits);
     qstate *states = calloc((size_t)nthreads * nq, sizeof *states);
-    if (!qc || !qpack || !qf || !hits || !states) {
+    /* Queries with the same vector (s->same_as) share one scan and keep their own heaps. */
+    uint32_t *phys = malloc(nq * sizeof *phys), *fam = malloc(nq * sizeof *fam), np = 0;
+    if (!qc || !qpack || !qf || !states || !phys || !fam) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
         goto out;
     }
+    for (uint32_t q = 0; q < nq; q++) {
+        fam[q] = UINT32_MAX;
+        uint32_t p = s->same_as && s->same_as[q] < q ? s->same_as[q] : q;
+        if (p == q) {
+            phys[np++] = q;
+            continue;
+        }
+        uint32_t last = p; /* append q to p's family, keeping query order */
+        while (fam[last] != UINT32_MAX)
+            last = fam[last];
+        fam[last] = q;
+    }
+    for (uint32_t q = 0; q < nq && t->block_cats && !qcats; q++)
+        if (filter_cats(filter_of(s, q)) != ~(uint64_t)0) {
+            qcats = malloc(np * sizeof *qcats);
+            mcats = malloc(nq * sizeof *mcats);
+            if (!qcats || !mcats) {
+                rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
+                goto out;
+            }
+            for (uint32_t m = 0; m < nq; m++)
+                mcats[m] = filter_cats(filter_of(s, m));
+            for (uint32_t pi = 0; pi < np; pi++) { /* the restricted queries' categories */
+                qcats[pi] = 0;
+                for (uint32_t m = phys[pi]; m != UINT32_MAX; m = fam[m])
+                    if (mcats[m] != ~(uint64_t)0) qcats[pi] |= mcats[m];
+            }
+        }
     for (size_t i = 0; i < (size_t)nthreads * nq; i++) {
         qstate *st = &states[i];
         st->cap = 2 * s->k[i % nq] + 64;
@@ -1008,10 +1139,10 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
             goto out;
         }
     }
-    for (uint32_t q = 0; q < nq; q++)
-        query_prepare(c, &kd, s->queries + (size_t)q * dim, &qc[q], qpack + (size_t)q * steps,
-                      qf + (size_t)q * steps * 2);
-    if (kd.wide && !(qwide = widen(qpack, (size_t)nq * steps))) {
+    for (uint32_t pi = 0; pi < np; pi++)
+        query_prepare(c, &kd, s->queries + (size_t)phys[pi] * dim, &qc[pi],
+                      qpack + (size_t)pi * steps, qf + (size_t)pi * steps * 2);
+    if (kd.wide && !(qwide = widen(qpack, (size_t)np * steps))) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for %u queries", nq);
         goto out;
     }
@@ -1024,18 +1155,17 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
         const uint32_t b_lo = (uint32_t)((uint64_t)nblocks * tid / nt);
         const uint32_t b_hi = (uint32_t)((uint64_t)nblocks * (tid + 1) / nt);
         qstate *mine = states + (size_t)tid * nq;
-        cpu_hit *my_hits = hits + (size_t)tid * tile * 8 * GROUP;
-        float thresh[GROUP];
+        take_ctx tc = {.t = t, .s = s, .states = mine, .phys = phys, .next = fam, .mcats = mcats};
+        float thresh[GROUP], thresh_cat[GROUP];
         /* Short first tiles: until L exists every row is reported and a stale L reports many,
          * so tiles start at about 2k rows and double up to the full tile while L rises. */
         uint32_t step = first_tile;
         for (uint32_t b0 = b_lo; b0 < b_hi && !atomic_load(&failed);
              b0 += step, step = 2 * step < tile ? 2 * step : tile) {
             const uint32_t nb = b_hi - b0 < step ? b_hi - b0 : step;
-            for (uint32_t g0 = 0; g0 < nq; g0 += GROUP) {
-                const uint32_t gq = nq - g0 < GROUP ? nq - g0 : GROUP;
-                for (uint32_t q = 0; q < gq; q++)
-                    thresh[q] = lower_threshold(&mine[g0 + q]);
+            for (uint32_t g0 = 0; g0 < np; g0 += GROUP) {
+                const uint32_t gq = np - g0 < GROUP ? np - g0 : GROUP;
+                tc.g0 = g0;
                 scan_args a = {.c = c,
                                .block0 = b0,
                                .nblocks = nb,
@@ -1047,14 +1177,17 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
                                .thresh = thresh,
                                .sq_norms = t->sq_norms,
                                .limit = t->count,
-                               .hits = my_hits};
+                               .sink = take_now,
+                               .sink_ctx = &tc,
+                               .block_cats = t->block_cats,
+                               .qcats = qcats ? qcats + g0 : NULL,
+                               .attrs = t->attrs,
+                               .thresh_cat = thresh_cat};
+                for (uint32_t q = 0; q < gq; q++)
+                    set_thresholds(&tc, &a, q);
                 kd.scan(&a);
                 reported += a.nhits;
-                for (uint32_t i = 0; i < a.nhits; i++) {
-                    const cpu_hit *h = &my_hits[i];
-                    if (!take(t, filter_of(s, g0 + h->q), &mine[g0 + h->q], h))
-                        atomic_store(&failed, 1);
-                }
+                if (tc.failed) atomic_store(&failed, 1);
             }
         }
     }
@@ -1119,10 +1252,13 @@ out:
             free(states[i].c);
         }
     free(states);
-    free(hits);
     free(qwide);
     free(qf);
     free(qpack);
+    free(qcats);
+    free(phys);
+    free(mcats);
+    free(fam);
     free(qc);
     return rc;
 }

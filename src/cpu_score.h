@@ -95,9 +95,16 @@ typedef struct cpu_search_table {
     const float *rows;              /* count × dim fp32 vectors: the exact scores */
     const float *sq_norms;          /* L2: |x|^2 per row (capacity entries); IP: NULL */
     const backend_row_attrs *attrs; /* count entries */
+    /* Per block of 8 rows, the OR of backend_tag_bit(category) over its rows (a superset is
+     * fine), or NULL: lets a query with a category filter skip blocks that hold none of its
+     * categories before any row of them is looked at (narrow filters report far fewer rows). */
+    const uint64_t *block_cats;
     uint32_t count;
     int threads;
 } cpu_search_table;
+
+/* The block_cats entry for rows [8b, 8b + 8) ∩ [0, count) of attrs. */
+uint64_t cpu_block_cats(const backend_row_attrs *attrs, uint32_t b, uint32_t count);
 
 /* The statistics of one search, for tests and benchmarks (may be NULL). */
 typedef struct cpu_search_stats {

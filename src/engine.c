@@ -1000,6 +1000,25 @@ static int first_failure(const aff_err *query_errs, size_t nq)
     return AFF_OK;
 }
 
+/* backend_search.same_as for nb prepared query vectors: a query whose vector equals the
+ * previous one's (a pipeline's organic and promotion queries for one shopper arrive side by
+ * side) shares its scan. NULL when no two neighbours are equal, or out of memory (a hint). */
+static uint32_t *same_vectors(const float *qbuf, uint32_t nb, uint32_t dim)
+{
+    uint32_t *same = NULL;
+    for (uint32_t b = 1; b < nb; b++) {
+        if (memcmp(qbuf + (size_t)b * dim, qbuf + (size_t)(b - 1) * dim, dim * sizeof *qbuf))
+            continue;
+        if (!same) {
+            if (!(same = malloc(nb * sizeof *same))) return NULL;
+            for (uint32_t i = 0; i < nb; i++)
+                same[i] = i;
+        }
+        same[b] = same[b - 1];
+    }
+    return same;
+}
+
 int engine_search(aff_engine *e, const char *name, const aff_query *queries, size_t nq,
                   aff_hit *hits, uint32_t *n_hits, aff_err *query_errs)
 {
@@ -1066,17 +1085,21 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
         goto fail_all;
     }
     if (nb) {
+        uint32_t *same = same_vectors(qbuf, nb, c->dim);
         backend_search s = {
             .queries = qbuf,
             .nq = nb,
             .k = ks,
             .filters = fps,
+            .same_as = same,
             .out_rows = rows,
             .out_scores = scores,
             .out_counts = counts,
         };
         aff_err berr = {0};
-        if ((rc = c->ops->table_search(c->table, &s, &berr)) != AFF_OK) {
+        rc = c->ops->table_search(c->table, &s, &berr);
+        free(same);
+        if (rc != AFF_OK) {
             for (uint32_t b = 0; b < nb; b++)
                 query_errs[batch_of[b]] = berr;
             goto done;

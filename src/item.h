@@ -42,6 +42,10 @@ typedef struct aff_item {
     uint32_t dim;        /* floats in vector; must equal the collection's dimension (0 and
                             vector NULL in learned-only collections) */
     item_attrs attrs;
+    /* Store writes: the time (ms) to record as the first upsert when the item is new (0:
+     * unknown); an existing item keeps its recorded time. Store rebuild: the recorded time, 0
+     * when the item was written before first-upsert times were kept. Others ignore it. */
+    int64_t first_upsert_ms;
 } aff_item;
 
 /* An owned copy of one item's id and attributes (the vector, when wanted, goes to a separate
@@ -53,6 +57,7 @@ typedef struct item_record {
     uint32_t n_tags;
     float price;
     bool available;
+    int64_t first_upsert_ms; /* store reads: 0 = written before first-upsert times were kept */
 } item_record;
 
 /* Checks attributes against the rule above; id names the item in the message. AFF_EINVAL

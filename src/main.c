@@ -27,6 +27,7 @@
 #include "demo.h"
 #include "engine.h"
 #include "experiments.h"
+#include "exposure.h"
 #include "heap.h"
 #include "log.h"
 #include "metrics.h"
@@ -122,6 +123,7 @@ static int install_stop_handler(aff_err *err)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL); /* not a stop: main() re-reads the serving config */
     signal(SIGPIPE, SIG_IGN);
     return 0;
 }
@@ -188,7 +190,7 @@ static void scrape_engine(aff_metrics *m, metrics_scrape *scrape, void *ctx)
     if (strcmp(bi.name, "cuda") == 0) metrics_set_device_faults(m, bi.device_faults, bi.tables_on_cpu);
 }
 
-/* Blocks until SIGTERM or SIGINT arrives; returns which. */
+/* Blocks until SIGTERM, SIGINT or SIGHUP arrives; returns which. */
 static int wait_stop_signal(void)
 {
     unsigned char b = 0;
@@ -220,6 +222,7 @@ int main(int argc, char **argv)
     aff_metrics *metrics = NULL;
     transport *server = NULL;
     aff_pipeline *pipeline = NULL;
+    aff_exposure *exposure = NULL;
     heap_trimmer *trimmer = NULL;
     retention *keeper = NULL;
     aff_outcomes *outcomes = NULL;
@@ -272,6 +275,10 @@ int main(int argc, char **argv)
     config_model(&cfg, &mcfg);
     if (model_create(&model, engine, store, &mcfg, &err)) goto fail;
     catalog_attach_model(catalog, model);
+    /* Item ages (first upserts, from the store during the rebuild) and served counts for
+     * exploration. */
+    if (exposure_create(&exposure, EXPOSURE_DEFAULT_HALF_LIFE_S, &err)) goto fail;
+    catalog_attach_exposure(catalog, exposure);
 
     /* Metrics: the registry always exists (updates are cheap); the HTTP endpoint runs when
      * --metrics-listen is set. The transport counts calls and latencies, the batcher reports
@@ -298,6 +305,7 @@ int main(int argc, char **argv)
                              .batcher = bat,
                              .profiles = profiles,
                              .model = model,
+                             .exposure = exposure,
                              .presets_path = cfg.serving_config,
                              .outcomes = outcomes};
     if (pipeline_create(&pipeline, &plcfg, &err)) goto fail;
@@ -375,7 +383,19 @@ int main(int argc, char **argv)
     metrics_set_serving(metrics, true);
     aff_log(AFF_LOG_INFO, "serving");
 
-    int sig = wait_stop_signal();
+    int sig;
+    while ((sig = wait_stop_signal()) == SIGHUP) {
+        /* SIGHUP: re-read the serving config now (a bad file keeps the previous one) */
+        aff_err rerr;
+        if (!cfg.serving_config[0])
+            aff_log(AFF_LOG_WARN, "SIGHUP: no --serving-config to reload");
+        else if (pipeline_reload_presets(pipeline, &rerr))
+            aff_log_kv(AFF_LOG_ERROR, "SIGHUP: serving config not reloaded; the previous one stays",
+                       "error", rerr.msg, NULL);
+        else
+            aff_log_kv(AFF_LOG_INFO, "SIGHUP: serving config reloaded", "path", cfg.serving_config,
+                       NULL);
+    }
     aff_log_kv(AFF_LOG_INFO, "shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                NULL);
     metrics_set_serving(metrics, false);
@@ -402,6 +422,7 @@ out:
     outcomes_destroy(outcomes);
     profiles_destroy(profiles);
     catalog_destroy(catalog);
+    exposure_destroy(exposure);
     model_destroy(model);
     engine_destroy(engine);
     store_destroy(store);

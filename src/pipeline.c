@@ -53,6 +53,7 @@ struct aff_pipeline {
     aff_model *model;             /* NULL: no learning */
     aff_outcomes *outcomes;       /* NULL: nothing recorded */
     aff_experiments *experiments; /* NULL: no experiments */
+    aff_exposure *exposure;       /* NULL: no item ages or served counts */
     char *presets_path;
     pthread_mutex_t mu; /* guards presets, mtime, checked_ns */
     preset_set *presets;
@@ -299,6 +300,16 @@ static int json_rules(preset_set *s, const jsonv *v, const char *field, pipeline
         if (!(d >= 0 && d < 18446744073709551616.0))
             return aff__fail(err, AFF_EINVAL, "%s must be a non-negative integer", sub);
         r->exploration_seed = (uint64_t)d;
+        snprintf(sub, sizeof sub, "%s.exploration.new_item_age_s", field);
+        d = 0;
+        if ((rc = json_number(jsonv_get(a, "new_item_age_s"), sub, &d, err))) return rc;
+        if (!(d >= 0 && d <= UINT32_MAX && d == floor(d)))
+            return aff__fail(err, AFF_EINVAL, "%s must be an integer 0..%u", sub, UINT32_MAX);
+        r->exploration_new_age_s = (uint32_t)d;
+        snprintf(sub, sizeof sub, "%s.exploration.rarely_shown_below", field);
+        d = 0;
+        if ((rc = json_number(jsonv_get(a, "rarely_shown_below"), sub, &d, err))) return rc;
+        r->exploration_rarely_shown_below = (float)d;
     }
     /* Every rule that does not depend on k is checked now, so a bad file is refused whole. */
     return pipeline_validate_rules(r, AFF_MAX_K, field, err);
@@ -524,6 +535,7 @@ int pipeline_create(aff_pipeline **out, const pipeline_config *cfg, aff_err *err
     p->profiles = cfg->profiles;
     p->model = cfg->model;
     p->outcomes = cfg->outcomes;
+    p->exposure = cfg->exposure;
     pthread_mutex_init(&p->mu, NULL);
     if (cfg->presets_path && cfg->presets_path[0]) {
         if (!(p->presets_path = strdup(cfg->presets_path))) {
@@ -681,6 +693,11 @@ int pipeline_validate_rules(const pipeline_rules *r, uint32_t k, const char *fie
         if (!(r->exploration_share >= 0.0f && r->exploration_share <= 1.0f))
             return aff__fail(err, AFF_EINVAL, "%s.exploration.share = %g is outside 0..1", field,
                              (double)r->exploration_share);
+        if (!(r->exploration_rarely_shown_below >= 0.0f &&
+              isfinite(r->exploration_rarely_shown_below)))
+            return aff__fail(err, AFF_EINVAL,
+                             "%s.exploration.rarely_shown_below = %g must be a finite number >= 0",
+                             field, (double)r->exploration_rarely_shown_below);
         total += r->exploration_share;
         reserved += slots_of(r->exploration_share, k);
     }
@@ -735,6 +752,8 @@ static int merge_rules(const pipeline_rules *preset, const pipeline_rules *req, 
         out->has_exploration = true;
         out->exploration_share = req->exploration_share;
         out->exploration_seed = req->exploration_seed;
+        out->exploration_new_age_s = req->exploration_new_age_s;
+        out->exploration_rarely_shown_below = req->exploration_rarely_shown_below;
     }
     return AFF_OK;
 }
@@ -810,6 +829,24 @@ typedef struct picked {
     pipeline_reason_kind kind;
     const char *promotion;
 } picked;
+
+/* Draws up to want exploration items uniformly from pool[0..np) (consumed) while slots
+ * remain; returns how many were taken. */
+static uint32_t explore_draw(rank_ctx *c, uint32_t *pool, uint32_t np, aff_rng *rng, uint32_t want,
+                             uint32_t slots, picked *reserved, uint32_t *n_res, uint32_t n_org)
+{
+    uint32_t got = 0;
+    while (got < want && np && *n_res + n_org < slots) {
+        uint32_t at = (uint32_t)(aff_rng_next(rng) % np);
+        uint32_t i = pool[at];
+        pool[at] = pool[--np];
+        if (!can_take(c, i)) continue;
+        take(c, i);
+        reserved[(*n_res)++] = (picked){i, PIPELINE_REASON_EXPLORATION, NULL};
+        got++;
+    }
+    return got;
+}
 
 int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_out, aff_err *err)
 {
@@ -923,22 +960,21 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             organic[n_org++] = (picked){i, in->organic_reason, NULL};
         }
     }
-    /* 3. exploration: uniform draws from the organic candidates not chosen */
+    /* 3. exploration: uniform draws from the candidates not chosen, novel ones first */
     if (x) {
-        uint32_t np = 0;
-        for (uint32_t i = 0; i < n; i++)
-            if (in->cands[i].organic && can_take(&c, i)) pool[np++] = i;
+        uint32_t np = 0, n1 = 0;
+        for (int tier = 0; tier < 2; tier++)
+            for (uint32_t i = 0; i < n; i++) {
+                const pipeline_candidate *cd = &in->cands[i];
+                bool novel = in->favour_novel && cd->novelty;
+                if ((cd->organic || cd->explorable) && (tier == 0) == novel && can_take(&c, i))
+                    pool[np++] = i;
+                if (tier == 0) n1 = np;
+            }
         aff_rng rng = {in->seed};
         uint32_t got = 0;
-        while (got < x && np && n_res + n_org < slots) {
-            uint32_t at = (uint32_t)(aff_rng_next(&rng) % np);
-            uint32_t i = pool[at];
-            pool[at] = pool[--np];
-            if (!can_take(&c, i)) continue;
-            take(&c, i);
-            reserved[n_res++] = (picked){i, PIPELINE_REASON_EXPLORATION, NULL};
-            got++;
-        }
+        got += explore_draw(&c, pool, n1, &rng, x - got, slots, reserved, &n_res, n_org);
+        got += explore_draw(&c, pool + n1, np - n1, &rng, x - got, slots, reserved, &n_res, n_org);
     }
     /* Slots still empty (too few promoted or exploration items): the next organic ones. */
     for (uint32_t o = 0; o < n && n_res + n_org < slots; o++) {
@@ -1028,8 +1064,7 @@ struct pipeline_job {
     bool ranked;          /* any rule, diversity or exploration: over-fetch and rank */
     uint32_t k, kq, kpromo;
     uint32_t n_groups, per_group; /* engine queries per group: 1 + promotions */
-    bool promos_ran;              /* promotion queries ran (phase 2, or popularity) */
-    bool deepened;                /* the organic queries ran again, deeper, because rules starved */
+    uint32_t deepened; /* times the organic queries ran again, 4x deeper, as rules starved */
     aff_metric metric;
     uint32_t dim;
     /* The vectors candidates are compared in (pins' scores, diversity): the collection's own,
@@ -1056,19 +1091,20 @@ struct pipeline_job {
     /* RERANK */
     aff_rerank_query rq;
     aff_rerank_hit *rerank_out;
+    pipeline_reason *rerank_reasons;
 };
 
-/* Engine query q (0: organic, 1 + j: promotion j) of group g. Organic queries come first,
- * so phase 1 (organic only) and phase 2 (promotions) are each one contiguous batch. */
+/* Engine query q (0: organic, 1 + j: promotion j) of group g. A group's queries lie side by
+ * side: they share the vector, so the engine scores it once for all of them. */
 static size_t qidx(const pipeline_job *j, uint32_t g, uint32_t q)
 {
-    return q == 0 ? g : j->n_groups + (size_t)g * (j->per_group - 1) + (q - 1);
+    return (size_t)g * j->per_group + q;
 }
 
 /* The group of engine query i. */
 static uint32_t group_of(const pipeline_job *j, size_t i)
 {
-    return i < j->n_groups ? (uint32_t)i : (uint32_t)((i - j->n_groups) / (j->per_group - 1));
+    return (uint32_t)(i / j->per_group);
 }
 
 const pipeline_output *pipeline_job_output(const pipeline_job *job)
@@ -1095,6 +1131,7 @@ void pipeline_job_destroy(pipeline_job *j)
     free(j->hit_ptrs);
     free(j->n_hits);
     free(j->rerank_out);
+    free(j->rerank_reasons);
     free(j);
 }
 
@@ -1241,6 +1278,25 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
     return AFF_OK;
 }
 
+/* How many candidates the organic query asks for. Deeper is dearer on every backend (the int8
+ * scan reports and re-ranks rows in proportion to k: bench_pipeline measured the bare engine
+ * call at 1.16x for k = 20 and 1.6x for k = 50 against k = 10), so the pool is only as deep
+ * as the rules need for most requests; when they starve anyway (a cap over a concentrated
+ * profile) up to two rounds, each four times deeper, fill the slots (finish_group). Pins and
+ * promotions need no depth (pins are looked up, promotions have their own source). */
+static uint32_t overfetch_k(const pipeline_rules *r, uint32_t k)
+{
+    bool cap = r->has_max_per_category && r->max_per_category;
+    bool mmr = r->has_diversity && r->diversity > 0.0f;
+    bool explore = r->has_exploration && r->exploration_share > 0.0f;
+    uint32_t want = k;
+    if (cap || mmr)
+        want = 2 * k;
+    else if (r->n_boosts || explore)
+        want = k + (k / 2 > 5 ? k / 2 : 5);
+    return want;
+}
+
 static bool rules_active(const pipeline_rules *r)
 {
     return r->n_boosts || r->n_pins || r->n_promotions ||
@@ -1353,8 +1409,57 @@ static float score_vec(const pipeline_job *j, const float *item)
     return j->vmetric == AFF_METRIC_COSINE && q2 > 0 ? s / (float)sqrt(q2) : s;
 }
 
-#define PROMOTIONS_SHORT 1 /* finish_group: the pool lacks promotion candidates */
-#define RULES_STARVED    2 /* finish_group: rules left slots empty; a deeper pool may fill them */
+/* Exploration's own candidates: the newest items of the collection first upserted within
+ * exploration_new_age_s, not already candidates (up to PIPELINE_NEW_ITEMS, ids copied into
+ * buf). Appended at cands[n..]; returns the new n. */
+static uint32_t add_new_items(const pipeline_job *j, pipeline_candidate *cands, const char **ids,
+                              uint32_t n, char (*buf)[AFF_MAX_ID_LEN + 1])
+{
+    int64_t since = exposure_now_ms() - (int64_t)j->rules.exploration_new_age_s * 1000;
+    size_t m = exposure_newest(j->p->exposure, j->req->collection, since, buf, PIPELINE_NEW_ITEMS);
+    for (size_t i = 0; i < m; i++) {
+        bool dup = false;
+        for (uint32_t t = 0; t < n && !dup; t++)
+            dup = strcmp(ids[t], buf[i]) == 0;
+        for (uint32_t e = 0; e < j->req->n_item_ids && !dup; e++) /* SimilarItems' own items */
+            dup = strcmp(j->req->item_ids[e], buf[i]) == 0;
+        if (dup) continue;
+        cands[n] = (pipeline_candidate){.id = buf[i], .explorable = true};
+        ids[n++] = buf[i];
+    }
+    return n;
+}
+
+/* Sets the novelty bits exploration favours (new: first upserted within
+ * exploration_new_age_s; rarely shown: decayed served count below
+ * exploration_rarely_shown_below). */
+static void mark_novelty(const pipeline_job *j, pipeline_candidate *cands, uint32_t n)
+{
+    const pipeline_rules *r = &j->rules;
+    if (!j->p->exposure || !n || (!r->exploration_new_age_s && !r->exploration_rarely_shown_below))
+        return;
+    const char **ids = malloc(n * sizeof *ids);
+    exposure_info *info = malloc(n * sizeof *info);
+    if (ids && info) {
+        int64_t now = exposure_now_ms();
+        for (uint32_t i = 0; i < n; i++)
+            ids[i] = cands[i].id;
+        exposure_lookup(j->p->exposure, j->req->collection, ids, n, now, info);
+        for (uint32_t i = 0; i < n; i++) {
+            uint8_t nv = 0;
+            if (r->exploration_new_age_s && info[i].first_ms &&
+                now - info[i].first_ms <= (int64_t)r->exploration_new_age_s * 1000)
+                nv |= PIPELINE_NOVEL_NEW;
+            if (info[i].served < r->exploration_rarely_shown_below) nv |= PIPELINE_NOVEL_RARE;
+            cands[i].novelty = nv;
+        }
+    }
+    free(ids);
+    free(info);
+}
+
+#define RULES_STARVED 2 /* finish_group: rules left slots empty; a deeper pool may fill them */
+#define MAX_DEEPEN    2 /* deeper rounds at most (the pool grows 16-fold) */
 
 /* Ranks group g from its candidate lists (organic first, then one per promotion) into
  * j->hits. Runs on the thread that finished the candidates. */
@@ -1381,16 +1486,20 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
     uint32_t total = n_org;
     for (uint32_t q = 1; q < j->per_group; q++)
         total += j->cand_n[qidx(j, g, q)];
-    uint32_t n_all = total + r->n_pins;
+    bool explore = r->has_exploration && r->exploration_share > 0.0f;
+    bool add_new = explore && r->exploration_new_age_s && j->p->exposure;
+    char(*new_ids)[AFF_MAX_ID_LEN + 1] =
+        add_new ? malloc(PIPELINE_NEW_ITEMS * sizeof *new_ids) : NULL;
+    uint32_t n_all = total + (add_new ? PIPELINE_NEW_ITEMS : 0) + r->n_pins;
     pipeline_candidate *cands = calloc(n_all ? n_all : 1, sizeof *cands);
     const char **ids = calloc(n_all ? n_all : 1, sizeof *ids);
     engine_item_class *cls = calloc(n_all ? n_all : 1, sizeof *cls);
     const pipeline_candidate **pinned = calloc(r->n_pins ? r->n_pins : 1, sizeof *pinned);
-    bool want_vec = (r->has_diversity && r->diversity > 0.0f) || r->n_pins;
+    bool want_vec = (r->has_diversity && r->diversity > 0.0f) || r->n_pins || add_new;
     float *vec = want_vec ? malloc((size_t)(n_all ? n_all : 1) * j->vdim * sizeof *vec) : NULL;
     bool own_vectors = strcmp(j->vcoll, j->req->collection) == 0;
     int rc = AFF_OK;
-    if (!cands || !ids || !cls || !pinned || (want_vec && !vec)) {
+    if (!cands || !ids || !cls || !pinned || (want_vec && !vec) || (add_new && !new_ids)) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory ranking candidates");
         goto out;
     }
@@ -1410,6 +1519,8 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
             ids[n++] = ph[i].id;
         }
     }
+    const uint32_t first_new = n;
+    if (add_new) n = add_new_items(j, cands, ids, n, new_ids);
     for (uint32_t p = 0; p < r->n_pins; p++)
         ids[n + p] = r->pins[p].item_id;
     const aff_filter *filters[1 + PIPELINE_MAX_BOOSTS + PIPELINE_MAX_PROMOTIONS];
@@ -1438,17 +1549,11 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         cands[i].category = cls[i].category;
         cands[i].matches = cls[i].matches;
         if (cands[i].organic) cands[i].matches |= 1u; /* the engine applied the filter */
+        if (i >= first_new)
+            cands[i].score = cls[i].found ? score_vec(j, vec + (size_t)i * j->vdim) : 0.0f;
+        if (!cls[i].found) cands[i].matches = 0; /* a new item deleted since */
     }
-    for (uint32_t q = 0; q < r->n_promotions && !j->promos_ran; q++) {
-        uint64_t bit = (uint64_t)1 << (1 + r->n_boosts + q);
-        uint32_t have = 0;
-        for (uint32_t i = 0; i < n; i++)
-            have += (cands[i].matches & bit) != 0;
-        if (have < slots_of(r->promotions[q].share, j->k)) {
-            rc = PROMOTIONS_SHORT;
-            goto out;
-        }
-    }
+    if (explore) mark_novelty(j, cands, n);
     for (uint32_t p = 0; p < r->n_pins; p++) {
         uint32_t at = n + p;
         if (!cls[at].found) {
@@ -1478,20 +1583,22 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
             cands[i].vector = v;
         }
     }
-    pipeline_rank_input in = {.rules = r,
-                              .k = j->k,
-                              .lower_is_better = j->vmetric == AFF_METRIC_L2,
-                              .dim = j->vdim,
-                              .cands = cands,
-                              .n = n,
-                              .pinned = pinned,
-                              .organic_reason = j->src.reason,
-                              .organic_related = related,
-                              .relax_cap = j->deepened || n_org < j->queries[qidx(j, g, 0)].k ||
-                                           j->queries[qidx(j, g, 0)].k == AFF_MAX_K,
-                              .seed = j->out.exploration_seed + g};
+    pipeline_rank_input in = {
+        .rules = r,
+        .k = j->k,
+        .lower_is_better = j->vmetric == AFF_METRIC_L2,
+        .dim = j->vdim,
+        .cands = cands,
+        .n = n,
+        .pinned = pinned,
+        .organic_reason = j->src.reason,
+        .organic_related = related,
+        .relax_cap = j->deepened == MAX_DEEPEN || n_org < j->queries[qidx(j, g, 0)].k ||
+                     j->queries[qidx(j, g, 0)].k == AFF_MAX_K,
+        .seed = j->out.exploration_seed + g,
+        .favour_novel = r->exploration_new_age_s || r->exploration_rarely_shown_below > 0.0f};
     if ((rc = pipeline_rank(&in, out, &j->n_hits[g], err))) goto out;
-    if (j->n_hits[g] < j->k && n_org == j->queries[qidx(j, g, 0)].k && !j->deepened &&
+    if (j->n_hits[g] < j->k && n_org == j->queries[qidx(j, g, 0)].k && j->deepened < MAX_DEEPEN &&
         j->queries[qidx(j, g, 0)].k < AFF_MAX_K) {
         rc = RULES_STARVED; /* the engine had more: ask it for a deeper pool */
         goto out;
@@ -1502,22 +1609,41 @@ out:
     free(ids);
     free(cls);
     free(pinned);
+    free(new_ids);
     free(vec);
     return rc;
 }
 
-/* Ranks every group. Returns 0 when done (or failed: out.status), PROMOTIONS_SHORT when the
- * organic pool lacks promotion candidates, RULES_STARVED when rules (caps) left slots empty
- * though the engine had more: then nothing is final and more queries must run. */
+/* Counts the job's hits as served (exposure.h), for exploration's "rarely shown". */
+static void note_served(const pipeline_job *j)
+{
+    if (!j->p->exposure) return;
+    uint32_t total = 0;
+    for (uint32_t g = 0; g < j->n_groups; g++)
+        total += j->n_hits[g];
+    const char **ids = malloc((total ? total : 1) * sizeof *ids);
+    if (!ids) return; /* best effort: a count missed */
+    uint32_t m = 0;
+    for (uint32_t g = 0; g < j->n_groups; g++)
+        for (uint32_t i = 0; i < j->n_hits[g]; i++)
+            ids[m++] = j->hits[(size_t)g * j->k + i].id;
+    exposure_note_served(j->p->exposure, j->req->collection, ids, m, exposure_now_ms());
+    free(ids);
+}
+
+/* Ranks every group. Returns 0 when done (or failed: out.status), RULES_STARVED when rules
+ * (caps) left slots empty though the engine had more: then nothing is final and a deeper
+ * round must run. */
 static int finish(pipeline_job *j)
 {
     if (j->out.status) return 0;
     for (uint32_t g = 0; g < j->n_groups; g++) {
         int rc = finish_group(j, g, &j->out.err);
-        if (rc == PROMOTIONS_SHORT || rc == RULES_STARVED) return rc;
+        if (rc == RULES_STARVED) return rc;
         if ((j->out.status = rc)) return 0;
         j->hit_ptrs[g] = j->hits + (size_t)g * j->k;
     }
+    note_served(j);
     return 0;
 }
 
@@ -1538,7 +1664,7 @@ static int deepen(pipeline_job *j, aff_err *err)
     free(j->cand);
     if (!(j->cand = calloc(off ? off : 1, sizeof *j->cand)))
         return aff__fail(err, AFF_ENOMEM, "out of memory preparing a deeper query");
-    j->deepened = true;
+    j->deepened++;
     return AFF_OK;
 }
 
@@ -1576,6 +1702,35 @@ static void rerank_fix_unlearned(pipeline_job *j)
     }
     qsort(j->rerank_out, n, sizeof *j->rerank_out, cmp_rerank_hit);
     free(pass);
+}
+
+/* A reason for each re-ranked candidate, as for hits: the shopper's source (with the nearest
+ * history item for a profile); CALLER_SCORE where the caller's base score decided (no
+ * personal signal, or an id not in the collection). Best effort: without memory, none. */
+static void rerank_explain(pipeline_job *j)
+{
+    uint32_t n = j->out.n_rerank;
+    pipeline_hit *h = calloc(n ? n : 1, sizeof *h);
+    j->rerank_reasons = calloc(n ? n : 1, sizeof *j->rerank_reasons);
+    if (!h || !j->rerank_reasons) {
+        free(h);
+        free(j->rerank_reasons);
+        j->rerank_reasons = NULL;
+        return;
+    }
+    pipeline_reason_kind kind = j->out.rerank_without_profile ? PIPELINE_REASON_CALLER_SCORE
+                                : j->req->user_id             ? j->src.reason
+                                                              : PIPELINE_REASON_MATCHES_VECTOR;
+    for (uint32_t i = 0; i < n; i++) {
+        const aff_rerank_hit *rh = &j->rerank_out[i];
+        snprintf(h[i].id, sizeof h[i].id, "%s", j->req->candidate_ids[rh->index]);
+        h[i].reason.kind = rh->found ? kind : PIPELINE_REASON_CALLER_SCORE;
+    }
+    if (kind == PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM) explain_history(j, h, n);
+    for (uint32_t i = 0; i < n; i++)
+        j->rerank_reasons[i] = h[i].reason;
+    j->out.rerank_reasons = j->rerank_reasons;
+    free(h);
 }
 
 /* Submits engine queries [from, from + n) as one batcher request. */
@@ -1671,19 +1826,11 @@ static void batch_done(batcher_request *br)
         }
         int more = finish(j);
         if (more) {
-            /* One more round, then rank again: the promotion queries (phase 2), or every query
-             * with a deeper organic pool. */
+            /* One more round with a deeper organic pool, then rank again. */
             aff_err err;
-            int64_t deadline = br->deadline_ns;
             size_t nq = (size_t)j->n_groups * j->per_group;
-            int rc = AFF_OK;
-            if (more == PROMOTIONS_SHORT && !j->deepened) {
-                j->promos_ran = true;
-                rc = submit_range(j, j->n_groups, nq - j->n_groups, deadline, &err);
-            } else {
-                j->promos_ran = true;
-                if (!(rc = deepen(j, &err))) rc = submit_range(j, 0, nq, deadline, &err);
-            }
+            int rc = deepen(j, &err);
+            if (!rc) rc = submit_range(j, 0, nq, br->deadline_ns, &err);
             if (rc == AFF_OK) return; /* batch_done runs again */
             j->out.status = err.code;
             j->out.err = err;
@@ -1691,8 +1838,9 @@ static void batch_done(batcher_request *br)
     } else if (j->qerrs[0].code != AFF_OK) {
         j->out.status = j->qerrs[0].code;
         j->out.err = j->qerrs[0];
-    } else if (j->src.source == PIPELINE_SOURCE_MODEL) {
-        rerank_fix_unlearned(j);
+    } else {
+        if (j->src.source == PIPELINE_SOURCE_MODEL) rerank_fix_unlearned(j);
+        rerank_explain(j);
     }
     record_job(j);
     j->done(j, j->user);
@@ -1702,7 +1850,6 @@ static void batch_done(batcher_request *br)
  * when rules starved, as for engine queries). */
 static int run_popularity(pipeline_job *j, aff_err *err)
 {
-    j->promos_ran = true;
     for (;;) {
         for (uint32_t q = 0; q < j->per_group; q++) {
             const aff_filter *f = q == 0 ? j->base : &j->promo_filters[q - 1];
@@ -2034,16 +2181,11 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
                 sizeof j->out.exploration_seed)
                 j->out.exploration_seed = (uint64_t)now_ns();
     }
-    /* Over-fetch when the rules need room: caps need the most. */
+    /* Over-fetch when the rules need room (overfetch_k). */
     j->kq = j->k;
     if (j->ranked) {
-        /* Enough room for most requests; when rules starve (a cap over a concentrated
-         * profile) a second, four times deeper round fills the slots (finish_group). */
-        uint32_t want = j->k + 20 > 2 * j->k ? j->k + 20 : 2 * j->k;
-        if (r->has_max_per_category && r->max_per_category)
-            want = j->k + 40 > 4 * j->k ? j->k + 40 : 4 * j->k;
+        uint32_t want = overfetch_k(r, j->k);
         j->kq = want < AFF_MAX_K ? want : AFF_MAX_K;
-        if (j->kq < j->k) j->kq = j->k;
     }
     j->per_group = 1 + r->n_promotions;
     /* Promotion queries: the promotion's filter plus the shopper's exclusions. */
@@ -2078,7 +2220,9 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     }
     j->kpromo = 0;
     for (uint32_t q = 0; q < r->n_promotions; q++) {
-        uint32_t want = 4 * slots_of(r->promotions[q].share, j->k) + 16;
+        /* room for the slots twice over (the cap, pins and the organic ranking may take
+         * some); the int8 scan's cost grows with k, most for narrow filters */
+        uint32_t want = 2 * slots_of(r->promotions[q].share, j->k) + 4;
         if (want > j->kpromo) j->kpromo = want < AFF_MAX_K ? want : AFF_MAX_K;
     }
     for (uint32_t g = 0; g < j->n_groups; g++) {
@@ -2122,11 +2266,12 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
         }
         return rc;
     }
-    /* Phase 1: the organic queries only; promotions are taken from their pool when it holds
-     * enough matches, else their own queries run as phase 2 (see batch_done). */
+    /* One round: the organic queries and, beside each, its promotions' queries with the same
+     * vector, which the engine scores in the same pass (backend_search.same_as: one scan,
+     * a heap per filter), so a promotion costs heap work, not a second scan or round. */
     j->br = (batcher_request){.kind = BATCHER_SEARCH,
                               .collection = j->src.space,
-                              .nq = j->n_groups,
+                              .nq = nq,
                               .queries = j->queries,
                               .hits = j->cand,
                               .n_hits = j->cand_n,

@@ -8,9 +8,10 @@
  *               "space"), answers: pipeline_user_source(); rules merged from a preset and the
  *               request and validated once, here
  *   candidates  the engine through the batcher (or popularity), over-fetched (k' > k) when
- *               rules, diversity or exploration need room; promotions take their items from
- *               that pool, and run their own queries (a second round) only when it lacks
- *               matches; rules that starve (caps) get one deeper round
+ *               rules, diversity or exploration need room; each promotion's query runs beside
+ *               the organic one in the same engine pass (same vector, scored once); rules
+ *               that starve (caps) get up to two deeper rounds; exploration adds the newest
+ *               items
  *   filters     the request's filter runs inside the engine's scoring pass (any-of and
  *               none-of categories and tags, price, availability, exclusions)
  *   rules       boosts and buries, promotions with a reserved share, a cap per category,
@@ -32,7 +33,8 @@
  *      mmr(c) = (1 - lambda) * rel(c) - lambda * max over chosen s of cos(c, s), with rel
  *      the adjusted score scaled to 0..1 over the candidates (lambda = 0: score order);
  *   3. exploration: x items drawn uniformly (splitmix64 with the request's seed) from the
- *      candidates not chosen, reason EXPLORATION;
+ *      candidates not chosen (organic or explorable), those with novelty bits first when
+ *      favour_novel is set, reason EXPLORATION;
  *   4. ordering: organic items keep their selection order; promoted and exploration items
  *      are merged in by adjusted score (placed before the first organic item they beat);
  *   5. pins are inserted at their exact 1-based positions, reason PINNED.
@@ -54,6 +56,7 @@
 #include "batcher.h"
 #include "engine.h"
 #include "experiments.h"
+#include "exposure.h"
 #include "model.h"
 #include "outcomes.h"
 #include "profiles.h"
@@ -99,6 +102,7 @@ typedef enum pipeline_reason_kind {
     PIPELINE_REASON_PROMOTED = 7, /* promotion: the promotion's name */
     PIPELINE_REASON_PINNED = 8,
     PIPELINE_REASON_EXPLORATION = 9,
+    PIPELINE_REASON_CALLER_SCORE = 20, /* Rerank: the caller's base score decided */
 } pipeline_reason_kind;
 
 typedef struct pipeline_reason {
@@ -170,6 +174,12 @@ typedef struct pipeline_rules {
     bool has_exploration;
     float exploration_share;   /* 0..1 */
     uint64_t exploration_seed; /* 0: a fresh random seed (reported in the output) */
+    /* What exploration favours (see "Exploration" in docs/pipeline.md); 0 = not a criterion:
+     * items first upserted at most this many seconds ago ("new"; they also join the
+     * candidates, up to PIPELINE_NEW_ITEMS of the newest), and items the server returned
+     * fewer than this many times lately (decayed served count, exposure.h: "rarely shown") */
+    uint32_t exploration_new_age_s;
+    float exploration_rarely_shown_below;
 } pipeline_rules;
 
 /* Checks rules against k; field names in messages are those of affinity.v1.Rules prefixed
@@ -187,7 +197,13 @@ typedef struct pipeline_candidate {
     uint64_t matches;
     const float *vector; /* unit length for diversity; NULL when lambda is 0 */
     bool organic;        /* from the main query (else only from a promotion's query) */
+    bool explorable;     /* not organic, but exploration may draw it (a new item) */
+    uint8_t novelty;     /* PIPELINE_NOVEL_* bits: what exploration favours */
 } pipeline_candidate;
+
+#define PIPELINE_NOVEL_NEW  1u /* first upserted within exploration_new_age_s */
+#define PIPELINE_NOVEL_RARE 2u /* served fewer than exploration_rarely_shown_below times */
+#define PIPELINE_NEW_ITEMS  32 /* newest items added as exploration candidates, at most */
 
 typedef struct pipeline_rank_input {
     const pipeline_rules *rules; /* validated; merged */
@@ -202,6 +218,9 @@ typedef struct pipeline_rank_input {
     pipeline_reason_kind organic_reason;
     const char *organic_related; /* related id for organic hits, or NULL */
     uint64_t seed;               /* exploration */
+    /* exploration draws from candidates with novelty bits first, then the others (set when a
+     * rule names exploration_new_age_s or exploration_rarely_shown_below) */
+    bool favour_novel;
     bool relax_cap; /* no deeper pool exists: fill slots the cap left empty in score order */
 } pipeline_rank_input;
 
@@ -217,6 +236,8 @@ typedef struct pipeline_config {
     batcher *batcher;       /* borrowed */
     aff_profiles *profiles; /* borrowed */
     aff_model *model;       /* learned models; NULL: none; borrowed */
+    aff_exposure *exposure; /* item ages and served counts; NULL: none (no item counts as new
+                               or rarely shown, nothing is counted); borrowed */
     /* A JSON file of named rule presets ("serving configs"), or NULL/"": none. Re-read when
      * its modification time changes (checked at most once a second). Format: docs. */
     const char *presets_path;
@@ -284,10 +305,11 @@ typedef struct pipeline_output {
     const uint32_t *n_hits;
     /* RERANK */
     const aff_rerank_hit *rerank;
+    const pipeline_reason *rerank_reasons; /* n_rerank, parallel to rerank */
     uint32_t n_rerank;
     bool rerank_without_profile; /* an unknown user: base scores only, affinity 0 */
     uint64_t queue_wait_ns;      /* time the candidates waited in the batcher */
-    uint32_t rounds;             /* engine rounds: 1, or 2-3 when promotions or caps needed more */
+    uint32_t rounds;             /* engine rounds: 1, or 2-3 when caps needed a deeper pool */
     /* measurement: what the metrics count the answer under; experiment and arm "" when no
      * experiment assigned it */
     char experiment[OUTCOMES_MAX_LABEL + 1];

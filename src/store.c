@@ -28,7 +28,8 @@
  *   collection   u8 ver, u8 metric, u8 index, u8 flags (bit 0: learned-only), u32 dim, u32 hnsw_m, u32 hnsw_ef,
  *                u64 generation                                               (24 bytes)
  *   item         u8 ver, u8 available, u16 n_tags, f32 price, u32 dim, f32 vector[dim],
- *                u16 len + category, n_tags x (u16 len + tag)
+ *                u16 len + category, n_tags x (u16 len + tag), i64 first_upsert_ms
+ *                (values written before it existed end with the tags: read as 0)
  *   profile      u8 ver, u8 n_counts, u16 0, u32 dim, u64 generation, i64 ref_ms,
  *                i64 last_event_ms, u64 next_seq, u32 n_history, u32 0, f64 weight,
  *                f32 sum[dim], n_counts x (u8 len + type name, u64 count)
@@ -376,10 +377,12 @@ static size_t item_size(const aff_item *it)
     size_t n = 12 + (size_t)it->dim * 4 + 2 + (a->category ? strlen(a->category) : 0);
     for (uint32_t i = 0; i < a->n_tags; i++)
         n += 2 + strlen(a->tags[i]);
-    return n;
+    return n + 8; /* the first upsert time */
 }
 
-static void encode_item(uint8_t *dst, const aff_item *it)
+/* The trailer after the tags: the first upsert time (values written before it existed end
+ * with the tags; they decode as 0). */
+static void encode_item(uint8_t *dst, const aff_item *it, int64_t first_ms)
 {
     const item_attrs *a = &it->attrs;
     wr w = {dst};
@@ -397,6 +400,7 @@ static void encode_item(uint8_t *dst, const aff_item *it)
         w_u16(&w, (uint16_t)tlen);
         w_bytes(&w, a->tags[i], tlen);
     }
+    w_u64(&w, (uint64_t)first_ms);
 }
 
 /* Decodes an item value; out and vector may be NULL. The id comes from the caller. */
@@ -419,6 +423,7 @@ static int decode_item(const MDB_val *v, uint32_t dim, item_record *out, float *
         r_str16(&r, out->category, sizeof out->category);
         for (uint32_t i = 0; i < n_tags; i++)
             r_str16(&r, out->tags[i], sizeof out->tags[i]);
+        out->first_upsert_ms = r.end - r.p >= 8 ? (int64_t)r_u64(&r) : 0;
     }
     return r.bad ? corrupt(err, "item") : AFF_OK;
 }
@@ -1079,6 +1084,7 @@ typedef struct put_items_ctx {
     const char *collection;
     const aff_item *items;
     size_t n;
+    item_record scratch; /* an old value, decoded */
 } put_items_ctx;
 
 static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
@@ -1097,7 +1103,12 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
         make_key(&k, p->collection, it->id, AFF_MAX_ID_LEN, NULL, 0, NULL, 0);
         MDB_val old;
         status = db_get(t, DB_ITEMS, &k, &old, err);
+        int64_t first_ms = it->first_upsert_ms;
         if (status == AFF_OK) {
+            item_record *was = &p->scratch;
+            /* an existing item keeps its first upsert time (0 stays 0: unknown, counts old) */
+            if ((status = decode_item(&old, c.dim, was, NULL, err))) return status;
+            first_ms = was->first_upsert_ms;
             /* A changed vector invalidates profiles that summed the old one. */
             if (old.mv_size < 12 + (size_t)c.dim * 4 ||
                 memcmp((const uint8_t *)old.mv_data + 12, it->vector, (size_t)c.dim * 4) != 0)
@@ -1107,7 +1118,7 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
         }
         uint8_t *dst;
         if ((status = db_reserve(t, DB_ITEMS, &k, item_size(it), &dst, err))) return status;
-        encode_item(dst, it);
+        encode_item(dst, it, first_ms);
     }
     aff__err_clear(err);
     if (changed) {
@@ -1120,7 +1131,7 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
 int store_put_items(aff_store *s, const char *collection, const aff_item *items, size_t n,
                     aff_err *err)
 {
-    put_items_ctx p = {collection, items, n};
+    put_items_ctx p = {.collection = collection, .items = items, .n = n};
     return store_update(s, put_items_fn, &p, err);
 }
 
@@ -1248,7 +1259,8 @@ static int rebuild_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err 
     b->items[i] = (aff_item){.id = r->id,
                              .vector = vec,
                              .dim = b->c->dim,
-                             .attrs = item_record_attrs(r, b->tag_ptrs[i])};
+                             .attrs = item_record_attrs(r, b->tag_ptrs[i]),
+                             .first_upsert_ms = r->first_upsert_ms};
     memcpy(b->last.b, k->mv_data, k->mv_size);
     b->last.n = k->mv_size;
     b->n++;

@@ -146,6 +146,8 @@ static bool rules_from_pb(const Affinity__V1__Rules *r, serve_req *s)
         o->has_exploration = true;
         o->exploration_share = r->exploration->share;
         o->exploration_seed = r->exploration->seed;
+        o->exploration_new_age_s = r->exploration->new_item_age_s;
+        o->exploration_rarely_shown_below = r->exploration->rarely_shown_below;
     }
     s->req.rules = o;
     return true;
@@ -463,7 +465,8 @@ static void respond_rerank(tcall *c, const pipeline_output *o)
     uint32_t n = o->n_rerank;
     Affinity__V1__RerankedItem *items = transport__calloc(n, sizeof *items);
     Affinity__V1__RerankedItem **ptrs = transport__calloc(n, sizeof *ptrs);
-    if (!items || !ptrs) {
+    Affinity__V1__Reason *reasons = transport__calloc(n, sizeof *reasons);
+    if (!items || !ptrs || !reasons) {
         transport__fail(c, AFF_ENOMEM, "out of memory encoding results");
     } else {
         for (uint32_t i = 0; i < n; i++) {
@@ -474,6 +477,13 @@ static void respond_rerank(tcall *c, const pipeline_output *o)
             items[i].affinity = o->rerank_without_profile ? 0.0f : h->affinity;
             items[i].score = h->blended;
             items[i].found = h->found;
+            if (o->rerank_reasons) {
+                const pipeline_reason *pr = &o->rerank_reasons[i];
+                affinity__v1__reason__init(&reasons[i]);
+                reasons[i].kind = (Affinity__V1__ReasonKind)pr->kind;
+                reasons[i].related_item_id = (char *)pr->related_id;
+                items[i].reason = &reasons[i];
+            }
             ptrs[i] = &items[i];
         }
         Affinity__V1__RerankResponse resp = AFFINITY__V1__RERANK_RESPONSE__INIT;
@@ -485,6 +495,7 @@ static void respond_rerank(tcall *c, const pipeline_output *o)
     }
     free(items);
     free(ptrs);
+    free(reasons);
 }
 
 static void unary_respond(tcall *c, pipeline_job *job)

@@ -129,6 +129,7 @@ typedef struct case_spec {
     bool filter;         /* category filter plus exclusions on every other query */
     uint32_t deletes;    /* rows deleted (last row moved into the hole) after loading */
     uint32_t overwrites; /* rows rewritten in place after loading */
+    bool shared;         /* odd queries repeat the previous query's vector (same_as) */
 } case_spec;
 
 /* Builds a backend table as the case says, mirrors it in a reference, searches, compares. */
@@ -193,8 +194,12 @@ static void run_case(const case_spec *cs)
     for (uint32_t r = 0; r < t.n && n_excl < 8; r += 1 + rng() % 7)
         excl[n_excl++] = r;
     size_t total = 0;
+    uint32_t *same = malloc(cs->nq * sizeof *same);
     for (uint32_t i = 0; i < cs->nq; i++) {
-        if (cs->kind == DATA_TIES || cs->kind == DATA_NEARTIES)
+        same[i] = cs->shared && i % 2 ? i - 1 : i;
+        if (same[i] != i)
+            memcpy(q + (size_t)i * cs->dim, q + (size_t)(i - 1) * cs->dim, cs->dim * sizeof *q);
+        else if (cs->kind == DATA_TIES || cs->kind == DATA_NEARTIES)
             memcpy(q + (size_t)i * cs->dim, pool + (size_t)(rng() % 5) * cs->dim,
                    cs->dim * sizeof *q);
         else
@@ -219,6 +224,7 @@ static void run_case(const case_spec *cs)
                         .nq = cs->nq,
                         .k = k,
                         .filters = filters,
+                        .same_as = same,
                         .out_rows = out_rows,
                         .out_scores = out_scores,
                         .out_counts = counts};
@@ -243,6 +249,7 @@ static void run_case(const case_spec *cs)
     free(out_scores);
     free(counts);
     free(excl);
+    free(same);
     free(fs);
     free(filters);
     free(k);
@@ -335,6 +342,8 @@ Test(cpu_score, filters_deletes_and_overwrites_match_the_reference)
                             .deletes = 300,
                             .overwrites = 200};
             run_case(&cs);
+            cs.shared = true; /* a filtered and an unfiltered query share each scan */
+            run_case(&cs);
         }
 }
 
@@ -355,7 +364,8 @@ Test(cpu_score, random_sizes_match_the_reference)
                         .k = 0,
                         .filter = rng() % 2,
                         .deletes = rng() % 20,
-                        .overwrites = rng() % 20};
+                        .overwrites = rng() % 20,
+                        .shared = rng() % 2};
         run_case(&cs);
     }
 }

@@ -132,8 +132,8 @@ Test(gpu_parity, same_rows_as_faiss)
         }
         uint32_t *r_cpu = malloc(total * 4), *r_gpu = malloc(total * 4), c_cpu[40], c_gpu[40];
         float *s_cpu = malloc(total * 4), *s_gpu = malloc(total * 4);
-        backend_search sc = {q, nq, ks, fp, r_cpu, s_cpu, c_cpu};
-        backend_search sg = {q, nq, ks, fp, r_gpu, s_gpu, c_gpu};
+        backend_search sc = {.queries = q, .nq = nq, .k = ks, .filters = fp, .out_rows = r_cpu, .out_scores = s_cpu, .out_counts = c_cpu};
+        backend_search sg = {.queries = q, .nq = nq, .k = ks, .filters = fp, .out_rows = r_gpu, .out_scores = s_gpu, .out_counts = c_gpu};
         cr_assert_eq(cpu.t->ops->table_search(cpu.t, &sc, &err), AFF_OK, "%s", err.msg);
         cr_assert_eq(gpu.t->ops->table_search(gpu.t, &sg, &err), AFF_OK, "%s", err.msg);
         uint32_t off = 0, differ = 0;

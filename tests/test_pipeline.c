@@ -320,6 +320,90 @@ Test(pipeline_rank, exploration_share_is_exact_and_replayable)
     cr_assert(differs, "another seed explores other items");
 }
 
+Test(pipeline_rank, exploration_draws_novel_candidates_first)
+{
+    pool p;
+    pool_make(&p, 30, 5, 12);
+    /* novel: i020 (organic, far down the list) and i029, which is not organic but explorable
+     * (a new item from the newest-items source); nothing else */
+    p.c[20].novelty = PIPELINE_NOVEL_RARE;
+    p.c[29].novelty = PIPELINE_NOVEL_NEW;
+    p.c[29].organic = false;
+    p.c[29].explorable = true;
+    pipeline_rules r = {
+        .has_exploration = true, .exploration_share = 0.2f, .exploration_rarely_shown_below = 1.0f};
+    pipeline_hit a[10], b[10];
+    pipeline_rank_input in = input(&p, &r, 10, NULL);
+    in.favour_novel = true;
+    for (uint64_t seed = 1; seed <= 20; seed++) {
+        in.seed = seed;
+        cr_assert_eq(rank(&in, a), 10);
+        cr_assert_eq(rank(&in, b), 10);
+        int explored = 0;
+        for (int i = 0; i < 10; i++) {
+            cr_assert_str_eq(a[i].id, b[i].id, "same seed, same list");
+            if (a[i].reason.kind != PIPELINE_REASON_EXPLORATION) continue;
+            explored++;
+            cr_assert(strcmp(a[i].id, "i020") == 0 || strcmp(a[i].id, "i029") == 0,
+                      "seed %llu explored %s, not a novel candidate", (unsigned long long)seed,
+                      a[i].id);
+        }
+        cr_assert_eq(explored, 2, "both novel candidates, whatever the seed");
+    }
+    /* one novel candidate for two slots: it, and one uniform draw from the rest */
+    p.c[29].novelty = 0;
+    in.seed = 5;
+    cr_assert_eq(rank(&in, a), 10);
+    int novel = 0, explored = 0;
+    for (int i = 0; i < 10; i++) {
+        if (a[i].reason.kind != PIPELINE_REASON_EXPLORATION) continue;
+        explored++;
+        novel += strcmp(a[i].id, "i020") == 0;
+    }
+    cr_assert_eq(explored, 2);
+    cr_assert_eq(novel, 1);
+}
+
+Test(exposure, served_counts_decay_and_first_upserts_stay)
+{
+    aff_exposure *x;
+    aff_err err;
+    cr_assert_eq(exposure_create(&x, 100.0, &err), AFF_OK);
+    const char *ab[2] = {"a", "b"};
+    const int64_t first[2] = {1000, 0};
+    cr_assert_eq(exposure_note_upsert(x, "c", ab, first, 2, 5000, &err), AFF_OK);
+    const int64_t later[1] = {9999};
+    cr_assert_eq(exposure_note_upsert(x, "c", ab, later, 1, 9999, &err), AFF_OK);
+    exposure_note_served(x, "c", ab, 1, 10000);
+    exposure_note_served(x, "c", ab, 1, 10000);
+    exposure_note_served(x, "other", ab, 1, 10000); /* another collection: nothing */
+    exposure_info info[2];
+    exposure_lookup(x, "c", ab, 2, 10000, info);
+    cr_assert_eq(info[0].first_ms, 1000, "a known id keeps its first upsert");
+    cr_assert_eq(info[1].first_ms, 5000, "0 means now");
+    cr_assert_float_eq(info[0].served, 2.0f, 1e-6);
+    cr_assert_float_eq(info[1].served, 0.0f, 1e-6);
+    exposure_lookup(x, "c", ab, 1, 110000, info); /* one half-life later */
+    cr_assert_float_eq(info[0].served, 1.0f, 1e-6);
+    exposure_note_served(x, "c", ab, 1, 110000); /* 1 + 1 */
+    exposure_lookup(x, "c", ab, 1, 210000, info);
+    cr_assert_float_eq(info[0].served, 1.0f, 1e-6);
+    char newest[4][AFF_MAX_ID_LEN + 1];
+    cr_assert_eq(exposure_newest(x, "c", 0, newest, 4), 2);
+    cr_assert_str_eq(newest[0], "b");
+    cr_assert_str_eq(newest[1], "a");
+    cr_assert_eq(exposure_newest(x, "c", 2000, newest, 4), 1, "a is older than 2000");
+    exposure_forget(x, "c", ab, 1);
+    exposure_lookup(x, "c", ab, 2, 10000, info);
+    cr_assert_eq(info[0].first_ms, 0, "forgotten");
+    cr_assert_eq(info[1].first_ms, 5000, "b moved into a's slot, intact");
+    cr_assert_eq(exposure_newest(x, "c", 0, newest, 4), 1);
+    exposure_drop(x, "c");
+    exposure_lookup(x, "c", ab, 2, 10000, info);
+    cr_assert_eq(info[1].first_ms, 0);
+    exposure_destroy(x);
+}
+
 Test(pipeline_rank, combined_rules_keep_every_guarantee)
 {
     for (uint64_t seed = 1; seed <= 30; seed++) {
@@ -386,6 +470,12 @@ Test(pipeline_rules, every_bad_rule_names_its_field)
     expect_invalid(&r, 10, "rules.diversity");
     r = (pipeline_rules){.has_exploration = true, .exploration_share = 1.2f};
     expect_invalid(&r, 10, "rules.exploration.share");
+    r = (pipeline_rules){.has_exploration = true,
+                         .exploration_share = 0.1f,
+                         .exploration_rarely_shown_below = -1.0f};
+    expect_invalid(&r, 10, "rules.exploration.rarely_shown_below");
+    r.exploration_rarely_shown_below = NAN;
+    expect_invalid(&r, 10, "rules.exploration.rarely_shown_below");
     pipeline_promotion pr[2] = {{.name = "a", .share = 1.5f}, {.name = "b", .share = 0.2f}};
     aff_filter_init(&pr[0].filter);
     aff_filter_init(&pr[1].filter);
@@ -453,6 +543,7 @@ typedef struct svc {
     aff_profiles *profiles;
     batcher *bat;
     aff_pipeline *pl;
+    aff_exposure *exposure;
     char ids[N_ITEMS][16];
     float vec[N_ITEMS][SDIM];
 } svc;
@@ -470,6 +561,8 @@ static void svc_start(svc *s, const char *presets)
     engine_config ec = {.backend = ENGINE_BACKEND_CPU, .faiss = {.threads = 1}};
     cr_assert_eq(engine_create(&s->engine, &ec, &err), AFF_OK, "%s", err.msg);
     cr_assert_eq(catalog_create(&s->catalog, s->engine, s->store, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(exposure_create(&s->exposure, EXPOSURE_DEFAULT_HALF_LIFE_S, &err), AFF_OK);
+    catalog_attach_exposure(s->catalog, s->exposure);
     engine_collection_spec spec = {.name = "shop", .dim = SDIM, .metric = AFF_METRIC_COSINE};
     cr_assert_eq(catalog_create_collection(s->catalog, &spec, &err), AFF_OK, "%s", err.msg);
     aff_rng r = {5};
@@ -499,8 +592,11 @@ static void svc_start(svc *s, const char *presets)
     batcher_config bc = {.max_batch = 64, .max_wait_us = 100, .queue_limit = 1024};
     batcher_exec ex = batcher_engine_exec(s->engine);
     cr_assert_eq(batcher_create(&s->bat, &bc, &ex, &err), AFF_OK, "%s", err.msg);
-    pipeline_config plc = {
-        .engine = s->engine, .batcher = s->bat, .profiles = s->profiles, .presets_path = presets};
+    pipeline_config plc = {.engine = s->engine,
+                           .batcher = s->bat,
+                           .profiles = s->profiles,
+                           .exposure = s->exposure,
+                           .presets_path = presets};
     cr_assert_eq(pipeline_create(&s->pl, &plc, &err), AFF_OK, "%s", err.msg);
 }
 
@@ -509,6 +605,7 @@ static void svc_stop(svc *s)
     batcher_destroy(s->bat);
     pipeline_destroy(s->pl);
     catalog_destroy(s->catalog);
+    exposure_destroy(s->exposure);
     profiles_destroy(s->profiles);
     engine_destroy(s->engine);
     store_destroy(s->store);
@@ -1121,7 +1218,8 @@ Test(pipeline_service, a_cap_gives_way_only_when_candidates_run_out)
     const pipeline_output *o = pipeline_job_output(job);
     cr_assert_eq(o->status, AFF_OK, "%s", o->err.msg);
     cr_assert_eq(o->n_hits[0], 8, "filled although only 4 categories exist");
-    cr_assert_eq(o->rounds, 2, "a deeper round first");
+    /* k' = 2k = 16 holds 3 categories, 64 still 3 (shoes cluster), 256 all 120 items */
+    cr_assert_eq(o->rounds, 3, "two deeper rounds first");
     int seen[NCATS] = {0};
     for (uint32_t i = 0; i < 4; i++) {
         int c = index_of(&s, o->hits[0][i].id) / PER_CAT;
@@ -1129,4 +1227,109 @@ Test(pipeline_service, a_cap_gives_way_only_when_candidates_run_out)
     }
     pipeline_job_destroy(job);
     svc_stop(&s);
+}
+
+/* ---- exploration by age and served count, through the service ----------------------------- */
+
+static void recommend_ids(svc *s, const pipeline_rules *rules, uint32_t k, char (*out)[16],
+                          pipeline_reason_kind *kinds)
+{
+    pipeline_request req = {.kind = PIPELINE_RECOMMEND,
+                            .collection = "shop",
+                            .vector = s->vec[0],
+                            .dim = SDIM,
+                            .k = k,
+                            .rules = rules};
+    pipeline_job *job;
+    aff_err err;
+    cr_assert_eq(run(s, &req, &job, &err), AFF_OK, "%s", err.msg);
+    const pipeline_output *o = pipeline_job_output(job);
+    cr_assert_eq(o->status, AFF_OK, "%s", o->err.msg);
+    cr_assert_eq(o->n_hits[0], k);
+    for (uint32_t i = 0; i < k; i++) {
+        snprintf(out[i], 16, "%.15s", o->hits[0][i].id);
+        if (kinds) kinds[i] = o->hits[0][i].reason.kind;
+    }
+    pipeline_job_destroy(job);
+}
+
+Test(pipeline_service, exploration_favours_items_the_server_rarely_showed)
+{
+    svc s;
+    svc_start(&s, NULL);
+    char top15[15][16], shown[10][16];
+    recommend_ids(&s, NULL, 15, top15, NULL); /* served once: the top 15 */
+    for (int round = 0; round < 10; round++)  /* the top 10 ten more times: 11 */
+        recommend_ids(&s, NULL, 10, shown, NULL);
+    /* 1 exploration slot; the pool (k + max(5, k/2) = 15) beyond the 9 organic items holds
+     * ranks 10..15: rank 10 was served 11 times, ranks 11..15 once. Below 8 they are rare. */
+    pipeline_rules r = {
+        .has_exploration = true, .exploration_share = 0.1f, .exploration_rarely_shown_below = 8.0f};
+    for (uint64_t seed = 1; seed <= 20; seed++) {
+        r.exploration_seed = seed;
+        char got[10][16];
+        pipeline_reason_kind kinds[10];
+        recommend_ids(&s, &r, 10, got, kinds);
+        int explored = 0;
+        for (int i = 0; i < 10; i++) {
+            if (kinds[i] != PIPELINE_REASON_EXPLORATION) continue;
+            explored++;
+            int rank = -1;
+            for (int t = 0; t < 15; t++)
+                if (strcmp(top15[t], got[i]) == 0) rank = t;
+            /* each pick is served once more: in 20 picks at most two of the five reach 8 and
+             * leave the rare tier, so it never empties (uniform draws over ranks 10..15 would
+             * pick rank 10 in 20 seeds with probability 1 - (5/6)^20 = 97%) */
+            cr_assert(rank >= 10 && rank <= 14, "seed %llu explored %s (rank %d)",
+                      (unsigned long long)seed, got[i], rank);
+        }
+        cr_assert_eq(explored, 1);
+    }
+    svc_stop(&s);
+}
+
+Test(exposure, first_upsert_times_survive_a_restart)
+{
+    char dir[] = "/tmp/aff-exposure-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    aff_err err;
+    int64_t first = 0;
+    for (int life = 0; life < 2; life++) {
+        aff_store *store;
+        store_config sc = {.dir = dir};
+        cr_assert_eq(store_create(&store, &sc, &err), AFF_OK, "%s", err.msg);
+        aff_engine *eng;
+        engine_config ec = {.backend = ENGINE_BACKEND_CPU, .faiss = {.threads = 1}};
+        cr_assert_eq(engine_create(&eng, &ec, &err), AFF_OK, "%s", err.msg);
+        aff_catalog *cat;
+        cr_assert_eq(catalog_create(&cat, eng, store, &err), AFF_OK);
+        aff_exposure *x;
+        cr_assert_eq(exposure_create(&x, EXPOSURE_DEFAULT_HALF_LIFE_S, &err), AFF_OK);
+        catalog_attach_exposure(cat, x);
+        cr_assert_eq(catalog_rebuild(cat, NULL, &err), AFF_OK, "%s", err.msg);
+        const char *id = "it";
+        exposure_info info;
+        if (life == 0) {
+            engine_collection_spec spec = {.name = "c", .dim = 2, .metric = AFF_METRIC_IP};
+            cr_assert_eq(catalog_create_collection(cat, &spec, &err), AFF_OK, "%s", err.msg);
+            const float v[2] = {1, 0};
+            aff_item it = {.id = id, .vector = v, .dim = 2, .attrs = {.price = 1, .available = true}};
+            cr_assert_eq(catalog_upsert(cat, "c", &it, 1, &err), AFF_OK, "%s", err.msg);
+            exposure_lookup(x, "c", &id, 1, 0, &info);
+            first = info.first_ms;
+            cr_assert_gt(first, 1000000000000, "a wall-clock time in ms");
+            usleep(20 * 1000);
+            it.attrs.price = 2; /* a later upsert keeps the first time, in memory and on disk */
+            cr_assert_eq(catalog_upsert(cat, "c", &it, 1, &err), AFF_OK, "%s", err.msg);
+        }
+        exposure_lookup(x, "c", &id, 1, 0, &info);
+        cr_assert_eq(info.first_ms, first, "life %d", life);
+        catalog_destroy(cat);
+        exposure_destroy(x);
+        engine_destroy(eng);
+        store_destroy(store);
+    }
+    char cmd[64];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
 }

@@ -7,9 +7,13 @@
  */
 #include <criterion/criterion.h>
 
+#include <fcntl.h>
+#include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "server_helpers.h"
@@ -22,6 +26,26 @@
 static const char *const cat_names[N_CATS] = {"shoes", "books", "garden", "toys"};
 static char ids[N_ITEMS][16];
 static float vecs[N_ITEMS][DIM];
+
+/* Upserts n items into "shop" in one UpsertItems stream. */
+static void upsert_items(transport_client *c, Affinity__V1__Item **items, size_t n)
+{
+    transport_client_stream *s = NULL;
+    aff_err err;
+    cr_assert_eq(transport_client_stream_open(c, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
+    Affinity__V1__UpsertItemsRequest req = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
+    req.collection = "shop";
+    req.n_items = n;
+    req.items = items;
+    cr_assert_eq(transport_client_stream_send(s, &req.base, &err), 0);
+    transport_call_status st;
+    Affinity__V1__UpsertItemsResponse *resp = NULL;
+    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
+                                   (ProtobufCMessage **)&resp, &st);
+    cr_assert_eq(st.code, 0, "%s", st.message);
+    transport_client_free(&resp->base);
+    transport_client_stream_destroy(s);
+}
 
 static void upsert_shop(transport_client *cl)
 {
@@ -51,21 +75,7 @@ static void upsert_shop(transport_client *cl)
         items[i].price = 10.0f + (float)(i % 7);
         ptrs[i] = &items[i];
     }
-    transport_client_stream *s = NULL;
-    aff_err err;
-    cr_assert_eq(transport_client_stream_open(cl, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
-    Affinity__V1__UpsertItemsRequest req = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
-    req.collection = "shop";
-    req.n_items = N_ITEMS;
-    req.items = ptrs;
-    cr_assert_eq(transport_client_stream_send(s, &req.base, &err), 0);
-    transport_call_status st;
-    Affinity__V1__UpsertItemsResponse *resp = NULL;
-    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
-                                   (ProtobufCMessage **)&resp, &st);
-    cr_assert_eq(st.code, 0, "%s", st.message);
-    transport_client_free(&resp->base);
-    transport_client_stream_destroy(s);
+    upsert_items(cl, ptrs, N_ITEMS);
 }
 
 static void put_views(transport_client *cl, const char *user, const int *items, int n)
@@ -106,6 +116,19 @@ static bool is_hex32(const char *s)
     for (int i = 0; i < 32; i++)
         if (!strchr("0123456789abcdef", s[i])) return false;
     return true;
+}
+
+/* A Recommend request for "shop" by the vector of item v, k = 10 (uv holds the vector). */
+static void vector_request(Affinity__V1__RecommendRequest *req, Affinity__V1__UserVector *uv, int v)
+{
+    affinity__v1__recommend_request__init(req);
+    affinity__v1__user_vector__init(uv);
+    uv->n_values = DIM;
+    uv->values = vecs[v];
+    req->collection = "shop";
+    req->user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
+    req->user_vector = uv;
+    req->k = 10;
 }
 
 static test_server srv;
@@ -207,14 +230,9 @@ Test(server_pipeline, recommend_with_rules_reasons_and_ids)
 
 Test(server_pipeline, exploration_replays_with_its_seed)
 {
-    Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
-    Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
-    uv.n_values = DIM;
-    uv.values = vecs[30];
-    req.collection = "shop";
-    req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
-    req.user_vector = &uv;
-    req.k = 10;
+    Affinity__V1__RecommendRequest req;
+    Affinity__V1__UserVector uv;
+    vector_request(&req, &uv, 30);
     Affinity__V1__Rules rules = AFFINITY__V1__RULES__INIT;
     Affinity__V1__Exploration ex = AFFINITY__V1__EXPLORATION__INIT;
     ex.share = 0.3f;
@@ -241,14 +259,9 @@ Test(server_pipeline, exploration_replays_with_its_seed)
 Test(server_pipeline, presets_none_of_filters_and_similar_items)
 {
     /* the "home" preset from --serving-config, with a none-of filter on the request */
-    Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
-    Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
-    uv.n_values = DIM;
-    uv.values = vecs[0];
-    req.collection = "shop";
-    req.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
-    req.user_vector = &uv;
-    req.k = 10;
+    Affinity__V1__RecommendRequest req;
+    Affinity__V1__UserVector uv;
+    vector_request(&req, &uv, 0);
     req.preset = "home";
     Affinity__V1__Filter f = AFFINITY__V1__FILTER__INIT;
     char *sale = "sale";
@@ -683,4 +696,179 @@ Test(server_pipeline, traits_in_get_user_and_audiences_in_rules)
     hour.value = 30;
     ctx.hour = &hour;
     expect_bad(&req, "context.hour");
+}
+
+/* ---- issue 11 remainder: reasons on Rerank, SIGHUP reload, exploration of new items ---- */
+
+static float cosine(const float *a, const float *b)
+{
+    double ab = 0, aa = 0, bb = 0;
+    for (int j = 0; j < DIM; j++) {
+        ab += (double)a[j] * b[j];
+        aa += (double)a[j] * a[j];
+        bb += (double)b[j] * b[j];
+    }
+    return (float)(ab / sqrt(aa * bb));
+}
+
+static int rerank(transport_client *c, Affinity__V1__RerankRequest *req,
+                  Affinity__V1__RerankResponse **resp, transport_call_status *st)
+{
+    *resp = NULL;
+    return ts_call(c, TRANSPORT_METHOD_RERANK, req, &affinity__v1__rerank_response__descriptor, 0,
+                   resp, st);
+}
+
+Test(server_pipeline, rerank_items_carry_reasons)
+{
+    const int hist[2] = {3, 60}; /* shoes-03, garden-10 */
+    put_views(cl, "rita", hist, 2);
+    const int cand_items[4] = {5, 27, 61, 90}; /* shoes, books, garden, toys */
+    Affinity__V1__RerankCandidate cands[5], *cp[5];
+    for (int i = 0; i < 5; i++) {
+        affinity__v1__rerank_candidate__init(&cands[i]);
+        cands[i].id = i < 4 ? ids[cand_items[i]] : "no-such-item";
+        cands[i].base_score = (float)(5 - i);
+        cp[i] = &cands[i];
+    }
+    Affinity__V1__RerankRequest req = AFFINITY__V1__RERANK_REQUEST__INIT;
+    req.collection = "shop";
+    req.user_case = AFFINITY__V1__RERANK_REQUEST__USER_USER_ID;
+    req.user_id = "rita";
+    req.n_candidates = 5;
+    req.candidates = cp;
+    Affinity__V1__RerankResponse *resp;
+    transport_call_status st;
+    cr_assert_eq(rerank(cl, &req, &resp, &st), 0, "%s", st.message);
+    cr_assert_eq(resp->n_items, 5);
+    for (size_t i = 0; i < resp->n_items; i++) {
+        const Affinity__V1__RerankedItem *it = resp->items[i];
+        cr_assert_not_null(it->reason, "every re-ranked item has a reason");
+        if (!it->found) {
+            cr_assert_str_eq(it->id, "no-such-item");
+            cr_assert_eq(it->reason->kind, AFFINITY__V1__REASON_KIND__REASON_KIND_CALLER_SCORE);
+            continue;
+        }
+        cr_assert_eq(it->reason->kind,
+                     AFFINITY__V1__REASON_KIND__REASON_KIND_SIMILAR_TO_HISTORY_ITEM);
+        int at = -1;
+        for (int c = 0; c < 4; c++)
+            if (strcmp(it->id, ids[cand_items[c]]) == 0) at = cand_items[c];
+        cr_assert_geq(at, 0);
+        /* the nearer of the two history items, by the vectors the test upserted */
+        int nearest =
+            cosine(vecs[at], vecs[hist[0]]) >= cosine(vecs[at], vecs[hist[1]]) ? hist[0] : hist[1];
+        cr_assert_str_eq(it->reason->related_item_id, ids[nearest], "%s", it->id);
+    }
+    transport_client_free(&resp->base);
+
+    /* no personal signal: the caller's order decides, and says so */
+    req.user_id = "nobody-here";
+    cr_assert_eq(rerank(cl, &req, &resp, &st), 0, "%s", st.message);
+    for (size_t i = 0; i < resp->n_items; i++)
+        cr_assert_eq(resp->items[i]->reason->kind,
+                     AFFINITY__V1__REASON_KIND__REASON_KIND_CALLER_SCORE);
+    transport_client_free(&resp->base);
+
+    /* a vector */
+    Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
+    uv.n_values = DIM;
+    uv.values = vecs[40];
+    req.user_case = AFFINITY__V1__RERANK_REQUEST__USER_USER_VECTOR;
+    req.user_vector = &uv;
+    cr_assert_eq(rerank(cl, &req, &resp, &st), 0, "%s", st.message);
+    for (size_t i = 0; i < resp->n_items; i++)
+        cr_assert_eq(resp->items[i]->reason->kind,
+                     resp->items[i]->found ? AFFINITY__V1__REASON_KIND__REASON_KIND_MATCHES_VECTOR
+                                           : AFFINITY__V1__REASON_KIND__REASON_KIND_CALLER_SCORE);
+    transport_client_free(&resp->base);
+}
+
+/* Recommend with preset "home" for vecs[0]: how many hits are pinned at position 2. */
+static int home_pin_at_2(const char *expect_id)
+{
+    Affinity__V1__RecommendRequest req;
+    Affinity__V1__UserVector uv;
+    vector_request(&req, &uv, 0);
+    req.preset = "home";
+    Affinity__V1__RecommendResponse *resp;
+    transport_call_status st;
+    cr_assert_eq(recommend(cl, &req, &resp, &st), 0, "%s", st.message);
+    int ok = resp->n_hits >= 2 && strcmp(resp->hits[1]->id, expect_id) == 0 &&
+             resp->hits[1]->reason->kind == AFFINITY__V1__REASON_KIND__REASON_KIND_PINNED;
+    transport_client_free(&resp->base);
+    return ok;
+}
+
+Test(server_pipeline, sighup_reloads_the_serving_config)
+{
+    cr_assert(home_pin_at_2("toys-03"), "the preset as started");
+    /* A new preset in the file, with the file's modification time put back, so that only the
+     * signal (not the once-a-second mtime check) can make the server read it. */
+    struct stat before;
+    cr_assert_eq(stat(presets_path, &before), 0);
+    const char *text =
+        "{\"presets\": {\"home\": {\"pins\": [{\"item_id\": \"books-07\", \"position\": 2}]}},"
+        " \"collections\": {\"banners\": {\"ranked_by\": \"shop\"}}}";
+    FILE *f = fopen(presets_path, "w");
+    cr_assert_not_null(f);
+    cr_assert_eq(fwrite(text, 1, strlen(text), f), strlen(text));
+    fclose(f);
+    struct timespec times[2] = {before.st_atim, before.st_mtim};
+    cr_assert_eq(utimensat(AT_FDCWD, presets_path, times, 0), 0);
+    usleep(1200 * 1000); /* past the mtime check's interval: it runs and sees no change */
+    cr_assert(home_pin_at_2("toys-03"), "no reload without a signal (mtime unchanged)");
+    cr_assert_eq(kill(srv.pid, SIGHUP), 0);
+    bool reloaded = false;
+    for (int i = 0; i < 100 && !reloaded; i++) {
+        reloaded = home_pin_at_2("books-07");
+        if (!reloaded) usleep(20 * 1000);
+    }
+    cr_assert(reloaded, "SIGHUP made the server read the new preset");
+    cr_assert_eq(ts_health(cl), 1, "still serving after SIGHUP");
+}
+
+Test(server_pipeline, exploration_favours_an_item_upserted_just_now)
+{
+    /* The shop was upserted when the suite started; 1.5 s later a new item arrives, far from
+     * the shopper: the relevance ranking would never show it, but exploration with
+     * new_item_age_s = 1 favours it (the only item younger than 1 s) and takes it from the
+     * newest items. */
+    usleep(1500 * 1000);
+    float far[DIM];
+    for (int j = 0; j < DIM; j++)
+        far[j] = -vecs[0][j];
+    Affinity__V1__Item item = AFFINITY__V1__ITEM__INIT;
+    item.id = "brand-new";
+    item.n_vector = DIM;
+    item.vector = far;
+    item.category = "toys";
+    Affinity__V1__Item *ip = &item;
+    upsert_items(cl, &ip, 1);
+    transport_call_status st;
+
+    Affinity__V1__RecommendRequest req;
+    Affinity__V1__UserVector uv;
+    vector_request(&req, &uv, 0);
+    Affinity__V1__Rules rules = AFFINITY__V1__RULES__INIT;
+    Affinity__V1__Exploration ex = AFFINITY__V1__EXPLORATION__INIT;
+    ex.share = 0.1f; /* one slot */
+    ex.new_item_age_s = 1;
+    rules.exploration = &ex;
+    req.rules = &rules;
+    for (uint64_t seed = 1; seed <= 3; seed++) {
+        ex.seed = seed;
+        Affinity__V1__RecommendResponse *resp;
+        cr_assert_eq(recommend(cl, &req, &resp, &st), 0, "%s", st.message);
+        cr_assert_eq(resp->n_hits, 10);
+        int explored = 0;
+        for (size_t i = 0; i < resp->n_hits; i++) {
+            if (resp->hits[i]->reason->kind != AFFINITY__V1__REASON_KIND__REASON_KIND_EXPLORATION)
+                continue;
+            explored++;
+            cr_assert_str_eq(resp->hits[i]->id, "brand-new", "seed %llu", (unsigned long long)seed);
+        }
+        cr_assert_eq(explored, 1, "seed %llu", (unsigned long long)seed);
+        transport_client_free(&resp->base);
+    }
 }
