@@ -159,7 +159,7 @@ static int run_engine(bench_ctx *c, uint32_t nq, uint32_t k, const aff_filter *f
     for (uint32_t i = 0; i < nq; i++)
         qs[i] = (aff_query){
             .vector = c->queries + (size_t)(off + i) * c->dim, .dim = c->dim, .k = k, .filter = f};
-    int rc = engine_search(c->engine, c->coll, qs, nq, hits, n_hits, errs);
+    int rc = engine_search(c->engine, NULL, c->coll, qs, nq, hits, n_hits, errs);
     if (rc != AFF_OK) fprintf(stderr, "engine_search: %s\n", errs[0].msg);
     return rc;
 }

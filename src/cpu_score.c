@@ -859,10 +859,11 @@ static kernel_desc pick_kernel(const cpu_codes *c, backend_cpu_isa isa)
 
 /* ---- search ----------------------------------------------------------------------------- */
 
-/* The wide copy of n packed query words (each repeated 8 times), or NULL when out of memory. */
-static uint32_t *widen(const uint32_t *qpack, size_t n)
+/* The wide copy of n packed query words (each repeated 8 times), taken from scratch (64-byte
+ * aligned), or NULL when out of memory. */
+static uint32_t *widen(const uint32_t *qpack, size_t n, aff_scratch *scratch)
 {
-    uint32_t *w = aligned_alloc(32, (n * 8 * sizeof *w + 31) & ~(size_t)31);
+    uint32_t *w = aff_scratch_array(scratch, n * 8, sizeof *w);
     if (w)
         for (size_t i = 0; i < n; i++)
             for (int l = 0; l < 8; l++)
@@ -876,12 +877,14 @@ int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uin
     const kernel_desc kd = pick_kernel(c, isa);
     cpu_query qc;
     uint32_t *qwide = NULL;
-    uint32_t *qpack = malloc((size_t)c->steps * sizeof *qpack);
-    float *qf = malloc((size_t)c->steps * 2 * sizeof *qf);
+    aff_scratch *scratch;
     int rc = AFF_ENOMEM;
+    if (aff_scratch_create(&scratch) != AFF_OK) return rc;
+    uint32_t *qpack = aff_scratch_array(scratch, c->steps, sizeof *qpack);
+    float *qf = aff_scratch_array(scratch, (size_t)c->steps * 2, sizeof *qf);
     if (!qpack || !qf) goto out;
     query_prepare(c, &kd, q, &qc, qpack, qf);
-    qwide = kd.wide ? widen(qpack, c->steps) : NULL;
+    qwide = kd.wide ? widen(qpack, c->steps, scratch) : NULL;
     if (kd.wide && !qwide) goto out;
     cpu_hit hits[8];
     const float thresh = -INFINITY;
@@ -905,9 +908,7 @@ int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uin
         rc = AFF_OK;
     }
 out:
-    free(qwide);
-    free(qf);
-    free(qpack);
+    aff_scratch_destroy(scratch);
     return rc;
 }
 
@@ -922,11 +923,14 @@ typedef struct cand {
 } cand;
 
 /* One query's state in one thread: the k largest lower bounds seen (their k-th is L) and the
- * rows whose upper bound reached L when they were seen. */
+ * rows whose upper bound reached L when they were seen. The heap and the first candidate list
+ * come from the search's arena; a list that outgrows it moves to the heap (c_owned), since
+ * OpenMP threads cannot take from the arena. */
 typedef struct qstate {
     topk_heap lo;
     cand *c;
     uint32_t n, cap;
+    bool c_owned; /* c was malloc'ed here and is freed at the end of the search */
 } qstate;
 
 static float lower_threshold(const qstate *st)
@@ -953,9 +957,12 @@ static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st,
             if (st->c[i].hi >= L) st->c[m++] = st->c[i];
         st->n = m;
         if (m > st->cap / 2) {
-            cand *grown = realloc(st->c, (size_t)st->cap * 2 * sizeof *grown);
+            cand *grown = st->c_owned ? realloc(st->c, (size_t)st->cap * 2 * sizeof *grown)
+                                      : malloc((size_t)st->cap * 2 * sizeof *grown);
             if (!grown) return false;
+            if (!st->c_owned) memcpy(grown, st->c, st->n * sizeof *grown);
             st->c = grown;
+            st->c_owned = true;
             st->cap *= 2;
         }
     }
@@ -990,28 +997,38 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
 
     int rc = AFF_OK;
     uint32_t *qwide = NULL;
-    cpu_query *qc = malloc(nq * sizeof *qc);
-    uint32_t *qpack = malloc((size_t)nq * steps * sizeof *qpack);
-    float *qf = malloc((size_t)nq * steps * 2 * sizeof *qf);
-    cpu_hit *hits = malloc((size_t)nthreads * tile * 8 * GROUP * sizeof *hits);
-    qstate *states = calloc((size_t)nthreads * nq, sizeof *states);
-    if (!qc || !qpack || !qf || !hits || !states) {
+    /* Every temporary array comes from the caller's arena (or one of this call's own), taken
+     * here on the calling thread; only candidate lists that outgrow theirs use the heap. */
+    aff_scratch *tmp, *scratch = aff_scratch_or_temp(s->scratch, &tmp);
+    if (!scratch) return aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
+    cpu_query *qc = aff_scratch_array(scratch, nq, sizeof *qc);
+    uint32_t *qpack = aff_scratch_array(scratch, (size_t)nq * steps, sizeof *qpack);
+    float *qf = aff_scratch_array(scratch, (size_t)nq * steps * 2, sizeof *qf);
+    cpu_hit *hits = aff_scratch_array(scratch, (size_t)nthreads * tile * 8 * GROUP, sizeof *hits);
+    qstate *states = aff_scratch_zero(scratch, (size_t)nthreads * nq * sizeof *states);
+    topk_heap *exact = aff_scratch_array(scratch, nq, sizeof *exact);
+    if (!qc || !qpack || !qf || !hits || !states || !exact) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
         goto out;
     }
     for (size_t i = 0; i < (size_t)nthreads * nq; i++) {
         qstate *st = &states[i];
         st->cap = 2 * s->k[i % nq] + 64;
-        st->c = malloc(st->cap * sizeof *st->c);
-        if (!st->c || topk_init(&st->lo, s->k[i % nq]) != AFF_OK) {
+        st->c = aff_scratch_array(scratch, st->cap, sizeof *st->c);
+        if (!st->c || topk_init(&st->lo, s->k[i % nq], scratch) != AFF_OK) {
             rc = aff__fail(err, AFF_ENOMEM, "out of memory for candidate lists");
             goto out;
         }
     }
-    for (uint32_t q = 0; q < nq; q++)
+    for (uint32_t q = 0; q < nq; q++) {
+        if (topk_init(&exact[q], s->k[q], scratch) != AFF_OK) {
+            rc = aff__fail(err, AFF_ENOMEM, "out of memory for re-ranking heaps");
+            goto out;
+        }
         query_prepare(c, &kd, s->queries + (size_t)q * dim, &qc[q], qpack + (size_t)q * steps,
                       qf + (size_t)q * steps * 2);
-    if (kd.wide && !(qwide = widen(qpack, (size_t)nq * steps))) {
+    }
+    if (kd.wide && !(qwide = widen(qpack, (size_t)nq * steps, scratch))) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for %u queries", nq);
         goto out;
     }
@@ -1072,11 +1089,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
             topk_merge(&st->lo, &states[(size_t)th * nq + q].lo);
         const float L = lower_threshold(st);
         const float *qv = s->queries + (size_t)q * dim;
-        topk_heap ex;
-        if (topk_init(&ex, s->k[q]) != AFF_OK) {
-            atomic_store(&failed, 1);
-            continue;
-        }
+        topk_heap ex = exact[q];
         for (int th = 0; th < nthreads; th++) {
             qstate *ts = &states[(size_t)th * nq + q];
             uint32_t m = 0;
@@ -1102,11 +1115,6 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
             s->out_scores[offsets[q] + i] = ex.scores[i] + shift;
         }
         s->out_counts[q] = n;
-        topk_free(&ex);
-    }
-    if (atomic_load(&failed)) {
-        rc = aff__fail(err, AFF_ENOMEM, "out of memory for re-ranking heaps");
-        goto out;
     }
     if (stats) {
         stats->candidates = reranked;
@@ -1114,15 +1122,8 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     }
 out:
     if (states)
-        for (size_t i = 0; i < (size_t)nthreads * nq; i++) {
-            topk_free(&states[i].lo);
-            free(states[i].c);
-        }
-    free(states);
-    free(hits);
-    free(qwide);
-    free(qf);
-    free(qpack);
-    free(qc);
+        for (size_t i = 0; i < (size_t)nthreads * nq; i++)
+            if (states[i].c_owned) free(states[i].c);
+    aff_scratch_destroy(tmp);
     return rc;
 }

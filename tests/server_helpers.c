@@ -60,7 +60,8 @@ int ts_start(test_server *s, const char *dir, const char *const *args)
 
     const char *argv[64];
     int n = 0;
-    argv[n++] = AFF_BINARY_DIR "/src/affinityd";
+    const char *binary = getenv("AFFINITYD"); /* another build, for measurements */
+    argv[n++] = binary && *binary ? binary : AFF_BINARY_DIR "/src/affinityd";
     argv[n++] = "--listen";
     argv[n++] = "127.0.0.1:0";
     argv[n++] = "--port-file";
