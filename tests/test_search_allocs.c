@@ -60,21 +60,7 @@ static void upsert_catalog(transport_client *cl)
         items[i].price = (float)(i % 50);
         ptrs[i] = &items[i];
     }
-    transport_client_stream *s = NULL;
-    aff_err err;
-    cr_assert_eq(transport_client_stream_open(cl, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
-    Affinity__V1__UpsertItemsRequest req = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
-    req.collection = "shop";
-    req.n_items = N_ITEMS;
-    req.items = ptrs;
-    cr_assert_eq(transport_client_stream_send(s, &req.base, &err), 0);
-    transport_call_status st;
-    Affinity__V1__UpsertItemsResponse *resp = NULL;
-    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
-                                   (ProtobufCMessage **)&resp, &st);
-    cr_assert_eq(st.code, 0, "%s", st.message);
-    transport_client_free(&resp->base);
-    transport_client_stream_destroy(s);
+    ts_upsert_items(cl, "shop", ptrs, N_ITEMS);
 }
 
 static void put_views(transport_client *cl, const char *user)
