@@ -81,7 +81,8 @@ typedef struct bench_ctx {
     float *data;    /* n × dim */
     float *queries; /* QUERY_POOL × dim */
     aff_engine *engine;
-    const char *coll; /* the collection run_engine searches */
+    aff_scratch *arena; /* lent to every engine_search, as a batcher worker lends its own */
+    const char *coll;   /* the collection run_engine searches */
     FaissIndex *faiss;
     char (*ids)[16];
     const char *cat_names[N_CATEGORIES];
@@ -159,7 +160,7 @@ static int run_engine(bench_ctx *c, uint32_t nq, uint32_t k, const aff_filter *f
     for (uint32_t i = 0; i < nq; i++)
         qs[i] = (aff_query){
             .vector = c->queries + (size_t)(off + i) * c->dim, .dim = c->dim, .k = k, .filter = f};
-    int rc = engine_search(c->engine, c->coll, qs, nq, hits, n_hits, errs);
+    int rc = engine_search(c->engine, c->arena, c->coll, qs, nq, hits, n_hits, errs);
     if (rc != AFF_OK) fprintf(stderr, "engine_search: %s\n", errs[0].msg);
     return rc;
 }
@@ -261,8 +262,8 @@ static void rss_kb(long *anon, long *file)
 /* FAISS IndexFlatIP (its best configuration, as above) against the engine with each CPU
  * precision in its own collection, loaded together, measured in interleaved rounds; each also
  * with a category filter passing 10% of the items. Then bytes per item. */
-static int run_precisions(aff_engine *engine, const char *sizes, uint32_t dim, double seconds,
-                          const backend_precision *precs, int n_prec, FILE *out)
+static int run_precisions(aff_engine *engine, aff_scratch *arena, const char *sizes, uint32_t dim,
+                          double seconds, const backend_precision *precs, int n_prec, FILE *out)
 {
     char names[MAX_PREC][32];
     char head[2048];
@@ -301,7 +302,7 @@ static int run_precisions(aff_engine *engine, const char *sizes, uint32_t dim, d
     while (*p) {
         uint32_t n = (uint32_t)strtoul(p, (char **)&p, 10);
         if (*p == ',') p++;
-        bench_ctx c = {.n = n, .dim = dim, .seconds = seconds, .engine = engine};
+        bench_ctx c = {.n = n, .dim = dim, .seconds = seconds, .engine = engine, .arena = arena};
         if (load_data(&c) != 0) return -1;
         for (int i = 0; i < n_prec; i++) {
             snprintf(names[i], sizeof names[i], "bench-%s", cpu_precision_name(precs[i]));
@@ -408,7 +409,8 @@ int main(int argc, char **argv)
     aff_engine *engine;
     aff_err err = {0};
     engine_config cfg = {.backend = ENGINE_BACKEND_CPU};
-    if (engine_create(&engine, &cfg, &err) != AFF_OK) {
+    aff_scratch *arena = NULL;
+    if (engine_create(&engine, &cfg, &err) != AFF_OK || aff_scratch_create(&arena) != AFF_OK) {
         fprintf(stderr, "engine: %s\n", err.msg);
         return 1;
     }
@@ -441,9 +443,10 @@ int main(int argc, char **argv)
             info.device, sysconf(_SC_NPROCESSORS_ONLN), host, dim, ROUNDS, seconds);
         fputs(head, stdout);
         if (out) fputs(head, out);
-        int rc = run_precisions(engine, sizes, dim, seconds, precs, n_prec, out);
+        int rc = run_precisions(engine, arena, sizes, dim, seconds, precs, n_prec, out);
         if (out) fclose(out);
         engine_destroy(engine);
+        aff_scratch_destroy(arena);
         return rc ? 1 : 0;
     }
     char head[1024];
@@ -464,7 +467,7 @@ int main(int argc, char **argv)
     while (*p) {
         uint32_t n = (uint32_t)strtoul(p, (char **)&p, 10);
         if (*p == ',') p++;
-        bench_ctx c = {.n = n, .dim = dim, .seconds = seconds, .engine = engine};
+        bench_ctx c = {.n = n, .dim = dim, .seconds = seconds, .engine = engine, .arena = arena};
         if (load(&c) != 0) {
             fprintf(stderr, "loading N=%u failed\n", n);
             return 1;
@@ -516,5 +519,6 @@ int main(int argc, char **argv)
         fclose(out);
     }
     engine_destroy(engine);
+    aff_scratch_destroy(arena);
     return 0;
 }

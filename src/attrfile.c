@@ -11,134 +11,32 @@
 #include <strings.h>
 
 #include "jsonv.h"
+#include "tablefile.h"
 
 enum { COL_ID, COL_CATEGORY, COL_TAGS, COL_PRICE, COL_AVAILABLE, COL_COUNT };
 static const char *const col_names[COL_COUNT] = {"id", "category", "tags", "price", "available"};
 
-#define MAX_CSV_FIELDS 256
-
 struct attrfile_reader {
-    FILE *f;
-    char path[512];
-    bool jsonl;
-    char *line;
-    size_t line_cap;
-    uint64_t line_no;
-    int col_of[COL_COUNT]; /* CSV: field index of each known column, -1 when absent */
+    tablefile t;
 };
 
 static int fail_at(attrfile_reader *r, aff_err *err, const char *what, const char *detail)
 {
-    return aff__fail(err, AFF_EINVAL, "%s:%llu: %s%s%s", r->path, (unsigned long long)r->line_no,
-                     what, detail ? ": " : "", detail ? detail : "");
-}
-
-int attrfile_csv_split(char *line, char **fields, int max)
-{
-    int n = 0;
-    char *p = line;
-    for (;;) {
-        if (n == max) return -1;
-        if (*p == '"') {
-            char *o = ++p;
-            fields[n++] = o;
-            for (;;) {
-                if (*p == '\0') return -1; /* unterminated quote */
-                if (*p == '"' && p[1] == '"') {
-                    *o++ = '"';
-                    p += 2;
-                } else if (*p == '"') {
-                    p++;
-                    break;
-                } else {
-                    *o++ = *p++;
-                }
-            }
-            *o = '\0';
-            if (*p == ',') {
-                p++;
-                continue;
-            }
-            if (*p == '\0') return n;
-            return -1;
-        }
-        fields[n++] = p;
-        char *comma = strchr(p, ',');
-        if (!comma) return n;
-        *comma = '\0';
-        p = comma + 1;
-    }
-}
-
-static void chomp(char *s)
-{
-    size_t n = strlen(s);
-    while (n && (s[n - 1] == '\n' || s[n - 1] == '\r'))
-        s[--n] = '\0';
-}
-
-static bool blank(const char *s)
-{
-    for (; *s; s++)
-        if (*s != ' ' && *s != '\t') return false;
-    return true;
+    return aff__fail(err, AFF_EINVAL, "%s:%llu: %s%s%s", r->t.path,
+                     (unsigned long long)r->t.line_no, what, detail ? ": " : "",
+                     detail ? detail : "");
 }
 
 int attrfile_open(attrfile_reader **out, const char *path, aff_err *err)
 {
     *out = NULL;
-    const char *dot = strrchr(path, '.');
     bool jsonl;
-    if (dot && strcasecmp(dot, ".csv") == 0)
-        jsonl = false;
-    else if (dot && (strcasecmp(dot, ".jsonl") == 0 || strcasecmp(dot, ".ndjson") == 0))
-        jsonl = true;
-    else
-        return aff__fail(err, AFF_EINVAL, "%s: unknown attribute file type; use .csv or .jsonl",
-                         path);
+    int rc = tablefile_format(path, "attribute", "use .csv or .jsonl", &jsonl, err);
+    if (rc) return rc;
     attrfile_reader *r = calloc(1, sizeof(*r));
     if (!r) return aff__fail(err, AFF_ENOMEM, "out of memory");
-    int rc = AFF_OK;
-    snprintf(r->path, sizeof(r->path), "%s", path);
-    r->jsonl = jsonl;
-    r->f = fopen(path, "r");
-    if (!r->f) {
-        rc = aff__fail(err, AFF_EIO, "%s: cannot open: %s", path, strerror(errno));
-        goto out;
-    }
-    if (!jsonl) {
-        if (getline(&r->line, &r->line_cap, r->f) < 0) {
-            rc = aff__fail(err, AFF_EINVAL, "%s: empty file; a CSV header line is required", path);
-            goto out;
-        }
-        r->line_no = 1;
-        chomp(r->line);
-        char *fields[MAX_CSV_FIELDS];
-        int nf = attrfile_csv_split(r->line, fields, MAX_CSV_FIELDS);
-        if (nf < 0) {
-            rc = fail_at(r, err, "malformed CSV header", NULL);
-            goto out;
-        }
-        for (int c = 0; c < COL_COUNT; c++)
-            r->col_of[c] = -1;
-        for (int i = 0; i < nf; i++) {
-            char *name = fields[i];
-            while (*name == ' ')
-                name++;
-            if (i == 0 && (unsigned char)name[0] == 0xef) /* UTF-8 byte order mark */
-                name += 3;
-            for (int c = 0; c < COL_COUNT; c++)
-                if (strcasecmp(name, col_names[c]) == 0) r->col_of[c] = i;
-        }
-        if (r->col_of[COL_ID] < 0) {
-            rc = fail_at(r, err, "the header has no 'id' column",
-                         "columns are id, category, tags, price, available");
-            goto out;
-        }
-    }
-out:
-    if (rc) {
-        attrfile_close(r);
+    if ((rc = tablefile_open(&r->t, path, jsonl, col_names, COL_COUNT, 1, err))) {
+        free(r);
         return rc;
     }
     *out = r;
@@ -148,14 +46,13 @@ out:
 void attrfile_close(attrfile_reader *r)
 {
     if (!r) return;
-    if (r->f) fclose(r->f);
-    free(r->line);
+    tablefile_close(&r->t);
     free(r);
 }
 
 uint64_t attrfile_line(const attrfile_reader *r)
 {
-    return r->line_no;
+    return r->t.line_no;
 }
 
 static int set_str(attrfile_reader *r, aff_err *err, char *dst, size_t cap, const char *src,
@@ -197,7 +94,7 @@ static int split_tags(attrfile_reader *r, item_record *rec, aff_err *err, const 
 
 static int parse_price(attrfile_reader *r, aff_err *err, const char *s, float *out)
 {
-    if (blank(s)) {
+    if (tablefile_blank(s)) {
         *out = 0;
         return AFF_OK;
     }
@@ -214,7 +111,7 @@ static int parse_price(attrfile_reader *r, aff_err *err, const char *s, float *o
 
 static int parse_available(attrfile_reader *r, aff_err *err, const char *s, bool *out)
 {
-    if (blank(s) || strcasecmp(s, "true") == 0 || strcmp(s, "1") == 0 ||
+    if (tablefile_blank(s) || strcasecmp(s, "true") == 0 || strcmp(s, "1") == 0 ||
         strcasecmp(s, "yes") == 0) {
         *out = true;
         return AFF_OK;
@@ -228,13 +125,10 @@ static int parse_available(attrfile_reader *r, aff_err *err, const char *s, bool
 
 static int next_csv(attrfile_reader *r, item_record *rec, aff_err *err)
 {
-    char *fields[MAX_CSV_FIELDS];
-    int nf = attrfile_csv_split(r->line, fields, MAX_CSV_FIELDS);
-    if (nf < 0)
-        return fail_at(r, err, "malformed CSV line", "unbalanced quotes or too many fields");
     const char *val[COL_COUNT];
-    for (int c = 0; c < COL_COUNT; c++)
-        val[c] = r->col_of[c] >= 0 && r->col_of[c] < nf ? fields[r->col_of[c]] : "";
+    aff_err row_err;
+    if (tablefile_csv_row(&r->t, val, COL_COUNT, &row_err))
+        return fail_at(r, err, row_err.msg, NULL);
     int rc;
     if ((rc = set_str(r, err, rec->id, sizeof(rec->id), val[COL_ID], "id too long")) ||
         (rc = set_str(r, err, rec->category, sizeof(rec->category), val[COL_CATEGORY],
@@ -250,7 +144,7 @@ static int next_jsonl(attrfile_reader *r, item_record *rec, aff_err *err)
 {
     jsonv *v = NULL;
     aff_err jerr = {0};
-    int rc = jsonv_parse(r->line, strlen(r->line), &v, &jerr);
+    int rc = jsonv_parse(r->t.line, strlen(r->t.line), &v, &jerr);
     if (rc) return fail_at(r, err, "not valid JSON", jerr.msg);
     if (v->type != JSONV_OBJECT) {
         rc = fail_at(r, err, "each line must be a JSON object", NULL);
@@ -317,20 +211,11 @@ out:
 
 int attrfile_next(attrfile_reader *r, item_record *rec, aff_err *err)
 {
-    for (;;) {
-        errno = 0;
-        if (getline(&r->line, &r->line_cap, r->f) < 0) {
-            if (ferror(r->f))
-                return aff__fail(err, AFF_EIO, "%s: read failed: %s", r->path, strerror(errno));
-            return 0;
-        }
-        r->line_no++;
-        chomp(r->line);
-        if (!blank(r->line)) break;
-    }
+    int got = tablefile_next_line(&r->t, err);
+    if (got <= 0) return got;
     memset(rec, 0, sizeof(*rec));
     rec->available = true;
-    int rc = r->jsonl ? next_jsonl(r, rec, err) : next_csv(r, rec, err);
+    int rc = r->t.jsonl ? next_jsonl(r, rec, err) : next_csv(r, rec, err);
     if (rc) return rc;
     if (rec->id[0] == '\0') return fail_at(r, err, "empty id", "ids are 1..128 bytes");
     return 1;

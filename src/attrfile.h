@@ -3,7 +3,8 @@
  *
  * CSV (".csv"): a header line names the columns; `id` is required, `category`, `tags`,
  * `price` and `available` are optional, other columns are ignored. Fields may be quoted
- * ("a, b" with "" for a quote). Tags are separated by '|' or ';' within their field.
+ * ("a, b" with "" for a quote; the CSV rules are tablefile.h's). Tags are separated by '|'
+ * or ';' within their field.
  * JSON Lines (".jsonl", ".ndjson"): one object per line with the same member names; `tags`
  * is an array of strings (or one string split like CSV); unknown members are ignored.
  * `available` accepts true/false, 1/0, yes/no (empty: true). Blank lines are skipped.
@@ -30,10 +31,5 @@ void attrfile_close(attrfile_reader *r);
 int attrfile_next(attrfile_reader *r, item_record *rec, aff_err *err);
 /* The line number of the record last returned (1-based), for messages. */
 uint64_t attrfile_line(const attrfile_reader *r);
-
-/* Splits one CSV line (no line break) in place: fields[] point into line, quoted fields are
- * unquoted ("" is a quote). Returns the field count, or -1 for unbalanced quotes or more than
- * max fields. Shared with eventfile.c. */
-int attrfile_csv_split(char *line, char **fields, int max);
 
 #endif

@@ -21,6 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "scratch.h"
 #include "status.h"
 
 typedef enum aff_metric {
@@ -175,6 +176,11 @@ typedef struct backend_search {
     uint32_t *out_rows;
     float *out_scores;
     uint32_t *out_counts;
+    /* The calling worker's arena (scratch.h), already reset by the engine: a backend takes its
+     * temporary arrays from it (never resetting it) on the calling thread, before any parallel
+     * region. NULL (direct calls from tests and tools): the backend uses an arena of its own
+     * for the call. */
+    aff_scratch *scratch;
 } backend_search;
 
 typedef struct backend_info {

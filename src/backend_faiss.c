@@ -481,7 +481,8 @@ static void emit(const faiss_table *t, const backend_search *s, uint32_t q, size
 
 /* Small batches: every thread scans a slice of the rows for all queries, then the per-thread
  * heaps are merged. */
-static int search_scan(faiss_table *t, const backend_search *s, const size_t *offsets, aff_err *err)
+static int search_scan(faiss_table *t, const backend_search *s, const size_t *offsets,
+                       aff_scratch *scratch, aff_err *err)
 {
     const uint32_t nq = s->nq, count = t->count, dim = t->dim;
     const float *xb = flat_rows(t);
@@ -490,13 +491,11 @@ static int search_scan(faiss_table *t, const backend_search *s, const size_t *of
     uint32_t kmax = 0;
     for (uint32_t q = 0; q < nq; q++)
         kmax = s->k[q] > kmax ? s->k[q] : kmax;
-    topk_heap *heaps = calloc((size_t)nthreads * nq, sizeof *heaps);
-    int rc = AFF_OK;
+    topk_heap *heaps = aff_scratch_array(scratch, (size_t)nthreads * nq, sizeof *heaps);
     if (!heaps) return aff__fail(err, AFF_ENOMEM, "out of memory for %u heaps", nthreads * nq);
-    for (int i = 0; i < nthreads * (int)nq && rc == AFF_OK; i++)
-        if (topk_init(&heaps[i], s->k[i % nq]) != AFF_OK)
-            rc = aff__fail(err, AFF_ENOMEM, "out of memory for top-%u heaps", kmax);
-    if (rc != AFF_OK) goto out;
+    for (int i = 0; i < nthreads * (int)nq; i++)
+        if (topk_init(&heaps[i], s->k[i % nq], scratch) != AFF_OK)
+            return aff__fail(err, AFF_ENOMEM, "out of memory for top-%u heaps", kmax);
 
 #pragma omp parallel num_threads(nthreads)
     {
@@ -519,11 +518,7 @@ static int search_scan(faiss_table *t, const backend_search *s, const size_t *of
             topk_merge(&heaps[q], &heaps[(size_t)th * nq + q]);
         emit(t, s, q, offsets[q], &heaps[q]);
     }
-out:
-    for (int i = 0; i < nthreads * (int)nq; i++)
-        topk_free(&heaps[i]);
-    free(heaps);
-    return rc;
+    return AFF_OK;
 }
 
 /* Queries handled per parallel pass of search_split (bounds heap and tile memory). */
@@ -536,7 +531,7 @@ out:
  * single-threaded sgemm, offering every tile to its own per-query heaps; heaps are merged at
  * the end. One parallel region per pass, no BLAS threads. */
 static int search_split(faiss_table *t, const backend_search *s, const size_t *offsets,
-                        aff_err *err)
+                        aff_scratch *scratch, aff_err *err)
 {
     const uint32_t count = t->count;
     const int dim = (int)t->dim;
@@ -545,22 +540,18 @@ static int search_split(faiss_table *t, const backend_search *s, const size_t *o
     const uint32_t group = s->nq < SPLIT_MAX_NQ ? s->nq : SPLIT_MAX_NQ;
     uint32_t tile = SPLIT_TILE_SCORES / group;
     tile = tile < 64 ? 64 : tile > 8192 ? 8192 : tile;
-    float *scores = malloc((size_t)nthreads * group * tile * sizeof *scores);
-    topk_heap *heaps = calloc((size_t)nthreads * group, sizeof *heaps);
+    float *scores = aff_scratch_array(scratch, (size_t)nthreads * group * tile, sizeof *scores);
+    topk_heap *heaps = aff_scratch_array(scratch, (size_t)nthreads * group, sizeof *heaps);
+    if (!scores || !heaps)
+        return aff__fail(err, AFF_ENOMEM, "out of memory for %d x %u x %u scores", nthreads,
+                         group, tile);
     int rc = AFF_OK;
-    if (!scores || !heaps) {
-        rc = aff__fail(err, AFF_ENOMEM, "out of memory for %d x %u x %u scores", nthreads, group,
-                       tile);
-        goto out;
-    }
     const float *xb = flat_rows(t);
     for (uint32_t g0 = 0; g0 < s->nq && rc == AFF_OK; g0 += group) {
         const uint32_t gq = s->nq - g0 < group ? s->nq - g0 : group;
-        for (uint32_t i = 0; i < (uint32_t)nthreads * gq && rc == AFF_OK; i++) {
-            topk_free(&heaps[i]);
-            if (topk_init(&heaps[i], s->k[g0 + i % gq]) != AFF_OK)
+        for (uint32_t i = 0; i < (uint32_t)nthreads * gq && rc == AFF_OK; i++)
+            if (topk_init(&heaps[i], s->k[g0 + i % gq], scratch) != AFF_OK)
                 rc = aff__fail(err, AFF_ENOMEM, "out of memory for top-k heaps");
-        }
         if (rc != AFF_OK) break;
 #pragma omp parallel num_threads(nthreads)
         {
@@ -588,25 +579,19 @@ static int search_split(faiss_table *t, const backend_search *s, const size_t *o
             emit(t, s, g0 + q, offsets[g0 + q], &heaps[q]);
         }
     }
-out:
-    if (heaps)
-        for (size_t i = 0; i < (size_t)nthreads * group; i++)
-            topk_free(&heaps[i]);
-    free(heaps);
-    free(scores);
     return rc;
 }
 
 /* Unfiltered batches through the FAISS HNSW graph. */
 static int search_faiss(faiss_table *t, FaissIndex *index, const backend_search *s,
-                        const size_t *offsets, aff_err *err)
+                        const size_t *offsets, aff_scratch *scratch, aff_err *err)
 {
     uint32_t kmax = 0;
     for (uint32_t q = 0; q < s->nq; q++)
         kmax = s->k[q] > kmax ? s->k[q] : kmax;
     if (kmax > t->count) kmax = t->count;
-    float *dist = malloc((size_t)s->nq * kmax * sizeof *dist);
-    idx_t *labels = malloc((size_t)s->nq * kmax * sizeof *labels);
+    float *dist = aff_scratch_array(scratch, (size_t)s->nq * kmax, sizeof *dist);
+    idx_t *labels = aff_scratch_array(scratch, (size_t)s->nq * kmax, sizeof *labels);
     int rc = AFF_OK;
     if (!dist || !labels) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for %u x %u results", s->nq, kmax);
@@ -633,17 +618,24 @@ static int search_faiss(faiss_table *t, FaissIndex *index, const backend_search 
         s->out_counts[q] = n;
     }
 out:
-    free(dist);
-    free(labels);
     return rc;
 }
 
-static int faiss_table_search(backend_table *bt, const backend_search *s, aff_err *err)
+static int faiss_table_search(backend_table *bt, const backend_search *req, aff_err *err)
 {
     faiss_table *t = (faiss_table *)bt;
-    if (s->nq == 0) return AFF_OK;
-    size_t *offsets = malloc(s->nq * sizeof *offsets);
-    if (!offsets) return aff__fail(err, AFF_ENOMEM, "out of memory");
+    if (req->nq == 0) return AFF_OK;
+    /* Every path below takes its temporary arrays from the caller's arena (or one of its own
+     * for a direct call). */
+    aff_scratch *tmp, *scratch = aff_scratch_or_temp(req->scratch, &tmp);
+    size_t *offsets = scratch ? aff_scratch_array(scratch, req->nq, sizeof *offsets) : NULL;
+    if (!offsets) {
+        aff_scratch_destroy(tmp);
+        return aff__fail(err, AFF_ENOMEM, "out of memory");
+    }
+    backend_search with = *req;
+    with.scratch = scratch;
+    const backend_search *s = &with;
     size_t off = 0;
     bool any_filter = false;
     for (uint32_t q = 0; q < s->nq; q++) {
@@ -657,7 +649,7 @@ static int faiss_table_search(backend_table *bt, const backend_search *s, aff_er
     if (t->hnsw && !any_filter) {
         pthread_mutex_lock(&t->hnsw_lock);
         if (!t->hnsw_stale || (rc = hnsw_build(t, err)) == AFF_OK)
-            rc = search_faiss(t, t->hnsw, s, offsets, err);
+            rc = search_faiss(t, t->hnsw, s, offsets, scratch, err);
         pthread_mutex_unlock(&t->hnsw_lock);
     } else if (quantized(t)) {
         cpu_search_table st = {.codes = &t->codes,
@@ -670,12 +662,12 @@ static int faiss_table_search(backend_table *bt, const backend_search *s, aff_er
                                .threads = t->owner->threads};
         rc = cpu_score_search(&st, s, offsets, NULL, err);
     } else if (s->nq < SCAN_MAX_NQ) {
-        rc = search_scan(t, s, offsets, err);
+        rc = search_scan(t, s, offsets, scratch, err);
     } else {
-        rc = search_split(t, s, offsets, err);
+        rc = search_split(t, s, offsets, scratch, err);
     }
 out:
-    free(offsets);
+    aff_scratch_destroy(tmp);
     return rc;
 }
 

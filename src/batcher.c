@@ -21,8 +21,10 @@ typedef struct bqueue {
     struct bqueue *next;
 } bqueue;
 
-/* A worker's reusable buffers for packing one batch; grown, never shrunk. */
+/* A worker's reusable buffers for packing one batch; grown, never shrunk. Owned by the
+ * worker thread (worker_main) and freed when it exits. */
 typedef struct bscratch {
+    aff_scratch *arena; /* lent to the executor for each batch; NULL if it could not be made */
     aff_query *queries;
     size_t queries_cap;
     aff_rerank_query *rerank;
@@ -67,16 +69,18 @@ static struct timespec abs_time(int64_t ns)
 
 /* ---- the engine executor ---------------------------------------------------------------- */
 
-static int exec_engine_search(void *ctx, const char *collection, const aff_query *queries,
-                              size_t nq, aff_hit *hits, uint32_t *n_hits, aff_err *query_errs)
+static int exec_engine_search(void *ctx, aff_scratch *scratch, const char *collection,
+                              const aff_query *queries, size_t nq, aff_hit *hits,
+                              uint32_t *n_hits, aff_err *query_errs)
 {
-    return engine_search(ctx, collection, queries, nq, hits, n_hits, query_errs);
+    return engine_search(ctx, scratch, collection, queries, nq, hits, n_hits, query_errs);
 }
 
-static int exec_engine_rerank(void *ctx, const char *collection, const aff_rerank_query *queries,
-                              size_t nq, aff_rerank_hit *out, aff_err *query_errs)
+static int exec_engine_rerank(void *ctx, aff_scratch *scratch, const char *collection,
+                              const aff_rerank_query *queries, size_t nq, aff_rerank_hit *out,
+                              aff_err *query_errs)
 {
-    return engine_rerank(ctx, collection, queries, nq, out, query_errs);
+    return engine_rerank(ctx, scratch, collection, queries, nq, out, query_errs);
 }
 
 batcher_exec batcher_engine_exec(aff_engine *e)
@@ -107,6 +111,7 @@ static void scratch_free(bscratch *s)
     free(s->rerank_out);
     free(s->n_hits);
     free(s->errs);
+    aff_scratch_destroy(s->arena);
 }
 
 /* Output slots one request needs: sum of k (SEARCH) or of candidate counts (RERANK). */
@@ -176,9 +181,10 @@ static void run_batch(batcher *b, bscratch *s, const char *collection, batcher_k
         }
     }
     if (kind == BATCHER_SEARCH)
-        b->exec.search(b->exec.ctx, collection, s->queries, nq, s->hits, s->n_hits, s->errs);
+        b->exec.search(b->exec.ctx, s->arena, collection, s->queries, nq, s->hits, s->n_hits,
+                       s->errs);
     else
-        b->exec.rerank(b->exec.ctx, collection, s->rerank, nq, s->rerank_out, s->errs);
+        b->exec.rerank(b->exec.ctx, s->arena, collection, s->rerank, nq, s->rerank_out, s->errs);
 
     /* Hand each request its slice of the outputs, then complete it. */
     qi = 0;
@@ -225,6 +231,7 @@ static void *worker_main(void *arg)
 {
     batcher *b = arg;
     bscratch s = {0};
+    if (aff_scratch_create(&s.arena) != AFF_OK) s.arena = NULL; /* the engine makes its own */
     char collection[AFF_MAX_NAME_LEN + 1];
 
     pthread_mutex_lock(&b->mu);

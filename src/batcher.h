@@ -72,12 +72,16 @@ struct batcher_request {
     int64_t enqueued_ns;
 };
 
-/* Runs one packed batch. The default executor calls the engine; tests plug in their own. */
+/* Runs one packed batch. The default executor calls the engine; tests plug in their own.
+ * scratch is the calling worker's arena (scratch.h): each worker owns one for its lifetime and
+ * lends it to every batch it runs, so a warmed-up worker computes without heap allocations. */
 typedef struct batcher_exec {
-    int (*search)(void *ctx, const char *collection, const aff_query *queries, size_t nq,
-                  aff_hit *hits, uint32_t *n_hits, aff_err *query_errs);
-    int (*rerank)(void *ctx, const char *collection, const aff_rerank_query *queries, size_t nq,
-                  aff_rerank_hit *out, aff_err *query_errs);
+    int (*search)(void *ctx, aff_scratch *scratch, const char *collection,
+                  const aff_query *queries, size_t nq, aff_hit *hits, uint32_t *n_hits,
+                  aff_err *query_errs);
+    int (*rerank)(void *ctx, aff_scratch *scratch, const char *collection,
+                  const aff_rerank_query *queries, size_t nq, aff_rerank_hit *out,
+                  aff_err *query_errs);
     void *ctx;
 } batcher_exec;
 

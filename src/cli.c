@@ -1039,8 +1039,7 @@ static int cmd_load(cli *c, int argc, char **argv)
         }
         if (n == 0) break;
         for (size_t i = 0; i < n; i++) {
-            Affinity__V1__Item init = AFFINITY__V1__ITEM__INIT;
-            items[i] = init;
+            affinity__v1__item__init(&items[i]);
             if (ar) {
                 int got = vr ? attrfile_next(ar, &recs[i], &err) : 1;
                 if (got < 0) {
@@ -1056,15 +1055,7 @@ static int cmd_load(cli *c, int argc, char **argv)
                     rc = EXIT_USAGE;
                     goto out;
                 }
-                items[i].id = recs[i].id;
-                items[i].category = recs[i].category;
-                items[i].price = recs[i].price;
-                items[i].available = recs[i].available;
-                items[i].available_set = 1;
-                items[i].n_tags = recs[i].n_tags;
-                items[i].tags = tag_ptrs + i * AFF_MAX_TAGS_PER_ITEM;
-                for (uint32_t t = 0; t < recs[i].n_tags; t++)
-                    items[i].tags[t] = recs[i].tags[t];
+                transport_item_to_pb(&recs[i], tag_ptrs + i * AFF_MAX_TAGS_PER_ITEM, &items[i]);
             } else {
                 snprintf(ids[i], sizeof(ids[i]), "%s%llu", id_prefix,
                          (unsigned long long)(sent + i));

@@ -888,10 +888,11 @@ static kernel_desc pick_kernel(const cpu_codes *c, backend_cpu_isa isa)
 
 /* ---- search ----------------------------------------------------------------------------- */
 
-/* The wide copy of n packed query words (each repeated 8 times), or NULL when out of memory. */
-static uint32_t *widen(const uint32_t *qpack, size_t n)
+/* The wide copy of n packed query words (each repeated 8 times), taken from scratch (64-byte
+ * aligned), or NULL when out of memory. */
+static uint32_t *widen(const uint32_t *qpack, size_t n, aff_scratch *scratch)
 {
-    uint32_t *w = aligned_alloc(32, (n * 8 * sizeof *w + 31) & ~(size_t)31);
+    uint32_t *w = aff_scratch_array(scratch, n * 8, sizeof *w);
     if (w)
         for (size_t i = 0; i < n; i++)
             for (int l = 0; l < 8; l++)
@@ -905,12 +906,14 @@ int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uin
     const kernel_desc kd = pick_kernel(c, isa);
     cpu_query qc;
     uint32_t *qwide = NULL;
-    uint32_t *qpack = malloc((size_t)c->steps * sizeof *qpack);
-    float *qf = malloc((size_t)c->steps * 2 * sizeof *qf);
+    aff_scratch *scratch;
     int rc = AFF_ENOMEM;
+    if (aff_scratch_create(&scratch) != AFF_OK) return rc;
+    uint32_t *qpack = aff_scratch_array(scratch, c->steps, sizeof *qpack);
+    float *qf = aff_scratch_array(scratch, (size_t)c->steps * 2, sizeof *qf);
     if (!qpack || !qf) goto out;
     query_prepare(c, &kd, q, &qc, qpack, qf);
-    qwide = kd.wide ? widen(qpack, c->steps) : NULL;
+    qwide = kd.wide ? widen(qpack, c->steps, scratch) : NULL;
     if (kd.wide && !qwide) goto out;
     cpu_hit hits[8];
     float thresh = -INFINITY;
@@ -934,9 +937,7 @@ int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uin
         rc = AFF_OK;
     }
 out:
-    free(qwide);
-    free(qf);
-    free(qpack);
+    aff_scratch_destroy(scratch);
     return rc;
 }
 
@@ -951,11 +952,14 @@ typedef struct cand {
 } cand;
 
 /* One query's state in one thread: the k largest lower bounds seen (their k-th is L) and the
- * rows whose upper bound reached L when they were seen. */
+ * rows whose upper bound reached L when they were seen. The heap and the first candidate list
+ * come from the search's arena; a list that outgrows it moves to the heap (c_owned), since
+ * OpenMP threads cannot take from the arena. */
 typedef struct qstate {
     topk_heap lo;
     cand *c;
     uint32_t n, cap;
+    bool c_owned; /* c was malloc'ed here and is freed at the end of the search */
 } qstate;
 
 static float lower_threshold(const qstate *st)
@@ -982,9 +986,12 @@ static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st,
             if (st->c[i].hi >= L) st->c[m++] = st->c[i];
         st->n = m;
         if (m > st->cap / 2) {
-            cand *grown = realloc(st->c, (size_t)st->cap * 2 * sizeof *grown);
+            cand *grown = st->c_owned ? realloc(st->c, (size_t)st->cap * 2 * sizeof *grown)
+                                      : malloc((size_t)st->cap * 2 * sizeof *grown);
             if (!grown) return false;
+            if (!st->c_owned) memcpy(grown, st->c, st->n * sizeof *grown);
             st->c = grown;
+            st->c_owned = true;
             st->cap *= 2;
         }
     }
@@ -1090,15 +1097,21 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
 
     int rc = AFF_OK;
     uint32_t *qwide = NULL;
-    cpu_query *qc = malloc(nq * sizeof *qc);
+    /* Every temporary array comes from the caller's arena (or one of this call's own), taken
+     * here on the calling thread; only candidate lists that outgrow theirs use the heap. */
+    aff_scratch *tmp, *scratch = aff_scratch_or_temp(s->scratch, &tmp);
+    if (!scratch) return aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
+    cpu_query *qc = aff_scratch_array(scratch, nq, sizeof *qc);
     uint64_t *qcats = NULL; /* per scanned vector, when some filter restricts categories */
     uint64_t *mcats = NULL; /* per query, then */
-    uint32_t *qpack = malloc((size_t)nq * steps * sizeof *qpack);
-    float *qf = malloc((size_t)nq * steps * 2 * sizeof *qf);
-    qstate *states = calloc((size_t)nthreads * nq, sizeof *states);
+    uint32_t *qpack = aff_scratch_array(scratch, (size_t)nq * steps, sizeof *qpack);
+    float *qf = aff_scratch_array(scratch, (size_t)nq * steps * 2, sizeof *qf);
+    qstate *states = aff_scratch_zero(scratch, (size_t)nthreads * nq * sizeof *states);
+    topk_heap *exact = aff_scratch_array(scratch, nq, sizeof *exact);
     /* Queries with the same vector (s->same_as) share one scan and keep their own heaps. */
-    uint32_t *phys = malloc(nq * sizeof *phys), *fam = malloc(nq * sizeof *fam), np = 0;
-    if (!qc || !qpack || !qf || !states || !phys || !fam) {
+    uint32_t *phys = aff_scratch_array(scratch, nq, sizeof *phys);
+    uint32_t *fam = aff_scratch_array(scratch, nq, sizeof *fam), np = 0;
+    if (!qc || !qpack || !qf || !states || !exact || !phys || !fam) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
         goto out;
     }
@@ -1116,8 +1129,8 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     }
     for (uint32_t q = 0; q < nq && t->block_cats && !qcats; q++)
         if (filter_cats(filter_of(s, q)) != ~(uint64_t)0) {
-            qcats = malloc(np * sizeof *qcats);
-            mcats = malloc(nq * sizeof *mcats);
+            qcats = aff_scratch_array(scratch, np, sizeof *qcats);
+            mcats = aff_scratch_array(scratch, nq, sizeof *mcats);
             if (!qcats || !mcats) {
                 rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
                 goto out;
@@ -1133,16 +1146,21 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     for (size_t i = 0; i < (size_t)nthreads * nq; i++) {
         qstate *st = &states[i];
         st->cap = 2 * s->k[i % nq] + 64;
-        st->c = malloc(st->cap * sizeof *st->c);
-        if (!st->c || topk_init(&st->lo, s->k[i % nq]) != AFF_OK) {
+        st->c = aff_scratch_array(scratch, st->cap, sizeof *st->c);
+        if (!st->c || topk_init(&st->lo, s->k[i % nq], scratch) != AFF_OK) {
             rc = aff__fail(err, AFF_ENOMEM, "out of memory for candidate lists");
             goto out;
         }
     }
+    for (uint32_t q = 0; q < nq; q++)
+        if (topk_init(&exact[q], s->k[q], scratch) != AFF_OK) {
+            rc = aff__fail(err, AFF_ENOMEM, "out of memory for re-ranking heaps");
+            goto out;
+        }
     for (uint32_t pi = 0; pi < np; pi++)
         query_prepare(c, &kd, s->queries + (size_t)phys[pi] * dim, &qc[pi],
                       qpack + (size_t)pi * steps, qf + (size_t)pi * steps * 2);
-    if (kd.wide && !(qwide = widen(qpack, (size_t)np * steps))) {
+    if (kd.wide && !(qwide = widen(qpack, (size_t)np * steps, scratch))) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for %u queries", nq);
         goto out;
     }
@@ -1205,11 +1223,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
             topk_merge(&st->lo, &states[(size_t)th * nq + q].lo);
         const float L = lower_threshold(st);
         const float *qv = s->queries + (size_t)q * dim;
-        topk_heap ex;
-        if (topk_init(&ex, s->k[q]) != AFF_OK) {
-            atomic_store(&failed, 1);
-            continue;
-        }
+        topk_heap ex = exact[q];
         for (int th = 0; th < nthreads; th++) {
             qstate *ts = &states[(size_t)th * nq + q];
             uint32_t m = 0;
@@ -1235,11 +1249,6 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
             s->out_scores[offsets[q] + i] = ex.scores[i] + shift;
         }
         s->out_counts[q] = n;
-        topk_free(&ex);
-    }
-    if (atomic_load(&failed)) {
-        rc = aff__fail(err, AFF_ENOMEM, "out of memory for re-ranking heaps");
-        goto out;
     }
     if (stats) {
         stats->candidates = reranked;
@@ -1247,18 +1256,8 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     }
 out:
     if (states)
-        for (size_t i = 0; i < (size_t)nthreads * nq; i++) {
-            topk_free(&states[i].lo);
-            free(states[i].c);
-        }
-    free(states);
-    free(qwide);
-    free(qf);
-    free(qpack);
-    free(qcats);
-    free(phys);
-    free(mcats);
-    free(fam);
-    free(qc);
+        for (size_t i = 0; i < (size_t)nthreads * nq; i++)
+            if (states[i].c_owned) free(states[i].c);
+    aff_scratch_destroy(tmp);
     return rc;
 }

@@ -813,24 +813,12 @@ out_release:
 
 /* ---- filters ------------------------------------------------------------------------------ */
 
-/* A filter compiled into row space; owns its arrays. */
+/* A filter compiled into row space; its arrays come from a scratch arena (valid until the
+ * arena's next reset). */
 typedef struct compiled_filter {
     backend_filter f;
-    uint64_t *category_bits;
-    uint32_t *tags;
-    uint32_t *exclude_rows;
-    uint32_t *exclude_tags;
     bool matches_nothing; /* e.g. only unknown categories were asked for */
 } compiled_filter;
-
-static void compiled_filter_free(compiled_filter *cf)
-{
-    free(cf->category_bits);
-    free(cf->tags);
-    free(cf->exclude_rows);
-    free(cf->exclude_tags);
-    *cf = (compiled_filter){0};
-}
 
 static int validate_filter(const aff_filter *f, aff_err *err)
 {
@@ -859,41 +847,44 @@ static int validate_filter(const aff_filter *f, aff_err *err)
     return AFF_OK;
 }
 
-/* Compiles f (may be NULL) for collection c plus an optional excluded row (UINT32_MAX: none).
- * The caller holds c->lock. */
+/* Compiles f (may be NULL) for collection c plus an optional excluded row (UINT32_MAX: none),
+ * with its arrays taken from scratch. The caller holds c->lock. */
 static int compile_filter(const collection *c, const aff_filter *f, uint32_t self_row,
-                          compiled_filter *cf, aff_err *err)
+                          aff_scratch *scratch, compiled_filter *cf, aff_err *err)
 {
     *cf = (compiled_filter){0};
     backend_filter_init(&cf->f);
     uint32_t n_ex = (f ? f->n_exclude_ids : 0) + (self_row != UINT32_MAX);
     if (n_ex) {
-        if (!(cf->exclude_rows = malloc(n_ex * sizeof *cf->exclude_rows))) goto nomem;
+        uint32_t *rows = aff_scratch_array(scratch, n_ex, sizeof *rows);
+        if (!rows) goto nomem;
         uint32_t m = 0;
         for (uint32_t i = 0; f && i < f->n_exclude_ids; i++) {
             uint32_t row;
-            if (strmap_get(c->ids, f->exclude_ids[i], &row)) cf->exclude_rows[m++] = row;
+            if (strmap_get(c->ids, f->exclude_ids[i], &row)) rows[m++] = row;
         }
-        if (self_row != UINT32_MAX) cf->exclude_rows[m++] = self_row;
-        cf->f.n_exclude_rows = sort_unique(cf->exclude_rows, m);
-        cf->f.exclude_rows = cf->exclude_rows;
+        if (self_row != UINT32_MAX) rows[m++] = self_row;
+        cf->f.n_exclude_rows = sort_unique(rows, m);
+        cf->f.exclude_rows = rows;
     }
     if (!f) return AFF_OK;
     cf->f.price_min = f->price_min;
     cf->f.price_max = f->price_max;
     cf->f.available_only = f->available_only;
+    uint64_t *category_bits = NULL;
     if (f->n_categories) {
         uint32_t words = (c->categories.next + 63) / 64;
-        if (!(cf->category_bits = calloc(words, sizeof *cf->category_bits))) goto nomem;
+        if (!(category_bits = aff_scratch_zero(scratch, words * sizeof *category_bits)))
+            goto nomem;
         bool any = false;
         for (uint32_t i = 0; i < f->n_categories; i++) {
             uint32_t id;
             if (strmap_get(c->categories.map, f->categories[i], &id)) {
-                cf->category_bits[id >> 6] |= (uint64_t)1 << (id & 63);
+                category_bits[id >> 6] |= (uint64_t)1 << (id & 63);
                 any = true;
             }
         }
-        cf->f.category_bits = cf->category_bits;
+        cf->f.category_bits = category_bits;
         cf->f.category_words = words;
         cf->matches_nothing |= !any;
     }
@@ -901,46 +892,48 @@ static int compile_filter(const collection *c, const aff_filter *f, uint32_t sel
         /* None-of categories: the complement as an any-of set (category 0, "none", passes),
          * intersected with the any-of set when there is one. Every backend reads it as is. */
         uint32_t words = (c->categories.next + 63) / 64;
-        if (!cf->category_bits) {
-            if (!(cf->category_bits = calloc(words ? words : 1, sizeof *cf->category_bits)))
+        if (!category_bits) {
+            if (!(category_bits =
+                      aff_scratch_zero(scratch, (words ? words : 1) * sizeof *category_bits)))
                 goto nomem;
             for (uint32_t id = 0; id < c->categories.next; id++)
-                cf->category_bits[id >> 6] |= (uint64_t)1 << (id & 63);
-            cf->f.category_bits = cf->category_bits;
+                category_bits[id >> 6] |= (uint64_t)1 << (id & 63);
+            cf->f.category_bits = category_bits;
             cf->f.category_words = words;
         }
         for (uint32_t i = 0; i < f->n_exclude_categories; i++) {
             uint32_t id;
             if (strmap_get(c->categories.map, f->exclude_categories[i], &id))
-                cf->category_bits[id >> 6] &= ~((uint64_t)1 << (id & 63));
+                category_bits[id >> 6] &= ~((uint64_t)1 << (id & 63));
         }
     }
     if (f->n_exclude_tags) {
-        if (!(cf->exclude_tags = malloc(f->n_exclude_tags * sizeof *cf->exclude_tags))) goto nomem;
+        uint32_t *tags = aff_scratch_array(scratch, f->n_exclude_tags, sizeof *tags);
+        if (!tags) goto nomem;
         uint32_t m = 0;
         for (uint32_t i = 0; i < f->n_exclude_tags; i++)
-            if (strmap_get(c->tags.map, f->exclude_tags[i], &cf->exclude_tags[m])) m++;
-        m = sort_unique(cf->exclude_tags, m);
+            if (strmap_get(c->tags.map, f->exclude_tags[i], &tags[m])) m++;
+        m = sort_unique(tags, m);
         for (uint32_t i = 0; i < m; i++)
-            cf->f.exclude_tag_bloom |= backend_tag_bit(cf->exclude_tags[i]);
-        cf->f.exclude_tags = cf->exclude_tags;
+            cf->f.exclude_tag_bloom |= backend_tag_bit(tags[i]);
+        cf->f.exclude_tags = tags;
         cf->f.n_exclude_tags = m;
     }
     if (f->n_tags) {
-        if (!(cf->tags = malloc(f->n_tags * sizeof *cf->tags))) goto nomem;
+        uint32_t *tags = aff_scratch_array(scratch, f->n_tags, sizeof *tags);
+        if (!tags) goto nomem;
         uint32_t m = 0;
         for (uint32_t i = 0; i < f->n_tags; i++)
-            if (strmap_get(c->tags.map, f->tags[i], &cf->tags[m])) m++;
-        m = sort_unique(cf->tags, m);
+            if (strmap_get(c->tags.map, f->tags[i], &tags[m])) m++;
+        m = sort_unique(tags, m);
         for (uint32_t i = 0; i < m; i++)
-            cf->f.tag_bloom |= backend_tag_bit(cf->tags[i]);
-        cf->f.tags = cf->tags;
+            cf->f.tag_bloom |= backend_tag_bit(tags[i]);
+        cf->f.tags = tags;
         cf->f.n_tags = m;
         cf->matches_nothing |= m == 0;
     }
     return AFF_OK;
 nomem:
-    compiled_filter_free(cf);
     return aff__fail(err, AFF_ENOMEM, "out of memory compiling a filter");
 }
 
@@ -1019,8 +1012,9 @@ static uint32_t *same_vectors(const float *qbuf, uint32_t nb, uint32_t dim)
     return same;
 }
 
-int engine_search(aff_engine *e, const char *name, const aff_query *queries, size_t nq,
-                  aff_hit *hits, uint32_t *n_hits, aff_err *query_errs)
+int engine_search(aff_engine *e, aff_scratch *scratch, const char *name,
+                  const aff_query *queries, size_t nq, aff_hit *hits, uint32_t *n_hits,
+                  aff_err *query_errs)
 {
     for (size_t i = 0; i < nq; i++)
         n_hits[i] = 0;
@@ -1028,12 +1022,14 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
     collection *c;
     int rc = acquire_for_batch(e, name, nq, query_errs, &c);
     if (rc != AFF_OK) return rc;
-    size_t *offsets = malloc(nq * sizeof *offsets);
-    uint32_t *batch_of = malloc(nq * sizeof *batch_of); /* batch slot -> query index */
-    uint32_t *ks = malloc(nq * sizeof *ks);
-    compiled_filter *cfs = calloc(nq, sizeof *cfs);
-    const backend_filter **fps = calloc(nq, sizeof *fps);
-    float *qbuf = malloc(nq * c->dim * sizeof *qbuf);
+    if (scratch) aff_scratch_reset(scratch);
+    aff_scratch *tmp, *sc = aff_scratch_or_temp(scratch, &tmp);
+    size_t *offsets = sc ? aff_scratch_array(sc, nq, sizeof *offsets) : NULL;
+    uint32_t *batch_of = sc ? aff_scratch_array(sc, nq, sizeof *batch_of) : NULL;
+    uint32_t *ks = sc ? aff_scratch_array(sc, nq, sizeof *ks) : NULL;
+    compiled_filter *cfs = sc ? aff_scratch_array(sc, nq, sizeof *cfs) : NULL;
+    const backend_filter **fps = sc ? aff_scratch_array(sc, nq, sizeof *fps) : NULL;
+    float *qbuf = sc ? aff_scratch_array(sc, nq * c->dim, sizeof *qbuf) : NULL;
     uint32_t *rows = NULL, *counts = NULL;
     float *scores = NULL;
     bool locked = false;
@@ -1066,20 +1062,17 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
             }
             if (c->ops->table_read(c->table, &self, 1, qv, &query_errs[i]) != AFF_OK) continue;
         }
-        if (compile_filter(c, q->filter, self, &cfs[nb], &query_errs[i]) != AFF_OK) continue;
-        if (cfs[nb].matches_nothing) {
-            compiled_filter_free(&cfs[nb]);
-            continue;
-        }
+        if (compile_filter(c, q->filter, self, sc, &cfs[nb], &query_errs[i]) != AFF_OK) continue;
+        if (cfs[nb].matches_nothing) continue;
         fps[nb] = &cfs[nb].f;
         ks[nb] = q->k;
         batch_of[nb] = (uint32_t)i;
         total_k += q->k;
         nb++;
     }
-    rows = malloc((total_k ? total_k : 1) * sizeof *rows);
-    scores = malloc((total_k ? total_k : 1) * sizeof *scores);
-    counts = malloc((nb ? nb : 1) * sizeof *counts);
+    rows = aff_scratch_array(sc, total_k ? total_k : 1, sizeof *rows);
+    scores = aff_scratch_array(sc, total_k ? total_k : 1, sizeof *scores);
+    counts = aff_scratch_array(sc, nb ? nb : 1, sizeof *counts);
     if (!rows || !scores || !counts) {
         rc = AFF_ENOMEM;
         goto fail_all;
@@ -1095,6 +1088,7 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
             .out_rows = rows,
             .out_scores = scores,
             .out_counts = counts,
+            .scratch = sc,
         };
         aff_err berr = {0};
         rc = c->ops->table_search(c->table, &s, &berr);
@@ -1110,8 +1104,8 @@ int engine_search(aff_engine *e, const char *name, const aff_query *queries, siz
             aff_hit *out = hits + offsets[qi];
             for (uint32_t h = 0; h < counts[b]; h++) {
                 uint32_t row = rows[boff + h];
-                float sc = scores[boff + h];
-                out[h].score = c->metric == AFF_METRIC_L2 ? -sc : sc;
+                float score = scores[boff + h];
+                out[h].score = c->metric == AFF_METRIC_L2 ? -score : score;
                 const char *id = c->row_ids[row];
                 memcpy(out[h].id, id, strlen(id) + 1); /* ids are ≤ AFF_MAX_ID_LEN */
             }
@@ -1127,18 +1121,7 @@ fail_all:
         aff__fail(&query_errs[i], AFF_ENOMEM, "out of memory running a batch of %zu queries", nq);
 out:
     if (locked) pthread_rwlock_unlock(&c->lock);
-    if (cfs)
-        for (size_t i = 0; i < nq; i++)
-            compiled_filter_free(&cfs[i]);
-    free(cfs);
-    free(fps);
-    free(offsets);
-    free(batch_of);
-    free(ks);
-    free(qbuf);
-    free(rows);
-    free(scores);
-    free(counts);
+    aff_scratch_destroy(tmp);
     collection_release(c);
     return rc;
 }
@@ -1150,9 +1133,14 @@ int engine_filter_items(aff_engine *e, const char *name, const char *const *ids,
     int rc = collection_acquire(e, name, &c, err);
     if (rc != AFF_OK) return rc;
     compiled_filter cf = {0};
+    aff_scratch *tmp = NULL;
     if ((rc = validate_filter(filter, err)) != AFF_OK) goto out_release;
+    if (!aff_scratch_or_temp(NULL, &tmp)) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory compiling a filter");
+        goto out_release;
+    }
     pthread_rwlock_rdlock(&c->lock);
-    if ((rc = compile_filter(c, filter, UINT32_MAX, &cf, err)) != AFF_OK) goto out;
+    if ((rc = compile_filter(c, filter, UINT32_MAX, tmp, &cf, err)) != AFF_OK) goto out;
     for (size_t i = 0; i < n; i++) {
         uint32_t row;
         pass[i] = ids[i] && !cf.matches_nothing && strmap_get(c->ids, ids[i], &row) &&
@@ -1160,8 +1148,8 @@ int engine_filter_items(aff_engine *e, const char *name, const char *const *ids,
     }
 out:
     pthread_rwlock_unlock(&c->lock);
-    compiled_filter_free(&cf);
 out_release:
+    aff_scratch_destroy(tmp);
     collection_release(c);
     return rc;
 }
@@ -1180,15 +1168,17 @@ int engine_classify_items(aff_engine *e, const char *name, const char *const *id
     int rc = collection_acquire(e, name, &c, err);
     if (rc != AFF_OK) return rc;
     compiled_filter cfs[64];
-    uint32_t compiled = 0;
-    uint32_t *rows = malloc((n ? n : 1) * sizeof *rows);
+    aff_scratch *tmp;
+    aff_scratch_or_temp(NULL, &tmp);
+    uint32_t *rows = tmp ? aff_scratch_array(tmp, n ? n : 1, sizeof *rows) : NULL;
     if (!rows) {
+        aff_scratch_destroy(tmp);
         collection_release(c);
         return aff__fail(err, AFF_ENOMEM, "out of memory classifying %zu items", n);
     }
     pthread_rwlock_rdlock(&c->lock);
-    for (; compiled < n_filters; compiled++)
-        if ((rc = compile_filter(c, filters[compiled], UINT32_MAX, &cfs[compiled], err)) != AFF_OK)
+    for (uint32_t j = 0; j < n_filters; j++)
+        if ((rc = compile_filter(c, filters[j], UINT32_MAX, tmp, &cfs[j], err)) != AFF_OK)
             goto out;
     size_t n_found = 0;
     for (size_t i = 0; i < n; i++) {
@@ -1205,29 +1195,24 @@ int engine_classify_items(aff_engine *e, const char *name, const char *const *id
         rows[n_found++] = row;
     }
     if (vectors && n) {
-        float *tmp = malloc((n_found ? n_found : 1) * c->dim * sizeof *tmp);
-        if (!tmp) {
+        float *found = aff_scratch_array(tmp, (n_found ? n_found : 1) * c->dim, sizeof *found);
+        if (!found) {
             rc = aff__fail(err, AFF_ENOMEM, "out of memory reading %zu vectors", n_found);
             goto out;
         }
-        if (n_found && (rc = c->ops->table_read(c->table, rows, (uint32_t)n_found, tmp, err))) {
-            free(tmp);
+        if (n_found && (rc = c->ops->table_read(c->table, rows, (uint32_t)n_found, found, err)))
             goto out;
-        }
         for (size_t i = 0, f = 0; i < n; i++) {
             float *v = vectors + i * c->dim;
             if (out[i].found)
-                memcpy(v, tmp + (f++) * c->dim, c->dim * sizeof *v);
+                memcpy(v, found + (f++) * c->dim, c->dim * sizeof *v);
             else
                 memset(v, 0, c->dim * sizeof *v);
         }
-        free(tmp);
     }
 out:
     pthread_rwlock_unlock(&c->lock);
-    for (uint32_t j = 0; j < compiled; j++)
-        compiled_filter_free(&cfs[j]);
-    free(rows);
+    aff_scratch_destroy(tmp);
     collection_release(c);
     return rc;
 }
@@ -1268,8 +1253,9 @@ static int cmp_rerank(const void *a, const void *b)
     return x->index < y->index ? -1 : x->index > y->index;
 }
 
-int engine_rerank(aff_engine *e, const char *name, const aff_rerank_query *queries, size_t nq,
-                  aff_rerank_hit *out, aff_err *query_errs)
+int engine_rerank(aff_engine *e, aff_scratch *scratch, const char *name,
+                  const aff_rerank_query *queries, size_t nq, aff_rerank_hit *out,
+                  aff_err *query_errs)
 {
     if (nq == 0) return AFF_OK;
     collection *c;
@@ -1278,11 +1264,13 @@ int engine_rerank(aff_engine *e, const char *name, const aff_rerank_query *queri
     size_t total = 0;
     for (size_t i = 0; i < nq; i++)
         total += rerank_span(&queries[i]);
-    float *qbuf = malloc(nq * c->dim * sizeof *qbuf);
-    uint32_t *offsets = malloc((nq + 1) * sizeof *offsets);
-    uint32_t *rows = malloc((total ? total : 1) * sizeof *rows);
-    float *scores = malloc((total ? total : 1) * sizeof *scores);
-    uint32_t *slot_of = malloc(nq * sizeof *slot_of);
+    if (scratch) aff_scratch_reset(scratch);
+    aff_scratch *tmp, *sc = aff_scratch_or_temp(scratch, &tmp);
+    float *qbuf = sc ? aff_scratch_array(sc, nq * c->dim, sizeof *qbuf) : NULL;
+    uint32_t *offsets = sc ? aff_scratch_array(sc, nq + 1, sizeof *offsets) : NULL;
+    uint32_t *rows = sc ? aff_scratch_array(sc, total ? total : 1, sizeof *rows) : NULL;
+    float *scores = sc ? aff_scratch_array(sc, total ? total : 1, sizeof *scores) : NULL;
+    uint32_t *slot_of = sc ? aff_scratch_array(sc, nq, sizeof *slot_of) : NULL;
     if (!qbuf || !offsets || !rows || !scores || !slot_of) {
         for (size_t i = 0; i < nq; i++)
             aff__fail(&query_errs[i], AFF_ENOMEM, "out of memory re-ranking");
@@ -1342,11 +1330,7 @@ int engine_rerank(aff_engine *e, const char *name, const aff_rerank_query *queri
     }
     rc = first_failure(query_errs, nq);
 out:
-    free(qbuf);
-    free(offsets);
-    free(rows);
-    free(scores);
-    free(slot_of);
+    aff_scratch_destroy(tmp);
     collection_release(c);
     return rc;
 }

@@ -19,6 +19,7 @@
 
 #include "backend.h"
 #include "item.h"
+#include "scratch.h"
 #include "status.h"
 
 typedef struct aff_engine aff_engine;
@@ -154,9 +155,13 @@ int engine_validate_query(aff_engine *e, const char *collection, const aff_query
  * n_hits[i]; its outcome to query_errs[i]. Returns AFF_OK when every query succeeded, else
  * the code of the first failure (a failed query leaves the others intact). Ties in score
  * are broken by row (insertion order unless deletes moved rows), so results are
- * deterministic for a given state. */
-int engine_search(aff_engine *e, const char *collection, const aff_query *queries, size_t nq,
-                  aff_hit *hits, uint32_t *n_hits, aff_err *query_errs);
+ * deterministic for a given state.
+ * scratch: the calling worker's arena (scratch.h), borrowed; the call resets it and takes
+ * every temporary array of the engine and the backend from it, so a warmed-up worker searches
+ * without heap allocations. NULL: a temporary arena for this call only (tests, tools). */
+int engine_search(aff_engine *e, aff_scratch *scratch, const char *collection,
+                  const aff_query *queries, size_t nq, aff_hit *hits, uint32_t *n_hits,
+                  aff_err *query_errs);
 
 /* pass[i] = item ids[i] exists and passes filter (NULL: exists). One evaluator for every
  * caller that ranks items itself (e.g. popularity), with the same semantics as search. */
@@ -202,8 +207,9 @@ typedef struct aff_rerank_hit {
 
 /* Re-ranks nq candidate lists. Query i's n_i results go to out[off(i)..] with
  * off(i) = n_0 + ... + n_{i-1}, by blended score descending, ties in candidate order.
- * Per-query outcomes and the return value work as in engine_search. */
-int engine_rerank(aff_engine *e, const char *collection, const aff_rerank_query *queries, size_t nq,
-                  aff_rerank_hit *out, aff_err *query_errs);
+ * Per-query outcomes, the return value and scratch work as in engine_search. */
+int engine_rerank(aff_engine *e, aff_scratch *scratch, const char *collection,
+                  const aff_rerank_query *queries, size_t nq, aff_rerank_hit *out,
+                  aff_err *query_errs);
 
 #endif

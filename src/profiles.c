@@ -533,6 +533,10 @@ static int apply_user_events(store_txn *txn, put_ctx *c, const store_collection 
     return store_txn_put_profile(txn, c->collection, user, &prof, c->sum, err);
 }
 
+/* One transaction for the whole call. profiles_put_events: its one user's events (the id was
+ * checked); profiles_import_events: each run of consecutive events of one user goes through
+ * apply_user_events (one profile read and write per run). With nothing applied the (empty)
+ * transaction commits. */
 static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
 {
     put_ctx *c = ctx;
@@ -542,60 +546,9 @@ static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
     store_collection col;
     int status = store_txn_get_collection(txn, c->collection, &col, err);
     if (status) return status;
-    /* With nothing applied the (empty) transaction commits. */
-    if ((status = apply_user_events(txn, c, &col, c->user, c->events, c->n, 0, err))) return status;
-    return flush_popularity(txn, c, err);
-}
-
-int profiles_put_events(aff_profiles *p, const char *collection, const char *user_id,
-                        const profiles_event *events, size_t n, uint32_t *n_applied,
-                        profiles_rejection *rejected, uint32_t *n_rejected, aff_err *err)
-{
-    int status = AFF_OK;
-    put_ctx c = {.p = p,
-                 .collection = collection,
-                 .user = user_id,
-                 .events = events,
-                 .n = n,
-                 .now = now_ms(p),
-                 .rejected = rejected};
-    if (!valid_id(user_id, AFF_MAX_ID_LEN)) {
-        status = aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
-        goto out;
-    }
-    if (n == 0 || n > PROFILES_MAX_EVENTS || !events) {
-        status = aff__fail(err, AFF_EINVAL, "a call carries 1..%d events, not %zu",
-                           PROFILES_MAX_EVENTS, n);
-        goto out;
-    }
-    c.sum = malloc(2 * AFF_MAX_DIM * sizeof(float));
-    c.pop = malloc(n * sizeof *c.pop);
-    if (!c.sum || !c.pop) {
-        status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
-        goto out;
-    }
-    c.x = c.sum + AFF_MAX_DIM;
-    status = store_update(p->store, put_events_fn, &c, err);
-out:
-    if (n_applied) *n_applied = status ? 0 : c.applied;
-    if (n_rejected) *n_rejected = status ? 0 : c.n_rejected;
-    free(c.sum);
-    free(c.pop);
-    return status;
-}
-
-/* One transaction for the whole import call: each run of consecutive events of one user goes
- * through apply_user_events (one profile read and write per run). */
-static int import_events_fn(store_txn *txn, void *ctx, aff_err *err)
-{
-    put_ctx *c = ctx;
-    c->applied = 0;
-    c->n_rejected = 0;
-    c->n_pop = 0;
-    store_collection col;
-    int status = store_txn_get_collection(txn, c->collection, &col, err);
-    if (status) return status;
-    for (size_t i = 0, end; i < c->n; i = end) {
+    if (!c->uevents && (status = apply_user_events(txn, c, &col, c->user, c->events, c->n, 0, err)))
+        return status;
+    for (size_t i = 0, end; c->uevents && i < c->n; i = end) {
         const char *user = c->uevents[i].user_id;
         for (end = i + 1; end < c->n; end++) {
             const char *u = c->uevents[end].user_id;
@@ -614,38 +567,60 @@ static int import_events_fn(store_txn *txn, void *ctx, aff_err *err)
     return flush_popularity(txn, c, err);
 }
 
+/* Runs put_events_fn for a checked call (c set up by the entry point) and reports its counts:
+ * the one write path of profiles_put_events and profiles_import_events. */
+static int put_events_run(put_ctx *c, uint32_t *n_applied, uint32_t *n_rejected, aff_err *err)
+{
+    int status = AFF_OK;
+    c->now = now_ms(c->p);
+    c->sum = malloc(2 * AFF_MAX_DIM * sizeof(float));
+    c->pop = malloc(c->n * sizeof *c->pop);
+    c->group = c->uevents ? malloc(c->n * sizeof *c->group) : NULL;
+    if (!c->sum || !c->pop || (c->uevents && !c->group))
+        status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    else {
+        c->x = c->sum + AFF_MAX_DIM;
+        status = store_update(c->p->store, put_events_fn, c, err);
+    }
+    if (n_applied) *n_applied = status ? 0 : c->applied;
+    if (n_rejected) *n_rejected = status ? 0 : c->n_rejected;
+    free(c->sum);
+    free(c->pop);
+    free(c->group);
+    return status;
+}
+
+int profiles_put_events(aff_profiles *p, const char *collection, const char *user_id,
+                        const profiles_event *events, size_t n, uint32_t *n_applied,
+                        profiles_rejection *rejected, uint32_t *n_rejected, aff_err *err)
+{
+    if (n_applied) *n_applied = 0;
+    if (n_rejected) *n_rejected = 0;
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    if (n == 0 || n > PROFILES_MAX_EVENTS || !events)
+        return aff__fail(err, AFF_EINVAL, "a call carries 1..%d events, not %zu",
+                         PROFILES_MAX_EVENTS, n);
+    put_ctx c = {.p = p,
+                 .collection = collection,
+                 .user = user_id,
+                 .events = events,
+                 .n = n,
+                 .rejected = rejected};
+    return put_events_run(&c, n_applied, n_rejected, err);
+}
+
 int profiles_import_events(aff_profiles *p, const char *collection,
                            const profiles_user_event *events, size_t n, uint32_t *n_applied,
                            profiles_rejection *rejected, uint32_t *n_rejected, aff_err *err)
 {
-    int status = AFF_OK;
-    put_ctx c = {.p = p,
-                 .collection = collection,
-                 .uevents = events,
-                 .n = n,
-                 .now = now_ms(p),
-                 .rejected = rejected};
-    if (n == 0 || n > PROFILES_MAX_IMPORT_EVENTS || !events) {
-        status = aff__fail(err, AFF_EINVAL, "an import message carries 1..%d events, not %zu",
-                           PROFILES_MAX_IMPORT_EVENTS, n);
-        goto out;
-    }
-    c.sum = malloc(2 * AFF_MAX_DIM * sizeof(float));
-    c.group = malloc(n * sizeof *c.group);
-    c.pop = malloc(n * sizeof *c.pop);
-    if (!c.sum || !c.group || !c.pop) {
-        status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
-        goto out;
-    }
-    c.x = c.sum + AFF_MAX_DIM;
-    status = store_update(p->store, import_events_fn, &c, err);
-out:
-    if (n_applied) *n_applied = status ? 0 : c.applied;
-    if (n_rejected) *n_rejected = status ? 0 : c.n_rejected;
-    free(c.sum);
-    free(c.group);
-    free(c.pop);
-    return status;
+    if (n_applied) *n_applied = 0;
+    if (n_rejected) *n_rejected = 0;
+    if (n == 0 || n > PROFILES_MAX_IMPORT_EVENTS || !events)
+        return aff__fail(err, AFF_EINVAL, "an import message carries 1..%d events, not %zu",
+                         PROFILES_MAX_IMPORT_EVENTS, n);
+    put_ctx c = {.p = p, .collection = collection, .uevents = events, .n = n, .rejected = rejected};
+    return put_events_run(&c, n_applied, n_rejected, err);
 }
 
 /* ---- reading profiles ------------------------------------------------------------------------ */

@@ -3,30 +3,15 @@
  */
 #include "topk.h"
 
-#include <stdlib.h>
-
 #include "affinity/affinity.h"
 
-int topk_init(topk_heap *h, uint32_t k)
+int topk_init(topk_heap *h, uint32_t k, aff_scratch *scratch)
 {
     h->k = k ? k : 1;
     h->n = 0;
-    h->scores = malloc(h->k * sizeof *h->scores);
-    h->rows = malloc(h->k * sizeof *h->rows);
-    if (!h->scores || !h->rows) {
-        topk_free(h);
-        return AFF_ENOMEM;
-    }
-    return AFF_OK;
-}
-
-void topk_free(topk_heap *h)
-{
-    free(h->scores);
-    free(h->rows);
-    h->scores = NULL;
-    h->rows = NULL;
-    h->n = h->k = 0;
+    h->scores = aff_scratch_array(scratch, h->k, sizeof *h->scores);
+    h->rows = aff_scratch_array(scratch, h->k, sizeof *h->rows);
+    return h->scores && h->rows ? AFF_OK : AFF_ENOMEM;
 }
 
 /* Worst-at-top heap: parent is worse than (or equal to) its children. */

@@ -4,13 +4,16 @@
  *
  * Order: a higher score is better; among equal scores the lower row is better. NaN scores are
  * never accepted. A heap keeps its worst entry at the top so a candidate is rejected with one
- * comparison. A topk_heap owns its two arrays (topk_init / topk_free).
+ * comparison. A heap's two arrays come from a scratch arena (scratch.h) and live until its
+ * next reset; nothing is freed per heap.
  */
 #ifndef AFFINITY_TOPK_H
 #define AFFINITY_TOPK_H
 
 #include <stdbool.h>
 #include <stdint.h>
+
+#include "scratch.h"
 
 typedef struct topk_heap {
     float *scores;
@@ -19,9 +22,9 @@ typedef struct topk_heap {
     uint32_t n; /* entries held, ≤ k */
 } topk_heap;
 
-/* Allocates room for k entries (k ≥ 1). Returns 0 or AFF_ENOMEM. */
-int topk_init(topk_heap *h, uint32_t k);
-void topk_free(topk_heap *h);
+/* An empty heap with room for k entries (k 0 counts as 1), its arrays taken from scratch.
+ * Returns 0 or AFF_ENOMEM. */
+int topk_init(topk_heap *h, uint32_t k, aff_scratch *scratch);
 
 /* True when (score, row) is better than (other_score, other_row). */
 static inline bool topk_better(float score, uint32_t row, float other_score, uint32_t other_row)

@@ -10,6 +10,7 @@
 
 #include "catalog.h"
 #include "log.h"
+#include "transport_client.h"
 #include "transport_codec.h"
 #include "transport_handlers.h"
 #include "transport_model.h"
@@ -523,16 +524,7 @@ void rpc_get_items(tcall *c, ProtobufCMessage *msg)
                 v = NULL; /* not learned yet */
         }
         Affinity__V1__Item *it = &items[nf];
-        affinity__v1__item__init(it);
-        it->id = found[nf].id;
-        it->category = found[nf].category;
-        it->n_tags = found[nf].n_tags;
-        it->tags = tag_ptrs + nf * AFF_MAX_TAGS_PER_ITEM;
-        for (uint32_t j = 0; j < found[nf].n_tags; j++)
-            it->tags[j] = found[nf].tags[j];
-        it->price = found[nf].price;
-        it->available = found[nf].available;
-        it->available_set = true;
+        transport_item_to_pb(&found[nf], tag_ptrs + nf * AFF_MAX_TAGS_PER_ITEM, it);
         if (v) {
             it->n_vector = dim;
             it->vector = v;

@@ -15,6 +15,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
 
+#include "affinity/v1/affinity.pb-c.h"
 #include "transport_codec.h"
 
 struct transport_client {
@@ -466,4 +467,18 @@ void transport_client_stream_destroy(transport_client_stream *s)
     grpc_metadata_array_destroy(&s->trailing_md);
     cq_destroy(s->cq);
     free(s);
+}
+
+void transport_item_to_pb(const item_record *r, char **tag_ptrs, Affinity__V1__Item *out)
+{
+    affinity__v1__item__init(out);
+    out->id = (char *)r->id;
+    out->category = (char *)r->category;
+    out->price = r->price;
+    out->available = r->available;
+    out->available_set = true;
+    out->n_tags = r->n_tags;
+    out->tags = tag_ptrs;
+    for (uint32_t t = 0; t < r->n_tags; t++)
+        tag_ptrs[t] = (char *)r->tags[t];
 }

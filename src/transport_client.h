@@ -28,6 +28,7 @@
 
 #include <protobuf-c/protobuf-c.h>
 
+#include "item.h"
 #include "status.h"
 
 #define TRANSPORT_METHOD_CREATE_COLLECTION   "/affinity.v1.Affinity/CreateCollection"
@@ -58,6 +59,13 @@
 #define TRANSPORT_METHOD_STOP_EXPERIMENT     "/affinity.v1.Affinity/StopExperiment"
 #define TRANSPORT_METHOD_HEALTH_CHECK        "/grpc.health.v1.Health/Check"
 #define TRANSPORT_METHOD_HEALTH_WATCH        "/grpc.health.v1.Health/Watch"
+
+/* The wire Item (affinity.v1.Item) for one item's id and attributes, vector left empty: out
+ * borrows r's strings, and tag_ptrs (AFF_MAX_TAGS_PER_ITEM entries, the caller's) receives the
+ * tag pointers. The one item_record -> Item conversion, for the server's GetItems answers and
+ * for clients that send records (`affinity load`). */
+struct Affinity__V1__Item;
+void transport_item_to_pb(const item_record *r, char **tag_ptrs, struct Affinity__V1__Item *out);
 
 typedef struct transport_client transport_client;
 typedef struct transport_client_stream transport_client_stream;

@@ -74,6 +74,19 @@ static void attribute(transport *t, const char *collection, const Affinity__V1__
         experiments_observe(t->cfg.experiments, a.experiment, a.arm, a.counted);
 }
 
+profiles_event transport__event_from_pb(const Affinity__V1__Event *e, store_kv *kv)
+{
+    for (size_t j = 0; j < e->n_context; j++)
+        kv[j] = (store_kv){.key = e->context[j]->key, .value = e->context[j]->value};
+    return (profiles_event){.item_id = e->item_id,
+                            .type = (profiles_event_kind)e->type,
+                            .custom_type = e->custom_type[0] ? e->custom_type : NULL,
+                            .timestamp_ms = e->timestamp_ms,
+                            .value = e->value,
+                            .context = kv,
+                            .n_context = (uint32_t)e->n_context};
+}
+
 /* PutEvents: one durable transaction for the call's valid events; each invalid one comes
  * back as a RejectedEvent with its position and reason. */
 void rpc_put_events(tcall *c, ProtobufCMessage *msg)
@@ -119,16 +132,8 @@ void rpc_put_events(tcall *c, ProtobufCMessage *msg)
             impressions++; /* measurement only: never a profile event */
             continue;
         }
-        for (size_t j = 0; j < e->n_context; j++)
-            kv[off + j] = (store_kv){.key = e->context[j]->key, .value = e->context[j]->value};
         index[m] = (uint32_t)i;
-        events[m++] = (profiles_event){.item_id = e->item_id,
-                                       .type = (profiles_event_kind)e->type,
-                                       .custom_type = e->custom_type[0] ? e->custom_type : NULL,
-                                       .timestamp_ms = e->timestamp_ms,
-                                       .value = e->value,
-                                       .context = kv + off,
-                                       .n_context = (uint32_t)e->n_context};
+        events[m++] = transport__event_from_pb(e, kv + off);
         off += e->n_context;
     }
     uint32_t applied = 0, n_rej = 0;

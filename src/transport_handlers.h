@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "profiles.h"
 #include "transport_internal.h"
 
 /* ---- shared helpers (transport_rpc.c) ---- */
@@ -41,5 +42,9 @@ void rpc_recommend_page(tcall *c, ProtobufCMessage *msg);
 void rpc_put_events(tcall *c, ProtobufCMessage *msg);
 void rpc_get_user(tcall *c, ProtobufCMessage *msg);
 void rpc_delete_user(tcall *c, ProtobufCMessage *msg);
+/* The profiles module's view of one proto Event, borrowing e's strings; its context pairs are
+ * written to kv (e->n_context entries, the caller's). The one conversion of PutEvents and
+ * ImportEvents. */
+profiles_event transport__event_from_pb(const Affinity__V1__Event *e, store_kv *kv);
 
 #endif

@@ -25,6 +25,7 @@
 #include "log.h"
 #include "profiles.h"
 #include "transport_codec.h"
+#include "transport_handlers.h"
 
 typedef struct import_rejection {
     uint64_t index;
@@ -152,18 +153,9 @@ static int import_apply(tcall *c, const Affinity__V1__ImportEventsRequest *r, ch
         const Affinity__V1__ImportedEvent *ie = r->events[i];
         const Affinity__V1__Event *e = ie->event;
         if (!e) continue; /* rejected below, in stream order */
-        for (size_t j = 0; j < e->n_context; j++)
-            kv[off + j] = (store_kv){.key = e->context[j]->key, .value = e->context[j]->value};
         index[m] = (uint32_t)i;
-        events[m++] = (profiles_user_event){
-            .user_id = ie->user_id,
-            .event = {.item_id = e->item_id,
-                      .type = (profiles_event_kind)e->type,
-                      .custom_type = e->custom_type[0] ? e->custom_type : NULL,
-                      .timestamp_ms = e->timestamp_ms,
-                      .value = e->value,
-                      .context = kv + off,
-                      .n_context = (uint32_t)e->n_context}};
+        events[m++] = (profiles_user_event){.user_id = ie->user_id,
+                                            .event = transport__event_from_pb(e, kv + off)};
         off += e->n_context;
     }
     uint32_t applied = 0, n_rej = 0;

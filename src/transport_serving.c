@@ -236,25 +236,54 @@ static void hits_pb_free(hits_pb *h)
 /* ---- Search: raw vectors straight to the batcher ----------------------------------------------
  */
 
+/* Everything one Search call needs from its decoding to its response, in one allocation made
+ * by rpc_search (search_state_new): the request's queries and filters, the batcher's outputs,
+ * and the protobuf response arrays search_done fills. Owned by the tcall (c->state); the
+ * batcher borrows br and the arrays from batcher_submit until search_done. */
 typedef struct search_state {
     batcher_request br;
-    aff_query *queries;
-    aff_filter *filters;
-    aff_hit *hits;
-    uint32_t *n_hits;
-    aff_err *errs;
+    aff_query *queries;   /* nq */
+    aff_filter *filters;  /* nq */
+    aff_hit *hits;        /* total_k */
+    uint32_t *n_hits;     /* nq */
+    aff_err *errs;        /* nq */
+    Affinity__V1__QueryResult *res, **res_ptrs; /* nq */
+    Affinity__V1__Hit *pb_hits, **pb_hit_ptrs;  /* total_k */
 } search_state;
+
+/* Takes an array of n elements of size bytes from the block at *next (16-byte aligned). */
+static void *carve(char **next, size_t n, size_t size)
+{
+    void *p = *next;
+    *next += (n * size + 15) & ~(size_t)15;
+    return p;
+}
+
+static search_state *search_state_new(size_t nq, size_t total_k)
+{
+    size_t per_q = sizeof(aff_query) + sizeof(aff_filter) + sizeof(uint32_t) + sizeof(aff_err) +
+                   sizeof(Affinity__V1__QueryResult) + sizeof(Affinity__V1__QueryResult *);
+    size_t per_k = sizeof(aff_hit) + sizeof(Affinity__V1__Hit) + sizeof(Affinity__V1__Hit *);
+    size_t bytes = ((sizeof(search_state) + 15) & ~(size_t)15) + nq * per_q + total_k * per_k +
+                   16 * 10; /* each array's alignment padding */
+    char *next = calloc(1, bytes);
+    if (!next) return NULL;
+    search_state *st = carve(&next, 1, sizeof *st);
+    st->queries = carve(&next, nq, sizeof *st->queries);
+    st->filters = carve(&next, nq, sizeof *st->filters);
+    st->hits = carve(&next, total_k, sizeof *st->hits);
+    st->n_hits = carve(&next, nq, sizeof *st->n_hits);
+    st->errs = carve(&next, nq, sizeof *st->errs);
+    st->res = carve(&next, nq, sizeof *st->res);
+    st->res_ptrs = carve(&next, nq, sizeof *st->res_ptrs);
+    st->pb_hits = carve(&next, total_k, sizeof *st->pb_hits);
+    st->pb_hit_ptrs = carve(&next, total_k, sizeof *st->pb_hit_ptrs);
+    return st;
+}
 
 static void search_state_free(void *p)
 {
-    search_state *st = p;
-    if (!st) return;
-    free(st->queries);
-    free(st->filters);
-    free(st->hits);
-    free(st->n_hits);
-    free(st->errs);
-    free(st);
+    free(p);
 }
 
 static void search_done(batcher_request *br)
@@ -272,39 +301,26 @@ static void search_done(batcher_request *br)
         if (br->nq > 1) aff__fail(&e, st->errs[i].code, "query %zu: %s", i, st->errs[i].msg);
         tcall_fail(c, &e);
     } else {
-        size_t total = 0;
-        for (size_t q = 0; q < br->nq; q++)
-            total += st->n_hits[q];
-        Affinity__V1__QueryResult *res = transport__calloc(br->nq, sizeof *res);
-        Affinity__V1__QueryResult **rp = transport__calloc(br->nq, sizeof *rp);
-        Affinity__V1__Hit *hits = transport__calloc(total, sizeof *hits);
-        Affinity__V1__Hit **hp = transport__calloc(total, sizeof *hp);
-        if (!res || !rp || !hits || !hp) {
-            transport__fail(c, AFF_ENOMEM, "out of memory encoding results");
-        } else {
-            size_t off = 0, h = 0;
-            for (size_t q = 0; q < br->nq; q++) {
-                affinity__v1__query_result__init(&res[q]);
-                res[q].n_hits = st->n_hits[q];
-                res[q].hits = hp + h;
-                for (uint32_t j = 0; j < st->n_hits[q]; j++, h++) {
-                    affinity__v1__hit__init(&hits[h]);
-                    hits[h].id = st->hits[off + j].id;
-                    hits[h].score = st->hits[off + j].score;
-                    hp[h] = &hits[h];
-                }
-                off += st->queries[q].k;
-                rp[q] = &res[q];
+        size_t off = 0, h = 0;
+        for (size_t q = 0; q < br->nq; q++) {
+            Affinity__V1__QueryResult *res = &st->res[q];
+            affinity__v1__query_result__init(res);
+            res->n_hits = st->n_hits[q];
+            res->hits = st->pb_hit_ptrs + h;
+            for (uint32_t j = 0; j < st->n_hits[q]; j++, h++) {
+                Affinity__V1__Hit *hit = &st->pb_hits[h];
+                affinity__v1__hit__init(hit);
+                hit->id = st->hits[off + j].id;
+                hit->score = st->hits[off + j].score;
+                st->pb_hit_ptrs[h] = hit;
             }
-            Affinity__V1__SearchResponse resp = AFFINITY__V1__SEARCH_RESPONSE__INIT;
-            resp.n_results = br->nq;
-            resp.results = rp;
-            tcall_finish(c, 0, NULL, &resp.base);
+            off += st->queries[q].k;
+            st->res_ptrs[q] = res;
         }
-        free(res);
-        free(rp);
-        free(hits);
-        free(hp);
+        Affinity__V1__SearchResponse resp = AFFINITY__V1__SEARCH_RESPONSE__INIT;
+        resp.n_results = br->nq;
+        resp.results = st->res_ptrs;
+        tcall_finish(c, 0, NULL, &resp.base);
     }
     tcall_unref(c);
 }
@@ -338,20 +354,13 @@ void rpc_search(tcall *c, ProtobufCMessage *msg)
         }
         total_k += k;
     }
-    search_state *st = calloc(1, sizeof *st);
-    if (st) {
-        c->state = st;
-        c->state_free = search_state_free;
-        st->queries = transport__calloc(nq, sizeof *st->queries);
-        st->filters = transport__calloc(nq, sizeof *st->filters);
-        st->n_hits = transport__calloc(nq, sizeof *st->n_hits);
-        st->hits = transport__calloc(total_k, sizeof *st->hits);
-        st->errs = transport__calloc(nq, sizeof *st->errs);
-    }
-    if (!st || !st->queries || !st->filters || !st->n_hits || !st->hits || !st->errs) {
+    search_state *st = search_state_new(nq, total_k);
+    if (!st) {
         transport__fail(c, AFF_ENOMEM, "out of memory preparing %zu queries", nq);
         return;
     }
+    c->state = st;
+    c->state_free = search_state_free;
     for (size_t i = 0; i < nq; i++) {
         const Affinity__V1__Query *q = r->queries[i];
         if (q->n_vector == 0) {

@@ -60,7 +60,8 @@ int ts_start(test_server *s, const char *dir, const char *const *args)
 
     const char *argv[64];
     int n = 0;
-    argv[n++] = AFF_BINARY_DIR "/src/affinityd";
+    const char *binary = getenv("AFFINITYD"); /* another build, for measurements */
+    argv[n++] = binary && *binary ? binary : AFF_BINARY_DIR "/src/affinityd";
     argv[n++] = "--listen";
     argv[n++] = "127.0.0.1:0";
     argv[n++] = "--port-file";
@@ -246,6 +247,27 @@ void ts_create_collection(transport_client *c, const char *name, uint32_t dim,
     int code = ts_call(c, TRANSPORT_METHOD_CREATE_COLLECTION, &req,
                        &affinity__v1__create_collection_response__descriptor, 0, NULL, &st);
     cr_assert_eq(code, 0, "CreateCollection %s: %d %s", name, code, st.message);
+}
+
+void ts_upsert_items(transport_client *c, const char *collection, Affinity__V1__Item **items,
+                     size_t n)
+{
+    transport_client_stream *s = NULL;
+    aff_err err;
+    cr_assert_eq(transport_client_stream_open(c, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0,
+                 "%s", err.msg);
+    Affinity__V1__UpsertItemsRequest req = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
+    req.collection = (char *)collection;
+    req.n_items = n;
+    req.items = items;
+    cr_assert_eq(transport_client_stream_send(s, &req.base, &err), 0, "%s", err.msg);
+    transport_call_status st;
+    Affinity__V1__UpsertItemsResponse *resp = NULL;
+    transport_client_stream_finish(s, &affinity__v1__upsert_items_response__descriptor,
+                                   (ProtobufCMessage **)&resp, &st);
+    cr_assert_eq(st.code, 0, "UpsertItems %s: %s", collection, st.message);
+    transport_client_free(&resp->base);
+    transport_client_stream_destroy(s);
 }
 
 Affinity__V1__ServerInfo *ts_server_info(transport_client *c)

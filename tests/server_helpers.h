@@ -73,6 +73,9 @@ int ts_call(transport_client *c, const char *method, const void *req,
 /* Creates collection name (cosine unless metric given) or asserts. */
 void ts_create_collection(transport_client *c, const char *name, uint32_t dim,
                           Affinity__V1__Metric metric);
+/* Upserts n items into collection in one UpsertItems stream message, or asserts. */
+void ts_upsert_items(transport_client *c, const char *collection, Affinity__V1__Item **items,
+                     size_t n);
 /* Health/Check status (SERVING = 1, NOT_SERVING = 2) or -code on a failed call. */
 int ts_health(transport_client *c);
 /* GetServerInfo or asserts; free with transport_client_free. */

@@ -50,9 +50,11 @@ static void fake_enter(fake *f, const char *collection, size_t nq)
 }
 
 /* Query i of the batch gets k hits with id "<item_id or q>:<j>" and score = batch position. */
-static int fake_search(void *ctx, const char *collection, const aff_query *q, size_t nq,
-                       aff_hit *hits, uint32_t *n_hits, aff_err *errs)
+static int fake_search(void *ctx, aff_scratch *scratch, const char *collection,
+                       const aff_query *q, size_t nq, aff_hit *hits, uint32_t *n_hits,
+                       aff_err *errs)
 {
+    (void)scratch;
     fake_enter(ctx, collection, nq);
     size_t off = 0;
     for (size_t i = 0; i < nq; i++) {
@@ -70,9 +72,10 @@ static int fake_search(void *ctx, const char *collection, const aff_query *q, si
     return AFF_OK;
 }
 
-static int fake_rerank(void *ctx, const char *collection, const aff_rerank_query *q, size_t nq,
-                       aff_rerank_hit *out, aff_err *errs)
+static int fake_rerank(void *ctx, aff_scratch *scratch, const char *collection,
+                       const aff_rerank_query *q, size_t nq, aff_rerank_hit *out, aff_err *errs)
 {
+    (void)scratch;
     fake_enter(ctx, collection, nq);
     size_t off = 0;
     for (size_t i = 0; i < nq; i++) {

@@ -41,6 +41,9 @@ typedef struct ref_coll {
 } ref_coll;
 
 static aff_engine *engine;
+/* One arena lent to every checked search of a test, as a batcher worker lends its own to
+ * every batch: answers must not depend on what earlier searches left in it. */
+static aff_scratch *worker_arena;
 
 static void engine_setup(void)
 {
@@ -48,12 +51,15 @@ static void engine_setup(void)
     aff_err err = {0};
     engine_config cfg = {.backend = ENGINE_BACKEND_CPU};
     cr_assert_eq(engine_create(&engine, &cfg, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(aff_scratch_create(&worker_arena), AFF_OK);
 }
 
 static void engine_teardown(void)
 {
     engine_destroy(engine);
     engine = NULL;
+    aff_scratch_destroy(worker_arena);
+    worker_arena = NULL;
 }
 
 TestSuite(engine, .init = engine_setup, .fini = engine_teardown, .timeout = 300);
@@ -146,6 +152,11 @@ static bool ref_passes(const ref_item *r, const aff_filter *f, const char *self)
     }
     for (uint32_t i = 0; i < f->n_exclude_ids; i++)
         if (strcmp(f->exclude_ids[i], r->id) == 0) return false;
+    for (uint32_t i = 0; i < f->n_exclude_categories; i++)
+        if (strcmp(f->exclude_categories[i], r->category) == 0) return false;
+    for (uint32_t i = 0; i < f->n_exclude_tags; i++)
+        for (uint32_t t = 0; t < r->n_tags; t++)
+            if (strcmp(f->exclude_tags[i], r->tags[t]) == 0) return false;
     return true;
 }
 
@@ -219,7 +230,7 @@ static void search_and_check(const char *coll, ref_coll *ref, const aff_query *q
     aff_hit *hits = calloc(total, sizeof *hits);
     uint32_t *n_hits = calloc(nq, sizeof *n_hits);
     aff_err *errs = calloc(nq, sizeof *errs);
-    int rc = engine_search(engine, coll, qs, nq, hits, n_hits, errs);
+    int rc = engine_search(engine, worker_arena, coll, qs, nq, hits, n_hits, errs);
     cr_assert_eq(rc, AFF_OK, "%s: %s", what, errs[0].msg);
     size_t off = 0;
     for (uint32_t i = 0; i < nq; i++) {
@@ -313,7 +324,7 @@ Test(engine, empty_collection_returns_no_hits)
     aff_hit hits[5];
     uint32_t n = 99;
     aff_err err;
-    cr_assert_eq(engine_search(engine, "empty", &qs, 1, hits, &n, &err), AFF_OK);
+    cr_assert_eq(engine_search(engine, NULL, "empty", &qs, 1, hits, &n, &err), AFF_OK);
     cr_assert_eq(n, 0);
 }
 
@@ -338,7 +349,7 @@ Test(engine, ties_are_deterministic_and_by_insertion_order)
         aff_hit hits[40];
         uint32_t n[8];
         aff_err errs[8];
-        cr_assert_eq(engine_search(engine, "ties", qs, nq, hits, n, errs), AFF_OK);
+        cr_assert_eq(engine_search(engine, NULL, "ties", qs, nq, hits, n, errs), AFF_OK);
         for (uint32_t q = 0; q < nq; q++) {
             cr_assert_eq(n[q], 5);
             for (int i = 0; i < 5; i++)
@@ -420,7 +431,7 @@ Test(engine, exclusion_lists_of_0_1_and_5000_ids)
     aff_hit best;
     uint32_t n;
     aff_err err;
-    cr_assert_eq(engine_search(engine, "ex", &one, 1, &best, &n, &err), AFF_OK);
+    cr_assert_eq(engine_search(engine, NULL, "ex", &one, 1, &best, &n, &err), AFF_OK);
     const char *ex1[] = {best.id};
     f.exclude_ids = ex1;
     f.n_exclude_ids = 1;
@@ -429,7 +440,7 @@ Test(engine, exclusion_lists_of_0_1_and_5000_ids)
     aff_hit top[10];
     aff_err e10;
     uint32_t n10;
-    cr_assert_eq(engine_search(engine, "ex", &qf, 1, top, &n10, &e10), AFF_OK);
+    cr_assert_eq(engine_search(engine, NULL, "ex", &qf, 1, top, &n10, &e10), AFF_OK);
     for (uint32_t i = 0; i < n10; i++)
         cr_assert_str_neq(top[i].id, best.id);
 
@@ -591,7 +602,7 @@ Test(engine, similar_items_exclude_the_item_itself)
     aff_hit hits[3];
     uint32_t n;
     aff_err err;
-    cr_assert_eq(engine_search(engine, "sim", &missing, 1, hits, &n, &err), AFF_ENOTFOUND);
+    cr_assert_eq(engine_search(engine, NULL, "sim", &missing, 1, hits, &n, &err), AFF_ENOTFOUND);
     cr_assert(strstr(err.msg, "nope"));
     ref_free(&ref);
 }
@@ -611,7 +622,7 @@ Test(engine, batch_with_one_bad_query_answers_the_others)
     aff_hit hits[15];
     uint32_t n[3];
     aff_err errs[3];
-    cr_assert_eq(engine_search(engine, "mixed", qs, 3, hits, n, errs), AFF_EINVAL);
+    cr_assert_eq(engine_search(engine, NULL, "mixed", qs, 3, hits, n, errs), AFF_EINVAL);
     cr_assert_eq(errs[0].code, AFF_OK);
     cr_assert_eq(errs[1].code, AFF_EINVAL);
     cr_assert(strstr(errs[1].msg, "dimension is 8"), "%s", errs[1].msg);
@@ -645,7 +656,7 @@ Test(engine, rerank_blends_scores_and_puts_unknown_ids_last)
         .vector = user, .dim = 2, .ids = cands, .base_scores = base, .n = 4, .weight = 0.5f};
     aff_rerank_hit out[4];
     aff_err qe;
-    cr_assert_eq(engine_rerank(engine, "rr", &q, 1, out, &qe), AFF_OK, "%s", qe.msg);
+    cr_assert_eq(engine_rerank(engine, NULL, "rr", &q, 1, out, &qe), AFF_OK, "%s", qe.msg);
     /* blended: y = 0.45, x = 0.55, z = 0.6; ghost unknown → last. */
     cr_assert_eq(out[0].index, 3);
     cr_assert_eq(out[1].index, 2);
@@ -658,10 +669,10 @@ Test(engine, rerank_blends_scores_and_puts_unknown_ids_last)
 
     /* weight 1: pure affinity; weight 0: the caller's order by base score. */
     q.weight = 1;
-    cr_assert_eq(engine_rerank(engine, "rr", &q, 1, out, &qe), AFF_OK);
+    cr_assert_eq(engine_rerank(engine, NULL, "rr", &q, 1, out, &qe), AFF_OK);
     cr_assert_eq(out[0].index, 2);
     q.weight = 0;
-    cr_assert_eq(engine_rerank(engine, "rr", &q, 1, out, &qe), AFF_OK);
+    cr_assert_eq(engine_rerank(engine, NULL, "rr", &q, 1, out, &qe), AFF_OK);
     cr_assert_eq(out[0].index, 0);
 
     /* A batch: a bad query does not disturb its neighbours' output slots. */
@@ -671,7 +682,7 @@ Test(engine, rerank_blends_scores_and_puts_unknown_ids_last)
     batch[2].weight = 1;
     aff_rerank_hit outb[12];
     aff_err qes[3];
-    cr_assert_eq(engine_rerank(engine, "rr", batch, 3, outb, qes), AFF_EINVAL);
+    cr_assert_eq(engine_rerank(engine, NULL, "rr", batch, 3, outb, qes), AFF_EINVAL);
     cr_assert_eq(qes[1].code, AFF_EINVAL);
     cr_assert_eq(outb[0].index, 2);
     cr_assert_eq(outb[8].index, 2);
@@ -725,7 +736,7 @@ Test(engine, hnsw_collection_finds_near_neighbours_and_filters_exactly)
         aff_query q = {.vector = r->vec, .dim = 16, .k = 1};
         aff_hit hit;
         uint32_t n;
-        cr_assert_eq(engine_search(engine, "graph", &q, 1, &hit, &n, &err), AFF_OK);
+        cr_assert_eq(engine_search(engine, NULL, "graph", &q, 1, &hit, &n, &err), AFF_OK);
         cr_assert_eq(n, 1);
         cr_assert_str_eq(hit.id, r->id);
     }
@@ -741,7 +752,7 @@ Test(engine, hnsw_collection_finds_near_neighbours_and_filters_exactly)
     aff_query q = {.vector = ref.items[0].vec, .dim = 16, .k = 10};
     aff_hit hits[10];
     uint32_t n;
-    cr_assert_eq(engine_search(engine, "graph", &q, 1, hits, &n, &err), AFF_OK);
+    cr_assert_eq(engine_search(engine, NULL, "graph", &q, 1, hits, &n, &err), AFF_OK);
     for (uint32_t i = 0; i < n; i++) {
         cr_assert_str_neq(hits[i].id, gone[0]);
         cr_assert_str_neq(hits[i].id, gone[1]);
@@ -860,14 +871,14 @@ Test(engine, bad_queries_are_rejected_with_reasons)
                   cases[i].expect);
         aff_hit hits[2000];
         uint32_t n;
-        cr_assert_eq(engine_search(engine, "q", &cases[i].q, 1, hits, &n, &err), AFF_EINVAL);
+        cr_assert_eq(engine_search(engine, NULL, "q", &cases[i].q, 1, hits, &n, &err), AFF_EINVAL);
     }
     aff_query ok = {.vector = v, .dim = 2, .k = 1};
     aff_err err;
     cr_assert_eq(engine_validate_query(engine, "missing", &ok, &err), AFF_ENOTFOUND);
     aff_hit hit;
     uint32_t n;
-    cr_assert_eq(engine_search(engine, "missing", &ok, 1, &hit, &n, &err), AFF_ENOTFOUND);
+    cr_assert_eq(engine_search(engine, NULL, "missing", &ok, 1, &hit, &n, &err), AFF_ENOTFOUND);
 }
 
 /* ---- concurrency
@@ -924,7 +935,7 @@ Test(engine, concurrent_search_during_upsert_and_delete)
         aff_hit hits[12];
         uint32_t n[4];
         aff_err errs[4];
-        cr_assert_eq(engine_search(engine, "conc", q, nq, hits, n, errs), AFF_OK, "%s",
+        cr_assert_eq(engine_search(engine, NULL, "conc", q, nq, hits, n, errs), AFF_OK, "%s",
                      errs[0].msg);
         for (uint32_t j = 0; j < nq; j++) {
             cr_assert_eq(n[j], 3);
@@ -962,7 +973,7 @@ Test(engine, noop_backend_runs_bookkeeping_without_scoring)
     aff_query q = {.vector = v, .dim = 2, .k = 2};
     aff_hit hits[2];
     uint32_t n;
-    cr_assert_eq(engine_search(noop, "n", &q, 1, hits, &n, &err), AFF_OK);
+    cr_assert_eq(engine_search(noop, NULL, "n", &q, 1, hits, &n, &err), AFF_OK);
     cr_assert_eq(n, 2);
     cr_assert_str_eq(hits[0].id, "a");
     backend_info info;
@@ -1014,5 +1025,53 @@ Test(engine, filter_items_agrees_with_search_semantics)
     cr_assert_not(pass[301]);
     cr_assert_eq(engine_filter_items(engine, "fi", ids, 2, NULL, pass, &err), AFF_OK);
     cr_assert(pass[0] && pass[1]);
+    ref_free(&ref);
+}
+
+Test(engine, a_worker_arena_serves_repeated_searches_without_allocating)
+{
+    ref_coll ref;
+    make_collection("arena", 16, AFF_METRIC_COSINE, &ref);
+    add_random("arena", &ref, 3000, "a");
+    const char *cat[] = {"shoes", "bags"};
+    const char *tag[] = {"sale"};
+    const char *ex[] = {"a1", "a2"};
+    aff_filter f;
+    aff_filter_init(&f);
+    f.categories = cat;
+    f.n_categories = 2;
+    f.exclude_tags = tag;
+    f.n_exclude_tags = 1;
+    f.exclude_ids = ex;
+    f.n_exclude_ids = 2;
+    float *q = random_queries(8, 16);
+    aff_query qs[8];
+    for (uint32_t i = 0; i < 8; i++)
+        qs[i] = (aff_query){.vector = q + i * 16, .dim = 16, .k = 20, .filter = i % 2 ? &f : NULL};
+    qs[7] = (aff_query){.item_id = "a7", .k = 20, .filter = &f};
+    aff_hit hits[8 * 20], fresh[8 * 20];
+    uint32_t n[8], n_fresh[8];
+    aff_err errs[8];
+    size_t warm = 0;
+    for (int round = 0; round < 50; round++) {
+        size_t nq = 1 + (size_t)round % 8; /* batch sizes that take the scan paths */
+        cr_assert_eq(engine_search(engine, worker_arena, "arena", qs + 8 - nq, nq, hits, n, errs),
+                     AFF_OK, "%s", errs[0].msg);
+        cr_assert_eq(engine_search(engine, NULL, "arena", qs + 8 - nq, nq, fresh, n_fresh, errs),
+                     AFF_OK, "%s", errs[0].msg);
+        for (size_t i = 0; i < nq; i++) {
+            cr_assert_eq(n[i], n_fresh[i]);
+            for (uint32_t h = 0; h < n[i]; h++) {
+                cr_assert_str_eq(hits[i * 20 + h].id, fresh[i * 20 + h].id, "round %d", round);
+                cr_assert_float_eq(hits[i * 20 + h].score, fresh[i * 20 + h].score, 0);
+            }
+        }
+        if (round == 7) warm = aff_scratch_allocations(worker_arena); /* every size seen */
+    }
+    check_batches("arena", &ref, 10, &f, "arena filtered"); /* the checked path, same arena */
+    cr_assert_eq(aff_scratch_allocations(worker_arena) > 0, true);
+    cr_assert_leq(aff_scratch_allocations(worker_arena), warm + 1,
+                  "after warm-up the arena allocates at most once more (check_batches' nq = 40)");
+    free(q);
     ref_free(&ref);
 }

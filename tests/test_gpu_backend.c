@@ -898,7 +898,7 @@ static void *eng_worker(void *arg)
             aff_hit hits[ENG_K];
             uint32_t n = 0;
             aff_err qe = {0};
-            if (engine_search(j->e, "c", &q, 1, hits, &n, &qe) != AFF_OK) {
+            if (engine_search(j->e, NULL, "c", &q, 1, hits, &n, &qe) != AFF_OK) {
                 eng_fail(j, qe.msg, item);
                 continue;
             }
@@ -930,7 +930,7 @@ Test(gpu_engine, concurrent_get_items_and_similar_items)
         snprintf(id, sizeof id, "item%u", i);
         aff_query q = {.item_id = id, .k = ENG_K};
         aff_err qe = {0};
-        cr_assert_eq(engine_search(e, "c", &q, 1, want + (size_t)i * ENG_K, &want_n[i], &qe),
+        cr_assert_eq(engine_search(e, NULL, "c", &q, 1, want + (size_t)i * ENG_K, &want_n[i], &qe),
                      AFF_OK, "%s", qe.msg);
         for (uint32_t h = 0; h < want_n[i]; h++)
             cr_assert_str_neq(want[(size_t)i * ENG_K + h].id, id, "the item itself is excluded");
@@ -1176,9 +1176,9 @@ Test(gpu_faults, the_engine_keeps_serving_and_reports_the_fault)
     aff_hit before[ENG_K], after[ENG_K];
     uint32_t nb = 0, na = 0;
     aff_err qe = {0};
-    cr_assert_eq(engine_search(e, "c", &q, 1, before, &nb, &qe), AFF_OK, "%s", qe.msg);
+    cr_assert_eq(engine_search(e, NULL, "c", &q, 1, before, &nb, &qe), AFF_OK, "%s", qe.msg);
     emul_inject_launch_failure(0, EMUL_ERR_ILLEGAL_ADDRESS);
-    cr_assert_eq(engine_search(e, "c", &q, 1, after, &na, &qe), AFF_OK, "%s", qe.msg);
+    cr_assert_eq(engine_search(e, NULL, "c", &q, 1, after, &na, &qe), AFF_OK, "%s", qe.msg);
     cr_assert_eq(na, nb);
     for (uint32_t h = 0; h < na; h++) {
         cr_assert_str_eq(after[h].id, before[h].id, "hit %u", h);

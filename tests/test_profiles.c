@@ -258,7 +258,7 @@ Test(profiles, user_who_views_and_buys_shoes_is_recommended_shoes_minus_purchase
     aff_hit hits[5];
     uint32_t n_hits = 0;
     aff_err qerr = {0};
-    cr_assert_eq(engine_search(engine, "shop", &q, 1, hits, &n_hits, &qerr), AFF_OK, "%s",
+    cr_assert_eq(engine_search(engine, NULL, "shop", &q, 1, hits, &n_hits, &qerr), AFF_OK, "%s",
                  qerr.msg);
     cr_assert_eq(n_hits, 5);
     for (uint32_t i = 0; i < n_hits; i++) {
@@ -272,7 +272,7 @@ Test(profiles, user_who_views_and_buys_shoes_is_recommended_shoes_minus_purchase
                  AFF_OK);
     q = (aff_query){.vector = plan.vector, .dim = plan.dim, .k = 10, .filter = &plan.filter};
     aff_hit all[10];
-    cr_assert_eq(engine_search(engine, "shop", &q, 1, all, &n_hits, &qerr), AFF_OK);
+    cr_assert_eq(engine_search(engine, NULL, "shop", &q, 1, all, &n_hits, &qerr), AFF_OK);
     bool seen = false;
     for (uint32_t i = 0; i < n_hits; i++)
         seen = seen || strcmp(all[i].id, "shoes-2") == 0;
@@ -875,7 +875,7 @@ static uint32_t recommend(const char *user, aff_hit *hits, profiles_source *sour
     *source = plan.source;
     if (plan.source == PROFILES_SOURCE_PROFILE) {
         aff_query q = {.vector = plan.vector, .dim = plan.dim, .k = 8, .filter = &plan.filter};
-        cr_assert_eq(engine_search(engine, "shop", &q, 1, hits, &n, &err), AFF_OK, "%s", err.msg);
+        cr_assert_eq(engine_search(engine, NULL, "shop", &q, 1, hits, &n, &err), AFF_OK, "%s", err.msg);
     } else {
         cr_assert_eq(profiles_popular(prof, "shop", 8, &plan.filter, hits, &n, &err), AFF_OK);
     }
