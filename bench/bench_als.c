@@ -173,7 +173,7 @@ static int run_ml1m(const char *dir, int argc, char **argv)
     als_report rep;
     aff_err err;
     double t0 = now_s(), c0 = cpu_s();
-    if (als_train(&m, &p, uf, vf, print_epoch, NULL, &rep, &err)) {
+    if (als_train(&m, &p, NULL, uf, vf, print_epoch, NULL, &rep, &err)) {
         fprintf(stderr, "train: %s\n", err.msg);
         return 1;
     }
@@ -302,7 +302,7 @@ static int run_synthetic(long n_events, int argc, char **argv)
     als_report rep;
     aff_err err;
     double t0 = now_s(), c0 = cpu_s();
-    if (als_train(&m, &p, uf, vf, print_epoch, NULL, &rep, &err)) {
+    if (als_train(&m, &p, NULL, uf, vf, print_epoch, NULL, &rep, &err)) {
         fprintf(stderr, "train: %s\n", err.msg);
         return 1;
     }

@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <omp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -132,7 +133,7 @@ size_t als_solve_scratch_floats(uint32_t d)
     return (size_t)d * d + 3 * (size_t)d;
 }
 
-static float row_lambda(const als_params *p, size_t n, uint32_t n_other)
+float als_row_lambda(const als_params *p, size_t n, uint32_t n_other)
 {
     double base = (double)n + (double)p->alpha0 * n_other;
     return (float)(p->lambda * (p->nu == 1.0f ? base : pow(base, p->nu)));
@@ -158,7 +159,7 @@ bool als_solve_row(const float *other, const float *gram, uint32_t d, uint32_t n
     memset(x, 0, (size_t)d * sizeof(float));
     if (n == 0) return true;
     float *a = scratch, *b = scratch + (size_t)d * d, *g = b + d;
-    float lam = row_lambda(p, n, n_other);
+    float lam = als_row_lambda(p, n, n_other);
     scale_copy(p->alpha0, gram, a, (size_t)d * d);
     for (uint32_t k = 0; k < d; k++)
         a[(size_t)k * d + k] += lam;
@@ -208,7 +209,7 @@ static void cg_solve_row(const float *other, const float *gram, uint32_t d, uint
         return;
     }
     float *r = scratch, *pv = r + d, *ap = pv + d;
-    float lam = row_lambda(p, n, n_other);
+    float lam = als_row_lambda(p, n, n_other);
     /* r = b - A x */
     symv(gram, x, r, d);
     for (uint32_t k = 0; k < d; k++)
@@ -317,12 +318,12 @@ static double objective(const als_matrix *m, const float *u, const float *v, con
                 symv(gram_v, x, tmp, d);
                 unobs += dot(x, tmp, d);
             }
-            reg += row_lambda(p, m->row_ptr[r + 1] - m->row_ptr[r], m->n_cols) * dot(x, x, d);
+            reg += als_row_lambda(p, m->row_ptr[r + 1] - m->row_ptr[r], m->n_cols) * dot(x, x, d);
         }
 #pragma omp for schedule(static)
         for (uint32_t c = 0; c < m->n_cols; c++) {
             const float *y = v + (size_t)c * d;
-            reg += row_lambda(p, item_counts[c + 1] - item_counts[c], m->n_rows) * dot(y, y, d);
+            reg += als_row_lambda(p, item_counts[c + 1] - item_counts[c], m->n_rows) * dot(y, y, d);
         }
         free(tmp);
     }
@@ -330,11 +331,77 @@ static double objective(const als_matrix *m, const float *u, const float *v, con
     return (obs + p->alpha0 * unobs + reg) / (nnz > 0 ? nnz : 1);
 }
 
-int als_train(const als_matrix *m, const als_params *p, float *user_factors, float *item_factors,
-              als_progress_fn progress, void *progress_ctx, als_report *report, aff_err *err)
+/* The epochs on a training device (als.h). 0, AFF_ECANCELLED (with err) or a device failure
+ * (err holds the device's reason; the caller falls back to the CPU). */
+static int train_on_device(const als_device *dev, const als_matrix *m, const als_matrix *t,
+                           const als_params *p, float *user_factors, float *item_factors,
+                           als_progress_fn progress, void *progress_ctx, uint32_t *epochs_run,
+                           double *loss, aff_err *err)
+{
+    int status = AFF_OK;
+    void *state = NULL;
+    float *ul = malloc(((size_t)m->n_rows + 1) * sizeof *ul);
+    float *il = malloc(((size_t)m->n_cols + 1) * sizeof *il);
+    if (!ul || !il) {
+        status = aff__fail(err, AFF_ENOMEM, "training: out of memory");
+        goto out;
+    }
+    for (uint32_t r = 0; r < m->n_rows; r++)
+        ul[r] = als_row_lambda(p, m->row_ptr[r + 1] - m->row_ptr[r], m->n_cols);
+    for (uint32_t c = 0; c < m->n_cols; c++)
+        il[c] = als_row_lambda(p, t->row_ptr[c + 1] - t->row_ptr[c], m->n_rows);
+    als_device_job job = {.users = m,
+                          .items = t,
+                          .user_lambda = ul,
+                          .item_lambda = il,
+                          .params = p,
+                          .user_factors = user_factors,
+                          .item_factors = item_factors};
+    if ((status = dev->begin(dev->ctx, &job, &state, err))) {
+        state = NULL;
+        goto out;
+    }
+    const double nnz = (double)m->row_ptr[m->n_rows];
+    for (uint32_t e = 0; e < p->epochs; e++) {
+        double sum = 0;
+        if ((status = dev->half_epoch(state, true, err)) ||
+            (status = dev->half_epoch(state, false, err)) ||
+            (status = dev->objective(state, &sum, err)))
+            goto out;
+        *loss = sum / nnz;
+        *epochs_run = e + 1;
+        if (progress && !progress(progress_ctx, e + 1, p->epochs, *loss)) {
+            status = aff__fail(err, AFF_ECANCELLED, "training cancelled after epoch %u", e + 1);
+            goto out;
+        }
+    }
+    status = dev->read(state, user_factors, item_factors, err);
+out:
+    if (state) dev->end(state);
+    free(ul);
+    free(il);
+    return status;
+}
+
+/* Gaussian item factors, users at zero: the first user half-epoch solves them from the items. */
+static void init_factors(const als_matrix *m, const als_params *p, float *user_factors,
+                         float *item_factors)
+{
+    const uint32_t d = p->factors;
+    float sd = p->init_std > 0 ? p->init_std : 0.1f / sqrtf((float)d);
+    aff_rng rng = {p->seed};
+    for (size_t k = 0; k < (size_t)m->n_cols * d; k++)
+        item_factors[k] = (float)(sd * aff_rng_normal(&rng));
+    memset(user_factors, 0, (size_t)m->n_rows * d * sizeof(float));
+}
+
+int als_train(const als_matrix *m, const als_params *p, const als_device *dev, float *user_factors,
+              float *item_factors, als_progress_fn progress, void *progress_ctx,
+              als_report *report, aff_err *err)
 {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (report) *report = (als_report){0};
     int status = als_params_check(p, err);
     if (status) return status;
     if (m->n_rows == 0 || m->n_cols == 0 || m->row_ptr[m->n_rows] == 0)
@@ -344,6 +411,8 @@ int als_train(const als_matrix *m, const als_params *p, float *user_factors, flo
     int threads = p->threads ? (int)p->threads : omp_get_num_procs();
     double loss = 0;
     uint32_t e = 0;
+    bool on_device = false;
+    char device_error[sizeof report->device_error] = "";
     uint64_t *t_ptr = NULL;
     uint32_t *t_col = NULL;
     float *t_conf = NULL, *gram = NULL;
@@ -351,14 +420,32 @@ int als_train(const als_matrix *m, const als_params *p, float *user_factors, flo
         status = aff__fail(err, AFF_ENOMEM, "training: out of memory");
         goto out;
     }
+    init_factors(m, p, user_factors, item_factors);
 
-    /* Gaussian initialisation, users at zero: the first user half-epoch solves them from the
-     * items. */
-    float sd = p->init_std > 0 ? p->init_std : 0.1f / sqrtf((float)d);
-    aff_rng rng = {p->seed};
-    for (size_t k = 0; k < (size_t)m->n_cols * d; k++)
-        item_factors[k] = (float)(sd * aff_rng_normal(&rng));
-    memset(user_factors, 0, (size_t)m->n_rows * d * sizeof(float));
+    if (dev && p->cg_steps > 0) {
+        als_matrix t = {.n_rows = m->n_cols,
+                        .n_cols = m->n_rows,
+                        .row_ptr = t_ptr,
+                        .col = t_col,
+                        .conf = t_conf};
+        aff_err derr = {0};
+        status = train_on_device(dev, m, &t, p, user_factors, item_factors, progress,
+                                 progress_ctx, &e, &loss, &derr);
+        if (status == AFF_OK || status == AFF_ECANCELLED) {
+            on_device = true;
+            if (status) aff__fail(err, status, "%s", derr.msg);
+            goto out;
+        }
+        /* The device failed: the CPU takes the whole job over from the same start. */
+        snprintf(device_error, sizeof device_error, "%s", derr.msg);
+        status = AFF_OK;
+        e = 0;
+        loss = 0;
+        init_factors(m, p, user_factors, item_factors);
+    } else if (dev) {
+        snprintf(device_error, sizeof device_error,
+                 "exact row solves (cg_steps = 0) run on the CPU only");
+    }
 
     for (e = 0; e < p->epochs; e++) {
         if ((status = half_epoch(m->row_ptr, m->col, m->conf, m->n_rows, user_factors, item_factors,
@@ -382,6 +469,8 @@ out:
         report->epochs_run = e;
         report->loss = loss;
         report->seconds = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+        report->on_device = on_device;
+        snprintf(report->device_error, sizeof report->device_error, "%s", device_error);
     }
     free(t_ptr);
     free(t_col);

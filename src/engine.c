@@ -527,6 +527,12 @@ void engine_backend_info(aff_engine *e, backend_info *out)
     e->backend->ops->describe(e->backend, out);
 }
 
+bool engine_trainer(aff_engine *e, als_device *out)
+{
+    const backend_ops *ops = e->backend->ops;
+    return ops->trainer && ops->trainer(e->backend, out);
+}
+
 /* ---- items --------------------------------------------------------------------------------- */
 
 static int validate_item(const collection *c, const aff_item *it, size_t index, aff_err *err)
@@ -793,6 +799,22 @@ out:
     return rc;
 }
 
+/* The attributes of row `row` (read lock held). */
+static void item_copy(const collection *c, uint32_t row, engine_item *out)
+{
+    *out = (engine_item){0};
+    const backend_row_attrs *a = &c->attrs[row];
+    snprintf(out->id, sizeof out->id, "%s", c->row_ids[row]);
+    if (a->category)
+        snprintf(out->category, sizeof out->category, "%s", c->categories.names[a->category]);
+    out->n_tags = a->n_tags;
+    for (uint32_t t = 0; t < a->n_tags; t++) /* in the order the item gave them */
+        snprintf(out->tags[t], sizeof out->tags[t], "%s",
+                 c->tags.names[a->tags[c->tag_order[row][t]]]);
+    out->price = a->price;
+    out->available = a->available;
+}
+
 int engine_get_item(aff_engine *e, const char *name, const char *id, engine_item *out,
                     float *vector, aff_err *err)
 {
@@ -806,17 +828,7 @@ int engine_get_item(aff_engine *e, const char *name, const char *id, engine_item
         rc = aff__fail(err, AFF_ENOTFOUND, "item \"%s\" is not in collection \"%s\"", id, c->name);
         goto out;
     }
-    *out = (engine_item){0};
-    const backend_row_attrs *a = &c->attrs[row];
-    snprintf(out->id, sizeof out->id, "%s", c->row_ids[row]);
-    if (a->category)
-        snprintf(out->category, sizeof out->category, "%s", c->categories.names[a->category]);
-    out->n_tags = a->n_tags;
-    for (uint32_t t = 0; t < a->n_tags; t++) /* in the order the item gave them */
-        snprintf(out->tags[t], sizeof out->tags[t], "%s",
-                 c->tags.names[a->tags[c->tag_order[row][t]]]);
-    out->price = a->price;
-    out->available = a->available;
+    item_copy(c, row, out);
     if (vector) rc = c->ops->table_read(c->table, &row, 1, vector, err);
 out:
     pthread_rwlock_unlock(&c->lock);

@@ -40,6 +40,9 @@ int engine_create(aff_engine **out, const engine_config *cfg, aff_err *err);
 void engine_destroy(aff_engine *e);
 /* The backend in use: name, device, memory. */
 void engine_backend_info(aff_engine *e, backend_info *out);
+/* The backend's iALS training device (backend_ops.trainer): false when it has none (the CPU
+ * backend, a GPU build without a device, or after a device fault). */
+bool engine_trainer(aff_engine *e, als_device *out);
 
 /* ---- collections ---------------------------------------------------------------------- */
 

@@ -690,9 +690,14 @@ static int run_job(aff_model *m, mcoll *c, const als_params *p, aff_err *err)
     als_params tp = *p;
     tp.threads = m->cfg.train_threads;
     als_report rep = {0};
-    if ((status =
-             als_train(&mat, &tp, v->user_factors, v->item_factors, job_progress, c, &rep, err)))
+    als_device dev;
+    const bool have_dev = engine_trainer(m->e, &dev);
+    if ((status = als_train(&mat, &tp, have_dev ? &dev : NULL, v->user_factors, v->item_factors,
+                            job_progress, c, &rep, err)))
         goto out;
+    if (have_dev && !rep.on_device)
+        aff_log_kv(AFF_LOG_WARN, "training ran on the CPU instead of the GPU", "collection",
+                   c->name, "reason", rep.device_error, NULL);
     v->info = (model_version_info){.trained_at_ms = now_ms(m),
                                    .events_used = t.nnz,
                                    .users = t.n_users,

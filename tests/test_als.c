@@ -83,7 +83,7 @@ Test(als, learned_rankings_beat_popularity_and_random)
           *vf = malloc(sizeof(float) * I * par.factors);
     als_report rep;
     aff_err err;
-    cr_assert_eq(als_train(&m, &par, uf, vf, NULL, NULL, &rep, &err), 0, "%s", err.msg);
+    cr_assert_eq(als_train(&m, &par, NULL, uf, vf, NULL, NULL, &rep, &err), 0, "%s", err.msg);
     cr_assert_eq(rep.epochs_run, 8);
     cr_assert(isfinite(rep.loss) && rep.loss > 0);
 
@@ -180,9 +180,9 @@ Test(als, cg_training_reaches_the_exact_objective)
     als_report exact, cg;
     aff_err err;
     par.cg_steps = 0;
-    cr_assert_eq(als_train(&m, &par, uf, vf, NULL, NULL, &exact, &err), 0);
+    cr_assert_eq(als_train(&m, &par, NULL, uf, vf, NULL, NULL, &exact, &err), 0);
     par.cg_steps = 3;
-    cr_assert_eq(als_train(&m, &par, uf, vf, NULL, NULL, &cg, &err), 0);
+    cr_assert_eq(als_train(&m, &par, NULL, uf, vf, NULL, NULL, &cg, &err), 0);
     cr_assert(fabs(cg.loss - exact.loss) <= 0.01 * exact.loss, "exact %.5f cg %.5f", exact.loss,
               cg.loss);
     free(uf);
@@ -209,7 +209,7 @@ Test(als, progress_reports_each_epoch_and_can_cancel)
     uint32_t seen = 0;
     als_report rep;
     aff_err err;
-    cr_assert_eq(als_train(&m, &par, uf, vf, stop_after_two, &seen, &rep, &err), AFF_ECANCELLED);
+    cr_assert_eq(als_train(&m, &par, NULL, uf, vf, stop_after_two, &seen, &rep, &err), AFF_ECANCELLED);
     cr_assert_eq(seen, 2);
     cr_assert_eq(rep.epochs_run, 2);
     free(uf);
@@ -246,7 +246,7 @@ Test(als, bad_parameters_and_empty_data_are_refused)
     uint64_t rp[3] = {0, 0, 0};
     als_matrix m = {.n_rows = 2, .n_cols = 4, .row_ptr = rp, .col = NULL, .conf = NULL};
     float uf[2 * 64], vf[4 * 64];
-    cr_assert_eq(als_train(&m, &p, uf, vf, NULL, NULL, NULL, &err), AFF_EPRECONDITION);
+    cr_assert_eq(als_train(&m, &p, NULL, uf, vf, NULL, NULL, NULL, &err), AFF_EPRECONDITION);
 }
 
 Test(als, confidence_grows_with_weight_and_fades_with_age)
