@@ -21,6 +21,9 @@
 extern void ssyrk_(const char *uplo, const char *trans, const int *n, const int *k,
                    const float *alpha, const float *a, const int *lda, const float *beta, float *c,
                    const int *ldc);
+extern void sgemm_(const char *transa, const char *transb, const int *m, const int *n,
+                   const int *k, const float *alpha, const float *a, const int *lda, const float *b,
+                   const int *ldb, const float *beta, float *c, const int *ldc);
 extern void spotrf_(const char *uplo, const int *n, float *a, const int *lda, int *info);
 extern void spotrs_(const char *uplo, const int *n, const int *nrhs, const float *a, const int *lda,
                     float *b, const int *ldb, int *info);
@@ -477,4 +480,104 @@ out:
     free(t_conf);
     free(gram);
     return status;
+}
+
+/* ---- content -> factor map ------------------------------------------------------------------ */
+
+void als_content_map_free(als_content_map *map)
+{
+    if (!map) return;
+    free(map->w);
+    free(map->x_mean);
+    free(map->f_mean);
+    *map = (als_content_map){0};
+}
+
+int als_content_map_fit(const float *x, const float *f, size_t n, uint32_t dim_in, uint32_t d,
+                        als_content_map *out, aff_err *err)
+{
+    *out = (als_content_map){.dim_in = dim_in, .d = d};
+    if (n < ALS_MAP_MIN_ITEMS)
+        return aff__fail(err, AFF_EPRECONDITION,
+                         "content map: %zu items with both a content vector and events; need %d",
+                         n, ALS_MAP_MIN_ITEMS);
+    enum { BLOCK = 256 };
+    int status = AFF_OK;
+    float *c = calloc((size_t)dim_in * dim_in, sizeof *c);
+    float *b = calloc((size_t)dim_in * d, sizeof *b);
+    float *xb = malloc((size_t)BLOCK * dim_in * sizeof *xb);
+    float *fb = malloc((size_t)BLOCK * d * sizeof *fb);
+    double *xm = calloc(dim_in, sizeof *xm), *fm = calloc(d, sizeof *fm);
+    out->w = malloc((size_t)d * dim_in * sizeof *out->w);
+    out->x_mean = malloc((size_t)dim_in * sizeof *out->x_mean);
+    out->f_mean = malloc((size_t)d * sizeof *out->f_mean);
+    if (!c || !b || !xb || !fb || !xm || !fm || !out->w || !out->x_mean || !out->f_mean) {
+        status = aff__fail(err, AFF_ENOMEM, "content map: out of memory");
+        goto out;
+    }
+    for (size_t r = 0; r < n; r++) {
+        for (uint32_t i = 0; i < dim_in; i++)
+            xm[i] += x[r * dim_in + i];
+        for (uint32_t j = 0; j < d; j++)
+            fm[j] += f[r * d + j];
+    }
+    for (uint32_t i = 0; i < dim_in; i++)
+        out->x_mean[i] = (float)(xm[i] / (double)n);
+    for (uint32_t j = 0; j < d; j++)
+        out->f_mean[j] = (float)(fm[j] / (double)n);
+    /* Column-major views: a centred block of rows is X' (dim_in x nb) and F' (d x nb);
+     * C += X' X'^T (upper triangle), B (dim_in x d) += X' F'^T. */
+    const int di = (int)dim_in, dd = (int)d;
+    const float one = 1.0f;
+    for (size_t r0 = 0; r0 < n; r0 += BLOCK) {
+        const int nb = (int)(n - r0 < BLOCK ? n - r0 : BLOCK);
+        for (int r = 0; r < nb; r++) {
+            for (uint32_t i = 0; i < dim_in; i++)
+                xb[(size_t)r * dim_in + i] = x[(r0 + r) * dim_in + i] - out->x_mean[i];
+            for (uint32_t j = 0; j < d; j++)
+                fb[(size_t)r * d + j] = f[(r0 + r) * d + j] - out->f_mean[j];
+        }
+        ssyrk_("U", "N", &di, &nb, &one, xb, &di, &one, c, &di);
+        sgemm_("N", "T", &di, &dd, &nb, &one, xb, &di, fb, &dd, &one, b, &di);
+    }
+    double trace = 0;
+    for (uint32_t i = 0; i < dim_in; i++)
+        trace += c[(size_t)i * dim_in + i];
+    const float mu = (float)(ALS_MAP_RIDGE * trace / dim_in);
+    if (!(mu > 0)) {
+        status = aff__fail(err, AFF_EINTERNAL,
+                           "content map: every item has the same content vector");
+        goto out;
+    }
+    for (uint32_t i = 0; i < dim_in; i++)
+        c[(size_t)i * dim_in + i] += mu;
+    int info = 0;
+    spotrf_("U", &di, c, &di, &info);
+    if (info == 0) spotrs_("U", &di, &dd, c, &di, b, &di, &info);
+    if (info != 0) {
+        status = aff__fail(err, AFF_EINTERNAL, "content map: the ridge system is singular");
+        goto out;
+    }
+    /* b is W^T in column-major (dim_in x d): column j, i.e. b + j * dim_in, is row j of W. */
+    memcpy(out->w, b, (size_t)d * dim_in * sizeof *out->w);
+out:
+    free(c);
+    free(b);
+    free(xb);
+    free(fb);
+    free(xm);
+    free(fm);
+    if (status) als_content_map_free(out);
+    return status;
+}
+
+void als_content_map_apply(const als_content_map *map, const float *x, float *f_out)
+{
+    for (uint32_t j = 0; j < map->d; j++) {
+        const float *w = map->w + (size_t)j * map->dim_in;
+        double s = map->f_mean[j];
+        for (uint32_t i = 0; i < map->dim_in; i++)
+            s += (double)w[i] * (x[i] - map->x_mean[i]);
+        f_out[j] = (float)s;
+    }
 }

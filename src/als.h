@@ -132,6 +132,37 @@ bool als_solve_row(const float *other, const float *gram, uint32_t d, uint32_t n
                    const als_params *p, const uint32_t *idx, const float *conf, size_t n, float *x,
                    float *scratch);
 
+/*
+ * Content -> factor map, for items that have a content vector but no events yet: a linear map
+ * fitted at training time by ridge regression on the items that have both,
+ *
+ *   f(x) = f_mean + W (x - x_mean),   W = argmin sum_i |f_i - f_mean - W (x_i - x_mean)|^2
+ *                                                + mu |W|_F^2,
+ *   mu = ALS_MAP_RIDGE * tr(C) / dim_in,   C = sum_i (x_i - x_mean)(x_i - x_mean)^T,
+ *
+ * so a new item lands where items with similar content sit in the behaviour space. The ridge is
+ * relative to the data's own scale (tr(C) / dim_in is the mean variance per input dimension
+ * times n), so it does not depend on how the shop scales its vectors.
+ */
+#define ALS_MAP_RIDGE     0.1f
+#define ALS_MAP_MIN_ITEMS 2
+
+typedef struct als_content_map {
+    uint32_t dim_in, d;
+    float *w;      /* d x dim_in, row-major: factor j = f_mean[j] + w[j] . (x - x_mean) */
+    float *x_mean; /* dim_in */
+    float *f_mean; /* d */
+} als_content_map;
+
+/* Fits the map from n pairs: x (n x dim_in) and f (n x d), row-major, borrowed. *out owns its
+ * arrays (als_content_map_free). AFF_EPRECONDITION with fewer than ALS_MAP_MIN_ITEMS pairs,
+ * AFF_ENOMEM, AFF_EINTERNAL when the system is singular (all x equal). */
+int als_content_map_fit(const float *x, const float *f, size_t n, uint32_t dim_in, uint32_t d,
+                        als_content_map *out, aff_err *err);
+/* f_out (d floats) = the map applied to x (dim_in floats). */
+void als_content_map_apply(const als_content_map *map, const float *x, float *f_out);
+void als_content_map_free(als_content_map *map);
+
 /* Hu et al.'s confidence from Affinity's decayed, type-weighted event sum r (a view weighs 1 by
  * default): c = r for r ≤ 1 (old events fade below one view), c = 1 + ln(r) above (a purchase,
  * weight 8, counts 1 + ln 8 ≈ 3.1 views; repeats grow it slowly). 0 for r ≤ 0. */

@@ -837,6 +837,46 @@ out_release:
     return rc;
 }
 
+int engine_scan_items(aff_engine *e, const char *name, engine_item_visit_fn fn, void *ctx,
+                      aff_err *err)
+{
+    enum { SCAN_BATCH = 256 };
+    collection *c;
+    int rc = collection_acquire(e, name, &c, err);
+    if (rc != AFF_OK) return rc;
+    float *vec = NULL;
+    uint32_t *rows = NULL;
+    engine_item *item = malloc(sizeof *item);
+    if (!c->learned_only) {
+        vec = malloc((size_t)SCAN_BATCH * c->dim * sizeof *vec);
+        rows = malloc(SCAN_BATCH * sizeof *rows);
+    }
+    if (!item || (!c->learned_only && (!vec || !rows))) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory scanning collection \"%s\"", c->name);
+        goto out_release;
+    }
+    pthread_rwlock_rdlock(&c->lock);
+    for (uint32_t r0 = 0; r0 < c->count && rc == AFF_OK; r0 += SCAN_BATCH) {
+        const uint32_t nb = c->count - r0 < SCAN_BATCH ? c->count - r0 : SCAN_BATCH;
+        if (vec) {
+            for (uint32_t i = 0; i < nb; i++)
+                rows[i] = r0 + i;
+            if ((rc = c->ops->table_read(c->table, rows, nb, vec, err)) != AFF_OK) break;
+        }
+        for (uint32_t i = 0; i < nb && rc == AFF_OK; i++) {
+            item_copy(c, r0 + i, item);
+            rc = fn(ctx, item, vec ? vec + (size_t)i * c->dim : NULL, err);
+        }
+    }
+    pthread_rwlock_unlock(&c->lock);
+out_release:
+    free(item);
+    free(vec);
+    free(rows);
+    collection_release(c);
+    return rc;
+}
+
 /* ---- filters ------------------------------------------------------------------------------ */
 
 /* A filter compiled into row space; owns its arrays. */

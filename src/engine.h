@@ -133,6 +133,17 @@ typedef struct engine_item {
 int engine_get_item(aff_engine *e, const char *collection, const char *id, engine_item *out,
                     float *vector, aff_err *err);
 
+/* Visits every item of the collection, in row order, with its attributes and its stored
+ * vector (dim floats, normalized for cosine; NULL in a learned-only collection). Both are
+ * borrowed for the call. The scan holds the collection's read lock throughout, so it sees one
+ * consistent catalog and writers to this collection wait until it ends: fn must not write to
+ * this collection (reads, and writes to other collections, are fine). fn returns 0 to go on or
+ * a negative aff_status (with err filled) to stop the scan with it. */
+typedef int (*engine_item_visit_fn)(void *ctx, const engine_item *item, const float *vector,
+                                    aff_err *err);
+int engine_scan_items(aff_engine *e, const char *collection, engine_item_visit_fn fn, void *ctx,
+                      aff_err *err);
+
 /* ---- search --------------------------------------------------------------------------- */
 
 typedef struct aff_filter {
