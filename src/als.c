@@ -72,8 +72,10 @@ float als_confidence(double r)
 
 /* ---- small dense kernels ------------------------------------------------------------------ */
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) static float
-dot(const float *a, const float *b, uint32_t d)
+/* Plain loops the compiler vectorizes; they are inlined into the row solvers, which are built
+ * once per instruction set (target_clones) so the loops use the widest vectors the CPU has
+ * without a call per entry. */
+static inline float dot(const float *a, const float *b, uint32_t d)
 {
     float s = 0;
 #pragma omp simd reduction(+ : s)
@@ -82,8 +84,7 @@ dot(const float *a, const float *b, uint32_t d)
     return s;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) static void
-axpy(float a, const float *restrict x, float *restrict y, uint32_t d)
+static inline void axpy(float a, const float *restrict x, float *restrict y, uint32_t d)
 {
 #pragma omp simd
     for (uint32_t i = 0; i < d; i++)
@@ -91,27 +92,36 @@ axpy(float a, const float *restrict x, float *restrict y, uint32_t d)
 }
 
 /* y = a * x. */
-__attribute__((target_clones("avx512f", "avx2", "default"))) static void
-scale_copy(float a, const float *restrict x, float *restrict y, size_t d)
+static inline void scale_copy(float a, const float *restrict x, float *restrict y, size_t d)
 {
 #pragma omp simd
     for (size_t i = 0; i < d; i++)
         y[i] = a * x[i];
 }
 
-/* y = M x for a full d x d row-major M. */
-__attribute__((target_clones("avx512f", "avx2", "default"))) static void
-symv(const float *m, const float *x, float *y, uint32_t d)
+/* y = M x for a full symmetric d x d M, as a sum of M's columns (= its rows): no horizontal
+ * reductions. */
+static inline void symv(const float *restrict m, const float *restrict x, float *restrict y,
+                        uint32_t d)
 {
-    for (uint32_t r = 0; r < d; r++) {
-        const float *row = m + (size_t)r * d;
-        float s = 0;
-#pragma omp simd reduction(+ : s)
-        for (uint32_t c = 0; c < d; c++)
-            s += row[c] * x[c];
-        y[r] = s;
-    }
+    memset(y, 0, (size_t)d * sizeof *y);
+    for (uint32_t c = 0; c < d; c++)
+        axpy(x[c], m + (size_t)c * d, y, d);
 }
+
+/* x86-64-v3 is AVX2 with FMA, v4 adds AVX-512 (F, BW, DQ, VL). */
+#define ALS_CLONES                                                                                 \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+/* Asks for row y of the other side ahead of its use: the rows an entry list touches are
+ * scattered, and the solvers are bound by waiting for them. */
+static inline void prefetch_row(const float *y, uint32_t d)
+{
+    for (uint32_t k = 0; k < d; k += 16)
+        __builtin_prefetch(y + k);
+}
+
+enum { PREFETCH_AHEAD = 4 };
 
 void als_gramian(const float *factors, size_t n, uint32_t d, float *gram)
 {
@@ -155,9 +165,9 @@ static bool cholesky_solve(float *a, uint32_t d, const float *b, float *x)
     return info == 0;
 }
 
-bool als_solve_row(const float *other, const float *gram, uint32_t d, uint32_t n_other,
-                   const als_params *p, const uint32_t *idx, const float *conf, size_t n, float *x,
-                   float *scratch)
+ALS_CLONES bool als_solve_row(const float *other, const float *gram, uint32_t d,
+                              uint32_t n_other, const als_params *p, const uint32_t *idx,
+                              const float *conf, size_t n, float *x, float *scratch)
 {
     memset(x, 0, (size_t)d * sizeof(float));
     if (n == 0) return true;
@@ -203,7 +213,7 @@ bool als_solve_row(const float *other, const float *gram, uint32_t d, uint32_t n
 }
 
 /* A few CG steps on the same system, from the current x (the previous epoch's row). */
-static void cg_solve_row(const float *other, const float *gram, uint32_t d, uint32_t n_other,
+ALS_CLONES static void cg_solve_row(const float *other, const float *gram, uint32_t d, uint32_t n_other,
                          const als_params *p, const uint32_t *idx, const float *conf, size_t n,
                          float *x, float *scratch)
 {
@@ -218,6 +228,7 @@ static void cg_solve_row(const float *other, const float *gram, uint32_t d, uint
     for (uint32_t k = 0; k < d; k++)
         r[k] = -(p->alpha0 * r[k] + lam * x[k]);
     for (size_t j = 0; j < n; j++) {
+        if (j + PREFETCH_AHEAD < n) prefetch_row(other + (size_t)idx[j + PREFETCH_AHEAD] * d, d);
         const float *y = other + (size_t)idx[j] * d;
         axpy(conf[j] * (1.0f - dot(y, x, d)), y, r, d);
     }
@@ -228,6 +239,8 @@ static void cg_solve_row(const float *other, const float *gram, uint32_t d, uint
         for (uint32_t k = 0; k < d; k++)
             ap[k] = p->alpha0 * ap[k] + lam * pv[k];
         for (size_t j = 0; j < n; j++) {
+            if (j + PREFETCH_AHEAD < n)
+                prefetch_row(other + (size_t)idx[j + PREFETCH_AHEAD] * d, d);
             const float *y = other + (size_t)idx[j] * d;
             axpy(conf[j] * dot(y, pv, d), y, ap, d);
         }
@@ -301,6 +314,23 @@ static int half_epoch(const uint64_t *row_ptr, const uint32_t *col, const float 
     return failed ? AFF_ENOMEM : AFF_OK;
 }
 
+/* User row r's terms of the objective (tmp: d floats, may be NULL: no unobserved term). */
+ALS_CLONES static void row_objective(const als_matrix *m, const float *x, uint32_t r,
+                                     const float *v, const float *gram_v, const als_params *p,
+                                     float *tmp, double *obs, double *unobs, double *reg)
+{
+    const uint32_t d = p->factors;
+    for (uint64_t k = m->row_ptr[r]; k < m->row_ptr[r + 1]; k++) {
+        double e = dot(x, v + (size_t)m->col[k] * d, d) - 1.0;
+        *obs += m->conf[k] * e * e;
+    }
+    if (tmp) {
+        symv(gram_v, x, tmp, d);
+        *unobs += dot(x, tmp, d);
+    }
+    *reg += als_row_lambda(p, m->row_ptr[r + 1] - m->row_ptr[r], m->n_cols) * dot(x, x, d);
+}
+
 /* The objective of als.h divided by nnz. */
 static double objective(const als_matrix *m, const float *u, const float *v, const float *gram_v,
                         const uint64_t *item_counts, const als_params *p, int threads)
@@ -312,16 +342,7 @@ static double objective(const als_matrix *m, const float *u, const float *v, con
         float *tmp = malloc((size_t)d * sizeof(float));
 #pragma omp for schedule(static)
         for (uint32_t r = 0; r < m->n_rows; r++) {
-            const float *x = u + (size_t)r * d;
-            for (uint64_t k = m->row_ptr[r]; k < m->row_ptr[r + 1]; k++) {
-                double e = dot(x, v + (size_t)m->col[k] * d, d) - 1.0;
-                obs += m->conf[k] * e * e;
-            }
-            if (tmp) {
-                symv(gram_v, x, tmp, d);
-                unobs += dot(x, tmp, d);
-            }
-            reg += als_row_lambda(p, m->row_ptr[r + 1] - m->row_ptr[r], m->n_cols) * dot(x, x, d);
+            row_objective(m, u + (size_t)r * d, r, v, gram_v, p, tmp, &obs, &unobs, &reg);
         }
 #pragma omp for schedule(static)
         for (uint32_t c = 0; c < m->n_cols; c++) {
