@@ -1052,7 +1052,8 @@ typedef struct fold_ctx {
     int64_t now;
     uint32_t *idx;
     float *conf;
-    size_t n, cap_idx, cap_conf;
+    int64_t *at; /* each interaction's latest event time */
+    size_t n, cap_idx, cap_conf, cap_at;
 } fold_ctx;
 
 static int fold_visit(void *ctx, const char *item, const store_interaction *in)
@@ -1063,11 +1064,43 @@ static int fold_visit(void *ctx, const char *item, const store_interaction *in)
     float c = als_confidence(in->weight * exp2(-(double)(f->now - in->ref_ms) / f->half_life_ms));
     if (!(c > 0)) return 0;
     if (!grow((void **)&f->idx, &f->cap_idx, f->n + 1, sizeof *f->idx) ||
-        !grow((void **)&f->conf, &f->cap_conf, f->n + 1, sizeof *f->conf))
+        !grow((void **)&f->conf, &f->cap_conf, f->n + 1, sizeof *f->conf) ||
+        !grow((void **)&f->at, &f->cap_at, f->n + 1, sizeof *f->at))
         return AFF_ENOMEM;
     f->idx[f->n] = row;
+    f->at[f->n] = in->ref_ms;
     f->conf[f->n++] = c;
     return 0;
+}
+
+typedef struct fold_entry {
+    int64_t at;
+    uint32_t idx;
+    float conf;
+} fold_entry;
+
+static int cmp_recent(const void *a, const void *b)
+{
+    const fold_entry *x = a, *y = b;
+    if (x->at != y->at) return x->at < y->at ? 1 : -1;
+    return (x->idx > y->idx) - (x->idx < y->idx);
+}
+
+/* Keeps the `keep` interactions with the most recent events (ties: lower model row first). */
+static int fold_keep_recent(fold_ctx *f, uint32_t keep, aff_err *err)
+{
+    fold_entry *e = malloc(f->n * sizeof *e);
+    if (!e) return aff__fail(err, AFF_ENOMEM, "model: out of memory");
+    for (size_t i = 0; i < f->n; i++)
+        e[i] = (fold_entry){f->at[i], f->idx[i], f->conf[i]};
+    qsort(e, f->n, sizeof *e, cmp_recent);
+    for (uint32_t i = 0; i < keep; i++) {
+        f->idx[i] = e[i].idx;
+        f->conf[i] = e[i].conf;
+    }
+    f->n = keep;
+    free(e);
+    return AFF_OK;
 }
 
 typedef struct fold_fn_ctx {
@@ -1099,6 +1132,9 @@ int model_user_factor(aff_model *m, const char *collection, const char *user,
     float *scratch = NULL;
     int status = store_view(m->s, fold_fn, &fc, err);
     if (status || fc.f.n == 0) goto out;
+    if (m->cfg.fold_in_history && fc.f.n > m->cfg.fold_in_history &&
+        (status = fold_keep_recent(&fc.f, m->cfg.fold_in_history, err)))
+        goto out;
     if (!(scratch = malloc(als_solve_scratch_floats(v->d) * sizeof(float)))) {
         status = aff__fail(err, AFF_ENOMEM, "model: out of memory");
         goto out;
@@ -1115,6 +1151,7 @@ out:
     free(scratch);
     free(fc.f.idx);
     free(fc.f.conf);
+    free(fc.f.at);
     version_release(m, v);
     return status;
 }

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "als.h"
@@ -34,14 +35,22 @@ static int group_of(const char *id)
     return atoi(id + 1) % GROUPS;
 }
 
-static void start_on(test_server *s, const char *data_dir)
+/* fold_in_history: the --fold-in-history flag's value (NULL: the default). */
+static void start_with(test_server *s, const char *data_dir, const char *fold_in_history)
 {
-    const char *args[] = {"--data-dir",         data_dir, "--log-level", "warn",
-                          "--train-interval-s", "0",      NULL};
+    const char *args[] = {"--data-dir",         data_dir, "--log-level",       "warn",
+                          "--train-interval-s", "0",      "--fold-in-history", fold_in_history,
+                          NULL};
+    if (!fold_in_history) args[6] = NULL;
     if (ts_start(s, NULL, args) != 0 || !ts_wait_serving(s, NULL)) {
         ts_dump_log(s);
         cr_assert_fail("affinityd did not start");
     }
+}
+
+static void start_on(test_server *s, const char *data_dir)
+{
+    start_with(s, data_dir, NULL);
 }
 
 /* A collection with content vectors of dim (0: learned-only) and a model of `factors`. */
@@ -103,9 +112,9 @@ static int upsert_items(transport_client *cl, const char *name, float *vectors)
     return upsert_stream(cl, name, ptrs, N_ITEMS);
 }
 
-/* Views of n items of group g by user, chosen by a seeded walk. */
-static void put_views(transport_client *cl, const char *name, const char *user, int g, int n,
-                      int offset)
+/* Views of n items of group g by user, chosen by a seeded walk, at time at_ms (0: now). */
+static void put_views_at(transport_client *cl, const char *name, const char *user, int g, int n,
+                         int offset, int64_t at_ms)
 {
     Affinity__V1__Event ev[PER_GROUP];
     Affinity__V1__Event *ptrs[PER_GROUP];
@@ -113,6 +122,7 @@ static void put_views(transport_client *cl, const char *name, const char *user, 
         affinity__v1__event__init(&ev[k]);
         ev[k].item_id = item_ids[((offset + k * 7) % PER_GROUP) * GROUPS + g];
         ev[k].type = AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_VIEW;
+        ev[k].timestamp_ms = at_ms;
         ptrs[k] = &ev[k];
     }
     Affinity__V1__PutEventsRequest req = AFFINITY__V1__PUT_EVENTS_REQUEST__INIT;
@@ -127,6 +137,12 @@ static void put_views(transport_client *cl, const char *name, const char *user, 
                  TS_OK, "%s", st.message);
     cr_assert_eq(resp->applied_count, (uint32_t)n);
     transport_client_free((ProtobufCMessage *)resp);
+}
+
+static void put_views(transport_client *cl, const char *name, const char *user, int g, int n,
+                      int offset)
+{
+    put_views_at(cl, name, user, g, n, offset, 0);
 }
 
 static void seed_users(transport_client *cl, const char *name)
@@ -691,6 +707,45 @@ Test(server_model, a_new_item_with_content_is_recommendable_at_once)
             cl = ts_client(&s, NULL);
         }
     }
+    transport_client_destroy(cl);
+    cr_assert_eq(ts_stop(&s, SIGTERM, 30000), 0);
+    ts_remove_path(dir);
+}
+
+/* --fold-in-history 3: a shopper who viewed five group-0 items two hours ago and three group-2
+ * items an hour ago is folded in from the three most recent items only, so every
+ * recommendation is group 2 (with the whole history group 0 wins: this test fails without the
+ * flag); a shopper with the same views in the opposite order gets group 0. */
+Test(server_model, fold_in_reads_only_the_most_recent_history)
+{
+    char dir[256];
+    test_server s;
+    init_names();
+    ts_make_dir(dir, sizeof dir, "model-recent");
+    start_with(&s, dir, "3");
+    transport_client *cl = ts_client(&s, NULL);
+    transport_call_status st;
+    cr_assert_eq(create_shop(cl, "shop", 0, 8, &st), TS_OK, "%s", st.message);
+    cr_assert_eq(upsert_items(cl, "shop", NULL), TS_OK);
+    seed_users(cl, "shop");
+    train_and_wait(cl, "shop");
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    const int64_t now_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    put_views_at(cl, "shop", "mover", 0, 5, 0, now_ms - 7200000);
+    put_views_at(cl, "shop", "mover", 2, 3, 0, now_ms - 3600000);
+    put_views_at(cl, "shop", "stayer", 2, 3, 0, now_ms - 7200000);
+    put_views_at(cl, "shop", "stayer", 0, 5, 0, now_ms - 3600000);
+    Affinity__V1__RecommendResponse *r = recommend(cl, "shop", "mover", 5, NULL, true);
+    cr_assert_eq(r->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_MODEL);
+    cr_assert_eq(r->n_hits, 5);
+    for (size_t i = 0; i < r->n_hits; i++)
+        cr_assert_eq(group_of(r->hits[i]->id), 2, "mover's hit %zu is %s", i, r->hits[i]->id);
+    transport_client_free((ProtobufCMessage *)r);
+    r = recommend(cl, "shop", "stayer", 5, NULL, true);
+    for (size_t i = 0; i < r->n_hits; i++)
+        cr_assert_eq(group_of(r->hits[i]->id), 0, "stayer's hit %zu is %s", i, r->hits[i]->id);
+    transport_client_free((ProtobufCMessage *)r);
     transport_client_destroy(cl);
     cr_assert_eq(ts_stop(&s, SIGTERM, 30000), 0);
     ts_remove_path(dir);
