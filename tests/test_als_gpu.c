@@ -81,7 +81,8 @@ static void problem_free(problem *p)
     free(p->conf);
 }
 
-static backend *open_gpu(void)
+/* The GPU backend (skips without a device) and its training device in *dev. */
+static backend *open_trainer(als_device *dev)
 {
     backend *b = NULL;
     aff_err err = {0};
@@ -89,7 +90,7 @@ static backend *open_gpu(void)
     int rc = backend_gpu_create(&b, &cfg, &err);
     if (rc == AFF_EDEVICE) cr_skip_test("%s", err.msg);
     cr_assert_eq(rc, AFF_OK, "backend_gpu_create: %s", err.msg);
-    cr_assert(b->ops->trainer, "the GPU backend offers no training device");
+    cr_assert(b->ops->trainer && b->ops->trainer(b, dev), "the GPU backend offers no trainer");
     return b;
 }
 
@@ -134,9 +135,8 @@ static void assert_close(const float *a, const float *b, size_t n, const char *w
 /* Trains p on the device and on the CPU and checks they agree (see the file comment). */
 static void check_agreement(const problem *p, const als_params *par)
 {
-    backend *b = open_gpu();
     als_device dev;
-    cr_assert(b->ops->trainer(b, &dev));
+    backend *b = open_trainer(&dev);
     run g, c;
     train(p, par, &dev, &g);
     train(p, par, NULL, &c);
@@ -234,9 +234,8 @@ Test(als_gpu, cancel_stops_the_device_job)
     problem p;
     problem_make(&p, 20, 15, 5, 3);
     als_params par = params(8, 6);
-    backend *b = open_gpu();
     als_device dev;
-    cr_assert(b->ops->trainer(b, &dev));
+    backend *b = open_trainer(&dev);
     float *uf = malloc(20 * 8 * sizeof *uf), *vf = malloc(15 * 8 * sizeof *vf);
     uint32_t seen = 0;
     als_report rep;
@@ -259,9 +258,8 @@ Test(als_gpu, exact_solves_stay_on_the_cpu)
     problem_make(&p, 20, 15, 5, 3);
     als_params par = params(8, 2);
     par.cg_steps = 0;
-    backend *b = open_gpu();
     als_device dev;
-    cr_assert(b->ops->trainer(b, &dev));
+    backend *b = open_trainer(&dev);
     run g, c;
     train(&p, &par, &dev, &g);
     train(&p, &par, NULL, &c);
@@ -288,11 +286,10 @@ Test(als_gpu, a_failed_launch_hands_the_job_to_the_cpu)
     run c;
     train(&p, &par, NULL, &c);
     cr_assert_eq(c.rc, AFF_OK);
-    backend *b = open_gpu();
+    als_device dev;
+    backend *b = open_trainer(&dev);
     /* Launches per epoch: user solve, item solve, two objective kernels. */
     for (int at = 0; at < 6; at += 5) {
-        als_device dev;
-        cr_assert(b->ops->trainer(b, &dev));
         emul_inject_launch_failure(at, EMUL_ERR_LAUNCH_OUT_OF_RESOURCES);
         run g;
         train(&p, &par, &dev, &g);
@@ -324,9 +321,8 @@ Test(als_gpu, a_device_fault_moves_training_to_the_cpu_for_good)
     problem p;
     problem_make(&p, 20, 15, 5, 3);
     als_params par = params(8, 2);
-    backend *b = open_gpu();
     als_device dev;
-    cr_assert(b->ops->trainer(b, &dev));
+    backend *b = open_trainer(&dev);
     emul_inject_launch_failure(2, EMUL_ERR_ILLEGAL_ADDRESS);
     run g, c;
     train(&p, &par, &dev, &g);

@@ -234,6 +234,23 @@ static Affinity__V1__RecommendResponse *recommend(transport_client *cl, const ch
     return resp;
 }
 
+/* GetItems of "shop" with the behaviour-space vectors; the caller frees the response. */
+static Affinity__V1__GetItemsResponse *behaviour_items(transport_client *cl, char **ids, size_t n)
+{
+    Affinity__V1__GetItemsRequest gr = AFFINITY__V1__GET_ITEMS_REQUEST__INIT;
+    gr.collection = "shop";
+    gr.n_ids = n;
+    gr.ids = ids;
+    gr.include_vectors = true;
+    gr.space = AFFINITY__V1__SPACE__SPACE_BEHAVIOUR;
+    Affinity__V1__GetItemsResponse *items = NULL;
+    transport_call_status st;
+    cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_GET_ITEMS, &gr,
+                         &affinity__v1__get_items_response__descriptor, 0, &items, &st),
+                 TS_OK, "%s", st.message);
+    return items;
+}
+
 static void init_names(void)
 {
     for (int g = 0; g < GROUPS; g++)
@@ -289,19 +306,10 @@ Test(server_model, learns_taste_groups_and_folds_in_new_users)
         cr_assert_eq(group_of(r->hits[i]->id), 1, "hit %zu is %s", i, r->hits[i]->id);
 
     /* Fold-in equals a re-solve of that user against the model's item factors. */
-    Affinity__V1__GetItemsRequest gr = AFFINITY__V1__GET_ITEMS_REQUEST__INIT;
     char *ids[N_ITEMS];
     for (int i = 0; i < N_ITEMS; i++)
         ids[i] = item_ids[i];
-    gr.collection = "shop";
-    gr.n_ids = N_ITEMS;
-    gr.ids = ids;
-    gr.include_vectors = true;
-    gr.space = AFFINITY__V1__SPACE__SPACE_BEHAVIOUR;
-    Affinity__V1__GetItemsResponse *items = NULL;
-    cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_GET_ITEMS, &gr,
-                         &affinity__v1__get_items_response__descriptor, 0, &items, &st),
-                 TS_OK, "%s", st.message);
+    Affinity__V1__GetItemsResponse *items = behaviour_items(cl, ids, N_ITEMS);
     cr_assert_eq(items->n_items, N_ITEMS);
     static float factors[N_ITEMS * 8];
     for (size_t i = 0; i < items->n_items; i++) {
@@ -686,16 +694,7 @@ Test(server_model, a_new_item_with_content_is_recommendable_at_once)
             cr_assert_eq(group_of(sim->results[0]->hits[i]->id), 1, "neighbour %s",
                          sim->results[0]->hits[i]->id);
         transport_client_free((ProtobufCMessage *)sim);
-        Affinity__V1__GetItemsRequest gr = AFFINITY__V1__GET_ITEMS_REQUEST__INIT;
-        gr.collection = "shop";
-        gr.n_ids = 1;
-        gr.ids = one;
-        gr.include_vectors = true;
-        gr.space = AFFINITY__V1__SPACE__SPACE_BEHAVIOUR;
-        Affinity__V1__GetItemsResponse *items = NULL;
-        cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_GET_ITEMS, &gr,
-                             &affinity__v1__get_items_response__descriptor, 0, &items, &st),
-                     TS_OK, "%s", st.message);
+        Affinity__V1__GetItemsResponse *items = behaviour_items(cl, one, 1);
         cr_assert_eq(items->n_items, 1);
         cr_assert_eq(items->items[0]->n_vector, 8);
         transport_client_free((ProtobufCMessage *)items);
