@@ -5,6 +5,9 @@
  *
  *   bench_als ml1m DATA_DIR [--factors 64] [--epochs 10] [--lambda L] [--alpha0 A] [--cg N]
  *   bench_als synthetic N_EVENTS [--users U] [--items I] [--factors 64] [--epochs 10]
+ *   either with [--device cpu|gpu] (default cpu): gpu trains through the CUDA backend's
+ *   training device (kernels/als.cu) and fails, rather than report a CPU time, when the
+ *   epochs did not run there.
  *
  * ml1m reads DATA_DIR/ml-1m-full-resn/{train,test}.txt (every interaction of every user; see
  * shared/data/README.md), holds out 1,000 test users (seed 42), trains on the others and, for
@@ -19,6 +22,7 @@
 #include <time.h>
 
 #include "als.h"
+#include "backend.h"
 #include "rng.h"
 
 typedef struct user_items {
@@ -112,6 +116,50 @@ static void parse_params(int argc, char **argv, int from, als_params *p)
     }
 }
 
+/* The training device --device names: NULL for the CPU, the CUDA backend's for gpu (*b holds
+ * the backend; the caller destroys it). Exits when gpu is asked for and none is usable. */
+static const als_device *device_for(int argc, char **argv, als_device *dev, backend **b)
+{
+    const char *want = "cpu";
+    *b = NULL;
+    for (int i = 3; i + 1 < argc; i += 2)
+        if (!strcmp(argv[i], "--device")) want = argv[i + 1];
+    if (!strcmp(want, "cpu")) return NULL;
+    if (strcmp(want, "gpu") != 0) {
+        fprintf(stderr, "--device must be cpu or gpu\n");
+        exit(2);
+    }
+#ifdef AFFINITY_HAVE_CUDA
+    aff_err err = {0};
+    if (backend_gpu_create(b, &(backend_gpu_config){0}, &err) != AFF_OK) {
+        fprintf(stderr, "--device gpu: %s\n", err.msg);
+        exit(1);
+    }
+    if (!(*b)->ops->trainer || !(*b)->ops->trainer(*b, dev)) {
+        fprintf(stderr, "--device gpu: the CUDA backend offers no training device\n");
+        exit(1);
+    }
+    backend_info info;
+    (*b)->ops->describe(*b, &info);
+    printf("training device: %s\n", info.device);
+    return dev;
+#else
+    (void)dev;
+    fprintf(stderr, "--device gpu: this build has no CUDA (built with AFFINITY_GPU=OFF)\n");
+    exit(2);
+#endif
+}
+
+/* After training on a device: fails when the epochs fell back to the CPU. */
+static int check_device(const als_device *dev, const als_report *rep)
+{
+    if (dev && !rep->on_device) {
+        fprintf(stderr, "--device gpu: training ran on the CPU instead: %s\n", rep->device_error);
+        return 1;
+    }
+    return 0;
+}
+
 typedef struct scored {
     float s;
     uint32_t item;
@@ -172,11 +220,15 @@ static int run_ml1m(const char *dir, int argc, char **argv)
     float *vf = malloc((size_t)ni * p.factors * sizeof(float));
     als_report rep;
     aff_err err;
+    als_device dev_store;
+    backend *gpu = NULL;
+    const als_device *dev = device_for(argc, argv, &dev_store, &gpu);
     double t0 = now_s(), c0 = cpu_s();
-    if (als_train(&m, &p, uf, vf, print_epoch, NULL, &rep, &err)) {
+    if (als_train(&m, &p, dev, uf, vf, print_epoch, NULL, &rep, &err)) {
         fprintf(stderr, "train: %s\n", err.msg);
         return 1;
     }
+    if (check_device(dev, &rep)) return 1;
     double train_s = now_s() - t0, train_cpu = cpu_s() - c0;
 
     /* Fold-in and full ranking for the test users. */
@@ -265,6 +317,7 @@ static int run_ml1m(const char *dir, int argc, char **argv)
     }
     printf("Recall@20 %.4f  Recall@50 %.4f  NDCG@10 %.4f  NDCG@100 %.4f\n", r20 / evaluated,
            r50 / evaluated, n10 / evaluated, n100 / evaluated);
+    if (gpu) gpu->ops->destroy(gpu);
     return 0;
 }
 
@@ -301,16 +354,21 @@ static int run_synthetic(long n_events, int argc, char **argv)
     float *vf = malloc((size_t)ni * p.factors * sizeof(float));
     als_report rep;
     aff_err err;
+    als_device dev_store;
+    backend *gpu = NULL;
+    const als_device *dev = device_for(argc, argv, &dev_store, &gpu);
     double t0 = now_s(), c0 = cpu_s();
-    if (als_train(&m, &p, uf, vf, print_epoch, NULL, &rep, &err)) {
+    if (als_train(&m, &p, dev, uf, vf, print_epoch, NULL, &rep, &err)) {
         fprintf(stderr, "train: %s\n", err.msg);
         return 1;
     }
+    if (check_device(dev, &rep)) return 1;
     double wall = now_s() - t0, cpu = cpu_s() - c0;
     printf("synthetic: %ld events, %u users, %u items, factors %u, epochs %u, cg_steps %u\n",
            n_events, nu, ni, p.factors, p.epochs, p.cg_steps);
     printf("train %.2f s wall, %.2f s CPU, final loss %.5f, max RSS %ld MB\n", wall, cpu, rep.loss,
            max_rss_mb());
+    if (gpu) gpu->ops->destroy(gpu);
     return 0;
 }
 

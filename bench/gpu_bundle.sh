@@ -5,9 +5,10 @@
 #   bash bench/gpu_bundle.sh [BUNDLE_DIR]        (default: build-gpu-bundle/bundle)
 #
 # Builds, Release with CUDA ON (sm_90 + PTX), in build-gpu-bundle/ (BUILD_DIR overrides): the
-# device suites test_gpu_backend and test_gpu_parity, test_gpu_host and bench_kernels. Copies
-# them to BUNDLE_DIR/bin and every shared library they need that is neither glibc nor the CUDA
-# driver/toolkit (Criterion, gRPC, protobuf-c, LMDB, OpenBLAS, libgomp, libmicrohttpd, ...) to
+# device suites test_gpu_backend, test_gpu_parity and test_als_gpu, test_gpu_host, bench_kernels
+# and bench_als (iALS training, GPU vs CPU). Copies them to BUNDLE_DIR/bin and every shared
+# library they need that is neither glibc nor the CUDA driver/toolkit (Criterion, gRPC,
+# protobuf-c, LMDB, OpenBLAS, libgomp, libmicrohttpd, ...) to
 # BUNDLE_DIR/lib; the binaries carry a RUNPATH of $ORIGIN/../lib. cuBLAS and the CUDA runtime
 # are NOT copied (libcublasLt alone is over 500 MB, beyond what travels): the device machine's
 # CUDA 13 toolkit provides them (gpu_suite.sh adds /usr/local/cuda/lib64 to the search path).
@@ -32,12 +33,12 @@ cmake -S "$root" -B "$build" -DAFFINITY_GPU=ON -DAFFINITY_WERROR=OFF -DCMAKE_BUI
     "-DCMAKE_BUILD_RPATH=\$ORIGIN/../lib" >"$build/configure.log" 2>&1 ||
     { tail -n 30 "$build/configure.log" >&2; echo "gpu_bundle: configure failed" >&2; exit 1; }
 cmake --build "$build" -j"${JOBS:-2}" --target test_gpu_host test_gpu_backend test_gpu_parity \
-    bench_kernels
+    test_als_gpu bench_kernels bench_als
 
 rm -rf "$bundle"
 mkdir -p "$bundle/bin" "$bundle/lib"
 bins=("$build/tests/test_gpu_host" "$build/tests/test_gpu_backend" "$build/tests/test_gpu_parity"
-    "$build/bench/bench_kernels")
+    "$build/tests/test_als_gpu" "$build/bench/bench_kernels" "$build/bench/bench_als")
 for b in "${bins[@]}"; do
     cp "$b" "$bundle/bin/"
     strip --strip-debug "$bundle/bin/$(basename "$b")" 2>/dev/null || true

@@ -5,7 +5,8 @@
 #
 # Honest by construction: it exits 0 only when every device test ran and passed.
 #   - No GPU (nvidia-smi finds none): exit 2, with the reason in status.md.
-#   - A device suite (test_gpu_host, test_gpu_backend, test_gpu_parity, bench_kernels --check)
+#   - A device suite (test_gpu_host, test_gpu_backend, test_gpu_parity, test_als_gpu,
+#     bench_kernels --check)
 #     that cannot be built or found, that skips any test, that reports no test at all, or that
 #     fails: exit 1. "Not run" is a failure, never a pass.
 #   - The benchmark and the PyTorch baseline are measurements, not tests: when the time budget
@@ -150,10 +151,11 @@ else
     if step test configure 240 cmake -S "$root" -B "$build" -DAFFINITY_GPU=ON \
         -DAFFINITY_WERROR=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc" &&
         step test build 600 cmake --build "$build" -j"$(nproc)" --target test_gpu_host \
-            test_gpu_backend test_gpu_parity bench_kernels; then
+            test_gpu_backend test_gpu_parity test_als_gpu bench_kernels bench_als; then
         mkdir -p "$bin"
         ln -sf "$build/tests/test_gpu_host" "$build/tests/test_gpu_backend" \
-            "$build/tests/test_gpu_parity" "$build/bench/bench_kernels" "$bin/"
+            "$build/tests/test_gpu_parity" "$build/tests/test_als_gpu" \
+            "$build/bench/bench_kernels" "$build/bench/bench_als" "$bin/"
     fi
 fi
 
@@ -177,7 +179,7 @@ run_suite() {
     return $rc
 }
 suite_limit=${SUITE_LIMIT:-$([ $quick = 1 ] && echo 150 || echo 600)} # SUITE_LIMIT: for tests
-for t in test_gpu_host test_gpu_backend test_gpu_parity; do
+for t in test_gpu_host test_gpu_backend test_gpu_parity test_als_gpu; do
     if [ ! -x "$bin/$t" ]; then
         not_run test "$t" "no binary at $bin/$t"
     elif [ "$(left)" -lt 20 ]; then
@@ -205,6 +207,20 @@ else
     step measure bench_kernels "$(($(left) - 30))" "$bin/bench_kernels" "${quick_flag[@]}" \
         --out "$res/bench_kernels.jsonl"
 fi
+# iALS training on the same synthetic data on the device and on this machine's CPUs (the
+# issue's "GPU training >= 10x the CPU path"); bench_als prints wall and CPU seconds.
+als_args=(synthetic 10000000 --users 500000 --items 100000)
+[ $quick = 1 ] && als_args=(synthetic 2000000 --users 100000 --items 20000)
+for dev in gpu cpu; do
+    if [ ! -x "$bin/bench_als" ]; then
+        not_run measure "bench_als_$dev" "no binary"
+    elif [ "$(left)" -lt 40 ]; then
+        not_run measure "bench_als_$dev" "time budget spent ($(left) s left)"
+    else
+        step measure "bench_als_$dev" "$(($(left) - 20))" env OMP_WAIT_POLICY=PASSIVE \
+            "$bin/bench_als" "${als_args[@]}" --device "$dev"
+    fi
+done
 if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     not_run measure torch_baseline "python3 has no CUDA-enabled torch"
 elif [ "$(left)" -lt 40 ]; then

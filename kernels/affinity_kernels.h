@@ -1,6 +1,7 @@
 /*
  * affinity_kernels.h: the only face of kernels/ — a GPU-resident catalog and the batched exact
- * top-k search, re-rank scoring and benchmark timers over it. Plain C11; no CUDA type leaks out.
+ * top-k search, re-rank scoring and benchmark timers over it, and the iALS training solves
+ * (kernels_als). Plain C11; no CUDA type leaks out.
  *
  * Objects: a kernels_device (one CUDA device, opened once), kernels_table (one collection's
  * rows on that device: vectors in fp16 or fp32, padded rows, squared norms and attribute
@@ -198,6 +199,44 @@ int kernels_search(kernels_workspace *ws, const kernels_table *t, const kernels_
  * rows[j] (each < count), with the table's metric as in kernels_search. Synchronous. */
 int kernels_score(kernels_workspace *ws, const kernels_table *t, const float *queries, uint32_t nq,
                   const uint32_t *offsets, const uint32_t *rows, float *scores, kernels_err *err);
+
+/* ---- training (als.cu) -------------------------------------------------------------------- */
+
+/* One iALS training job's state on the device: both orientations of the interaction matrix,
+ * per-row regularisation, both factor matrices, the Gramian and scratch (see als.cu). Created
+ * per job, used by one thread, destroyed at its end; it runs on its own stream beside search. */
+typedef struct kernels_als kernels_als;
+
+/* The job, all host arrays, borrowed for the duration of kernels_als_create. The user side is
+ * users x items in compressed rows (user_ptr: n_users + 1 offsets), the item side its
+ * transpose; confidences and per-row lambdas are already computed (src/als.c). */
+typedef struct kernels_als_problem {
+    uint32_t n_users, n_items;
+    uint32_t d; /* 1..512 */
+    const uint64_t *user_ptr;
+    const uint32_t *user_items;
+    const float *user_conf;
+    const uint64_t *item_ptr;
+    const uint32_t *item_users;
+    const float *item_conf;
+    const float *user_lambda, *item_lambda; /* n_users, n_items */
+    float alpha0;
+    uint32_t cg_steps;          /* ≥ 1: CG steps per row solve */
+    const float *user_factors;  /* initial values, n_users x d */
+    const float *item_factors;  /* initial values, n_items x d */
+} kernels_als_problem;
+
+/* Uploads the problem. AFF_EINVAL for a d out of range or an empty side; AFF_ENOMEM when the
+ * device memory does not suffice. */
+int kernels_als_create(kernels_als **out, kernels_device *d, const kernels_als_problem *p,
+                       kernels_err *err);
+void kernels_als_destroy(kernels_als *a);
+/* Solves every user row (users = true) or item row against the other side. Synchronous. */
+int kernels_als_half_epoch(kernels_als *a, bool users, kernels_err *err);
+/* The objective of src/als.h, not yet divided by the number of entries. Synchronous. */
+int kernels_als_objective(kernels_als *a, double *sum, kernels_err *err);
+/* Copies both factor matrices down. Synchronous. */
+int kernels_als_read(kernels_als *a, float *user_factors, float *item_factors, kernels_err *err);
 
 /* ---- benchmark timers (CUDA events) -------------------------------------------------------- */
 

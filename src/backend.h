@@ -21,6 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "als.h"
 #include "scratch.h"
 #include "status.h"
 
@@ -224,6 +225,11 @@ typedef struct backend_ops {
     int (*table_read)(backend_table *t, const uint32_t *rows, uint32_t n, float *out, aff_err *err);
     uint32_t (*table_count)(const backend_table *t);
     uint64_t (*table_memory)(const backend_table *t); /* bytes this table holds */
+
+    /* Optional (NULL: the backend trains nothing itself): fills *out with the backend's
+     * training device (als.h) and returns true when it has a usable one now. The device stays
+     * valid as long as the backend. */
+    bool (*trainer)(backend *b, als_device *out);
 } backend_ops;
 
 /* Every backend instance starts with this header; implementations embed it first. */

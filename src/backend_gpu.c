@@ -642,6 +642,97 @@ static uint64_t gpu_table_memory(const backend_table *bt)
     return (t->kt ? kernels_table_bytes(t->kt) : 0) + (cpu ? cpu->ops->table_memory(cpu) : 0);
 }
 
+/* ---- training device (als.h over kernels/als.cu) --------------------------------------------- */
+
+typedef struct gpu_train {
+    gpu_backend *b;
+    kernels_als *a;
+} gpu_train;
+
+/* A failed training call: a device fault is noted as for any other call (the tables move to
+ * the CPU); either way als_train retrains on the CPU. */
+static int gpu_train_fail(gpu_backend *b, const kernels_err *kerr, aff_err *err)
+{
+    if (kerr->context_lost) gpu_note_fault(b, kerr);
+    return gpu_fail(err, kerr);
+}
+
+static int gpu_train_begin(void *ctx, const als_device_job *job, void **state, aff_err *err)
+{
+    gpu_backend *b = ctx;
+    kernels_err kerr = {0};
+    *state = NULL;
+    if (atomic_load(&b->faulted))
+        return aff__fail(err, AFF_EDEVICE, "the GPU faulted earlier: %s", b->fault_msg);
+    gpu_train *t = calloc(1, sizeof *t);
+    if (!t) return aff__fail(err, AFF_ENOMEM, "out of memory starting GPU training");
+    t->b = b;
+    kernels_als_problem kp = {.n_users = job->users->n_rows,
+                              .n_items = job->users->n_cols,
+                              .d = job->params->factors,
+                              .user_ptr = job->users->row_ptr,
+                              .user_items = job->users->col,
+                              .user_conf = job->users->conf,
+                              .item_ptr = job->items->row_ptr,
+                              .item_users = job->items->col,
+                              .item_conf = job->items->conf,
+                              .user_lambda = job->user_lambda,
+                              .item_lambda = job->item_lambda,
+                              .alpha0 = job->params->alpha0,
+                              .cg_steps = job->params->cg_steps,
+                              .user_factors = job->user_factors,
+                              .item_factors = job->item_factors};
+    if (kernels_als_create(&t->a, b->dev, &kp, &kerr) != 0) {
+        free(t);
+        return gpu_train_fail(b, &kerr, err);
+    }
+    *state = t;
+    return AFF_OK;
+}
+
+static int gpu_train_half_epoch(void *state, bool users, aff_err *err)
+{
+    gpu_train *t = state;
+    kernels_err kerr = {0};
+    return kernels_als_half_epoch(t->a, users, &kerr) ? gpu_train_fail(t->b, &kerr, err) : AFF_OK;
+}
+
+static int gpu_train_objective(void *state, double *sum, aff_err *err)
+{
+    gpu_train *t = state;
+    kernels_err kerr = {0};
+    return kernels_als_objective(t->a, sum, &kerr) ? gpu_train_fail(t->b, &kerr, err) : AFF_OK;
+}
+
+static int gpu_train_read(void *state, float *user_factors, float *item_factors, aff_err *err)
+{
+    gpu_train *t = state;
+    kernels_err kerr = {0};
+    return kernels_als_read(t->a, user_factors, item_factors, &kerr)
+               ? gpu_train_fail(t->b, &kerr, err)
+               : AFF_OK;
+}
+
+static void gpu_train_end(void *state)
+{
+    gpu_train *t = state;
+    kernels_als_destroy(t->a);
+    free(t);
+}
+
+static bool gpu_trainer(backend *bb, als_device *out)
+{
+    gpu_backend *b = (gpu_backend *)bb;
+    if (atomic_load(&b->faulted)) return false;
+    *out = (als_device){.ctx = b,
+                        .begin = gpu_train_begin,
+                        .half_epoch = gpu_train_half_epoch,
+                        .objective = gpu_train_objective,
+                        .read = gpu_train_read,
+                        .end = gpu_train_end};
+    return true;
+}
+
 static const backend_ops gpu_ops = {
     .destroy = gpu_destroy,
     .describe = gpu_describe,
@@ -654,6 +745,7 @@ static const backend_ops gpu_ops = {
     .table_read = gpu_table_read,
     .table_count = gpu_table_count,
     .table_memory = gpu_table_memory,
+    .trainer = gpu_trainer,
 };
 
 int backend_gpu_create(backend **out, const backend_gpu_config *cfg, aff_err *err)

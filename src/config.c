@@ -127,6 +127,9 @@ static const opt_def opts[] = {
      .help = "default training epochs for collections that set none, 1..1000"},
     {"train-threads", U32(train_threads, 0, 1024), .def = "0",
      .help = "threads per training job (run at low priority), 0 = all cores"},
+    {"fold-in-history", U32(fold_in_history, 0, 1000000), .def = "0",
+     .help = "a Recommend by user id folds in only the user's most recent this many items "
+             "(by their latest event), 0..1000000 (0: all)"},
     /* ---- pipeline ---- */
     {"serving-config", STR(serving_config), .def = "",
      .help = "JSON file of named rule presets (boosts, pins, promotions, caps, diversity, "
@@ -591,4 +594,5 @@ void config_model(const aff_config *c, model_config *out)
     out->train_interval_s = c->train_interval_s;
     out->train_after_events = c->train_after_events;
     out->train_threads = c->train_threads;
+    out->fold_in_history = c->fold_in_history;
 }

@@ -64,6 +64,7 @@ typedef struct aff_config {
     uint32_t model_factors;               /* default learned factors */
     uint32_t model_epochs;                /* default training epochs */
     uint32_t train_threads;               /* threads per training job; 0 = all cores */
+    uint32_t fold_in_history;             /* interactions a fold-in reads; 0 = all */
     char serving_config[CONFIG_PATH_MAX]; /* rule presets (JSON); "" = none */
     uint32_t max_connections;             /* connections open at once; 0 = from RLIMIT_NOFILE */
     uint32_t idle_timeout_ms;             /* a connection without calls this long is closed */

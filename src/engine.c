@@ -527,6 +527,12 @@ void engine_backend_info(aff_engine *e, backend_info *out)
     e->backend->ops->describe(e->backend, out);
 }
 
+bool engine_trainer(aff_engine *e, als_device *out)
+{
+    const backend_ops *ops = e->backend->ops;
+    return ops->trainer && ops->trainer(e->backend, out);
+}
+
 /* ---- items --------------------------------------------------------------------------------- */
 
 static int validate_item(const collection *c, const aff_item *it, size_t index, aff_err *err)
@@ -779,6 +785,22 @@ out:
     return rc;
 }
 
+/* The attributes of row `row` (read lock held). */
+static void item_copy(const collection *c, uint32_t row, item_record *out)
+{
+    *out = (item_record){0};
+    const backend_row_attrs *a = &c->attrs[row];
+    snprintf(out->id, sizeof out->id, "%s", c->row_ids[row]);
+    if (a->category)
+        snprintf(out->category, sizeof out->category, "%s", c->categories.names[a->category]);
+    out->n_tags = a->n_tags;
+    for (uint32_t t = 0; t < a->n_tags; t++) /* in the order the item gave them */
+        snprintf(out->tags[t], sizeof out->tags[t], "%s",
+                 c->tags.names[a->tags[c->tag_order[row][t]]]);
+    out->price = a->price;
+    out->available = a->available;
+}
+
 int engine_get_item(aff_engine *e, const char *name, const char *id, item_record *out,
                     float *vector, aff_err *err)
 {
@@ -792,21 +814,51 @@ int engine_get_item(aff_engine *e, const char *name, const char *id, item_record
         rc = aff__fail(err, AFF_ENOTFOUND, "item \"%s\" is not in collection \"%s\"", id, c->name);
         goto out;
     }
-    *out = (item_record){0};
-    const backend_row_attrs *a = &c->attrs[row];
-    snprintf(out->id, sizeof out->id, "%s", c->row_ids[row]);
-    if (a->category)
-        snprintf(out->category, sizeof out->category, "%s", c->categories.names[a->category]);
-    out->n_tags = a->n_tags;
-    for (uint32_t t = 0; t < a->n_tags; t++) /* in the order the item gave them */
-        snprintf(out->tags[t], sizeof out->tags[t], "%s",
-                 c->tags.names[a->tags[c->tag_order[row][t]]]);
-    out->price = a->price;
-    out->available = a->available;
+    item_copy(c, row, out);
     if (vector) rc = c->ops->table_read(c->table, &row, 1, vector, err);
 out:
     pthread_rwlock_unlock(&c->lock);
 out_release:
+    collection_release(c);
+    return rc;
+}
+
+int engine_scan_items(aff_engine *e, const char *name, engine_item_visit_fn fn, void *ctx,
+                      aff_err *err)
+{
+    enum { SCAN_BATCH = 256 };
+    collection *c;
+    int rc = collection_acquire(e, name, &c, err);
+    if (rc != AFF_OK) return rc;
+    float *vec = NULL;
+    uint32_t *rows = NULL;
+    item_record *item = malloc(sizeof *item);
+    if (!c->learned_only) {
+        vec = malloc((size_t)SCAN_BATCH * c->dim * sizeof *vec);
+        rows = malloc(SCAN_BATCH * sizeof *rows);
+    }
+    if (!item || (!c->learned_only && (!vec || !rows))) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory scanning collection \"%s\"", c->name);
+        goto out_release;
+    }
+    pthread_rwlock_rdlock(&c->lock);
+    for (uint32_t r0 = 0; r0 < c->count && rc == AFF_OK; r0 += SCAN_BATCH) {
+        const uint32_t nb = c->count - r0 < SCAN_BATCH ? c->count - r0 : SCAN_BATCH;
+        if (vec) {
+            for (uint32_t i = 0; i < nb; i++)
+                rows[i] = r0 + i;
+            if ((rc = c->ops->table_read(c->table, rows, nb, vec, err)) != AFF_OK) break;
+        }
+        for (uint32_t i = 0; i < nb && rc == AFF_OK; i++) {
+            item_copy(c, r0 + i, item);
+            rc = fn(ctx, item, vec ? vec + (size_t)i * c->dim : NULL, err);
+        }
+    }
+    pthread_rwlock_unlock(&c->lock);
+out_release:
+    free(item);
+    free(vec);
+    free(rows);
     collection_release(c);
     return rc;
 }

@@ -42,6 +42,9 @@ int engine_create(aff_engine **out, const engine_config *cfg, aff_err *err);
 void engine_destroy(aff_engine *e);
 /* The backend in use: name, device, memory. */
 void engine_backend_info(aff_engine *e, backend_info *out);
+/* The backend's iALS training device (backend_ops.trainer): false when it has none (the CPU
+ * backend, a GPU build without a device, or after a device fault). */
+bool engine_trainer(aff_engine *e, als_device *out);
 
 /* ---- collections ---------------------------------------------------------------------- */
 
@@ -111,6 +114,17 @@ int engine_delete(aff_engine *e, const char *collection, const char *const *ids,
  * (normalized for cosine collections). AFF_ENOTFOUND when the id is unknown. */
 int engine_get_item(aff_engine *e, const char *collection, const char *id, item_record *out,
                     float *vector, aff_err *err);
+
+/* Visits every item of the collection, in row order, with its attributes and its stored
+ * vector (dim floats, normalized for cosine; NULL in a learned-only collection). Both are
+ * borrowed for the call. The scan holds the collection's read lock throughout, so it sees one
+ * consistent catalog and writers to this collection wait until it ends: fn must not write to
+ * this collection (reads, and writes to other collections, are fine). fn returns 0 to go on or
+ * a negative aff_status (with err filled) to stop the scan with it. */
+typedef int (*engine_item_visit_fn)(void *ctx, const item_record *item, const float *vector,
+                                    aff_err *err);
+int engine_scan_items(aff_engine *e, const char *collection, engine_item_visit_fn fn, void *ctx,
+                      aff_err *err);
 
 /* ---- search --------------------------------------------------------------------------- */
 

@@ -49,6 +49,11 @@ typedef struct mversion {
     float *item_factors; /* n_items x d */
     float *user_factors; /* n_users x d (the trainer's, for segments) */
     float *gram;         /* item Gramian, d x d */
+    /* Content -> factor map (als.h) for items with a content vector and no events yet; fitted
+     * when the collection has content vectors and enough items have both. */
+    bool has_map;
+    als_content_map map;
+    uint64_t mapped_items; /* items placed by the map when the space was built */
     bool space_built;
 } mversion;
 
@@ -131,6 +136,7 @@ static void version_free(mversion *v)
     free(v->item_factors);
     free(v->user_factors);
     free(v->gram);
+    als_content_map_free(&v->map);
     free(v);
 }
 
@@ -417,6 +423,112 @@ corrupt:
 
 /* ---- behaviour spaces ---------------------------------------------------------------------- */
 
+/* An item of a behaviour space: the catalog item's attributes (a, whose strings tags[] points
+ * into) with a learned or mapped vector of d floats. */
+static aff_item space_item(const item_record *a, const char **tags, const float *vector,
+                           uint32_t d)
+{
+    return (aff_item){.id = a->id, .vector = vector, .dim = d, .attrs = item_record_attrs(a, tags)};
+}
+
+/* ---- content -> factor map (items with a content vector and no events) --------------------- */
+
+typedef struct map_fit_ctx {
+    const mversion *v;
+    float *x, *f;
+    size_t n;
+    uint32_t dim_in;
+} map_fit_ctx;
+
+static int map_fit_visit(void *ctx, const item_record *item, const float *vector, aff_err *err)
+{
+    (void)err;
+    map_fit_ctx *fc = ctx;
+    uint32_t row;
+    if (!vector || !strmap_get(fc->v->rows, item->id, &row) || fc->n >= fc->v->n_items) return 0;
+    memcpy(fc->x + fc->n * fc->dim_in, vector, fc->dim_in * sizeof(float));
+    memcpy(fc->f + fc->n * fc->v->d, fc->v->item_factors + (size_t)row * fc->v->d,
+           fc->v->d * sizeof(float));
+    fc->n++;
+    return 0;
+}
+
+/* Fits v's content map from the items that have both a content vector and a learned factor
+ * (v->rows set). Without content vectors or with too few such items v has no map; a failure
+ * only loses the map (logged), never the model. */
+static void map_fit(aff_model *m, const char *collection, mversion *v)
+{
+    aff_err err = {0};
+    bool content = false;
+    uint32_t dim_in = 0;
+    if (engine_collection_has_content(m->e, collection, &content, &err) != AFF_OK || !content ||
+        engine_collection_dim(m->e, collection, &dim_in, &err) != AFF_OK)
+        return;
+    map_fit_ctx fc = {.v = v, .dim_in = dim_in};
+    fc.x = malloc(((size_t)v->n_items * dim_in + 1) * sizeof(float));
+    fc.f = malloc(((size_t)v->n_items * v->d + 1) * sizeof(float));
+    int status = !fc.x || !fc.f ? aff__fail(&err, AFF_ENOMEM, "content map: out of memory")
+                                : engine_scan_items(m->e, collection, map_fit_visit, &fc, &err);
+    if (status == AFF_OK)
+        status = als_content_map_fit(fc.x, fc.f, fc.n, dim_in, v->d, &v->map, &err);
+    v->has_map = status == AFF_OK;
+    if (status && status != AFF_EPRECONDITION)
+        aff_log_kv(AFF_LOG_WARN, "content map not fitted", "collection", collection, "error",
+                   err.msg, NULL);
+    free(fc.x);
+    free(fc.f);
+}
+
+enum { MAP_BATCH = 256 };
+
+typedef struct map_space_ctx {
+    aff_model *m;
+    mversion *v;
+    item_record *attrs; /* MAP_BATCH */
+    float *fac;         /* MAP_BATCH x d */
+    size_t n;
+} map_space_ctx;
+
+static int map_space_flush(map_space_ctx *sc, aff_err *err)
+{
+    aff_item items[MAP_BATCH];
+    const char *tags[MAP_BATCH][AFF_MAX_TAGS_PER_ITEM];
+    for (size_t i = 0; i < sc->n; i++)
+        items[i] = space_item(&sc->attrs[i], tags[i], sc->fac + i * sc->v->d, sc->v->d);
+    int status = sc->n ? engine_upsert(sc->m->e, sc->v->info.space, items, sc->n, err) : AFF_OK;
+    sc->v->mapped_items += sc->n;
+    sc->n = 0;
+    return status;
+}
+
+static int map_space_visit(void *ctx, const item_record *item, const float *vector, aff_err *err)
+{
+    map_space_ctx *sc = ctx;
+    uint32_t row;
+    if (!vector || strmap_get(sc->v->rows, item->id, &row)) return 0;
+    sc->attrs[sc->n] = *item;
+    als_content_map_apply(&sc->v->map, vector, sc->fac + sc->n * sc->v->d);
+    if (++sc->n == MAP_BATCH) return map_space_flush(sc, err);
+    return 0;
+}
+
+/* Adds every item of the collection that the model does not know but that has a content
+ * vector to v's space, at its mapped factor. */
+static int map_space_build(aff_model *m, mcoll *c, mversion *v, aff_err *err)
+{
+    if (!v->has_map) return AFF_OK;
+    map_space_ctx sc = {.m = m, .v = v};
+    sc.attrs = malloc(MAP_BATCH * sizeof *sc.attrs);
+    sc.fac = malloc((size_t)MAP_BATCH * v->d * sizeof *sc.fac);
+    int status = !sc.attrs || !sc.fac
+                     ? aff__fail(err, AFF_ENOMEM, "model: out of memory building a space")
+                     : engine_scan_items(m->e, c->name, map_space_visit, &sc, err);
+    if (status == AFF_OK) status = map_space_flush(&sc, err);
+    free(sc.attrs);
+    free(sc.fac);
+    return status;
+}
+
 /* Creates v's engine collection from its factors and the items' current attributes in the
  * collection. Called with c->mu held, so catalog writes cannot interleave. Items the catalog
  * deleted since training are left out. */
@@ -447,10 +559,7 @@ static int space_build(aff_model *m, mcoll *c, mversion *v, aff_err *err)
                 status = aff__fail(err, g, "%s", gerr.msg);
                 goto out;
             }
-            items[n] = (aff_item){.id = v->item_ids[i],
-                                  .vector = v->item_factors + (size_t)i * v->d,
-                                  .dim = v->d,
-                                  .attrs = item_record_attrs(&attrs[n], tags[n])};
+            items[n] = space_item(&attrs[n], tags[n], v->item_factors + (size_t)i * v->d, v->d);
             n++;
         }
         if (n == SPACE_BATCH || (i == v->n_items && n > 0)) {
@@ -458,6 +567,7 @@ static int space_build(aff_model *m, mcoll *c, mversion *v, aff_err *err)
             n = 0;
         }
     }
+    status = map_space_build(m, c, v, err);
 out:
     free(attrs);
     free(items);
@@ -684,9 +794,14 @@ static int run_job(aff_model *m, mcoll *c, const als_params *p, aff_err *err)
     als_params tp = *p;
     tp.threads = m->cfg.train_threads;
     als_report rep = {0};
-    if ((status =
-             als_train(&mat, &tp, v->user_factors, v->item_factors, job_progress, c, &rep, err)))
+    als_device dev;
+    const bool have_dev = engine_trainer(m->e, &dev);
+    if ((status = als_train(&mat, &tp, have_dev ? &dev : NULL, v->user_factors, v->item_factors,
+                            job_progress, c, &rep, err)))
         goto out;
+    if (have_dev && !rep.on_device)
+        aff_log_kv(AFF_LOG_WARN, "training ran on the CPU instead of the GPU", "collection",
+                   c->name, "reason", rep.device_error, NULL);
     v->info = (model_version_info){.trained_at_ms = now_ms(m),
                                    .events_used = t.nnz,
                                    .users = t.n_users,
@@ -697,6 +812,7 @@ static int run_job(aff_model *m, mcoll *c, const als_params *p, aff_err *err)
                                    .params = *p};
     if ((status = version_finish(m, v, err))) goto out;
     v->info.id = strtoull(v->info.space + 2, NULL, 10);
+    map_fit(m, c->name, v);
 
     pthread_mutex_lock(&c->mu);
     als_params params = c->params;
@@ -744,11 +860,14 @@ static void *job_thread(void *arg)
                    err.msg, NULL);
     else {
         mversion *v = version_acquire(c);
-        char line[160];
-        snprintf(line, sizeof line, "model %llu: %llu events, %u epochs, loss %.5f, %.2f s",
+        char line[200];
+        snprintf(line, sizeof line,
+                 "model %llu: %llu events, %u epochs, loss %.5f, %.2f s, %llu items placed by "
+                 "the content map",
                  v ? (unsigned long long)v->info.id : 0ULL,
                  v ? (unsigned long long)v->info.events_used : 0ULL, v ? v->info.epochs : 0,
-                 v ? v->info.loss : 0.0, v ? v->info.duration_s : 0.0);
+                 v ? v->info.loss : 0.0, v ? v->info.duration_s : 0.0,
+                 v ? (unsigned long long)v->mapped_items : 0ULL);
         version_release(m, v);
         aff_log_kv(AFF_LOG_INFO, "training done", "collection", c->name, "job", id, "model", line,
                    NULL);
@@ -925,7 +1044,8 @@ typedef struct fold_ctx {
     int64_t now;
     uint32_t *idx;
     float *conf;
-    size_t n, cap_idx, cap_conf;
+    int64_t *at; /* each interaction's latest event time */
+    size_t n, cap_idx, cap_conf, cap_at;
 } fold_ctx;
 
 static int fold_visit(void *ctx, const char *item, const store_interaction *in)
@@ -936,11 +1056,43 @@ static int fold_visit(void *ctx, const char *item, const store_interaction *in)
     float c = als_confidence(in->weight * exp2(-(double)(f->now - in->ref_ms) / f->half_life_ms));
     if (!(c > 0)) return 0;
     if (!grow((void **)&f->idx, &f->cap_idx, f->n + 1, sizeof *f->idx) ||
-        !grow((void **)&f->conf, &f->cap_conf, f->n + 1, sizeof *f->conf))
+        !grow((void **)&f->conf, &f->cap_conf, f->n + 1, sizeof *f->conf) ||
+        !grow((void **)&f->at, &f->cap_at, f->n + 1, sizeof *f->at))
         return AFF_ENOMEM;
     f->idx[f->n] = row;
+    f->at[f->n] = in->ref_ms;
     f->conf[f->n++] = c;
     return 0;
+}
+
+typedef struct fold_entry {
+    int64_t at;
+    uint32_t idx;
+    float conf;
+} fold_entry;
+
+static int cmp_recent(const void *a, const void *b)
+{
+    const fold_entry *x = a, *y = b;
+    if (x->at != y->at) return x->at < y->at ? 1 : -1;
+    return (x->idx > y->idx) - (x->idx < y->idx);
+}
+
+/* Keeps the `keep` interactions with the most recent events (ties: lower model row first). */
+static int fold_keep_recent(fold_ctx *f, uint32_t keep, aff_err *err)
+{
+    fold_entry *e = malloc(f->n * sizeof *e);
+    if (!e) return aff__fail(err, AFF_ENOMEM, "model: out of memory");
+    for (size_t i = 0; i < f->n; i++)
+        e[i] = (fold_entry){f->at[i], f->idx[i], f->conf[i]};
+    qsort(e, f->n, sizeof *e, cmp_recent);
+    for (uint32_t i = 0; i < keep; i++) {
+        f->idx[i] = e[i].idx;
+        f->conf[i] = e[i].conf;
+    }
+    f->n = keep;
+    free(e);
+    return AFF_OK;
 }
 
 typedef struct fold_fn_ctx {
@@ -972,6 +1124,9 @@ int model_user_factor(aff_model *m, const char *collection, const char *user,
     float *scratch = NULL;
     int status = store_view(m->s, fold_fn, &fc, err);
     if (status || fc.f.n == 0) goto out;
+    if (m->cfg.fold_in_history && fc.f.n > m->cfg.fold_in_history &&
+        (status = fold_keep_recent(&fc.f, m->cfg.fold_in_history, err)))
+        goto out;
     if (!(scratch = malloc(als_solve_scratch_floats(v->d) * sizeof(float)))) {
         status = aff__fail(err, AFF_ENOMEM, "model: out of memory");
         goto out;
@@ -988,6 +1143,7 @@ out:
     free(scratch);
     free(fc.f.idx);
     free(fc.f.conf);
+    free(fc.f.at);
     version_release(m, v);
     return status;
 }
@@ -1093,14 +1249,31 @@ void model_on_upsert(aff_model *m, const char *collection, const aff_item *items
     mversion *v = version_acquire(c);
     if (v && v->space_built) {
         /* Attributes follow the catalog; the learned vector stays. Items the model does not
-         * know have no factor yet: they join at the next training. */
+         * know get their content vector's mapped factor when the model has a map (the vector
+         * as the engine stored it, normalized for cosine, as in the fit); without one they join
+         * at the next training. */
         aff_item *mirror = malloc(n * sizeof *mirror);
+        float *mapped = v->has_map ? malloc(n * (size_t)v->d * sizeof *mapped) : NULL;
+        float *content = v->has_map ? malloc((size_t)v->map.dim_in * sizeof *content) : NULL;
+        item_record *stored = v->has_map ? malloc(sizeof *stored) : NULL;
+        const bool can_map = mapped && content && stored;
         size_t k = 0;
         for (size_t i = 0; mirror && i < n; i++) {
             uint32_t row;
-            if (!strmap_get(v->rows, items[i].id, &row)) continue;
+            const float *vec;
+            if (strmap_get(v->rows, items[i].id, &row)) {
+                vec = v->item_factors + (size_t)row * v->d;
+            } else {
+                aff_err gerr;
+                if (!can_map || items[i].dim != v->map.dim_in ||
+                    engine_get_item(m->e, collection, items[i].id, stored, content, &gerr) !=
+                        AFF_OK)
+                    continue;
+                als_content_map_apply(&v->map, content, mapped + k * v->d);
+                vec = mapped + k * v->d;
+            }
             mirror[k] = items[i];
-            mirror[k].vector = v->item_factors + (size_t)row * v->d;
+            mirror[k].vector = vec;
             mirror[k].dim = v->d;
             k++;
         }
@@ -1109,6 +1282,9 @@ void model_on_upsert(aff_model *m, const char *collection, const aff_item *items
             aff_log_kv(AFF_LOG_WARN, "behaviour space update failed", "collection", collection,
                        "error", err.msg, NULL);
         free(mirror);
+        free(mapped);
+        free(content);
+        free(stored);
     }
     pthread_mutex_unlock(&c->mu);
     version_release(m, v);
@@ -1194,7 +1370,11 @@ int model_load_all(aff_model *m, aff_err *err)
         c->params = params;
         if (v) {
             uint64_t id = v->info.id;
-            if ((status = version_finish(m, v, err)) || (status = space_build(m, c, v, err))) {
+            if ((status = version_finish(m, v, err)) == AFF_OK) {
+                map_fit(m, c->name, v);
+                status = space_build(m, c, v, err);
+            }
+            if (status) {
                 pthread_mutex_unlock(&c->mu);
                 version_release(m, v);
                 break;

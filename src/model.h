@@ -47,6 +47,8 @@ typedef struct model_config {
     uint32_t train_interval_s;    /* retrain a collection with new events this often; 0 = off */
     uint64_t train_after_events;  /* retrain after this many new events; 0 = off */
     uint32_t train_threads;       /* OpenMP threads per training job; 0 = all cores */
+    uint32_t fold_in_history;     /* a fold-in reads the user's most recent this many
+                                     interactions (by latest event); 0 = all */
     int64_t (*now_ms)(void *ctx); /* NULL: the real-time clock */
     void *now_ctx;
 } model_config;

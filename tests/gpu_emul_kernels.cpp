@@ -10,6 +10,7 @@
 /* Small score tiles: the tests' small tables still span several tiles. */
 #define SEARCH_TILE_BUDGET ((uint64_t)512 << 10)
 
+#include "als.cu"
 #include "device.cu"
 #include "gather_dot.cu"
 #include "search.cu"

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "als.h"
@@ -34,25 +35,34 @@ static int group_of(const char *id)
     return atoi(id + 1) % GROUPS;
 }
 
-static void start_on(test_server *s, const char *data_dir)
+/* fold_in_history: the --fold-in-history flag's value (NULL: the default). */
+static void start_with(test_server *s, const char *data_dir, const char *fold_in_history)
 {
-    const char *args[] = {"--data-dir",         data_dir, "--log-level", "warn",
-                          "--train-interval-s", "0",      NULL};
+    const char *args[] = {"--data-dir",         data_dir, "--log-level",       "warn",
+                          "--train-interval-s", "0",      "--fold-in-history", fold_in_history,
+                          NULL};
+    if (!fold_in_history) args[6] = NULL;
     if (ts_start(s, NULL, args) != 0 || !ts_wait_serving(s, NULL)) {
         ts_dump_log(s);
         cr_assert_fail("affinityd did not start");
     }
 }
 
-static int create_learned(transport_client *cl, const char *name, uint32_t factors,
-                          transport_call_status *st)
+static void start_on(test_server *s, const char *data_dir)
+{
+    start_with(s, data_dir, NULL);
+}
+
+/* A collection with content vectors of dim (0: learned-only) and a model of `factors`. */
+static int create_shop(transport_client *cl, const char *name, uint32_t dim, uint32_t factors,
+                       transport_call_status *st)
 {
     Affinity__V1__ModelParams mp = AFFINITY__V1__MODEL_PARAMS__INIT;
     mp.factors = factors;
     mp.epochs = 10;
     Affinity__V1__CreateCollectionRequest cr = AFFINITY__V1__CREATE_COLLECTION_REQUEST__INIT;
     cr.name = (char *)name;
-    cr.dimension = 0;
+    cr.dimension = dim;
     cr.model = &mp;
     Affinity__V1__CreateCollectionResponse *resp = NULL;
     int code = ts_call(cl, TRANSPORT_METHOD_CREATE_COLLECTION, &cr,
@@ -61,30 +71,16 @@ static int create_learned(transport_client *cl, const char *name, uint32_t facto
     return code;
 }
 
-/* Items "i0".."i59" without vectors; item i is in category "g<i % 3>". */
-static int upsert_items(transport_client *cl, const char *name, bool with_vector)
+/* Sends one UpsertItems stream of n items; returns its status code. */
+static int upsert_stream(transport_client *cl, const char *name, Affinity__V1__Item **ptrs,
+                         size_t n)
 {
-    static float vec[4] = {1, 0, 0, 0};
-    Affinity__V1__Item items[N_ITEMS];
-    Affinity__V1__Item *ptrs[N_ITEMS];
-    for (int i = 0; i < N_ITEMS; i++) {
-        snprintf(item_ids[i], sizeof item_ids[i], "i%d", i);
-        affinity__v1__item__init(&items[i]);
-        items[i].id = item_ids[i];
-        items[i].category = categories[i % GROUPS];
-        items[i].price = (float)i;
-        if (with_vector) {
-            items[i].n_vector = 4;
-            items[i].vector = vec;
-        }
-        ptrs[i] = &items[i];
-    }
     transport_client_stream *s = NULL;
     aff_err err;
     cr_assert_eq(transport_client_stream_open(cl, TRANSPORT_METHOD_UPSERT_ITEMS, 0, &s, &err), 0);
     Affinity__V1__UpsertItemsRequest req = AFFINITY__V1__UPSERT_ITEMS_REQUEST__INIT;
     req.collection = (char *)name;
-    req.n_items = N_ITEMS;
+    req.n_items = n;
     req.items = ptrs;
     transport_client_stream_send(s, &req.base, &err);
     transport_call_status st;
@@ -95,9 +91,30 @@ static int upsert_items(transport_client *cl, const char *name, bool with_vector
     return st.code;
 }
 
-/* Views of n items of group g by user, chosen by a seeded walk. */
-static void put_views(transport_client *cl, const char *name, const char *user, int g, int n,
-                      int offset)
+/* Items "i0".."i59"; item i is in category "g<i % 3>". vectors: N_ITEMS x 4 content vectors,
+ * or NULL for none. */
+static int upsert_items(transport_client *cl, const char *name, float *vectors)
+{
+    Affinity__V1__Item items[N_ITEMS];
+    Affinity__V1__Item *ptrs[N_ITEMS];
+    for (int i = 0; i < N_ITEMS; i++) {
+        snprintf(item_ids[i], sizeof item_ids[i], "i%d", i);
+        affinity__v1__item__init(&items[i]);
+        items[i].id = item_ids[i];
+        items[i].category = categories[i % GROUPS];
+        items[i].price = (float)i;
+        if (vectors) {
+            items[i].n_vector = 4;
+            items[i].vector = vectors + (size_t)i * 4;
+        }
+        ptrs[i] = &items[i];
+    }
+    return upsert_stream(cl, name, ptrs, N_ITEMS);
+}
+
+/* Views of n items of group g by user, chosen by a seeded walk, at time at_ms (0: now). */
+static void put_views_at(transport_client *cl, const char *name, const char *user, int g, int n,
+                         int offset, int64_t at_ms)
 {
     Affinity__V1__Event ev[PER_GROUP];
     Affinity__V1__Event *ptrs[PER_GROUP];
@@ -105,6 +122,7 @@ static void put_views(transport_client *cl, const char *name, const char *user, 
         affinity__v1__event__init(&ev[k]);
         ev[k].item_id = item_ids[((offset + k * 7) % PER_GROUP) * GROUPS + g];
         ev[k].type = AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_VIEW;
+        ev[k].timestamp_ms = at_ms;
         ptrs[k] = &ev[k];
     }
     Affinity__V1__PutEventsRequest req = AFFINITY__V1__PUT_EVENTS_REQUEST__INIT;
@@ -119,6 +137,12 @@ static void put_views(transport_client *cl, const char *name, const char *user, 
                  TS_OK, "%s", st.message);
     cr_assert_eq(resp->applied_count, (uint32_t)n);
     transport_client_free((ProtobufCMessage *)resp);
+}
+
+static void put_views(transport_client *cl, const char *name, const char *user, int g, int n,
+                      int offset)
+{
+    put_views_at(cl, name, user, g, n, offset, 0);
 }
 
 static void seed_users(transport_client *cl, const char *name)
@@ -210,6 +234,23 @@ static Affinity__V1__RecommendResponse *recommend(transport_client *cl, const ch
     return resp;
 }
 
+/* GetItems of "shop" with the behaviour-space vectors; the caller frees the response. */
+static Affinity__V1__GetItemsResponse *behaviour_items(transport_client *cl, char **ids, size_t n)
+{
+    Affinity__V1__GetItemsRequest gr = AFFINITY__V1__GET_ITEMS_REQUEST__INIT;
+    gr.collection = "shop";
+    gr.n_ids = n;
+    gr.ids = ids;
+    gr.include_vectors = true;
+    gr.space = AFFINITY__V1__SPACE__SPACE_BEHAVIOUR;
+    Affinity__V1__GetItemsResponse *items = NULL;
+    transport_call_status st;
+    cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_GET_ITEMS, &gr,
+                         &affinity__v1__get_items_response__descriptor, 0, &items, &st),
+                 TS_OK, "%s", st.message);
+    return items;
+}
+
 static void init_names(void)
 {
     for (int g = 0; g < GROUPS; g++)
@@ -226,8 +267,8 @@ static uint64_t start_trained_shop(char *dir, size_t dir_size, const char *what,
     start_on(s, dir);
     *cl = ts_client(s, NULL);
     transport_call_status st;
-    cr_assert_eq(create_learned(*cl, "shop", 8, &st), TS_OK, "%s", st.message);
-    cr_assert_eq(upsert_items(*cl, "shop", false), TS_OK);
+    cr_assert_eq(create_shop(*cl, "shop", 0, 8, &st), TS_OK, "%s", st.message);
+    cr_assert_eq(upsert_items(*cl, "shop", NULL), TS_OK);
     seed_users(*cl, "shop");
     return train_and_wait(*cl, "shop");
 }
@@ -265,19 +306,10 @@ Test(server_model, learns_taste_groups_and_folds_in_new_users)
         cr_assert_eq(group_of(r->hits[i]->id), 1, "hit %zu is %s", i, r->hits[i]->id);
 
     /* Fold-in equals a re-solve of that user against the model's item factors. */
-    Affinity__V1__GetItemsRequest gr = AFFINITY__V1__GET_ITEMS_REQUEST__INIT;
     char *ids[N_ITEMS];
     for (int i = 0; i < N_ITEMS; i++)
         ids[i] = item_ids[i];
-    gr.collection = "shop";
-    gr.n_ids = N_ITEMS;
-    gr.ids = ids;
-    gr.include_vectors = true;
-    gr.space = AFFINITY__V1__SPACE__SPACE_BEHAVIOUR;
-    Affinity__V1__GetItemsResponse *items = NULL;
-    cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_GET_ITEMS, &gr,
-                         &affinity__v1__get_items_response__descriptor, 0, &items, &st),
-                 TS_OK, "%s", st.message);
+    Affinity__V1__GetItemsResponse *items = behaviour_items(cl, ids, N_ITEMS);
     cr_assert_eq(items->n_items, N_ITEMS);
     static float factors[N_ITEMS * 8];
     for (size_t i = 0; i < items->n_items; i++) {
@@ -498,7 +530,7 @@ Test(server_model, bad_input_gets_a_clear_error_and_changes_nothing)
     transport_call_status st;
 
     /* Model parameters out of range, at creation: nothing is created. */
-    cr_assert_eq(create_learned(cl, "bad", 1000, &st), TS_INVALID_ARGUMENT);
+    cr_assert_eq(create_shop(cl, "bad", 0, 1000, &st), TS_INVALID_ARGUMENT);
     cr_assert(strstr(st.message, "model.factors"), "%s", st.message);
     Affinity__V1__DescribeCollectionRequest dr = AFFINITY__V1__DESCRIBE_COLLECTION_REQUEST__INIT;
     dr.name = "bad";
@@ -507,10 +539,13 @@ Test(server_model, bad_input_gets_a_clear_error_and_changes_nothing)
                          &affinity__v1__collection_info__descriptor, 0, &info, &st),
                  TS_NOT_FOUND);
 
-    cr_assert_eq(create_learned(cl, "shop", 8, &st), TS_OK, "%s", st.message);
+    cr_assert_eq(create_shop(cl, "shop", 0, 8, &st), TS_OK, "%s", st.message);
     /* A learned-only collection takes no vectors, and has no content space to search. */
-    cr_assert_eq(upsert_items(cl, "shop", true), TS_INVALID_ARGUMENT);
-    cr_assert_eq(upsert_items(cl, "shop", false), TS_OK);
+    static float ones[N_ITEMS * 4];
+    for (int i = 0; i < N_ITEMS * 4; i++)
+        ones[i] = 1.0f;
+    cr_assert_eq(upsert_items(cl, "shop", ones), TS_INVALID_ARGUMENT);
+    cr_assert_eq(upsert_items(cl, "shop", NULL), TS_OK);
     float q[1] = {1};
     Affinity__V1__Query query = AFFINITY__V1__QUERY__INIT;
     query.n_vector = 1;
@@ -571,6 +606,145 @@ Test(server_model, bad_input_gets_a_clear_error_and_changes_nothing)
     cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_GET_SEGMENT, &seg,
                          &affinity__v1__get_segment_response__descriptor, 0, NULL, &st),
                  TS_INVALID_ARGUMENT, "%s", st.message);
+    transport_client_destroy(cl);
+    cr_assert_eq(ts_stop(&s, SIGTERM, 30000), 0);
+    ts_remove_path(dir);
+}
+
+/* Content vectors of 4: item i sits on its group's axis (i % 3) with an item-specific
+ * wobble on the fourth. */
+static void content_vector(int i, float *v)
+{
+    for (int k = 0; k < 4; k++)
+        v[k] = 0.0f;
+    v[i % GROUPS] = 1.0f;
+    v[3] = 0.05f * (float)((i * 37) % 11) / 11.0f;
+}
+
+static bool has_hit(const Affinity__V1__RecommendResponse *r, const char *id)
+{
+    for (size_t i = 0; i < r->n_hits; i++)
+        if (strcmp(r->hits[i]->id, id) == 0) return true;
+    return false;
+}
+
+/* Items that have content vectors and no events yet are placed in the behaviour space by the
+ * content -> factor map fitted at training: a new group-1 item is recommended at once to a
+ * group-1 shopper (among the group's unseen items) and not to a group-0 shopper, and its
+ * learned-space neighbours are group-1 items. The map is refitted on restart. */
+Test(server_model, a_new_item_with_content_is_recommendable_at_once)
+{
+    char dir[256];
+    test_server s;
+    transport_client *cl;
+    init_names();
+    ts_make_dir(dir, sizeof dir, "model-map");
+    start_on(&s, dir);
+    cl = ts_client(&s, NULL);
+    transport_call_status st;
+    cr_assert_eq(create_shop(cl, "shop", 4, 8, &st), TS_OK, "%s", st.message);
+    static float vecs[N_ITEMS * 4];
+    for (int i = 0; i < N_ITEMS; i++)
+        content_vector(i, vecs + i * 4);
+    cr_assert_eq(upsert_items(cl, "shop", vecs), TS_OK);
+    seed_users(cl, "shop");
+    train_and_wait(cl, "shop");
+
+    /* Before it exists, "fresh" is in no answer; after the upsert (no events, no training),
+     * it is. */
+    float fv[4];
+    content_vector(1, fv);
+    fv[3] = 0.02f;
+    Affinity__V1__Item fresh = AFFINITY__V1__ITEM__INIT;
+    fresh.id = "fresh";
+    fresh.category = categories[1];
+    fresh.n_vector = 4;
+    fresh.vector = fv;
+    Affinity__V1__Item *fp[1] = {&fresh};
+    cr_assert_eq(upsert_stream(cl, "shop", fp, 1), TS_OK);
+
+    for (int round = 0; round < 2; round++) {
+        /* u1 (group 1): "fresh" ranks among the 5 best, behind group-1 items only. */
+        Affinity__V1__RecommendResponse *r = recommend(cl, "shop", "u1", 5, NULL, true);
+        cr_assert_eq(r->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_MODEL);
+        cr_assert_eq(r->n_hits, 5);
+        cr_assert(has_hit(r, "fresh"), "round %d: \"fresh\" is not among u1's 5 best", round);
+        for (size_t i = 0; i < r->n_hits && strcmp(r->hits[i]->id, "fresh") != 0; i++)
+            cr_assert_eq(group_of(r->hits[i]->id), 1, "round %d: hit %zu is %s", round, i,
+                         r->hits[i]->id);
+        transport_client_free((ProtobufCMessage *)r);
+        r = recommend(cl, "shop", "u0", 12, NULL, true);
+        cr_assert(!has_hit(r, "fresh"), "round %d: a group-0 shopper got \"fresh\"", round);
+        transport_client_free((ProtobufCMessage *)r);
+
+        /* Its behaviour-space vector exists (8 factors) and its neighbours are group 1. */
+        Affinity__V1__SimilarItemsRequest sr = AFFINITY__V1__SIMILAR_ITEMS_REQUEST__INIT;
+        char *one[1] = {"fresh"};
+        sr.collection = "shop";
+        sr.n_item_ids = 1;
+        sr.item_ids = one;
+        sr.k = 5;
+        sr.space = AFFINITY__V1__SPACE__SPACE_BEHAVIOUR;
+        Affinity__V1__SimilarItemsResponse *sim = NULL;
+        cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_SIMILAR_ITEMS, &sr,
+                             &affinity__v1__similar_items_response__descriptor, 0, &sim, &st),
+                     TS_OK, "%s", st.message);
+        cr_assert_eq(sim->results[0]->n_hits, 5);
+        for (size_t i = 0; i < 5; i++)
+            cr_assert_eq(group_of(sim->results[0]->hits[i]->id), 1, "neighbour %s",
+                         sim->results[0]->hits[i]->id);
+        transport_client_free((ProtobufCMessage *)sim);
+        Affinity__V1__GetItemsResponse *items = behaviour_items(cl, one, 1);
+        cr_assert_eq(items->n_items, 1);
+        cr_assert_eq(items->items[0]->n_vector, 8);
+        transport_client_free((ProtobufCMessage *)items);
+
+        if (round == 0) { /* the same after a restart: the map is refitted at load */
+            transport_client_destroy(cl);
+            cr_assert_eq(ts_stop(&s, SIGTERM, 30000), 0);
+            start_on(&s, dir);
+            cl = ts_client(&s, NULL);
+        }
+    }
+    transport_client_destroy(cl);
+    cr_assert_eq(ts_stop(&s, SIGTERM, 30000), 0);
+    ts_remove_path(dir);
+}
+
+/* --fold-in-history 3: a shopper who viewed five group-0 items two hours ago and three group-2
+ * items an hour ago is folded in from the three most recent items only, so every
+ * recommendation is group 2 (with the whole history group 0 wins: this test fails without the
+ * flag); a shopper with the same views in the opposite order gets group 0. */
+Test(server_model, fold_in_reads_only_the_most_recent_history)
+{
+    char dir[256];
+    test_server s;
+    init_names();
+    ts_make_dir(dir, sizeof dir, "model-recent");
+    start_with(&s, dir, "3");
+    transport_client *cl = ts_client(&s, NULL);
+    transport_call_status st;
+    cr_assert_eq(create_shop(cl, "shop", 0, 8, &st), TS_OK, "%s", st.message);
+    cr_assert_eq(upsert_items(cl, "shop", NULL), TS_OK);
+    seed_users(cl, "shop");
+    train_and_wait(cl, "shop");
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    const int64_t now_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    put_views_at(cl, "shop", "mover", 0, 5, 0, now_ms - 7200000);
+    put_views_at(cl, "shop", "mover", 2, 3, 0, now_ms - 3600000);
+    put_views_at(cl, "shop", "stayer", 2, 3, 0, now_ms - 7200000);
+    put_views_at(cl, "shop", "stayer", 0, 5, 0, now_ms - 3600000);
+    Affinity__V1__RecommendResponse *r = recommend(cl, "shop", "mover", 5, NULL, true);
+    cr_assert_eq(r->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_MODEL);
+    cr_assert_eq(r->n_hits, 5);
+    for (size_t i = 0; i < r->n_hits; i++)
+        cr_assert_eq(group_of(r->hits[i]->id), 2, "mover's hit %zu is %s", i, r->hits[i]->id);
+    transport_client_free((ProtobufCMessage *)r);
+    r = recommend(cl, "shop", "stayer", 5, NULL, true);
+    for (size_t i = 0; i < r->n_hits; i++)
+        cr_assert_eq(group_of(r->hits[i]->id), 0, "stayer's hit %zu is %s", i, r->hits[i]->id);
+    transport_client_free((ProtobufCMessage *)r);
     transport_client_destroy(cl);
     cr_assert_eq(ts_stop(&s, SIGTERM, 30000), 0);
     ts_remove_path(dir);

@@ -37,7 +37,7 @@ chmod +x "$tmp/path/nvidia-smi"
 make_bundle() {
     local d=$1 how=$2
     mkdir -p "$d/bin" "$d/lib"
-    for t in test_gpu_host test_gpu_backend test_gpu_parity; do
+    for t in test_gpu_host test_gpu_backend test_gpu_parity test_als_gpu; do
         local body='echo "[----] tests: 3 | Passing: 3"; echo "[====] Synthesis: Tested: 3 | Passing: 3 | Failing: 0 | Crashing: 0"; exit 0'
         if [ "$t" = test_gpu_backend ]; then
             case $how in
