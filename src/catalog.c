@@ -15,6 +15,7 @@ struct aff_catalog {
     aff_engine *engine;
     aff_store *store;
     aff_model *model;         /* behaviour spaces mirrored after each write; NULL: none */
+    aff_widgets *widgets;     /* widget statistics forgotten with a dropped collection */
     pthread_mutex_t write_mu; /* held across the engine call and the store commit */
 };
 
@@ -22,6 +23,13 @@ void catalog_attach_model(aff_catalog *c, aff_model *m)
 {
     pthread_mutex_lock(&c->write_mu);
     c->model = m;
+    pthread_mutex_unlock(&c->write_mu);
+}
+
+void catalog_attach_widgets(aff_catalog *c, aff_widgets *w)
+{
+    pthread_mutex_lock(&c->write_mu);
+    c->widgets = w;
     pthread_mutex_unlock(&c->write_mu);
 }
 
@@ -131,6 +139,7 @@ int catalog_drop_collection(aff_catalog *c, const char *name, aff_err *err)
     if (rc == AFF_OK && (rc = store_drop_collection(c->store, name, NULL, err)) == AFF_OK)
         rc = engine_drop_collection(c->engine, name, err);
     if (rc == AFF_OK) model_on_drop(c->model, name);
+    if (rc == AFF_OK && c->widgets) widgets_drop_collection(c->widgets, name);
     pthread_mutex_unlock(&c->write_mu);
     return rc;
 }

@@ -29,6 +29,7 @@
 #include "model.h"
 #include "status.h"
 #include "store.h"
+#include "widgets.h"
 
 typedef struct aff_catalog aff_catalog;
 
@@ -39,6 +40,10 @@ void catalog_destroy(aff_catalog *c);
 /* From now on every committed write is mirrored into m's behaviour spaces, under the catalog's
  * write lock (model_on_upsert/_delete/_drop). Call once at start-up; m outlives the catalog. */
 void catalog_attach_model(aff_catalog *c, aff_model *m);
+
+/* From now on a dropped collection's widget statistics are forgotten with it. Call once at
+ * start-up; w outlives the catalog. */
+void catalog_attach_widgets(aff_catalog *c, aff_widgets *w);
 
 /* Loads every collection and item of the store into the engine (which must hold none of
  * them). The store logs progress every 5 s and a final line with counts and seconds; *out

@@ -187,6 +187,7 @@ int main(int argc, char **argv)
     char token[4096] = "";
     aff_store *store = NULL;
     aff_profiles *profiles = NULL;
+    aff_widgets *widgets = NULL;
     aff_engine *engine = NULL;
     aff_catalog *catalog = NULL;
     aff_model *model = NULL;
@@ -227,6 +228,11 @@ int main(int argc, char **argv)
     profiles_config pcfg;
     profiles_custom_type custom[PROFILES_MAX_CUSTOM_TYPES];
     config_profiles(&cfg, &pcfg, custom);
+    /* Widget statistics follow every change of the stored histories (profiles' observer). */
+    widgets_config wcfg;
+    config_widgets(&cfg, &wcfg);
+    if (widgets_create(&widgets, &wcfg, &err)) goto fail;
+    widgets_observer(widgets, &pcfg.observer);
     if (profiles_create(&profiles, store, &pcfg, &err)) goto fail;
 
     engine_config ecfg = {
@@ -243,6 +249,7 @@ int main(int argc, char **argv)
     config_model(&cfg, &mcfg);
     if (model_create(&model, engine, store, &mcfg, &err)) goto fail;
     catalog_attach_model(catalog, model);
+    catalog_attach_widgets(catalog, widgets);
 
     /* Metrics: the registry always exists (updates are cheap); the HTTP endpoint runs when
      * --metrics-listen is set. The transport counts calls and latencies, the batcher reports
@@ -266,6 +273,7 @@ int main(int argc, char **argv)
                              .batcher = bat,
                              .profiles = profiles,
                              .model = model,
+                             .widgets = widgets,
                              .presets_path = cfg.serving_config};
     if (pipeline_create(&pipeline, &plcfg, &err)) goto fail;
 
@@ -286,6 +294,7 @@ int main(int argc, char **argv)
                              .on_events_ctx = model,
                              .metrics = metrics,
                              .pipeline = pipeline,
+                             .widgets = widgets,
                              .max_connections = cfg.max_connections,
                              .idle_timeout_ms = cfg.idle_timeout_ms,
                              .handshake_timeout_ms = cfg.handshake_timeout_ms,
@@ -310,6 +319,8 @@ int main(int argc, char **argv)
         aff_log(AFF_LOG_INFO, "demo shop already in the store: not loaded again");
     else if (cfg.demo && demo_load(catalog, &err))
         goto fail;
+    /* Widget statistics: replayed from the stored histories before any event arrives. */
+    if (widgets_rebuild(widgets, store, &err)) goto fail;
     /* Learned models: the last trained version of each collection serves at once. */
     if (model_load_all(model, &err)) goto fail;
     /* After the rebuild, before serving: the first retention pass runs beside the serving. */
@@ -346,6 +357,7 @@ out:
     metrics_destroy(metrics);
     profiles_destroy(profiles);
     catalog_destroy(catalog);
+    widgets_destroy(widgets);
     model_destroy(model);
     engine_destroy(engine);
     store_destroy(store);

@@ -51,6 +51,7 @@ struct aff_pipeline {
     batcher *batcher;
     aff_profiles *profiles;
     aff_model *model; /* NULL: no learning */
+    aff_widgets *widgets; /* NULL: no widget recipes */
     char *presets_path;
     pthread_mutex_t mu; /* guards presets, mtime, checked_ns */
     preset_set *presets;
@@ -521,6 +522,7 @@ int pipeline_create(aff_pipeline **out, const pipeline_config *cfg, aff_err *err
     p->batcher = cfg->batcher;
     p->profiles = cfg->profiles;
     p->model = cfg->model;
+    p->widgets = cfg->widgets;
     pthread_mutex_init(&p->mu, NULL);
     if (cfg->presets_path && cfg->presets_path[0]) {
         if (!(p->presets_path = strdup(cfg->presets_path))) {
@@ -1045,6 +1047,8 @@ struct pipeline_job {
     /* RERANK */
     aff_rerank_query rq;
     aff_rerank_hit *rerank_out;
+    /* a widget recipe: its candidates (reasons' related ids come from them) */
+    widgets_result widget;
 };
 
 /* Engine query q (0: organic, 1 + j: promotion j) of group g. Organic queries come first,
@@ -1084,6 +1088,7 @@ void pipeline_job_destroy(pipeline_job *j)
     free(j->hit_ptrs);
     free(j->n_hits);
     free(j->rerank_out);
+    widgets_result_release(&j->widget);
     free(j);
 }
 
@@ -1656,6 +1661,153 @@ static int run_popularity(pipeline_job *j, aff_err *err)
     return AFF_OK;
 }
 
+static int exclude_types(const pipeline_request *req, const char **types, size_t *nt, aff_err *err);
+
+/* The widget's reason for each recipe (index: widgets_recipe). */
+static const pipeline_reason_kind widget_reason[WIDGETS_RECIPE_COUNT] = {
+    [WIDGETS_RECIPE_FREQUENTLY_BOUGHT_TOGETHER] = PIPELINE_REASON_BOUGHT_TOGETHER,
+    [WIDGETS_RECIPE_ALSO_VIEWED] = PIPELINE_REASON_ALSO_VIEWED,
+    [WIDGETS_RECIPE_ALSO_BOUGHT] = PIPELINE_REASON_ALSO_BOUGHT,
+    [WIDGETS_RECIPE_TRENDING] = PIPELINE_REASON_TRENDING,
+    [WIDGETS_RECIPE_BUY_IT_AGAIN] = PIPELINE_REASON_BOUGHT_BEFORE,
+    [WIDGETS_RECIPE_RECENTLY_VIEWED] = PIPELINE_REASON_RECENTLY_VIEWED,
+    [WIDGETS_RECIPE_BEST_SELLERS] = PIPELINE_REASON_BEST_SELLER,
+};
+
+/* Fills every query's candidates from the widget's list: the best items passing the query's
+ * filter, in the widget's order. *short_of_more: some query got fewer than it asked for
+ * while the widget had more candidates than were examined. */
+static int widget_fill(pipeline_job *j, bool *short_of_more, aff_err *err)
+{
+    const widgets_result *wr = &j->widget;
+    const char **ids = malloc((wr->n ? wr->n : 1) * sizeof *ids);
+    bool *pass = malloc((wr->n ? wr->n : 1) * sizeof *pass);
+    int rc = AFF_OK;
+    *short_of_more = false;
+    if (!ids || !pass) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory ranking widget candidates");
+        goto out;
+    }
+    for (uint32_t i = 0; i < wr->n; i++)
+        ids[i] = wr->hits[i].id;
+    for (uint32_t q = 0; q < j->per_group; q++) {
+        const aff_filter *f = q == 0 ? j->base : &j->promo_filters[q - 1];
+        size_t qi = qidx(j, 0, q);
+        if ((rc = engine_filter_items(j->p->engine, j->req->collection, ids, wr->n, f, pass, err)))
+            goto out;
+        aff_hit *h = j->cand + j->cand_off[qi];
+        uint32_t n = 0;
+        for (uint32_t i = 0; i < wr->n && n < j->queries[qi].k; i++) {
+            if (!pass[i]) continue;
+            snprintf(h[n].id, sizeof h[n].id, "%s", ids[i]);
+            h[n++].score = wr->hits[i].score;
+        }
+        j->cand_n[qi] = n;
+        if (n < j->queries[qi].k && wr->truncated) *short_of_more = true;
+    }
+out:
+    free(ids);
+    free(pass);
+    return rc;
+}
+
+/* Sets the related item of the widget's hits (the context item behind each). */
+static void widget_related(pipeline_job *j)
+{
+    for (uint32_t i = 0; i < j->n_hits[0]; i++) {
+        pipeline_hit *h = &j->hits[i];
+        if (h->reason.kind != j->src.reason) continue;
+        for (uint32_t c = 0; c < j->widget.n; c++) {
+            if (strcmp(j->widget.hits[c].id, h->id) != 0) continue;
+            if (j->widget.hits[c].related)
+                snprintf(h->reason.related_id, sizeof h->reason.related_id, "%s",
+                         j->widget.hits[c].related);
+            break;
+        }
+    }
+}
+
+/* A widget recipe: candidates now, from the widget statistics, examined deeper (four times
+ * as many, up to WIDGETS_SCAN_LIMIT) while filters leave a query short, then ranked (a
+ * deeper round when rules starved, as for engine queries). */
+static int run_widget(pipeline_job *j, aff_err *err)
+{
+    const pipeline_request *req = j->req;
+    widgets_request wr = {.recipe = req->recipe,
+                          .collection = req->collection,
+                          .user_id = req->user_id,
+                          .item_ids = req->item_ids,
+                          .n_item_ids = req->n_item_ids};
+    j->promos_ran = true;
+    uint32_t depth = 0;
+    for (;;) {
+        uint32_t want = 0;
+        for (size_t i = 0; i < (size_t)j->per_group; i++)
+            if (j->queries[i].k > want) want = j->queries[i].k;
+        want = 4 * want > 64 ? 4 * want : 64;
+        if (want > depth) depth = want;
+        for (;;) {
+            if (depth > WIDGETS_SCAN_LIMIT) depth = WIDGETS_SCAN_LIMIT;
+            widgets_result_release(&j->widget);
+            int rc = widgets_candidates(j->p->widgets, &wr, depth, &j->widget, err);
+            bool more = false;
+            if (rc || (rc = widget_fill(j, &more, err))) return rc;
+            if (!more || depth == WIDGETS_SCAN_LIMIT) break;
+            depth *= 4;
+        }
+        int more = finish(j);
+        if (!more) break;
+        int rc = deepen(j, err);
+        if (rc) return rc;
+    }
+    if (j->out.status) {
+        *err = j->out.err;
+        return j->out.status;
+    }
+    widget_related(j);
+    return AFF_OK;
+}
+
+/* Plans a widget recipe's source (RECOMMEND with recipe set): the statistics answer; a user_id
+ * adds the shopper's exclusions. */
+static int plan_widget(pipeline_job *j, aff_err *err)
+{
+    const pipeline_request *req = j->req;
+    widgets_request wr = {.recipe = req->recipe,
+                          .collection = req->collection,
+                          .user_id = req->user_id,
+                          .item_ids = req->item_ids,
+                          .n_item_ids = req->n_item_ids};
+    int rc = widgets_validate(&wr, err);
+    if (rc) return rc;
+    if (!j->p->widgets)
+        return aff__fail(err, AFF_EPRECONDITION, "widget recipes are not enabled on this server");
+    if (req->vector)
+        return aff__fail(err, AFF_EINVAL,
+                         "user_vector: recipe %s takes a user_id (or no user), not a vector",
+                         widgets_recipe_name(req->recipe));
+    if (req->user_id) {
+        const char *types[8];
+        size_t nt;
+        if ((rc = exclude_types(req, types, &nt, err))) return rc;
+        if ((rc = profiles_plan_recommend(j->p->profiles, req->collection, req->user_id, types, nt,
+                                          req->filter, &j->plan, err)))
+            return rc;
+        j->has_plan = true;
+        j->base = &j->plan.filter;
+    } else if (req->n_exclude_event_types) {
+        return aff__fail(err, AFF_EINVAL,
+                         "exclude_event_types needs a user_id with history (use "
+                         "filter.exclude_ids instead)");
+    }
+    j->src.source = (pipeline_source)(PIPELINE_SOURCE_WIDGET + req->recipe);
+    j->src.reason = widget_reason[req->recipe];
+    snprintf(j->src.space, sizeof j->src.space, "%s", req->collection);
+    /* Widget scores are higher-is-better whatever the collection's metric. */
+    j->vmetric = AFF_METRIC_IP;
+    return AFF_OK;
+}
+
 static int exclude_types(const pipeline_request *req, const char **types, size_t *nt, aff_err *err)
 {
     *nt = 0;
@@ -1875,7 +2027,14 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     j->ranked = rules_active(&j->rules);
     j->base = req->filter;
     j->n_groups = 1;
-    if (req->kind == PIPELINE_SIMILAR) {
+    if (req->kind == PIPELINE_RECOMMEND && req->recipe != WIDGETS_RECIPE_PERSONALIZED) {
+        if ((rc = plan_widget(j, err))) return rc;
+    } else if (req->kind == PIPELINE_RECOMMEND && req->n_item_ids) {
+        return aff__fail(err, AFF_EINVAL,
+                         "item_ids: recipe RECIPE_PERSONALIZED takes no item ids (%u given); "
+                         "set a widget recipe such as RECIPE_FREQUENTLY_BOUGHT_TOGETHER",
+                         req->n_item_ids);
+    } else if (req->kind == PIPELINE_SIMILAR) {
         if (req->n_item_ids < 1 || req->n_item_ids > 1024)
             return aff__fail(err, AFF_EINVAL, "%u item ids; SimilarItems takes 1..%d per call",
                              req->n_item_ids, 1024);
@@ -2018,6 +2177,11 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     if (!j->cand) return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
     if (j->src.source == PIPELINE_SOURCE_POPULARITY && !j->src.vector) {
         if ((rc = run_popularity(j, err))) return rc;
+        *now = true;
+        return AFF_OK;
+    }
+    if (j->src.source > PIPELINE_SOURCE_WIDGET) {
+        if ((rc = run_widget(j, err))) return rc;
         *now = true;
         return AFF_OK;
     }
