@@ -351,13 +351,26 @@ static int json_layouts(preset_set *s, const jsonv *v, const char *path, aff_err
             char field[PIPELINE_MAX_NAME_LEN + 64];
             snprintf(field, sizeof field, "layouts.%s[%zu]", v->keys[i], j);
             const jsonv *name = jsonv_get(sl, "name"), *coll = jsonv_get(sl, "collection"),
-                        *k = jsonv_get(sl, "k"), *preset = jsonv_get(sl, "preset");
+                        *k = jsonv_get(sl, "k"), *preset = jsonv_get(sl, "preset"),
+                        *recipe = jsonv_get(sl, "recipe");
             if (!name || name->type != JSONV_STRING || !coll || coll->type != JSONV_STRING || !k ||
-                k->type != JSONV_NUMBER || (preset && preset->type != JSONV_STRING))
+                k->type != JSONV_NUMBER || (preset && preset->type != JSONV_STRING) ||
+                (recipe && recipe->type != JSONV_STRING))
                 return aff__fail(err, AFF_EINVAL,
                                  "presets file %s: %s needs name, collection (strings), k (a "
-                                 "number) and optionally preset (a string) and filter",
+                                 "number) and optionally preset, recipe (strings) and filter",
                                  path, field);
+            widgets_recipe wr = WIDGETS_RECIPE_PERSONALIZED;
+            if (recipe && !widgets_recipe_parse(recipe->string, &wr))
+                return aff__fail(err, AFF_EINVAL,
+                                 "presets file %s: %s.recipe \"%s\" is unknown; use trending, "
+                                 "best_sellers, buy_it_again, recently_viewed or personalized",
+                                 path, field, recipe->string);
+            if (widgets_recipe_needs_items(wr))
+                return aff__fail(err, AFF_EINVAL,
+                                 "presets file %s: %s.recipe \"%s\" needs item ids, which a page "
+                                 "does not carry (ask Recommend with item_ids)",
+                                 path, field, recipe->string);
             char sub[PIPELINE_MAX_NAME_LEN + 80];
             snprintf(sub, sizeof sub, "%s.filter", field);
             int rc = json_filter(s, jsonv_get(sl, "filter"), sub, &filters[j], err);
@@ -367,7 +380,8 @@ static int json_layouts(preset_set *s, const jsonv *v, const char *path, aff_err
                 .collection = coll->string,
                 .k = k->number >= 1 && k->number <= AFF_MAX_K ? (uint32_t)k->number : 0,
                 .filter = &filters[j],
-                .preset = preset ? preset->string : NULL};
+                .preset = preset ? preset->string : NULL,
+                .recipe = wr};
             if (!slots[j].k)
                 return aff__fail(err, AFF_EINVAL, "presets file %s: %s.k must be 1..%d", path,
                                  field, AFF_MAX_K);
@@ -2423,7 +2437,8 @@ static void page_run_slot(pipeline_page *pg, uint32_t s)
                                      .n_exclude_event_types = pg->req->n_exclude_event_types,
                                      .preset = sl->preset,
                                      .rules = rules,
-                                     .context = pg->req->context};
+                                     .context = pg->req->context,
+                                     .recipe = sl->recipe};
     bool pending = false;
     aff_err err;
     /* pipeline_start publishes the job in pg->jobs[s] before it can complete. */

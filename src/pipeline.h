@@ -316,11 +316,14 @@ typedef struct pipeline_slot {
     const aff_filter *filter; /* NULL: none */
     const char *preset;       /* NULL or "": none */
     const pipeline_rules *rules;
+    /* the slot's candidate source: the shopper's (default), or a widget that needs no item
+     * ids (trending, best_sellers, buy_it_again, recently_viewed; layouts' "recipe") */
+    widgets_recipe recipe;
 } pipeline_slot;
 
 /* A personalized page: explicit slots, or a layout named in the serving config (its "layouts"
  * member: {"layouts": {"home": [{"name": ..., "collection": ..., "k": ..., "preset": ...,
- * "filter": {...}}]}}). Borrowed by the page until pipeline_page_destroy. */
+ * "recipe": ..., "filter": {...}}]}}). Borrowed by the page until pipeline_page_destroy. */
 typedef struct pipeline_page_request {
     const char *user_id; /* the shopper; unknown shoppers get popular items in every slot */
     const pipeline_slot *slots;

@@ -220,10 +220,22 @@ static void delete_user(transport_client *cl, const char *coll, const char *user
 
 static test_server srv;
 static transport_client *cl;
+static char config_path[64];
 
+/* A serving config whose layout "shelf" shows a shopper's recently viewed items, then best
+ * sellers (widgets that need no item ids can fill page slots). */
 static void start(void)
 {
-    const char *args[] = {"--log-level", "warn", NULL};
+    snprintf(config_path, sizeof config_path, "/tmp/affinity-e2e-widgets-XXXXXX");
+    int fd = mkstemp(config_path);
+    cr_assert_geq(fd, 0);
+    const char *text =
+        "{\"presets\": {}, \"layouts\": {\"shelf\": ["
+        "{\"name\": \"again\", \"collection\": \"pg\", \"k\": 2, \"recipe\": \"recently_viewed\"},"
+        "{\"name\": \"top\", \"collection\": \"pg\", \"k\": 3, \"recipe\": \"best_sellers\"}]}}";
+    cr_assert_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fd);
+    const char *args[] = {"--log-level", "warn", "--serving-config", config_path, NULL};
     ts_start_serving(&srv, args);
     cl = ts_client(&srv, NULL);
 }
@@ -232,6 +244,7 @@ static void stop(void)
 {
     transport_client_destroy(cl);
     ts_stop(&srv, SIGTERM, 20000);
+    unlink(config_path);
 }
 
 TestSuite(server_widgets, .init = start, .fini = stop, .timeout = 120);
@@ -555,6 +568,39 @@ Test(server_widgets, imported_events_count_like_put_events)
     transport_client_free(resp);
     widget_query q = {.coll = "im", .recipe = R(RECENTLY_VIEWED), .user = "importer"};
     transport_client_free(&expect(cl, &q, "m1,m3,m2")->base);
+}
+
+Test(server_widgets, page_layout_slots_take_recipes)
+{
+    static const char *const items[] = {"p1", "p2", "p3", "p4"};
+    shop(cl, "pg", items, 4);
+    int64_t t = wall_ms() - HOUR;
+    /* Best sellers p1 (3), p2 (2), p3 (1); the shopper viewed p4 then p1. The page shows
+     * [p1, p4] as recently viewed; best sellers then leave out p1 (shown above): [p2, p3]. */
+    ev b[6] = {{"p1", PURCHASE, t, NULL, NULL}, {"p1", PURCHASE, t, NULL, NULL},
+               {"p1", PURCHASE, t, NULL, NULL}, {"p2", PURCHASE, t, NULL, NULL},
+               {"p2", PURCHASE, t, NULL, NULL}, {"p3", PURCHASE, t, NULL, NULL}};
+    put(cl, "pg", "buyer", b, 6);
+    ev v[2] = {{"p4", VIEW, t, NULL, NULL}, {"p1", VIEW, t + 1000, NULL, NULL}};
+    put(cl, "pg", "shopper", v, 2);
+    Affinity__V1__RecommendPageRequest req = AFFINITY__V1__RECOMMEND_PAGE_REQUEST__INIT;
+    req.user_id = "shopper";
+    req.layout = "shelf";
+    Affinity__V1__RecommendPageResponse *r = NULL;
+    transport_call_status st;
+    cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_RECOMMEND_PAGE, &req,
+                         &affinity__v1__recommend_page_response__descriptor, 0, &r, &st),
+                 0, "%s", st.message);
+    cr_assert_eq(r->n_slots, 2);
+    cr_assert_eq(r->slots[0]->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_RECENTLY_VIEWED);
+    cr_assert_eq(r->slots[0]->n_hits, 2);
+    cr_assert_str_eq(r->slots[0]->hits[0]->id, "p1");
+    cr_assert_str_eq(r->slots[0]->hits[1]->id, "p4");
+    cr_assert_eq(r->slots[1]->source, AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_BEST_SELLERS);
+    cr_assert_eq(r->slots[1]->n_hits, 2);
+    cr_assert_str_eq(r->slots[1]->hits[0]->id, "p2");
+    cr_assert_str_eq(r->slots[1]->hits[1]->id, "p3");
+    transport_client_free(&r->base);
 }
 
 Test(server_widgets, bad_requests_name_the_field)
