@@ -192,6 +192,9 @@ static const opt_def opts[] = {
      .help = "trending: the least decayed event count in the short window, 0..1000000"},
     {"best-seller-half-life-hours", HOURS(best_seller_half_life_hours, 876000), .def = "168",
      .help = "best sellers: half-life of a purchase, hours (168 = 7 days)"},
+    {"widget-refresh-ms", U32(widget_refresh_ms, 0, 3600000), .def = "1000",
+     .help = "trending and best sellers rank every item: the ranking is kept this long, "
+             "0..3600000 ms (0: ranked on every call)"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
@@ -620,6 +623,7 @@ void config_widgets(const aff_config *c, widgets_config *out)
     out->trend_long_half_life_s = c->trend_long_hours * 3600.0;
     out->trend_min_events = c->trend_min_events;
     out->best_seller_half_life_s = c->best_seller_half_life_hours * 3600.0;
+    out->refresh_ms = c->widget_refresh_ms;
 }
 
 void config_model(const aff_config *c, model_config *out)

@@ -85,6 +85,7 @@ typedef struct aff_config {
     double trend_short_hours, trend_long_hours;
     uint32_t trend_min_events;
     double best_seller_half_life_hours;
+    uint32_t widget_refresh_ms; /* trending and best sellers are ranked again this often */
     bool help;                            /* --help was given: print config_usage and exit 0 */
     bool version;                         /* --version was given */
 } aff_config;

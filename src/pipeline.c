@@ -1689,15 +1689,16 @@ static const pipeline_reason_kind widget_reason[WIDGETS_RECIPE_COUNT] = {
 };
 
 /* Fills every query's candidates from the widget's list: the best items passing the query's
- * filter, in the widget's order. *short_of_more: some query got fewer than it asked for
- * while the widget had more candidates than were examined. */
-static int widget_fill(pipeline_job *j, bool *short_of_more, aff_err *err)
+ * filter, in the widget's order. *deeper: 0, or how many of the widget's candidates to
+ * examine next because some query got fewer than it asked for while the widget had more
+ * (estimated from the share that passed, with room to spare). */
+static int widget_fill(pipeline_job *j, uint32_t *deeper, aff_err *err)
 {
     const widgets_result *wr = &j->widget;
     const char **ids = malloc((wr->n ? wr->n : 1) * sizeof *ids);
     bool *pass = malloc((wr->n ? wr->n : 1) * sizeof *pass);
     int rc = AFF_OK;
-    *short_of_more = false;
+    *deeper = 0;
     if (!ids || !pass) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory ranking widget candidates");
         goto out;
@@ -1717,7 +1718,12 @@ static int widget_fill(pipeline_job *j, bool *short_of_more, aff_err *err)
             h[n++].score = wr->hits[i].score;
         }
         j->cand_n[qi] = n;
-        if (n < j->queries[qi].k && wr->truncated) *short_of_more = true;
+        if (n < j->queries[qi].k && wr->truncated) {
+            double want = 2.0 * wr->n * (j->queries[qi].k + 1.0) / (n + 1.0);
+            uint32_t d = want > WIDGETS_SCAN_LIMIT ? WIDGETS_SCAN_LIMIT : (uint32_t)want;
+            if (d < 2 * wr->n) d = 2 * wr->n;
+            if (d > *deeper) *deeper = d;
+        }
     }
 out:
     free(ids);
@@ -1741,9 +1747,9 @@ static void widget_related(pipeline_job *j)
     }
 }
 
-/* A widget recipe: candidates now, from the widget statistics, examined deeper (four times
- * as many, up to WIDGETS_SCAN_LIMIT) while filters leave a query short, then ranked (a
- * deeper round when rules starved, as for engine queries). */
+/* A widget recipe: candidates now, from the widget statistics, examined deeper (by the share
+ * that passed the filters, up to WIDGETS_SCAN_LIMIT) while filters leave a query short, then
+ * ranked (a deeper round when rules starved, as for engine queries). */
 static int run_widget(pipeline_job *j, aff_err *err)
 {
     const pipeline_request *req = j->req;
@@ -1764,10 +1770,10 @@ static int run_widget(pipeline_job *j, aff_err *err)
             if (depth > WIDGETS_SCAN_LIMIT) depth = WIDGETS_SCAN_LIMIT;
             widgets_result_release(&j->widget);
             int rc = widgets_candidates(j->p->widgets, &wr, depth, &j->widget, err);
-            bool more = false;
-            if (rc || (rc = widget_fill(j, &more, err))) return rc;
-            if (!more || depth == WIDGETS_SCAN_LIMIT) break;
-            depth *= 4;
+            uint32_t deeper = 0;
+            if (rc || (rc = widget_fill(j, &deeper, err))) return rc;
+            if (!deeper || depth == WIDGETS_SCAN_LIMIT) break;
+            depth = deeper;
         }
         int more = finish(j);
         if (!more) break;
@@ -1783,7 +1789,7 @@ static int run_widget(pipeline_job *j, aff_err *err)
 }
 
 /* Plans a widget recipe's source (RECOMMEND with recipe set): the statistics answer; a user_id
- * adds the shopper's exclusions. */
+ * with exclude_event_types adds the shopper's exclusions. */
 static int plan_widget(pipeline_job *j, aff_err *err)
 {
     const pipeline_request *req = j->req;
@@ -1800,7 +1806,7 @@ static int plan_widget(pipeline_job *j, aff_err *err)
         return aff__fail(err, AFF_EINVAL,
                          "user_vector: recipe %s takes a user_id (or no user), not a vector",
                          widgets_recipe_name(req->recipe));
-    if (req->user_id) {
+    if (req->user_id && req->n_exclude_event_types) {
         const char *types[8];
         size_t nt;
         if ((rc = exclude_types(req, types, &nt, err))) return rc;

@@ -57,6 +57,20 @@ typedef struct wuser {
     uint32_t n, cap;
 } wuser;
 
+typedef struct cand {
+    uint32_t item;
+    uint32_t related; /* UINT32_MAX: none */
+    double score;
+} cand;
+
+/* A collection-wide ranking (trending, best sellers), best first, kept for refresh_ms. */
+typedef struct ranking {
+    cand *v;
+    uint32_t n;
+    bool truncated, valid;
+    int64_t at_ms;
+} ranking;
+
 typedef struct wcoll {
     char name[AFF_MAX_NAME_LEN + 1];
     pthread_rwlock_t lock;
@@ -73,6 +87,8 @@ typedef struct wcoll {
     bool has_base;
     int64_t base_ms;
     uint32_t *scratch; /* user_events entries (under the write lock) */
+    pthread_mutex_t cache_mu; /* guards cache; taken inside the collection's lock */
+    ranking cache[2];         /* trending, best sellers */
 } wcoll;
 
 struct aff_widgets {
@@ -139,6 +155,7 @@ void widgets_config_init(widgets_config *cfg)
     cfg->trend_long_half_life_s = 14 * 86400.0;
     cfg->trend_min_events = 5.0;
     cfg->best_seller_half_life_s = 7 * 86400.0;
+    cfg->refresh_ms = 1000;
     cfg->maintain = true;
 }
 
@@ -212,6 +229,10 @@ static void coll_clear(wcoll *c)
     memset(c->n_baskets, 0, sizeof c->n_baskets);
     c->events_held = 0;
     c->has_base = false;
+    for (int i = 0; i < 2; i++) {
+        free(c->cache[i].v);
+        c->cache[i] = (ranking){0};
+    }
     if (strmap_create(&c->items, 1024) || strmap_create(&c->users, 1024)) {
         strmap_destroy(c->items);
         strmap_destroy(c->users);
@@ -226,6 +247,7 @@ static void coll_free(wcoll *c)
     strmap_destroy(c->items);
     strmap_destroy(c->users);
     free(c->scratch);
+    pthread_mutex_destroy(&c->cache_mu);
     pthread_rwlock_destroy(&c->lock);
     free(c);
 }
@@ -269,6 +291,7 @@ static wcoll *coll_get(aff_widgets *w, const char *name, bool create)
         if (!c) goto out;
         snprintf(c->name, sizeof c->name, "%s", name);
         pthread_rwlock_init(&c->lock, NULL);
+        pthread_mutex_init(&c->cache_mu, NULL);
         c->scratch = malloc((size_t)w->cfg.user_events * sizeof *c->scratch);
         coll_clear(c);
         if (!c->items || !c->scratch) {
@@ -803,12 +826,6 @@ int widgets_validate(const widgets_request *r, aff_err *err)
     return AFF_OK;
 }
 
-typedef struct cand {
-    uint32_t item;
-    uint32_t related; /* UINT32_MAX: none */
-    double score;
-} cand;
-
 static int cand_cmp(const void *a, const void *b, void *ctx)
 {
     const cand *x = a, *y = b;
@@ -1012,6 +1029,39 @@ static int user_candidates(const aff_widgets *w, const wcoll *c, const widgets_r
     return AFF_OK;
 }
 
+/* The first max entries of the collection's trending or best-seller ranking (a copy in *out),
+ * computed again when older than refresh_ms. Called under the collection's read lock. */
+static int ranking_prefix(const aff_widgets *w, wcoll *c, widgets_recipe recipe, uint32_t max,
+                          cand **out, uint32_t *n_out, bool *truncated)
+{
+    ranking *rk = &c->cache[recipe == WIDGETS_RECIPE_TRENDING ? 0 : 1];
+    int64_t now = now_ms(w);
+    int rc = AFF_OK;
+    pthread_mutex_lock(&c->cache_mu);
+    if (!rk->valid || now - rk->at_ms >= (int64_t)w->cfg.refresh_ms || now < rk->at_ms) {
+        cand *v;
+        uint32_t n;
+        if ((rc = all_items_candidates(w, c, recipe, &v, &n))) goto out;
+        free(rk->v);
+        rk->n = select_best(v, n, WIDGETS_SCAN_LIMIT, c, &rk->truncated);
+        rk->v = v;
+        rk->valid = true;
+        rk->at_ms = now;
+    }
+    uint32_t n = rk->n < max ? rk->n : max;
+    *out = malloc((n ? n : 1) * sizeof **out);
+    if (!*out) {
+        rc = AFF_ENOMEM;
+        goto out;
+    }
+    memcpy(*out, rk->v, n * sizeof **out);
+    *n_out = n;
+    *truncated = rk->truncated || rk->n > max;
+out:
+    pthread_mutex_unlock(&c->cache_mu);
+    return rc;
+}
+
 int widgets_candidates(aff_widgets *w, const widgets_request *r, uint32_t max, widgets_result *out,
                        aff_err *err)
 {
@@ -1038,14 +1088,16 @@ int widgets_candidates(aff_widgets *w, const widgets_request *r, uint32_t max, w
         break;
     case WIDGETS_RECIPE_TRENDING:
     case WIDGETS_RECIPE_BEST_SELLERS:
-        rc = all_items_candidates(w, c, r->recipe, &v, &n);
+        rc = ranking_prefix(w, c, r->recipe, max, &v, &n, &out->truncated);
         break;
     default:
         rc = user_candidates(w, c, r, &v, &n);
         break;
     }
     if (rc == AFF_OK) {
-        n = select_best(v, n, max, c, &out->truncated);
+        bool cut;
+        n = select_best(v, n, max, c, &cut);
+        out->truncated = out->truncated || cut;
         size_t bytes = 0;
         for (uint32_t i = 0; i < n; i++) {
             bytes += strlen(c->it[v[i].item].id) + 1;
@@ -1113,6 +1165,8 @@ static void stats_fn(aff_widgets *w, wcoll *c, const void *arg)
     }
     for (uint32_t u = 0; u < c->n_us; u++)
         s->bytes += (size_t)c->us[u].cap * sizeof(wevent);
+    for (int i = 0; i < 2; i++)
+        s->bytes += (size_t)c->cache[i].n * sizeof(cand);
     pthread_rwlock_unlock(&c->lock);
 }
 

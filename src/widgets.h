@@ -37,6 +37,8 @@
  * long-run rate predicts for the short window). Items with s ≥ trend_min_events and s > E
  * score (s - E) / sqrt(E + 1): the excess over the long-run rate in Poisson standard units.
  * Best sellers: purchases only, decayed with best_seller_half_life; score = the decayed count.
+ * Both rank every item, so the ranking (its best WIDGETS_SCAN_LIMIT) is kept and computed again
+ * once it is refresh_ms old: an answer may be that much behind the events.
  *
  * Buy it again: the re-purchase interval of an item is the median over all users' consecutive
  * purchases of it at least an hour apart; items nobody re-bought have none and are not shown.
@@ -89,6 +91,9 @@ typedef struct widgets_config {
     double trend_long_half_life_s;  /* default 14 days */
     double trend_min_events;        /* short-window decayed count; default 5 */
     double best_seller_half_life_s; /* default 7 days */
+    /* Trending and best sellers rank every item of the collection: the ranking is kept and
+     * computed again once it is this old (default 1000 ms; 0: on every call). */
+    uint32_t refresh_ms;
     bool maintain; /* false: events are not counted (measuring the cost; widgets answer empty) */
     int64_t (*now_ms)(void *ctx); /* NULL: the real-time clock (tests set it) */
     void *now_ctx;

@@ -22,8 +22,7 @@
 
 static int64_t fixed_now(void *ctx)
 {
-    (void)ctx;
-    return NOW;
+    return ctx ? *(const int64_t *)ctx : NOW;
 }
 
 typedef struct hist_event {
@@ -224,6 +223,49 @@ Test(widgets, neighbour_lists_are_capped)
     cr_assert_eq(widgets_candidates(w, &q, 100, &res, &err), 0);
     cr_assert_leq(res.n, 3);
     widgets_result_release(&res);
+    widgets_destroy(w);
+}
+
+static const char *first_best_seller(aff_widgets *w, char *out)
+{
+    widgets_request q = {.recipe = WIDGETS_RECIPE_BEST_SELLERS, .collection = "c"};
+    widgets_result res;
+    aff_err err;
+    cr_assert_eq(widgets_candidates(w, &q, 10, &res, &err), 0);
+    snprintf(out, 16, "%s", res.n ? res.hits[0].id : "");
+    widgets_result_release(&res);
+    return out;
+}
+
+Test(widgets, rankings_are_kept_for_refresh_ms)
+{
+    int64_t clock = NOW;
+    widgets_config cfg;
+    widgets_config_init(&cfg);
+    cfg.now_ms = fixed_now;
+    cfg.now_ctx = &clock;
+    cfg.refresh_ms = 1000;
+    aff_widgets *w = NULL;
+    aff_err err;
+    cr_assert_eq(widgets_create(&w, &cfg, &err), 0);
+    snprintf(user_ids[0], sizeof user_ids[0], "u0");
+    snprintf(user_ids[1], sizeof user_ids[1], "u1");
+    hist_event a = {.seq = 0, .ts = NOW}, b = {.seq = 0, .ts = NOW}, b2 = {.seq = 1, .ts = NOW};
+    snprintf(a.item, sizeof a.item, "a");
+    snprintf(b.item, sizeof b.item, "b");
+    snprintf(b2.item, sizeof b2.item, "b");
+    snprintf(a.type, sizeof a.type, "purchase");
+    snprintf(b.type, sizeof b.type, "purchase");
+    snprintf(b2.type, sizeof b2.type, "purchase");
+    apply_one(w, 0, &a);
+    char top[16];
+    cr_assert_str_eq(first_best_seller(w, top), "a");
+    apply_one(w, 1, &b);
+    apply_one(w, 1, &b2); /* b now sells twice as much */
+    clock += 999;
+    cr_assert_str_eq(first_best_seller(w, top), "a", "ranked again before refresh_ms");
+    clock += 1;
+    cr_assert_str_eq(first_best_seller(w, top), "b");
     widgets_destroy(w);
 }
 
