@@ -1688,6 +1688,16 @@ static const pipeline_reason_kind widget_reason[WIDGETS_RECIPE_COUNT] = {
     [WIDGETS_RECIPE_BEST_SELLERS] = PIPELINE_REASON_BEST_SELLER,
 };
 
+/* The widget's view of a RECOMMEND request with a recipe. */
+static widgets_request widget_request(const pipeline_request *req)
+{
+    return (widgets_request){.recipe = req->recipe,
+                             .collection = req->collection,
+                             .user_id = req->user_id,
+                             .item_ids = req->item_ids,
+                             .n_item_ids = req->n_item_ids};
+}
+
 /* Fills every query's candidates from the widget's list: the best items passing the query's
  * filter, in the widget's order. *deeper: 0, or how many of the widget's candidates to
  * examine next because some query got fewer than it asked for while the widget had more
@@ -1753,11 +1763,7 @@ static void widget_related(pipeline_job *j)
 static int run_widget(pipeline_job *j, aff_err *err)
 {
     const pipeline_request *req = j->req;
-    widgets_request wr = {.recipe = req->recipe,
-                          .collection = req->collection,
-                          .user_id = req->user_id,
-                          .item_ids = req->item_ids,
-                          .n_item_ids = req->n_item_ids};
+    widgets_request wr = widget_request(req);
     j->promos_ran = true;
     uint32_t depth = 0;
     for (;;) {
@@ -1793,11 +1799,7 @@ static int run_widget(pipeline_job *j, aff_err *err)
 static int plan_widget(pipeline_job *j, aff_err *err)
 {
     const pipeline_request *req = j->req;
-    widgets_request wr = {.recipe = req->recipe,
-                          .collection = req->collection,
-                          .user_id = req->user_id,
-                          .item_ids = req->item_ids,
-                          .n_item_ids = req->n_item_ids};
+    widgets_request wr = widget_request(req);
     int rc = widgets_validate(&wr, err);
     if (rc) return rc;
     if (!j->p->widgets)
