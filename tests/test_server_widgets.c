@@ -5,7 +5,8 @@
  * support), also viewed (session ids and the time-bucket fallback), also bought, trending
  * (overall and per category), best sellers (decayed purchases, per category), buy it again
  * (learned re-purchase interval, most due first), recently viewed (filters apply). Also:
- * DeleteUser and opt-out remove the per-user widgets, a restart rebuilds every list exactly
+ * DeleteUser and opt-out remove the per-user widgets, a dropped collection forgets its
+ * widgets, layout slots take recipes, a restart rebuilds every list exactly
  * (the same lists and scores as the incremental state, with users whose window overflowed),
  * the events ImportEvents brings count like PutEvents', and bad requests are
  * INVALID_ARGUMENT naming the field.
@@ -601,6 +602,29 @@ Test(server_widgets, page_layout_slots_take_recipes)
     cr_assert_str_eq(r->slots[1]->hits[0]->id, "p2");
     cr_assert_str_eq(r->slots[1]->hits[1]->id, "p3");
     transport_client_free(&r->base);
+}
+
+Test(server_widgets, a_dropped_collection_forgets_its_widgets)
+{
+    static const char *const items[] = {"d1", "d2"};
+    shop(cl, "dc", items, 2);
+    ev e = {"d1", PURCHASE, wall_ms() - HOUR, NULL, NULL};
+    put(cl, "dc", "buyer", &e, 1);
+    widget_query q = {.coll = "dc", .recipe = R(BEST_SELLERS)};
+    transport_client_free(&expect(cl, &q, "d1")->base);
+    Affinity__V1__DropCollectionRequest drop = AFFINITY__V1__DROP_COLLECTION_REQUEST__INIT;
+    drop.name = "dc";
+    Affinity__V1__DropCollectionResponse *dr = NULL;
+    transport_call_status st;
+    cr_assert_eq(ts_call(cl, TRANSPORT_METHOD_DROP_COLLECTION, &drop,
+                         &affinity__v1__drop_collection_response__descriptor, 0, &dr, &st),
+                 0, "%s", st.message);
+    transport_client_free(&dr->base);
+    shop(cl, "dc", items, 2);
+    transport_client_free(&expect(cl, &q, "")->base);
+    q.recipe = R(RECENTLY_VIEWED);
+    q.user = "buyer";
+    transport_client_free(&expect(cl, &q, "")->base);
 }
 
 Test(server_widgets, bad_requests_name_the_field)
