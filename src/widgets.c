@@ -864,7 +864,7 @@ static uint32_t select_best(cand *v, uint32_t n, uint32_t max, const wcoll *c, b
         }
         n = max;
     }
-    qsort_r(v, n, sizeof *v, cand_cmp, (void *)c);
+    if (n > 1) qsort_r(v, n, sizeof *v, cand_cmp, (void *)c);
     return n;
 }
 
@@ -918,7 +918,7 @@ static int cooc_candidates(const aff_widgets *w, const wcoll *c, int t, const wi
         }
     }
     /* Sum per item (a cart), remembering the context item that contributed most. */
-    qsort(v, n, sizeof *v, cand_by_item);
+    if (n > 1) qsort(v, n, sizeof *v, cand_by_item);
     uint32_t m = 0;
     for (uint32_t i = 0, end; i < n; i = end) {
         cand sum = v[i];
