@@ -60,7 +60,7 @@ run() {
 
 echo "# PutEvents ($per_call event(s) per call, 16 in flight, 2000 users, 20000 items), $dur s per run"
 echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-for round in 1 2; do
+for round in 1 2 3; do
   run true "round$round"
   run false "round$round"
 done

@@ -87,6 +87,10 @@ typedef struct wcoll {
     bool has_base;
     int64_t base_ms;
     uint32_t *scratch; /* user_events entries (under the write lock) */
+    /* Per item, under the write lock: mark[x] == epoch when x is in the basket being updated;
+     * seen[x] == epoch once x's pair with the updated item was counted. */
+    uint32_t *mark, *seen;
+    uint32_t epoch;
     pthread_mutex_t cache_mu; /* guards cache; taken inside the collection's lock */
     ranking cache[2];         /* trending, best sellers */
 } wcoll;
@@ -219,6 +223,10 @@ static void coll_clear(wcoll *c)
     free(c->it);
     free(c->us);
     free(c->free_us);
+    free(c->mark);
+    free(c->seen);
+    c->mark = c->seen = NULL;
+    c->epoch = 0;
     strmap_destroy(c->items);
     strmap_destroy(c->users);
     c->it = NULL;
@@ -346,8 +354,14 @@ static int item_intern(wcoll *c, const char *id, uint32_t *out)
     if (c->n_items == c->cap_items) {
         uint32_t cap = c->cap_items ? 2 * c->cap_items : 1024;
         witem *n = realloc(c->it, (size_t)cap * sizeof *n);
-        if (!n) return AFF_ENOMEM;
-        c->it = n;
+        if (n) c->it = n;
+        uint32_t *m = realloc(c->mark, (size_t)cap * sizeof *m);
+        if (m) c->mark = m;
+        uint32_t *sn = realloc(c->seen, (size_t)cap * sizeof *sn);
+        if (sn) c->seen = sn;
+        if (!n || !m || !sn) return AFF_ENOMEM;
+        memset(c->mark + c->cap_items, 0, (size_t)(cap - c->cap_items) * sizeof *m);
+        memset(c->seen + c->cap_items, 0, (size_t)(cap - c->cap_items) * sizeof *sn);
         c->cap_items = cap;
     }
     const char *key;
@@ -414,18 +428,9 @@ static void rebase(const aff_widgets *w, wcoll *c, int64_t ts)
     c->base_ms = ts;
 }
 
-static void nbr_add(const aff_widgets *w, nbr_list *l, uint32_t other, int sign)
+/* Records a new neighbour (not in the list) under the cap. */
+static void nbr_insert(const aff_widgets *w, nbr_list *l, uint32_t other)
 {
-    for (uint32_t i = 0; i < l->n; i++) {
-        if (l->v[i].item != other) continue;
-        if (sign > 0) {
-            l->v[i].count++;
-        } else if (--l->v[i].count == 0) {
-            l->v[i] = l->v[--l->n];
-        }
-        return;
-    }
-    if (sign < 0) return; /* pushed out by the cap earlier */
     if (l->n == l->cap && l->cap < w->cfg.max_neighbours) {
         uint32_t cap = l->cap ? 2 * l->cap : 4;
         if (cap > w->cfg.max_neighbours) cap = w->cfg.max_neighbours;
@@ -444,6 +449,20 @@ static void nbr_add(const aff_widgets *w, nbr_list *l, uint32_t other, int sign)
             return;
         }
     }
+}
+
+static void nbr_add(const aff_widgets *w, nbr_list *l, uint32_t other, int sign)
+{
+    for (uint32_t i = 0; i < l->n; i++) {
+        if (l->v[i].item != other) continue;
+        if (sign > 0) {
+            l->v[i].count++;
+        } else if (--l->v[i].count == 0) {
+            l->v[i] = l->v[--l->n];
+        }
+        return;
+    }
+    if (sign > 0) nbr_insert(w, l, other); /* else: pushed out by the cap earlier */
 }
 
 static int iv_cmp(const void *a, const void *b)
@@ -477,12 +496,6 @@ static void iv_add(witem *it, int64_t v, int sign)
     it->n_iv++;
 }
 
-static int cmp_u32(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return (x > y) - (x < y);
-}
-
 /* Adds (sign +1) or removes (-1) the terms of co-occurrence table t for event i of u, against
  * the other events of its basket in the window. */
 static void cooc_terms(const aff_widgets *w, wcoll *c, const wuser *u, uint32_t i, int t, int sign)
@@ -491,24 +504,47 @@ static void cooc_terms(const aff_widgets *w, wcoll *c, const wuser *u, uint32_t 
     int kind = t == T_SESSION ? K_VIEW : K_PURCHASE;
     bool present = false, others = false;
     uint32_t n = 0;
+    if (++c->epoch == 0) { /* wrapped: no stale mark may equal the new epoch */
+        memset(c->mark, 0, (size_t)c->cap_items * sizeof *c->mark);
+        memset(c->seen, 0, (size_t)c->cap_items * sizeof *c->seen);
+        c->epoch = 1;
+    }
+    const uint32_t ep = c->epoch;
     for (uint32_t j = 0; j < u->n; j++) {
         const wevent *o = &u->ev[j];
         if (j == i || EV_KIND(o) != kind || (t != T_USER && o->basket != e->basket)) continue;
         others = true;
-        if (o->item == e->item)
+        if (o->item == e->item) {
             present = true;
-        else
+        } else if (c->mark[o->item] != ep) { /* each distinct item once */
+            c->mark[o->item] = ep;
             c->scratch[n++] = o->item;
+        }
     }
     if (present) return; /* the item is in the basket already: nothing changes */
     witem *a = &c->it[e->item];
     a->baskets[t] += (uint32_t)sign;
     if (!others) c->n_baskets[t] += (uint64_t)(int64_t)sign;
-    qsort(c->scratch, n, sizeof *c->scratch, cmp_u32);
+    /* The item's own list: one pass over it for the pairs it holds, then the new ones. */
+    nbr_list *l = &a->nb[t];
+    for (uint32_t k = 0; k < l->n;) {
+        uint32_t x = l->v[k].item;
+        if (c->mark[x] != ep || c->seen[x] == ep) {
+            k++;
+            continue;
+        }
+        c->seen[x] = ep;
+        if (sign > 0)
+            l->v[k++].count++;
+        else if (--l->v[k].count > 0)
+            k++;
+        else
+            l->v[k] = l->v[--l->n]; /* look at the moved entry next */
+    }
     for (uint32_t j = 0; j < n; j++) {
-        if (j && c->scratch[j] == c->scratch[j - 1]) continue;
-        nbr_add(w, &a->nb[t], c->scratch[j], sign);
-        nbr_add(w, &c->it[c->scratch[j]].nb[t], e->item, sign);
+        uint32_t x = c->scratch[j];
+        if (sign > 0 && c->seen[x] != ep) nbr_insert(w, l, x);
+        nbr_add(w, &c->it[x].nb[t], e->item, sign);
     }
 }
 
