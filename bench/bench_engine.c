@@ -205,9 +205,9 @@ static int load_collection(bench_ctx *c, const char *name, backend_precision pre
             items[i] = (aff_item){.id = c->ids[r],
                                   .vector = c->data + (size_t)r * c->dim,
                                   .dim = c->dim,
-                                  .category = c->cat_names[r % N_CATEGORIES],
-                                  .price = (float)(r % 1000),
-                                  .available = true};
+                                  .attrs.category = c->cat_names[r % N_CATEGORIES],
+                                  .attrs.price = (float)(r % 1000),
+                                  .attrs.available = true};
         }
         if (engine_upsert(c->engine, name, items, m, &err) != AFF_OK) {
             fprintf(stderr, "%s\n", err.msg);

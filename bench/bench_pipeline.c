@@ -89,11 +89,11 @@ static void load(aff_catalog *cat, const char *name, uint32_t n, uint32_t dim, a
             items[i] = (aff_item){.id = ids[i],
                                   .vector = vec + (size_t)i * dim,
                                   .dim = dim,
-                                  .category = cats[c],
-                                  .tags = &tag_names[(base + i) % 4],
-                                  .n_tags = 1,
-                                  .price = (float)(aff_rng_next(r) % 100),
-                                  .available = true};
+                                  .attrs.category = cats[c],
+                                  .attrs.tags = &tag_names[(base + i) % 4],
+                                  .attrs.n_tags = 1,
+                                  .attrs.price = (float)(aff_rng_next(r) % 100),
+                                  .attrs.available = true};
         }
         if (catalog_upsert(cat, name, items, m, &err)) die("upsert", &err);
     }

@@ -67,7 +67,7 @@ static double load_catalog(aff_store *s, const opts *o)
     if (rc) die("create collection", rc, &err);
     enum { BATCH = 1000 };
     static char ids[BATCH][32], catnames[BATCH][16];
-    store_item items[BATCH];
+    aff_item items[BATCH];
     float *vecs = malloc((size_t)BATCH * o->dim * sizeof(float));
     double t0 = now_s();
     for (uint32_t start = 0; start < o->items; start += BATCH) {
@@ -77,12 +77,12 @@ static double load_catalog(aff_store *s, const opts *o)
             snprintf(catnames[k], sizeof catnames[k], "cat-%u", (start + k) % 50);
             for (uint32_t j = 0; j < o->dim; j++)
                 vecs[(size_t)k * o->dim + j] = (float)(rng() % 2001) / 1000.0f - 1.0f;
-            items[k] = (store_item){.id = ids[k],
+            items[k] = (aff_item){.id = ids[k],
                                     .vector = vecs + (size_t)k * o->dim,
                                     .dim = o->dim,
-                                    .category = catnames[k],
-                                    .price = (float)(rng() % 10000) / 100.0f,
-                                    .available = true};
+                                    .attrs.category = catnames[k],
+                                    .attrs.price = (float)(rng() % 10000) / 100.0f,
+                                    .attrs.available = true};
         }
         if ((rc = store_put_items(s, "shop", items, m, &err))) die("put items", rc, &err);
     }

@@ -171,7 +171,7 @@ static int set_str(attrfile_reader *r, aff_err *err, char *dst, size_t cap, cons
     return AFF_OK;
 }
 
-static int add_tag(attrfile_reader *r, attr_record *rec, aff_err *err, const char *tag, size_t len)
+static int add_tag(attrfile_reader *r, item_record *rec, aff_err *err, const char *tag, size_t len)
 {
     if (len == 0) return AFF_OK;
     if (rec->n_tags == AFF_MAX_TAGS_PER_ITEM)
@@ -183,7 +183,7 @@ static int add_tag(attrfile_reader *r, attr_record *rec, aff_err *err, const cha
     return AFF_OK;
 }
 
-static int split_tags(attrfile_reader *r, attr_record *rec, aff_err *err, const char *s)
+static int split_tags(attrfile_reader *r, item_record *rec, aff_err *err, const char *s)
 {
     while (*s) {
         size_t len = strcspn(s, "|;");
@@ -226,7 +226,7 @@ static int parse_available(attrfile_reader *r, aff_err *err, const char *s, bool
     return fail_at(r, err, "available must be true/false, 1/0 or yes/no", s);
 }
 
-static int next_csv(attrfile_reader *r, attr_record *rec, aff_err *err)
+static int next_csv(attrfile_reader *r, item_record *rec, aff_err *err)
 {
     char *fields[MAX_CSV_FIELDS];
     int nf = attrfile_csv_split(r->line, fields, MAX_CSV_FIELDS);
@@ -246,7 +246,7 @@ static int next_csv(attrfile_reader *r, attr_record *rec, aff_err *err)
     return AFF_OK;
 }
 
-static int next_jsonl(attrfile_reader *r, attr_record *rec, aff_err *err)
+static int next_jsonl(attrfile_reader *r, item_record *rec, aff_err *err)
 {
     jsonv *v = NULL;
     aff_err jerr = {0};
@@ -315,7 +315,7 @@ out:
     return rc;
 }
 
-int attrfile_next(attrfile_reader *r, attr_record *rec, aff_err *err)
+int attrfile_next(attrfile_reader *r, item_record *rec, aff_err *err)
 {
     for (;;) {
         errno = 0;

@@ -18,16 +18,8 @@
 #include <stdint.h>
 
 #include "affinity/affinity.h"
+#include "item.h"
 #include "status.h"
-
-typedef struct attr_record {
-    char id[AFF_MAX_ID_LEN + 1];
-    char category[AFF_MAX_ATTR_LEN + 1];
-    char tags[AFF_MAX_TAGS_PER_ITEM][AFF_MAX_ATTR_LEN + 1];
-    uint32_t n_tags;
-    float price;
-    bool available;
-} attr_record;
 
 typedef struct attrfile_reader attrfile_reader;
 
@@ -35,7 +27,7 @@ int attrfile_open(attrfile_reader **out, const char *path, aff_err *err);
 void attrfile_close(attrfile_reader *r);
 /* Reads the next record into *rec: returns 1 when one was read, 0 at the end, or a negative
  * aff_status. */
-int attrfile_next(attrfile_reader *r, attr_record *rec, aff_err *err);
+int attrfile_next(attrfile_reader *r, item_record *rec, aff_err *err);
 /* The line number of the record last returned (1-based), for messages. */
 uint64_t attrfile_line(const attrfile_reader *r);
 

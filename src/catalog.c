@@ -72,21 +72,16 @@ static int rebuild_collection(void *ctx, const store_collection *sc, aff_err *er
     return engine_create_collection(c->engine, &spec, err);
 }
 
-static int rebuild_items(void *ctx, const store_collection *sc, const store_item *items, size_t n,
+static int rebuild_items(void *ctx, const store_collection *sc, const aff_item *items, size_t n,
                          aff_err *err)
 {
     aff_catalog *c = ctx;
     aff_item *batch = calloc(n ? n : 1, sizeof *batch);
     if (!batch) return aff__fail(err, AFF_ENOMEM, "out of memory rebuilding '%s'", sc->name);
-    for (size_t i = 0; i < n; i++)
-        batch[i] = (aff_item){.id = items[i].id,
-                              .vector = sc->learned_only ? NULL : items[i].vector,
-                              .dim = sc->learned_only ? 0 : items[i].dim,
-                              .category = items[i].category,
-                              .tags = items[i].tags,
-                              .n_tags = items[i].n_tags,
-                              .price = items[i].price,
-                              .available = items[i].available};
+    for (size_t i = 0; i < n; i++) {
+        batch[i] = items[i];
+        if (sc->learned_only) batch[i].vector = NULL, batch[i].dim = 0;
+    }
     int rc = engine_upsert(c->engine, sc->name, batch, n, err);
     free(batch);
     return rc;
@@ -150,17 +145,12 @@ int catalog_upsert(aff_catalog *c, const char *collection, const aff_item *items
     /* Learned-only collections store one 0 per item (the engine has validated that they came
      * without vectors before the store sees them). */
     static const float zero_vector[1] = {0.0f};
-    store_item *si = calloc(n ? n : 1, sizeof *si);
+    aff_item *si = calloc(n ? n : 1, sizeof *si);
     if (!si) return aff__fail(err, AFF_ENOMEM, "out of memory writing %zu items", n);
-    for (size_t i = 0; i < n; i++)
-        si[i] = (store_item){.id = items[i].id,
-                             .vector = items[i].dim ? items[i].vector : zero_vector,
-                             .dim = items[i].dim ? items[i].dim : 1,
-                             .category = items[i].category,
-                             .tags = items[i].tags,
-                             .n_tags = items[i].n_tags,
-                             .price = items[i].price,
-                             .available = items[i].available};
+    for (size_t i = 0; i < n; i++) {
+        si[i] = items[i];
+        if (!si[i].dim) si[i].vector = zero_vector, si[i].dim = 1;
+    }
     pthread_mutex_lock(&c->write_mu);
     int rc = engine_upsert(c->engine, collection, items, n, err);
     if (rc == AFF_OK && n) rc = store_put_items(c->store, collection, si, n, err);

@@ -976,7 +976,7 @@ static int cmd_load(cli *c, int argc, char **argv)
     attrfile_reader *ar = NULL;
     transport_client_stream *stream = NULL;
     float *vecs = NULL;
-    attr_record *recs = NULL;
+    item_record *recs = NULL;
     Affinity__V1__Item *items = NULL;
     Affinity__V1__Item **item_ptrs = NULL;
     char **tag_ptrs = NULL;
@@ -1001,7 +1001,7 @@ static int cmd_load(cli *c, int argc, char **argv)
     if (per_msg < 1) per_msg = 1;
     if (batch > per_msg) batch = per_msg;
     vecs = malloc(((size_t)batch * dim + 1) * sizeof(float));
-    recs = calloc(batch, sizeof(attr_record));
+    recs = calloc(batch, sizeof(item_record));
     items = calloc(batch, sizeof(*items));
     item_ptrs = calloc(batch, sizeof(*item_ptrs));
     tag_ptrs = calloc((size_t)batch * AFF_MAX_TAGS_PER_ITEM, sizeof(char *));
@@ -1094,7 +1094,7 @@ static int cmd_load(cli *c, int argc, char **argv)
         }
     }
     if (!send_failed && ar && vr) {
-        attr_record extra;
+        item_record extra;
         int got = attrfile_next(ar, &extra, &err);
         if (got != 0) {
             fprintf(stderr, "\naffinity: %s has more records than %s has vectors (%llu)\n",

@@ -96,11 +96,11 @@ int demo_load(aff_catalog *catalog, aff_err *err)
             items[i] = (aff_item){.id = ids[i],
                                   .vector = v,
                                   .dim = DEMO_DIM,
-                                  .category = demo_category_names[cat],
-                                  .tags = tags[i],
-                                  .n_tags = n_tags < 3 ? n_tags : 3,
-                                  .price = price,
-                                  .available = available};
+                                  .attrs.category = demo_category_names[cat],
+                                  .attrs.tags = tags[i],
+                                  .attrs.n_tags = n_tags < 3 ? n_tags : 3,
+                                  .attrs.price = price,
+                                  .attrs.available = available};
         }
         if ((rc = catalog_upsert(catalog, "products", items, n, err))) goto out;
     }
@@ -111,8 +111,8 @@ int demo_load(aff_catalog *catalog, aff_err *err)
         items[c] = (aff_item){.id = demo_category_names[c],
                               .vector = centroid[c],
                               .dim = DEMO_DIM,
-                              .category = demo_category_names[c],
-                              .available = true};
+                              .attrs.category = demo_category_names[c],
+                              .attrs.available = true};
     if ((rc = catalog_upsert(catalog, "categories", items, DEMO_CATEGORIES, err))) goto out;
 
     /* banners: blends of two or three categories */
@@ -144,10 +144,10 @@ int demo_load(aff_catalog *catalog, aff_err *err)
         items[b] = (aff_item){.id = banners[b].id,
                               .vector = v,
                               .dim = DEMO_DIM,
-                              .category = demo_category_names[banners[b].cats[0]],
-                              .tags = tags[b],
-                              .n_tags = 1,
-                              .available = true};
+                              .attrs.category = demo_category_names[banners[b].cats[0]],
+                              .attrs.tags = tags[b],
+                              .attrs.n_tags = 1,
+                              .attrs.available = true};
     }
     if ((rc = catalog_upsert(catalog, "banners", items, nb, err))) goto out;
 
@@ -174,11 +174,11 @@ int demo_load(aff_catalog *catalog, aff_err *err)
         items[o] = (aff_item){.id = offers[o].id,
                               .vector = v,
                               .dim = DEMO_DIM,
-                              .category = demo_category_names[offers[o].cat],
-                              .tags = tags[o],
-                              .n_tags = 1,
-                              .price = offers[o].price,
-                              .available = true};
+                              .attrs.category = demo_category_names[offers[o].cat],
+                              .attrs.tags = tags[o],
+                              .attrs.n_tags = 1,
+                              .attrs.price = offers[o].price,
+                              .attrs.available = true};
     }
     if ((rc = catalog_upsert(catalog, "offers", items, no, err))) goto out;
     aff_log(AFF_LOG_INFO,

@@ -547,21 +547,7 @@ static int validate_item(const collection *c, const aff_item *it, size_t index, 
                                         err)) != AFF_OK) {
         return rc;
     }
-    if (it->category && strnlen(it->category, AFF_MAX_ATTR_LEN + 1) > AFF_MAX_ATTR_LEN)
-        return aff__fail(err, AFF_EINVAL, "category of item \"%s\" is longer than %d bytes", it->id,
-                         AFF_MAX_ATTR_LEN);
-    if (it->n_tags > AFF_MAX_TAGS_PER_ITEM)
-        return aff__fail(err, AFF_EINVAL, "item \"%s\" has %u tags; at most %d are allowed", it->id,
-                         it->n_tags, AFF_MAX_TAGS_PER_ITEM);
-    for (uint32_t t = 0; t < it->n_tags; t++) {
-        snprintf(vwhat, sizeof vwhat, "tag %u of item \"%s\"", t, it->id);
-        if ((rc = check_string(it->tags ? it->tags[t] : NULL, AFF_MAX_ATTR_LEN, vwhat, err)) !=
-            AFF_OK)
-            return rc;
-    }
-    if (!isfinite(it->price))
-        return aff__fail(err, AFF_EINVAL, "price of item \"%s\" is not a finite number", it->id);
-    return AFF_OK;
+    return item_attrs_check(&it->attrs, it->id, err);
 }
 
 /* Grows the row -> id and row -> attrs arrays to hold `rows` rows. */
@@ -591,7 +577,7 @@ static int reserve_rows(collection *c, uint32_t rows, aff_err *err)
 }
 
 /* Interns an item's category and tags into row attributes. Caller holds the write lock. */
-static int build_attrs(collection *c, const aff_item *it, backend_row_attrs *a,
+static int build_attrs(collection *c, const item_attrs *it, backend_row_attrs *a,
                        uint8_t order[AFF_MAX_TAGS_PER_ITEM], aff_err *err)
 {
     *a = (backend_row_attrs){.price = it->price, .available = it->available};
@@ -681,7 +667,7 @@ int engine_upsert(aff_engine *e, const char *name, const aff_item *items, size_t
                 goto out;
             }
         }
-        if ((rc = build_attrs(c, it, &attrs[j], orders[j], err)) != AFF_OK) goto out;
+        if ((rc = build_attrs(c, &it->attrs, &attrs[j], orders[j], err)) != AFF_OK) goto out;
         if (c->learned_only)
             memset(vectors + j * c->dim, 0, c->dim * sizeof *vectors);
         else
@@ -793,7 +779,7 @@ out:
     return rc;
 }
 
-int engine_get_item(aff_engine *e, const char *name, const char *id, engine_item *out,
+int engine_get_item(aff_engine *e, const char *name, const char *id, item_record *out,
                     float *vector, aff_err *err)
 {
     collection *c;
@@ -806,7 +792,7 @@ int engine_get_item(aff_engine *e, const char *name, const char *id, engine_item
         rc = aff__fail(err, AFF_ENOTFOUND, "item \"%s\" is not in collection \"%s\"", id, c->name);
         goto out;
     }
-    *out = (engine_item){0};
+    *out = (item_record){0};
     const backend_row_attrs *a = &c->attrs[row];
     snprintf(out->id, sizeof out->id, "%s", c->row_ids[row]);
     if (a->category)

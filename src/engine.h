@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "item.h"
 #include "status.h"
 
 typedef struct aff_engine aff_engine;
@@ -94,17 +95,7 @@ int engine_collection_shape(aff_engine *e, const char *name, uint32_t *dim, aff_
 
 /* ---- items ---------------------------------------------------------------------------- */
 
-typedef struct aff_item {
-    const char *id;          /* 1..AFF_MAX_ID_LEN bytes, NUL-terminated */
-    const float *vector;     /* dim finite floats */
-    uint32_t dim;            /* floats in vector; must equal the collection's dimension (0 and
-                                vector NULL in learned-only collections) */
-    const char *category;    /* NULL or "" = none; ≤ AFF_MAX_ATTR_LEN bytes */
-    const char *const *tags; /* n_tags strings, each 1..AFF_MAX_ATTR_LEN bytes */
-    uint32_t n_tags;         /* ≤ AFF_MAX_TAGS_PER_ITEM */
-    float price;             /* finite */
-    bool available;
-} aff_item;
+/* The item types (aff_item, item_attrs, item_record) and their one check are in item.h. */
 
 /* Inserts or replaces n items (a later duplicate id in the same call wins). All items are
  * validated before any is applied. */
@@ -115,19 +106,9 @@ int engine_upsert(aff_engine *e, const char *collection, const aff_item *items, 
 int engine_delete(aff_engine *e, const char *collection, const char *const *ids, size_t n,
                   size_t *n_deleted, aff_err *err);
 
-/* A copy of one stored item. */
-typedef struct engine_item {
-    char id[AFF_MAX_ID_LEN + 1];
-    char category[AFF_MAX_ATTR_LEN + 1];
-    char tags[AFF_MAX_TAGS_PER_ITEM][AFF_MAX_ATTR_LEN + 1];
-    uint32_t n_tags;
-    float price;
-    bool available;
-} engine_item;
-
 /* Copies item `id` into *out and, when vector is not NULL, its dim floats into vector
  * (normalized for cosine collections). AFF_ENOTFOUND when the id is unknown. */
-int engine_get_item(aff_engine *e, const char *collection, const char *id, engine_item *out,
+int engine_get_item(aff_engine *e, const char *collection, const char *id, item_record *out,
                     float *vector, aff_err *err);
 
 /* ---- search --------------------------------------------------------------------------- */

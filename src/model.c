@@ -430,7 +430,7 @@ static int space_build(aff_model *m, mcoll *c, mversion *v, aff_err *err)
     int status = engine_create_collection(m->e, &spec, err);
     if (status) return status;
     v->space_built = true;
-    engine_item *attrs = malloc(SPACE_BATCH * sizeof *attrs);
+    item_record *attrs = malloc(SPACE_BATCH * sizeof *attrs);
     aff_item *items = malloc(SPACE_BATCH * sizeof *items);
     const char *(*tags)[AFF_MAX_TAGS_PER_ITEM] = malloc(SPACE_BATCH * sizeof *tags);
     if (!attrs || !items || !tags) {
@@ -447,16 +447,10 @@ static int space_build(aff_model *m, mcoll *c, mversion *v, aff_err *err)
                 status = aff__fail(err, g, "%s", gerr.msg);
                 goto out;
             }
-            for (uint32_t t = 0; t < attrs[n].n_tags; t++)
-                tags[n][t] = attrs[n].tags[t];
             items[n] = (aff_item){.id = v->item_ids[i],
                                   .vector = v->item_factors + (size_t)i * v->d,
                                   .dim = v->d,
-                                  .category = attrs[n].category,
-                                  .tags = tags[n],
-                                  .n_tags = attrs[n].n_tags,
-                                  .price = attrs[n].price,
-                                  .available = attrs[n].available};
+                                  .attrs = item_record_attrs(&attrs[n], tags[n])};
             n++;
         }
         if (n == SPACE_BATCH || (i == v->n_items && n > 0)) {

@@ -935,7 +935,7 @@ typedef struct popular_ctx {
     aff_hit *hits;
     uint32_t n_hits, scanned;
     store_txn *txn;
-    store_item_record rec;
+    item_record rec;
     aff_err *err;
 } popular_ctx;
 
@@ -948,7 +948,7 @@ static bool any_of(const char *s, const char *const *set, uint32_t n)
 }
 
 /* The engine's aff_filter semantics on a stored item (exclusions are checked separately). */
-static bool filter_passes(const aff_filter *f, const store_item_record *r)
+static bool filter_passes(const aff_filter *f, const item_record *r)
 {
     if (!f) return true;
     if (f->available_only && !r->available) return false;
@@ -1050,7 +1050,7 @@ typedef struct user_ctx {
     int64_t now;
     profiles_user_info *out;
     store_txn *txn;
-    store_item_record rec;
+    item_record rec;
     category_acc acc;
     aff_err *err;
 } user_ctx;
@@ -1227,7 +1227,7 @@ typedef struct traits_ctx {
     const char *collection, *user;
     int64_t now;
     store_txn *txn;
-    store_item_record rec;
+    item_record rec;
     aff_err *err;
     uint64_t events;
     int64_t last_ms;

@@ -368,35 +368,37 @@ static int decode_collection(const MDB_val *k, const MDB_val *v, store_collectio
     return AFF_OK;
 }
 
-static size_t item_size(const store_item *it)
+static size_t item_size(const aff_item *it)
 {
-    size_t n = 12 + (size_t)it->dim * 4 + 2 + (it->category ? strlen(it->category) : 0);
-    for (uint32_t i = 0; i < it->n_tags; i++)
-        n += 2 + strlen(it->tags[i]);
+    const item_attrs *a = &it->attrs;
+    size_t n = 12 + (size_t)it->dim * 4 + 2 + (a->category ? strlen(a->category) : 0);
+    for (uint32_t i = 0; i < a->n_tags; i++)
+        n += 2 + strlen(a->tags[i]);
     return n;
 }
 
-static void encode_item(uint8_t *dst, const store_item *it)
+static void encode_item(uint8_t *dst, const aff_item *it)
 {
+    const item_attrs *a = &it->attrs;
     wr w = {dst};
     w_u8(&w, STORE_VALUE_VERSION);
-    w_u8(&w, it->available ? 1 : 0);
-    w_u16(&w, (uint16_t)it->n_tags);
-    w_f32(&w, it->price);
+    w_u8(&w, a->available ? 1 : 0);
+    w_u16(&w, (uint16_t)a->n_tags);
+    w_f32(&w, a->price);
     w_u32(&w, it->dim);
     w_bytes(&w, it->vector, (size_t)it->dim * 4);
-    size_t clen = it->category ? strlen(it->category) : 0;
+    size_t clen = a->category ? strlen(a->category) : 0;
     w_u16(&w, (uint16_t)clen);
-    w_bytes(&w, it->category, clen);
-    for (uint32_t i = 0; i < it->n_tags; i++) {
-        size_t tlen = strlen(it->tags[i]);
+    w_bytes(&w, a->category, clen);
+    for (uint32_t i = 0; i < a->n_tags; i++) {
+        size_t tlen = strlen(a->tags[i]);
         w_u16(&w, (uint16_t)tlen);
-        w_bytes(&w, it->tags[i], tlen);
+        w_bytes(&w, a->tags[i], tlen);
     }
 }
 
 /* Decodes an item value; out and vector may be NULL. The id comes from the caller. */
-static int decode_item(const MDB_val *v, uint32_t dim, store_item_record *out, float *vector,
+static int decode_item(const MDB_val *v, uint32_t dim, item_record *out, float *vector,
                        aff_err *err)
 {
     rd r = rd_of(v);
@@ -1051,7 +1053,7 @@ int store_list_collections(aff_store *s, store_collection **out, size_t *n, aff_
 
 /* ---- items ------------------------------------------------------------------------------ */
 
-static int check_item(const store_item *it, size_t i, uint32_t dim, aff_err *err)
+static int check_item(const aff_item *it, size_t i, uint32_t dim, aff_err *err)
 {
     size_t idlen = it->id ? strlen(it->id) : 0;
     if (idlen == 0 || idlen > AFF_MAX_ID_LEN)
@@ -1066,26 +1068,14 @@ static int check_item(const store_item *it, size_t i, uint32_t dim, aff_err *err
             return aff__fail(err, AFF_EINVAL, "item '%s': vector value %u is not finite", it->id,
                              j);
     }
-    if (!isfinite(it->price))
-        return aff__fail(err, AFF_EINVAL, "item '%s': price is not finite", it->id);
-    if (it->category && strlen(it->category) > AFF_MAX_ATTR_LEN)
-        return aff__fail(err, AFF_EINVAL, "item '%s': category longer than %d bytes", it->id,
-                         AFF_MAX_ATTR_LEN);
-    if (it->n_tags > AFF_MAX_TAGS_PER_ITEM || (it->n_tags && !it->tags))
-        return aff__fail(err, AFF_EINVAL, "item '%s': more than %d tags", it->id,
-                         AFF_MAX_TAGS_PER_ITEM);
-    for (uint32_t j = 0; j < it->n_tags; j++) {
-        size_t tl = it->tags[j] ? strlen(it->tags[j]) : 0;
-        if (tl == 0 || tl > AFF_MAX_ATTR_LEN)
-            return aff__fail(err, AFF_EINVAL, "item '%s': tag %u must be 1..%d bytes", it->id, j,
-                             AFF_MAX_ATTR_LEN);
-    }
-    return AFF_OK;
+    /* The engine has checked the attributes by the same rule; what becomes durable is
+     * checked again so that nothing the decoder would reject is ever written. */
+    return item_attrs_check(&it->attrs, it->id, err);
 }
 
 typedef struct put_items_ctx {
     const char *collection;
-    const store_item *items;
+    const aff_item *items;
     size_t n;
 } put_items_ctx;
 
@@ -1100,7 +1090,7 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
     }
     bool changed = false;
     for (size_t i = 0; i < p->n; i++) {
-        const store_item *it = &p->items[i];
+        const aff_item *it = &p->items[i];
         key_buf k;
         make_key(&k, p->collection, it->id, AFF_MAX_ID_LEN, NULL, 0, NULL, 0);
         MDB_val old;
@@ -1125,7 +1115,7 @@ static int put_items_fn(store_txn *t, void *ctx, aff_err *err)
     return AFF_OK;
 }
 
-int store_put_items(aff_store *s, const char *collection, const store_item *items, size_t n,
+int store_put_items(aff_store *s, const char *collection, const aff_item *items, size_t n,
                     aff_err *err)
 {
     put_items_ctx p = {collection, items, n};
@@ -1186,7 +1176,7 @@ int store_delete_items(aff_store *s, const char *collection, const char *const *
 }
 
 int store_txn_get_item(store_txn *txn, const char *collection, const char *id,
-                       store_item_record *out, float *vector, aff_err *err)
+                       item_record *out, float *vector, aff_err *err)
 {
     store_collection c;
     int status = store_txn_get_collection(txn, collection, &c, err);
@@ -1205,7 +1195,7 @@ int store_txn_get_item(store_txn *txn, const char *collection, const char *id,
 
 typedef struct get_item_ctx {
     const char *collection, *id;
-    store_item_record *out;
+    item_record *out;
     float *vector;
 } get_item_ctx;
 
@@ -1215,7 +1205,7 @@ static int get_item_fn(store_txn *t, void *ctx, aff_err *err)
     return store_txn_get_item(t, g->collection, g->id, g->out, g->vector, err);
 }
 
-int store_get_item(aff_store *s, const char *collection, const char *id, store_item_record *out,
+int store_get_item(aff_store *s, const char *collection, const char *id, item_record *out,
                    float *vector, aff_err *err)
 {
     get_item_ctx g = {collection, id, out, vector};
@@ -1227,8 +1217,8 @@ int store_get_item(aff_store *s, const char *collection, const char *id, store_i
 typedef struct rebuild_batch {
     const store_collection *c;
     size_t cap, n;
-    store_item *items;
-    store_item_record *recs;
+    aff_item *items;
+    item_record *recs;
     const char *(*tag_ptrs)[AFF_MAX_TAGS_PER_ITEM];
     float *vectors;
     key_buf last; /* key of the last item delivered; n == 0: none yet */
@@ -1247,22 +1237,16 @@ static int rebuild_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err 
     if (k->mv_size < clen + 2 || kb[clen + 1] != k->mv_size - clen - 2 ||
         k->mv_size - clen - 2 > AFF_MAX_ID_LEN)
         return corrupt(err, "item key");
-    store_item_record *r = &b->recs[i];
+    item_record *r = &b->recs[i];
     memcpy(r->id, kb + clen + 2, kb[clen + 1]);
     r->id[kb[clen + 1]] = '\0';
     float *vec = b->vectors + i * b->c->dim;
     int status = decode_item(v, b->c->dim, r, vec, err);
     if (status) return status;
-    for (uint32_t j = 0; j < r->n_tags; j++)
-        b->tag_ptrs[i][j] = r->tags[j];
-    b->items[i] = (store_item){.id = r->id,
-                               .vector = vec,
-                               .dim = b->c->dim,
-                               .category = r->category,
-                               .tags = b->tag_ptrs[i],
-                               .n_tags = r->n_tags,
-                               .price = r->price,
-                               .available = r->available};
+    b->items[i] = (aff_item){.id = r->id,
+                             .vector = vec,
+                             .dim = b->c->dim,
+                             .attrs = item_record_attrs(r, b->tag_ptrs[i])};
     memcpy(b->last.b, k->mv_data, k->mv_size);
     b->last.n = k->mv_size;
     b->n++;

@@ -42,6 +42,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "item.h"
 #include "status.h"
 
 typedef struct aff_store aff_store;
@@ -121,32 +122,12 @@ int store_txn_get_collection(store_txn *txn, const char *name, store_collection 
 
 /* ---- items ----------------------------------------------------------------------------- */
 
-/* One item to write. Fields as in the engine's aff_item; all borrowed. */
-typedef struct store_item {
-    const char *id;          /* 1..AFF_MAX_ID_LEN bytes */
-    const float *vector;     /* dim floats, stored as given (not normalized) */
-    uint32_t dim;            /* must equal the collection's dimension */
-    const char *category;    /* NULL or "" = none */
-    const char *const *tags; /* n_tags strings */
-    uint32_t n_tags;         /* ≤ AFF_MAX_TAGS_PER_ITEM */
-    float price;
-    bool available;
-} store_item;
-
-/* A copy of one stored item's attributes (the vector goes to a separate buffer). */
-typedef struct store_item_record {
-    char id[AFF_MAX_ID_LEN + 1];
-    char category[AFF_MAX_ATTR_LEN + 1];
-    char tags[AFF_MAX_TAGS_PER_ITEM][AFF_MAX_ATTR_LEN + 1];
-    uint32_t n_tags;
-    float price;
-    bool available;
-} store_item_record;
+/* Items are written as aff_item and read back as item_record (item.h). */
 
 /* Inserts or replaces n items of an existing collection in one durable transaction (a later
  * duplicate id wins). Checks ids, dims, finiteness and attribute lengths of all items before
  * writing any: AFF_EINVAL names the first bad one; AFF_ENOTFOUND for an unknown collection. */
-int store_put_items(aff_store *s, const char *collection, const store_item *items, size_t n,
+int store_put_items(aff_store *s, const char *collection, const aff_item *items, size_t n,
                     aff_err *err);
 /* Deletes the ids that exist (and their popularity counters) in one durable transaction and
  * bumps the collection's generation when any existed. *n_deleted may be NULL. */
@@ -154,10 +135,10 @@ int store_delete_items(aff_store *s, const char *collection, const char *const *
                        size_t *n_deleted, aff_err *err);
 /* Copies one item: attributes into *out (may be NULL), its dim floats into vector (may be
  * NULL). AFF_ENOTFOUND when the item (or collection) is unknown. */
-int store_get_item(aff_store *s, const char *collection, const char *id, store_item_record *out,
+int store_get_item(aff_store *s, const char *collection, const char *id, item_record *out,
                    float *vector, aff_err *err);
 int store_txn_get_item(store_txn *txn, const char *collection, const char *id,
-                       store_item_record *out, float *vector, aff_err *err);
+                       item_record *out, float *vector, aff_err *err);
 
 /* ---- start-up rebuild ------------------------------------------------------------------ */
 
@@ -175,7 +156,7 @@ typedef struct store_rebuild_ops {
     int (*collection)(void *ctx, const store_collection *c, aff_err *err);
     /* Items of collection c in batches of at most batch_size, in id order. Vectors are
      * n × c->dim floats, row-major; all pointers are valid only during the call. */
-    int (*items)(void *ctx, const store_collection *c, const store_item *items, size_t n,
+    int (*items)(void *ctx, const store_collection *c, const aff_item *items, size_t n,
                  aff_err *err);
     /* After every batch (may be NULL). */
     void (*progress)(void *ctx, const store_rebuild_progress *p);

@@ -320,11 +320,11 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
         items[i] = (aff_item){.id = it->id,
                               .vector = it->vector,
                               .dim = (uint32_t)it->n_vector,
-                              .category = it->category,
-                              .tags = (const char *const *)it->tags,
-                              .n_tags = (uint32_t)it->n_tags,
-                              .price = it->price,
-                              .available = it->available_set ? it->available : true};
+                              .attrs.category = it->category,
+                              .attrs.tags = (const char *const *)it->tags,
+                              .attrs.n_tags = (uint32_t)it->n_tags,
+                              .attrs.price = it->price,
+                              .attrs.available = it->available_set ? it->available : true};
     }
     aff_err err;
     /* Linked items without a vector: derived from what they link to (the catalog decides). */
@@ -492,7 +492,7 @@ void rpc_get_items(tcall *c, ProtobufCMessage *msg)
             n, dim, c->t->cfg.max_message_bytes);
         return;
     }
-    engine_item *found = transport__calloc(n, sizeof *found);
+    item_record *found = transport__calloc(n, sizeof *found);
     float *vectors = r->include_vectors ? transport__calloc(n * dim, sizeof *vectors) : NULL;
     Affinity__V1__Item *items = transport__calloc(n, sizeof *items);
     Affinity__V1__Item **item_ptrs = transport__calloc(n, sizeof *item_ptrs);
@@ -517,7 +517,7 @@ void rpc_get_items(tcall *c, ProtobufCMessage *msg)
             goto out;
         }
         if (v && space[0]) {
-            engine_item tmp;
+            item_record tmp;
             aff_err serr;
             if (engine_get_item(c->t->engine, space, r->ids[i], &tmp, v, &serr) != AFF_OK)
                 v = NULL; /* not learned yet */

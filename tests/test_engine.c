@@ -98,11 +98,11 @@ static void add_random(const char *coll, ref_coll *ref, uint32_t n, const char *
         items[i] = (aff_item){.id = r->id,
                               .vector = r->vec,
                               .dim = ref->dim,
-                              .category = r->category,
-                              .tags = tagp[i],
-                              .n_tags = r->n_tags,
-                              .price = r->price,
-                              .available = r->available};
+                              .attrs.category = r->category,
+                              .attrs.tags = tagp[i],
+                              .attrs.n_tags = r->n_tags,
+                              .attrs.price = r->price,
+                              .attrs.available = r->available};
     }
     aff_err err = {0};
     cr_assert_eq(engine_upsert(engine, coll, items, n, &err), AFF_OK, "%s", err.msg);
@@ -327,7 +327,7 @@ Test(engine, ties_are_deterministic_and_by_insertion_order)
     char ids[20][8];
     for (int i = 0; i < 20; i++) {
         snprintf(ids[i], sizeof ids[i], "t%02d", i);
-        items[i] = (aff_item){.id = ids[i], .vector = v, .dim = 4, .price = 1, .available = true};
+        items[i] = (aff_item){.id = ids[i], .vector = v, .dim = 4, .attrs.price = 1, .attrs.available = true};
     }
     aff_err err;
     cr_assert_eq(engine_upsert(engine, "ties", items, 20, &err), AFF_OK);
@@ -476,7 +476,7 @@ Test(engine, deleted_and_reupserted_ids)
     cr_assert_eq(info.n_items, 2000 - (nd - 2));
 
     /* Deleted ids are gone for get and for similar-item queries. */
-    engine_item item;
+    item_record item;
     cr_assert_eq(engine_get_item(engine, "del", ids[0], &item, NULL, &err), AFF_ENOTFOUND);
 
     /* Re-upsert half of the deleted ids with new vectors, and overwrite some live ones. */
@@ -491,11 +491,11 @@ Test(engine, deleted_and_reupserted_ids)
         aff_item it = {.id = r->id,
                        .vector = r->vec,
                        .dim = ref.dim,
-                       .category = r->category,
-                       .tags = tg,
-                       .n_tags = r->n_tags,
-                       .price = r->price,
-                       .available = r->available};
+                       .attrs.category = r->category,
+                       .attrs.tags = tg,
+                       .attrs.n_tags = r->n_tags,
+                       .attrs.price = r->price,
+                       .attrs.available = r->available};
         cr_assert_eq(engine_upsert(engine, "del", &it, 1, &err), AFF_OK, "%s", err.msg);
     }
     for (uint32_t i = 1; i < ref.n; i += 7) {
@@ -508,11 +508,11 @@ Test(engine, deleted_and_reupserted_ids)
         aff_item it = {.id = r->id,
                        .vector = r->vec,
                        .dim = ref.dim,
-                       .category = r->category,
-                       .tags = tg,
-                       .n_tags = r->n_tags,
-                       .price = r->price,
-                       .available = r->available};
+                       .attrs.category = r->category,
+                       .attrs.tags = tg,
+                       .attrs.n_tags = r->n_tags,
+                       .attrs.price = r->price,
+                       .attrs.available = r->available};
         cr_assert_eq(engine_upsert(engine, "del", &it, 1, &err), AFF_OK, "%s", err.msg);
     }
     check_batches("del", &ref, 50, NULL, "after re-upserts");
@@ -529,14 +529,14 @@ Test(engine, duplicate_ids_in_one_upsert_last_wins)
 {
     float a[2] = {1, 0}, b[2] = {0, 1};
     aff_item items[2] = {
-        {.id = "x", .vector = a, .dim = 2, .price = 1, .category = "first"},
-        {.id = "x", .vector = b, .dim = 2, .price = 2, .category = "second"},
+        {.id = "x", .vector = a, .dim = 2, .attrs.price = 1, .attrs.category = "first"},
+        {.id = "x", .vector = b, .dim = 2, .attrs.price = 2, .attrs.category = "second"},
     };
     ref_coll ref;
     make_collection("dup", 2, AFF_METRIC_IP, &ref);
     aff_err err;
     cr_assert_eq(engine_upsert(engine, "dup", items, 2, &err), AFF_OK);
-    engine_item it;
+    item_record it;
     float v[2];
     cr_assert_eq(engine_get_item(engine, "dup", "x", &it, v, &err), AFF_OK);
     cr_assert_str_eq(it.category, "second");
@@ -554,16 +554,16 @@ Test(engine, get_item_returns_attributes_and_vector)
     aff_item it = {.id = "sku-1",
                    .vector = v,
                    .dim = 3,
-                   .category = "shoes",
-                   .tags = tags,
-                   .n_tags = 3,
-                   .price = 19.99f,
-                   .available = true};
+                   .attrs.category = "shoes",
+                   .attrs.tags = tags,
+                   .attrs.n_tags = 3,
+                   .attrs.price = 19.99f,
+                   .attrs.available = true};
     ref_coll ref;
     make_collection("get", 3, AFF_METRIC_COSINE, &ref);
     aff_err err;
     cr_assert_eq(engine_upsert(engine, "get", &it, 1, &err), AFF_OK);
-    engine_item out;
+    item_record out;
     float got[3];
     cr_assert_eq(engine_get_item(engine, "get", "sku-1", &out, got, &err), AFF_OK);
     cr_assert_str_eq(out.id, "sku-1");
@@ -801,9 +801,9 @@ Test(engine, bad_items_are_rejected_and_nothing_is_applied)
         {{.id = "", .vector = good, .dim = 3}, "empty"},
         {{.id = NULL, .vector = good, .dim = 3}, "empty"},
         {{.id = long_id, .vector = good, .dim = 3}, "longer than 128"},
-        {{.id = "a", .vector = good, .dim = 3, .tags = tags17, .n_tags = 17}, "at most 16"},
-        {{.id = "a", .vector = good, .dim = 3, .tags = empty_tag, .n_tags = 1}, "tag 0"},
-        {{.id = "a", .vector = good, .dim = 3, .price = NAN}, "price"},
+        {{.id = "a", .vector = good, .dim = 3, .attrs.tags = tags17, .attrs.n_tags = 17}, "at most 16"},
+        {{.id = "a", .vector = good, .dim = 3, .attrs.tags = empty_tag, .attrs.n_tags = 1}, "tag 0"},
+        {{.id = "a", .vector = good, .dim = 3, .attrs.price = NAN}, "price"},
         {{.id = "a", .vector = NULL, .dim = 3}, "vector"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -890,7 +890,7 @@ static void *writer_main(void *p)
             v[j] = (float)((round * 7 + j) % 13) / 13.0f - 0.5f;
         v[0] = -1; /* far from the probes below */
         snprintf(id, sizeof id, "churn-%d", round % 50);
-        aff_item it = {.id = id, .vector = v, .dim = w->dim, .price = 1};
+        aff_item it = {.id = id, .vector = v, .dim = w->dim, .attrs.price = 1};
         aff_err err;
         if (engine_upsert(engine, "conc", &it, 1, &err) != AFF_OK) break;
         if (round % 3 == 0) {

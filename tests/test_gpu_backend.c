@@ -852,7 +852,7 @@ static void eng_fill(aff_engine *e, const char *coll, aff_metric metric)
         snprintf(ids[i], sizeof ids[i], "item%u", i);
         for (uint32_t d = 0; d < ENG_DIM; d++)
             vec[i][d] = eng_value(i, d);
-        items[i] = (aff_item){.id = ids[i], .vector = vec[i], .dim = ENG_DIM, .available = true};
+        items[i] = (aff_item){.id = ids[i], .vector = vec[i], .dim = ENG_DIM, .attrs.available = true};
     }
     cr_assert_eq(engine_upsert(e, coll, items, ENG_ITEMS, &err), AFF_OK, "%s", err.msg);
     free(items);
@@ -881,7 +881,7 @@ static void *eng_worker(void *arg)
         char id[16];
         snprintf(id, sizeof id, "item%u", item);
         if (it % 2 == 0) {
-            engine_item got;
+            item_record got;
             float v[ENG_DIM];
             aff_err err = {0};
             if (engine_get_item(j->e, "c", id, &got, v, &err) != AFF_OK) {
@@ -1011,7 +1011,7 @@ Test(gpu_engine, fp16_range_is_invalid_argument_before_batching)
     cr_assert(strstr(err.msg, "query vector") && strstr(err.msg, "index 2") &&
                   strstr(err.msg, "65504"),
               "%s", err.msg);
-    aff_item it = {.id = "a", .vector = big, .dim = 4, .available = true};
+    aff_item it = {.id = "a", .vector = big, .dim = 4, .attrs.available = true};
     cr_assert_eq(engine_upsert(e, "ip", &it, 1, &err), AFF_EINVAL);
     cr_assert(strstr(err.msg, "\"a\"") && strstr(err.msg, "65504"), "%s", err.msg);
     /* Cosine vectors are normalized before they reach the device: no limit. */

@@ -487,13 +487,13 @@ static void svc_start(svc *s, const char *presets)
         items[i] = (aff_item){.id = s->ids[i],
                               .vector = s->vec[i],
                               .dim = SDIM,
-                              .category = scats[c],
-                              .tags = i % 3 == 0   ? &sale
+                              .attrs.category = scats[c],
+                              .attrs.tags = i % 3 == 0   ? &sale
                                       : i % 3 == 1 ? &fresh
                                                    : NULL,
-                              .n_tags = i % 3 == 2 ? 0 : 1,
-                              .price = (float)(i % 10),
-                              .available = true};
+                              .attrs.n_tags = i % 3 == 2 ? 0 : 1,
+                              .attrs.price = (float)(i % 10),
+                              .attrs.available = true};
     }
     cr_assert_eq(catalog_upsert(s->catalog, "shop", items, N_ITEMS, &err), AFF_OK, "%s", err.msg);
     batcher_config bc = {.max_batch = 64, .max_wait_us = 100, .queue_limit = 1024};

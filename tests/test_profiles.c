@@ -87,25 +87,18 @@ static void load_catalog(bool with_engine)
     cr_assert_eq(store_put_collection(store, &c, &err), AFF_OK, "%s", err.msg);
     char ids[3 * PER_CAT][32];
     float vecs[3 * PER_CAT][DIM];
-    store_item items[3 * PER_CAT];
-    aff_item eitems[3 * PER_CAT];
+    aff_item items[3 * PER_CAT];
     for (int cat = 0; cat < 3; cat++) {
         for (int j = 0; j < PER_CAT; j++) {
             int i = cat * PER_CAT + j;
             item_id(ids[i], sizeof ids[i], cat, j);
             item_vec(cat, j, vecs[i]);
-            items[i] = (store_item){.id = ids[i],
+            items[i] = (aff_item){.id = ids[i],
                                     .vector = vecs[i],
                                     .dim = DIM,
-                                    .category = cats[cat],
-                                    .price = (float)j,
-                                    .available = j != 9};
-            eitems[i] = (aff_item){.id = ids[i],
-                                   .vector = vecs[i],
-                                   .dim = DIM,
-                                   .category = cats[cat],
-                                   .price = (float)j,
-                                   .available = j != 9};
+                                    .attrs.category = cats[cat],
+                                    .attrs.price = (float)j,
+                                    .attrs.available = j != 9};
         }
     }
     cr_assert_eq(store_put_items(store, "shop", items, 3 * PER_CAT, &err), AFF_OK, "%s", err.msg);
@@ -114,7 +107,7 @@ static void load_catalog(bool with_engine)
         cr_assert_eq(engine_create(&engine, &ec, &err), AFF_OK, "%s", err.msg);
         engine_collection_spec spec = {.name = "shop", .dim = DIM, .metric = AFF_METRIC_COSINE};
         cr_assert_eq(engine_create_collection(engine, &spec, &err), AFF_OK, "%s", err.msg);
-        cr_assert_eq(engine_upsert(engine, "shop", eitems, 3 * PER_CAT, &err), AFF_OK, "%s",
+        cr_assert_eq(engine_upsert(engine, "shop", items, 3 * PER_CAT, &err), AFF_OK, "%s",
                      err.msg);
     }
 }
@@ -237,9 +230,9 @@ Test(profiles, user_who_views_and_buys_shoes_is_recommended_shoes_minus_purchase
             aff_item it = {.id = id,
                            .vector = v,
                            .dim = DIM,
-                           .category = cats[cat],
-                           .price = (float)j,
-                           .available = j != 9};
+                           .attrs.category = cats[cat],
+                           .attrs.price = (float)j,
+                           .attrs.available = j != 9};
             cr_assert_eq(engine_upsert(engine, "shop", &it, 1, &err), AFF_OK, "%s", err.msg);
         }
     }
@@ -601,7 +594,7 @@ Test(profiles, reupserted_item_vector_updates_profiles)
     cr_assert_eq(leaning(v), 2);
     /* toys-0 is re-upserted as a book-like vector. */
     float nv[DIM] = {0, 2, 0, 0, 0, 0, 0, 0};
-    store_item it = {.id = "toys-0", .vector = nv, .dim = DIM, .category = "toys"};
+    aff_item it = {.id = "toys-0", .vector = nv, .dim = DIM, .attrs.category = "toys"};
     cr_assert_eq(store_put_items(store, "shop", &it, 1, NULL), AFF_OK);
     user_vector("liz", v);
     cr_assert_float_eq(v[1], 1.0f, 1e-6);
@@ -743,11 +736,11 @@ static void crash_child(int fd, int start)
     for (int n = start;; n++) {
         char ids[CRASH_BATCH][32];
         float vecs[CRASH_BATCH][DIM];
-        store_item items[CRASH_BATCH];
+        aff_item items[CRASH_BATCH];
         for (int j = 0; j < CRASH_BATCH; j++) {
             snprintf(ids[j], sizeof ids[j], "k-%d-%d", n, j);
             item_vec(j % 3, n, vecs[j]);
-            items[j] = (store_item){.id = ids[j], .vector = vecs[j], .dim = DIM};
+            items[j] = (aff_item){.id = ids[j], .vector = vecs[j], .dim = DIM};
         }
         if (store_put_items(s, "shop", items, CRASH_BATCH, NULL)) _exit(4);
         char line[32];
@@ -864,22 +857,10 @@ static int rebuild_collection(void *ctx, const store_collection *c, aff_err *err
     return engine_create_collection(ctx, &spec, err);
 }
 
-static int rebuild_items(void *ctx, const store_collection *c, const store_item *items, size_t n,
+static int rebuild_items(void *ctx, const store_collection *c, const aff_item *items, size_t n,
                          aff_err *err)
 {
-    aff_item *batch = calloc(n, sizeof *batch);
-    for (size_t i = 0; i < n; i++)
-        batch[i] = (aff_item){.id = items[i].id,
-                              .vector = items[i].vector,
-                              .dim = items[i].dim,
-                              .category = items[i].category,
-                              .tags = items[i].tags,
-                              .n_tags = items[i].n_tags,
-                              .price = items[i].price,
-                              .available = items[i].available};
-    int rc = engine_upsert(ctx, c->name, batch, n, err);
-    free(batch);
-    return rc;
+    return engine_upsert(ctx, c->name, items, n, err);
 }
 
 /* Recommend for `user` the way the server will: plan, then search or popularity. */

@@ -70,7 +70,7 @@ static void put_catalog(aff_store *s, const char *coll, size_t n, uint32_t dim, 
     char(*ids)[32] = calloc(batch, sizeof *ids);
     char(*cats)[8] = calloc(batch, sizeof *cats);
     float *vecs = calloc(batch * dim, sizeof(float));
-    store_item *items = calloc(batch, sizeof *items);
+    aff_item *items = calloc(batch, sizeof *items);
     static const char *even[] = {"even", "all"}, *odd[] = {"odd", "all"};
     for (size_t start = 0; start < n; start += batch) {
         size_t m = n - start < batch ? n - start : batch;
@@ -79,14 +79,14 @@ static void put_catalog(aff_store *s, const char *coll, size_t n, uint32_t dim, 
             snprintf(ids[k], sizeof ids[k], "item-%zu", i);
             snprintf(cats[k], sizeof cats[k], "c%zu", i % 3);
             item_vector(i, dim, vecs + k * dim);
-            items[k] = (store_item){.id = ids[k],
+            items[k] = (aff_item){.id = ids[k],
                                     .vector = vecs + k * dim,
                                     .dim = dim,
-                                    .category = cats[k],
-                                    .tags = (i % 2) ? odd : even,
-                                    .n_tags = 2,
-                                    .price = (float)i,
-                                    .available = i % 5 != 0};
+                                    .attrs.category = cats[k],
+                                    .attrs.tags = (i % 2) ? odd : even,
+                                    .attrs.n_tags = 2,
+                                    .attrs.price = (float)i,
+                                    .attrs.available = i % 5 != 0};
         }
         aff_err err = {0};
         cr_assert_eq(store_put_items(s, coll, items, m, &err), AFF_OK, "%s", err.msg);
@@ -101,7 +101,7 @@ static void check_item(aff_store *s, const char *coll, size_t i, uint32_t dim)
 {
     char id[32];
     snprintf(id, sizeof id, "item-%zu", i);
-    store_item_record r;
+    item_record r;
     float v[64], want[64];
     aff_err err = {0};
     cr_assert_eq(store_get_item(s, coll, id, &r, v, &err), AFF_OK, "%s: %s", id, err.msg);
@@ -162,7 +162,7 @@ Test(store, rejects_bad_input_and_writes_nothing)
     add_collection(s, "c", 4);
     aff_err err = {0};
     float v[4] = {1, 2, 3, 4}, bad[4] = {1, NAN, 3, 4};
-    store_item items[2] = {{.id = "ok", .vector = v, .dim = 4},
+    aff_item items[2] = {{.id = "ok", .vector = v, .dim = 4},
                            {.id = "bad", .vector = bad, .dim = 4}};
     cr_assert_eq(store_put_items(s, "c", items, 2, &err), AFF_EINVAL);
     cr_assert(strstr(err.msg, "bad") && strstr(err.msg, "finite"), "%s", err.msg);
@@ -176,7 +176,7 @@ Test(store, rejects_bad_input_and_writes_nothing)
     char long_id[AFF_MAX_ID_LEN + 2];
     memset(long_id, 'x', sizeof long_id - 1);
     long_id[sizeof long_id - 1] = '\0';
-    store_item too_long = {.id = long_id, .vector = v, .dim = 4};
+    aff_item too_long = {.id = long_id, .vector = v, .dim = 4};
     cr_assert_eq(store_put_items(s, "c", &too_long, 1, &err), AFF_EINVAL);
     store_collection dup = {.name = "c", .dim = 4};
     cr_assert_eq(store_put_collection(s, &dup, &err), AFF_EEXIST);
@@ -236,11 +236,11 @@ Test(store, failed_write_is_an_error_and_leaves_the_store_intact)
     int rc = AFF_OK;
     aff_err err = {0};
     for (int i = 0; i < 1000 && rc == AFF_OK; i++) {
-        store_item items[100];
+        aff_item items[100];
         char ids[100][32];
         for (int k = 0; k < 100; k++) {
             snprintf(ids[k], sizeof ids[k], "more-%d-%d", i, k);
-            items[k] = (store_item){.id = ids[k], .vector = v, .dim = 64};
+            items[k] = (aff_item){.id = ids[k], .vector = v, .dim = 64};
         }
         rc = store_put_items(s, "c", items, 100, &err);
     }
@@ -342,7 +342,7 @@ static int seen_collection(void *ctx, const store_collection *c, aff_err *err)
     return 0;
 }
 
-static int seen_items(void *ctx, const store_collection *c, const store_item *items, size_t n,
+static int seen_items(void *ctx, const store_collection *c, const aff_item *items, size_t n,
                       aff_err *err)
 {
     rebuild_seen *r = ctx;
@@ -354,7 +354,8 @@ static int seen_items(void *ctx, const store_collection *c, const store_item *it
         float v[64];
         item_vector(idx, c->dim, v);
         if (items[i].dim != c->dim || memcmp(v, items[i].vector, c->dim * sizeof(float)) ||
-            items[i].n_tags != 2 || strcmp(items[i].tags[1], "all") || items[i].price != (float)idx)
+            items[i].attrs.n_tags != 2 || strcmp(items[i].attrs.tags[1], "all") ||
+            items[i].attrs.price != (float)idx)
             r->bad_item = true;
     }
     return 0;
@@ -400,7 +401,7 @@ Test(store, rebuild_delivers_collections_then_items_in_batches)
     store_destroy(s);
 }
 
-static int fail_items(void *ctx, const store_collection *c, const store_item *items, size_t n,
+static int fail_items(void *ctx, const store_collection *c, const aff_item *items, size_t n,
                       aff_err *err)
 {
     return aff__fail(err, AFF_EDEVICE, "backend refused");
@@ -430,12 +431,12 @@ static void *writer(void *arg)
     stress *w = arg;
     float v[64];
     char ids[50][32];
-    store_item items[50];
+    aff_item items[50];
     for (int round = 0; round < 40; round++) {
         for (int k = 0; k < 50; k++) {
             snprintf(ids[k], sizeof ids[k], "w%d-%d-%d", w->id, round, k);
             item_vector((size_t)k, 64, v);
-            items[k] = (store_item){.id = ids[k], .vector = v, .dim = 64};
+            items[k] = (aff_item){.id = ids[k], .vector = v, .dim = 64};
         }
         if (store_put_items(w->s, "c", items, 50, NULL) != AFF_OK) w->failures++;
     }

@@ -183,7 +183,7 @@ Test(vecfile, attrfile_csv_columns_quotes_tags)
     aff_err err = {0};
     attrfile_reader *r;
     cr_assert_eq(attrfile_open(&r, tmp_path("a.csv"), &err), AFF_OK, "%s", err.msg);
-    attr_record rec;
+    item_record rec;
     cr_assert_eq(attrfile_next(r, &rec, &err), 1, "%s", err.msg);
     cr_assert_str_eq(rec.id, "item-1");
     cr_assert_str_eq(rec.category, "shoes");
@@ -213,7 +213,7 @@ Test(vecfile, attrfile_jsonl_and_errors_name_the_line)
     aff_err err = {0};
     attrfile_reader *r;
     cr_assert_eq(attrfile_open(&r, tmp_path("a.jsonl"), &err), AFF_OK);
-    attr_record rec;
+    item_record rec;
     cr_assert_eq(attrfile_next(r, &rec, &err), 1, "%s", err.msg);
     cr_assert_str_eq(rec.id, "item-\xc3\xa9");
     cr_assert_eq(rec.n_tags, 2);
