@@ -93,9 +93,9 @@ static void load(aff_catalog *cat, uint32_t n, uint32_t dim, aff_rng *r)
             items[i] = (aff_item){.id = ids[i],
                                   .vector = vec + (size_t)i * dim,
                                   .dim = dim,
-                                  .category = cats[(base + i) % N_CATS],
-                                  .price = (float)(aff_rng_next(r) % 100),
-                                  .available = true};
+                                  .attrs.category = cats[(base + i) % N_CATS],
+                                  .attrs.price = (float)(aff_rng_next(r) % 100),
+                                  .attrs.available = true};
         }
         if (catalog_upsert(cat, "products", items, m, &err)) die("upsert", &err);
     }
