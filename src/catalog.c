@@ -17,6 +17,7 @@ struct aff_catalog {
     aff_store *store;
     aff_model *model;         /* behaviour spaces mirrored after each write; NULL: none */
     aff_exposure *exposure;   /* first-upsert times fed after each write; NULL: none */
+    aff_widgets *widgets;     /* widget statistics forgotten with a dropped collection */
     pthread_mutex_t write_mu; /* held across the engine call and the store commit */
 };
 
@@ -31,6 +32,13 @@ void catalog_attach_exposure(aff_catalog *c, aff_exposure *x)
 {
     pthread_mutex_lock(&c->write_mu);
     c->exposure = x;
+    pthread_mutex_unlock(&c->write_mu);
+}
+
+void catalog_attach_widgets(aff_catalog *c, aff_widgets *w)
+{
+    pthread_mutex_lock(&c->write_mu);
+    c->widgets = w;
     pthread_mutex_unlock(&c->write_mu);
 }
 
@@ -148,6 +156,7 @@ int catalog_drop_collection(aff_catalog *c, const char *name, aff_err *err)
         rc = engine_drop_collection(c->engine, name, err);
     if (rc == AFF_OK) model_on_drop(c->model, name);
     if (rc == AFF_OK) exposure_drop(c->exposure, name);
+    if (rc == AFF_OK && c->widgets) widgets_drop_collection(c->widgets, name);
     pthread_mutex_unlock(&c->write_mu);
     return rc;
 }

@@ -29,6 +29,7 @@
 #include "model.h"
 #include "status.h"
 #include "store.h"
+#include "widgets.h"
 
 typedef struct aff_catalog aff_catalog;
 
@@ -43,6 +44,10 @@ void catalog_attach_model(aff_catalog *c, aff_model *m);
  * drops make it forget them. Call once at start-up, before the rebuild; x outlives c. */
 struct aff_exposure;
 void catalog_attach_exposure(aff_catalog *c, struct aff_exposure *x);
+
+/* From now on a dropped collection's widget statistics are forgotten with it. Call once at
+ * start-up; w outlives the catalog. */
+void catalog_attach_widgets(aff_catalog *c, aff_widgets *w);
 
 /* Loads every collection and item of the store into the engine (which must hold none of
  * them). The store logs progress every 5 s and a final line with counts and seconds; *out

@@ -32,6 +32,7 @@
 #include "grpc/health/v1/health.pb-c.h"
 #include "transport_client.h"
 #include "vecfile.h"
+#include "widgets.h"
 
 #define EXIT_RPC   1
 #define EXIT_USAGE 2
@@ -369,8 +370,11 @@ static const char *source_name(Affinity__V1__RecommendSource s)
         return "popularity";
     case AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_MODEL:
         return "model";
-    default:
-        return "unspecified";
+    default: { /* widgets: the source of recipe r is FREQUENTLY_BOUGHT_TOGETHER + r - 1 */
+        int r = (int)s - AFFINITY__V1__RECOMMEND_SOURCE__RECOMMEND_SOURCE_FREQUENTLY_BOUGHT_TOGETHER + 1;
+        const char *name = r > 0 ? widgets_recipe_name((widgets_recipe)r) : NULL;
+        return name ? name : "unspecified";
+    }
     }
 }
 
@@ -1400,7 +1404,8 @@ static int parse_event_type(const char *s, Affinity__V1__EventType *t)
     return -1;
 }
 
-enum { OPT_USER = 1100, OPT_VECTOR, OPT_EXCLUDE_EVENTS, OPT_CANDIDATES, OPT_WEIGHT, OPT_SURFACE };
+enum { OPT_USER = 1100, OPT_VECTOR, OPT_EXCLUDE_EVENTS, OPT_CANDIDATES, OPT_WEIGHT, OPT_SURFACE,
+       OPT_RECIPE, OPT_ITEM };
 
 static int cmd_recommend(cli *c, int argc, char **argv)
 {
@@ -1410,10 +1415,13 @@ static int cmd_recommend(cli *c, int argc, char **argv)
                                          {"k", 1, 0, 'k'},
                                          {"space", 1, 0, OPT_SPACE},
                                          {"surface", 1, 0, OPT_SURFACE},
+                                         {"recipe", 1, 0, OPT_RECIPE},
+                                         {"item", 1, 0, OPT_ITEM},
                                          FILTER_OPTIONS,
                                          {0, 0, 0, 0}};
     filter_args fa;
     memset(&fa, 0, sizeof(fa));
+    char *items[WIDGETS_MAX_CONTEXT + 1];
     Affinity__V1__RecommendRequest req = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
     Affinity__V1__UserVector uv = AFFINITY__V1__USER_VECTOR__INIT;
     Affinity__V1__EventType excl[8];
@@ -1472,15 +1480,32 @@ static int cmd_recommend(cli *c, int argc, char **argv)
         case OPT_SURFACE:
             req.surface = optarg;
             break;
+        case OPT_RECIPE: {
+            widgets_recipe r;
+            if (!widgets_recipe_parse(optarg, &r)) {
+                rc = usage_error("bad --recipe '%s'; use fbt (frequently_bought_together), "
+                                 "also_viewed, also_bought, trending, buy_it_again, "
+                                 "recently_viewed, best_sellers or personalized",
+                                 optarg);
+                goto out;
+            }
+            req.recipe = (Affinity__V1__Recipe)r;
+            break;
+        }
+        case OPT_ITEM: /* more than the server takes are sent, so it names the limit */
+            if (req.n_item_ids <= WIDGETS_MAX_CONTEXT) items[req.n_item_ids++] = optarg;
+            req.item_ids = items;
+            break;
         default:
             rc = EXIT_USAGE;
             goto out;
         }
     }
-    if (optind != argc - 1 || req.user_case == AFFINITY__V1__RECOMMEND_REQUEST__USER__NOT_SET) {
-        rc = usage_error("usage: affinity recommend COLLECTION (--user ID | --vector V1,V2,...) "
-                         "[-k K] [--exclude-events purchase,...] [--space content|behaviour] "
-                         "[filter flags]%s",
+    if (optind != argc - 1 || (req.user_case == AFFINITY__V1__RECOMMEND_REQUEST__USER__NOT_SET &&
+                               req.recipe == AFFINITY__V1__RECIPE__RECIPE_PERSONALIZED)) {
+        rc = usage_error("usage: affinity recommend COLLECTION (--user ID | --vector V1,V2,... | "
+                         "--recipe R [--item ID]... [--user ID]) [-k K] [--exclude-events "
+                         "purchase,...] [--space content|behaviour] [filter flags]%s",
                          "");
         goto out;
     }
@@ -2711,7 +2736,10 @@ static int cmd_info(cli *c, int argc, char **argv)
                 printf("%s%llu", i ? ", " : "", (unsigned long long)b->size_histogram[i]);
             printf("]}");
         }
-        printf("}\n");
+        printf(", \"widget_events_held\": %llu, \"widget_neighbours\": %llu, "
+               "\"widget_memory_bytes\": %llu}\n",
+               (unsigned long long)r->widget_events_held, (unsigned long long)r->widget_neighbours,
+               (unsigned long long)r->widget_memory_bytes);
     } else {
         printf("affinityd %s, backend %s on %s\n", r->version, r->backend, r->device);
         if (r->device_memory_total)
@@ -2734,6 +2762,9 @@ static int cmd_info(cli *c, int argc, char **argv)
                     printf("  batch size [%u, %u): %llu\n", 1u << i, 2u << i,
                            (unsigned long long)b->size_histogram[i]);
         }
+        printf("widgets: %llu events held, %llu neighbours, %.1f MiB\n",
+               (unsigned long long)r->widget_events_held, (unsigned long long)r->widget_neighbours,
+               (double)r->widget_memory_bytes / 1048576.0);
     }
     transport_client_free(resp);
     return 0;
@@ -2789,6 +2820,10 @@ static void usage(FILE *f)
                "  recommend COLLECTION (--user ID | --vector V1,V2,...) [-k K]\n"
                "            [--exclude-events purchase,cart,...] [--space content|behaviour]\n"
                "            [--surface S]   (a running experiment on S assigns the arm)\n"
+               "  recommend COLLECTION --recipe R [--item ID]... [--user ID] [-k K]   widgets:\n"
+               "            R = fbt (--item: the item or the cart), also_viewed, also_bought,\n"
+               "            trending, best_sellers (--category C: per category),\n"
+               "            buy_it_again, recently_viewed (--user)\n"
                "  rerank COLLECTION (--user ID | --vector V...) --candidates ID[:SCORE],...\n"
                "         [--weight W]\n"
                "  events COLLECTION USER TYPE:ITEM_ID[@RECOMMENDATION_ID]...\n"

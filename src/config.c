@@ -172,6 +172,40 @@ static const opt_def opts[] = {
      .help = "measurement: recommendations remembered for attribution at most (about "
              "80 + 9 x k bytes each; the oldest are forgotten first), 0..100000000; 0: no "
              "recording, attribution or outcome metrics at all (experiments still assign)"},
+    /* ---- widgets (issue 13) ---- */
+    {"widgets", BOOL(widgets), .def = "true",
+     .help = "keep the widget statistics (frequently bought together, also viewed/bought, "
+             "trending, buy it again, recently viewed, best sellers) as events arrive; false: "
+             "widget recipes answer nothing (measures the cost of maintenance)"},
+    {"widget-session-key", STR(widget_session_key),
+     .def = "session_id", .help = "event context key holding the session id (also viewed)"},
+    {"widget-order-key", STR(widget_order_key),
+     .def = "order_id",
+     .help = "event context key holding the order id (frequently bought together); purchases "
+             "without it use the session id"},
+    {"widget-window-minutes", U32(widget_window_minutes, 1, 10080), .def = "30",
+     .help = "events without a session or order id are grouped by this time bucket, "
+             "1..10080 minutes"},
+    {"widget-neighbours", U32(widget_neighbours, 1, 10000), .def = "50",
+     .help = "co-occurring items kept per item and table (bounds memory: 8 bytes each), "
+             "1..10000"},
+    {"widget-min-support", U32(widget_min_support, 1, 1000000), .def = "2",
+     .help = "baskets a pair of items must share before it is shown, 1..1000000"},
+    {"widget-user-events", U32(widget_user_events, 1, 100000), .def = "100",
+     .help = "recent events per user the widgets count (at most --history-length; 24 bytes "
+             "each in memory), 1..100000"},
+    {"trend-short-hours", HOURS(trend_short_hours, 876000), .def = "24",
+     .help = "trending: half-life of the short (recent) rate, hours"},
+    {"trend-long-hours", HOURS(trend_long_hours, 876000), .def = "336",
+     .help = "trending: half-life of the long (baseline) rate, hours; longer than "
+             "--trend-short-hours"},
+    {"trend-min-events", U32(trend_min_events, 0, 1000000), .def = "5",
+     .help = "trending: the least decayed event count in the short window, 0..1000000"},
+    {"best-seller-half-life-hours", HOURS(best_seller_half_life_hours, 876000), .def = "168",
+     .help = "best sellers: half-life of a purchase, hours (168 = 7 days)"},
+    {"widget-refresh-ms", U32(widget_refresh_ms, 0, 3600000), .def = "1000",
+     .help = "trending and best sellers rank every item: the ranking is kept this long, "
+             "0..3600000 ms (0: ranked on every call)"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
@@ -583,6 +617,24 @@ void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_
     out->popularity_half_life_s = c->popularity_half_life_hours * 3600.0;
     out->history_len = c->history_length;
     out->retention_ms = (int64_t)c->event_retention_days * 86400000;
+}
+
+void config_widgets(const aff_config *c, widgets_config *out)
+{
+    widgets_config_init(out);
+    out->maintain = c->widgets;
+    out->session_key = c->widget_session_key;
+    out->order_key = c->widget_order_key;
+    out->window_ms = (int64_t)c->widget_window_minutes * 60000;
+    out->max_neighbours = c->widget_neighbours;
+    out->min_support = c->widget_min_support;
+    out->user_events =
+        c->widget_user_events < c->history_length ? c->widget_user_events : c->history_length;
+    out->trend_short_half_life_s = c->trend_short_hours * 3600.0;
+    out->trend_long_half_life_s = c->trend_long_hours * 3600.0;
+    out->trend_min_events = c->trend_min_events;
+    out->best_seller_half_life_s = c->best_seller_half_life_hours * 3600.0;
+    out->refresh_ms = c->widget_refresh_ms;
 }
 
 void config_model(const aff_config *c, model_config *out)

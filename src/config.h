@@ -18,6 +18,7 @@
 #include "log.h"
 #include "model.h"
 #include "profiles.h"
+#include "widgets.h"
 #include "status.h"
 
 #define CONFIG_PATH_MAX 1024
@@ -76,6 +77,18 @@ typedef struct aff_config {
     uint32_t heap_trim_mib;               /* trim malloc's free memory past this; 0 = off */
     uint32_t attribution_window_s;        /* measurement: events attributed within this */
     uint32_t attribution_max_records;     /* measurement: recommendations remembered at most */
+    /* widgets (issue 13) */
+    bool widgets;                         /* maintain widget statistics from events */
+    char widget_session_key[STORE_MAX_CONTEXT_LEN + 1];
+    char widget_order_key[STORE_MAX_CONTEXT_LEN + 1];
+    uint32_t widget_window_minutes;  /* basket time bucket without a session/order id */
+    uint32_t widget_neighbours;      /* co-occurrence neighbours kept per item and table */
+    uint32_t widget_min_support;     /* baskets a pair needs to be shown */
+    uint32_t widget_user_events;     /* recent events per user the widgets consider */
+    double trend_short_hours, trend_long_hours;
+    uint32_t trend_min_events;
+    double best_seller_half_life_hours;
+    uint32_t widget_refresh_ms; /* trending and best sellers are ranked again this often */
     bool help;                            /* --help was given: print config_usage and exit 0 */
     bool version;                         /* --version was given */
 } aff_config;
@@ -91,6 +104,9 @@ void config_log(const aff_config *c);
 const char *config_backend_name(engine_backend_choice b);
 /* Fills a profiles configuration from c; the custom types point into c. */
 void config_profiles(const aff_config *c, profiles_config *out, profiles_custom_type *custom);
+/* Fills a widgets configuration from c (strings point into c); user_events is capped at the
+ * history length, which holds what a rebuild replays. */
+void config_widgets(const aff_config *c, widgets_config *out);
 /* Fills a model configuration from c (decay from the profile half-life). */
 void config_model(const aff_config *c, model_config *out);
 

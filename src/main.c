@@ -215,6 +215,7 @@ int main(int argc, char **argv)
     char token[4096] = "";
     aff_store *store = NULL;
     aff_profiles *profiles = NULL;
+    aff_widgets *widgets = NULL;
     aff_engine *engine = NULL;
     aff_catalog *catalog = NULL;
     aff_model *model = NULL;
@@ -259,6 +260,11 @@ int main(int argc, char **argv)
     profiles_config pcfg;
     profiles_custom_type custom[PROFILES_MAX_CUSTOM_TYPES];
     config_profiles(&cfg, &pcfg, custom);
+    /* Widget statistics follow every change of the stored histories (profiles' observer). */
+    widgets_config wcfg;
+    config_widgets(&cfg, &wcfg);
+    if (widgets_create(&widgets, &wcfg, &err)) goto fail;
+    widgets_observer(widgets, &pcfg.observer);
     if (profiles_create(&profiles, store, &pcfg, &err)) goto fail;
 
     engine_config ecfg = {
@@ -279,6 +285,7 @@ int main(int argc, char **argv)
      * exploration. */
     if (exposure_create(&exposure, EXPOSURE_DEFAULT_HALF_LIFE_S, &err)) goto fail;
     catalog_attach_exposure(catalog, exposure);
+    catalog_attach_widgets(catalog, widgets);
 
     /* Metrics: the registry always exists (updates are cheap); the HTTP endpoint runs when
      * --metrics-listen is set. The transport counts calls and latencies, the batcher reports
@@ -307,7 +314,8 @@ int main(int argc, char **argv)
                              .model = model,
                              .exposure = exposure,
                              .presets_path = cfg.serving_config,
-                             .outcomes = outcomes};
+                             .outcomes = outcomes,
+                             .widgets = widgets};
     if (pipeline_create(&pipeline, &plcfg, &err)) goto fail;
     experiments_config xcfg = {
         .store = store, .preset_exists = pipeline_has_preset, .preset_ctx = pipeline};
@@ -334,6 +342,7 @@ int main(int argc, char **argv)
                              .pipeline = pipeline,
                              .outcomes = outcomes,
                              .experiments = experiments,
+                             .widgets = widgets,
                              .max_connections = cfg.max_connections,
                              .idle_timeout_ms = cfg.idle_timeout_ms,
                              .handshake_timeout_ms = cfg.handshake_timeout_ms,
@@ -370,6 +379,8 @@ int main(int argc, char **argv)
         aff_log(AFF_LOG_INFO, "demo shop already in the store: not loaded again");
     else if (cfg.demo && demo_load(catalog, &err))
         goto fail;
+    /* Widget statistics: replayed from the stored histories before any event arrives. */
+    if (widgets_rebuild(widgets, store, &err)) goto fail;
     /* Learned models: the last trained version of each collection serves at once. */
     if (model_load_all(model, &err)) goto fail;
     /* After the rebuild, before serving: the first retention pass runs beside the serving. */
@@ -423,6 +434,7 @@ out:
     profiles_destroy(profiles);
     catalog_destroy(catalog);
     exposure_destroy(exposure);
+    widgets_destroy(widgets);
     model_destroy(model);
     engine_destroy(engine);
     store_destroy(store);

@@ -54,6 +54,7 @@ struct aff_pipeline {
     aff_outcomes *outcomes;       /* NULL: nothing recorded */
     aff_experiments *experiments; /* NULL: no experiments */
     aff_exposure *exposure;       /* NULL: no item ages or served counts */
+    aff_widgets *widgets;         /* NULL: no widget recipes */
     char *presets_path;
     pthread_mutex_t mu; /* guards presets, mtime, checked_ns */
     preset_set *presets;
@@ -363,13 +364,26 @@ static int json_layouts(preset_set *s, const jsonv *v, const char *path, aff_err
             char field[PIPELINE_MAX_NAME_LEN + 64];
             snprintf(field, sizeof field, "layouts.%s[%zu]", v->keys[i], j);
             const jsonv *name = jsonv_get(sl, "name"), *coll = jsonv_get(sl, "collection"),
-                        *k = jsonv_get(sl, "k"), *preset = jsonv_get(sl, "preset");
+                        *k = jsonv_get(sl, "k"), *preset = jsonv_get(sl, "preset"),
+                        *recipe = jsonv_get(sl, "recipe");
             if (!name || name->type != JSONV_STRING || !coll || coll->type != JSONV_STRING || !k ||
-                k->type != JSONV_NUMBER || (preset && preset->type != JSONV_STRING))
+                k->type != JSONV_NUMBER || (preset && preset->type != JSONV_STRING) ||
+                (recipe && recipe->type != JSONV_STRING))
                 return aff__fail(err, AFF_EINVAL,
                                  "presets file %s: %s needs name, collection (strings), k (a "
-                                 "number) and optionally preset (a string) and filter",
+                                 "number) and optionally preset, recipe (strings) and filter",
                                  path, field);
+            widgets_recipe wr = WIDGETS_RECIPE_PERSONALIZED;
+            if (recipe && !widgets_recipe_parse(recipe->string, &wr))
+                return aff__fail(err, AFF_EINVAL,
+                                 "presets file %s: %s.recipe \"%s\" is unknown; use trending, "
+                                 "best_sellers, buy_it_again, recently_viewed or personalized",
+                                 path, field, recipe->string);
+            if (widgets_recipe_needs_items(wr))
+                return aff__fail(err, AFF_EINVAL,
+                                 "presets file %s: %s.recipe \"%s\" needs item ids, which a page "
+                                 "does not carry (ask Recommend with item_ids)",
+                                 path, field, recipe->string);
             char sub[PIPELINE_MAX_NAME_LEN + 80];
             snprintf(sub, sizeof sub, "%s.filter", field);
             int rc = json_filter(s, jsonv_get(sl, "filter"), sub, &filters[j], err);
@@ -379,7 +393,8 @@ static int json_layouts(preset_set *s, const jsonv *v, const char *path, aff_err
                 .collection = coll->string,
                 .k = k->number >= 1 && k->number <= AFF_MAX_K ? (uint32_t)k->number : 0,
                 .filter = &filters[j],
-                .preset = preset ? preset->string : NULL};
+                .preset = preset ? preset->string : NULL,
+                .recipe = wr};
             if (!slots[j].k)
                 return aff__fail(err, AFF_EINVAL, "presets file %s: %s.k must be 1..%d", path,
                                  field, AFF_MAX_K);
@@ -536,6 +551,7 @@ int pipeline_create(aff_pipeline **out, const pipeline_config *cfg, aff_err *err
     p->model = cfg->model;
     p->outcomes = cfg->outcomes;
     p->exposure = cfg->exposure;
+    p->widgets = cfg->widgets;
     pthread_mutex_init(&p->mu, NULL);
     if (cfg->presets_path && cfg->presets_path[0]) {
         if (!(p->presets_path = strdup(cfg->presets_path))) {
@@ -1092,6 +1108,8 @@ struct pipeline_job {
     aff_rerank_query rq;
     aff_rerank_hit *rerank_out;
     pipeline_reason *rerank_reasons;
+    /* a widget recipe: its candidates (reasons' related ids come from them) */
+    widgets_result widget;
 };
 
 /* Engine query q (0: organic, 1 + j: promotion j) of group g. A group's queries lie side by
@@ -1132,6 +1150,7 @@ void pipeline_job_destroy(pipeline_job *j)
     free(j->n_hits);
     free(j->rerank_out);
     free(j->rerank_reasons);
+    widgets_result_release(&j->widget);
     free(j);
 }
 
@@ -1870,6 +1889,160 @@ static int run_popularity(pipeline_job *j, aff_err *err)
     return AFF_OK;
 }
 
+static int exclude_types(const pipeline_request *req, const char **types, size_t *nt, aff_err *err);
+
+/* The widget's reason for each recipe (index: widgets_recipe). */
+static const pipeline_reason_kind widget_reason[WIDGETS_RECIPE_COUNT] = {
+    [WIDGETS_RECIPE_FREQUENTLY_BOUGHT_TOGETHER] = PIPELINE_REASON_BOUGHT_TOGETHER,
+    [WIDGETS_RECIPE_ALSO_VIEWED] = PIPELINE_REASON_ALSO_VIEWED,
+    [WIDGETS_RECIPE_ALSO_BOUGHT] = PIPELINE_REASON_ALSO_BOUGHT,
+    [WIDGETS_RECIPE_TRENDING] = PIPELINE_REASON_TRENDING,
+    [WIDGETS_RECIPE_BUY_IT_AGAIN] = PIPELINE_REASON_BOUGHT_BEFORE,
+    [WIDGETS_RECIPE_RECENTLY_VIEWED] = PIPELINE_REASON_RECENTLY_VIEWED,
+    [WIDGETS_RECIPE_BEST_SELLERS] = PIPELINE_REASON_BEST_SELLER,
+};
+
+/* The widget's view of a RECOMMEND request with a recipe. */
+static widgets_request widget_request(const pipeline_request *req)
+{
+    return (widgets_request){.recipe = req->recipe,
+                             .collection = req->collection,
+                             .user_id = req->user_id,
+                             .item_ids = req->item_ids,
+                             .n_item_ids = req->n_item_ids};
+}
+
+/* Fills every query's candidates from the widget's list: the best items passing the query's
+ * filter, in the widget's order. *deeper: 0, or how many of the widget's candidates to
+ * examine next because some query got fewer than it asked for while the widget had more
+ * (estimated from the share that passed, with room to spare). */
+static int widget_fill(pipeline_job *j, uint32_t *deeper, aff_err *err)
+{
+    const widgets_result *wr = &j->widget;
+    const char **ids = malloc((wr->n ? wr->n : 1) * sizeof *ids);
+    bool *pass = malloc((wr->n ? wr->n : 1) * sizeof *pass);
+    int rc = AFF_OK;
+    *deeper = 0;
+    if (!ids || !pass) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory ranking widget candidates");
+        goto out;
+    }
+    for (uint32_t i = 0; i < wr->n; i++)
+        ids[i] = wr->hits[i].id;
+    for (uint32_t q = 0; q < j->per_group; q++) {
+        const aff_filter *f = q == 0 ? j->base : &j->promo_filters[q - 1];
+        size_t qi = qidx(j, 0, q);
+        if ((rc = engine_filter_items(j->p->engine, j->req->collection, ids, wr->n, f, pass, err)))
+            goto out;
+        aff_hit *h = j->cand + j->cand_off[qi];
+        uint32_t n = 0;
+        for (uint32_t i = 0; i < wr->n && n < j->queries[qi].k; i++) {
+            if (!pass[i]) continue;
+            snprintf(h[n].id, sizeof h[n].id, "%s", ids[i]);
+            h[n++].score = wr->hits[i].score;
+        }
+        j->cand_n[qi] = n;
+        if (n < j->queries[qi].k && wr->truncated) {
+            double want = 2.0 * wr->n * (j->queries[qi].k + 1.0) / (n + 1.0);
+            uint32_t d = want > WIDGETS_SCAN_LIMIT ? WIDGETS_SCAN_LIMIT : (uint32_t)want;
+            if (d < 2 * wr->n) d = 2 * wr->n;
+            if (d > *deeper) *deeper = d;
+        }
+    }
+out:
+    free(ids);
+    free(pass);
+    return rc;
+}
+
+/* Sets the related item of the widget's hits (the context item behind each). */
+static void widget_related(pipeline_job *j)
+{
+    for (uint32_t i = 0; i < j->n_hits[0]; i++) {
+        pipeline_hit *h = &j->hits[i];
+        if (h->reason.kind != j->src.reason) continue;
+        for (uint32_t c = 0; c < j->widget.n; c++) {
+            if (strcmp(j->widget.hits[c].id, h->id) != 0) continue;
+            if (j->widget.hits[c].related)
+                snprintf(h->reason.related_id, sizeof h->reason.related_id, "%s",
+                         j->widget.hits[c].related);
+            break;
+        }
+    }
+}
+
+/* A widget recipe: candidates now, from the widget statistics, examined deeper (by the share
+ * that passed the filters, up to WIDGETS_SCAN_LIMIT) while filters leave a query short, then
+ * ranked (a deeper round when rules starved, as for engine queries). */
+static int run_widget(pipeline_job *j, aff_err *err)
+{
+    const pipeline_request *req = j->req;
+    widgets_request wr = widget_request(req);
+    uint32_t depth = 0;
+    for (;;) {
+        uint32_t want = 0;
+        for (size_t i = 0; i < (size_t)j->per_group; i++)
+            if (j->queries[i].k > want) want = j->queries[i].k;
+        want = 4 * want > 64 ? 4 * want : 64;
+        if (want > depth) depth = want;
+        for (;;) {
+            if (depth > WIDGETS_SCAN_LIMIT) depth = WIDGETS_SCAN_LIMIT;
+            widgets_result_release(&j->widget);
+            int rc = widgets_candidates(j->p->widgets, &wr, depth, &j->widget, err);
+            uint32_t deeper = 0;
+            if (rc || (rc = widget_fill(j, &deeper, err))) return rc;
+            if (!deeper || depth == WIDGETS_SCAN_LIMIT) break;
+            depth = deeper;
+        }
+        int more = finish(j);
+        if (!more) break;
+        int rc = deepen(j, err);
+        if (rc) return rc;
+    }
+    if (j->out.status) {
+        *err = j->out.err;
+        return j->out.status;
+    }
+    widget_related(j);
+    return AFF_OK;
+}
+
+/* Plans a widget recipe's source (RECOMMEND with recipe set): the statistics answer; a user_id
+ * with exclude_event_types adds the shopper's exclusions. */
+static int plan_widget(pipeline_job *j, aff_err *err)
+{
+    const pipeline_request *req = j->req;
+    widgets_request wr = widget_request(req);
+    int rc = widgets_validate(&wr, err);
+    if (rc) return rc;
+    if (!j->p->widgets)
+        return aff__fail(err, AFF_EPRECONDITION, "widget recipes are not enabled on this server");
+    if (req->vector)
+        return aff__fail(err, AFF_EINVAL,
+                         "user_vector: recipe %s takes a user_id (or no user), not a vector",
+                         widgets_recipe_name(req->recipe));
+    if (req->user_id && req->n_exclude_event_types) {
+        const char *types[8];
+        size_t nt;
+        if ((rc = exclude_types(req, types, &nt, err))) return rc;
+        if ((rc = profiles_plan_recommend(j->p->profiles, req->collection, req->user_id, types, nt,
+                                          req->filter, &j->plan, err)))
+            return rc;
+        j->has_plan = true;
+        j->base = &j->plan.filter;
+    } else if (req->n_exclude_event_types) {
+        return aff__fail(err, AFF_EINVAL,
+                         "exclude_event_types needs a user_id with history (use "
+                         "filter.exclude_ids instead)");
+    }
+    j->src.source = (pipeline_source)(PIPELINE_SOURCE_WIDGET + req->recipe);
+    j->src.reason = widget_reason[req->recipe];
+    snprintf(j->src.space, sizeof j->src.space, "%s", req->collection);
+    /* Widget scores are higher-is-better whatever the collection's metric. */
+    j->vmetric = AFF_METRIC_IP;
+    return AFF_OK;
+}
+
 static int exclude_types(const pipeline_request *req, const char **types, size_t *nt, aff_err *err)
 {
     *nt = 0;
@@ -2108,7 +2281,14 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     j->ranked = rules_active(&j->rules);
     j->base = req->filter;
     j->n_groups = 1;
-    if (req->kind == PIPELINE_SIMILAR) {
+    if (req->kind == PIPELINE_RECOMMEND && req->recipe != WIDGETS_RECIPE_PERSONALIZED) {
+        if ((rc = plan_widget(j, err))) return rc;
+    } else if (req->kind == PIPELINE_RECOMMEND && req->n_item_ids) {
+        return aff__fail(err, AFF_EINVAL,
+                         "item_ids: recipe RECIPE_PERSONALIZED takes no item ids (%u given); "
+                         "set a widget recipe such as RECIPE_FREQUENTLY_BOUGHT_TOGETHER",
+                         req->n_item_ids);
+    } else if (req->kind == PIPELINE_SIMILAR) {
         if (req->n_item_ids < 1 || req->n_item_ids > 1024)
             return aff__fail(err, AFF_EINVAL, "%u item ids; SimilarItems takes 1..%d per call",
                              req->n_item_ids, 1024);
@@ -2248,6 +2428,11 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     if (!j->cand) return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
     if (j->src.source == PIPELINE_SOURCE_POPULARITY && !j->src.vector) {
         if ((rc = run_popularity(j, err))) return rc;
+        *now = true;
+        return AFF_OK;
+    }
+    if (j->src.source > PIPELINE_SOURCE_WIDGET) {
+        if ((rc = run_widget(j, err))) return rc;
         *now = true;
         return AFF_OK;
     }
@@ -2536,7 +2721,8 @@ static void page_run_slot(pipeline_page *pg, uint32_t s)
                                      .n_exclude_event_types = pg->req->n_exclude_event_types,
                                      .preset = sl->preset,
                                      .rules = rules,
-                                     .context = pg->req->context};
+                                     .context = pg->req->context,
+                                     .recipe = sl->recipe};
     bool pending = false;
     aff_err err;
     /* pipeline_start publishes the job in pg->jobs[s] before it can complete. */

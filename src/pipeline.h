@@ -61,6 +61,7 @@
 #include "outcomes.h"
 #include "profiles.h"
 #include "status.h"
+#include "widgets.h"
 
 typedef struct aff_pipeline aff_pipeline;
 
@@ -79,6 +80,8 @@ typedef enum pipeline_source {
     PIPELINE_SOURCE_POPULARITY = 3, /* cold start */
     PIPELINE_SOURCE_ITEM = 10,      /* SimilarItems: the given item's vector */
     PIPELINE_SOURCE_MODEL = 20,     /* the learned model: the user's folded-in factor */
+    /* widgets (30..39): PIPELINE_SOURCE_WIDGET + recipe, e.g. 33 for trending */
+    PIPELINE_SOURCE_WIDGET = 29,
 } pipeline_source;
 
 /* Where a request ranks: values match affinity.v1.Space. */
@@ -103,6 +106,13 @@ typedef enum pipeline_reason_kind {
     PIPELINE_REASON_PINNED = 8,
     PIPELINE_REASON_EXPLORATION = 9,
     PIPELINE_REASON_CALLER_SCORE = 20, /* Rerank: the caller's base score decided */
+    /* widgets; trending items get PIPELINE_REASON_TRENDING */
+    PIPELINE_REASON_BOUGHT_TOGETHER = 10, /* related_id: the context item */
+    PIPELINE_REASON_ALSO_VIEWED = 11,     /* related_id: the context item */
+    PIPELINE_REASON_ALSO_BOUGHT = 12,     /* related_id: the context item */
+    PIPELINE_REASON_BOUGHT_BEFORE = 13,
+    PIPELINE_REASON_RECENTLY_VIEWED = 14,
+    PIPELINE_REASON_BEST_SELLER = 15,
 } pipeline_reason_kind;
 
 typedef struct pipeline_reason {
@@ -238,6 +248,7 @@ typedef struct pipeline_config {
     aff_model *model;       /* learned models; NULL: none; borrowed */
     aff_exposure *exposure; /* item ages and served counts; NULL: none (no item counts as new
                                or rarely shown, nothing is counted); borrowed */
+    aff_widgets *widgets;   /* widget statistics; NULL: widget recipes fail; borrowed */
     /* A JSON file of named rule presets ("serving configs"), or NULL/"": none. Re-read when
      * its modification time changes (checked at most once a second). Format: docs. */
     const char *presets_path;
@@ -274,8 +285,12 @@ typedef struct pipeline_request {
     const char *user_id;  /* RECOMMEND, RERANK: the stored shopper, or NULL */
     const float *vector;  /* RECOMMEND, RERANK: the shopper's vector when user_id is NULL */
     uint32_t dim;
-    const char *const *item_ids; /* SIMILAR */
+    /* SIMILAR: the items; RECOMMEND with a widget recipe: its context (an item or a cart) */
+    const char *const *item_ids;
     uint32_t n_item_ids;
+    /* RECOMMEND: the candidate source; WIDGETS_RECIPE_PERSONALIZED (0): the shopper's model or
+     * profile, else the widget (user_id optional or required by the recipe, vector unused) */
+    widgets_recipe recipe;
     uint32_t k;
     const aff_filter *filter;       /* NULL: none */
     const int *exclude_event_types; /* affinity.v1.EventType values; user_id only */
@@ -342,11 +357,14 @@ typedef struct pipeline_slot {
     const aff_filter *filter; /* NULL: none */
     const char *preset;       /* NULL or "": none */
     const pipeline_rules *rules;
+    /* the slot's candidate source: the shopper's (default), or a widget that needs no item
+     * ids (trending, best_sellers, buy_it_again, recently_viewed; layouts' "recipe") */
+    widgets_recipe recipe;
 } pipeline_slot;
 
 /* A personalized page: explicit slots, or a layout named in the serving config (its "layouts"
  * member: {"layouts": {"home": [{"name": ..., "collection": ..., "k": ..., "preset": ...,
- * "filter": {...}}]}}). Borrowed by the page until pipeline_page_destroy. */
+ * "recipe": ..., "filter": {...}}]}}). Borrowed by the page until pipeline_page_destroy. */
 typedef struct pipeline_page_request {
     const char *user_id; /* the shopper; unknown shoppers get popular items in every slot */
     const pipeline_slot *slots;

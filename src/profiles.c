@@ -32,6 +32,7 @@ struct aff_profiles {
     uint32_t popular_scan_limit;
     int64_t (*now_ms)(void *ctx);
     void *now_ctx;
+    profiles_observer observer;
     int64_t retention_ms; /* 0: no retention limit */
 };
 
@@ -139,6 +140,7 @@ int profiles_create(aff_profiles **out, aff_store *store, const profiles_config 
     p->popular_scan_limit = cfg->popular_scan_limit ? cfg->popular_scan_limit : 10000;
     p->now_ms = cfg->now_ms;
     p->now_ctx = cfg->now_ctx;
+    p->observer = cfg->observer;
     *out = p;
     return AFF_OK;
 }
@@ -270,6 +272,12 @@ typedef struct put_ctx {
     profiles_event *group; /* import: scratch for one user's run of events (n entries) */
     pop_term *pop;         /* n entries: the transaction's popularity terms */
     size_t n_pop;
+    /* For the observer (NULL when none): each applied event as stored, its history sequence
+     * number and its user, in application order (n entries). */
+    store_event *done;
+    uint64_t *done_seq;
+    const char **done_user;
+    size_t n_done;
     uint32_t applied, n_rejected;
     profiles_rejection *rejected;
 } put_ctx;
@@ -373,6 +381,11 @@ static int apply_event(store_txn *txn, put_ctx *c, const store_collection *col, 
                       .n_context = e->n_context};
     if ((status = store_txn_put_event(txn, c->collection, user, prof->next_seq, &se, err)))
         return status;
+    if (c->done) {
+        c->done[c->n_done] = se;
+        c->done_seq[c->n_done] = prof->next_seq;
+        c->done_user[c->n_done++] = user;
+    }
     prof->next_seq++;
     prof->n_history++;
     while (prof->n_history > p->history_len) {
@@ -533,6 +546,36 @@ static int apply_user_events(store_txn *txn, put_ctx *c, const store_collection 
     return store_txn_put_profile(txn, c->collection, user, &prof, c->sum, err);
 }
 
+static int observe_alloc(const aff_profiles *p, put_ctx *c, size_t n, aff_err *err)
+{
+    if (!p->observer.applied) return AFF_OK;
+    c->done = malloc(n * sizeof *c->done);
+    c->done_seq = malloc(n * sizeof *c->done_seq);
+    c->done_user = malloc(n * sizeof *c->done_user);
+    if (!c->done || !c->done_seq || !c->done_user)
+        return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    return AFF_OK;
+}
+
+static void observe_free(put_ctx *c)
+{
+    free(c->done);
+    free(c->done_seq);
+    free(c->done_user);
+}
+
+/* Tells the observer about the committed events, one call per run of one user's events. */
+static void observe_applied(const aff_profiles *p, put_ctx *c)
+{
+    if (!c->done) return;
+    for (size_t i = 0, end; i < c->n_done; i = end) {
+        for (end = i + 1; end < c->n_done && c->done_user[end] == c->done_user[i]; end++)
+            ;
+        p->observer.applied(p->observer.ctx, c->collection, c->done_user[i], c->done + i,
+                            c->done_seq + i, end - i);
+    }
+}
+
 /* One transaction for the whole call. profiles_put_events: its one user's events (the id was
  * checked); profiles_import_events: each run of consecutive events of one user goes through
  * apply_user_events (one profile read and write per run). With nothing applied the (empty)
@@ -543,6 +586,7 @@ static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
     c->applied = 0;
     c->n_rejected = 0;
     c->n_pop = 0;
+    c->n_done = 0;
     store_collection col;
     int status = store_txn_get_collection(txn, c->collection, &col, err);
     if (status) return status;
@@ -578,10 +622,12 @@ static int put_events_run(put_ctx *c, uint32_t *n_applied, uint32_t *n_rejected,
     c->group = c->uevents ? malloc(c->n * sizeof *c->group) : NULL;
     if (!c->sum || !c->pop || (c->uevents && !c->group))
         status = aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
-    else {
+    else if ((status = observe_alloc(c->p, c, c->n, err)) == AFF_OK) {
         c->x = c->sum + AFF_MAX_DIM;
         status = store_update(c->p->store, put_events_fn, c, err);
+        if (status == AFF_OK) observe_applied(c->p, c);
     }
+    observe_free(c);
     if (n_applied) *n_applied = status ? 0 : c->applied;
     if (n_rejected) *n_rejected = status ? 0 : c->n_rejected;
     free(c->sum);
@@ -1114,6 +1160,9 @@ int profiles_delete_user(aff_profiles *p, const char *collection, const char *us
         d.cols = all;
     }
     status = store_update(p->store, delete_user_fn, &d, err);
+    if (status == AFF_OK && p->observer.user_erased)
+        p->observer.user_erased(p->observer.ctx, collection && *collection ? collection : NULL,
+                                user_id);
     if (existed && status == AFF_OK) *existed = d.existed;
 out:
     free(all);
@@ -1366,6 +1415,9 @@ int profiles_set_opt_out(aff_profiles *p, const char *collection, const char *us
         o.cols = all;
     }
     status = store_update(p->store, opt_out_fn, &o, err);
+    if (!status && opt_out && p->observer.user_erased)
+        p->observer.user_erased(p->observer.ctx, collection && *collection ? collection : NULL,
+                                user_id);
     if (!status && erased) *erased = o.erased;
     free(all);
     return status;
@@ -1598,6 +1650,7 @@ int profiles_expire(aff_profiles *p, int64_t cutoff_ms, uint64_t *n_users, uint6
             }
         }
     }
+    if (status == AFF_OK && p->observer.expired) p->observer.expired(p->observer.ctx, cutoff_ms);
 out:
     if (n_users) *n_users = changed;
     if (n_events) *n_events = erased;

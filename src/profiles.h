@@ -75,6 +75,20 @@ typedef struct profiles_custom_type {
     float weight;     /* finite, ≥ 0 */
 } profiles_custom_type;
 
+/* Told about every change to the stored histories, after it committed, on the calling thread
+ * (outside any transaction: a callback may read the store). Pointers are borrowed for the
+ * call. Callbacks may be NULL. */
+typedef struct profiles_observer {
+    /* Events appended to user's history; seqs[i] is events[i]'s sequence number there. */
+    void (*applied)(void *ctx, const char *collection, const char *user, const store_event *events,
+                    const uint64_t *seqs, size_t n);
+    /* Everything of the user erased (DeleteUser, opt-out); collection NULL: everywhere. */
+    void (*user_erased)(void *ctx, const char *collection, const char *user);
+    /* Retention erased every event older than cutoff_ms. */
+    void (*expired)(void *ctx, int64_t cutoff_ms);
+    void *ctx;
+} profiles_observer;
+
 typedef struct profiles_config {
     float weight_view;                        /* default 1 */
     float weight_click;                       /* default 2 */
@@ -92,6 +106,7 @@ typedef struct profiles_config {
     /* Event retention (issue 12): events older than this are refused and erased by
      * profiles_expire; 0: kept until DeleteUser. */
     int64_t retention_ms;
+    profiles_observer observer; /* copied; all NULL: none */
 } profiles_config;
 
 /* Fills cfg with the defaults above. */

@@ -59,6 +59,7 @@ typedef struct transport_config {
     aff_pipeline *pipeline;        /* the recommendation pipeline serving calls use; borrowed */
     aff_outcomes *outcomes;        /* measurement: attribution of events; NULL: none; borrowed */
     aff_experiments *experiments;  /* measurement: the experiment RPCs; NULL: none; borrowed */
+    aff_widgets *widgets;          /* widget statistics (GetServerInfo); NULL: none; borrowed */
     uint32_t max_connections;      /* 0: from RLIMIT_NOFILE (transport_guard.h) */
     uint32_t idle_timeout_ms;      /* 0: 300000 */
     uint32_t handshake_timeout_ms; /* 0: 10000 */

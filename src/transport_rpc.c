@@ -90,6 +90,13 @@ static void rpc_get_server_info(tcall *c, ProtobufCMessage *msg)
     info.device_faults = bi.device_faults; /* issue 17: GPU device faults */
     info.tables_on_cpu = bi.tables_on_cpu;
     info.device_fault = bi.fault;
+    if (t->cfg.widgets) { /* issue 13 */
+        widgets_stats ws;
+        widgets_get_stats(t->cfg.widgets, &ws);
+        info.widget_events_held = ws.events_held;
+        info.widget_neighbours = ws.neighbours;
+        info.widget_memory_bytes = ws.bytes;
+    }
     tcall_finish(c, 0, NULL, &info.base);
 }
 

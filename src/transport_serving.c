@@ -180,6 +180,9 @@ static serve_req *recommend_from_pb(const Affinity__V1__RecommendRequest *r)
     q->preset = r->preset;
     q->context = context_from_pb(r->context, &s->context);
     q->surface = r->surface;
+    q->recipe = (widgets_recipe)r->recipe; /* unknown values stay unknown: the pipeline names them */
+    q->item_ids = (const char *const *)r->item_ids;
+    q->n_item_ids = (uint32_t)r->n_item_ids;
     if (!rules_from_pb(r->rules, s)) goto nomem;
     return s;
 nomem:

@@ -369,6 +369,50 @@ Test(cli, events_and_user_profile)
     jsonv_free(v);
 }
 
+/* Widget recipes (issue 13): recommend --recipe with --item, --user and --category. */
+Test(cli, widget_recipes)
+{
+    load_both();
+    int status;
+    for (int u = 0; u < 3; u++) {
+        char *out = run_cli(&status, "events shop w%d purchase:item-1 purchase:item-2", u);
+        cr_assert_eq(status, 0, "%s", out);
+        free(out);
+    }
+    char *out = run_cli(&status, "events shop w9 purchase:item-7 view:item-3 view:item-8");
+    cr_assert_eq(status, 0, "%s", out);
+    free(out);
+    jsonv *v = cli_json(0, "recommend shop --recipe fbt --item item-1");
+    cr_assert_str_eq(str(v, "source"), "frequently_bought_together");
+    const jsonv *hits = jsonv_get(v, "hits");
+    cr_assert_eq(hits->n, 1);
+    cr_assert_str_eq(str(jsonv_at(hits, 0), "id"), "item-2");
+    jsonv_free(v);
+    v = cli_json(0, "recommend shop --recipe recently_viewed --user w9");
+    hits = jsonv_get(v, "hits");
+    cr_assert_eq(hits->n, 2);
+    cr_assert_str_eq(str(jsonv_at(hits, 0), "id"), "item-8");
+    cr_assert_str_eq(str(jsonv_at(hits, 1), "id"), "item-3");
+    jsonv_free(v);
+    /* Best sellers of category cat-2: item-2 (3 purchases) and item-7 (1). */
+    v = cli_json(0, "recommend shop --recipe best_sellers --category cat-2");
+    cr_assert_str_eq(str(v, "source"), "best_sellers");
+    hits = jsonv_get(v, "hits");
+    cr_assert_eq(hits->n, 2);
+    cr_assert_str_eq(str(jsonv_at(hits, 0), "id"), "item-2");
+    cr_assert_str_eq(str(jsonv_at(hits, 1), "id"), "item-7");
+    jsonv_free(v);
+    v = cli_json(1, "recommend shop --recipe also_viewed");
+    const jsonv *e = jsonv_get(v, "error");
+    cr_assert_not_null(e);
+    cr_assert_str_eq(str(e, "name"), "INVALID_ARGUMENT");
+    cr_assert(strstr(str(e, "message"), "item_ids"), "%s", str(e, "message"));
+    jsonv_free(v);
+    out = run_cli(&status, "recommend shop --recipe nope");
+    cr_assert_eq(status, 2);
+    free(out);
+}
+
 static void write_file(const char *name, const char *text)
 {
     FILE *f = fopen(path_in(name), "w");
