@@ -10,6 +10,7 @@ packages=(
   libcriterion-dev liblmdb-dev libmicrohttpd-dev
   python3-grpcio python3-protobuf python3-numpy
   openssl gnuplot-nox clang-format unzip
+  nats-server libnats-dev librdkafka-dev
 )
 
 sudo_cmd=()

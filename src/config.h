@@ -73,6 +73,17 @@ typedef struct aff_config {
     char tls_client_ca[CONFIG_PATH_MAX];  /* mTLS: CA of client certificates; "" = off */
     uint32_t event_retention_days;        /* 0 = events kept until DeleteUser */
     uint32_t heap_trim_mib;               /* trim malloc's free memory past this; 0 = off */
+    char log_urls[1024];                  /* replication: NATS servers; "" = single node */
+    char log_stream[64];                  /* the stream's name */
+    uint32_t log_replicas;                /* stream replicas when created here */
+    char log_creds[CONFIG_PATH_MAX];      /* NATS credentials file; "" = none */
+    char log_token_file[CONFIG_PATH_MAX]; /* NATS token file; "" = none */
+    char log_tls_ca[CONFIG_PATH_MAX];     /* NATS TLS: CA; "" = plaintext */
+    char log_tls_cert[CONFIG_PATH_MAX];   /* NATS mutual TLS: client certificate */
+    char log_tls_key[CONFIG_PATH_MAX];
+    char log_ack[16];                     /* "applied" or "committed" */
+    uint32_t log_dedup_window_s;          /* the stream's duplicate window */
+    uint32_t min_sequence_wait_ms;        /* longest wait for min_log_sequence */
     bool help;                            /* --help was given: print config_usage and exit 0 */
     bool version;                         /* --version was given */
 } aff_config;

@@ -13,11 +13,13 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "batcher.h"
@@ -30,6 +32,7 @@
 #include "metrics.h"
 #include "pipeline.h"
 #include "profiles.h"
+#include "replog.h"
 #include "retention.h"
 #include "store.h"
 #include "transport.h"
@@ -47,17 +50,17 @@ static void ensure_passive_openmp(char **argv)
 }
 
 /* Reads the bearer token: the file's content without surrounding whitespace. */
-static int read_token(const char *path, char *out, size_t size, aff_err *err)
+static int read_token(const char *flag, const char *path, char *out, size_t size, aff_err *err)
 {
     FILE *f = fopen(path, "rb");
     if (!f)
-        return aff__fail(err, AFF_EINVAL, "--token-file: cannot open '%s': %s", path,
+        return aff__fail(err, AFF_EINVAL, "--%s: cannot open '%s': %s", flag, path,
                          strerror(errno));
     size_t n = fread(out, 1, size - 1, f);
     bool more = fgetc(f) != EOF;
     fclose(f);
     if (more)
-        return aff__fail(err, AFF_EINVAL, "--token-file: the token is longer than %zu bytes",
+        return aff__fail(err, AFF_EINVAL, "--%s: the token is longer than %zu bytes", flag,
                          size - 2);
     out[n] = '\0';
     size_t start = strspn(out, " \t\r\n");
@@ -65,11 +68,11 @@ static int read_token(const char *path, char *out, size_t size, aff_err *err)
     n = strlen(out);
     while (n && strchr(" \t\r\n", out[n - 1]))
         out[--n] = '\0';
-    if (!n) return aff__fail(err, AFF_EINVAL, "--token-file: '%s' holds no token", path);
+    if (!n) return aff__fail(err, AFF_EINVAL, "--%s: '%s' holds no token", flag, path);
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)out[i] < 0x21 || (unsigned char)out[i] > 0x7e)
             return aff__fail(err, AFF_EINVAL,
-                             "--token-file: the token must be printable ASCII without spaces");
+                             "--%s: the token must be printable ASCII without spaces", flag);
     return 0;
 }
 
@@ -173,6 +176,56 @@ static int wait_stop_signal(void)
     }
 }
 
+/* A random id for this process in the write log's records (its own answers come back to
+ * it). */
+static void make_origin(char *out, size_t size)
+{
+    uint8_t b[12] = {0};
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || read(fd, b, sizeof b) != (ssize_t)sizeof b) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t x = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20) ^ (uint64_t)getpid();
+        memcpy(b, &x, sizeof x);
+    }
+    if (fd >= 0) close(fd);
+    size_t n = 0;
+    for (size_t i = 0; i < sizeof b && n + 2 < size; i++)
+        n += (size_t)snprintf(out + n, size - n, "%02x", b[i]);
+}
+
+/* Replication: health stays NOT_SERVING until this replica applied the stream up to its
+ * last sequence as seen once the log answers (retrying while it does not). Returns 0 when
+ * caught up, or the stop signal that arrived first. */
+static int wait_caught_up(aff_replog *log, uint64_t start)
+{
+    char from[24];
+    snprintf(from, sizeof from, "%llu", (unsigned long long)start);
+    aff_log_kv(AFF_LOG_INFO, "catching up with the write log", "from sequence", from, NULL);
+    uint64_t target = 0;
+    bool known = false;
+    int64_t last_note = 0;
+    for (int64_t waited = 0;; waited += 100) {
+        struct pollfd pfd = {.fd = stop_pipe_r, .events = POLLIN};
+        if (poll(&pfd, 1, 100) > 0) return wait_stop_signal();
+        aff_err err;
+        if (!known && replog_stream_last(log, 2000, &target, &err) == AFF_OK) known = true;
+        if (known && replog_applied(log) >= target) break;
+        if (waited - last_note >= 5000) {
+            last_note = waited;
+            char a[24], t[24];
+            snprintf(a, sizeof a, "%llu", (unsigned long long)replog_applied(log));
+            snprintf(t, sizeof t, "%llu", (unsigned long long)target);
+            aff_log_kv(AFF_LOG_INFO, "still catching up", "applied", a, "target",
+                       known ? t : "(log unreachable)", NULL);
+        }
+    }
+    char a[24];
+    snprintf(a, sizeof a, "%llu", (unsigned long long)replog_applied(log));
+    aff_log_kv(AFF_LOG_INFO, "caught up with the write log", "applied", a, NULL);
+    return 0;
+}
+
 /* Applied events count toward the model's --train-after-events trigger. */
 static void note_events(void *ctx, const char *collection, uint64_t n_applied)
 {
@@ -185,6 +238,8 @@ int main(int argc, char **argv)
     aff_config cfg;
     aff_err err = {0};
     char token[4096] = "";
+    char log_token[4096] = "";
+    aff_replog *replog = NULL;
     aff_store *store = NULL;
     aff_profiles *profiles = NULL;
     aff_engine *engine = NULL;
@@ -216,7 +271,11 @@ int main(int argc, char **argv)
 
     aff_log_kv(AFF_LOG_INFO, "affinityd starting", "version", AFF_VERSION_STRING, NULL);
     config_log(&cfg);
-    if (cfg.token_file[0] && read_token(cfg.token_file, token, sizeof token, &err)) goto fail;
+    if (cfg.token_file[0] && read_token("token-file", cfg.token_file, token, sizeof token, &err))
+        goto fail;
+    if (cfg.log_token_file[0] &&
+        read_token("log-token-file", cfg.log_token_file, log_token, sizeof log_token, &err))
+        goto fail;
 
     /* Storage first: a data dir that cannot be used (or is held by another process) stops
      * the start before anything listens. */
@@ -227,6 +286,8 @@ int main(int argc, char **argv)
     profiles_config pcfg;
     profiles_custom_type custom[PROFILES_MAX_CUSTOM_TYPES];
     config_profiles(&cfg, &pcfg, custom);
+    /* Replication: every replica applies a record with the record's time as "now". */
+    if (cfg.log_urls[0]) pcfg.now_ms = replog_now_ms;
     if (profiles_create(&profiles, store, &pcfg, &err)) goto fail;
 
     engine_config ecfg = {
@@ -289,7 +350,10 @@ int main(int argc, char **argv)
                              .max_connections = cfg.max_connections,
                              .idle_timeout_ms = cfg.idle_timeout_ms,
                              .handshake_timeout_ms = cfg.handshake_timeout_ms,
-                             .max_header_bytes = cfg.max_header_bytes};
+                             .max_header_bytes = cfg.max_header_bytes,
+                             .log_ack_committed = strcmp(cfg.log_ack, "committed") == 0,
+                             .min_sequence_wait_ms = cfg.min_sequence_wait_ms};
+    if (cfg.log_urls[0]) make_origin(tcfg.log_origin, sizeof tcfg.log_origin);
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];
     snprintf(port, sizeof port, "%d", transport_port(server));
@@ -319,11 +383,32 @@ int main(int argc, char **argv)
     if (cfg.heap_trim_mib &&
         heap_trimmer_start(&trimmer, 1000, (size_t)cfg.heap_trim_mib << 20, &err))
         goto fail;
-    transport_set_serving(server, true);
-    metrics_set_serving(metrics, true);
-    aff_log(AFF_LOG_INFO, "serving");
-
-    int sig = wait_stop_signal();
+    int sig = 0;
+    if (cfg.log_urls[0]) {
+        uint64_t applied = 0;
+        if (store_log_sequence(store, &applied, &err)) goto fail;
+        replog_config rcfg = {.urls = cfg.log_urls,
+                              .stream = cfg.log_stream,
+                              .replicas = (int)cfg.log_replicas,
+                              .creds_file = cfg.log_creds,
+                              .token = log_token,
+                              .tls_ca_file = cfg.log_tls_ca,
+                              .tls_cert_file = cfg.log_tls_cert,
+                              .tls_key_file = cfg.log_tls_key,
+                              .start_sequence = applied,
+                              .dedup_window_s = cfg.log_dedup_window_s,
+                              .apply = transport_log_apply,
+                              .apply_ctx = server};
+        if (replog_create(&replog, &rcfg, &err)) goto fail;
+        transport_set_log(server, replog);
+        sig = wait_caught_up(replog, applied);
+    }
+    if (!sig) {
+        transport_set_serving(server, true);
+        metrics_set_serving(metrics, true);
+        aff_log(AFF_LOG_INFO, "serving");
+        sig = wait_stop_signal();
+    }
     aff_log_kv(AFF_LOG_INFO, "shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                NULL);
     metrics_set_serving(metrics, false);
@@ -340,6 +425,8 @@ fail:
 out:
     heap_trimmer_stop(trimmer);
     retention_stop(keeper);
+    /* The log's apply thread calls into the transport and the modules: it stops first. */
+    replog_destroy(replog);
     transport_destroy(server);
     batcher_destroy(bat);
     pipeline_destroy(pipeline);
@@ -351,5 +438,6 @@ out:
     store_destroy(store);
     if (rc == 0) aff_log(AFF_LOG_INFO, "stopped");
     memset(token, 0, sizeof token);
+    memset(log_token, 0, sizeof log_token);
     return rc;
 }

@@ -99,6 +99,7 @@ typedef struct write_req {
     void *ctx;
     int status;
     bool done; /* set by the leader under gc_mu; the caller may return after that */
+    uint64_t log_sequence; /* the write log record this write applies (0: none) */
     aff_err err;
     struct write_req *next;
 } write_req;
@@ -539,6 +540,66 @@ static void fail_group(write_req *group, const aff_err *e)
     }
 }
 
+/* The log sequence the calling thread is applying (store_set_log_sequence). */
+static _Thread_local uint64_t tls_log_sequence;
+
+static const MDB_val log_sequence_key = {.mv_size = 15, .mv_data = "log.applied_seq"};
+
+/* Records the highest log sequence among the group's writes in the group's transaction, so
+ * the sequence and the writes that applied it commit (or vanish) together. */
+static void put_log_sequence(store_txn *t, const write_req *group)
+{
+    uint64_t seq = 0;
+    for (const write_req *r = group; r; r = r->next)
+        if (r->status == AFF_OK && r->log_sequence > seq) seq = r->log_sequence;
+    if (!seq) return;
+    MDB_val k = log_sequence_key, v;
+    uint64_t old = 0;
+    if (mdb_get(t->txn, t->s->dbi[DB_META], &k, &v) == 0 && v.mv_size == sizeof old)
+        memcpy(&old, v.mv_data, sizeof old);
+    if (seq <= old) return;
+    v = (MDB_val){.mv_size = sizeof seq, .mv_data = &seq};
+    int rc = mdb_put(t->txn, t->s->dbi[DB_META], &k, &v, 0);
+    if (rc) mdb_fail(t, NULL, rc, "log sequence");
+}
+
+void store_set_log_sequence(uint64_t seq)
+{
+    tls_log_sequence = seq;
+}
+
+static int get_log_sequence_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    uint64_t *out = ctx;
+    MDB_val k = log_sequence_key, v;
+    *out = 0;
+    int rc = mdb_get(t->txn, t->s->dbi[DB_META], &k, &v);
+    if (rc == MDB_NOTFOUND) return AFF_OK;
+    if (rc) return mdb_fail(t, err, rc, "read log sequence");
+    if (v.mv_size == sizeof *out) memcpy(out, v.mv_data, sizeof *out);
+    return AFF_OK;
+}
+
+int store_log_sequence(aff_store *s, uint64_t *out, aff_err *err)
+{
+    return store_view(s, get_log_sequence_fn, out, err);
+}
+
+static int put_log_sequence_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    (void)t, (void)ctx, (void)err;
+    return AFF_OK;
+}
+
+int store_mark_log_sequence(aff_store *s, uint64_t seq, aff_err *err)
+{
+    uint64_t saved = tls_log_sequence;
+    tls_log_sequence = seq;
+    int rc = store_update(s, put_log_sequence_fn, NULL, err);
+    tls_log_sequence = saved;
+    return rc;
+}
+
 /* Runs a group of writes in one transaction and one durable commit. A request whose callback
  * fails is taken out of the group and the transaction is run again without it, so its writes
  * leave no trace and the others still commit (callbacks are re-runnable by contract; failing
@@ -575,6 +636,17 @@ static void run_group(aff_store *s, write_req *group)
             }
             any = true;
         }
+        if (!retry && any) {
+            put_log_sequence(&t, group);
+            if (t.mdb_rc && t.mdb_rc != MDB_MAP_FULL) {
+                mdb_txn_abort(t.txn);
+                pthread_rwlock_unlock(&s->resize_lock);
+                mdb_fail(NULL, &e, t.mdb_rc, "log sequence");
+                fail_group(group, &e);
+                return;
+            }
+            retry = t.mdb_rc == MDB_MAP_FULL;
+        }
         if (retry || !any) {
             mdb_txn_abort(t.txn);
             pthread_rwlock_unlock(&s->resize_lock);
@@ -604,7 +676,7 @@ static void run_group(aff_store *s, write_req *group)
 
 int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
 {
-    write_req req = {.fn = fn, .ctx = ctx};
+    write_req req = {.fn = fn, .ctx = ctx, .log_sequence = tls_log_sequence};
     pthread_mutex_lock(&s->gc_mu);
     if (s->gc_tail)
         s->gc_tail->next = &req;

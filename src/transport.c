@@ -128,9 +128,34 @@ static void start_batch(tcall *c, const grpc_op *ops, size_t n, ttag *tag)
     }
 }
 
+/* A call applied from the write log keeps its answer (transport_log.c). */
+static void capture_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp)
+{
+    tcapture *cap = c->capture;
+    c->finished = true;
+    cap->code = grpc_code;
+    snprintf(cap->msg, sizeof cap->msg, "%s", msg ? msg : "");
+    if (grpc_code == 0 && resp) {
+        cap->len = protobuf_c_message_get_packed_size(resp);
+        cap->bytes = malloc(cap->len ? cap->len : 1);
+        if (!cap->bytes) {
+            cap->code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+            snprintf(cap->msg, sizeof cap->msg, "out of memory encoding the response");
+            cap->len = 0;
+        } else {
+            protobuf_c_message_pack(resp, cap->bytes);
+        }
+    }
+}
+
 void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp)
 {
     pthread_mutex_lock(&c->mu);
+    if (c->capture && !c->finished) {
+        capture_finish(c, grpc_code, msg, resp);
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
     if (c->finished) {
         pthread_mutex_unlock(&c->mu);
         return;
@@ -174,6 +199,41 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
     if (grpc_code != 0)
         aff_log_kv(AFF_LOG_DEBUG, "call failed", "method", c->def ? c->def->path : "(unknown)",
                    "status", msg ? msg : "", NULL);
+    start_batch(c, ops, n, &c->t_final);
+}
+
+void tcall_finish_packed(tcall *c, const uint8_t *bytes, size_t len)
+{
+    pthread_mutex_lock(&c->mu);
+    if (c->finished) {
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    c->finished = true;
+    grpc_op ops[4];
+    size_t n = 0;
+    memset(ops, 0, sizeof ops);
+    if (!c->sent_initial_md) {
+        c->sent_initial_md = true;
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    }
+    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)bytes, len);
+    c->send_bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n++].data.send_message.send_message = c->send_bb;
+    grpc_slice_unref(c->status_details);
+    c->status_details = grpc_slice_from_copied_string("");
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = GRPC_STATUS_OK;
+    ops[n++].data.send_status_from_server.status_details = &c->status_details;
+    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
+    pthread_mutex_unlock(&c->mu);
+    if (c->def && c->t->metric_ids[c->def - c->t->defs] >= 0)
+        metrics_observe_request(c->t->cfg.metrics,
+                                (metrics_method)c->t->metric_ids[c->def - c->t->defs], 0,
+                                (uint64_t)(batcher_now_ns() - c->start_ns));
     start_batch(c, ops, n, &c->t_final);
 }
 
@@ -417,6 +477,8 @@ static void on_request(void *arg, bool ok)
         } else if (c->key && c->key->collections &&
                    !request_in_scope(c, c->req, amsg, sizeof amsg)) {
             tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED, amsg, NULL);
+        } else if (t->cfg.log && transport__log_route(c)) {
+            /* taken by the write log (transport_log.c) */
         } else if (c->def->blocking) {
             transport__defer(c, run_unary);
         } else {
@@ -615,6 +677,10 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     atomic_init(&t->closing, false);
     t->shutdown_tag = (ttag){on_shutdown, t};
     if ((rc = transport__auth_create(&t->auth, cfg->token, cfg->tokens_file, err))) goto out;
+    if (cfg->log_origin[0] && transport__log_init(t)) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory creating the server");
+        goto out;
+    }
     t->n_threads = cfg->threads ? cfg->threads : 1;
     t->cqs = calloc(t->n_threads, sizeof *t->cqs);
     t->threads = calloc(t->n_threads, sizeof *t->threads);
@@ -772,6 +838,11 @@ int transport_port(const transport *t)
     return t->port;
 }
 
+void transport_set_log(transport *t, aff_replog *log)
+{
+    t->cfg.log = log;
+}
+
 void transport_set_serving(transport *t, bool serving)
 {
     atomic_store(&t->serving, serving);
@@ -856,6 +927,7 @@ void transport_destroy(transport *t)
     free(t->registered);
     free(t->metric_ids);
     transport__auth_destroy(t->auth);
+    transport__log_fini(t);
     pthread_cond_destroy(&t->cv);
     pthread_mutex_destroy(&t->mu);
     pthread_cond_destroy(&t->jobs_cv);

@@ -29,6 +29,7 @@
 #include "model.h"
 #include "pipeline.h"
 #include "profiles.h"
+#include "replog.h"
 #include "status.h"
 
 typedef struct transport transport;
@@ -59,7 +60,20 @@ typedef struct transport_config {
     uint32_t idle_timeout_ms;      /* 0: 300000 */
     uint32_t handshake_timeout_ms; /* 0: 10000 */
     uint32_t max_header_bytes;     /* request metadata limit; 0: 65536 */
+    /* Replication (docs/replication.md): writes go through this write log and are applied
+     * by transport__log_apply on its thread; NULL: single-node mode. Borrowed; create the
+     * log after the transport and destroy it before. */
+    aff_replog *log;
+    bool log_ack_committed;        /* answer writes once committed, not once applied here */
+    uint32_t min_sequence_wait_ms; /* the longest wait for min_log_sequence; 0: 1000 */
+    char log_origin[40];           /* this process's id in the records it publishes */
 } transport_config;
+/* Sets the write log after creation (the log's apply thread calls into the transport). */
+void transport_set_log(transport *t, aff_replog *log);
+/* The write log's apply callback (replog_apply_fn), ctx the transport: decodes one record
+ * and applies it with the handler single-node mode runs (transport_log.c). Needs
+ * cfg.log_origin set at creation. */
+void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t len);
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad
  * address, port taken, unreadable TLS files), AFF_ENOMEM. cfg is copied. */

@@ -89,6 +89,11 @@ static void rpc_get_server_info(tcall *c, ProtobufCMessage *msg)
     info.device_faults = bi.device_faults; /* issue 17: GPU device faults */
     info.tables_on_cpu = bi.tables_on_cpu;
     info.device_fault = bi.fault;
+    if (t->cfg.log) { /* replication */
+        info.log_enabled = true;
+        info.log_applied_sequence = replog_applied(t->cfg.log);
+        info.log_last_sequence = replog_last_known(t->cfg.log);
+    }
     tcall_finish(c, 0, NULL, &info.base);
 }
 
