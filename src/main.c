@@ -176,6 +176,61 @@ static int wait_stop_signal(void)
     }
 }
 
+/* The replica's store skips fsync between batches (main: scfg.no_sync with --log). A
+ * process crash loses nothing the OS holds, but a machine crash may leave LMDB torn. The
+ * marker file holds the kernel's boot id while the replica runs; found at start with another
+ * boot id, the machine went down under a running replica and the store is refused. */
+#define BOOT_MARKER "replica.running"
+
+static void read_boot_id(char *out, size_t size)
+{
+    out[0] = '\0';
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (!f) return;
+    if (!fgets(out, (int)size, f)) out[0] = '\0';
+    fclose(f);
+    out[strcspn(out, "\n")] = '\0';
+}
+
+static int check_boot_marker(const char *dir, aff_err *err)
+{
+    char path[CONFIG_PATH_MAX + 32], boot[64], seen[64] = "";
+    snprintf(path, sizeof path, "%s/%s", dir, BOOT_MARKER);
+    read_boot_id(boot, sizeof boot);
+    FILE *f = fopen(path, "r");
+    if (f) {
+        if (!fgets(seen, sizeof seen, f)) seen[0] = '\0';
+        fclose(f);
+        seen[strcspn(seen, "\n")] = '\0';
+        if (boot[0] && seen[0] && strcmp(seen, boot) != 0)
+            return aff__fail(err, AFF_EPRECONDITION,
+                             "--data-dir '%s': the machine restarted while this replica was "
+                             "running with --log, so the store may hold torn writes; empty the "
+                             "directory (the replica replays the write log) and start again",
+                             dir);
+    }
+    f = fopen(path, "w");
+    if (!f || fprintf(f, "%s\n", boot) < 0 || fflush(f) != 0 || fsync(fileno(f)) != 0) {
+        if (f) fclose(f);
+        return aff__fail(err, AFF_EIO, "--data-dir: cannot write '%s': %s", path, strerror(errno));
+    }
+    fclose(f);
+    return 0;
+}
+
+static void remove_boot_marker(const char *dir)
+{
+    char path[CONFIG_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/%s", dir, BOOT_MARKER);
+    unlink(path);
+}
+
+/* replog_config.sync: one fsync for a batch of applied records. */
+static int sync_store(void *ctx)
+{
+    return store_sync(ctx, NULL);
+}
+
 /* A random id for this process in the write log's records (its own answers come back to
  * it). */
 static void make_origin(char *out, size_t size)
@@ -209,7 +264,9 @@ static int wait_caught_up(aff_replog *log, uint64_t start)
         struct pollfd pfd = {.fd = stop_pipe_r, .events = POLLIN};
         if (poll(&pfd, 1, 100) > 0) return wait_stop_signal();
         aff_err err;
-        if (!known && replog_stream_last(log, 2000, &target, &err) == AFF_OK) known = true;
+        if (!known && replog_stream_ready(log) &&
+            replog_stream_last(log, 2000, &target, &err) == AFF_OK)
+            known = true;
         if (known && replog_applied(log) >= target) break;
         if (waited - last_note >= 5000) {
             last_note = waited;
@@ -279,8 +336,13 @@ int main(int argc, char **argv)
 
     /* Storage first: a data dir that cannot be used (or is held by another process) stops
      * the start before anything listens. */
-    store_config scfg = {.dir = cfg.data_dir[0] ? cfg.data_dir : NULL};
+    /* With --log the store is a replica of the log: commits skip fsync and the apply thread
+     * syncs once per batch of records before it reports them applied (replog.h); a machine
+     * crash in between is caught by check_boot_marker. */
+    store_config scfg = {.dir = cfg.data_dir[0] ? cfg.data_dir : NULL,
+                         .no_sync = cfg.log_urls[0] != '\0'};
     if (store_create(&store, &scfg, &err)) goto fail;
+    if (cfg.log_urls[0] && cfg.data_dir[0] && check_boot_marker(cfg.data_dir, &err)) goto fail;
     if (!cfg.data_dir[0])
         aff_log(AFF_LOG_WARN, "in memory only: no --data-dir, everything is lost at exit");
     profiles_config pcfg;
@@ -398,7 +460,9 @@ int main(int argc, char **argv)
                               .start_sequence = applied,
                               .dedup_window_s = cfg.log_dedup_window_s,
                               .apply = transport_log_apply,
-                              .apply_ctx = server};
+                              .apply_ctx = server,
+                              .sync = sync_store,
+                              .sync_ctx = store};
         if (replog_create(&replog, &rcfg, &err)) goto fail;
         transport_set_log(server, replog);
         sig = wait_caught_up(replog, applied);
@@ -439,5 +503,6 @@ out:
     if (rc == 0) aff_log(AFF_LOG_INFO, "stopped");
     memset(token, 0, sizeof token);
     memset(log_token, 0, sizeof log_token);
+    if (rc == 0 && cfg.log_urls[0] && cfg.data_dir[0]) remove_boot_marker(cfg.data_dir);
     return rc;
 }

@@ -26,6 +26,7 @@
 #define REPLOG_POLL_MS      200  /* the apply thread's longest sleep between checks */
 #define REPLOG_STALL_MS     3000 /* behind the stream with nothing arriving: resubscribe */
 #define REPLOG_RETRY_MS     250
+#define REPLOG_BATCH        256  /* records applied before one sync */
 
 struct aff_replog {
     replog_config cfg; /* strings below are owned copies */
@@ -138,11 +139,29 @@ static natsSubscription *subscribe(aff_replog *log)
     return sub;
 }
 
+/* Syncs the applied batch (retrying until it succeeds: records must not count as applied
+ * before they are durable) and publishes its last sequence. */
+static void finish_batch(aff_replog *log, uint64_t *last, uint32_t *n)
+{
+    while (log->cfg.sync && log->cfg.sync(log->cfg.sync_ctx) != 0 && !atomic_load(&log->stop)) {
+        aff_log(AFF_LOG_ERROR, "write log: cannot sync the store; retrying");
+        sleep_ms(REPLOG_RETRY_MS);
+    }
+    pthread_mutex_lock(&log->mu);
+    atomic_store(&log->applied, *last);
+    pthread_cond_broadcast(&log->cv);
+    pthread_mutex_unlock(&log->mu);
+    raise_last_known(log, *last);
+    *n = 0;
+}
+
 static void *apply_thread(void *arg)
 {
     aff_replog *log = arg;
     natsSubscription *sub = NULL;
     int64_t last_progress = mono_ms();
+    uint64_t batch_last = 0; /* applied, not yet synced */
+    uint32_t batch_n = 0;
     while (!atomic_load(&log->stop)) {
         if (!atomic_load(&log->stream_ready)) {
             if (natsConnection_Status(log->nc) != NATS_CONN_STATUS_CONNECTED ||
@@ -162,6 +181,7 @@ static void *apply_thread(void *arg)
         }
         natsMsg *msg = NULL;
         natsStatus s = natsSubscription_NextMsg(&msg, sub, REPLOG_POLL_MS);
+        if (s != NATS_OK && batch_n) finish_batch(log, &batch_last, &batch_n);
         if (s == NATS_TIMEOUT) {
             /* Behind the stream with nothing arriving: the consumer may have been lost with
              * a server; start a new one from the last applied sequence. */
@@ -188,19 +208,22 @@ static void *apply_thread(void *arg)
         }
         uint64_t seq = meta->Sequence.Stream;
         jsMsgMetaData_Destroy(meta);
-        if (seq > atomic_load(&log->applied)) {
+        if (seq > batch_last && seq > atomic_load(&log->applied)) {
             log->cfg.apply(log->cfg.apply_ctx, seq, (const uint8_t *)natsMsg_GetData(msg),
                            (size_t)natsMsg_GetDataLength(msg));
             replog_set_record_time(0);
-            pthread_mutex_lock(&log->mu);
-            atomic_store(&log->applied, seq);
-            pthread_cond_broadcast(&log->cv);
-            pthread_mutex_unlock(&log->mu);
-            raise_last_known(log, seq);
+            batch_last = seq;
+            batch_n++;
             last_progress = mono_ms();
         }
         natsMsg_Destroy(msg);
+        int pending = 0;
+        if (batch_n < REPLOG_BATCH && natsSubscription_GetPending(sub, &pending, NULL) == NATS_OK &&
+            pending > 0)
+            continue; /* more records waiting: one sync for all of them */
+        if (batch_n) finish_batch(log, &batch_last, &batch_n);
     }
+    if (batch_n) finish_batch(log, &batch_last, &batch_n);
     natsSubscription_Destroy(sub);
     return NULL;
 }
@@ -380,6 +403,11 @@ int replog_publish(aff_replog *log, const char *subject_suffix, const void *data
     raise_last_known(log, pa->Sequence);
     jsPubAck_Destroy(pa);
     return AFF_OK;
+}
+
+bool replog_stream_ready(const aff_replog *log)
+{
+    return atomic_load(&((aff_replog *)log)->stream_ready);
 }
 
 uint64_t replog_applied(const aff_replog *log)

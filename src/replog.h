@@ -10,8 +10,9 @@
  * the stream and answered with the first record's sequence.
  *
  * Applying: one thread consumes the stream in order from the sequence after `start_sequence`
- * with an ordered consumer and calls apply(ctx, seq, bytes, len) for each record, then
- * publishes `seq` as applied (replog_applied, replog_wait_applied). The callback makes the
+ * with an ordered consumer and calls apply(ctx, seq, bytes, len) for each record; after a
+ * batch (the records already waiting, at most REPLOG_BATCH) it calls sync once and then
+ * publishes the batch's last `seq` as applied (replog_applied, replog_wait_applied). The callback makes the
  * record durable itself (store_set_log_sequence puts seq into the same LMDB transaction). On
  * any failure (connection lost, leader lost, consumer gone) the thread waits and resumes from
  * the last applied sequence; it never stops before replog_destroy.
@@ -46,6 +47,11 @@ typedef struct replog_config {
     uint32_t dedup_window_s; /* the stream's duplicate window; default 120 */
     replog_apply_fn apply;
     void *apply_ctx;
+    /* Makes the records applied so far durable (one fsync for a batch); runs on the apply
+     * thread after a batch (up to REPLOG_BATCH records already waiting, or one), before
+     * they count as applied. Non-zero: retried before anything more is applied. NULL: none. */
+    int (*sync)(void *ctx);
+    void *sync_ctx;
 } replog_config;
 
 /* Connects (retrying in the background when no server answers yet), creates the stream when
@@ -61,6 +67,8 @@ void replog_destroy(aff_replog *log);
 int replog_publish(aff_replog *log, const char *subject_suffix, const void *data, size_t len,
                    const char *msg_id, int64_t timeout_ms, uint64_t *seq, aff_err *err);
 
+/* True once the stream was found or created (it may still be electing a leader). */
+bool replog_stream_ready(const aff_replog *log);
 /* The last sequence applied by this replica. Thread-safe. */
 uint64_t replog_applied(const aff_replog *log);
 /* The stream's last sequence as last learned (from publishes and stream info). */

@@ -563,6 +563,12 @@ static void put_log_sequence(store_txn *t, const write_req *group)
     if (rc) mdb_fail(t, NULL, rc, "log sequence");
 }
 
+int store_sync(aff_store *s, aff_err *err)
+{
+    int rc = mdb_env_sync(s->env, 1);
+    return rc ? mdb_fail(NULL, err, rc, "sync") : AFF_OK;
+}
+
 void store_set_log_sequence(uint64_t seq)
 {
     tls_log_sequence = seq;

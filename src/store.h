@@ -92,6 +92,9 @@ int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);
  * 0: writes carry no sequence (single-node mode, and every thread but the log's apply
  * thread). */
 void store_set_log_sequence(uint64_t seq);
+/* Flushes every commit so far to disk (for stores opened with no_sync: a replica applying
+ * the write log syncs once per batch of records, before it reports them applied). */
+int store_sync(aff_store *s, aff_err *err);
 /* Records seq as applied in a commit of its own (a record that wrote nothing). */
 int store_mark_log_sequence(aff_store *s, uint64_t seq, aff_err *err);
 /* The last applied log sequence committed (0: none). */

@@ -171,6 +171,8 @@ int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *r
 /* Appends log_sequence (field 110) to a serialized response in place; false: no memory. */
 bool transport__append_log_sequence(tcapture *cap, uint64_t seq);
 void transport__capture_free(tcapture *cap);
+/* Apply lag percentiles over the last records applied (ms); 0 before any. */
+void transport__log_lag(transport *t, double *p50, double *p99);
 /* Creates and frees t->log_results (with --log); 0 or AFF_ENOMEM. */
 int transport__log_init(transport *t);
 void transport__log_fini(transport *t);

@@ -28,6 +28,7 @@
 
 #define LOG_RECORD_VERSION   1
 #define LOG_RESULTS          1024 /* answers kept for this replica's own records */
+#define LOG_LAGS             4096 /* apply lags kept for GetServerInfo */
 #define LOG_USER_BUCKETS     64   /* user-keyed subjects "u.<bucket>" (per-bucket purges) */
 #define FIELD_REQUEST_ID     110
 #define FIELD_LOG_SEQUENCE   110
@@ -42,6 +43,8 @@ typedef struct tlog_results {
         uint64_t seq;
         tcapture cap;
     } slot[LOG_RESULTS];
+    double lag_ms[LOG_LAGS]; /* the last records' apply lags (apply thread writes) */
+    uint64_t n_lags;
 } tlog_results;
 
 int transport__log_init(transport *t)
@@ -322,6 +325,26 @@ bool transport__log_route(tcall *c)
     return false;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+void transport__log_lag(transport *t, double *p50, double *p99)
+{
+    static _Thread_local double sorted[LOG_LAGS];
+    pthread_mutex_lock(&t->log_results->mu);
+    size_t n = t->log_results->n_lags < LOG_LAGS ? (size_t)t->log_results->n_lags : LOG_LAGS;
+    memcpy(sorted, t->log_results->lag_ms, n * sizeof *sorted);
+    pthread_mutex_unlock(&t->log_results->mu);
+    *p50 = *p99 = 0;
+    if (!n) return;
+    qsort(sorted, n, sizeof *sorted, cmp_double);
+    *p50 = sorted[(n - 1) / 2];
+    *p99 = sorted[(size_t)((double)(n - 1) * 0.99)];
+}
+
 /* Keeps the answer of a record this replica published for its waiting caller. */
 static void put_result(transport *t, uint64_t seq, tcapture *cap)
 {
@@ -380,6 +403,10 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
         cap.code = GRPC_STATUS_INTERNAL;
         snprintf(cap.msg, sizeof cap.msg, "the write was not answered while applied");
     }
+    double lag = (double)(wall_ms() - rec->time_ms);
+    pthread_mutex_lock(&t->log_results->mu);
+    t->log_results->lag_ms[t->log_results->n_lags++ % LOG_LAGS] = lag;
+    pthread_mutex_unlock(&t->log_results->mu);
     if (strcmp(rec->origin, t->cfg.log_origin) == 0)
         put_result(t, seq, &cap);
     else

@@ -93,6 +93,7 @@ static void rpc_get_server_info(tcall *c, ProtobufCMessage *msg)
         info.log_enabled = true;
         info.log_applied_sequence = replog_applied(t->cfg.log);
         info.log_last_sequence = replog_last_known(t->cfg.log);
+        transport__log_lag(t, &info.log_apply_lag_p50_ms, &info.log_apply_lag_p99_ms);
     }
     tcall_finish(c, 0, NULL, &info.base);
 }
