@@ -185,6 +185,19 @@ static const opt_def opts[] = {
              "replica, so a read here sees it) or committed (once the stream committed it)"},
     {"log-dedup-window-s", U32(log_dedup_window_s, 1, 86400), .def = "120",
      .help = "how long the stream remembers request ids to drop retried writes, 1..86400 s"},
+    {"bootstrap-from", STR(bootstrap_from), .def = "",
+     .help = "with --log and an empty --data-dir: start from a snapshot of this replica "
+             "(host:port, GetSnapshot with --token-file's token) and replay the log from its "
+             "sequence"},
+    {"snapshot-dir", STR(snapshot_dir), .def = "",
+     .help = "write snapshots of the store here every --snapshot-interval-s (and, with --log, "
+             "truncate the log below the oldest kept one); empty: none"},
+    {"snapshot-interval-s", U32(snapshot_interval_s, 1, 31536000), .def = "3600",
+     .help = "seconds between snapshots, 1..31536000"},
+    {"snapshot-keep", U32(snapshot_keep, 1, 64), .def = "2",
+     .help = "newest snapshots kept, 1..64; older ones are deleted"},
+    {"log-retain-records", U32(log_retain_records, 0, 4000000000u), .def = "0",
+     .help = "records the log keeps below the oldest kept snapshot, 0..4000000000"},
     {"min-sequence-wait-ms", U32(min_sequence_wait_ms, 0, 60000), .def = "1000",
      .help = "how long a read with min_log_sequence waits for this replica to apply it "
              "before answering UNAVAILABLE, 0..60000 ms"},
@@ -438,6 +451,8 @@ static int validate(const aff_config *c, aff_err *err)
     if (c->metrics_listen[0] && !strchr(c->metrics_listen, ':'))
         return aff__fail(err, AFF_EINVAL, "--metrics-listen: '%s' is not host:port",
                          c->metrics_listen);
+    if (c->bootstrap_from[0] && !c->log_urls[0])
+        return aff__fail(err, AFF_EINVAL, "--bootstrap-from needs --log (it replays the log)");
     if (strcmp(c->log_ack, "applied") != 0 && strcmp(c->log_ack, "committed") != 0)
         return aff__fail(err, AFF_EINVAL, "--log-ack: '%s' is not applied or committed",
                          c->log_ack);
@@ -453,6 +468,8 @@ static int validate(const aff_config *c, aff_err *err)
                                  "--log-stream: '%s' may hold only [A-Za-z0-9_-]", c->log_stream);
         if (!c->log_stream[0])
             return aff__fail(err, AFF_EINVAL, "--log-stream: empty");
+        if (c->bootstrap_from[0] && !c->data_dir[0])
+            return aff__fail(err, AFF_EINVAL, "--bootstrap-from needs --data-dir");
         if (c->demo)
             return aff__fail(err, AFF_EINVAL,
                              "--demo and --log do not go together: load the demo shop through "

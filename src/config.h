@@ -84,6 +84,11 @@ typedef struct aff_config {
     char log_ack[16];                     /* "applied" or "committed" */
     uint32_t log_dedup_window_s;          /* the stream's duplicate window */
     uint32_t min_sequence_wait_ms;        /* longest wait for min_log_sequence */
+    char bootstrap_from[256];             /* peer host:port for the first snapshot */
+    char snapshot_dir[CONFIG_PATH_MAX];   /* periodic snapshots; "" = none */
+    uint32_t snapshot_interval_s;
+    uint32_t snapshot_keep;
+    uint32_t log_retain_records;          /* kept below the oldest snapshot */
     bool help;                            /* --help was given: print config_usage and exit 0 */
     bool version;                         /* --version was given */
 } aff_config;

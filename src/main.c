@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -33,6 +34,8 @@
 #include "pipeline.h"
 #include "profiles.h"
 #include "replog.h"
+#include "snapshots.h"
+#include "transport_client.h"
 #include "retention.h"
 #include "store.h"
 #include "transport.h"
@@ -225,6 +228,46 @@ static void remove_boot_marker(const char *dir)
     unlink(path);
 }
 
+/* --bootstrap-from: a data dir without a store gets the peer's snapshot as its store
+ * (<data-dir>/data.mdb), which then replays the log from the snapshot's sequence. A data dir
+ * that already has a store keeps it (a restart). */
+static int bootstrap(const aff_config *cfg, const char *token, aff_err *err)
+{
+    char path[CONFIG_PATH_MAX + 32], tmp[CONFIG_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/data.mdb", cfg->data_dir);
+    snprintf(tmp, sizeof tmp, "%s/data.mdb.bootstrap", cfg->data_dir);
+    if (access(path, F_OK) == 0) {
+        aff_log(AFF_LOG_INFO, "--bootstrap-from: the data dir has a store; not bootstrapped");
+        return 0;
+    }
+    if (mkdir(cfg->data_dir, 0755) != 0 && errno != EEXIST)
+        return aff__fail(err, AFF_EIO, "--data-dir: cannot create '%s': %s", cfg->data_dir,
+                         strerror(errno));
+    transport_client *client = NULL;
+    transport_client_options o = {.target = cfg->bootstrap_from,
+                                  .token = token,
+                                  .timeout_ms = 3600000};
+    transport_call_status st;
+    uint64_t seq = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int rc = transport_client_create(&client, &o, err);
+    if (!rc) rc = transport_client_fetch_snapshot(client, tmp, &seq, &st, err);
+    transport_client_destroy(client);
+    if (rc) return aff__fail(err, rc, "--bootstrap-from %s: %s", cfg->bootstrap_from, err->msg);
+    if (rename(tmp, path) != 0)
+        return aff__fail(err, AFF_EIO, "--bootstrap-from: cannot install '%s': %s", path,
+                         strerror(errno));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    char a[24], secs[24];
+    snprintf(a, sizeof a, "%llu", (unsigned long long)seq);
+    snprintf(secs, sizeof secs, "%.3f",
+             (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
+    aff_log_kv(AFF_LOG_INFO, "bootstrapped from a snapshot", "peer", cfg->bootstrap_from,
+               "log sequence", a, "seconds", secs, NULL);
+    return 0;
+}
+
 /* replog_config.sync: one fsync for a batch of applied records. */
 static int sync_store(void *ctx)
 {
@@ -297,6 +340,7 @@ int main(int argc, char **argv)
     char token[4096] = "";
     char log_token[4096] = "";
     aff_replog *replog = NULL;
+    aff_snapshots *snaps = NULL;
     aff_store *store = NULL;
     aff_profiles *profiles = NULL;
     aff_engine *engine = NULL;
@@ -339,6 +383,7 @@ int main(int argc, char **argv)
     /* With --log the store is a replica of the log: commits skip fsync and the apply thread
      * syncs once per batch of records before it reports them applied (replog.h); a machine
      * crash in between is caught by check_boot_marker. */
+    if (cfg.bootstrap_from[0] && bootstrap(&cfg, token, &err)) goto fail;
     store_config scfg = {.dir = cfg.data_dir[0] ? cfg.data_dir : NULL,
                          .no_sync = cfg.log_urls[0] != '\0'};
     if (store_create(&store, &scfg, &err)) goto fail;
@@ -413,6 +458,7 @@ int main(int argc, char **argv)
                              .idle_timeout_ms = cfg.idle_timeout_ms,
                              .handshake_timeout_ms = cfg.handshake_timeout_ms,
                              .max_header_bytes = cfg.max_header_bytes,
+                             .store = store,
                              .log_ack_committed = strcmp(cfg.log_ack, "committed") == 0,
                              .min_sequence_wait_ms = cfg.min_sequence_wait_ms};
     if (cfg.log_urls[0]) make_origin(tcfg.log_origin, sizeof tcfg.log_origin);
@@ -467,6 +513,14 @@ int main(int argc, char **argv)
         transport_set_log(server, replog);
         sig = wait_caught_up(replog, applied);
     }
+    if (!sig && cfg.snapshot_dir[0]) {
+        snapshots_config sncfg = {.dir = cfg.snapshot_dir,
+                                  .interval_s = cfg.snapshot_interval_s,
+                                  .keep = cfg.snapshot_keep,
+                                  .retain_records = cfg.log_retain_records,
+                                  .log = replog};
+        if (snapshots_start(&snaps, store, &sncfg, &err)) goto fail;
+    }
     if (!sig) {
         transport_set_serving(server, true);
         metrics_set_serving(metrics, true);
@@ -489,6 +543,7 @@ fail:
 out:
     heap_trimmer_stop(trimmer);
     retention_stop(keeper);
+    snapshots_stop(snaps);
     /* The log's apply thread calls into the transport and the modules: it stops first. */
     replog_destroy(replog);
     transport_destroy(server);

@@ -39,6 +39,8 @@ struct aff_replog {
     bool thread_started;
     atomic_bool stop;
     atomic_bool stream_ready;
+    atomic_bool needs_bootstrap;
+    char marker_subject[160]; /* "<stream>.t": truncation markers */
     _Atomic uint64_t applied;
     _Atomic uint64_t last_known;
     pthread_mutex_t mu;
@@ -155,6 +157,20 @@ static void finish_batch(aff_replog *log, uint64_t *last, uint32_t *n)
     *n = 0;
 }
 
+/* Whether the stream was truncated past `next` (the first sequence not applied here): the
+ * last truncation marker says below which sequence records were removed. */
+static bool truncated_past(aff_replog *log, uint64_t next)
+{
+    natsMsg *m = NULL;
+    if (js_GetLastMsg(&m, log->js, log->stream, log->marker_subject, NULL, NULL) != NATS_OK)
+        return false;
+    char buf[32] = "";
+    int n = natsMsg_GetDataLength(m);
+    if (n > 0 && n < (int)sizeof buf) memcpy(buf, natsMsg_GetData(m), (size_t)n);
+    natsMsg_Destroy(m);
+    return strtoull(buf, NULL, 10) > next;
+}
+
 static void *apply_thread(void *arg)
 {
     aff_replog *log = arg;
@@ -208,7 +224,31 @@ static void *apply_thread(void *arg)
         }
         uint64_t seq = meta->Sequence.Stream;
         jsMsgMetaData_Destroy(meta);
-        if (seq > batch_last && seq > atomic_load(&log->applied)) {
+        uint64_t expected = (batch_last > atomic_load(&log->applied) ? batch_last
+                                                                     : atomic_load(&log->applied)) +
+                            1;
+        if (seq > expected && truncated_past(log, expected)) {
+            natsMsg_Destroy(msg);
+            if (batch_n) finish_batch(log, &batch_last, &batch_n);
+            natsSubscription_Destroy(sub);
+            sub = NULL;
+            char a[24];
+            snprintf(a, sizeof a, "%llu", (unsigned long long)(expected - 1));
+            aff_log_kv(AFF_LOG_ERROR,
+                       "write log: records this replica had not applied were truncated; "
+                       "restart it with --bootstrap-from a peer",
+                       "applied", a, NULL);
+            atomic_store(&log->needs_bootstrap, true);
+            while (!atomic_load(&log->stop))
+                sleep_ms(REPLOG_POLL_MS);
+            break;
+        }
+        const char *subj = natsMsg_GetSubject(msg);
+        if (subj && strcmp(subj, log->marker_subject) == 0) {
+            /* a truncation marker: no record to apply, but it takes a sequence */
+            batch_last = seq > batch_last ? seq : batch_last;
+            batch_n++;
+        } else if (seq > batch_last && seq > atomic_load(&log->applied)) {
             log->cfg.apply(log->cfg.apply_ctx, seq, (const uint8_t *)natsMsg_GetData(msg),
                            (size_t)natsMsg_GetDataLength(msg));
             replog_set_record_time(0);
@@ -272,6 +312,7 @@ int replog_create(aff_replog **out, const replog_config *cfg, aff_err *err)
         goto fail;
     }
     snprintf(log->subjects, sizeof log->subjects, "%s.>", log->stream);
+    snprintf(log->marker_subject, sizeof log->marker_subject, "%s.t", log->stream);
 
     const char *servers[REPLOG_MAX_SERVERS];
     int n_servers = 0;
@@ -403,6 +444,30 @@ int replog_publish(aff_replog *log, const char *subject_suffix, const void *data
     raise_last_known(log, pa->Sequence);
     jsPubAck_Destroy(pa);
     return AFF_OK;
+}
+
+int replog_truncate(aff_replog *log, uint64_t below, aff_err *err)
+{
+    char text[32];
+    int n = snprintf(text, sizeof text, "%llu", (unsigned long long)below);
+    uint64_t seq;
+    int rc = replog_publish(log, "t", text, (size_t)n, NULL, 5000, &seq, err);
+    if (rc) return rc;
+    jsOptions o;
+    jsOptions_Init(&o);
+    o.Wait = 5000;
+    o.Stream.Purge.Sequence = below;
+    jsErrCode jerr = 0;
+    natsStatus s = js_PurgeStream(log->js, log->stream, &o, &jerr);
+    if (s != NATS_OK)
+        return aff__fail(err, AFF_EUNAVAILABLE, "the write log could not be truncated: %s",
+                         natsStatus_GetText(s));
+    return AFF_OK;
+}
+
+bool replog_needs_bootstrap(const aff_replog *log)
+{
+    return atomic_load(&((aff_replog *)log)->needs_bootstrap);
 }
 
 bool replog_stream_ready(const aff_replog *log)

@@ -67,6 +67,14 @@ void replog_destroy(aff_replog *log);
 int replog_publish(aff_replog *log, const char *subject_suffix, const void *data, size_t len,
                    const char *msg_id, int64_t timeout_ms, uint64_t *seq, aff_err *err);
 
+/* Truncates the stream: removes every record below `below` (JetStream purge up to it).
+ * First publishes a marker on "<stream>.t" holding `below`, so a replica that had not
+ * applied them yet sees that it missed records (replog_needs_bootstrap) rather than
+ * silently skipping them. AFF_EUNAVAILABLE when the log cannot do it now. */
+int replog_truncate(aff_replog *log, uint64_t below, aff_err *err);
+/* True when records this replica had not applied were truncated away: it stops applying
+ * and must be restarted with --bootstrap-from (health reports NOT_SERVING). */
+bool replog_needs_bootstrap(const aff_replog *log);
 /* True once the stream was found or created (it may still be electing a leader). */
 bool replog_stream_ready(const aff_replog *log);
 /* The last sequence applied by this replica. Thread-safe. */

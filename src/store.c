@@ -563,6 +563,43 @@ static void put_log_sequence(store_txn *t, const write_req *group)
     if (rc) mdb_fail(t, NULL, rc, "log sequence");
 }
 
+int store_snapshot(aff_store *s, const char *path, uint64_t *seq, aff_err *err)
+{
+    int status = AFF_OK;
+    MDB_env *copy = NULL;
+    MDB_txn *txn = NULL;
+    *seq = 0;
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return aff__fail(err, AFF_EIO, "snapshot: cannot create '%s': %s", path, strerror(errno));
+    pthread_rwlock_rdlock(&s->resize_lock);
+    int rc = mdb_env_copyfd2(s->env, fd, MDB_CP_COMPACT);
+    pthread_rwlock_unlock(&s->resize_lock);
+    if (rc == 0 && fsync(fd) != 0) rc = errno;
+    close(fd);
+    if (rc) {
+        status = aff__fail(err, AFF_EIO, "snapshot: copy to '%s': %s", path, mdb_strerror(rc));
+        goto out;
+    }
+    /* The copy's own read transaction fixed its sequence: read it back from the copy. */
+    MDB_dbi meta;
+    MDB_val k = log_sequence_key, v;
+    if ((rc = mdb_env_create(&copy)) || (rc = mdb_env_set_maxdbs(copy, DB_COUNT + 2)) ||
+        (rc = mdb_env_open(copy, path, MDB_NOSUBDIR | MDB_RDONLY | MDB_NOLOCK, 0600)) ||
+        (rc = mdb_txn_begin(copy, NULL, MDB_RDONLY, &txn)) ||
+        (rc = mdb_dbi_open(txn, db_names[DB_META], 0, &meta))) {
+        status = aff__fail(err, AFF_EIO, "snapshot: cannot read '%s' back: %s", path,
+                           mdb_strerror(rc));
+        goto out;
+    }
+    if (mdb_get(txn, meta, &k, &v) == 0 && v.mv_size == sizeof *seq) memcpy(seq, v.mv_data, sizeof *seq);
+out:
+    if (txn) mdb_txn_abort(txn);
+    if (copy) mdb_env_close(copy);
+    if (status) unlink(path);
+    return status;
+}
+
 int store_sync(aff_store *s, aff_err *err)
 {
     int rc = mdb_env_sync(s->env, 1);

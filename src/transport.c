@@ -850,7 +850,9 @@ void transport_set_serving(transport *t, bool serving)
 
 bool transport__serving(const transport *t)
 {
-    return atomic_load(&t->serving) && !atomic_load(&t->draining);
+    /* replication: a replica that lost records to a truncation serves stale answers only */
+    return atomic_load(&t->serving) && !atomic_load(&t->draining) &&
+           !(t->cfg.log && replog_needs_bootstrap(t->cfg.log));
 }
 
 static bool wait_shutdown(transport *t, int64_t until_ns)

@@ -30,6 +30,7 @@
 #include "pipeline.h"
 #include "profiles.h"
 #include "replog.h"
+#include "store.h"
 #include "status.h"
 
 typedef struct transport transport;
@@ -64,6 +65,7 @@ typedef struct transport_config {
      * by transport__log_apply on its thread; NULL: single-node mode. Borrowed; create the
      * log after the transport and destroy it before. */
     aff_replog *log;
+    aff_store *store;              /* GetSnapshot copies it; NULL: GetSnapshot unsupported */
     bool log_ack_committed;        /* answer writes once committed, not once applied here */
     uint32_t min_sequence_wait_ms; /* the longest wait for min_log_sequence; 0: 1000 */
     char log_origin[40];           /* this process's id in the records it publishes */

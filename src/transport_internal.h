@@ -171,6 +171,8 @@ int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *r
 /* Appends log_sequence (field 110) to a serialized response in place; false: no memory. */
 bool transport__append_log_sequence(tcapture *cap, uint64_t seq);
 void transport__capture_free(tcapture *cap);
+/* GetSnapshot (server streaming, admin role): a compacted copy of the store in chunks. */
+void transport__rpc_get_snapshot(tcall *c);
 /* Apply lag percentiles over the last records applied (ms); 0 before any. */
 void transport__log_lag(transport *t, double *p50, double *p99);
 /* Creates and frees t->log_results (with --log); 0 or AFF_ENOMEM. */

@@ -15,11 +15,15 @@
  * answer UNAVAILABLE. Writes that are not replicated yet (ImportEvents, SetUserOptOut,
  * Train) are refused with FAILED_PRECONDITION in log mode rather than let replicas diverge.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "replog.h"
@@ -414,4 +418,125 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
 out:
     if (req) protobuf_c_message_free_unpacked(req, NULL);
     affinity__v1__log_record__free_unpacked(rec, NULL);
+}
+
+/* ---- GetSnapshot: a consistent copy of the store, streamed in chunks ------------------------- */
+
+#define SNAPSHOT_CHUNK (1u << 20)
+
+typedef struct snap_state {
+    int fd; /* the copy (already unlinked); -1 until made */
+    uint64_t seq, size;
+    bool started, first;
+} snap_state;
+
+static void snap_state_free(void *p)
+{
+    snap_state *st = p;
+    if (st && st->fd >= 0) close(st->fd);
+    free(st);
+}
+
+/* Sends the next chunk, or ends the call at the end of the copy (blocking-work thread). */
+static void snap_send_next(tcall *c)
+{
+    snap_state *st = c->state;
+    uint8_t *buf = malloc(SNAPSHOT_CHUNK);
+    if (!buf) {
+        transport__fail(c, AFF_ENOMEM, "out of memory reading the snapshot");
+        return;
+    }
+    ssize_t n = read(st->fd, buf, SNAPSHOT_CHUNK);
+    if (n < 0) {
+        transport__fail(c, AFF_EIO, "reading the snapshot: %s", strerror(errno));
+    } else if (n == 0 && !st->first) {
+        tcall_finish(c, 0, NULL, NULL);
+    } else {
+        Affinity__V1__SnapshotChunk ch = AFFINITY__V1__SNAPSHOT_CHUNK__INIT;
+        if (st->first) {
+            ch.log_sequence = st->seq;
+            ch.total_bytes = st->size;
+        }
+        st->first = false;
+        ch.data.data = buf;
+        ch.data.len = (size_t)n;
+        if (!tcall_send(c, &ch.base)) /* serialized at once */
+            transport__fail(c, AFF_EINTERNAL, "cannot send a snapshot chunk");
+    }
+    free(buf);
+}
+
+static void snap_on_send(tcall *c, bool ok)
+{
+    if (!ok) {
+        tcall_finish(c, GRPC_STATUS_CANCELLED, "the stream broke", NULL);
+        return;
+    }
+    transport__defer(c, snap_send_next);
+}
+
+/* Makes the copy (blocking-work thread): a temporary file, unlinked once open. */
+static void snap_start(tcall *c)
+{
+    snap_state *st = c->state;
+    const char *tmp = getenv("TMPDIR");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/affinity-snapshot-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    int fd = mkstemp(path);
+    if (fd < 0) {
+        transport__fail(c, AFF_EIO, "cannot create a snapshot file: %s", strerror(errno));
+        return;
+    }
+    close(fd);
+    aff_err err;
+    if (store_snapshot(c->t->cfg.store, path, &st->seq, &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
+    st->fd = open(path, O_RDONLY | O_CLOEXEC);
+    unlink(path);
+    struct stat sb;
+    if (st->fd < 0 || fstat(st->fd, &sb) != 0) {
+        transport__fail(c, AFF_EIO, "cannot read the snapshot back: %s", strerror(errno));
+        return;
+    }
+    st->size = (uint64_t)sb.st_size;
+    char seqs[24], size[24];
+    snprintf(seqs, sizeof seqs, "%" PRIu64, st->seq);
+    snprintf(size, sizeof size, "%" PRIu64, st->size);
+    aff_log_kv(AFF_LOG_INFO, "snapshot served", "log sequence", seqs, "bytes", size, NULL);
+    snap_send_next(c);
+}
+
+static void snap_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
+{
+    snap_state *st = c->state;
+    if (bb) grpc_byte_buffer_destroy(bb); /* GetSnapshotRequest has no fields */
+    if (!ok) {
+        tcall_finish(c, GRPC_STATUS_CANCELLED, "the stream broke", NULL);
+        return;
+    }
+    if (st->started) return;
+    st->started = true;
+    transport__defer(c, snap_start);
+}
+
+void transport__rpc_get_snapshot(tcall *c)
+{
+    if (!c->t->cfg.store) {
+        transport__fail(c, AFF_EUNSUPPORTED, "this server has no store to copy");
+        return;
+    }
+    snap_state *st = calloc(1, sizeof *st);
+    if (!st) {
+        transport__fail(c, AFF_ENOMEM, "out of memory starting a snapshot");
+        return;
+    }
+    st->fd = -1;
+    st->first = true;
+    c->state = st;
+    c->state_free = snap_state_free;
+    c->on_recv = snap_on_recv;
+    c->on_send = snap_on_send;
+    if (!tcall_recv(c)) transport__fail(c, AFF_EINTERNAL, "cannot read the request");
 }

@@ -161,6 +161,7 @@ const tmethod_def transport__methods[] = {
     BLOCKING("ExportUser", export_user_request, transport__rpc_export_user), /* issue 12 */
     BLOCKING("SetUserOptOut", set_user_opt_out_request, transport__rpc_set_user_opt_out),
     UNARY("GetServerInfo", get_server_info_request, rpc_get_server_info),
+    STREAM("GetSnapshot", transport__rpc_get_snapshot), /* replication: transport_log.c */
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
      false, rpc_health_check, NULL},
     {"/grpc.health.v1.Health/Watch", NULL, true, false, NULL, rpc_health_watch},
