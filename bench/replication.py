@@ -25,7 +25,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "replication"))
-from cluster import Client, NatsCluster, Replica, stubs  # noqa: E402
+from cluster import Client, NatsCluster, Replica, retry_unavailable, stubs  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--boot-items", type=int, default=200000,
+                    help="items (d = 128) in the bootstrap measurement")
     args = ap.parse_args()
     root = os.path.dirname(HERE)
     affinityd = os.path.join(args.build, "src", "affinityd")
@@ -64,18 +66,10 @@ def main():
             r.start()
         for r in replicas:
             client.wait_serving(r)
-        for attempt in range(100):
-            try:
-                client.unary(replicas[0], "CreateCollection",
-                             pb.CreateCollectionRequest(name="shop", dimension=64,
-                                                        metric=pb.METRIC_COSINE,
-                                                        request_id="bench-create"),
-                             pb.CreateCollectionResponse)
-                break
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                time.sleep(0.2)
+        retry_unavailable(lambda: client.unary(
+            replicas[0], "CreateCollection",
+            pb.CreateCollectionRequest(name="shop", dimension=64, metric=pb.METRIC_COSINE,
+                                       request_id="bench-create"), pb.CreateCollectionResponse))
         data = os.path.join(work, "data")
         subprocess.run([load, "gen", "--out", data, "--rows", "20000", "--dim", "64",
                         "--queries", "100", "--clusters", "50"], check=True,
@@ -194,6 +188,46 @@ def main():
             (max(after) if after else float("nan"), max(before) if before else float("nan"),
              len(before), len(after)))
         out("")
+        # ---- 4. bootstrap time: a new replica from a peer's snapshot, d = 128 ----
+        data = os.path.join(work, "boot-data")
+        subprocess.run([load, "gen", "--out", data, "--rows", str(args.boot_items), "--dim", "128",
+                        "--queries", "10", "--clusters", "50"], check=True,
+                       stdout=subprocess.DEVNULL)
+        client.unary(replicas[0], "CreateCollection",
+                     pb.CreateCollectionRequest(name="boot", dimension=128,
+                                                metric=pb.METRIC_COSINE, request_id="boot"),
+                     pb.CreateCollectionResponse)
+        tl = time.time()
+        subprocess.run([os.path.join(args.build, "src", "affinity"), "--addr", replicas[0].addr,
+                        "load", "boot", "--vectors", os.path.join(data, "catalog.npy"),
+                        "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+        t_load = time.time() - tl
+        last = client.applied(replicas[0])
+        for r in replicas:
+            client.wait_applied(r, last, timeout=900)
+        new = Replica(work, "boot", affinityd, nats.urls(),
+                      extra=["--bootstrap-from", replicas[0].addr])
+        tb = time.time()
+        new.start()
+        client.wait_serving(new, timeout=900)
+        t_boot = time.time() - tb
+        cpu_boot = cpu_seconds(new.proc.pid)
+        info = client.unary(new, "DescribeCollection", pb.DescribeCollectionRequest(name="boot"),
+                            pb.CollectionInfo)
+        snap_bytes = os.path.getsize(os.path.join(new.data_dir, "data.mdb"))
+        out("## 4. Bootstrap of a new replica from a peer's snapshot")
+        out("")
+        out("- catalog: %d items, d = 128 (loaded through the log in %.1f s), plus the events "
+            "of part 1" % (args.boot_items, t_load))
+        out("- new replica with --bootstrap-from: start to SERVING (snapshot made by the peer, "
+            "streamed, installed, engine rebuilt, log replayed from the snapshot's sequence): "
+            "**%.1f s** (its CPU time %.1f s); it serves %d items; store file %.0f MB" %
+            (t_boot, cpu_boot, info.item_count,
+             snap_bytes / 1e6))
+        out("- per million items at this rate: %.1f s (a linear extrapolation of this one "
+            "measurement, not a measurement at 1M)" % (t_boot * 1e6 / args.boot_items))
+        out("")
+        new.stop()
         for r in replicas:
             r.stop()
     finally:

@@ -198,6 +198,14 @@ static const opt_def opts[] = {
      .help = "newest snapshots kept, 1..64; older ones are deleted"},
     {"log-retain-records", U32(log_retain_records, 0, 4000000000u), .def = "0",
      .help = "records the log keeps below the oldest kept snapshot, 0..4000000000"},
+    {"kafka-brokers", STR(kafka_brokers), .def = "",
+     .help = "with --log: consume behaviour events (JSON, one per message) from Kafka at "
+             "these bootstrap servers and write them through the log; empty: off"},
+    {"kafka-topic", STR(kafka_topic), .def = "", .help = "the Kafka topic of --kafka-brokers"},
+    {"kafka-group", STR(kafka_group), .def = "affinityd",
+     .help = "the Kafka consumer group (one group for all replicas: each message once)"},
+    {"kafka-collection", STR(kafka_collection), .def = "",
+     .help = "the collection the Kafka events go to"},
     {"min-sequence-wait-ms", U32(min_sequence_wait_ms, 0, 60000), .def = "1000",
      .help = "how long a read with min_log_sequence waits for this replica to apply it "
              "before answering UNAVAILABLE, 0..60000 ms"},
@@ -451,6 +459,9 @@ static int validate(const aff_config *c, aff_err *err)
     if (c->metrics_listen[0] && !strchr(c->metrics_listen, ':'))
         return aff__fail(err, AFF_EINVAL, "--metrics-listen: '%s' is not host:port",
                          c->metrics_listen);
+    if (c->kafka_brokers[0] && (!c->log_urls[0] || !c->kafka_topic[0] || !c->kafka_collection[0]))
+        return aff__fail(err, AFF_EINVAL,
+                         "--kafka-brokers needs --log, --kafka-topic and --kafka-collection");
     if (c->bootstrap_from[0] && !c->log_urls[0])
         return aff__fail(err, AFF_EINVAL, "--bootstrap-from needs --log (it replays the log)");
     if (strcmp(c->log_ack, "applied") != 0 && strcmp(c->log_ack, "committed") != 0)

@@ -89,6 +89,10 @@ typedef struct aff_config {
     uint32_t snapshot_interval_s;
     uint32_t snapshot_keep;
     uint32_t log_retain_records;          /* kept below the oldest snapshot */
+    char kafka_brokers[1024];             /* Kafka bootstrap servers; "" = no consumer */
+    char kafka_topic[256];
+    char kafka_group[256];
+    char kafka_collection[AFF_MAX_NAME_LEN + 1];
     bool help;                            /* --help was given: print config_usage and exit 0 */
     bool version;                         /* --version was given */
 } aff_config;

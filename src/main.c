@@ -29,6 +29,7 @@
 #include "demo.h"
 #include "engine.h"
 #include "heap.h"
+#include "kafka_in.h"
 #include "log.h"
 #include "metrics.h"
 #include "pipeline.h"
@@ -341,6 +342,7 @@ int main(int argc, char **argv)
     char log_token[4096] = "";
     aff_replog *replog = NULL;
     aff_snapshots *snaps = NULL;
+    aff_kafka_in *kafka = NULL;
     aff_store *store = NULL;
     aff_profiles *profiles = NULL;
     aff_engine *engine = NULL;
@@ -513,6 +515,15 @@ int main(int argc, char **argv)
         transport_set_log(server, replog);
         sig = wait_caught_up(replog, applied);
     }
+    if (!sig && cfg.kafka_brokers[0]) {
+        kafka_in_config kcfg = {.brokers = cfg.kafka_brokers,
+                                .topic = cfg.kafka_topic,
+                                .group = cfg.kafka_group,
+                                .collection = cfg.kafka_collection,
+                                .ingest = transport_log_ingest_event,
+                                .ingest_ctx = server};
+        if (kafka_in_start(&kafka, &kcfg, &err)) goto fail;
+    }
     if (!sig && cfg.snapshot_dir[0]) {
         snapshots_config sncfg = {.dir = cfg.snapshot_dir,
                                   .interval_s = cfg.snapshot_interval_s,
@@ -543,6 +554,7 @@ fail:
 out:
     heap_trimmer_stop(trimmer);
     retention_stop(keeper);
+    kafka_in_stop(kafka);
     snapshots_stop(snaps);
     /* The log's apply thread calls into the transport and the modules: it stops first. */
     replog_destroy(replog);

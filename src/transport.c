@@ -148,7 +148,10 @@ static void capture_finish(tcall *c, int grpc_code, const char *msg, const Proto
     }
 }
 
-void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp)
+/* Answers the call once: bb (taken; NULL: no message) when grpc_code is 0, else the status.
+ * A call applied from the write log keeps resp in its capture instead. */
+static void finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp,
+                   grpc_byte_buffer *bb)
 {
     pthread_mutex_lock(&c->mu);
     if (c->capture && !c->finished) {
@@ -158,6 +161,7 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
     }
     if (c->finished) {
         pthread_mutex_unlock(&c->mu);
+        if (bb) grpc_byte_buffer_destroy(bb);
         return;
     }
     c->finished = true;
@@ -168,8 +172,9 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
         c->sent_initial_md = true;
         ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     }
-    if (grpc_code == 0 && resp) {
-        c->send_bb = transport__pack(resp);
+    if (grpc_code == 0 && resp && !bb) bb = transport__pack(resp);
+    if (grpc_code == 0 && (resp || bb)) {
+        c->send_bb = bb;
         if (!c->send_bb) {
             grpc_code = GRPC_STATUS_RESOURCE_EXHAUSTED;
             msg = "out of memory encoding the response";
@@ -177,6 +182,8 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
             ops[n].op = GRPC_OP_SEND_MESSAGE;
             ops[n++].data.send_message.send_message = c->send_bb;
         }
+    } else if (bb) {
+        grpc_byte_buffer_destroy(bb);
     }
     grpc_slice_unref(c->status_details);
     c->status_details = grpc_slice_from_copied_string(msg ? msg : "");
@@ -202,39 +209,17 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
     start_batch(c, ops, n, &c->t_final);
 }
 
+void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp)
+{
+    finish(c, grpc_code, msg, resp, NULL);
+}
+
 void tcall_finish_packed(tcall *c, const uint8_t *bytes, size_t len)
 {
-    pthread_mutex_lock(&c->mu);
-    if (c->finished) {
-        pthread_mutex_unlock(&c->mu);
-        return;
-    }
-    c->finished = true;
-    grpc_op ops[4];
-    size_t n = 0;
-    memset(ops, 0, sizeof ops);
-    if (!c->sent_initial_md) {
-        c->sent_initial_md = true;
-        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
-    }
     grpc_slice sl = grpc_slice_from_copied_buffer((const char *)bytes, len);
-    c->send_bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
     grpc_slice_unref(sl);
-    ops[n].op = GRPC_OP_SEND_MESSAGE;
-    ops[n++].data.send_message.send_message = c->send_bb;
-    grpc_slice_unref(c->status_details);
-    c->status_details = grpc_slice_from_copied_string("");
-    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-    ops[n].data.send_status_from_server.status = GRPC_STATUS_OK;
-    ops[n++].data.send_status_from_server.status_details = &c->status_details;
-    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
-    pthread_mutex_unlock(&c->mu);
-    if (c->def && c->t->metric_ids[c->def - c->t->defs] >= 0)
-        metrics_observe_request(c->t->cfg.metrics,
-                                (metrics_method)c->t->metric_ids[c->def - c->t->defs], 0,
-                                (uint64_t)(batcher_now_ns() - c->start_ns));
-    start_batch(c, ops, n, &c->t_final);
+    finish(c, 0, NULL, NULL, bb);
 }
 
 void tcall_set_trailer(tcall *c, const char *key, const char *value)

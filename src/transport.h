@@ -76,6 +76,13 @@ void transport_set_log(transport *t, aff_replog *log);
  * and applies it with the handler single-node mode runs (transport_log.c). Needs
  * cfg.log_origin set at creation. */
 void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t len);
+/* Publishes one behaviour event as a PutEvents record (ctx the transport, with the log set):
+ * type is a built-in name (view, click, add_to_cart or cart, purchase; any case) or a custom
+ * type; request_id deduplicates. Returns once the stream committed it (*seq), not once
+ * applied; AFF_EUNAVAILABLE when the log did not commit it. For the Kafka consumer. */
+int transport_log_ingest_event(void *ctx, const char *collection, const char *user_id,
+                               const char *item_id, const char *type, int64_t timestamp_ms,
+                               double value, const char *request_id, uint64_t *seq, aff_err *err);
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad
  * address, port taken, unreadable TLS files), AFF_ENOMEM. cfg is copied. */

@@ -21,12 +21,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "log.h"
 #include "replog.h"
+#include "event_types.h"
 #include "store.h"
 #include "transport_handlers.h"
 
@@ -207,11 +209,11 @@ static bool take_result(transport *t, uint64_t seq, tcapture *out)
     return found;
 }
 
-int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *req,
-                         tcapture *out, uint64_t *seq, char *msg, size_t msg_size)
+/* Wraps req in a LogRecord stamped now and publishes it, waiting at most timeout_ms for the
+ * stream's commit. Returns 0 with *seq, or a negative aff_status with msg set. */
+static int publish_record(transport *t, const char *method, const ProtobufCMessage *req,
+                          int64_t timeout_ms, uint64_t *seq, char *msg, size_t msg_size)
 {
-    transport *t = c->t;
-    memset(out, 0, sizeof *out);
     Affinity__V1__LogRecord rec = AFFINITY__V1__LOG_RECORD__INIT;
     rec.version = LOG_RECORD_VERSION;
     rec.method = (char *)method;
@@ -238,12 +240,19 @@ int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *r
     char subject[16];
     subject_of(method, req, subject, sizeof subject);
     aff_err err;
-    int rc = replog_publish(t->cfg.log, subject, buf, len, rid, ms_left(c), seq, &err);
+    int rc = replog_publish(t->cfg.log, subject, buf, len, rid, timeout_ms, seq, &err);
     free(buf);
-    if (rc) {
-        snprintf(msg, msg_size, "%s", err.msg);
-        return rc;
-    }
+    if (rc) snprintf(msg, msg_size, "%s", err.msg);
+    return rc;
+}
+
+int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *req,
+                         tcapture *out, uint64_t *seq, char *msg, size_t msg_size)
+{
+    transport *t = c->t;
+    memset(out, 0, sizeof *out);
+    int rc = publish_record(t, method, req, ms_left(c), seq, msg, msg_size);
+    if (rc) return rc;
     if (t->cfg.log_ack_committed) return 0; /* answered with the sequence alone */
     if (!replog_wait_applied(t->cfg.log, *seq, ms_left(c))) {
         snprintf(msg, msg_size,
@@ -261,6 +270,40 @@ int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *r
         out->len = 0;
     }
     return 0;
+}
+
+int transport_log_ingest_event(void *ctx, const char *collection, const char *user_id,
+                               const char *item_id, const char *type, int64_t timestamp_ms,
+                               double value, const char *request_id, uint64_t *seq, aff_err *err)
+{
+    transport *t = ctx;
+    Affinity__V1__Event ev = AFFINITY__V1__EVENT__INIT;
+    Affinity__V1__Event *evs[1] = {&ev};
+    ev.item_id = (char *)item_id;
+    ev.timestamp_ms = timestamp_ms;
+    ev.value = value;
+    ev.type = AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_CUSTOM;
+    ev.custom_type = (char *)type;
+#define AFF__EVENT_NAME(name, v, text, w)                                                          \
+    if (strcasecmp(type, text) == 0) {                                                             \
+        ev.type = (Affinity__V1__EventType)(v);                                                    \
+        ev.custom_type = (char *)"";                                                               \
+    }
+    AFF_EVENT_TYPES(AFF__EVENT_NAME)
+#undef AFF__EVENT_NAME
+    if (strcasecmp(type, "cart") == 0) { /* the alias eventfile.h documents */
+        ev.type = AFFINITY__V1__EVENT_TYPE__EVENT_TYPE_ADD_TO_CART;
+        ev.custom_type = (char *)"";
+    }
+    Affinity__V1__PutEventsRequest req = AFFINITY__V1__PUT_EVENTS_REQUEST__INIT;
+    req.collection = (char *)collection;
+    req.user_id = (char *)user_id;
+    req.n_events = 1;
+    req.events = evs;
+    req.request_id = (char *)request_id;
+    char msg[512];
+    int rc = publish_record(t, "PutEvents", &req.base, LOG_DEFAULT_WAIT_MS, seq, msg, sizeof msg);
+    return rc ? aff__fail(err, rc, "%s", msg) : 0;
 }
 
 /* A unary write in log mode (blocking-work thread): publish, wait, answer. */

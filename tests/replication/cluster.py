@@ -242,5 +242,18 @@ class Client:
                              (replica.name, seq, timeout, replica.log_tail()))
 
 
+def retry_unavailable(fn, budget_s=30):
+    """Calls fn() until it does not fail with UNAVAILABLE (e.g. the stream still electing
+    its first leader), at most budget_s seconds."""
+    deadline = time.time() + budget_s
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.time() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def stubs(proto_dir, out_dir):
     return generate_stubs(proto_dir, out_dir)

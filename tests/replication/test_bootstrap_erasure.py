@@ -26,7 +26,7 @@ import time
 
 import grpc
 
-from cluster import Client, NatsCluster, Replica, stubs
+from cluster import Client, NatsCluster, Replica, retry_unavailable, stubs
 
 DIM = 8
 COLL = "shop"
@@ -51,17 +51,6 @@ def files_containing(roots, needle):
                 except OSError:
                     pass
     return hits
-
-
-def retry(fn, budget_s=30):
-    deadline = time.time() + budget_s
-    while True:
-        try:
-            return fn()
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or time.time() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def main():
@@ -89,7 +78,7 @@ def main():
     try:
         r0.start()
         client.wait_serving(r0)
-        retry(lambda: client.unary(r0, "CreateCollection",
+        retry_unavailable(lambda: client.unary(r0, "CreateCollection",
                                    pb.CreateCollectionRequest(name=COLL, dimension=DIM,
                                                               metric=pb.METRIC_INNER_PRODUCT,
                                                               request_id="c1"),
