@@ -135,6 +135,7 @@ int kafka_in_start(aff_kafka_in **out, const kafka_in_config *cfg, aff_err *err)
         (rc = set(conf, "enable.auto.commit", "false", err)) ||
         (rc = set(conf, "enable.auto.offset.store", "false", err)) ||
         (rc = set(conf, "auto.offset.reset", "earliest", err)) ||
+        (rc = set(conf, "session.timeout.ms", "10000", err)) ||
         (rc = set(conf, "client.id", "affinityd", err))) {
         rd_kafka_conf_destroy(conf);
         goto fail;

@@ -556,9 +556,11 @@ out:
     retention_stop(keeper);
     kafka_in_stop(kafka);
     snapshots_stop(snaps);
-    /* The log's apply thread calls into the transport and the modules: it stops first. */
-    replog_destroy(replog);
+    /* The log's apply thread calls into the transport and the modules: it stops first; the
+     * log itself goes after the transport, whose blocking-work threads may still use it. */
+    replog_stop(replog);
     transport_destroy(server);
+    replog_destroy(replog);
     batcher_destroy(bat);
     pipeline_destroy(pipeline);
     metrics_destroy(metrics);

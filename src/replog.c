@@ -340,7 +340,9 @@ int replog_create(aff_replog **out, const replog_config *cfg, aff_err *err)
     natsOptions_SetTimeout(log->opts, 2000);
     natsOptions_SetPingInterval(log->opts, 1000);
     natsOptions_SetMaxPingsOut(log->opts, 2);
-    natsOptions_SetRetryOnFailedConnect(log->opts, true, NULL, NULL);
+    /* With a callback the first connect does not block: the start goes on and the library
+     * keeps trying in the background (without one it would wait here forever). */
+    natsOptions_SetRetryOnFailedConnect(log->opts, true, on_reconnected, log);
     natsOptions_SetDisconnectedCB(log->opts, on_disconnected, log);
     natsOptions_SetReconnectedCB(log->opts, on_reconnected, log);
     if (log->creds &&
@@ -392,11 +394,21 @@ fail:
     return status;
 }
 
-void replog_destroy(aff_replog *log)
+void replog_stop(aff_replog *log)
 {
     if (!log) return;
     atomic_store(&log->stop, true);
     if (log->thread_started) pthread_join(log->thread, NULL);
+    log->thread_started = false;
+    pthread_mutex_lock(&log->mu);
+    pthread_cond_broadcast(&log->cv); /* waiters see stop and return */
+    pthread_mutex_unlock(&log->mu);
+}
+
+void replog_destroy(aff_replog *log)
+{
+    if (!log) return;
+    replog_stop(log);
     jsCtx_Destroy(log->js);
     natsConnection_Destroy(log->nc);
     natsOptions_Destroy(log->opts);

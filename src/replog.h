@@ -58,7 +58,10 @@ typedef struct replog_config {
  * it does not exist, and starts the apply thread. Errors: AFF_EINVAL (bad URL or options),
  * AFF_ENOMEM. Never fails because the servers are down: it keeps retrying. */
 int replog_create(aff_replog **out, const replog_config *cfg, aff_err *err);
-/* Stops the apply thread and closes the connection. NULL: no-op. */
+/* Stops the apply thread (after the record it is applying) and wakes every waiter; publish
+ * still works until replog_destroy. NULL: no-op. */
+void replog_stop(aff_replog *log);
+/* Stops (if not yet) and closes the connection. NULL: no-op. */
 void replog_destroy(aff_replog *log);
 
 /* Publishes one record (copied) on subject "<stream>.<subject_suffix>" with msg_id for

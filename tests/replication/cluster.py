@@ -56,9 +56,10 @@ class NatsCluster:
         with open(conf, "w") as f:
             f.write("server_name: n%d\nlisten: 127.0.0.1:%d\nhttp: 127.0.0.1:%d\n"
                     "jetstream { store_dir: %s }\n"
-                    "cluster { name: affinity-test\nlisten: 127.0.0.1:%d\nroutes: [%s] }\n"
-                    % (i, self.client_ports[i], self.http_ports[i], json.dumps(self.store_dir(i)),
-                       self.route_ports[i], routes))
+                    % (i, self.client_ports[i], self.http_ports[i], json.dumps(self.store_dir(i))))
+            if self.n > 1:  # a lone node runs without a cluster block
+                f.write("cluster { name: affinity-test\nlisten: 127.0.0.1:%d\nroutes: [%s] }\n"
+                        % (self.route_ports[i], routes))
         log = open(os.path.join(self.workdir, "nats%d.log" % i), "a")
         self.procs[i] = subprocess.Popen([self.binary, "-c", conf], stdout=log,
                                          stderr=subprocess.STDOUT)
