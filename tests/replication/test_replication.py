@@ -183,6 +183,12 @@ def main():
                 # the only field that differs with the moment of the call.
                 assert 0 <= u.traits.recency_days < 1, u.traits
                 u.traits.recency_days = 0
+                # Category weights decay from the read's clock too: weights equal as floats
+                # can differ in the last double bits, which orders such ties differently.
+                cats = sorted(((-c.weight, c.category) for c in u.top_categories))
+                del u.top_categories[:]
+                for w, name in cats:
+                    u.top_categories.add(category=name, weight=-w)
                 answers.append(u)
             if len(set(a.SerializeToString(deterministic=True) for a in answers)) != 1:
                 fail("GetUser(%s) differs between replicas: %s" % (user, answers), replicas)
