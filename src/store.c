@@ -57,6 +57,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -563,18 +564,88 @@ static void put_log_sequence(store_txn *t, const write_req *group)
     if (rc) mdb_fail(t, NULL, rc, "log sequence");
 }
 
+/* LMDB 0.9's page layout, as far as scrub_copy needs it (lmdb's mdb.c: MDB_page, MDB_node). */
+#define LMDB_PAGEHDRSZ  16
+#define LMDB_P_BRANCH   0x01
+#define LMDB_P_LEAF     0x02
+#define LMDB_P_OVERFLOW 0x04
+#define LMDB_F_BIGDATA  0x01
+
+static uint16_t rd16(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Erasure: a compacted copy holds only live pages, but a live page still carries the bytes
+ * of records deleted from it in its free gap, and an overflow run the bytes of an older value
+ * past the current one's end. Zeroes both in the copy (the file of n_pages pages), so an
+ * erased user's id cannot be read from a snapshot. */
+static void scrub_copy(uint8_t *map, size_t n_pages, size_t psize)
+{
+    for (size_t pg = 2; pg < n_pages;) { /* pages 0 and 1 are the meta pages */
+        uint8_t *p = map + pg * psize;
+        uint16_t flags = rd16(p + 10);
+        if (flags & LMDB_P_OVERFLOW) {
+            uint32_t pages;
+            memcpy(&pages, p + 12, sizeof pages);
+            pg += pages ? pages : 1;
+            continue;
+        }
+        if (flags & (LMDB_P_BRANCH | LMDB_P_LEAF)) {
+            uint16_t lower = rd16(p + 12), upper = rd16(p + 14);
+            if (lower >= LMDB_PAGEHDRSZ && lower <= upper && upper <= psize) {
+                memset(p + lower, 0, upper - lower);
+                for (size_t i = 0; (flags & LMDB_P_LEAF) && i < (lower - LMDB_PAGEHDRSZ) / 2u; i++) {
+                    uint16_t off = rd16(p + LMDB_PAGEHDRSZ + 2 * i);
+                    if (off + 8u > psize) break;
+                    const uint8_t *node = p + off;
+                    if (!(rd16(node + 4) & LMDB_F_BIGDATA)) continue;
+                    size_t size = rd16(node) | ((size_t)rd16(node + 2) << 16);
+                    size_t ksize = rd16(node + 6);
+                    uint64_t ov;
+                    if (off + 8u + ksize + sizeof ov > psize) break;
+                    memcpy(&ov, node + 8 + ksize, sizeof ov);
+                    if (ov < 2 || ov >= n_pages) continue;
+                    uint8_t *op = map + ov * psize;
+                    uint32_t pages;
+                    memcpy(&pages, op + 12, sizeof pages);
+                    size_t end = (size_t)pages * psize, used = LMDB_PAGEHDRSZ + size;
+                    if (ov + pages <= n_pages && used < end) memset(op + used, 0, end - used);
+                }
+            }
+        }
+        pg++;
+    }
+}
+
 int store_snapshot(aff_store *s, const char *path, uint64_t *seq, aff_err *err)
 {
     int status = AFF_OK;
     MDB_env *copy = NULL;
     MDB_txn *txn = NULL;
     *seq = 0;
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
         return aff__fail(err, AFF_EIO, "snapshot: cannot create '%s': %s", path, strerror(errno));
+    MDB_stat ms;
     pthread_rwlock_rdlock(&s->resize_lock);
-    int rc = mdb_env_copyfd2(s->env, fd, MDB_CP_COMPACT);
+    int rc = mdb_env_stat(s->env, &ms);
+    if (rc == 0) rc = mdb_env_copyfd2(s->env, fd, MDB_CP_COMPACT);
     pthread_rwlock_unlock(&s->resize_lock);
+    struct stat sb;
+    if (rc == 0 && fstat(fd, &sb) != 0) rc = errno;
+    if (rc == 0 && sb.st_size > 0) {
+        uint8_t *map = mmap(NULL, (size_t)sb.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (map == MAP_FAILED) {
+            rc = errno;
+        } else {
+            scrub_copy(map, (size_t)sb.st_size / ms.ms_psize, ms.ms_psize);
+            if (msync(map, (size_t)sb.st_size, MS_SYNC) != 0) rc = errno;
+            munmap(map, (size_t)sb.st_size);
+        }
+    }
     if (rc == 0 && fsync(fd) != 0) rc = errno;
     close(fd);
     if (rc) {
