@@ -57,7 +57,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -564,109 +563,89 @@ static void put_log_sequence(store_txn *t, const write_req *group)
     if (rc) mdb_fail(t, NULL, rc, "log sequence");
 }
 
-/* LMDB 0.9's page layout, as far as scrub_copy needs it (lmdb's mdb.c: MDB_page, MDB_node). */
-#define LMDB_PAGEHDRSZ  16
-#define LMDB_P_BRANCH   0x01
-#define LMDB_P_LEAF     0x02
-#define LMDB_P_OVERFLOW 0x04
-#define LMDB_F_BIGDATA  0x01
-
-static uint16_t rd16(const uint8_t *p)
+static int get_log_sequence_fn(store_txn *t, void *ctx, aff_err *err)
 {
-    uint16_t v;
-    memcpy(&v, p, sizeof v);
-    return v;
+    uint64_t *out = ctx;
+    MDB_val k = log_sequence_key, v;
+    *out = 0;
+    int rc = mdb_get(t->txn, t->s->dbi[DB_META], &k, &v);
+    if (rc == MDB_NOTFOUND) return AFF_OK;
+    if (rc) return mdb_fail(t, err, rc, "read log sequence");
+    if (v.mv_size == sizeof *out) memcpy(out, v.mv_data, sizeof *out);
+    return AFF_OK;
 }
 
-/* Erasure: a compacted copy holds only live pages, but a live page still carries the bytes
- * of records deleted from it in its free gap, and an overflow run the bytes of an older value
- * past the current one's end. Zeroes both in the copy (the file of n_pages pages), so an
- * erased user's id cannot be read from a snapshot. */
-static void scrub_copy(uint8_t *map, size_t n_pages, size_t psize)
+/* Copies every live record of the source read transaction into the empty environment dst
+ * with MDB_APPEND (keys arrive in order), committing every STORE_COPY_BATCH records. */
+#define STORE_COPY_BATCH 20000
+
+static int copy_records(aff_store *s, MDB_txn *src, MDB_env *dst, aff_err *err)
 {
-    for (size_t pg = 2; pg < n_pages;) { /* pages 0 and 1 are the meta pages */
-        uint8_t *p = map + pg * psize;
-        uint16_t flags = rd16(p + 10);
-        if (flags & LMDB_P_OVERFLOW) {
-            uint32_t pages;
-            memcpy(&pages, p + 12, sizeof pages);
-            pg += pages ? pages : 1;
-            continue;
-        }
-        if (flags & (LMDB_P_BRANCH | LMDB_P_LEAF)) {
-            uint16_t lower = rd16(p + 12), upper = rd16(p + 14);
-            if (lower >= LMDB_PAGEHDRSZ && lower <= upper && upper <= psize) {
-                memset(p + lower, 0, upper - lower);
-                for (size_t i = 0; (flags & LMDB_P_LEAF) && i < (lower - LMDB_PAGEHDRSZ) / 2u; i++) {
-                    uint16_t off = rd16(p + LMDB_PAGEHDRSZ + 2 * i);
-                    if (off + 8u > psize) break;
-                    const uint8_t *node = p + off;
-                    if (!(rd16(node + 4) & LMDB_F_BIGDATA)) continue;
-                    size_t size = rd16(node) | ((size_t)rd16(node + 2) << 16);
-                    size_t ksize = rd16(node + 6);
-                    uint64_t ov;
-                    if (off + 8u + ksize + sizeof ov > psize) break;
-                    memcpy(&ov, node + 8 + ksize, sizeof ov);
-                    if (ov < 2 || ov >= n_pages) continue;
-                    uint8_t *op = map + ov * psize;
-                    uint32_t pages;
-                    memcpy(&pages, op + 12, sizeof pages);
-                    size_t end = (size_t)pages * psize, used = LMDB_PAGEHDRSZ + size;
-                    if (ov + pages <= n_pages && used < end) memset(op + used, 0, end - used);
+    MDB_txn *w = NULL;
+    MDB_cursor *cur = NULL;
+    int rc = mdb_txn_begin(dst, NULL, 0, &w);
+    for (int i = 0; rc == 0 && i < DB_COUNT; i++) {
+        MDB_dbi to;
+        if ((rc = mdb_dbi_open(w, db_names[i], MDB_CREATE, &to))) break;
+        if ((rc = mdb_cursor_open(src, s->dbi[i], &cur))) break;
+        MDB_val k, v;
+        size_t n = 0;
+        for (int op = MDB_FIRST; (rc = mdb_cursor_get(cur, &k, &v, op)) == 0; op = MDB_NEXT) {
+            if ((rc = mdb_put(w, to, &k, &v, MDB_APPEND))) break;
+            if (++n % STORE_COPY_BATCH == 0) {
+                if ((rc = mdb_txn_commit(w)) || (rc = mdb_txn_begin(dst, NULL, 0, &w))) {
+                    w = NULL;
+                    break;
                 }
             }
         }
-        pg++;
+        mdb_cursor_close(cur);
+        cur = NULL;
+        if (rc == MDB_NOTFOUND) rc = 0;
     }
+    if (w && rc == 0) {
+        rc = mdb_txn_commit(w);
+        w = NULL;
+    }
+    if (w) mdb_txn_abort(w);
+    return rc ? mdb_fail(NULL, err, rc, "snapshot copy") : AFF_OK;
 }
 
 int store_snapshot(aff_store *s, const char *path, uint64_t *seq, aff_err *err)
 {
     int status = AFF_OK;
-    MDB_env *copy = NULL;
-    MDB_txn *txn = NULL;
+    MDB_env *dst = NULL;
+    store_txn t = {.s = s};
     *seq = 0;
-    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0)
-        return aff__fail(err, AFF_EIO, "snapshot: cannot create '%s': %s", path, strerror(errno));
-    MDB_stat ms;
-    pthread_rwlock_rdlock(&s->resize_lock);
-    int rc = mdb_env_stat(s->env, &ms);
-    if (rc == 0) rc = mdb_env_copyfd2(s->env, fd, MDB_CP_COMPACT);
-    pthread_rwlock_unlock(&s->resize_lock);
-    struct stat sb;
-    if (rc == 0 && fstat(fd, &sb) != 0) rc = errno;
-    if (rc == 0 && sb.st_size > 0) {
-        uint8_t *map = mmap(NULL, (size_t)sb.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-        if (map == MAP_FAILED) {
-            rc = errno;
-        } else {
-            scrub_copy(map, (size_t)sb.st_size / ms.ms_psize, ms.ms_psize);
-            if (msync(map, (size_t)sb.st_size, MS_SYNC) != 0) rc = errno;
-            munmap(map, (size_t)sb.st_size);
-        }
-    }
-    if (rc == 0 && fsync(fd) != 0) rc = errno;
-    close(fd);
+    unlink(path);
+    MDB_envinfo info;
+    int rc = mdb_env_create(&dst);
+    if (!rc) rc = mdb_env_set_maxdbs(dst, DB_COUNT + 2);
+    if (!rc) rc = mdb_env_info(s->env, &info);
+    if (!rc) rc = mdb_env_set_mapsize(dst, info.me_mapsize);
+    if (!rc) rc = mdb_env_open(dst, path, MDB_NOSUBDIR | MDB_NOLOCK | MDB_NOSYNC, 0600);
     if (rc) {
-        status = aff__fail(err, AFF_EIO, "snapshot: copy to '%s': %s", path, mdb_strerror(rc));
-        goto out;
-    }
-    /* The copy's own read transaction fixed its sequence: read it back from the copy. */
-    MDB_dbi meta;
-    MDB_val k = log_sequence_key, v;
-    if ((rc = mdb_env_create(&copy)) || (rc = mdb_env_set_maxdbs(copy, DB_COUNT + 2)) ||
-        (rc = mdb_env_open(copy, path, MDB_NOSUBDIR | MDB_RDONLY | MDB_NOLOCK, 0600)) ||
-        (rc = mdb_txn_begin(copy, NULL, MDB_RDONLY, &txn)) ||
-        (rc = mdb_dbi_open(txn, db_names[DB_META], 0, &meta))) {
-        status = aff__fail(err, AFF_EIO, "snapshot: cannot read '%s' back: %s", path,
+        status = aff__fail(err, AFF_EIO, "snapshot: cannot create '%s': %s", path,
                            mdb_strerror(rc));
         goto out;
     }
-    if (mdb_get(txn, meta, &k, &v) == 0 && v.mv_size == sizeof *seq) memcpy(seq, v.mv_data, sizeof *seq);
+    /* One read transaction: the copy is the state at one log sequence. Holding the resize
+     * lock keeps the map from being grown under it (as store_view does). */
+    pthread_rwlock_rdlock(&s->resize_lock);
+    rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &t.txn);
+    if (rc) {
+        pthread_rwlock_unlock(&s->resize_lock);
+        status = mdb_fail(NULL, err, rc, "snapshot read");
+        goto out;
+    }
+    status = get_log_sequence_fn(&t, seq, err);
+    if (!status) status = copy_records(s, t.txn, dst, err);
+    mdb_txn_abort(t.txn);
+    pthread_rwlock_unlock(&s->resize_lock);
+    if (!status && (rc = mdb_env_sync(dst, 1)))
+        status = aff__fail(err, AFF_EIO, "snapshot: sync '%s': %s", path, mdb_strerror(rc));
 out:
-    if (txn) mdb_txn_abort(txn);
-    if (copy) mdb_env_close(copy);
+    if (dst) mdb_env_close(dst);
     if (status) unlink(path);
     return status;
 }
@@ -680,18 +659,6 @@ int store_sync(aff_store *s, aff_err *err)
 void store_set_log_sequence(uint64_t seq)
 {
     tls_log_sequence = seq;
-}
-
-static int get_log_sequence_fn(store_txn *t, void *ctx, aff_err *err)
-{
-    uint64_t *out = ctx;
-    MDB_val k = log_sequence_key, v;
-    *out = 0;
-    int rc = mdb_get(t->txn, t->s->dbi[DB_META], &k, &v);
-    if (rc == MDB_NOTFOUND) return AFF_OK;
-    if (rc) return mdb_fail(t, err, rc, "read log sequence");
-    if (v.mv_size == sizeof *out) memcpy(out, v.mv_data, sizeof *out);
-    return AFF_OK;
 }
 
 int store_log_sequence(aff_store *s, uint64_t *out, aff_err *err)

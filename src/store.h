@@ -92,10 +92,12 @@ int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);
  * 0: writes carry no sequence (single-node mode, and every thread but the log's apply
  * thread). */
 void store_set_log_sequence(uint64_t seq);
-/* Writes a consistent, compacted copy of the whole store (one LMDB file, mdb_env_copyfd2
- * with MDB_CP_COMPACT) to path, fsynced; *seq: the log sequence applied in that copy (0
- * without --log). A replica started on the copy (as <data-dir>/data.mdb) replays the log
- * from seq + 1. Runs beside readers and writers. On failure path is removed. */
+/* Writes a consistent, compact copy of the whole store to path (one LMDB file), synced;
+ * *seq: the log sequence applied in that copy (0 without --log). A replica started on the
+ * copy (as <data-dir>/data.mdb) replays the log from seq + 1. The copy is rebuilt record by
+ * record from one read transaction (MDB_APPEND), not page by page: LMDB pages keep bytes
+ * of deleted records (free gaps, branch separator keys), and an erased user must not be
+ * readable from a snapshot. Runs beside readers and writers. On failure path is removed. */
 int store_snapshot(aff_store *s, const char *path, uint64_t *seq, aff_err *err);
 /* Flushes every commit so far to disk (for stores opened with no_sync: a replica applying
  * the write log syncs once per batch of records, before it reports them applied). */
