@@ -59,7 +59,10 @@ def main():
     nats.start_all()
     replicas = [Replica(work, "r%d" % i, affinityd, nats.urls()) for i in range(3)]
     lines = []
-    out = lines.append
+
+    def out(line):
+        lines.append(line)
+        print(line, flush=True)
     load_before = open("/proc/loadavg").read().split()[:3]
     try:
         for r in replicas:
@@ -200,7 +203,7 @@ def main():
         tl = time.time()
         subprocess.run([os.path.join(args.build, "src", "affinity"), "--addr", replicas[0].addr,
                         "load", "boot", "--vectors", os.path.join(data, "catalog.npy"),
-                        "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+                        "--id-prefix", "b-", "--no-progress"], check=True, stdout=subprocess.DEVNULL)
         t_load = time.time() - tl
         last = client.applied(replicas[0])
         for r in replicas:
@@ -235,7 +238,6 @@ def main():
             r.kill()
         nats.stop_all()
     text = "\n".join(lines) + "\n"
-    print(text)
     if args.out:
         with open(args.out, "a") as f:
             f.write(text)
