@@ -12,8 +12,8 @@
  *
  * Serving calls that carry min_log_sequence wait (on a blocking-work thread, never on a
  * completion-queue thread) up to --min-sequence-wait-ms for this replica to apply it, then
- * answer UNAVAILABLE. Writes that are not replicated yet (ImportEvents, SetUserOptOut,
- * Train) are refused with FAILED_PRECONDITION in log mode rather than let replicas diverge.
+ * answer UNAVAILABLE. Writes that are not replicated yet (ImportEvents, Train) are refused
+ * with FAILED_PRECONDITION in log mode rather than let replicas diverge.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -141,7 +141,7 @@ static const tmethod_def *method_by_name(const char *name)
 static bool replicated(const char *name)
 {
     static const char *const names[] = {"CreateCollection", "DropCollection", "DeleteItems",
-                                        "PutEvents", "DeleteUser"};
+                                        "PutEvents",        "DeleteUser",     "SetUserOptOut"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (strcmp(names[i], name) == 0) return true;
     return false;
@@ -150,7 +150,7 @@ static bool replicated(const char *name)
 /* Writes with no log record yet: refused in log mode so replicas cannot diverge. */
 static bool unreplicated_write(const char *name)
 {
-    return strcmp(name, "SetUserOptOut") == 0 || strcmp(name, "Train") == 0;
+    return strcmp(name, "Train") == 0;
 }
 
 static uint32_t fnv1a(const char *s)
@@ -170,6 +170,8 @@ static void subject_of(const char *method, const ProtobufCMessage *req, char *ou
         user = ((const Affinity__V1__PutEventsRequest *)req)->user_id;
     else if (strcmp(method, "DeleteUser") == 0)
         user = ((const Affinity__V1__DeleteUserRequest *)req)->user_id;
+    else if (strcmp(method, "SetUserOptOut") == 0)
+        user = ((const Affinity__V1__SetUserOptOutRequest *)req)->user_id;
     if (user)
         snprintf(out, size, "u.%02u", fnv1a(user) % LOG_USER_BUCKETS);
     else
