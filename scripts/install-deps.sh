@@ -11,6 +11,7 @@ packages=(
   python3-grpcio python3-protobuf python3-numpy
   openssl gnuplot-nox clang-format unzip
   chromium  # the web console test (tests/measure), headless
+  nats-server libnats-dev librdkafka-dev
 )
 
 sudo_cmd=()

@@ -206,6 +206,54 @@ static const opt_def opts[] = {
     {"widget-refresh-ms", U32(widget_refresh_ms, 0, 3600000), .def = "1000",
      .help = "trending and best sellers rank every item: the ranking is kept this long, "
              "0..3600000 ms (0: ranked on every call)"},
+    /* ---- replication (issue 15, docs/replication.md) ---- */
+    {"log", STR(log_urls), .def = "",
+     .help = "replicate through a NATS JetStream write log: nats://host:port[,nats://...] "
+             "(tls://... with --log-tls-ca); every write goes through the log and every "
+             "replica applies it in order; empty: single node"},
+    {"log-stream", STR(log_stream), .def = "AFFINITY",
+     .help = "the JetStream stream of the write log (created when missing; subjects "
+             "\"<stream>.>\")"},
+    {"log-replicas", U32(log_replicas, 1, 5), .def = "3",
+     .help = "replicas of the stream when this replica creates it, 1..5"},
+    {"log-creds", STR(log_creds), .def = "", .secret_path = true,
+     .help = "NATS user credentials file (JWT and nkey seed) for the write log"},
+    {"log-token-file", STR(log_token_file), .def = "", .secret_path = true,
+     .help = "file holding a NATS authentication token for the write log"},
+    {"log-tls-ca", STR(log_tls_ca), .def = "",
+     .help = "PEM CA that the NATS servers' certificates must chain to (turns TLS on)"},
+    {"log-tls-cert", STR(log_tls_cert), .def = "",
+     .help = "PEM client certificate for mutual TLS with NATS (with --log-tls-key)"},
+    {"log-tls-key", STR(log_tls_key), .def = "", .help = "PEM private key for --log-tls-cert"},
+    {"log-ack", STR(log_ack), .def = "applied",
+     .help = "when a write is answered: applied (committed to the stream and applied on this "
+             "replica, so a read here sees it) or committed (once the stream committed it)"},
+    {"log-dedup-window-s", U32(log_dedup_window_s, 1, 86400), .def = "120",
+     .help = "how long the stream remembers request ids to drop retried writes, 1..86400 s"},
+    {"bootstrap-from", STR(bootstrap_from), .def = "",
+     .help = "with --log and an empty --data-dir: start from a snapshot of this replica "
+             "(host:port, GetSnapshot with --token-file's token) and replay the log from its "
+             "sequence"},
+    {"snapshot-dir", STR(snapshot_dir), .def = "",
+     .help = "write snapshots of the store here every --snapshot-interval-s (and, with --log, "
+             "truncate the log below the oldest kept one); empty: none"},
+    {"snapshot-interval-s", U32(snapshot_interval_s, 1, 31536000), .def = "3600",
+     .help = "seconds between snapshots, 1..31536000"},
+    {"snapshot-keep", U32(snapshot_keep, 1, 64), .def = "2",
+     .help = "newest snapshots kept, 1..64; older ones are deleted"},
+    {"log-retain-records", U32(log_retain_records, 0, 4000000000u), .def = "0",
+     .help = "records the log keeps below the oldest kept snapshot, 0..4000000000"},
+    {"kafka-brokers", STR(kafka_brokers), .def = "",
+     .help = "with --log: consume behaviour events (JSON, one per message) from Kafka at "
+             "these bootstrap servers and write them through the log; empty: off"},
+    {"kafka-topic", STR(kafka_topic), .def = "", .help = "the Kafka topic of --kafka-brokers"},
+    {"kafka-group", STR(kafka_group), .def = "affinityd",
+     .help = "the Kafka consumer group (one group for all replicas: each message once)"},
+    {"kafka-collection", STR(kafka_collection), .def = "",
+     .help = "the collection the Kafka events go to"},
+    {"min-sequence-wait-ms", U32(min_sequence_wait_ms, 0, 60000), .def = "1000",
+     .help = "how long a read with min_log_sequence waits for this replica to apply it "
+             "before answering UNAVAILABLE, 0..60000 ms"},
     {"help", .type = OPT_ACTION, .offset = offsetof(aff_config, help), .def = "",
      .help = "print this help and exit"},
     {"version", .type = OPT_ACTION, .offset = offsetof(aff_config, version), .def = "",
@@ -456,6 +504,44 @@ static int validate(const aff_config *c, aff_err *err)
     if (c->metrics_listen[0] && !strchr(c->metrics_listen, ':'))
         return aff__fail(err, AFF_EINVAL, "--metrics-listen: '%s' is not host:port",
                          c->metrics_listen);
+    if (c->kafka_brokers[0] && (!c->log_urls[0] || !c->kafka_topic[0] || !c->kafka_collection[0]))
+        return aff__fail(err, AFF_EINVAL,
+                         "--kafka-brokers needs --log, --kafka-topic and --kafka-collection");
+    if (c->bootstrap_from[0] && !c->log_urls[0])
+        return aff__fail(err, AFF_EINVAL, "--bootstrap-from needs --log (it replays the log)");
+    if (strcmp(c->log_ack, "applied") != 0 && strcmp(c->log_ack, "committed") != 0)
+        return aff__fail(err, AFF_EINVAL, "--log-ack: '%s' is not applied or committed",
+                         c->log_ack);
+    if (c->log_urls[0]) {
+        if (strncmp(c->log_urls, "nats://", 7) != 0 && strncmp(c->log_urls, "tls://", 6) != 0)
+            return aff__fail(err, AFF_EINVAL,
+                             "--log: '%.200s' is not nats://host:port[,nats://host:port...]",
+                             c->log_urls);
+        for (const char *p = c->log_stream; *p; p++)
+            if (!((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
+                  (*p >= '0' && *p <= '9') || *p == '_' || *p == '-'))
+                return aff__fail(err, AFF_EINVAL,
+                                 "--log-stream: '%s' may hold only [A-Za-z0-9_-]", c->log_stream);
+        if (!c->log_stream[0])
+            return aff__fail(err, AFF_EINVAL, "--log-stream: empty");
+        if (c->bootstrap_from[0] && !c->data_dir[0])
+            return aff__fail(err, AFF_EINVAL, "--bootstrap-from needs --data-dir");
+        if (c->demo)
+            return aff__fail(err, AFF_EINVAL,
+                             "--demo and --log do not go together: load the demo shop through "
+                             "one replica's API instead");
+        if (!!c->log_tls_cert[0] != !!c->log_tls_key[0])
+            return aff__fail(err, AFF_EINVAL,
+                             "--log-tls-cert and --log-tls-key go together: give both or neither");
+        const char *files[][2] = {{"log-creds", c->log_creds},
+                                  {"log-token-file", c->log_token_file},
+                                  {"log-tls-ca", c->log_tls_ca},
+                                  {"log-tls-cert", c->log_tls_cert},
+                                  {"log-tls-key", c->log_tls_key}};
+        for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
+            if (files[i][1][0] && check_file(files[i][0], files[i][1], err))
+                return err ? err->code : AFF_EINVAL;
+    }
     return 0;
 }
 

@@ -89,6 +89,26 @@ typedef struct aff_config {
     uint32_t trend_min_events;
     double best_seller_half_life_hours;
     uint32_t widget_refresh_ms; /* trending and best sellers are ranked again this often */
+    char log_urls[1024];                  /* replication: NATS servers; "" = single node */
+    char log_stream[64];                  /* the stream's name */
+    uint32_t log_replicas;                /* stream replicas when created here */
+    char log_creds[CONFIG_PATH_MAX];      /* NATS credentials file; "" = none */
+    char log_token_file[CONFIG_PATH_MAX]; /* NATS token file; "" = none */
+    char log_tls_ca[CONFIG_PATH_MAX];     /* NATS TLS: CA; "" = plaintext */
+    char log_tls_cert[CONFIG_PATH_MAX];   /* NATS mutual TLS: client certificate */
+    char log_tls_key[CONFIG_PATH_MAX];
+    char log_ack[16];                     /* "applied" or "committed" */
+    uint32_t log_dedup_window_s;          /* the stream's duplicate window */
+    uint32_t min_sequence_wait_ms;        /* longest wait for min_log_sequence */
+    char bootstrap_from[256];             /* peer host:port for the first snapshot */
+    char snapshot_dir[CONFIG_PATH_MAX];   /* periodic snapshots; "" = none */
+    uint32_t snapshot_interval_s;
+    uint32_t snapshot_keep;
+    uint32_t log_retain_records;          /* kept below the oldest snapshot */
+    char kafka_brokers[1024];             /* Kafka bootstrap servers; "" = no consumer */
+    char kafka_topic[256];
+    char kafka_group[256];
+    char kafka_collection[AFF_MAX_NAME_LEN + 1];
     bool help;                            /* --help was given: print config_usage and exit 0 */
     bool version;                         /* --version was given */
 } aff_config;

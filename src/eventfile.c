@@ -140,12 +140,18 @@ static int json_str(const jsonv *obj, const char *key, bool numbers, char *dst, 
 
 static int next_jsonl(eventfile_reader *r, event_record *rec, aff_err *err)
 {
+    return eventfile_parse_json(r->t.line, strlen(r->t.line), rec, err);
+}
+
+int eventfile_parse_json(const char *text, size_t len, event_record *rec, aff_err *err)
+{
     jsonv *v = NULL;
     aff_err jerr = {0};
-    int rc = jsonv_parse(r->t.line, strlen(r->t.line), &v, &jerr);
+    memset(rec, 0, sizeof *rec);
+    int rc = jsonv_parse(text, len, &v, &jerr);
     if (rc) return aff__fail(err, AFF_EINVAL, "not valid JSON: %s", jerr.msg);
     if (v->type != JSONV_OBJECT) {
-        rc = aff__fail(err, AFF_EINVAL, "each line must be a JSON object");
+        rc = aff__fail(err, AFF_EINVAL, "an event must be a JSON object");
         goto out;
     }
     if ((rc = json_str(v, "user_id", true, rec->user_id, err)) ||

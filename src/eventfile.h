@@ -18,6 +18,7 @@
 #ifndef AFFINITY_EVENTFILE_H
 #define AFFINITY_EVENTFILE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "status.h"
@@ -49,6 +50,9 @@ void eventfile_close(eventfile_reader *r);
  * malformed line (err holds the reason without file and line; the reader has moved past it,
  * so call again for the next record), AFF_EIO when reading failed (stop). */
 int eventfile_next(eventfile_reader *r, event_record *rec, aff_err *err);
+/* Parses one event written as a JSON object (the JSON Lines format above) from text[0..len):
+ * 0, or AFF_EINVAL with the reason. Used for Kafka messages too (kafka_in.h). */
+int eventfile_parse_json(const char *text, size_t len, event_record *rec, aff_err *err);
 /* The 1-based line number of the line last read (a record or a malformed line). */
 uint64_t eventfile_line(const eventfile_reader *r);
 /* Bytes of the file read so far and its size (0 when unknown), for progress. */

@@ -13,11 +13,14 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "batcher.h"
@@ -29,11 +32,15 @@
 #include "experiments.h"
 #include "exposure.h"
 #include "heap.h"
+#include "kafka_in.h"
 #include "log.h"
 #include "metrics.h"
 #include "outcomes.h"
 #include "pipeline.h"
 #include "profiles.h"
+#include "replog.h"
+#include "snapshots.h"
+#include "transport_client.h"
 #include "retention.h"
 #include "store.h"
 #include "transport.h"
@@ -51,17 +58,17 @@ static void ensure_passive_openmp(char **argv)
 }
 
 /* Reads the bearer token: the file's content without surrounding whitespace. */
-static int read_token(const char *path, char *out, size_t size, aff_err *err)
+static int read_token(const char *flag, const char *path, char *out, size_t size, aff_err *err)
 {
     FILE *f = fopen(path, "rb");
     if (!f)
-        return aff__fail(err, AFF_EINVAL, "--token-file: cannot open '%s': %s", path,
+        return aff__fail(err, AFF_EINVAL, "--%s: cannot open '%s': %s", flag, path,
                          strerror(errno));
     size_t n = fread(out, 1, size - 1, f);
     bool more = fgetc(f) != EOF;
     fclose(f);
     if (more)
-        return aff__fail(err, AFF_EINVAL, "--token-file: the token is longer than %zu bytes",
+        return aff__fail(err, AFF_EINVAL, "--%s: the token is longer than %zu bytes", flag,
                          size - 2);
     out[n] = '\0';
     size_t start = strspn(out, " \t\r\n");
@@ -69,11 +76,11 @@ static int read_token(const char *path, char *out, size_t size, aff_err *err)
     n = strlen(out);
     while (n && strchr(" \t\r\n", out[n - 1]))
         out[--n] = '\0';
-    if (!n) return aff__fail(err, AFF_EINVAL, "--token-file: '%s' holds no token", path);
+    if (!n) return aff__fail(err, AFF_EINVAL, "--%s: '%s' holds no token", flag, path);
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)out[i] < 0x21 || (unsigned char)out[i] > 0x7e)
             return aff__fail(err, AFF_EINVAL,
-                             "--token-file: the token must be printable ASCII without spaces");
+                             "--%s: the token must be printable ASCII without spaces", flag);
     return 0;
 }
 
@@ -201,6 +208,156 @@ static int wait_stop_signal(void)
     }
 }
 
+/* The replica's store skips fsync between batches (main: scfg.no_sync with --log). A
+ * process crash loses nothing the OS holds, but a machine crash may leave LMDB torn. The
+ * marker file holds the kernel's boot id while the replica runs; found at start with another
+ * boot id, the machine went down under a running replica and the store is refused. */
+#define BOOT_MARKER "replica.running"
+
+static void read_boot_id(char *out, size_t size)
+{
+    out[0] = '\0';
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (!f) return;
+    if (!fgets(out, (int)size, f)) out[0] = '\0';
+    fclose(f);
+    out[strcspn(out, "\n")] = '\0';
+}
+
+static int check_boot_marker(const char *dir, aff_err *err)
+{
+    char path[CONFIG_PATH_MAX + 32], boot[64], seen[64] = "";
+    snprintf(path, sizeof path, "%s/%s", dir, BOOT_MARKER);
+    read_boot_id(boot, sizeof boot);
+    FILE *f = fopen(path, "r");
+    if (f) {
+        if (!fgets(seen, sizeof seen, f)) seen[0] = '\0';
+        fclose(f);
+        seen[strcspn(seen, "\n")] = '\0';
+        if (boot[0] && seen[0] && strcmp(seen, boot) != 0)
+            return aff__fail(err, AFF_EPRECONDITION,
+                             "--data-dir '%s': the machine restarted while this replica was "
+                             "running with --log, so the store may hold torn writes; empty the "
+                             "directory (the replica replays the write log) and start again",
+                             dir);
+    }
+    f = fopen(path, "w");
+    if (!f || fprintf(f, "%s\n", boot) < 0 || fflush(f) != 0 || fsync(fileno(f)) != 0) {
+        if (f) fclose(f);
+        return aff__fail(err, AFF_EIO, "--data-dir: cannot write '%s': %s", path, strerror(errno));
+    }
+    fclose(f);
+    return 0;
+}
+
+static void remove_boot_marker(const char *dir)
+{
+    char path[CONFIG_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/%s", dir, BOOT_MARKER);
+    unlink(path);
+}
+
+/* --bootstrap-from: a data dir without a store gets the peer's snapshot as its store
+ * (<data-dir>/data.mdb), which then replays the log from the snapshot's sequence. A data dir
+ * that already has a store keeps it (a restart). */
+static int bootstrap(const aff_config *cfg, const char *token, aff_err *err)
+{
+    char path[CONFIG_PATH_MAX + 32], tmp[CONFIG_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/data.mdb", cfg->data_dir);
+    snprintf(tmp, sizeof tmp, "%s/data.mdb.bootstrap", cfg->data_dir);
+    if (access(path, F_OK) == 0) {
+        aff_log(AFF_LOG_INFO, "--bootstrap-from: the data dir has a store; not bootstrapped");
+        return 0;
+    }
+    if (mkdir(cfg->data_dir, 0755) != 0 && errno != EEXIST)
+        return aff__fail(err, AFF_EIO, "--data-dir: cannot create '%s': %s", cfg->data_dir,
+                         strerror(errno));
+    transport_client *client = NULL;
+    transport_client_options o = {.target = cfg->bootstrap_from,
+                                  .token = token,
+                                  .timeout_ms = 3600000};
+    transport_call_status st;
+    uint64_t seq = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int rc = transport_client_create(&client, &o, err);
+    if (!rc) rc = transport_client_fetch_snapshot(client, tmp, &seq, &st, err);
+    transport_client_destroy(client);
+    if (rc) return aff__fail(err, rc, "--bootstrap-from %s: %s", cfg->bootstrap_from, err->msg);
+    if (rename(tmp, path) != 0)
+        return aff__fail(err, AFF_EIO, "--bootstrap-from: cannot install '%s': %s", path,
+                         strerror(errno));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    char a[24], secs[24];
+    snprintf(a, sizeof a, "%llu", (unsigned long long)seq);
+    snprintf(secs, sizeof secs, "%.3f",
+             (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
+    aff_log_kv(AFF_LOG_INFO, "bootstrapped from a snapshot", "peer", cfg->bootstrap_from,
+               "log sequence", a, "seconds", secs, NULL);
+    return 0;
+}
+
+/* replog_config.sync: one fsync for a batch of applied records. */
+static int sync_store(void *ctx)
+{
+    return store_sync(ctx, NULL);
+}
+
+/* A random id for this process in the write log's records (its own answers come back to
+ * it). */
+static void make_origin(char *out, size_t size)
+{
+    uint8_t b[12] = {0};
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || read(fd, b, sizeof b) != (ssize_t)sizeof b) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t x = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20) ^ (uint64_t)getpid();
+        memcpy(b, &x, sizeof x);
+    }
+    if (fd >= 0) close(fd);
+    size_t n = 0;
+    for (size_t i = 0; i < sizeof b && n + 2 < size; i++)
+        n += (size_t)snprintf(out + n, size - n, "%02x", b[i]);
+}
+
+/* Replication: health stays NOT_SERVING until this replica applied the stream up to its
+ * last sequence as seen once the log answers (retrying while it does not). Returns 0 when
+ * caught up, or the stop signal that arrived first. */
+static int wait_caught_up(aff_replog *log, uint64_t start)
+{
+    char from[24];
+    snprintf(from, sizeof from, "%llu", (unsigned long long)start);
+    aff_log_kv(AFF_LOG_INFO, "catching up with the write log", "from sequence", from, NULL);
+    uint64_t target = 0;
+    bool known = false;
+    int64_t last_note = 0;
+    for (int64_t waited = 0;; waited += 100) {
+        struct pollfd pfd = {.fd = stop_pipe_r, .events = POLLIN};
+        if (poll(&pfd, 1, 100) > 0) {
+            int sig = wait_stop_signal();
+            if (sig != SIGHUP) return sig; /* the serving config is read again once serving */
+        }
+        aff_err err;
+        if (!known && replog_stream_ready(log) &&
+            replog_stream_last(log, 2000, &target, &err) == AFF_OK)
+            known = true;
+        if (known && replog_applied(log) >= target) break;
+        if (waited - last_note >= 5000) {
+            last_note = waited;
+            char a[24], t[24];
+            snprintf(a, sizeof a, "%llu", (unsigned long long)replog_applied(log));
+            snprintf(t, sizeof t, "%llu", (unsigned long long)target);
+            aff_log_kv(AFF_LOG_INFO, "still catching up", "applied", a, "target",
+                       known ? t : "(log unreachable)", NULL);
+        }
+    }
+    char a[24];
+    snprintf(a, sizeof a, "%llu", (unsigned long long)replog_applied(log));
+    aff_log_kv(AFF_LOG_INFO, "caught up with the write log", "applied", a, NULL);
+    return 0;
+}
+
 /* Applied events count toward the model's --train-after-events trigger. */
 static void note_events(void *ctx, const char *collection, uint64_t n_applied)
 {
@@ -213,6 +370,10 @@ int main(int argc, char **argv)
     aff_config cfg;
     aff_err err = {0};
     char token[4096] = "";
+    char log_token[4096] = "";
+    aff_replog *replog = NULL;
+    aff_snapshots *snaps = NULL;
+    aff_kafka_in *kafka = NULL;
     aff_store *store = NULL;
     aff_profiles *profiles = NULL;
     aff_widgets *widgets = NULL;
@@ -249,12 +410,22 @@ int main(int argc, char **argv)
 
     aff_log_kv(AFF_LOG_INFO, "affinityd starting", "version", AFF_VERSION_STRING, NULL);
     config_log(&cfg);
-    if (cfg.token_file[0] && read_token(cfg.token_file, token, sizeof token, &err)) goto fail;
+    if (cfg.token_file[0] && read_token("token-file", cfg.token_file, token, sizeof token, &err))
+        goto fail;
+    if (cfg.log_token_file[0] &&
+        read_token("log-token-file", cfg.log_token_file, log_token, sizeof log_token, &err))
+        goto fail;
 
     /* Storage first: a data dir that cannot be used (or is held by another process) stops
      * the start before anything listens. */
-    store_config scfg = {.dir = cfg.data_dir[0] ? cfg.data_dir : NULL};
+    /* With --log the store is a replica of the log: commits skip fsync and the apply thread
+     * syncs once per batch of records before it reports them applied (replog.h); a machine
+     * crash in between is caught by check_boot_marker. */
+    if (cfg.bootstrap_from[0] && bootstrap(&cfg, token, &err)) goto fail;
+    store_config scfg = {.dir = cfg.data_dir[0] ? cfg.data_dir : NULL,
+                         .no_sync = cfg.log_urls[0] != '\0'};
     if (store_create(&store, &scfg, &err)) goto fail;
+    if (cfg.log_urls[0] && cfg.data_dir[0] && check_boot_marker(cfg.data_dir, &err)) goto fail;
     if (!cfg.data_dir[0])
         aff_log(AFF_LOG_WARN, "in memory only: no --data-dir, everything is lost at exit");
     profiles_config pcfg;
@@ -265,6 +436,8 @@ int main(int argc, char **argv)
     config_widgets(&cfg, &wcfg);
     if (widgets_create(&widgets, &wcfg, &err)) goto fail;
     widgets_observer(widgets, &pcfg.observer);
+    /* Replication: every replica applies a record with the record's time as "now". */
+    if (cfg.log_urls[0]) pcfg.now_ms = replog_now_ms;
     if (profiles_create(&profiles, store, &pcfg, &err)) goto fail;
 
     engine_config ecfg = {
@@ -346,7 +519,11 @@ int main(int argc, char **argv)
                              .max_connections = cfg.max_connections,
                              .idle_timeout_ms = cfg.idle_timeout_ms,
                              .handshake_timeout_ms = cfg.handshake_timeout_ms,
-                             .max_header_bytes = cfg.max_header_bytes};
+                             .max_header_bytes = cfg.max_header_bytes,
+                             .store = store,
+                             .log_ack_committed = strcmp(cfg.log_ack, "committed") == 0,
+                             .min_sequence_wait_ms = cfg.min_sequence_wait_ms};
+    if (cfg.log_urls[0]) make_origin(tcfg.log_origin, sizeof tcfg.log_origin);
     if (transport_create(&server, &tcfg, engine, bat, &err)) goto fail;
     char port[16];
     snprintf(port, sizeof port, "%d", transport_port(server));
@@ -390,22 +567,61 @@ int main(int argc, char **argv)
     if (cfg.heap_trim_mib &&
         heap_trimmer_start(&trimmer, 1000, (size_t)cfg.heap_trim_mib << 20, &err))
         goto fail;
-    transport_set_serving(server, true);
-    metrics_set_serving(metrics, true);
-    aff_log(AFF_LOG_INFO, "serving");
-
-    int sig;
-    while ((sig = wait_stop_signal()) == SIGHUP) {
-        /* SIGHUP: re-read the serving config now (a bad file keeps the previous one) */
-        aff_err rerr;
-        if (!cfg.serving_config[0])
-            aff_log(AFF_LOG_WARN, "SIGHUP: no --serving-config to reload");
-        else if (pipeline_reload_presets(pipeline, &rerr))
-            aff_log_kv(AFF_LOG_ERROR, "SIGHUP: serving config not reloaded; the previous one stays",
-                       "error", rerr.msg, NULL);
-        else
-            aff_log_kv(AFF_LOG_INFO, "SIGHUP: serving config reloaded", "path", cfg.serving_config,
-                       NULL);
+    int sig = 0;
+    if (cfg.log_urls[0]) {
+        uint64_t applied = 0;
+        if (store_log_sequence(store, &applied, &err)) goto fail;
+        replog_config rcfg = {.urls = cfg.log_urls,
+                              .stream = cfg.log_stream,
+                              .replicas = (int)cfg.log_replicas,
+                              .creds_file = cfg.log_creds,
+                              .token = log_token,
+                              .tls_ca_file = cfg.log_tls_ca,
+                              .tls_cert_file = cfg.log_tls_cert,
+                              .tls_key_file = cfg.log_tls_key,
+                              .start_sequence = applied,
+                              .dedup_window_s = cfg.log_dedup_window_s,
+                              .apply = transport_log_apply,
+                              .apply_ctx = server,
+                              .sync = sync_store,
+                              .sync_ctx = store};
+        if (replog_create(&replog, &rcfg, &err)) goto fail;
+        transport_set_log(server, replog);
+        sig = wait_caught_up(replog, applied);
+    }
+    if (!sig && cfg.kafka_brokers[0]) {
+        kafka_in_config kcfg = {.brokers = cfg.kafka_brokers,
+                                .topic = cfg.kafka_topic,
+                                .group = cfg.kafka_group,
+                                .collection = cfg.kafka_collection,
+                                .ingest = transport_log_ingest_event,
+                                .ingest_ctx = server};
+        if (kafka_in_start(&kafka, &kcfg, &err)) goto fail;
+    }
+    if (!sig && cfg.snapshot_dir[0]) {
+        snapshots_config sncfg = {.dir = cfg.snapshot_dir,
+                                  .interval_s = cfg.snapshot_interval_s,
+                                  .keep = cfg.snapshot_keep,
+                                  .retain_records = cfg.log_retain_records,
+                                  .log = replog};
+        if (snapshots_start(&snaps, store, &sncfg, &err)) goto fail;
+    }
+    if (!sig) {
+        transport_set_serving(server, true);
+        metrics_set_serving(metrics, true);
+        aff_log(AFF_LOG_INFO, "serving");
+        while ((sig = wait_stop_signal()) == SIGHUP) {
+            /* SIGHUP: re-read the serving config now (a bad file keeps the previous one) */
+            aff_err rerr;
+            if (!cfg.serving_config[0])
+                aff_log(AFF_LOG_WARN, "SIGHUP: no --serving-config to reload");
+            else if (pipeline_reload_presets(pipeline, &rerr))
+                aff_log_kv(AFF_LOG_ERROR, "SIGHUP: serving config not reloaded; the previous one stays",
+                           "error", rerr.msg, NULL);
+            else
+                aff_log_kv(AFF_LOG_INFO, "SIGHUP: serving config reloaded", "path", cfg.serving_config,
+                           NULL);
+        }
     }
     aff_log_kv(AFF_LOG_INFO, "shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                NULL);
@@ -425,7 +641,13 @@ out:
     console_destroy(console);
     heap_trimmer_stop(trimmer);
     retention_stop(keeper);
+    kafka_in_stop(kafka);
+    snapshots_stop(snaps);
+    /* The log's apply thread calls into the transport and the modules: it stops first; the
+     * log itself goes after the transport, whose blocking-work threads may still use it. */
+    replog_stop(replog);
     transport_destroy(server);
+    replog_destroy(replog);
     batcher_destroy(bat);
     pipeline_destroy(pipeline);
     metrics_destroy(metrics);
@@ -440,5 +662,7 @@ out:
     store_destroy(store);
     if (rc == 0) aff_log(AFF_LOG_INFO, "stopped");
     memset(token, 0, sizeof token);
+    memset(log_token, 0, sizeof log_token);
+    if (rc == 0 && cfg.log_urls[0] && cfg.data_dir[0]) remove_boot_marker(cfg.data_dir);
     return rc;
 }

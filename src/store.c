@@ -102,6 +102,7 @@ typedef struct write_req {
     void *ctx;
     int status;
     bool done; /* set by the leader under gc_mu; the caller may return after that */
+    uint64_t log_sequence; /* the write log record this write applies (0: none) */
     aff_err err;
     struct write_req *next;
 } write_req;
@@ -546,6 +547,147 @@ static void fail_group(write_req *group, const aff_err *e)
     }
 }
 
+/* The log sequence the calling thread is applying (store_set_log_sequence). */
+static _Thread_local uint64_t tls_log_sequence;
+
+static const MDB_val log_sequence_key = {.mv_size = 15, .mv_data = "log.applied_seq"};
+
+/* Records the highest log sequence among the group's writes in the group's transaction, so
+ * the sequence and the writes that applied it commit (or vanish) together. */
+static void put_log_sequence(store_txn *t, const write_req *group)
+{
+    uint64_t seq = 0;
+    for (const write_req *r = group; r; r = r->next)
+        if (r->status == AFF_OK && r->log_sequence > seq) seq = r->log_sequence;
+    if (!seq) return;
+    MDB_val k = log_sequence_key, v;
+    uint64_t old = 0;
+    if (mdb_get(t->txn, t->s->dbi[DB_META], &k, &v) == 0 && v.mv_size == sizeof old)
+        memcpy(&old, v.mv_data, sizeof old);
+    if (seq <= old) return;
+    v = (MDB_val){.mv_size = sizeof seq, .mv_data = &seq};
+    int rc = mdb_put(t->txn, t->s->dbi[DB_META], &k, &v, 0);
+    if (rc) mdb_fail(t, NULL, rc, "log sequence");
+}
+
+static int get_log_sequence_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    uint64_t *out = ctx;
+    MDB_val k = log_sequence_key, v;
+    *out = 0;
+    int rc = mdb_get(t->txn, t->s->dbi[DB_META], &k, &v);
+    if (rc == MDB_NOTFOUND) return AFF_OK;
+    if (rc) return mdb_fail(t, err, rc, "read log sequence");
+    if (v.mv_size == sizeof *out) memcpy(out, v.mv_data, sizeof *out);
+    return AFF_OK;
+}
+
+/* Copies every live record of the source read transaction into the empty environment dst
+ * with MDB_APPEND (keys arrive in order), committing every STORE_COPY_BATCH records. */
+#define STORE_COPY_BATCH 20000
+
+static int copy_records(aff_store *s, MDB_txn *src, MDB_env *dst, aff_err *err)
+{
+    MDB_txn *w = NULL;
+    MDB_cursor *cur = NULL;
+    int rc = mdb_txn_begin(dst, NULL, 0, &w);
+    for (int i = 0; rc == 0 && i < DB_COUNT; i++) {
+        MDB_dbi to;
+        if ((rc = mdb_dbi_open(w, db_names[i], MDB_CREATE, &to))) break;
+        if ((rc = mdb_cursor_open(src, s->dbi[i], &cur))) break;
+        MDB_val k, v;
+        size_t n = 0;
+        for (int op = MDB_FIRST; (rc = mdb_cursor_get(cur, &k, &v, op)) == 0; op = MDB_NEXT) {
+            if ((rc = mdb_put(w, to, &k, &v, MDB_APPEND))) break;
+            if (++n % STORE_COPY_BATCH == 0) {
+                if ((rc = mdb_txn_commit(w)) || (rc = mdb_txn_begin(dst, NULL, 0, &w))) {
+                    w = NULL;
+                    break;
+                }
+            }
+        }
+        mdb_cursor_close(cur);
+        cur = NULL;
+        if (rc == MDB_NOTFOUND) rc = 0;
+    }
+    if (w && rc == 0) {
+        rc = mdb_txn_commit(w);
+        w = NULL;
+    }
+    if (w) mdb_txn_abort(w);
+    return rc ? mdb_fail(NULL, err, rc, "snapshot copy") : AFF_OK;
+}
+
+int store_snapshot(aff_store *s, const char *path, uint64_t *seq, aff_err *err)
+{
+    int status = AFF_OK;
+    MDB_env *dst = NULL;
+    store_txn t = {.s = s};
+    *seq = 0;
+    unlink(path);
+    MDB_envinfo info;
+    int rc = mdb_env_create(&dst);
+    if (!rc) rc = mdb_env_set_maxdbs(dst, DB_COUNT + 2);
+    if (!rc) rc = mdb_env_info(s->env, &info);
+    if (!rc) rc = mdb_env_set_mapsize(dst, info.me_mapsize);
+    if (!rc) rc = mdb_env_open(dst, path, MDB_NOSUBDIR | MDB_NOLOCK | MDB_NOSYNC, 0600);
+    if (rc) {
+        status = aff__fail(err, AFF_EIO, "snapshot: cannot create '%s': %s", path,
+                           mdb_strerror(rc));
+        goto out;
+    }
+    /* One read transaction: the copy is the state at one log sequence. Holding the resize
+     * lock keeps the map from being grown under it (as store_view does). */
+    pthread_rwlock_rdlock(&s->resize_lock);
+    rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &t.txn);
+    if (rc) {
+        pthread_rwlock_unlock(&s->resize_lock);
+        status = mdb_fail(NULL, err, rc, "snapshot read");
+        goto out;
+    }
+    status = get_log_sequence_fn(&t, seq, err);
+    if (!status) status = copy_records(s, t.txn, dst, err);
+    mdb_txn_abort(t.txn);
+    pthread_rwlock_unlock(&s->resize_lock);
+    if (!status && (rc = mdb_env_sync(dst, 1)))
+        status = aff__fail(err, AFF_EIO, "snapshot: sync '%s': %s", path, mdb_strerror(rc));
+out:
+    if (dst) mdb_env_close(dst);
+    if (status) unlink(path);
+    return status;
+}
+
+int store_sync(aff_store *s, aff_err *err)
+{
+    int rc = mdb_env_sync(s->env, 1);
+    return rc ? mdb_fail(NULL, err, rc, "sync") : AFF_OK;
+}
+
+void store_set_log_sequence(uint64_t seq)
+{
+    tls_log_sequence = seq;
+}
+
+int store_log_sequence(aff_store *s, uint64_t *out, aff_err *err)
+{
+    return store_view(s, get_log_sequence_fn, out, err);
+}
+
+static int put_log_sequence_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    (void)t, (void)ctx, (void)err;
+    return AFF_OK;
+}
+
+int store_mark_log_sequence(aff_store *s, uint64_t seq, aff_err *err)
+{
+    uint64_t saved = tls_log_sequence;
+    tls_log_sequence = seq;
+    int rc = store_update(s, put_log_sequence_fn, NULL, err);
+    tls_log_sequence = saved;
+    return rc;
+}
+
 /* Runs a group of writes in one transaction and one durable commit. A request whose callback
  * fails is taken out of the group and the transaction is run again without it, so its writes
  * leave no trace and the others still commit (callbacks are re-runnable by contract; failing
@@ -582,6 +724,17 @@ static void run_group(aff_store *s, write_req *group)
             }
             any = true;
         }
+        if (!retry && any) {
+            put_log_sequence(&t, group);
+            if (t.mdb_rc && t.mdb_rc != MDB_MAP_FULL) {
+                mdb_txn_abort(t.txn);
+                pthread_rwlock_unlock(&s->resize_lock);
+                mdb_fail(NULL, &e, t.mdb_rc, "log sequence");
+                fail_group(group, &e);
+                return;
+            }
+            retry = t.mdb_rc == MDB_MAP_FULL;
+        }
         if (retry || !any) {
             mdb_txn_abort(t.txn);
             pthread_rwlock_unlock(&s->resize_lock);
@@ -611,7 +764,7 @@ static void run_group(aff_store *s, write_req *group)
 
 int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
 {
-    write_req req = {.fn = fn, .ctx = ctx};
+    write_req req = {.fn = fn, .ctx = ctx, .log_sequence = tls_log_sequence};
     pthread_mutex_lock(&s->gc_mu);
     if (s->gc_tail)
         s->gc_tail->next = &req;

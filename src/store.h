@@ -85,6 +85,27 @@ typedef int (*store_txn_fn)(store_txn *txn, void *ctx, aff_err *err);
  * reset any output it writes into ctx and have no other side effects. fn's writes are
  * discarded when it returns an error; err receives its message. */
 int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);
+/* Replication (docs/replication.md): the write-log sequence the calling thread is applying;
+ * every store_update made on this thread until the next call commits the highest such
+ * sequence in the same transaction as its writes (key "log.applied_seq" in the meta
+ * database), so the applied sequence and the writes that applied it are durable together.
+ * 0: writes carry no sequence (single-node mode, and every thread but the log's apply
+ * thread). */
+void store_set_log_sequence(uint64_t seq);
+/* Writes a consistent, compact copy of the whole store to path (one LMDB file), synced;
+ * *seq: the log sequence applied in that copy (0 without --log). A replica started on the
+ * copy (as <data-dir>/data.mdb) replays the log from seq + 1. The copy is rebuilt record by
+ * record from one read transaction (MDB_APPEND), not page by page: LMDB pages keep bytes
+ * of deleted records (free gaps, branch separator keys), and an erased user must not be
+ * readable from a snapshot. Runs beside readers and writers. On failure path is removed. */
+int store_snapshot(aff_store *s, const char *path, uint64_t *seq, aff_err *err);
+/* Flushes every commit so far to disk (for stores opened with no_sync: a replica applying
+ * the write log syncs once per batch of records, before it reports them applied). */
+int store_sync(aff_store *s, aff_err *err);
+/* Records seq as applied in a commit of its own (a record that wrote nothing). */
+int store_mark_log_sequence(aff_store *s, uint64_t seq, aff_err *err);
+/* The last applied log sequence committed (0: none). */
+int store_log_sequence(aff_store *s, uint64_t *out, aff_err *err);
 /* Runs fn in one read transaction (a consistent snapshot). */
 int store_view(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);
 /* The txn's store, e.g. to read its configuration. */

@@ -128,11 +128,40 @@ static void start_batch(tcall *c, const grpc_op *ops, size_t n, ttag *tag)
     }
 }
 
-void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp)
+/* A call applied from the write log keeps its answer (transport_log.c). */
+static void capture_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp)
+{
+    tcapture *cap = c->capture;
+    c->finished = true;
+    cap->code = grpc_code;
+    snprintf(cap->msg, sizeof cap->msg, "%s", msg ? msg : "");
+    if (grpc_code == 0 && resp) {
+        cap->len = protobuf_c_message_get_packed_size(resp);
+        cap->bytes = malloc(cap->len ? cap->len : 1);
+        if (!cap->bytes) {
+            cap->code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+            snprintf(cap->msg, sizeof cap->msg, "out of memory encoding the response");
+            cap->len = 0;
+        } else {
+            protobuf_c_message_pack(resp, cap->bytes);
+        }
+    }
+}
+
+/* Answers the call once: bb (taken; NULL: no message) when grpc_code is 0, else the status.
+ * A call applied from the write log keeps resp in its capture instead. */
+static void finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp,
+                   grpc_byte_buffer *bb)
 {
     pthread_mutex_lock(&c->mu);
+    if (c->capture && !c->finished) {
+        capture_finish(c, grpc_code, msg, resp);
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
     if (c->finished) {
         pthread_mutex_unlock(&c->mu);
+        if (bb) grpc_byte_buffer_destroy(bb);
         return;
     }
     c->finished = true;
@@ -143,8 +172,9 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
         c->sent_initial_md = true;
         ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     }
-    if (grpc_code == 0 && resp) {
-        c->send_bb = transport__pack(resp);
+    if (grpc_code == 0 && resp && !bb) bb = transport__pack(resp);
+    if (grpc_code == 0 && (resp || bb)) {
+        c->send_bb = bb;
         if (!c->send_bb) {
             grpc_code = GRPC_STATUS_RESOURCE_EXHAUSTED;
             msg = "out of memory encoding the response";
@@ -152,6 +182,8 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
             ops[n].op = GRPC_OP_SEND_MESSAGE;
             ops[n++].data.send_message.send_message = c->send_bb;
         }
+    } else if (bb) {
+        grpc_byte_buffer_destroy(bb);
     }
     grpc_slice_unref(c->status_details);
     c->status_details = grpc_slice_from_copied_string(msg ? msg : "");
@@ -175,6 +207,19 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
         aff_log_kv(AFF_LOG_DEBUG, "call failed", "method", c->def ? c->def->path : "(unknown)",
                    "status", msg ? msg : "", NULL);
     start_batch(c, ops, n, &c->t_final);
+}
+
+void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessage *resp)
+{
+    finish(c, grpc_code, msg, resp, NULL);
+}
+
+void tcall_finish_packed(tcall *c, const uint8_t *bytes, size_t len)
+{
+    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)bytes, len);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    finish(c, 0, NULL, NULL, bb);
 }
 
 void tcall_set_trailer(tcall *c, const char *key, const char *value)
@@ -422,6 +467,8 @@ static void on_request(void *arg, bool ok)
         } else if (c->key && c->key->collections &&
                    !request_in_scope(c, c->req, amsg, sizeof amsg)) {
             tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED, amsg, NULL);
+        } else if (t->cfg.log && transport__log_route(c)) {
+            /* taken by the write log (transport_log.c) */
         } else if (c->def->blocking) {
             transport__defer(c, run_unary);
         } else {
@@ -620,6 +667,10 @@ int transport_create(transport **out, const transport_config *cfg, aff_engine *e
     atomic_init(&t->closing, false);
     t->shutdown_tag = (ttag){on_shutdown, t};
     if ((rc = transport__auth_create(&t->auth, cfg->token, cfg->tokens_file, err))) goto out;
+    if (cfg->log_origin[0] && transport__log_init(t)) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory creating the server");
+        goto out;
+    }
     t->n_threads = cfg->threads ? cfg->threads : 1;
     t->cqs = calloc(t->n_threads, sizeof *t->cqs);
     t->threads = calloc(t->n_threads, sizeof *t->threads);
@@ -777,6 +828,11 @@ int transport_port(const transport *t)
     return t->port;
 }
 
+void transport_set_log(transport *t, aff_replog *log)
+{
+    t->cfg.log = log;
+}
+
 void transport_set_serving(transport *t, bool serving)
 {
     atomic_store(&t->serving, serving);
@@ -784,7 +840,9 @@ void transport_set_serving(transport *t, bool serving)
 
 bool transport__serving(const transport *t)
 {
-    return atomic_load(&t->serving) && !atomic_load(&t->draining);
+    /* replication: a replica that lost records to a truncation serves stale answers only */
+    return atomic_load(&t->serving) && !atomic_load(&t->draining) &&
+           !(t->cfg.log && replog_needs_bootstrap(t->cfg.log));
 }
 
 static bool wait_shutdown(transport *t, int64_t until_ns)
@@ -869,6 +927,7 @@ void transport_destroy(transport *t)
     free(t->registered);
     free(t->metric_ids);
     transport__auth_destroy(t->auth);
+    transport__log_fini(t);
     pthread_cond_destroy(&t->cv);
     pthread_mutex_destroy(&t->mu);
     pthread_cond_destroy(&t->jobs_cv);

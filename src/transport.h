@@ -31,6 +31,8 @@
 #include "model.h"
 #include "pipeline.h"
 #include "profiles.h"
+#include "replog.h"
+#include "store.h"
 #include "status.h"
 
 typedef struct transport transport;
@@ -64,7 +66,28 @@ typedef struct transport_config {
     uint32_t idle_timeout_ms;      /* 0: 300000 */
     uint32_t handshake_timeout_ms; /* 0: 10000 */
     uint32_t max_header_bytes;     /* request metadata limit; 0: 65536 */
+    /* Replication (docs/replication.md): writes go through this write log and are applied
+     * by transport__log_apply on its thread; NULL: single-node mode. Borrowed; create the
+     * log after the transport and destroy it before. */
+    aff_replog *log;
+    aff_store *store;              /* GetSnapshot copies it; NULL: GetSnapshot unsupported */
+    bool log_ack_committed;        /* answer writes once committed, not once applied here */
+    uint32_t min_sequence_wait_ms; /* the longest wait for min_log_sequence; 0: 1000 */
+    char log_origin[40];           /* this process's id in the records it publishes */
 } transport_config;
+/* Sets the write log after creation (the log's apply thread calls into the transport). */
+void transport_set_log(transport *t, aff_replog *log);
+/* The write log's apply callback (replog_apply_fn), ctx the transport: decodes one record
+ * and applies it with the handler single-node mode runs (transport_log.c). Needs
+ * cfg.log_origin set at creation. */
+void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t len);
+/* Publishes one behaviour event as a PutEvents record (ctx the transport, with the log set):
+ * type is a built-in name (view, click, add_to_cart or cart, purchase; any case) or a custom
+ * type; request_id deduplicates. Returns once the stream committed it (*seq), not once
+ * applied; AFF_EUNAVAILABLE when the log did not commit it. For the Kafka consumer. */
+int transport_log_ingest_event(void *ctx, const char *collection, const char *user_id,
+                               const char *item_id, const char *type, int64_t timestamp_ms,
+                               double value, const char *request_id, uint64_t *seq, aff_err *err);
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad
  * address, port taken, unreadable TLS files), AFF_ENOMEM. cfg is copied. */

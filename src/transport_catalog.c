@@ -210,6 +210,7 @@ typedef struct upsert_state {
     char collection[AFF_MAX_NAME_LEN + 1];
     uint64_t upserted;
     uint64_t batches;
+    uint64_t log_sequence; /* replication: the last record's sequence (0 without --log) */
     bool recv_ok;              /* the receive handed to upsert_work (one at a time) */
     grpc_byte_buffer *recv_bb; /* owned until upsert_work takes it */
 } upsert_state;
@@ -226,6 +227,7 @@ static void upsert_finish(tcall *c, int code, const char *msg)
     }
     Affinity__V1__UpsertItemsResponse resp = AFFINITY__V1__UPSERT_ITEMS_RESPONSE__INIT;
     resp.upserted_count = st->upserted;
+    resp.log_sequence = st->log_sequence;
     tcall_finish(c, 0, NULL, &resp.base);
 }
 
@@ -247,6 +249,138 @@ static size_t distinct_ids(const aff_item *items, size_t n)
         m += strcmp(ids[i], ids[i - 1]) != 0;
     free(ids);
     return m;
+}
+
+/* Applies one UpsertItemsRequest to collection (engine, then one store commit): the part
+ * of an UpsertItems stream message that single-node mode runs where the call arrives and log
+ * mode runs on every replica's apply thread. batch and upserted_before only word messages.
+ * Returns 0 and *n_upserted (distinct ids), or a gRPC code with msg set. */
+static int upsert_apply(transport *t, const char *collection,
+                        const Affinity__V1__UpsertItemsRequest *r, uint64_t batch,
+                        uint64_t upserted_before, char *msg, size_t msg_size, uint64_t *n_upserted)
+{
+    int code = 0;
+    aff_item *items = NULL;
+    float *linked = NULL; /* derived vectors of linked items */
+    items = transport__calloc(r->n_items, sizeof *items);
+    if (!items) {
+        snprintf(msg, msg_size, "out of memory reading %zu items", r->n_items);
+        code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        goto out;
+    }
+    for (size_t i = 0; i < r->n_items; i++) {
+        const Affinity__V1__Item *it = r->items[i];
+        items[i] = (aff_item){.id = it->id,
+                              .vector = it->vector,
+                              .dim = (uint32_t)it->n_vector,
+                              .attrs.category = it->category,
+                              .attrs.tags = (const char *const *)it->tags,
+                              .attrs.n_tags = (uint32_t)it->n_tags,
+                              .attrs.price = it->price,
+                              .attrs.available = it->available_set ? it->available : true};
+    }
+    aff_err err;
+    /* Linked items without a vector: derived from what they link to (the catalog decides). */
+    size_t n_linked = 0;
+    for (size_t i = 0; i < r->n_items; i++)
+        n_linked += r->items[i]->n_vector == 0 && r->items[i]->n_linked_ids;
+    if (n_linked) {
+        uint32_t dim;
+        if (engine_collection_dim(t->engine, collection, &dim, &err)) {
+            snprintf(msg, msg_size, "message %llu: %s", (unsigned long long)batch, err.msg);
+            code = aff_status_grpc_code(err.code);
+            goto out;
+        }
+        if (!(linked = transport__calloc(n_linked * dim, sizeof *linked))) {
+            snprintf(msg, msg_size, "out of memory deriving linked vectors");
+            code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+            goto out;
+        }
+        for (size_t i = 0, l = 0; i < r->n_items; i++) {
+            const Affinity__V1__Item *it = r->items[i];
+            if (it->n_vector || !it->n_linked_ids) continue;
+            char field[32];
+            snprintf(field, sizeof field, "items[%zu]", i);
+            const char *lc = it->linked_collection[0] ? it->linked_collection : collection;
+            if (catalog_link_vector(t->cfg.catalog, lc, (const char *const *)it->linked_ids,
+                                    it->n_linked_ids, dim, field, linked + l * dim, &err)) {
+                snprintf(msg, msg_size, "message %llu: %s; %llu items applied before it",
+                         (unsigned long long)batch, err.msg,
+                         (unsigned long long)upserted_before);
+                code = aff_status_grpc_code(err.code);
+                goto out;
+            }
+            items[i].vector = linked + l * dim;
+            items[i].dim = dim;
+            l++;
+        }
+    }
+    uint32_t coll_dim;
+    if (!r->n_items && engine_collection_dim(t->engine, collection, &coll_dim, &err)) {
+        snprintf(msg, msg_size, "message %llu: %s", (unsigned long long)batch, err.msg);
+        code = aff_status_grpc_code(err.code);
+        goto out;
+    }
+    if (r->n_items && catalog_upsert(t->cfg.catalog, collection, items, r->n_items, &err)) {
+        snprintf(msg, msg_size, "message %llu: %s; %llu items applied before it",
+                 (unsigned long long)batch, err.msg, (unsigned long long)upserted_before);
+        code = aff_status_grpc_code(err.code);
+        goto out;
+    }
+    *n_upserted = distinct_ids(items, r->n_items); /* a repeated id is one item */
+out:
+    free(items);
+    free(linked);
+    return code;
+}
+
+void transport__apply_upsert_items(tcall *c, ProtobufCMessage *msg)
+{
+    const Affinity__V1__UpsertItemsRequest *r = (void *)msg;
+    char why[512];
+    uint64_t n = 0;
+    int code = upsert_apply(c->t, r->collection, r, 0, 0, why, sizeof why, &n);
+    if (code) {
+        tcall_finish(c, code, why, NULL);
+        return;
+    }
+    Affinity__V1__UpsertItemsResponse resp = AFFINITY__V1__UPSERT_ITEMS_RESPONSE__INIT;
+    resp.upserted_count = n;
+    tcall_finish(c, 0, NULL, &resp.base);
+}
+
+/* Log mode: one stream message becomes one UpsertItems record naming the collection; the
+ * answer comes back from this replica's apply. Returns a gRPC code with msg set on failure. */
+static int upsert_through_log(tcall *c, Affinity__V1__UpsertItemsRequest *r, char *msg,
+                              size_t msg_size, uint64_t *n_upserted)
+{
+    upsert_state *st = c->state;
+    char *saved = r->collection;
+    r->collection = st->collection;
+    tcapture cap;
+    uint64_t seq = 0;
+    char why[512];
+    int rc = transport__log_write(c, "UpsertItems", &r->base, &cap, &seq, why, sizeof why);
+    r->collection = saved;
+    if (rc) {
+        snprintf(msg, msg_size, "message %llu: %.400s; %llu items applied before it",
+                 (unsigned long long)st->batches, why, (unsigned long long)st->upserted);
+        return aff_status_grpc_code(rc);
+    }
+    int code = cap.code;
+    *n_upserted = 0;
+    if (code) {
+        snprintf(msg, msg_size, "message %llu: %.400s; %llu items applied before it",
+                 (unsigned long long)st->batches, cap.msg, (unsigned long long)st->upserted);
+    } else if (cap.bytes) {
+        Affinity__V1__UpsertItemsResponse *resp =
+            affinity__v1__upsert_items_response__unpack(NULL, cap.len, cap.bytes);
+        if (resp) *n_upserted = resp->upserted_count;
+        if (resp) affinity__v1__upsert_items_response__free_unpacked(resp, NULL);
+    }
+    if (!code && seq > st->log_sequence) st->log_sequence = seq;
+    transport__capture_free(&cap);
+    return code;
 }
 
 /* One stream message: applied durably (engine, then one store commit) before the next is
@@ -288,8 +422,6 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
         return;
     }
     int code = 0;
-    aff_item *items = NULL;
-    float *linked = NULL; /* derived vectors of linked items */
     if (r->collection[0]) {
         if (st->collection[0] && strcmp(st->collection, r->collection) != 0) {
             snprintf(msg, sizeof msg,
@@ -310,76 +442,15 @@ static void upsert_message(tcall *c, bool ok, grpc_byte_buffer *bb)
         code = GRPC_STATUS_INVALID_ARGUMENT;
         goto out;
     }
-    items = transport__calloc(r->n_items, sizeof *items);
-    if (!items) {
-        snprintf(msg, sizeof msg, "out of memory reading %zu items", r->n_items);
-        code = GRPC_STATUS_RESOURCE_EXHAUSTED;
-        goto out;
-    }
-    for (size_t i = 0; i < r->n_items; i++) {
-        const Affinity__V1__Item *it = r->items[i];
-        items[i] = (aff_item){.id = it->id,
-                              .vector = it->vector,
-                              .dim = (uint32_t)it->n_vector,
-                              .attrs.category = it->category,
-                              .attrs.tags = (const char *const *)it->tags,
-                              .attrs.n_tags = (uint32_t)it->n_tags,
-                              .attrs.price = it->price,
-                              .attrs.available = it->available_set ? it->available : true};
-    }
-    aff_err err;
-    /* Linked items without a vector: derived from what they link to (the catalog decides). */
-    size_t n_linked = 0;
-    for (size_t i = 0; i < r->n_items; i++)
-        n_linked += r->items[i]->n_vector == 0 && r->items[i]->n_linked_ids;
-    if (n_linked) {
-        uint32_t dim;
-        if (engine_collection_dim(c->t->engine, st->collection, &dim, &err)) {
-            snprintf(msg, sizeof msg, "message %llu: %s", (unsigned long long)st->batches, err.msg);
-            code = aff_status_grpc_code(err.code);
-            goto out;
-        }
-        if (!(linked = transport__calloc(n_linked * dim, sizeof *linked))) {
-            snprintf(msg, sizeof msg, "out of memory deriving linked vectors");
-            code = GRPC_STATUS_RESOURCE_EXHAUSTED;
-            goto out;
-        }
-        for (size_t i = 0, l = 0; i < r->n_items; i++) {
-            const Affinity__V1__Item *it = r->items[i];
-            if (it->n_vector || !it->n_linked_ids) continue;
-            char field[32];
-            snprintf(field, sizeof field, "items[%zu]", i);
-            const char *lc = it->linked_collection[0] ? it->linked_collection : st->collection;
-            if (catalog_link_vector(c->t->cfg.catalog, lc, (const char *const *)it->linked_ids,
-                                    it->n_linked_ids, dim, field, linked + l * dim, &err)) {
-                snprintf(msg, sizeof msg, "message %llu: %s; %llu items applied before it",
-                         (unsigned long long)st->batches, err.msg,
-                         (unsigned long long)st->upserted);
-                code = aff_status_grpc_code(err.code);
-                goto out;
-            }
-            items[i].vector = linked + l * dim;
-            items[i].dim = dim;
-            l++;
-        }
-    }
-    uint32_t coll_dim;
-    if (!r->n_items && engine_collection_dim(c->t->engine, st->collection, &coll_dim, &err)) {
-        snprintf(msg, sizeof msg, "message %llu: %s", (unsigned long long)st->batches, err.msg);
-        code = aff_status_grpc_code(err.code);
-        goto out;
-    }
-    if (r->n_items && catalog_upsert(c->t->cfg.catalog, st->collection, items, r->n_items, &err)) {
-        snprintf(msg, sizeof msg, "message %llu: %s; %llu items applied before it",
-                 (unsigned long long)st->batches, err.msg, (unsigned long long)st->upserted);
-        code = aff_status_grpc_code(err.code);
-        goto out;
-    }
-    st->upserted += distinct_ids(items, r->n_items); /* a repeated id is one item */
+    uint64_t n = 0;
+    if (c->t->cfg.log)
+        code = upsert_through_log(c, r, msg, sizeof msg, &n);
+    else
+        code = upsert_apply(c->t, st->collection, r, st->batches, st->upserted, msg, sizeof msg, &n);
+    if (code) goto out;
+    st->upserted += n;
     st->batches++;
 out:
-    free(items);
-    free(linked);
     protobuf_c_message_free_unpacked(&r->base, NULL);
     if (code)
         upsert_finish(c, code, msg);

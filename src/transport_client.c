@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
@@ -481,4 +482,58 @@ void transport_item_to_pb(const item_record *r, char **tag_ptrs, Affinity__V1__I
     out->tags = tag_ptrs;
     for (uint32_t t = 0; t < r->n_tags; t++)
         tag_ptrs[t] = (char *)r->tags[t];
+}
+
+/* ---- replication: bootstrap from a peer's snapshot ------------------------------------- */
+
+int transport_client_fetch_snapshot(transport_client *c, const char *path, uint64_t *seq,
+                                    transport_call_status *status, aff_err *err)
+{
+    transport_client_stream *s = NULL;
+    int rc = 0;
+    *seq = 0;
+    local_status(status, 0, "");
+    FILE *f = fopen(path, "wb");
+    if (!f) return aff__fail(err, AFF_EIO, "cannot create '%s': %s", path, strerror(errno));
+    uint64_t got = 0, total = 0;
+    bool first = true;
+    Affinity__V1__GetSnapshotRequest req = AFFINITY__V1__GET_SNAPSHOT_REQUEST__INIT;
+    if ((rc = transport_client_stream_open(c, "/affinity.v1.Affinity/GetSnapshot", 0, &s, err)) ||
+        (rc = transport_client_stream_send(s, &req.base, err)) ||
+        (rc = transport_client_stream_close_send(s, err)))
+        goto finish;
+    for (;;) {
+        ProtobufCMessage *m = NULL;
+        int n = transport_client_stream_recv(s, &affinity__v1__snapshot_chunk__descriptor, &m, err);
+        if (n <= 0) {
+            rc = n;
+            break;
+        }
+        const Affinity__V1__SnapshotChunk *ch = (const void *)m;
+        if (first) {
+            *seq = ch->log_sequence;
+            total = ch->total_bytes;
+            first = false;
+        }
+        if (ch->data.len && fwrite(ch->data.data, 1, ch->data.len, f) != ch->data.len)
+            rc = aff__fail(err, AFF_EIO, "writing '%s': %s", path, strerror(errno));
+        got += ch->data.len;
+        transport_client_free(m);
+        if (rc) break;
+    }
+finish:
+    if (s) {
+        int frc = transport_client_stream_finish(s, NULL, NULL, status);
+        if (!rc && frc)
+            rc = aff__fail(err, frc, "GetSnapshot: %s", status ? status->message : "failed");
+    }
+    transport_client_stream_destroy(s);
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0)
+        if (!rc) rc = aff__fail(err, AFF_EIO, "writing '%s': %s", path, strerror(errno));
+    fclose(f);
+    if (!rc && (first || got != total))
+        rc = aff__fail(err, AFF_EIO, "GetSnapshot: received %llu of %llu bytes",
+                       (unsigned long long)got, (unsigned long long)total);
+    if (rc) unlink(path);
+    return rc;
 }

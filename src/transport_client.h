@@ -131,6 +131,11 @@ int transport_client_stream_finish(transport_client_stream *s,
 /* Cancels the call if it is still running and frees the stream. NULL: no-op. */
 void transport_client_stream_destroy(transport_client_stream *s);
 
+/* Replication: fetches the server's GetSnapshot stream into the file path (created,
+ * fsynced; removed on failure); *seq: the log sequence the copy holds. */
+int transport_client_fetch_snapshot(transport_client *c, const char *path, uint64_t *seq,
+                                    transport_call_status *status, aff_err *err);
+
 /* Maps a gRPC status code to the aff_status the functions above return (0 for OK). */
 int transport_client_status_to_aff(int grpc_code);
 

@@ -263,6 +263,13 @@ static void import_state_free(void *p)
 
 void transport__import_events(tcall *c)
 {
+    if (c->t->cfg.log) { /* replication: imports have no log record yet */
+        tcall_finish(c, aff_status_grpc_code(AFF_EPRECONDITION),
+                     "ImportEvents is not replicated through the write log yet; with --log "
+                     "send history as PutEvents (docs/replication.md)",
+                     NULL);
+        return;
+    }
     import_state *st = calloc(1, sizeof *st);
     if (!st) {
         tcall_finish(c, aff_status_grpc_code(AFF_ENOMEM), "out of memory starting an import", NULL);

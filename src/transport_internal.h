@@ -29,6 +29,16 @@
 
 typedef struct tcall tcall;
 
+/* Replication: where a call applied from the write log leaves its answer instead of sending
+ * it (transport_log.c). code is the gRPC status; bytes (malloc'd, owned by the capture) the
+ * serialized response when code is 0. */
+typedef struct tcapture {
+    int code;
+    char msg[512];
+    uint8_t *bytes;
+    size_t len;
+} tcapture;
+
 /* A completion-queue tag: every event's tag points at one of these. */
 typedef struct ttag {
     void (*fn)(void *arg, bool ok);
@@ -78,6 +88,7 @@ struct tcall {
     void (*state_free)(void *state);
     void (*on_recv)(tcall *c, bool ok, grpc_byte_buffer *bb); /* streaming: takes bb */
     void (*on_send)(tcall *c, bool ok);
+    tcapture *capture; /* replication: a call applied from the log answers into this */
 };
 
 /* Work waiting for a blocking-work thread. */
@@ -119,6 +130,7 @@ struct transport {
     pthread_cond_t jobs_cv;
     tjob *jobs_head, *jobs_tail;
     bool jobs_stop; /* workers finish the queue, then exit */
+    struct tlog_results *log_results; /* replication: answers of this replica's records */
 };
 
 /* The affinity.v1 and health method table (transport_rpc.c). */
@@ -133,6 +145,8 @@ void tcall_finish(tcall *c, int grpc_code, const char *msg, const ProtobufCMessa
 /* Sends key: value (key a static lower-case string) as trailing metadata with the call's
  * status, e.g. a count a client needs on failure too. Call before tcall_finish. */
 void tcall_set_trailer(tcall *c, const char *key, const char *value);
+/* tcall_finish with an already serialized response (code 0). */
+void tcall_finish_packed(tcall *c, const uint8_t *bytes, size_t len);
 /* tcall_finish with the gRPC code of err->code and err->msg. */
 void tcall_fail(tcall *c, const aff_err *err);
 /* Streaming: starts receiving the next message; c->on_recv runs with it (NULL at the end of
@@ -144,6 +158,30 @@ bool tcall_send(tcall *c, const ProtobufCMessage *msg);
 /* Runs fn(c) on a blocking-work thread, holding a reference on c until fn returned. Jobs run
  * in FIFO order; fn answers the call (or drives its stream) as a handler would. */
 void transport__defer(tcall *c, void (*fn)(tcall *c));
+/* ---- replication (transport_log.c, docs/replication.md) ---- */
+/* With --log: takes a decoded unary call that must go through the write log (a write), be
+ * refused in log mode, or wait for min_log_sequence; true when it took the call. Runs on the
+ * completion-queue thread. */
+bool transport__log_route(tcall *c);
+/* With --log: publishes req (method's request) as one log record and waits for the stream
+ * (and, with --log-ack applied, this replica's apply) within the call's deadline; out gets
+ * the applied answer, *seq the sequence. Returns 0 or a negative aff_status with msg set. */
+int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *req,
+                         tcapture *out, uint64_t *seq, char *msg, size_t msg_size);
+/* Appends log_sequence (field 110) to a serialized response in place; false: no memory. */
+bool transport__append_log_sequence(tcapture *cap, uint64_t seq);
+void transport__capture_free(tcapture *cap);
+/* GetSnapshot (server streaming, admin role): a compacted copy of the store in chunks. */
+void transport__rpc_get_snapshot(tcall *c);
+/* Apply lag percentiles over the last records applied (ms); 0 before any. */
+void transport__log_lag(transport *t, double *p50, double *p99);
+/* Creates and frees t->log_results (with --log); 0 or AFF_ENOMEM. */
+int transport__log_init(transport *t);
+void transport__log_fini(transport *t);
+/* Applies one UpsertItemsRequest that names its collection (transport_catalog.c), answering
+ * an UpsertItemsResponse: the apply side of UpsertItems records. */
+void transport__apply_upsert_items(tcall *c, ProtobufCMessage *msg);
+
 /* Health: SERVING (catalog loaded and not draining). */
 bool transport__serving(const transport *t);
 /* Whether the call's key may use collection (true without authentication or for a key of

@@ -97,6 +97,12 @@ static void rpc_get_server_info(tcall *c, ProtobufCMessage *msg)
         info.widget_neighbours = ws.neighbours;
         info.widget_memory_bytes = ws.bytes;
     }
+    if (t->cfg.log) { /* replication */
+        info.log_enabled = true;
+        info.log_applied_sequence = replog_applied(t->cfg.log);
+        info.log_last_sequence = replog_last_known(t->cfg.log);
+        transport__log_lag(t, &info.log_apply_lag_p50_ms, &info.log_apply_lag_p99_ms);
+    }
     tcall_finish(c, 0, NULL, &info.base);
 }
 
@@ -169,6 +175,7 @@ const tmethod_def transport__methods[] = {
     UNARY("GetExperiment", get_experiment_request, transport__rpc_get_experiment),
     UNARY("ListExperiments", list_experiments_request, transport__rpc_list_experiments),
     BLOCKING("StopExperiment", stop_experiment_request, transport__rpc_stop_experiment),
+    STREAM("GetSnapshot", transport__rpc_get_snapshot), /* replication: transport_log.c */
     {"/grpc.health.v1.Health/Check", &grpc__health__v1__health_check_request__descriptor, true,
      false, rpc_health_check, NULL},
     {"/grpc.health.v1.Health/Watch", NULL, true, false, NULL, rpc_health_watch},

@@ -559,3 +559,86 @@ Test(store, concurrent_writes_commit_together_and_fail_alone)
     }
     store_destroy(s);
 }
+
+/* ---- replication: the applied log sequence and snapshots (issue 15) ---- */
+
+static bool file_contains(const char *path, const char *needle)
+{
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "%s", path);
+    size_t n = strlen(needle), cap = 1 << 20, len = 0;
+    char *buf = malloc(cap);
+    for (size_t r; (r = fread(buf + len, 1, cap - len, f)) > 0;) {
+        len += r;
+        if (len == cap) buf = realloc(buf, cap *= 2);
+    }
+    fclose(f);
+    bool found = false;
+    for (size_t i = 0; i + n <= len && !found; i++)
+        found = memcmp(buf + i, needle, n) == 0;
+    free(buf);
+    return found;
+}
+
+Test(store, log_sequence_commits_with_the_writes_of_its_thread)
+{
+    aff_store *s = open_store(0);
+    uint64_t seq = 99;
+    aff_err err = {0};
+    cr_assert_eq(store_log_sequence(s, &seq, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(seq, 0);
+    store_set_log_sequence(7);
+    add_collection(s, "a", 4);
+    store_set_log_sequence(0);
+    add_collection(s, "b", 4); /* a write that applies no record leaves the sequence */
+    cr_assert_eq(store_log_sequence(s, &seq, &err), AFF_OK);
+    cr_assert_eq(seq, 7);
+    store_set_log_sequence(5); /* never backwards */
+    add_collection(s, "c", 4);
+    store_set_log_sequence(0);
+    cr_assert_eq(store_log_sequence(s, &seq, &err), AFF_OK);
+    cr_assert_eq(seq, 7);
+    cr_assert_eq(store_mark_log_sequence(s, 12, &err), AFF_OK, "%s", err.msg);
+    store_destroy(s);
+    s = open_store(0); /* durable */
+    cr_assert_eq(store_log_sequence(s, &seq, &err), AFF_OK);
+    cr_assert_eq(seq, 12);
+    store_destroy(s);
+}
+
+Test(store, snapshot_holds_the_state_and_sequence_and_no_deleted_record)
+{
+    aff_store *s = open_store(0);
+    add_collection(s, "books", 8);
+    put_catalog(s, "books", 3000, 8, 500);
+    const char *gone[] = {"item-1234", "item-1235", "item-2999"};
+    uint64_t n_deleted = 0;
+    aff_err err = {0};
+    store_set_log_sequence(41);
+    cr_assert_eq(store_delete_items(s, "books", gone, 3, &n_deleted, &err), AFF_OK, "%s", err.msg);
+    store_set_log_sequence(0);
+    cr_assert_eq(n_deleted, 3);
+    char snap[700], snapdir[600];
+    snprintf(snapdir, sizeof snapdir, "%s/snap", dir);
+    cr_assert_eq(mkdir(snapdir, 0700), 0);
+    snprintf(snap, sizeof snap, "%s/data.mdb", snapdir);
+    uint64_t seq = 0;
+    cr_assert_eq(store_snapshot(s, snap, &seq, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(seq, 41);
+    store_destroy(s);
+    cr_assert(file_contains(snap, "item-1233"));
+    cr_assert_not(file_contains(snap, "item-1234"), "a deleted id is in the snapshot");
+    cr_assert_not(file_contains(snap, "item-2999"), "a deleted id is in the snapshot");
+    /* The copy opens as a store: same items, same sequence. */
+    aff_store *t = NULL;
+    store_config cfg = {.dir = snapdir};
+    cr_assert_eq(store_create(&t, &cfg, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(store_log_sequence(t, &seq, &err), AFF_OK);
+    cr_assert_eq(seq, 41);
+    for (size_t i = 0; i < 3000; i += 7)
+        if (i != 1234 && i != 1235 && i != 2999) check_item(t, "books", i, 8);
+    item_record r;
+    float v[8];
+    cr_assert_eq(store_get_item(t, "books", "item-1234", &r, v, &err), AFF_ENOTFOUND);
+    store_destroy(t);
+}

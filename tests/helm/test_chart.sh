@@ -350,6 +350,25 @@ reject "templates refuse --backend gpu without gpu.enabled" 'backend gpu needs g
 # ---- container image: the Dockerfile agrees with the chart ------------------------------
 # No Docker engine runs here; these check the Dockerfile's text against the chart's
 # assumptions, and run its package-discovery step on a local binary.
+# ---- replication: replicas as a Deployment sharing a NATS JetStream write log ----
+if render repl -f "$chart/ci/replication-values.yaml"; then pass "render replication"; else fail "render replication: $(cat "$work/repl.err")"; fi
+f="$work/repl.yaml"
+w="$work/repl.workload.yaml"
+check "replication: a Deployment, no StatefulSet" is_count "$f" Deployment 1
+check "replication: replicas 3" has "$w" '^  replicas: 3$'
+check "replication: --log nats://nats.nats.svc:4222" arg_pair "$w" --log nats://nats.nats.svc:4222
+check "replication: --log-replicas 3" arg_pair "$w" --log-replicas 3
+check "replication: --log-ack applied" arg_pair "$w" --log-ack applied
+check "replication: --bootstrap-from the Service" arg_pair "$w" --bootstrap-from affinity-ci:50051
+check "replication: --log-token-file from the log Secret" arg_pair "$w" --log-token-file /etc/affinity/log/token
+check "replication: --data-dir on the local emptyDir" arg_pair "$w" --data-dir /var/lib/affinity
+check "replication: the log Secret is mounted" in_block "$w" volumeMounts 'mountPath: /etc/affinity/log'
+check "replication: the chart creates the log Secret" has "$f" 'name: rel-affinity-log$'
+check "replication: readiness is the gRPC health probe (SERVING once caught up)" probes_are "$w" grpc
+refute "replication: log.enabled without log.urls is refused" "$helm_bin" template t "$chart" --set log.enabled=true
+refute "replication: log.ack other than applied|committed is refused" "$helm_bin" template t "$chart" --set log.enabled=true --set log.urls=nats://n:4222 --set log.ack=never
+refute "replication: log.bootstrapFrom without auth is refused" "$helm_bin" template t "$chart" --set log.enabled=true --set log.urls=nats://n:4222 --set log.bootstrapFrom=x:1
+
 dockerfile="$repo/Dockerfile"
 check "Dockerfile: builds on nvidia/cuda devel" has "$dockerfile" '^FROM nvidia/cuda:\$\{CUDA_VERSION\}-devel-\$\{UBUNTU\} AS build$'
 check "Dockerfile: runs on the matching nvidia/cuda runtime" has "$dockerfile" '^FROM nvidia/cuda:\$\{CUDA_VERSION\}-runtime-\$\{UBUNTU\} AS runtime$'

@@ -126,7 +126,30 @@ httpGet:
 {{- if and .Values.persistence.existingClaim (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
 {{- fail "persistence.existingClaim is one volume for one pod: use replicaCount 1 without autoscaling, or leave existingClaim empty to get a claim per replica" }}
 {{- end }}
+{{- if and .Values.log.enabled (not .Values.log.urls) }}
+{{- fail "log.enabled needs log.urls (nats://host:port of the NATS servers with JetStream)" }}
+{{- end }}
+{{- if and .Values.log.enabled .Values.server.demo }}
+{{- fail "log.enabled and server.demo do not go together: load the demo shop through the API" }}
+{{- end }}
+{{- if and .Values.log.bootstrapFrom (not .Values.auth.enabled) }}
+{{- fail "log.bootstrapFrom needs auth.enabled (GetSnapshot needs the admin token)" }}
+{{- end }}
 {{- if and (not .Values.gpu.enabled) (eq (include "affinity.backend" .) "gpu") }}
 {{- fail "server.backend gpu needs gpu.enabled" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding the write log's NATS credentials: the existing one, the chart's own when
+it creates one (credentials.token set), or empty when the log uses no credentials.
+*/}}
+{{- define "affinity.logSecret" -}}
+{{- if .Values.log.enabled }}
+{{- if .Values.log.credentials.existingSecret }}
+{{- .Values.log.credentials.existingSecret }}
+{{- else if .Values.log.credentials.token }}
+{{- printf "%s-log" (include "affinity.fullname" .) }}
+{{- end }}
 {{- end }}
 {{- end }}
