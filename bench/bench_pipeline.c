@@ -20,6 +20,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_calls.h"
 #include "catalog.h"
 #include "log.h"
 #include "pipeline.h"
@@ -29,48 +30,11 @@ static uint32_t N = 100000, D = 128, CALLS = 4096, INFLIGHT = 256;
 #define USERS  1024
 #define N_CATS 50
 
-typedef struct counter {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    uint32_t done;
-} counter;
-
-static counter ctr = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
-
-static void count_one(void)
-{
-    pthread_mutex_lock(&ctr.mu);
-    ctr.done++;
-    pthread_cond_signal(&ctr.cv);
-    pthread_mutex_unlock(&ctr.mu);
-}
-
-static void wait_for(uint32_t n)
-{
-    pthread_mutex_lock(&ctr.mu);
-    while (ctr.done < n)
-        pthread_cond_wait(&ctr.cv, &ctr.mu);
-    pthread_mutex_unlock(&ctr.mu);
-}
-
-static double cpu_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void die(const char *what, const aff_err *err)
-{
-    fprintf(stderr, "bench_pipeline: %s: %s\n", what, err->msg);
-    exit(1);
-}
-
 static void load(aff_catalog *cat, const char *name, uint32_t n, uint32_t dim, aff_rng *r)
 {
     aff_err err;
     engine_collection_spec spec = {.name = name, .dim = dim, .metric = AFF_METRIC_COSINE};
-    if (catalog_create_collection(cat, &spec, &err)) die("create", &err);
+    if (catalog_create_collection(cat, &spec, &err)) bench_die("create", &err);
     static char cats[N_CATS][16];
     static const char *tag_names[4] = {"sale", "new", "eco", "gift"};
     for (int c = 0; c < N_CATS; c++)
@@ -95,7 +59,7 @@ static void load(aff_catalog *cat, const char *name, uint32_t n, uint32_t dim, a
                                   .attrs.price = (float)(aff_rng_next(r) % 100),
                                   .attrs.available = true};
         }
-        if (catalog_upsert(cat, name, items, m, &err)) die("upsert", &err);
+        if (catalog_upsert(cat, name, items, m, &err)) bench_die("upsert", &err);
     }
     free(vec);
     free(ids);
@@ -105,25 +69,26 @@ static void load(aff_catalog *cat, const char *name, uint32_t n, uint32_t dim, a
 static void bare_done(batcher_request *br)
 {
     (void)br;
-    count_one();
+    bench_count_one();
 }
 
 static void job_done(pipeline_job *job, void *user)
 {
     (void)job;
     (void)user;
-    count_one();
+    bench_count_one();
 }
 
 static void page_done(pipeline_page *page, void *user)
 {
     (void)page;
     (void)user;
-    count_one();
+    bench_count_one();
 }
 
 int main(int argc, char **argv)
 {
+    bench_set_name("bench_pipeline");
     if (argc > 1) N = (uint32_t)atoi(argv[1]);
     if (argc > 2) D = (uint32_t)atoi(argv[2]);
     if (argc > 3) CALLS = (uint32_t)atoi(argv[3]);
@@ -137,13 +102,13 @@ int main(int argc, char **argv)
     batcher *bat;
     aff_pipeline *pl;
     store_config sc = {.dir = NULL};
-    if (store_create(&store, &sc, &err)) die("store", &err);
+    if (store_create(&store, &sc, &err)) bench_die("store", &err);
     profiles_config pc;
     profiles_config_init(&pc);
-    if (profiles_create(&prof, store, &pc, &err)) die("profiles", &err);
+    if (profiles_create(&prof, store, &pc, &err)) bench_die("profiles", &err);
     engine_config ec = {.backend = ENGINE_BACKEND_CPU};
-    if (engine_create(&eng, &ec, &err)) die("engine", &err);
-    if (catalog_create(&cat, eng, store, &err)) die("catalog", &err);
+    if (engine_create(&eng, &ec, &err)) bench_die("engine", &err);
+    if (catalog_create(&cat, eng, store, &err)) bench_die("catalog", &err);
     aff_rng r = {12345};
     load(cat, "products", N, D, &r);
     load(cat, "banners", 200, D, &r);
@@ -151,9 +116,9 @@ int main(int argc, char **argv)
     load(cat, "offers", 100, D, &r);
     batcher_config bc = {.max_batch = 256, .max_wait_us = 2000, .queue_limit = 100000};
     batcher_exec ex = batcher_engine_exec(eng);
-    if (batcher_create(&bat, &bc, &ex, &err)) die("batcher", &err);
+    if (batcher_create(&bat, &bc, &ex, &err)) bench_die("batcher", &err);
     pipeline_config plc = {.engine = eng, .batcher = bat, .profiles = prof};
-    if (pipeline_create(&pl, &plc, &err)) die("pipeline", &err);
+    if (pipeline_create(&pl, &plc, &err)) bench_die("pipeline", &err);
 
     /* shoppers: 20 views each in products (and 2 in each small collection) */
     static char users[USERS][16];
@@ -169,7 +134,7 @@ int main(int argc, char **argv)
         uint32_t applied, nrej;
         profiles_rejection rej[20];
         if (profiles_put_events(prof, "products", users[u], ev, 20, &applied, rej, &nrej, &err))
-            die("events", &err);
+            bench_die("events", &err);
         const char *small[3] = {"banners", "categories", "offers"};
         const uint32_t sizes[3] = {200, 50, 100};
         for (int c = 0; c < 3; c++) {
@@ -179,13 +144,13 @@ int main(int argc, char **argv)
                 ev[i] = (profiles_event){.item_id = items[i], .type = PROFILES_EVENT_VIEW};
             }
             if (profiles_put_events(prof, small[c], users[u], ev, 2, &applied, rej, &nrej, &err))
-                die("events", &err);
+                bench_die("events", &err);
         }
         bool found;
         if (profiles_user_vector(prof, "products", users[u], uvec + (size_t)u * D, D, &found,
                                  &err) ||
             !found)
-            die("profile", &err);
+            bench_die("profile", &err);
     }
 
     /* rules: every kind on */
@@ -255,12 +220,12 @@ int main(int argc, char **argv)
         /* a warm-up round, then the measured ones */
         for (int measured = 0; measured < 2; measured++) {
             uint32_t total = measured ? calls : INFLIGHT;
-            ctr.done = 0;
-            double t0 = cpu_s();
+            bench_reset();
+            double t0 = bench_cpu_s();
             uint32_t sent = 0;
             while (sent < total) {
                 uint32_t wave = total - sent < INFLIGHT ? total - sent : INFLIGHT;
-                uint32_t base = ctr.done;
+                uint32_t base = bench_done();
                 for (uint32_t i = 0; i < wave; i++) {
                     uint32_t u = (sent + i) % USERS;
                     bool pending = false;
@@ -274,7 +239,7 @@ int main(int argc, char **argv)
                                                   .n_hits = &n_hits[i],
                                                   .query_errs = &qerr[i],
                                                   .done = bare_done};
-                        if (batcher_submit(bat, &br[i], &err)) die("submit", &err);
+                        if (batcher_submit(bat, &br[i], &err)) bench_die("submit", &err);
                     } else if (mode < 3) {
                         preq[i] = (pipeline_request){.kind = PIPELINE_RECOMMEND,
                                                      .collection = "products",
@@ -283,33 +248,33 @@ int main(int argc, char **argv)
                                                      .rules = mode == 2 ? &rules : NULL};
                         if (pipeline_start(pl, &preq[i], 0, job_done, NULL, &jobs[i], &pending,
                                            &err))
-                            die("pipeline", &err);
-                        if (!pending) count_one();
+                            bench_die("pipeline", &err);
+                        if (!pending) bench_count_one();
                     } else {
                         pgreq[i] = (pipeline_page_request){
                             .user_id = users[u], .slots = slots, .n_slots = 4};
                         if (pipeline_page_start(pl, &pgreq[i], 0, page_done, NULL, &pages[i],
                                                 &pending, &err))
-                            die("page", &err);
-                        if (!pending) count_one();
+                            bench_die("page", &err);
+                        if (!pending) bench_count_one();
                     }
                 }
-                wait_for(base + wave);
+                bench_wait_for(base + wave);
                 for (uint32_t i = 0; i < wave; i++) {
                     if (mode == 1 || mode == 2) {
                         const pipeline_output *o = pipeline_job_output(jobs[i]);
-                        if (o->status) die("job", &o->err);
+                        if (o->status) bench_die("job", &o->err);
                         if (measured) rounds[mode] += o->rounds;
                         pipeline_job_destroy(jobs[i]);
                     } else if (mode == 3) {
                         const pipeline_page_output *o = pipeline_page_output_of(pages[i]);
-                        if (o->status) die("page", &o->err);
+                        if (o->status) bench_die("page", &o->err);
                         pipeline_page_destroy(pages[i]);
                     }
                 }
                 sent += wave;
             }
-            if (measured) per_call[mode] = (cpu_s() - t0) / calls;
+            if (measured) per_call[mode] = (bench_cpu_s() - t0) / calls;
         }
         printf("%-16s %8.1f us CPU per call", mode_names[mode], per_call[mode] * 1e6);
         if (mode == 1 || mode == 2) printf("  (%.2f engine rounds per call)", rounds[mode] / calls);

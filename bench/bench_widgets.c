@@ -26,6 +26,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_calls.h"
 #include "catalog.h"
 #include "log.h"
 #include "pipeline.h"
@@ -36,48 +37,11 @@ static uint32_t N = 100000, D = 128, USERS = 2000, EVENTS = 400000, CALLS = 2000
                 PER_CALL = 1;
 #define N_CATS 50
 
-typedef struct counter {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    uint32_t done;
-} counter;
-
-static counter ctr = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
-
-static void count_one(void)
-{
-    pthread_mutex_lock(&ctr.mu);
-    ctr.done++;
-    pthread_cond_signal(&ctr.cv);
-    pthread_mutex_unlock(&ctr.mu);
-}
-
-static void wait_for(uint32_t n)
-{
-    pthread_mutex_lock(&ctr.mu);
-    while (ctr.done < n)
-        pthread_cond_wait(&ctr.cv, &ctr.mu);
-    pthread_mutex_unlock(&ctr.mu);
-}
-
-static double cpu_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void die(const char *what, const aff_err *err)
-{
-    fprintf(stderr, "bench_widgets: %s: %s\n", what, err->msg);
-    exit(1);
-}
-
 static void load(aff_catalog *cat, uint32_t n, uint32_t dim, aff_rng *r)
 {
     aff_err err;
     engine_collection_spec spec = {.name = "products", .dim = dim, .metric = AFF_METRIC_COSINE};
-    if (catalog_create_collection(cat, &spec, &err)) die("create", &err);
+    if (catalog_create_collection(cat, &spec, &err)) bench_die("create", &err);
     static char cats[N_CATS][16];
     for (int c = 0; c < N_CATS; c++)
         snprintf(cats[c], sizeof cats[c], "cat%02d", c);
@@ -98,7 +62,7 @@ static void load(aff_catalog *cat, uint32_t n, uint32_t dim, aff_rng *r)
                                   .attrs.price = (float)(aff_rng_next(r) % 100),
                                   .attrs.available = true};
         }
-        if (catalog_upsert(cat, "products", items, m, &err)) die("upsert", &err);
+        if (catalog_upsert(cat, "products", items, m, &err)) bench_die("upsert", &err);
     }
     free(vec);
     free(ids);
@@ -165,7 +129,7 @@ static void put(aff_profiles *p, stream *s, uint32_t n)
     profiles_rejection rej[1000];
     aff_err err;
     if (profiles_put_events(p, "products", user, s->ev, n, &applied, rej, &nrej, &err))
-        die("events", &err);
+        bench_die("events", &err);
     if (applied != n) {
         fprintf(stderr, "bench_widgets: %u of %u applied: %s\n", applied, n, rej[0].reason);
         exit(1);
@@ -176,7 +140,7 @@ static void job_done(pipeline_job *job, void *user)
 {
     (void)job;
     (void)user;
-    count_one();
+    bench_count_one();
 }
 
 /* bench_widgets --memory ITEMS EVENTS USERS: the widget statistics alone (widgets_apply,
@@ -190,14 +154,14 @@ static int memory_mode(uint32_t items, uint64_t events, uint32_t users)
     aff_widgets *w;
     widgets_config wc;
     widgets_config_init(&wc);
-    if (widgets_create(&w, &wc, &err)) die("widgets", &err);
+    if (widgets_create(&w, &wc, &err)) bench_die("widgets", &err);
     stream *s = calloc(1, sizeof *s);
     s->r = (aff_rng){777};
     s->left = calloc(USERS, sizeof *s->left);
     s->sess = calloc(USERS, sizeof *s->sess);
     s->prev = calloc(USERS, sizeof *s->prev);
     s->t = 1790000000000LL;
-    double t0 = cpu_s();
+    double t0 = bench_cpu_s();
     store_event se[10];
     uint64_t *seq = calloc(USERS, sizeof *seq);
     uint64_t seqs[10];
@@ -213,7 +177,7 @@ static int memory_mode(uint32_t items, uint64_t events, uint32_t users)
                                   .n_context = 1};
             seqs[i] = seq[u]++;
         }
-        if (widgets_apply(w, "products", user, se, seqs, 10, &err)) die("apply", &err);
+        if (widgets_apply(w, "products", user, se, seqs, 10, &err)) bench_die("apply", &err);
         if (e % 10000000 == 0 && e) {
             widgets_stats st;
             widgets_get_stats(w, &st);
@@ -224,7 +188,7 @@ static int memory_mode(uint32_t items, uint64_t events, uint32_t users)
             fflush(stdout);
         }
     }
-    double cpu = cpu_s() - t0;
+    double cpu = bench_cpu_s() - t0;
     widgets_stats st;
     widgets_get_stats(w, &st);
     FILE *f = fopen("/proc/self/status", "r");
@@ -253,6 +217,7 @@ static int memory_mode(uint32_t items, uint64_t events, uint32_t users)
 
 int main(int argc, char **argv)
 {
+    bench_set_name("bench_widgets");
     if (argc > 1 && strcmp(argv[1], "--memory") == 0) {
         if (argc < 5) {
             fprintf(stderr, "usage: bench_widgets --memory ITEMS EVENTS USERS\n");
@@ -278,18 +243,18 @@ int main(int argc, char **argv)
     batcher *bat;
     aff_pipeline *pl;
     store_config sc = {.dir = NULL};
-    if (store_create(&store, &sc, &err)) die("store", &err);
+    if (store_create(&store, &sc, &err)) bench_die("store", &err);
     widgets_config wc;
     widgets_config_init(&wc);
-    if (widgets_create(&wid, &wc, &err)) die("widgets", &err);
+    if (widgets_create(&wid, &wc, &err)) bench_die("widgets", &err);
     profiles_config pc;
     profiles_config_init(&pc);
-    if (profiles_create(&without, store, &pc, &err)) die("profiles", &err);
+    if (profiles_create(&without, store, &pc, &err)) bench_die("profiles", &err);
     widgets_observer(wid, &pc.observer);
-    if (profiles_create(&with, store, &pc, &err)) die("profiles", &err);
+    if (profiles_create(&with, store, &pc, &err)) bench_die("profiles", &err);
     engine_config ec = {.backend = ENGINE_BACKEND_CPU};
-    if (engine_create(&eng, &ec, &err)) die("engine", &err);
-    if (catalog_create(&cat, eng, store, &err)) die("catalog", &err);
+    if (engine_create(&eng, &ec, &err)) bench_die("engine", &err);
+    if (catalog_create(&cat, eng, store, &err)) bench_die("catalog", &err);
     aff_rng r = {12345};
     load(cat, N, D, &r);
 
@@ -305,19 +270,19 @@ int main(int argc, char **argv)
     /* Fill: every window full (widgets see these; the plain path does the same work). */
     uint32_t fill = USERS * 110;
     if (fill > EVENTS) fill = EVENTS;
-    double t0 = cpu_s();
+    double t0 = bench_cpu_s();
     for (uint32_t e = 0; e < fill; e += PER_CALL)
         put(with, s, PER_CALL);
-    double fill_s = cpu_s() - t0;
+    double fill_s = bench_cpu_s() - t0;
     const uint32_t round = 500;
     double cpu_with = 0, cpu_without = 0;
     uint64_t ev_with = 0, ev_without = 0;
     for (uint32_t e = fill; e < EVENTS;) {
         for (int which = 0; which < 2; which++) {
-            double c0 = cpu_s();
+            double c0 = bench_cpu_s();
             for (uint32_t i = 0; i < round; i++)
                 put(which ? without : with, s, PER_CALL);
-            double c = cpu_s() - c0;
+            double c = bench_cpu_s() - c0;
             if (which) {
                 cpu_without += c;
                 ev_without += (uint64_t)round * PER_CALL;
@@ -350,9 +315,9 @@ int main(int argc, char **argv)
     /* ---- rebuild: what a restart does, from the store's histories (both instances' events) */
     struct timespec w0, w1;
     clock_gettime(CLOCK_MONOTONIC, &w0);
-    double r0 = cpu_s();
-    if (widgets_rebuild(wid, store, &err)) die("rebuild", &err);
-    double rcpu = cpu_s() - r0;
+    double r0 = bench_cpu_s();
+    if (widgets_rebuild(wid, store, &err)) bench_die("rebuild", &err);
+    double rcpu = bench_cpu_s() - r0;
     clock_gettime(CLOCK_MONOTONIC, &w1);
     widgets_get_stats(wid, &st);
     printf("rebuild from the stored histories: %llu events applied in %.2f s (%.2f s CPU, %.2f us "
@@ -365,9 +330,9 @@ int main(int argc, char **argv)
     /* ---- serve ---- */
     batcher_config bc = {.max_batch = 256, .max_wait_us = 2000, .queue_limit = 100000};
     batcher_exec ex = batcher_engine_exec(eng);
-    if (batcher_create(&bat, &bc, &ex, &err)) die("batcher", &err);
+    if (batcher_create(&bat, &bc, &ex, &err)) bench_die("batcher", &err);
     pipeline_config plc = {.engine = eng, .batcher = bat, .profiles = with, .widgets = wid};
-    if (pipeline_create(&pl, &plc, &err)) die("pipeline", &err);
+    if (pipeline_create(&pl, &plc, &err)) bench_die("pipeline", &err);
     pipeline_request *preq = calloc(INFLIGHT, sizeof *preq);
     pipeline_job **jobs = calloc(INFLIGHT, sizeof *jobs);
     static char users[256][16], ctx[256][3][16];
@@ -405,12 +370,12 @@ int main(int argc, char **argv)
         uint32_t inflight = modes[m].inflight;
         for (int measured = 0; measured < 2; measured++) {
             uint32_t total = measured ? CALLS : (inflight > 64 ? inflight : 64);
-            ctr.done = 0;
-            double c0 = cpu_s();
+            bench_reset();
+            double c0 = bench_cpu_s();
             uint32_t sent = 0;
             while (sent < total) {
                 uint32_t wave = total - sent < inflight ? total - sent : inflight;
-                uint32_t base = ctr.done;
+                uint32_t base = bench_done();
                 for (uint32_t i = 0; i < wave; i++) {
                     snprintf(users[i], sizeof users[i], "u%u",
                              (uint32_t)(aff_rng_next(&qr) % USERS));
@@ -428,19 +393,19 @@ int main(int argc, char **argv)
                                                  .filter = modes[m].by_cat ? &catf : NULL};
                     bool pending = false;
                     if (pipeline_start(pl, &preq[i], 0, job_done, NULL, &jobs[i], &pending, &err))
-                        die(modes[m].name, &err);
-                    if (!pending) count_one();
+                        bench_die(modes[m].name, &err);
+                    if (!pending) bench_count_one();
                 }
-                wait_for(base + wave);
+                bench_wait_for(base + wave);
                 for (uint32_t i = 0; i < wave; i++) {
                     const pipeline_output *o = pipeline_job_output(jobs[i]);
-                    if (o->status) die("job", &o->err);
+                    if (o->status) bench_die("job", &o->err);
                     if (measured) hits[m] += o->n_hits[0];
                     pipeline_job_destroy(jobs[i]);
                 }
                 sent += wave;
             }
-            if (measured) per_call[m] = (cpu_s() - c0) / CALLS;
+            if (measured) per_call[m] = (bench_cpu_s() - c0) / CALLS;
         }
         printf("  %-28s %9.1f us CPU per call  (%.1f hits)", modes[m].name, per_call[m] * 1e6,
                hits[m] / CALLS);
