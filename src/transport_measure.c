@@ -342,23 +342,29 @@ void transport__rpc_create_experiment(tcall *c, ProtobufCMessage *msg)
     finish_result(c, &out, 0);
 }
 
+/* The experiment a call names, when the server keeps experiments, it exists and the call's
+ * token may use its collection; otherwise the call is answered and false returned. */
+static bool experiment_of_call(tcall *c, const char *id, experiment *e)
+{
+    aff_err err;
+    if (!have_experiments(c)) return false;
+    if (experiments_get(c->t->cfg.experiments, id, e, &err)) {
+        tcall_fail(c, &err);
+        return false;
+    }
+    if (!transport__key_may_use(c, e->collection)) {
+        tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED,
+                     "this token may not use this experiment's collection", NULL);
+        return false;
+    }
+    return true;
+}
+
 void transport__rpc_get_experiment(tcall *c, ProtobufCMessage *msg)
 {
     const Affinity__V1__GetExperimentRequest *r = (void *)msg;
-    aff_err err;
     experiment e;
-    if (!have_experiments(c)) return;
-    if (experiments_get(c->t->cfg.experiments, r->id, &e, &err)) {
-        tcall_fail(c, &err);
-        return;
-    }
-    if (!transport__key_may_use(c, e.collection)) {
-        tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED,
-                     "this token may not use this experiment's "
-                     "collection",
-                     NULL);
-        return;
-    }
+    if (!experiment_of_call(c, r->id, &e)) return;
     finish_result(c, &e, r->step_s > UINT32_MAX / 1000 ? UINT32_MAX / 1000 : r->step_s);
 }
 
@@ -367,16 +373,7 @@ void transport__rpc_stop_experiment(tcall *c, ProtobufCMessage *msg)
     const Affinity__V1__StopExperimentRequest *r = (void *)msg;
     aff_err err;
     experiment e;
-    if (!have_experiments(c)) return;
-    if (experiments_get(c->t->cfg.experiments, r->id, &e, &err)) {
-        tcall_fail(c, &err);
-        return;
-    }
-    if (!transport__key_may_use(c, e.collection)) {
-        tcall_finish(c, GRPC_STATUS_PERMISSION_DENIED,
-                     "this token may not use this experiment's collection", NULL);
-        return;
-    }
+    if (!experiment_of_call(c, r->id, &e)) return;
     if (experiments_stop(c->t->cfg.experiments, r->id, &e, &err)) {
         tcall_fail(c, &err);
         return;
