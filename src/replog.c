@@ -128,6 +128,9 @@ static natsSubscription *subscribe(aff_replog *log)
     jsSubOptions_Init(&so);
     so.Stream = log->stream;
     so.Ordered = true;
+    /* Idle heartbeats every second: after a stream-leader change the library notices a stalled
+     * ordered consumer within a few seconds and recreates it (its default is 5 s). */
+    so.Config.Heartbeat = 1000000000LL;
     uint64_t from = atomic_load(&log->applied) + 1;
     so.Config.DeliverPolicy = js_DeliverByStartSequence;
     so.Config.OptStartSeq = from;

@@ -227,13 +227,20 @@ def main():
                           pb.SetUserOptOutResponse)
         assert oo.erased and oo.log_sequence > max_seq[0], oo
         for r in replicas:
-            try:
-                client.unary(r, "GetUser", pb.GetUserRequest(collection=COLL, user_id="u1-0",
-                                                             min_log_sequence=oo.log_sequence),
-                             pb.GetUserResponse)
-                fail("the opted-out user is still known on " + r.name, replicas)
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.NOT_FOUND, (r.name, e)
+            # UNAVAILABLE (not applied within --min-sequence-wait-ms, e.g. while a replica's
+            # consumer recovers from the leader kill) is the documented cue to retry.
+            for attempt in range(4):
+                try:
+                    client.unary(r, "GetUser",
+                                 pb.GetUserRequest(collection=COLL, user_id="u1-0",
+                                                   min_log_sequence=oo.log_sequence),
+                                 pb.GetUserResponse)
+                    fail("the opted-out user is still known on " + r.name, replicas)
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.UNAVAILABLE and attempt < 3:
+                        continue
+                    assert e.code() == grpc.StatusCode.NOT_FOUND, (r.name, e)
+                    break
         print("SetUserOptOut through r1 erased the user on every replica")
 
         # ---- read-your-writes across replicas ----
