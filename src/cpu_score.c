@@ -976,9 +976,13 @@ static const backend_filter *filter_of(const backend_search *s, uint32_t q)
 /* Takes one reported row: filter, lower bound, candidate. Returns false when out of memory. */
 static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st, const cpu_hit *h)
 {
+    float L = lower_threshold(st);
+    /* Under this query's own L (a row reported for another query of its vector) neither bound
+     * can change anything: skip the filter and the heap. */
+    if (h->hi < L && h->width >= 0.0f) return true;
     if (f && !backend_filter_matches(f, &t->attrs[h->row], h->row)) return true;
     topk_push(&st->lo, h->hi - h->width, h->row);
-    float L = lower_threshold(st);
+    L = lower_threshold(st);
     if (h->hi < L) return true;
     if (st->n == st->cap) {
         uint32_t m = 0;
