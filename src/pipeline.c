@@ -1407,9 +1407,12 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
                 best_v = v;
             }
         }
-        if (best >= 0)
-            snprintf(hits[i].reason.related_id, sizeof hits[i].reason.related_id, "%s",
-                     ids[n + (uint32_t)best]);
+        if (best >= 0) { /* a history id (at most AFF_MAX_ID_LEN bytes): copied, no snprintf */
+            const char *id = ids[n + (uint32_t)best];
+            size_t len = strnlen(id, sizeof hits[i].reason.related_id - 1);
+            memcpy(hits[i].reason.related_id, id, len);
+            hits[i].reason.related_id[len] = 0;
+        }
     }
 out:
     free(h.ring);
