@@ -976,9 +976,13 @@ static const backend_filter *filter_of(const backend_search *s, uint32_t q)
 /* Takes one reported row: filter, lower bound, candidate. Returns false when out of memory. */
 static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st, const cpu_hit *h)
 {
+    float L = lower_threshold(st);
+    /* Under this query's own L (a row reported for another query of its vector) neither bound
+     * can change anything: skip the filter and the heap. */
+    if (h->hi < L && h->width >= 0.0f) return true;
     if (f && !backend_filter_matches(f, &t->attrs[h->row], h->row)) return true;
     topk_push(&st->lo, h->hi - h->width, h->row);
-    float L = lower_threshold(st);
+    L = lower_threshold(st);
     if (h->hi < L) return true;
     if (st->n == st->cap) {
         uint32_t m = 0;
@@ -1021,12 +1025,12 @@ static uint64_t filter_cats(const backend_filter *f)
 /* The scan's sink during a search: one thread's states for the queries of one kernel call. */
 typedef struct take_ctx {
     const cpu_search_table *t;
-    const backend_search *s;
     qstate *states;        /* this thread's, one per query */
     const uint32_t *phys;  /* scanned vector pi -> its first query */
     const uint32_t *next;  /* query -> the next query with the same vector, or UINT32_MAX */
     const uint64_t *mcats; /* per query: filter_cats() of its filter; NULL: none restricts */
-    uint32_t g0;           /* the kernel call's first scanned vector */
+    const backend_filter *const *filters; /* per query: filter_of(), once per search */
+    uint32_t g0;                          /* the kernel call's first scanned vector */
     bool failed;
 } take_ctx;
 
@@ -1034,11 +1038,12 @@ typedef struct take_ctx {
  * that of its queries without a category restriction (+inf when none). */
 static void family_thresholds(const take_ctx *tc, uint32_t pi, float *plain, float *all)
 {
+    /* b < a ? b : a is fminf here (a starts at +inf and never becomes NaN), without the call */
     *plain = *all = INFINITY;
     for (uint32_t q = tc->phys[pi]; q != UINT32_MAX; q = tc->next[q]) {
         float L = lower_threshold(&tc->states[q]);
-        *all = fminf(*all, L);
-        if (!tc->mcats || tc->mcats[q] == ~(uint64_t)0) *plain = fminf(*plain, L);
+        *all = L < *all ? L : *all;
+        if ((!tc->mcats || tc->mcats[q] == ~(uint64_t)0) && L < *plain) *plain = L;
     }
 }
 
@@ -1061,12 +1066,12 @@ static void take_now(scan_args *a, const cpu_hit *h)
     const uint32_t pi = tc->g0 + h->q, q0 = tc->phys[pi];
     if (tc->next[q0] == UINT32_MAX && !a->qcats) { /* one query for the vector: the usual case */
         qstate *st = &tc->states[q0];
-        if (!take(tc->t, filter_of(tc->s, q0), st, h)) tc->failed = true;
+        if (!take(tc->t, tc->filters[q0], st, h)) tc->failed = true;
         a->thresh[h->q] = lower_threshold(st);
         return;
     }
     for (uint32_t q = q0; q != UINT32_MAX; q = tc->next[q])
-        if (!take(tc->t, filter_of(tc->s, q), &tc->states[q], h)) tc->failed = true;
+        if (!take(tc->t, tc->filters[q], &tc->states[q], h)) tc->failed = true;
     set_thresholds(tc, a, h->q);
 }
 
@@ -1111,11 +1116,13 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     /* Queries with the same vector (s->same_as) share one scan and keep their own heaps. */
     uint32_t *phys = aff_scratch_array(scratch, nq, sizeof *phys);
     uint32_t *fam = aff_scratch_array(scratch, nq, sizeof *fam), np = 0;
-    if (!qc || !qpack || !qf || !states || !exact || !phys || !fam) {
+    const backend_filter **qfilt = aff_scratch_array(scratch, nq, sizeof *qfilt);
+    if (!qc || !qpack || !qf || !states || !exact || !phys || !fam || !qfilt) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
         goto out;
     }
     for (uint32_t q = 0; q < nq; q++) {
+        qfilt[q] = filter_of(s, q);
         fam[q] = UINT32_MAX;
         uint32_t p = s->same_as && s->same_as[q] < q ? s->same_as[q] : q;
         if (p == q) {
@@ -1173,7 +1180,8 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
         const uint32_t b_lo = (uint32_t)((uint64_t)nblocks * tid / nt);
         const uint32_t b_hi = (uint32_t)((uint64_t)nblocks * (tid + 1) / nt);
         qstate *mine = states + (size_t)tid * nq;
-        take_ctx tc = {.t = t, .s = s, .states = mine, .phys = phys, .next = fam, .mcats = mcats};
+        take_ctx tc = {
+            .t = t, .states = mine, .phys = phys, .next = fam, .mcats = mcats, .filters = qfilt};
         float thresh[GROUP], thresh_cat[GROUP];
         /* Short first tiles: until L exists every row is reported and a stale L reports many,
          * so tiles start at about 2k rows and double up to the full tile while L rises. */

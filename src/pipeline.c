@@ -825,19 +825,26 @@ static void take(rank_ctx *c, uint32_t i)
     }
 }
 
+/* The dot product of a and b as four interleaved float sums (lane l adds the products of
+ * j = l mod 4 in order; then (l0 + l1) + (l2 + l3)): reasons and diversity rank by this exact
+ * value. Four-lane vectors compute the same sums with a quarter of the instructions, so the
+ * independent calls of a loop overlap (reasons and MMR were most of the pipeline's own CPU). */
+typedef float f32x4 __attribute__((vector_size(16)));
+
 static float cos_sim(const float *a, const float *b, uint32_t dim)
 {
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    f32x4 s = {0.0f, 0.0f, 0.0f, 0.0f};
     uint32_t j = 0;
     for (; j + 4 <= dim; j += 4) {
-        s0 += a[j] * b[j];
-        s1 += a[j + 1] * b[j + 1];
-        s2 += a[j + 2] * b[j + 2];
-        s3 += a[j + 3] * b[j + 3];
+        f32x4 x, y;
+        memcpy(&x, a + j, sizeof x);
+        memcpy(&y, b + j, sizeof y);
+        s += x * y;
     }
+    float s0 = s[0];
     for (; j < dim; j++)
         s0 += a[j] * b[j];
-    return (s0 + s1) + (s2 + s3);
+    return (s0 + s[1]) + (s[2] + s[3]);
 }
 
 typedef struct picked {
@@ -1400,9 +1407,12 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
                 best_v = v;
             }
         }
-        if (best >= 0)
-            snprintf(hits[i].reason.related_id, sizeof hits[i].reason.related_id, "%s",
-                     ids[n + (uint32_t)best]);
+        if (best >= 0) { /* a history id (at most AFF_MAX_ID_LEN bytes): copied, no snprintf */
+            const char *id = ids[n + (uint32_t)best];
+            size_t len = strnlen(id, sizeof hits[i].reason.related_id - 1);
+            memcpy(hits[i].reason.related_id, id, len);
+            hits[i].reason.related_id[len] = 0;
+        }
     }
 out:
     free(h.ring);
