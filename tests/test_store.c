@@ -3,6 +3,7 @@
  * I/O errors, the one-process lock, in-memory mode, collection drop and the rebuild scan.
  */
 #include <criterion/criterion.h>
+#include <stdatomic.h>
 
 #include <errno.h>
 #include <ftw.h>
@@ -486,6 +487,7 @@ typedef struct group_write {
     const char *user;
     int sleep_ms;
     bool fail;
+    atomic_bool holding; /* set once the write is inside the commit, before its sleep */
     int status;
     aff_err err;
 } group_write;
@@ -496,6 +498,7 @@ static int group_fn(store_txn *txn, void *ctx, aff_err *err)
     store_interaction in = {.ref_ms = 1, .weight = 2.0, .last_ms = 1, .count = 1};
     int rc = store_txn_put_interaction(txn, "c", g->user, "item-1", &in, err);
     if (rc) return rc;
+    atomic_store(&g->holding, true);
     if (g->sleep_ms) usleep((useconds_t)g->sleep_ms * 1000);
     if (g->fail) return aff__fail(err, AFF_EINVAL, "%s refused", g->user);
     return AFF_OK;
@@ -530,13 +533,18 @@ Test(store, concurrent_writes_commit_together_and_fail_alone)
     add_collection(s, "c", 4);
     store_stats before, after;
     store_get_stats(s, &before);
-    group_write w[4] = {{.s = s, .user = "a", .sleep_ms = 300},
+    /* a holds the commit for 1.5 s from the moment it is inside it (waited for, not guessed:
+     * under sanitizers and load a fixed head start was not always enough), so b, x and d
+     * queue behind it. */
+    group_write w[4] = {{.s = s, .user = "a", .sleep_ms = 1500},
                         {.s = s, .user = "b"},
                         {.s = s, .user = "x", .fail = true},
                         {.s = s, .user = "d"}};
     pthread_t th[4];
     pthread_create(&th[0], NULL, group_thread, &w[0]);
-    usleep(50 * 1000);
+    for (int waited = 0; !atomic_load(&w[0].holding) && waited < 10000; waited++)
+        usleep(1000);
+    cr_assert(atomic_load(&w[0].holding), "the first write never reached its commit");
     for (int i = 1; i < 4; i++)
         pthread_create(&th[i], NULL, group_thread, &w[i]);
     for (int i = 0; i < 4; i++)
