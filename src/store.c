@@ -1767,8 +1767,31 @@ int store_txn_scan_collection_interactions(store_txn *txn, const char *collectio
 
 /* ---- models ---------------------------------------------------------------------------------- */
 
+/* lp(collection) be64(upload) be32(index): sorted by upload, then index, right after the
+ * collection's model key lp(collection). */
+static bool part_key(key_buf *k, const char *collection, uint64_t upload, uint32_t index)
+{
+    if (!make_key(k, collection, NULL, 0, NULL, 0, NULL, 0)) return false;
+    kb_u64be(k, upload);
+    for (int i = 3; i >= 0; i--)
+        k->b[k->n++] = (uint8_t)(index >> (i * 8));
+    return true;
+}
+
+static uint64_t part_upload(const MDB_val *k, size_t prefix_len)
+{
+    const uint8_t *p = (const uint8_t *)k->mv_data + prefix_len;
+    uint64_t u = 0;
+    for (int i = 0; i < 8; i++)
+        u = u << 8 | p[i];
+    return u;
+}
+
 typedef struct model_put {
     const char *collection;
+    bool part; /* replication: part `index` of upload `upload`, not the model */
+    uint64_t upload;
+    uint32_t index;
     const void *blob;
     size_t len;
 } model_put;
@@ -1780,10 +1803,12 @@ static int put_model_fn(store_txn *t, void *ctx, aff_err *err)
     int status = store_txn_get_collection(t, m->collection, &c, err);
     if (status) return status;
     key_buf k;
-    if (!make_key(&k, m->collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
+    if (!(m->part ? part_key(&k, m->collection, m->upload, m->index)
+                  : make_key(&k, m->collection, NULL, 0, NULL, 0, NULL, 0)))
+        return bad_key(err);
     uint8_t *dst;
     if ((status = db_reserve(t, DB_MODELS, &k, m->len, &dst, err))) return status;
-    memcpy(dst, m->blob, m->len);
+    if (m->len) memcpy(dst, m->blob, m->len);
     return AFF_OK;
 }
 
@@ -1834,54 +1859,12 @@ int store_get_model(aff_store *s, const char *collection, void **blob, size_t *l
 
 /* ---- model parts (replication: a model on its way through the write log) ------------------- */
 
-/* lp(collection) be64(upload) be32(index): sorted by upload, then index, right after the
- * collection's model key lp(collection). */
-static bool part_key(key_buf *k, const char *collection, uint64_t upload, uint32_t index)
-{
-    if (!make_key(k, collection, NULL, 0, NULL, 0, NULL, 0)) return false;
-    kb_u64be(k, upload);
-    for (int i = 3; i >= 0; i--)
-        k->b[k->n++] = (uint8_t)(index >> (i * 8));
-    return true;
-}
-
-static uint64_t part_upload(const MDB_val *k, size_t prefix_len)
-{
-    const uint8_t *p = (const uint8_t *)k->mv_data + prefix_len;
-    uint64_t u = 0;
-    for (int i = 0; i < 8; i++)
-        u = u << 8 | p[i];
-    return u;
-}
-
-typedef struct part_put {
-    const char *collection;
-    uint64_t upload;
-    uint32_t index;
-    const void *data;
-    size_t len;
-} part_put;
-
-static int put_part_fn(store_txn *t, void *ctx, aff_err *err)
-{
-    part_put *pp = ctx;
-    store_collection c;
-    int status = store_txn_get_collection(t, pp->collection, &c, err);
-    if (status) return status;
-    key_buf k;
-    if (!part_key(&k, pp->collection, pp->upload, pp->index)) return bad_key(err);
-    uint8_t *dst;
-    if ((status = db_reserve(t, DB_MODELS, &k, pp->len, &dst, err))) return status;
-    if (pp->len) memcpy(dst, pp->data, pp->len);
-    return AFF_OK;
-}
-
 int store_put_model_part(aff_store *s, const char *collection, uint64_t upload, uint32_t index,
                          const void *data, size_t len, aff_err *err)
 {
-    part_put pp = {.collection = collection, .upload = upload, .index = index, .data = data,
-                   .len = len};
-    return store_update(s, put_part_fn, &pp, err);
+    model_put m = {.collection = collection, .part = true, .upload = upload, .index = index,
+                   .blob = data, .len = len};
+    return store_update(s, put_model_fn, &m, err);
 }
 
 typedef struct parts_get {

@@ -22,34 +22,16 @@ Run by ctest (label e2e) as:
     /usr/bin/python3 tests/replication/test_import_train.py --affinityd BUILD/src/affinityd \
         --proto-dir SOURCE/proto
 """
-import argparse
-import math
-import os
-import random
-import sys
-import tempfile
 import time
 
 import grpc
 
-from cluster import SVC, Client, NatsCluster, Replica, retry_unavailable, stubs
+from cluster import SVC, Setup, fail, retry_unavailable, unit
 
 DIM = 8
 N_ITEMS = 200
 COLL = "shop"
 RECORD_BYTES = 256 << 10  # TRANSPORT_IMPORT_RECORD_BYTES
-
-
-def unit(rng):
-    v = [rng.gauss(0, 1) for _ in range(DIM)]
-    n = math.sqrt(sum(x * x for x in v))
-    return [x / n for x in v]
-
-
-def fail(msg, replicas=()):
-    for r in replicas:
-        sys.stderr.write("---- %s log ----\n%s\n" % (r.name, r.log_tail()))
-    raise AssertionError(msg)
 
 
 def records_of(msg):
@@ -132,35 +114,18 @@ def model_fields(info):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--affinityd", required=True)
-    ap.add_argument("--proto-dir", required=True)
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = ap.parse_args()
-    seed = int(os.environ.get("SEED", time.time()))
-    print("seed", seed)
-    rng = random.Random(seed)
-    work = tempfile.mkdtemp(prefix="aff-repl-it-")
-    pb, health = stubs(args.proto_dir, work)
-    client = Client(pb, health)
-    nats = NatsCluster(work)
-    nats.start_all()
-    replicas = [Replica(work, "r%d" % i, args.affinityd, nats.urls(),
-                        extra=["--min-sequence-wait-ms", "5000"]) for i in range(3)]
+    st = Setup("aff-repl-it-", extra=["--min-sequence-wait-ms", "5000"])
+    seed, rng, pb, client, nats, replicas = st.seed, st.rng, st.pb, st.client, st.nats, st.replicas
     ok = False
     t0 = time.time()
     try:
-        for r in replicas:
-            r.start()
-        for r in replicas:
-            client.wait_serving(r)
-        print("cluster up in %.1f s" % (time.time() - t0))
+        st.start_replicas()
         cr = retry_unavailable(lambda: client.unary(
             replicas[0], "CreateCollection",
             pb.CreateCollectionRequest(name=COLL, dimension=DIM, metric=pb.METRIC_INNER_PRODUCT,
                                        request_id="create-%d" % seed),
             pb.CreateCollectionResponse), budget_s=60)
-        items = [pb.Item(id="i%03d" % k, vector=unit(rng), category="c%d" % (k % 5), price=1.0)
+        items = [pb.Item(id="i%03d" % k, vector=unit(rng, DIM), category="c%d" % (k % 5), price=1.0)
                  for k in range(N_ITEMS)]
         up = client.upsert(replicas[1], [pb.UpsertItemsRequest(collection=COLL, items=items,
                                                                request_id="up-%d" % seed)])
@@ -307,16 +272,11 @@ def main():
         print("Train through r2 (no save_params): version %d everywhere, saved params kept" %
               version)
 
-        rcs = [r.stop() for r in replicas]
-        assert rcs == [0, 0, 0], rcs
+        st.stop_replicas()
         ok = True
         print("PASS in %.1f s" % (time.time() - t0))
     finally:
-        for r in replicas:
-            r.kill()
-        nats.stop_all()
-        if not ok or args.keep:
-            print("work directory kept:", work)
+        st.teardown(ok)
 
 
 if __name__ == "__main__":
