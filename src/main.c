@@ -588,7 +588,8 @@ int main(int argc, char **argv)
                               .sync = sync_store,
                               .sync_ctx = store};
         /* A trained model goes through the log and is installed by every replica. */
-        model_set_publish(model, transport_log_publish_model, server);
+        model_set_replication(model, transport_log_publish_model, transport_log_request_train,
+                              server);
         if (replog_create(&replog, &rcfg, &err)) goto fail;
         transport_set_log(server, replog);
         sig = wait_caught_up(replog, applied);

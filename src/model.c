@@ -36,6 +36,7 @@
 #define SPACE_BATCH      1024
 #define MAX_SEGMENT_K    100000
 #define SCHEDULER_TICK_S 1
+#define AUTO_TRAIN_RETRY_MS (30 * 60 * 1000) /* replication: ask again for one version */
 
 /* One published model: immutable, shared by reference. */
 typedef struct mversion {
@@ -76,6 +77,10 @@ typedef struct mcoll {
     bool failed;
     atomic_uint_fast64_t events_since;
     int64_t last_trained_ms;
+    /* replication: the last training this replica asked the log for (request_train) */
+    bool auto_asked;
+    uint64_t auto_version;
+    int64_t auto_ms;
     struct aff_model *m;
 } mcoll;
 
@@ -757,7 +762,8 @@ static int run_job(aff_model *m, mcoll *c, const als_params *p, aff_err *err)
     mversion *v = NULL;
     wbuf w = {0};
     int status;
-    uint64_t events_at_start = atomic_exchange(&c->events_since, 0);
+    /* In publish mode every replica restarts the count when it installs the model. */
+    uint64_t events_at_start = m->cfg.publish ? 0 : atomic_exchange(&c->events_since, 0);
     if (strmap_create(&t.items, 1024) != AFF_OK) {
         status = aff__fail(err, AFF_ENOMEM, "model: out of memory");
         goto out;
@@ -1087,6 +1093,7 @@ int model_install_blob(aff_model *m, const char *collection, const void *blob, s
         install(m, c, v);
         c->last_trained_ms = v->info.trained_at_ms;
         c->failed = false;
+        atomic_store(&c->events_since, 0);
         v = NULL;
     }
     pthread_mutex_unlock(&c->mu);
@@ -1483,6 +1490,22 @@ int model_load_all(aff_model *m, aff_err *err)
     return status;
 }
 
+/* Replication: whether this replica should ask the log for a training of c now (c->mu
+ * held): not yet asked for the current version, or asked long ago (the replica that kept the
+ * record may have died). *version: the current version (0: none). */
+static bool auto_train_due(aff_model *m, mcoll *c, int64_t now, uint64_t *version)
+{
+    mversion *v = version_acquire(c);
+    *version = v ? v->info.id : 0;
+    version_release(m, v);
+    if (c->auto_asked && c->auto_version == *version && now - c->auto_ms < AUTO_TRAIN_RETRY_MS)
+        return false;
+    c->auto_asked = true;
+    c->auto_version = *version;
+    c->auto_ms = now;
+    return true;
+}
+
 static void *scheduler_main(void *arg)
 {
     aff_model *m = arg;
@@ -1509,10 +1532,19 @@ static void *scheduler_main(void *arg)
                         (m->cfg.train_interval_s &&
                          now - c->last_trained_ms >= (int64_t)m->cfg.train_interval_s * 1000));
             aff_err err;
-            if (due && job_start(m, c, NULL, &err) != AFF_OK)
+            uint64_t ask = 0;
+            bool asking = due && m->cfg.request_train && auto_train_due(m, c, now, &ask);
+            if (due && !m->cfg.request_train && job_start(m, c, NULL, &err) != AFF_OK)
                 aff_log_kv(AFF_LOG_WARN, "cannot start training", "collection", c->name, "error",
                            err.msg, NULL);
             pthread_mutex_unlock(&c->mu);
+            if (asking && m->cfg.request_train(m->cfg.publish_ctx, c->name, ask, &err) != AFF_OK) {
+                aff_log_kv(AFF_LOG_WARN, "cannot ask for a training through the write log",
+                           "collection", c->name, "error", err.msg, NULL);
+                pthread_mutex_lock(&c->mu);
+                c->auto_asked = false; /* ask again at the next tick */
+                pthread_mutex_unlock(&c->mu);
+            }
         }
         free(colls);
         pthread_mutex_lock(&m->stop_mu);
@@ -1549,13 +1581,16 @@ int model_create(aff_model **out, aff_engine *e, aff_store *s, const model_confi
     return AFF_OK;
 }
 
-void model_set_publish(aff_model *m,
-                       int (*publish)(void *ctx, const char *collection, const void *blob,
-                                      size_t len, aff_err *err),
-                       void *ctx)
+void model_set_replication(aff_model *m,
+                           int (*publish)(void *ctx, const char *collection, const void *blob,
+                                          size_t len, aff_err *err),
+                           int (*request_train)(void *ctx, const char *collection,
+                                                uint64_t version, aff_err *err),
+                           void *ctx)
 {
     m->cfg.publish = publish;
     m->cfg.publish_ctx = ctx;
+    m->cfg.request_train = request_train;
 }
 
 void model_destroy(aff_model *m)

@@ -87,6 +87,11 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
  * server drains), and returns once the commit is committed. Runs on the job's thread. */
 int transport_log_publish_model(void *ctx, const char *collection, const void *blob, size_t len,
                                 aff_err *err);
+/* model_config.request_train with --log (ctx the transport, with the log set): publishes a
+ * Train record for the collection with its parameters and message id
+ * "auto-train/<collection>/<version>", waiting at most 5 s for the commit. */
+int transport_log_request_train(void *ctx, const char *collection, uint64_t version,
+                                aff_err *err);
 /* Publishes one behaviour event as a PutEvents record (ctx the transport, with the log set):
  * type is a built-in name (view, click, add_to_cart or cart, purchase; any case) or a custom
  * type; request_id deduplicates. Returns once the stream committed it (*seq), not once

@@ -294,6 +294,21 @@ int transport_log_publish_model(void *ctx, const char *collection, const void *b
     return AFF_OK;
 }
 
+int transport_log_request_train(void *ctx, const char *collection, uint64_t version,
+                                aff_err *err)
+{
+    transport *t = ctx;
+    char rid[AFF_MAX_NAME_LEN + 48];
+    snprintf(rid, sizeof rid, "auto-train/%s/%" PRIu64, collection, version);
+    Affinity__V1__TrainRequest req = AFFINITY__V1__TRAIN_REQUEST__INIT;
+    req.collection = (char *)collection;
+    req.request_id = rid;
+    uint64_t seq = 0;
+    char msg[512];
+    int rc = transport__log_publish(t, "Train", &req.base, 5000, &seq, msg, sizeof msg);
+    return rc ? aff__fail(err, rc, "%s", msg) : AFF_OK;
+}
+
 void transport__apply_model_part(tcall *c, ProtobufCMessage *msg)
 {
     const Affinity__V1__ModelPartRecord *r = (void *)msg;

@@ -17,11 +17,15 @@
    min_log_sequence = the version, and identical GetSegment answers; a replica killed with
    SIGKILL and restarted still serves that version. A second Train through r2 (no save_params)
    replaces it everywhere and leaves the saved parameters alone.
+5. Automatic retraining (--train-after-events 200 on every replica): after 300 new events the
+   three schedulers each ask the log for a training of the same version; exactly one model is
+   published and installed everywhere, and no second one follows.
 
 Run by ctest (label e2e) as:
     /usr/bin/python3 tests/replication/test_import_train.py --affinityd BUILD/src/affinityd \
         --proto-dir SOURCE/proto
 """
+import os
 import time
 
 import grpc
@@ -107,10 +111,19 @@ def wait_models(client, replicas, newer_than, timeout=90):
          (newer_than, [(i.version, i.state, i.job.error) for i in infos]), replicas)
 
 
+def published_count(st):
+    """How many models the replicas published through the log (their logs, all runs)."""
+    n = 0
+    for r in st.replicas:
+        with open(os.path.join(st.work, r.name + ".log")) as f:
+            n += sum("model published through the write log" in line for line in f)
+    return n
+
+
 def model_fields(info):
     return (info.version, info.trained_at_ms, info.events_used, info.users, info.items,
             info.epochs, info.loss, info.duration_s, info.params.SerializeToString(),
-            info.next_params.SerializeToString())
+            info.next_params.SerializeToString(), info.events_since_train)
 
 
 def main():
@@ -271,6 +284,30 @@ def main():
         tops()
         print("Train through r2 (no save_params): version %d everywhere, saved params kept" %
               version)
+
+        # ---- 5. automatic retraining (--train-after-events) on every replica: one training ----
+        published = published_count(st)
+        assert published == 2, published
+        st.stop_replicas()
+        for r in replicas:
+            r.extra += ["--train-after-events", "200"]
+        st.start_replicas()
+        msgs3, hist3, _ = make_import(pb, rng, "c-", [300], bad=set(), missing=set(),
+                                      now_ms=now_ms)
+        msgs3[0].request_id = "imp-c-%d" % seed
+        imp3 = retry_unavailable(lambda: import_stream(client, replicas[0], msgs3), budget_s=60)
+        assert imp3.applied_count == 300, imp3
+        infos3 = wait_models(client, replicas, max(version, imp3.log_sequence))
+        if len(set(model_fields(i) for i in infos3)) != 1:
+            fail("GetModel differs after the automatic training: %s" % infos3, replicas)
+        time.sleep(3)  # the schedulers tick every second: no second training may follow
+        infos4 = [client.unary(r, "GetModel", pb.GetModelRequest(collection=COLL), pb.ModelInfo)
+                  for r in replicas]
+        assert [i.version for i in infos4] == [infos3[0].version] * 3, infos4
+        assert published_count(st) == 3, published_count(st)
+        assert [i.events_since_train for i in infos4] == [0, 0, 0], infos4
+        print("--train-after-events on 3 replicas: one training (version %d), installed "
+              "everywhere" % infos3[0].version)
 
         st.stop_replicas()
         ok = True
