@@ -168,12 +168,29 @@ def main():
         print("import of %d events in %d records: exact counts and rejections; identical "
               "histories on 3 replicas" % (total, n_records))
 
+        # an event larger than a log record can carry is rejected where it arrives
+        big = pb.ImportEventsRequest(collection=COLL, events=[
+            pb.ImportedEvent(user_id="big-u", event=pb.Event(item_id="i001",
+                                                             type=pb.EVENT_TYPE_VIEW)),
+            pb.ImportedEvent(user_id="big-u", event=pb.Event(
+                item_id="i002", type=pb.EVENT_TYPE_VIEW, context={"blob": "x" * 300000})),
+            pb.ImportedEvent(user_id="big-u", event=pb.Event(item_id="i003",
+                                                             type=pb.EVENT_TYPE_VIEW))])
+        bi = import_stream(client, replicas[2], [big])
+        assert bi.applied_count == 2 and bi.rejected_count == 1, bi
+        assert bi.rejected[0].index == 1, bi.rejected
+        assert bi.rejected[0].reason.startswith("the event is 3000"), bi.rejected[0]
+        assert bi.rejected[0].reason.endswith("a log record carries at most 262144"), bi
+        assert bi.log_sequence == imp.log_sequence + 2, (bi, imp)  # before and after it
+        hist["big-u"] = 2
+        imp_seq = bi.log_sequence
+
         # ---- 2. the same import again (same request_id) through r1: nothing twice ----
         again = import_stream(client, replicas[1], msgs)
         assert again.applied_count == 0 and again.rejected_count == 0, again
         assert again.duplicate_messages == len(msgs), again
         assert again.log_sequence <= imp.log_sequence, again
-        check_histories(client, replicas, hist, imp.log_sequence)
+        check_histories(client, replicas, hist, imp_seq)
         print("retried import: %d duplicate messages, nothing applied twice" %
               again.duplicate_messages)
 
@@ -223,7 +240,7 @@ def main():
         if len(set(model_fields(i) for i in infos)) != 1:
             fail("GetModel differs between replicas: %s" % infos, replicas)
         assert infos[0].params.factors == 8 and infos[0].next_params.factors == 8, infos[0]
-        assert infos[0].items > 0 and infos[0].users == 60, infos[0]
+        assert infos[0].items > 0 and infos[0].users == 61, infos[0]  # a-, b- and big-u
         jobs = [i.job.id for i in infos]
         assert jobs[1] > 0 and jobs[0] == 0 and jobs[2] == 0, jobs  # only r1 trained
         users = sorted(hist)[:8] + sorted(hist2)[:4]
