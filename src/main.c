@@ -452,6 +452,8 @@ int main(int argc, char **argv)
     if (catalog_create(&catalog, engine, store, &err)) goto fail;
     model_config mcfg;
     config_model(&cfg, &mcfg);
+    /* Replication: a fold-in is a function of the log position, not of the read's moment. */
+    mcfg.fold_in_data_clock = cfg.log_urls[0] != '\0';
     if (model_create(&model, engine, store, &mcfg, &err)) goto fail;
     catalog_attach_model(catalog, model);
     /* Item ages (first upserts, from the store during the rebuild) and served counts for
@@ -585,6 +587,9 @@ int main(int argc, char **argv)
                               .apply_ctx = server,
                               .sync = sync_store,
                               .sync_ctx = store};
+        /* A trained model goes through the log and is installed by every replica. */
+        model_set_replication(model, transport_log_publish_model, transport_log_request_train,
+                              server);
         if (replog_create(&replog, &rcfg, &err)) goto fail;
         transport_set_log(server, replog);
         sig = wait_caught_up(replog, applied);

@@ -81,6 +81,17 @@ void transport_set_log(transport *t, aff_replog *log);
  * and applies it with the handler single-node mode runs (transport_log.c). Needs
  * cfg.log_origin set at creation. */
 void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t len);
+/* model_config.publish with --log (ctx the transport, with the log set): puts a trained
+ * model's blob through the write log as ModelPart records of at most 512 KiB and one
+ * ModelCommit, retrying each while the log is unavailable (up to 2 minutes, not while the
+ * server drains), and returns once the commit is committed. Runs on the job's thread. */
+int transport_log_publish_model(void *ctx, const char *collection, const void *blob, size_t len,
+                                aff_err *err);
+/* model_config.request_train with --log (ctx the transport, with the log set): publishes a
+ * Train record for the collection with its parameters and message id
+ * "auto-train/<collection>/<version>", waiting at most 5 s for the commit. */
+int transport_log_request_train(void *ctx, const char *collection, uint64_t version,
+                                aff_err *err);
 /* Publishes one behaviour event as a PutEvents record (ctx the transport, with the log set):
  * type is a built-in name (view, click, add_to_cart or cart, purchase; any case) or a custom
  * type; request_id deduplicates. Returns once the stream committed it (*seq), not once

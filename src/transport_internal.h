@@ -89,6 +89,8 @@ struct tcall {
     void (*on_recv)(tcall *c, bool ok, grpc_byte_buffer *bb); /* streaming: takes bb */
     void (*on_send)(tcall *c, bool ok);
     tcapture *capture; /* replication: a call applied from the log answers into this */
+    bool log_own;      /* replication: applying a record this replica published */
+    uint64_t log_sequence; /* replication: the sequence of the record being applied */
 };
 
 /* Work waiting for a blocking-work thread. */
@@ -168,6 +170,11 @@ bool transport__log_route(tcall *c);
  * the applied answer, *seq the sequence. Returns 0 or a negative aff_status with msg set. */
 int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *req,
                          tcapture *out, uint64_t *seq, char *msg, size_t msg_size);
+/* With --log: publishes req as one record of `method` (not a call's: e.g. a model's parts)
+ * and waits at most timeout_ms for the stream's commit. 0 with *seq, or a negative
+ * aff_status with msg set. Any thread. */
+int transport__log_publish(transport *t, const char *method, const ProtobufCMessage *req,
+                           int64_t timeout_ms, uint64_t *seq, char *msg, size_t msg_size);
 /* Appends log_sequence (field 110) to a serialized response in place; false: no memory. */
 bool transport__append_log_sequence(tcapture *cap, uint64_t seq);
 void transport__capture_free(tcapture *cap);

@@ -12,8 +12,12 @@
  *
  * Serving calls that carry min_log_sequence wait (on a blocking-work thread, never on a
  * completion-queue thread) up to --min-sequence-wait-ms for this replica to apply it, then
- * answer UNAVAILABLE. Writes that are not replicated yet (ImportEvents, Train) are refused
- * with FAILED_PRECONDITION in log mode rather than let replicas diverge.
+ * answer UNAVAILABLE.
+ *
+ * Records with a handler of their own (own_records): stream messages (UpsertItems,
+ * ImportEvents) and a trained model on its way to every replica (ModelPart, ModelCommit;
+ * transport_model.c). A Train record runs the Train handler everywhere (parameters saved on
+ * every replica), but only the replica that published it starts the job (tcall.log_own).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -31,6 +35,8 @@
 #include "event_types.h"
 #include "store.h"
 #include "transport_handlers.h"
+#include "transport_import.h"
+#include "transport_model.h"
 
 #define LOG_RECORD_VERSION   1
 #define LOG_RESULTS          1024 /* answers kept for this replica's own records */
@@ -39,6 +45,8 @@
 #define FIELD_REQUEST_ID     110
 #define FIELD_LOG_SEQUENCE   110
 #define FIELD_MIN_SEQUENCE   111
+#define FIELD_LATE           118 /* request_id / min_log_sequence of the messages that gained
+                                    them later (ImportEvents, Train, GetModel) */
 #define LOG_DEFAULT_WAIT_MS  10000 /* a write without a deadline */
 
 /* The answers of records this replica published, by sequence, until their callers take
@@ -77,12 +85,13 @@ void transport__capture_free(tcapture *cap)
     memset(cap, 0, sizeof *cap);
 }
 
-bool transport__append_log_sequence(tcapture *cap, uint64_t seq)
+/* Appends varint field `field` (16..2047) = seq to a serialized message. */
+static bool append_varint_field(tcapture *cap, unsigned field, uint64_t seq)
 {
     uint8_t tail[12];
     size_t n = 0;
-    tail[n++] = (uint8_t)(((FIELD_LOG_SEQUENCE << 3) & 0x7f) | 0x80); /* tag, varint type */
-    tail[n++] = (uint8_t)((FIELD_LOG_SEQUENCE << 3) >> 7);
+    tail[n++] = (uint8_t)(((field << 3) & 0x7f) | 0x80); /* tag, varint type */
+    tail[n++] = (uint8_t)((field << 3) >> 7);
     do {
         uint8_t b = seq & 0x7f;
         seq >>= 7;
@@ -94,6 +103,11 @@ bool transport__append_log_sequence(tcapture *cap, uint64_t seq)
     cap->bytes = grown;
     cap->len += n;
     return true;
+}
+
+bool transport__append_log_sequence(tcapture *cap, uint64_t seq)
+{
+    return append_varint_field(cap, FIELD_LOG_SEQUENCE, seq);
 }
 
 /* The request's field `number` when it is a string (request_id) or uint64 (min sequence). */
@@ -108,6 +122,7 @@ static const ProtobufCFieldDescriptor *field_of(const ProtobufCMessage *m, unsig
 static const char *request_id_of(const ProtobufCMessage *m)
 {
     const ProtobufCFieldDescriptor *f = field_of(m, FIELD_REQUEST_ID, PROTOBUF_C_TYPE_STRING);
+    if (!f) f = field_of(m, FIELD_LATE, PROTOBUF_C_TYPE_STRING);
     if (!f) return NULL;
     const char *id = *(const char *const *)((const char *)m + f->offset);
     return id && id[0] ? id : NULL;
@@ -116,6 +131,7 @@ static const char *request_id_of(const ProtobufCMessage *m)
 static uint64_t min_sequence_of(const ProtobufCMessage *m)
 {
     const ProtobufCFieldDescriptor *f = field_of(m, FIELD_MIN_SEQUENCE, PROTOBUF_C_TYPE_UINT64);
+    if (!f) f = field_of(m, FIELD_LATE, PROTOBUF_C_TYPE_UINT64);
     return f ? *(const uint64_t *)((const char *)m + f->offset) : 0;
 }
 
@@ -144,16 +160,10 @@ static bool replicated(const char *name)
      * assignment (a hash of user and experiment) agrees everywhere. */
     static const char *const names[] = {"CreateCollection", "DropCollection",  "DeleteItems",
                                         "PutEvents",        "DeleteUser",      "SetUserOptOut",
-                                        "CreateExperiment", "StopExperiment"};
+                                        "CreateExperiment", "StopExperiment",  "Train"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (strcmp(names[i], name) == 0) return true;
     return false;
-}
-
-/* Writes with no log record yet: refused in log mode so replicas cannot diverge. */
-static bool unreplicated_write(const char *name)
-{
-    return strcmp(name, "Train") == 0;
 }
 
 static uint32_t fnv1a(const char *s)
@@ -177,6 +187,10 @@ static void subject_of(const char *method, const ProtobufCMessage *req, char *ou
         user = ((const Affinity__V1__SetUserOptOutRequest *)req)->user_id;
     if (user)
         snprintf(out, size, "u.%02u", fnv1a(user) % LOG_USER_BUCKETS);
+    else if (strcmp(method, "ImportEvents") == 0) /* many users' events */
+        snprintf(out, size, "i");
+    else if (strncmp(method, "Model", 5) == 0) /* a trained model's parts and commit */
+        snprintf(out, size, "m");
     else
         snprintf(out, size, "c");
 }
@@ -249,6 +263,12 @@ static int publish_record(transport *t, const char *method, const ProtobufCMessa
     free(buf);
     if (rc) snprintf(msg, msg_size, "%s", err.msg);
     return rc;
+}
+
+int transport__log_publish(transport *t, const char *method, const ProtobufCMessage *req,
+                           int64_t timeout_ms, uint64_t *seq, char *msg, size_t msg_size)
+{
+    return publish_record(t, method, req, timeout_ms, seq, msg, msg_size);
 }
 
 int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *req,
@@ -324,7 +344,10 @@ static void log_write_job(tcall *c)
     }
     if (cap.code) {
         tcall_finish(c, cap.code, cap.msg, NULL);
-    } else if (!transport__append_log_sequence(&cap, seq)) {
+    } else if (!append_varint_field(&cap, /* TrainResponse.log_sequence is field 118 */
+                                    strcmp(short_name(c->def), "Train") == 0 ? FIELD_LATE
+                                                                            : FIELD_LOG_SEQUENCE,
+                                    seq)) {
         transport__fail(c, AFF_ENOMEM, "out of memory encoding the response");
     } else {
         tcall_finish_packed(c, cap.bytes, cap.len);
@@ -362,13 +385,6 @@ bool transport__log_route(tcall *c)
         transport__defer(c, log_write_job);
         return true;
     }
-    if (unreplicated_write(name)) {
-        transport__fail(c, AFF_EPRECONDITION,
-                        "%s is not replicated through the write log yet; with --log it is "
-                        "refused so replicas cannot diverge (docs/replication.md)",
-                        name);
-        return true;
-    }
     uint64_t want = min_sequence_of(c->req);
     if (want && replog_applied(c->t->cfg.log) < want) {
         transport__defer(c, min_sequence_job);
@@ -397,6 +413,29 @@ void transport__log_lag(transport *t, double *p50, double *p99)
     *p99 = sorted[(size_t)((double)(n - 1) * 0.99)];
 }
 
+/* Records applied by a handler of their own rather than their method's unary handler. */
+typedef struct own_record {
+    const char *method;
+    const ProtobufCMessageDescriptor *desc;
+    void (*apply)(tcall *c, ProtobufCMessage *req);
+} own_record;
+
+static const own_record *own_record_of(const char *method)
+{
+    static const own_record records[] = {
+        {"UpsertItems", &affinity__v1__upsert_items_request__descriptor,
+         transport__apply_upsert_items},
+        {"ImportEvents", &affinity__v1__import_events_request__descriptor,
+         transport__apply_import_events},
+        {"ModelPart", &affinity__v1__model_part_record__descriptor, transport__apply_model_part},
+        {"ModelCommit", &affinity__v1__model_commit_record__descriptor,
+         transport__apply_model_commit},
+    };
+    for (size_t i = 0; i < sizeof records / sizeof records[0]; i++)
+        if (strcmp(records[i].method, method) == 0) return &records[i];
+    return NULL;
+}
+
 /* Keeps the answer of a record this replica published for its waiting caller. */
 static void put_result(transport *t, uint64_t seq, tcapture *cap)
 {
@@ -422,13 +461,12 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
         if (rec) affinity__v1__log_record__free_unpacked(rec, NULL);
         return;
     }
-    bool upsert = strcmp(rec->method, "UpsertItems") == 0;
-    const tmethod_def *def = method_by_name(rec->method);
-    const ProtobufCMessageDescriptor *desc =
-        upsert ? &affinity__v1__upsert_items_request__descriptor : def ? def->req_desc : NULL;
+    const own_record *own = own_record_of(rec->method);
+    const tmethod_def *def = method_by_name(rec->method); /* NULL for internal records */
+    const ProtobufCMessageDescriptor *desc = own ? own->desc : def ? def->req_desc : NULL;
     ProtobufCMessage *req =
         desc ? protobuf_c_message_unpack(desc, NULL, rec->request.len, rec->request.data) : NULL;
-    if (!req || (!upsert && (!def->unary || !replicated(rec->method)))) {
+    if (!req || (!own && (!def->unary || !replicated(rec->method)))) {
         aff_log_kv(AFF_LOG_ERROR, "write log: skipping a record with an unknown method",
                    "sequence", seqs, "method", rec->method, NULL);
         goto out;
@@ -439,13 +477,15 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
     call.t = t;
     call.def = def;
     call.capture = &cap;
+    call.log_own = strcmp(rec->origin, t->cfg.log_origin) == 0;
+    call.log_sequence = seq;
     call.start_ns = batcher_now_ns();
     atomic_init(&call.refs, 1);
     pthread_mutex_init(&call.mu, NULL);
     replog_set_record_time(rec->time_ms);
     store_set_log_sequence(seq);
-    if (upsert)
-        transport__apply_upsert_items(&call, req);
+    if (own)
+        own->apply(&call, req);
     else
         def->unary(&call, req);
     store_set_log_sequence(0);
@@ -459,7 +499,7 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
     pthread_mutex_lock(&t->log_results->mu);
     t->log_results->lag_ms[t->log_results->n_lags++ % LOG_LAGS] = lag;
     pthread_mutex_unlock(&t->log_results->mu);
-    if (strcmp(rec->origin, t->cfg.log_origin) == 0)
+    if (call.log_own)
         put_result(t, seq, &cap);
     else
         transport__capture_free(&cap);

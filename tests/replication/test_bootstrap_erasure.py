@@ -16,7 +16,6 @@ JetStream cluster started by this test.
         --proto-dir SOURCE/proto
 """
 import argparse
-import math
 import os
 import random
 import shutil
@@ -26,16 +25,10 @@ import time
 
 import grpc
 
-from cluster import Client, NatsCluster, Replica, retry_unavailable, stubs
+from cluster import Client, NatsCluster, Replica, retry_unavailable, stubs, unit
 
 DIM = 8
 COLL = "shop"
-
-
-def unit(rng):
-    v = [rng.gauss(0, 1) for _ in range(DIM)]
-    n = math.sqrt(sum(x * x for x in v))
-    return [x / n for x in v]
 
 
 def files_containing(roots, needle):
@@ -83,7 +76,7 @@ def main():
                                                               metric=pb.METRIC_INNER_PRODUCT,
                                                               request_id="c1"),
                                    pb.CreateCollectionResponse))
-        items = [pb.Item(id="i%03d" % k, vector=unit(rng), category="c%d" % (k % 5), price=2.0)
+        items = [pb.Item(id="i%03d" % k, vector=unit(rng, DIM), category="c%d" % (k % 5), price=2.0)
                  for k in range(200)]
         up = client.upsert(r0, [pb.UpsertItemsRequest(collection=COLL, items=items)])
         assert up.upserted_count == 200, up

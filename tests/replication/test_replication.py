@@ -19,7 +19,6 @@ Run by ctest (label e2e) as:
         --proto-dir SOURCE/proto
 """
 import argparse
-import math
 import os
 import random
 import sys
@@ -29,7 +28,7 @@ import time
 
 import grpc
 
-from cluster import Client, NatsCluster, Replica, stubs
+from cluster import Client, NatsCluster, Replica, fail, stubs, unit
 
 DIM = 8
 N_ITEMS = 300
@@ -38,18 +37,6 @@ WRITES_PER_WRITER = 60
 EVENTS_PER_CALL = 5
 PAIRS = 1000
 COLL = "shop"
-
-
-def unit(rng):
-    v = [rng.gauss(0, 1) for _ in range(DIM)]
-    n = math.sqrt(sum(x * x for x in v))
-    return [x / n for x in v]
-
-
-def fail(msg, replicas=()):
-    for r in replicas:
-        sys.stderr.write("---- %s log ----\n%s\n" % (r.name, r.log_tail()))
-    raise AssertionError(msg)
 
 
 def retry_write(client, replicas, start, method, req, resp_cls, budget_s=60):
@@ -110,7 +97,7 @@ def main():
                                                          request_id="create-1"),
                               pb.CreateCollectionResponse)
         assert resp.log_sequence > 0, resp
-        vectors = {"i%03d" % k: unit(rng) for k in range(N_ITEMS)}
+        vectors = {"i%03d" % k: unit(rng, DIM) for k in range(N_ITEMS)}
         items = [pb.Item(id=k, vector=v, category="c%d" % (int(k[1:]) % 7), price=1.0)
                  for k, v in sorted(vectors.items())]
         batches = [pb.UpsertItemsRequest(collection=COLL, items=items[j:j + 100],
@@ -208,7 +195,7 @@ def main():
             if tops[0] != tops[1] or tops[0] != tops[2]:
                 fail("Recommend(%s) differs: %s" % (user, tops), replicas)
         for q in range(10):
-            v = unit(rng)
+            v = unit(rng, DIM)
             tops = []
             for r in replicas:
                 s = client.unary(r, "Search",
