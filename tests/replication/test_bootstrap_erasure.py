@@ -8,9 +8,14 @@ JetStream cluster started by this test.
    NOT_SERVING and its log says to bootstrap.
 3. A new replica with --bootstrap-from r0 fetches a snapshot (GetSnapshot), replays the log
    from its sequence, reports SERVING, and answers GetUser and Recommend exactly as r0.
-4. Erasure: DeleteUser through the log; after the stated time (2 snapshot intervals here:
-   the next snapshot holds no trace, the truncation below it removes the user's records)
-   the user's id is found in no file of the NATS store dirs and no snapshot.
+3b. Retention through the log: events 6 s inside the 1-day retention are erased by a
+   retention cut that both replicas apply at the same log sequence.
+4. Erasure: the user's id is first found in the stream's files, NATS's Raft WAL and the
+   snapshot. DeleteUser through the log erases the user's PutEvents records from the stream
+   before it answers; after 2 snapshot intervals (the next snapshot holds no trace, the
+   truncation below it erases the DeleteUser record) the id is in no stream file and no
+   snapshot; within NATS's own stream-snapshot period (2-3 min, the stated bound for the
+   Raft WAL) it is in no file at all under the 3 NATS store dirs.
 
     /usr/bin/python3 tests/replication/test_bootstrap_erasure.py --affinityd BUILD/src/affinityd \
         --proto-dir SOURCE/proto
@@ -252,6 +257,12 @@ def main():
         # (a) The raw events: securely erased from the stream's message files before
         # DeleteUser answered. Only the DeleteUser record (subject AFFINITY.d) still holds the
         # id there, until the next truncation.
+        erased = [json.loads(line) for line in r0.log_tail(10 ** 8).splitlines()
+                  if "the user's events erased from the write log" in line]
+        erased = [int(e["records"]) for e in erased if e["sequence"] == str(d.log_sequence)]
+        assert erased and erased[0] >= 1, ("DeleteUser erased none of the user's records", erased)
+        print("DeleteUser erased %d of the user's PutEvents records from the stream before "
+              "answering" % erased[0])
         events_left = [p for p in files_containing(stream_dirs, needle)]
         print("stream files holding the id right after DeleteUser (its own record): %s"
               % events_left)
