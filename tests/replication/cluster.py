@@ -8,6 +8,7 @@ generated at test time (tests/interop/test_interop.py: generate_stubs).
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -254,6 +255,20 @@ def retry_unavailable(fn, budget_s=30):
             if e.code() != grpc.StatusCode.UNAVAILABLE or time.time() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def clean_up(work, ok, keep, replicas):
+    """Kills the replicas; keeps the work directory (and prints their logs) on failure or
+    with --keep, else removes it."""
+    replicas = [r for r in replicas if r]
+    for r in replicas:
+        r.kill()
+    if not ok or keep:
+        print("work directory kept:", work)
+        for r in replicas:
+            sys.stderr.write("---- %s ----\n%s\n" % (r.name, r.log_tail()))
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def stubs(proto_dir, out_dir):

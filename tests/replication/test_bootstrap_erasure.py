@@ -25,14 +25,13 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
 
 import grpc
 
-from cluster import Client, NatsCluster, Replica, retry_unavailable, stubs
+from cluster import Client, NatsCluster, Replica, clean_up, retry_unavailable, stubs
 
 DIM = 8
 COLL = "shop"
@@ -78,6 +77,19 @@ def files_containing(roots, needle):
                 except OSError:
                     pass
     return hits
+
+
+def wait_gone(roots, needle, since, until, poll_s):
+    """Waits until no file under roots holds needle (AssertionError at `until`); returns the
+    seconds since `since`."""
+    while True:
+        hits = files_containing(roots, needle)
+        if not hits:
+            return time.time() - since
+        if time.time() >= until:
+            raise AssertionError("the erased user's id is still in %s after %.0f s" %
+                                 (hits, time.time() - since))
+        time.sleep(poll_s)
 
 
 def main():
@@ -269,33 +281,15 @@ def main():
         # (b) The stated bound for the stream's files and the snapshots: 2 snapshot intervals
         # (a snapshot after the DeleteUser, then the truncation below it, which erases the
         # DeleteUser record).
-        deadline = time.time() + 2 * SNAP_INTERVAL_S + 10
-        hits = None
-        while time.time() < deadline:
-            hits = files_containing(stream_dirs + [snap_dir], needle)
-            if not hits:
-                break
-            time.sleep(0.5)
-        waited = time.time() - t_del
-        if hits:
-            raise AssertionError("the erased user's id is still in %s after %.0f s" %
-                                 (hits, waited))
+        waited = wait_gone(stream_dirs + [snap_dir], needle, t_del,
+                           t_del + 2 * SNAP_INTERVAL_S + 10, 0.5)
         print("erased user's id gone from the stream's files and snapshots after %.1f s" % waited)
         # (c) Every file NATS keeps (stream files, the stream's Raft WAL and snapshots, the
         # meta group) and every replica's snapshot: NATS 2.9 compacts a stream's Raft WAL
         # when it snapshots the stream, every 2 to 3 minutes per node (hard-coded, not
         # configurable), so the stated bound here is that plus margin.
         nats_roots = [nats.store_dir(i) for i in range(3)]
-        deadline = t_del + NATS_WAL_BOUND_S
-        while time.time() < deadline:
-            hits = files_containing(nats_roots + [snap_dir], needle)
-            if not hits:
-                break
-            time.sleep(2)
-        waited = time.time() - t_del
-        if hits:
-            raise AssertionError("the erased user's id is still in %s after %.0f s" %
-                                 (hits, waited))
+        waited = wait_gone(nats_roots + [snap_dir], needle, t_del, t_del + NATS_WAL_BOUND_S, 2)
         print("erased user's id gone from every file of the 3 NATS store dirs after %.1f s"
               % waited)
         live = files_containing([r0.data_dir, boot.data_dir], needle)
@@ -308,13 +302,7 @@ def main():
             if r:
                 r.kill()
         nats.stop_all()
-        if not ok or args.keep:
-            print("work directory kept:", work)
-            for r in (r0, fresh, boot):
-                if r:
-                    sys.stderr.write("---- %s ----\n%s\n" % (r.name, r.log_tail()))
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(work, ok, args.keep, (r0, fresh, boot))
     return 0 if ok else 1
 
 

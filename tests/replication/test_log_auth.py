@@ -20,7 +20,6 @@ Server B: JetStream, user and password.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 
 import grpc
 
-from cluster import Client, Replica, free_port, stubs
+from cluster import Client, Replica, clean_up, free_port, stubs
 
 
 def openssl(*args):
@@ -209,12 +208,7 @@ def main():
             r.kill()
         a.stop()
         b.stop()
-        if not ok or args.keep:
-            print("work directory kept:", work)
-            for r in replicas:
-                sys.stderr.write("---- %s ----\n%s\n" % (r.name, r.log_tail()))
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(work, ok, args.keep, replicas)
     return 0 if ok else 1
 
 

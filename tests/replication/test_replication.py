@@ -80,6 +80,15 @@ def retry_write(client, replicas, start, method, req, resp_cls, budget_s=60):
     raise AssertionError("%s not acknowledged within %d s: %s" % (method, budget_s, last))
 
 
+def put_view(client, pb, replica, user, item, request_id):
+    return client.unary(replica, "PutEvents",
+                        pb.PutEventsRequest(collection=COLL, user_id=user,
+                                            events=[pb.Event(item_id=item,
+                                                             type=pb.EVENT_TYPE_VIEW)],
+                                            request_id=request_id),
+                        pb.PutEventsResponse)
+
+
 def batch_stream(client, replica, reqs, timeout=20):
     fn = replica.channel.stream_stream(
         "/affinity.v1.Affinity/BatchRecommend",
@@ -98,12 +107,7 @@ def batch_read_your_writes(client, pb, replicas, rng, seed, far):
         w = replicas[n % 3]
         item = "i%03d" % rng.randrange(N_ITEMS)
         user = "bryw-%d-%d" % (seed, n)
-        put = client.unary(w, "PutEvents",
-                           pb.PutEventsRequest(collection=COLL, user_id=user,
-                                               events=[pb.Event(item_id=item,
-                                                                type=pb.EVENT_TYPE_VIEW)],
-                                               request_id="bryw-%d-%d" % (seed, n)),
-                           pb.PutEventsResponse)
+        put = put_view(client, pb, w, user, item, "bryw-%d-%d" % (seed, n))
         reqs.append(pb.RecommendRequest(collection=COLL, user_id=user, k=3,
                                         request_id="q%d" % n,
                                         min_log_sequence=put.log_sequence))
@@ -355,12 +359,7 @@ def main():
             w, rd = replicas[n % 3], replicas[(n + 1) % 3]
             item = "i%03d" % rng.randrange(N_ITEMS)
             user = "ryw-%d-%d" % (seed, n)
-            put = client.unary(w, "PutEvents",
-                               pb.PutEventsRequest(collection=COLL, user_id=user,
-                                                   events=[pb.Event(item_id=item,
-                                                                    type=pb.EVENT_TYPE_VIEW)],
-                                                   request_id="ryw-%d-%d" % (seed, n)),
-                               pb.PutEventsResponse)
+            put = put_view(client, pb, w, user, item, "ryw-%d-%d" % (seed, n))
             assert put.applied_count == 1 and put.log_sequence > 0, put
             rec = client.unary(rd, "Recommend",
                                pb.RecommendRequest(collection=COLL, user_id=user, k=3,
