@@ -779,15 +779,27 @@ static int bitem_start(tcall *c, bitem *it, aff_err *err)
 
 /* Requests behind their min_log_sequence (blocking-work thread): waits for each in turn (the
  * bounded wait of every serving call), then starts it or answers it UNAVAILABLE; the stream
- * goes on either way and answers stay in request order. */
+ * goes on either way and answers stay in request order. Once a wait ran out, requests that
+ * want that sequence or a later one are answered UNAVAILABLE at once (one bounded wait per
+ * run, not one per request, while the replica is stuck). */
 static void bstream_wait_job(tcall *c)
 {
     bstream *s = c->state;
+    uint64_t missed = 0; /* the lowest sequence a wait of this run ran out on */
+    aff_err missed_err;
     pthread_mutex_lock(&s->mu);
     for (bitem *it; (it = s->waiting);) {
         pthread_mutex_unlock(&s->mu);
         aff_err err;
-        int rc = transport__log_wait_sequence(c, it->req->min_log_sequence, &err);
+        uint64_t want = it->req->min_log_sequence;
+        int rc = 0;
+        if (missed && want >= missed && transport__log_behind(c, missed)) {
+            rc = AFF_EUNAVAILABLE;
+            err = missed_err;
+        } else if ((rc = transport__log_wait_sequence(c, want, &err)) != 0) {
+            missed = want;
+            missed_err = err;
+        }
         pthread_mutex_lock(&s->mu);
         s->waiting = it->next_waiting;
         if (!s->waiting) s->waiting_tail = NULL;

@@ -114,22 +114,28 @@ def batch_read_your_writes(client, pb, replicas, rng, seed, far):
         items.append(item)
     reqs.insert(10, pb.RecommendRequest(collection=COLL, user_id="u0-0", k=3, request_id="far",
                                         min_log_sequence=far))
+    # Right after: wants a later sequence, so it is answered at once (one bounded wait).
+    reqs.insert(11, pb.RecommendRequest(collection=COLL, user_id="u0-0", k=3,
+                                        request_id="farther", min_log_sequence=far + 1))
     t1 = time.time()
     answers = batch_stream(client, replicas[2], reqs)
     waited = time.time() - t1
     assert [a.request_id for a in answers] == [r.request_id for r in reqs], \
         [a.request_id for a in answers]
-    far_answer = answers.pop(10)
+    far_answer, farther = answers.pop(10), answers.pop(10)
     assert far_answer.error_code == 14 and not far_answer.hits, far_answer
     assert "min_log_sequence %d is not applied" % far in far_answer.error_message, far_answer
+    # The second was not waited for: it carries the first wait's answer.
+    assert farther.error_code == 14 and farther.error_message == far_answer.error_message, \
+        farther
     assert 2.5 <= waited <= 10, waited
     for n, (a, item) in enumerate(zip(answers, items)):
         assert a.error_code == 0, (n, a)
         if a.source != pb.RECOMMEND_SOURCE_PROFILE or a.hits[0].id != item:
             fail("BatchRecommend request %d: source %d, top %s, wanted %s" %
                  (n, a.source, a.hits[0].id if a.hits else None, item), replicas)
-    print("BatchRecommend: 30 requests with min_log_sequence saw their events; one beyond "
-          "the log answered UNAVAILABLE in place after %.1f s" % waited)
+    print("BatchRecommend: 30 requests with min_log_sequence saw their events; two beyond "
+          "the log answered UNAVAILABLE in place after one wait, %.1f s" % waited)
 
 
 def experiments_replicated(client, pb, replicas, seed):
