@@ -7,7 +7,8 @@ Server B: JetStream, user and password.
 
 1. The right options (--log tls://..., --log-tls-ca, --log-tls-cert/--log-tls-key,
    --log-token-file; --log-user/--log-password-file on B): SERVING, writes acknowledged.
-2. Wrong ones (token, password, CA, no client certificate, nats:// to a TLS server): the
+2. Wrong ones (token, password, CA, no client certificate, nats:// to a TLS server, a
+   --log-creds file that holds no JWT and seed): the
    replica does not exit, stays NOT_SERVING, answers writes UNAVAILABLE, and logs the reason
    (Authorization Violation, the TLS handshake failure) while it retries.
 3. Retrying: a replica with a token the server refused connects by itself once the server
@@ -187,6 +188,12 @@ def main():
                     ["--log-token-file", token] + client_cert)
         check_refused(client, pb, r, "nats:// without --log-tls-ca to a TLS server",
                       "SSL handshake error")
+        # --log-creds is wired to the library (a real .creds file needs NATS's operator/JWT
+        # mode, not set up here): a file without a JWT and nkey seed is named as such.
+        r = replica("not-creds", url_a, ["--log-tls-ca", p("ca.pem"), "--log-creds", token]
+                    + client_cert)
+        check_refused(client, pb, r, "--log-creds with a file that is no creds file",
+                      "no nkey user seed found")
         # ---- 3. the refused replica connects by itself once its token is accepted ----
         a.stop()
         a.extra = tls + '\nauthorization { token: "wrong-token" }'
