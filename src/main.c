@@ -371,6 +371,7 @@ int main(int argc, char **argv)
     aff_err err = {0};
     char token[4096] = "";
     char log_token[4096] = "";
+    char log_password[4096] = "";
     aff_replog *replog = NULL;
     aff_snapshots *snaps = NULL;
     aff_kafka_in *kafka = NULL;
@@ -414,6 +415,9 @@ int main(int argc, char **argv)
         goto fail;
     if (cfg.log_token_file[0] &&
         read_token("log-token-file", cfg.log_token_file, log_token, sizeof log_token, &err))
+        goto fail;
+    if (cfg.log_password_file[0] && read_token("log-password-file", cfg.log_password_file,
+                                                log_password, sizeof log_password, &err))
         goto fail;
 
     /* Storage first: a data dir that cannot be used (or is held by another process) stops
@@ -494,6 +498,8 @@ int main(int argc, char **argv)
     if (pipeline_create(&pipeline, &plcfg, &err)) goto fail;
     experiments_config xcfg = {
         .store = store, .preset_exists = pipeline_has_preset, .preset_ctx = pipeline};
+    /* With the log, creation and stop times are the record's time: the same on every replica. */
+    if (cfg.log_urls[0]) xcfg.now_ms = replog_now_ms;
     if (experiments_create(&experiments, &xcfg, &err)) goto fail;
     pipeline_attach_experiments(pipeline, experiments);
     sctx.experiments = experiments;
@@ -563,8 +569,9 @@ int main(int argc, char **argv)
     /* Learned models: the last trained version of each collection serves at once. */
     if (model_load_all(model, &err)) goto fail;
     /* After the rebuild, before serving: the first retention pass runs beside the serving. */
-    if (cfg.event_retention_days &&
-        retention_start(&keeper, profiles, cfg.event_retention_days, 600000, &err))
+    if (cfg.event_retention_days && !cfg.log_urls[0] &&
+        retention_start(&keeper, profiles, cfg.event_retention_days,
+                        cfg.event_retention_interval_s * 1000, &err))
         goto fail;
     if (cfg.heap_trim_mib &&
         heap_trimmer_start(&trimmer, 1000, (size_t)cfg.heap_trim_mib << 20, &err))
@@ -578,6 +585,8 @@ int main(int argc, char **argv)
                               .replicas = (int)cfg.log_replicas,
                               .creds_file = cfg.log_creds,
                               .token = log_token,
+                              .user = cfg.log_user,
+                              .password = log_password,
                               .tls_ca_file = cfg.log_tls_ca,
                               .tls_cert_file = cfg.log_tls_cert,
                               .tls_key_file = cfg.log_tls_key,
@@ -592,6 +601,12 @@ int main(int argc, char **argv)
                               server);
         if (replog_create(&replog, &rcfg, &err)) goto fail;
         transport_set_log(server, replog);
+        /* With the log, retention cuts are log records every replica applies in order. */
+        if (cfg.event_retention_days &&
+            retention_start_replicated(&keeper, cfg.event_retention_days,
+                                       cfg.event_retention_interval_s * 1000,
+                                       transport_log_publish_retention, server, &err))
+            goto fail;
         sig = wait_caught_up(replog, applied);
     }
     if (!sig && cfg.kafka_brokers[0]) {
@@ -668,6 +683,7 @@ out:
     if (rc == 0) aff_log(AFF_LOG_INFO, "stopped");
     memset(token, 0, sizeof token);
     memset(log_token, 0, sizeof log_token);
+    memset(log_password, 0, sizeof log_password);
     if (rc == 0 && cfg.log_urls[0] && cfg.data_dir[0]) remove_boot_marker(cfg.data_dir);
     return rc;
 }

@@ -100,6 +100,12 @@ int transport_log_ingest_event(void *ctx, const char *collection, const char *us
                                const char *item_id, const char *type, int64_t timestamp_ms,
                                double value, const char *request_id, uint64_t *seq, aff_err *err);
 
+/* Publishes a retention cut (retention_publish_fn; ctx the transport, with the log set) as
+ * a "RetainEvents" record with message id "retain/<cutoff_ms>", so cuts published by several
+ * replicas for the same cutoff are deduplicated by the stream; every replica applies it with
+ * profiles_expire at its position in the log. AFF_EUNAVAILABLE when not committed. */
+int transport_log_publish_retention(void *ctx, int64_t cutoff_ms, aff_err *err);
+
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad
  * address, port taken, unreadable TLS files), AFF_ENOMEM. cfg is copied. */
 int transport_create(transport **out, const transport_config *cfg, aff_engine *engine, batcher *b,

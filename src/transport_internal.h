@@ -165,6 +165,12 @@ void transport__defer(tcall *c, void (*fn)(tcall *c));
  * refused in log mode, or wait for min_log_sequence; true when it took the call. Runs on the
  * completion-queue thread. */
 bool transport__log_route(tcall *c);
+/* Whether this replica (with --log) has not applied sequence `want` yet (0: never behind). */
+bool transport__log_behind(const tcall *c, uint64_t want);
+/* Waits (blocking: a blocking-work thread only) up to --min-sequence-wait-ms, bounded by the
+ * call's deadline, for this replica to apply `want`: 0, or AFF_EUNAVAILABLE with the message
+ * every serving call answers (min_log_sequence). */
+int transport__log_wait_sequence(tcall *c, uint64_t want, aff_err *err);
 /* With --log: publishes req (method's request) as one log record and waits for the stream
  * (and, with --log-ack applied, this replica's apply) within the call's deadline; out gets
  * the applied answer, *seq the sequence. Returns 0 or a negative aff_status with msg set. */

@@ -174,18 +174,19 @@ static uint32_t fnv1a(const char *s)
     return h;
 }
 
-/* The subject a record goes to: user-keyed records by bucket of the user id (so one user's
- * records can be purged from the stream by subject), the rest on "c" (catalog). */
+/* The subject a record goes to: user-keyed records by bucket of the user id (so DeleteUser
+ * finds one user's events by reading one bucket), DeleteUser records on REPLOG_SUBJECT_ERASED
+ * (overwritten, not only purged, when truncated), the rest on "c" (catalog). */
 static void subject_of(const char *method, const ProtobufCMessage *req, char *out, size_t size)
 {
     const char *user = NULL;
     if (strcmp(method, "PutEvents") == 0)
         user = ((const Affinity__V1__PutEventsRequest *)req)->user_id;
-    else if (strcmp(method, "DeleteUser") == 0)
-        user = ((const Affinity__V1__DeleteUserRequest *)req)->user_id;
     else if (strcmp(method, "SetUserOptOut") == 0)
         user = ((const Affinity__V1__SetUserOptOutRequest *)req)->user_id;
-    if (user)
+    if (strcmp(method, "DeleteUser") == 0)
+        snprintf(out, size, "%s", REPLOG_SUBJECT_ERASED); /* erased at truncation */
+    else if (user)
         snprintf(out, size, "u.%02u", fnv1a(user) % LOG_USER_BUCKETS);
     else if (strcmp(method, "ImportEvents") == 0) /* many users' events */
         snprintf(out, size, "i");
@@ -331,6 +332,121 @@ int transport_log_ingest_event(void *ctx, const char *collection, const char *us
     return rc ? aff__fail(err, rc, "%s", msg) : 0;
 }
 
+/* ---- erasure of a deleted user's raw events from the stream (docs/replication.md) ---------- */
+
+typedef struct erase_target {
+    const char *collection; /* "": every collection */
+    const char *user;
+} erase_target;
+
+/* Whether a published record is one of the target user's PutEvents (in the collection). */
+static bool is_users_events(void *ctx, const uint8_t *data, size_t len)
+{
+    const erase_target *tg = ctx;
+    Affinity__V1__LogRecord *rec = affinity__v1__log_record__unpack(NULL, len, data);
+    bool match = false;
+    if (rec && strcmp(rec->method, "PutEvents") == 0) {
+        Affinity__V1__PutEventsRequest *r = affinity__v1__put_events_request__unpack(
+            NULL, rec->request.len, rec->request.data);
+        match = r && strcmp(r->user_id, tg->user) == 0 &&
+                (!tg->collection[0] || strcmp(r->collection, tg->collection) == 0);
+        if (r) affinity__v1__put_events_request__free_unpacked(r, NULL);
+    }
+    if (rec) affinity__v1__log_record__free_unpacked(rec, NULL);
+    return match;
+}
+
+/* After a DeleteUser record (sequence seq) was applied here without error: securely erases
+ * the user's PutEvents records below it from the stream (their bucket's subject), so the raw
+ * events leave the stream's message files before the call is answered. A failure is logged,
+ * not returned: the user is erased from every replica's state either way, and truncation
+ * below the next snapshots removes the records later (the stated bound). Opt-out records are
+ * kept: the opt-out outlives DeleteUser and lagging replicas must still apply it. */
+static void erase_deleted_users_events(tcall *c, uint64_t seq)
+{
+    const Affinity__V1__DeleteUserRequest *r = (const void *)c->req;
+    erase_target tg = {.collection = r->collection, .user = r->user_id};
+    char bucket[16], seqs[24], n[24];
+    snprintf(bucket, sizeof bucket, "u.%02u", fnv1a(r->user_id) % LOG_USER_BUCKETS);
+    snprintf(seqs, sizeof seqs, "%" PRIu64, seq);
+    uint64_t erased = 0;
+    aff_err err;
+    int rc = replog_erase_records(c->t->cfg.log, bucket, seq, is_users_events, &tg, &erased, &err);
+    snprintf(n, sizeof n, "%" PRIu64, erased);
+    if (rc)
+        aff_log_kv(AFF_LOG_WARN,
+                   "DeleteUser: the user's events could not all be erased from the write log "
+                   "now; truncation removes them later",
+                   "sequence", seqs, "erased", n, "error", err.msg, NULL);
+    else
+        aff_log_kv(AFF_LOG_INFO, "DeleteUser: the user's events erased from the write log",
+                   "sequence", seqs, "records", n, NULL);
+}
+
+/* Whether the DeleteUser record seq was applied here without error (with --log-ack
+ * committed the caller has not waited for it: wait now, within the call's deadline). */
+static bool delete_user_applied(tcall *c, const tcapture *cap, uint64_t seq)
+{
+    if (!c->t->cfg.log_ack_committed) return cap->code == 0;
+    if (!replog_wait_applied(c->t->cfg.log, seq, ms_left(c))) return false;
+    tcapture applied;
+    if (!take_result(c->t, seq, &applied)) return false;
+    bool ok = applied.code == 0;
+    transport__capture_free(&applied);
+    return ok;
+}
+
+/* ---- retention cuts through the log (retention_start_replicated) ----------------------------- */
+
+#define RETAIN_METHOD "RetainEvents"
+
+int transport_log_publish_retention(void *ctx, int64_t cutoff_ms, aff_err *err)
+{
+    transport *t = ctx;
+    if (!t->cfg.log) return aff__fail(err, AFF_EUNAVAILABLE, "the write log is not set yet");
+    char rid[48];
+    snprintf(rid, sizeof rid, "retain/%" PRId64, cutoff_ms);
+    Affinity__V1__LogRecord rec = AFFINITY__V1__LOG_RECORD__INIT;
+    rec.version = LOG_RECORD_VERSION;
+    rec.method = (char *)RETAIN_METHOD;
+    rec.time_ms = wall_ms();
+    rec.request_id = rid;
+    rec.origin = t->cfg.log_origin;
+    rec.retain_before_ms = cutoff_ms;
+    size_t len = protobuf_c_message_get_packed_size(&rec.base);
+    uint8_t *buf = malloc(len ? len : 1);
+    if (!buf) return aff__fail(err, AFF_ENOMEM, "out of memory encoding a retention cut");
+    protobuf_c_message_pack(&rec.base, buf);
+    uint64_t seq = 0;
+    int rc = replog_publish(t->cfg.log, "c", buf, len, rid, LOG_DEFAULT_WAIT_MS, &seq, err);
+    free(buf);
+    return rc;
+}
+
+/* Applies a retention cut at its position in the log (apply thread): the same cut, the same
+ * state, so every replica erases the same events. */
+static void apply_retention(transport *t, const Affinity__V1__LogRecord *rec, uint64_t seq)
+{
+    aff_err err;
+    uint64_t users = 0, events = 0;
+    replog_set_record_time(rec->time_ms);
+    store_set_log_sequence(seq);
+    int rc = profiles_expire(t->cfg.profiles, rec->retain_before_ms, &users, &events, &err);
+    store_set_log_sequence(0);
+    replog_set_record_time(0);
+    char seqs[24], cut[24], n_users[24], n_events[24];
+    snprintf(seqs, sizeof seqs, "%" PRIu64, seq);
+    snprintf(cut, sizeof cut, "%" PRId64, rec->retain_before_ms);
+    snprintf(n_users, sizeof n_users, "%" PRIu64, users);
+    snprintf(n_events, sizeof n_events, "%" PRIu64, events);
+    if (rc)
+        aff_log_kv(AFF_LOG_ERROR, "write log: a retention cut failed", "sequence", seqs,
+                   "before ms", cut, "error", err.msg, NULL);
+    else
+        aff_log_kv(AFF_LOG_INFO, "event retention cut applied", "sequence", seqs, "before ms",
+                   cut, "users", n_users, "events", n_events, NULL);
+}
+
 /* A unary write in log mode (blocking-work thread): publish, wait, answer. */
 static void log_write_job(tcall *c)
 {
@@ -342,6 +458,8 @@ static void log_write_job(tcall *c)
         transport__fail(c, rc, "%s", msg);
         return;
     }
+    if (strcmp(short_name(c->def), "DeleteUser") == 0 && delete_user_applied(c, &cap, seq))
+        erase_deleted_users_events(c, seq);
     if (cap.code) {
         tcall_finish(c, cap.code, cap.msg, NULL);
     } else if (!append_varint_field(&cap, /* TrainResponse.log_sequence is field 118 */
@@ -360,19 +478,30 @@ static uint32_t min_wait_ms(const transport *t)
     return t->cfg.min_sequence_wait_ms ? t->cfg.min_sequence_wait_ms : 1000;
 }
 
-/* A serving call behind its min_log_sequence (blocking-work thread): wait, then serve. */
-static void min_sequence_job(tcall *c)
+bool transport__log_behind(const tcall *c, uint64_t want)
 {
-    uint64_t want = min_sequence_of(c->req);
+    return c->t->cfg.log && want && replog_applied(c->t->cfg.log) < want;
+}
+
+int transport__log_wait_sequence(tcall *c, uint64_t want, aff_err *err)
+{
     int64_t wait = min_wait_ms(c->t);
     int64_t left = ms_left(c);
     if (tcall_deadline_ns(c) && left < wait) wait = left;
-    if (!replog_wait_applied(c->t->cfg.log, want, wait)) {
-        transport__fail(c, AFF_EUNAVAILABLE,
-                        "min_log_sequence %" PRIu64 " is not applied on this replica yet "
-                        "(applied %" PRIu64 ") after %" PRId64 " ms; retry here or on another "
-                        "replica",
-                        want, replog_applied(c->t->cfg.log), wait);
+    if (replog_wait_applied(c->t->cfg.log, want, wait)) return 0;
+    return aff__fail(err, AFF_EUNAVAILABLE,
+                     "min_log_sequence %" PRIu64 " is not applied on this replica yet "
+                     "(applied %" PRIu64 ") after %" PRId64 " ms; retry here or on another "
+                     "replica",
+                     want, replog_applied(c->t->cfg.log), wait);
+}
+
+/* A serving call behind its min_log_sequence (blocking-work thread): wait, then serve. */
+static void min_sequence_job(tcall *c)
+{
+    aff_err err;
+    if (transport__log_wait_sequence(c, min_sequence_of(c->req), &err)) {
+        tcall_fail(c, &err);
         return;
     }
     c->def->unary(c, c->req);
@@ -385,8 +514,7 @@ bool transport__log_route(tcall *c)
         transport__defer(c, log_write_job);
         return true;
     }
-    uint64_t want = min_sequence_of(c->req);
-    if (want && replog_applied(c->t->cfg.log) < want) {
+    if (transport__log_behind(c, min_sequence_of(c->req))) {
         transport__defer(c, min_sequence_job);
         return true;
     }
@@ -459,6 +587,11 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
         aff_log_kv(AFF_LOG_ERROR, "write log: skipping a record this build cannot read",
                    "sequence", seqs, NULL);
         if (rec) affinity__v1__log_record__free_unpacked(rec, NULL);
+        return;
+    }
+    if (strcmp(rec->method, RETAIN_METHOD) == 0) {
+        apply_retention(t, rec, seq);
+        affinity__v1__log_record__free_unpacked(rec, NULL);
         return;
     }
     const own_record *own = own_record_of(rec->method);

@@ -261,6 +261,20 @@ def retry_unavailable(fn, budget_s=30):
             time.sleep(0.1)
 
 
+def clean_up(work, ok, keep, replicas):
+    """Kills the replicas; keeps the work directory (and prints their logs) on failure or
+    with --keep, else removes it."""
+    replicas = [r for r in replicas if r]
+    for r in replicas:
+        r.kill()
+    if not ok or keep:
+        print("work directory kept:", work)
+        for r in replicas:
+            sys.stderr.write("---- %s ----\n%s\n" % (r.name, r.log_tail()))
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def stubs(proto_dir, out_dir):
     return generate_stubs(proto_dir, out_dir)
 
