@@ -503,12 +503,11 @@ struct scan_args {
     uint32_t limit;        /* rows >= limit are never reported */
     cpu_hit *hits;         /* room for nblocks × 8 × nq (unused with a sink) */
     uint32_t nhits;        /* rows reported */
-    /* When set, each reported row goes to sink at once, and the query's threshold becomes
-     * what sink returns (the raised lower bound), so the rest of the tile is tested against
-     * it: far fewer rows are reported than with a threshold fixed for the whole tile, most of
-     * all for larger k. */
-    void (*sink)(struct scan_args *a, const cpu_hit *h);
-    void *sink_ctx;
+    /* When set (a search), each reported row goes to take_now() at once (a direct call, so
+     * the report path inlines), and the query's threshold becomes the raised lower bound, so
+     * the rest of the tile is tested against it: far fewer rows are reported than with a
+     * threshold fixed for the whole tile, most of all for larger k. NULL: rows go to hits. */
+    struct take_ctx *sink;
     /* With qcats (and block_cats): in blocks whose categories meet qcats[q] the threshold is
      * thresh_cat[q], elsewhere thresh[q]; a query whose filter admits few categories then
      * skips the blocks that hold none of them. */
@@ -517,6 +516,9 @@ struct scan_args {
     const uint64_t *qcats;          /* nq blooms, or NULL */
     float *thresh_cat;              /* nq */
 };
+
+/* The sink of a search (defined with the search below). */
+static void take_now(scan_args *a, const cpu_hit *h);
 
 typedef struct kernel_desc {
     void (*scan)(scan_args *a);
@@ -605,7 +607,7 @@ static void push_hit(scan_args *a, uint32_t row, uint32_t q, float hi, float e)
     const cpu_hit h = {.row = row, .q = q, .hi = hi, .width = w};
     a->nhits++;
     if (a->sink)
-        a->sink(a, &h);
+        take_now(a, &h);
     else
         a->hits[a->nhits - 1] = h;
 }
@@ -1216,7 +1218,7 @@ static void set_thresholds(const take_ctx *tc, scan_args *a, uint32_t q)
 
 static void take_now(scan_args *a, const cpu_hit *h)
 {
-    take_ctx *tc = a->sink_ctx;
+    take_ctx *tc = a->sink;
     const uint32_t pi = tc->g0 + h->q, q0 = tc->phys[pi];
     if (tc->next[q0] == UINT32_MAX && !a->qcats) { /* one query for the vector: the usual case */
         qstate *st = &tc->states[q0];
@@ -1463,8 +1465,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
                                .thresh = thresh,
                                .sq_norms = t->sq_norms,
                                .limit = t->count,
-                               .sink = take_now,
-                               .sink_ctx = &tc,
+                               .sink = &tc,
                                .block_cats = t->block_cats,
                                .qcats = qcats ? qcats + g0 : NULL,
                                .attrs = t->attrs,
