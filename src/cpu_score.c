@@ -1269,12 +1269,18 @@ static uint64_t search_posted(const cpu_search_table *t, const backend_filter *f
             for (uint32_t i = 0; i < n; i += POSTED_CHUNK) {
                 const uint32_t m = n - i < POSTED_CHUNK ? n - i : POSTED_CHUNK;
                 dot_gather(qv, t->rows, rows + i, m, dim, d);
+                if (t->sq_norms)
+                    for (uint32_t j = 0; j < m; j++)
+                        d[j] = 2.0f * d[j] - t->sq_norms[rows[i + j]];
+                /* below the heap's worst score nothing enters (ties go to topk_would_accept) */
+                float worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
                 for (uint32_t j = 0; j < m; j++) {
                     const uint32_t row = rows[i + j];
-                    const float score = t->sq_norms ? 2.0f * d[j] - t->sq_norms[row] : d[j];
-                    if (topk_would_accept(ex, score, row) && row < t->count &&
-                        backend_filter_matches(f, &t->attrs[row], row))
-                        topk_push(ex, score, row);
+                    if (!(d[j] >= worst) || !topk_would_accept(ex, d[j], row) || row >= t->count ||
+                        !backend_filter_matches(f, &t->attrs[row], row))
+                        continue;
+                    topk_push(ex, d[j], row);
+                    worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
                 }
             }
             read += n;
