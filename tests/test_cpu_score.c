@@ -396,7 +396,7 @@ Test(cpu_score, category_lists_answer_as_the_scan_does)
     float *x = malloc((size_t)n * dim * sizeof *x);
     backend_row_attrs *attrs = calloc(n, sizeof *attrs);
     cpu_cat_rows idx = {0};
-    uint32_t in_cat[3] = {0};
+    uint32_t in_cat[4] = {0}; /* categories 1..3 */
     for (uint32_t r = 0; r < n; r++) {
         for (uint32_t j = 0; j < dim; j++)
             x[(size_t)r * dim + j] = rng_unit();
