@@ -388,7 +388,7 @@ Test(cpu_score, narrow_filters_read_category_lists_and_match_the_reference)
 Test(cpu_score, category_lists_answer_as_the_scan_does)
 {
     seed_test();
-    const uint32_t n = 4000, dim = 72, nq = 6;
+    const uint32_t n = 4000, dim = 128, nq = 6; /* a dimension with its own gather copy */
     backend_cpu_isa isa = cpu_isa_detect(BACKEND_CPU_ISA_AUTO);
     cpu_codes c;
     cpu_codes_init(&c, BACKEND_PRECISION_INT8, dim, isa);
