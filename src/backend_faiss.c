@@ -89,6 +89,7 @@ typedef struct faiss_table {
     pthread_mutex_t hnsw_lock;   /* guards hnsw and hnsw_stale during searches */
     backend_row_attrs *attrs;    /* capacity entries */
     uint64_t *block_cats;        /* bf16/int8: capacity / 8 entries, cpu_block_cats() */
+    cpu_cat_rows cat_rows;       /* bf16/int8: rows 0..count-1 by category (narrow filters) */
     float *sq_norms;             /* L2 only: |x|^2 per row, capacity entries */
     uint32_t count, capacity;
     uint64_t accounted; /* bytes last added to owner->memory_used */
@@ -115,6 +116,7 @@ static uint64_t table_bytes(const faiss_table *t)
     uint64_t bytes = quantized(t) ? cpu_codes_bytes(&t->codes, t->count)
                                   : (uint64_t)t->count * t->dim * sizeof(float);
     bytes += (uint64_t)t->capacity * sizeof(backend_row_attrs);
+    if (quantized(t)) bytes += cpu_cat_rows_bytes(&t->cat_rows);
     if (t->sq_norms) bytes += (uint64_t)t->capacity * sizeof(float);
     if (t->hnsw) /* vectors again plus about 2·M links of 8 bytes per row */
         bytes += (uint64_t)t->count * (t->dim * sizeof(float) + 2u * t->hnsw_m * 8u);
@@ -308,6 +310,7 @@ static void faiss_table_destroy(backend_table *bt)
     if (t->cold_fd >= 0) close(t->cold_fd);
     free(t->attrs);
     free(t->block_cats);
+    cpu_cat_rows_free(&t->cat_rows);
     free(t->sq_norms);
     free(t);
 }
@@ -353,7 +356,12 @@ static int faiss_table_write(backend_table *bt, const uint32_t *rows, uint32_t n
             memcpy(xb + (size_t)r * t->dim, v, t->dim * sizeof(float));
             overwrote |= r < t->count;
         }
-        if (quantized(t)) cpu_codes_set(&t->codes, r, v);
+        if (quantized(t)) {
+            cpu_codes_set(&t->codes, r, v);
+            /* a failed add breaks the index: searches scan (cpu_cat_rows) */
+            if (r < t->count) cpu_cat_rows_remove(&t->cat_rows, r, t->attrs[r].category);
+            (void)cpu_cat_rows_add(&t->cat_rows, r, attrs[i].category);
+        }
         t->attrs[r] = attrs[i];
         if (t->sq_norms) t->sq_norms[r] = cpu_sq_norm(v, t->dim);
     }
@@ -386,6 +394,10 @@ static int faiss_table_move(backend_table *bt, const uint32_t *src, const uint32
             return aff__fail(err, AFF_EINTERNAL, "move %u -> %u outside %u rows", src[i], dst[i],
                              t->count);
         memmove(xb + (size_t)dst[i] * t->dim, xb + (size_t)src[i] * t->dim, t->dim * sizeof(float));
+        if (quantized(t) && dst[i] != src[i]) {
+            cpu_cat_rows_remove(&t->cat_rows, dst[i], t->attrs[dst[i]].category);
+            (void)cpu_cat_rows_add(&t->cat_rows, dst[i], t->attrs[src[i]].category);
+        }
         t->attrs[dst[i]] = t->attrs[src[i]];
         if (t->sq_norms) t->sq_norms[dst[i]] = t->sq_norms[src[i]];
         if (quantized(t)) cpu_codes_copy(&t->codes, dst[i], src[i]);
@@ -394,6 +406,8 @@ static int faiss_table_move(backend_table *bt, const uint32_t *src, const uint32
         t->block_cats[dst[i] / 8] = cpu_block_cats(t->attrs, dst[i] / 8, t->count);
     bool truncating = new_count < t->count;
     if (truncating && quantized(t)) {
+        for (uint32_t r = new_count; r < t->count; r++)
+            cpu_cat_rows_remove(&t->cat_rows, r, t->attrs[r].category);
         t->count = new_count;
     } else if (truncating) {
         FaissIDSelectorRange *tail = NULL;
@@ -658,6 +672,7 @@ static int faiss_table_search(backend_table *bt, const backend_search *req, aff_
                                .sq_norms = t->sq_norms,
                                .attrs = t->attrs,
                                .block_cats = t->block_cats,
+                               .cat_rows = &t->cat_rows,
                                .count = t->count,
                                .threads = t->owner->threads};
         rc = cpu_score_search(&st, s, offsets, NULL, err);

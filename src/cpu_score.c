@@ -156,6 +156,101 @@ __attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *restr
 }
 #endif
 
+#if CPU_SCORE_X86
+/* dot_rows_avx2 for rows base[idx[i]], two rows at a time: each row's operations are those of
+ * dot_rows_avx2, in the same order (so the same bits), interleaved; the rows are scattered, so
+ * those four ahead are fetched (their first and middle lines). */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+dot_gather_avx2_n(const float *restrict q, const float *restrict base, const uint32_t *idx,
+                  uint32_t n, const uint32_t dim, float *restrict out)
+{
+    uint32_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        if (i + 6 <= n) { /* the first and middle lines; the adjacent-line prefetcher pairs them */
+            const float *n0 = base + (size_t)idx[i + 4] * dim, *n1 = base + (size_t)idx[i + 5] * dim;
+            __builtin_prefetch(n0);
+            __builtin_prefetch(n0 + dim / 2);
+            __builtin_prefetch(n1);
+            __builtin_prefetch(n1 + dim / 2);
+        }
+        const float *x = base + (size_t)idx[i] * dim, *y = base + (size_t)idx[i + 1] * dim;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        uint32_t j = 0;
+        for (; j + 32 <= dim; j += 32) {
+            __m256 q0 = _mm256_loadu_ps(q + j), q1 = _mm256_loadu_ps(q + j + 8);
+            __m256 q2 = _mm256_loadu_ps(q + j + 16), q3 = _mm256_loadu_ps(q + j + 24);
+            a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + j), a0);
+            b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(y + j), b0);
+            a1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + j + 8), a1);
+            b1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(y + j + 8), b1);
+            a2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + j + 16), a2);
+            b2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(y + j + 16), b2);
+            a3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + j + 24), a3);
+            b3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(y + j + 24), b3);
+        }
+        for (; j + 8 <= dim; j += 8) {
+            __m256 q0 = _mm256_loadu_ps(q + j);
+            a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + j), a0);
+            b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(y + j), b0);
+        }
+        __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        __m256 b = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
+        __m128 ha = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        __m128 hb = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+        ha = _mm_add_ps(ha, _mm_movehl_ps(ha, ha));
+        hb = _mm_add_ps(hb, _mm_movehl_ps(hb, hb));
+        ha = _mm_add_ss(ha, _mm_movehdup_ps(ha));
+        hb = _mm_add_ss(hb, _mm_movehdup_ps(hb));
+        float sa = _mm_cvtss_f32(ha), sb = _mm_cvtss_f32(hb);
+        for (; j < dim; j++) {
+            sa += q[j] * x[j];
+            sb += q[j] * y[j];
+        }
+        out[i] = sa;
+        out[i + 1] = sb;
+    }
+    if (i < n) dot_rows_avx2(q, base + (size_t)idx[i] * dim, 1, dim, out + i);
+}
+
+/* The usual dimensions get a copy with dim a constant (the loops unroll, about half the
+ * instructions per row); the operations are the same. */
+__attribute__((target("avx2,fma"))) static void dot_gather_avx2(const float *restrict q,
+                                                                const float *restrict base,
+                                                                const uint32_t *idx, uint32_t n,
+                                                                uint32_t dim, float *restrict out)
+{
+    switch (dim) {
+    case 64:
+        dot_gather_avx2_n(q, base, idx, n, 64, out);
+        break;
+    case 128:
+        dot_gather_avx2_n(q, base, idx, n, 128, out);
+        break;
+    case 256:
+        dot_gather_avx2_n(q, base, idx, n, 256, out);
+        break;
+    default:
+        dot_gather_avx2_n(q, base, idx, n, dim, out);
+        break;
+    }
+}
+#endif
+
+/* out[i] = cpu_dot_rows of q and row idx[i] of base (the same bits), for n scattered rows. */
+static void dot_gather(const float *restrict q, const float *restrict base, const uint32_t *idx,
+                       uint32_t n, uint32_t dim, float *restrict out)
+{
+#if CPU_SCORE_X86
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        dot_gather_avx2(q, base, idx, n, dim, out);
+        return;
+    }
+#endif
+    for (uint32_t i = 0; i < n; i++)
+        dot_rows_portable(q, base + (size_t)idx[i] * dim, 1, dim, out + i);
+}
+
 void cpu_dot_rows(const float *restrict q, const float *restrict rows, uint32_t n, uint32_t dim,
                   float *restrict out)
 {
@@ -318,6 +413,86 @@ double cpu_codes_bytes_per_row(backend_precision p, uint32_t dim)
     return (double)block_bytes(&c) / 8.0 + 3 * sizeof(float);
 }
 
+/* ---- rows per category -------------------------------------------------------------- */
+
+static bool grow_u32(uint32_t **p, uint32_t *cap, uint32_t need)
+{
+    if (need <= *cap) return true;
+    uint32_t n = *cap ? *cap : 16;
+    while (n < need)
+        n = n > UINT32_MAX / 2 ? UINT32_MAX : 2 * n;
+    uint32_t *g = realloc(*p, (size_t)n * sizeof *g);
+    if (!g) return false;
+    *p = g;
+    *cap = n;
+    return true;
+}
+
+int cpu_cat_rows_add(cpu_cat_rows *x, uint32_t row, uint32_t cat)
+{
+    if (x->broken) return AFF_ENOMEM;
+    if (cat >= x->n_cats) {
+        uint32_t m = x->n_cats ? x->n_cats : 16;
+        while (m <= cat)
+            m *= 2;
+        uint32_t **rows = realloc(x->rows, (size_t)m * sizeof *rows);
+        if (rows) x->rows = rows;
+        uint32_t *n = rows ? realloc(x->n, (size_t)m * sizeof *n) : NULL;
+        if (n) x->n = n;
+        uint32_t *cap = n ? realloc(x->cap, (size_t)m * sizeof *cap) : NULL;
+        if (!cap) goto broken;
+        x->cap = cap;
+        for (uint32_t c = x->n_cats; c < m; c++) {
+            x->rows[c] = NULL;
+            x->n[c] = x->cap[c] = 0;
+        }
+        x->n_cats = m;
+    }
+    if (!grow_u32(&x->slot, &x->slot_cap, row + 1) ||
+        !grow_u32(&x->rows[cat], &x->cap[cat], x->n[cat] + 1))
+        goto broken;
+    x->slot[row] = x->n[cat];
+    x->rows[cat][x->n[cat]++] = row;
+    return AFF_OK;
+broken:
+    x->broken = true;
+    return AFF_ENOMEM;
+}
+
+void cpu_cat_rows_remove(cpu_cat_rows *x, uint32_t row, uint32_t cat)
+{
+    if (x->broken) return;
+    uint32_t at = row < x->slot_cap && cat < x->n_cats ? x->slot[row] : UINT32_MAX;
+    if (at >= x->n[cat] || x->rows[cat][at] != row) { /* not listed: never use the index again */
+        x->broken = true;
+        return;
+    }
+    uint32_t last = x->rows[cat][--x->n[cat]];
+    x->rows[cat][at] = last;
+    x->slot[last] = at;
+}
+
+void cpu_cat_rows_free(cpu_cat_rows *x)
+{
+    if (!x) return;
+    for (uint32_t c = 0; c < x->n_cats; c++)
+        free(x->rows[c]);
+    free(x->rows);
+    free(x->n);
+    free(x->cap);
+    free(x->slot);
+    *x = (cpu_cat_rows){0};
+}
+
+uint64_t cpu_cat_rows_bytes(const cpu_cat_rows *x)
+{
+    uint64_t b = (uint64_t)x->slot_cap * sizeof(uint32_t) +
+                 (uint64_t)x->n_cats * (sizeof(uint32_t *) + 2 * sizeof(uint32_t));
+    for (uint32_t c = 0; c < x->n_cats; c++)
+        b += (uint64_t)x->cap[c] * sizeof(uint32_t);
+    return b;
+}
+
 /* ---- queries -------------------------------------------------------------------------- */
 
 /* One prepared query: a = scale * row_scale * (dot - offset); e = alpha |x|_2 + beta |x - x~|_2. */
@@ -349,12 +524,11 @@ struct scan_args {
     uint32_t limit;        /* rows >= limit are never reported */
     cpu_hit *hits;         /* room for nblocks × 8 × nq (unused with a sink) */
     uint32_t nhits;        /* rows reported */
-    /* When set, each reported row goes to sink at once, and the query's threshold becomes
-     * what sink returns (the raised lower bound), so the rest of the tile is tested against
-     * it: far fewer rows are reported than with a threshold fixed for the whole tile, most of
-     * all for larger k. */
-    void (*sink)(struct scan_args *a, const cpu_hit *h);
-    void *sink_ctx;
+    /* When set (a search), each reported row goes to take_now() at once (a direct call, so
+     * the report path inlines), and the query's threshold becomes the raised lower bound, so
+     * the rest of the tile is tested against it: far fewer rows are reported than with a
+     * threshold fixed for the whole tile, most of all for larger k. NULL: rows go to hits. */
+    struct take_ctx *sink;
     /* With qcats (and block_cats): in blocks whose categories meet qcats[q] the threshold is
      * thresh_cat[q], elsewhere thresh[q]; a query whose filter admits few categories then
      * skips the blocks that hold none of them. */
@@ -363,6 +537,9 @@ struct scan_args {
     const uint64_t *qcats;          /* nq blooms, or NULL */
     float *thresh_cat;              /* nq */
 };
+
+/* The sink of a search (defined with the search below). */
+static void take_now(scan_args *a, const cpu_hit *h);
 
 typedef struct kernel_desc {
     void (*scan)(scan_args *a);
@@ -451,7 +628,7 @@ static void push_hit(scan_args *a, uint32_t row, uint32_t q, float hi, float e)
     const cpu_hit h = {.row = row, .q = q, .hi = hi, .width = w};
     a->nhits++;
     if (a->sink)
-        a->sink(a, &h);
+        take_now(a, &h);
     else
         a->hits[a->nhits - 1] = h;
 }
@@ -1062,7 +1239,7 @@ static void set_thresholds(const take_ctx *tc, scan_args *a, uint32_t q)
 
 static void take_now(scan_args *a, const cpu_hit *h)
 {
-    take_ctx *tc = a->sink_ctx;
+    take_ctx *tc = a->sink;
     const uint32_t pi = tc->g0 + h->q, q0 = tc->phys[pi];
     if (tc->next[q0] == UINT32_MAX && !a->qcats) { /* one query for the vector: the usual case */
         qstate *st = &tc->states[q0];
@@ -1073,6 +1250,95 @@ static void take_now(scan_args *a, const cpu_hit *h)
     for (uint32_t q = q0; q != UINT32_MAX; q = tc->next[q])
         if (!take(tc->t, tc->filters[q], &tc->states[q], h)) tc->failed = true;
     set_thresholds(tc, a, h->q);
+}
+
+/* The rows filter f admits by category, when the table lists rows per category and they are
+ * few enough to read one by one (CPU_POSTING_SHARE); 0 when the query should scan. */
+static uint64_t posting_rows(const cpu_search_table *t, const backend_filter *f)
+{
+    const cpu_cat_rows *x = t->cat_rows;
+    if (!x || x->broken || !f || !f->category_bits) return 0;
+    const uint64_t limit = t->count / CPU_POSTING_SHARE;
+    uint64_t total = 0;
+    for (uint32_t w = 0; w < f->category_words; w++)
+        for (uint64_t bits = f->category_bits[w]; bits; bits &= bits - 1) {
+            uint32_t c = w * 64 + (uint32_t)__builtin_ctzll(bits);
+            total += c < x->n_cats ? x->n[c] : 0;
+            if (total > limit) return 0;
+        }
+    return total ? total : 1; /* an empty list: nothing to score, and no scan either */
+}
+
+/* Rows scored per dot_gather call in search_posted. */
+#define POSTED_CHUNK 64u
+
+/* Query q's exact top-k from its categories' rows (posting_rows() said so): each row scored as
+ * the re-rank scores a candidate (the same bits), so the result is the scan's; the filter is
+ * only asked about rows the heap would take. Returns rows read. */
+static uint64_t search_posted(const cpu_search_table *t, const backend_filter *f, const float *qv,
+                              topk_heap *ex)
+{
+    const cpu_cat_rows *x = t->cat_rows;
+    const uint32_t dim = t->codes->dim;
+    uint64_t read = 0;
+    float d[POSTED_CHUNK];
+    for (uint32_t w = 0; w < f->category_words; w++)
+        for (uint64_t bits = f->category_bits[w]; bits; bits &= bits - 1) {
+            uint32_t c = w * 64 + (uint32_t)__builtin_ctzll(bits);
+            if (c >= x->n_cats) continue;
+            const uint32_t *rows = x->rows[c], n = x->n[c];
+            for (uint32_t i = 0; i < n; i += POSTED_CHUNK) {
+                const uint32_t m = n - i < POSTED_CHUNK ? n - i : POSTED_CHUNK;
+                dot_gather(qv, t->rows, rows + i, m, dim, d);
+                if (t->sq_norms)
+                    for (uint32_t j = 0; j < m; j++)
+                        d[j] = 2.0f * d[j] - t->sq_norms[rows[i + j]];
+                /* below the heap's worst score nothing enters (ties go to topk_would_accept) */
+                float worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
+                for (uint32_t j = 0; j < m; j++) {
+                    const uint32_t row = rows[i + j];
+                    if (!(d[j] >= worst) || !topk_would_accept(ex, d[j], row) || row >= t->count ||
+                        !backend_filter_matches(f, &t->attrs[row], row))
+                        continue;
+                    topk_push(ex, d[j], row);
+                    worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
+                }
+            }
+            read += n;
+        }
+    return read;
+}
+
+/* Scanned query q: merges its threads' lower bounds, then scores in fp32 every candidate whose
+ * upper bound reaches the final L into ex. Returns the candidates scored. */
+static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthreads, uint32_t nq,
+                       uint32_t q, const float *qv, topk_heap *ex)
+{
+    const uint32_t dim = t->codes->dim;
+    qstate *st = &states[q];
+    for (uint32_t th = 1; th < nthreads; th++)
+        topk_merge(&st->lo, &states[(size_t)th * nq + q].lo);
+    const float L = lower_threshold(st);
+    uint64_t scored = 0;
+    for (uint32_t th = 0; th < nthreads; th++) {
+        qstate *ts = &states[(size_t)th * nq + q];
+        uint32_t m = 0;
+        for (uint32_t i = 0; i < ts->n; i++)
+            if (ts->c[i].hi >= L) ts->c[m++] = ts->c[i];
+        for (uint32_t i = 0; i < m; i++) {
+            if (i + 4 < m) { /* the rows are scattered: fetch ahead */
+                const char *next = (const char *)(t->rows + (size_t)ts->c[i + 4].row * dim);
+                for (size_t off = 0; off < dim * sizeof(float); off += 64)
+                    __builtin_prefetch(next + off);
+            }
+            const uint32_t row = ts->c[i].row;
+            float d;
+            cpu_dot_rows(qv, t->rows + (size_t)row * dim, 1, dim, &d);
+            topk_push(ex, t->sq_norms ? 2.0f * d - t->sq_norms[row] : d, row);
+        }
+        scored += m;
+    }
+    return scored;
 }
 
 float cpu_sq_norm(const float *x, uint32_t dim)
@@ -1117,25 +1383,48 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     uint32_t *phys = aff_scratch_array(scratch, nq, sizeof *phys);
     uint32_t *fam = aff_scratch_array(scratch, nq, sizeof *fam), np = 0;
     const backend_filter **qfilt = aff_scratch_array(scratch, nq, sizeof *qfilt);
-    if (!qc || !qpack || !qf || !states || !exact || !phys || !fam || !qfilt) {
+    /* Queries whose categories hold few rows read those rows (posting_rows) and do not scan. */
+    bool *posted = aff_scratch_zero(scratch, nq * sizeof *posted);
+    /* head[p]: the first scanned query of s->same_as family p (UINT32_MAX: none yet) */
+    uint32_t *head = aff_scratch_array(scratch, nq, sizeof *head);
+    if (!qc || !qpack || !qf || !states || !exact || !phys || !fam || !qfilt || !posted || !head) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
         goto out;
     }
+    /* A query that shares its vector with one that scans anyway (a promotion beside its
+     * organic query) rides on that scan unless its rows are very few (CPU_POSTING_RIDE). */
     for (uint32_t q = 0; q < nq; q++) {
         qfilt[q] = filter_of(s, q);
-        fam[q] = UINT32_MAX;
+        fam[q] = head[q] = UINT32_MAX;
+    }
+    for (uint32_t q = 0; q < nq; q++) {
+        uint64_t rows = posting_rows(t, qfilt[q]);
+        posted[q] = rows > 0;
         uint32_t p = s->same_as && s->same_as[q] < q ? s->same_as[q] : q;
-        if (p == q) {
+        if (!rows) head[p] = 0; /* family p scans */
+        if (rows > t->count / CPU_POSTING_RIDE) fam[q] = 0; /* posted only if p does not scan */
+    }
+    for (uint32_t q = 0; q < nq; q++) {
+        uint32_t p = s->same_as && s->same_as[q] < q ? s->same_as[q] : q;
+        if (posted[q] && fam[q] == 0 && head[p] == 0) posted[q] = false;
+    }
+    for (uint32_t q = 0; q < nq; q++)
+        fam[q] = head[q] = UINT32_MAX;
+    for (uint32_t q = 0; q < nq; q++) {
+        if (posted[q]) continue;
+        uint32_t p = s->same_as && s->same_as[q] < q ? s->same_as[q] : q;
+        if (head[p] == UINT32_MAX) {
+            head[p] = q;
             phys[np++] = q;
             continue;
         }
-        uint32_t last = p; /* append q to p's family, keeping query order */
+        uint32_t last = head[p]; /* append q to its family, keeping query order */
         while (fam[last] != UINT32_MAX)
             last = fam[last];
         fam[last] = q;
     }
     for (uint32_t q = 0; q < nq && t->block_cats && !qcats; q++)
-        if (filter_cats(filter_of(s, q)) != ~(uint64_t)0) {
+        if (!posted[q] && filter_cats(qfilt[q]) != ~(uint64_t)0) {
             qcats = aff_scratch_array(scratch, np, sizeof *qcats);
             mcats = aff_scratch_array(scratch, nq, sizeof *mcats);
             if (!qcats || !mcats) {
@@ -1143,7 +1432,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
                 goto out;
             }
             for (uint32_t m = 0; m < nq; m++)
-                mcats[m] = filter_cats(filter_of(s, m));
+                mcats[m] = filter_cats(qfilt[m]);
             for (uint32_t pi = 0; pi < np; pi++) { /* the restricted queries' categories */
                 qcats[pi] = 0;
                 for (uint32_t m = phys[pi]; m != UINT32_MAX; m = fam[m])
@@ -1174,8 +1463,8 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
 
     atomic_int failed = 0;
     uint64_t reported = 0;
-#pragma omp parallel num_threads(nthreads) reduction(+ : reported)
-    {
+#pragma omp parallel num_threads(nthreads) reduction(+ : reported) if (np > 0)
+    if (np > 0) {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         const uint32_t b_lo = (uint32_t)((uint64_t)nblocks * tid / nt);
         const uint32_t b_hi = (uint32_t)((uint64_t)nblocks * (tid + 1) / nt);
@@ -1203,8 +1492,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
                                .thresh = thresh,
                                .sq_norms = t->sq_norms,
                                .limit = t->count,
-                               .sink = take_now,
-                               .sink_ctx = &tc,
+                               .sink = &tc,
                                .block_cats = t->block_cats,
                                .qcats = qcats ? qcats + g0 : NULL,
                                .attrs = t->attrs,
@@ -1223,33 +1511,15 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     }
 
     /* Re-rank: the fp32 scores of every candidate whose upper bound reaches the final L. */
-    uint64_t reranked = 0;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic) reduction(+ : reranked)
+    uint64_t reranked = 0, read = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic) reduction(+ : reranked, read)
     for (uint32_t q = 0; q < nq; q++) {
-        qstate *st = &states[q];
-        for (int th = 1; th < nthreads; th++)
-            topk_merge(&st->lo, &states[(size_t)th * nq + q].lo);
-        const float L = lower_threshold(st);
         const float *qv = s->queries + (size_t)q * dim;
         topk_heap ex = exact[q];
-        for (int th = 0; th < nthreads; th++) {
-            qstate *ts = &states[(size_t)th * nq + q];
-            uint32_t m = 0;
-            for (uint32_t i = 0; i < ts->n; i++)
-                if (ts->c[i].hi >= L) ts->c[m++] = ts->c[i];
-            for (uint32_t i = 0; i < m; i++) {
-                if (i + 4 < m) { /* the rows are scattered: fetch ahead */
-                    const char *next = (const char *)(t->rows + (size_t)ts->c[i + 4].row * dim);
-                    for (size_t off = 0; off < dim * sizeof(float); off += 64)
-                        __builtin_prefetch(next + off);
-                }
-                const uint32_t row = ts->c[i].row;
-                float d;
-                cpu_dot_rows(qv, t->rows + (size_t)row * dim, 1, dim, &d);
-                topk_push(&ex, t->sq_norms ? 2.0f * d - t->sq_norms[row] : d, row);
-            }
-            reranked += m;
-        }
+        if (posted[q])
+            read += search_posted(t, qfilt[q], qv, &ex);
+        else
+            reranked += rerank(t, states, (uint32_t)nthreads, nq, q, qv, &ex);
         const uint32_t n = topk_sort(&ex);
         const float shift = t->sq_norms ? -cpu_sq_norm(qv, dim) : 0.0f;
         for (uint32_t i = 0; i < n; i++) {
@@ -1261,6 +1531,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     if (stats) {
         stats->candidates = reranked;
         stats->reported = reported;
+        stats->posted = read;
     }
 out:
     if (states)

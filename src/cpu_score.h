@@ -88,6 +88,31 @@ float cpu_sq_norm(const float *x, uint32_t dim);
 int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uint32_t row,
                     float *approx, float *bound);
 
+/* The rows of each category, kept beside a table's attribute column so a query whose filter
+ * admits few rows (a promotion of one category, a category page) reads only those rows in
+ * fp32 instead of scanning the whole table: their exact scores, computed as the re-rank
+ * computes them, so the result is the same as the scan's. Lists are unordered (a delete swaps
+ * the last entry into the hole); `slot` says where each row sits in its category's list.
+ * Maintained by the table's writer (under its write lock), read by searches. When a list
+ * cannot grow (out of memory) the index is marked broken and searches scan as before. */
+typedef struct cpu_cat_rows {
+    uint32_t **rows;   /* per category id: its rows */
+    uint32_t *n, *cap; /* per category id */
+    uint32_t n_cats;   /* category ids 0..n_cats-1 have a (possibly empty) list */
+    uint32_t *slot;    /* per row: its index in rows[category] */
+    uint32_t slot_cap; /* rows slot has room for */
+    bool broken;
+} cpu_cat_rows;
+
+/* Adds `row` (< AFF limits, not yet listed) to category `cat`'s list. Returns 0 or AFF_ENOMEM
+ * (then the index is broken: searches no longer use it). */
+int cpu_cat_rows_add(cpu_cat_rows *x, uint32_t row, uint32_t cat);
+/* Removes `row`, listed under category `cat`. */
+void cpu_cat_rows_remove(cpu_cat_rows *x, uint32_t row, uint32_t cat);
+void cpu_cat_rows_free(cpu_cat_rows *x);
+/* Bytes the index holds. */
+uint64_t cpu_cat_rows_bytes(const cpu_cat_rows *x);
+
 /* Everything a reduced-precision search reads. Borrowed for the call. */
 typedef struct cpu_search_table {
     const cpu_codes *codes;
@@ -99,6 +124,10 @@ typedef struct cpu_search_table {
      * fine), or NULL: lets a query with a category filter skip blocks that hold none of its
      * categories before any row of them is looked at (narrow filters report far fewer rows). */
     const uint64_t *block_cats;
+    /* The rows of each category, or NULL: a query whose filter admits categories holding at
+     * most count / CPU_POSTING_SHARE rows reads those rows alone (exactly) instead of taking
+     * part in the scan. */
+    const cpu_cat_rows *cat_rows;
     uint32_t count;
     int threads;
 } cpu_search_table;
@@ -106,10 +135,20 @@ typedef struct cpu_search_table {
 /* The block_cats entry for rows [8b, 8b + 8) ∩ [0, count) of attrs. */
 uint64_t cpu_block_cats(const backend_row_attrs *attrs, uint32_t b, uint32_t count);
 
+/* A query reads its categories' rows instead of scanning when they are at most 1/this of the
+ * table (a row read this way costs about what the int8 scan pays for 4 rows: 75 instructions
+ * against 20 at d = 128, N = 100k)... */
+#define CPU_POSTING_SHARE 10u
+/* ...or, when its vector is scanned anyway for another query of the batch (same_as), at most
+ * 1/this: riding on that scan costs a heap and reports, which at N = 100k cost about as much as
+ * reading 3% of the rows (bench/results/2026-11-30-cpu-2core/pipeline.md, fourth session). */
+#define CPU_POSTING_RIDE 32u
+
 /* The statistics of one search, for tests and benchmarks (may be NULL). */
 typedef struct cpu_search_stats {
     uint64_t candidates; /* rows re-ranked in fp32, over all queries */
     uint64_t reported;   /* rows the scan could not rule out on first sight (before L rose) */
+    uint64_t posted;     /* rows scored from category lists (queries that did not scan) */
 } cpu_search_stats;
 
 /* Runs the batch: query i writes its hits at offsets[i] as backend.h describes, in the order of

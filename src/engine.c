@@ -1047,15 +1047,16 @@ static int first_failure(const aff_err *query_errs, size_t nq)
 
 /* backend_search.same_as for nb prepared query vectors: a query whose vector equals the
  * previous one's (a pipeline's organic and promotion queries for one shopper arrive side by
- * side) shares its scan. NULL when no two neighbours are equal, or out of memory (a hint). */
-static uint32_t *same_vectors(const float *qbuf, uint32_t nb, uint32_t dim)
+ * side) shares its scan. Taken from scratch; NULL when no two neighbours are equal, or out of
+ * memory (a hint). */
+static uint32_t *same_vectors(const float *qbuf, uint32_t nb, uint32_t dim, aff_scratch *scratch)
 {
     uint32_t *same = NULL;
     for (uint32_t b = 1; b < nb; b++) {
         if (memcmp(qbuf + (size_t)b * dim, qbuf + (size_t)(b - 1) * dim, dim * sizeof *qbuf))
             continue;
         if (!same) {
-            if (!(same = malloc(nb * sizeof *same))) return NULL;
+            if (!(same = aff_scratch_array(scratch, nb, sizeof *same))) return NULL;
             for (uint32_t i = 0; i < nb; i++)
                 same[i] = i;
         }
@@ -1130,7 +1131,7 @@ int engine_search(aff_engine *e, aff_scratch *scratch, const char *name,
         goto fail_all;
     }
     if (nb) {
-        uint32_t *same = same_vectors(qbuf, nb, c->dim);
+        uint32_t *same = same_vectors(qbuf, nb, c->dim, sc);
         backend_search s = {
             .queries = qbuf,
             .nq = nb,
@@ -1144,7 +1145,6 @@ int engine_search(aff_engine *e, aff_scratch *scratch, const char *name,
         };
         aff_err berr = {0};
         rc = c->ops->table_search(c->table, &s, &berr);
-        free(same);
         if (rc != AFF_OK) {
             for (uint32_t b = 0; b < nb; b++)
                 query_errs[batch_of[b]] = berr;

@@ -130,6 +130,9 @@ typedef struct case_spec {
     uint32_t deletes;    /* rows deleted (last row moved into the hole) after loading */
     uint32_t overwrites; /* rows rewritten in place after loading */
     bool shared;         /* odd queries repeat the previous query's vector (same_as) */
+    /* 40 categories, filters admitting one (2.5%: read from the category lists even beside a
+     * scan) or two (5%: read alone, ride on a shared scan); overwrites change categories */
+    bool narrow;
 } case_spec;
 
 /* Builds a backend table as the case says, mirrors it in a reference, searches, compares. */
@@ -156,7 +159,8 @@ static void run_case(const case_spec *cs)
     uint32_t *rows = malloc((cs->n + 1) * sizeof *rows);
     for (uint32_t r = 0; r < cs->n; r++) {
         fill_row(t.vec + (size_t)r * cs->dim, cs->dim, cs->kind, pool);
-        t.attrs[r] = (backend_row_attrs){.category = 1 + rng() % 4, .available = 1};
+        t.attrs[r] =
+            (backend_row_attrs){.category = 1 + rng() % (cs->narrow ? 40 : 4), .available = 1};
         rows[r] = r;
     }
     /* Appends in two writes, so capacity grows under a live table. */
@@ -168,6 +172,7 @@ static void run_case(const case_spec *cs)
     for (uint32_t i = 0; i < cs->overwrites && t.n; i++) {
         uint32_t r = rng() % t.n;
         fill_row(t.vec + (size_t)r * cs->dim, cs->dim, cs->kind, pool);
+        if (cs->narrow) t.attrs[r].category = 1 + rng() % 40;
         cr_assert_eq(
             bt->ops->table_write(bt, &r, 1, t.vec + (size_t)r * cs->dim, &t.attrs[r], &err), AFF_OK,
             "%s", err.msg);
@@ -188,7 +193,7 @@ static void run_case(const case_spec *cs)
     uint32_t *k = malloc(cs->nq * sizeof *k);
     const backend_filter **filters = calloc(cs->nq, sizeof *filters);
     backend_filter *fs = calloc(cs->nq, sizeof *fs);
-    uint64_t cat_bits = (1u << 1) | (1u << 3);
+    uint64_t cat_bits = (1u << 1) | (1u << 3), one_cat = 1u << 3, two_cats = (1u << 3) | (1u << 5);
     uint32_t *excl = malloc(8 * sizeof *excl);
     uint32_t n_excl = 0;
     for (uint32_t r = 0; r < t.n && n_excl < 8; r += 1 + rng() % 7)
@@ -210,7 +215,7 @@ static void run_case(const case_spec *cs)
         total += k[i];
         if (cs->filter && i % 2 == 0) {
             backend_filter_init(&fs[i]);
-            fs[i].category_bits = &cat_bits;
+            fs[i].category_bits = !cs->narrow ? &cat_bits : i % 4 ? &one_cat : &two_cats;
             fs[i].category_words = 1;
             fs[i].exclude_rows = excl;
             fs[i].n_exclude_rows = n_excl;
@@ -345,6 +350,146 @@ Test(cpu_score, filters_deletes_and_overwrites_match_the_reference)
             cs.shared = true; /* a filtered and an unfiltered query share each scan */
             run_case(&cs);
         }
+}
+
+Test(cpu_score, narrow_filters_read_category_lists_and_match_the_reference)
+{
+    seed_test();
+    aff_log_set_level(AFF_LOG_WARN);
+    backend_cpu_isa list[4];
+    uint32_t ni = isas(list);
+    for (uint32_t pi = 0; pi < 2; pi++)
+        for (uint32_t ii = 0; ii < ni; ii++)
+            for (int metric = 0; metric <= 2; metric += 2) {
+                /* deletes move rows between lists, overwrites change their category */
+                case_spec cs = {.precision = quantized[pi],
+                                .isa = list[ii],
+                                .metric = (aff_metric)metric,
+                                .kind = DATA_UNIFORM,
+                                .n = 3000,
+                                .dim = 45, /* 32 + 8 + 5: every loop of the dot products */
+                                .nq = 8,
+                                .k = 0,
+                                .filter = true,
+                                .deletes = 400,
+                                .overwrites = 300,
+                                .narrow = true};
+                run_case(&cs);
+                cs.shared = true;
+                run_case(&cs);
+                cs.kind = DATA_TIES; /* equal scores: lower row first on both paths */
+                cs.k = 7;
+                run_case(&cs);
+            }
+}
+
+/* The category lists directly: a narrow query reads them (stats.posted counts its rows, nothing
+ * of it is scanned) and answers bit for bit what the scan answers without them. */
+Test(cpu_score, category_lists_answer_as_the_scan_does)
+{
+    seed_test();
+    const uint32_t n = 4000, dim = 128, nq = 6; /* a dimension with its own gather copy */
+    backend_cpu_isa isa = cpu_isa_detect(BACKEND_CPU_ISA_AUTO);
+    cpu_codes c;
+    cpu_codes_init(&c, BACKEND_PRECISION_INT8, dim, isa);
+    cr_assert_eq(cpu_codes_reserve(&c, n), AFF_OK);
+    float *x = malloc((size_t)n * dim * sizeof *x);
+    backend_row_attrs *attrs = calloc(n, sizeof *attrs);
+    cpu_cat_rows idx = {0};
+    uint32_t in_cat[4] = {0}; /* categories 1..3 */
+    for (uint32_t r = 0; r < n; r++) {
+        for (uint32_t j = 0; j < dim; j++)
+            x[(size_t)r * dim + j] = rng_unit();
+        cpu_codes_set(&c, r, x + (size_t)r * dim);
+        attrs[r] = (backend_row_attrs){.category = r % 50 == 7 ? 2 : 1 + rng() % 2 * 2,
+                                       .available = 1};
+        if (attrs[r].category == 2) attrs[r].price = (float)(r / 50 % 10);
+        in_cat[attrs[r].category]++;
+        cr_assert_eq(cpu_cat_rows_add(&idx, r, attrs[r].category), AFF_OK);
+    }
+    /* a row leaves category 2 and comes back: the list stays consistent */
+    uint32_t moved = 7;
+    cpu_cat_rows_remove(&idx, moved, 2);
+    cr_assert_eq(idx.n[2], in_cat[2] - 1);
+    cr_assert_eq(cpu_cat_rows_add(&idx, moved, 2), AFF_OK);
+    cr_assert_eq(idx.n[2], in_cat[2]);
+    cr_assert(!idx.broken);
+
+    float *q = malloc((size_t)nq * dim * sizeof *q);
+    for (uint32_t i = 0; i < nq * dim; i++)
+        q[i] = rng_unit();
+    uint64_t cat2 = 1u << 2, cat3 = 1u << 3;
+    uint32_t excl[3] = {7, 57, 107}; /* rows of category 2 */
+    backend_filter f_narrow, f_price, f_broad;
+    backend_filter_init(&f_narrow);
+    f_narrow.category_bits = &cat2;
+    f_narrow.category_words = 1;
+    f_narrow.exclude_rows = excl;
+    f_narrow.n_exclude_rows = 3;
+    f_price = f_narrow;
+    f_price.price_min = 3;
+    f_price.price_max = 6;
+    backend_filter_init(&f_broad);
+    f_broad.category_bits = &cat3;
+    f_broad.category_words = 1;
+    /* queries 1 and 3 share query 0's and 2's vectors (a promotion beside its organic query) */
+    const backend_filter *filters[6] = {NULL, &f_narrow, &f_broad, &f_price, &f_narrow, NULL};
+    uint32_t same[6] = {0, 0, 2, 2, 4, 5}, k[6] = {10, 8, 10, 5, 80, 3};
+    for (uint32_t i = 0; i < nq; i++)
+        if (same[i] != i) memcpy(q + (size_t)i * dim, q + (size_t)same[i] * dim, dim * sizeof *q);
+    uint32_t rows[2][116], counts[2][6];
+    float scores[2][116];
+    size_t offsets[6];
+    for (uint32_t i = 0, off = 0; i < nq; off += k[i], i++)
+        offsets[i] = off;
+    cpu_search_stats st[2];
+    for (int with = 0; with < 2; with++) {
+        cpu_search_table t = {.codes = &c,
+                              .isa = isa,
+                              .rows = x,
+                              .attrs = attrs,
+                              .cat_rows = with ? &idx : NULL,
+                              .count = n,
+                              .threads = 1};
+        backend_search s = {.queries = q,
+                            .nq = nq,
+                            .k = k,
+                            .filters = filters,
+                            .same_as = same,
+                            .out_rows = rows[with],
+                            .out_scores = scores[with],
+                            .out_counts = counts[with]};
+        aff_err err = {0};
+        cr_assert_eq(cpu_score_search(&t, &s, offsets, &st[with], &err), AFF_OK, "%s", err.msg);
+    }
+    cr_assert_eq(st[0].posted, 0);
+    /* queries 1, 3 and 4 (category 2: 80 rows, 2%) read the list; category 3 (~49%) scans */
+    cr_assert_eq(st[1].posted, 3 * (uint64_t)in_cat[2], "posted %llu, want %u",
+                 (unsigned long long)st[1].posted, 3 * in_cat[2]);
+    for (uint32_t i = 0; i < nq; i++) {
+        cr_assert_eq(counts[1][i], counts[0][i], "query %u: %u hits, scan %u", i, counts[1][i],
+                     counts[0][i]);
+        for (uint32_t h = 0; h < counts[0][i]; h++)
+            cr_assert(rows[1][offsets[i] + h] == rows[0][offsets[i] + h] &&
+                          scores[1][offsets[i] + h] == scores[0][offsets[i] + h],
+                      "query %u hit %u: row %u score %.9g, scan row %u score %.9g", i, h,
+                      rows[1][offsets[i] + h], (double)scores[1][offsets[i] + h],
+                      rows[0][offsets[i] + h], (double)scores[0][offsets[i] + h]);
+    }
+    cr_assert_eq(counts[1][4], in_cat[2] - 3, "k above the category's rows: all of them but the "
+                                              "excluded ones");
+    cr_assert_eq(counts[1][3], 5);
+    for (uint32_t h = 0; h < counts[1][3]; h++) {
+        uint32_t r = rows[1][offsets[3] + h];
+        cr_assert(attrs[r].category == 2 && attrs[r].price >= 3 && attrs[r].price <= 6 &&
+                      r != 7 && r != 57 && r != 107,
+                  "row %u does not pass the filter", r);
+    }
+    cpu_cat_rows_free(&idx);
+    cpu_codes_free(&c);
+    free(attrs);
+    free(x);
+    free(q);
 }
 
 Test(cpu_score, random_sizes_match_the_reference)

@@ -415,6 +415,77 @@ Test(engine, filters_of_every_kind)
     ref_free(&ref);
 }
 
+/* Re-upserts ref item i with category cat (same vector and other attributes). */
+static void set_category(const char *coll, ref_coll *ref, uint32_t i, const char *cat)
+{
+    ref_item *r = &ref->items[i];
+    snprintf(r->category, sizeof r->category, "%s", cat);
+    const char *tg[3] = {r->tags[0], r->tags[1], r->tags[2]};
+    aff_item it = {.id = r->id,
+                   .vector = r->vec,
+                   .dim = ref->dim,
+                   .attrs.category = r->category,
+                   .attrs.tags = tg,
+                   .attrs.n_tags = r->n_tags,
+                   .attrs.price = r->price,
+                   .attrs.available = r->available};
+    aff_err err = {0};
+    cr_assert_eq(engine_upsert(engine, coll, &it, 1, &err), AFF_OK, "%s", err.msg);
+}
+
+/* A category holding few rows (here 1-5% of them) is read from the backend's per-category row
+ * lists instead of scanned (docs/cpu-precision.md): its answers must follow category changes,
+ * deletes (which move the last row into the hole) and re-inserts. */
+Test(engine, narrow_category_filters_follow_upserts_and_deletes)
+{
+    seed_test();
+    ref_coll ref;
+    make_collection("narrow", 16, AFF_METRIC_COSINE, &ref);
+    add_random("narrow", &ref, 3000, "n");
+    for (uint32_t i = 0; i < ref.n; i += 30) /* 100 items move into "rare" */
+        set_category("narrow", &ref, i, "rare");
+    for (uint32_t i = ref.n - 40; i < ref.n; i++) /* and the last 40 rows, which deletes move */
+        set_category("narrow", &ref, i, "rare");
+    const char *rare[] = {"rare"};
+    aff_filter f;
+    aff_filter_init(&f);
+    f.categories = rare;
+    f.n_categories = 1;
+    check_batches("narrow", &ref, 10, &f, "rare");
+    check_batches("narrow", &ref, 150, &f, "rare, k above its items");
+
+    /* a third of them leave, a third are deleted, the rest stay; rows move under the lists */
+    const char *gone[40];
+    uint32_t ng = 0;
+    for (uint32_t i = 0; i < ref.n; i += 30) {
+        if (i % 90 == 30) set_category("narrow", &ref, i, "shoes");
+        if (i % 90 == 60 && ng < 40) {
+            gone[ng++] = ref.items[i].id;
+            ref.items[i].alive = false;
+        }
+    }
+    size_t nd = 0;
+    aff_err err = {0};
+    cr_assert_eq(engine_delete(engine, "narrow", gone, ng, &nd, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(nd, ng);
+    for (uint32_t i = 5; i < ref.n; i += 97) /* others of every category are deleted too */
+        if (ref.items[i].alive && strcmp(ref.items[i].category, "rare") != 0) {
+            const char *id = ref.items[i].id;
+            cr_assert_eq(engine_delete(engine, "narrow", &id, 1, &nd, &err), AFF_OK);
+            ref.items[i].alive = false;
+        }
+    check_batches("narrow", &ref, 10, &f, "rare after moves and deletes");
+    check_batches("narrow", &ref, 150, &f, "rare after moves and deletes, k above its items");
+    const char *two[] = {"rare", "no-such-category"};
+    aff_filter_init(&f);
+    f.categories = two;
+    f.n_categories = 2;
+    f.price_max = 50;
+    f.available_only = true;
+    check_batches("narrow", &ref, 20, &f, "rare, cheap and available");
+    ref_free(&ref);
+}
+
 Test(engine, exclusion_lists_of_0_1_and_5000_ids)
 {
     seed_test();
