@@ -297,7 +297,7 @@ static int bootstrap(const aff_config *cfg, const char *token, aff_err *err)
     return 0;
 }
 
-/* replog_config.sync: one fsync for a batch of applied records. */
+/* replog_config.sync: flushes the store when the apply thread stops. */
 static int sync_store(void *ctx)
 {
     return store_sync(ctx, NULL);
@@ -418,9 +418,9 @@ int main(int argc, char **argv)
 
     /* Storage first: a data dir that cannot be used (or is held by another process) stops
      * the start before anything listens. */
-    /* With --log the store is a replica of the log: commits skip fsync and the apply thread
-     * syncs once per batch of records before it reports them applied (replog.h); a machine
-     * crash in between is caught by check_boot_marker. */
+    /* With --log the store is a replica of the log: commits skip fsync (the stream holds
+     * the records durably; replog.h) and the store is flushed at a clean stop; a machine
+     * crash under a running replica is caught by check_boot_marker. */
     if (cfg.bootstrap_from[0] && bootstrap(&cfg, token, &err)) goto fail;
     store_config scfg = {.dir = cfg.data_dir[0] ? cfg.data_dir : NULL,
                          .no_sync = cfg.log_urls[0] != '\0'};

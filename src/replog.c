@@ -26,7 +26,7 @@
 #define REPLOG_POLL_MS      200  /* the apply thread's longest sleep between checks */
 #define REPLOG_STALL_MS     3000 /* behind the stream with nothing arriving: resubscribe */
 #define REPLOG_RETRY_MS     250
-#define REPLOG_BATCH        256  /* records applied before one sync */
+#define REPLOG_BATCH        256  /* records applied before they are reported applied */
 
 struct aff_replog {
     replog_config cfg; /* strings below are owned copies */
@@ -144,14 +144,13 @@ static natsSubscription *subscribe(aff_replog *log)
     return sub;
 }
 
-/* Syncs the applied batch (retrying until it succeeds: records must not count as applied
- * before they are durable) and publishes its last sequence. */
+/* Publishes the batch's last sequence as applied. No fsync here: the records are durable in
+ * the stream, each one's writes and sequence are committed together in the store (the OS
+ * holds them when the process dies), and a store a machine crash may have torn is refused at
+ * start (docs/replication.md, "Local durability"). cfg.sync runs once, when the thread
+ * stops. */
 static void finish_batch(aff_replog *log, uint64_t *last, uint32_t *n)
 {
-    while (log->cfg.sync && log->cfg.sync(log->cfg.sync_ctx) != 0 && !atomic_load(&log->stop)) {
-        aff_log(AFF_LOG_ERROR, "write log: cannot sync the store; retrying");
-        sleep_ms(REPLOG_RETRY_MS);
-    }
     pthread_mutex_lock(&log->mu);
     atomic_store(&log->applied, *last);
     pthread_cond_broadcast(&log->cv);
@@ -268,6 +267,8 @@ static void *apply_thread(void *arg)
     }
     if (batch_n) finish_batch(log, &batch_last, &batch_n);
     natsSubscription_Destroy(sub);
+    if (log->cfg.sync && log->cfg.sync(log->cfg.sync_ctx) != 0)
+        aff_log(AFF_LOG_ERROR, "write log: cannot flush the store at stop");
     return NULL;
 }
 

@@ -11,9 +11,10 @@
  *
  * Applying: one thread consumes the stream in order from the sequence after `start_sequence`
  * with an ordered consumer and calls apply(ctx, seq, bytes, len) for each record; after a
- * batch (the records already waiting, at most REPLOG_BATCH) it calls sync once and then
- * publishes the batch's last `seq` as applied (replog_applied, replog_wait_applied). The callback makes the
- * record durable itself (store_set_log_sequence puts seq into the same LMDB transaction). On
+ * batch (the records already waiting, at most REPLOG_BATCH) it publishes the batch's last
+ * `seq` as applied (replog_applied, replog_wait_applied). The callback commits the record
+ * itself (store_set_log_sequence puts seq into the same LMDB transaction); the stream, not
+ * the local store, is what makes it durable (no fsync per batch). On
  * any failure (connection lost, leader lost, consumer gone) the thread waits and resumes from
  * the last applied sequence; it never stops before replog_destroy.
  */
@@ -47,9 +48,8 @@ typedef struct replog_config {
     uint32_t dedup_window_s; /* the stream's duplicate window; default 120 */
     replog_apply_fn apply;
     void *apply_ctx;
-    /* Makes the records applied so far durable (one fsync for a batch); runs on the apply
-     * thread after a batch (up to REPLOG_BATCH records already waiting, or one), before
-     * they count as applied. Non-zero: retried before anything more is applied. NULL: none. */
+    /* Flushes the records applied so far to disk; runs once on the apply thread when it
+     * stops (replog_stop). Non-zero is logged. NULL: none. */
     int (*sync)(void *ctx);
     void *sync_ctx;
 } replog_config;

@@ -113,6 +113,7 @@ struct aff_store {
     pthread_rwlock_t resize_lock;
     bool resize_lock_ready;
     bool persistent;
+    bool no_sync; /* commits skip fsync (store_config.no_sync) */
     int lock_fd;
     _Atomic uint64_t commits;
     _Atomic uint64_t writes;
@@ -966,6 +967,7 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
     if (!s) return aff__fail(err, AFF_ENOMEM, "store: out of memory");
     s->lock_fd = -1;
     s->persistent = cfg->dir != NULL;
+    s->no_sync = cfg->no_sync;
 
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
@@ -1026,6 +1028,12 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
     mdb_env_set_maxreaders(s->env, cfg->max_readers ? cfg->max_readers : STORE_DEFAULT_READERS);
     unsigned flags = MDB_NOTLS;
     if (cfg->no_sync || !cfg->dir) flags |= MDB_NOSYNC | MDB_NOMETASYNC;
+    /* A persistent store without fsync (a replica of the write log) is written in place:
+     * a commit then makes no write system call (the dirty pages are already in the map) and
+     * the kernel writes each page back once, not once per commit. LMDB extends data.mdb to
+     * the map size (a sparse file). Not for in-memory mode, which keeps its temporary file
+     * small. */
+    if (cfg->no_sync && cfg->dir) flags |= MDB_WRITEMAP;
     rc = mdb_env_open(s->env, path, flags, 0644);
     if (rc) {
         status = aff__fail(err, AFF_EIO, "store: cannot open the store in %s: %s", path,
@@ -1064,6 +1072,9 @@ out:
 void store_destroy(aff_store *s)
 {
     if (!s) return;
+    /* A store opened with no_sync is flushed once here: a clean stop leaves it on disk. */
+    if (s->env && s->persistent && s->no_sync && mdb_env_sync(s->env, 1))
+        aff_log(AFF_LOG_ERROR, "store: cannot flush the store to disk at close");
     if (s->env) mdb_env_close(s->env);
     if (s->lock_fd >= 0) close(s->lock_fd); /* releases the flock */
     if (s->resize_lock_ready) {

@@ -52,7 +52,10 @@ typedef struct store_config {
     const char *dir;           /* created if missing (one level); NULL: in-memory mode */
     uint64_t initial_map_size; /* bytes; 0 = 256 MiB. Only a lower bound: it grows as needed */
     uint32_t max_readers;      /* concurrent read transactions; 0 = 1024 */
-    bool no_sync;              /* skip fsync on commit: not durable (benchmarks, tests) */
+    bool no_sync;              /* skip fsync on commit: not durable (benchmarks, tests, a
+                                * replica of the write log); with dir, the map is written in
+                                * place (MDB_WRITEMAP: data.mdb is as large as the map, sparse)
+                                * and store_destroy flushes it once */
 } store_config;
 
 /* Opens (creating if needed) the store in cfg->dir. AFF_EIO with the OS reason when the
@@ -99,8 +102,8 @@ void store_set_log_sequence(uint64_t seq);
  * of deleted records (free gaps, branch separator keys), and an erased user must not be
  * readable from a snapshot. Runs beside readers and writers. On failure path is removed. */
 int store_snapshot(aff_store *s, const char *path, uint64_t *seq, aff_err *err);
-/* Flushes every commit so far to disk (for stores opened with no_sync: a replica applying
- * the write log syncs once per batch of records, before it reports them applied). */
+/* Flushes every commit so far to disk (for stores opened with no_sync, which store_destroy
+ * also flushes once). */
 int store_sync(aff_store *s, aff_err *err);
 /* Records seq as applied in a commit of its own (a record that wrote nothing). */
 int store_mark_log_sequence(aff_store *s, uint64_t seq, aff_err *err);
