@@ -41,12 +41,25 @@ def cpu_seconds(pid):
         return float("nan")
 
 
+def machine_busy_seconds():
+    """CPU seconds the whole machine spent busy (all processes, kernel threads included)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=0,
+                    help="open loop: calls/s per load process (Poisson arrivals; 3 processes), "
+                         "so a fixed amount of work; 0: closed loop with --concurrency")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--affinityd", default=None,
+                    help="the replicas' binary (default: BUILD/src/affinityd), e.g. to compare "
+                         "two builds with one load generator")
     ap.add_argument("--parts", default="1,3,4",
                     help="which measurements: 1 events end to end, 3 leader kill, 4 bootstrap")
     ap.add_argument("--perf", default=None,
@@ -56,7 +69,7 @@ def main():
                     help="items (d = 128) in the bootstrap measurement")
     args = ap.parse_args()
     root = os.path.dirname(HERE)
-    affinityd = os.path.join(args.build, "src", "affinityd")
+    affinityd = args.affinityd or os.path.join(args.build, "src", "affinityd")
     load = os.path.join(args.build, "bench", "affinity_load")
     work = tempfile.mkdtemp(prefix="aff-repl-bench-")
     pb, health = stubs(os.path.join(root, "proto"), work)
@@ -93,6 +106,7 @@ def main():
         seq0 = client.applied(replicas[0])
         cpu0 = {r.name: cpu_seconds(r.proc.pid) for r in replicas}
         cpu0.update({"nats%d" % i: cpu_seconds(p.pid) for i, p in enumerate(nats.procs)})
+        busy0 = machine_busy_seconds()
 
         parts = set(args.parts.split(","))
         # ---- 1. events/s end to end ----
@@ -110,7 +124,9 @@ def main():
             procs.append(subprocess.Popen(
                 [load, "run", "--addr", r.addr, "--collection", "shop", "--users", "10000",
                  "--duration", str(args.seconds), "--warmup", "0", "--mix", "events=1",
-                 "--events-per-call", "100", "--concurrency", str(args.concurrency),
+                 "--events-per-call", "100"] +
+                (["--mode", "open", "--rate", str(args.rate)] if args.rate else
+                 ["--concurrency", str(args.concurrency)]) + [
                  "--channels", "1", "--timeout-ms", "5000", "--user-prefix", "u%d-" % i,
                  "--json", os.path.join(work, "load%d.json" % i)],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -136,6 +152,7 @@ def main():
         events = ok_calls * 100
         cpu1 = {r.name: cpu_seconds(r.proc.pid) for r in replicas}
         cpu1.update({"nats%d" % i: cpu_seconds(p.pid) for i, p in enumerate(nats.procs)})
+        busy1 = machine_busy_seconds()
         for p in perfs:
             p.send_signal(signal.SIGINT)
             p.wait()
@@ -147,8 +164,10 @@ def main():
 
         out("## 1. Events end to end (gRPC -> log -> applied on 3 replicas)")
         out("")
-        out("- 3 affinity_load processes (one per replica), closed loop, %d calls in flight "
-            "each, 100 events per call, %d s" % (args.concurrency, args.seconds))
+        out("- 3 affinity_load processes (one per replica), %s, 100 events per call, %d s" %
+            ("open loop at %g calls/s each (%g events/s offered)" % (args.rate, 300 * args.rate)
+             if args.rate else "closed loop, %d calls in flight each" % args.concurrency,
+             args.seconds))
         out("- records committed to the stream in the run: %d; events acknowledged: %d "
             "(ok calls x 100)" % (records, events))
         out("- load phase %.1f s; until applied on all 3 replicas %.1f s" % (t_load, t_all))
@@ -159,11 +178,16 @@ def main():
         out("- CPU seconds during the run: " + ", ".join(
             "%s %.1f" % (k, cpu1[k] - cpu0[k]) for k in sorted(cpu1)))
         out("- load average before/after: %s / %s" % (" ".join(load_before), " ".join(load_after)))
+        applied = records * 100  # every record of the run is a PutEvents of 100 events
         cpu = {k: cpu1[k] - cpu0[k] for k in cpu1}
         cpu.update({"load%d" % i: c for i, c in enumerate(load_cpu)})
-        out("- **CPU microseconds per acknowledged event** (process CPU / events): " + ", ".join(
-            "%s %.2f" % (k, 1e6 * cpu[k] / max(events, 1)) for k in sorted(cpu)) +
-            "; all processes %.2f" % (1e6 * sum(cpu.values()) / max(events, 1)))
+        out("- **CPU microseconds per event** (process CPU / events in the records committed, "
+            "%d): " % applied + ", ".join(
+                "%s %.2f" % (k, 1e6 * cpu[k] / max(applied, 1)) for k in sorted(cpu)) +
+            "; all processes %.2f" % (1e6 * sum(cpu.values()) / max(applied, 1)))
+        out("- the whole machine (every process, kernel writeback included, other users' work "
+            "too): %.1f CPU s busy, %.2f us per event" % (busy1 - busy0,
+                                                         1e6 * (busy1 - busy0) / max(applied, 1)))
         out("")
         out("affinity_load reports:")
         out("")
