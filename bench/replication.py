@@ -17,6 +17,7 @@ reported with the figures.
 """
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def main():
                     help="open loop: calls/s per load process (Poisson arrivals; 3 processes), "
                          "so a fixed amount of work; 0: closed loop with --concurrency")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work directory (NATS stores, replicas' data and logs)")
     ap.add_argument("--affinityd", default=None,
                     help="the replicas' binary (default: BUILD/src/affinityd), e.g. to compare "
                          "two builds with one load generator")
@@ -292,6 +295,8 @@ def main():
         for r in replicas:
             r.kill()
         nats.stop_all()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "a") as f:

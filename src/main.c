@@ -297,10 +297,11 @@ static int bootstrap(const aff_config *cfg, const char *token, aff_err *err)
     return 0;
 }
 
-/* replog_config.sync: flushes the store when the apply thread stops. */
-static int sync_store(void *ctx)
+/* replog_config.commit: commits the store's apply batch (the records applied since the last
+ * commit). */
+static int commit_store(void *ctx)
 {
-    return store_sync(ctx, NULL);
+    return store_batch_end(ctx, NULL);
 }
 
 /* A random id for this process in the write log's records (its own answers come back to
@@ -583,8 +584,8 @@ int main(int argc, char **argv)
                               .dedup_window_s = cfg.log_dedup_window_s,
                               .apply = transport_log_apply,
                               .apply_ctx = server,
-                              .sync = sync_store,
-                              .sync_ctx = store};
+                              .commit = commit_store,
+                              .commit_ctx = store};
         if (replog_create(&replog, &rcfg, &err)) goto fail;
         transport_set_log(server, replog);
         sig = wait_caught_up(replog, applied);

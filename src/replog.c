@@ -40,6 +40,7 @@ struct aff_replog {
     atomic_bool stop;
     atomic_bool stream_ready;
     atomic_bool needs_bootstrap;
+    atomic_bool halted; /* a batch could not be committed: nothing more is applied */
     char marker_subject[160]; /* "<stream>.t": truncation markers */
     _Atomic uint64_t applied;
     _Atomic uint64_t last_known;
@@ -144,19 +145,27 @@ static natsSubscription *subscribe(aff_replog *log)
     return sub;
 }
 
-/* Publishes the batch's last sequence as applied. No fsync here: the records are durable in
- * the stream, each one's writes and sequence are committed together in the store (the OS
- * holds them when the process dies), and a store a machine crash may have torn is refused at
- * start (docs/replication.md, "Local durability"). cfg.sync runs once, when the thread
- * stops. */
+/* Commits the batch (cfg.commit) and publishes its last sequence as applied. No fsync here:
+ * the records are durable in the stream, their writes and sequence are committed together in
+ * the store (the OS holds them when the process dies), and a store a machine crash may have
+ * torn is refused at start (docs/replication.md, "Local durability"). When the commit fails
+ * nothing more is applied (log->halted) and health reports NOT_SERVING. */
 static void finish_batch(aff_replog *log, uint64_t *last, uint32_t *n)
 {
+    *n = 0;
+    if (log->cfg.commit && log->cfg.commit(log->cfg.commit_ctx) != 0) {
+        aff_log(AFF_LOG_ERROR, "write log: applied records could not be committed to the store; "
+                               "this replica stops applying (restart it: it resumes from its "
+                               "last committed record)");
+        atomic_store(&log->halted, true);
+        atomic_store(&log->needs_bootstrap, true);
+        return;
+    }
     pthread_mutex_lock(&log->mu);
     atomic_store(&log->applied, *last);
     pthread_cond_broadcast(&log->cv);
     pthread_mutex_unlock(&log->mu);
     raise_last_known(log, *last);
-    *n = 0;
 }
 
 /* Whether the stream was truncated past `next` (the first sequence not applied here): the
@@ -181,6 +190,12 @@ static void *apply_thread(void *arg)
     uint64_t batch_last = 0; /* applied, not yet synced */
     uint32_t batch_n = 0;
     while (!atomic_load(&log->stop)) {
+        if (atomic_load(&log->halted)) {
+            natsSubscription_Destroy(sub);
+            sub = NULL;
+            sleep_ms(REPLOG_POLL_MS);
+            continue;
+        }
         if (!atomic_load(&log->stream_ready)) {
             if (natsConnection_Status(log->nc) != NATS_CONN_STATUS_CONNECTED ||
                 !ensure_stream(log)) {
@@ -267,8 +282,6 @@ static void *apply_thread(void *arg)
     }
     if (batch_n) finish_batch(log, &batch_last, &batch_n);
     natsSubscription_Destroy(sub);
-    if (log->cfg.sync && log->cfg.sync(log->cfg.sync_ctx) != 0)
-        aff_log(AFF_LOG_ERROR, "write log: cannot flush the store at stop");
     return NULL;
 }
 

@@ -95,6 +95,23 @@ int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);
  * 0: writes carry no sequence (single-node mode, and every thread but the log's apply
  * thread). */
 void store_set_log_sequence(uint64_t seq);
+/* Replication: an apply batch. Between store_batch_begin and store_batch_end, the
+ * store_update calls made on the calling thread run in one write transaction (opened at the
+ * first, committed after every STORE_BATCH_MAX of them and at store_batch_end, with the
+ * highest store_set_log_sequence among them), so the pages that consecutive records share
+ * (popularity, branch pages) are copied and committed once per batch, not once per record;
+ * store_view on this thread reads the batch's uncommitted writes. Other threads' writes wait
+ * for the batch's commit. A callback that fails after writing cannot be undone alone: the
+ * whole uncommitted batch is dropped and every later write of this store fails (AFF_EIO)
+ * until a restart, which re-applies the dropped records from the log; one that fails before
+ * writing just returns its error. The map is grown before a batch opens so that a batch does
+ * not fill it. Only for callers whose other locks no thread holds while writing to the store
+ * (the log's apply thread, for PutEvents records). store_batch_begin on a thread with an open
+ * batch is a no-op. */
+void store_batch_begin(aff_store *s);
+/* Commits the calling thread's batch and ends it; an error when the batch (or an earlier
+ * one) failed or the commit did. No batch open: 0 unless an earlier batch failed. */
+int store_batch_end(aff_store *s, aff_err *err);
 /* Writes a consistent, compact copy of the whole store to path (one LMDB file), synced;
  * *seq: the log sequence applied in that copy (0 without --log). A replica started on the
  * copy (as <data-dir>/data.mdb) replays the log from seq + 1. The copy is rebuilt record by

@@ -442,6 +442,21 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
     call.start_ns = batcher_now_ns();
     atomic_init(&call.refs, 1);
     pthread_mutex_init(&call.mu, NULL);
+    /* PutEvents records (most of the log) share the store's apply batch: one transaction for
+     * consecutive ones, committed by the log (replog_config.commit). Its locks (widgets,
+     * outcomes, experiments, model counters) are never held by a thread that writes to the
+     * store, so holding the store's write transaction across them cannot deadlock. Any other
+     * record commits the batch first and runs alone, as in single-node mode. */
+    if (t->cfg.store) {
+        if (strcmp(rec->method, "PutEvents") == 0) {
+            store_batch_begin(t->cfg.store);
+        } else {
+            aff_err berr;
+            if (store_batch_end(t->cfg.store, &berr))
+                aff_log_kv(AFF_LOG_ERROR, "write log: apply batch not committed", "sequence",
+                           seqs, "error", berr.msg, NULL);
+        }
+    }
     replog_set_record_time(rec->time_ms);
     store_set_log_sequence(seq);
     if (upsert)
