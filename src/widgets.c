@@ -339,9 +339,16 @@ static uint32_t basket_of(const aff_widgets *w, const store_event *e, int kind)
     const char *v = NULL;
     if (kind == K_PURCHASE && (v = context_value(e, w->order_key))) return hash32("o", v);
     if ((v = context_value(e, w->session_key))) return hash32("s", v);
-    char b[32];
-    snprintf(b, sizeof b, "%lld", (long long)(e->ts_ms / w->cfg.window_ms));
-    return hash32("t", b);
+    /* The bucket number in decimal (what "%lld" writes), without snprintf: once per event. */
+    long long t = (long long)(e->ts_ms / w->cfg.window_ms);
+    char b[32], *p = b + sizeof b;
+    unsigned long long u = t < 0 ? 0ull - (unsigned long long)t : (unsigned long long)t;
+    *--p = '\0';
+    do
+        *--p = (char)('0' + u % 10);
+    while (u /= 10);
+    if (t < 0) *--p = '-';
+    return hash32("t", p);
 }
 
 static int kind_of(const char *type)
