@@ -297,13 +297,6 @@ static int bootstrap(const aff_config *cfg, const char *token, aff_err *err)
     return 0;
 }
 
-/* replog_config.commit: commits the store's apply batch (the records applied since the last
- * commit). */
-static int commit_store(void *ctx)
-{
-    return store_batch_end(ctx, NULL);
-}
-
 /* A random id for this process in the write log's records (its own answers come back to
  * it). */
 static void make_origin(char *out, size_t size)
@@ -584,8 +577,8 @@ int main(int argc, char **argv)
                               .dedup_window_s = cfg.log_dedup_window_s,
                               .apply = transport_log_apply,
                               .apply_ctx = server,
-                              .commit = commit_store,
-                              .commit_ctx = store};
+                              .commit = transport_log_commit,
+                              .commit_ctx = server};
         if (replog_create(&replog, &rcfg, &err)) goto fail;
         transport_set_log(server, replog);
         sig = wait_caught_up(replog, applied);

@@ -27,6 +27,7 @@
 #define REPLOG_STALL_MS     3000 /* behind the stream with nothing arriving: resubscribe */
 #define REPLOG_RETRY_MS     250
 #define REPLOG_BATCH        256  /* records applied before they are reported applied */
+#define REPLOG_BATCH_MS     10   /* and at most this long after the batch's first record */
 
 struct aff_replog {
     replog_config cfg; /* strings below are owned copies */
@@ -187,8 +188,9 @@ static void *apply_thread(void *arg)
     aff_replog *log = arg;
     natsSubscription *sub = NULL;
     int64_t last_progress = mono_ms();
-    uint64_t batch_last = 0; /* applied, not yet synced */
+    uint64_t batch_last = 0; /* applied, not yet committed */
     uint32_t batch_n = 0;
+    int64_t batch_start = 0; /* when the batch's first record was taken */
     while (!atomic_load(&log->stop)) {
         if (atomic_load(&log->halted)) {
             natsSubscription_Destroy(sub);
@@ -241,6 +243,7 @@ static void *apply_thread(void *arg)
         }
         uint64_t seq = meta->Sequence.Stream;
         jsMsgMetaData_Destroy(meta);
+        if (!batch_n) batch_start = mono_ms();
         uint64_t expected = (batch_last > atomic_load(&log->applied) ? batch_last
                                                                      : atomic_load(&log->applied)) +
                             1;
@@ -275,9 +278,9 @@ static void *apply_thread(void *arg)
         }
         natsMsg_Destroy(msg);
         int pending = 0;
-        if (batch_n < REPLOG_BATCH && natsSubscription_GetPending(sub, &pending, NULL) == NATS_OK &&
-            pending > 0)
-            continue; /* more records waiting: one sync for all of them */
+        if (batch_n < REPLOG_BATCH && mono_ms() - batch_start < REPLOG_BATCH_MS &&
+            natsSubscription_GetPending(sub, &pending, NULL) == NATS_OK && pending > 0)
+            continue; /* more records waiting: one commit for all of them, within 10 ms */
         if (batch_n) finish_batch(log, &batch_last, &batch_n);
     }
     if (batch_n) finish_batch(log, &batch_last, &batch_n);

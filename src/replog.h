@@ -11,8 +11,9 @@
  *
  * Applying: one thread consumes the stream in order from the sequence after `start_sequence`
  * with an ordered consumer and calls apply(ctx, seq, bytes, len) for each record; after a
- * batch (the records already waiting, at most REPLOG_BATCH) it calls commit once and then
- * publishes the batch's last `seq` as applied (replog_applied, replog_wait_applied). The
+ * batch (the records already waiting, at most REPLOG_BATCH and 10 ms from its first) it
+ * calls commit once and then publishes the batch's last `seq` as applied (replog_applied,
+ * replog_wait_applied). The
  * records' writes carry their sequence (store_set_log_sequence puts seq into the same LMDB
  * transaction); the stream, not the local store, is what makes them durable (no fsync). On
  * any failure (connection lost, leader lost, consumer gone) the thread waits and resumes from
@@ -49,8 +50,8 @@ typedef struct replog_config {
     replog_apply_fn apply;
     void *apply_ctx;
     /* Commits the records applied so far (the store's apply batch); runs on the apply thread
-     * after a batch (up to REPLOG_BATCH records already waiting, or one), before they count
-     * as applied. Non-zero: the thread applies nothing more and replog_needs_bootstrap turns
+     * after a batch (the records already waiting, up to REPLOG_BATCH and 10 ms), before they
+     * count as applied. Non-zero: the thread applies nothing more and replog_needs_bootstrap turns
      * true (a restart resumes from the last committed record). NULL: none. */
     int (*commit)(void *ctx);
     void *commit_ctx;

@@ -81,6 +81,11 @@ void transport_set_log(transport *t, aff_replog *log);
  * and applies it with the handler single-node mode runs (transport_log.c). Needs
  * cfg.log_origin set at creation. */
 void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t len);
+/* The write log's commit callback (replog_config.commit), ctx the transport: commits the
+ * store's apply batch (store_batch_end) and records the apply lag of the records it made
+ * visible (record stamp -> now; GetServerInfo log_apply_lag_*). Non-zero when the commit
+ * failed. */
+int transport_log_commit(void *ctx);
 /* Publishes one behaviour event as a PutEvents record (ctx the transport, with the log set):
  * type is a built-in name (view, click, add_to_cart or cart, purchase; any case) or a custom
  * type; request_id deduplicates. Returns once the stream committed it (*seq), not once
