@@ -162,8 +162,11 @@ static const opt_def opts[] = {
     {"event-retention-days", U32(event_retention_days, 0, 36500), .def = "0",
      .help = "erase behaviour events older than this many days, and what derives from them "
              "(history, per-item aggregates, type index; the profile is recomputed), at "
-             "start-up and every 10 minutes; events older than this are refused; 0..36500, "
-             "0: keep until DeleteUser"},
+             "start-up and every --event-retention-interval-s; events older than this are "
+             "refused; 0..36500, 0: keep until DeleteUser"},
+    {"event-retention-interval-s", U32(event_retention_interval_s, 1, 86400), .def = "600",
+     .help = "seconds between event retention passes, 1..86400; with --log each pass "
+             "publishes a retention cut that every replica applies at the same log position"},
     {"attribution-window-s", U32(attribution_window_s, 60, 2592000), .def = "86400",
      .help = "measurement: impressions, clicks, add-to-carts and purchases that carry a "
              "recommendation_id count toward that recommendation for this long after it was "
@@ -220,6 +223,10 @@ static const opt_def opts[] = {
      .help = "NATS user credentials file (JWT and nkey seed) for the write log"},
     {"log-token-file", STR(log_token_file), .def = "", .secret_path = true,
      .help = "file holding a NATS authentication token for the write log"},
+    {"log-user", STR(log_user), .def = "",
+     .help = "NATS user name for the write log (with --log-password-file)"},
+    {"log-password-file", STR(log_password_file), .def = "", .secret_path = true,
+     .help = "file holding the NATS password of --log-user"},
     {"log-tls-ca", STR(log_tls_ca), .def = "",
      .help = "PEM CA that the NATS servers' certificates must chain to (turns TLS on)"},
     {"log-tls-cert", STR(log_tls_cert), .def = "",
@@ -533,8 +540,13 @@ static int validate(const aff_config *c, aff_err *err)
         if (!!c->log_tls_cert[0] != !!c->log_tls_key[0])
             return aff__fail(err, AFF_EINVAL,
                              "--log-tls-cert and --log-tls-key go together: give both or neither");
+        if (!!c->log_user[0] != !!c->log_password_file[0])
+            return aff__fail(err, AFF_EINVAL,
+                             "--log-user and --log-password-file go together: give both or "
+                             "neither");
         const char *files[][2] = {{"log-creds", c->log_creds},
                                   {"log-token-file", c->log_token_file},
+                                  {"log-password-file", c->log_password_file},
                                   {"log-tls-ca", c->log_tls_ca},
                                   {"log-tls-cert", c->log_tls_cert},
                                   {"log-tls-key", c->log_tls_key}};

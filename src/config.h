@@ -74,6 +74,7 @@ typedef struct aff_config {
     char tokens_file[CONFIG_PATH_MAX];    /* role tokens (transport_auth.h); "" = none */
     char tls_client_ca[CONFIG_PATH_MAX];  /* mTLS: CA of client certificates; "" = off */
     uint32_t event_retention_days;        /* 0 = events kept until DeleteUser */
+    uint32_t event_retention_interval_s;  /* seconds between retention passes */
     uint32_t heap_trim_mib;               /* trim malloc's free memory past this; 0 = off */
     uint32_t attribution_window_s;        /* measurement: events attributed within this */
     uint32_t attribution_max_records;     /* measurement: recommendations remembered at most */
@@ -94,6 +95,8 @@ typedef struct aff_config {
     uint32_t log_replicas;                /* stream replicas when created here */
     char log_creds[CONFIG_PATH_MAX];      /* NATS credentials file; "" = none */
     char log_token_file[CONFIG_PATH_MAX]; /* NATS token file; "" = none */
+    char log_user[256];                   /* NATS user name; "" = none */
+    char log_password_file[CONFIG_PATH_MAX]; /* NATS password file (with log_user) */
     char log_tls_ca[CONFIG_PATH_MAX];     /* NATS TLS: CA; "" = plaintext */
     char log_tls_cert[CONFIG_PATH_MAX];   /* NATS mutual TLS: client certificate */
     char log_tls_key[CONFIG_PATH_MAX];

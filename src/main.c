@@ -365,6 +365,7 @@ int main(int argc, char **argv)
     aff_err err = {0};
     char token[4096] = "";
     char log_token[4096] = "";
+    char log_password[4096] = "";
     aff_replog *replog = NULL;
     aff_snapshots *snaps = NULL;
     aff_kafka_in *kafka = NULL;
@@ -409,6 +410,9 @@ int main(int argc, char **argv)
     if (cfg.log_token_file[0] &&
         read_token("log-token-file", cfg.log_token_file, log_token, sizeof log_token, &err))
         goto fail;
+    if (cfg.log_password_file[0] && read_token("log-password-file", cfg.log_password_file,
+                                                log_password, sizeof log_password, &err))
+        goto fail;
 
     /* Storage first: a data dir that cannot be used (or is held by another process) stops
      * the start before anything listens. */
@@ -446,6 +450,8 @@ int main(int argc, char **argv)
     if (catalog_create(&catalog, engine, store, &err)) goto fail;
     model_config mcfg;
     config_model(&cfg, &mcfg);
+    /* Replication: a fold-in is a function of the log position, not of the read's moment. */
+    mcfg.fold_in_data_clock = cfg.log_urls[0] != '\0';
     if (model_create(&model, engine, store, &mcfg, &err)) goto fail;
     catalog_attach_model(catalog, model);
     /* Item ages (first upserts, from the store during the rebuild) and served counts for
@@ -486,6 +492,8 @@ int main(int argc, char **argv)
     if (pipeline_create(&pipeline, &plcfg, &err)) goto fail;
     experiments_config xcfg = {
         .store = store, .preset_exists = pipeline_has_preset, .preset_ctx = pipeline};
+    /* With the log, creation and stop times are the record's time: the same on every replica. */
+    if (cfg.log_urls[0]) xcfg.now_ms = replog_now_ms;
     if (experiments_create(&experiments, &xcfg, &err)) goto fail;
     pipeline_attach_experiments(pipeline, experiments);
     sctx.experiments = experiments;
@@ -555,8 +563,9 @@ int main(int argc, char **argv)
     /* Learned models: the last trained version of each collection serves at once. */
     if (model_load_all(model, &err)) goto fail;
     /* After the rebuild, before serving: the first retention pass runs beside the serving. */
-    if (cfg.event_retention_days &&
-        retention_start(&keeper, profiles, cfg.event_retention_days, 600000, &err))
+    if (cfg.event_retention_days && !cfg.log_urls[0] &&
+        retention_start(&keeper, profiles, cfg.event_retention_days,
+                        cfg.event_retention_interval_s * 1000, &err))
         goto fail;
     if (cfg.heap_trim_mib &&
         heap_trimmer_start(&trimmer, 1000, (size_t)cfg.heap_trim_mib << 20, &err))
@@ -570,6 +579,8 @@ int main(int argc, char **argv)
                               .replicas = (int)cfg.log_replicas,
                               .creds_file = cfg.log_creds,
                               .token = log_token,
+                              .user = cfg.log_user,
+                              .password = log_password,
                               .tls_ca_file = cfg.log_tls_ca,
                               .tls_cert_file = cfg.log_tls_cert,
                               .tls_key_file = cfg.log_tls_key,
@@ -579,8 +590,17 @@ int main(int argc, char **argv)
                               .apply_ctx = server,
                               .commit = transport_log_commit,
                               .commit_ctx = server};
+        /* A trained model goes through the log and is installed by every replica. */
+        model_set_replication(model, transport_log_publish_model, transport_log_request_train,
+                              server);
         if (replog_create(&replog, &rcfg, &err)) goto fail;
         transport_set_log(server, replog);
+        /* With the log, retention cuts are log records every replica applies in order. */
+        if (cfg.event_retention_days &&
+            retention_start_replicated(&keeper, cfg.event_retention_days,
+                                       cfg.event_retention_interval_s * 1000,
+                                       transport_log_publish_retention, server, &err))
+            goto fail;
         sig = wait_caught_up(replog, applied);
     }
     if (!sig && cfg.kafka_brokers[0]) {
@@ -657,6 +677,7 @@ out:
     if (rc == 0) aff_log(AFF_LOG_INFO, "stopped");
     memset(token, 0, sizeof token);
     memset(log_token, 0, sizeof log_token);
+    memset(log_password, 0, sizeof log_password);
     if (rc == 0 && cfg.log_urls[0] && cfg.data_dir[0]) remove_boot_marker(cfg.data_dir);
     return rc;
 }

@@ -36,6 +36,7 @@
 #define SPACE_BATCH      1024
 #define MAX_SEGMENT_K    100000
 #define SCHEDULER_TICK_S 1
+#define AUTO_TRAIN_RETRY_MS (30 * 60 * 1000) /* replication: ask again for one version */
 
 /* One published model: immutable, shared by reference. */
 typedef struct mversion {
@@ -76,6 +77,10 @@ typedef struct mcoll {
     bool failed;
     atomic_uint_fast64_t events_since;
     int64_t last_trained_ms;
+    /* replication: the last training this replica asked the log for (request_train) */
+    bool auto_asked;
+    uint64_t auto_version;
+    int64_t auto_ms;
     struct aff_model *m;
 } mcoll;
 
@@ -736,6 +741,20 @@ static bool job_progress(void *ctx, uint32_t epoch, uint32_t epochs, double loss
     return !atomic_load(&c->cancel);
 }
 
+/* Replication: encodes v (ids and factors; its id is given at install) with the collection's
+ * parameters and hands it to the configured publish hook. */
+static int job_publish(aff_model *m, mcoll *c, const mversion *v, aff_err *err)
+{
+    wbuf w = {0};
+    pthread_mutex_lock(&c->mu);
+    als_params params = c->params;
+    pthread_mutex_unlock(&c->mu);
+    int status = blob_encode(&params, v, &w, err);
+    if (!status) status = m->cfg.publish(m->cfg.publish_ctx, c->name, w.p, w.n, err);
+    free(w.p);
+    return status;
+}
+
 /* The whole job: read, train, persist, install. Runs without c->mu except where noted. */
 static int run_job(aff_model *m, mcoll *c, const als_params *p, aff_err *err)
 {
@@ -743,7 +762,8 @@ static int run_job(aff_model *m, mcoll *c, const als_params *p, aff_err *err)
     mversion *v = NULL;
     wbuf w = {0};
     int status;
-    uint64_t events_at_start = atomic_exchange(&c->events_since, 0);
+    /* In publish mode every replica restarts the count when it installs the model. */
+    uint64_t events_at_start = m->cfg.publish ? 0 : atomic_exchange(&c->events_since, 0);
     if (strmap_create(&t.items, 1024) != AFF_OK) {
         status = aff__fail(err, AFF_ENOMEM, "model: out of memory");
         goto out;
@@ -810,6 +830,12 @@ static int run_job(aff_model *m, mcoll *c, const als_params *p, aff_err *err)
                                    .loss = rep.loss,
                                    .duration_s = rep.seconds,
                                    .params = *p};
+    if (m->cfg.publish) { /* replication: installed by every replica from the log */
+        status = job_publish(m, c, v, err);
+        version_free(v);
+        v = NULL;
+        goto out;
+    }
     if ((status = version_finish(m, v, err))) goto out;
     v->info.id = strtoull(v->info.space + 2, NULL, 10);
     map_fit(m, c->name, v);
@@ -830,7 +856,10 @@ static int run_job(aff_model *m, mcoll *c, const als_params *p, aff_err *err)
     pthread_mutex_unlock(&c->mu);
 out:
     if (status) atomic_fetch_add(&c->events_since, events_at_start);
-    if (v) version_release(m, v);
+    if (v && atomic_load(&v->refs) == 0) /* failed before version_finish took a reference */
+        version_free(v);
+    else if (v)
+        version_release(m, v);
     free(w.p);
     train_data_free(&t);
     return status;
@@ -858,6 +887,9 @@ static void *job_thread(void *arg)
     if (status)
         aff_log_kv(AFF_LOG_WARN, "training failed", "collection", c->name, "job", id, "error",
                    err.msg, NULL);
+    else if (m->cfg.publish)
+        aff_log_kv(AFF_LOG_INFO, "training done; the model goes through the write log",
+                   "collection", c->name, "job", id, NULL);
     else {
         mversion *v = version_acquire(c);
         char line[200];
@@ -1036,16 +1068,51 @@ int model_get_info(aff_model *m, const char *collection, model_info *out, aff_er
     return AFF_OK;
 }
 
+int model_install_blob(aff_model *m, const char *collection, const void *blob, size_t len,
+                       uint64_t version, uint64_t upload, aff_err *err)
+{
+    mcoll *c = coll_get(m, collection, err);
+    if (!c) return err->code;
+    als_params ignored;
+    mversion *v = NULL;
+    wbuf w = {0};
+    int status = blob_decode(blob, len, &ignored, &v, err);
+    if (status) return status;
+    if (!v) return aff__fail(err, AFF_EINVAL, "model: the model record holds no model");
+    if ((status = version_finish(m, v, err))) {
+        version_free(v); /* not published: no reference, no space */
+        return status;
+    }
+    v->info.id = version;
+    map_fit(m, c->name, v);
+    pthread_mutex_lock(&c->mu);
+    status = blob_encode(&c->params, v, &w, err);
+    if (!status) status = store_commit_model(m->s, c->name, upload, w.p, w.n, err);
+    if (!status) status = space_build(m, c, v, err);
+    if (!status) {
+        install(m, c, v);
+        c->last_trained_ms = v->info.trained_at_ms;
+        c->failed = false;
+        atomic_store(&c->events_since, 0);
+        v = NULL;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (v) version_release(m, v);
+    free(w.p);
+    return status;
+}
+
 /* ---- serving ------------------------------------------------------------------------------- */
 
 typedef struct fold_ctx {
     const mversion *v;
     double half_life_ms;
-    int64_t now;
+    int64_t now; /* 0: decided after the scan (model_config.fold_in_data_clock) */
     uint32_t *idx;
     float *conf;
-    int64_t *at; /* each interaction's latest event time */
-    size_t n, cap_idx, cap_conf, cap_at;
+    int64_t *at;    /* each interaction's latest event time */
+    double *weight; /* with a deferred clock: each interaction's weight at `at` */
+    size_t n, cap_idx, cap_conf, cap_at, cap_weight;
 } fold_ctx;
 
 static int fold_visit(void *ctx, const char *item, const store_interaction *in)
@@ -1053,16 +1120,38 @@ static int fold_visit(void *ctx, const char *item, const store_interaction *in)
     fold_ctx *f = ctx;
     uint32_t row;
     if (!strmap_get(f->v->rows, item, &row)) return 0;
-    float c = als_confidence(in->weight * exp2(-(double)(f->now - in->ref_ms) / f->half_life_ms));
+    float c = f->now ? als_confidence(in->weight *
+                                      exp2(-(double)(f->now - in->ref_ms) / f->half_life_ms))
+                     : 1.0f; /* computed after the scan */
     if (!(c > 0)) return 0;
     if (!grow((void **)&f->idx, &f->cap_idx, f->n + 1, sizeof *f->idx) ||
         !grow((void **)&f->conf, &f->cap_conf, f->n + 1, sizeof *f->conf) ||
-        !grow((void **)&f->at, &f->cap_at, f->n + 1, sizeof *f->at))
+        !grow((void **)&f->at, &f->cap_at, f->n + 1, sizeof *f->at) ||
+        (!f->now && !grow((void **)&f->weight, &f->cap_weight, f->n + 1, sizeof *f->weight)))
         return AFF_ENOMEM;
     f->idx[f->n] = row;
     f->at[f->n] = in->ref_ms;
+    if (!f->now) f->weight[f->n] = in->weight;
     f->conf[f->n++] = c;
     return 0;
+}
+
+/* With model_config.fold_in_data_clock: decays the scanned interactions to max(the model's
+ * training time, the latest of them) and drops those without confidence. */
+static void fold_data_clock(fold_ctx *f)
+{
+    int64_t now = f->v->info.trained_at_ms;
+    for (size_t i = 0; i < f->n; i++)
+        if (f->at[i] > now) now = f->at[i];
+    size_t kept = 0;
+    for (size_t i = 0; i < f->n; i++) {
+        float c = als_confidence(f->weight[i] * exp2(-(double)(now - f->at[i]) / f->half_life_ms));
+        if (!(c > 0)) continue;
+        f->idx[kept] = f->idx[i];
+        f->at[kept] = f->at[i];
+        f->conf[kept++] = c;
+    }
+    f->n = kept;
 }
 
 typedef struct fold_entry {
@@ -1118,11 +1207,14 @@ int model_user_factor(aff_model *m, const char *collection, const char *user,
     if (!c) return err->code;
     mversion *v = version_acquire(c);
     if (!v) return AFF_OK;
-    fold_fn_ctx fc = {.f = {.v = v, .half_life_ms = m->cfg.half_life_s * 1000.0, .now = now_ms(m)},
+    fold_fn_ctx fc = {.f = {.v = v,
+                            .half_life_ms = m->cfg.half_life_s * 1000.0,
+                            .now = m->cfg.fold_in_data_clock ? 0 : now_ms(m)},
                       .collection = collection,
                       .user = user};
     float *scratch = NULL;
     int status = store_view(m->s, fold_fn, &fc, err);
+    if (!status && !fc.f.now) fold_data_clock(&fc.f);
     if (status || fc.f.n == 0) goto out;
     if (m->cfg.fold_in_history && fc.f.n > m->cfg.fold_in_history &&
         (status = fold_keep_recent(&fc.f, m->cfg.fold_in_history, err)))
@@ -1144,6 +1236,7 @@ out:
     free(fc.f.idx);
     free(fc.f.conf);
     free(fc.f.at);
+    free(fc.f.weight);
     version_release(m, v);
     return status;
 }
@@ -1397,6 +1490,22 @@ int model_load_all(aff_model *m, aff_err *err)
     return status;
 }
 
+/* Replication: whether this replica should ask the log for a training of c now (c->mu
+ * held): not yet asked for the current version, or asked long ago (the replica that kept the
+ * record may have died). *version: the current version (0: none). */
+static bool auto_train_due(aff_model *m, mcoll *c, int64_t now, uint64_t *version)
+{
+    mversion *v = version_acquire(c);
+    *version = v ? v->info.id : 0;
+    version_release(m, v);
+    if (c->auto_asked && c->auto_version == *version && now - c->auto_ms < AUTO_TRAIN_RETRY_MS)
+        return false;
+    c->auto_asked = true;
+    c->auto_version = *version;
+    c->auto_ms = now;
+    return true;
+}
+
 static void *scheduler_main(void *arg)
 {
     aff_model *m = arg;
@@ -1423,10 +1532,19 @@ static void *scheduler_main(void *arg)
                         (m->cfg.train_interval_s &&
                          now - c->last_trained_ms >= (int64_t)m->cfg.train_interval_s * 1000));
             aff_err err;
-            if (due && job_start(m, c, NULL, &err) != AFF_OK)
+            uint64_t ask = 0;
+            bool asking = due && m->cfg.request_train && auto_train_due(m, c, now, &ask);
+            if (due && !m->cfg.request_train && job_start(m, c, NULL, &err) != AFF_OK)
                 aff_log_kv(AFF_LOG_WARN, "cannot start training", "collection", c->name, "error",
                            err.msg, NULL);
             pthread_mutex_unlock(&c->mu);
+            if (asking && m->cfg.request_train(m->cfg.publish_ctx, c->name, ask, &err) != AFF_OK) {
+                aff_log_kv(AFF_LOG_WARN, "cannot ask for a training through the write log",
+                           "collection", c->name, "error", err.msg, NULL);
+                pthread_mutex_lock(&c->mu);
+                c->auto_asked = false; /* ask again at the next tick */
+                pthread_mutex_unlock(&c->mu);
+            }
         }
         free(colls);
         pthread_mutex_lock(&m->stop_mu);
@@ -1461,6 +1579,18 @@ int model_create(aff_model **out, aff_engine *e, aff_store *s, const model_confi
     }
     *out = m;
     return AFF_OK;
+}
+
+void model_set_replication(aff_model *m,
+                           int (*publish)(void *ctx, const char *collection, const void *blob,
+                                          size_t len, aff_err *err),
+                           int (*request_train)(void *ctx, const char *collection,
+                                                uint64_t version, aff_err *err),
+                           void *ctx)
+{
+    m->cfg.publish = publish;
+    m->cfg.publish_ctx = ctx;
+    m->cfg.request_train = request_train;
 }
 
 void model_destroy(aff_model *m)

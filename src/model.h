@@ -51,6 +51,24 @@ typedef struct model_config {
                                      interactions (by latest event); 0 = all */
     int64_t (*now_ms)(void *ctx); /* NULL: the real-time clock */
     void *now_ctx;
+    /* Replication (--log): when set, a finished job does not persist or install its model; it
+     * hands the model's blob (borrowed for the call) to publish, which puts it through the
+     * write log and returns once the log committed it (non-zero: the job fails with err).
+     * Every replica then installs it with model_install_blob at the log position of its
+     * commit. Called on the job's thread. */
+    int (*publish)(void *ctx, const char *collection, const void *blob, size_t len, aff_err *err);
+    void *publish_ctx;
+    /* Replication: the fold-in decays a user's interactions to max(the model's training
+     * time, the user's latest interaction) instead of the real-time clock, so replicas at
+     * one log position fold a user in identically (a function of the stored state only). */
+    bool fold_in_data_clock;
+    /* Replication: when set, the scheduler (--train-interval-s, --train-after-events) does not
+     * train here: it asks for a training through the log. request_train publishes a Train
+     * record whose message id names the collection and its current model version, so the
+     * replicas' identical requests collapse into one record, trained by the replica whose
+     * record the log kept. A replica asks at most once per version every 30 minutes. Called
+     * on the scheduler thread without locks. */
+    int (*request_train)(void *ctx, const char *collection, uint64_t version, aff_err *err);
 } model_config;
 
 void model_config_init(model_config *cfg);
@@ -59,6 +77,14 @@ void model_config_init(model_config *cfg);
  * trigger is configured. */
 int model_create(aff_model **out, aff_engine *e, aff_store *s, const model_config *cfg,
                  aff_err *err);
+/* Replication: sets model_config.publish and .request_train (with ctx for both) after
+ * creation (the transport that publishes is created after the model). Call before serving. */
+void model_set_replication(aff_model *m,
+                           int (*publish)(void *ctx, const char *collection, const void *blob,
+                                          size_t len, aff_err *err),
+                           int (*request_train)(void *ctx, const char *collection,
+                                                uint64_t version, aff_err *err),
+                           void *ctx);
 /* Cancels running jobs, joins every thread, frees everything. NULL is a no-op. */
 void model_destroy(aff_model *m);
 
@@ -119,6 +145,15 @@ typedef struct model_info {
 
 /* AFF_ENOTFOUND for an unknown collection. */
 int model_get_info(aff_model *m, const char *collection, model_info *out, aff_err *err);
+
+/* Replication: installs a model that came through the write log (a blob made by a job with
+ * model_config.publish) as the collection's current model with id `version` (the log
+ * sequence of its commit, the same on every replica): decoded, its space built from the
+ * collection's items now, persisted with store_commit_model (deleting upload's parts) and
+ * swapped in before it returns; the collection's count of new events restarts from 0 (on every
+ * replica alike). The collection's parameters are not changed. Runs on the apply thread. AFF_ENOTFOUND: unknown collection; AFF_EINVAL: a blob without a model. */
+int model_install_blob(aff_model *m, const char *collection, const void *blob, size_t len,
+                       uint64_t version, uint64_t upload, aff_err *err);
 
 /* ---- serving ----------------------------------------------------------------------------- */
 

@@ -28,14 +28,28 @@
 #define REPLOG_RETRY_MS     250
 #define REPLOG_BATCH        256  /* records applied before they are reported applied */
 #define REPLOG_BATCH_MS     10   /* and at most this long after the batch's first record */
+#define REPLOG_REPORT_MS    5000 /* while unconnected: how often the reason is logged */
+#define REPLOG_ERASE_WAIT_MS 5000 /* erasure scan: longest wait for the next record */
+#define REPLOG_RETIRED_KEPT 4    /* replaced connections kept before they are destroyed */
 
 struct aff_replog {
     replog_config cfg; /* strings below are owned copies */
-    char *urls, *stream, *creds, *user, *password, *token, *ca, *cert, *key;
+    char *urls, *servers, *stream, *creds, *user, *password, *token, *ca, *cert, *key;
     char subjects[160];
     natsOptions *opts;
-    natsConnection *nc;
-    jsCtx *js;
+    const char *server_list[REPLOG_MAX_SERVERS]; /* point into urls */
+    int n_servers;
+    /* The connection and its JetStream context. Replaced (by the apply thread) when the
+     * library closed the connection for good (it does after repeated authorization
+     * errors): atomic, and the replaced ones are kept until replog_destroy (`retired`), so
+     * a publisher that loaded the old pointer still holds a valid, closed connection. */
+    natsConnection *_Atomic nc;
+    jsCtx *_Atomic js;
+    struct retired_conn {
+        struct retired_conn *next;
+        natsConnection *nc;
+        jsCtx *js;
+    } *retired;
     pthread_t thread;
     bool thread_started;
     atomic_bool stop;
@@ -183,6 +197,87 @@ static bool truncated_past(aff_replog *log, uint64_t next)
     return strtoull(buf, NULL, 10) > next;
 }
 
+static int make_options(aff_replog *log, bool background_retry, natsOptions **out, aff_err *err);
+
+/* Opens a new connection (retrying in the background like the first) in place of one the
+ * library closed for good; the old one is retired, not destroyed at once (see `nc`). Called
+ * only when a probe connection just worked, so a wrong credential does not churn
+ * connections. Apply thread only, with no subscription open on the old connection. */
+static void replace_connection(aff_replog *log)
+{
+    struct retired_conn *r = malloc(sizeof *r);
+    natsConnection *nc = NULL;
+    jsCtx *js = NULL;
+    natsStatus s = natsConnection_Connect(&nc, log->opts);
+    if (!r || (s != NATS_OK && s != NATS_NOT_YET_CONNECTED) ||
+        natsConnection_JetStream(&js, nc, NULL) != NATS_OK) {
+        natsConnection_Destroy(nc);
+        free(r);
+        return; /* tried again at the next report */
+    }
+    r->nc = log->nc;
+    r->js = log->js;
+    r->next = log->retired;
+    log->retired = r;
+    /* Keep the last REPLOG_RETIRED_KEPT: an older one was replaced at least that many
+     * report intervals ago, and every call on a closed connection returns at once. */
+    int kept = 1;
+    for (struct retired_conn *p = r; p->next; p = p->next, kept++) {
+        if (kept < REPLOG_RETIRED_KEPT) continue;
+        struct retired_conn *old = p->next;
+        p->next = NULL;
+        for (struct retired_conn *next; old; old = next) {
+            next = old->next;
+            jsCtx_Destroy(old->js);
+            natsConnection_Destroy(old->nc);
+            free(old);
+        }
+        break;
+    }
+    log->js = js;
+    log->nc = nc;
+    atomic_store(&log->stream_ready, false);
+}
+
+/* Logs, at most every REPLOG_REPORT_MS while the connection is down, why it is: the library
+ * retrying in the background keeps only "no server available", so one connection attempt
+ * with the same options and no retry is made here to learn the reason ("Authorization
+ * Violation", a TLS handshake or certificate failure, a refused connection...). A wrong
+ * credential or certificate so shows in the log while the connection keeps retrying. Apply
+ * thread only. */
+static void report_unconnected(aff_replog *log, int64_t *last_report)
+{
+    if (natsConnection_Status(log->nc) == NATS_CONN_STATUS_CONNECTED) return;
+    int64_t now = mono_ms();
+    if (*last_report && now - *last_report < REPLOG_REPORT_MS) return;
+    *last_report = now;
+    char why[512] = "unknown";
+    bool probe_ok = false;
+    natsOptions *o = NULL;
+    natsConnection *probe = NULL;
+    aff_err err;
+    if (make_options(log, false, &o, &err) == AFF_OK) {
+        natsStatus s = natsConnection_Connect(&probe, o);
+        if (s == NATS_OK) {
+            probe_ok = true;
+            snprintf(why, sizeof why, "none: the servers take a new connection now");
+        } else {
+            const char *text = nats_GetLastError(NULL);
+            snprintf(why, sizeof why, "%s%s%s", natsStatus_GetText(s), text && text[0] ? ": " : "",
+                     text ? text : "");
+        }
+    }
+    natsConnection_Destroy(probe);
+    natsOptions_Destroy(o);
+    aff_log_kv(AFF_LOG_WARN, "write log: cannot connect to NATS; retrying", "servers",
+               log->servers, "reason", why, NULL);
+    if (probe_ok && natsConnection_Status(log->nc) == NATS_CONN_STATUS_CLOSED) {
+        aff_log(AFF_LOG_WARN, "write log: the NATS library gave up its connection (it does "
+                              "after authorization errors); opening a new one");
+        replace_connection(log);
+    }
+}
+
 static void *apply_thread(void *arg)
 {
     aff_replog *log = arg;
@@ -191,6 +286,7 @@ static void *apply_thread(void *arg)
     uint64_t batch_last = 0; /* applied, not yet committed */
     uint32_t batch_n = 0;
     int64_t batch_start = 0; /* when the batch's first record was taken */
+    int64_t last_report = 0;
     while (!atomic_load(&log->stop)) {
         if (atomic_load(&log->halted)) {
             natsSubscription_Destroy(sub);
@@ -201,6 +297,7 @@ static void *apply_thread(void *arg)
         if (!atomic_load(&log->stream_ready)) {
             if (natsConnection_Status(log->nc) != NATS_CONN_STATUS_CONNECTED ||
                 !ensure_stream(log)) {
+                report_unconnected(log, &last_report);
                 sleep_ms(REPLOG_RETRY_MS);
                 continue;
             }
@@ -209,6 +306,7 @@ static void *apply_thread(void *arg)
         if (!sub) {
             if (natsConnection_Status(log->nc) != NATS_CONN_STATUS_CONNECTED ||
                 !(sub = subscribe(log))) {
+                report_unconnected(log, &last_report);
                 sleep_ms(REPLOG_RETRY_MS);
                 continue;
             }
@@ -305,6 +403,66 @@ static int nats_fail(aff_err *err, natsStatus s, const char *what)
     return aff__fail(err, AFF_EINVAL, "--log: %s: %s", what, natsStatus_GetText(s));
 }
 
+/* The connection's options: servers, credentials, TLS. background_retry: the library keeps
+ * trying forever (the replica's connection); false: one attempt (report_unconnected). */
+static int make_options(aff_replog *log, bool background_retry, natsOptions **out, aff_err *err)
+{
+    natsStatus s;
+    int status = AFF_OK;
+    natsOptions *o = NULL;
+    if ((s = natsOptions_Create(&o)) != NATS_OK ||
+        (s = natsOptions_SetServers(o, log->server_list, log->n_servers)) != NATS_OK) {
+        status = nats_fail(err, s, "server list");
+        goto out;
+    }
+    natsOptions_SetName(o, "affinityd");
+    natsOptions_SetTimeout(o, 2000);
+    if (background_retry) {
+        natsOptions_SetMaxReconnect(o, -1);
+        natsOptions_SetReconnectWait(o, REPLOG_RETRY_MS);
+        natsOptions_SetPingInterval(o, 1000);
+        natsOptions_SetMaxPingsOut(o, 2);
+        /* With a callback the first connect does not block: the start goes on and the
+         * library keeps trying in the background (without one it would wait here forever). */
+        natsOptions_SetRetryOnFailedConnect(o, true, on_reconnected, log);
+        natsOptions_SetDisconnectedCB(o, on_disconnected, log);
+        natsOptions_SetReconnectedCB(o, on_reconnected, log);
+    } else {
+        natsOptions_SetAllowReconnect(o, false);
+    }
+    if (log->creds &&
+        (s = natsOptions_SetUserCredentialsFromFiles(o, log->creds, NULL)) != NATS_OK) {
+        status = nats_fail(err, s, "--log-creds");
+        goto out;
+    }
+    if (log->user && (s = natsOptions_SetUserInfo(o, log->user, log->password)) != NATS_OK) {
+        status = nats_fail(err, s, "--log-user");
+        goto out;
+    }
+    if (log->token && (s = natsOptions_SetToken(o, log->token)) != NATS_OK) {
+        status = nats_fail(err, s, "--log-token-file");
+        goto out;
+    }
+    if (log->ca) {
+        if ((s = natsOptions_SetSecure(o, true)) != NATS_OK ||
+            (s = natsOptions_LoadCATrustedCertificates(o, log->ca)) != NATS_OK) {
+            status = nats_fail(err, s, "--log-tls-ca");
+            goto out;
+        }
+    }
+    if (log->cert && (s = natsOptions_LoadCertificatesChain(o, log->cert, log->key)) != NATS_OK) {
+        status = nats_fail(err, s, "--log-tls-cert/--log-tls-key");
+        goto out;
+    }
+out:
+    if (status) {
+        natsOptions_Destroy(o);
+        o = NULL;
+    }
+    *out = o;
+    return status;
+}
+
 int replog_create(aff_replog **out, const replog_config *cfg, aff_err *err)
 {
     int status = AFF_OK;
@@ -319,6 +477,7 @@ int replog_create(aff_replog **out, const replog_config *cfg, aff_err *err)
     atomic_store(&log->applied, cfg->start_sequence);
     atomic_store(&log->last_known, cfg->start_sequence);
     log->urls = strdup(cfg->urls);
+    log->servers = strdup(cfg->urls); /* log->urls is cut into tokens */
     log->stream = strdup(cfg->stream);
     log->creds = dup_or_null(cfg->creds_file);
     log->user = dup_or_null(cfg->user);
@@ -327,7 +486,7 @@ int replog_create(aff_replog **out, const replog_config *cfg, aff_err *err)
     log->ca = dup_or_null(cfg->tls_ca_file);
     log->cert = dup_or_null(cfg->tls_cert_file);
     log->key = dup_or_null(cfg->tls_key_file);
-    if (!log->urls || !log->stream) {
+    if (!log->urls || !log->servers || !log->stream) {
         status = aff__fail(err, AFF_ENOMEM, "out of memory creating the write log");
         goto fail;
     }
@@ -349,56 +508,22 @@ int replog_create(aff_replog **out, const replog_config *cfg, aff_err *err)
         status = aff__fail(err, AFF_EINVAL, "--log: no server URL");
         goto fail;
     }
-    if ((s = natsOptions_Create(&log->opts)) != NATS_OK ||
-        (s = natsOptions_SetServers(log->opts, servers, n_servers)) != NATS_OK) {
-        status = nats_fail(err, s, "server list");
-        goto fail;
-    }
-    natsOptions_SetName(log->opts, "affinityd");
-    natsOptions_SetMaxReconnect(log->opts, -1);
-    natsOptions_SetReconnectWait(log->opts, REPLOG_RETRY_MS);
-    natsOptions_SetTimeout(log->opts, 2000);
-    natsOptions_SetPingInterval(log->opts, 1000);
-    natsOptions_SetMaxPingsOut(log->opts, 2);
-    /* With a callback the first connect does not block: the start goes on and the library
-     * keeps trying in the background (without one it would wait here forever). */
-    natsOptions_SetRetryOnFailedConnect(log->opts, true, on_reconnected, log);
-    natsOptions_SetDisconnectedCB(log->opts, on_disconnected, log);
-    natsOptions_SetReconnectedCB(log->opts, on_reconnected, log);
-    if (log->creds &&
-        (s = natsOptions_SetUserCredentialsFromFiles(log->opts, log->creds, NULL)) != NATS_OK) {
-        status = nats_fail(err, s, "--log-creds");
-        goto fail;
-    }
-    if (log->user && (s = natsOptions_SetUserInfo(log->opts, log->user, log->password)) != NATS_OK) {
-        status = nats_fail(err, s, "--log-user");
-        goto fail;
-    }
-    if (log->token && (s = natsOptions_SetToken(log->opts, log->token)) != NATS_OK) {
-        status = nats_fail(err, s, "--log-token-file");
-        goto fail;
-    }
-    if (log->ca) {
-        if ((s = natsOptions_SetSecure(log->opts, true)) != NATS_OK ||
-            (s = natsOptions_LoadCATrustedCertificates(log->opts, log->ca)) != NATS_OK) {
-            status = nats_fail(err, s, "--log-tls-ca");
-            goto fail;
-        }
-    }
-    if (log->cert &&
-        (s = natsOptions_LoadCertificatesChain(log->opts, log->cert, log->key)) != NATS_OK) {
-        status = nats_fail(err, s, "--log-tls-cert/--log-tls-key");
-        goto fail;
-    }
-    s = natsConnection_Connect(&log->nc, log->opts);
+    memcpy(log->server_list, servers, sizeof servers);
+    log->n_servers = n_servers;
+    if ((status = make_options(log, true, &log->opts, err))) goto fail;
+    natsConnection *nc = NULL;
+    jsCtx *js = NULL;
+    s = natsConnection_Connect(&nc, log->opts);
+    log->nc = nc;
     if (s == NATS_NOT_YET_CONNECTED) {
-        aff_log_kv(AFF_LOG_WARN, "write log: no NATS server answers yet; retrying", "servers",
-                   cfg->urls, NULL);
+        /* the apply thread logs why (report_unconnected) and the library keeps trying */
     } else if (s != NATS_OK) {
         status = nats_fail(err, s, "connect");
         goto fail;
     }
-    if ((s = natsConnection_JetStream(&log->js, log->nc, NULL)) != NATS_OK) {
+    s = natsConnection_JetStream(&js, nc, NULL);
+    log->js = js;
+    if (s != NATS_OK) {
         status = nats_fail(err, s, "JetStream context");
         goto fail;
     }
@@ -431,10 +556,17 @@ void replog_destroy(aff_replog *log)
     replog_stop(log);
     jsCtx_Destroy(log->js);
     natsConnection_Destroy(log->nc);
+    for (struct retired_conn *r = log->retired, *next; r; r = next) {
+        next = r->next;
+        jsCtx_Destroy(r->js);
+        natsConnection_Destroy(r->nc);
+        free(r);
+    }
     natsOptions_Destroy(log->opts);
     pthread_mutex_destroy(&log->mu);
     pthread_cond_destroy(&log->cv);
     free(log->urls);
+    free(log->servers);
     free(log->stream);
     free(log->creds);
     free(log->user);
@@ -484,6 +616,9 @@ int replog_truncate(aff_replog *log, uint64_t below, aff_err *err)
     int n = snprintf(text, sizeof text, "%llu", (unsigned long long)below);
     uint64_t seq;
     int rc = replog_publish(log, "t", text, (size_t)n, NULL, 5000, &seq, err);
+    if (rc) return rc;
+    uint64_t erased = 0;
+    rc = replog_erase_records(log, REPLOG_SUBJECT_ERASED, below, NULL, NULL, &erased, err);
     if (rc) return rc;
     jsOptions o;
     jsOptions_Init(&o);
@@ -557,4 +692,80 @@ int replog_stream_last(aff_replog *log, int64_t timeout_ms, uint64_t *out, aff_e
     raise_last_known(log, si->State.LastSeq);
     jsStreamInfo_Destroy(si);
     return AFF_OK;
+}
+
+/* ---- erasure: secure deletes of chosen records (DeleteUser, truncation) -------------------- */
+
+/* The sequence of the last record on `subject`, 0 when it has none (or cannot be asked). */
+static uint64_t last_on_subject(aff_replog *log, const char *subject)
+{
+    natsMsg *m = NULL;
+    if (js_GetLastMsg(&m, log->js, log->stream, subject, NULL, NULL) != NATS_OK) return 0;
+    uint64_t seq = natsMsg_GetSequence(m);
+    natsMsg_Destroy(m);
+    return seq;
+}
+
+int replog_erase_records(aff_replog *log, const char *subject_suffix, uint64_t below,
+                         replog_match_fn match, void *ctx, uint64_t *n_erased, aff_err *err)
+{
+    char subject[256];
+    snprintf(subject, sizeof subject, "%s.%s", log->stream, subject_suffix);
+    *n_erased = 0;
+    if (natsConnection_Status(log->nc) != NATS_CONN_STATUS_CONNECTED)
+        return aff__fail(err, AFF_EUNAVAILABLE, "the write log is unreachable; nothing erased");
+    uint64_t last = last_on_subject(log, subject);
+    if (!last) return AFF_OK; /* no record on the subject (or none left) */
+    uint64_t end = last < below ? last : below - 1; /* the last sequence to look at */
+    natsSubscription *sub = NULL;
+    jsSubOptions so;
+    jsSubOptions_Init(&so);
+    so.Stream = log->stream;
+    so.Ordered = true;
+    so.Config.DeliverPolicy = js_DeliverAll;
+    jsErrCode jerr = 0;
+    natsStatus s = js_SubscribeSync(&sub, log->js, subject, NULL, &so, &jerr);
+    if (s != NATS_OK)
+        return aff__fail(err, AFF_EUNAVAILABLE, "cannot read '%s' to erase records: %s", subject,
+                         natsStatus_GetText(s));
+    int status = AFF_OK;
+    for (;;) {
+        natsMsg *msg = NULL;
+        s = natsSubscription_NextMsg(&msg, sub, REPLOG_ERASE_WAIT_MS);
+        if (s != NATS_OK) {
+            status = aff__fail(err, AFF_EUNAVAILABLE,
+                               "reading '%s' to erase records stopped: %s (%llu erased)", subject,
+                               natsStatus_GetText(s), (unsigned long long)*n_erased);
+            break;
+        }
+        jsMsgMetaData *meta = NULL;
+        if (natsMsg_GetMetaData(&meta, msg) != NATS_OK) {
+            natsMsg_Destroy(msg);
+            continue;
+        }
+        uint64_t seq = meta->Sequence.Stream;
+        uint64_t pending = meta->NumPending;
+        jsMsgMetaData_Destroy(meta);
+        bool erase = seq <= end && (!match || match(ctx, (const uint8_t *)natsMsg_GetData(msg),
+                                                     (size_t)natsMsg_GetDataLength(msg)));
+        natsMsg_Destroy(msg);
+        if (erase) {
+            jsOptions o;
+            jsOptions_Init(&o);
+            o.Wait = 5000;
+            jerr = 0;
+            s = js_EraseMsg(log->js, log->stream, seq, &o, &jerr);
+            if (s != NATS_OK && jerr != JSSequenceNotFoundErr && jerr != JSNoMessageFoundErr) {
+                status = aff__fail(err, AFF_EUNAVAILABLE,
+                                   "cannot erase record %llu: %s (%llu erased)",
+                                   (unsigned long long)seq, natsStatus_GetText(s),
+                                   (unsigned long long)*n_erased);
+                break;
+            }
+            if (s == NATS_OK) (*n_erased)++;
+        }
+        if (seq >= end || !pending) break;
+    }
+    natsSubscription_Destroy(sub);
+    return status;
 }

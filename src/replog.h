@@ -73,11 +73,27 @@ void replog_destroy(aff_replog *log);
 int replog_publish(aff_replog *log, const char *subject_suffix, const void *data, size_t len,
                    const char *msg_id, int64_t timeout_ms, uint64_t *seq, aff_err *err);
 
-/* Truncates the stream: removes every record below `below` (JetStream purge up to it).
- * First publishes a marker on "<stream>.t" holding `below`, so a replica that had not
+/* Records published on this subject suffix hold personal data that must leave NATS's files
+ * at truncation: replog_truncate erases them (overwrites) before it purges. Keep them few. */
+#define REPLOG_SUBJECT_ERASED "d"
+
+/* Truncates the stream: removes every record below `below` (JetStream purge up to it; a
+ * purge may leave the bytes of purged records in the first message block, so the records on
+ * REPLOG_SUBJECT_ERASED below it are securely erased first). First publishes a marker on "<stream>.t" holding `below`, so a replica that had not
  * applied them yet sees that it missed records (replog_needs_bootstrap) rather than
  * silently skipping them. AFF_EUNAVAILABLE when the log cannot do it now. */
 int replog_truncate(aff_replog *log, uint64_t below, aff_err *err);
+/* Decides whether a record (its bytes as published) is to be erased. */
+typedef bool (*replog_match_fn)(void *ctx, const uint8_t *data, size_t len);
+/* Securely erases the records on "<stream>.<subject_suffix>" below sequence `below` that
+ * match (NULL: all): JetStream's message erase, which overwrites the record's bytes with
+ * random data in every stream replica's message files (not only marks it deleted). Reads
+ * the subject with its own ordered consumer (not the apply thread's); blocking, a few ms per
+ * record read. *n_erased: how many were erased. AFF_EUNAVAILABLE when the log cannot do it
+ * now (some may be erased). NATS's Raft WAL keeps the original bytes until NATS compacts it
+ * (docs/replication.md, Erasure). */
+int replog_erase_records(aff_replog *log, const char *subject_suffix, uint64_t below,
+                         replog_match_fn match, void *ctx, uint64_t *n_erased, aff_err *err);
 /* True when this replica stopped applying and must be restarted (health reports
  * NOT_SERVING): records it had not applied were truncated away (restart it with
  * --bootstrap-from), or applied records could not be committed to its store (a plain restart

@@ -1,7 +1,8 @@
 /*
  * retention.c: owns the event-retention thread (see retention.h). Rules kept: one pass at a
  * time; every pass logs what it erased; a failed pass is logged and retried at the next
- * interval, never fatal.
+ * interval, never fatal. With --log a pass publishes its cut as a log record instead
+ * (retention_start_replicated), so every replica erases the same events at the same point.
  */
 #include "retention.h"
 
@@ -15,7 +16,9 @@
 #include "log.h"
 
 struct retention {
-    aff_profiles *profiles;
+    aff_profiles *profiles;         /* NULL when passes publish their cut */
+    retention_publish_fn publish;   /* with --log: the cut goes through the log */
+    void *publish_ctx;
     int64_t retention_ms;
     uint32_t interval_ms;
     pthread_t thread;
@@ -36,6 +39,14 @@ static void run_pass(retention *r)
     aff_err err;
     uint64_t users = 0, events = 0;
     int64_t cutoff = wall_ms() - r->retention_ms;
+    if (r->publish) {
+        cutoff -= cutoff % r->interval_ms;
+        if (r->publish(r->publish_ctx, cutoff, &err))
+            aff_log_kv(AFF_LOG_WARN, "event retention: the cut could not be published; "
+                                     "retrying at the next interval",
+                       "error", err.msg, NULL);
+        return;
+    }
     if (profiles_expire(r->profiles, cutoff, &users, &events, &err))
         aff_log_kv(AFF_LOG_ERROR, "event retention pass failed; retrying later", "error", err.msg,
                    NULL);
@@ -67,13 +78,15 @@ static void *retention_thread(void *arg)
     return NULL;
 }
 
-int retention_start(retention **out, aff_profiles *profiles, uint32_t days, uint32_t interval_ms,
-                    aff_err *err)
+static int start(retention **out, aff_profiles *profiles, retention_publish_fn publish,
+                 void *publish_ctx, uint32_t days, uint32_t interval_ms, aff_err *err)
 {
     *out = NULL;
     retention *r = calloc(1, sizeof *r);
     if (!r) return aff__fail(err, AFF_ENOMEM, "out of memory starting event retention");
     r->profiles = profiles;
+    r->publish = publish;
+    r->publish_ctx = publish_ctx;
     r->retention_ms = (int64_t)days * 86400000;
     r->interval_ms = interval_ms ? interval_ms : 600000;
     pthread_mutex_init(&r->mu, NULL);
@@ -87,6 +100,18 @@ int retention_start(retention **out, aff_profiles *profiles, uint32_t days, uint
     }
     *out = r;
     return 0;
+}
+
+int retention_start(retention **out, aff_profiles *profiles, uint32_t days, uint32_t interval_ms,
+                    aff_err *err)
+{
+    return start(out, profiles, NULL, NULL, days, interval_ms, err);
+}
+
+int retention_start_replicated(retention **out, uint32_t days, uint32_t interval_ms,
+                               retention_publish_fn publish, void *ctx, aff_err *err)
+{
+    return start(out, NULL, publish, ctx, days, interval_ms, err);
 }
 
 void retention_stop(retention *r)

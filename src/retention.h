@@ -17,6 +17,15 @@ typedef struct retention retention;
  * first pass starts at once. Errors: AFF_ENOMEM, AFF_EINTERNAL. */
 int retention_start(retention **out, aff_profiles *profiles, uint32_t days, uint32_t interval_ms,
                     aff_err *err);
+/* Publishes a retention cut (events older than cutoff_ms go) instead of erasing here: with
+ * --log the cut is a log record that every replica applies at the same position. */
+typedef int (*retention_publish_fn)(void *ctx, int64_t cutoff_ms, aff_err *err);
+/* Like retention_start, but each pass publishes its cut rather than applying it. The cut is
+ * rounded down to a multiple of interval_ms, so replicas whose passes fall in the same
+ * interval publish the same cut (and the log deduplicates it by a message id derived from
+ * it). A failed publish is logged and retried at the next interval. */
+int retention_start_replicated(retention **out, uint32_t days, uint32_t interval_ms,
+                               retention_publish_fn publish, void *ctx, aff_err *err);
 /* Stops the thread (a pass in progress finishes its current user first). NULL: no-op. */
 void retention_stop(retention *r);
 

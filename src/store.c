@@ -17,6 +17,9 @@
  *   pop_rank      lp(collection) be64(ord(-log_score)) lp(item) -> popularity v1 (a copy)
  *   models        lp(collection)                         -> an opaque blob (model.c's encoding,
  *                                                            versioned by its first byte)
+ *                 lp(collection) be64(upload) be32(index) -> raw bytes: a piece of a model
+ *                                                            on its way through the write log
+ *                                                            (replication), until its commit
  *   opt_out       lp(collection or "*") lp(user)          -> opt_out v1 (issue 12)
  *   experiments   lp(experiment id)                      -> an opaque blob (experiments.c's
  *                                                            encoding; measurement)
@@ -1920,8 +1923,31 @@ int store_txn_scan_collection_interactions(store_txn *txn, const char *collectio
 
 /* ---- models ---------------------------------------------------------------------------------- */
 
+/* lp(collection) be64(upload) be32(index): sorted by upload, then index, right after the
+ * collection's model key lp(collection). */
+static bool part_key(key_buf *k, const char *collection, uint64_t upload, uint32_t index)
+{
+    if (!make_key(k, collection, NULL, 0, NULL, 0, NULL, 0)) return false;
+    kb_u64be(k, upload);
+    for (int i = 3; i >= 0; i--)
+        k->b[k->n++] = (uint8_t)(index >> (i * 8));
+    return true;
+}
+
+static uint64_t part_upload(const MDB_val *k, size_t prefix_len)
+{
+    const uint8_t *p = (const uint8_t *)k->mv_data + prefix_len;
+    uint64_t u = 0;
+    for (int i = 0; i < 8; i++)
+        u = u << 8 | p[i];
+    return u;
+}
+
 typedef struct model_put {
     const char *collection;
+    bool part; /* replication: part `index` of upload `upload`, not the model */
+    uint64_t upload;
+    uint32_t index;
     const void *blob;
     size_t len;
 } model_put;
@@ -1933,10 +1959,12 @@ static int put_model_fn(store_txn *t, void *ctx, aff_err *err)
     int status = store_txn_get_collection(t, m->collection, &c, err);
     if (status) return status;
     key_buf k;
-    if (!make_key(&k, m->collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
+    if (!(m->part ? part_key(&k, m->collection, m->upload, m->index)
+                  : make_key(&k, m->collection, NULL, 0, NULL, 0, NULL, 0)))
+        return bad_key(err);
     uint8_t *dst;
     if ((status = db_reserve(t, DB_MODELS, &k, m->len, &dst, err))) return status;
-    memcpy(dst, m->blob, m->len);
+    if (m->len) memcpy(dst, m->blob, m->len);
     return AFF_OK;
 }
 
@@ -1983,6 +2011,112 @@ int store_get_model(aff_store *s, const char *collection, void **blob, size_t *l
     *blob = m.blob;
     *len = m.len;
     return status;
+}
+
+/* ---- model parts (replication: a model on its way through the write log) ------------------- */
+
+int store_put_model_part(aff_store *s, const char *collection, uint64_t upload, uint32_t index,
+                         const void *data, size_t len, aff_err *err)
+{
+    model_put m = {.collection = collection, .part = true, .upload = upload, .index = index,
+                   .blob = data, .len = len};
+    return store_update(s, put_model_fn, &m, err);
+}
+
+typedef struct parts_get {
+    const char *collection;
+    uint64_t upload;
+    uint32_t n;
+    uint8_t *blob;
+    size_t len;
+} parts_get;
+
+static int get_parts_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    parts_get *pg = ctx;
+    free(pg->blob);
+    pg->blob = NULL;
+    pg->len = 0;
+    size_t total = 0;
+    for (int pass = 0; pass < 2; pass++) { /* sizes, then copies */
+        if (pass == 1 && !(pg->blob = malloc(total ? total : 1)))
+            return aff__fail(err, AFF_ENOMEM, "store: out of memory reading a model's parts");
+        for (uint32_t i = 0; i < pg->n; i++) {
+            key_buf k;
+            if (!part_key(&k, pg->collection, pg->upload, i)) return bad_key(err);
+            MDB_val v;
+            int status = db_get(t, DB_MODELS, &k, &v, err);
+            if (status == AFF_ENOTFOUND)
+                return aff__fail(err, AFF_ENOTFOUND,
+                                 "store: part %u of %u of model upload %llu is missing", i, pg->n,
+                                 (unsigned long long)pg->upload);
+            if (status) return status;
+            if (pass == 0) {
+                total += v.mv_size;
+            } else {
+                memcpy(pg->blob + pg->len, v.mv_data, v.mv_size);
+                pg->len += v.mv_size;
+            }
+        }
+    }
+    return AFF_OK;
+}
+
+int store_get_model_parts(aff_store *s, const char *collection, uint64_t upload, uint32_t n,
+                          void **blob, size_t *len, aff_err *err)
+{
+    parts_get pg = {.collection = collection, .upload = upload, .n = n};
+    int status = store_view(s, get_parts_fn, &pg, err);
+    if (status) {
+        free(pg.blob);
+        pg.blob = NULL;
+        pg.len = 0;
+    }
+    *blob = pg.blob;
+    *len = pg.len;
+    return status;
+}
+
+typedef struct model_commit {
+    model_put put;
+    uint64_t upload;
+} model_commit;
+
+static int commit_model_fn(store_txn *t, void *ctx, aff_err *err)
+{
+    model_commit *mc = ctx;
+    int status = put_model_fn(t, &mc->put, err);
+    if (status) return status;
+    key_buf prefix, from;
+    if (!make_key(&prefix, mc->put.collection, NULL, 0, NULL, 0, NULL, 0) ||
+        !part_key(&from, mc->put.collection, 0, 0))
+        return bad_key(err);
+    MDB_cursor *cur = NULL;
+    int rc = mdb_cursor_open(t->txn, t->s->dbi[DB_MODELS], &cur);
+    if (rc) return mdb_fail(t, err, rc, "open cursor");
+    for (;;) { /* parts of this upload and of older (abandoned) ones, in key order */
+        MDB_val k = kb_val(&from), v;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+        if (rc == MDB_NOTFOUND || (rc == 0 && (!has_prefix(&k, &prefix) ||
+                                               k.mv_size != from.n ||
+                                               part_upload(&k, prefix.n) > mc->upload))) {
+            rc = 0;
+            break;
+        }
+        if (rc == 0) rc = mdb_cursor_del(cur, 0);
+        if (rc) break;
+    }
+    mdb_cursor_close(cur);
+    return rc ? mdb_fail(t, err, rc, "delete model parts") : AFF_OK;
+}
+
+int store_commit_model(aff_store *s, const char *collection, uint64_t upload, const void *blob,
+                       size_t len, aff_err *err)
+{
+    if (len == 0) return aff__fail(err, AFF_EINVAL, "store: empty model");
+    model_commit mc = {.put = {.collection = collection, .blob = blob, .len = len},
+                       .upload = upload};
+    return store_update(s, commit_model_fn, &mc, err);
 }
 
 int store_txn_scan_interactions(store_txn *txn, const char *collection, const char *user,

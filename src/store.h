@@ -335,6 +335,19 @@ int store_put_model(aff_store *s, const char *collection, const void *blob, size
                     aff_err *err);
 /* *blob: a malloc'ed copy (the caller frees it). AFF_ENOTFOUND when none is stored. */
 int store_get_model(aff_store *s, const char *collection, void **blob, size_t *len, aff_err *err);
+/* Replication: a model blob arrives through the write log in parts (see transport_log.c).
+ * Part `index` of upload `upload` (copied); kept until store_commit_model or the collection's
+ * drop. AFF_ENOTFOUND for an unknown collection. */
+int store_put_model_part(aff_store *s, const char *collection, uint64_t upload, uint32_t index,
+                         const void *data, size_t len, aff_err *err);
+/* Parts 0..n-1 of the upload concatenated; *blob malloc'ed (the caller frees it).
+ * AFF_ENOTFOUND when a part is missing. */
+int store_get_model_parts(aff_store *s, const char *collection, uint64_t upload, uint32_t n,
+                          void **blob, size_t *len, aff_err *err);
+/* Puts the collection's model blob (as store_put_model) and deletes the parts of `upload`
+ * and of every lower upload id (abandoned ones), in one transaction. */
+int store_commit_model(aff_store *s, const char *collection, uint64_t upload, const void *blob,
+                       size_t len, aff_err *err);
 
 /* ---- personalization opt-outs (issue 12) ---- */
 

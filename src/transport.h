@@ -86,6 +86,17 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
  * visible (record stamp -> now; GetServerInfo log_apply_lag_*). Non-zero when the commit
  * failed. */
 int transport_log_commit(void *ctx);
+/* model_config.publish with --log (ctx the transport, with the log set): puts a trained
+ * model's blob through the write log as ModelPart records of at most 512 KiB and one
+ * ModelCommit, retrying each while the log is unavailable (up to 2 minutes, not while the
+ * server drains), and returns once the commit is committed. Runs on the job's thread. */
+int transport_log_publish_model(void *ctx, const char *collection, const void *blob, size_t len,
+                                aff_err *err);
+/* model_config.request_train with --log (ctx the transport, with the log set): publishes a
+ * Train record for the collection with its parameters and message id
+ * "auto-train/<collection>/<version>", waiting at most 5 s for the commit. */
+int transport_log_request_train(void *ctx, const char *collection, uint64_t version,
+                                aff_err *err);
 /* Publishes one behaviour event as a PutEvents record (ctx the transport, with the log set):
  * type is a built-in name (view, click, add_to_cart or cart, purchase; any case) or a custom
  * type; request_id deduplicates. Returns once the stream committed it (*seq), not once
@@ -93,6 +104,12 @@ int transport_log_commit(void *ctx);
 int transport_log_ingest_event(void *ctx, const char *collection, const char *user_id,
                                const char *item_id, const char *type, int64_t timestamp_ms,
                                double value, const char *request_id, uint64_t *seq, aff_err *err);
+
+/* Publishes a retention cut (retention_publish_fn; ctx the transport, with the log set) as
+ * a "RetainEvents" record with message id "retain/<cutoff_ms>", so cuts published by several
+ * replicas for the same cutoff are deduplicated by the stream; every replica applies it with
+ * profiles_expire at its position in the log. AFF_EUNAVAILABLE when not committed. */
+int transport_log_publish_retention(void *ctx, int64_t cutoff_ms, aff_err *err);
 
 /* Binds cfg->listen and starts serving (health NOT_SERVING). Errors: AFF_EINVAL (bad
  * address, port taken, unreadable TLS files), AFF_ENOMEM. cfg is copied. */

@@ -14,6 +14,14 @@
  *
  * After each message with applied events, transport_config.on_events (when set) is told how
  * many: the learning model's "retrain after N new events" trigger.
+ *
+ * Replication (--log, docs/replication.md): the receiving replica keeps the stream's rules
+ * (one collection, 1..PROFILES_MAX_IMPORT_EVENTS events a message) and publishes each message
+ * as ImportEvents log records of at most TRANSPORT_IMPORT_RECORD_BYTES of events each, with
+ * the message id "<request_id>/<message>/<part>"; every replica applies a record with
+ * import_events_apply, the function single-node mode runs, so the events are validated once,
+ * by the profiles module, the same way everywhere. A message is answered (the next one read)
+ * after its records are committed and applied here.
  */
 #include "transport_import.h"
 
@@ -38,6 +46,9 @@ typedef struct import_state {
     uint64_t seen; /* events received in earlier messages: the stream index of the next one */
     uint64_t applied, rejected;
     uint64_t messages;
+    uint64_t log_sequence;       /* replication: the last record's sequence */
+    uint64_t duplicate_messages; /* replication: messages the log already held */
+    char request_id[AFF_MAX_ID_LEN + 1]; /* replication: from the first message */
     import_rejection *reported; /* the first TRANSPORT_IMPORT_MAX_REPORTED; allocated lazily */
     size_t n_reported;
     bool recv_ok;              /* the receive handed to import_work (one at a time) */
@@ -49,9 +60,8 @@ static void *xcalloc(size_t n, size_t size)
     return calloc(n ? n : 1, size);
 }
 
-static void import_respond(tcall *c)
+static void import_respond(tcall *c, const import_state *st)
 {
-    import_state *st = c->state;
     Affinity__V1__ImportRejection *rej = xcalloc(st->n_reported, sizeof *rej);
     Affinity__V1__ImportRejection **ptrs = xcalloc(st->n_reported, sizeof *ptrs);
     if (!rej || !ptrs) {
@@ -71,8 +81,10 @@ static void import_respond(tcall *c)
     resp.rejected_count = st->rejected;
     resp.n_rejected = st->n_reported;
     resp.rejected = ptrs;
+    resp.log_sequence = st->log_sequence;
+    resp.duplicate_messages = st->duplicate_messages;
     tcall_finish(c, 0, NULL, &resp.base);
-    if (st->messages) {
+    if (st->messages && !c->capture) {
         char applied[24], rejected[24];
         snprintf(applied, sizeof applied, "%llu", (unsigned long long)st->applied);
         snprintf(rejected, sizeof rejected, "%llu", (unsigned long long)st->rejected);
@@ -122,20 +134,30 @@ static int import_collection(import_state *st, const char *name, char *msg, size
     return 0;
 }
 
-/* Applies one decoded message; 0 or a gRPC code with msg filled (then nothing of this message
- * was applied; the caller adds how much earlier ones applied). */
-static int import_apply(tcall *c, const Affinity__V1__ImportEventsRequest *r, char *msg,
+/* Checks one decoded message against the stream's rules (its collection, its number of
+ * events); 0 or a gRPC code with msg filled. */
+static int import_check(import_state *st, const Affinity__V1__ImportEventsRequest *r, char *msg,
                         size_t size)
 {
-    import_state *st = c->state;
-    size_t n = r->n_events;
-    int code;
-    if ((code = import_collection(st, r->collection, msg, size))) return code;
-    if (n < 1 || n > PROFILES_MAX_IMPORT_EVENTS) {
+    int code = import_collection(st, r->collection, msg, size);
+    if (code) return code;
+    if (r->n_events < 1 || r->n_events > PROFILES_MAX_IMPORT_EVENTS) {
         snprintf(msg, size, "message %llu has %zu events; ImportEvents takes 1..%d per message",
-                 (unsigned long long)st->messages, n, PROFILES_MAX_IMPORT_EVENTS);
+                 (unsigned long long)st->messages, r->n_events, PROFILES_MAX_IMPORT_EVENTS);
         return GRPC_STATUS_INVALID_ARGUMENT;
     }
+    return 0;
+}
+
+/* Applies the events of r (already checked) to st->collection: the part of a message that
+ * single-node mode runs where the call arrives and log mode runs on every replica's apply
+ * thread. Rejections are recorded at stream index st->seen + i; st's counts grow. Returns 0
+ * or a gRPC code with msg filled (then nothing of r was applied). */
+static int import_events_apply(transport *t, import_state *st,
+                               const Affinity__V1__ImportEventsRequest *r, char *msg, size_t size)
+{
+    size_t n = r->n_events;
+    int code = 0;
     size_t n_kv = 0;
     for (size_t i = 0; i < n; i++)
         if (r->events[i]->event) n_kv += r->events[i]->event->n_context;
@@ -160,9 +182,9 @@ static int import_apply(tcall *c, const Affinity__V1__ImportEventsRequest *r, ch
     }
     uint32_t applied = 0, n_rej = 0;
     aff_err err;
-    if (m && profiles_import_events(c->t->cfg.profiles, st->collection, events, m, &applied, rej,
+    if (m && profiles_import_events(t->cfg.profiles, st->collection, events, m, &applied, rej,
                                     &n_rej, &err)) {
-        snprintf(msg, size, "message %llu: %s", (unsigned long long)st->messages, err.msg);
+        snprintf(msg, size, "%s", err.msg);
         code = aff_status_grpc_code(err.code);
         goto out;
     }
@@ -179,14 +201,99 @@ static int import_apply(tcall *c, const Affinity__V1__ImportEventsRequest *r, ch
     st->seen += n;
     st->applied += applied;
     st->messages++;
-    if (applied && c->t->cfg.on_events)
-        c->t->cfg.on_events(c->t->cfg.on_events_ctx, st->collection, applied);
+    if (applied && t->cfg.on_events)
+        t->cfg.on_events(t->cfg.on_events_ctx, st->collection, applied);
 out:
     free(events);
     free(index);
     free(kv);
     free(rej);
     return code;
+}
+
+/* Log mode: publishes message r (checked) as ImportEvents records of at most
+ * TRANSPORT_IMPORT_RECORD_BYTES of events each, in order, each committed and applied here
+ * before the next, and merges their applied answers into st (rejection indexes shifted to
+ * the stream's). An event larger than a record can carry is rejected here (it never enters
+ * the log). Returns 0 or a gRPC code with msg filled; the records before a failure stay
+ * committed (st counts them). */
+static int import_through_log(tcall *c, const Affinity__V1__ImportEventsRequest *r, char *msg,
+                              size_t size)
+{
+    import_state *st = c->state;
+    if (st->messages == 0 && r->request_id[0]) {
+        if (strlen(r->request_id) > AFF_MAX_ID_LEN) {
+            snprintf(msg, size, "request_id is longer than %d bytes", AFF_MAX_ID_LEN);
+            return GRPC_STATUS_INVALID_ARGUMENT;
+        }
+        strcpy(st->request_id, r->request_id);
+    }
+    bool duplicate = false;
+    size_t from = 0;
+    for (uint32_t part = 0; from < r->n_events; part++) {
+        size_t to = from, bytes = 0;
+        while (to < r->n_events) {
+            size_t b = protobuf_c_message_get_packed_size(&r->events[to]->base) + 8; /* + tag */
+            if (to > from && bytes + b > TRANSPORT_IMPORT_RECORD_BYTES) break;
+            bytes += b;
+            to++;
+        }
+        if (bytes > TRANSPORT_IMPORT_RECORD_BYTES) { /* one event, too large for a record */
+            char why[96];
+            snprintf(why, sizeof why, "the event is %zu bytes; a log record carries at most %u",
+                     bytes, TRANSPORT_IMPORT_RECORD_BYTES);
+            import_reject(st, st->seen + from, r->events[from]->user_id, why);
+            from = to;
+            continue;
+        }
+        Affinity__V1__ImportEventsRequest rec = AFFINITY__V1__IMPORT_EVENTS_REQUEST__INIT;
+        rec.collection = st->collection;
+        rec.n_events = to - from;
+        rec.events = r->events + from;
+        char rid[AFF_MAX_ID_LEN + 48] = "";
+        if (st->request_id[0])
+            snprintf(rid, sizeof rid, "%s/%llu/%u", st->request_id,
+                     (unsigned long long)st->messages, part);
+        rec.request_id = rid;
+        tcapture cap;
+        uint64_t seq = 0;
+        char why[512];
+        int rc = transport__log_write(c, "ImportEvents", &rec.base, &cap, &seq, why, sizeof why);
+        if (rc) {
+            snprintf(msg, size, "message %llu, events %zu..%zu: %.400s",
+                     (unsigned long long)st->messages, from, to - 1, why);
+            return aff_status_grpc_code(rc);
+        }
+        int code = cap.code;
+        if (code) {
+            snprintf(msg, size, "message %llu: %.400s", (unsigned long long)st->messages, cap.msg);
+            transport__capture_free(&cap);
+            return code;
+        }
+        /* A record always answers some applied or rejected events: no answer means the log
+         * dropped this record as a duplicate of an earlier try's (transport__log_write), or
+         * --log-ack committed (answered before the apply: counts unknown, as for every write). */
+        Affinity__V1__ImportEventsResponse *resp =
+            cap.bytes ? affinity__v1__import_events_response__unpack(NULL, cap.len, cap.bytes)
+                      : NULL;
+        if (!resp) {
+            duplicate = !c->t->cfg.log_ack_committed;
+        } else {
+            st->applied += resp->applied_count;
+            for (size_t j = 0; j < resp->n_rejected; j++)
+                import_reject(st, st->seen + from + resp->rejected[j]->index,
+                              resp->rejected[j]->user_id, resp->rejected[j]->reason);
+            st->rejected += resp->rejected_count - resp->n_rejected; /* counted, not listed */
+            affinity__v1__import_events_response__free_unpacked(resp, NULL);
+        }
+        if (seq > st->log_sequence) st->log_sequence = seq;
+        transport__capture_free(&cap);
+        from = to;
+    }
+    st->seen += r->n_events;
+    st->messages++;
+    st->duplicate_messages += duplicate;
+    return 0;
 }
 
 /* One stream message: applied durably before the next is read. Runs on a blocking-work
@@ -201,7 +308,7 @@ static void import_message(tcall *c, bool ok, grpc_byte_buffer *bb)
         return;
     }
     if (!bb) { /* the client ended its stream */
-        import_respond(c);
+        import_respond(c, st);
         return;
     }
     if (atomic_load(&c->t->draining)) {
@@ -225,7 +332,12 @@ static void import_message(tcall *c, bool ok, grpc_byte_buffer *bb)
         tcall_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
         return;
     }
-    int code = import_apply(c, r, msg, sizeof msg);
+    int code = import_check(st, r, msg, sizeof msg);
+    if (!code && c->t->cfg.log) {
+        code = import_through_log(c, r, msg, sizeof msg);
+    } else if (!code && (code = import_events_apply(c->t, st, r, why, sizeof why))) {
+        snprintf(msg, sizeof msg, "message %llu: %.400s", (unsigned long long)st->messages, why);
+    }
     protobuf_c_message_free_unpacked(&r->base, NULL);
     if (code) {
         size_t len = strlen(msg);
@@ -263,13 +375,6 @@ static void import_state_free(void *p)
 
 void transport__import_events(tcall *c)
 {
-    if (c->t->cfg.log) { /* replication: imports have no log record yet */
-        tcall_finish(c, aff_status_grpc_code(AFF_EPRECONDITION),
-                     "ImportEvents is not replicated through the write log yet; with --log "
-                     "send history as PutEvents (docs/replication.md)",
-                     NULL);
-        return;
-    }
     import_state *st = calloc(1, sizeof *st);
     if (!st) {
         tcall_finish(c, aff_status_grpc_code(AFF_ENOMEM), "out of memory starting an import", NULL);
@@ -281,4 +386,20 @@ void transport__import_events(tcall *c)
     if (!tcall_recv(c))
         tcall_finish(c, aff_status_grpc_code(AFF_EINTERNAL), "cannot read the request stream",
                      NULL);
+}
+
+void transport__apply_import_events(tcall *c, ProtobufCMessage *msg)
+{
+    const Affinity__V1__ImportEventsRequest *r = (void *)msg;
+    import_state *st = calloc(1, sizeof *st);
+    char why[512];
+    int code = st ? import_collection(st, r->collection, why, sizeof why)
+                  : GRPC_STATUS_RESOURCE_EXHAUSTED;
+    if (!st) snprintf(why, sizeof why, "out of memory applying an import");
+    if (!code) code = import_events_apply(c->t, st, r, why, sizeof why);
+    if (code)
+        tcall_finish(c, code, why, NULL);
+    else
+        import_respond(c, st);
+    import_state_free(st);
 }

@@ -89,6 +89,8 @@ struct tcall {
     void (*on_recv)(tcall *c, bool ok, grpc_byte_buffer *bb); /* streaming: takes bb */
     void (*on_send)(tcall *c, bool ok);
     tcapture *capture; /* replication: a call applied from the log answers into this */
+    bool log_own;      /* replication: applying a record this replica published */
+    uint64_t log_sequence; /* replication: the sequence of the record being applied */
 };
 
 /* Work waiting for a blocking-work thread. */
@@ -163,11 +165,22 @@ void transport__defer(tcall *c, void (*fn)(tcall *c));
  * refused in log mode, or wait for min_log_sequence; true when it took the call. Runs on the
  * completion-queue thread. */
 bool transport__log_route(tcall *c);
+/* Whether this replica (with --log) has not applied sequence `want` yet (0: never behind). */
+bool transport__log_behind(const tcall *c, uint64_t want);
+/* Waits (blocking: a blocking-work thread only) up to --min-sequence-wait-ms, bounded by the
+ * call's deadline, for this replica to apply `want`: 0, or AFF_EUNAVAILABLE with the message
+ * every serving call answers (min_log_sequence). */
+int transport__log_wait_sequence(tcall *c, uint64_t want, aff_err *err);
 /* With --log: publishes req (method's request) as one log record and waits for the stream
  * (and, with --log-ack applied, this replica's apply) within the call's deadline; out gets
  * the applied answer, *seq the sequence. Returns 0 or a negative aff_status with msg set. */
 int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *req,
                          tcapture *out, uint64_t *seq, char *msg, size_t msg_size);
+/* With --log: publishes req as one record of `method` (not a call's: e.g. a model's parts)
+ * and waits at most timeout_ms for the stream's commit. 0 with *seq, or a negative
+ * aff_status with msg set. Any thread. */
+int transport__log_publish(transport *t, const char *method, const ProtobufCMessage *req,
+                           int64_t timeout_ms, uint64_t *seq, char *msg, size_t msg_size);
 /* Appends log_sequence (field 110) to a serialized response in place; false: no memory. */
 bool transport__append_log_sequence(tcapture *cap, uint64_t seq);
 void transport__capture_free(tcapture *cap);

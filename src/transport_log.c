@@ -12,8 +12,12 @@
  *
  * Serving calls that carry min_log_sequence wait (on a blocking-work thread, never on a
  * completion-queue thread) up to --min-sequence-wait-ms for this replica to apply it, then
- * answer UNAVAILABLE. Writes that are not replicated yet (ImportEvents, Train) are refused
- * with FAILED_PRECONDITION in log mode rather than let replicas diverge.
+ * answer UNAVAILABLE.
+ *
+ * Records with a handler of their own (own_records): stream messages (UpsertItems,
+ * ImportEvents) and a trained model on its way to every replica (ModelPart, ModelCommit;
+ * transport_model.c). A Train record runs the Train handler everywhere (parameters saved on
+ * every replica), but only the replica that published it starts the job (tcall.log_own).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -31,6 +35,8 @@
 #include "event_types.h"
 #include "store.h"
 #include "transport_handlers.h"
+#include "transport_import.h"
+#include "transport_model.h"
 
 #define LOG_RECORD_VERSION   1
 #define LOG_RESULTS          1024 /* answers kept for this replica's own records */
@@ -40,6 +46,8 @@
 #define FIELD_REQUEST_ID     110
 #define FIELD_LOG_SEQUENCE   110
 #define FIELD_MIN_SEQUENCE   111
+#define FIELD_LATE           118 /* request_id / min_log_sequence of the messages that gained
+                                    them later (ImportEvents, Train, GetModel) */
 #define LOG_DEFAULT_WAIT_MS  10000 /* a write without a deadline */
 
 /* The answers of records this replica published, by sequence, until their callers take
@@ -82,12 +90,13 @@ void transport__capture_free(tcapture *cap)
     memset(cap, 0, sizeof *cap);
 }
 
-bool transport__append_log_sequence(tcapture *cap, uint64_t seq)
+/* Appends varint field `field` (16..2047) = seq to a serialized message. */
+static bool append_varint_field(tcapture *cap, unsigned field, uint64_t seq)
 {
     uint8_t tail[12];
     size_t n = 0;
-    tail[n++] = (uint8_t)(((FIELD_LOG_SEQUENCE << 3) & 0x7f) | 0x80); /* tag, varint type */
-    tail[n++] = (uint8_t)((FIELD_LOG_SEQUENCE << 3) >> 7);
+    tail[n++] = (uint8_t)(((field << 3) & 0x7f) | 0x80); /* tag, varint type */
+    tail[n++] = (uint8_t)((field << 3) >> 7);
     do {
         uint8_t b = seq & 0x7f;
         seq >>= 7;
@@ -99,6 +108,11 @@ bool transport__append_log_sequence(tcapture *cap, uint64_t seq)
     cap->bytes = grown;
     cap->len += n;
     return true;
+}
+
+bool transport__append_log_sequence(tcapture *cap, uint64_t seq)
+{
+    return append_varint_field(cap, FIELD_LOG_SEQUENCE, seq);
 }
 
 /* The request's field `number` when it is a string (request_id) or uint64 (min sequence). */
@@ -113,6 +127,7 @@ static const ProtobufCFieldDescriptor *field_of(const ProtobufCMessage *m, unsig
 static const char *request_id_of(const ProtobufCMessage *m)
 {
     const ProtobufCFieldDescriptor *f = field_of(m, FIELD_REQUEST_ID, PROTOBUF_C_TYPE_STRING);
+    if (!f) f = field_of(m, FIELD_LATE, PROTOBUF_C_TYPE_STRING);
     if (!f) return NULL;
     const char *id = *(const char *const *)((const char *)m + f->offset);
     return id && id[0] ? id : NULL;
@@ -121,6 +136,7 @@ static const char *request_id_of(const ProtobufCMessage *m)
 static uint64_t min_sequence_of(const ProtobufCMessage *m)
 {
     const ProtobufCFieldDescriptor *f = field_of(m, FIELD_MIN_SEQUENCE, PROTOBUF_C_TYPE_UINT64);
+    if (!f) f = field_of(m, FIELD_LATE, PROTOBUF_C_TYPE_UINT64);
     return f ? *(const uint64_t *)((const char *)m + f->offset) : 0;
 }
 
@@ -149,16 +165,10 @@ static bool replicated(const char *name)
      * assignment (a hash of user and experiment) agrees everywhere. */
     static const char *const names[] = {"CreateCollection", "DropCollection",  "DeleteItems",
                                         "PutEvents",        "DeleteUser",      "SetUserOptOut",
-                                        "CreateExperiment", "StopExperiment"};
+                                        "CreateExperiment", "StopExperiment",  "Train"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (strcmp(names[i], name) == 0) return true;
     return false;
-}
-
-/* Writes with no log record yet: refused in log mode so replicas cannot diverge. */
-static bool unreplicated_write(const char *name)
-{
-    return strcmp(name, "Train") == 0;
 }
 
 static uint32_t fnv1a(const char *s)
@@ -169,19 +179,24 @@ static uint32_t fnv1a(const char *s)
     return h;
 }
 
-/* The subject a record goes to: user-keyed records by bucket of the user id (so one user's
- * records can be purged from the stream by subject), the rest on "c" (catalog). */
+/* The subject a record goes to: user-keyed records by bucket of the user id (so DeleteUser
+ * finds one user's events by reading one bucket), DeleteUser records on REPLOG_SUBJECT_ERASED
+ * (overwritten, not only purged, when truncated), the rest on "c" (catalog). */
 static void subject_of(const char *method, const ProtobufCMessage *req, char *out, size_t size)
 {
     const char *user = NULL;
     if (strcmp(method, "PutEvents") == 0)
         user = ((const Affinity__V1__PutEventsRequest *)req)->user_id;
-    else if (strcmp(method, "DeleteUser") == 0)
-        user = ((const Affinity__V1__DeleteUserRequest *)req)->user_id;
     else if (strcmp(method, "SetUserOptOut") == 0)
         user = ((const Affinity__V1__SetUserOptOutRequest *)req)->user_id;
-    if (user)
+    if (strcmp(method, "DeleteUser") == 0)
+        snprintf(out, size, "%s", REPLOG_SUBJECT_ERASED); /* erased at truncation */
+    else if (user)
         snprintf(out, size, "u.%02u", fnv1a(user) % LOG_USER_BUCKETS);
+    else if (strcmp(method, "ImportEvents") == 0) /* many users' events */
+        snprintf(out, size, "i");
+    else if (strncmp(method, "Model", 5) == 0) /* a trained model's parts and commit */
+        snprintf(out, size, "m");
     else
         snprintf(out, size, "c");
 }
@@ -256,6 +271,12 @@ static int publish_record(transport *t, const char *method, const ProtobufCMessa
     return rc;
 }
 
+int transport__log_publish(transport *t, const char *method, const ProtobufCMessage *req,
+                           int64_t timeout_ms, uint64_t *seq, char *msg, size_t msg_size)
+{
+    return publish_record(t, method, req, timeout_ms, seq, msg, msg_size);
+}
+
 int transport__log_write(tcall *c, const char *method, const ProtobufCMessage *req,
                          tcapture *out, uint64_t *seq, char *msg, size_t msg_size)
 {
@@ -316,6 +337,121 @@ int transport_log_ingest_event(void *ctx, const char *collection, const char *us
     return rc ? aff__fail(err, rc, "%s", msg) : 0;
 }
 
+/* ---- erasure of a deleted user's raw events from the stream (docs/replication.md) ---------- */
+
+typedef struct erase_target {
+    const char *collection; /* "": every collection */
+    const char *user;
+} erase_target;
+
+/* Whether a published record is one of the target user's PutEvents (in the collection). */
+static bool is_users_events(void *ctx, const uint8_t *data, size_t len)
+{
+    const erase_target *tg = ctx;
+    Affinity__V1__LogRecord *rec = affinity__v1__log_record__unpack(NULL, len, data);
+    bool match = false;
+    if (rec && strcmp(rec->method, "PutEvents") == 0) {
+        Affinity__V1__PutEventsRequest *r = affinity__v1__put_events_request__unpack(
+            NULL, rec->request.len, rec->request.data);
+        match = r && strcmp(r->user_id, tg->user) == 0 &&
+                (!tg->collection[0] || strcmp(r->collection, tg->collection) == 0);
+        if (r) affinity__v1__put_events_request__free_unpacked(r, NULL);
+    }
+    if (rec) affinity__v1__log_record__free_unpacked(rec, NULL);
+    return match;
+}
+
+/* After a DeleteUser record (sequence seq) was applied here without error: securely erases
+ * the user's PutEvents records below it from the stream (their bucket's subject), so the raw
+ * events leave the stream's message files before the call is answered. A failure is logged,
+ * not returned: the user is erased from every replica's state either way, and truncation
+ * below the next snapshots removes the records later (the stated bound). Opt-out records are
+ * kept: the opt-out outlives DeleteUser and lagging replicas must still apply it. */
+static void erase_deleted_users_events(tcall *c, uint64_t seq)
+{
+    const Affinity__V1__DeleteUserRequest *r = (const void *)c->req;
+    erase_target tg = {.collection = r->collection, .user = r->user_id};
+    char bucket[16], seqs[24], n[24];
+    snprintf(bucket, sizeof bucket, "u.%02u", fnv1a(r->user_id) % LOG_USER_BUCKETS);
+    snprintf(seqs, sizeof seqs, "%" PRIu64, seq);
+    uint64_t erased = 0;
+    aff_err err;
+    int rc = replog_erase_records(c->t->cfg.log, bucket, seq, is_users_events, &tg, &erased, &err);
+    snprintf(n, sizeof n, "%" PRIu64, erased);
+    if (rc)
+        aff_log_kv(AFF_LOG_WARN,
+                   "DeleteUser: the user's events could not all be erased from the write log "
+                   "now; truncation removes them later",
+                   "sequence", seqs, "erased", n, "error", err.msg, NULL);
+    else
+        aff_log_kv(AFF_LOG_INFO, "DeleteUser: the user's events erased from the write log",
+                   "sequence", seqs, "records", n, NULL);
+}
+
+/* Whether the DeleteUser record seq was applied here without error (with --log-ack
+ * committed the caller has not waited for it: wait now, within the call's deadline). */
+static bool delete_user_applied(tcall *c, const tcapture *cap, uint64_t seq)
+{
+    if (!c->t->cfg.log_ack_committed) return cap->code == 0;
+    if (!replog_wait_applied(c->t->cfg.log, seq, ms_left(c))) return false;
+    tcapture applied;
+    if (!take_result(c->t, seq, &applied)) return false;
+    bool ok = applied.code == 0;
+    transport__capture_free(&applied);
+    return ok;
+}
+
+/* ---- retention cuts through the log (retention_start_replicated) ----------------------------- */
+
+#define RETAIN_METHOD "RetainEvents"
+
+int transport_log_publish_retention(void *ctx, int64_t cutoff_ms, aff_err *err)
+{
+    transport *t = ctx;
+    if (!t->cfg.log) return aff__fail(err, AFF_EUNAVAILABLE, "the write log is not set yet");
+    char rid[48];
+    snprintf(rid, sizeof rid, "retain/%" PRId64, cutoff_ms);
+    Affinity__V1__LogRecord rec = AFFINITY__V1__LOG_RECORD__INIT;
+    rec.version = LOG_RECORD_VERSION;
+    rec.method = (char *)RETAIN_METHOD;
+    rec.time_ms = wall_ms();
+    rec.request_id = rid;
+    rec.origin = t->cfg.log_origin;
+    rec.retain_before_ms = cutoff_ms;
+    size_t len = protobuf_c_message_get_packed_size(&rec.base);
+    uint8_t *buf = malloc(len ? len : 1);
+    if (!buf) return aff__fail(err, AFF_ENOMEM, "out of memory encoding a retention cut");
+    protobuf_c_message_pack(&rec.base, buf);
+    uint64_t seq = 0;
+    int rc = replog_publish(t->cfg.log, "c", buf, len, rid, LOG_DEFAULT_WAIT_MS, &seq, err);
+    free(buf);
+    return rc;
+}
+
+/* Applies a retention cut at its position in the log (apply thread): the same cut, the same
+ * state, so every replica erases the same events. */
+static void apply_retention(transport *t, const Affinity__V1__LogRecord *rec, uint64_t seq)
+{
+    aff_err err;
+    uint64_t users = 0, events = 0;
+    replog_set_record_time(rec->time_ms);
+    store_set_log_sequence(seq);
+    int rc = profiles_expire(t->cfg.profiles, rec->retain_before_ms, &users, &events, &err);
+    store_set_log_sequence(0);
+    replog_set_record_time(0);
+    char seqs[24], cut[24], n_users[24], n_events[24];
+    snprintf(seqs, sizeof seqs, "%" PRIu64, seq);
+    snprintf(cut, sizeof cut, "%" PRId64, rec->retain_before_ms);
+    snprintf(n_users, sizeof n_users, "%" PRIu64, users);
+    snprintf(n_events, sizeof n_events, "%" PRIu64, events);
+    if (rc)
+        aff_log_kv(AFF_LOG_ERROR, "write log: a retention cut failed", "sequence", seqs,
+                   "before ms", cut, "error", err.msg, NULL);
+    else
+        aff_log_kv(AFF_LOG_INFO, "event retention cut applied", "sequence", seqs, "before ms",
+                   cut, "users", n_users, "events", n_events, NULL);
+}
+
 /* A unary write in log mode (blocking-work thread): publish, wait, answer. */
 static void log_write_job(tcall *c)
 {
@@ -327,9 +463,14 @@ static void log_write_job(tcall *c)
         transport__fail(c, rc, "%s", msg);
         return;
     }
+    if (strcmp(short_name(c->def), "DeleteUser") == 0 && delete_user_applied(c, &cap, seq))
+        erase_deleted_users_events(c, seq);
     if (cap.code) {
         tcall_finish(c, cap.code, cap.msg, NULL);
-    } else if (!transport__append_log_sequence(&cap, seq)) {
+    } else if (!append_varint_field(&cap, /* TrainResponse.log_sequence is field 118 */
+                                    strcmp(short_name(c->def), "Train") == 0 ? FIELD_LATE
+                                                                            : FIELD_LOG_SEQUENCE,
+                                    seq)) {
         transport__fail(c, AFF_ENOMEM, "out of memory encoding the response");
     } else {
         tcall_finish_packed(c, cap.bytes, cap.len);
@@ -342,19 +483,30 @@ static uint32_t min_wait_ms(const transport *t)
     return t->cfg.min_sequence_wait_ms ? t->cfg.min_sequence_wait_ms : 1000;
 }
 
-/* A serving call behind its min_log_sequence (blocking-work thread): wait, then serve. */
-static void min_sequence_job(tcall *c)
+bool transport__log_behind(const tcall *c, uint64_t want)
 {
-    uint64_t want = min_sequence_of(c->req);
+    return c->t->cfg.log && want && replog_applied(c->t->cfg.log) < want;
+}
+
+int transport__log_wait_sequence(tcall *c, uint64_t want, aff_err *err)
+{
     int64_t wait = min_wait_ms(c->t);
     int64_t left = ms_left(c);
     if (tcall_deadline_ns(c) && left < wait) wait = left;
-    if (!replog_wait_applied(c->t->cfg.log, want, wait)) {
-        transport__fail(c, AFF_EUNAVAILABLE,
-                        "min_log_sequence %" PRIu64 " is not applied on this replica yet "
-                        "(applied %" PRIu64 ") after %" PRId64 " ms; retry here or on another "
-                        "replica",
-                        want, replog_applied(c->t->cfg.log), wait);
+    if (replog_wait_applied(c->t->cfg.log, want, wait)) return 0;
+    return aff__fail(err, AFF_EUNAVAILABLE,
+                     "min_log_sequence %" PRIu64 " is not applied on this replica yet "
+                     "(applied %" PRIu64 ") after %" PRId64 " ms; retry here or on another "
+                     "replica",
+                     want, replog_applied(c->t->cfg.log), wait);
+}
+
+/* A serving call behind its min_log_sequence (blocking-work thread): wait, then serve. */
+static void min_sequence_job(tcall *c)
+{
+    aff_err err;
+    if (transport__log_wait_sequence(c, min_sequence_of(c->req), &err)) {
+        tcall_fail(c, &err);
         return;
     }
     c->def->unary(c, c->req);
@@ -367,15 +519,7 @@ bool transport__log_route(tcall *c)
         transport__defer(c, log_write_job);
         return true;
     }
-    if (unreplicated_write(name)) {
-        transport__fail(c, AFF_EPRECONDITION,
-                        "%s is not replicated through the write log yet; with --log it is "
-                        "refused so replicas cannot diverge (docs/replication.md)",
-                        name);
-        return true;
-    }
-    uint64_t want = min_sequence_of(c->req);
-    if (want && replog_applied(c->t->cfg.log) < want) {
+    if (transport__log_behind(c, min_sequence_of(c->req))) {
         transport__defer(c, min_sequence_job);
         return true;
     }
@@ -400,6 +544,29 @@ void transport__log_lag(transport *t, double *p50, double *p99)
     qsort(sorted, n, sizeof *sorted, cmp_double);
     *p50 = sorted[(n - 1) / 2];
     *p99 = sorted[(size_t)((double)(n - 1) * 0.99)];
+}
+
+/* Records applied by a handler of their own rather than their method's unary handler. */
+typedef struct own_record {
+    const char *method;
+    const ProtobufCMessageDescriptor *desc;
+    void (*apply)(tcall *c, ProtobufCMessage *req);
+} own_record;
+
+static const own_record *own_record_of(const char *method)
+{
+    static const own_record records[] = {
+        {"UpsertItems", &affinity__v1__upsert_items_request__descriptor,
+         transport__apply_upsert_items},
+        {"ImportEvents", &affinity__v1__import_events_request__descriptor,
+         transport__apply_import_events},
+        {"ModelPart", &affinity__v1__model_part_record__descriptor, transport__apply_model_part},
+        {"ModelCommit", &affinity__v1__model_commit_record__descriptor,
+         transport__apply_model_commit},
+    };
+    for (size_t i = 0; i < sizeof records / sizeof records[0]; i++)
+        if (strcmp(records[i].method, method) == 0) return &records[i];
+    return NULL;
 }
 
 /* Keeps the answer of a record this replica published for its waiting caller. */
@@ -427,26 +594,6 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
         if (rec) affinity__v1__log_record__free_unpacked(rec, NULL);
         return;
     }
-    bool upsert = strcmp(rec->method, "UpsertItems") == 0;
-    const tmethod_def *def = method_by_name(rec->method);
-    const ProtobufCMessageDescriptor *desc =
-        upsert ? &affinity__v1__upsert_items_request__descriptor : def ? def->req_desc : NULL;
-    ProtobufCMessage *req =
-        desc ? protobuf_c_message_unpack(desc, NULL, rec->request.len, rec->request.data) : NULL;
-    if (!req || (!upsert && (!def->unary || !replicated(rec->method)))) {
-        aff_log_kv(AFF_LOG_ERROR, "write log: skipping a record with an unknown method",
-                   "sequence", seqs, "method", rec->method, NULL);
-        goto out;
-    }
-    tcapture cap = {0};
-    tcall call;
-    memset(&call, 0, sizeof call);
-    call.t = t;
-    call.def = def;
-    call.capture = &cap;
-    call.start_ns = batcher_now_ns();
-    atomic_init(&call.refs, 1);
-    pthread_mutex_init(&call.mu, NULL);
     /* PutEvents records (most of the log) share the store's apply batch: one transaction for
      * consecutive ones, committed by the log (replog_config.commit). Its locks (widgets,
      * outcomes, experiments, model counters) are never held by a thread that writes to the
@@ -462,10 +609,36 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
                            seqs, "error", berr.msg, NULL);
         }
     }
+    if (strcmp(rec->method, RETAIN_METHOD) == 0) {
+        apply_retention(t, rec, seq);
+        affinity__v1__log_record__free_unpacked(rec, NULL);
+        return;
+    }
+    const own_record *own = own_record_of(rec->method);
+    const tmethod_def *def = method_by_name(rec->method); /* NULL for internal records */
+    const ProtobufCMessageDescriptor *desc = own ? own->desc : def ? def->req_desc : NULL;
+    ProtobufCMessage *req =
+        desc ? protobuf_c_message_unpack(desc, NULL, rec->request.len, rec->request.data) : NULL;
+    if (!req || (!own && (!def->unary || !replicated(rec->method)))) {
+        aff_log_kv(AFF_LOG_ERROR, "write log: skipping a record with an unknown method",
+                   "sequence", seqs, "method", rec->method, NULL);
+        goto out;
+    }
+    tcapture cap = {0};
+    tcall call;
+    memset(&call, 0, sizeof call);
+    call.t = t;
+    call.def = def;
+    call.capture = &cap;
+    call.log_own = strcmp(rec->origin, t->cfg.log_origin) == 0;
+    call.log_sequence = seq;
+    call.start_ns = batcher_now_ns();
+    atomic_init(&call.refs, 1);
+    pthread_mutex_init(&call.mu, NULL);
     replog_set_record_time(rec->time_ms);
     store_set_log_sequence(seq);
-    if (upsert)
-        transport__apply_upsert_items(&call, req);
+    if (own)
+        own->apply(&call, req);
     else
         def->unary(&call, req);
     store_set_log_sequence(0);
@@ -483,7 +656,7 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
         r->lag_ms[r->n_lags++ % LOG_LAGS] = (double)(wall_ms() - rec->time_ms);
         pthread_mutex_unlock(&r->mu);
     }
-    if (strcmp(rec->origin, t->cfg.log_origin) == 0)
+    if (call.log_own)
         put_result(t, seq, &cap);
     else
         transport__capture_free(&cap);

@@ -2,12 +2,28 @@
  * transport_model.c: owns the learning RPCs: decoding their parameters (validated once, by
  * als_params_check, with the field named here), starting jobs, and encoding model state. No
  * learning logic: that is model.c's.
+ *
+ * Replication (--log, docs/replication.md): a Train record is applied on every replica (its
+ * parameters saved everywhere when save_params is set) but only the replica that published
+ * it trains. Its job hands the model's blob to transport_log_publish_model, which puts it
+ * through the log as ModelPart records and one ModelCommit; every replica installs it when
+ * it applies the commit (model_install_blob), with the commit's sequence as the version, so
+ * replicas at the same log position serve the same model.
  */
 #include "transport_model.h"
 
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "log.h"
+
+#define MODEL_PART_BYTES      (512u << 10) /* blob bytes per ModelPart record (< 1 MiB) */
+#define MODEL_PUBLISH_TRY_MS  10000        /* one publish's wait for the stream */
+#define MODEL_PUBLISH_BUDGET  120000       /* retries of one record, ms */
 
 static const char *const space_content = "content", *const space_behaviour = "behaviour";
 
@@ -118,7 +134,9 @@ void transport__rpc_train(tcall *c, ProtobufCMessage *msg)
     if (model_get_params(m, r->collection, &base, &err) ||
         transport__model_params(r->params, &base, "params", &p, &err) ||
         (r->save_params && model_configure(m, r->collection, &p, &err)) ||
-        model_train(m, r->collection, &p, &job, &running, &err)) {
+        /* from the log: only the replica that received the call trains */
+        ((!c->capture || c->log_own) &&
+         model_train(m, r->collection, &p, &job, &running, &err))) {
         tcall_fail(c, &err);
         return;
     }
@@ -198,4 +216,141 @@ out:
     free(hits);
     free(users);
     free(ptrs);
+}
+
+/* ---- replication: a trained model through the write log ---------------------------------- */
+
+static uint64_t fnv1a64(const uint8_t *p, size_t n)
+{
+    uint64_t h = 14695981039346656037ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Publishes one record, retrying while the log is unavailable (a repeated part or commit is
+ * harmless: a part is rewritten with the same bytes, a second commit finds no parts). */
+static int publish_retrying(transport *t, const char *method, const ProtobufCMessage *req,
+                            uint64_t *seq, char *msg, size_t msg_size)
+{
+    int64_t until = mono_ms() + MODEL_PUBLISH_BUDGET;
+    for (;;) {
+        int rc = transport__log_publish(t, method, req, MODEL_PUBLISH_TRY_MS, seq, msg, msg_size);
+        if (rc != AFF_EUNAVAILABLE || mono_ms() > until || atomic_load(&t->draining)) return rc;
+        struct timespec pause = {.tv_sec = 0, .tv_nsec = 500 * 1000000L};
+        nanosleep(&pause, NULL);
+    }
+}
+
+int transport_log_publish_model(void *ctx, const char *collection, const void *blob, size_t len,
+                                aff_err *err)
+{
+    transport *t = ctx;
+    /* Upload ids grow with time (store_commit_model drops older, abandoned uploads' parts);
+     * the low bits tell apart uploads of the same millisecond. */
+    uint32_t noise = 0;
+    if (getrandom(&noise, sizeof noise, 0) != (ssize_t)sizeof noise) noise = (uint32_t)mono_ms();
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    uint64_t upload = ((uint64_t)now.tv_sec * 1000 + (uint64_t)now.tv_nsec / 1000000) << 20 |
+                      (noise & 0xfffff);
+    uint32_t parts = (uint32_t)((len + MODEL_PART_BYTES - 1) / MODEL_PART_BYTES);
+    char msg[512];
+    uint64_t seq = 0;
+    for (uint32_t i = 0; i < parts; i++) {
+        Affinity__V1__ModelPartRecord pr = AFFINITY__V1__MODEL_PART_RECORD__INIT;
+        size_t off = (size_t)i * MODEL_PART_BYTES;
+        pr.collection = (char *)collection;
+        pr.upload = upload;
+        pr.index = i;
+        pr.data.data = (uint8_t *)blob + off;
+        pr.data.len = len - off < MODEL_PART_BYTES ? len - off : MODEL_PART_BYTES;
+        int rc = publish_retrying(t, "ModelPart", &pr.base, &seq, msg, sizeof msg);
+        if (rc)
+            return aff__fail(err, rc, "model: part %u of %u not committed to the write log: %s",
+                             i, parts, msg);
+    }
+    Affinity__V1__ModelCommitRecord cr = AFFINITY__V1__MODEL_COMMIT_RECORD__INIT;
+    cr.collection = (char *)collection;
+    cr.upload = upload;
+    cr.parts = parts;
+    cr.bytes = len;
+    cr.checksum = fnv1a64(blob, len);
+    int rc = publish_retrying(t, "ModelCommit", &cr.base, &seq, msg, sizeof msg);
+    if (rc) return aff__fail(err, rc, "model: commit not written to the write log: %s", msg);
+    char v[24], b[24];
+    snprintf(v, sizeof v, "%" PRIu64, seq);
+    snprintf(b, sizeof b, "%zu", len);
+    aff_log_kv(AFF_LOG_INFO, "model published through the write log", "collection", collection,
+               "version", v, "bytes", b, NULL);
+    /* Not waiting for this replica's install: a DropCollection being applied joins this job. */
+    return AFF_OK;
+}
+
+int transport_log_request_train(void *ctx, const char *collection, uint64_t version,
+                                aff_err *err)
+{
+    transport *t = ctx;
+    char rid[AFF_MAX_NAME_LEN + 48];
+    snprintf(rid, sizeof rid, "auto-train/%s/%" PRIu64, collection, version);
+    Affinity__V1__TrainRequest req = AFFINITY__V1__TRAIN_REQUEST__INIT;
+    req.collection = (char *)collection;
+    req.request_id = rid;
+    uint64_t seq = 0;
+    char msg[512];
+    int rc = transport__log_publish(t, "Train", &req.base, 5000, &seq, msg, sizeof msg);
+    return rc ? aff__fail(err, rc, "%s", msg) : AFF_OK;
+}
+
+void transport__apply_model_part(tcall *c, ProtobufCMessage *msg)
+{
+    const Affinity__V1__ModelPartRecord *r = (void *)msg;
+    aff_err err;
+    if (store_put_model_part(c->t->cfg.store, r->collection, r->upload, r->index, r->data.data,
+                             r->data.len, &err)) {
+        tcall_fail(c, &err);
+        return;
+    }
+    tcall_finish(c, 0, NULL, NULL);
+}
+
+void transport__apply_model_commit(tcall *c, ProtobufCMessage *msg)
+{
+    const Affinity__V1__ModelCommitRecord *r = (void *)msg;
+    aff_err err = {0};
+    void *blob = NULL;
+    size_t len = 0;
+    char v[24];
+    snprintf(v, sizeof v, "%" PRIu64, c->log_sequence);
+    int status = c->t->cfg.model ? AFF_OK
+                                 : aff__fail(&err, AFF_EUNSUPPORTED,
+                                             "learning is not enabled on this server");
+    if (!status)
+        status = store_get_model_parts(c->t->cfg.store, r->collection, r->upload, r->parts, &blob,
+                                       &len, &err);
+    if (!status && (len != r->bytes || fnv1a64(blob, len) != r->checksum))
+        status = aff__fail(&err, AFF_EINTERNAL,
+                           "model upload %" PRIu64 ": the parts hold %zu bytes that do not "
+                           "match the commit (%" PRIu64 " bytes, checksum)",
+                           r->upload, len, r->bytes);
+    if (!status)
+        status = model_install_blob(c->t->cfg.model, r->collection, blob, len, c->log_sequence,
+                                    r->upload, &err);
+    free(blob);
+    if (status) {
+        aff_log_kv(AFF_LOG_ERROR, "model from the write log not installed", "collection",
+                   r->collection, "version", v, "error", err.msg, NULL);
+        tcall_fail(c, &err);
+        return;
+    }
+    aff_log_kv(AFF_LOG_INFO, "model installed from the write log", "collection", r->collection,
+               "version", v, NULL);
+    tcall_finish(c, 0, NULL, NULL);
 }

@@ -12,6 +12,11 @@ void transport__rpc_train(tcall *c, ProtobufCMessage *msg);
 void transport__rpc_get_model(tcall *c, ProtobufCMessage *msg);
 void transport__rpc_get_segment(tcall *c, ProtobufCMessage *msg);
 
+/* Replication: apply a ModelPart record (the part kept in the store) and a ModelCommit record
+ * (the parts put together, checked and installed as version = the commit's sequence). */
+void transport__apply_model_part(tcall *c, ProtobufCMessage *msg);
+void transport__apply_model_commit(tcall *c, ProtobufCMessage *msg);
+
 /* Storage for one ModelInfo and the messages it points to. */
 typedef struct tmodel_pb {
     model_info mi;

@@ -634,6 +634,7 @@ void rpc_rerank(tcall *c, ProtobufCMessage *msg)
 
 typedef struct bitem {
     struct bitem *next;
+    struct bitem *next_waiting; /* in bstream.waiting: behind its min_log_sequence */
     tcall *c;
     Affinity__V1__RecommendRequest *req; /* owned */
     serve_req *sr;                       /* owned; borrows from req */
@@ -646,6 +647,8 @@ typedef struct bitem {
 typedef struct bstream {
     pthread_mutex_t mu;
     bitem *head, *tail;
+    bitem *waiting, *waiting_tail; /* not started: this replica is behind min_log_sequence */
+    bool waiter;                   /* a blocking-work job is draining `waiting` */
     uint32_t outstanding; /* read, not yet answered */
     uint64_t received;
     bool recv_done, recv_paused, send_pending, finished, broken;
@@ -758,6 +761,60 @@ static void bitem_done(pipeline_job *job, void *user)
     tcall_unref(c);
 }
 
+/* Starts the pipeline job of a decoded request. s->mu held. */
+static int bitem_start(tcall *c, bitem *it, aff_err *err)
+{
+    if (!(it->sr = recommend_from_pb(it->req)))
+        return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
+    /* The job's completion takes s->mu, which this thread holds until it has queued it. */
+    bool pending;
+    pipeline_job *job;
+    tcall_ref(c);
+    int rc = pipeline_start(c->t->cfg.pipeline, &it->sr->req, tcall_deadline_ns(c), bitem_done,
+                            it, &job, &pending, err);
+    if (rc || !pending) tcall_unref(c);
+    if (!rc && !pending) bitem_finished(it, job);
+    return rc;
+}
+
+/* Requests behind their min_log_sequence (blocking-work thread): waits for each in turn (the
+ * bounded wait of every serving call), then starts it or answers it UNAVAILABLE; the stream
+ * goes on either way and answers stay in request order. Once a wait ran out, requests that
+ * want that sequence or a later one are answered UNAVAILABLE at once (one bounded wait per
+ * run, not one per request, while the replica is stuck). */
+static void bstream_wait_job(tcall *c)
+{
+    bstream *s = c->state;
+    uint64_t missed = 0; /* the lowest sequence a wait of this run ran out on */
+    aff_err missed_err;
+    pthread_mutex_lock(&s->mu);
+    for (bitem *it; (it = s->waiting);) {
+        pthread_mutex_unlock(&s->mu);
+        aff_err err;
+        uint64_t want = it->req->min_log_sequence;
+        int rc = 0;
+        if (missed && want >= missed && transport__log_behind(c, missed)) {
+            rc = AFF_EUNAVAILABLE;
+            err = missed_err;
+        } else if ((rc = transport__log_wait_sequence(c, want, &err)) != 0) {
+            missed = want;
+            missed_err = err;
+        }
+        pthread_mutex_lock(&s->mu);
+        s->waiting = it->next_waiting;
+        if (!s->waiting) s->waiting_tail = NULL;
+        if (!rc) rc = bitem_start(c, it, &err);
+        if (rc) {
+            it->done = true;
+            it->code = aff_status_grpc_code(rc);
+            snprintf(it->msg, sizeof it->msg, "%s", err.msg);
+        }
+        bstream_pump(c, s);
+    }
+    s->waiter = false;
+    pthread_mutex_unlock(&s->mu);
+}
+
 static void bstream_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
 {
     bstream *s = c->state;
@@ -779,6 +836,7 @@ static void bstream_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
         return;
     }
     it->c = c;
+    bool start_waiter = false;
     char why[400];
     it->req = (void *)transport__unpack_checked(bb, &affinity__v1__recommend_request__descriptor,
                                                 why, sizeof why);
@@ -790,17 +848,18 @@ static void bstream_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
                        (unsigned long long)s->received, why[0] ? ": " : "", why);
     } else if (atomic_load(&c->t->draining)) {
         rc = aff__fail(&err, AFF_EUNAVAILABLE, "the server is shutting down; retry elsewhere");
-    } else if (!(it->sr = recommend_from_pb(it->req))) {
-        rc = aff__fail(&err, AFF_ENOMEM, "out of memory preparing the query");
+    } else if (s->waiting || transport__log_behind(c, it->req->min_log_sequence)) {
+        /* Behind (or after a request that is): wait on a blocking-work thread, in order. */
+        rc = 0;
+        if (s->waiting_tail)
+            s->waiting_tail->next_waiting = it;
+        else
+            s->waiting = it;
+        s->waiting_tail = it;
+        start_waiter = !s->waiter;
+        s->waiter = true;
     } else {
-        /* The job's completion takes s->mu, which this thread holds until it has queued it. */
-        bool pending;
-        pipeline_job *job;
-        tcall_ref(c);
-        rc = pipeline_start(c->t->cfg.pipeline, &it->sr->req, tcall_deadline_ns(c), bitem_done, it,
-                            &job, &pending, &err);
-        if (rc || !pending) tcall_unref(c);
-        if (!rc && !pending) bitem_finished(it, job);
+        rc = bitem_start(c, it, &err);
     }
     if (rc) {
         it->done = true;
@@ -821,6 +880,7 @@ static void bstream_on_recv(tcall *c, bool ok, grpc_byte_buffer *bb)
     }
     bstream_pump(c, s);
     pthread_mutex_unlock(&s->mu);
+    if (start_waiter) transport__defer(c, bstream_wait_job); /* runs here without workers */
 }
 
 static void bstream_on_send(tcall *c, bool ok)

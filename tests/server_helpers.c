@@ -213,6 +213,17 @@ void ts_make_dir(char *out, size_t size, const char *what)
     cr_assert(n > 0 && (size_t)n < size && mkdtemp(out), "cannot make a directory for %s", what);
 }
 
+void ts_write_temp_file(char *out, size_t size, const char *what, const char *text)
+{
+    int n = snprintf(out, size, "/tmp/affinity-e2e-%s-XXXXXX", what);
+    cr_assert(n > 0 && (size_t)n < size, "path too long for %s", what);
+    int fd = mkstemp(out);
+    cr_assert_geq(fd, 0, "cannot make a file for %s", what);
+    size_t len = strlen(text);
+    cr_assert_eq(write(fd, text, len), (ssize_t)len, "cannot write %s", out);
+    close(fd);
+}
+
 int ts_stop(test_server *s, int sig, int timeout_ms)
 {
     if (s->pid <= 0) return -1;

@@ -56,6 +56,9 @@ void ts_remove_dir(const test_server *s);
 /* Makes a fresh directory /tmp/affinity-e2e-<what>-XXXXXX (e.g. a --data-dir that outlives
  * several servers) into out; asserts on failure. */
 void ts_make_dir(char *out, size_t size, const char *what);
+/* Writes text into a fresh file /tmp/affinity-e2e-<what>-XXXXXX (e.g. a --serving-config)
+ * whose path goes into out; asserts on failure. The caller unlinks it. */
+void ts_write_temp_file(char *out, size_t size, const char *what, const char *text);
 /* Deletes a directory made by ts_make_dir (or any /tmp/affinity-e2e-* one) with its files. */
 void ts_remove_path(const char *dir);
 /* Prints the server log to stderr (for failed tests). */

@@ -137,16 +137,12 @@ static char presets_path[256];
 
 static void start(void)
 {
-    snprintf(presets_path, sizeof presets_path, "/tmp/affinity-e2e-presets-XXXXXX");
-    int fd = mkstemp(presets_path);
-    cr_assert_geq(fd, 0);
     const char *text =
         "{\"presets\": {\"home\": {\"pins\": [{\"item_id\": \"toys-03\", \"position\": 2}],"
         " \"promotions\": [{\"name\": \"book-fair\", \"filter\": {\"categories\": [\"books\"]},"
         " \"share\": 0.3}]}},"
         " \"collections\": {\"banners\": {\"ranked_by\": \"shop\"}}}";
-    cr_assert_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
-    close(fd);
+    ts_write_temp_file(presets_path, sizeof presets_path, "presets", text);
     const char *args[] = {"--serving-config", presets_path, NULL};
     ts_start_serving(&srv, args);
     cl = ts_client(&srv, NULL);

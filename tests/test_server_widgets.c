@@ -227,15 +227,11 @@ static char config_path[64];
  * sellers (widgets that need no item ids can fill page slots). */
 static void start(void)
 {
-    snprintf(config_path, sizeof config_path, "/tmp/affinity-e2e-widgets-XXXXXX");
-    int fd = mkstemp(config_path);
-    cr_assert_geq(fd, 0);
     const char *text =
         "{\"presets\": {}, \"layouts\": {\"shelf\": ["
         "{\"name\": \"again\", \"collection\": \"pg\", \"k\": 2, \"recipe\": \"recently_viewed\"},"
         "{\"name\": \"top\", \"collection\": \"pg\", \"k\": 3, \"recipe\": \"best_sellers\"}]}}";
-    cr_assert_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
-    close(fd);
+    ts_write_temp_file(config_path, sizeof config_path, "widgets", text);
     const char *args[] = {"--log-level", "warn", "--serving-config", config_path, NULL};
     ts_start_serving(&srv, args);
     cl = ts_client(&srv, NULL);

@@ -772,3 +772,50 @@ Test(store, snapshot_holds_the_state_and_sequence_and_no_deleted_record)
     cr_assert_eq(store_get_item(t, "books", "item-1234", &r, v, &err), AFF_ENOTFOUND);
     store_destroy(t);
 }
+
+/* Replication: a model's parts through the write log, their commit, and their cleanup. */
+Test(store, model_parts_commit_in_order_and_leave_with_their_commit)
+{
+    aff_store *s = open_store(0);
+    add_collection(s, "a", 4);
+    add_collection(s, "ab", 4); /* lp("a") is a prefix of nothing of "ab" */
+    aff_err err = {0};
+    const char *pieces[3] = {"first-", "second-", "third"};
+    /* parts arrive in any order; upload 3 is an abandoned older upload, 9 a newer one */
+    cr_assert_eq(store_put_model_part(s, "a", 5, 2, pieces[2], 5, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(store_put_model_part(s, "a", 5, 0, pieces[0], 6, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(store_put_model_part(s, "a", 3, 0, "old", 3, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(store_put_model_part(s, "a", 9, 0, "new", 3, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(store_put_model_part(s, "ab", 5, 0, "other", 5, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(store_put_model_part(s, "zz", 5, 0, "x", 1, &err), AFF_ENOTFOUND);
+    void *blob = NULL;
+    size_t len = 0;
+    cr_assert_eq(store_get_model_parts(s, "a", 5, 3, &blob, &len, &err), AFF_ENOTFOUND);
+    cr_assert_null(blob);
+    cr_assert(strstr(err.msg, "part 1 of 3") != NULL, "%s", err.msg);
+    cr_assert_eq(store_put_model_part(s, "a", 5, 1, pieces[1], 7, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(store_get_model_parts(s, "a", 5, 3, &blob, &len, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(len, 18);
+    cr_assert_eq(memcmp(blob, "first-second-third", 18), 0);
+    free(blob);
+    cr_assert_eq(store_commit_model(s, "a", 5, "the-model", 9, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(store_get_model(s, "a", &blob, &len, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(len, 9);
+    cr_assert_eq(memcmp(blob, "the-model", 9), 0);
+    free(blob);
+    /* this upload's parts and the older one's are gone; the newer upload and "ab" stay */
+    cr_assert_eq(store_get_model_parts(s, "a", 5, 1, &blob, &len, &err), AFF_ENOTFOUND);
+    cr_assert_eq(store_get_model_parts(s, "a", 3, 1, &blob, &len, &err), AFF_ENOTFOUND);
+    cr_assert_eq(store_get_model_parts(s, "a", 9, 1, &blob, &len, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(len, 3);
+    free(blob);
+    cr_assert_eq(store_get_model_parts(s, "ab", 5, 1, &blob, &len, &err), AFF_OK, "%s", err.msg);
+    cr_assert_eq(len, 5);
+    free(blob);
+    /* a drop takes the collection's model and remaining parts with it */
+    cr_assert_eq(store_drop_collection(s, "a", NULL, &err), AFF_OK, "%s", err.msg);
+    add_collection(s, "a", 4);
+    cr_assert_eq(store_get_model_parts(s, "a", 9, 1, &blob, &len, &err), AFF_ENOTFOUND);
+    cr_assert_eq(store_get_model(s, "a", &blob, &len, &err), AFF_ENOTFOUND);
+    store_destroy(s);
+}

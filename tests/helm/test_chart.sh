@@ -364,9 +364,19 @@ check "replication: --log-token-file from the log Secret" arg_pair "$w" --log-to
 check "replication: --data-dir on the local emptyDir" arg_pair "$w" --data-dir /var/lib/affinity
 check "replication: the log Secret is mounted" in_block "$w" volumeMounts 'mountPath: /etc/affinity/log'
 check "replication: the chart creates the log Secret" has "$f" 'name: rel-affinity-log$'
+check "replication: --log-user from log.credentials.user" arg_pair "$w" --log-user affinity
+check "replication: --log-password-file from the log Secret" arg_pair "$w" --log-password-file /etc/affinity/log/password
+check "replication: the log Secret holds the password" has "$f" "password: \"$(printf ci-nats-password | base64)\""
+check "replication: --log-tls-ca from log.tls" arg_pair "$w" --log-tls-ca /etc/affinity/log-tls/ca.crt
+check "replication: --log-tls-cert for mutual TLS" arg_pair "$w" --log-tls-cert /etc/affinity/log-tls/tls.crt
+check "replication: --log-tls-key for mutual TLS" arg_pair "$w" --log-tls-key /etc/affinity/log-tls/tls.key
+check "replication: the log TLS Secret is mounted" in_block "$w" volumeMounts 'mountPath: /etc/affinity/log-tls'
+check "replication: the log TLS Secret is the existing one" has "$w" 'secretName: nats-client-tls'
 check "replication: readiness is the gRPC health probe (SERVING once caught up)" probes_are "$w" grpc
 refute "replication: log.enabled without log.urls is refused" "$helm_bin" template t "$chart" --set log.enabled=true
 refute "replication: log.ack other than applied|committed is refused" "$helm_bin" template t "$chart" --set log.enabled=true --set log.urls=nats://n:4222 --set log.ack=never
+refute "replication: log.credentials.user without a password is refused" "$helm_bin" template t "$chart" --set log.enabled=true --set log.urls=nats://n:4222 --set log.credentials.user=u
+refute "replication: log.tls.certKey without keyKey is refused" "$helm_bin" template t "$chart" --set log.enabled=true --set log.urls=nats://n:4222 --set log.tls.existingSecret=s --set log.tls.certKey=tls.crt
 refute "replication: log.bootstrapFrom without auth is refused" "$helm_bin" template t "$chart" --set log.enabled=true --set log.urls=nats://n:4222 --set log.bootstrapFrom=x:1
 
 dockerfile="$repo/Dockerfile"

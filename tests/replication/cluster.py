@@ -6,12 +6,17 @@ and a monitoring port each (the stream's leader is read from /jsz). Replica runs
 with --log on those servers and its own --data-dir. Clients use grpcio with message classes
 generated at test time (tests/interop/test_interop.py: generate_stubs).
 """
+import argparse
 import json
+import math
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -256,5 +261,81 @@ def retry_unavailable(fn, budget_s=30):
             time.sleep(0.1)
 
 
+def clean_up(work, ok, keep, replicas):
+    """Kills the replicas; keeps the work directory (and prints their logs) on failure or
+    with --keep, else removes it."""
+    replicas = [r for r in replicas if r]
+    for r in replicas:
+        r.kill()
+    if not ok or keep:
+        print("work directory kept:", work)
+        for r in replicas:
+            sys.stderr.write("---- %s ----\n%s\n" % (r.name, r.log_tail()))
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def stubs(proto_dir, out_dir):
     return generate_stubs(proto_dir, out_dir)
+
+
+class Setup:
+    """What a replication test starts from: its command line (--affinityd, --proto-dir,
+    --keep), the seed (SEED or the time, printed) and its rng, a work directory, generated
+    stubs and a Client, a started n-node NATS cluster and n replicas (not started yet)."""
+
+    def __init__(self, prefix, n=3, extra=()):
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--affinityd", required=True)
+        ap.add_argument("--proto-dir", required=True)
+        ap.add_argument("--keep", action="store_true", help="keep the work directory")
+        self.args = ap.parse_args()
+        self.seed = int(os.environ.get("SEED", time.time()))
+        print("seed", self.seed)
+        self.rng = random.Random(self.seed)
+        self.work = tempfile.mkdtemp(prefix=prefix)
+        self.pb, health = stubs(self.args.proto_dir, self.work)
+        self.client = Client(self.pb, health)
+        self.nats = NatsCluster(self.work, n)
+        self.nats.start_all()
+        self.replicas = [Replica(self.work, "r%d" % i, self.args.affinityd, self.nats.urls(),
+                                 extra=extra) for i in range(n)]
+
+    def start_replicas(self):
+        """Starts every replica and waits until each reports SERVING."""
+        t0 = time.time()
+        for r in self.replicas:
+            r.start()
+        for r in self.replicas:
+            self.client.wait_serving(r)
+        print("cluster up in %.1f s" % (time.time() - t0))
+
+    def stop_replicas(self):
+        """SIGTERM to every replica; asserts each exited with 0."""
+        rcs = [r.stop() for r in self.replicas]
+        assert rcs == [0] * len(rcs), rcs
+
+    def teardown(self, ok):
+        """Kills what still runs; removes the work directory after a pass (without --keep),
+        else names it."""
+        for r in self.replicas:
+            r.kill()
+        self.nats.stop_all()
+        if ok and not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+        else:
+            print("work directory kept:", self.work)
+
+
+def unit(rng, dim=8):
+    """A random unit vector of dim floats (the replication tests use 8)."""
+    v = [rng.gauss(0, 1) for _ in range(dim)]
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def fail(msg, replicas=()):
+    """Raises AssertionError(msg) after printing the replicas' log tails."""
+    for r in replicas:
+        sys.stderr.write("---- %s log ----\n%s\n" % (r.name, r.log_tail()))
+    raise AssertionError(msg)

@@ -11,7 +11,9 @@ on loopback, all started by this test.
 3. Read-your-writes: 1,000 PutEvents on one replica, each followed by a Recommend on another
    replica with min_log_sequence = the write's log_sequence: every answer comes from the
    user's profile and ranks the viewed item first.
-4. The log unreachable: writes answer UNAVAILABLE within their deadline, reads go on, and
+4. BatchRecommend requests carry min_log_sequence too (one beyond the log: UNAVAILABLE in
+   its place); experiments (CreateExperiment, StopExperiment) are the same on every replica.
+5. The log unreachable: writes answer UNAVAILABLE within their deadline, reads go on, and
    the replica recovers by itself when the log is back.
 
 Run by ctest (label e2e) as:
@@ -19,7 +21,6 @@ Run by ctest (label e2e) as:
         --proto-dir SOURCE/proto
 """
 import argparse
-import math
 import os
 import random
 import sys
@@ -29,7 +30,7 @@ import time
 
 import grpc
 
-from cluster import Client, NatsCluster, Replica, stubs
+from cluster import Client, NatsCluster, Replica, fail, stubs, unit
 
 DIM = 8
 N_ITEMS = 300
@@ -38,18 +39,6 @@ WRITES_PER_WRITER = 60
 EVENTS_PER_CALL = 5
 PAIRS = 1000
 COLL = "shop"
-
-
-def unit(rng):
-    v = [rng.gauss(0, 1) for _ in range(DIM)]
-    n = math.sqrt(sum(x * x for x in v))
-    return [x / n for x in v]
-
-
-def fail(msg, replicas=()):
-    for r in replicas:
-        sys.stderr.write("---- %s log ----\n%s\n" % (r.name, r.log_tail()))
-    raise AssertionError(msg)
 
 
 def retry_write(client, replicas, start, method, req, resp_cls, budget_s=60):
@@ -76,6 +65,120 @@ def retry_write(client, replicas, start, method, req, resp_cls, budget_s=60):
                 raise
             time.sleep(0.05)
     raise AssertionError("%s not acknowledged within %d s: %s" % (method, budget_s, last))
+
+
+def put_view(client, pb, replica, user, item, request_id):
+    return client.unary(replica, "PutEvents",
+                        pb.PutEventsRequest(collection=COLL, user_id=user,
+                                            events=[pb.Event(item_id=item,
+                                                             type=pb.EVENT_TYPE_VIEW)],
+                                            request_id=request_id),
+                        pb.PutEventsResponse)
+
+
+def batch_stream(client, replica, reqs, timeout=20):
+    fn = replica.channel.stream_stream(
+        "/affinity.v1.Affinity/BatchRecommend",
+        request_serializer=client.pb.RecommendRequest.SerializeToString,
+        response_deserializer=client.pb.RecommendResponse.FromString)
+    return list(fn(iter(reqs), timeout=timeout))
+
+
+def batch_read_your_writes(client, pb, replicas, rng, seed, far):
+    """PutEvents on one replica, then a BatchRecommend stream on another whose requests carry
+    the writes' log sequences: each answer sees its event; a request whose sequence is beyond
+    the log is answered UNAVAILABLE (error_code 14) after the bounded wait, in its place,
+    and the stream goes on."""
+    reqs, items = [], []
+    for n in range(30):
+        w = replicas[n % 3]
+        item = "i%03d" % rng.randrange(N_ITEMS)
+        user = "bryw-%d-%d" % (seed, n)
+        put = put_view(client, pb, w, user, item, "bryw-%d-%d" % (seed, n))
+        reqs.append(pb.RecommendRequest(collection=COLL, user_id=user, k=3,
+                                        request_id="q%d" % n,
+                                        min_log_sequence=put.log_sequence))
+        items.append(item)
+    reqs.insert(10, pb.RecommendRequest(collection=COLL, user_id="u0-0", k=3, request_id="far",
+                                        min_log_sequence=far))
+    # Right after: wants a later sequence, so it is answered at once (one bounded wait).
+    reqs.insert(11, pb.RecommendRequest(collection=COLL, user_id="u0-0", k=3,
+                                        request_id="farther", min_log_sequence=far + 1))
+    t1 = time.time()
+    answers = batch_stream(client, replicas[2], reqs)
+    waited = time.time() - t1
+    assert [a.request_id for a in answers] == [r.request_id for r in reqs], \
+        [a.request_id for a in answers]
+    far_answer, farther = answers.pop(10), answers.pop(10)
+    assert far_answer.error_code == 14 and not far_answer.hits, far_answer
+    assert "min_log_sequence %d is not applied" % far in far_answer.error_message, far_answer
+    # The second was not waited for: it carries the first wait's answer.
+    assert farther.error_code == 14 and farther.error_message == far_answer.error_message, \
+        farther
+    assert 2.5 <= waited <= 10, waited
+    for n, (a, item) in enumerate(zip(answers, items)):
+        assert a.error_code == 0, (n, a)
+        if a.source != pb.RECOMMEND_SOURCE_PROFILE or a.hits[0].id != item:
+            fail("BatchRecommend request %d: source %d, top %s, wanted %s" %
+                 (n, a.source, a.hits[0].id if a.hits else None, item), replicas)
+    print("BatchRecommend: 30 requests with min_log_sequence saw their events; two beyond "
+          "the log answered UNAVAILABLE in place after one wait, %.1f s" % waited)
+
+
+def experiments_replicated(client, pb, replicas, seed):
+    """CreateExperiment through one replica and StopExperiment through another: every replica
+    stores the same experiment (same creation and stop times: the record's time), assigns
+    every shopper the same arm, and reports the same results."""
+    exp_id = "exp-%d" % seed
+    e = pb.Experiment(id=exp_id, collection=COLL, surface="home",
+                      arms=[pb.ExperimentArm(name="a", share=0.5),
+                            pb.ExperimentArm(name="b", share=0.3),
+                            pb.ExperimentArm(name="c", share=0.2)])
+    created = client.unary(replicas[0], "CreateExperiment",
+                           pb.CreateExperimentRequest(experiment=e), pb.ExperimentResult)
+    seq = client.applied(replicas[0])
+    assert created.experiment.running and created.experiment.created_ms > 0, created
+    for r in replicas:
+        client.wait_applied(r, seq)
+    got = [client.unary(r, "GetExperiment", pb.GetExperimentRequest(id=exp_id),
+                        pb.ExperimentResult) for r in replicas]
+    assert got[0] == got[1] == got[2], got
+    assert got[0].experiment.created_ms == created.experiment.created_ms, (got[0], created)
+    arms = {}
+    for u in range(60):
+        user = "ryw-%d-%d" % (seed, u)
+        seen = []
+        for r in replicas:
+            rec = client.unary(r, "Recommend",
+                               pb.RecommendRequest(collection=COLL, user_id=user, k=3,
+                                                   surface="home"),
+                               pb.RecommendResponse)
+            seen.append((rec.experiment, rec.arm, [(h.id, h.score) for h in rec.hits]))
+        if not seen[0] == seen[1] == seen[2]:
+            fail("user %s: experiment arms differ between replicas: %s" % (user, seen), replicas)
+        assert seen[0][0] == exp_id, seen
+        arms[seen[0][1]] = arms.get(seen[0][1], 0) + 1
+    assert sorted(arms) == ["a", "b", "c"], arms
+    stopped = client.unary(replicas[1], "StopExperiment", pb.StopExperimentRequest(id=exp_id),
+                           pb.ExperimentResult)
+    assert not stopped.experiment.running and stopped.experiment.stopped_ms > 0, stopped
+    seq = client.applied(replicas[1])
+    for r in replicas:
+        client.wait_applied(r, seq)
+    got = [client.unary(r, "GetExperiment", pb.GetExperimentRequest(id=exp_id),
+                        pb.ExperimentResult) for r in replicas]
+    for g in got:
+        assert not g.experiment.running, g
+        assert g.experiment.stopped_ms == stopped.experiment.stopped_ms, (g, stopped)
+    assert got[0] == got[1] == got[2], got
+    for r in replicas:
+        rec = client.unary(r, "Recommend",
+                           pb.RecommendRequest(collection=COLL, user_id="ryw-%d-0" % seed, k=3,
+                                               surface="home"),
+                           pb.RecommendResponse)
+        assert rec.experiment == "" and rec.arm == "", (r.name, rec)
+    print("experiments through the log: created on r0, stopped on r1, identical on all "
+          "replicas; 60 shoppers got the same arm everywhere %s" % arms)
 
 
 def main():
@@ -110,7 +213,7 @@ def main():
                                                          request_id="create-1"),
                               pb.CreateCollectionResponse)
         assert resp.log_sequence > 0, resp
-        vectors = {"i%03d" % k: unit(rng) for k in range(N_ITEMS)}
+        vectors = {"i%03d" % k: unit(rng, DIM) for k in range(N_ITEMS)}
         items = [pb.Item(id=k, vector=v, category="c%d" % (int(k[1:]) % 7), price=1.0)
                  for k, v in sorted(vectors.items())]
         batches = [pb.UpsertItemsRequest(collection=COLL, items=items[j:j + 100],
@@ -208,7 +311,7 @@ def main():
             if tops[0] != tops[1] or tops[0] != tops[2]:
                 fail("Recommend(%s) differs: %s" % (user, tops), replicas)
         for q in range(10):
-            v = unit(rng)
+            v = unit(rng, DIM)
             tops = []
             for r in replicas:
                 s = client.unary(r, "Search",
@@ -249,12 +352,7 @@ def main():
             w, rd = replicas[n % 3], replicas[(n + 1) % 3]
             item = "i%03d" % rng.randrange(N_ITEMS)
             user = "ryw-%d-%d" % (seed, n)
-            put = client.unary(w, "PutEvents",
-                               pb.PutEventsRequest(collection=COLL, user_id=user,
-                                                   events=[pb.Event(item_id=item,
-                                                                    type=pb.EVENT_TYPE_VIEW)],
-                                                   request_id="ryw-%d-%d" % (seed, n)),
-                               pb.PutEventsResponse)
+            put = put_view(client, pb, w, user, item, "ryw-%d-%d" % (seed, n))
             assert put.applied_count == 1 and put.log_sequence > 0, put
             rec = client.unary(rd, "Recommend",
                                pb.RecommendRequest(collection=COLL, user_id=user, k=3,
@@ -280,6 +378,12 @@ def main():
             waited = time.time() - t1
             assert 2.5 <= waited <= 6, waited
         print("min_log_sequence beyond the log: UNAVAILABLE after %.1f s" % waited)
+
+        # ---- BatchRecommend honours min_log_sequence per request ----
+        batch_read_your_writes(client, pb, replicas, rng, seed, far)
+
+        # ---- experiments through the log: same experiment, same arms everywhere ----
+        experiments_replicated(client, pb, replicas, seed)
 
         # ---- the log unreachable: writes UNAVAILABLE in their deadline, reads go on ----
         for i in range(3):

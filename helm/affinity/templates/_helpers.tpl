@@ -132,6 +132,12 @@ httpGet:
 {{- if and .Values.log.enabled .Values.server.demo }}
 {{- fail "log.enabled and server.demo do not go together: load the demo shop through the API" }}
 {{- end }}
+{{- if and .Values.log.enabled .Values.log.credentials.user (not (or .Values.log.credentials.password (and .Values.log.credentials.existingSecret .Values.log.credentials.passwordKey))) }}
+{{- fail "log.credentials.user needs log.credentials.password or existingSecret with passwordKey" }}
+{{- end }}
+{{- if and .Values.log.enabled (not (eq (empty .Values.log.tls.certKey) (empty .Values.log.tls.keyKey))) }}
+{{- fail "log.tls.certKey and log.tls.keyKey go together (mutual TLS): give both or neither" }}
+{{- end }}
 {{- if and .Values.log.bootstrapFrom (not .Values.auth.enabled) }}
 {{- fail "log.bootstrapFrom needs auth.enabled (GetSnapshot needs the admin token)" }}
 {{- end }}
@@ -142,13 +148,14 @@ httpGet:
 
 {{/*
 The Secret holding the write log's NATS credentials: the existing one, the chart's own when
-it creates one (credentials.token set), or empty when the log uses no credentials.
+it creates one (credentials.token or credentials.password set), or empty when the log uses
+no credentials.
 */}}
 {{- define "affinity.logSecret" -}}
 {{- if .Values.log.enabled }}
 {{- if .Values.log.credentials.existingSecret }}
 {{- .Values.log.credentials.existingSecret }}
-{{- else if .Values.log.credentials.token }}
+{{- else if or .Values.log.credentials.token .Values.log.credentials.password }}
 {{- printf "%s-log" (include "affinity.fullname" .) }}
 {{- end }}
 {{- end }}
