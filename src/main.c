@@ -297,12 +297,6 @@ static int bootstrap(const aff_config *cfg, const char *token, aff_err *err)
     return 0;
 }
 
-/* replog_config.sync: one fsync for a batch of applied records. */
-static int sync_store(void *ctx)
-{
-    return store_sync(ctx, NULL);
-}
-
 /* A random id for this process in the write log's records (its own answers come back to
  * it). */
 static void make_origin(char *out, size_t size)
@@ -422,9 +416,9 @@ int main(int argc, char **argv)
 
     /* Storage first: a data dir that cannot be used (or is held by another process) stops
      * the start before anything listens. */
-    /* With --log the store is a replica of the log: commits skip fsync and the apply thread
-     * syncs once per batch of records before it reports them applied (replog.h); a machine
-     * crash in between is caught by check_boot_marker. */
+    /* With --log the store is a replica of the log: commits skip fsync (the stream holds
+     * the records durably; replog.h) and the store is flushed at a clean stop; a machine
+     * crash under a running replica is caught by check_boot_marker. */
     if (cfg.bootstrap_from[0] && bootstrap(&cfg, token, &err)) goto fail;
     store_config scfg = {.dir = cfg.data_dir[0] ? cfg.data_dir : NULL,
                          .no_sync = cfg.log_urls[0] != '\0'};
@@ -594,8 +588,8 @@ int main(int argc, char **argv)
                               .dedup_window_s = cfg.log_dedup_window_s,
                               .apply = transport_log_apply,
                               .apply_ctx = server,
-                              .sync = sync_store,
-                              .sync_ctx = store};
+                              .commit = transport_log_commit,
+                              .commit_ctx = server};
         /* A trained model goes through the log and is installed by every replica. */
         model_set_replication(model, transport_log_publish_model, transport_log_request_train,
                               server);

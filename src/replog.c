@@ -26,7 +26,8 @@
 #define REPLOG_POLL_MS      200  /* the apply thread's longest sleep between checks */
 #define REPLOG_STALL_MS     3000 /* behind the stream with nothing arriving: resubscribe */
 #define REPLOG_RETRY_MS     250
-#define REPLOG_BATCH        256  /* records applied before one sync */
+#define REPLOG_BATCH        256  /* records applied before they are reported applied */
+#define REPLOG_BATCH_MS     10   /* and at most this long after the batch's first record */
 #define REPLOG_REPORT_MS    5000 /* while unconnected: how often the reason is logged */
 #define REPLOG_ERASE_WAIT_MS 5000 /* erasure scan: longest wait for the next record */
 #define REPLOG_RETIRED_KEPT 4    /* replaced connections kept before they are destroyed */
@@ -54,6 +55,7 @@ struct aff_replog {
     atomic_bool stop;
     atomic_bool stream_ready;
     atomic_bool needs_bootstrap;
+    atomic_bool halted; /* a batch could not be committed: nothing more is applied */
     char marker_subject[160]; /* "<stream>.t": truncation markers */
     _Atomic uint64_t applied;
     _Atomic uint64_t last_known;
@@ -158,20 +160,27 @@ static natsSubscription *subscribe(aff_replog *log)
     return sub;
 }
 
-/* Syncs the applied batch (retrying until it succeeds: records must not count as applied
- * before they are durable) and publishes its last sequence. */
+/* Commits the batch (cfg.commit) and publishes its last sequence as applied. No fsync here:
+ * the records are durable in the stream, their writes and sequence are committed together in
+ * the store (the OS holds them when the process dies), and a store a machine crash may have
+ * torn is refused at start (docs/replication.md, "Local durability"). When the commit fails
+ * nothing more is applied (log->halted) and health reports NOT_SERVING. */
 static void finish_batch(aff_replog *log, uint64_t *last, uint32_t *n)
 {
-    while (log->cfg.sync && log->cfg.sync(log->cfg.sync_ctx) != 0 && !atomic_load(&log->stop)) {
-        aff_log(AFF_LOG_ERROR, "write log: cannot sync the store; retrying");
-        sleep_ms(REPLOG_RETRY_MS);
+    *n = 0;
+    if (log->cfg.commit && log->cfg.commit(log->cfg.commit_ctx) != 0) {
+        aff_log(AFF_LOG_ERROR, "write log: applied records could not be committed to the store; "
+                               "this replica stops applying (restart it: it resumes from its "
+                               "last committed record)");
+        atomic_store(&log->halted, true);
+        atomic_store(&log->needs_bootstrap, true);
+        return;
     }
     pthread_mutex_lock(&log->mu);
     atomic_store(&log->applied, *last);
     pthread_cond_broadcast(&log->cv);
     pthread_mutex_unlock(&log->mu);
     raise_last_known(log, *last);
-    *n = 0;
 }
 
 /* Whether the stream was truncated past `next` (the first sequence not applied here): the
@@ -274,10 +283,17 @@ static void *apply_thread(void *arg)
     aff_replog *log = arg;
     natsSubscription *sub = NULL;
     int64_t last_progress = mono_ms();
-    uint64_t batch_last = 0; /* applied, not yet synced */
+    uint64_t batch_last = 0; /* applied, not yet committed */
     uint32_t batch_n = 0;
+    int64_t batch_start = 0; /* when the batch's first record was taken */
     int64_t last_report = 0;
     while (!atomic_load(&log->stop)) {
+        if (atomic_load(&log->halted)) {
+            natsSubscription_Destroy(sub);
+            sub = NULL;
+            sleep_ms(REPLOG_POLL_MS);
+            continue;
+        }
         if (!atomic_load(&log->stream_ready)) {
             if (natsConnection_Status(log->nc) != NATS_CONN_STATUS_CONNECTED ||
                 !ensure_stream(log)) {
@@ -325,6 +341,7 @@ static void *apply_thread(void *arg)
         }
         uint64_t seq = meta->Sequence.Stream;
         jsMsgMetaData_Destroy(meta);
+        if (!batch_n) batch_start = mono_ms();
         uint64_t expected = (batch_last > atomic_load(&log->applied) ? batch_last
                                                                      : atomic_load(&log->applied)) +
                             1;
@@ -359,9 +376,9 @@ static void *apply_thread(void *arg)
         }
         natsMsg_Destroy(msg);
         int pending = 0;
-        if (batch_n < REPLOG_BATCH && natsSubscription_GetPending(sub, &pending, NULL) == NATS_OK &&
-            pending > 0)
-            continue; /* more records waiting: one sync for all of them */
+        if (batch_n < REPLOG_BATCH && mono_ms() - batch_start < REPLOG_BATCH_MS &&
+            natsSubscription_GetPending(sub, &pending, NULL) == NATS_OK && pending > 0)
+            continue; /* more records waiting: one commit for all of them, within 10 ms */
         if (batch_n) finish_batch(log, &batch_last, &batch_n);
     }
     if (batch_n) finish_batch(log, &batch_last, &batch_n);

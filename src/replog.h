@@ -11,9 +11,11 @@
  *
  * Applying: one thread consumes the stream in order from the sequence after `start_sequence`
  * with an ordered consumer and calls apply(ctx, seq, bytes, len) for each record; after a
- * batch (the records already waiting, at most REPLOG_BATCH) it calls sync once and then
- * publishes the batch's last `seq` as applied (replog_applied, replog_wait_applied). The callback makes the
- * record durable itself (store_set_log_sequence puts seq into the same LMDB transaction). On
+ * batch (the records already waiting, at most REPLOG_BATCH and 10 ms from its first) it
+ * calls commit once and then publishes the batch's last `seq` as applied (replog_applied,
+ * replog_wait_applied). The
+ * records' writes carry their sequence (store_set_log_sequence puts seq into the same LMDB
+ * transaction); the stream, not the local store, is what makes them durable (no fsync). On
  * any failure (connection lost, leader lost, consumer gone) the thread waits and resumes from
  * the last applied sequence; it never stops before replog_destroy.
  */
@@ -47,11 +49,12 @@ typedef struct replog_config {
     uint32_t dedup_window_s; /* the stream's duplicate window; default 120 */
     replog_apply_fn apply;
     void *apply_ctx;
-    /* Makes the records applied so far durable (one fsync for a batch); runs on the apply
-     * thread after a batch (up to REPLOG_BATCH records already waiting, or one), before
-     * they count as applied. Non-zero: retried before anything more is applied. NULL: none. */
-    int (*sync)(void *ctx);
-    void *sync_ctx;
+    /* Commits the records applied so far (the store's apply batch); runs on the apply thread
+     * after a batch (the records already waiting, up to REPLOG_BATCH and 10 ms), before they
+     * count as applied. Non-zero: the thread applies nothing more and replog_needs_bootstrap turns
+     * true (a restart resumes from the last committed record). NULL: none. */
+    int (*commit)(void *ctx);
+    void *commit_ctx;
 } replog_config;
 
 /* Connects (retrying in the background when no server answers yet), creates the stream when
@@ -91,8 +94,10 @@ typedef bool (*replog_match_fn)(void *ctx, const uint8_t *data, size_t len);
  * (docs/replication.md, Erasure). */
 int replog_erase_records(aff_replog *log, const char *subject_suffix, uint64_t below,
                          replog_match_fn match, void *ctx, uint64_t *n_erased, aff_err *err);
-/* True when records this replica had not applied were truncated away: it stops applying
- * and must be restarted with --bootstrap-from (health reports NOT_SERVING). */
+/* True when this replica stopped applying and must be restarted (health reports
+ * NOT_SERVING): records it had not applied were truncated away (restart it with
+ * --bootstrap-from), or applied records could not be committed to its store (a plain restart
+ * resumes from the last committed record). */
 bool replog_needs_bootstrap(const aff_replog *log);
 /* True once the stream was found or created (it may still be electing a leader). */
 bool replog_stream_ready(const aff_replog *log);

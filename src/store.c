@@ -77,6 +77,8 @@
 #define STORE_KEY_MAX          511
 #define STORE_REBUILD_BATCH    4096
 #define STORE_GROUP_MAX        64 /* writes committed together at most */
+#define STORE_BATCH_MAX        8  /* store_update calls in one apply batch's transaction */
+#define STORE_BATCH_HEADROOM   (256ull << 20) /* free map bytes ensured before a batch opens */
 
 enum {
     DB_META,
@@ -116,10 +118,12 @@ struct aff_store {
     pthread_rwlock_t resize_lock;
     bool resize_lock_ready;
     bool persistent;
+    bool no_sync; /* commits skip fsync (store_config.no_sync) */
     int lock_fd;
     _Atomic uint64_t commits;
     _Atomic uint64_t writes;
     _Atomic uint64_t grows;
+    atomic_bool batch_failed; /* an apply batch could not be committed: writes refused */
     /* Group commit: writers queue here; one leader at a time runs the queue. */
     pthread_mutex_t gc_mu;
     pthread_cond_t gc_cv;
@@ -131,6 +135,7 @@ struct store_txn {
     aff_store *s;
     MDB_txn *txn;
     int mdb_rc; /* the first LMDB failure inside the callback; 0 when none */
+    bool wrote; /* a put or delete was made (apply batches: a failure after one poisons) */
 };
 
 /* ---- errors ---------------------------------------------------------------------------- */
@@ -765,8 +770,142 @@ static void run_group(aff_store *s, write_req *group)
     }
 }
 
+/* ---- apply batches (replication) -------------------------------------------------------- */
+
+/* The calling thread's apply batch: store_update calls made between store_batch_begin and
+ * store_batch_end run in one write transaction, opened at the first of them. */
+typedef struct apply_batch {
+    aff_store *s;    /* non-NULL between begin and end */
+    store_txn t;     /* t.txn: NULL until the first write */
+    uint32_t writes; /* store_update calls run in t */
+    uint64_t seq;    /* the highest log sequence among them */
+    aff_err failure; /* set when a callback or LMDB failed inside the batch */
+    bool failed;
+} apply_batch;
+
+static _Thread_local apply_batch tls_batch;
+
+static int batch_refused(aff_err *err)
+{
+    return aff__fail(err, AFF_EIO,
+                     "store: an apply batch could not be committed; this replica stopped "
+                     "applying the write log (restart it: it resumes from its last committed "
+                     "record)");
+}
+
+/* Commits the open transaction of the batch (if any) with its log sequence. */
+static int batch_commit(apply_batch *b, aff_err *err)
+{
+    aff_store *s = b->s;
+    if (!b->t.txn) return b->failed ? batch_refused(err) : AFF_OK;
+    int status = AFF_OK;
+    if (b->failed) {
+        mdb_txn_abort(b->t.txn);
+        status = aff__fail(err, b->failure.code ? b->failure.code : AFF_EIO, "%s",
+                           b->failure.msg);
+    } else {
+        write_req last = {.status = AFF_OK, .log_sequence = b->seq};
+        put_log_sequence(&b->t, &last);
+        int rc = b->t.mdb_rc ? b->t.mdb_rc : mdb_txn_commit(b->t.txn);
+        if (b->t.mdb_rc) mdb_txn_abort(b->t.txn);
+        if (rc) {
+            status = mdb_fail(NULL, err, rc, "commit of an apply batch");
+        } else {
+            atomic_fetch_add(&s->commits, 1);
+            atomic_fetch_add(&s->writes, b->writes);
+        }
+    }
+    pthread_rwlock_unlock(&s->resize_lock);
+    b->t = (store_txn){.s = s};
+    b->writes = 0;
+    b->seq = 0;
+    if (status) atomic_store(&s->batch_failed, true);
+    return status;
+}
+
+/* Opens the batch's transaction; first grows the map so that a batch (at most
+ * STORE_BATCH_MAX writes) cannot fill it: a write inside a batch cannot be undone alone. */
+static int batch_open(apply_batch *b, aff_err *err)
+{
+    aff_store *s = b->s;
+    for (;;) {
+        MDB_envinfo info;
+        MDB_stat st;
+        pthread_rwlock_rdlock(&s->resize_lock);
+        mdb_env_info(s->env, &info);
+        mdb_env_stat(s->env, &st);
+        uint64_t used = ((uint64_t)info.me_last_pgno + 1) * st.ms_psize;
+        uint64_t size = info.me_mapsize;
+        uint64_t room = size / 8 > STORE_BATCH_HEADROOM ? size / 8 : STORE_BATCH_HEADROOM;
+        if (used + room <= size) break;
+        pthread_rwlock_unlock(&s->resize_lock);
+        int status = store_grow(s, size, err);
+        if (status) return status;
+    }
+    int rc = mdb_txn_begin(s->env, NULL, 0, &b->t.txn);
+    if (rc) {
+        pthread_rwlock_unlock(&s->resize_lock);
+        b->t.txn = NULL;
+        return mdb_fail(NULL, err, rc, "begin an apply batch");
+    }
+    b->t.mdb_rc = 0;
+    return AFF_OK;
+}
+
+/* store_update inside the calling thread's batch. */
+static int batch_update(apply_batch *b, store_txn_fn fn, void *ctx, aff_err *err)
+{
+    if (b->failed || atomic_load(&b->s->batch_failed)) return batch_refused(err);
+    int status;
+    if (b->t.txn && b->writes >= STORE_BATCH_MAX && (status = batch_commit(b, err)))
+        return status;
+    if (!b->t.txn && (status = batch_open(b, err))) {
+        atomic_store(&b->s->batch_failed, true);
+        return status;
+    }
+    aff_err e = {0};
+    b->t.wrote = false;
+    status = fn(&b->t, ctx, &e);
+    if (status == AFF_OK && b->t.mdb_rc) status = mdb_fail(NULL, &e, b->t.mdb_rc, "write");
+    if (status && !b->t.wrote && !b->t.mdb_rc) { /* refused before writing: nothing to undo */
+        if (err) *err = e;
+        return status;
+    }
+    if (status) {
+        /* Its writes cannot be taken out of the shared transaction: the batch is dropped, and
+         * with it every write since the last commit, which the modules' memory already holds.
+         * The replica stops applying (store_batch_end fails) and a restart re-applies them. */
+        b->failed = true;
+        b->failure = e;
+        atomic_store(&b->s->batch_failed, true);
+        aff_log_kv(AFF_LOG_ERROR, "store: a write failed inside an apply batch; the replica stops "
+                   "applying the write log", "error", e.msg, NULL);
+        if (err) *err = e;
+        return status;
+    }
+    b->writes++;
+    if (tls_log_sequence > b->seq) b->seq = tls_log_sequence;
+    return AFF_OK;
+}
+
+void store_batch_begin(aff_store *s)
+{
+    if (!tls_batch.s) tls_batch = (apply_batch){.s = s, .t = {.s = s}};
+}
+
+int store_batch_end(aff_store *s, aff_err *err)
+{
+    apply_batch *b = &tls_batch;
+    if (!b->s) return atomic_load(&s->batch_failed) ? batch_refused(err) : AFF_OK;
+    int status = batch_commit(b, err);
+    tls_batch = (apply_batch){0};
+    return status;
+}
+
 int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
 {
+    if (tls_batch.s == s) return batch_update(&tls_batch, fn, ctx, err);
+    if (atomic_load(&s->batch_failed)) return batch_refused(err);
     write_req req = {.fn = fn, .ctx = ctx, .log_sequence = tls_log_sequence};
     pthread_mutex_lock(&s->gc_mu);
     if (s->gc_tail)
@@ -807,6 +946,9 @@ int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
 
 int store_view(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err)
 {
+    /* Inside an apply batch this thread reads its own uncommitted writes, as it would have
+     * read them committed one by one. */
+    if (tls_batch.s == s && tls_batch.t.txn) return fn(&tls_batch.t, ctx, err);
     for (;;) {
         pthread_rwlock_rdlock(&s->resize_lock);
         store_txn t = {.s = s};
@@ -846,6 +988,7 @@ static int db_reserve(store_txn *t, int db, const key_buf *k, size_t size, uint8
                       aff_err *err)
 {
     MDB_val key = kb_val(k), v = {.mv_size = size, .mv_data = NULL};
+    t->wrote = true;
     int rc = mdb_put(t->txn, t->s->dbi[db], &key, &v, MDB_RESERVE);
     if (rc) return mdb_fail(t, err, rc, "write");
     *dst = v.mv_data;
@@ -856,6 +999,7 @@ static int db_reserve(store_txn *t, int db, const key_buf *k, size_t size, uint8
 static int db_del(store_txn *t, int db, const key_buf *k, bool *existed, aff_err *err)
 {
     MDB_val key = kb_val(k);
+    t->wrote = true;
     int rc = mdb_del(t->txn, t->s->dbi[db], &key, NULL);
     if (existed) *existed = rc == 0;
     if (rc == MDB_NOTFOUND) return AFF_OK;
@@ -902,6 +1046,7 @@ static int del_prefix(store_txn *t, int db, const key_buf *prefix, uint64_t *n_d
         MDB_val k = kb_val(prefix), v;
         rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
         if (rc == MDB_NOTFOUND || (rc == 0 && !has_prefix(&k, prefix))) break;
+        t->wrote = true;
         if (rc == 0) rc = mdb_cursor_del(cur, 0);
         if (rc) {
             status = mdb_fail(t, err, rc, "delete range");
@@ -969,6 +1114,7 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
     if (!s) return aff__fail(err, AFF_ENOMEM, "store: out of memory");
     s->lock_fd = -1;
     s->persistent = cfg->dir != NULL;
+    s->no_sync = cfg->no_sync;
 
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
@@ -1029,6 +1175,12 @@ int store_create(aff_store **out, const store_config *cfg, aff_err *err)
     mdb_env_set_maxreaders(s->env, cfg->max_readers ? cfg->max_readers : STORE_DEFAULT_READERS);
     unsigned flags = MDB_NOTLS;
     if (cfg->no_sync || !cfg->dir) flags |= MDB_NOSYNC | MDB_NOMETASYNC;
+    /* A persistent store without fsync (a replica of the write log) is written in place:
+     * a commit then makes no write system call (the dirty pages are already in the map) and
+     * the kernel writes each page back once, not once per commit. LMDB extends data.mdb to
+     * the map size (a sparse file). Not for in-memory mode, which keeps its temporary file
+     * small. */
+    if (cfg->no_sync && cfg->dir) flags |= MDB_WRITEMAP;
     rc = mdb_env_open(s->env, path, flags, 0644);
     if (rc) {
         status = aff__fail(err, AFF_EIO, "store: cannot open the store in %s: %s", path,
@@ -1067,6 +1219,9 @@ out:
 void store_destroy(aff_store *s)
 {
     if (!s) return;
+    /* A store opened with no_sync is flushed once here: a clean stop leaves it on disk. */
+    if (s->env && s->persistent && s->no_sync && mdb_env_sync(s->env, 1))
+        aff_log(AFF_LOG_ERROR, "store: cannot flush the store to disk at close");
     if (s->env) mdb_env_close(s->env);
     if (s->lock_fd >= 0) close(s->lock_fd); /* releases the flock */
     if (s->resize_lock_ready) {
@@ -1115,6 +1270,7 @@ static int put_collection_raw(store_txn *t, const store_collection *c, aff_err *
 {
     MDB_val k = {.mv_size = strlen(c->name), .mv_data = (void *)c->name};
     MDB_val v = {.mv_size = COLLECTION_SIZE};
+    t->wrote = true;
     int rc = mdb_put(t->txn, t->s->dbi[DB_COLLECTIONS], &k, &v, MDB_RESERVE);
     if (rc) return mdb_fail(t, err, rc, "write collection");
     encode_collection(v.mv_data, c);

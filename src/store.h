@@ -52,7 +52,10 @@ typedef struct store_config {
     const char *dir;           /* created if missing (one level); NULL: in-memory mode */
     uint64_t initial_map_size; /* bytes; 0 = 256 MiB. Only a lower bound: it grows as needed */
     uint32_t max_readers;      /* concurrent read transactions; 0 = 1024 */
-    bool no_sync;              /* skip fsync on commit: not durable (benchmarks, tests) */
+    bool no_sync;              /* skip fsync on commit: not durable (benchmarks, tests, a
+                                * replica of the write log); with dir, the map is written in
+                                * place (MDB_WRITEMAP: data.mdb is as large as the map, sparse)
+                                * and store_destroy flushes it once */
 } store_config;
 
 /* Opens (creating if needed) the store in cfg->dir. AFF_EIO with the OS reason when the
@@ -92,6 +95,23 @@ int store_update(aff_store *s, store_txn_fn fn, void *ctx, aff_err *err);
  * 0: writes carry no sequence (single-node mode, and every thread but the log's apply
  * thread). */
 void store_set_log_sequence(uint64_t seq);
+/* Replication: an apply batch. Between store_batch_begin and store_batch_end, the
+ * store_update calls made on the calling thread run in one write transaction (opened at the
+ * first, committed after every STORE_BATCH_MAX of them and at store_batch_end, with the
+ * highest store_set_log_sequence among them), so the pages that consecutive records share
+ * (popularity, branch pages) are copied and committed once per batch, not once per record;
+ * store_view on this thread reads the batch's uncommitted writes. Other threads' writes wait
+ * for the batch's commit. A callback that fails after writing cannot be undone alone: the
+ * whole uncommitted batch is dropped and every later write of this store fails (AFF_EIO)
+ * until a restart, which re-applies the dropped records from the log; one that fails before
+ * writing just returns its error. The map is grown before a batch opens so that a batch does
+ * not fill it. Only for callers whose other locks no thread holds while writing to the store
+ * (the log's apply thread, for PutEvents records). store_batch_begin on a thread with an open
+ * batch is a no-op. */
+void store_batch_begin(aff_store *s);
+/* Commits the calling thread's batch and ends it; an error when the batch (or an earlier
+ * one) failed or the commit did. No batch open: 0 unless an earlier batch failed. */
+int store_batch_end(aff_store *s, aff_err *err);
 /* Writes a consistent, compact copy of the whole store to path (one LMDB file), synced;
  * *seq: the log sequence applied in that copy (0 without --log). A replica started on the
  * copy (as <data-dir>/data.mdb) replays the log from seq + 1. The copy is rebuilt record by
@@ -99,8 +119,8 @@ void store_set_log_sequence(uint64_t seq);
  * of deleted records (free gaps, branch separator keys), and an erased user must not be
  * readable from a snapshot. Runs beside readers and writers. On failure path is removed. */
 int store_snapshot(aff_store *s, const char *path, uint64_t *seq, aff_err *err);
-/* Flushes every commit so far to disk (for stores opened with no_sync: a replica applying
- * the write log syncs once per batch of records, before it reports them applied). */
+/* Flushes every commit so far to disk (for stores opened with no_sync, which store_destroy
+ * also flushes once). */
 int store_sync(aff_store *s, aff_err *err);
 /* Records seq as applied in a commit of its own (a record that wrote nothing). */
 int store_mark_log_sequence(aff_store *s, uint64_t seq, aff_err *err);

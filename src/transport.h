@@ -81,6 +81,11 @@ void transport_set_log(transport *t, aff_replog *log);
  * and applies it with the handler single-node mode runs (transport_log.c). Needs
  * cfg.log_origin set at creation. */
 void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t len);
+/* The write log's commit callback (replog_config.commit), ctx the transport: commits the
+ * store's apply batch (store_batch_end) and records the apply lag of the records it made
+ * visible (record stamp -> now; GetServerInfo log_apply_lag_*). Non-zero when the commit
+ * failed. */
+int transport_log_commit(void *ctx);
 /* model_config.publish with --log (ctx the transport, with the log set): puts a trained
  * model's blob through the write log as ModelPart records of at most 512 KiB and one
  * ModelCommit, retrying each while the log is unavailable (up to 2 minutes, not while the

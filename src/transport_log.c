@@ -41,6 +41,7 @@
 #define LOG_RECORD_VERSION   1
 #define LOG_RESULTS          1024 /* answers kept for this replica's own records */
 #define LOG_LAGS             4096 /* apply lags kept for GetServerInfo */
+#define LOG_UNCOMMITTED      512  /* ≥ the log's batch (REPLOG_BATCH records) */
 #define LOG_USER_BUCKETS     64   /* user-keyed subjects "u.<bucket>" (per-bucket purges) */
 #define FIELD_REQUEST_ID     110
 #define FIELD_LOG_SEQUENCE   110
@@ -59,6 +60,10 @@ typedef struct tlog_results {
     } slot[LOG_RESULTS];
     double lag_ms[LOG_LAGS]; /* the last records' apply lags (apply thread writes) */
     uint64_t n_lags;
+    /* Stamps of the records applied since the last commit: their lag is measured when they
+     * become visible (transport_log_commit), not when their handler returned. Apply thread. */
+    int64_t uncommitted[LOG_UNCOMMITTED];
+    uint32_t n_uncommitted;
 } tlog_results;
 
 int transport__log_init(transport *t)
@@ -589,6 +594,21 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
         if (rec) affinity__v1__log_record__free_unpacked(rec, NULL);
         return;
     }
+    /* PutEvents records (most of the log) share the store's apply batch: one transaction for
+     * consecutive ones, committed by the log (replog_config.commit). Its locks (widgets,
+     * outcomes, experiments, model counters) are never held by a thread that writes to the
+     * store, so holding the store's write transaction across them cannot deadlock. Any other
+     * record commits the batch first and runs alone, as in single-node mode. */
+    if (t->cfg.store) {
+        if (strcmp(rec->method, "PutEvents") == 0) {
+            store_batch_begin(t->cfg.store);
+        } else {
+            aff_err berr;
+            if (store_batch_end(t->cfg.store, &berr))
+                aff_log_kv(AFF_LOG_ERROR, "write log: apply batch not committed", "sequence",
+                           seqs, "error", berr.msg, NULL);
+        }
+    }
     if (strcmp(rec->method, RETAIN_METHOD) == 0) {
         apply_retention(t, rec, seq);
         affinity__v1__log_record__free_unpacked(rec, NULL);
@@ -628,10 +648,14 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
         cap.code = GRPC_STATUS_INTERNAL;
         snprintf(cap.msg, sizeof cap.msg, "the write was not answered while applied");
     }
-    double lag = (double)(wall_ms() - rec->time_ms);
-    pthread_mutex_lock(&t->log_results->mu);
-    t->log_results->lag_ms[t->log_results->n_lags++ % LOG_LAGS] = lag;
-    pthread_mutex_unlock(&t->log_results->mu);
+    tlog_results *r = t->log_results;
+    if (r->n_uncommitted < LOG_UNCOMMITTED) {
+        r->uncommitted[r->n_uncommitted++] = rec->time_ms;
+    } else { /* cannot happen with REPLOG_BATCH ≤ LOG_UNCOMMITTED; measured now */
+        pthread_mutex_lock(&r->mu);
+        r->lag_ms[r->n_lags++ % LOG_LAGS] = (double)(wall_ms() - rec->time_ms);
+        pthread_mutex_unlock(&r->mu);
+    }
     if (call.log_own)
         put_result(t, seq, &cap);
     else
@@ -639,6 +663,22 @@ void transport_log_apply(void *ctx, uint64_t seq, const uint8_t *data, size_t le
 out:
     if (req) protobuf_c_message_free_unpacked(req, NULL);
     affinity__v1__log_record__free_unpacked(rec, NULL);
+}
+
+int transport_log_commit(void *ctx)
+{
+    transport *t = ctx;
+    aff_err err;
+    int rc = t->cfg.store ? store_batch_end(t->cfg.store, &err) : 0;
+    if (rc) aff_log_kv(AFF_LOG_ERROR, "write log: apply batch not committed", "error", err.msg, NULL);
+    tlog_results *r = t->log_results;
+    int64_t now = wall_ms();
+    pthread_mutex_lock(&r->mu);
+    for (uint32_t i = 0; !rc && i < r->n_uncommitted; i++)
+        r->lag_ms[r->n_lags++ % LOG_LAGS] = (double)(now - r->uncommitted[i]);
+    pthread_mutex_unlock(&r->mu);
+    r->n_uncommitted = 0;
+    return rc;
 }
 
 /* ---- GetSnapshot: a consistent copy of the store, streamed in chunks ------------------------- */

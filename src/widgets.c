@@ -15,6 +15,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "log.h"
 #include "strmap.h"
@@ -32,12 +35,12 @@ typedef struct wevent {
 #define EV_SEQ(e)  ((e)->seq_kind >> 8)
 #define EV_KIND(e) ((int)((e)->seq_kind & 0xff))
 
-typedef struct nbr {
-    uint32_t item, count;
-} nbr;
-
+/* An item's neighbours in one table: item[k] was in count[k] baskets with it. The ids and
+ * the counts are two arrays in one allocation (count = item + cap), so the search for a
+ * neighbour (the widgets' hottest loop, once per pair of basket events) reads 4 bytes per
+ * entry. */
 typedef struct nbr_list {
-    nbr *v;
+    uint32_t *item, *count;
     uint32_t n, cap;
 } nbr_list;
 
@@ -215,7 +218,7 @@ static void coll_clear(wcoll *c)
 {
     for (uint32_t i = 0; i < c->n_items; i++) {
         for (int t = 0; t < N_TABLES; t++)
-            free(c->it[i].nb[t].v);
+            free(c->it[i].nb[t].item);
         free(c->it[i].iv);
     }
     for (uint32_t u = 0; u < c->n_us; u++)
@@ -336,9 +339,16 @@ static uint32_t basket_of(const aff_widgets *w, const store_event *e, int kind)
     const char *v = NULL;
     if (kind == K_PURCHASE && (v = context_value(e, w->order_key))) return hash32("o", v);
     if ((v = context_value(e, w->session_key))) return hash32("s", v);
-    char b[32];
-    snprintf(b, sizeof b, "%lld", (long long)(e->ts_ms / w->cfg.window_ms));
-    return hash32("t", b);
+    /* The bucket number in decimal (what "%lld" writes), without snprintf: once per event. */
+    long long t = (long long)(e->ts_ms / w->cfg.window_ms);
+    char b[32], *p = b + sizeof b;
+    unsigned long long u = t < 0 ? 0ull - (unsigned long long)t : (unsigned long long)t;
+    *--p = '\0';
+    do
+        *--p = (char)('0' + u % 10);
+    while (u /= 10);
+    if (t < 0) *--p = '-';
+    return hash32("t", p);
 }
 
 static int kind_of(const char *type)
@@ -428,41 +438,73 @@ static void rebase(const aff_widgets *w, wcoll *c, int64_t ts)
     c->base_ms = ts;
 }
 
+/* Removes entry k (the last one takes its place). */
+static void nbr_remove(nbr_list *l, uint32_t k)
+{
+    l->n--;
+    l->item[k] = l->item[l->n];
+    l->count[k] = l->count[l->n];
+}
+
 /* Records a new neighbour (not in the list) under the cap. */
 static void nbr_insert(const aff_widgets *w, nbr_list *l, uint32_t other)
 {
     if (l->n == l->cap && l->cap < w->cfg.max_neighbours) {
         uint32_t cap = l->cap ? 2 * l->cap : 4;
         if (cap > w->cfg.max_neighbours) cap = w->cfg.max_neighbours;
-        nbr *n = realloc(l->v, (size_t)cap * sizeof *n);
-        if (!n) return; /* not recorded: as if capped */
-        l->v = n;
+        uint32_t *v = malloc(2 * (size_t)cap * sizeof *v);
+        if (!v) return; /* not recorded: as if capped */
+        if (l->n) {
+            memcpy(v, l->item, l->n * sizeof *v);
+            memcpy(v + cap, l->count, l->n * sizeof *v);
+        }
+        free(l->item);
+        l->item = v;
+        l->count = v + cap;
         l->cap = cap;
     }
     if (l->n < l->cap) {
-        l->v[l->n++] = (nbr){other, 1};
+        l->item[l->n] = other;
+        l->count[l->n++] = 1;
         return;
     }
     for (uint32_t i = l->n; i-- > 0;) {
-        if (l->v[i].count == 1) { /* replace a neighbour seen once */
-            l->v[i] = (nbr){other, 1};
+        if (l->count[i] == 1) { /* replace a neighbour seen once */
+            l->item[i] = other;
             return;
         }
     }
 }
 
+/* The first index of `other` in l, or l->n. With SSE2, four entries per compare (this search
+ * runs once per pair of basket events: the widgets' hottest loop). */
+static uint32_t nbr_find(const nbr_list *l, uint32_t other)
+{
+    const uint32_t *v = l->item;
+    uint32_t n = l->n, i = 0;
+#ifdef __SSE2__
+    const __m128i key = _mm_set1_epi32((int)other);
+    for (; i + 8 <= n; i += 8) {
+        __m128i a = _mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(v + i)), key);
+        __m128i b = _mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(v + i + 4)), key);
+        if (_mm_movemask_epi8(_mm_or_si128(a, b))) break;
+    }
+#endif
+    for (; i < n; i++)
+        if (v[i] == other) return i;
+    return n;
+}
+
 static void nbr_add(const aff_widgets *w, nbr_list *l, uint32_t other, int sign)
 {
-    for (uint32_t i = 0; i < l->n; i++) {
-        if (l->v[i].item != other) continue;
-        if (sign > 0) {
-            l->v[i].count++;
-        } else if (--l->v[i].count == 0) {
-            l->v[i] = l->v[--l->n];
-        }
-        return;
+    uint32_t i = nbr_find(l, other);
+    if (i == l->n) {
+        if (sign > 0) nbr_insert(w, l, other); /* else: pushed out by the cap earlier */
+    } else if (sign > 0) {
+        l->count[i]++;
+    } else if (--l->count[i] == 0) {
+        nbr_remove(l, i);
     }
-    if (sign > 0) nbr_insert(w, l, other); /* else: pushed out by the cap earlier */
 }
 
 static int iv_cmp(const void *a, const void *b)
@@ -528,21 +570,23 @@ static void cooc_terms(const aff_widgets *w, wcoll *c, const wuser *u, uint32_t 
     /* The item's own list: one pass over it for the pairs it holds, then the new ones. */
     nbr_list *l = &a->nb[t];
     for (uint32_t k = 0; k < l->n;) {
-        uint32_t x = l->v[k].item;
+        uint32_t x = l->item[k];
         if (c->mark[x] != ep || c->seen[x] == ep) {
             k++;
             continue;
         }
         c->seen[x] = ep;
         if (sign > 0)
-            l->v[k++].count++;
-        else if (--l->v[k].count > 0)
+            l->count[k++]++;
+        else if (--l->count[k] > 0)
             k++;
         else
-            l->v[k] = l->v[--l->n]; /* look at the moved entry next */
+            nbr_remove(l, k); /* look at the moved entry next */
     }
     for (uint32_t j = 0; j < n; j++) {
         uint32_t x = c->scratch[j];
+        if (j + 1 < n) __builtin_prefetch(c->it[c->scratch[j + 1]].nb[t].item);
+        if (j + 2 < n) __builtin_prefetch(&c->it[c->scratch[j + 2]].nb[t]);
         if (sign > 0 && c->seen[x] != ep) nbr_insert(w, l, x);
         nbr_add(w, &c->it[x].nb[t], e->item, sign);
     }
@@ -956,13 +1000,13 @@ static int cooc_candidates(const aff_widgets *w, const wcoll *c, int t, const wi
     uint32_t n = 0;
     for (uint32_t i = 0; i < nctx; i++) {
         const witem *a = &c->it[ctx[i]];
-        for (uint32_t j = 0; j < a->nb[t].n; j++) {
-            const nbr *e = &a->nb[t].v[j];
-            if (e->count < w->cfg.min_support) continue;
-            double nab = e->count, na = a->baskets[t], nb = c->it[e->item].baskets[t];
+        const nbr_list *l = &a->nb[t];
+        for (uint32_t j = 0; j < l->n; j++) {
+            if (l->count[j] < w->cfg.min_support) continue;
+            double nab = l->count[j], na = a->baskets[t], nb = c->it[l->item[j]].baskets[t];
             if (nab * N <= na * nb) continue; /* not positively associated */
             double k22 = N - na - nb + nab;
-            v[n++] = (cand){.item = e->item,
+            v[n++] = (cand){.item = l->item[j],
                             .related = ctx[i],
                             .score = llr(nab, na - nab, nb - nab, k22 > 0 ? k22 : 0)};
         }
@@ -1209,7 +1253,7 @@ static void stats_fn(aff_widgets *w, wcoll *c, const void *arg)
     for (uint32_t i = 0; i < c->n_items; i++) {
         for (int t = 0; t < N_TABLES; t++) {
             s->neighbours += c->it[i].nb[t].n;
-            s->bytes += (size_t)c->it[i].nb[t].cap * sizeof(nbr);
+            s->bytes += (size_t)c->it[i].nb[t].cap * 2 * sizeof(uint32_t);
         }
         s->bytes += (size_t)c->it[i].cap_iv * sizeof(int64_t);
     }

@@ -614,6 +614,128 @@ Test(store, log_sequence_commits_with_the_writes_of_its_thread)
     store_destroy(s);
 }
 
+/* ---- apply batches: several records' writes in one transaction (replication) ---- */
+
+typedef struct batch_write {
+    const char *user;
+    bool fail, fail_first; /* fail after writing / before writing */
+} batch_write;
+
+static int batch_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    batch_write *b = ctx;
+    if (b->fail_first) return aff__fail(err, AFF_EINVAL, "%s refused before writing", b->user);
+    store_interaction in = {.ref_ms = 1, .weight = 2.0, .last_ms = 1, .count = 1};
+    int rc = store_txn_put_interaction(txn, "c", b->user, "item-1", &in, err);
+    if (rc) return rc;
+    return b->fail ? aff__fail(err, AFF_EINVAL, "%s refused after writing", b->user) : AFF_OK;
+}
+
+static bool has_user(aff_store *s, const char *user)
+{
+    probe p = {.user = user};
+    cr_assert_eq(store_view(s, probe_fn, &p, NULL), AFF_OK);
+    return p.found;
+}
+
+typedef struct other_reader {
+    aff_store *s;
+    const char *user;
+    bool found;
+    uint64_t seq;
+} other_reader;
+
+static void *other_read(void *arg)
+{
+    other_reader *o = arg;
+    probe p = {.user = o->user};
+    cr_assert_eq(store_view(o->s, probe_fn, &p, NULL), AFF_OK);
+    o->found = p.found;
+    cr_assert_eq(store_log_sequence(o->s, &o->seq, NULL), AFF_OK);
+    return NULL;
+}
+
+static other_reader read_elsewhere(aff_store *s, const char *user)
+{
+    other_reader o = {.s = s, .user = user};
+    pthread_t th;
+    pthread_create(&th, NULL, other_read, &o);
+    pthread_join(th, NULL);
+    return o;
+}
+
+Test(store, apply_batch_is_one_commit_read_here_invisible_elsewhere_until_committed)
+{
+    aff_store *s = NULL;
+    store_config cfg = {.dir = dir, .no_sync = true}; /* as a replica of the write log */
+    cr_assert_eq(store_create(&s, &cfg, NULL), AFF_OK);
+    add_collection(s, "c", 4);
+    store_stats before, after;
+    store_get_stats(s, &before);
+    aff_err err = {0};
+    store_batch_begin(s);
+    batch_write a = {.user = "a"}, b = {.user = "b"}, r = {.user = "r", .fail_first = true};
+    store_set_log_sequence(5);
+    cr_assert_eq(store_update(s, batch_fn, &a, &err), AFF_OK, "%s", err.msg);
+    store_set_log_sequence(6);
+    cr_assert_eq(store_update(s, batch_fn, &r, &err), AFF_EINVAL); /* nothing written: */
+    cr_assert_str_eq(err.msg, "r refused before writing");         /* the batch goes on */
+    store_set_log_sequence(7);
+    cr_assert_eq(store_update(s, batch_fn, &b, &err), AFF_OK, "%s", err.msg);
+    store_set_log_sequence(0);
+    cr_assert(has_user(s, "a"), "this thread reads its batch");
+    cr_assert(has_user(s, "b"));
+    other_reader o = read_elsewhere(s, "a");
+    cr_assert_not(o.found, "another thread sees only committed state");
+    cr_assert_eq(o.seq, 0);
+    cr_assert_eq(store_batch_end(s, &err), AFF_OK, "%s", err.msg);
+    store_get_stats(s, &after);
+    cr_assert_eq(after.commits - before.commits, 1, "one commit for the batch");
+    cr_assert_eq(after.writes - before.writes, 2);
+    o = read_elsewhere(s, "b");
+    cr_assert(o.found);
+    cr_assert_eq(o.seq, 7, "the highest sequence of the batch's writes");
+    cr_assert_not(has_user(s, "r"));
+    /* Survives a reopen (store_destroy flushes a no_sync store). */
+    store_destroy(s);
+    cr_assert_eq(store_create(&s, &cfg, NULL), AFF_OK);
+    cr_assert(has_user(s, "a") && has_user(s, "b"));
+    uint64_t seq = 0;
+    cr_assert_eq(store_log_sequence(s, &seq, NULL), AFF_OK);
+    cr_assert_eq(seq, 7);
+    store_destroy(s);
+}
+
+Test(store, apply_batch_failing_after_a_write_drops_the_batch_and_refuses_writes)
+{
+    aff_store *s = NULL;
+    store_config cfg = {.dir = dir, .no_sync = true};
+    cr_assert_eq(store_create(&s, &cfg, NULL), AFF_OK);
+    add_collection(s, "c", 4);
+    aff_err err = {0};
+    batch_write a = {.user = "a"}, x = {.user = "x", .fail = true}, d = {.user = "d"};
+    store_batch_begin(s);
+    store_set_log_sequence(3);
+    cr_assert_eq(store_update(s, batch_fn, &a, &err), AFF_OK, "%s", err.msg);
+    store_set_log_sequence(4);
+    cr_assert_eq(store_update(s, batch_fn, &x, &err), AFF_EINVAL);
+    cr_assert_str_eq(err.msg, "x refused after writing");
+    store_set_log_sequence(0);
+    cr_assert_neq(store_batch_end(s, &err), AFF_OK);
+    cr_assert_eq(store_update(s, batch_fn, &d, &err), AFF_EIO, "later writes are refused");
+    cr_assert(strstr(err.msg, "restart it"), "%s", err.msg);
+    store_destroy(s);
+    /* After a restart: nothing of the dropped batch, the sequence before it. */
+    cr_assert_eq(store_create(&s, &cfg, NULL), AFF_OK);
+    cr_assert_not(has_user(s, "a"));
+    cr_assert_not(has_user(s, "x"));
+    uint64_t seq = 99;
+    cr_assert_eq(store_log_sequence(s, &seq, NULL), AFF_OK);
+    cr_assert_eq(seq, 0);
+    cr_assert_eq(store_update(s, batch_fn, &d, &err), AFF_OK, "%s", err.msg);
+    store_destroy(s);
+}
+
 Test(store, snapshot_holds_the_state_and_sequence_and_no_deleted_record)
 {
     aff_store *s = open_store(0);
