@@ -97,6 +97,7 @@ typedef struct load_config {
     uint32_t timeout_ms;
     uint64_t seed;
     bool recommend_by_vector;
+    const char *preset; /* Recommend's serving-config preset, or NULL */
     double mix[K_COUNT];
 } load_config;
 
@@ -608,6 +609,7 @@ static int build_pools(load_ctx *ctx, pool_inputs *in, aff_rng *r)
                 Affinity__V1__RecommendRequest m = AFFINITY__V1__RECOMMEND_REQUEST__INIT;
                 m.collection = (char *)c->collection;
                 m.k = c->k;
+                if (c->preset) m.preset = (char *)c->preset;
                 if (c->recommend_by_vector) {
                     m.user_case = AFFINITY__V1__RECOMMEND_REQUEST__USER_USER_VECTOR;
                     m.user_vector = &uv;
@@ -981,6 +983,7 @@ static void usage_run(FILE *f)
             "  --users U                distinct users (default 100000), ids user-0..\n"
             "  --user-prefix P          (default user-)\n"
             "  --zipf S                 popularity skew exponent (default 1.0)\n"
+            "  --preset NAME            Recommend with this serving-config preset (rules)\n"
             "  --recommend-by user|vector  Recommend and Rerank by user id (stored profile) or\n"
             "                           by a user vector from the query set (default user)\n"
             "  --rerank-candidates N    (default 100); --events-per-call N (default 1)\n"
@@ -1040,6 +1043,7 @@ static int run_main(int argc, char **argv)
                                          {"user-prefix", 1, 0, 'Q'},
                                          {"zipf", 1, 0, 'z'},
                                          {"recommend-by", 1, 0, 'R'},
+                                         {"preset", 1, 0, 'N'},
                                          {"rerank-candidates", 1, 0, 'K'},
                                          {"events-per-call", 1, 0, 'E'},
                                          {"pool", 1, 0, 'p'},
@@ -1129,6 +1133,9 @@ static int run_main(int argc, char **argv)
             break;
         case 'R':
             c->recommend_by_vector = strcmp(optarg, "vector") == 0;
+            break;
+        case 'N':
+            c->preset = optarg;
             break;
         case 'K':
             c->rerank_candidates = (uint32_t)strtoul(optarg, NULL, 10);

@@ -174,6 +174,13 @@ typedef struct backend_search {
      * ranking pipeline asks for the shopper's vector under several filters). A hint:
      * ignoring it gives the same results. */
     const uint32_t *same_as;
+    /* NULL, or per query: 0, or at most this many hits per category (rows of category 0,
+     * none, are never capped): the k best of the union of each category's cap best, which is
+     * what taking rows best first and skipping a full category gives. A ranking pipeline with
+     * a category cap asks for it so a shopper whose best rows crowd one category still gets a
+     * full pool in one scan. The CPU backend's reduced-precision tables honour it; other
+     * tables may return the uncapped top-k, so a caller applies its cap again. */
+    const uint32_t *max_per_category;
     uint32_t *out_rows;
     float *out_scores;
     uint32_t *out_counts;

@@ -1132,12 +1132,60 @@ typedef struct cand {
  * rows whose upper bound reached L when they were seen. The heap and the first candidate list
  * come from the search's arena; a list that outgrows it moves to the heap (c_owned), since
  * OpenMP threads cannot take from the arena. */
+#define FULL_CATS 16 /* qstate: full categories remembered per query */
+
 typedef struct qstate {
     topk_heap lo;
     cand *c;
     uint32_t n, cap;
-    bool c_owned; /* c was malloc'ed here and is freed at the end of the search */
+    uint32_t per_cat; /* backend_search.max_per_category for this query; 0: none */
+    bool c_owned;     /* c was malloc'ed here and is freed at the end of the search */
+    /* Categories known full (category_floor) and their floors: facts about rows already
+     * seen, so a floor stays valid after those rows leave the heap; checked before any
+     * heap work, since a shopper's crowded category reports most of its rows. */
+    uint32_t n_full;
+    uint32_t full_cat[FULL_CATS];
+    float full_floor[FULL_CATS];
 } qstate;
+
+/* The floor of category cat in capped heap h: when h holds per_cat rows of it, the worst of
+ * them (a row of that category below it cannot be in the capped top-k: per_cat rows of its
+ * own category beat it), else -inf. *worst_at: that entry's index (UINT32_MAX: not full). */
+static float category_floor(const cpu_search_table *t, const topk_heap *h, uint32_t per_cat,
+                            uint32_t cat, uint32_t *worst_at)
+{
+    uint32_t held = 0, worst = UINT32_MAX;
+    for (uint32_t i = 0; i < h->n; i++) {
+        if (t->attrs[h->rows[i]].category != cat) continue;
+        held++;
+        if (worst == UINT32_MAX ||
+            topk_better(h->scores[worst], h->rows[worst], h->scores[i], h->rows[i]))
+            worst = i;
+    }
+    *worst_at = held >= per_cat ? worst : UINT32_MAX;
+    return held >= per_cat ? h->scores[worst] : -INFINITY;
+}
+
+/* topk_push under a category cap (backend_search.max_per_category; per_cat 0: none). The heap
+ * holds the best entries of the union of each category's per_cat best, so its worst entry (L
+ * for the lower bounds) only rises, and a row under it cannot be in the capped top-k: k held
+ * rows, at most per_cat of any category, all score above it, and taking rows best first
+ * takes at least as many of each category's as are held before reaching it. */
+static void push_capped(const cpu_search_table *t, topk_heap *h, uint32_t per_cat, float score,
+                        uint32_t row)
+{
+    const uint32_t cat = per_cat ? t->attrs[row].category : 0;
+    if (!cat || !topk_would_accept(h, score, row)) {
+        topk_push(h, score, row); /* (a no-op when not accepted) */
+        return;
+    }
+    uint32_t worst;
+    category_floor(t, h, per_cat, cat, &worst);
+    if (worst == UINT32_MAX)
+        topk_push(h, score, row);
+    else if (topk_better(score, row, h->scores[worst], h->rows[worst]))
+        topk_replace(h, worst, score, row);
+}
 
 static float lower_threshold(const qstate *st)
 {
@@ -1150,6 +1198,31 @@ static const backend_filter *filter_of(const backend_search *s, uint32_t q)
     return s->filters[q];
 }
 
+/* Records that category cat holds per_cat rows with lower bounds of at least floor. */
+static void remember_floor(qstate *st, uint32_t cat, float floor)
+{
+    if (floor == -INFINITY) return;
+    for (uint32_t i = 0; i < st->n_full; i++)
+        if (st->full_cat[i] == cat) {
+            st->full_floor[i] = floor > st->full_floor[i] ? floor : st->full_floor[i];
+            return;
+        }
+    if (st->n_full < FULL_CATS) {
+        st->full_cat[st->n_full] = cat;
+        st->full_floor[st->n_full++] = floor;
+    }
+}
+
+/* True when a row with upper bound hi is below its category's remembered floor. */
+static inline bool below_floor(const cpu_search_table *t, const qstate *st, uint32_t row, float hi)
+{
+    if (!st->n_full) return false;
+    const uint32_t cat = t->attrs[row].category;
+    for (uint32_t i = 0; i < st->n_full; i++)
+        if (st->full_cat[i] == cat) return hi < st->full_floor[i];
+    return false;
+}
+
 /* Takes one reported row: filter, lower bound, candidate. Returns false when out of memory. */
 static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st, const cpu_hit *h)
 {
@@ -1157,8 +1230,18 @@ static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st,
     /* Under this query's own L (a row reported for another query of its vector) neither bound
      * can change anything: skip the filter and the heap. */
     if (h->hi < L && h->width >= 0.0f) return true;
+    if (below_floor(t, st, h->row, h->hi)) return true; /* per_cat better rows of its own */
+    const uint32_t cat = st->per_cat ? t->attrs[h->row].category : 0;
     if (f && !backend_filter_matches(f, &t->attrs[h->row], h->row)) return true;
-    topk_push(&st->lo, h->hi - h->width, h->row);
+    const float lb = h->hi - h->width;
+    if (!cat) {
+        topk_push(&st->lo, lb, h->row);
+    } else if (topk_would_accept(&st->lo, lb, h->row)) { /* else nothing changes */
+        push_capped(t, &st->lo, st->per_cat, lb, h->row);
+        uint32_t w;
+        remember_floor(st, cat, category_floor(t, &st->lo, st->per_cat, cat, &w));
+        if (below_floor(t, st, h->row, h->hi)) return true; /* its category is full */
+    }
     L = lower_threshold(st);
     if (h->hi < L) return true;
     if (st->n == st->cap) {
@@ -1276,7 +1359,7 @@ static uint64_t posting_rows(const cpu_search_table *t, const backend_filter *f)
  * the re-rank scores a candidate (the same bits), so the result is the scan's; the filter is
  * only asked about rows the heap would take. Returns rows read. */
 static uint64_t search_posted(const cpu_search_table *t, const backend_filter *f, const float *qv,
-                              topk_heap *ex)
+                              uint32_t per_cat, topk_heap *ex)
 {
     const cpu_cat_rows *x = t->cat_rows;
     const uint32_t dim = t->codes->dim;
@@ -1300,7 +1383,7 @@ static uint64_t search_posted(const cpu_search_table *t, const backend_filter *f
                     if (!(d[j] >= worst) || !topk_would_accept(ex, d[j], row) || row >= t->count ||
                         !backend_filter_matches(f, &t->attrs[row], row))
                         continue;
-                    topk_push(ex, d[j], row);
+                    push_capped(t, ex, per_cat, d[j], row);
                     worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
                 }
             }
@@ -1316,15 +1399,24 @@ static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthre
 {
     const uint32_t dim = t->codes->dim;
     qstate *st = &states[q];
-    for (uint32_t th = 1; th < nthreads; th++)
-        topk_merge(&st->lo, &states[(size_t)th * nq + q].lo);
+    for (uint32_t th = 1; th < nthreads; th++) {
+        const topk_heap *o = &states[(size_t)th * nq + q].lo;
+        for (uint32_t i = 0; i < o->n; i++)
+            push_capped(t, &st->lo, st->per_cat, o->scores[i], o->rows[i]);
+    }
     const float L = lower_threshold(st);
+    if (st->per_cat) /* the merged heap's full categories, for below_floor */
+        for (uint32_t i = 0; i < st->lo.n; i++) {
+            uint32_t cat = t->attrs[st->lo.rows[i]].category, w;
+            if (cat) remember_floor(st, cat, category_floor(t, &st->lo, st->per_cat, cat, &w));
+        }
     uint64_t scored = 0;
     for (uint32_t th = 0; th < nthreads; th++) {
         qstate *ts = &states[(size_t)th * nq + q];
         uint32_t m = 0;
         for (uint32_t i = 0; i < ts->n; i++)
-            if (ts->c[i].hi >= L) ts->c[m++] = ts->c[i];
+            if (ts->c[i].hi >= L && !below_floor(t, st, ts->c[i].row, ts->c[i].hi))
+                ts->c[m++] = ts->c[i];
         for (uint32_t i = 0; i < m; i++) {
             if (i + 4 < m) { /* the rows are scattered: fetch ahead */
                 const char *next = (const char *)(t->rows + (size_t)ts->c[i + 4].row * dim);
@@ -1334,7 +1426,7 @@ static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthre
             const uint32_t row = ts->c[i].row;
             float d;
             cpu_dot_rows(qv, t->rows + (size_t)row * dim, 1, dim, &d);
-            topk_push(ex, t->sq_norms ? 2.0f * d - t->sq_norms[row] : d, row);
+            push_capped(t, ex, st->per_cat, t->sq_norms ? 2.0f * d - t->sq_norms[row] : d, row);
         }
         scored += m;
     }
@@ -1442,6 +1534,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     for (size_t i = 0; i < (size_t)nthreads * nq; i++) {
         qstate *st = &states[i];
         st->cap = 2 * s->k[i % nq] + 64;
+        st->per_cat = s->max_per_category ? s->max_per_category[i % nq] : 0;
         st->c = aff_scratch_array(scratch, st->cap, sizeof *st->c);
         if (!st->c || topk_init(&st->lo, s->k[i % nq], scratch) != AFF_OK) {
             rc = aff__fail(err, AFF_ENOMEM, "out of memory for candidate lists");
@@ -1517,7 +1610,8 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
         const float *qv = s->queries + (size_t)q * dim;
         topk_heap ex = exact[q];
         if (posted[q])
-            read += search_posted(t, qfilt[q], qv, &ex);
+            read += search_posted(t, qfilt[q], qv,
+                                  s->max_per_category ? s->max_per_category[q] : 0, &ex);
         else
             reranked += rerank(t, states, (uint32_t)nthreads, nq, q, qv, &ex);
         const uint32_t n = topk_sort(&ex);

@@ -1080,13 +1080,14 @@ int engine_search(aff_engine *e, aff_scratch *scratch, const char *name,
     size_t *offsets = sc ? aff_scratch_array(sc, nq, sizeof *offsets) : NULL;
     uint32_t *batch_of = sc ? aff_scratch_array(sc, nq, sizeof *batch_of) : NULL;
     uint32_t *ks = sc ? aff_scratch_array(sc, nq, sizeof *ks) : NULL;
+    uint32_t *caps = sc ? aff_scratch_array(sc, nq, sizeof *caps) : NULL;
     compiled_filter *cfs = sc ? aff_scratch_array(sc, nq, sizeof *cfs) : NULL;
     const backend_filter **fps = sc ? aff_scratch_array(sc, nq, sizeof *fps) : NULL;
     float *qbuf = sc ? aff_scratch_array(sc, nq * c->dim, sizeof *qbuf) : NULL;
     uint32_t *rows = NULL, *counts = NULL;
     float *scores = NULL;
     bool locked = false;
-    if (!offsets || !batch_of || !ks || !cfs || !fps || !qbuf) {
+    if (!offsets || !batch_of || !ks || !caps || !cfs || !fps || !qbuf) {
         rc = AFF_ENOMEM;
         goto fail_all;
     }
@@ -1100,6 +1101,7 @@ int engine_search(aff_engine *e, aff_scratch *scratch, const char *name,
     locked = true;
     uint32_t nb = 0;
     size_t total_k = 0;
+    bool any_cap = false;
     for (size_t i = 0; i < nq; i++) {
         const aff_query *q = &queries[i];
         if (query_errs[i].code != AFF_OK) continue;
@@ -1119,6 +1121,8 @@ int engine_search(aff_engine *e, aff_scratch *scratch, const char *name,
         if (cfs[nb].matches_nothing) continue;
         fps[nb] = &cfs[nb].f;
         ks[nb] = q->k;
+        caps[nb] = q->max_per_category;
+        any_cap |= q->max_per_category > 0;
         batch_of[nb] = (uint32_t)i;
         total_k += q->k;
         nb++;
@@ -1138,6 +1142,7 @@ int engine_search(aff_engine *e, aff_scratch *scratch, const char *name,
             .k = ks,
             .filters = fps,
             .same_as = same,
+            .max_per_category = any_cap ? caps : NULL,
             .out_rows = rows,
             .out_scores = scores,
             .out_counts = counts,

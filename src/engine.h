@@ -153,6 +153,11 @@ typedef struct aff_query {
     const char *item_id;      /* with vector NULL: that item's vector, the item excluded */
     uint32_t k;               /* 1..AFF_MAX_K */
     const aff_filter *filter; /* NULL: no filter */
+    /* 0, or at most this many hits per category (items without one are never capped):
+     * backend_search.max_per_category. Honoured where the backend can (the CPU backend's
+     * int8/bf16 tables); elsewhere the hits are the uncapped top-k, so a caller that needs
+     * the cap applies it again (the ranking pipeline does). */
+    uint32_t max_per_category;
 } aff_query;
 
 typedef struct aff_hit {

@@ -1612,6 +1612,10 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
             cands[i].vector = v;
         }
     }
+    /* A full pool, or one the engine capped per category (deepen() drops the cap): the
+     * engine may hold more candidates than this round saw. */
+    const bool engine_had_more =
+        n_org == j->queries[qidx(j, g, 0)].k || j->queries[qidx(j, g, 0)].max_per_category;
     pipeline_rank_input in = {
         .rules = r,
         .k = j->k,
@@ -1622,12 +1626,12 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         .pinned = pinned,
         .organic_reason = j->src.reason,
         .organic_related = related,
-        .relax_cap = j->deepened == MAX_DEEPEN || n_org < j->queries[qidx(j, g, 0)].k ||
+        .relax_cap = j->deepened == MAX_DEEPEN || !engine_had_more ||
                      j->queries[qidx(j, g, 0)].k == AFF_MAX_K,
         .seed = j->out.exploration_seed + g,
         .favour_novel = r->exploration_new_age_s || r->exploration_rarely_shown_below > 0.0f};
     if ((rc = pipeline_rank(&in, out, &j->n_hits[g], err))) goto out;
-    if (j->n_hits[g] < j->k && n_org == j->queries[qidx(j, g, 0)].k && j->deepened < MAX_DEEPEN &&
+    if (j->n_hits[g] < j->k && engine_had_more && j->deepened < MAX_DEEPEN &&
         j->queries[qidx(j, g, 0)].k < AFF_MAX_K) {
         rc = RULES_STARVED; /* the engine had more: ask it for a deeper pool */
         goto out;
@@ -1684,6 +1688,8 @@ static int deepen(pipeline_job *j, aff_err *err)
     for (uint32_t g = 0; g < j->n_groups; g++) {
         aff_query *q = &j->queries[qidx(j, g, 0)];
         q->k = 4 * q->k < AFF_MAX_K ? 4 * q->k : AFF_MAX_K;
+        /* starved under the cap: the cap gives way, so the deeper pool is uncapped */
+        q->max_per_category = 0;
     }
     for (size_t i = 0; i < nq; i++) {
         j->cand_off[i] = off;
@@ -2421,6 +2427,12 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
             aff_query *aq = &j->queries[i];
             aq->k = q == 0 ? j->kq : j->kpromo;
             aq->filter = q == 0 ? j->base : &j->promo_filters[q - 1];
+            /* The organic pool holds at most the cap per category (twice it when a boost may
+             * reorder a category's items), so a shopper whose best items crowd one category
+             * still gets a full pool in one round (aff_query.max_per_category). */
+            if (q == 0 && r->has_max_per_category && r->max_per_category)
+                aq->max_per_category =
+                    r->n_boosts ? 2 * r->max_per_category : r->max_per_category;
             if (req->kind == PIPELINE_SIMILAR) {
                 aq->item_id = req->item_ids[g];
             } else {

@@ -62,6 +62,13 @@ void topk_push(topk_heap *h, float score, uint32_t row)
     }
 }
 
+void topk_replace(topk_heap *h, uint32_t i, float score, uint32_t row)
+{
+    h->scores[i] = score;
+    h->rows[i] = row;
+    sift_down(h->scores, h->rows, h->n, i); /* it got better: it can only move down */
+}
+
 void topk_merge(topk_heap *dst, const topk_heap *src)
 {
     for (uint32_t i = 0; i < src->n; i++)

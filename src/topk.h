@@ -42,6 +42,9 @@ static inline bool topk_would_accept(const topk_heap *h, float score, uint32_t r
 
 /* Adds (score, row) when topk_would_accept() says so; otherwise does nothing. */
 void topk_push(topk_heap *h, float score, uint32_t row);
+/* Entry i (< h->n) becomes (score, row), which must be better than the entry it replaces
+ * (a capped selection swapping a group's worst for a better one of the same group). */
+void topk_replace(topk_heap *h, uint32_t i, float score, uint32_t row);
 /* Pushes every entry of src into dst. */
 void topk_merge(topk_heap *dst, const topk_heap *src);
 /* Sorts the entries best first in place and returns their number. The heap is no longer a

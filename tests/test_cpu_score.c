@@ -86,8 +86,8 @@ static int cmp_scored(const void *a, const void *b)
 
 /* Checks one query's answer against the reference. exact: same rows, same order, same bits. */
 static void check_query(const ref_table *t, const float *q, uint32_t k, const backend_filter *f,
-                        const uint32_t *rows, const float *scores, uint32_t count, bool exact,
-                        const char *what)
+                        uint32_t cap, const uint32_t *rows, const float *scores, uint32_t count,
+                        bool exact, const char *what)
 {
     scored *all = malloc((t->n + 1) * sizeof *all);
     uint32_t m = 0;
@@ -95,6 +95,17 @@ static void check_query(const ref_table *t, const float *q, uint32_t k, const ba
         if (!f || backend_filter_matches(f, &t->attrs[r], r))
             all[m++] = (scored){ref_score(t, q, r), r};
     qsort(all, m, sizeof *all, cmp_scored);
+    if (cap) { /* best first, skipping a category that holds cap already (category 0: none) */
+        uint32_t held[64] = {0}, kept = 0;
+        for (uint32_t i = 0; i < m; i++) {
+            uint32_t c = t->attrs[all[i].row].category;
+            cr_assert_lt(c, 64);
+            if (c && held[c] == cap) continue;
+            held[c] += c ? 1 : 0;
+            all[kept++] = all[i];
+        }
+        m = kept;
+    }
     float shift = t->metric == AFF_METRIC_L2 ? -cpu_sq_norm(q, t->dim) : 0.0f;
     uint32_t want = k < m ? k : m;
     cr_assert_eq(count, want, "%s: %u results, want %u", what, count, want);
@@ -133,6 +144,7 @@ typedef struct case_spec {
     /* 40 categories, filters admitting one (2.5%: read from the category lists even beside a
      * scan) or two (5%: read alone, ride on a shared scan); overwrites change categories */
     bool narrow;
+    uint32_t cap; /* backend_search.max_per_category on every query (0: none); 1 row in 10 has no category */
 } case_spec;
 
 /* Builds a backend table as the case says, mirrors it in a reference, searches, compares. */
@@ -161,6 +173,7 @@ static void run_case(const case_spec *cs)
         fill_row(t.vec + (size_t)r * cs->dim, cs->dim, cs->kind, pool);
         t.attrs[r] =
             (backend_row_attrs){.category = 1 + rng() % (cs->narrow ? 40 : 4), .available = 1};
+        if (cs->cap && rng() % 10 == 0) t.attrs[r].category = 0;
         rows[r] = r;
     }
     /* Appends in two writes, so capacity grows under a live table. */
@@ -225,11 +238,15 @@ static void run_case(const case_spec *cs)
     uint32_t *out_rows = malloc((total + 1) * sizeof *out_rows);
     float *out_scores = malloc((total + 1) * sizeof *out_scores);
     uint32_t *counts = malloc(cs->nq * sizeof *counts);
+    uint32_t *caps = malloc(cs->nq * sizeof *caps);
+    for (uint32_t i = 0; i < cs->nq; i++)
+        caps[i] = cs->cap;
     backend_search s = {.queries = q,
                         .nq = cs->nq,
                         .k = k,
                         .filters = filters,
                         .same_as = same,
+                        .max_per_category = cs->cap ? caps : NULL,
                         .out_rows = out_rows,
                         .out_scores = out_scores,
                         .out_counts = counts};
@@ -237,8 +254,8 @@ static void run_case(const case_spec *cs)
     bool exact = cs->precision != BACKEND_PRECISION_FP32;
     size_t off = 0;
     for (uint32_t i = 0; i < cs->nq; i++) {
-        check_query(&t, q + (size_t)i * cs->dim, k[i], filters[i], out_rows + off, out_scores + off,
-                    counts[i], exact, what);
+        check_query(&t, q + (size_t)i * cs->dim, k[i], filters[i], cs->cap, out_rows + off,
+                    out_scores + off, counts[i], exact, what);
         off += k[i];
     }
     /* The cold store answers reads and gather-scores with the rows as written. */
@@ -253,6 +270,7 @@ static void run_case(const case_spec *cs)
     free(out_rows);
     free(out_scores);
     free(counts);
+    free(caps);
     free(excl);
     free(same);
     free(fs);
@@ -379,6 +397,40 @@ Test(cpu_score, narrow_filters_read_category_lists_and_match_the_reference)
                 run_case(&cs);
                 cs.kind = DATA_TIES; /* equal scores: lower row first on both paths */
                 cs.k = 7;
+                run_case(&cs);
+            }
+}
+
+/* backend_search.max_per_category: the capped top-k (best first, a full category skipped)
+ * exactly, on the scan (several threads), on category lists, beside shared scans, with ties. */
+Test(cpu_score, a_category_cap_gives_the_capped_top_k)
+{
+    seed_test();
+    aff_log_set_level(AFF_LOG_WARN);
+    backend_cpu_isa list[4];
+    uint32_t ni = isas(list);
+    for (uint32_t pi = 0; pi < 2; pi++)
+        for (uint32_t ii = 0; ii < ni; ii++)
+            for (uint32_t cap = 1; cap <= 3; cap += 2) {
+                case_spec cs = {.precision = quantized[pi],
+                                .isa = list[ii],
+                                .metric = AFF_METRIC_IP,
+                                .kind = DATA_UNIFORM,
+                                .n = 4000,
+                                .dim = 45,
+                                .nq = 8,
+                                .k = 12,
+                                .filter = true,
+                                .deletes = 100,
+                                .cap = cap};
+                run_case(&cs); /* 4 categories: the cap binds, category-0 rows fill the rest */
+                cs.narrow = true;
+                cs.shared = true;
+                cs.k = 0;
+                run_case(&cs);
+                cs.kind = DATA_TIES;
+                cs.k = 9;
+                cs.metric = AFF_METRIC_L2;
                 run_case(&cs);
             }
 }

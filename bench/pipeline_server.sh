@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# pipeline_server.sh: server CPU per call of the ranking pipeline through gRPC, on a real
+# affinityd: Search by vector (the bare engine call a client can make), Recommend by stored
+# profile without rules, and Recommend with the serving-config preset "all" (the rules of
+# bench_pipeline: a boost, a bury, a pin, a promotion of one category in 50 with share 0.2,
+# max 3 per category, diversity 0.3, exploration 0.1). N = 100k, d = 128, k = 10, 64 calls in
+# flight (batched). Server CPU is the process's user + system time from /proc/PID/stat over
+# the measured seconds; calls come from affinity_load's JSON report. The three kinds run in
+# turn, --rounds times, on one server; the ratios use each kind's median. bench_pipeline
+# measures the same rules in-process (no transport).
+#
+#   bench/pipeline_server.sh [build-dir] [seconds per run (default 8)] [rounds (default 3)]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+build="${1:-$root/build}"
+dur="${2:-8}"
+rounds="${3:-3}"
+cmake --build "$build" -j2 --target affinityd affinity affinity_load >/dev/null
+export OMP_WAIT_POLICY=PASSIVE
+work="$(mktemp -d /tmp/affinity-pipeline-server-XXXXXX)"
+pid=""
+cleanup() {
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+load="$build/bench/affinity_load"
+cli="$build/src/affinity"
+"$load" gen --out "$work/data" --rows 100000 --dim 128 --queries 4096 --clusters 50 >/dev/null
+cat >"$work/serving.json" <<'EOF'
+{"presets": {"all": {
+  "boosts": [{"filter": {"tags": ["tag-1"]}, "weight": 0.05},
+             {"filter": {"tags": ["tag-2"]}, "weight": -0.05}],
+  "pins": [{"item_id": "item-7", "position": 3}],
+  "promotions": [{"name": "gifts", "filter": {"categories": ["cat-7"]}, "share": 0.2}],
+  "max_per_category": 3,
+  "diversity": 0.3,
+  "exploration": {"share": 0.1, "seed": 7}}}}
+EOF
+tck=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+"$build/src/affinityd" --listen 127.0.0.1:0 --port-file "$work/port" --data-dir "$work/store" \
+  --backend cpu --log-level warn --serving-config "$work/serving.json" >"$work/affinityd.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 600); do [ -s "$work/port" ] && break; sleep 0.1; done
+addr="127.0.0.1:$(cat "$work/port")"
+for _ in $(seq 1 600); do "$cli" --addr "$addr" health >/dev/null 2>&1 && break; sleep 0.1; done
+"$cli" --addr "$addr" collections create shop --dim 128 >/dev/null
+"$cli" --addr "$addr" load shop --vectors "$work/data/catalog.npy" \
+  --attrs "$work/data/catalog.csv" --no-progress >/dev/null
+common=(--addr "$addr" --collection shop --users 2000 --k 10 --concurrency 64)
+# every shopper gets a profile and a history (reasons read it)
+"$load" run "${common[@]}" --mix events=1 --events-per-call 20 --duration 6 --warmup 0 >/dev/null 2>&1
+
+echo "# bench/pipeline_server.sh: server CPU per call through gRPC"
+echo "- date $(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$root" rev-parse --short HEAD), nproc $(nproc)"
+echo "- load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+one() { # label, affinity_load flags...
+  local label="$1"
+  shift
+  local c0 c1
+  c0=$(cpu_ticks "$pid")
+  "$load" run "${common[@]}" "$@" --duration "$dur" --warmup 0 --json "$work/run.json" >/dev/null 2>&1
+  c1=$(cpu_ticks "$pid")
+  local calls
+  calls=$(python3 -c "import json; print(json.load(open('$work/run.json'))['ok'])")
+  python3 -c "print('%-14s %7d calls  %6.2f s server CPU  %8.1f us per call' % ('$label', $calls, ($c1 - $c0) / $tck, ($c1 - $c0) / $tck / max($calls, 1) * 1e6))"
+  echo "$label $calls $((c1 - c0))" >>"$work/sums"
+}
+# warm-up of each kind, not counted
+for mix in search recommend; do
+  "$load" run "${common[@]}" --queries "$work/data/queries.npy" --mix "$mix=1" --duration 2 --warmup 0 >/dev/null 2>&1
+done
+for r in $(seq 1 "$rounds"); do
+  one search --queries "$work/data/queries.npy" --mix search=1
+  one recommend --mix recommend=1
+  one recommend+all --mix recommend=1 --preset all
+done
+python3 - "$work/sums" "$tck" <<'EOF'
+import statistics, sys
+per = {}
+tck = float(sys.argv[2])
+for line in open(sys.argv[1]):
+    label, calls, ticks = line.split()
+    per.setdefault(label, []).append(int(ticks) / tck / max(int(calls), 1) * 1e6)
+med = {k: statistics.median(v) for k, v in per.items()}
+print("medians (us server CPU per call): " + ", ".join("%s %.1f" % kv for kv in med.items()))
+print("recommend (no rules) / search = %.3f" % (med["recommend"] / med["search"]))
+print("recommend + all rules / search = %.3f   (issue 11 target <= 1.10)" % (med["recommend+all"] / med["search"]))
+print("recommend + all rules / recommend (no rules) = %.3f" % (med["recommend+all"] / med["recommend"]))
+EOF
+if grep -q '"level":"error"' "$work/affinityd.log"; then
+  echo "server errors:" >&2
+  grep '"level":"error"' "$work/affinityd.log" | head -5 >&2
+fi
