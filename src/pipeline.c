@@ -20,6 +20,9 @@
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "jsonv.h"
 #include "log.h"
@@ -776,6 +779,24 @@ static int merge_rules(const pipeline_rules *preset, const pipeline_rules *req, 
 
 /* ---- ranking --------------------------------------------------------------------------------- */
 
+/* Copies id into dst[cap] (the same truncation as snprintf "%s", without its cost). */
+static void copy_id(char *dst, size_t cap, const char *id)
+{
+    size_t len = strnlen(id, cap - 1);
+    memcpy(dst, id, len);
+    dst[len] = 0;
+}
+
+/* FNV-1a of an id: equal ids, equal hashes (a cheap first test before strcmp). */
+static uint64_t id_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603u;
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211u;
+    return h;
+}
+
+
 typedef struct rank_ctx {
     const pipeline_rank_input *in;
     float *good;     /* adjusted score, higher better */
@@ -847,6 +868,88 @@ static float cos_sim(const float *a, const float *b, uint32_t dim)
     return (s0 + s[1]) + (s[2] + s[3]);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+/* cos_sim's tail and final sum for one row whose four lane sums are s[0..3]. */
+static float dot_finish(const float *s, const float *a, const float *b, uint32_t from,
+                        uint32_t dim)
+{
+    float s0 = s[0];
+    for (uint32_t j = from; j < dim; j++)
+        s0 += a[j] * b[j];
+    return (s0 + s[1]) + (s[2] + s[3]);
+}
+
+/* dots() with AVX: one 256-bit register holds two rows' four lane sums (lanes 0..3 row t,
+ * 4..7 row t + 1), each lane adding the same products in the same order as cos_sim (a
+ * multiply, then an add: no fused multiply-add), so every value is bit-identical; a's four
+ * values are loaded once for eight rows. */
+__attribute__((target("avx"))) static void dots_avx(const float *a, const float *const *b,
+                                                    uint32_t m, uint32_t dim, float *out)
+{
+    const uint32_t d4 = dim & ~3u;
+    float s[8];
+    uint32_t t = 0;
+    for (; t + 8 <= m; t += 8) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        const float *const *r = b + t;
+        for (uint32_t j = 0; j < d4; j += 4) {
+            __m128 x4 = _mm_loadu_ps(a + j);
+            __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
+#define ROWS2(p, q)                                                                               \
+    _mm256_mul_ps(x, _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r[p] + j)),      \
+                                          _mm_loadu_ps(r[q] + j), 1))
+            s0 = _mm256_add_ps(s0, ROWS2(0, 1));
+            s1 = _mm256_add_ps(s1, ROWS2(2, 3));
+            s2 = _mm256_add_ps(s2, ROWS2(4, 5));
+            s3 = _mm256_add_ps(s3, ROWS2(6, 7));
+        }
+        const __m256 acc[4] = {s0, s1, s2, s3};
+        for (int p = 0; p < 4; p++) {
+            _mm256_storeu_ps(s, acc[p]);
+            out[t + 2 * p] = dot_finish(s, a, r[2 * p], d4, dim);
+            out[t + 2 * p + 1] = dot_finish(s + 4, a, r[2 * p + 1], d4, dim);
+        }
+    }
+    for (; t + 2 <= m; t += 2) {
+        __m256 s0 = _mm256_setzero_ps();
+        const float *const *r = b + t;
+        for (uint32_t j = 0; j < d4; j += 4) {
+            __m128 x4 = _mm_loadu_ps(a + j);
+            __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
+            s0 = _mm256_add_ps(s0, ROWS2(0, 1));
+        }
+#undef ROWS2
+        _mm256_storeu_ps(s, s0);
+        out[t] = dot_finish(s, a, r[0], d4, dim);
+        out[t + 1] = dot_finish(s + 4, a, r[1], d4, dim);
+    }
+    for (; t < m; t++)
+        out[t] = cos_sim(a, b[t], dim);
+}
+#endif
+
+/* out[t] = cos_sim(a, b[t], dim) for t < m (bit-identical), as a blocked product where the
+ * CPU has AVX. */
+static void dots(const float *a, const float *const *b, uint32_t m, uint32_t dim, float *out)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("avx")) {
+        dots_avx(a, b, m, dim, out);
+        return;
+    }
+#endif
+    for (uint32_t t = 0; t < m; t++)
+        out[t] = cos_sim(a, b[t], dim);
+}
+
+/* The next bytes of a block carved into arrays (callers keep each array's alignment). */
+static void *carve(char **at, size_t bytes)
+{
+    void *p = *at;
+    *at += bytes;
+    return p;
+}
+
 typedef struct picked {
     uint32_t cand;
     pipeline_reason_kind kind;
@@ -877,23 +980,31 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
     const pipeline_rules *r = in->rules;
     uint32_t n = in->n, k = in->k;
     rank_ctx c = {.in = in};
-    size_t nn = n ? n : 1;
-    c.good = malloc(nn * sizeof *c.good);
-    c.adj = malloc(nn * sizeof *c.adj);
-    c.state = calloc(nn, 1);
-    c.order = malloc(nn * sizeof *c.order);
-    c.cat_ids = malloc((k + 1) * sizeof *c.cat_ids);
-    c.cat_counts = malloc((k + 1) * sizeof *c.cat_counts);
-    float *maxsim = malloc(nn * sizeof *maxsim);
-    picked *organic = malloc((k + 1) * sizeof *organic);
-    picked *reserved = malloc((k + 1) * sizeof *reserved);
-    uint32_t *pool = malloc(nn * sizeof *pool);
-    int rc = AFF_OK;
-    if (!c.good || !c.adj || !c.state || !c.order || !c.cat_ids || !c.cat_counts || !maxsim ||
-        !organic || !reserved || !pool) {
-        rc = aff__fail(err, AFF_ENOMEM, "out of memory ranking %u candidates", n);
-        goto out;
-    }
+    const size_t nn = n ? n : 1, kk = (size_t)k + 1, pool_max = 3 * (size_t)k + 10;
+    /* One allocation for every array (pointer-sized ones first, then 4-byte ones, bytes last):
+     * MMR's rows (pool_max), organic, reserved (kk); good, adj, maxsim, order, pool (nn);
+     * cat_ids, cat_counts (kk); sims, at (pool_max); state (nn) */
+    const size_t bytes = pool_max * sizeof(const float *) + 2 * kk * sizeof(picked) +
+                         5 * nn * sizeof(float) + 2 * kk * sizeof(uint32_t) +
+                         2 * pool_max * sizeof(float) + nn;
+    char *mem = malloc(bytes), *at_mem = mem;
+    if (!mem) return aff__fail(err, AFF_ENOMEM, "out of memory ranking %u candidates", n);
+#define CARVE(type, count) ((type *)carve(&at_mem, (count) * sizeof(type)))
+    const float **rows = CARVE(const float *, pool_max);
+    picked *organic = CARVE(picked, kk);
+    picked *reserved = CARVE(picked, kk);
+    c.good = CARVE(float, nn);
+    c.adj = CARVE(float, nn);
+    float *maxsim = CARVE(float, nn);
+    c.order = CARVE(uint32_t, nn);
+    uint32_t *pool = CARVE(uint32_t, nn);
+    c.cat_ids = CARVE(uint32_t, kk);
+    c.cat_counts = CARVE(uint32_t, kk);
+    float *sims = CARVE(float, pool_max);
+    uint32_t *sim_at = CARVE(uint32_t, pool_max);
+    c.state = CARVE(uint8_t, nn);
+#undef CARVE
+    memset(c.state, 0, nn);
     float sign = in->lower_is_better ? -1.0f : 1.0f;
     for (uint32_t i = 0; i < n; i++) {
         float boost = 0;
@@ -932,7 +1043,7 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
     if (lambda > 0.0f && in->dim) {
         /* MMR looks at the best 3k + 10 organic candidates (the rest fill in
          * score order below if needed): O(k * pool * d) work. */
-        uint32_t pool_n = 0, pool_max = 3 * k + 10;
+        uint32_t pool_n = 0;
         float gmin = INFINITY, gmax = -INFINITY;
         for (uint32_t o = 0; o < n && pool_n < pool_max; o++) {
             uint32_t i = c.order[o];
@@ -942,14 +1053,18 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             gmax = fmaxf(gmax, c.good[i]);
         }
         float range = gmax > gmin ? gmax - gmin : 1.0f;
+        /* the reserved items' vectors (n_res <= k < pool_max rows) against each pool item:
+         * the same similarities, folded by fmaxf in the same order */
+        uint32_t n_rv = 0;
+        for (uint32_t q = 0; q < n_res; q++)
+            if (in->cands[reserved[q].cand].vector) rows[n_rv++] = in->cands[reserved[q].cand].vector;
         for (uint32_t p = 0; p < pool_n; p++) {
             uint32_t i = pool[p];
             maxsim[i] = -INFINITY;
-            for (uint32_t q = 0; q < n_res; q++) {
-                const float *v = in->cands[reserved[q].cand].vector;
-                if (v && in->cands[i].vector)
-                    maxsim[i] = fmaxf(maxsim[i], cos_sim(v, in->cands[i].vector, in->dim));
-            }
+            if (!in->cands[i].vector || !n_rv) continue;
+            dots(in->cands[i].vector, rows, n_rv, in->dim, sims);
+            for (uint32_t q = 0; q < n_rv; q++)
+                maxsim[i] = fmaxf(maxsim[i], sims[q]);
         }
         while (n_org < organic_target) {
             uint32_t best = UINT32_MAX;
@@ -969,11 +1084,17 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             take(&c, best);
             organic[n_org++] = (picked){best, in->organic_reason, NULL};
             const float *bv = in->cands[best].vector;
+            uint32_t nr = 0;
             for (uint32_t p = 0; bv && p < pool_n; p++) {
                 uint32_t i = pool[p];
-                if (c.state[i] == 0 && in->cands[i].vector)
-                    maxsim[i] = fmaxf(maxsim[i], cos_sim(bv, in->cands[i].vector, in->dim));
+                if (c.state[i] == 0 && in->cands[i].vector) {
+                    sim_at[nr] = i;
+                    rows[nr++] = in->cands[i].vector;
+                }
             }
+            dots(bv, rows, nr, in->dim, sims);
+            for (uint32_t t = 0; t < nr; t++)
+                maxsim[sim_at[t]] = fmaxf(maxsim[sim_at[t]], sims[t]);
         }
     } else {
         for (uint32_t o = 0; o < n && n_org < organic_target; o++) {
@@ -1032,11 +1153,11 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             pk = organic[io++];
         pipeline_hit *h = &out[m++];
         const pipeline_candidate *cd = &in->cands[pk.cand];
-        snprintf(h->id, sizeof h->id, "%s", cd->id);
+        copy_id(h->id, sizeof h->id, cd->id);
         h->score = c.adj[pk.cand];
         h->reason = (pipeline_reason){.kind = pk.kind, .promotion = pk.promotion};
         if (pk.kind == in->organic_reason && in->organic_related)
-            snprintf(h->reason.related_id, sizeof h->reason.related_id, "%s", in->organic_related);
+            copy_id(h->reason.related_id, sizeof h->reason.related_id, in->organic_related);
     }
     /* 5. pins at their positions, ascending */
     for (uint32_t pos = 1; pos <= k; pos++) {
@@ -1046,7 +1167,7 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             uint32_t at = pos - 1 < m ? pos - 1 : m;
             memmove(&out[at + 1], &out[at], (m - at) * sizeof *out);
             pipeline_hit *h = &out[at];
-            snprintf(h->id, sizeof h->id, "%s", cd->id);
+            copy_id(h->id, sizeof h->id, cd->id);
             float boost = 0;
             for (uint32_t b = 0; b < r->n_boosts; b++)
                 if (cd->matches & ((uint64_t)1 << (1 + b))) boost += r->boosts[b].weight;
@@ -1056,18 +1177,8 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
         }
     }
     *n_out = m < k ? m : k;
-out:
-    free(c.good);
-    free(c.adj);
-    free(c.state);
-    free(c.order);
-    free(c.cat_ids);
-    free(c.cat_counts);
-    free(maxsim);
-    free(organic);
-    free(reserved);
-    free(pool);
-    return rc;
+    free(mem);
+    return AFF_OK;
 }
 
 /* ---- jobs ------------------------------------------------------------------------------------ */
@@ -1343,35 +1454,48 @@ static int history_visit(void *ctx, uint64_t seq, const store_event *e)
 {
     (void)seq;
     history_ctx *h = ctx;
-    size_t len = strnlen(e->item_id, AFF_MAX_ID_LEN);
-    char *slot = h->ring[h->seen % HISTORY_RING];
-    memcpy(slot, e->item_id, len);
-    slot[len] = 0;
+    copy_id(h->ring[h->seen % HISTORY_RING], AFF_MAX_ID_LEN + 1, e->item_id);
     h->seen++;
     return 0;
 }
 
 /* Refines organic SIMILAR_TO_HISTORY_ITEM reasons with the nearest recent history item
  * (another item than the hit itself). Best effort: on any failure the reasons stay without a
- * related id. */
+ * related id. The hits against the history items are one blocked product (dots): each hit's
+ * row against every history item found, in history order, the first best kept. */
 static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
 {
-    history_ctx h = {.ring = malloc(HISTORY_RING * sizeof *h.ring)};
-    const char **ids = malloc((n + PIPELINE_HISTORY_ITEMS) * sizeof *ids);
-    engine_item_class *cls = malloc((n + PIPELINE_HISTORY_ITEMS) * sizeof *cls);
-    float *vec = malloc((size_t)(n + PIPELINE_HISTORY_ITEMS) * j->dim * sizeof *vec);
+    enum { H = PIPELINE_HISTORY_ITEMS };
+    const size_t m = (size_t)n + H, dim = j->dim;
+    /* one allocation: ring, ids, cls, hash, rows, sims, vec (floats last, 16-byte aligned) */
+    size_t o_ids = HISTORY_RING * sizeof(char[AFF_MAX_ID_LEN + 1]);
+    size_t o_cls = o_ids + m * sizeof(const char *);
+    size_t o_hash = o_cls + m * sizeof(engine_item_class);
+    size_t o_rows = o_hash + H * sizeof(uint64_t);
+    size_t o_sims = o_rows + H * sizeof(const float *);
+    size_t o_vec = (o_sims + H * sizeof(float) + 15) & ~(size_t)15;
+    char *mem = malloc(o_vec + m * dim * sizeof(float));
+    if (!mem) return;
+    history_ctx h = {.ring = (char(*)[AFF_MAX_ID_LEN + 1])mem};
+    const char **ids = (const char **)(mem + o_ids);
+    engine_item_class *cls = (engine_item_class *)(mem + o_cls);
+    uint64_t *hash = (uint64_t *)(mem + o_hash);
+    const float **rows = (const float **)(mem + o_rows);
+    float *sims = (float *)(mem + o_sims);
+    float *vec = (float *)(mem + o_vec);
     aff_err err;
-    if (!h.ring || !ids || !cls || !vec) goto out;
     if (profiles_history(j->p->profiles, j->src.history, j->req->user_id, history_visit, &h, &err))
         goto out;
     uint32_t nh = 0;
-    for (uint64_t s = h.seen; s > 0 && s + HISTORY_RING > h.seen && nh < PIPELINE_HISTORY_ITEMS;
-         s--) {
+    for (uint64_t s = h.seen; s > 0 && s + HISTORY_RING > h.seen && nh < H; s--) {
         const char *id = h.ring[(s - 1) % HISTORY_RING];
+        uint64_t hv = id_hash(id);
         bool dup = false;
         for (uint32_t i = 0; i < nh && !dup; i++)
-            dup = strcmp(ids[n + i], id) == 0;
-        if (!dup) ids[n + nh++] = id;
+            dup = hash[i] == hv && strcmp(ids[n + i], id) == 0;
+        if (dup) continue;
+        hash[nh] = hv;
+        ids[n + nh++] = id;
     }
     if (!nh) goto out;
     for (uint32_t i = 0; i < n; i++)
@@ -1383,42 +1507,45 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     } else if (engine_classify_items(j->p->engine, j->req->collection, ids, n, NULL, 0, cls, vec,
                                      &err) ||
                engine_classify_items(j->p->engine, j->src.history, ids + n, nh, NULL, 0, cls + n,
-                                     vec + (size_t)n * j->dim, &err)) {
+                                     vec + (size_t)n * dim, &err)) {
         goto out;
     }
     for (uint32_t i = 0; i < n; i++) {
         if (hits[i].reason.kind != PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM || !cls[i].found)
             continue;
-        const float *a = vec + (size_t)i * j->dim;
+        const float *a = vec + (size_t)i * dim;
+        uint64_t hi = id_hash(hits[i].id);
+        uint32_t nr = 0, at[H];
+        for (uint32_t t = 0; t < nh; t++) {
+            if (!cls[n + t].found || (hash[t] == hi && strcmp(ids[n + t], hits[i].id) == 0))
+                continue;
+            at[nr] = t;
+            rows[nr++] = vec + (size_t)(n + t) * dim;
+        }
+        if (j->metric == AFF_METRIC_L2) {
+            for (uint32_t r = 0; r < nr; r++) {
+                float v = 0;
+                for (uint32_t d = 0; d < dim; d++)
+                    v -= (a[d] - rows[r][d]) * (a[d] - rows[r][d]);
+                sims[r] = v;
+            }
+        } else {
+            dots(a, rows, nr, (uint32_t)dim, sims);
+        }
         int best = -1;
         float best_v = 0;
-        for (uint32_t t = 0; t < nh; t++) {
-            if (!cls[n + t].found || strcmp(ids[n + t], hits[i].id) == 0) continue;
-            const float *b = vec + (size_t)(n + t) * j->dim;
-            float v = 0;
-            if (j->metric == AFF_METRIC_L2) {
-                for (uint32_t d = 0; d < j->dim; d++)
-                    v -= (a[d] - b[d]) * (a[d] - b[d]);
-            } else {
-                v = cos_sim(a, b, j->dim);
-            }
-            if (best < 0 || v > best_v) {
-                best = (int)t;
-                best_v = v;
+        for (uint32_t r = 0; r < nr; r++) {
+            if (best < 0 || sims[r] > best_v) {
+                best = (int)at[r];
+                best_v = sims[r];
             }
         }
-        if (best >= 0) { /* a history id (at most AFF_MAX_ID_LEN bytes): copied, no snprintf */
-            const char *id = ids[n + (uint32_t)best];
-            size_t len = strnlen(id, sizeof hits[i].reason.related_id - 1);
-            memcpy(hits[i].reason.related_id, id, len);
-            hits[i].reason.related_id[len] = 0;
-        }
+        if (best >= 0) /* a history id (at most AFF_MAX_ID_LEN bytes) */
+            copy_id(hits[i].reason.related_id, sizeof hits[i].reason.related_id,
+                    ids[n + (uint32_t)best]);
     }
 out:
-    free(h.ring);
-    free(ids);
-    free(cls);
-    free(vec);
+    free(mem);
 }
 
 static float score_vec(const pipeline_job *j, const float *item)
