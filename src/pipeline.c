@@ -942,6 +942,85 @@ static void dots(const float *a, const float *const *b, uint32_t m, uint32_t dim
         out[t] = cos_sim(a, b[t], dim);
 }
 
+/* Rows packed in pairs for dots_packed: pair p's four-value chunk c holds rows 2p and 2p + 1
+ * side by side (8 floats at (p * chunks + c) * 8; an odd last row is paired with zeros). */
+static void pack_pairs(const float *const *rows, uint32_t m, uint32_t dim, float *packed)
+{
+    const uint32_t chunks = dim / 4;
+    for (uint32_t p = 0; p < (m + 1) / 2; p++)
+        for (uint32_t c = 0; c < chunks; c++) {
+            float *o = packed + ((size_t)p * chunks + c) * 8;
+            memcpy(o, rows[2 * p] + 4 * c, 4 * sizeof *o);
+            if (2 * p + 1 < m)
+                memcpy(o + 4, rows[2 * p + 1] + 4 * c, 4 * sizeof *o);
+            else
+                memset(o + 4, 0, 4 * sizeof *o);
+        }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+/* dots_avx over rows packed by pack_pairs: a row pair is one 256-bit load (reused for every a
+ * a caller passes), the same lanes and order, so again bit-identical to cos_sim. */
+__attribute__((target("avx"))) static void dots_packed_avx(const float *a, const float *packed,
+                                                           const float *const *rows, uint32_t m,
+                                                           uint32_t dim, float *out)
+{
+    const uint32_t chunks = dim / 4, d4 = dim & ~3u, pairs = (m + 1) / 2;
+    float s[8];
+    uint32_t p = 0;
+    for (; p + 4 <= pairs; p += 4) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        const float *b = packed + (size_t)p * chunks * 8;
+        const size_t step = (size_t)chunks * 8;
+        for (uint32_t c = 0; c < chunks; c++) {
+            __m128 x4 = _mm_loadu_ps(a + 4 * c);
+            __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
+            const float *bc = b + (size_t)c * 8;
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(x, _mm256_loadu_ps(bc)));
+            s1 = _mm256_add_ps(s1, _mm256_mul_ps(x, _mm256_loadu_ps(bc + step)));
+            s2 = _mm256_add_ps(s2, _mm256_mul_ps(x, _mm256_loadu_ps(bc + 2 * step)));
+            s3 = _mm256_add_ps(s3, _mm256_mul_ps(x, _mm256_loadu_ps(bc + 3 * step)));
+        }
+        const __m256 acc[4] = {s0, s1, s2, s3};
+        for (uint32_t q = 0; q < 4; q++) {
+            uint32_t t = 2 * (p + q);
+            _mm256_storeu_ps(s, acc[q]);
+            out[t] = dot_finish(s, a, rows[t], d4, dim);
+            if (t + 1 < m) out[t + 1] = dot_finish(s + 4, a, rows[t + 1], d4, dim);
+        }
+    }
+    for (; p < pairs; p++) {
+        __m256 s0 = _mm256_setzero_ps();
+        const float *b = packed + (size_t)p * chunks * 8;
+        for (uint32_t c = 0; c < chunks; c++) {
+            __m128 x4 = _mm_loadu_ps(a + 4 * c);
+            __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(x, _mm256_loadu_ps(b + (size_t)c * 8)));
+        }
+        uint32_t t = 2 * p;
+        _mm256_storeu_ps(s, s0);
+        out[t] = dot_finish(s, a, rows[t], d4, dim);
+        if (t + 1 < m) out[t + 1] = dot_finish(s + 4, a, rows[t + 1], d4, dim);
+    }
+}
+#endif
+
+/* out[t] = cos_sim(a, rows[t], dim) for t < m (bit-identical); packed: pack_pairs(rows) when
+ * the CPU has AVX, else unused. */
+static void dots_packed(const float *a, const float *packed, const float *const *rows, uint32_t m,
+                        uint32_t dim, float *out)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("avx")) {
+        dots_packed_avx(a, packed, rows, m, dim, out);
+        return;
+    }
+#endif
+    (void)packed;
+    for (uint32_t t = 0; t < m; t++)
+        out[t] = cos_sim(a, rows[t], dim);
+}
+
 /* The next bytes of a block carved into arrays (callers keep each array's alignment). */
 static void *carve(char **at, size_t bytes)
 {
@@ -1213,6 +1292,7 @@ struct pipeline_job {
     const aff_filter *base; /* the request's filter with the shopper's exclusions */
     aff_filter *promo_filters;
     const char **promo_excl;
+    void *block; /* owns promo_filters .. n_hits (plan_search) or qerrs (Rerank) */
     aff_query *queries;
     aff_hit *cand;
     uint32_t *cand_n;
@@ -1256,16 +1336,8 @@ void pipeline_job_destroy(pipeline_job *j)
     for (int i = 0; i < 5; i++)
         free(j->owned_rules[i]);
     preset_set_unref(j->presets);
-    free(j->promo_filters);
-    free(j->promo_excl);
-    free(j->queries);
+    free(j->block);
     free(j->cand);
-    free(j->cand_n);
-    free(j->cand_off);
-    free(j->qerrs);
-    free(j->hits);
-    free(j->hit_ptrs);
-    free(j->n_hits);
     free(j->rerank_out);
     free(j->rerank_reasons);
     widgets_result_release(&j->widget);
@@ -1337,8 +1409,8 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
                                  const profiles_plan *plan, pipeline_user_source *out, aff_err *err)
 {
     memset(out, 0, sizeof *out);
-    snprintf(out->space, sizeof out->space, "%s", collection);
-    snprintf(out->history, sizeof out->history, "%s", collection);
+    copy_id(out->space, sizeof out->space, collection);
+    copy_id(out->history, sizeof out->history, collection);
     /* The learned model: the user's factor folded in from their current events. */
     if (p->model && space != PIPELINE_SPACE_CONTENT) {
         model_user_factor_out *mf = malloc(sizeof *mf);
@@ -1351,7 +1423,7 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
             }
             memcpy(out->vector, mf->vector, (size_t)mf->dim * sizeof *out->vector);
             out->dim = mf->dim;
-            snprintf(out->space, sizeof out->space, "%s", mf->space);
+            copy_id(out->space, sizeof out->space, mf->space);
             out->source = PIPELINE_SOURCE_MODEL;
             out->reason = PIPELINE_REASON_LIKED_BY_SIMILAR_SHOPPERS;
         }
@@ -1383,7 +1455,7 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
             out->dim = dim;
             out->source = PIPELINE_SOURCE_PROFILE;
             out->reason = PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM;
-            snprintf(out->history, sizeof out->history, "%s", ranked_by);
+            copy_id(out->history, sizeof out->history, ranked_by);
             return AFF_OK;
         }
         free(out->vector);
@@ -1467,22 +1539,26 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
 {
     enum { H = PIPELINE_HISTORY_ITEMS };
     const size_t m = (size_t)n + H, dim = j->dim;
-    /* one allocation: ring, ids, cls, hash, rows, sims, vec (floats last, 16-byte aligned) */
+    /* one allocation: ring, ids, cls, hash, rows, at, sims, then the floats (16-byte aligned):
+     * vec (m rows), packed (the history rows in pairs, H + 1 rows' room) */
     size_t o_ids = HISTORY_RING * sizeof(char[AFF_MAX_ID_LEN + 1]);
     size_t o_cls = o_ids + m * sizeof(const char *);
     size_t o_hash = o_cls + m * sizeof(engine_item_class);
     size_t o_rows = o_hash + H * sizeof(uint64_t);
-    size_t o_sims = o_rows + H * sizeof(const float *);
+    size_t o_at = o_rows + H * sizeof(const float *);
+    size_t o_sims = o_at + H * sizeof(uint32_t);
     size_t o_vec = (o_sims + H * sizeof(float) + 15) & ~(size_t)15;
-    char *mem = malloc(o_vec + m * dim * sizeof(float));
+    size_t o_packed = o_vec + m * dim * sizeof(float);
+    char *mem = malloc(o_packed + (H + 1) * dim * sizeof(float));
     if (!mem) return;
     history_ctx h = {.ring = (char(*)[AFF_MAX_ID_LEN + 1])mem};
     const char **ids = (const char **)(mem + o_ids);
     engine_item_class *cls = (engine_item_class *)(mem + o_cls);
     uint64_t *hash = (uint64_t *)(mem + o_hash);
     const float **rows = (const float **)(mem + o_rows);
+    uint32_t *at = (uint32_t *)(mem + o_at);
     float *sims = (float *)(mem + o_sims);
-    float *vec = (float *)(mem + o_vec);
+    float *vec = (float *)(mem + o_vec), *packed = (float *)(mem + o_packed);
     aff_err err;
     if (profiles_history(j->p->profiles, j->src.history, j->req->user_id, history_visit, &h, &err))
         goto out;
@@ -1510,19 +1586,21 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
                                      vec + (size_t)n * dim, &err)) {
         goto out;
     }
+    /* the history items found, in history order, packed once for every hit */
+    uint32_t nr = 0;
+    for (uint32_t t = 0; t < nh; t++) {
+        if (!cls[n + t].found) continue;
+        at[nr] = t;
+        rows[nr++] = vec + (size_t)(n + t) * dim;
+    }
+    if (!nr) goto out;
+    const bool l2 = j->metric == AFF_METRIC_L2;
+    if (!l2) pack_pairs(rows, nr, (uint32_t)dim, packed);
     for (uint32_t i = 0; i < n; i++) {
         if (hits[i].reason.kind != PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM || !cls[i].found)
             continue;
         const float *a = vec + (size_t)i * dim;
-        uint64_t hi = id_hash(hits[i].id);
-        uint32_t nr = 0, at[H];
-        for (uint32_t t = 0; t < nh; t++) {
-            if (!cls[n + t].found || (hash[t] == hi && strcmp(ids[n + t], hits[i].id) == 0))
-                continue;
-            at[nr] = t;
-            rows[nr++] = vec + (size_t)(n + t) * dim;
-        }
-        if (j->metric == AFF_METRIC_L2) {
+        if (l2) {
             for (uint32_t r = 0; r < nr; r++) {
                 float v = 0;
                 for (uint32_t d = 0; d < dim; d++)
@@ -1530,11 +1608,14 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
                 sims[r] = v;
             }
         } else {
-            dots(a, rows, nr, (uint32_t)dim, sims);
+            dots_packed(a, packed, rows, nr, (uint32_t)dim, sims);
         }
+        /* the first best history item other than the hit itself */
+        uint64_t hi = id_hash(hits[i].id);
         int best = -1;
         float best_v = 0;
         for (uint32_t r = 0; r < nr; r++) {
+            if (hash[at[r]] == hi && strcmp(ids[n + at[r]], hits[i].id) == 0) continue;
             if (best < 0 || sims[r] > best_v) {
                 best = (int)at[r];
                 best_v = sims[r];
@@ -1632,7 +1713,7 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
             out[i].score = org[i].score;
             out[i].reason = (pipeline_reason){.kind = j->src.reason};
             if (related)
-                snprintf(out[i].reason.related_id, sizeof out[i].reason.related_id, "%s", related);
+                copy_id(out[i].reason.related_id, sizeof out[i].reason.related_id, related);
         }
         j->n_hits[g] = m;
         if (j->src.source == PIPELINE_SOURCE_PROFILE) explain_history(j, out, m);
@@ -1921,8 +2002,8 @@ static void assign_arm(pipeline_job *j)
         if (j->assign.arm.preset[0]) q->preset = j->assign.arm.preset;
         if (j->assign.arm.space) q->space = (pipeline_space)j->assign.arm.space;
     }
-    snprintf(j->out.strategy, sizeof j->out.strategy, "%s",
-             q->preset && q->preset[0] ? q->preset : OUTCOMES_DEFAULT_STRAT);
+    copy_id(j->out.strategy, sizeof j->out.strategy,
+            q->preset && q->preset[0] ? q->preset : OUTCOMES_DEFAULT_STRAT);
 }
 
 /* Records a finished job's answer for attribution (a failed one is not an answer). Memory
@@ -2370,7 +2451,7 @@ static int start_rerank(pipeline_job *j, aff_err *err)
         dim = j->src.dim;
     }
     j->rerank_out = calloc(req->n_candidates, sizeof *j->rerank_out);
-    j->qerrs = calloc(1, sizeof *j->qerrs);
+    j->qerrs = j->block = calloc(1, sizeof *j->qerrs);
     if (!j->rerank_out || !j->qerrs) return aff__fail(err, AFF_ENOMEM, "out of memory");
     j->rq = (aff_rerank_query){.vector = vector,
                                .dim = dim,
@@ -2510,19 +2591,27 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     size_t n_ex = 0;
     for (uint32_t q = 0; q < r->n_promotions; q++)
         n_ex += (size_t)r->promotions[q].filter.n_exclude_ids + n_base_ex;
-    j->promo_filters = calloc(r->n_promotions ? r->n_promotions : 1, sizeof *j->promo_filters);
-    j->promo_excl = calloc(n_ex ? n_ex : 1, sizeof *j->promo_excl);
     size_t nq = (size_t)j->n_groups * j->per_group;
-    j->queries = calloc(nq, sizeof *j->queries);
-    j->cand_n = calloc(nq, sizeof *j->cand_n);
-    j->cand_off = calloc(nq, sizeof *j->cand_off);
-    j->qerrs = calloc(nq, sizeof *j->qerrs);
-    j->hits = calloc((size_t)j->n_groups * j->k, sizeof *j->hits);
-    j->hit_ptrs = calloc(j->n_groups, sizeof *j->hit_ptrs);
-    j->n_hits = calloc(j->n_groups, sizeof *j->n_hits);
-    if (!j->promo_filters || !j->promo_excl || !j->queries || !j->cand_n || !j->cand_off ||
-        !j->qerrs || !j->hits || !j->hit_ptrs || !j->n_hits)
-        return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
+    /* The job's arrays in one zeroed block (j->block), each at a multiple of 16 bytes. */
+    const size_t n_pf = r->n_promotions ? r->n_promotions : 1, n_pe = n_ex ? n_ex : 1,
+                 n_hit = (size_t)j->n_groups * j->k;
+#define SZ(n, type) (((n) * sizeof(type) + 15) & ~(size_t)15)
+    char *b = j->block = calloc(1, SZ(n_pf, aff_filter) + SZ(n_pe, const char *) +
+                                       SZ(nq, aff_query) + SZ(nq, uint32_t) + SZ(nq, size_t) +
+                                       SZ(nq, aff_err) + SZ(n_hit, pipeline_hit) +
+                                       SZ(j->n_groups, const pipeline_hit *) +
+                                       SZ(j->n_groups, uint32_t));
+    if (!b) return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
+    j->promo_filters = carve(&b, SZ(n_pf, aff_filter));
+    j->promo_excl = carve(&b, SZ(n_pe, const char *));
+    j->queries = carve(&b, SZ(nq, aff_query));
+    j->cand_n = carve(&b, SZ(nq, uint32_t));
+    j->cand_off = carve(&b, SZ(nq, size_t));
+    j->qerrs = carve(&b, SZ(nq, aff_err));
+    j->hits = carve(&b, SZ(n_hit, pipeline_hit));
+    j->hit_ptrs = carve(&b, SZ(j->n_groups, const pipeline_hit *));
+    j->n_hits = carve(&b, SZ(j->n_groups, uint32_t));
+#undef SZ
     size_t at = 0;
     for (uint32_t q = 0; q < r->n_promotions; q++) {
         const aff_filter *pf = &r->promotions[q].filter;
