@@ -1514,22 +1514,9 @@ static bool rules_active(const pipeline_rules *r)
            (r->has_exploration && r->exploration_share > 0.0f);
 }
 
-/* The shopper's recent distinct history items (newest first), for reasons. */
-typedef struct history_ctx {
-    char (*ring)[AFF_MAX_ID_LEN + 1]; /* the last RING event items */
-    uint64_t seen;
-} history_ctx;
-
-#define HISTORY_RING 128
-
-static int history_visit(void *ctx, uint64_t seq, const store_event *e)
-{
-    (void)seq;
-    history_ctx *h = ctx;
-    copy_id(h->ring[h->seen % HISTORY_RING], AFF_MAX_ID_LEN + 1, e->item_id);
-    h->seen++;
-    return 0;
-}
+/* Reasons look at the shopper's recent distinct items as profiles_recent_items keeps them. */
+_Static_assert(PIPELINE_HISTORY_ITEMS == PROFILES_RECENT_ITEMS,
+               "reasons consider the recent items profiles keeps");
 
 /* Refines organic SIMILAR_TO_HISTORY_ITEM reasons with the nearest recent history item
  * (another item than the hit itself). Best effort: on any failure the reasons stay without a
@@ -1539,9 +1526,9 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
 {
     enum { H = PIPELINE_HISTORY_ITEMS };
     const size_t m = (size_t)n + H, dim = j->dim;
-    /* one allocation: ring, ids, cls, hash, rows, at, sims, then the floats (16-byte aligned):
-     * vec (m rows), packed (the history rows in pairs, H + 1 rows' room) */
-    size_t o_ids = HISTORY_RING * sizeof(char[AFF_MAX_ID_LEN + 1]);
+    /* one allocation: recent, ids, cls, hash, rows, at, sims, then the floats (16-byte
+     * aligned): vec (m rows), packed (the history rows in pairs, H + 1 rows' room) */
+    size_t o_ids = H * sizeof(char[AFF_MAX_ID_LEN + 1]);
     size_t o_cls = o_ids + m * sizeof(const char *);
     size_t o_hash = o_cls + m * sizeof(engine_item_class);
     size_t o_rows = o_hash + H * sizeof(uint64_t);
@@ -1551,7 +1538,7 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     size_t o_packed = o_vec + m * dim * sizeof(float);
     char *mem = malloc(o_packed + (H + 1) * dim * sizeof(float));
     if (!mem) return;
-    history_ctx h = {.ring = (char(*)[AFF_MAX_ID_LEN + 1])mem};
+    char(*recent)[AFF_MAX_ID_LEN + 1] = (char(*)[AFF_MAX_ID_LEN + 1])mem;
     const char **ids = (const char **)(mem + o_ids);
     engine_item_class *cls = (engine_item_class *)(mem + o_cls);
     uint64_t *hash = (uint64_t *)(mem + o_hash);
@@ -1560,20 +1547,14 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     float *sims = (float *)(mem + o_sims);
     float *vec = (float *)(mem + o_vec), *packed = (float *)(mem + o_packed);
     aff_err err;
-    if (profiles_history(j->p->profiles, j->src.history, j->req->user_id, history_visit, &h, &err))
-        goto out;
     uint32_t nh = 0;
-    for (uint64_t s = h.seen; s > 0 && s + HISTORY_RING > h.seen && nh < H; s--) {
-        const char *id = h.ring[(s - 1) % HISTORY_RING];
-        uint64_t hv = id_hash(id);
-        bool dup = false;
-        for (uint32_t i = 0; i < nh && !dup; i++)
-            dup = hash[i] == hv && strcmp(ids[n + i], id) == 0;
-        if (dup) continue;
-        hash[nh] = hv;
-        ids[n + nh++] = id;
+    if (profiles_recent_items(j->p->profiles, j->src.history, j->req->user_id, recent, &nh, &err) ||
+        !nh)
+        goto out;
+    for (uint32_t t = 0; t < nh; t++) {
+        ids[n + t] = recent[t];
+        hash[t] = id_hash(recent[t]);
     }
-    if (!nh) goto out;
     for (uint32_t i = 0; i < n; i++)
         ids[i] = hits[i].id;
     if (strcmp(j->src.history, j->req->collection) == 0) {

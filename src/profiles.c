@@ -7,6 +7,7 @@
 #include "profiles.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,7 +35,13 @@ struct aff_profiles {
     void *now_ctx;
     profiles_observer observer;
     int64_t retention_ms; /* 0: no retention limit */
+    struct recent_cache *recent; /* profiles_recent_items */
 };
+
+static int recent_cache_create(struct recent_cache **out);
+static void recent_cache_destroy(struct recent_cache *c);
+static void recent_forget(aff_profiles *p, const char *collection, const char *user);
+static void recent_forget_all(aff_profiles *p);
 
 static const char *const builtin_names[AFF_EVENT_BUILTIN_COUNT] = {
 #define PROFILES__EVENT_NAME(name, value, str, weight) [value - 1] = str,
@@ -141,12 +148,18 @@ int profiles_create(aff_profiles **out, aff_store *store, const profiles_config 
     p->now_ms = cfg->now_ms;
     p->now_ctx = cfg->now_ctx;
     p->observer = cfg->observer;
+    if (recent_cache_create(&p->recent)) {
+        free(p);
+        return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    }
     *out = p;
     return AFF_OK;
 }
 
 void profiles_destroy(aff_profiles *p)
 {
+    if (!p) return;
+    recent_cache_destroy(p->recent);
     free(p);
 }
 
@@ -625,6 +638,16 @@ static int put_events_run(put_ctx *c, uint32_t *n_applied, uint32_t *n_rejected,
     else if ((status = observe_alloc(c->p, c, c->n, err)) == AFF_OK) {
         c->x = c->sum + AFF_MAX_DIM;
         status = store_update(c->p->store, put_events_fn, c, err);
+        /* the users' recent items changed (committed now): forget their cached ones */
+        for (size_t i = 0, end; c->uevents && i < c->n; i = end) {
+            const char *user = c->uevents[i].user_id;
+            for (end = i + 1; end < c->n; end++) {
+                const char *u = c->uevents[end].user_id;
+                if (u != user && (!u || !user || strcmp(u, user) != 0)) break;
+            }
+            if (user) recent_forget(c->p, c->collection, user);
+        }
+        if (!c->uevents) recent_forget(c->p, c->collection, c->user);
         if (status == AFF_OK) observe_applied(c->p, c);
     }
     observe_free(c);
@@ -667,6 +690,200 @@ int profiles_import_events(aff_profiles *p, const char *collection,
                          PROFILES_MAX_IMPORT_EVENTS, n);
     put_ctx c = {.p = p, .collection = collection, .uevents = events, .n = n, .rejected = rejected};
     return put_events_run(&c, n_applied, n_rejected, err);
+}
+
+/* ---- recent items cache (profiles_recent_items) ------------------------------------------ */
+
+#define RECENT_STRIPES 64 /* slot s is guarded by mu[s % RECENT_STRIPES] */
+
+typedef struct recent_slot {
+    uint64_t hash; /* of collection and user */
+    char *blob;    /* NULL: empty; else collection \0 user \0 then n ids, each \0-terminated */
+    uint32_t n;
+} recent_slot;
+
+typedef struct recent_cache {
+    pthread_mutex_t mu[RECENT_STRIPES];
+    /* Bumped (under mu) by every write that removes entries of the stripe: a miss stores its
+     * answer only if its stripe's gen is unchanged since before its read snapshot. */
+    uint64_t gen[RECENT_STRIPES];
+    recent_slot slot[PROFILES_RECENT_SLOTS];
+} recent_cache;
+
+static uint64_t recent_hash(const char *collection, const char *user)
+{
+    uint64_t h = 1469598103934665603u;
+    for (const char *s = collection; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211u;
+    h = (h ^ 0xffu) * 1099511628211u; /* separator: no byte of a name or id */
+    for (const char *s = user; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211u;
+    return h;
+}
+
+static bool recent_is(const recent_slot *s, uint64_t h, const char *collection, const char *user)
+{
+    if (!s->blob || s->hash != h || strcmp(s->blob, collection) != 0) return false;
+    return strcmp(s->blob + strlen(s->blob) + 1, user) == 0;
+}
+
+static int recent_cache_create(recent_cache **out)
+{
+    recent_cache *c = calloc(1, sizeof *c);
+    if (!c) return AFF_ENOMEM;
+    for (int i = 0; i < RECENT_STRIPES; i++)
+        pthread_mutex_init(&c->mu[i], NULL);
+    *out = c;
+    return AFF_OK;
+}
+
+static void recent_cache_destroy(recent_cache *c)
+{
+    if (!c) return;
+    for (int i = 0; i < RECENT_STRIPES; i++)
+        pthread_mutex_destroy(&c->mu[i]);
+    for (size_t i = 0; i < PROFILES_RECENT_SLOTS; i++)
+        free(c->slot[i].blob);
+    free(c);
+}
+
+/* After a write of (collection, user)'s events committed: removes the entry. */
+static void recent_forget(aff_profiles *p, const char *collection, const char *user)
+{
+    recent_cache *c = p->recent;
+    uint64_t h = recent_hash(collection, user);
+    size_t at = h % PROFILES_RECENT_SLOTS, st = at % RECENT_STRIPES;
+    char *old = NULL;
+    pthread_mutex_lock(&c->mu[st]);
+    c->gen[st]++;
+    if (recent_is(&c->slot[at], h, collection, user)) {
+        old = c->slot[at].blob;
+        c->slot[at].blob = NULL;
+    }
+    pthread_mutex_unlock(&c->mu[st]);
+    free(old);
+}
+
+/* After a write that may touch any collection's entries of a user (or many users): removes
+ * every entry. */
+static void recent_forget_all(aff_profiles *p)
+{
+    recent_cache *c = p->recent;
+    for (size_t st = 0; st < RECENT_STRIPES; st++) {
+        pthread_mutex_lock(&c->mu[st]);
+        c->gen[st]++;
+        for (size_t at = st; at < PROFILES_RECENT_SLOTS; at += RECENT_STRIPES) {
+            free(c->slot[at].blob);
+            c->slot[at].blob = NULL;
+        }
+        pthread_mutex_unlock(&c->mu[st]);
+    }
+}
+
+/* The newest events' items in a ring, for profiles_recent_items' miss. */
+typedef struct recent_ring {
+    char (*ids)[AFF_MAX_ID_LEN + 1]; /* PROFILES_RECENT_EVENTS */
+    uint64_t seen;
+    const char *collection, *user;
+} recent_ring;
+
+static int recent_visit(void *ctx, uint64_t seq, const store_event *e)
+{
+    (void)seq;
+    recent_ring *r = ctx;
+    char *slot = r->ids[r->seen % PROFILES_RECENT_EVENTS];
+    size_t len = strnlen(e->item_id, AFF_MAX_ID_LEN);
+    memcpy(slot, e->item_id, len);
+    slot[len] = 0;
+    r->seen++;
+    return 0;
+}
+
+static int recent_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    recent_ring *r = ctx;
+    r->seen = 0;
+    return store_txn_scan_events(txn, r->collection, r->user, recent_visit, r, err);
+}
+
+int profiles_recent_items(aff_profiles *p, const char *collection, const char *user_id,
+                          char (*out)[AFF_MAX_ID_LEN + 1], uint32_t *n, aff_err *err)
+{
+    *n = 0;
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    recent_cache *c = p->recent;
+    uint64_t h = recent_hash(collection, user_id);
+    size_t at = h % PROFILES_RECENT_SLOTS, st = at % RECENT_STRIPES;
+    pthread_mutex_lock(&c->mu[st]);
+    uint64_t gen0 = c->gen[st];
+    const recent_slot *s = &c->slot[at];
+    if (recent_is(s, h, collection, user_id)) {
+        const char *id = s->blob + strlen(s->blob) + 1;
+        id += strlen(id) + 1;
+        for (uint32_t i = 0; i < s->n; i++) {
+            size_t len = strlen(id);
+            memcpy(out[i], id, len + 1);
+            id += len + 1;
+        }
+        *n = s->n;
+        pthread_mutex_unlock(&c->mu[st]);
+        return AFF_OK;
+    }
+    pthread_mutex_unlock(&c->mu[st]);
+
+    /* A miss: the newest events from the store, then the distinct items, newest first. */
+    recent_ring r = {.ids = malloc(PROFILES_RECENT_EVENTS * sizeof *r.ids),
+                     .collection = collection,
+                     .user = user_id};
+    if (!r.ids) return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    int status = store_view(p->store, recent_fn, &r, err);
+    if (status == AFF_ENOTFOUND) { /* an unknown collection: no history */
+        aff__err_clear(err);
+        status = AFF_OK;
+    }
+    if (status) {
+        free(r.ids);
+        return status;
+    }
+    uint32_t m = 0;
+    size_t chars = strlen(collection) + strlen(user_id) + 2;
+    for (uint64_t q = r.seen; q > 0 && q + PROFILES_RECENT_EVENTS > r.seen &&
+                              m < PROFILES_RECENT_ITEMS;
+         q--) {
+        const char *id = r.ids[(q - 1) % PROFILES_RECENT_EVENTS];
+        bool dup = false;
+        for (uint32_t i = 0; i < m && !dup; i++)
+            dup = strcmp(out[i], id) == 0;
+        if (dup) continue;
+        size_t len = strlen(id);
+        memcpy(out[m++], id, len + 1);
+        chars += len + 1;
+    }
+    free(r.ids);
+    *n = m;
+    /* Stored only when no write of this stripe committed since the lookup above (the answer
+     * may come from a snapshot older than that write). Best effort: without memory, no entry. */
+    char *blob = malloc(chars), *w = blob;
+    if (!blob) return AFF_OK;
+    size_t lc = strlen(collection) + 1, lu = strlen(user_id) + 1;
+    memcpy(w, collection, lc);
+    memcpy(w += lc, user_id, lu);
+    w += lu;
+    for (uint32_t i = 0; i < m; i++) {
+        size_t len = strlen(out[i]) + 1;
+        memcpy(w, out[i], len);
+        w += len;
+    }
+    pthread_mutex_lock(&c->mu[st]);
+    if (c->gen[st] == gen0) {
+        char *old = c->slot[at].blob;
+        c->slot[at] = (recent_slot){.hash = h, .blob = blob, .n = m};
+        blob = old;
+    }
+    pthread_mutex_unlock(&c->mu[st]);
+    free(blob);
+    return AFF_OK;
 }
 
 /* ---- reading profiles ------------------------------------------------------------------------ */
@@ -1160,6 +1377,10 @@ int profiles_delete_user(aff_profiles *p, const char *collection, const char *us
         d.cols = all;
     }
     status = store_update(p->store, delete_user_fn, &d, err);
+    if (collection && *collection)
+        recent_forget(p, collection, user_id);
+    else
+        recent_forget_all(p);
     if (status == AFF_OK && p->observer.user_erased)
         p->observer.user_erased(p->observer.ctx, collection && *collection ? collection : NULL,
                                 user_id);
@@ -1415,6 +1636,10 @@ int profiles_set_opt_out(aff_profiles *p, const char *collection, const char *us
         o.cols = all;
     }
     status = store_update(p->store, opt_out_fn, &o, err);
+    if (collection && *collection)
+        recent_forget(p, collection, user_id);
+    else
+        recent_forget_all(p);
     if (!status && opt_out && p->observer.user_erased)
         p->observer.user_erased(p->observer.ctx, collection && *collection ? collection : NULL,
                                 user_id);
@@ -1639,6 +1864,7 @@ int profiles_expire(aff_profiles *p, int64_t cutoff_ms, uint64_t *n_users, uint6
         for (size_t ui = 0; ui < users.n && !status; ui++) {
             x.user = users.ids[ui];
             status = store_update(p->store, expire_user_fn, &x, err);
+            recent_forget(p, cols[ci].name, x.user);
             if (status == AFF_ENOTFOUND) { /* the collection was dropped meanwhile */
                 aff__err_clear(err);
                 status = AFF_OK;
