@@ -1081,9 +1081,16 @@ Test(profiles, recent_items_are_the_newest_distinct_and_follow_every_write)
     profiles_event old[2] = {ev(0, 7, PROFILES_EVENT_VIEW, T0 - 3 * DAY_MS),
                              ev(0, 8, PROFILES_EVENT_VIEW, T0 - 3 * DAY_MS)};
     put("sara", old, 2);
-    for (int i = 0; i < PROFILES_RECENT_EVENTS; i++) {
+    expect_recent("sara", (const char *[]){"shoes-8", "shoes-7"}, 2);
+    for (int i = 0; i < PROFILES_RECENT_EVENTS; i++) { /* each put advances the cached answer */
         profiles_event x = ev(1 + i % 2, i % 5, PROFILES_EVENT_VIEW, T0 - 2 * DAY_MS + i);
         put("sara", &x, 1);
+        if (i == PROFILES_RECENT_EVENTS - 2) /* shoes-7 left the window, shoes-8 not yet */
+            expect_recent("sara",
+                          (const char *[]){"books-1", "toys-0", "books-4", "toys-3", "books-2",
+                                           "toys-1", "books-0", "toys-4", "books-3", "toys-2",
+                                           "shoes-8"},
+                          11);
     }
     expect_recent("sara", (const char *[]){"toys-2", "books-1", "toys-0", "books-4", "toys-3",
                                            "books-2", "toys-1", "books-0", "toys-4", "books-3"},
