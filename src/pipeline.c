@@ -1627,6 +1627,49 @@ static float score_vec(const pipeline_job *j, const float *item)
     return j->vmetric == AFF_METRIC_COSINE && q2 > 0 ? s / (float)sqrt(q2) : s;
 }
 
+/* The sum of v's squares in double, added in index order (four per step, same order). */
+static double sum_squares(const float *v, uint32_t dim)
+{
+    double s = 0;
+    uint32_t d = 0;
+    for (; d + 4 <= dim; d += 4) {
+        s += (double)v[d] * v[d];
+        s += (double)v[d + 1] * v[d + 1];
+        s += (double)v[d + 2] * v[d + 2];
+        s += (double)v[d + 3] * v[d + 3];
+    }
+    for (; d < dim; d++)
+        s += (double)v[d] * v[d];
+    return s;
+}
+
+/* Scales each of the n rows of vec (dim floats each) to unit length for diversity: each
+ * row's double sum of squares in index order, then every value times (float)(1 / sqrt(sum))
+ * (rows of zeros stay). Two rows at a time, so their independent sums overlap; the scaling
+ * in four-lane vectors (the same products). */
+static void normalize_rows(float *vec, uint32_t n, uint32_t dim)
+{
+    for (uint32_t i = 0; i < n; i += 2) {
+        float *row[2] = {vec + (size_t)i * dim, vec + (size_t)(i + 1) * dim};
+        double s[2] = {sum_squares(row[0], dim), i + 1 < n ? sum_squares(row[1], dim) : 0.0};
+        for (uint32_t r = 0; r < 2 && i + r < n; r++) {
+            if (!(s[r] > 0)) continue;
+            const float inv = (float)(1.0 / sqrt(s[r]));
+            const f32x4 inv4 = {inv, inv, inv, inv};
+            float *v = row[r];
+            uint32_t d = 0;
+            for (; d + 4 <= dim; d += 4) {
+                f32x4 x;
+                memcpy(&x, v + d, sizeof x);
+                x *= inv4;
+                memcpy(v + d, &x, sizeof x);
+            }
+            for (; d < dim; d++)
+                v[d] *= inv;
+        }
+    }
+}
+
 /* Exploration's own candidates: the newest items of the collection first upserted within
  * exploration_new_age_s, not already candidates (up to PIPELINE_NEW_ITEMS, ids copied into
  * buf). Appended at cands[n..]; returns the new n. */
@@ -1788,18 +1831,9 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         pinned[p] = &cands[at];
     }
     if (vec && r->has_diversity && r->diversity > 0.0f) {
-        for (uint32_t i = 0; i < n; i++) {
-            float *v = vec + (size_t)i * j->vdim;
-            double s = 0;
-            for (uint32_t d = 0; d < j->vdim; d++)
-                s += (double)v[d] * v[d];
-            if (s > 0) {
-                float inv = (float)(1.0 / sqrt(s));
-                for (uint32_t d = 0; d < j->vdim; d++)
-                    v[d] *= inv;
-            }
-            cands[i].vector = v;
-        }
+        normalize_rows(vec, n, j->vdim);
+        for (uint32_t i = 0; i < n; i++)
+            cands[i].vector = vec + (size_t)i * j->vdim;
     }
     pipeline_rank_input in = {
         .rules = r,
@@ -1839,14 +1873,15 @@ static void note_served(const pipeline_job *j)
     uint32_t total = 0;
     for (uint32_t g = 0; g < j->n_groups; g++)
         total += j->n_hits[g];
-    const char **ids = malloc((total ? total : 1) * sizeof *ids);
+    const char *small[64]; /* most answers: no allocation */
+    const char **ids = total <= 64 ? small : malloc(total * sizeof *ids);
     if (!ids) return; /* best effort: a count missed */
     uint32_t m = 0;
     for (uint32_t g = 0; g < j->n_groups; g++)
         for (uint32_t i = 0; i < j->n_hits[g]; i++)
             ids[m++] = j->hits[(size_t)g * j->k + i].id;
     exposure_note_served(j->p->exposure, j->req->collection, ids, m, exposure_now_ms());
-    free(ids);
+    if (ids != small) free(ids);
 }
 
 /* Ranks every group. Returns 0 when done (or failed: out.status), RULES_STARVED when rules
@@ -2000,7 +2035,8 @@ static void record_job(pipeline_job *j)
         for (uint32_t g = 0; g < j->out.n_results; g++)
             n += j->out.n_hits[g];
     }
-    const char **ids = malloc((n ? n : 1) * sizeof *ids);
+    const char *small[64]; /* most answers: no allocation */
+    const char **ids = n <= 64 ? small : malloc(n * sizeof *ids);
     if (!ids) return;
     size_t m = 0;
     if (q->kind == PIPELINE_RERANK) {
@@ -2019,7 +2055,7 @@ static void record_job(pipeline_job *j)
     aff_err err;
     if (outcomes_record(j->p->outcomes, j->out.recommendation_id, &l, ids, (uint32_t)m, &err))
         aff_log(AFF_LOG_DEBUG, "recommendation not recorded: %s", err.msg);
-    free(ids);
+    if (ids != small) free(ids);
 }
 
 static void batch_done(batcher_request *br)
