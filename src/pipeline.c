@@ -1627,31 +1627,50 @@ static float score_vec(const pipeline_job *j, const float *item)
     return j->vmetric == AFF_METRIC_COSINE && q2 > 0 ? s / (float)sqrt(q2) : s;
 }
 
-/* The sum of v's squares in double, added in index order (four per step, same order). */
-static double sum_squares(const float *v, uint32_t dim)
+/* The sums of a's and b's squares in double, each added in index order, the two rows in the
+ * two lanes of one vector (the same values as a scalar loop per row). b may be NULL. */
+typedef double f64x2 __attribute__((vector_size(16)));
+
+static void sum_squares2(const float *a, const float *b, uint32_t dim, double out[2])
 {
-    double s = 0;
+    f64x2 s = {0.0, 0.0};
     uint32_t d = 0;
-    for (; d + 4 <= dim; d += 4) {
-        s += (double)v[d] * v[d];
-        s += (double)v[d + 1] * v[d + 1];
-        s += (double)v[d + 2] * v[d + 2];
-        s += (double)v[d + 3] * v[d + 3];
+    if (b) {
+        for (; d + 4 <= dim; d += 4) {
+            f32x4 x, y;
+            memcpy(&x, a + d, sizeof x);
+            memcpy(&y, b + d, sizeof y);
+            /* {a[d], b[d]}, {a[d+1], b[d+1]}, ... as doubles, in index order */
+            f32x4 lo = __builtin_shufflevector(x, y, 0, 4, 1, 5);
+            f32x4 hi = __builtin_shufflevector(x, y, 2, 6, 3, 7);
+            f64x2 v0 = __builtin_convertvector(__builtin_shufflevector(lo, lo, 0, 1), f64x2);
+            f64x2 v1 = __builtin_convertvector(__builtin_shufflevector(lo, lo, 2, 3), f64x2);
+            f64x2 v2 = __builtin_convertvector(__builtin_shufflevector(hi, hi, 0, 1), f64x2);
+            f64x2 v3 = __builtin_convertvector(__builtin_shufflevector(hi, hi, 2, 3), f64x2);
+            s += v0 * v0;
+            s += v1 * v1;
+            s += v2 * v2;
+            s += v3 * v3;
+        }
     }
-    for (; d < dim; d++)
-        s += (double)v[d] * v[d];
-    return s;
+    out[0] = s[0];
+    out[1] = s[1];
+    for (uint32_t e = d; e < dim; e++)
+        out[0] += (double)a[e] * a[e];
+    for (uint32_t e = d; b && e < dim; e++)
+        out[1] += (double)b[e] * b[e];
 }
 
 /* Scales each of the n rows of vec (dim floats each) to unit length for diversity: each
  * row's double sum of squares in index order, then every value times (float)(1 / sqrt(sum))
- * (rows of zeros stay). Two rows at a time, so their independent sums overlap; the scaling
+ * (rows of zeros stay). Two rows at a time in two-lane vectors (sum_squares2); the scaling
  * in four-lane vectors (the same products). */
 static void normalize_rows(float *vec, uint32_t n, uint32_t dim)
 {
     for (uint32_t i = 0; i < n; i += 2) {
         float *row[2] = {vec + (size_t)i * dim, vec + (size_t)(i + 1) * dim};
-        double s[2] = {sum_squares(row[0], dim), i + 1 < n ? sum_squares(row[1], dim) : 0.0};
+        double s[2];
+        sum_squares2(row[0], i + 1 < n ? row[1] : NULL, dim, s);
         for (uint32_t r = 0; r < 2 && i + r < n; r++) {
             if (!(s[r] > 0)) continue;
             const float inv = (float)(1.0 / sqrt(s[r]));
