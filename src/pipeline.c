@@ -796,7 +796,6 @@ static uint64_t id_hash(const char *s)
     return h;
 }
 
-
 typedef struct rank_ctx {
     const pipeline_rank_input *in;
     float *good;     /* adjusted score, higher better */
@@ -870,8 +869,7 @@ static float cos_sim(const float *a, const float *b, uint32_t dim)
 
 #if defined(__x86_64__) || defined(__i386__)
 /* cos_sim's tail and final sum for one row whose four lane sums are s[0..3]. */
-static float dot_finish(const float *s, const float *a, const float *b, uint32_t from,
-                        uint32_t dim)
+static float dot_finish(const float *s, const float *a, const float *b, uint32_t from, uint32_t dim)
 {
     float s0 = s[0];
     for (uint32_t j = from; j < dim; j++)
@@ -895,8 +893,8 @@ __attribute__((target("avx"))) static void dots_avx(const float *a, const float 
         for (uint32_t j = 0; j < d4; j += 4) {
             __m128 x4 = _mm_loadu_ps(a + j);
             __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
-#define ROWS2(p, q)                                                                               \
-    _mm256_mul_ps(x, _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r[p] + j)),      \
+#define ROWS2(p, q)                                                                                \
+    _mm256_mul_ps(x, _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r[p] + j)),          \
                                           _mm_loadu_ps(r[q] + j), 1))
             s0 = _mm256_add_ps(s0, ROWS2(0, 1));
             s1 = _mm256_add_ps(s1, ROWS2(2, 3));
@@ -1136,7 +1134,8 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
          * the same similarities, folded by fmaxf in the same order */
         uint32_t n_rv = 0;
         for (uint32_t q = 0; q < n_res; q++)
-            if (in->cands[reserved[q].cand].vector) rows[n_rv++] = in->cands[reserved[q].cand].vector;
+            if (in->cands[reserved[q].cand].vector)
+                rows[n_rv++] = in->cands[reserved[q].cand].vector;
         for (uint32_t p = 0; p < pool_n; p++) {
             uint32_t i = pool[p];
             maxsim[i] = -INFINITY;
@@ -1538,7 +1537,7 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     size_t o_packed = o_vec + m * dim * sizeof(float);
     char *mem = malloc(o_packed + (H + 1) * dim * sizeof(float));
     if (!mem) return;
-    char(*recent)[AFF_MAX_ID_LEN + 1] = (char(*)[AFF_MAX_ID_LEN + 1])mem;
+    char(*recent)[AFF_MAX_ID_LEN + 1] = (char(*)[AFF_MAX_ID_LEN + 1]) mem;
     const char **ids = (const char **)(mem + o_ids);
     engine_item_class *cls = (engine_item_class *)(mem + o_cls);
     uint64_t *hash = (uint64_t *)(mem + o_hash);
@@ -2632,11 +2631,10 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     const size_t n_pf = r->n_promotions ? r->n_promotions : 1, n_pe = n_ex ? n_ex : 1,
                  n_hit = (size_t)j->n_groups * j->k;
 #define SZ(n, type) (((n) * sizeof(type) + 15) & ~(size_t)15)
-    char *b = j->block = calloc(1, SZ(n_pf, aff_filter) + SZ(n_pe, const char *) +
-                                       SZ(nq, aff_query) + SZ(nq, uint32_t) + SZ(nq, size_t) +
-                                       SZ(nq, aff_err) + SZ(n_hit, pipeline_hit) +
-                                       SZ(j->n_groups, const pipeline_hit *) +
-                                       SZ(j->n_groups, uint32_t));
+    char *b = j->block = calloc(
+        1, SZ(n_pf, aff_filter) + SZ(n_pe, const char *) + SZ(nq, aff_query) + SZ(nq, uint32_t) +
+               SZ(nq, size_t) + SZ(nq, aff_err) + SZ(n_hit, pipeline_hit) +
+               SZ(j->n_groups, const pipeline_hit *) + SZ(j->n_groups, uint32_t));
     if (!b) return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
     j->promo_filters = carve(&b, SZ(n_pf, aff_filter));
     j->promo_excl = carve(&b, SZ(n_pe, const char *));
