@@ -209,9 +209,17 @@ int main(int argc, char **argv)
                               {.name = "categories", .collection = "categories", .k = 6},
                               {.name = "for-you", .collection = "products", .k = 12},
                               {.name = "offers", .collection = "offers", .k = 2}};
+    /* BENCH_USERS=n: calls cycle over the first n shoppers (default all 1024): with fewer,
+     * every shopper comes back within a run (a warm per-shopper cache, as on a busy site). */
+    uint32_t active_users = USERS;
+    if (getenv("BENCH_USERS")) {
+        int n = atoi(getenv("BENCH_USERS"));
+        active_users = n >= 1 && n <= USERS ? (uint32_t)n : USERS;
+    }
     const char *mode_names[4] = {"bare engine", "pipeline", "pipeline+rules", "page(4 slots)"};
     double per_call[4] = {0};
     double rounds[4] = {0};
+    double per_batch[4] = {0}; /* requests per engine batch: slow submission splits batches */
     /* BENCH_MODES=digits (0 bare, 1 pipeline, 2 rules, 3 page) runs only those (profiling). */
     const char *modes = getenv("BENCH_MODES");
     for (int mode = 0; mode < 4; mode++) {
@@ -221,13 +229,15 @@ int main(int argc, char **argv)
         for (int measured = 0; measured < 2; measured++) {
             uint32_t total = measured ? calls : INFLIGHT;
             bench_reset();
+            batcher_stats bs0;
+            batcher_get_stats(bat, &bs0);
             double t0 = bench_cpu_s();
             uint32_t sent = 0;
             while (sent < total) {
                 uint32_t wave = total - sent < INFLIGHT ? total - sent : INFLIGHT;
                 uint32_t base = bench_done();
                 for (uint32_t i = 0; i < wave; i++) {
-                    uint32_t u = (sent + i) % USERS;
+                    uint32_t u = (sent + i) % active_users;
                     bool pending = false;
                     if (mode == 0) {
                         q[i] = (aff_query){.vector = uvec + (size_t)u * D, .dim = D, .k = bare_k};
@@ -274,10 +284,17 @@ int main(int argc, char **argv)
                 }
                 sent += wave;
             }
-            if (measured) per_call[mode] = (bench_cpu_s() - t0) / calls;
+            if (measured) {
+                per_call[mode] = (bench_cpu_s() - t0) / calls;
+                batcher_stats bs1;
+                batcher_get_stats(bat, &bs1);
+                uint64_t nb = bs1.batches - bs0.batches;
+                per_batch[mode] = nb ? (double)(bs1.requests - bs0.requests) / (double)nb : 0;
+            }
         }
         printf("%-16s %8.1f us CPU per call", mode_names[mode], per_call[mode] * 1e6);
         if (mode == 1 || mode == 2) printf("  (%.2f engine rounds per call)", rounds[mode] / calls);
+        printf("  [%.1f requests per batch]", per_batch[mode]);
         printf("\n");
         fflush(stdout);
     }

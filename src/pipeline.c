@@ -20,6 +20,9 @@
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "jsonv.h"
 #include "log.h"
@@ -776,6 +779,23 @@ static int merge_rules(const pipeline_rules *preset, const pipeline_rules *req, 
 
 /* ---- ranking --------------------------------------------------------------------------------- */
 
+/* Copies id into dst[cap] (the same truncation as snprintf "%s", without its cost). */
+static void copy_id(char *dst, size_t cap, const char *id)
+{
+    size_t len = strnlen(id, cap - 1);
+    memcpy(dst, id, len);
+    dst[len] = 0;
+}
+
+/* FNV-1a of an id: equal ids, equal hashes (a cheap first test before strcmp). */
+static uint64_t id_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603u;
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211u;
+    return h;
+}
+
 typedef struct rank_ctx {
     const pipeline_rank_input *in;
     float *good;     /* adjusted score, higher better */
@@ -847,6 +867,166 @@ static float cos_sim(const float *a, const float *b, uint32_t dim)
     return (s0 + s[1]) + (s[2] + s[3]);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+/* cos_sim's tail and final sum for one row whose four lane sums are s[0..3]. */
+static float dot_finish(const float *s, const float *a, const float *b, uint32_t from, uint32_t dim)
+{
+    float s0 = s[0];
+    for (uint32_t j = from; j < dim; j++)
+        s0 += a[j] * b[j];
+    return (s0 + s[1]) + (s[2] + s[3]);
+}
+
+/* dots() with AVX: one 256-bit register holds two rows' four lane sums (lanes 0..3 row t,
+ * 4..7 row t + 1), each lane adding the same products in the same order as cos_sim (a
+ * multiply, then an add: no fused multiply-add), so every value is bit-identical; a's four
+ * values are loaded once for eight rows. */
+__attribute__((target("avx"))) static void dots_avx(const float *a, const float *const *b,
+                                                    uint32_t m, uint32_t dim, float *out)
+{
+    const uint32_t d4 = dim & ~3u;
+    float s[8];
+    uint32_t t = 0;
+    for (; t + 8 <= m; t += 8) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        const float *const *r = b + t;
+        for (uint32_t j = 0; j < d4; j += 4) {
+            __m128 x4 = _mm_loadu_ps(a + j);
+            __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
+#define ROWS2(p, q)                                                                                \
+    _mm256_mul_ps(x, _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r[p] + j)),          \
+                                          _mm_loadu_ps(r[q] + j), 1))
+            s0 = _mm256_add_ps(s0, ROWS2(0, 1));
+            s1 = _mm256_add_ps(s1, ROWS2(2, 3));
+            s2 = _mm256_add_ps(s2, ROWS2(4, 5));
+            s3 = _mm256_add_ps(s3, ROWS2(6, 7));
+        }
+        const __m256 acc[4] = {s0, s1, s2, s3};
+        for (int p = 0; p < 4; p++) {
+            _mm256_storeu_ps(s, acc[p]);
+            out[t + 2 * p] = dot_finish(s, a, r[2 * p], d4, dim);
+            out[t + 2 * p + 1] = dot_finish(s + 4, a, r[2 * p + 1], d4, dim);
+        }
+    }
+    for (; t + 2 <= m; t += 2) {
+        __m256 s0 = _mm256_setzero_ps();
+        const float *const *r = b + t;
+        for (uint32_t j = 0; j < d4; j += 4) {
+            __m128 x4 = _mm_loadu_ps(a + j);
+            __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
+            s0 = _mm256_add_ps(s0, ROWS2(0, 1));
+        }
+#undef ROWS2
+        _mm256_storeu_ps(s, s0);
+        out[t] = dot_finish(s, a, r[0], d4, dim);
+        out[t + 1] = dot_finish(s + 4, a, r[1], d4, dim);
+    }
+    for (; t < m; t++)
+        out[t] = cos_sim(a, b[t], dim);
+}
+#endif
+
+/* out[t] = cos_sim(a, b[t], dim) for t < m (bit-identical), as a blocked product where the
+ * CPU has AVX. */
+static void dots(const float *a, const float *const *b, uint32_t m, uint32_t dim, float *out)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("avx")) {
+        dots_avx(a, b, m, dim, out);
+        return;
+    }
+#endif
+    for (uint32_t t = 0; t < m; t++)
+        out[t] = cos_sim(a, b[t], dim);
+}
+
+/* Rows packed in pairs for dots_packed: pair p's four-value chunk c holds rows 2p and 2p + 1
+ * side by side (8 floats at (p * chunks + c) * 8; an odd last row is paired with zeros). */
+static void pack_pairs(const float *const *rows, uint32_t m, uint32_t dim, float *packed)
+{
+    const uint32_t chunks = dim / 4;
+    for (uint32_t p = 0; p < (m + 1) / 2; p++)
+        for (uint32_t c = 0; c < chunks; c++) {
+            float *o = packed + ((size_t)p * chunks + c) * 8;
+            memcpy(o, rows[2 * p] + 4 * c, 4 * sizeof *o);
+            if (2 * p + 1 < m)
+                memcpy(o + 4, rows[2 * p + 1] + 4 * c, 4 * sizeof *o);
+            else
+                memset(o + 4, 0, 4 * sizeof *o);
+        }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+/* dots_avx over rows packed by pack_pairs: a row pair is one 256-bit load (reused for every a
+ * a caller passes), the same lanes and order, so again bit-identical to cos_sim. */
+__attribute__((target("avx"))) static void dots_packed_avx(const float *a, const float *packed,
+                                                           const float *const *rows, uint32_t m,
+                                                           uint32_t dim, float *out)
+{
+    const uint32_t chunks = dim / 4, d4 = dim & ~3u, pairs = (m + 1) / 2;
+    float s[8];
+    uint32_t p = 0;
+    for (; p + 4 <= pairs; p += 4) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        const float *b = packed + (size_t)p * chunks * 8;
+        const size_t step = (size_t)chunks * 8;
+        for (uint32_t c = 0; c < chunks; c++) {
+            __m128 x4 = _mm_loadu_ps(a + 4 * c);
+            __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
+            const float *bc = b + (size_t)c * 8;
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(x, _mm256_loadu_ps(bc)));
+            s1 = _mm256_add_ps(s1, _mm256_mul_ps(x, _mm256_loadu_ps(bc + step)));
+            s2 = _mm256_add_ps(s2, _mm256_mul_ps(x, _mm256_loadu_ps(bc + 2 * step)));
+            s3 = _mm256_add_ps(s3, _mm256_mul_ps(x, _mm256_loadu_ps(bc + 3 * step)));
+        }
+        const __m256 acc[4] = {s0, s1, s2, s3};
+        for (uint32_t q = 0; q < 4; q++) {
+            uint32_t t = 2 * (p + q);
+            _mm256_storeu_ps(s, acc[q]);
+            out[t] = dot_finish(s, a, rows[t], d4, dim);
+            if (t + 1 < m) out[t + 1] = dot_finish(s + 4, a, rows[t + 1], d4, dim);
+        }
+    }
+    for (; p < pairs; p++) {
+        __m256 s0 = _mm256_setzero_ps();
+        const float *b = packed + (size_t)p * chunks * 8;
+        for (uint32_t c = 0; c < chunks; c++) {
+            __m128 x4 = _mm_loadu_ps(a + 4 * c);
+            __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(x, _mm256_loadu_ps(b + (size_t)c * 8)));
+        }
+        uint32_t t = 2 * p;
+        _mm256_storeu_ps(s, s0);
+        out[t] = dot_finish(s, a, rows[t], d4, dim);
+        if (t + 1 < m) out[t + 1] = dot_finish(s + 4, a, rows[t + 1], d4, dim);
+    }
+}
+#endif
+
+/* out[t] = cos_sim(a, rows[t], dim) for t < m (bit-identical); packed: pack_pairs(rows) when
+ * the CPU has AVX, else unused. */
+static void dots_packed(const float *a, const float *packed, const float *const *rows, uint32_t m,
+                        uint32_t dim, float *out)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("avx")) {
+        dots_packed_avx(a, packed, rows, m, dim, out);
+        return;
+    }
+#endif
+    (void)packed;
+    for (uint32_t t = 0; t < m; t++)
+        out[t] = cos_sim(a, rows[t], dim);
+}
+
+/* The next bytes of a block carved into arrays (callers keep each array's alignment). */
+static void *carve(char **at, size_t bytes)
+{
+    void *p = *at;
+    *at += bytes;
+    return p;
+}
+
 typedef struct picked {
     uint32_t cand;
     pipeline_reason_kind kind;
@@ -877,23 +1057,31 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
     const pipeline_rules *r = in->rules;
     uint32_t n = in->n, k = in->k;
     rank_ctx c = {.in = in};
-    size_t nn = n ? n : 1;
-    c.good = malloc(nn * sizeof *c.good);
-    c.adj = malloc(nn * sizeof *c.adj);
-    c.state = calloc(nn, 1);
-    c.order = malloc(nn * sizeof *c.order);
-    c.cat_ids = malloc((k + 1) * sizeof *c.cat_ids);
-    c.cat_counts = malloc((k + 1) * sizeof *c.cat_counts);
-    float *maxsim = malloc(nn * sizeof *maxsim);
-    picked *organic = malloc((k + 1) * sizeof *organic);
-    picked *reserved = malloc((k + 1) * sizeof *reserved);
-    uint32_t *pool = malloc(nn * sizeof *pool);
-    int rc = AFF_OK;
-    if (!c.good || !c.adj || !c.state || !c.order || !c.cat_ids || !c.cat_counts || !maxsim ||
-        !organic || !reserved || !pool) {
-        rc = aff__fail(err, AFF_ENOMEM, "out of memory ranking %u candidates", n);
-        goto out;
-    }
+    const size_t nn = n ? n : 1, kk = (size_t)k + 1, pool_max = 3 * (size_t)k + 10;
+    /* One allocation for every array (pointer-sized ones first, then 4-byte ones, bytes last):
+     * MMR's rows (pool_max), organic, reserved (kk); good, adj, maxsim, order, pool (nn);
+     * cat_ids, cat_counts (kk); sims, at (pool_max); state (nn) */
+    const size_t bytes = pool_max * sizeof(const float *) + 2 * kk * sizeof(picked) +
+                         5 * nn * sizeof(float) + 2 * kk * sizeof(uint32_t) +
+                         2 * pool_max * sizeof(float) + nn;
+    char *mem = malloc(bytes), *at_mem = mem;
+    if (!mem) return aff__fail(err, AFF_ENOMEM, "out of memory ranking %u candidates", n);
+#define CARVE(type, count) ((type *)carve(&at_mem, (count) * sizeof(type)))
+    const float **rows = CARVE(const float *, pool_max);
+    picked *organic = CARVE(picked, kk);
+    picked *reserved = CARVE(picked, kk);
+    c.good = CARVE(float, nn);
+    c.adj = CARVE(float, nn);
+    float *maxsim = CARVE(float, nn);
+    c.order = CARVE(uint32_t, nn);
+    uint32_t *pool = CARVE(uint32_t, nn);
+    c.cat_ids = CARVE(uint32_t, kk);
+    c.cat_counts = CARVE(uint32_t, kk);
+    float *sims = CARVE(float, pool_max);
+    uint32_t *sim_at = CARVE(uint32_t, pool_max);
+    c.state = CARVE(uint8_t, nn);
+#undef CARVE
+    memset(c.state, 0, nn);
     float sign = in->lower_is_better ? -1.0f : 1.0f;
     for (uint32_t i = 0; i < n; i++) {
         float boost = 0;
@@ -932,7 +1120,7 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
     if (lambda > 0.0f && in->dim) {
         /* MMR looks at the best 3k + 10 organic candidates (the rest fill in
          * score order below if needed): O(k * pool * d) work. */
-        uint32_t pool_n = 0, pool_max = 3 * k + 10;
+        uint32_t pool_n = 0;
         float gmin = INFINITY, gmax = -INFINITY;
         for (uint32_t o = 0; o < n && pool_n < pool_max; o++) {
             uint32_t i = c.order[o];
@@ -942,14 +1130,19 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             gmax = fmaxf(gmax, c.good[i]);
         }
         float range = gmax > gmin ? gmax - gmin : 1.0f;
+        /* the reserved items' vectors (n_res <= k < pool_max rows) against each pool item:
+         * the same similarities, folded by fmaxf in the same order */
+        uint32_t n_rv = 0;
+        for (uint32_t q = 0; q < n_res; q++)
+            if (in->cands[reserved[q].cand].vector)
+                rows[n_rv++] = in->cands[reserved[q].cand].vector;
         for (uint32_t p = 0; p < pool_n; p++) {
             uint32_t i = pool[p];
             maxsim[i] = -INFINITY;
-            for (uint32_t q = 0; q < n_res; q++) {
-                const float *v = in->cands[reserved[q].cand].vector;
-                if (v && in->cands[i].vector)
-                    maxsim[i] = fmaxf(maxsim[i], cos_sim(v, in->cands[i].vector, in->dim));
-            }
+            if (!in->cands[i].vector || !n_rv) continue;
+            dots(in->cands[i].vector, rows, n_rv, in->dim, sims);
+            for (uint32_t q = 0; q < n_rv; q++)
+                maxsim[i] = fmaxf(maxsim[i], sims[q]);
         }
         while (n_org < organic_target) {
             uint32_t best = UINT32_MAX;
@@ -969,11 +1162,17 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             take(&c, best);
             organic[n_org++] = (picked){best, in->organic_reason, NULL};
             const float *bv = in->cands[best].vector;
+            uint32_t nr = 0;
             for (uint32_t p = 0; bv && p < pool_n; p++) {
                 uint32_t i = pool[p];
-                if (c.state[i] == 0 && in->cands[i].vector)
-                    maxsim[i] = fmaxf(maxsim[i], cos_sim(bv, in->cands[i].vector, in->dim));
+                if (c.state[i] == 0 && in->cands[i].vector) {
+                    sim_at[nr] = i;
+                    rows[nr++] = in->cands[i].vector;
+                }
             }
+            dots(bv, rows, nr, in->dim, sims);
+            for (uint32_t t = 0; t < nr; t++)
+                maxsim[sim_at[t]] = fmaxf(maxsim[sim_at[t]], sims[t]);
         }
     } else {
         for (uint32_t o = 0; o < n && n_org < organic_target; o++) {
@@ -1032,11 +1231,11 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             pk = organic[io++];
         pipeline_hit *h = &out[m++];
         const pipeline_candidate *cd = &in->cands[pk.cand];
-        snprintf(h->id, sizeof h->id, "%s", cd->id);
+        copy_id(h->id, sizeof h->id, cd->id);
         h->score = c.adj[pk.cand];
         h->reason = (pipeline_reason){.kind = pk.kind, .promotion = pk.promotion};
         if (pk.kind == in->organic_reason && in->organic_related)
-            snprintf(h->reason.related_id, sizeof h->reason.related_id, "%s", in->organic_related);
+            copy_id(h->reason.related_id, sizeof h->reason.related_id, in->organic_related);
     }
     /* 5. pins at their positions, ascending */
     for (uint32_t pos = 1; pos <= k; pos++) {
@@ -1046,7 +1245,7 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
             uint32_t at = pos - 1 < m ? pos - 1 : m;
             memmove(&out[at + 1], &out[at], (m - at) * sizeof *out);
             pipeline_hit *h = &out[at];
-            snprintf(h->id, sizeof h->id, "%s", cd->id);
+            copy_id(h->id, sizeof h->id, cd->id);
             float boost = 0;
             for (uint32_t b = 0; b < r->n_boosts; b++)
                 if (cd->matches & ((uint64_t)1 << (1 + b))) boost += r->boosts[b].weight;
@@ -1056,18 +1255,8 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
         }
     }
     *n_out = m < k ? m : k;
-out:
-    free(c.good);
-    free(c.adj);
-    free(c.state);
-    free(c.order);
-    free(c.cat_ids);
-    free(c.cat_counts);
-    free(maxsim);
-    free(organic);
-    free(reserved);
-    free(pool);
-    return rc;
+    free(mem);
+    return AFF_OK;
 }
 
 /* ---- jobs ------------------------------------------------------------------------------------ */
@@ -1102,6 +1291,7 @@ struct pipeline_job {
     const aff_filter *base; /* the request's filter with the shopper's exclusions */
     aff_filter *promo_filters;
     const char **promo_excl;
+    void *block; /* owns promo_filters .. n_hits (plan_search) or qerrs (Rerank) */
     aff_query *queries;
     aff_hit *cand;
     uint32_t *cand_n;
@@ -1145,16 +1335,8 @@ void pipeline_job_destroy(pipeline_job *j)
     for (int i = 0; i < 5; i++)
         free(j->owned_rules[i]);
     preset_set_unref(j->presets);
-    free(j->promo_filters);
-    free(j->promo_excl);
-    free(j->queries);
+    free(j->block);
     free(j->cand);
-    free(j->cand_n);
-    free(j->cand_off);
-    free(j->qerrs);
-    free(j->hits);
-    free(j->hit_ptrs);
-    free(j->n_hits);
     free(j->rerank_out);
     free(j->rerank_reasons);
     widgets_result_release(&j->widget);
@@ -1226,8 +1408,8 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
                                  const profiles_plan *plan, pipeline_user_source *out, aff_err *err)
 {
     memset(out, 0, sizeof *out);
-    snprintf(out->space, sizeof out->space, "%s", collection);
-    snprintf(out->history, sizeof out->history, "%s", collection);
+    copy_id(out->space, sizeof out->space, collection);
+    copy_id(out->history, sizeof out->history, collection);
     /* The learned model: the user's factor folded in from their current events. */
     if (p->model && space != PIPELINE_SPACE_CONTENT) {
         model_user_factor_out *mf = malloc(sizeof *mf);
@@ -1240,7 +1422,7 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
             }
             memcpy(out->vector, mf->vector, (size_t)mf->dim * sizeof *out->vector);
             out->dim = mf->dim;
-            snprintf(out->space, sizeof out->space, "%s", mf->space);
+            copy_id(out->space, sizeof out->space, mf->space);
             out->source = PIPELINE_SOURCE_MODEL;
             out->reason = PIPELINE_REASON_LIKED_BY_SIMILAR_SHOPPERS;
         }
@@ -1272,7 +1454,7 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
             out->dim = dim;
             out->source = PIPELINE_SOURCE_PROFILE;
             out->reason = PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM;
-            snprintf(out->history, sizeof out->history, "%s", ranked_by);
+            copy_id(out->history, sizeof out->history, ranked_by);
             return AFF_OK;
         }
         free(out->vector);
@@ -1331,49 +1513,47 @@ static bool rules_active(const pipeline_rules *r)
            (r->has_exploration && r->exploration_share > 0.0f);
 }
 
-/* The shopper's recent distinct history items (newest first), for reasons. */
-typedef struct history_ctx {
-    char (*ring)[AFF_MAX_ID_LEN + 1]; /* the last RING event items */
-    uint64_t seen;
-} history_ctx;
-
-#define HISTORY_RING 128
-
-static int history_visit(void *ctx, uint64_t seq, const store_event *e)
-{
-    (void)seq;
-    history_ctx *h = ctx;
-    size_t len = strnlen(e->item_id, AFF_MAX_ID_LEN);
-    char *slot = h->ring[h->seen % HISTORY_RING];
-    memcpy(slot, e->item_id, len);
-    slot[len] = 0;
-    h->seen++;
-    return 0;
-}
+/* Reasons look at the shopper's recent distinct items as profiles_recent_items keeps them. */
+_Static_assert(PIPELINE_HISTORY_ITEMS == PROFILES_RECENT_ITEMS,
+               "reasons consider the recent items profiles keeps");
 
 /* Refines organic SIMILAR_TO_HISTORY_ITEM reasons with the nearest recent history item
  * (another item than the hit itself). Best effort: on any failure the reasons stay without a
- * related id. */
+ * related id. The hits against the history items are one blocked product (dots): each hit's
+ * row against every history item found, in history order, the first best kept. */
 static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
 {
-    history_ctx h = {.ring = malloc(HISTORY_RING * sizeof *h.ring)};
-    const char **ids = malloc((n + PIPELINE_HISTORY_ITEMS) * sizeof *ids);
-    engine_item_class *cls = malloc((n + PIPELINE_HISTORY_ITEMS) * sizeof *cls);
-    float *vec = malloc((size_t)(n + PIPELINE_HISTORY_ITEMS) * j->dim * sizeof *vec);
+    enum { H = PIPELINE_HISTORY_ITEMS };
+    const size_t m = (size_t)n + H, dim = j->dim;
+    /* one allocation: recent, ids, cls, hash, rows, at, sims, then the floats (16-byte
+     * aligned): vec (m rows), packed (the history rows in pairs, H + 1 rows' room) */
+    size_t o_ids = H * sizeof(char[AFF_MAX_ID_LEN + 1]);
+    size_t o_cls = o_ids + m * sizeof(const char *);
+    size_t o_hash = o_cls + m * sizeof(engine_item_class);
+    size_t o_rows = o_hash + H * sizeof(uint64_t);
+    size_t o_at = o_rows + H * sizeof(const float *);
+    size_t o_sims = o_at + H * sizeof(uint32_t);
+    size_t o_vec = (o_sims + H * sizeof(float) + 15) & ~(size_t)15;
+    size_t o_packed = o_vec + m * dim * sizeof(float);
+    char *mem = malloc(o_packed + (H + 1) * dim * sizeof(float));
+    if (!mem) return;
+    char(*recent)[AFF_MAX_ID_LEN + 1] = (char(*)[AFF_MAX_ID_LEN + 1]) mem;
+    const char **ids = (const char **)(mem + o_ids);
+    engine_item_class *cls = (engine_item_class *)(mem + o_cls);
+    uint64_t *hash = (uint64_t *)(mem + o_hash);
+    const float **rows = (const float **)(mem + o_rows);
+    uint32_t *at = (uint32_t *)(mem + o_at);
+    float *sims = (float *)(mem + o_sims);
+    float *vec = (float *)(mem + o_vec), *packed = (float *)(mem + o_packed);
     aff_err err;
-    if (!h.ring || !ids || !cls || !vec) goto out;
-    if (profiles_history(j->p->profiles, j->src.history, j->req->user_id, history_visit, &h, &err))
-        goto out;
     uint32_t nh = 0;
-    for (uint64_t s = h.seen; s > 0 && s + HISTORY_RING > h.seen && nh < PIPELINE_HISTORY_ITEMS;
-         s--) {
-        const char *id = h.ring[(s - 1) % HISTORY_RING];
-        bool dup = false;
-        for (uint32_t i = 0; i < nh && !dup; i++)
-            dup = strcmp(ids[n + i], id) == 0;
-        if (!dup) ids[n + nh++] = id;
+    if (profiles_recent_items(j->p->profiles, j->src.history, j->req->user_id, recent, &nh, &err) ||
+        !nh)
+        goto out;
+    for (uint32_t t = 0; t < nh; t++) {
+        ids[n + t] = recent[t];
+        hash[t] = id_hash(recent[t]);
     }
-    if (!nh) goto out;
     for (uint32_t i = 0; i < n; i++)
         ids[i] = hits[i].id;
     if (strcmp(j->src.history, j->req->collection) == 0) {
@@ -1383,42 +1563,50 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     } else if (engine_classify_items(j->p->engine, j->req->collection, ids, n, NULL, 0, cls, vec,
                                      &err) ||
                engine_classify_items(j->p->engine, j->src.history, ids + n, nh, NULL, 0, cls + n,
-                                     vec + (size_t)n * j->dim, &err)) {
+                                     vec + (size_t)n * dim, &err)) {
         goto out;
     }
+    /* the history items found, in history order, packed once for every hit */
+    uint32_t nr = 0;
+    for (uint32_t t = 0; t < nh; t++) {
+        if (!cls[n + t].found) continue;
+        at[nr] = t;
+        rows[nr++] = vec + (size_t)(n + t) * dim;
+    }
+    if (!nr) goto out;
+    const bool l2 = j->metric == AFF_METRIC_L2;
+    if (!l2) pack_pairs(rows, nr, (uint32_t)dim, packed);
     for (uint32_t i = 0; i < n; i++) {
         if (hits[i].reason.kind != PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM || !cls[i].found)
             continue;
-        const float *a = vec + (size_t)i * j->dim;
+        const float *a = vec + (size_t)i * dim;
+        if (l2) {
+            for (uint32_t r = 0; r < nr; r++) {
+                float v = 0;
+                for (uint32_t d = 0; d < dim; d++)
+                    v -= (a[d] - rows[r][d]) * (a[d] - rows[r][d]);
+                sims[r] = v;
+            }
+        } else {
+            dots_packed(a, packed, rows, nr, (uint32_t)dim, sims);
+        }
+        /* the first best history item other than the hit itself */
+        uint64_t hi = id_hash(hits[i].id);
         int best = -1;
         float best_v = 0;
-        for (uint32_t t = 0; t < nh; t++) {
-            if (!cls[n + t].found || strcmp(ids[n + t], hits[i].id) == 0) continue;
-            const float *b = vec + (size_t)(n + t) * j->dim;
-            float v = 0;
-            if (j->metric == AFF_METRIC_L2) {
-                for (uint32_t d = 0; d < j->dim; d++)
-                    v -= (a[d] - b[d]) * (a[d] - b[d]);
-            } else {
-                v = cos_sim(a, b, j->dim);
-            }
-            if (best < 0 || v > best_v) {
-                best = (int)t;
-                best_v = v;
+        for (uint32_t r = 0; r < nr; r++) {
+            if (hash[at[r]] == hi && strcmp(ids[n + at[r]], hits[i].id) == 0) continue;
+            if (best < 0 || sims[r] > best_v) {
+                best = (int)at[r];
+                best_v = sims[r];
             }
         }
-        if (best >= 0) { /* a history id (at most AFF_MAX_ID_LEN bytes): copied, no snprintf */
-            const char *id = ids[n + (uint32_t)best];
-            size_t len = strnlen(id, sizeof hits[i].reason.related_id - 1);
-            memcpy(hits[i].reason.related_id, id, len);
-            hits[i].reason.related_id[len] = 0;
-        }
+        if (best >= 0) /* a history id (at most AFF_MAX_ID_LEN bytes) */
+            copy_id(hits[i].reason.related_id, sizeof hits[i].reason.related_id,
+                    ids[n + (uint32_t)best]);
     }
 out:
-    free(h.ring);
-    free(ids);
-    free(cls);
-    free(vec);
+    free(mem);
 }
 
 static float score_vec(const pipeline_job *j, const float *item)
@@ -1436,6 +1624,68 @@ static float score_vec(const pipeline_job *j, const float *item)
         q2 += (double)j->qvec[d] * j->qvec[d];
     }
     return j->vmetric == AFF_METRIC_COSINE && q2 > 0 ? s / (float)sqrt(q2) : s;
+}
+
+/* The sums of a's and b's squares in double, each added in index order, the two rows in the
+ * two lanes of one vector (the same values as a scalar loop per row). b may be NULL. */
+typedef double f64x2 __attribute__((vector_size(16)));
+
+static void sum_squares2(const float *a, const float *b, uint32_t dim, double out[2])
+{
+    f64x2 s = {0.0, 0.0};
+    uint32_t d = 0;
+    if (b) {
+        for (; d + 4 <= dim; d += 4) {
+            f32x4 x, y;
+            memcpy(&x, a + d, sizeof x);
+            memcpy(&y, b + d, sizeof y);
+            /* {a[d], b[d]}, {a[d+1], b[d+1]}, ... as doubles, in index order */
+            f32x4 lo = __builtin_shufflevector(x, y, 0, 4, 1, 5);
+            f32x4 hi = __builtin_shufflevector(x, y, 2, 6, 3, 7);
+            f64x2 v0 = __builtin_convertvector(__builtin_shufflevector(lo, lo, 0, 1), f64x2);
+            f64x2 v1 = __builtin_convertvector(__builtin_shufflevector(lo, lo, 2, 3), f64x2);
+            f64x2 v2 = __builtin_convertvector(__builtin_shufflevector(hi, hi, 0, 1), f64x2);
+            f64x2 v3 = __builtin_convertvector(__builtin_shufflevector(hi, hi, 2, 3), f64x2);
+            s += v0 * v0;
+            s += v1 * v1;
+            s += v2 * v2;
+            s += v3 * v3;
+        }
+    }
+    out[0] = s[0];
+    out[1] = s[1];
+    for (uint32_t e = d; e < dim; e++)
+        out[0] += (double)a[e] * a[e];
+    for (uint32_t e = d; b && e < dim; e++)
+        out[1] += (double)b[e] * b[e];
+}
+
+/* Scales each of the n rows of vec (dim floats each) to unit length for diversity: each
+ * row's double sum of squares in index order, then every value times (float)(1 / sqrt(sum))
+ * (rows of zeros stay). Two rows at a time in two-lane vectors (sum_squares2); the scaling
+ * in four-lane vectors (the same products). */
+static void normalize_rows(float *vec, uint32_t n, uint32_t dim)
+{
+    for (uint32_t i = 0; i < n; i += 2) {
+        float *row[2] = {vec + (size_t)i * dim, vec + (size_t)(i + 1) * dim};
+        double s[2];
+        sum_squares2(row[0], i + 1 < n ? row[1] : NULL, dim, s);
+        for (uint32_t r = 0; r < 2 && i + r < n; r++) {
+            if (!(s[r] > 0)) continue;
+            const float inv = (float)(1.0 / sqrt(s[r]));
+            const f32x4 inv4 = {inv, inv, inv, inv};
+            float *v = row[r];
+            uint32_t d = 0;
+            for (; d + 4 <= dim; d += 4) {
+                f32x4 x;
+                memcpy(&x, v + d, sizeof x);
+                x *= inv4;
+                memcpy(v + d, &x, sizeof x);
+            }
+            for (; d < dim; d++)
+                v[d] *= inv;
+        }
+    }
 }
 
 /* Exploration's own candidates: the newest items of the collection first upserted within
@@ -1505,7 +1755,7 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
             out[i].score = org[i].score;
             out[i].reason = (pipeline_reason){.kind = j->src.reason};
             if (related)
-                snprintf(out[i].reason.related_id, sizeof out[i].reason.related_id, "%s", related);
+                copy_id(out[i].reason.related_id, sizeof out[i].reason.related_id, related);
         }
         j->n_hits[g] = m;
         if (j->src.source == PIPELINE_SOURCE_PROFILE) explain_history(j, out, m);
@@ -1599,18 +1849,9 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         pinned[p] = &cands[at];
     }
     if (vec && r->has_diversity && r->diversity > 0.0f) {
-        for (uint32_t i = 0; i < n; i++) {
-            float *v = vec + (size_t)i * j->vdim;
-            double s = 0;
-            for (uint32_t d = 0; d < j->vdim; d++)
-                s += (double)v[d] * v[d];
-            if (s > 0) {
-                float inv = (float)(1.0 / sqrt(s));
-                for (uint32_t d = 0; d < j->vdim; d++)
-                    v[d] *= inv;
-            }
-            cands[i].vector = v;
-        }
+        normalize_rows(vec, n, j->vdim);
+        for (uint32_t i = 0; i < n; i++)
+            cands[i].vector = vec + (size_t)i * j->vdim;
     }
     /* A full pool, or one the engine capped per category (deepen() drops the cap): the
      * engine may hold more candidates than this round saw. */
@@ -1654,14 +1895,15 @@ static void note_served(const pipeline_job *j)
     uint32_t total = 0;
     for (uint32_t g = 0; g < j->n_groups; g++)
         total += j->n_hits[g];
-    const char **ids = malloc((total ? total : 1) * sizeof *ids);
+    const char *small[64]; /* most answers: no allocation */
+    const char **ids = total <= 64 ? small : malloc(total * sizeof *ids);
     if (!ids) return; /* best effort: a count missed */
     uint32_t m = 0;
     for (uint32_t g = 0; g < j->n_groups; g++)
         for (uint32_t i = 0; i < j->n_hits[g]; i++)
             ids[m++] = j->hits[(size_t)g * j->k + i].id;
     exposure_note_served(j->p->exposure, j->req->collection, ids, m, exposure_now_ms());
-    free(ids);
+    if (ids != small) free(ids);
 }
 
 /* Ranks every group. Returns 0 when done (or failed: out.status), RULES_STARVED when rules
@@ -1800,8 +2042,8 @@ static void assign_arm(pipeline_job *j)
         if (j->assign.arm.preset[0]) q->preset = j->assign.arm.preset;
         if (j->assign.arm.space) q->space = (pipeline_space)j->assign.arm.space;
     }
-    snprintf(j->out.strategy, sizeof j->out.strategy, "%s",
-             q->preset && q->preset[0] ? q->preset : OUTCOMES_DEFAULT_STRAT);
+    copy_id(j->out.strategy, sizeof j->out.strategy,
+            q->preset && q->preset[0] ? q->preset : OUTCOMES_DEFAULT_STRAT);
 }
 
 /* Records a finished job's answer for attribution (a failed one is not an answer). Memory
@@ -1817,7 +2059,8 @@ static void record_job(pipeline_job *j)
         for (uint32_t g = 0; g < j->out.n_results; g++)
             n += j->out.n_hits[g];
     }
-    const char **ids = malloc((n ? n : 1) * sizeof *ids);
+    const char *small[64]; /* most answers: no allocation */
+    const char **ids = n <= 64 ? small : malloc(n * sizeof *ids);
     if (!ids) return;
     size_t m = 0;
     if (q->kind == PIPELINE_RERANK) {
@@ -1836,7 +2079,7 @@ static void record_job(pipeline_job *j)
     aff_err err;
     if (outcomes_record(j->p->outcomes, j->out.recommendation_id, &l, ids, (uint32_t)m, &err))
         aff_log(AFF_LOG_DEBUG, "recommendation not recorded: %s", err.msg);
-    free(ids);
+    if (ids != small) free(ids);
 }
 
 static void batch_done(batcher_request *br)
@@ -2249,7 +2492,7 @@ static int start_rerank(pipeline_job *j, aff_err *err)
         dim = j->src.dim;
     }
     j->rerank_out = calloc(req->n_candidates, sizeof *j->rerank_out);
-    j->qerrs = calloc(1, sizeof *j->qerrs);
+    j->qerrs = j->block = calloc(1, sizeof *j->qerrs);
     if (!j->rerank_out || !j->qerrs) return aff__fail(err, AFF_ENOMEM, "out of memory");
     j->rq = (aff_rerank_query){.vector = vector,
                                .dim = dim,
@@ -2389,19 +2632,26 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     size_t n_ex = 0;
     for (uint32_t q = 0; q < r->n_promotions; q++)
         n_ex += (size_t)r->promotions[q].filter.n_exclude_ids + n_base_ex;
-    j->promo_filters = calloc(r->n_promotions ? r->n_promotions : 1, sizeof *j->promo_filters);
-    j->promo_excl = calloc(n_ex ? n_ex : 1, sizeof *j->promo_excl);
     size_t nq = (size_t)j->n_groups * j->per_group;
-    j->queries = calloc(nq, sizeof *j->queries);
-    j->cand_n = calloc(nq, sizeof *j->cand_n);
-    j->cand_off = calloc(nq, sizeof *j->cand_off);
-    j->qerrs = calloc(nq, sizeof *j->qerrs);
-    j->hits = calloc((size_t)j->n_groups * j->k, sizeof *j->hits);
-    j->hit_ptrs = calloc(j->n_groups, sizeof *j->hit_ptrs);
-    j->n_hits = calloc(j->n_groups, sizeof *j->n_hits);
-    if (!j->promo_filters || !j->promo_excl || !j->queries || !j->cand_n || !j->cand_off ||
-        !j->qerrs || !j->hits || !j->hit_ptrs || !j->n_hits)
-        return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
+    /* The job's arrays in one zeroed block (j->block), each at a multiple of 16 bytes. */
+    const size_t n_pf = r->n_promotions ? r->n_promotions : 1, n_pe = n_ex ? n_ex : 1,
+                 n_hit = (size_t)j->n_groups * j->k;
+#define SZ(n, type) (((n) * sizeof(type) + 15) & ~(size_t)15)
+    char *b = j->block = calloc(
+        1, SZ(n_pf, aff_filter) + SZ(n_pe, const char *) + SZ(nq, aff_query) + SZ(nq, uint32_t) +
+               SZ(nq, size_t) + SZ(nq, aff_err) + SZ(n_hit, pipeline_hit) +
+               SZ(j->n_groups, const pipeline_hit *) + SZ(j->n_groups, uint32_t));
+    if (!b) return aff__fail(err, AFF_ENOMEM, "out of memory preparing the query");
+    j->promo_filters = carve(&b, SZ(n_pf, aff_filter));
+    j->promo_excl = carve(&b, SZ(n_pe, const char *));
+    j->queries = carve(&b, SZ(nq, aff_query));
+    j->cand_n = carve(&b, SZ(nq, uint32_t));
+    j->cand_off = carve(&b, SZ(nq, size_t));
+    j->qerrs = carve(&b, SZ(nq, aff_err));
+    j->hits = carve(&b, SZ(n_hit, pipeline_hit));
+    j->hit_ptrs = carve(&b, SZ(j->n_groups, const pipeline_hit *));
+    j->n_hits = carve(&b, SZ(j->n_groups, uint32_t));
+#undef SZ
     size_t at = 0;
     for (uint32_t q = 0; q < r->n_promotions; q++) {
         const aff_filter *pf = &r->promotions[q].filter;

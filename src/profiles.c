@@ -7,6 +7,7 @@
 #include "profiles.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,7 +35,15 @@ struct aff_profiles {
     void *now_ctx;
     profiles_observer observer;
     int64_t retention_ms; /* 0: no retention limit */
+    struct recent_cache *recent; /* profiles_recent_items */
 };
+
+static int recent_cache_create(struct recent_cache **out);
+static void recent_cache_destroy(struct recent_cache *c);
+static void recent_forget(aff_profiles *p, const char *collection, const char *user);
+static void recent_forget_all(aff_profiles *p);
+static void recent_advance(aff_profiles *p, const char *collection, const char *user,
+                           uint64_t first, const store_event *events, size_t k);
 
 static const char *const builtin_names[AFF_EVENT_BUILTIN_COUNT] = {
 #define PROFILES__EVENT_NAME(name, value, str, weight) [value - 1] = str,
@@ -141,12 +150,18 @@ int profiles_create(aff_profiles **out, aff_store *store, const profiles_config 
     p->now_ms = cfg->now_ms;
     p->now_ctx = cfg->now_ctx;
     p->observer = cfg->observer;
+    if (recent_cache_create(&p->recent)) {
+        free(p);
+        return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    }
     *out = p;
     return AFF_OK;
 }
 
 void profiles_destroy(aff_profiles *p)
 {
+    if (!p) return;
+    recent_cache_destroy(p->recent);
     free(p);
 }
 
@@ -546,9 +561,10 @@ static int apply_user_events(store_txn *txn, put_ctx *c, const store_collection 
     return store_txn_put_profile(txn, c->collection, user, &prof, c->sum, err);
 }
 
+/* The applied events are recorded for the observer and for the recent items cache. */
 static int observe_alloc(const aff_profiles *p, put_ctx *c, size_t n, aff_err *err)
 {
-    if (!p->observer.applied) return AFF_OK;
+    (void)p;
     c->done = malloc(n * sizeof *c->done);
     c->done_seq = malloc(n * sizeof *c->done_seq);
     c->done_user = malloc(n * sizeof *c->done_user);
@@ -567,7 +583,7 @@ static void observe_free(put_ctx *c)
 /* Tells the observer about the committed events, one call per run of one user's events. */
 static void observe_applied(const aff_profiles *p, put_ctx *c)
 {
-    if (!c->done) return;
+    if (!c->done || !p->observer.applied) return;
     for (size_t i = 0, end; i < c->n_done; i = end) {
         for (end = i + 1; end < c->n_done && c->done_user[end] == c->done_user[i]; end++)
             ;
@@ -611,6 +627,33 @@ static int put_events_fn(store_txn *txn, void *ctx, aff_err *err)
     return flush_popularity(txn, c, err);
 }
 
+/* After a put committed (status AFF_OK) or failed: each user's cached recent items advance
+ * by the applied events (one run of one user's events at a time, in application order);
+ * after a failure they are forgotten. */
+static void recent_after_put(put_ctx *c, int status)
+{
+    if (status == AFF_OK && c->done) {
+        for (size_t i = 0, end; i < c->n_done; i = end) {
+            for (end = i + 1; end < c->n_done && c->done_user[end] == c->done_user[i] &&
+                              c->done_seq[end] == c->done_seq[end - 1] + 1;
+                 end++)
+                ;
+            recent_advance(c->p, c->collection, c->done_user[i], c->done_seq[i], c->done + i,
+                           end - i);
+        }
+        return;
+    }
+    for (size_t i = 0, end; c->uevents && i < c->n; i = end) {
+        const char *user = c->uevents[i].user_id;
+        for (end = i + 1; end < c->n; end++) {
+            const char *u = c->uevents[end].user_id;
+            if (u != user && (!u || !user || strcmp(u, user) != 0)) break;
+        }
+        if (user) recent_forget(c->p, c->collection, user);
+    }
+    if (!c->uevents) recent_forget(c->p, c->collection, c->user);
+}
+
 /* Runs put_events_fn for a checked call (c set up by the entry point) and reports its counts:
  * the one write path of profiles_put_events and profiles_import_events. */
 static int put_events_run(put_ctx *c, uint32_t *n_applied, uint32_t *n_rejected, aff_err *err)
@@ -625,6 +668,7 @@ static int put_events_run(put_ctx *c, uint32_t *n_applied, uint32_t *n_rejected,
     else if ((status = observe_alloc(c->p, c, c->n, err)) == AFF_OK) {
         c->x = c->sum + AFF_MAX_DIM;
         status = store_update(c->p->store, put_events_fn, c, err);
+        recent_after_put(c, status);
         if (status == AFF_OK) observe_applied(c->p, c);
     }
     observe_free(c);
@@ -667,6 +711,307 @@ int profiles_import_events(aff_profiles *p, const char *collection,
                          PROFILES_MAX_IMPORT_EVENTS, n);
     put_ctx c = {.p = p, .collection = collection, .uevents = events, .n = n, .rejected = rejected};
     return put_events_run(&c, n_applied, n_rejected, err);
+}
+
+/* ---- recent items cache (profiles_recent_items) ------------------------------------------ */
+
+#define RECENT_STRIPES 64 /* slot s is guarded by mu[s % RECENT_STRIPES] */
+
+typedef struct recent_slot {
+    uint64_t hash; /* of collection and user */
+    char *blob;    /* NULL: empty; else collection \0 user \0 then n ids, each \0-terminated */
+    uint32_t n;
+    /* The history the answer is of: events [next_seq - n_hist, next_seq), every one of them
+     * held (gapless; a put then advances the entry instead of dropping it). */
+    bool gapless;
+    uint32_t n_hist;
+    uint64_t next_seq;
+    uint64_t seq[PROFILES_RECENT_ITEMS]; /* item i's newest event */
+} recent_slot;
+
+typedef struct recent_cache {
+    pthread_mutex_t mu[RECENT_STRIPES];
+    /* Bumped (under mu) by every write that changes entries of the stripe: a miss stores its
+     * answer only if its stripe's gen is unchanged since before its read snapshot. */
+    uint64_t gen[RECENT_STRIPES];
+    recent_slot slot[PROFILES_RECENT_SLOTS];
+} recent_cache;
+
+static uint64_t recent_hash(const char *collection, const char *user)
+{
+    uint64_t h = 1469598103934665603u;
+    for (const char *s = collection; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211u;
+    h = (h ^ 0xffu) * 1099511628211u; /* separator: no byte of a name or id */
+    for (const char *s = user; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211u;
+    return h;
+}
+
+static bool recent_is(const recent_slot *s, uint64_t h, const char *collection, const char *user)
+{
+    if (!s->blob || s->hash != h || strcmp(s->blob, collection) != 0) return false;
+    return strcmp(s->blob + strlen(s->blob) + 1, user) == 0;
+}
+
+/* A slot's blob for these ids (NULL when out of memory). */
+static char *recent_blob(const char *collection, const char *user, const char *const *ids,
+                         uint32_t n)
+{
+    size_t lc = strlen(collection) + 1, lu = strlen(user) + 1, len[PROFILES_RECENT_ITEMS];
+    size_t total = lc + lu;
+    for (uint32_t i = 0; i < n; i++)
+        total += len[i] = strlen(ids[i]) + 1;
+    char *blob = malloc(total), *w = blob;
+    if (!blob) return NULL;
+    memcpy(w, collection, lc);
+    memcpy(w += lc, user, lu);
+    w += lu;
+    for (uint32_t i = 0; i < n; i++) {
+        memcpy(w, ids[i], len[i]);
+        w += len[i];
+    }
+    return blob;
+}
+
+/* The slot's ids, pointing into its blob. */
+static void recent_ids(const recent_slot *s, const char **ids)
+{
+    const char *id = s->blob + strlen(s->blob) + 1;
+    id += strlen(id) + 1;
+    for (uint32_t i = 0; i < s->n; i++) {
+        ids[i] = id;
+        id += strlen(id) + 1;
+    }
+}
+
+static int recent_cache_create(recent_cache **out)
+{
+    recent_cache *c = calloc(1, sizeof *c);
+    if (!c) return AFF_ENOMEM;
+    for (int i = 0; i < RECENT_STRIPES; i++)
+        pthread_mutex_init(&c->mu[i], NULL);
+    *out = c;
+    return AFF_OK;
+}
+
+static void recent_cache_destroy(recent_cache *c)
+{
+    if (!c) return;
+    for (int i = 0; i < RECENT_STRIPES; i++)
+        pthread_mutex_destroy(&c->mu[i]);
+    for (size_t i = 0; i < PROFILES_RECENT_SLOTS; i++)
+        free(c->slot[i].blob);
+    free(c);
+}
+
+/* After a write of (collection, user)'s events committed: removes the entry. */
+static void recent_forget(aff_profiles *p, const char *collection, const char *user)
+{
+    recent_cache *c = p->recent;
+    uint64_t h = recent_hash(collection, user);
+    size_t at = h % PROFILES_RECENT_SLOTS, st = at % RECENT_STRIPES;
+    char *old = NULL;
+    pthread_mutex_lock(&c->mu[st]);
+    c->gen[st]++;
+    if (recent_is(&c->slot[at], h, collection, user)) {
+        old = c->slot[at].blob;
+        c->slot[at].blob = NULL;
+    }
+    pthread_mutex_unlock(&c->mu[st]);
+    free(old);
+}
+
+/* After a write that may touch any collection's entries of a user: removes every entry. */
+static void recent_forget_all(aff_profiles *p)
+{
+    recent_cache *c = p->recent;
+    for (size_t st = 0; st < RECENT_STRIPES; st++) {
+        pthread_mutex_lock(&c->mu[st]);
+        c->gen[st]++;
+        for (size_t at = st; at < PROFILES_RECENT_SLOTS; at += RECENT_STRIPES) {
+            free(c->slot[at].blob);
+            c->slot[at].blob = NULL;
+        }
+        pthread_mutex_unlock(&c->mu[st]);
+    }
+}
+
+/* After a put of k events of (collection, user) committed with sequence numbers first ..
+ * first + k - 1 (events[i] has first + i): the entry, when it holds the history just before
+ * them, advances to the answer a scan would give now (the new items first, newest first, then
+ * the older ones still within the newest PROFILES_RECENT_EVENTS events, at most
+ * PROFILES_RECENT_ITEMS); any other entry of the user is removed. */
+static void recent_advance(aff_profiles *p, const char *collection, const char *user,
+                           uint64_t first, const store_event *events, size_t k)
+{
+    recent_cache *c = p->recent;
+    uint64_t h = recent_hash(collection, user);
+    size_t at = h % PROFILES_RECENT_SLOTS, st = at % RECENT_STRIPES;
+    recent_slot *s = &c->slot[at];
+    char *old = NULL;
+    pthread_mutex_lock(&c->mu[st]);
+    c->gen[st]++;
+    if (recent_is(s, h, collection, user)) {
+        const char *was[PROFILES_RECENT_ITEMS]; /* into old, freed below */
+        recent_ids(s, was);
+        old = s->blob;
+        s->blob = NULL;
+        if (s->gapless && s->next_seq == first) {
+            uint64_t next = first + k;
+            uint32_t n_hist = (uint32_t)(s->n_hist + k < p->history_len ? s->n_hist + k
+                                                                         : p->history_len);
+            uint64_t window = n_hist < PROFILES_RECENT_EVENTS ? n_hist : PROFILES_RECENT_EVENTS;
+            const char *ids[PROFILES_RECENT_ITEMS];
+            uint64_t seq[PROFILES_RECENT_ITEMS];
+            uint32_t m = 0;
+            for (size_t i = k; i > 0 && m < PROFILES_RECENT_ITEMS; i--) {
+                uint64_t q = first + i - 1;
+                if (q + window < next) break; /* outside the window (and so is the rest) */
+                bool dup = false;
+                for (uint32_t t = 0; t < m && !dup; t++)
+                    dup = strcmp(ids[t], events[i - 1].item_id) == 0;
+                if (dup) continue;
+                seq[m] = q;
+                ids[m++] = events[i - 1].item_id;
+            }
+            for (uint32_t i = 0; i < s->n && m < PROFILES_RECENT_ITEMS; i++) {
+                if (s->seq[i] + window < next) break; /* older ones are outside too */
+                bool dup = false;
+                for (uint32_t t = 0; t < m && !dup; t++)
+                    dup = strcmp(ids[t], was[i]) == 0;
+                if (dup) continue;
+                seq[m] = s->seq[i];
+                ids[m++] = was[i];
+            }
+            if ((s->blob = recent_blob(collection, user, ids, m))) {
+                s->n = m;
+                s->n_hist = n_hist;
+                s->next_seq = next;
+                memcpy(s->seq, seq, m * sizeof *seq);
+            }
+        }
+    }
+    pthread_mutex_unlock(&c->mu[st]);
+    free(old);
+}
+
+/* The newest events in a ring, for profiles_recent_items' miss. */
+typedef struct recent_ring {
+    char (*ids)[AFF_MAX_ID_LEN + 1]; /* PROFILES_RECENT_EVENTS */
+    uint64_t seq[PROFILES_RECENT_EVENTS];
+    uint64_t seen;
+    const char *collection, *user;
+    store_profile prof;
+    bool found;
+} recent_ring;
+
+static int recent_visit(void *ctx, uint64_t seq, const store_event *e)
+{
+    recent_ring *r = ctx;
+    char *slot = r->ids[r->seen % PROFILES_RECENT_EVENTS];
+    size_t len = strnlen(e->item_id, AFF_MAX_ID_LEN);
+    memcpy(slot, e->item_id, len);
+    slot[len] = 0;
+    r->seq[r->seen % PROFILES_RECENT_EVENTS] = seq;
+    r->seen++;
+    return 0;
+}
+
+static int recent_fn(store_txn *txn, void *ctx, aff_err *err)
+{
+    recent_ring *r = ctx;
+    r->seen = 0;
+    r->found = false;
+    int status = store_txn_get_profile(txn, r->collection, r->user, &r->prof, NULL, err);
+    if (status == AFF_ENOTFOUND) {
+        aff__err_clear(err);
+        return AFF_OK;
+    }
+    if (status) return status;
+    r->found = true;
+    return store_txn_scan_events(txn, r->collection, r->user, recent_visit, r, err);
+}
+
+int profiles_recent_items(aff_profiles *p, const char *collection, const char *user_id,
+                          char (*out)[AFF_MAX_ID_LEN + 1], uint32_t *n, aff_err *err)
+{
+    *n = 0;
+    if (!valid_id(user_id, AFF_MAX_ID_LEN))
+        return aff__fail(err, AFF_EINVAL, "user id must be 1..%d bytes", AFF_MAX_ID_LEN);
+    recent_cache *c = p->recent;
+    uint64_t h = recent_hash(collection, user_id);
+    size_t at = h % PROFILES_RECENT_SLOTS, st = at % RECENT_STRIPES;
+    pthread_mutex_lock(&c->mu[st]);
+    uint64_t gen0 = c->gen[st];
+    const recent_slot *s = &c->slot[at];
+    if (recent_is(s, h, collection, user_id)) {
+        const char *ids[PROFILES_RECENT_ITEMS];
+        recent_ids(s, ids);
+        for (uint32_t i = 0; i < s->n; i++)
+            memcpy(out[i], ids[i], strlen(ids[i]) + 1);
+        *n = s->n;
+        pthread_mutex_unlock(&c->mu[st]);
+        return AFF_OK;
+    }
+    pthread_mutex_unlock(&c->mu[st]);
+
+    /* A miss: the profile and the newest events from the store, then the distinct items,
+     * newest first. */
+    recent_ring *r = malloc(sizeof *r);
+    char(*ring)[AFF_MAX_ID_LEN + 1] = malloc(PROFILES_RECENT_EVENTS * sizeof *ring);
+    if (!r || !ring) {
+        free(r);
+        free(ring);
+        return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+    }
+    *r = (recent_ring){.ids = ring, .collection = collection, .user = user_id};
+    int status = store_view(p->store, recent_fn, r, err);
+    if (status == AFF_ENOTFOUND) { /* an unknown collection: no history */
+        aff__err_clear(err);
+        status = AFF_OK;
+    }
+    uint32_t m = 0;
+    const char *ids[PROFILES_RECENT_ITEMS];
+    uint64_t seq[PROFILES_RECENT_ITEMS];
+    for (uint64_t q = r->seen; !status && q > 0 && q + PROFILES_RECENT_EVENTS > r->seen &&
+                              m < PROFILES_RECENT_ITEMS;
+         q--) {
+        const char *id = ring[(q - 1) % PROFILES_RECENT_EVENTS];
+        bool dup = false;
+        for (uint32_t i = 0; i < m && !dup; i++)
+            dup = strcmp(out[i], id) == 0;
+        if (dup) continue;
+        memcpy(out[m], id, strlen(id) + 1);
+        seq[m] = r->seq[(q - 1) % PROFILES_RECENT_EVENTS];
+        ids[m] = out[m];
+        m++;
+    }
+    *n = m;
+    /* Stored (for a known user) only when no write of this stripe committed since the lookup
+     * above: the answer may come from a snapshot older than that write. Best effort: without
+     * memory, no entry. */
+    char *blob = !status && r->found ? recent_blob(collection, user_id, ids, m) : NULL;
+    if (blob) {
+        pthread_mutex_lock(&c->mu[st]);
+        if (c->gen[st] == gen0) {
+            recent_slot *w = &c->slot[at];
+            char *old = w->blob;
+            *w = (recent_slot){.hash = h,
+                               .blob = blob,
+                               .n = m,
+                               .gapless = r->seen == r->prof.n_history,
+                               .n_hist = r->prof.n_history,
+                               .next_seq = r->prof.next_seq};
+            memcpy(w->seq, seq, m * sizeof *seq);
+            blob = old;
+        }
+        pthread_mutex_unlock(&c->mu[st]);
+        free(blob);
+    }
+    free(ring);
+    free(r);
+    return status;
 }
 
 /* ---- reading profiles ------------------------------------------------------------------------ */
@@ -1160,6 +1505,10 @@ int profiles_delete_user(aff_profiles *p, const char *collection, const char *us
         d.cols = all;
     }
     status = store_update(p->store, delete_user_fn, &d, err);
+    if (collection && *collection)
+        recent_forget(p, collection, user_id);
+    else
+        recent_forget_all(p);
     if (status == AFF_OK && p->observer.user_erased)
         p->observer.user_erased(p->observer.ctx, collection && *collection ? collection : NULL,
                                 user_id);
@@ -1415,6 +1764,10 @@ int profiles_set_opt_out(aff_profiles *p, const char *collection, const char *us
         o.cols = all;
     }
     status = store_update(p->store, opt_out_fn, &o, err);
+    if (collection && *collection)
+        recent_forget(p, collection, user_id);
+    else
+        recent_forget_all(p);
     if (!status && opt_out && p->observer.user_erased)
         p->observer.user_erased(p->observer.ctx, collection && *collection ? collection : NULL,
                                 user_id);
@@ -1639,6 +1992,7 @@ int profiles_expire(aff_profiles *p, int64_t cutoff_ms, uint64_t *n_users, uint6
         for (size_t ui = 0; ui < users.n && !status; ui++) {
             x.user = users.ids[ui];
             status = store_update(p->store, expire_user_fn, &x, err);
+            recent_forget(p, cols[ci].name, x.user);
             if (status == AFF_ENOTFOUND) { /* the collection was dropped meanwhile */
                 aff__err_clear(err);
                 status = AFF_OK;

@@ -225,6 +225,24 @@ int profiles_get_user(aff_profiles *p, const char *collection, const char *user_
 int profiles_delete_user(aff_profiles *p, const char *collection, const char *user_id,
                          bool *existed, aff_err *err);
 
+/* The user's recent distinct items (reasons name the nearest of them): at most
+ * PROFILES_RECENT_ITEMS distinct item ids among the user's newest PROFILES_RECENT_EVENTS
+ * events, newest first, copied into out[0 .. *n). *n = 0 for an unknown user.
+ *
+ * Answered from a bounded cache (PROFILES_RECENT_SLOTS entries, one per collection and user,
+ * direct-mapped: a colliding user replaces the entry) so a Recommend reads no history from the
+ * store once the shopper's entry is warm. Every write of a user's events through this module
+ * (put, import, delete, opt-out, expiry) removes the user's entry after it commits, and an
+ * entry read from a snapshot older than such a write is never stored, so the answer is never
+ * older than the committed history. (A dropped collection's entries stay until the user's
+ * next event there removes them: only a user with a profile is asked for, and a profile in a
+ * re-created collection needs a new event first.) */
+#define PROFILES_RECENT_ITEMS  32
+#define PROFILES_RECENT_EVENTS 128
+#define PROFILES_RECENT_SLOTS  4096
+int profiles_recent_items(aff_profiles *p, const char *collection, const char *user_id,
+                          char (*out)[AFF_MAX_ID_LEN + 1], uint32_t *n, aff_err *err);
+
 /* Calls fn for each event in the user's bounded history, oldest first, inside a read
  * transaction (fn must not call store or profiles functions). */
 int profiles_history(aff_profiles *p, const char *collection, const char *user_id,

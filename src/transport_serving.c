@@ -206,10 +206,15 @@ static bool hits_to_pb(const pipeline_hit *const *lists, const uint32_t *n, uint
     size_t total = 0;
     for (uint32_t l = 0; l < n_lists; l++)
         total += n[l];
-    out->hits = transport__calloc(total, sizeof *out->hits);
-    out->ptrs = transport__calloc(total, sizeof *out->ptrs);
-    out->reasons = transport__calloc(total, sizeof *out->reasons);
-    if (!out->hits || !out->ptrs || !out->reasons) return false;
+    /* one allocation (hits_pb_free frees it by hits): hits, then ptrs, then reasons (each
+     * element 8-byte aligned) */
+    char *block = transport__calloc(total ? total : 1, sizeof *out->hits + sizeof *out->ptrs +
+                                                           sizeof *out->reasons);
+    if (!block) return false;
+    out->hits = (Affinity__V1__Hit *)(void *)block;
+    out->ptrs = (Affinity__V1__Hit **)(void *)(block + total * sizeof *out->hits);
+    out->reasons = (Affinity__V1__Reason *)(void *)(block + total * (sizeof *out->hits +
+                                                                     sizeof *out->ptrs));
     size_t h = 0;
     for (uint32_t l = 0; l < n_lists; l++) {
         for (uint32_t i = 0; i < n[l]; i++, h++) {
@@ -231,9 +236,7 @@ static bool hits_to_pb(const pipeline_hit *const *lists, const uint32_t *n, uint
 
 static void hits_pb_free(hits_pb *h)
 {
-    free(h->hits);
-    free(h->ptrs);
-    free(h->reasons);
+    free(h->hits); /* the block of hits, ptrs and reasons */
 }
 
 /* ---- Search: raw vectors straight to the batcher ----------------------------------------------

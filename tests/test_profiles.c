@@ -9,6 +9,7 @@
 
 #include <ftw.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -981,4 +982,157 @@ Test(profiles, import_matches_put_events_and_rejects_one_by_one)
                                         rej, &n_rej, &err),
                  AFF_EINVAL);
     cr_assert_eq(profiles_get_user(prof, "shop", "carl", &info, &err), AFF_ENOTFOUND);
+}
+
+/* ---- recent items (reasons' history, cached per shopper) ---------------------------------- */
+
+/* What profiles_recent_items must answer, from the stored history: the distinct items of the
+ * newest PROFILES_RECENT_EVENTS events, newest first, at most PROFILES_RECENT_ITEMS. */
+typedef struct all_items {
+    int n;
+    char ids[600][32];
+} all_items;
+
+static int collect_items(void *ctx, uint64_t seq, const store_event *e)
+{
+    all_items *a = ctx;
+    if (a->n < 600) snprintf(a->ids[a->n++], sizeof a->ids[0], "%s", e->item_id);
+    return 0;
+}
+
+static void expect_recent(const char *user, const char *const *want, uint32_t n_want)
+{
+    char got[PROFILES_RECENT_ITEMS][AFF_MAX_ID_LEN + 1];
+    uint32_t n = 99;
+    aff_err err = {0};
+    for (int round = 0; round < 2; round++) { /* the store's answer, then the cached one */
+        cr_assert_eq(profiles_recent_items(prof, "shop", user, got, &n, &err), AFF_OK, "%s",
+                     err.msg);
+        cr_assert_eq(n, n_want, "round %d: %u items, want %u", round, n, n_want);
+        for (uint32_t i = 0; i < n; i++)
+            cr_assert_str_eq(got[i], want[i], "round %d item %u", round, i);
+    }
+}
+
+static void expect_recent_is_history(const char *user)
+{
+    static all_items a;
+    a.n = 0;
+    cr_assert_eq(profiles_history(prof, "shop", user, collect_items, &a, NULL), AFF_OK);
+    const char *want[PROFILES_RECENT_ITEMS];
+    uint32_t m = 0;
+    for (int i = a.n - 1; i >= 0 && i >= a.n - PROFILES_RECENT_EVENTS && m < PROFILES_RECENT_ITEMS;
+         i--) {
+        bool dup = false;
+        for (uint32_t t = 0; t < m && !dup; t++)
+            dup = strcmp(want[t], a.ids[i]) == 0;
+        if (!dup) want[m++] = a.ids[i];
+    }
+    expect_recent(user, want, m);
+}
+
+Test(profiles, recent_items_are_the_newest_distinct_and_follow_every_write)
+{
+    profiles_event e[] = {ev(0, 1, PROFILES_EVENT_VIEW, T0 - 10 * DAY_MS),
+                          ev(1, 2, PROFILES_EVENT_VIEW, T0 - 9 * DAY_MS),
+                          ev(0, 1, PROFILES_EVENT_CLICK, T0 - 8 * DAY_MS),
+                          ev(2, 3, PROFILES_EVENT_VIEW, T0 - 7 * DAY_MS)};
+    put("rita", e, 4);
+    expect_recent("rita", (const char *[]){"toys-3", "shoes-1", "books-2"}, 3);
+    expect_recent("nobody", NULL, 0);
+
+    profiles_event more = ev(1, 2, PROFILES_EVENT_VIEW, T0 - 2 * DAY_MS);
+    put("rita", &more, 1); /* a put forgets the cached answer */
+    expect_recent("rita", (const char *[]){"books-2", "toys-3", "shoes-1"}, 3);
+
+    profiles_user_event im = {.user_id = "rita", .event = ev(2, 0, PROFILES_EVENT_VIEW, T0)};
+    uint32_t applied = 0, n_rej = 0;
+    profiles_rejection rej[1];
+    aff_err err = {0};
+    cr_assert_eq(profiles_import_events(prof, "shop", &im, 1, &applied, rej, &n_rej, &err), AFF_OK,
+                 "%s", err.msg);
+    cr_assert_eq(applied, 1);
+    expect_recent("rita", (const char *[]){"toys-0", "books-2", "toys-3", "shoes-1"}, 4);
+
+    /* retention: events before the cutoff go, and with them the cached answer */
+    uint64_t n_users = 0, n_events = 0;
+    cr_assert_eq(profiles_expire(prof, T0 - 5 * DAY_MS, &n_users, &n_events, &err), AFF_OK, "%s",
+                 err.msg);
+    cr_assert_eq(n_events, 4);
+    expect_recent("rita", (const char *[]){"toys-0", "books-2"}, 2);
+
+    bool existed = false;
+    cr_assert_eq(profiles_delete_user(prof, "shop", "rita", &existed, &err), AFF_OK, "%s", err.msg);
+    cr_assert(existed);
+    expect_recent("rita", NULL, 0);
+    profiles_event again = ev(0, 5, PROFILES_EVENT_VIEW, T0);
+    put("rita", &again, 1);
+    expect_recent("rita", (const char *[]){"shoes-5"}, 1);
+
+    bool erased = false;
+    cr_assert_eq(profiles_set_opt_out(prof, NULL, "rita", true, &erased, &err), AFF_OK, "%s",
+                 err.msg);
+    cr_assert(erased);
+    expect_recent("rita", NULL, 0);
+    cr_assert_eq(profiles_set_opt_out(prof, NULL, "rita", false, &erased, &err), AFF_OK, "%s",
+                 err.msg);
+
+    /* more events than the window: only the newest PROFILES_RECENT_EVENTS count */
+    profiles_event old[2] = {ev(0, 7, PROFILES_EVENT_VIEW, T0 - 3 * DAY_MS),
+                             ev(0, 8, PROFILES_EVENT_VIEW, T0 - 3 * DAY_MS)};
+    put("sara", old, 2);
+    expect_recent("sara", (const char *[]){"shoes-8", "shoes-7"}, 2);
+    for (int i = 0; i < PROFILES_RECENT_EVENTS; i++) { /* each put advances the cached answer */
+        profiles_event x = ev(1 + i % 2, i % 5, PROFILES_EVENT_VIEW, T0 - 2 * DAY_MS + i);
+        put("sara", &x, 1);
+        if (i == PROFILES_RECENT_EVENTS - 2) /* shoes-7 left the window, shoes-8 not yet */
+            expect_recent("sara",
+                          (const char *[]){"books-1", "toys-0", "books-4", "toys-3", "books-2",
+                                           "toys-1", "books-0", "toys-4", "books-3", "toys-2",
+                                           "shoes-8"},
+                          11);
+    }
+    expect_recent("sara", (const char *[]){"toys-2", "books-1", "toys-0", "books-4", "toys-3",
+                                           "books-2", "toys-1", "books-0", "toys-4", "books-3"},
+                  10);
+    expect_recent_is_history("sara");
+}
+
+typedef struct writer_arg {
+    const char *user;
+    int n;
+} writer_arg;
+
+static void *writer_main(void *arg)
+{
+    writer_arg *w = arg;
+    for (int i = 0; i < w->n; i++) {
+        profiles_event x = ev(i % 3, (i * 7) % PER_CAT, PROFILES_EVENT_VIEW, T0 + i);
+        aff_err err = {0};
+        uint32_t applied = 0, n_rej = 0;
+        profiles_rejection rej[1];
+        if (profiles_put_events(prof, "shop", w->user, &x, 1, &applied, rej, &n_rej, &err) ||
+            applied != 1)
+            return (void *)1;
+    }
+    return NULL;
+}
+
+/* Reads racing writes never leave an answer older than the committed history cached. */
+Test(profiles, recent_items_stay_current_under_concurrent_writes)
+{
+    for (int run = 0; run < 5; run++) {
+        writer_arg w = {.user = "tom", .n = 150};
+        pthread_t t;
+        cr_assert_eq(pthread_create(&t, NULL, writer_main, &w), 0);
+        char got[PROFILES_RECENT_ITEMS][AFF_MAX_ID_LEN + 1];
+        uint32_t n;
+        aff_err err = {0};
+        for (int i = 0; i < 300; i++)
+            cr_assert_eq(profiles_recent_items(prof, "shop", "tom", got, &n, &err), AFF_OK);
+        void *rc;
+        pthread_join(t, &rc);
+        cr_assert_null(rc);
+        expect_recent_is_history("tom");
+    }
 }
