@@ -12,29 +12,14 @@ dur="${2:-10}"
 shift 2 || shift $# || true
 server_flags=("$@")
 cmake -S "$root" -B "$build" -DAFFINITY_GPU=OFF >/dev/null
-cmake --build "$build" -j2 --target affinityd affinity affinity_load >/dev/null
 out_dir="$root/bench/results/$(date -u +%Y-%m-%d)-cpu-$(nproc)core"
 mkdir -p "$out_dir"
 out="$out_dir/events.md"
-export OMP_WAIT_POLICY=PASSIVE
-work="$(mktemp -d /tmp/affinity-events-XXXXXX)"
-pid=""
-cleanup() {
-  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-load="$build/bench/affinity_load"
-cli="$build/src/affinity"
+. "$root/bench/lib.sh"
+bench_init events
 mkdir -p "$work/data"
 "$load" gen --out "$work/data" --rows 20000 --dim 64 --queries 1000 --clusters 50 >/dev/null
-"$build/src/affinityd" --listen 127.0.0.1:0 --port-file "$work/port" --data-dir "$work/store" \
-  --backend cpu --log-level warn "${server_flags[@]}" >"$work/affinityd.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 600); do [ -s "$work/port" ] && break; sleep 0.1; done
-addr="127.0.0.1:$(cat "$work/port")"
-for _ in $(seq 1 600); do "$cli" --addr "$addr" health >/dev/null 2>&1 && break; sleep 0.1; done
+bench_start_server "${server_flags[@]}"
 "$cli" --addr "$addr" collections create shop --dim 64 >/dev/null
 "$cli" --addr "$addr" load shop --vectors "$work/data/catalog.npy" --attrs "$work/data/catalog.csv" \
   --no-progress >/dev/null

@@ -17,21 +17,11 @@ build="${1:-$root/build}"
 data="${2:-$root/../shared/data}"
 ml="$data/ml-1m-full-resn"
 [ -f "$ml/train.txt" ] || { echo "no $ml/train.txt" >&2; exit 2; }
-cmake --build "$build" -j2 --target affinityd affinity affinity_load >/dev/null
 out_dir="$root/bench/results/$(date -u +%Y-%m-%d)-cpu-$(nproc)core"
 mkdir -p "$out_dir"
 out="$out_dir/import.md"
-export OMP_WAIT_POLICY=PASSIVE
-work="$(mktemp -d /tmp/affinity-import-XXXXXX)"
-pid=""
-cleanup() {
-  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-load="$build/bench/affinity_load"
-cli="$build/src/affinity"
+. "$root/bench/lib.sh"
+bench_init import
 n_items=3952 # ML-1M's item ids run 0..3951 (3,706 of them used)
 mkdir -p "$work/data"
 "$load" gen --out "$work/data" --rows "$n_items" --dim 64 --queries 10 --clusters 50 >/dev/null
@@ -44,21 +34,13 @@ cat "$ml/train.txt" "$ml/test.txt" | sort -s -n -k1,1 |
         printf "u%s,item-%s,%s,%d,\n", $1, $i, t, base + k * 1000; k++ } }' >"$work/ml1m.csv"
 n_events=$(($(wc -l <"$work/ml1m.csv") - 1))
 
-"$build/src/affinityd" --listen 127.0.0.1:0 --port-file "$work/port" --data-dir "$work/store" \
-  --backend cpu --log-level warn >"$work/affinityd.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 600); do [ -s "$work/port" ] && break; sleep 0.1; done
-addr="127.0.0.1:$(cat "$work/port")"
-for _ in $(seq 1 600); do "$cli" --addr "$addr" health >/dev/null 2>&1 && break; sleep 0.1; done
+bench_start_server
 
 make_collection() {
   "$cli" --addr "$addr" collections create "$1" --dim 64 >/dev/null
   "$cli" --addr "$addr" load "$1" --vectors "$work/data/catalog.npy" \
     --attrs "$work/data/catalog.csv" --no-progress >/dev/null
 }
-
-# CPU time the server has used (user + system), in clock ticks.
-server_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 
 # One import into a fresh collection: prints the CLI's JSON summary (without the lists) and
 # the server's CPU time for it (less sensitive to the other engineers' load than wall time).
@@ -68,10 +50,10 @@ import_run() {
   echo '```'
   echo "affinity events import $coll ml1m.csv --batch $batch --no-progress --json"
   local t0 t1
-  t0=$(server_ticks)
+  t0=$(cpu_ticks "$pid")
   "$cli" --addr "$addr" --json events import "$coll" "$work/ml1m.csv" --batch "$batch" \
     --no-progress | sed 's/, "rejected": \[.*//; s/$/ ...}/' || true
-  t1=$(server_ticks)
+  t1=$(cpu_ticks "$pid")
   awk -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$n_events" \
     'BEGIN { printf "server CPU %.1f s: %.0f events per server CPU second\n", t / hz, n / (t / hz) }'
   echo '```'

@@ -15,17 +15,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${1:-$root/build}"
 dur="${2:-8}"
 rounds="${3:-3}"
-cmake --build "$build" -j2 --target affinityd affinity affinity_load >/dev/null
-export OMP_WAIT_POLICY=PASSIVE
-work="$(mktemp -d /tmp/affinity-pipeline-server-XXXXXX)"
-pid=""
-cleanup() {
-  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-load="$build/bench/affinity_load"
-cli="$build/src/affinity"
+. "$root/bench/lib.sh"
+bench_init pipeline-server
 "$load" gen --out "$work/data" --rows 100000 --dim 128 --queries 4096 --clusters 50 >/dev/null
 cat >"$work/serving.json" <<'EOF'
 {"presets": {"all": {
@@ -38,14 +29,7 @@ cat >"$work/serving.json" <<'EOF'
   "exploration": {"share": 0.1, "seed": 7}}}}
 EOF
 tck=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
-"$build/src/affinityd" --listen 127.0.0.1:0 --port-file "$work/port" --data-dir "$work/store" \
-  --backend cpu --log-level warn --serving-config "$work/serving.json" >"$work/affinityd.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 600); do [ -s "$work/port" ] && break; sleep 0.1; done
-addr="127.0.0.1:$(cat "$work/port")"
-for _ in $(seq 1 600); do "$cli" --addr "$addr" health >/dev/null 2>&1 && break; sleep 0.1; done
+bench_start_server --serving-config "$work/serving.json"
 "$cli" --addr "$addr" collections create shop --dim 128 >/dev/null
 "$cli" --addr "$addr" load shop --vectors "$work/data/catalog.npy" \
   --attrs "$work/data/catalog.csv" --no-progress >/dev/null

@@ -12,32 +12,16 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${1:-$root/build}"
 dur="${2:-10}"
 per_call="${3:-1}"
-cmake --build "$build" -j2 --target affinityd affinity affinity_load >/dev/null
-export OMP_WAIT_POLICY=PASSIVE
-work="$(mktemp -d /tmp/affinity-widgets-XXXXXX)"
-pid=""
-cleanup() {
-  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-load="$build/bench/affinity_load"
-cli="$build/src/affinity"
+. "$root/bench/lib.sh"
+bench_init widgets
 "$load" gen --out "$work/data" --rows 20000 --dim 64 --queries 100 --clusters 50 >/dev/null
 tck=$(getconf CLK_TCK)
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # One run: start a server with the widget flag, fill every user's window, measure.
 run() {
   local widgets="$1" label="$2"
-  rm -rf "$work/store" "$work/port"
-  "$build/src/affinityd" --listen 127.0.0.1:0 --port-file "$work/port" --data-dir "$work/store" \
-    --backend cpu --log-level warn --widgets="$widgets" >"$work/affinityd.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 1 600); do [ -s "$work/port" ] && break; sleep 0.1; done
-  local addr="127.0.0.1:$(cat "$work/port")"
-  for _ in $(seq 1 600); do "$cli" --addr "$addr" health >/dev/null 2>&1 && break; sleep 0.1; done
+  rm -rf "$work/store"
+  bench_start_server --widgets="$widgets"
   "$cli" --addr "$addr" collections create shop --dim 64 >/dev/null
   "$cli" --addr "$addr" load shop --vectors "$work/data/catalog.npy" \
     --attrs "$work/data/catalog.csv" --no-progress >/dev/null
@@ -53,9 +37,7 @@ run() {
   local events=$((calls * per_call))
   python3 -c "print('%-8s widgets=%-5s %8d events  %6.2f s server CPU  %7.2f us per event' % ('$label', '$widgets', $events, ($c1 - $c0) / $tck, ($c1 - $c0) / $tck / $events * 1e6))"
   echo "$widgets $events $((c1 - c0))" >>"$work/sums"
-  kill "$pid"
-  wait "$pid" 2>/dev/null || true
-  pid=""
+  bench_stop_server
 }
 
 echo "# PutEvents ($per_call event(s) per call, 16 in flight, 2000 users, 20000 items), $dur s per run"
