@@ -724,7 +724,15 @@ typedef struct load_result {
     batch_snapshot before, after;
     double window_s;
     double client_cpu_s, client_wall_s; /* this process, from the first call to the last */
+    double start_unix_s, end_unix_s;    /* the same span on the wall clock (merging runs) */
 } load_result;
+
+static double unix_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
 static double ms(uint64_t ns)
 {
@@ -792,10 +800,12 @@ static int write_json(const load_ctx *ctx, const load_result *res, const char *p
         fprintf(f, "%s\"%s\": %.3f", k ? ", " : "", kind_names[k], c->mix[k]);
     fprintf(f,
             "},\n  \"calls\": %llu,\n  \"ok\": %llu,\n  \"achieved_rps\": %.2f,\n"
-            "  \"ok_rps\": %.2f,\n  \"client_cpu_cores\": %.3f,\n  \"latency\": ",
+            "  \"ok_rps\": %.2f,\n  \"client_cpu_cores\": %.3f,\n"
+            "  \"start_unix_s\": %.3f,\n  \"end_unix_s\": %.3f,\n  \"latency\": ",
             (unsigned long long)res->calls, (unsigned long long)res->ok,
             (double)res->calls / res->window_s, (double)res->ok / res->window_s,
-            res->client_wall_s > 0 ? res->client_cpu_s / res->client_wall_s : 0.0);
+            res->client_wall_s > 0 ? res->client_cpu_s / res->client_wall_s : 0.0,
+            res->start_unix_s, res->end_unix_s);
     json_latency(f, res->hist);
     fprintf(f, ",\n  \"by_kind\": {");
     bool first = true;
@@ -1375,6 +1385,7 @@ static int run_main(int argc, char **argv)
     struct rusage ru0, ru1;
     getrusage(RUSAGE_SELF, &ru0);
     ctx.t_start = now_ns();
+    res.start_unix_s = unix_s();
     ctx.t_window = ctx.t_start + (int64_t)(c->warmup_s * 1e9);
     ctx.t_end = ctx.t_window + (int64_t)(c->duration_s * 1e9);
     for (uint32_t i = 0; i < c->threads; i++) {
@@ -1402,6 +1413,7 @@ static int run_main(int argc, char **argv)
         pthread_join(workers[i].thread, NULL);
     getrusage(RUSAGE_SELF, &ru1);
     res.client_wall_s = (double)(now_ns() - ctx.t_start) / 1e9;
+    res.end_unix_s = unix_s();
     res.client_cpu_s = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec) +
                        (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec) / 1e6 +
                        (double)(ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) +
