@@ -136,6 +136,12 @@ struct store_txn {
     MDB_txn *txn;
     int mdb_rc; /* the first LMDB failure inside the callback; 0 when none */
     bool wrote; /* a put or delete was made (apply batches: a failure after one poisons) */
+    bool rw;    /* a write transaction (rmw cursors may be opened) */
+    /* Per database, a cursor that db_get_rmw left on the key it read, so that the write of
+     * the same key that follows (a read-modify-write of a counter) overwrites the value in
+     * place instead of searching the tree again. Write transactions only; LMDB closes them
+     * when the transaction ends, and whoever ends it drops them with the store_txn. */
+    MDB_cursor *rmw[DB_COUNT];
 };
 
 /* ---- errors ---------------------------------------------------------------------------- */
@@ -710,7 +716,7 @@ static void run_group(aff_store *s, write_req *group)
         aff_err e = {0};
         pthread_rwlock_rdlock(&s->resize_lock);
         uint64_t seen = current_map_size(s);
-        store_txn t = {.s = s};
+        store_txn t = {.s = s, .rw = true};
         bool retry = false, any = false;
         int rc = mdb_txn_begin(s->env, NULL, 0, &t.txn);
         if (rc) {
@@ -849,6 +855,7 @@ static int batch_open(apply_batch *b, aff_err *err)
         return mdb_fail(NULL, err, rc, "begin an apply batch");
     }
     b->t.mdb_rc = 0;
+    b->t.rw = true;
     return AFF_OK;
 }
 
@@ -993,6 +1000,40 @@ static int db_reserve(store_txn *t, int db, const key_buf *k, size_t size, uint8
     if (rc) return mdb_fail(t, err, rc, "write");
     *dst = v.mv_data;
     return AFF_OK;
+}
+
+/* db_get for a value that is written back next (db_reserve_rmw): in a write transaction the
+ * read goes through the transaction's cursor of db, which stays on the key. */
+static int db_get_rmw(store_txn *t, int db, const key_buf *k, MDB_val *v, aff_err *err)
+{
+    if (!t->rw) return db_get(t, db, k, v, err);
+    if (!t->rmw[db] && mdb_cursor_open(t->txn, t->s->dbi[db], &t->rmw[db]) != 0) {
+        t->rmw[db] = NULL;
+        return db_get(t, db, k, v, err);
+    }
+    MDB_val key = kb_val(k);
+    int rc = mdb_cursor_get(t->rmw[db], &key, v, MDB_SET_KEY);
+    if (rc == MDB_NOTFOUND) return aff__fail(err, AFF_ENOTFOUND, "store: not found");
+    return rc ? mdb_fail(t, err, rc, "read") : AFF_OK;
+}
+
+/* db_reserve of key k, in place when db_get_rmw left the cursor on k and the value keeps its
+ * size (checked here: any write in between may have moved the cursor). */
+static int db_reserve_rmw(store_txn *t, int db, const key_buf *k, size_t size, uint8_t **dst,
+                          aff_err *err)
+{
+    MDB_cursor *c = t->rw ? t->rmw[db] : NULL;
+    MDB_val ck, cv;
+    if (c && mdb_cursor_get(c, &ck, &cv, MDB_GET_CURRENT) == 0 && ck.mv_size == k->n &&
+        cv.mv_size == size && memcmp(ck.mv_data, k->b, k->n) == 0) {
+        MDB_val key = kb_val(k), v = {.mv_size = size, .mv_data = NULL};
+        t->wrote = true;
+        int rc = mdb_cursor_put(c, &key, &v, MDB_CURRENT | MDB_RESERVE);
+        if (rc) return mdb_fail(t, err, rc, "write");
+        *dst = v.mv_data;
+        return AFF_OK;
+    }
+    return db_reserve(t, db, k, size, dst, err);
 }
 
 /* Deletes key; *existed (may be NULL) tells whether it was there. */
@@ -1835,7 +1876,7 @@ int store_txn_get_interaction(store_txn *txn, const char *collection, const char
     if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, item, AFF_MAX_ID_LEN, NULL, 0))
         return bad_key(err);
     MDB_val v;
-    int status = db_get(txn, DB_INTERACTIONS, &k, &v, err);
+    int status = db_get_rmw(txn, DB_INTERACTIONS, &k, &v, err);
     return status ? status : decode_interaction(&v, out, err);
 }
 
@@ -1846,7 +1887,7 @@ int store_txn_put_interaction(store_txn *txn, const char *collection, const char
     if (!make_key(&k, collection, user, AFF_MAX_ID_LEN, item, AFF_MAX_ID_LEN, NULL, 0))
         return bad_key(err);
     uint8_t *dst;
-    int status = db_reserve(txn, DB_INTERACTIONS, &k, INTERACTION_SIZE, &dst, err);
+    int status = db_reserve_rmw(txn, DB_INTERACTIONS, &k, INTERACTION_SIZE, &dst, err);
     if (status) return status;
     wr w = {dst};
     w_u8(&w, STORE_VALUE_VERSION);
@@ -2209,7 +2250,7 @@ int store_txn_get_popularity(store_txn *txn, const char *collection, const char 
     key_buf k;
     if (!make_key(&k, collection, item, AFF_MAX_ID_LEN, NULL, 0, NULL, 0)) return bad_key(err);
     MDB_val v;
-    int status = db_get(txn, DB_POPULARITY, &k, &v, err);
+    int status = db_get_rmw(txn, DB_POPULARITY, &k, &v, err);
     return status ? status : decode_popularity(&v, out, err);
 }
 
@@ -2236,7 +2277,8 @@ int store_txn_put_popularity(store_txn *txn, const char *collection, const char 
         if ((status = db_del(txn, DB_POP_RANK, &ok, NULL, err))) return status;
     }
     uint8_t *dst;
-    if ((status = db_reserve(txn, DB_POPULARITY, &k, POPULARITY_SIZE, &dst, err))) return status;
+    if ((status = db_reserve_rmw(txn, DB_POPULARITY, &k, POPULARITY_SIZE, &dst, err)))
+        return status;
     encode_popularity(dst, p);
     if ((status = db_reserve(txn, DB_POP_RANK, &rk, POPULARITY_SIZE, &dst, err))) return status;
     encode_popularity(dst, p);
