@@ -142,6 +142,10 @@ struct store_txn {
      * place instead of searching the tree again. Write transactions only; LMDB closes them
      * when the transaction ends, and whoever ends it drops them with the store_txn. */
     MDB_cursor *rmw[DB_COUNT];
+    /* The collection record this transaction read last (store_txn_get_collection runs once
+     * per event read); any write of a collection record in the transaction drops it. */
+    bool coll_valid;
+    store_collection coll;
 };
 
 /* ---- errors ---------------------------------------------------------------------------- */
@@ -1299,12 +1303,21 @@ int store_txn_get_collection(store_txn *txn, const char *name, store_collection 
 {
     size_t len = name ? strlen(name) : 0;
     if (len == 0 || len > AFF_MAX_NAME_LEN) return bad_key(err);
+    if (txn->coll_valid && strcmp(txn->coll.name, name) == 0) {
+        *out = txn->coll;
+        return AFF_OK;
+    }
     MDB_val k = {.mv_size = len, .mv_data = (void *)name}, v;
     int rc = mdb_get(txn->txn, txn->s->dbi[DB_COLLECTIONS], &k, &v);
     if (rc == MDB_NOTFOUND)
         return aff__fail(err, AFF_ENOTFOUND, "collection '%s' does not exist", name);
     if (rc) return mdb_fail(txn, err, rc, "read collection");
-    return decode_collection(&k, &v, out, err);
+    int status = decode_collection(&k, &v, out, err);
+    if (status == AFF_OK) {
+        txn->coll = *out;
+        txn->coll_valid = true;
+    }
+    return status;
 }
 
 static int put_collection_raw(store_txn *t, const store_collection *c, aff_err *err)
@@ -1312,6 +1325,7 @@ static int put_collection_raw(store_txn *t, const store_collection *c, aff_err *
     MDB_val k = {.mv_size = strlen(c->name), .mv_data = (void *)c->name};
     MDB_val v = {.mv_size = COLLECTION_SIZE};
     t->wrote = true;
+    t->coll_valid = false;
     int rc = mdb_put(t->txn, t->s->dbi[DB_COLLECTIONS], &k, &v, MDB_RESERVE);
     if (rc) return mdb_fail(t, err, rc, "write collection");
     encode_collection(v.mv_data, c);
@@ -1361,6 +1375,7 @@ static int drop_collection_fn(store_txn *t, void *ctx, aff_err *err)
     key_buf k = {.n = 0};
     memcpy(k.b, d->name, strlen(d->name));
     k.n = strlen(d->name);
+    t->coll_valid = false;
     return db_del(t, DB_COLLECTIONS, &k, &d->existed, err);
 }
 
