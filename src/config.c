@@ -235,6 +235,11 @@ static const opt_def opts[] = {
     {"log-ack", STR(log_ack), .def = "applied",
      .help = "when a write is answered: applied (committed to the stream and applied on this "
              "replica, so a read here sees it) or committed (once the stream committed it)"},
+    {"log-apply-nice", INT(log_apply_nice, -20, 19), .def = "-10",
+     .help = "scheduling niceness of the thread that applies the write log, -20..19: it is "
+             "every write's critical path, so by default it runs ahead of the serving threads "
+             "(a negative value needs CAP_SYS_NICE; without it the thread keeps the process's "
+             "and a warning says so); 0: the process's own"},
     {"log-dedup-window-s", U32(log_dedup_window_s, 1, 86400), .def = "120",
      .help = "how long the stream remembers request ids to drop retried writes, 1..86400 s"},
     {"bootstrap-from", STR(bootstrap_from), .def = "",

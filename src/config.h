@@ -102,6 +102,7 @@ typedef struct aff_config {
     char log_tls_key[CONFIG_PATH_MAX];
     char log_ack[16];                     /* "applied" or "committed" */
     uint32_t log_dedup_window_s;          /* the stream's duplicate window */
+    int log_apply_nice;                   /* the apply thread's niceness (0: unchanged) */
     uint32_t min_sequence_wait_ms;        /* longest wait for min_log_sequence */
     char bootstrap_from[256];             /* peer host:port for the first snapshot */
     char snapshot_dir[CONFIG_PATH_MAX];   /* periodic snapshots; "" = none */

@@ -586,6 +586,7 @@ int main(int argc, char **argv)
                               .tls_key_file = cfg.log_tls_key,
                               .start_sequence = applied,
                               .dedup_window_s = cfg.log_dedup_window_s,
+                              .apply_nice = cfg.log_apply_nice,
                               .apply = transport_log_apply,
                               .apply_ctx = server,
                               .commit = transport_log_commit,

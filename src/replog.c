@@ -18,7 +18,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "log.h"
 
@@ -278,9 +281,31 @@ static void report_unconnected(aff_replog *log, int64_t *last_report)
     }
 }
 
+/* Gives the calling (apply) thread niceness `nice`; best effort (see replog_config). */
+static void set_apply_nice(int nice)
+{
+    if (!nice) return;
+    errno = 0;
+    int now = getpriority(PRIO_PROCESS, 0);
+    if (errno) now = 0;
+    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice) != 0) {
+        char want[16], have[16];
+        snprintf(want, sizeof want, "%d", nice);
+        snprintf(have, sizeof have, "%d", now);
+        aff_log_kv(AFF_LOG_WARN,
+                   "write log: cannot change the apply thread's niceness (needs CAP_SYS_NICE "
+                   "to raise it); it runs at the process's",
+                   "wanted", want, "niceness", have, "error", strerror(errno), NULL);
+    }
+}
+
 static void *apply_thread(void *arg)
 {
     aff_replog *log = arg;
+    /* Named for operators (top -H); threads it starts (the NATS library starts its timer
+     * thread on first use) inherit the name and the niceness. */
+    pthread_setname_np(pthread_self(), "log-apply");
+    set_apply_nice(log->cfg.apply_nice);
     natsSubscription *sub = NULL;
     int64_t last_progress = mono_ms();
     uint64_t batch_last = 0; /* applied, not yet committed */

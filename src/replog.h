@@ -47,6 +47,11 @@ typedef struct replog_config {
     const char *tls_key_file;
     uint64_t start_sequence; /* the last sequence already applied (from the store) */
     uint32_t dedup_window_s; /* the stream's duplicate window; default 120 */
+    /* The apply thread's niceness (setpriority on the thread, -20..19); 0: left as the
+     * process's. Lower than the process's needs CAP_SYS_NICE: refused, the thread keeps the
+     * process's and a warning is logged once. The thread is named "log-apply"; threads it
+     * starts (the NATS library's timer thread) inherit both. */
+    int apply_nice;
     replog_apply_fn apply;
     void *apply_ctx;
     /* Commits the records applied so far (the store's apply batch); runs on the apply thread

@@ -359,6 +359,7 @@ check "replication: replicas 3" has "$w" '^  replicas: 3$'
 check "replication: --log nats://nats.nats.svc:4222" arg_pair "$w" --log nats://nats.nats.svc:4222
 check "replication: --log-replicas 3" arg_pair "$w" --log-replicas 3
 check "replication: --log-ack applied" arg_pair "$w" --log-ack applied
+check "replication: --log-apply-nice 0 (no CAP_SYS_NICE in the default securityContext)" arg_pair "$w" --log-apply-nice 0
 check "replication: --bootstrap-from the Service" arg_pair "$w" --bootstrap-from affinity-ci:50051
 check "replication: --log-token-file from the log Secret" arg_pair "$w" --log-token-file /etc/affinity/log/token
 check "replication: --data-dir on the local emptyDir" arg_pair "$w" --data-dir /var/lib/affinity

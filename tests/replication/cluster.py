@@ -117,6 +117,20 @@ class NatsCluster:
         return None
 
 
+def thread_nices(pid):
+    """[(thread name, niceness)] of every thread of process pid (/proc/<pid>/task/*/stat)."""
+    out = []
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        out.append((name, int(stat.rsplit(")", 1)[1].split()[16])))  # field 19 of stat(5)
+    return out
+
+
 class Replica:
     """One affinityd with --log; its data dir survives kill/restart."""
 

@@ -30,7 +30,7 @@ import time
 
 import grpc
 
-from cluster import Client, NatsCluster, Replica, fail, stubs, unit
+from cluster import Client, NatsCluster, Replica, fail, stubs, thread_nices, unit
 
 DIM = 8
 N_ITEMS = 300
@@ -195,8 +195,10 @@ def main():
     client = Client(pb, health)
     nats = NatsCluster(work)
     nats.start_all()
+    # r2 leaves its apply thread at the process's niceness; r0 and r1 use the default (-10)
     replicas = [Replica(work, "r%d" % i, args.affinityd, nats.urls(),
-                        extra=["--min-sequence-wait-ms", "3000"]) for i in range(3)]
+                        extra=["--min-sequence-wait-ms", "3000"] +
+                        (["--log-apply-nice", "0"] if i == 2 else [])) for i in range(3)]
     ok = False
     t0 = time.time()
     try:
@@ -205,6 +207,22 @@ def main():
         for r in replicas:
             client.wait_serving(r)
         print("cluster up in %.1f s" % (time.time() - t0))
+
+        # ---- the apply thread's priority (--log-apply-nice) ----
+        for r in replicas:
+            threads = thread_nices(r.proc.pid)
+            apply = [n for name, n in threads if name == "log-apply"]
+            others = set(n for name, n in threads if name != "log-apply")
+            assert apply and others == {0}, (r.name, threads)
+            if r.name == "r2":
+                assert set(apply) == {0}, (r.name, threads)
+            elif os.geteuid() == 0:  # CAP_SYS_NICE: the apply thread (and its own) at -10
+                assert set(apply) == {-10}, (r.name, threads)
+            else:  # refused: the process's niceness, and the log says why
+                assert set(apply) == {0}, (r.name, threads)
+                with open(os.path.join(work, r.name + ".log")) as f:
+                    assert "cannot change the apply thread's niceness" in f.read()
+        print("apply threads: niceness as configured")
 
         # ---- catalog through replica 0 ----
         resp, _ = retry_write(client, replicas, 0, "CreateCollection",
