@@ -17,7 +17,7 @@ typedef struct bqueue {
     batcher_kind kind;
     batcher_request *head, *tail;
     uint32_t count;    /* requests queued */
-    uint64_t nq_total; /* queries queued */
+    uint64_t scans_total; /* scans queued (request_scans) */
     struct bqueue *next;
 } bqueue;
 
@@ -89,6 +89,12 @@ batcher_exec batcher_engine_exec(aff_engine *e)
 }
 
 /* ---- helpers ------------------------------------------------------------------------------ */
+
+/* What r counts against max_batch (batcher_request.scans). */
+static size_t request_scans(const batcher_request *r)
+{
+    return r->scans && r->scans < r->nq ? r->scans : r->nq;
+}
 
 static int grow(void **p, size_t *cap, size_t need, size_t elem)
 {
@@ -217,7 +223,8 @@ static bqueue *pick_queue(batcher *b, int64_t now, int64_t *wake_ns)
     for (bqueue *q = b->queues; q; q = q->next) {
         if (!q->count) continue;
         int64_t since = q->head->enqueued_ns;
-        bool ready = b->running == 0 || q->nq_total >= b->cfg.max_batch || now - since >= max_wait;
+        bool ready =
+            b->running == 0 || q->scans_total >= b->cfg.max_batch || now - since >= max_wait;
         if (ready) {
             if (!best || since < best->head->enqueued_ns) best = q;
         } else if (since + max_wait < *wake_ns) {
@@ -248,21 +255,22 @@ static void *worker_main(void *arg)
             continue;
         }
 
-        /* Take requests oldest first up to max_batch queries; expired ones go aside. */
+        /* Take requests oldest first up to max_batch scans; expired ones go aside. */
         batcher_request *batch = NULL, **batch_tail = &batch, *expired = NULL;
-        uint64_t nq = 0, nreq = 0, wait_ns = 0, n_expired = 0;
+        uint64_t nq = 0, nscans = 0, nreq = 0, wait_ns = 0, n_expired = 0;
         while (q->head) {
             batcher_request *r = q->head;
             if (r->deadline_ns && r->deadline_ns <= now) {
                 q->head = r->next;
                 r->next = expired;
                 expired = r;
-            } else if (nreq == 0 || nq + r->nq <= b->cfg.max_batch) {
+            } else if (nreq == 0 || nscans + request_scans(r) <= b->cfg.max_batch) {
                 q->head = r->next;
                 r->next = NULL;
                 *batch_tail = r;
                 batch_tail = &r->next;
                 nq += r->nq;
+                nscans += request_scans(r);
                 nreq++;
                 r->wait_ns = (uint64_t)(now - r->enqueued_ns);
                 wait_ns += r->wait_ns;
@@ -270,7 +278,7 @@ static void *worker_main(void *arg)
                 break;
             }
             q->count--;
-            q->nq_total -= r->nq;
+            q->scans_total -= request_scans(r);
             b->queued--;
             if (r->deadline_ns && r->deadline_ns <= now) n_expired++;
         }
@@ -369,7 +377,7 @@ void batcher_stop(batcher *b)
         }
         q->tail = NULL;
         q->count = 0;
-        q->nq_total = 0;
+        q->scans_total = 0;
     }
     b->queued = 0;
     pthread_cond_broadcast(&b->work_cv);
@@ -444,7 +452,7 @@ int batcher_submit(batcher *b, batcher_request *req, aff_err *err)
         q->head = req;
     q->tail = req;
     q->count++;
-    q->nq_total += req->nq;
+    q->scans_total += request_scans(req);
     b->queued++;
     pthread_cond_signal(&b->work_cv);
 out:

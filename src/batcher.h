@@ -4,11 +4,13 @@
  * Requests are plain C structs with a completion callback; the batcher knows no gRPC, CUDA or
  * FAISS. Each (collection, kind) pair has its own FIFO queue. A worker thread takes the
  * oldest queue that is ready and packs its requests, oldest first, into one engine call
- * (engine_search for SEARCH, engine_rerank for RERANK) of at most max_batch queries (a single
- * request with more queries than max_batch goes alone). A queue is ready when a worker is
- * free and
+ * (engine_search for SEARCH, engine_rerank for RERANK) of at most max_batch scans (a single
+ * request with more than max_batch goes alone). A request's scans are its queries, less those
+ * that share a vector with another query of the request (batcher_request.scans: the engine
+ * scores such a vector once for all of them, so they cost a heap, not a scan). A queue is
+ * ready when a worker is free and
  *   - no batch is running at all (the backend is idle), or
- *   - it holds max_batch queries or more, or
+ *   - it holds max_batch scans or more, or
  *   - its oldest request has waited max_wait_us.
  * With one worker (the default) the first rule always holds when the worker is free: requests
  * that arrive while a batch runs are packed into the next one. With more workers, a second
@@ -50,6 +52,10 @@ struct batcher_request {
     const char *collection; /* NUL-terminated, ≤ AFF_MAX_NAME_LEN bytes */
     int64_t deadline_ns;    /* batcher_now_ns() clock; 0 = no deadline */
     size_t nq;              /* queries in this request, ≥ 1 */
+    /* What the request counts against max_batch: its distinct query vectors when queries
+     * share one (the pipeline's organic query and its promotions' queries: the engine scores
+     * the vector once, backend_search.same_as), 1..nq; 0 = nq */
+    size_t scans;
     /* SEARCH: nq queries; hits has room for sum(k) entries, n_hits for nq. */
     const aff_query *queries;
     aff_hit *hits;
@@ -89,7 +95,7 @@ typedef struct batcher_exec {
 batcher_exec batcher_engine_exec(aff_engine *e);
 
 typedef struct batcher_config {
-    uint32_t max_batch;   /* queries per engine call, ≥ 1 */
+    uint32_t max_batch;   /* scans per engine call (batcher_request.scans), ≥ 1 */
     uint32_t max_wait_us; /* see the header comment */
     uint32_t queue_limit; /* requests queued per (collection, kind), ≥ 1 */
     uint32_t workers;     /* engine calls that may run at once; 0 = 1 */

@@ -1093,7 +1093,18 @@ int pipeline_rank(const pipeline_rank_input *in, pipeline_hit *out, uint32_t *n_
         for (uint32_t p = 0; p < r->n_pins; p++)
             if (in->pinned[p] && strcmp(in->pinned[p]->id, in->cands[i].id) == 0) c.state[i] = 2;
     }
-    qsort_r(c.order, n, sizeof *c.order, cmp_good_desc, c.good);
+    if (n <= 64) { /* the usual pool: an insertion sort, the same order as cmp_good_desc's */
+        for (uint32_t a = 1; a < n; a++) {
+            uint32_t t = c.order[a], b = a;
+            while (b > 0 && cmp_good_desc(&c.order[b - 1], &t, c.good) > 0) {
+                c.order[b] = c.order[b - 1];
+                b--;
+            }
+            c.order[b] = t;
+        }
+    } else {
+        qsort_r(c.order, n, sizeof *c.order, cmp_good_desc, c.good);
+    }
 
     uint32_t n_pins = 0;
     for (uint32_t p = 0; p < r->n_pins; p++)
@@ -1489,20 +1500,19 @@ int pipeline_user_source_resolve(aff_pipeline *p, const char *collection, const 
 /* How many candidates the organic query asks for. Deeper is dearer on every backend (the int8
  * scan reports and re-ranks rows in proportion to k: bench_pipeline measured the bare engine
  * call at 1.16x for k = 20 and 1.6x for k = 50 against k = 10), so the pool is only as deep
- * as the rules need for most requests; when they starve anyway (a cap over a concentrated
- * profile) up to two rounds, each four times deeper, fill the slots (finish_group). Pins and
- * promotions need no depth (pins are looked up, promotions have their own source). */
+ * as the rules need: k + max(5, k/2) for boosts, a category cap, diversity or exploration
+ * (room to reorder, to skip a capped category, for MMR's choice and for exploration's draws;
+ * the cap is applied inside the scan where the table can, so the pool is already capped), k
+ * for pins and promotions only (pins are looked up, promotions have their own queries). When
+ * the cap starves anyway (a concentrated profile on a table that cannot cap in the scan) up to
+ * two rounds, each four times deeper, fill the slots (finish_group). */
 static uint32_t overfetch_k(const pipeline_rules *r, uint32_t k)
 {
     bool cap = r->has_max_per_category && r->max_per_category;
     bool mmr = r->has_diversity && r->diversity > 0.0f;
     bool explore = r->has_exploration && r->exploration_share > 0.0f;
-    uint32_t want = k;
-    if (cap || mmr)
-        want = 2 * k;
-    else if (r->n_boosts || explore)
-        want = k + (k / 2 > 5 ? k / 2 : 5);
-    return want;
+    if (cap || mmr || r->n_boosts || explore) return k + (k / 2 > 5 ? k / 2 : 5);
+    return k;
 }
 
 static bool rules_active(const pipeline_rules *r)
@@ -1520,20 +1530,25 @@ _Static_assert(PIPELINE_HISTORY_ITEMS == PROFILES_RECENT_ITEMS,
 /* Refines organic SIMILAR_TO_HISTORY_ITEM reasons with the nearest recent history item
  * (another item than the hit itself). Best effort: on any failure the reasons stay without a
  * related id. The hits against the history items are one blocked product (dots): each hit's
- * row against every history item found, in history order, the first best kept. */
-static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
+ * row against every history item found, in history order, the first best kept. hit_rows:
+ * NULL, or each hit's row in the collection as stored (NULL: not found), when the caller read
+ * them already (finish_group's candidates), so only the history is looked up. */
+static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n,
+                            const float *const *hit_rows)
 {
     enum { H = PIPELINE_HISTORY_ITEMS };
     const size_t m = (size_t)n + H, dim = j->dim;
-    /* one allocation: recent, ids, cls, hash, rows, at, sims, then the floats (16-byte
-     * aligned): vec (m rows), packed (the history rows in pairs, H + 1 rows' room) */
+    /* one allocation: recent, ids, cls, hash, rows, at, sims, a (the hits' rows, n), then the
+     * floats (16-byte aligned): vec (m rows), packed (the history rows in pairs, H + 1 rows'
+     * room) */
     size_t o_ids = H * sizeof(char[AFF_MAX_ID_LEN + 1]);
     size_t o_cls = o_ids + m * sizeof(const char *);
     size_t o_hash = o_cls + m * sizeof(engine_item_class);
     size_t o_rows = o_hash + H * sizeof(uint64_t);
     size_t o_at = o_rows + H * sizeof(const float *);
     size_t o_sims = o_at + H * sizeof(uint32_t);
-    size_t o_vec = (o_sims + H * sizeof(float) + 15) & ~(size_t)15;
+    size_t o_a = (o_sims + H * sizeof(float) + 7) & ~(size_t)7;
+    size_t o_vec = (o_a + n * sizeof(const float *) + 15) & ~(size_t)15;
     size_t o_packed = o_vec + m * dim * sizeof(float);
     char *mem = malloc(o_packed + (H + 1) * dim * sizeof(float));
     if (!mem) return;
@@ -1544,6 +1559,7 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     const float **rows = (const float **)(mem + o_rows);
     uint32_t *at = (uint32_t *)(mem + o_at);
     float *sims = (float *)(mem + o_sims);
+    const float **a_rows = (const float **)(mem + o_a);
     float *vec = (float *)(mem + o_vec), *packed = (float *)(mem + o_packed);
     aff_err err;
     uint32_t nh = 0;
@@ -1556,15 +1572,25 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     }
     for (uint32_t i = 0; i < n; i++)
         ids[i] = hits[i].id;
-    if (strcmp(j->src.history, j->req->collection) == 0) {
-        if (engine_classify_items(j->p->engine, j->req->collection, ids, n + nh, NULL, 0, cls, vec,
-                                  &err))
+    if (hit_rows) {
+        if (engine_classify_items(j->p->engine, j->src.history, ids + n, nh, NULL, 0, cls + n,
+                                  vec + (size_t)n * dim, &err))
             goto out;
-    } else if (engine_classify_items(j->p->engine, j->req->collection, ids, n, NULL, 0, cls, vec,
-                                     &err) ||
-               engine_classify_items(j->p->engine, j->src.history, ids + n, nh, NULL, 0, cls + n,
-                                     vec + (size_t)n * dim, &err)) {
-        goto out;
+        for (uint32_t i = 0; i < n; i++)
+            a_rows[i] = hit_rows[i];
+    } else {
+        if (strcmp(j->src.history, j->req->collection) == 0) {
+            if (engine_classify_items(j->p->engine, j->req->collection, ids, n + nh, NULL, 0, cls,
+                                      vec, &err))
+                goto out;
+        } else if (engine_classify_items(j->p->engine, j->req->collection, ids, n, NULL, 0, cls,
+                                         vec, &err) ||
+                   engine_classify_items(j->p->engine, j->src.history, ids + n, nh, NULL, 0,
+                                         cls + n, vec + (size_t)n * dim, &err)) {
+            goto out;
+        }
+        for (uint32_t i = 0; i < n; i++)
+            a_rows[i] = cls[i].found ? vec + (size_t)i * dim : NULL;
     }
     /* the history items found, in history order, packed once for every hit */
     uint32_t nr = 0;
@@ -1577,9 +1603,8 @@ static void explain_history(pipeline_job *j, pipeline_hit *hits, uint32_t n)
     const bool l2 = j->metric == AFF_METRIC_L2;
     if (!l2) pack_pairs(rows, nr, (uint32_t)dim, packed);
     for (uint32_t i = 0; i < n; i++) {
-        if (hits[i].reason.kind != PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM || !cls[i].found)
-            continue;
-        const float *a = vec + (size_t)i * dim;
+        if (hits[i].reason.kind != PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM || !a_rows[i]) continue;
+        const float *a = a_rows[i];
         if (l2) {
             for (uint32_t r = 0; r < nr; r++) {
                 float v = 0;
@@ -1758,7 +1783,7 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
                 copy_id(out[i].reason.related_id, sizeof out[i].reason.related_id, related);
         }
         j->n_hits[g] = m;
-        if (j->src.source == PIPELINE_SOURCE_PROFILE) explain_history(j, out, m);
+        if (j->src.source == PIPELINE_SOURCE_PROFILE) explain_history(j, out, m, NULL);
         return AFF_OK;
     }
     const pipeline_rules *r = &j->rules;
@@ -1770,31 +1795,42 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
     char(*new_ids)[AFF_MAX_ID_LEN + 1] =
         add_new ? malloc(PIPELINE_NEW_ITEMS * sizeof *new_ids) : NULL;
     uint32_t n_all = total + (add_new ? PIPELINE_NEW_ITEMS : 0) + r->n_pins;
-    pipeline_candidate *cands = calloc(n_all ? n_all : 1, sizeof *cands);
-    const char **ids = calloc(n_all ? n_all : 1, sizeof *ids);
-    engine_item_class *cls = calloc(n_all ? n_all : 1, sizeof *cls);
-    const pipeline_candidate **pinned = calloc(r->n_pins ? r->n_pins : 1, sizeof *pinned);
+    /* one zeroed block: cands, ids, cls (n_all each), hash (the candidates' id_hash, n_all),
+     * hit_rows (the hits' rows for reasons, at most n_all), pinned (n_pins) */
+    const size_t na = n_all ? n_all : 1, np_ = r->n_pins ? r->n_pins : 1;
+    const size_t per_cand = sizeof(pipeline_candidate) + sizeof(engine_item_class) +
+                            sizeof(uint64_t) + sizeof(const char *) + sizeof(const float *);
+    char *blk = calloc(1, na * per_cand + np_ * sizeof(const pipeline_candidate *)), *at_blk = blk;
+    pipeline_candidate *cands = blk ? carve(&at_blk, na * sizeof *cands) : NULL;
+    engine_item_class *cls = blk ? carve(&at_blk, na * sizeof *cls) : NULL;
+    uint64_t *hash = blk ? carve(&at_blk, na * sizeof *hash) : NULL;
+    const char **ids = blk ? carve(&at_blk, na * sizeof *ids) : NULL;
+    const float **hit_rows = blk ? carve(&at_blk, na * sizeof *hit_rows) : NULL;
+    const pipeline_candidate **pinned = blk ? carve(&at_blk, np_ * sizeof *pinned) : NULL;
     bool want_vec = (r->has_diversity && r->diversity > 0.0f) || r->n_pins || add_new;
     float *vec = want_vec ? malloc((size_t)(n_all ? n_all : 1) * j->vdim * sizeof *vec) : NULL;
-    bool own_vectors = strcmp(j->vcoll, j->req->collection) == 0;
+    bool own_vectors = strcmp(j->vcoll, j->req->collection) == 0, normalized = false;
     int rc = AFF_OK;
-    if (!cands || !ids || !cls || !pinned || (want_vec && !vec) || (add_new && !new_ids)) {
+    if (!blk || (want_vec && !vec) || (add_new && !new_ids)) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory ranking candidates");
         goto out;
     }
     uint32_t n = 0;
     for (uint32_t i = 0; i < n_org; i++) {
         cands[n] = (pipeline_candidate){.id = org[i].id, .score = org[i].score, .organic = true};
+        hash[n] = id_hash(org[i].id);
         ids[n++] = org[i].id;
     }
     for (uint32_t q = 1; q < j->per_group; q++) {
         const aff_hit *ph = j->cand + j->cand_off[qidx(j, g, q)];
         for (uint32_t i = 0; i < j->cand_n[qidx(j, g, q)]; i++) {
+            uint64_t h = id_hash(ph[i].id);
             bool dup = false;
             for (uint32_t t = 0; t < n && !dup; t++)
-                dup = strcmp(ids[t], ph[i].id) == 0;
+                dup = hash[t] == h && strcmp(ids[t], ph[i].id) == 0;
             if (dup) continue;
             cands[n] = (pipeline_candidate){.id = ph[i].id, .score = ph[i].score};
+            hash[n] = h;
             ids[n++] = ph[i].id;
         }
     }
@@ -1802,6 +1838,8 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
     if (add_new) n = add_new_items(j, cands, ids, n, new_ids);
     for (uint32_t p = 0; p < r->n_pins; p++)
         ids[n + p] = r->pins[p].item_id;
+    for (uint32_t i = first_new; i < n + r->n_pins; i++)
+        hash[i] = id_hash(ids[i]);
     const aff_filter *filters[1 + PIPELINE_MAX_BOOSTS + PIPELINE_MAX_PROMOTIONS];
     uint32_t nf = 0;
     filters[nf++] = j->base;
@@ -1845,11 +1883,16 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
             .id = r->pins[p].item_id, .category = cls[at].category, .matches = cls[at].matches};
         cands[at].score = score_vec(j, vec + (size_t)at * j->vdim);
         for (uint32_t i = 0; i < n; i++)
-            if (strcmp(ids[i], ids[at]) == 0) cands[at].score = cands[i].score;
+            if (hash[i] == hash[at] && strcmp(ids[i], ids[at]) == 0)
+                cands[at].score = cands[i].score;
         pinned[p] = &cands[at];
     }
     if (vec && r->has_diversity && r->diversity > 0.0f) {
-        normalize_rows(vec, n, j->vdim);
+        /* a cosine collection's rows are stored at unit length (engine_upsert normalizes) */
+        if (j->vmetric != AFF_METRIC_COSINE) {
+            normalize_rows(vec, n, j->vdim);
+            normalized = true;
+        }
         for (uint32_t i = 0; i < n; i++)
             cands[i].vector = vec + (size_t)i * j->vdim;
     }
@@ -1877,12 +1920,23 @@ static int finish_group(pipeline_job *j, uint32_t g, aff_err *err)
         rc = RULES_STARVED; /* the engine had more: ask it for a deeper pool */
         goto out;
     }
-    if (j->src.source == PIPELINE_SOURCE_PROFILE) explain_history(j, out, j->n_hits[g]);
+    if (j->src.source == PIPELINE_SOURCE_PROFILE) {
+        /* Every hit is a candidate (or a pin): with the candidates' rows read as stored, the
+         * reasons take the hits' rows from them instead of looking them up again. */
+        const bool reuse = vec && own_vectors && !normalized;
+        for (uint32_t i = 0; reuse && i < j->n_hits[g]; i++) {
+            uint64_t h = id_hash(out[i].id);
+            hit_rows[i] = NULL;
+            for (uint32_t c = 0; c < n + r->n_pins; c++)
+                if (hash[c] == h && cls[c].found && strcmp(ids[c], out[i].id) == 0) {
+                    hit_rows[i] = vec + (size_t)c * j->vdim;
+                    break;
+                }
+        }
+        explain_history(j, out, j->n_hits[g], reuse ? hit_rows : NULL);
+    }
 out:
-    free(cands);
-    free(ids);
-    free(cls);
-    free(pinned);
+    free(blk);
     free(new_ids);
     free(vec);
     return rc;
@@ -2003,20 +2057,21 @@ static void rerank_explain(pipeline_job *j)
         snprintf(h[i].id, sizeof h[i].id, "%s", j->req->candidate_ids[rh->index]);
         h[i].reason.kind = rh->found ? kind : PIPELINE_REASON_CALLER_SCORE;
     }
-    if (kind == PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM) explain_history(j, h, n);
+    if (kind == PIPELINE_REASON_SIMILAR_TO_HISTORY_ITEM) explain_history(j, h, n, NULL);
     for (uint32_t i = 0; i < n; i++)
         j->rerank_reasons[i] = h[i].reason;
     j->out.rerank_reasons = j->rerank_reasons;
     free(h);
 }
 
-/* Submits engine queries [from, from + n) as one batcher request. */
+/* Submits engine queries [from, from + n) (whole groups) as one batcher request. */
 static int submit_range(pipeline_job *j, size_t from, size_t n, int64_t deadline_ns, aff_err *err)
 {
     j->br = (batcher_request){.kind = BATCHER_SEARCH,
                               .collection = j->src.space,
                               .deadline_ns = deadline_ns,
                               .nq = n,
+                              .scans = n / j->per_group, /* a group shares one vector */
                               .queries = j->queries + from,
                               .hits = j->cand + j->cand_off[from],
                               .n_hits = j->cand_n + from,
@@ -2729,6 +2784,7 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
     j->br = (batcher_request){.kind = BATCHER_SEARCH,
                               .collection = j->src.space,
                               .nq = nq,
+                              .scans = j->n_groups, /* max_batch counts each group once */
                               .queries = j->queries,
                               .hits = j->cand,
                               .n_hits = j->cand_n,

@@ -264,6 +264,38 @@ Test(batcher, never_packs_more_than_max_batch_queries)
     batcher_destroy(b);
 }
 
+/* A request whose queries share vectors (the pipeline's organic query and its promotions')
+ * counts its scans against max_batch, not its queries: 2-query requests of 1 scan pack 4 to
+ * a batch of max_batch 4 (8 queries); counted by queries they would pack 2. */
+Test(batcher, counts_a_shared_vector_once_against_max_batch)
+{
+    fake f;
+    fake_init(&f);
+    batcher *b = make(&f, 4, 1000000, 64, 1);
+    static treq t[10];
+    fake_close(&f);
+    treq_search(&t[0], &f, "shop", 1, 1, NULL);
+    submit_ok(b, &t[0]);
+    cr_assert(fake_wait(&f, 1, 1, 0));
+    for (int i = 1; i < 10; i++) {
+        treq_search(&t[i], &f, "shop", 2, 1, NULL);
+        t[i].req.scans = i == 9 ? 0 : 1; /* the last one: 0 = its 2 queries count */
+        submit_ok(b, &t[i]);
+    }
+    fake_open(&f);
+    cr_assert(fake_wait(&f, 4, 0, 10));
+    cr_assert_eq(f.calls, 4, "%d engine calls", f.calls);
+    cr_assert_eq(f.call_nq[1], 8, "4 requests of 1 scan each: %zu queries", f.call_nq[1]);
+    cr_assert_eq(f.call_nq[2], 8);
+    cr_assert_eq(f.call_nq[3], 2, "the 0-scans request counts its 2 queries");
+    for (int i = 1; i < 10; i++)
+        cr_assert_eq(t[i].n_hits[1], 1, "request %d got both queries' hits", i);
+    batcher_stats st;
+    batcher_get_stats(b, &st);
+    cr_assert_eq(st.queries, 19);
+    batcher_destroy(b);
+}
+
 Test(batcher, sends_a_request_larger_than_max_batch_alone)
 {
     fake f;
