@@ -1165,6 +1165,9 @@ typedef struct qstate {
     uint32_t n_full;
     uint32_t full_cat[FULL_CATS];
     float full_floor[FULL_CATS];
+    /* Capped: entries of lo per category & 63, at least the entries of any one category, so
+     * a category whose bucket is below the cap is known not full without counting. */
+    uint16_t held[64];
 } qstate;
 
 /* The compact category column of t (cpu_cat_rows.cat), or NULL when t has none usable. */
@@ -1225,6 +1228,30 @@ static void push_capped(topk_heap *h, uint32_t per_cat, float score, uint32_t ro
         topk_replace(h, worst, score, row, cat);
 }
 
+/* Pushes an accepted row (topk_would_accept) into capped heap st->lo, keeping st->held. */
+static void push_counted(qstate *st, float score, uint32_t row, uint32_t cat)
+{
+    topk_heap *h = &st->lo;
+    if (h->n == h->k) st->held[h->tags[0] & 63]--; /* the worst entry leaves */
+    topk_push_tagged(h, score, row, cat);
+    st->held[cat & 63]++;
+}
+
+/* push_capped into st->lo for a row topk_would_accept() takes (cat != 0); returns cat's floor
+ * afterwards (category_floor()). */
+static float push_capped_counted(qstate *st, float score, uint32_t row, uint32_t cat)
+{
+    topk_heap *h = &st->lo;
+    uint32_t worst = UINT32_MAX;
+    if (st->held[cat & 63] >= st->per_cat) category_floor(h, st->per_cat, cat, &worst);
+    if (worst == UINT32_MAX)
+        push_counted(st, score, row, cat);
+    else if (topk_better(score, row, h->scores[worst], h->rows[worst]))
+        topk_replace(h, worst, score, row, cat); /* same category: the counts stay */
+    return st->held[cat & 63] >= st->per_cat ? category_floor(h, st->per_cat, cat, &worst)
+                                             : -INFINITY;
+}
+
 static float lower_threshold(const qstate *st)
 {
     return st->lo.n < st->lo.k ? -INFINITY : st->lo.scores[0];
@@ -1275,13 +1302,15 @@ static bool take(const cpu_search_table *t, const uint32_t *cats, const backend_
     if (st->per_cat && below_floor(st, cat, h->hi)) return true; /* per_cat better rows */
     if (!row_passes(t, f, st->f_attrs, h->row, cat)) return true;
     const float lb = h->hi - h->width;
-    if (!st->per_cat || !cat) {
+    if (!st->per_cat) {
         topk_push_tagged(&st->lo, lb, h->row, cat);
     } else if (topk_would_accept(&st->lo, lb, h->row)) { /* else nothing changes */
-        push_capped(&st->lo, st->per_cat, lb, h->row, cat);
-        uint32_t w;
-        remember_floor(st, cat, category_floor(&st->lo, st->per_cat, cat, &w));
-        if (below_floor(st, cat, h->hi)) return true; /* its category is full */
+        if (!cat) {
+            push_counted(st, lb, h->row, 0); /* no category: no cap */
+        } else {
+            remember_floor(st, cat, push_capped_counted(st, lb, h->row, cat));
+            if (below_floor(st, cat, h->hi)) return true; /* its category is full */
+        }
     }
     L = lower_threshold(st);
     if (h->hi < L) return true;
