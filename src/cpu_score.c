@@ -1488,6 +1488,38 @@ static uint64_t search_posted(const cpu_search_table *t, const backend_search *s
     return read;
 }
 
+/* Max-heap of candidates by upper bound: sift c[i] down in c[0..n). */
+static void cand_sift(cand *c, uint32_t n, uint32_t i)
+{
+    const cand v = c[i];
+    for (;;) {
+        uint32_t ch = 2 * i + 1;
+        if (ch >= n) break;
+        if (ch + 1 < n && c[ch + 1].hi > c[ch].hi) ch++;
+        if (!(c[ch].hi > v.hi)) break;
+        c[i] = c[ch];
+        i = ch;
+    }
+    c[i] = v;
+}
+
+/* Takes the candidate with the highest upper bound out of max-heap c[0..*n). */
+static cand cand_pop(cand *c, uint32_t *n)
+{
+    const cand top = c[0];
+    c[0] = c[--*n];
+    if (*n) cand_sift(c, *n, 0);
+    return top;
+}
+
+static void prefetch_row(const cpu_search_table *t, uint32_t row)
+{
+    const uint32_t dim = t->codes->dim;
+    const char *p = (const char *)(t->rows + (size_t)row * dim);
+    for (size_t off = 0; off < dim * sizeof(float); off += 64)
+        __builtin_prefetch(p + off);
+}
+
 /* Scanned query q: merges its threads' lower bounds, then scores in fp32 every candidate whose
  * upper bound reaches the final L into ex. Returns the candidates scored. */
 static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthreads, uint32_t nq,
@@ -1516,19 +1548,33 @@ static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthre
                 !(st->n_full &&
                   below_floor(st, category_at(cats, t->attrs, ts->c[i].row), ts->c[i].hi)))
                 ts->c[m++] = ts->c[i];
-        for (uint32_t i = 0; i < m; i++) {
-            if (i + 4 < m) { /* the rows are scattered: fetch ahead */
-                const char *next = (const char *)(t->rows + (size_t)ts->c[i + 4].row * dim);
-                for (size_t off = 0; off < dim * sizeof(float); off += 64)
-                    __builtin_prefetch(next + off);
-            }
-            const uint32_t row = ts->c[i].row;
-            float d;
-            cpu_dot_rows(qv, t->rows + (size_t)row * dim, 1, dim, &d);
-            push_capped(ex, st->per_cat, t->sq_norms ? 2.0f * d - t->sq_norms[row] : d, row,
-                        st->per_cat ? category_at(cats, t->attrs, row) : 0);
+        /* Highest upper bound first: once ex is full and a candidate's upper bound is below
+         * its worst score, neither it nor any later one can enter (its fp32 score is at most
+         * its upper bound), so the fp32 rows of the rest are never fetched. */
+        for (uint32_t i = m / 2; i-- > 0;)
+            cand_sift(ts->c, m, i);
+        cand ahead[4]; /* popped, their rows being fetched (the rows are scattered) */
+        uint32_t left = m, n_ahead = 0, first = 0;
+        for (; n_ahead < 4 && left; n_ahead++) {
+            ahead[n_ahead] = cand_pop(ts->c, &left);
+            prefetch_row(t, ahead[n_ahead].row);
         }
-        scored += m;
+        while (n_ahead) {
+            const cand x = ahead[first];
+            if (ex->n == ex->k && x.hi < ex->scores[0]) break;
+            if (left) { /* its slot takes the next one */
+                ahead[first] = cand_pop(ts->c, &left);
+                prefetch_row(t, ahead[first].row);
+            } else {
+                n_ahead--;
+            }
+            first = (first + 1) % 4;
+            float d;
+            cpu_dot_rows(qv, t->rows + (size_t)x.row * dim, 1, dim, &d);
+            push_capped(ex, st->per_cat, t->sq_norms ? 2.0f * d - t->sq_norms[x.row] : d, x.row,
+                        st->per_cat ? category_at(cats, t->attrs, x.row) : 0);
+            scored++;
+        }
     }
     return scored;
 }
