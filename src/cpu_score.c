@@ -1149,7 +1149,7 @@ typedef struct cand {
  * rows whose upper bound reached L when they were seen. The heap and the first candidate list
  * come from the search's arena; a list that outgrows it moves to the heap (c_owned), since
  * OpenMP threads cannot take from the arena. */
-#define FULL_CATS 16 /* qstate: full categories remembered per query */
+#define FULL_CATS 64 /* qstate: full categories remembered per query, one per cat & 63 */
 
 typedef struct qstate {
     topk_heap lo;
@@ -1161,7 +1161,9 @@ typedef struct qstate {
     bool c_owned;     /* c was malloc'ed here and is freed at the end of the search */
     /* Categories known full (category_floor) and their floors: facts about rows already
      * seen, so a floor stays valid after those rows leave the heap; checked before any
-     * heap work, since a shopper's crowded category reports most of its rows. */
+     * heap work, since a shopper's crowded category reports most of its rows. Slot cat & 63
+     * holds the latest such category of its bucket (0: none; category 0 is never capped):
+     * forgetting a floor only costs pruning. n_full: slots in use. */
     uint32_t n_full;
     uint32_t full_cat[FULL_CATS];
     float full_floor[FULL_CATS];
@@ -1267,24 +1269,22 @@ static const backend_filter *filter_of(const backend_search *s, uint32_t q)
 static void remember_floor(qstate *st, uint32_t cat, float floor)
 {
     if (floor == -INFINITY) return;
-    for (uint32_t i = 0; i < st->n_full; i++)
-        if (st->full_cat[i] == cat) {
-            st->full_floor[i] = floor > st->full_floor[i] ? floor : st->full_floor[i];
-            return;
-        }
-    if (st->n_full < FULL_CATS) {
-        st->full_cat[st->n_full] = cat;
-        st->full_floor[st->n_full++] = floor;
+    const uint32_t b = cat % FULL_CATS;
+    if (st->full_cat[b] == cat) {
+        st->full_floor[b] = floor > st->full_floor[b] ? floor : st->full_floor[b];
+        return;
     }
+    st->n_full += st->full_cat[b] == 0;
+    st->full_cat[b] = cat;
+    st->full_floor[b] = floor;
 }
 
 /* True when a row of category cat with upper bound hi is below that category's remembered
  * floor. */
 static inline bool below_floor(const qstate *st, uint32_t cat, float hi)
 {
-    for (uint32_t i = 0; i < st->n_full; i++)
-        if (st->full_cat[i] == cat) return hi < st->full_floor[i];
-    return false;
+    const uint32_t b = cat % FULL_CATS;
+    return st->full_cat[b] == cat && cat && hi < st->full_floor[b];
 }
 
 /* Takes one reported row: filter, lower bound, candidate. Returns false when out of memory. */
