@@ -1194,7 +1194,7 @@ static inline bool row_passes(const cpu_search_table *t, const backend_filter *f
  * (UINT32_MAX: not full). */
 static float category_floor(const topk_heap *h, uint32_t per_cat, uint32_t cat, uint32_t *worst_at)
 {
-    /* Count first, without branches (vectorized): most categories are not full. */
+    /* Count first, without branches: most categories are not full. */
     uint32_t held = 0;
     for (uint32_t i = 0; i < h->n; i++)
         held += h->tags[i] == cat;
