@@ -99,6 +99,29 @@ static inline bool backend__sorted_contains(const uint32_t *a, uint32_t n, uint3
     return lo < n && a[lo] == v;
 }
 
+/* True when f tests availability, price or tags: anything beyond the category and the
+ * excluded rows, which a backend can check without reading the row's attributes (prices are
+ * finite, item.c, so unbounded price limits admit every row). */
+static inline bool backend_filter_tests_attrs(const backend_filter *f)
+{
+    return f->available_only || f->n_tags || f->n_exclude_tags ||
+           f->price_min != -__builtin_inff() || f->price_max != __builtin_inff();
+}
+
+/* f's category test alone: does a row of `category` pass it? */
+static inline bool backend_filter_category_passes(const backend_filter *f, uint32_t category)
+{
+    if (!f->category_bits) return true;
+    uint32_t w = category >> 6;
+    return w < f->category_words && ((f->category_bits[w] >> (category & 63u)) & 1u);
+}
+
+/* f's excluded rows alone: is `row` not among them? */
+static inline bool backend_filter_row_passes(const backend_filter *f, uint32_t row)
+{
+    return !f->n_exclude_rows || !backend__sorted_contains(f->exclude_rows, f->n_exclude_rows, row);
+}
+
 /* The reference predicate: does `row` with attributes `a` pass filter `f` (NULL passes)?
  * Backends may evaluate it differently (on the device, vectorized) but must agree with it. */
 static inline bool backend_filter_matches(const backend_filter *f, const backend_row_attrs *a,
@@ -107,11 +130,7 @@ static inline bool backend_filter_matches(const backend_filter *f, const backend
     if (!f) return true;
     if (f->available_only && !a->available) return false;
     if (!(a->price >= f->price_min && a->price <= f->price_max)) return false;
-    if (f->category_bits) {
-        uint32_t w = a->category >> 6;
-        if (w >= f->category_words || !((f->category_bits[w] >> (a->category & 63u)) & 1u))
-            return false;
-    }
+    if (!backend_filter_category_passes(f, a->category)) return false;
     if (f->n_tags) {
         if (!(a->tag_bloom & f->tag_bloom)) return false;
         bool any = false;
@@ -124,9 +143,7 @@ static inline bool backend_filter_matches(const backend_filter *f, const backend
             if (backend__sorted_contains(f->exclude_tags, f->n_exclude_tags, a->tags[i]))
                 return false;
     }
-    if (f->n_exclude_rows && backend__sorted_contains(f->exclude_rows, f->n_exclude_rows, row))
-        return false;
-    return true;
+    return backend_filter_row_passes(f, row);
 }
 
 typedef struct backend backend;

@@ -448,9 +448,16 @@ int cpu_cat_rows_add(cpu_cat_rows *x, uint32_t row, uint32_t cat)
         }
         x->n_cats = m;
     }
-    if (!grow_u32(&x->slot, &x->slot_cap, row + 1) ||
-        !grow_u32(&x->rows[cat], &x->cap[cat], x->n[cat] + 1))
-        goto broken;
+    if (row >= x->slot_cap) { /* slot and cat grow together */
+        uint32_t cap = x->slot_cap;
+        if (!grow_u32(&x->slot, &cap, row + 1)) goto broken;
+        uint32_t *c = realloc(x->cat, (size_t)cap * sizeof *c);
+        if (!c) goto broken; /* (slot keeps its larger array; slot_cap still says the old size) */
+        x->cat = c;
+        x->slot_cap = cap;
+    }
+    if (!grow_u32(&x->rows[cat], &x->cap[cat], x->n[cat] + 1)) goto broken;
+    x->cat[row] = cat;
     x->slot[row] = x->n[cat];
     x->rows[cat][x->n[cat]++] = row;
     return AFF_OK;
@@ -481,12 +488,13 @@ void cpu_cat_rows_free(cpu_cat_rows *x)
     free(x->n);
     free(x->cap);
     free(x->slot);
+    free(x->cat);
     *x = (cpu_cat_rows){0};
 }
 
 uint64_t cpu_cat_rows_bytes(const cpu_cat_rows *x)
 {
-    uint64_t b = (uint64_t)x->slot_cap * sizeof(uint32_t) +
+    uint64_t b = (uint64_t)x->slot_cap * 2 * sizeof(uint32_t) +
                  (uint64_t)x->n_cats * (sizeof(uint32_t *) + 2 * sizeof(uint32_t));
     for (uint32_t c = 0; c < x->n_cats; c++)
         b += (uint64_t)x->cap[c] * sizeof(uint32_t);
@@ -534,9 +542,17 @@ struct scan_args {
      * skips the blocks that hold none of them. */
     const uint64_t *block_cats;     /* cpu_search_table.block_cats */
     const backend_row_attrs *attrs; /* cpu_search_table.attrs (with qcats) */
+    const uint32_t *cats;           /* table_cats() (with qcats) */
     const uint64_t *qcats;          /* nq blooms, or NULL */
     float *thresh_cat;              /* nq */
 };
+
+/* Row `row`'s category from the compact column `cats` when there is one, else from attrs. */
+static inline uint32_t category_at(const uint32_t *cats, const backend_row_attrs *attrs,
+                                   uint32_t row)
+{
+    return cats ? cats[row] : attrs[row].category;
+}
 
 /* The sink of a search (defined with the search below). */
 static void take_now(scan_args *a, const cpu_hit *h);
@@ -621,7 +637,8 @@ static inline float block_threshold(const scan_args *a, uint32_t row, uint32_t q
 static void push_hit(scan_args *a, uint32_t row, uint32_t q, float hi, float e)
 {
     /* Under the plain threshold only a row of a restricted query's categories can pass. */
-    if (a->qcats && hi < a->thresh[q] && !(backend_tag_bit(a->attrs[row].category) & a->qcats[q]))
+    if (a->qcats && hi < a->thresh[q] &&
+        !(backend_tag_bit(category_at(a->cats, a->attrs, row)) & a->qcats[q]))
         return;
     float w = e + e;
     if (a->sq_norms) w += w;
@@ -1132,38 +1149,66 @@ typedef struct cand {
  * rows whose upper bound reached L when they were seen. The heap and the first candidate list
  * come from the search's arena; a list that outgrows it moves to the heap (c_owned), since
  * OpenMP threads cannot take from the arena. */
-#define FULL_CATS 16 /* qstate: full categories remembered per query */
+#define FULL_CATS 64 /* qstate: full categories remembered per query, one per cat & 63 */
 
 typedef struct qstate {
     topk_heap lo;
     cand *c;
     uint32_t n, cap;
-    uint32_t per_cat; /* backend_search.max_per_category for this query; 0: none */
+    uint32_t per_cat; /* backend_search.max_per_category for this query; 0: none (else lo is
+                       * tagged with each entry's category) */
+    bool f_attrs;     /* its filter tests attributes (backend_filter_tests_attrs) */
     bool c_owned;     /* c was malloc'ed here and is freed at the end of the search */
     /* Categories known full (category_floor) and their floors: facts about rows already
      * seen, so a floor stays valid after those rows leave the heap; checked before any
-     * heap work, since a shopper's crowded category reports most of its rows. */
+     * heap work, since a shopper's crowded category reports most of its rows. Slot cat & 63
+     * holds the latest such category of its bucket (0: none; category 0 is never capped):
+     * forgetting a floor only costs pruning. n_full: slots in use. */
     uint32_t n_full;
     uint32_t full_cat[FULL_CATS];
     float full_floor[FULL_CATS];
+    /* Capped: entries of lo per category & 63, at least the entries of any one category, so
+     * a category whose bucket is below the cap is known not full without counting. */
+    uint16_t held[64];
 } qstate;
 
-/* The floor of category cat in capped heap h: when h holds per_cat rows of it, the worst of
- * them (a row of that category below it cannot be in the capped top-k: per_cat rows of its
- * own category beat it), else -inf. *worst_at: that entry's index (UINT32_MAX: not full). */
-static float category_floor(const cpu_search_table *t, const topk_heap *h, uint32_t per_cat,
-                            uint32_t cat, uint32_t *worst_at)
+/* The compact category column of t (cpu_cat_rows.cat), or NULL when t has none usable. */
+static const uint32_t *table_cats(const cpu_search_table *t)
 {
-    uint32_t held = 0, worst = UINT32_MAX;
+    return t->cat_rows && !t->cat_rows->broken ? t->cat_rows->cat : NULL;
+}
+
+/* Does `row`, of category cat, pass filter f (NULL passes)? f_attrs: backend_filter_tests_attrs
+ * (f); without such tests the row's attributes are not read (cat is used instead). */
+static inline bool row_passes(const cpu_search_table *t, const backend_filter *f, bool f_attrs,
+                              uint32_t row, uint32_t cat)
+{
+    if (!f) return true;
+    if (f_attrs) return backend_filter_matches(f, &t->attrs[row], row);
+    return backend_filter_category_passes(f, cat) && backend_filter_row_passes(f, row);
+}
+
+/* The floor of category cat in capped heap h (tagged with categories): when h holds per_cat
+ * rows of it, the worst of them (a row of that category below it cannot be in the capped
+ * top-k: per_cat rows of its own category beat it), else -inf. *worst_at: that entry's index
+ * (UINT32_MAX: not full). */
+static float category_floor(const topk_heap *h, uint32_t per_cat, uint32_t cat, uint32_t *worst_at)
+{
+    /* Count first, without branches: most categories are not full. */
+    uint32_t held = 0;
+    for (uint32_t i = 0; i < h->n; i++)
+        held += h->tags[i] == cat;
+    *worst_at = UINT32_MAX;
+    if (held < per_cat) return -INFINITY;
+    uint32_t worst = UINT32_MAX;
     for (uint32_t i = 0; i < h->n; i++) {
-        if (t->attrs[h->rows[i]].category != cat) continue;
-        held++;
+        if (h->tags[i] != cat) continue;
         if (worst == UINT32_MAX ||
             topk_better(h->scores[worst], h->rows[worst], h->scores[i], h->rows[i]))
             worst = i;
     }
-    *worst_at = held >= per_cat ? worst : UINT32_MAX;
-    return held >= per_cat ? h->scores[worst] : -INFINITY;
+    *worst_at = worst;
+    return h->scores[worst];
 }
 
 /* topk_push under a category cap (backend_search.max_per_category; per_cat 0: none). The heap
@@ -1171,20 +1216,42 @@ static float category_floor(const cpu_search_table *t, const topk_heap *h, uint3
  * for the lower bounds) only rises, and a row under it cannot be in the capped top-k: k held
  * rows, at most per_cat of any category, all score above it, and taking rows best first
  * takes at least as many of each category's as are held before reaching it. */
-static void push_capped(const cpu_search_table *t, topk_heap *h, uint32_t per_cat, float score,
-                        uint32_t row)
+static void push_capped(topk_heap *h, uint32_t per_cat, float score, uint32_t row, uint32_t cat)
 {
-    const uint32_t cat = per_cat ? t->attrs[row].category : 0;
-    if (!cat || !topk_would_accept(h, score, row)) {
-        topk_push(h, score, row); /* (a no-op when not accepted) */
+    if (!per_cat || !cat || !topk_would_accept(h, score, row)) {
+        topk_push_tagged(h, score, row, cat); /* (a no-op when not accepted) */
         return;
     }
     uint32_t worst;
-    category_floor(t, h, per_cat, cat, &worst);
+    category_floor(h, per_cat, cat, &worst);
     if (worst == UINT32_MAX)
-        topk_push(h, score, row);
+        topk_push_tagged(h, score, row, cat);
     else if (topk_better(score, row, h->scores[worst], h->rows[worst]))
-        topk_replace(h, worst, score, row);
+        topk_replace(h, worst, score, row, cat);
+}
+
+/* Pushes an accepted row (topk_would_accept) into capped heap st->lo, keeping st->held. */
+static void push_counted(qstate *st, float score, uint32_t row, uint32_t cat)
+{
+    topk_heap *h = &st->lo;
+    if (h->n == h->k) st->held[h->tags[0] & 63]--; /* the worst entry leaves */
+    topk_push_tagged(h, score, row, cat);
+    st->held[cat & 63]++;
+}
+
+/* push_capped into st->lo for a row topk_would_accept() takes (cat != 0); returns cat's floor
+ * afterwards (category_floor()). */
+static float push_capped_counted(qstate *st, float score, uint32_t row, uint32_t cat)
+{
+    topk_heap *h = &st->lo;
+    uint32_t worst = UINT32_MAX;
+    if (st->held[cat & 63] >= st->per_cat) category_floor(h, st->per_cat, cat, &worst);
+    if (worst == UINT32_MAX)
+        push_counted(st, score, row, cat);
+    else if (topk_better(score, row, h->scores[worst], h->rows[worst]))
+        topk_replace(h, worst, score, row, cat); /* same category: the counts stay */
+    return st->held[cat & 63] >= st->per_cat ? category_floor(h, st->per_cat, cat, &worst)
+                                             : -INFINITY;
 }
 
 static float lower_threshold(const qstate *st)
@@ -1202,45 +1269,48 @@ static const backend_filter *filter_of(const backend_search *s, uint32_t q)
 static void remember_floor(qstate *st, uint32_t cat, float floor)
 {
     if (floor == -INFINITY) return;
-    for (uint32_t i = 0; i < st->n_full; i++)
-        if (st->full_cat[i] == cat) {
-            st->full_floor[i] = floor > st->full_floor[i] ? floor : st->full_floor[i];
-            return;
-        }
-    if (st->n_full < FULL_CATS) {
-        st->full_cat[st->n_full] = cat;
-        st->full_floor[st->n_full++] = floor;
+    const uint32_t b = cat % FULL_CATS;
+    if (st->full_cat[b] == cat) {
+        st->full_floor[b] = floor > st->full_floor[b] ? floor : st->full_floor[b];
+        return;
     }
+    st->n_full += st->full_cat[b] == 0;
+    st->full_cat[b] = cat;
+    st->full_floor[b] = floor;
 }
 
-/* True when a row with upper bound hi is below its category's remembered floor. */
-static inline bool below_floor(const cpu_search_table *t, const qstate *st, uint32_t row, float hi)
+/* True when a row of category cat with upper bound hi is below that category's remembered
+ * floor. */
+static inline bool below_floor(const qstate *st, uint32_t cat, float hi)
 {
-    if (!st->n_full) return false;
-    const uint32_t cat = t->attrs[row].category;
-    for (uint32_t i = 0; i < st->n_full; i++)
-        if (st->full_cat[i] == cat) return hi < st->full_floor[i];
-    return false;
+    const uint32_t b = cat % FULL_CATS;
+    return st->full_cat[b] == cat && cat && hi < st->full_floor[b];
 }
 
 /* Takes one reported row: filter, lower bound, candidate. Returns false when out of memory. */
-static bool take(const cpu_search_table *t, const backend_filter *f, qstate *st, const cpu_hit *h)
+static bool take(const cpu_search_table *t, const uint32_t *cats, const backend_filter *f,
+                 qstate *st, const cpu_hit *h)
 {
     float L = lower_threshold(st);
     /* Under this query's own L (a row reported for another query of its vector) neither bound
      * can change anything: skip the filter and the heap. */
     if (h->hi < L && h->width >= 0.0f) return true;
-    if (below_floor(t, st, h->row, h->hi)) return true; /* per_cat better rows of its own */
-    const uint32_t cat = st->per_cat ? t->attrs[h->row].category : 0;
-    if (f && !backend_filter_matches(f, &t->attrs[h->row], h->row)) return true;
+    /* the category from the compact column: only a filter with other tests reads attributes */
+    const uint32_t cat = st->per_cat || (f && f->category_bits && !st->f_attrs)
+                             ? category_at(cats, t->attrs, h->row)
+                             : 0;
+    if (st->per_cat && below_floor(st, cat, h->hi)) return true; /* per_cat better rows */
+    if (!row_passes(t, f, st->f_attrs, h->row, cat)) return true;
     const float lb = h->hi - h->width;
-    if (!cat) {
-        topk_push(&st->lo, lb, h->row);
+    if (!st->per_cat) {
+        topk_push_tagged(&st->lo, lb, h->row, cat);
     } else if (topk_would_accept(&st->lo, lb, h->row)) { /* else nothing changes */
-        push_capped(t, &st->lo, st->per_cat, lb, h->row);
-        uint32_t w;
-        remember_floor(st, cat, category_floor(t, &st->lo, st->per_cat, cat, &w));
-        if (below_floor(t, st, h->row, h->hi)) return true; /* its category is full */
+        if (!cat) {
+            push_counted(st, lb, h->row, 0); /* no category: no cap */
+        } else {
+            remember_floor(st, cat, push_capped_counted(st, lb, h->row, cat));
+            if (below_floor(st, cat, h->hi)) return true; /* its category is full */
+        }
     }
     L = lower_threshold(st);
     if (h->hi < L) return true;
@@ -1290,6 +1360,7 @@ typedef struct take_ctx {
     const uint32_t *next;  /* query -> the next query with the same vector, or UINT32_MAX */
     const uint64_t *mcats; /* per query: filter_cats() of its filter; NULL: none restricts */
     const backend_filter *const *filters; /* per query: filter_of(), once per search */
+    const uint32_t *cats;                 /* table_cats() */
     uint32_t g0;                          /* the kernel call's first scanned vector */
     bool failed;
 } take_ctx;
@@ -1326,12 +1397,12 @@ static void take_now(scan_args *a, const cpu_hit *h)
     const uint32_t pi = tc->g0 + h->q, q0 = tc->phys[pi];
     if (tc->next[q0] == UINT32_MAX && !a->qcats) { /* one query for the vector: the usual case */
         qstate *st = &tc->states[q0];
-        if (!take(tc->t, tc->filters[q0], st, h)) tc->failed = true;
+        if (!take(tc->t, tc->cats, tc->filters[q0], st, h)) tc->failed = true;
         a->thresh[h->q] = lower_threshold(st);
         return;
     }
     for (uint32_t q = q0; q != UINT32_MAX; q = tc->next[q])
-        if (!take(tc->t, tc->filters[q], &tc->states[q], h)) tc->failed = true;
+        if (!take(tc->t, tc->cats, tc->filters[q], &tc->states[q], h)) tc->failed = true;
     set_thresholds(tc, a, h->q);
 }
 
@@ -1352,44 +1423,101 @@ static uint64_t posting_rows(const cpu_search_table *t, const backend_filter *f)
     return total ? total : 1; /* an empty list: nothing to score, and no scan either */
 }
 
-/* Rows scored per dot_gather call in search_posted. */
-#define POSTED_CHUNK 64u
+/* Rows scored per dot_gather call in search_posted: 32 rows of d = 128 (16 KiB) stay in L1
+ * while every query of the group scores them. */
+#define POSTED_CHUNK 32u
+/* Queries one search_posted call serves at most (the units of the re-rank loop stay small). */
+#define POSTED_GROUP 16u
 
-/* Query q's exact top-k from its categories' rows (posting_rows() said so): each row scored as
- * the re-rank scores a candidate (the same bits), so the result is the scan's; the filter is
- * only asked about rows the heap would take. Returns rows read. */
-static uint64_t search_posted(const cpu_search_table *t, const backend_filter *f, const float *qv,
-                              uint32_t per_cat, topk_heap *ex)
+/* True when filters a and b admit the same categories (both restrict them). */
+static bool same_categories(const backend_filter *a, const backend_filter *b)
+{
+    const uint32_t n = a->category_words > b->category_words ? a->category_words
+                                                              : b->category_words;
+    for (uint32_t w = 0; w < n; w++)
+        if ((w < a->category_words ? a->category_bits[w] : 0) !=
+            (w < b->category_words ? b->category_bits[w] : 0))
+            return false;
+    return true;
+}
+
+/* The exact top-k of queries q, next[q], next[next[q]], ... (posting_rows() said so for each;
+ * their filters admit the same categories) from their categories' rows: each row scored as the
+ * re-rank scores a candidate (the same bits), so each result is the scan's; a query's filter is
+ * only asked about rows its heap would take. The group reads each chunk of rows once for all
+ * its queries (the chunk stays in L1 while they score it). Returns rows read, per query. */
+static uint64_t search_posted(const cpu_search_table *t, const backend_search *s,
+                              const backend_filter *const *qfilt, const uint32_t *next, uint32_t q,
+                              topk_heap *exact)
 {
     const cpu_cat_rows *x = t->cat_rows;
+    const backend_filter *lead = qfilt[q];
     const uint32_t dim = t->codes->dim;
     uint64_t read = 0;
     float d[POSTED_CHUNK];
-    for (uint32_t w = 0; w < f->category_words; w++)
-        for (uint64_t bits = f->category_bits[w]; bits; bits &= bits - 1) {
+    for (uint32_t w = 0; w < lead->category_words; w++)
+        for (uint64_t bits = lead->category_bits[w]; bits; bits &= bits - 1) {
             uint32_t c = w * 64 + (uint32_t)__builtin_ctzll(bits);
             if (c >= x->n_cats) continue;
             const uint32_t *rows = x->rows[c], n = x->n[c];
             for (uint32_t i = 0; i < n; i += POSTED_CHUNK) {
                 const uint32_t m = n - i < POSTED_CHUNK ? n - i : POSTED_CHUNK;
-                dot_gather(qv, t->rows, rows + i, m, dim, d);
-                if (t->sq_norms)
-                    for (uint32_t j = 0; j < m; j++)
-                        d[j] = 2.0f * d[j] - t->sq_norms[rows[i + j]];
-                /* below the heap's worst score nothing enters (ties go to topk_would_accept) */
-                float worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
-                for (uint32_t j = 0; j < m; j++) {
-                    const uint32_t row = rows[i + j];
-                    if (!(d[j] >= worst) || !topk_would_accept(ex, d[j], row) || row >= t->count ||
-                        !backend_filter_matches(f, &t->attrs[row], row))
-                        continue;
-                    push_capped(t, ex, per_cat, d[j], row);
-                    worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
+                for (uint32_t g = q; g != UINT32_MAX; g = next[g]) {
+                    const backend_filter *f = qfilt[g];
+                    const bool f_attrs = backend_filter_tests_attrs(f);
+                    const uint32_t per_cat = s->max_per_category ? s->max_per_category[g] : 0;
+                    topk_heap *ex = &exact[g];
+                    dot_gather(s->queries + (size_t)g * dim, t->rows, rows + i, m, dim, d);
+                    if (t->sq_norms)
+                        for (uint32_t j = 0; j < m; j++)
+                            d[j] = 2.0f * d[j] - t->sq_norms[rows[i + j]];
+                    /* below the heap's worst score nothing enters (ties: topk_would_accept) */
+                    float worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
+                    for (uint32_t j = 0; j < m; j++) {
+                        const uint32_t row = rows[i + j];
+                        if (!(d[j] >= worst) || !topk_would_accept(ex, d[j], row) ||
+                            row >= t->count || !row_passes(t, f, f_attrs, row, c))
+                            continue;
+                        push_capped(ex, per_cat, d[j], row, c);
+                        worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
+                    }
+                    read += m;
                 }
             }
-            read += n;
         }
     return read;
+}
+
+/* Max-heap of candidates by upper bound: sift c[i] down in c[0..n). */
+static void cand_sift(cand *c, uint32_t n, uint32_t i)
+{
+    const cand v = c[i];
+    for (;;) {
+        uint32_t ch = 2 * i + 1;
+        if (ch >= n) break;
+        if (ch + 1 < n && c[ch + 1].hi > c[ch].hi) ch++;
+        if (!(c[ch].hi > v.hi)) break;
+        c[i] = c[ch];
+        i = ch;
+    }
+    c[i] = v;
+}
+
+/* Takes the candidate with the highest upper bound out of max-heap c[0..*n). */
+static cand cand_pop(cand *c, uint32_t *n)
+{
+    const cand top = c[0];
+    c[0] = c[--*n];
+    if (*n) cand_sift(c, *n, 0);
+    return top;
+}
+
+static void prefetch_row(const cpu_search_table *t, uint32_t row)
+{
+    const uint32_t dim = t->codes->dim;
+    const char *p = (const char *)(t->rows + (size_t)row * dim);
+    for (size_t off = 0; off < dim * sizeof(float); off += 64)
+        __builtin_prefetch(p + off);
 }
 
 /* Scanned query q: merges its threads' lower bounds, then scores in fp32 every candidate whose
@@ -1402,33 +1530,51 @@ static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthre
     for (uint32_t th = 1; th < nthreads; th++) {
         const topk_heap *o = &states[(size_t)th * nq + q].lo;
         for (uint32_t i = 0; i < o->n; i++)
-            push_capped(t, &st->lo, st->per_cat, o->scores[i], o->rows[i]);
+            push_capped(&st->lo, st->per_cat, o->scores[i], o->rows[i], o->tags ? o->tags[i] : 0);
     }
     const float L = lower_threshold(st);
+    const uint32_t *cats = table_cats(t);
     if (st->per_cat) /* the merged heap's full categories, for below_floor */
         for (uint32_t i = 0; i < st->lo.n; i++) {
-            uint32_t cat = t->attrs[st->lo.rows[i]].category, w;
-            if (cat) remember_floor(st, cat, category_floor(t, &st->lo, st->per_cat, cat, &w));
+            uint32_t cat = st->lo.tags[i], w;
+            if (cat) remember_floor(st, cat, category_floor(&st->lo, st->per_cat, cat, &w));
         }
     uint64_t scored = 0;
     for (uint32_t th = 0; th < nthreads; th++) {
         qstate *ts = &states[(size_t)th * nq + q];
         uint32_t m = 0;
         for (uint32_t i = 0; i < ts->n; i++)
-            if (ts->c[i].hi >= L && !below_floor(t, st, ts->c[i].row, ts->c[i].hi))
+            if (ts->c[i].hi >= L &&
+                !(st->n_full &&
+                  below_floor(st, category_at(cats, t->attrs, ts->c[i].row), ts->c[i].hi)))
                 ts->c[m++] = ts->c[i];
-        for (uint32_t i = 0; i < m; i++) {
-            if (i + 4 < m) { /* the rows are scattered: fetch ahead */
-                const char *next = (const char *)(t->rows + (size_t)ts->c[i + 4].row * dim);
-                for (size_t off = 0; off < dim * sizeof(float); off += 64)
-                    __builtin_prefetch(next + off);
-            }
-            const uint32_t row = ts->c[i].row;
-            float d;
-            cpu_dot_rows(qv, t->rows + (size_t)row * dim, 1, dim, &d);
-            push_capped(t, ex, st->per_cat, t->sq_norms ? 2.0f * d - t->sq_norms[row] : d, row);
+        /* Highest upper bound first: once ex is full and a candidate's upper bound is below
+         * its worst score, neither it nor any later one can enter (its fp32 score is at most
+         * its upper bound), so the fp32 rows of the rest are never fetched. */
+        for (uint32_t i = m / 2; i-- > 0;)
+            cand_sift(ts->c, m, i);
+        cand ahead[4]; /* popped, their rows being fetched (the rows are scattered) */
+        uint32_t left = m, n_ahead = 0, first = 0;
+        for (; n_ahead < 4 && left; n_ahead++) {
+            ahead[n_ahead] = cand_pop(ts->c, &left);
+            prefetch_row(t, ahead[n_ahead].row);
         }
-        scored += m;
+        while (n_ahead) {
+            const cand x = ahead[first];
+            if (ex->n == ex->k && x.hi < ex->scores[0]) break;
+            if (left) { /* its slot takes the next one */
+                ahead[first] = cand_pop(ts->c, &left);
+                prefetch_row(t, ahead[first].row);
+            } else {
+                n_ahead--;
+            }
+            first = (first + 1) % 4;
+            float d;
+            cpu_dot_rows(qv, t->rows + (size_t)x.row * dim, 1, dim, &d);
+            push_capped(ex, st->per_cat, t->sq_norms ? 2.0f * d - t->sq_norms[x.row] : d, x.row,
+                        st->per_cat ? category_at(cats, t->attrs, x.row) : 0);
+            scored++;
+        }
     }
     return scored;
 }
@@ -1477,9 +1623,17 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     const backend_filter **qfilt = aff_scratch_array(scratch, nq, sizeof *qfilt);
     /* Queries whose categories hold few rows read those rows (posting_rows) and do not scan. */
     bool *posted = aff_scratch_zero(scratch, nq * sizeof *posted);
+    /* Posted queries whose filters admit the same categories read the rows together: pnext
+     * chains a group from its first query (plead), at most POSTED_GROUP long. */
+    uint32_t *pnext = aff_scratch_array(scratch, nq, sizeof *pnext);
+    uint32_t *ptail = aff_scratch_array(scratch, nq, sizeof *ptail);
+    uint32_t *psize = aff_scratch_array(scratch, nq, sizeof *psize);
+    uint32_t *pleads = aff_scratch_array(scratch, nq, sizeof *pleads), nleads = 0;
+    bool *plead = aff_scratch_zero(scratch, nq * sizeof *plead);
     /* head[p]: the first scanned query of s->same_as family p (UINT32_MAX: none yet) */
     uint32_t *head = aff_scratch_array(scratch, nq, sizeof *head);
-    if (!qc || !qpack || !qf || !states || !exact || !phys || !fam || !qfilt || !posted || !head) {
+    if (!qc || !qpack || !qf || !states || !exact || !phys || !fam || !qfilt || !posted || !head ||
+        !pnext || !ptail || !psize || !pleads || !plead) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
         goto out;
     }
@@ -1499,6 +1653,25 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     for (uint32_t q = 0; q < nq; q++) {
         uint32_t p = s->same_as && s->same_as[q] < q ? s->same_as[q] : q;
         if (posted[q] && fam[q] == 0 && head[p] == 0) posted[q] = false;
+    }
+    for (uint32_t q = 0; q < nq; q++) {
+        pnext[q] = UINT32_MAX;
+        if (!posted[q]) continue;
+        uint32_t l = 0;
+        while (l < nleads && !(psize[pleads[l]] < POSTED_GROUP &&
+                               same_categories(qfilt[pleads[l]], qfilt[q])))
+            l++;
+        if (l < nleads) { /* joins the group of query pleads[l] */
+            const uint32_t lq = pleads[l];
+            pnext[ptail[lq]] = q;
+            ptail[lq] = q;
+            psize[lq]++;
+        } else {
+            pleads[nleads++] = q;
+            plead[q] = true;
+            ptail[q] = q;
+            psize[q] = 1;
+        }
     }
     for (uint32_t q = 0; q < nq; q++)
         fam[q] = head[q] = UINT32_MAX;
@@ -1535,14 +1708,17 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
         qstate *st = &states[i];
         st->cap = 2 * s->k[i % nq] + 64;
         st->per_cat = s->max_per_category ? s->max_per_category[i % nq] : 0;
+        st->f_attrs = qfilt[i % nq] && backend_filter_tests_attrs(qfilt[i % nq]);
         st->c = aff_scratch_array(scratch, st->cap, sizeof *st->c);
-        if (!st->c || topk_init(&st->lo, s->k[i % nq], scratch) != AFF_OK) {
+        if (!st->c || (st->per_cat ? topk_init_tagged : topk_init)(&st->lo, s->k[i % nq],
+                                                                    scratch) != AFF_OK) {
             rc = aff__fail(err, AFF_ENOMEM, "out of memory for candidate lists");
             goto out;
         }
     }
     for (uint32_t q = 0; q < nq; q++)
-        if (topk_init(&exact[q], s->k[q], scratch) != AFF_OK) {
+        if ((s->max_per_category && s->max_per_category[q] ? topk_init_tagged : topk_init)(
+                &exact[q], s->k[q], scratch) != AFF_OK) {
             rc = aff__fail(err, AFF_ENOMEM, "out of memory for re-ranking heaps");
             goto out;
         }
@@ -1563,7 +1739,13 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
         const uint32_t b_hi = (uint32_t)((uint64_t)nblocks * (tid + 1) / nt);
         qstate *mine = states + (size_t)tid * nq;
         take_ctx tc = {
-            .t = t, .states = mine, .phys = phys, .next = fam, .mcats = mcats, .filters = qfilt};
+            .t = t,
+            .states = mine,
+            .phys = phys,
+            .next = fam,
+            .mcats = mcats,
+            .filters = qfilt,
+            .cats = table_cats(t)};
         float thresh[GROUP], thresh_cat[GROUP];
         /* Short first tiles: until L exists every row is reported and a stale L reports many,
          * so tiles start at about 2k rows and double up to the full tile while L rises. */
@@ -1589,6 +1771,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
                                .block_cats = t->block_cats,
                                .qcats = qcats ? qcats + g0 : NULL,
                                .attrs = t->attrs,
+                               .cats = tc.cats,
                                .thresh_cat = thresh_cat};
                 for (uint32_t q = 0; q < gq; q++)
                     set_thresholds(&tc, &a, q);
@@ -1607,20 +1790,21 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     uint64_t reranked = 0, read = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic) reduction(+ : reranked, read)
     for (uint32_t q = 0; q < nq; q++) {
-        const float *qv = s->queries + (size_t)q * dim;
-        topk_heap ex = exact[q];
+        if (posted[q] && !plead[q]) continue; /* its group's first query answers it */
         if (posted[q])
-            read += search_posted(t, qfilt[q], qv,
-                                  s->max_per_category ? s->max_per_category[q] : 0, &ex);
+            read += search_posted(t, s, qfilt, pnext, q, exact);
         else
-            reranked += rerank(t, states, (uint32_t)nthreads, nq, q, qv, &ex);
-        const uint32_t n = topk_sort(&ex);
-        const float shift = t->sq_norms ? -cpu_sq_norm(qv, dim) : 0.0f;
-        for (uint32_t i = 0; i < n; i++) {
-            s->out_rows[offsets[q] + i] = ex.rows[i];
-            s->out_scores[offsets[q] + i] = ex.scores[i] + shift;
+            reranked += rerank(t, states, (uint32_t)nthreads, nq, q, s->queries + (size_t)q * dim,
+                               &exact[q]);
+        for (uint32_t g = q; g != UINT32_MAX; g = posted[q] ? pnext[g] : UINT32_MAX) {
+            const uint32_t n = topk_sort(&exact[g]);
+            const float shift = t->sq_norms ? -cpu_sq_norm(s->queries + (size_t)g * dim, dim) : 0.0f;
+            for (uint32_t i = 0; i < n; i++) {
+                s->out_rows[offsets[g] + i] = exact[g].rows[i];
+                s->out_scores[offsets[g] + i] = exact[g].scores[i] + shift;
+            }
+            s->out_counts[g] = n;
         }
-        s->out_counts[q] = n;
     }
     if (stats) {
         stats->candidates = reranked;

@@ -94,13 +94,17 @@ int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uin
  * computes them, so the result is the same as the scan's. Lists are unordered (a delete swaps
  * the last entry into the hole); `slot` says where each row sits in its category's list.
  * Maintained by the table's writer (under its write lock), read by searches. When a list
- * cannot grow (out of memory) the index is marked broken and searches scan as before. */
+ * cannot grow (out of memory) the index is marked broken and searches scan as before (and
+ * read categories from the attributes). */
 typedef struct cpu_cat_rows {
     uint32_t **rows;   /* per category id: its rows */
     uint32_t *n, *cap; /* per category id */
     uint32_t n_cats;   /* category ids 0..n_cats-1 have a (possibly empty) list */
     uint32_t *slot;    /* per row: its index in rows[category] */
-    uint32_t slot_cap; /* rows slot has room for */
+    /* Per row: its category (attrs[row].category), the compact copy the scan reads: a row it
+     * reports costs 4 bytes of this column, not a cache line of attributes. */
+    uint32_t *cat;
+    uint32_t slot_cap; /* rows slot and cat have room for */
     bool broken;
 } cpu_cat_rows;
 

@@ -96,10 +96,10 @@ static void check_query(const ref_table *t, const float *q, uint32_t k, const ba
             all[m++] = (scored){ref_score(t, q, r), r};
     qsort(all, m, sizeof *all, cmp_scored);
     if (cap) { /* best first, skipping a category that holds cap already (category 0: none) */
-        uint32_t held[64] = {0}, kept = 0;
+        uint32_t held[256] = {0}, kept = 0;
         for (uint32_t i = 0; i < m; i++) {
             uint32_t c = t->attrs[all[i].row].category;
-            cr_assert_lt(c, 64);
+            cr_assert_lt(c, 256);
             if (c && held[c] == cap) continue;
             held[c] += c ? 1 : 0;
             all[kept++] = all[i];
@@ -145,6 +145,9 @@ typedef struct case_spec {
      * scan) or two (5%: read alone, ride on a shared scan); overwrites change categories */
     bool narrow;
     uint32_t cap; /* backend_search.max_per_category on every query (0: none); 1 row in 10 has no category */
+    /* 200 categories (ids sharing their low 6 bits, as the scan's per-query counts bucket
+     * them), and every fourth query's filter also bounds the price (read from attributes) */
+    bool wide;
 } case_spec;
 
 /* Builds a backend table as the case says, mirrors it in a reference, searches, compares. */
@@ -171,8 +174,9 @@ static void run_case(const case_spec *cs)
     uint32_t *rows = malloc((cs->n + 1) * sizeof *rows);
     for (uint32_t r = 0; r < cs->n; r++) {
         fill_row(t.vec + (size_t)r * cs->dim, cs->dim, cs->kind, pool);
-        t.attrs[r] =
-            (backend_row_attrs){.category = 1 + rng() % (cs->narrow ? 40 : 4), .available = 1};
+        t.attrs[r] = (backend_row_attrs){
+            .category = 1 + rng() % (cs->wide ? 200 : cs->narrow ? 40 : 4), .available = 1};
+        if (cs->wide) t.attrs[r].price = (float)(rng() % 100);
         if (cs->cap && rng() % 10 == 0) t.attrs[r].category = 0;
         rows[r] = r;
     }
@@ -186,6 +190,7 @@ static void run_case(const case_spec *cs)
         uint32_t r = rng() % t.n;
         fill_row(t.vec + (size_t)r * cs->dim, cs->dim, cs->kind, pool);
         if (cs->narrow) t.attrs[r].category = 1 + rng() % 40;
+        if (cs->wide) t.attrs[r].category = 1 + rng() % 200;
         cr_assert_eq(
             bt->ops->table_write(bt, &r, 1, t.vec + (size_t)r * cs->dim, &t.attrs[r], &err), AFF_OK,
             "%s", err.msg);
@@ -232,6 +237,11 @@ static void run_case(const case_spec *cs)
             fs[i].category_words = 1;
             fs[i].exclude_rows = excl;
             fs[i].n_exclude_rows = n_excl;
+            if (cs->wide) { /* categories 1 and 3 hold 1%: the price-bounded one scans */
+                fs[i].category_bits = i % 4 ? NULL : &cat_bits;
+                fs[i].price_min = i % 4 ? 20.0f : -INFINITY;
+                fs[i].price_max = i % 4 ? 70.0f : INFINITY;
+            }
             filters[i] = &fs[i];
         }
     }
@@ -402,7 +412,8 @@ Test(cpu_score, narrow_filters_read_category_lists_and_match_the_reference)
 }
 
 /* backend_search.max_per_category: the capped top-k (best first, a full category skipped)
- * exactly, on the scan (several threads), on category lists, beside shared scans, with ties. */
+ * exactly, on the scan (several threads), on category lists, beside shared scans, with ties,
+ * over many categories. */
 Test(cpu_score, a_category_cap_gives_the_capped_top_k)
 {
     seed_test();
@@ -431,6 +442,27 @@ Test(cpu_score, a_category_cap_gives_the_capped_top_k)
                 cs.kind = DATA_TIES;
                 cs.k = 9;
                 cs.metric = AFF_METRIC_L2;
+                run_case(&cs);
+                /* 200 categories (several per low-6-bit bucket of the scan's per-query counts),
+                 * filters that read attributes (a price range) beside ones that do not,
+                 * overwrites moving rows between categories */
+                cs = (case_spec){.precision = quantized[pi],
+                                 .isa = list[ii],
+                                 .metric = AFF_METRIC_IP,
+                                 .kind = DATA_UNIFORM,
+                                 .n = 6000,
+                                 .dim = 40,
+                                 .nq = 8,
+                                 .k = 60, /* more than one entry per bucket */
+                                 .filter = true,
+                                 .deletes = 50,
+                                 .overwrites = 50,
+                                 .cap = cap,
+                                 .wide = true};
+                run_case(&cs);
+                cs.shared = true;
+                cs.metric = AFF_METRIC_L2;
+                cs.k = 0;
                 run_case(&cs);
             }
 }
@@ -487,6 +519,9 @@ Test(cpu_score, category_lists_answer_as_the_scan_does)
     /* queries 1 and 3 share query 0's and 2's vectors (a promotion beside its organic query) */
     const backend_filter *filters[6] = {NULL, &f_narrow, &f_broad, &f_price, &f_narrow, NULL};
     uint32_t same[6] = {0, 0, 2, 2, 4, 5}, k[6] = {10, 8, 10, 5, 80, 3};
+    /* caps on a scanned and a posted query: the category column (with the lists) and the
+     * attributes (without them) must give the same capped answer */
+    uint32_t caps[6] = {2, 0, 0, 2, 0, 1};
     for (uint32_t i = 0; i < nq; i++)
         if (same[i] != i) memcpy(q + (size_t)i * dim, q + (size_t)same[i] * dim, dim * sizeof *q);
     uint32_t rows[2][116], counts[2][6];
@@ -508,6 +543,7 @@ Test(cpu_score, category_lists_answer_as_the_scan_does)
                             .k = k,
                             .filters = filters,
                             .same_as = same,
+                            .max_per_category = caps,
                             .out_rows = rows[with],
                             .out_scores = scores[with],
                             .out_counts = counts[with]};
@@ -530,7 +566,15 @@ Test(cpu_score, category_lists_answer_as_the_scan_does)
     }
     cr_assert_eq(counts[1][4], in_cat[2] - 3, "k above the category's rows: all of them but the "
                                               "excluded ones");
-    cr_assert_eq(counts[1][3], 5);
+    for (uint32_t i = 0; i < nq; i++) { /* the caps hold */
+        uint32_t held[4] = {0};
+        for (uint32_t h = 0; h < counts[1][i]; h++)
+            held[attrs[rows[1][offsets[i] + h]].category]++;
+        for (uint32_t cc = 1; cc < 4 && caps[i]; cc++)
+            cr_assert_leq(held[cc], caps[i], "query %u: %u rows of category %u", i, held[cc], cc);
+    }
+    cr_assert_eq(counts[1][0], 6, "query 0: two of each category, then nothing passes");
+    cr_assert_eq(counts[1][3], 2, "query 3: one category, capped at 2");
     for (uint32_t h = 0; h < counts[1][3]; h++) {
         uint32_t r = rows[1][offsets[3] + h];
         cr_assert(attrs[r].category == 2 && attrs[r].price >= 3 && attrs[r].price <= 6 &&
