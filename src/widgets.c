@@ -691,27 +691,29 @@ static void iv_add(witem *it, int64_t v, int sign)
 static void cooc_terms(const aff_widgets *w, wcoll *c, const wuser *u, uint32_t i, int t, int sign)
 {
     const wevent *e = &u->ev[i];
-    int kind = t == T_SESSION ? K_VIEW : K_PURCHASE;
-    bool present = false, others = false;
-    uint32_t n = 0;
+    const uint64_t kind = t == T_SESSION ? K_VIEW : K_PURCHASE;
+    const uint32_t item = e->item, basket = e->basket;
     if (++c->epoch == 0) { /* wrapped: no stale mark may equal the new epoch */
         memset(c->mark, 0, (size_t)c->cap_items * sizeof *c->mark);
         c->epoch = 1;
     }
     const uint32_t ep = c->epoch;
     wmark *mk = c->mark;
+    /* The basket's events (e itself among them), and its distinct other items in order. */
+    uint32_t n = 0, in_basket = 0, same = 0;
     for (uint32_t j = 0; j < u->n; j++) {
         const wevent *o = &u->ev[j];
-        if (j == i || EV_KIND(o) != kind || (t != T_USER && o->basket != e->basket)) continue;
-        others = true;
-        if (o->item == e->item) {
-            present = true;
-        } else if (mk[o->item].in != ep) { /* each distinct item once */
-            mk[o->item].in = ep;
-            c->scratch[n++] = o->item;
+        if ((o->seq_kind & 0xff) != kind || (t != T_USER && o->basket != basket)) continue;
+        in_basket++;
+        uint32_t x = o->item;
+        if (x == item) {
+            if (++same > 1) return; /* the item is in the basket already: nothing changes */
+        } else if (mk[x].in != ep) { /* each distinct item once */
+            mk[x].in = ep;
+            c->scratch[n++] = x;
         }
     }
-    if (present) return; /* the item is in the basket already: nothing changes */
+    bool others = in_basket > 1;
     witem *a = &c->it[e->item];
     a->baskets[t] += (uint32_t)sign;
     if (!others) c->n_baskets[t] += (uint64_t)(int64_t)sign;
