@@ -1403,7 +1403,6 @@ void widgets_result_release(widgets_result *r)
 
 static void stats_fn(aff_widgets *w, wcoll *c, const void *arg)
 {
-    (void)w;
     widgets_stats *s = (widgets_stats *)arg;
     pthread_rwlock_rdlock(&c->lock);
     s->collections++;
@@ -1415,7 +1414,10 @@ static void stats_fn(aff_widgets *w, wcoll *c, const void *arg)
     s->users += strmap_count(c->users);
     s->events_held += c->events_held;
     s->bytes += sizeof *c + strmap_memory(c->items) + strmap_memory(c->users) +
-                (size_t)c->cap_items * sizeof *c->it + (size_t)c->cap_us * (sizeof *c->us + 4);
+                (size_t)c->cap_items * (sizeof *c->it + sizeof *c->mark + sizeof *c->pos) +
+                (size_t)c->cap_us * (sizeof *c->us + 4) +
+                PEND_MAX * (sizeof *c->pend + sizeof *c->dirty) +
+                (size_t)w->cfg.user_events * sizeof *c->scratch;
     for (uint32_t i = 0; i < c->n_items; i++) {
         for (int t = 0; t < N_TABLES; t++) {
             s->neighbours += c->it[i].nb[t].n;
