@@ -43,6 +43,7 @@
 #include "pipeline.h"
 #include "rng.h"
 #include "widgets.h"
+#include "zipf.h"
 
 static uint32_t N = 100000, D = 128, USERS = 2000, EVENTS = 400000, CALLS = 2000, INFLIGHT = 256,
                 PER_CALL = 1;
@@ -87,64 +88,16 @@ static uint32_t draw_item(aff_rng *r)
     return (uint32_t)(pow(u, 3.0) * N) % N;
 }
 
-/* Zipf-like popularity over n ids (as bench/affinity_load.c draws them): rank r with
- * probability ~ 1/(r+1), ranks scattered over ids by a fixed permutation. */
-typedef struct zipf {
-    double *cdf;
-    uint32_t n, mult, offset;
-} zipf;
-
-static void zipf_init(zipf *z, uint32_t n, uint32_t seed)
-{
-    z->n = n;
-    z->cdf = malloc(n * sizeof *z->cdf);
-    if (!z->cdf) {
-        fprintf(stderr, "bench_widgets: out of memory\n");
-        exit(1);
-    }
-    double acc = 0;
-    for (uint32_t i = 0; i < n; i++)
-        z->cdf[i] = acc += 1.0 / (double)(i + 1);
-    for (uint32_t i = 0; i < n; i++)
-        z->cdf[i] /= acc;
-    uint64_t m = 2654435761u % n, a, b;
-    if (m == 0) m = 1;
-    for (;; m++) { /* coprime with n: a permutation */
-        for (a = m, b = n; b;) {
-            uint64_t t = a % b;
-            a = b;
-            b = t;
-        }
-        if (a == 1) break;
-    }
-    z->mult = (uint32_t)m;
-    z->offset = seed % n;
-}
-
-static uint32_t zipf_draw(const zipf *z, aff_rng *r)
-{
-    double u = aff_rng_uniform(r);
-    uint32_t lo = 0, hi = z->n - 1;
-    while (lo < hi) {
-        uint32_t mid = (lo + hi) / 2;
-        if (z->cdf[mid] < u)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return (uint32_t)(((uint64_t)lo * z->mult + z->offset) % z->n);
-}
-
 /* The synthetic event stream: per user, sessions of views with an occasional order; or, with
  * load set, the replication load's calls. */
 typedef struct stream {
     bool load;
     zipf zi, zu;
     aff_rng r;
-    uint32_t *left;   /* views left in each user's session */
-    uint32_t *sess;   /* each user's session number */
-    uint32_t *prev;   /* each user's last item */
-    int64_t t;        /* the clock of the stream (ms) */
+    uint32_t *left; /* views left in each user's session */
+    uint32_t *sess; /* each user's session number */
+    uint32_t *prev; /* each user's last item */
+    int64_t t;      /* the clock of the stream (ms) */
     char items[1000][16], sids[1000][24], oids[1000][24];
     store_kv kv[1000];
     profiles_event ev[1000];
@@ -154,9 +107,9 @@ typedef struct stream {
 static const char *next_events(stream *s, uint32_t n, char *user, size_t ulen)
 {
     if (s->load) {
-        snprintf(user, ulen, "u%u", zipf_draw(&s->zu, &s->r));
+        snprintf(user, ulen, "u%u", (uint32_t)zipf_draw(&s->zu, &s->r));
         for (uint32_t i = 0; i < n; i++) {
-            snprintf(s->items[i], sizeof s->items[i], "p%u", zipf_draw(&s->zi, &s->r));
+            snprintf(s->items[i], sizeof s->items[i], "p%u", (uint32_t)zipf_draw(&s->zi, &s->r));
             double u = aff_rng_uniform(&s->r);
             s->ev[i] = (profiles_event){.item_id = s->items[i],
                                         .type = u < 0.70   ? PROFILES_EVENT_VIEW
@@ -355,8 +308,10 @@ static int apply_mode(uint32_t items, uint32_t users, uint32_t calls, uint32_t p
     stream *s = calloc(1, sizeof *s);
     s->r = (aff_rng){777};
     s->load = true;
-    zipf_init(&s->zi, items, 11);
-    zipf_init(&s->zu, users, 7);
+    if (zipf_init(&s->zi, items, 1.0, 11) || zipf_init(&s->zu, users, 1.0, 7)) {
+        fprintf(stderr, "bench_widgets: out of memory\n");
+        return 1;
+    }
     s->t = 1790000000000LL;
     uint64_t *seq = calloc(users, sizeof *seq), *seqs = calloc(per_call, sizeof *seqs);
     store_event *se = calloc(per_call, sizeof *se);
@@ -417,8 +372,8 @@ static int apply_mode(uint32_t items, uint32_t users, uint32_t calls, uint32_t p
     free(seq);
     free(seqs);
     free(se);
-    free(s->zi.cdf);
-    free(s->zu.cdf);
+    zipf_free(&s->zi);
+    zipf_free(&s->zu);
     free(s);
     return 0;
 }
@@ -439,8 +394,8 @@ int main(int argc, char **argv)
             fprintf(stderr, "usage: bench_widgets --apply ITEMS USERS CALLS PER_CALL\n");
             return 2;
         }
-        return apply_mode((uint32_t)atoi(argv[2]), (uint32_t)atoi(argv[3]),
-                          (uint32_t)atoi(argv[4]), (uint32_t)atoi(argv[5]));
+        return apply_mode((uint32_t)atoi(argv[2]), (uint32_t)atoi(argv[3]), (uint32_t)atoi(argv[4]),
+                          (uint32_t)atoi(argv[5]));
     }
     if (argc > 1) N = (uint32_t)atoi(argv[1]);
     if (argc > 2) D = (uint32_t)atoi(argv[2]);
@@ -479,8 +434,10 @@ int main(int argc, char **argv)
     s->r = (aff_rng){777};
     const char *kind = getenv("BENCH_WIDGETS_STREAM");
     if ((s->load = kind && strcmp(kind, "load") == 0)) {
-        zipf_init(&s->zi, N, 11);
-        zipf_init(&s->zu, USERS, 7);
+        if (zipf_init(&s->zi, N, 1.0, 11) || zipf_init(&s->zu, USERS, 1.0, 7)) {
+            fprintf(stderr, "bench_widgets: out of memory\n");
+            return 1;
+        }
     }
     s->left = calloc(USERS, sizeof *s->left);
     s->sess = calloc(USERS, sizeof *s->sess);
@@ -647,8 +604,8 @@ int main(int argc, char **argv)
     free(s->left);
     free(s->sess);
     free(s->prev);
-    free(s->zi.cdf);
-    free(s->zu.cdf);
+    zipf_free(&s->zi);
+    zipf_free(&s->zu);
     free(s);
     free(preq);
     free(jobs);

@@ -707,7 +707,7 @@ static void cooc_terms(const aff_widgets *w, wcoll *c, const wuser *u, uint32_t 
         in_basket++;
         uint32_t x = o->item;
         if (x == item) {
-            if (++same > 1) return; /* the item is in the basket already: nothing changes */
+            if (++same > 1) return;  /* the item is in the basket already: nothing changes */
         } else if (mk[x].in != ep) { /* each distinct item once */
             mk[x].in = ep;
             c->scratch[n++] = x;

@@ -494,8 +494,8 @@ static void ref_compare(aff_widgets *w, const ref_state *s, uint32_t min_support
             widgets_result res;
             aff_err err;
             cr_assert_eq(widgets_candidates(w, &q, 1000, &res, &err), 0, "%s", err.msg);
-            cr_assert_eq(res.n, n, "%s: table %d, item %s: %u hits, the reference %u", when, t,
-                         ctx, res.n, n);
+            cr_assert_eq(res.n, n, "%s: table %d, item %s: %u hits, the reference %u", when, t, ctx,
+                         res.n, n);
             for (uint32_t h = 0; h < n; h++) {
                 cr_assert_str_eq(res.hits[h].id, want[h].id, "%s: table %d, item %s, hit %u", when,
                                  t, ctx, h);
@@ -527,8 +527,8 @@ Test(widgets, capped_lists_match_the_pair_by_pair_reference)
     aff_widgets *w = NULL;
     aff_err err;
     cr_assert_eq(widgets_create(&w, &cfg, &err), 0, "%s", err.msg);
-    static const char *const types[] = {"view", "view", "view", "click", "add_to_cart",
-                                        "purchase", "purchase"};
+    static const char *const types[] = {"view",        "view",     "view",    "click",
+                                        "add_to_cart", "purchase", "purchase"};
     static hist_event call[1200];
     static store_event se[1200];
     static store_kv kv[1200];
@@ -566,7 +566,7 @@ Test(widgets, capped_lists_match_the_pair_by_pair_reference)
             /* The reference: the event enters, the oldest beyond the window leave. */
             ref_event *re = &s.win[u][s.n_win[u]];
             re->item = item;
-            re->kind = strcmp(h->type, "purchase") == 0 ? REF_PURCHASE
+            re->kind = strcmp(h->type, "purchase") == 0      ? REF_PURCHASE
                        : strcmp(h->type, "add_to_cart") == 0 ? REF_OTHER
                                                              : REF_VIEW;
             bool purchase = re->kind == REF_PURCHASE;
