@@ -55,8 +55,9 @@ typedef struct nbr_list {
 typedef struct pend {
     uint32_t other, next;
 } pend;
-#define PEND_LESS 0x80000000u
-#define PEND_MAX  8192 /* ops held before every list is brought up to date (64 KB) */
+#define PEND_LESS         0x80000000u
+#define PEND_MAX          8192 /* ops held before every list is brought up to date (64 KB) */
+#define PEND_SMALL_BASKET 8    /* fewer other items: lists with nothing pending updated at once */
 
 /* Per item slot, under the write lock: in == epoch when the item is in the basket being
  * updated; seen == epoch once its pair with the updated item was counted. One 8-byte slot, so
@@ -639,8 +640,9 @@ static void flush_pending(const aff_widgets *w, wcoll *c)
     c->n_dirty = c->n_pend = 0;
 }
 
-/* Queues a pair update on item x's list in table t. */
-static void defer_add(const aff_widgets *w, wcoll *c, uint32_t x, int t, uint32_t other, int sign)
+/* Queues a pair update on item x's list in table t. (Inlined: called once per pair.) */
+static inline __attribute__((always_inline)) void
+defer_add(const aff_widgets *w, wcoll *c, uint32_t x, int t, uint32_t other, int sign)
 {
     if (c->n_pend == PEND_MAX) flush_pending(w, c);
     uint32_t id = ++c->n_pend;
@@ -749,9 +751,21 @@ static void cooc_terms(const aff_widgets *w, wcoll *c, const wuser *u, uint32_t 
         }
         if (last != UINT32_MAX) nbr_insert(w, l, last, &replaced);
     }
-    /* The other items' lists: queued (flush_pending), each in its own order. */
-    for (uint32_t j = 0; j < n; j++)
-        defer_add(w, c, c->scratch[j], t, e->item, sign);
+    /* The other items' lists: queued (flush_pending), each in its own order. In a small basket
+     * a list with nothing pending is updated at once (queueing pays off only when a list gets
+     * several updates per call, which takes large baskets). */
+    if (n >= PEND_SMALL_BASKET) {
+        for (uint32_t j = 0; j < n; j++)
+            defer_add(w, c, c->scratch[j], t, e->item, sign);
+        return;
+    }
+    for (uint32_t j = 0; j < n; j++) {
+        nbr_list *lx = &c->it[c->scratch[j]].nb[t];
+        if (!lx->tail)
+            nbr_add(w, lx, e->item, sign);
+        else
+            defer_add(w, c, c->scratch[j], t, e->item, sign);
+    }
 }
 
 /* Adds or removes every term of event i of u (u->ev[i] is in the window either way). */
