@@ -43,6 +43,7 @@
 #include "vecfile.h"
 #include "rng.h"
 #include "metrics.h"
+#include "zipf.h"
 
 /* ---- call kinds ------------------------------------------------------------------------ */
 
@@ -115,63 +116,6 @@ static int64_t now_ns(void)
 static gpr_timespec deadline_in_ns(int64_t ns)
 {
     return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_nanos(ns, GPR_TIMESPAN));
-}
-
-static uint64_t gcd_u64(uint64_t a, uint64_t b)
-{
-    while (b) {
-        uint64_t t = a % b;
-        a = b;
-        b = t;
-    }
-    return a;
-}
-
-/* Zipf-like popularity over n ids: rank r is drawn with probability ~ 1/(r+1)^s, and ranks
- * are scattered over ids by a fixed permutation so that popular ids are not simply 0, 1, 2. */
-typedef struct zipf {
-    double *cdf;
-    uint64_t n, mult, offset;
-} zipf;
-
-static int zipf_init(zipf *z, uint64_t n, double s, uint64_t seed)
-{
-    z->n = n;
-    z->cdf = malloc(n * sizeof(double));
-    if (!z->cdf) return -1;
-    double acc = 0;
-    for (uint64_t i = 0; i < n; i++) {
-        acc += 1.0 / pow((double)(i + 1), s);
-        z->cdf[i] = acc;
-    }
-    for (uint64_t i = 0; i < n; i++)
-        z->cdf[i] /= acc;
-    z->mult = 2654435761u % n;
-    if (z->mult == 0) z->mult = 1;
-    while (gcd_u64(z->mult, n) != 1)
-        z->mult++;
-    z->offset = seed % n;
-    return 0;
-}
-
-static uint64_t zipf_draw(const zipf *z, aff_rng *r)
-{
-    double u = aff_rng_uniform(r);
-    uint64_t lo = 0, hi = z->n - 1;
-    while (lo < hi) {
-        uint64_t mid = (lo + hi) / 2;
-        if (z->cdf[mid] < u)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return (lo * z->mult + z->offset) % z->n;
-}
-
-static void zipf_free(zipf *z)
-{
-    free(z->cdf);
-    z->cdf = NULL;
 }
 
 static int read_file_string(const char *path, char **out)

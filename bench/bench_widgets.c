@@ -17,7 +17,18 @@
  * Events: U users; sessions of 4..8 events (session_id), every fourth ending in an order of
  * 3 purchases (order_id), items drawn from a heavy-headed law over N items (the top 1% of
  * items take about a fifth of the draws).
+ * With BENCH_WIDGETS_STREAM=load the events are instead those of the replication load
+ * (bench/affinity_load.c's PutEvents, as bench/replication.py sends them): each call one user
+ * (Zipf s = 1 over the users), no session or order id, items Zipf s = 1 over the N items, 70%
+ * view, 20% click, 7% add-to-cart, 3% purchase, every event of a call at one time stamp and
+ * calls 5 ms apart, so a user's calls share a 30-minute basket.
  * Usage: bench_widgets [N] [d] [users] [events] [calls] [inflight] [events per call]
+ *
+ *   bench_widgets --apply ITEMS USERS CALLS PER_CALL: widgets_apply alone (no store) on the
+ *   replication load's stream, CALLS calls of PER_CALL events; prints the CPU per event and a
+ *   digest of every answer (all three co-occurrence recipes for every item, trending, best
+ *   sellers, and both user recipes for every user): two builds that print the same digest
+ *   answer the same (the load-proof figure is its callgrind instruction count).
  */
 #include <math.h>
 #include <pthread.h>
@@ -32,6 +43,7 @@
 #include "pipeline.h"
 #include "rng.h"
 #include "widgets.h"
+#include "zipf.h"
 
 static uint32_t N = 100000, D = 128, USERS = 2000, EVENTS = 400000, CALLS = 2000, INFLIGHT = 256,
                 PER_CALL = 1;
@@ -76,13 +88,16 @@ static uint32_t draw_item(aff_rng *r)
     return (uint32_t)(pow(u, 3.0) * N) % N;
 }
 
-/* The synthetic event stream: per user, sessions of views with an occasional order. */
+/* The synthetic event stream: per user, sessions of views with an occasional order; or, with
+ * load set, the replication load's calls. */
 typedef struct stream {
+    bool load;
+    zipf zi, zu;
     aff_rng r;
-    uint32_t *left;   /* views left in each user's session */
-    uint32_t *sess;   /* each user's session number */
-    uint32_t *prev;   /* each user's last item */
-    int64_t t;        /* the clock of the stream (ms) */
+    uint32_t *left; /* views left in each user's session */
+    uint32_t *sess; /* each user's session number */
+    uint32_t *prev; /* each user's last item */
+    int64_t t;      /* the clock of the stream (ms) */
     char items[1000][16], sids[1000][24], oids[1000][24];
     store_kv kv[1000];
     profiles_event ev[1000];
@@ -91,6 +106,21 @@ typedef struct stream {
 /* Fills n events of one user into s->ev. */
 static const char *next_events(stream *s, uint32_t n, char *user, size_t ulen)
 {
+    if (s->load) {
+        snprintf(user, ulen, "u%u", (uint32_t)zipf_draw(&s->zu, &s->r));
+        for (uint32_t i = 0; i < n; i++) {
+            snprintf(s->items[i], sizeof s->items[i], "p%u", (uint32_t)zipf_draw(&s->zi, &s->r));
+            double u = aff_rng_uniform(&s->r);
+            s->ev[i] = (profiles_event){.item_id = s->items[i],
+                                        .type = u < 0.70   ? PROFILES_EVENT_VIEW
+                                                : u < 0.90 ? PROFILES_EVENT_CLICK
+                                                : u < 0.97 ? PROFILES_EVENT_ADD_TO_CART
+                                                           : PROFILES_EVENT_PURCHASE,
+                                        .timestamp_ms = s->t};
+        }
+        s->t += 5;
+        return user;
+    }
     uint32_t u = (uint32_t)(aff_rng_next(&s->r) % USERS);
     snprintf(user, ulen, "u%u", u);
     for (uint32_t i = 0; i < n; i++) {
@@ -215,6 +245,139 @@ static int memory_mode(uint32_t items, uint64_t events, uint32_t users)
     return 0;
 }
 
+static const char *type_name(profiles_event_kind k)
+{
+    switch (k) {
+    case PROFILES_EVENT_CLICK:
+        return "click";
+    case PROFILES_EVENT_ADD_TO_CART:
+        return "add_to_cart";
+    case PROFILES_EVENT_PURCHASE:
+        return "purchase";
+    default:
+        return "view";
+    }
+}
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ ((const unsigned char *)p)[i]) * 1099511628211ull;
+    return h;
+}
+
+/* Folds one widget answer (ids, related ids, score bits) into h; counts its hits. */
+static uint64_t digest_answer(aff_widgets *w, const widgets_request *q, uint64_t h, uint64_t *hits)
+{
+    widgets_result res;
+    aff_err err;
+    if (widgets_candidates(w, q, 1000, &res, &err)) bench_die("candidates", &err);
+    for (uint32_t i = 0; i < res.n; i++) {
+        h = fnv(h, res.hits[i].id, strlen(res.hits[i].id) + 1);
+        if (res.hits[i].related) h = fnv(h, res.hits[i].related, strlen(res.hits[i].related) + 1);
+        h = fnv(h, &res.hits[i].score, sizeof res.hits[i].score);
+    }
+    h = fnv(h, &res.n, sizeof res.n);
+    *hits += res.n;
+    widgets_result_release(&res);
+    return h;
+}
+
+static int64_t apply_now;
+static int64_t apply_clock(void *ctx)
+{
+    (void)ctx;
+    return apply_now;
+}
+
+/* bench_widgets --apply ITEMS USERS CALLS PER_CALL (the header says what it measures). */
+static int apply_mode(uint32_t items, uint32_t users, uint32_t calls, uint32_t per_call)
+{
+    N = items;
+    USERS = users;
+    if (per_call < 1 || per_call > 1000) {
+        fprintf(stderr, "bench_widgets: PER_CALL must be 1..1000\n");
+        return 2;
+    }
+    aff_err err;
+    aff_widgets *w;
+    widgets_config wc;
+    widgets_config_init(&wc);
+    wc.now_ms = apply_clock;
+    if (widgets_create(&w, &wc, &err)) bench_die("widgets", &err);
+    stream *s = calloc(1, sizeof *s);
+    s->r = (aff_rng){777};
+    s->load = true;
+    if (zipf_init(&s->zi, items, 1.0, 11) || zipf_init(&s->zu, users, 1.0, 7)) {
+        fprintf(stderr, "bench_widgets: out of memory\n");
+        return 1;
+    }
+    s->t = 1790000000000LL;
+    uint64_t *seq = calloc(users, sizeof *seq), *seqs = calloc(per_call, sizeof *seqs);
+    store_event *se = calloc(per_call, sizeof *se);
+    double cpu = 0;
+    for (uint32_t k = 0; k < calls; k++) {
+        char user[16];
+        next_events(s, per_call, user, sizeof user);
+        uint32_t u = (uint32_t)atoi(user + 1);
+        for (uint32_t i = 0; i < per_call; i++) {
+            se[i] = (store_event){.item_id = s->ev[i].item_id,
+                                  .type = type_name(s->ev[i].type),
+                                  .ts_ms = s->ev[i].timestamp_ms};
+            seqs[i] = seq[u]++;
+        }
+        double t0 = bench_cpu_s();
+        if (widgets_apply(w, "products", user, se, seqs, per_call, &err)) bench_die("apply", &err);
+        cpu += bench_cpu_s() - t0;
+    }
+    widgets_stats st;
+    widgets_get_stats(w, &st);
+    printf("apply: %u calls of %u events (replication load stream), %u items, %u users\n", calls,
+           per_call, items, users);
+    printf("  %.2f us CPU per event in widgets_apply\n", cpu / ((double)calls * per_call) * 1e6);
+    printf("  %llu items seen, %llu users, %llu events held, %llu neighbours, %.1f MiB\n",
+           (unsigned long long)st.items, (unsigned long long)st.users,
+           (unsigned long long)st.events_held, (unsigned long long)st.neighbours,
+           (double)st.bytes / 1048576.0);
+    /* The digest of every answer, at the stream's end. */
+    apply_now = s->t;
+    uint64_t h = 1469598103934665603ull, hits = 0;
+    h = fnv(h, &st.neighbours, sizeof st.neighbours);
+    h = fnv(h, &st.events_held, sizeof st.events_held);
+    for (int r = 1; r < WIDGETS_RECIPE_COUNT; r++) {
+        widgets_request q = {.recipe = (widgets_recipe)r, .collection = "products"};
+        char id[2][16];
+        const char *ctx[2] = {id[0], id[1]};
+        if (widgets_recipe_needs_items(q.recipe)) {
+            q.item_ids = ctx;
+            for (uint32_t i = 0; i < items; i++) {
+                snprintf(id[0], sizeof id[0], "p%u", i);
+                snprintf(id[1], sizeof id[1], "p%u", (i * 7 + 3) % items);
+                q.n_item_ids = i % 5 == 4 ? 2 : 1; /* every fifth: a cart of two */
+                h = digest_answer(w, &q, h, &hits);
+            }
+        } else if (widgets_recipe_needs_user(q.recipe)) {
+            for (uint32_t u = 0; u < users; u++) {
+                snprintf(id[0], sizeof id[0], "u%u", u);
+                q.user_id = id[0];
+                h = digest_answer(w, &q, h, &hits);
+            }
+        } else {
+            h = digest_answer(w, &q, h, &hits);
+        }
+    }
+    printf("  answers digest %016llx (%llu hits)\n", (unsigned long long)h,
+           (unsigned long long)hits);
+    widgets_destroy(w);
+    free(seq);
+    free(seqs);
+    free(se);
+    zipf_free(&s->zi);
+    zipf_free(&s->zu);
+    free(s);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     bench_set_name("bench_widgets");
@@ -225,6 +388,14 @@ int main(int argc, char **argv)
         }
         return memory_mode((uint32_t)atoi(argv[2]), strtoull(argv[3], NULL, 10),
                            (uint32_t)atoi(argv[4]));
+    }
+    if (argc > 1 && strcmp(argv[1], "--apply") == 0) {
+        if (argc < 6) {
+            fprintf(stderr, "usage: bench_widgets --apply ITEMS USERS CALLS PER_CALL\n");
+            return 2;
+        }
+        return apply_mode((uint32_t)atoi(argv[2]), (uint32_t)atoi(argv[3]), (uint32_t)atoi(argv[4]),
+                          (uint32_t)atoi(argv[5]));
     }
     if (argc > 1) N = (uint32_t)atoi(argv[1]);
     if (argc > 2) D = (uint32_t)atoi(argv[2]);
@@ -261,6 +432,13 @@ int main(int argc, char **argv)
     /* ---- ingest ---- */
     stream *s = calloc(1, sizeof *s);
     s->r = (aff_rng){777};
+    const char *kind = getenv("BENCH_WIDGETS_STREAM");
+    if ((s->load = kind && strcmp(kind, "load") == 0)) {
+        if (zipf_init(&s->zi, N, 1.0, 11) || zipf_init(&s->zu, USERS, 1.0, 7)) {
+            fprintf(stderr, "bench_widgets: out of memory\n");
+            return 1;
+        }
+    }
     s->left = calloc(USERS, sizeof *s->left);
     s->sess = calloc(USERS, sizeof *s->sess);
     s->prev = calloc(USERS, sizeof *s->prev);
@@ -426,6 +604,8 @@ int main(int argc, char **argv)
     free(s->left);
     free(s->sess);
     free(s->prev);
+    zipf_free(&s->zi);
+    zipf_free(&s->zu);
     free(s);
     free(preq);
     free(jobs);

@@ -36,13 +36,41 @@ typedef struct wevent {
 #define EV_KIND(e) ((int)((e)->seq_kind & 0xff))
 
 /* An item's neighbours in one table: item[k] was in count[k] baskets with it. The ids and
- * the counts are two arrays in one allocation (count = item + cap), so the search for a
- * neighbour (the widgets' hottest loop, once per pair of basket events) reads 4 bytes per
- * entry. */
+ * the counts are two arrays in one allocation (NBR_COUNT: count = item + cap), so the search
+ * for a neighbour (the widgets' hottest loop, once per pair of basket events) reads 4 bytes per
+ * entry. n1 counts the entries with count 1 (the ones a new neighbour may replace at the cap).
+ * head..tail chains the pair updates pending on the list (pend ops, 1-based; 0: none): the
+ * updates of one widgets_apply call are applied list by list (flush_pending), in the order
+ * they were made on each list, so the lists end exactly as if applied one by one, and each
+ * list is read into the cache once per batch instead of once per pair. 24 bytes. */
 typedef struct nbr_list {
-    uint32_t *item, *count;
-    uint32_t n, cap;
+    uint32_t *item;
+    uint16_t n, cap, n1; /* cap ≤ max_neighbours ≤ 10000 */
+    uint32_t head, tail;
 } nbr_list;
+#define NBR_COUNT(l) ((l)->item + (l)->cap)
+
+/* A pair update waiting on a neighbour list: count `other` once more (PEND_LESS clear) or once
+ * less (set); next: the list's next pending op (1-based), 0 at the tail. */
+typedef struct pend {
+    uint32_t other, next;
+} pend;
+#define PEND_LESS         0x80000000u
+#define PEND_MAX          8192 /* ops held before every list is brought up to date (64 KB) */
+#define PEND_SMALL_BASKET 8    /* fewer other items: lists with nothing pending updated at once */
+
+/* Per item slot, under the write lock: in == epoch when the item is in the basket being
+ * updated; seen == epoch once its pair with the updated item was counted. One 8-byte slot, so
+ * the two tests cost one cache line. */
+typedef struct wmark {
+    uint32_t in, seen;
+} wmark;
+
+/* Per item slot, while one list's pending ops are applied: the item is at position k of the
+ * list when stamp is the list's (flush_list). */
+typedef struct wpos {
+    uint32_t stamp, k;
+} wpos;
 
 typedef struct witem {
     const char *id; /* the item map's key */
@@ -90,10 +118,15 @@ typedef struct wcoll {
     bool has_base;
     int64_t base_ms;
     uint32_t *scratch; /* user_events entries (under the write lock) */
-    /* Per item, under the write lock: mark[x] == epoch when x is in the basket being updated;
-     * seen[x] == epoch once x's pair with the updated item was counted. */
-    uint32_t *mark, *seen;
+    wmark *mark;       /* per item slot (under the write lock) */
     uint32_t epoch;
+    wpos *pos; /* per item slot (under the write lock) */
+    uint32_t pos_stamp;
+    /* Pair updates not yet applied to their lists (under the write lock; none once the lock is
+     * released): the ops, and the lists holding some, as item << 2 | table, in first-use order. */
+    pend *pend;
+    uint64_t *dirty;
+    uint32_t n_pend, n_dirty;
     pthread_mutex_t cache_mu; /* guards cache; taken inside the collection's lock */
     ranking cache[2];         /* trending, best sellers */
 } wcoll;
@@ -227,9 +260,11 @@ static void coll_clear(wcoll *c)
     free(c->us);
     free(c->free_us);
     free(c->mark);
-    free(c->seen);
-    c->mark = c->seen = NULL;
-    c->epoch = 0;
+    free(c->pos);
+    c->mark = NULL;
+    c->pos = NULL;
+    c->epoch = c->pos_stamp = 0;
+    c->n_pend = c->n_dirty = 0;
     strmap_destroy(c->items);
     strmap_destroy(c->users);
     c->it = NULL;
@@ -258,6 +293,8 @@ static void coll_free(wcoll *c)
     strmap_destroy(c->items);
     strmap_destroy(c->users);
     free(c->scratch);
+    free(c->pend);
+    free(c->dirty);
     pthread_mutex_destroy(&c->cache_mu);
     pthread_rwlock_destroy(&c->lock);
     free(c);
@@ -304,8 +341,10 @@ static wcoll *coll_get(aff_widgets *w, const char *name, bool create)
         pthread_rwlock_init(&c->lock, NULL);
         pthread_mutex_init(&c->cache_mu, NULL);
         c->scratch = malloc((size_t)w->cfg.user_events * sizeof *c->scratch);
+        c->pend = malloc(PEND_MAX * sizeof *c->pend);
+        c->dirty = malloc(PEND_MAX * sizeof *c->dirty);
         coll_clear(c);
-        if (!c->items || !c->scratch) {
+        if (!c->items || !c->scratch || !c->pend || !c->dirty) {
             coll_free(c);
             c = NULL;
             goto out;
@@ -365,13 +404,13 @@ static int item_intern(wcoll *c, const char *id, uint32_t *out)
         uint32_t cap = c->cap_items ? 2 * c->cap_items : 1024;
         witem *n = realloc(c->it, (size_t)cap * sizeof *n);
         if (n) c->it = n;
-        uint32_t *m = realloc(c->mark, (size_t)cap * sizeof *m);
+        wmark *m = realloc(c->mark, (size_t)cap * sizeof *m);
         if (m) c->mark = m;
-        uint32_t *sn = realloc(c->seen, (size_t)cap * sizeof *sn);
-        if (sn) c->seen = sn;
-        if (!n || !m || !sn) return AFF_ENOMEM;
+        wpos *ps = realloc(c->pos, (size_t)cap * sizeof *ps);
+        if (ps) c->pos = ps;
+        if (!n || !m || !ps) return AFF_ENOMEM;
         memset(c->mark + c->cap_items, 0, (size_t)(cap - c->cap_items) * sizeof *m);
-        memset(c->seen + c->cap_items, 0, (size_t)(cap - c->cap_items) * sizeof *sn);
+        memset(c->pos + c->cap_items, 0, (size_t)(cap - c->cap_items) * sizeof *ps);
         c->cap_items = cap;
     }
     const char *key;
@@ -438,45 +477,77 @@ static void rebase(const aff_widgets *w, wcoll *c, int64_t ts)
     c->base_ms = ts;
 }
 
-/* Removes entry k (the last one takes its place). */
+/* Removes entry k, whose count is 1 (the last one takes its place). */
 static void nbr_remove(nbr_list *l, uint32_t k)
 {
+    uint32_t *count = NBR_COUNT(l);
     l->n--;
+    l->n1--;
     l->item[k] = l->item[l->n];
-    l->count[k] = l->count[l->n];
+    count[k] = count[l->n];
 }
 
-/* Records a new neighbour (not in the list) under the cap. */
-static void nbr_insert(const aff_widgets *w, nbr_list *l, uint32_t other)
+/* Counts entry k once more / once less (removing it at 0). */
+static void nbr_inc(nbr_list *l, uint32_t k)
 {
-    if (l->n == l->cap && l->cap < w->cfg.max_neighbours) {
-        uint32_t cap = l->cap ? 2 * l->cap : 4;
-        if (cap > w->cfg.max_neighbours) cap = w->cfg.max_neighbours;
-        uint32_t *v = malloc(2 * (size_t)cap * sizeof *v);
-        if (!v) return; /* not recorded: as if capped */
-        if (l->n) {
-            memcpy(v, l->item, l->n * sizeof *v);
-            memcpy(v + cap, l->count, l->n * sizeof *v);
-        }
-        free(l->item);
-        l->item = v;
-        l->count = v + cap;
-        l->cap = cap;
+    uint32_t *count = NBR_COUNT(l);
+    if (count[k]++ == 1) l->n1--;
+}
+
+static bool nbr_dec(nbr_list *l, uint32_t k)
+{
+    uint32_t *count = NBR_COUNT(l);
+    if (count[k] == 1) {
+        nbr_remove(l, k);
+        return false;
     }
+    if (--count[k] == 1) l->n1++;
+    return true;
+}
+
+/* Records a new neighbour (not in the list) under the cap: appended, else (the list at the
+ * cap) in place of the last neighbour seen once, whose id goes to *replaced. Returns the
+ * position, or UINT32_MAX when not recorded. */
+static __attribute__((noinline)) void nbr_grow(const aff_widgets *w, nbr_list *l)
+{
+    uint32_t cap = l->cap ? 2u * l->cap : 4;
+    if (cap > w->cfg.max_neighbours) cap = w->cfg.max_neighbours;
+    uint32_t *v = malloc(2 * (size_t)cap * sizeof *v);
+    if (!v) return; /* not recorded: as if capped */
+    if (l->n) {
+        memcpy(v, l->item, l->n * sizeof *v);
+        memcpy(v + cap, NBR_COUNT(l), l->n * sizeof *v);
+    }
+    free(l->item);
+    l->item = v;
+    l->cap = (uint16_t)cap;
+}
+
+static inline uint32_t nbr_insert(const aff_widgets *w, nbr_list *l, uint32_t other,
+                                  uint32_t *replaced)
+{
+    *replaced = UINT32_MAX;
+    if (l->n == l->cap) {
+        if (l->cap < w->cfg.max_neighbours) nbr_grow(w, l);
+        if (l->n == l->cap && l->cap < w->cfg.max_neighbours) return UINT32_MAX; /* no memory */
+    }
+    uint32_t *count = NBR_COUNT(l);
     if (l->n < l->cap) {
         l->item[l->n] = other;
-        l->count[l->n++] = 1;
-        return;
+        count[l->n] = 1;
+        l->n1++;
+        return l->n++;
     }
-    for (uint32_t i = l->n; i-- > 0;) {
-        if (l->count[i] == 1) { /* replace a neighbour seen once */
-            l->item[i] = other;
-            return;
-        }
-    }
+    if (!l->n1) return UINT32_MAX; /* every neighbour established: not recorded */
+    uint32_t i = l->n;
+    while (count[--i] != 1) /* the last neighbour seen once (n1 > 0: there is one) */
+        ;
+    *replaced = l->item[i];
+    l->item[i] = other;
+    return i;
 }
 
-/* The first index of `other` in l, or l->n. With SSE2, four entries per compare (this search
+/* The first index of `other` in l, or l->n. With SSE2, eight entries per step (this search
  * runs once per pair of basket events: the widgets' hottest loop). */
 static uint32_t nbr_find(const nbr_list *l, uint32_t other)
 {
@@ -497,14 +568,93 @@ static uint32_t nbr_find(const nbr_list *l, uint32_t other)
 
 static void nbr_add(const aff_widgets *w, nbr_list *l, uint32_t other, int sign)
 {
-    uint32_t i = nbr_find(l, other);
+    uint32_t i = nbr_find(l, other), replaced;
     if (i == l->n) {
-        if (sign > 0) nbr_insert(w, l, other); /* else: pushed out by the cap earlier */
+        if (sign > 0) nbr_insert(w, l, other, &replaced); /* else: pushed out by the cap earlier */
     } else if (sign > 0) {
-        l->count[i]++;
-    } else if (--l->count[i] == 0) {
-        nbr_remove(l, i);
+        nbr_inc(l, i);
+    } else {
+        nbr_dec(l, i);
     }
+}
+
+/* nbr_add with the list's positions in c->pos under stamp st (found in O(1), kept up to date). */
+static void nbr_add_indexed(const aff_widgets *w, wcoll *c, nbr_list *l, uint32_t st,
+                            uint32_t other, int sign)
+{
+    wpos *p = &c->pos[other];
+    if (p->stamp != st) {
+        if (sign < 0) return; /* pushed out by the cap earlier */
+        uint32_t replaced, k = nbr_insert(w, l, other, &replaced);
+        if (k == UINT32_MAX) return;
+        if (replaced != UINT32_MAX) c->pos[replaced].stamp = 0;
+        *p = (wpos){st, k};
+    } else if (sign > 0) {
+        nbr_inc(l, p->k);
+    } else {
+        uint32_t k = p->k;
+        if (!nbr_dec(l, k)) { /* removed: the last entry moved to k */
+            p->stamp = 0;
+            if (k < l->n) c->pos[l->item[k]].k = k;
+        }
+    }
+}
+
+/* Applies the list's pending ops, in the order they were made. With several ops on a long list
+ * the positions of its items are indexed first (c->pos), so each op costs O(1), not a search. */
+static void flush_list(const aff_widgets *w, wcoll *c, nbr_list *l)
+{
+    if (l->head != l->tail && l->n >= 16) {
+        if (++c->pos_stamp == 0) { /* wrapped: no stale stamp may equal the new one */
+            memset(c->pos, 0, (size_t)c->cap_items * sizeof *c->pos);
+            c->pos_stamp = 1;
+        }
+        const uint32_t st = c->pos_stamp;
+        for (uint32_t k = 0; k < l->n; k++)
+            c->pos[l->item[k]] = (wpos){st, k};
+        for (uint32_t op = l->head; op;) {
+            const pend *p = &c->pend[op - 1];
+            nbr_add_indexed(w, c, l, st, p->other, p->next & PEND_LESS ? -1 : 1);
+            op = p->next & ~PEND_LESS;
+        }
+    } else {
+        for (uint32_t op = l->head; op;) {
+            const pend *p = &c->pend[op - 1];
+            nbr_add(w, l, p->other, p->next & PEND_LESS ? -1 : 1);
+            op = p->next & ~PEND_LESS;
+        }
+    }
+    l->head = l->tail = 0;
+}
+
+/* Brings every list up to date (before the write lock is released, or when the ops are at
+ * PEND_MAX). Lists are independent, so their order here does not matter. */
+static void flush_pending(const aff_widgets *w, wcoll *c)
+{
+    const uint64_t *d = c->dirty;
+    for (uint32_t k = 0; k < c->n_dirty; k++) {
+        if (k + 4 < c->n_dirty) __builtin_prefetch(&c->it[d[k + 4] >> 2].nb[d[k + 4] & 3]);
+        if (k + 2 < c->n_dirty) __builtin_prefetch(c->it[d[k + 2] >> 2].nb[d[k + 2] & 3].item);
+        flush_list(w, c, &c->it[d[k] >> 2].nb[d[k] & 3]);
+    }
+    c->n_dirty = c->n_pend = 0;
+}
+
+/* Queues a pair update on item x's list in table t. (Inlined: called once per pair.) */
+static inline __attribute__((always_inline)) void
+defer_add(const aff_widgets *w, wcoll *c, uint32_t x, int t, uint32_t other, int sign)
+{
+    if (c->n_pend == PEND_MAX) flush_pending(w, c);
+    uint32_t id = ++c->n_pend;
+    c->pend[id - 1] = (pend){.other = other, .next = sign < 0 ? PEND_LESS : 0};
+    nbr_list *l = &c->it[x].nb[t];
+    if (l->tail) {
+        c->pend[l->tail - 1].next |= id;
+    } else {
+        l->head = id;
+        c->dirty[c->n_dirty++] = (uint64_t)x << 2 | (uint64_t)t;
+    }
+    l->tail = id;
 }
 
 static int iv_cmp(const void *a, const void *b)
@@ -543,52 +693,78 @@ static void iv_add(witem *it, int64_t v, int sign)
 static void cooc_terms(const aff_widgets *w, wcoll *c, const wuser *u, uint32_t i, int t, int sign)
 {
     const wevent *e = &u->ev[i];
-    int kind = t == T_SESSION ? K_VIEW : K_PURCHASE;
-    bool present = false, others = false;
-    uint32_t n = 0;
+    const uint64_t kind = t == T_SESSION ? K_VIEW : K_PURCHASE;
+    const uint32_t item = e->item, basket = e->basket;
     if (++c->epoch == 0) { /* wrapped: no stale mark may equal the new epoch */
         memset(c->mark, 0, (size_t)c->cap_items * sizeof *c->mark);
-        memset(c->seen, 0, (size_t)c->cap_items * sizeof *c->seen);
         c->epoch = 1;
     }
     const uint32_t ep = c->epoch;
+    wmark *mk = c->mark;
+    /* The basket's events (e itself among them), and its distinct other items in order. */
+    uint32_t n = 0, in_basket = 0, same = 0;
     for (uint32_t j = 0; j < u->n; j++) {
         const wevent *o = &u->ev[j];
-        if (j == i || EV_KIND(o) != kind || (t != T_USER && o->basket != e->basket)) continue;
-        others = true;
-        if (o->item == e->item) {
-            present = true;
-        } else if (c->mark[o->item] != ep) { /* each distinct item once */
-            c->mark[o->item] = ep;
-            c->scratch[n++] = o->item;
+        if ((o->seq_kind & 0xff) != kind || (t != T_USER && o->basket != basket)) continue;
+        in_basket++;
+        uint32_t x = o->item;
+        if (x == item) {
+            if (++same > 1) return;  /* the item is in the basket already: nothing changes */
+        } else if (mk[x].in != ep) { /* each distinct item once */
+            mk[x].in = ep;
+            c->scratch[n++] = x;
         }
     }
-    if (present) return; /* the item is in the basket already: nothing changes */
+    bool others = in_basket > 1;
     witem *a = &c->it[e->item];
     a->baskets[t] += (uint32_t)sign;
     if (!others) c->n_baskets[t] += (uint64_t)(int64_t)sign;
-    /* The item's own list: one pass over it for the pairs it holds, then the new ones. */
+    /* The item's own list, brought up to date first: one pass over it for the pairs it holds,
+     * then the new ones. */
     nbr_list *l = &a->nb[t];
+    flush_list(w, c, l);
     for (uint32_t k = 0; k < l->n;) {
         uint32_t x = l->item[k];
-        if (c->mark[x] != ep || c->seen[x] == ep) {
+        if (mk[x].in != ep || mk[x].seen == ep) {
             k++;
             continue;
         }
-        c->seen[x] = ep;
+        mk[x].seen = ep;
         if (sign > 0)
-            l->count[k++]++;
-        else if (--l->count[k] > 0)
+            nbr_inc(l, k++);
+        else if (nbr_dec(l, k))
             k++;
-        else
-            nbr_remove(l, k); /* look at the moved entry next */
+        /* else removed: look at the moved entry next */
+    }
+    /* The new pairs into the item's own list. Once it is full for good (at the cap), each
+     * insert replaces the same entry (the last seen once: it stays so), so only the last one
+     * of them is recorded: the rest are skipped. */
+    if (sign > 0) {
+        uint32_t last = UINT32_MAX, replaced;
+        for (uint32_t j = 0; j < n; j++) {
+            uint32_t x = c->scratch[j];
+            if (mk[x].seen == ep) continue;
+            if (l->n == l->cap && l->cap == w->cfg.max_neighbours)
+                last = x;
+            else
+                nbr_insert(w, l, x, &replaced);
+        }
+        if (last != UINT32_MAX) nbr_insert(w, l, last, &replaced);
+    }
+    /* The other items' lists: queued (flush_pending), each in its own order. In a small basket
+     * a list with nothing pending is updated at once (queueing pays off only when a list gets
+     * several updates per call, which takes large baskets). */
+    if (n >= PEND_SMALL_BASKET) {
+        for (uint32_t j = 0; j < n; j++)
+            defer_add(w, c, c->scratch[j], t, e->item, sign);
+        return;
     }
     for (uint32_t j = 0; j < n; j++) {
-        uint32_t x = c->scratch[j];
-        if (j + 1 < n) __builtin_prefetch(c->it[c->scratch[j + 1]].nb[t].item);
-        if (j + 2 < n) __builtin_prefetch(&c->it[c->scratch[j + 2]].nb[t]);
-        if (sign > 0 && c->seen[x] != ep) nbr_insert(w, l, x);
-        nbr_add(w, &c->it[x].nb[t], e->item, sign);
+        nbr_list *lx = &c->it[c->scratch[j]].nb[t];
+        if (!lx->tail)
+            nbr_add(w, lx, e->item, sign);
+        else
+            defer_add(w, c, c->scratch[j], t, e->item, sign);
     }
 }
 
@@ -693,6 +869,7 @@ int widgets_apply(aff_widgets *w, const char *collection, const char *user,
             break;
         }
     }
+    flush_pending(w, c);
     if (u->n == 0) user_release(c, u);
 out:
     pthread_rwlock_unlock(&c->lock);
@@ -706,6 +883,7 @@ static void forget_in(const aff_widgets *w, wcoll *c, const char *user)
     if (u) {
         while (u->n)
             remove_event(w, c, u, u->n - 1);
+        flush_pending(w, c);
         user_release(c, u);
     }
     pthread_rwlock_unlock(&c->lock);
@@ -743,6 +921,7 @@ static void expire_fn(aff_widgets *w, wcoll *c, const void *arg)
             if (u->ev[i].ts < cutoff) remove_event(w, c, u, i);
         if (u->n == 0) user_release(c, u);
     }
+    flush_pending(w, c);
     pthread_rwlock_unlock(&c->lock);
 }
 
@@ -1001,9 +1180,10 @@ static int cooc_candidates(const aff_widgets *w, const wcoll *c, int t, const wi
     for (uint32_t i = 0; i < nctx; i++) {
         const witem *a = &c->it[ctx[i]];
         const nbr_list *l = &a->nb[t];
+        const uint32_t *count = NBR_COUNT(l);
         for (uint32_t j = 0; j < l->n; j++) {
-            if (l->count[j] < w->cfg.min_support) continue;
-            double nab = l->count[j], na = a->baskets[t], nb = c->it[l->item[j]].baskets[t];
+            if (count[j] < w->cfg.min_support) continue;
+            double nab = count[j], na = a->baskets[t], nb = c->it[l->item[j]].baskets[t];
             if (nab * N <= na * nb) continue; /* not positively associated */
             double k22 = N - na - nb + nab;
             v[n++] = (cand){.item = l->item[j],
@@ -1237,7 +1417,6 @@ void widgets_result_release(widgets_result *r)
 
 static void stats_fn(aff_widgets *w, wcoll *c, const void *arg)
 {
-    (void)w;
     widgets_stats *s = (widgets_stats *)arg;
     pthread_rwlock_rdlock(&c->lock);
     s->collections++;
@@ -1249,7 +1428,10 @@ static void stats_fn(aff_widgets *w, wcoll *c, const void *arg)
     s->users += strmap_count(c->users);
     s->events_held += c->events_held;
     s->bytes += sizeof *c + strmap_memory(c->items) + strmap_memory(c->users) +
-                (size_t)c->cap_items * sizeof *c->it + (size_t)c->cap_us * (sizeof *c->us + 4);
+                (size_t)c->cap_items * (sizeof *c->it + sizeof *c->mark + sizeof *c->pos) +
+                (size_t)c->cap_us * (sizeof *c->us + 4) +
+                PEND_MAX * (sizeof *c->pend + sizeof *c->dirty) +
+                (size_t)w->cfg.user_events * sizeof *c->scratch;
     for (uint32_t i = 0; i < c->n_items; i++) {
         for (int t = 0; t < N_TABLES; t++) {
             s->neighbours += c->it[i].nb[t].n;

@@ -29,8 +29,10 @@
  * contributed most. Cap: each item keeps at most max_neighbours neighbours per table; when
  * the list is full a new neighbour replaces one seen only once (else it is not recorded), so
  * established neighbours are never pushed out. Memory: ≤ 3 × items × max_neighbours × 8 bytes
- * for the lists, about 100 bytes per item for the rest, and 24 bytes per event held in the
- * users' windows (≤ users × user_events).
+ * for the lists, 160 bytes per item slot for the rest (its statistics, and the marks and
+ * pending-update chains the updates use) plus its id in the item map, 24 bytes per event held in the users' windows
+ * (≤ users × user_events), and 128 KB per collection for the pair updates a call queues (they
+ * are applied list by list before the call returns, so no answer ever sees them pending).
  *
  * Trending (all event types, weight 1): s = the decayed count with half-life
  * trend_short_half_life, l = with trend_long_half_life, E = l × short/long (the count the
