@@ -30,7 +30,7 @@
 #define REPLOG_STALL_MS     3000 /* behind the stream with nothing arriving: resubscribe */
 #define REPLOG_RETRY_MS     250
 #define REPLOG_BATCH        256  /* records applied before they are reported applied */
-#define REPLOG_BATCH_MS     10   /* and at most this long after the batch's first record */
+#define REPLOG_BATCH_MS     4    /* and at most this long after the batch's first record */
 #define REPLOG_REPORT_MS    5000 /* while unconnected: how often the reason is logged */
 #define REPLOG_ERASE_WAIT_MS 5000 /* erasure scan: longest wait for the next record */
 #define REPLOG_RETIRED_KEPT 4    /* replaced connections kept before they are destroyed */
@@ -403,7 +403,7 @@ static void *apply_thread(void *arg)
         int pending = 0;
         if (batch_n < REPLOG_BATCH && mono_ms() - batch_start < REPLOG_BATCH_MS &&
             natsSubscription_GetPending(sub, &pending, NULL) == NATS_OK && pending > 0)
-            continue; /* more records waiting: one commit for all of them, within 10 ms */
+            continue; /* more records waiting: one commit for all of them, within REPLOG_BATCH_MS */
         if (batch_n) finish_batch(log, &batch_last, &batch_n);
     }
     if (batch_n) finish_batch(log, &batch_last, &batch_n);

@@ -11,7 +11,7 @@
  *
  * Applying: one thread consumes the stream in order from the sequence after `start_sequence`
  * with an ordered consumer and calls apply(ctx, seq, bytes, len) for each record; after a
- * batch (the records already waiting, at most REPLOG_BATCH and 10 ms from its first) it
+ * batch (the records already waiting, at most REPLOG_BATCH records and 4 ms from its first) it
  * calls commit once and then publishes the batch's last `seq` as applied (replog_applied,
  * replog_wait_applied). The
  * records' writes carry their sequence (store_set_log_sequence puts seq into the same LMDB
@@ -55,7 +55,7 @@ typedef struct replog_config {
     replog_apply_fn apply;
     void *apply_ctx;
     /* Commits the records applied so far (the store's apply batch); runs on the apply thread
-     * after a batch (the records already waiting, up to REPLOG_BATCH and 10 ms), before they
+     * after a batch (the records already waiting, up to REPLOG_BATCH records and 4 ms), before they
      * count as applied. Non-zero: the thread applies nothing more and replog_needs_bootstrap turns
      * true (a restart resumes from the last committed record). NULL: none. */
     int (*commit)(void *ctx);
