@@ -1247,7 +1247,8 @@ typedef struct popular_ctx {
     const char **excluded; /* sorted */
     size_t n_excluded;
     double now_units; /* now / popularity half-life */
-    aff_hit *hits;
+    aff_hit *hits;   /* best first: log_scores descending, ties by id */
+    double *logs;    /* k: hits[i]'s log_score */
     uint32_t n_hits, scanned;
     store_txn *txn;
     item_record rec;
@@ -1285,10 +1286,23 @@ static bool filter_passes(const aff_filter *f, const item_record *r)
     return true;
 }
 
+/* Is (log_score a, id x) ranked before (b, y)? */
+static bool popular_before(double a, const char *x, double b, const char *y)
+{
+    return a > b || (a == b && strcmp(x, y) < 0);
+}
+
+/* Visits the ranking index best filing score first and keeps the best k that pass: an item's
+ * score is below its filing score + STORE_POP_RANK_SLACK, so once that is at most the k-th
+ * best score held, no later item can enter. */
 static int popular_visit(void *ctx, const char *item, const store_popularity *pop)
 {
     popular_ctx *c = ctx;
     if (c->scanned++ >= c->p->popular_scan_limit) return 1;
+    const bool full = c->n_hits == c->k;
+    if (full && pop->rank_log_score + STORE_POP_RANK_SLACK <= c->logs[c->k - 1]) return 1;
+    if (full && !popular_before(pop->log_score, item, c->logs[c->k - 1], c->hits[c->k - 1].id))
+        return 0;
     if (c->n_excluded &&
         bsearch(&item, c->excluded, c->n_excluded, sizeof *c->excluded, cmp_str_ptr))
         return 0;
@@ -1299,10 +1313,17 @@ static int popular_visit(void *ctx, const char *item, const store_popularity *po
     }
     if (status) return status;
     if (!filter_passes(c->filter, &c->rec)) return 0;
-    aff_hit *h = &c->hits[c->n_hits++];
+    uint32_t at = full ? c->k - 1 : c->n_hits++; /* the worst leaves when full */
+    for (; at > 0 && popular_before(pop->log_score, item, c->logs[at - 1], c->hits[at - 1].id);
+         at--) {
+        c->hits[at] = c->hits[at - 1];
+        c->logs[at] = c->logs[at - 1];
+    }
+    c->logs[at] = pop->log_score;
+    aff_hit *h = &c->hits[at];
     h->score = (float)exp2(pop->log_score - c->now_units);
     snprintf(h->id, sizeof h->id, "%s", item);
-    return c->n_hits == c->k ? 1 : 0;
+    return 0;
 }
 
 static int popular_fn(store_txn *txn, void *ctx, aff_err *err)
@@ -1334,9 +1355,14 @@ int profiles_popular(aff_profiles *p, const char *collection, uint32_t k, const 
                      .now_units = (double)now_ms(p) / p->pop_half_life_ms,
                      .hits = hits};
     int status = AFF_OK;
+    c.logs = malloc(k * sizeof *c.logs);
+    if (!c.logs) return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
     if (filter && filter->n_exclude_ids) {
         c.excluded = malloc(filter->n_exclude_ids * sizeof *c.excluded);
-        if (!c.excluded) return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+        if (!c.excluded) {
+            free(c.logs);
+            return aff__fail(err, AFF_ENOMEM, "profiles: out of memory");
+        }
         for (uint32_t i = 0; i < filter->n_exclude_ids; i++) {
             if (filter->exclude_ids[i]) c.excluded[c.n_excluded++] = filter->exclude_ids[i];
         }
@@ -1345,6 +1371,7 @@ int profiles_popular(aff_profiles *p, const char *collection, uint32_t k, const 
     status = store_view(p->store, popular_fn, &c, err);
     *n_hits = status ? 0 : c.n_hits;
     free(c.excluded);
+    free(c.logs);
     return status;
 }
 

@@ -14,7 +14,8 @@
  *   interactions  lp(collection) lp(user) lp(item)       -> interaction v1
  *   by_type       lp(collection) lp(user) lp(type) lp(item) -> by_type v1
  *   popularity    lp(collection) lp(item)                -> popularity v1
- *   pop_rank      lp(collection) be64(ord(-log_score)) lp(item) -> popularity v1 (a copy)
+ *   pop_rank      lp(collection) be64(ord(-rank_log_score)) lp(item) -> empty (written before
+ *                 the slack: a copy of the popularity value, ignored)
  *   models        lp(collection)                         -> an opaque blob (model.c's encoding,
  *                                                            versioned by its first byte)
  *                 lp(collection) be64(upload) be32(index) -> raw bytes: a piece of a model
@@ -40,7 +41,9 @@
  *                f64 value, type, item, n_context x (u16 len + key, u16 len + value)
  *   interaction  u8 ver, 7 x u8 0, i64 ref_ms, f64 weight, i64 last_ms, u64 count (40 bytes)
  *   by_type      u8 ver, 7 x u8 0, i64 last_ms                                 (16 bytes)
- *   popularity   u8 ver, 7 x u8 0, f64 log_score, u64 count, i64 last_ms       (32 bytes)
+ *   popularity   u8 ver, 7 x u8 0, f64 log_score, u64 count, i64 last_ms,
+ *                f64 rank_log_score                                          (40 bytes)
+ *                (32-byte values, written before the slack, are filed at log_score)
  *   opt_out      u8 ver, 7 x u8 0, i64 since_ms                                (16 bytes)
  *
  * ord(x) maps a double to a u64 whose unsigned order is the numeric order, so a forward scan
@@ -1510,6 +1513,14 @@ typedef struct delete_items_ctx {
     size_t n_deleted;
 } delete_items_ctx;
 
+/* pop_rank's key of item filed under rank_log_score. */
+static bool rank_key(key_buf *k, const char *collection, const char *item, double rank_log_score)
+{
+    if (!make_key(k, collection, NULL, 0, NULL, 0, NULL, 0)) return false;
+    kb_u64be(k, ord_double(-rank_log_score));
+    return item && *item && kb_str(k, item, AFF_MAX_ID_LEN);
+}
+
 static int delete_items_fn(store_txn *t, void *ctx, aff_err *err)
 {
     delete_items_ctx *d = ctx;
@@ -1529,9 +1540,7 @@ static int delete_items_fn(store_txn *t, void *ctx, aff_err *err)
         status = store_txn_get_popularity(t, d->collection, d->ids[i], &pop, err);
         if (status == AFF_OK) {
             key_buf rk;
-            make_key(&rk, d->collection, NULL, 0, NULL, 0, NULL, 0);
-            kb_u64be(&rk, ord_double(-pop.log_score));
-            kb_str(&rk, d->ids[i], AFF_MAX_ID_LEN);
+            rank_key(&rk, d->collection, d->ids[i], pop.rank_log_score);
             if ((status = db_del(t, DB_POP_RANK, &rk, NULL, err)) ||
                 (status = db_del(t, DB_POPULARITY, &k, NULL, err)))
                 return status;
@@ -1930,7 +1939,6 @@ typedef struct tail_scan {
     size_t prefix_len;
     store_interaction_fn ifn;
     store_id_fn idfn;
-    store_popularity_fn pfn;
     void *ctx;
 } tail_scan;
 
@@ -2236,7 +2244,8 @@ int store_txn_delete_user(store_txn *txn, const char *collection, const char *us
     return AFF_OK;
 }
 
-#define POPULARITY_SIZE 32
+#define POPULARITY_SIZE 40
+#define POPULARITY_SIZE_V0 32 /* before rank_log_score */
 
 static void encode_popularity(uint8_t *dst, const store_popularity *p)
 {
@@ -2246,6 +2255,7 @@ static void encode_popularity(uint8_t *dst, const store_popularity *p)
     w_f64(&w, p->log_score);
     w_u64(&w, p->count);
     w_i64(&w, p->last_ms);
+    w_f64(&w, p->rank_log_score);
 }
 
 static int decode_popularity(const MDB_val *v, store_popularity *out, aff_err *err)
@@ -2256,6 +2266,7 @@ static int decode_popularity(const MDB_val *v, store_popularity *out, aff_err *e
     out->log_score = r_f64(&r);
     out->count = r_u64(&r);
     out->last_ms = r_i64(&r);
+    out->rank_log_score = v->mv_size == POPULARITY_SIZE_V0 ? out->log_score : r_f64(&r);
     return r.bad ? corrupt(err, "popularity") : AFF_OK;
 }
 
@@ -2269,45 +2280,60 @@ int store_txn_get_popularity(store_txn *txn, const char *collection, const char 
     return status ? status : decode_popularity(&v, out, err);
 }
 
-static bool rank_key(key_buf *k, const char *collection, const char *item, double log_score)
-{
-    if (!make_key(k, collection, NULL, 0, NULL, 0, NULL, 0)) return false;
-    kb_u64be(k, ord_double(-log_score));
-    return item && *item && kb_str(k, item, AFF_MAX_ID_LEN);
-}
 
 int store_txn_put_popularity(store_txn *txn, const char *collection, const char *item,
                              const store_popularity *old, const store_popularity *p, aff_err *err)
 {
-    key_buf k, rk;
-    if (!make_key(&k, collection, item, AFF_MAX_ID_LEN, NULL, 0, NULL, 0) ||
-        !rank_key(&rk, collection, item, p->log_score))
-        return bad_key(err);
+    key_buf k;
+    if (!make_key(&k, collection, item, AFF_MAX_ID_LEN, NULL, 0, NULL, 0)) return bad_key(err);
     if (!isfinite(p->log_score))
         return aff__fail(err, AFF_EINVAL, "store: popularity score is not finite");
+    store_popularity rec = *p;
+    /* Stays filed where it is while the score is within the slack above its filing score. */
+    const bool stays = old && old->rank_log_score <= p->log_score &&
+                       p->log_score < old->rank_log_score + STORE_POP_RANK_SLACK;
+    rec.rank_log_score = stays ? old->rank_log_score : p->log_score;
     int status;
-    if (old) {
-        key_buf ok;
-        rank_key(&ok, collection, item, old->log_score);
-        if ((status = db_del(txn, DB_POP_RANK, &ok, NULL, err))) return status;
+    if (!stays) {
+        key_buf ok, rk;
+        if (!rank_key(&rk, collection, item, rec.rank_log_score)) return bad_key(err);
+        if (old) {
+            rank_key(&ok, collection, item, old->rank_log_score);
+            if ((status = db_del(txn, DB_POP_RANK, &ok, NULL, err))) return status;
+        }
+        uint8_t *unused;
+        if ((status = db_reserve(txn, DB_POP_RANK, &rk, 0, &unused, err))) return status;
     }
     uint8_t *dst;
     if ((status = db_reserve_rmw(txn, DB_POPULARITY, &k, POPULARITY_SIZE, &dst, err)))
         return status;
-    encode_popularity(dst, p);
-    if ((status = db_reserve(txn, DB_POP_RANK, &rk, POPULARITY_SIZE, &dst, err))) return status;
-    encode_popularity(dst, p);
+    encode_popularity(dst, &rec);
     return AFF_OK;
 }
 
+typedef struct popular_scan {
+    store_txn *txn;
+    const char *collection;
+    size_t prefix_len;
+    store_popularity_fn fn;
+    void *ctx;
+} popular_scan;
+
 static int popular_visit(void *ctx, const MDB_val *k, const MDB_val *v, aff_err *err)
 {
-    tail_scan *ts = ctx;
+    (void)v; /* empty, or a stale copy written before the slack */
+    popular_scan *ps = ctx;
     char item[AFF_MAX_ID_LEN + 1];
+    if (!key_tail_id(k, ps->prefix_len + 8, item)) return corrupt(err, "pop_rank key");
+    key_buf pk;
+    if (!make_key(&pk, ps->collection, item, AFF_MAX_ID_LEN, NULL, 0, NULL, 0))
+        return corrupt(err, "pop_rank key");
+    MDB_val pv;
     store_popularity p;
-    if (!key_tail_id(k, ts->prefix_len + 8, item)) return corrupt(err, "pop_rank key");
-    int status = decode_popularity(v, &p, err);
-    return status ? status : ts->pfn(ts->ctx, item, &p);
+    int status = db_get(ps->txn, DB_POPULARITY, &pk, &pv, err);
+    if (status == AFF_ENOTFOUND) return corrupt(err, "pop_rank entry without a counter");
+    if (status || (status = decode_popularity(&pv, &p, err))) return status;
+    return ps->fn(ps->ctx, item, &p);
 }
 
 int store_txn_scan_popular(store_txn *txn, const char *collection, store_popularity_fn fn,
@@ -2315,8 +2341,9 @@ int store_txn_scan_popular(store_txn *txn, const char *collection, store_popular
 {
     key_buf prefix;
     if (!make_key(&prefix, collection, NULL, 0, NULL, 0, NULL, 0)) return bad_key(err);
-    tail_scan ts = {.prefix_len = prefix.n, .pfn = fn, .ctx = ctx};
-    return scan_prefix(txn, DB_POP_RANK, &prefix, NULL, popular_visit, &ts, err);
+    popular_scan ps = {
+        .txn = txn, .collection = collection, .prefix_len = prefix.n, .fn = fn, .ctx = ctx};
+    return scan_prefix(txn, DB_POP_RANK, &prefix, NULL, popular_visit, &ps, err);
 }
 
 /* ---- personalization opt-outs (issue 12) ------------------------------------------------- */

@@ -261,13 +261,22 @@ typedef struct store_interaction {
 } store_interaction;
 
 /* A collection's popularity counter for one item. The decayed score at time T (ms) with
- * half-life H (ms) is 2^(log_score - T/H); log_score does not change with time, so it also
- * orders the ranking index. */
+ * half-life H (ms) is 2^(log_score - T/H); log_score does not change with time (it only
+ * grows with events), so it also orders the ranking index. */
 typedef struct store_popularity {
     double log_score;
     uint64_t count;
     int64_t last_ms;
+    /* The score the ranking index files the item under (kept by the store; callers copy it
+     * from the counter they read): rank_log_score <= log_score < rank_log_score +
+     * STORE_POP_RANK_SLACK. */
+    double rank_log_score;
 } store_popularity;
+
+/* The ranking index moves an item only once its log_score grew by this much (log2 units: a
+ * factor of 2^0.5) since it was filed, so most counter updates of a busy item leave the index
+ * alone; readers of store_txn_scan_popular get the exact order back from this bound. */
+#define STORE_POP_RANK_SLACK 0.5
 
 /* AFF_ENOTFOUND when the user has no profile in the collection. sum may be NULL. */
 int store_txn_get_profile(store_txn *txn, const char *collection, const char *user,
@@ -317,12 +326,17 @@ int store_txn_delete_user(store_txn *txn, const char *collection, const char *us
 /* AFF_ENOTFOUND when the item has no counter. */
 int store_txn_get_popularity(store_txn *txn, const char *collection, const char *item,
                              store_popularity *out, aff_err *err);
-/* Writes the counter and moves the item in the ranking index. old is the counter as read
- * (NULL when there was none). */
+/* Writes the counter (p->log_score must not be below old->log_score) and refiles the item in
+ * the ranking index when its score left [rank_log_score, rank_log_score +
+ * STORE_POP_RANK_SLACK). old is the counter as read (NULL when there was none);
+ * p->rank_log_score is ignored. */
 int store_txn_put_popularity(store_txn *txn, const char *collection, const char *item,
                              const store_popularity *old, const store_popularity *p, aff_err *err);
 typedef int (*store_popularity_fn)(void *ctx, const char *item, const store_popularity *p);
-/* Counters by log_score descending (ties by item id). */
+/* Counters by rank_log_score descending (ties by item id), each as it is now. An item's
+ * log_score is below its rank_log_score + STORE_POP_RANK_SLACK, so a reader after the best k
+ * may stop once the next rank_log_score + STORE_POP_RANK_SLACK is at most the k-th best
+ * log_score seen. fn returns nonzero to stop (a positive value is not an error). */
 int store_txn_scan_popular(store_txn *txn, const char *collection, store_popularity_fn fn,
                            void *ctx, aff_err *err);
 
