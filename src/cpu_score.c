@@ -1613,6 +1613,23 @@ static void prefetch_row(const cpu_search_table *t, uint32_t row)
         __builtin_prefetch(p + off);
 }
 
+/* Pops the candidate with the highest upper bound from c[0..*n) that could still enter ex:
+ * under a category cap, one whose upper bound is below the worst of per_cat rows of its
+ * category already in ex (exact scores: the floor only rises) is dropped unread. Returns
+ * row UINT32_MAX when none is left. */
+static cand pop_useful(const cpu_search_table *t, const uint32_t *cats, uint32_t per_cat,
+                       const topk_heap *ex, cand *c, uint32_t *n)
+{
+    while (*n) {
+        const cand x = cand_pop(c, n);
+        if (!per_cat || ex->n < per_cat) return x;
+        const uint32_t cat = category_at(cats, t->attrs, x.row);
+        uint32_t worst;
+        if (!cat || !(x.hi < category_floor(ex, per_cat, cat, &worst))) return x;
+    }
+    return (cand){0.0f, UINT32_MAX};
+}
+
 /* Scanned query q: merges its threads' lower bounds, then scores in fp32 every candidate whose
  * upper bound reaches the final L into ex. Returns the candidates scored. */
 static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthreads, uint32_t nq,
@@ -1649,14 +1666,15 @@ static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthre
         cand ahead[4]; /* popped, their rows being fetched (the rows are scattered) */
         uint32_t left = m, n_ahead = 0, first = 0;
         for (; n_ahead < 4 && left; n_ahead++) {
-            ahead[n_ahead] = cand_pop(ts->c, &left);
+            ahead[n_ahead] = pop_useful(t, cats, st->per_cat, ex, ts->c, &left);
+            if (ahead[n_ahead].row == UINT32_MAX) break;
             prefetch_row(t, ahead[n_ahead].row);
         }
         while (n_ahead) {
             const cand x = ahead[first];
             if (ex->n == ex->k && x.hi < ex->scores[0]) break;
-            if (left) { /* its slot takes the next one */
-                ahead[first] = cand_pop(ts->c, &left);
+            if (left && (ahead[first] = pop_useful(t, cats, st->per_cat, ex, ts->c, &left)).row !=
+                            UINT32_MAX) { /* its slot takes the next one */
                 prefetch_row(t, ahead[first].row);
             } else {
                 n_ahead--;
