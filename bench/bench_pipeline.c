@@ -12,6 +12,12 @@
  *
  * Reported: process CPU seconds per call (all threads, CLOCK_PROCESS_CPUTIME_ID) and ratios.
  * Usage: bench_pipeline [N] [d] [calls] [inflight]
+ *
+ * BENCH_CLUSTERS=C: the products are clustered as `affinity_load gen --clusters C` writes them
+ * (unit vectors around C random centres, the category of an item cluster % 25), so categories
+ * follow the vectors as in a real shop and bench/pipeline_server.sh's catalog is reproduced in
+ * process (a shopper's best items then crowd few categories: what a category cap costs there).
+ * Default: vectors and categories independent (random).
  */
 #include <math.h>
 #include <pthread.h>
@@ -30,7 +36,12 @@ static uint32_t N = 100000, D = 128, CALLS = 4096, INFLIGHT = 256;
 #define USERS  1024
 #define N_CATS 50
 
-static void load(aff_catalog *cat, const char *name, uint32_t n, uint32_t dim, aff_rng *r)
+/* affinity_load gen's categories: cluster % this */
+#define GEN_CATS 25
+
+/* clusters: 0, independent vectors and categories; else BENCH_CLUSTERS (see the top). */
+static void load(aff_catalog *cat, const char *name, uint32_t n, uint32_t dim, uint32_t clusters,
+                 aff_rng *r)
 {
     aff_err err;
     engine_collection_spec spec = {.name = name, .dim = dim, .metric = AFF_METRIC_COSINE};
@@ -43,13 +54,30 @@ static void load(aff_catalog *cat, const char *name, uint32_t n, uint32_t dim, a
     float *vec = malloc((size_t)chunk * dim * sizeof *vec);
     char(*ids)[24] = malloc(chunk * sizeof *ids);
     aff_item *items = malloc(chunk * sizeof *items);
+    float *centres = malloc(((size_t)clusters + 1) * dim * sizeof *centres);
+    for (size_t i = 0; i < (size_t)clusters * dim; i++)
+        centres[i] = (float)aff_rng_normal(r);
     for (uint32_t base = 0; base < n; base += chunk) {
         uint32_t m = n - base < chunk ? n - base : chunk;
         for (uint32_t i = 0; i < m; i++) {
-            for (uint32_t d = 0; d < dim; d++)
-                vec[(size_t)i * dim + d] = (float)aff_rng_normal(r);
+            float *v = vec + (size_t)i * dim;
+            uint32_t c;
+            if (clusters) { /* a centre plus noise, normalized (affinity_load gen) */
+                uint32_t cl = (uint32_t)(aff_rng_next(r) % clusters);
+                double norm = 0;
+                for (uint32_t d = 0; d < dim; d++) {
+                    v[d] = centres[(size_t)cl * dim + d] + 0.6f * (float)aff_rng_normal(r);
+                    norm += (double)v[d] * v[d];
+                }
+                for (uint32_t d = 0; d < dim; d++)
+                    v[d] = (float)(v[d] / sqrt(norm));
+                c = cl % GEN_CATS;
+            } else {
+                for (uint32_t d = 0; d < dim; d++)
+                    v[d] = (float)aff_rng_normal(r);
+                c = (uint32_t)(aff_rng_next(r) % N_CATS);
+            }
             snprintf(ids[i], sizeof ids[i], "%s-%u", name, base + i);
-            uint32_t c = (uint32_t)(aff_rng_next(r) % N_CATS);
             items[i] = (aff_item){.id = ids[i],
                                   .vector = vec + (size_t)i * dim,
                                   .dim = dim,
@@ -61,6 +89,7 @@ static void load(aff_catalog *cat, const char *name, uint32_t n, uint32_t dim, a
         }
         if (catalog_upsert(cat, name, items, m, &err)) bench_die("upsert", &err);
     }
+    free(centres);
     free(vec);
     free(ids);
     free(items);
@@ -110,10 +139,11 @@ int main(int argc, char **argv)
     if (engine_create(&eng, &ec, &err)) bench_die("engine", &err);
     if (catalog_create(&cat, eng, store, &err)) bench_die("catalog", &err);
     aff_rng r = {12345};
-    load(cat, "products", N, D, &r);
-    load(cat, "banners", 200, D, &r);
-    load(cat, "categories", 50, D, &r);
-    load(cat, "offers", 100, D, &r);
+    const uint32_t clusters = getenv("BENCH_CLUSTERS") ? (uint32_t)atoi(getenv("BENCH_CLUSTERS")) : 0;
+    load(cat, "products", N, D, clusters, &r);
+    load(cat, "banners", 200, D, 0, &r);
+    load(cat, "categories", 50, D, 0, &r);
+    load(cat, "offers", 100, D, 0, &r);
     batcher_config bc = {.max_batch = 256, .max_wait_us = 2000, .queue_limit = 100000};
     batcher_exec ex = batcher_engine_exec(eng);
     if (batcher_create(&bat, &bc, &ex, &err)) bench_die("batcher", &err);
@@ -300,6 +330,9 @@ int main(int argc, char **argv)
     }
     printf("\nN = %u, d = %u, k = 10, %u calls (%u pages), %u in flight, batcher max_batch 256\n",
            N, D, CALLS, CALLS / 4, INFLIGHT);
+    if (clusters)
+        printf("products clustered: %u clusters, category = cluster %% %u (BENCH_CLUSTERS)\n",
+               clusters, GEN_CATS);
     printf("pipeline / bare        = %.3f\n", per_call[1] / per_call[0]);
     printf("pipeline+rules / bare  = %.3f   (target <= 1.10)\n", per_call[2] / per_call[0]);
     printf("page(4) / pipeline     = %.3f   (target <= 2.0)\n", per_call[3] / per_call[1]);

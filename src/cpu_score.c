@@ -517,6 +517,9 @@ typedef struct cpu_hit {
     float hi, width;
 } cpu_hit;
 
+/* Queries per kernel call. */
+#define GROUP 4u
+
 /* One kernel call: blocks block0.. of the codes against nq (1..4) queries. */
 typedef struct scan_args scan_args;
 struct scan_args {
@@ -545,6 +548,16 @@ struct scan_args {
     const uint32_t *cats;           /* table_cats() (with qcats) */
     const uint64_t *qcats;          /* nq blooms, or NULL */
     float *thresh_cat;              /* nq */
+    /* Category floors (a capped query's full categories, qstate.full_cat and full_floor, live:
+     * take() keeps them), per query of the call, or NULL: a row of category cat (cats, != 0)
+     * with floor_cat[q][cat & 63] == cat and an upper bound below floor_val[q][cat & 63] is not
+     * reported, unless backend_tag_bit(cat) is in floor_keep[q] (the categories another query of
+     * the same vector may take). Set only where every query of the vector would drop such a row
+     * (floor_rules), so the kernel drops on the spot what take() would, and nothing else. */
+    const uint32_t *floor_cat[GROUP];
+    const float *floor_val[GROUP];
+    uint64_t floor_keep[GROUP];
+    bool floors; /* some floor_cat[q] is set (then cats is too) */
 };
 
 /* Row `row`'s category from the compact column `cats` when there is one, else from attrs. */
@@ -634,12 +647,22 @@ static inline float block_threshold(const scan_args *a, uint32_t row, uint32_t q
     return a->qcats && (a->block_cats[row >> 3] & a->qcats[q]) ? a->thresh_cat[q] : a->thresh[q];
 }
 
+/* True when scan_args.floor_cat says the row is under its full category's floor. */
+static inline bool under_floor(const scan_args *a, uint32_t row, uint32_t q, float hi)
+{
+    if (!a->floor_cat[q]) return false;
+    const uint32_t cat = a->cats[row], b = cat & 63u;
+    return cat && a->floor_cat[q][b] == cat && hi < a->floor_val[q][b] &&
+           !(backend_tag_bit(cat) & a->floor_keep[q]);
+}
+
 static void push_hit(scan_args *a, uint32_t row, uint32_t q, float hi, float e)
 {
     /* Under the plain threshold only a row of a restricted query's categories can pass. */
     if (a->qcats && hi < a->thresh[q] &&
         !(backend_tag_bit(category_at(a->cats, a->attrs, row)) & a->qcats[q]))
         return;
+    if (a->floors && under_floor(a, row, q, hi)) return;
     float w = e + e;
     if (a->sq_norms) w += w;
     const cpu_hit h = {.row = row, .q = q, .hi = hi, .width = w};
@@ -713,6 +736,44 @@ __attribute__((noinline)) static void push_mask(scan_args *a, uint32_t row0, uin
         if ((mask >> j & 1) && row0 + j < a->limit) push_hit(a, row0 + j, q, hi[j], e[j]);
 }
 
+/* Lanes of 8 row bits (b: each row's category & 63) whose bit is set in bloom: all ones. */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256i
+bloom_lanes_avx2(__m256i b, uint64_t bloom)
+{
+    /* a variable shift by 32 or more (b - 32 for b < 32 wraps) gives 0 */
+    __m256i lo = _mm256_srlv_epi32(_mm256_set1_epi32((int)(uint32_t)bloom), b);
+    __m256i hi = _mm256_srlv_epi32(_mm256_set1_epi32((int)(uint32_t)(bloom >> 32)),
+                                   _mm256_sub_epi32(b, _mm256_set1_epi32(32)));
+    __m256i bit = _mm256_and_si256(_mm256_or_si256(lo, hi), _mm256_set1_epi32(1));
+    return _mm256_cmpeq_epi32(bit, _mm256_set1_epi32(1));
+}
+
+/* The rows of `mask` (8 rows row0.. < limit, upper bounds hi) that push_hit would not drop at
+ * once: a restricted query's rows outside its categories under the plain threshold, and rows
+ * under their full category's floor (scan_args.floor_cat). The same tests as push_hit, on 8
+ * rows at a time from the compact category column, so such rows never leave the kernel. */
+static inline __attribute__((always_inline, target("avx2,fma"))) int
+lanes_taken_avx2(const scan_args *a, uint32_t row0, uint32_t q, __m256 hi, int mask)
+{
+    if (a->qcats) { /* under thresh[q] and not one of its categories */
+        const __m256i b = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(a->cats + row0)),
+                                           _mm256_set1_epi32(63));
+        const __m256i drop = _mm256_andnot_si256(
+            bloom_lanes_avx2(b, a->qcats[q]),
+            _mm256_castps_si256(_mm256_cmp_ps(hi, _mm256_set1_ps(a->thresh[q]), _CMP_LT_OQ)));
+        mask &= ~_mm256_movemask_ps(_mm256_castsi256_ps(drop));
+    }
+    if (mask && a->floor_cat[q]) { /* lane by lane: two gathers cost more than the few lanes */
+        float his[8];
+        _mm256_storeu_ps(his, hi);
+        for (int m = mask; m; m &= m - 1) {
+            const uint32_t j = (uint32_t)__builtin_ctz((unsigned)m);
+            if (under_floor(a, row0 + j, q, his[j])) mask &= ~(1 << j);
+        }
+    }
+    return mask;
+}
+
 /* Bounds for 8 rows row0.. and query q from their 8 dot products; reports those that pass. */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
 epilogue_avx2(scan_args *a, uint32_t row0, uint32_t q, __m256 dot)
@@ -729,6 +790,8 @@ epilogue_avx2(scan_args *a, uint32_t row0, uint32_t q, __m256 dot)
         hi = _mm256_fmsub_ps(_mm256_set1_ps(2.0f), hi, _mm256_loadu_ps(a->sq_norms + row0));
     int mask = _mm256_movemask_ps(
         _mm256_cmp_ps(hi, _mm256_set1_ps(block_threshold(a, row0, q)), _CMP_GE_OQ));
+    if (mask && a->cats && (a->floors || a->qcats) && row0 + 8 <= a->limit)
+        mask = lanes_taken_avx2(a, row0, q, hi, mask);
     if (mask) {
         float his[8], es[8];
         _mm256_storeu_ps(his, hi);
@@ -1137,8 +1200,6 @@ out:
 
 /* Bytes of codes scanned per tile: the tile stays in L2 while every query group passes over it. */
 #define TILE_BYTES (64u * 1024u)
-/* Queries per kernel call. */
-#define GROUP 4u
 
 typedef struct cand {
     float hi;
@@ -1307,7 +1368,8 @@ static bool take(const cpu_search_table *t, const uint32_t *cats, const backend_
     } else if (topk_would_accept(&st->lo, lb, h->row)) { /* else nothing changes */
         if (!cat) {
             push_counted(st, lb, h->row, 0); /* no category: no cap */
-        } else {
+        } else if (!below_floor(st, cat, lb)) { /* else per_cat rows of its category have
+                                                  * better lower bounds: it is not among them */
             remember_floor(st, cat, push_capped_counted(st, lb, h->row, cat));
             if (below_floor(st, cat, h->hi)) return true; /* its category is full */
         }
@@ -1401,9 +1463,40 @@ static void take_now(scan_args *a, const cpu_hit *h)
         a->thresh[h->q] = lower_threshold(st);
         return;
     }
-    for (uint32_t q = q0; q != UINT32_MAX; q = tc->next[q])
-        if (!take(tc->t, tc->cats, tc->filters[q], &tc->states[q], h)) tc->failed = true;
-    set_thresholds(tc, a, h->q);
+    bool moved = false; /* some query's L rose: the thresholds follow */
+    for (uint32_t q = q0; q != UINT32_MAX; q = tc->next[q]) {
+        qstate *st = &tc->states[q];
+        const float L = lower_threshold(st);
+        if (!take(tc->t, tc->cats, tc->filters[q], st, h)) tc->failed = true;
+        moved |= lower_threshold(st) != L;
+    }
+    if (moved) set_thresholds(tc, a, h->q);
+}
+
+/* The query of the family of scanned vector q0 (q0, next[q0], ...) whose category floors the
+ * kernel may apply (scan_args.floor_cat), or UINT32_MAX: the one capped query, when every
+ * other query of the family restricts categories, so that a row under the floor of its
+ * category in the capped query is dropped by every query of the family (the capped one for
+ * the floor, take(); the others by their filters) unless its category is one *keep (the OR of
+ * the others' filter_cats()) says another query may take. cats: the table has a compact
+ * category column (the kernel reads categories from it). */
+static uint32_t floor_rules(const backend_search *s, const backend_filter *const *qfilt,
+                            const uint32_t *next, uint32_t q0, bool cats, uint64_t *keep)
+{
+    uint32_t capped = UINT32_MAX;
+    *keep = 0;
+    if (!cats || !s->max_per_category) return UINT32_MAX;
+    for (uint32_t q = q0; q != UINT32_MAX; q = next[q]) {
+        if (s->max_per_category[q]) {
+            if (capped != UINT32_MAX) return UINT32_MAX; /* two capped queries: none */
+            capped = q;
+            continue;
+        }
+        const uint64_t m = filter_cats(qfilt[q]);
+        if (m == ~(uint64_t)0) return UINT32_MAX; /* it may take any row */
+        *keep |= m;
+    }
+    return capped;
 }
 
 /* The rows filter f admits by category, when the table lists rows per category and they are
@@ -1520,6 +1613,23 @@ static void prefetch_row(const cpu_search_table *t, uint32_t row)
         __builtin_prefetch(p + off);
 }
 
+/* Pops the candidate with the highest upper bound from c[0..*n) that could still enter ex:
+ * under a category cap, one whose upper bound is below the worst of per_cat rows of its
+ * category already in ex (exact scores: the floor only rises) is dropped unread. Returns
+ * row UINT32_MAX when none is left. */
+static cand pop_useful(const cpu_search_table *t, const uint32_t *cats, uint32_t per_cat,
+                       const topk_heap *ex, cand *c, uint32_t *n)
+{
+    while (*n) {
+        const cand x = cand_pop(c, n);
+        if (!per_cat || ex->n < per_cat) return x;
+        const uint32_t cat = category_at(cats, t->attrs, x.row);
+        uint32_t worst;
+        if (!cat || !(x.hi < category_floor(ex, per_cat, cat, &worst))) return x;
+    }
+    return (cand){0.0f, UINT32_MAX};
+}
+
 /* Scanned query q: merges its threads' lower bounds, then scores in fp32 every candidate whose
  * upper bound reaches the final L into ex. Returns the candidates scored. */
 static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthreads, uint32_t nq,
@@ -1556,14 +1666,15 @@ static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthre
         cand ahead[4]; /* popped, their rows being fetched (the rows are scattered) */
         uint32_t left = m, n_ahead = 0, first = 0;
         for (; n_ahead < 4 && left; n_ahead++) {
-            ahead[n_ahead] = cand_pop(ts->c, &left);
+            ahead[n_ahead] = pop_useful(t, cats, st->per_cat, ex, ts->c, &left);
+            if (ahead[n_ahead].row == UINT32_MAX) break;
             prefetch_row(t, ahead[n_ahead].row);
         }
         while (n_ahead) {
             const cand x = ahead[first];
             if (ex->n == ex->k && x.hi < ex->scores[0]) break;
-            if (left) { /* its slot takes the next one */
-                ahead[first] = cand_pop(ts->c, &left);
+            if (left && (ahead[first] = pop_useful(t, cats, st->per_cat, ex, ts->c, &left)).row !=
+                            UINT32_MAX) { /* its slot takes the next one */
                 prefetch_row(t, ahead[first].row);
             } else {
                 n_ahead--;
@@ -1704,6 +1815,16 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
                     if (mcats[m] != ~(uint64_t)0) qcats[pi] |= mcats[m];
             }
         }
+    /* Per scanned vector: the one capped query whose category floors the kernel applies
+     * (UINT32_MAX: none) and the categories its other queries may take (floor_rules). */
+    uint32_t *floor_q = aff_scratch_array(scratch, np ? np : 1, sizeof *floor_q);
+    uint64_t *floor_keep = aff_scratch_array(scratch, np ? np : 1, sizeof *floor_keep);
+    if (!floor_q || !floor_keep) {
+        rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
+        goto out;
+    }
+    for (uint32_t pi = 0; pi < np; pi++)
+        floor_q[pi] = floor_rules(s, qfilt, fam, phys[pi], table_cats(t) != NULL, &floor_keep[pi]);
     for (size_t i = 0; i < (size_t)nthreads * nq; i++) {
         qstate *st = &states[i];
         st->cap = 2 * s->k[i % nq] + 64;
@@ -1773,8 +1894,15 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
                                .attrs = t->attrs,
                                .cats = tc.cats,
                                .thresh_cat = thresh_cat};
-                for (uint32_t q = 0; q < gq; q++)
+                for (uint32_t q = 0; q < gq; q++) {
                     set_thresholds(&tc, &a, q);
+                    const uint32_t fq = floor_q[g0 + q];
+                    if (fq == UINT32_MAX) continue;
+                    a.floor_cat[q] = mine[fq].full_cat;
+                    a.floor_val[q] = mine[fq].full_floor;
+                    a.floor_keep[q] = floor_keep[g0 + q];
+                    a.floors = true;
+                }
                 kd.scan(&a);
                 reported += a.nhits;
                 if (tc.failed) atomic_store(&failed, 1);

@@ -31,6 +31,9 @@ typedef enum data_kind {
     DATA_TIES,     /* rows drawn from 5 distinct vectors on a coarse grid: many equal scores */
     DATA_SCALES,   /* rows scaled by 1e-3 .. 1e3, some all-zero */
     DATA_NEARTIES, /* one base vector plus tiny per-row noise: scores within float rounding */
+    /* rows around 5 centres, the category of a row its centre's (1..5; 0 for 1 row in 10 with
+     * a cap), queries near a centre: a query's best rows crowd its own category, as in a shop */
+    DATA_CLUSTERED,
 } data_kind;
 
 typedef struct ref_table {
@@ -60,7 +63,16 @@ static void fill_row(float *x, uint32_t dim, data_kind kind, const float *pool)
         for (uint32_t j = 0; j < dim; j++)
             x[j] = pool[j] + 1e-6f * rng_unit();
         break;
+    case DATA_CLUSTERED: /* run_case picks the centre (the row's category) */
+        break;
     }
+}
+
+/* A DATA_CLUSTERED row or query: centre c of pool plus noise. */
+static void fill_clustered(float *x, uint32_t dim, const float *pool, uint32_t c)
+{
+    for (uint32_t j = 0; j < dim; j++)
+        x[j] = pool[(size_t)c * dim + j] + 0.3f * rng_unit();
 }
 
 static float ref_score(const ref_table *t, const float *q, uint32_t row)
@@ -148,6 +160,11 @@ typedef struct case_spec {
     /* 200 categories (ids sharing their low 6 bits, as the scan's per-query counts bucket
      * them), and every fourth query's filter also bounds the price (read from attributes) */
     bool wide;
+    /* With shared and cap: odd queries are uncapped, share the previous query's vector and
+     * admit one category, as a promotion beside its capped organic query: query 4m+1 the
+     * previous query's own category (DATA_CLUSTERED: the crowded one, whose rows the capped
+     * query's floor would drop), 4m+3 another */
+    bool promo;
 } case_spec;
 
 /* Builds a backend table as the case says, mirrors it in a reference, searches, compares. */
@@ -176,6 +193,10 @@ static void run_case(const case_spec *cs)
         fill_row(t.vec + (size_t)r * cs->dim, cs->dim, cs->kind, pool);
         t.attrs[r] = (backend_row_attrs){
             .category = 1 + rng() % (cs->wide ? 200 : cs->narrow ? 40 : 4), .available = 1};
+        if (cs->kind == DATA_CLUSTERED) {
+            t.attrs[r].category = 1 + rng() % 5;
+            fill_clustered(t.vec + (size_t)r * cs->dim, cs->dim, pool, t.attrs[r].category - 1);
+        }
         if (cs->wide) t.attrs[r].price = (float)(rng() % 100);
         if (cs->cap && rng() % 10 == 0) t.attrs[r].category = 0;
         rows[r] = r;
@@ -218,10 +239,17 @@ static void run_case(const case_spec *cs)
         excl[n_excl++] = r;
     size_t total = 0;
     uint32_t *same = malloc(cs->nq * sizeof *same);
+    uint32_t *qcat = malloc(cs->nq * sizeof *qcat); /* DATA_CLUSTERED: the query's centre + 1 */
+    uint64_t *promo_bits = malloc(cs->nq * sizeof *promo_bits);
+    uint32_t *caps = malloc(cs->nq * sizeof *caps);
     for (uint32_t i = 0; i < cs->nq; i++) {
         same[i] = cs->shared && i % 2 ? i - 1 : i;
+        qcat[i] = 1 + rng() % 5;
+        caps[i] = cs->promo && i % 2 ? 0 : cs->cap;
         if (same[i] != i)
             memcpy(q + (size_t)i * cs->dim, q + (size_t)(i - 1) * cs->dim, cs->dim * sizeof *q);
+        else if (cs->kind == DATA_CLUSTERED)
+            fill_clustered(q + (size_t)i * cs->dim, cs->dim, pool, qcat[i] - 1);
         else if (cs->kind == DATA_TIES || cs->kind == DATA_NEARTIES)
             memcpy(q + (size_t)i * cs->dim, pool + (size_t)(rng() % 5) * cs->dim,
                    cs->dim * sizeof *q);
@@ -244,13 +272,18 @@ static void run_case(const case_spec *cs)
             }
             filters[i] = &fs[i];
         }
+        if (cs->promo && i % 2) {
+            uint32_t c = i % 4 == 1 ? qcat[i - 1] : 1 + (qcat[i - 1] % 5);
+            promo_bits[i] = (uint64_t)1 << c;
+            backend_filter_init(&fs[i]);
+            fs[i].category_bits = &promo_bits[i];
+            fs[i].category_words = 1;
+            filters[i] = &fs[i];
+        }
     }
     uint32_t *out_rows = malloc((total + 1) * sizeof *out_rows);
     float *out_scores = malloc((total + 1) * sizeof *out_scores);
     uint32_t *counts = malloc(cs->nq * sizeof *counts);
-    uint32_t *caps = malloc(cs->nq * sizeof *caps);
-    for (uint32_t i = 0; i < cs->nq; i++)
-        caps[i] = cs->cap;
     backend_search s = {.queries = q,
                         .nq = cs->nq,
                         .k = k,
@@ -264,7 +297,7 @@ static void run_case(const case_spec *cs)
     bool exact = cs->precision != BACKEND_PRECISION_FP32;
     size_t off = 0;
     for (uint32_t i = 0; i < cs->nq; i++) {
-        check_query(&t, q + (size_t)i * cs->dim, k[i], filters[i], cs->cap, out_rows + off,
+        check_query(&t, q + (size_t)i * cs->dim, k[i], filters[i], caps[i], out_rows + off,
                     out_scores + off, counts[i], exact, what);
         off += k[i];
     }
@@ -281,6 +314,8 @@ static void run_case(const case_spec *cs)
     free(out_scores);
     free(counts);
     free(caps);
+    free(qcat);
+    free(promo_bits);
     free(excl);
     free(same);
     free(fs);
@@ -462,6 +497,40 @@ Test(cpu_score, a_category_cap_gives_the_capped_top_k)
                 run_case(&cs);
                 cs.shared = true;
                 cs.metric = AFF_METRIC_L2;
+                cs.k = 0;
+                run_case(&cs);
+            }
+}
+
+/* A capped query on a catalog whose categories follow the vectors: the kernel drops the rows of
+ * its crowded categories under their floors, but not those an uncapped query of the same
+ * vector admits (a promotion of the crowded category, or of another): each query's answer is
+ * still the exact (capped) top-k. */
+Test(cpu_score, a_cap_on_clustered_rows_drops_only_what_no_query_takes)
+{
+    seed_test();
+    aff_log_set_level(AFF_LOG_WARN);
+    backend_cpu_isa list[4];
+    uint32_t ni = isas(list);
+    for (uint32_t pi = 0; pi < 2; pi++)
+        for (uint32_t ii = 0; ii < ni; ii++)
+            for (uint32_t cap = 1; cap <= 3; cap++) {
+                case_spec cs = {.precision = quantized[pi],
+                                .isa = list[ii],
+                                .metric = AFF_METRIC_IP,
+                                .kind = DATA_CLUSTERED,
+                                .n = 6000,
+                                .dim = 64,
+                                .nq = 8,
+                                .k = 4 * cap + 3, /* a full category, more than k / cap rows */
+                                .deletes = 30,
+                                .cap = cap};
+                run_case(&cs); /* capped queries alone */
+                cs.shared = true;
+                cs.promo = true;
+                run_case(&cs);
+                cs.metric = AFF_METRIC_L2;
+                cs.filter = true; /* the capped queries exclude rows too */
                 cs.k = 0;
                 run_case(&cs);
             }
