@@ -11,6 +11,9 @@
  *   page      RecommendPage, 4 slots: banners 1, categories 6, products 12, offers 2
  *
  * Reported: process CPU seconds per call (all threads, CLOCK_PROCESS_CPUTIME_ID) and ratios.
+ * The modes run in turn, BENCH_ROUNDS times (default 3): each ratio is the median of the
+ * rounds' own ratios (each against the bare call of the same round), so a burst of other work
+ * on the machine moves one round, not the figure.
  * Usage: bench_pipeline [N] [d] [calls] [inflight]
  *
  * BENCH_CLUSTERS=C: the products are clustered as `affinity_load gen --clusters C` writes them
@@ -33,6 +36,36 @@
 #include "rng.h"
 
 static uint32_t N = 100000, D = 128, CALLS = 4096, INFLIGHT = 256;
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The median of v[0..n) (n <= 15; v is left as it was). */
+static double median_of(const double *v, uint32_t n)
+{
+    double s[15];
+    memcpy(s, v, n * sizeof *s);
+    qsort(s, n, sizeof *s, cmp_double);
+    return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
+}
+
+/* "label = median of the rounds' a/b   note   [each round's]" (nothing when a mode did not run). */
+static void print_ratio(const char *label, const double *a, const double *b, uint32_t n,
+                        const char *note)
+{
+    double r[15];
+    for (uint32_t i = 0; i < n; i++) {
+        if (a[i] <= 0 || b[i] <= 0) return;
+        r[i] = a[i] / b[i];
+    }
+    printf("%s = %.3f   %s [rounds:", label, median_of(r, n), note);
+    for (uint32_t i = 0; i < n; i++)
+        printf(" %.3f", r[i]);
+    printf("]\n");
+}
 #define USERS  1024
 #define N_CATS 50
 
@@ -247,11 +280,18 @@ int main(int argc, char **argv)
         active_users = n >= 1 && n <= USERS ? (uint32_t)n : USERS;
     }
     const char *mode_names[4] = {"bare engine", "pipeline", "pipeline+rules", "page(4 slots)"};
-    double per_call[4] = {0};
+    enum { MAX_ROUNDS = 15 };
+    uint32_t n_rounds = 3;
+    if (getenv("BENCH_ROUNDS")) {
+        int n = atoi(getenv("BENCH_ROUNDS"));
+        n_rounds = n >= 1 && n <= MAX_ROUNDS ? (uint32_t)n : n_rounds;
+    }
+    double per_call[4][MAX_ROUNDS] = {{0}};
     double rounds[4] = {0};
     double per_batch[4] = {0}; /* requests per engine batch: slow submission splits batches */
     /* BENCH_MODES=digits (0 bare, 1 pipeline, 2 rules, 3 page) runs only those (profiling). */
     const char *modes = getenv("BENCH_MODES");
+    for (uint32_t round = 0; round < n_rounds; round++)
     for (int mode = 0; mode < 4; mode++) {
         if (modes && !strchr(modes, '0' + mode)) continue;
         uint32_t calls = mode == 3 ? CALLS / 4 : CALLS;
@@ -315,27 +355,37 @@ int main(int argc, char **argv)
                 sent += wave;
             }
             if (measured) {
-                per_call[mode] = (bench_cpu_s() - t0) / calls;
+                per_call[mode][round] = (bench_cpu_s() - t0) / calls;
                 batcher_stats bs1;
                 batcher_get_stats(bat, &bs1);
                 uint64_t nb = bs1.batches - bs0.batches;
-                per_batch[mode] = nb ? (double)(bs1.requests - bs0.requests) / (double)nb : 0;
+                per_batch[mode] +=
+                    nb ? (double)(bs1.requests - bs0.requests) / (double)nb / n_rounds : 0;
             }
         }
-        printf("%-16s %8.1f us CPU per call", mode_names[mode], per_call[mode] * 1e6);
-        if (mode == 1 || mode == 2) printf("  (%.2f engine rounds per call)", rounds[mode] / calls);
-        printf("  [%.1f requests per batch]", per_batch[mode]);
-        printf("\n");
+        printf("round %u  %-16s %8.1f us CPU per call\n", round + 1, mode_names[mode],
+               per_call[mode][round] * 1e6);
         fflush(stdout);
     }
-    printf("\nN = %u, d = %u, k = 10, %u calls (%u pages), %u in flight, batcher max_batch 256\n",
-           N, D, CALLS, CALLS / 4, INFLIGHT);
+    printf("\n");
+    for (int mode = 0; mode < 4; mode++) {
+        if (modes && !strchr(modes, '0' + mode)) continue;
+        uint32_t calls = mode == 3 ? CALLS / 4 : CALLS;
+        printf("%-16s %8.1f us CPU per call (median)", mode_names[mode],
+               median_of(per_call[mode], n_rounds) * 1e6);
+        if (mode == 1 || mode == 2)
+            printf("  (%.2f engine rounds per call)", rounds[mode] / calls / n_rounds);
+        printf("  [%.1f requests per batch]\n", per_batch[mode]);
+    }
+    printf("\nN = %u, d = %u, k = 10, %u calls (%u pages), %u in flight, batcher max_batch 256, "
+           "%u rounds\n",
+           N, D, CALLS, CALLS / 4, INFLIGHT, n_rounds);
     if (clusters)
         printf("products clustered: %u clusters, category = cluster %% %u (BENCH_CLUSTERS)\n",
                clusters, GEN_CATS);
-    printf("pipeline / bare        = %.3f\n", per_call[1] / per_call[0]);
-    printf("pipeline+rules / bare  = %.3f   (target <= 1.10)\n", per_call[2] / per_call[0]);
-    printf("page(4) / pipeline     = %.3f   (target <= 2.0)\n", per_call[3] / per_call[1]);
+    print_ratio("pipeline / bare       ", per_call[1], per_call[0], n_rounds, "");
+    print_ratio("pipeline+rules / bare ", per_call[2], per_call[0], n_rounds, "(target <= 1.10)");
+    print_ratio("page(4) / pipeline    ", per_call[3], per_call[1], n_rounds, "(target <= 2.0)");
     pipeline_destroy(pl);
     batcher_destroy(bat);
     catalog_destroy(cat);
