@@ -291,6 +291,7 @@ int main(int argc, char **argv)
     double per_batch[4] = {0}; /* requests per engine batch: slow submission splits batches */
     /* BENCH_MODES=digits (0 bare, 1 pipeline, 2 rules, 3 page) runs only those (profiling). */
     const char *modes = getenv("BENCH_MODES");
+    /* every round runs every mode once, in turn (one loop body, not re-indented) */
     for (uint32_t round = 0; round < n_rounds; round++)
     for (int mode = 0; mode < 4; mode++) {
         if (modes && !strchr(modes, '0' + mode)) continue;
