@@ -47,15 +47,17 @@
 
 /* ---- call kinds ------------------------------------------------------------------------ */
 
-/* K_HEALTH (grpc.health.v1 Check) touches neither batcher nor engine: the transport alone. */
-enum { K_RECOMMEND, K_SIMILAR, K_RERANK, K_SEARCH, K_EVENTS, K_HEALTH, K_COUNT };
+/* K_HEALTH (grpc.health.v1 Check) touches neither batcher nor engine: the transport alone.
+ * K_PAGE: RecommendPage of the serving config's layout --layout for a stored shopper. */
+enum { K_RECOMMEND, K_SIMILAR, K_RERANK, K_SEARCH, K_EVENTS, K_HEALTH, K_PAGE, K_COUNT };
 
-static const char *const kind_names[K_COUNT] = {"recommend", "similar", "rerank",
-                                                "search",    "events",  "health"};
+static const char *const kind_names[K_COUNT] = {"recommend", "similar", "rerank", "search",
+                                                "events",    "health",  "page"};
 static const char *const kind_methods[K_COUNT] = {
     "/affinity.v1.Affinity/Recommend", "/affinity.v1.Affinity/SimilarItems",
     "/affinity.v1.Affinity/Rerank",    "/affinity.v1.Affinity/Search",
-    "/affinity.v1.Affinity/PutEvents", "/grpc.health.v1.Health/Check"};
+    "/affinity.v1.Affinity/PutEvents", "/grpc.health.v1.Health/Check",
+    "/affinity.v1.Affinity/RecommendPage"};
 
 #define N_CODES     18 /* gRPC codes 0..16, plus "UNSENT" (open-loop arrivals never sent) */
 #define CODE_UNSENT 17
@@ -99,6 +101,7 @@ typedef struct load_config {
     uint64_t seed;
     bool recommend_by_vector;
     const char *preset; /* Recommend's serving-config preset, or NULL */
+    const char *layout; /* RecommendPage's serving-config layout (page calls) */
     double mix[K_COUNT];
 } load_config;
 
@@ -607,6 +610,13 @@ static int build_pools(load_ctx *ctx, pool_inputs *in, aff_rng *r)
                 free(cp);
                 break;
             }
+            case K_PAGE: {
+                Affinity__V1__RecommendPageRequest m = AFFINITY__V1__RECOMMEND_PAGE_REQUEST__INIT;
+                m.user_id = user;
+                m.layout = (char *)c->layout;
+                p->msgs[j] = pack_slice(&m.base);
+                break;
+            }
             case K_HEALTH: {
                 Grpc__Health__V1__HealthCheckRequest m =
                     GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
@@ -929,7 +939,8 @@ static void usage_run(FILE *f)
             "  --threads T              completion-queue threads (default 1)\n"
             "  --mix LIST               weights, e.g. recommend=40,similar=20,rerank=10,\n"
             "                           search=20,events=10 (the default); health=1 calls\n"
-            "                           grpc.health.v1 Check (transport only, no engine)\n"
+            "                           grpc.health.v1 Check (transport only, no engine);\n"
+            "                           page=1 calls RecommendPage (needs --layout)\n"
             "  --k K                    results per query (default 10)\n"
             "  --queries FILE           query vectors (.npy/.fvecs); default random unit vectors\n"
             "  --dim D, --items N       catalog shape (default: DescribeCollection)\n"
@@ -938,6 +949,7 @@ static void usage_run(FILE *f)
             "  --user-prefix P          (default user-)\n"
             "  --zipf S                 popularity skew exponent (default 1.0)\n"
             "  --preset NAME            Recommend with this serving-config preset (rules)\n"
+            "  --layout NAME            the serving-config layout page calls ask for\n"
             "  --recommend-by user|vector  Recommend and Rerank by user id (stored profile) or\n"
             "                           by a user vector from the query set (default user)\n"
             "  --rerank-candidates N    (default 100); --events-per-call N (default 1)\n"
@@ -998,6 +1010,7 @@ static int run_main(int argc, char **argv)
                                          {"zipf", 1, 0, 'z'},
                                          {"recommend-by", 1, 0, 'R'},
                                          {"preset", 1, 0, 'N'},
+                                         {"layout", 1, 0, 'L'},
                                          {"rerank-candidates", 1, 0, 'K'},
                                          {"events-per-call", 1, 0, 'E'},
                                          {"pool", 1, 0, 'p'},
@@ -1091,6 +1104,9 @@ static int run_main(int argc, char **argv)
         case 'N':
             c->preset = optarg;
             break;
+        case 'L':
+            c->layout = optarg;
+            break;
         case 'K':
             c->rerank_candidates = (uint32_t)strtoul(optarg, NULL, 10);
             break;
@@ -1145,6 +1161,11 @@ static int run_main(int argc, char **argv)
         (c->open_loop && (c->rate <= 0 || c->max_in_flight < 1)) ||
         (!c->open_loop && c->concurrency < 1)) {
         fprintf(stderr, "affinity_load: an option is out of range (see --help)\n");
+        return 2;
+    }
+    if (c->mix[K_PAGE] > 0 && !c->layout) {
+        fprintf(stderr, "affinity_load: --mix page=... needs --layout NAME (a serving-config "
+                        "layout)\n");
         return 2;
     }
     if (c->channels < c->threads) c->channels = c->threads;
