@@ -9,6 +9,11 @@
  *   rules     the same with every rule on: boost, bury, pin, promotion 20%, category cap 3,
  *             diversity 0.3, exploration 10%
  *   page      RecommendPage, 4 slots: banners 1, categories 6, products 12, offers 2
+ *   shape     (BENCH_MODES=4 only) batcher SEARCH of the engine queries the rules make at
+ *             k = 10: the organic query (k 15, at most 6 per category) and the promotion's
+ *             (k 8, its category) on one vector, as src/pipeline.c asks for them (overfetch_k,
+ *             the cap doubled for boosts, kpromo), without the history exclusions: the
+ *             engine's share of "rules", the rest being the pipeline's own work
  *
  * Reported: process CPU seconds per call (all threads, CLOCK_PROCESS_CPUTIME_ID) and ratios.
  * The modes run in turn, BENCH_ROUNDS times (default 3): each ratio is the median of the
@@ -279,22 +284,28 @@ int main(int argc, char **argv)
         int n = atoi(getenv("BENCH_USERS"));
         active_users = n >= 1 && n <= USERS ? (uint32_t)n : USERS;
     }
-    const char *mode_names[4] = {"bare engine", "pipeline", "pipeline+rules", "page(4 slots)"};
+    const char *mode_names[5] = {"bare engine", "pipeline", "pipeline+rules", "page(4 slots)",
+                                 "rules' engine"};
+    enum { SHAPE_Q = 2, SHAPE_K = 15 + 8 }; /* mode 4: organic k 15 + promotion k 8 */
+    aff_query *shape_q = calloc((size_t)INFLIGHT * SHAPE_Q, sizeof *shape_q);
+    aff_hit *shape_hits = calloc((size_t)INFLIGHT * SHAPE_K, sizeof *shape_hits);
+    uint32_t *shape_n = calloc((size_t)INFLIGHT * SHAPE_Q, sizeof *shape_n);
+    aff_err *shape_err = calloc((size_t)INFLIGHT * SHAPE_Q, sizeof *shape_err);
     enum { MAX_ROUNDS = 15 };
     uint32_t n_rounds = 3;
     if (getenv("BENCH_ROUNDS")) {
         int n = atoi(getenv("BENCH_ROUNDS"));
         n_rounds = n >= 1 && n <= MAX_ROUNDS ? (uint32_t)n : n_rounds;
     }
-    double per_call[4][MAX_ROUNDS] = {{0}};
-    double rounds[4] = {0};
-    double per_batch[4] = {0}; /* requests per engine batch: slow submission splits batches */
+    double per_call[5][MAX_ROUNDS] = {{0}};
+    double rounds[5] = {0};
+    double per_batch[5] = {0}; /* requests per engine batch: slow submission splits batches */
     /* BENCH_MODES=digits (0 bare, 1 pipeline, 2 rules, 3 page) runs only those (profiling). */
     const char *modes = getenv("BENCH_MODES");
     /* every round runs every mode once, in turn (one loop body, not re-indented) */
     for (uint32_t round = 0; round < n_rounds; round++)
-    for (int mode = 0; mode < 4; mode++) {
-        if (modes && !strchr(modes, '0' + mode)) continue;
+    for (int mode = 0; mode < 5; mode++) {
+        if (modes ? !strchr(modes, '0' + mode) : mode == 4) continue;
         uint32_t calls = mode == 3 ? CALLS / 4 : CALLS;
         /* a warm-up round, then the measured ones */
         for (int measured = 0; measured < 2; measured++) {
@@ -319,6 +330,26 @@ int main(int argc, char **argv)
                                                   .hits = hits + (size_t)i * bare_k,
                                                   .n_hits = &n_hits[i],
                                                   .query_errs = &qerr[i],
+                                                  .done = bare_done};
+                        if (batcher_submit(bat, &br[i], &err)) bench_die("submit", &err);
+                    } else if (mode == 4) {
+                        aff_query *sq = shape_q + (size_t)i * SHAPE_Q;
+                        sq[0] = (aff_query){.vector = uvec + (size_t)u * D,
+                                            .dim = D,
+                                            .k = 15,
+                                            .max_per_category = 6};
+                        sq[1] = (aff_query){.vector = uvec + (size_t)u * D,
+                                            .dim = D,
+                                            .k = 8,
+                                            .filter = &promo.filter};
+                        br[i] = (batcher_request){.kind = BATCHER_SEARCH,
+                                                  .collection = "products",
+                                                  .nq = SHAPE_Q,
+                                                  .scans = 1,
+                                                  .queries = sq,
+                                                  .hits = shape_hits + (size_t)i * SHAPE_K,
+                                                  .n_hits = shape_n + (size_t)i * SHAPE_Q,
+                                                  .query_errs = shape_err + (size_t)i * SHAPE_Q,
                                                   .done = bare_done};
                         if (batcher_submit(bat, &br[i], &err)) bench_die("submit", &err);
                     } else if (mode < 3) {
@@ -369,8 +400,8 @@ int main(int argc, char **argv)
         fflush(stdout);
     }
     printf("\n");
-    for (int mode = 0; mode < 4; mode++) {
-        if (modes && !strchr(modes, '0' + mode)) continue;
+    for (int mode = 0; mode < 5; mode++) {
+        if (modes ? !strchr(modes, '0' + mode) : mode == 4) continue;
         uint32_t calls = mode == 3 ? CALLS / 4 : CALLS;
         printf("%-16s %8.1f us CPU per call (median)", mode_names[mode],
                median_of(per_call[mode], n_rounds) * 1e6);
@@ -387,6 +418,12 @@ int main(int argc, char **argv)
     print_ratio("pipeline / bare       ", per_call[1], per_call[0], n_rounds, "");
     print_ratio("pipeline+rules / bare ", per_call[2], per_call[0], n_rounds, "(target <= 1.10)");
     print_ratio("page(4) / pipeline    ", per_call[3], per_call[1], n_rounds, "(target <= 2.0)");
+    print_ratio("rules' engine / bare  ", per_call[4], per_call[0], n_rounds, "");
+    print_ratio("pipeline+rules / rules' engine", per_call[2], per_call[4], n_rounds, "");
+    free(shape_q);
+    free(shape_hits);
+    free(shape_n);
+    free(shape_err);
     pipeline_destroy(pl);
     batcher_destroy(bat);
     catalog_destroy(cat);
