@@ -558,7 +558,16 @@ struct scan_args {
     const float *floor_val[GROUP];
     uint64_t floor_keep[GROUP];
     bool floors; /* some floor_cat[q] is set (then cats is too) */
+    /* Up to SCAN_HOT of those floors (categories not in floor_keep[q], the highest floors
+     * first: a shopper's crowded categories), copied when the call starts: the vector
+     * epilogue raises each lane's threshold to its category's floor when the category is one
+     * of these, so a crowded category's rows under its floor never set a mask bit. A floor
+     * only rises, so a copy is a valid, if lower, floor for the whole call. */
+    uint32_t hot_n[GROUP];
+    uint32_t hot_cat[GROUP][2];
+    float hot_floor[GROUP][2];
 };
+#define SCAN_HOT 2u
 
 /* Row `row`'s category from the compact column `cats` when there is one, else from attrs. */
 static inline uint32_t category_at(const uint32_t *cats, const backend_row_attrs *attrs,
@@ -748,30 +757,42 @@ bloom_lanes_avx2(__m256i b, uint64_t bloom)
     return _mm256_cmpeq_epi32(bit, _mm256_set1_epi32(1));
 }
 
-/* The rows of `mask` (8 rows row0.. < limit, upper bounds hi) that push_hit would not drop at
- * once: a restricted query's rows outside its categories under the plain threshold, and rows
- * under their full category's floor (scan_args.floor_cat). The same tests as push_hit, on 8
- * rows at a time from the compact category column, so such rows never leave the kernel. */
+/* The rows of `mask` (8 rows row0.. < limit, upper bounds hi) not under their full
+ * category's floor (scan_args.floor_cat): push_hit's floor test, lane by lane (two gathers
+ * cost more than the few lanes), so such rows never leave the kernel. */
 static inline __attribute__((always_inline, target("avx2,fma"))) int
-lanes_taken_avx2(const scan_args *a, uint32_t row0, uint32_t q, __m256 hi, int mask)
+lanes_over_floors_avx2(const scan_args *a, uint32_t row0, uint32_t q, __m256 hi, int mask)
 {
-    if (a->qcats) { /* under thresh[q] and not one of its categories */
-        const __m256i b = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(a->cats + row0)),
-                                           _mm256_set1_epi32(63));
-        const __m256i drop = _mm256_andnot_si256(
-            bloom_lanes_avx2(b, a->qcats[q]),
-            _mm256_castps_si256(_mm256_cmp_ps(hi, _mm256_set1_ps(a->thresh[q]), _CMP_LT_OQ)));
-        mask &= ~_mm256_movemask_ps(_mm256_castsi256_ps(drop));
-    }
-    if (mask && a->floor_cat[q]) { /* lane by lane: two gathers cost more than the few lanes */
-        float his[8];
-        _mm256_storeu_ps(his, hi);
-        for (int m = mask; m; m &= m - 1) {
-            const uint32_t j = (uint32_t)__builtin_ctz((unsigned)m);
-            if (under_floor(a, row0 + j, q, his[j])) mask &= ~(1 << j);
-        }
+    float his[8];
+    _mm256_storeu_ps(his, hi);
+    for (int m = mask; m; m &= m - 1) {
+        const uint32_t j = (uint32_t)__builtin_ctz((unsigned)m);
+        if (under_floor(a, row0 + j, q, his[j])) mask &= ~(1 << j);
     }
     return mask;
+}
+
+/* The thresholds of 8 full rows row0.. for query q, lane by lane from the compact category
+ * column (a->cats): in a block of a restricted query's categories, thresh_cat[q] for the rows
+ * of those categories (their bloom bits) and thresh[q] for the others, which push_hit would
+ * drop under thresh[q] anyway; each row of a hot category (scan_args.hot_cat) at least its
+ * floor, under which take() would drop it. */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256
+lane_thresholds_avx2(const scan_args *a, uint32_t row0, uint32_t q, bool cat_block)
+{
+    const __m256i cv = _mm256_loadu_si256((const __m256i *)(a->cats + row0));
+    __m256 thr = _mm256_set1_ps(a->thresh[q]);
+    if (cat_block)
+        thr = _mm256_blendv_ps(
+            thr, _mm256_set1_ps(a->thresh_cat[q]),
+            _mm256_castsi256_ps(
+                bloom_lanes_avx2(_mm256_and_si256(cv, _mm256_set1_epi32(63)), a->qcats[q])));
+    __m256 f = _mm256_set1_ps(-INFINITY);
+    for (uint32_t h = 0; h < a->hot_n[q]; h++)
+        f = _mm256_blendv_ps(f, _mm256_set1_ps(a->hot_floor[q][h]),
+                             _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+                                 cv, _mm256_set1_epi32((int)a->hot_cat[q][h]))));
+    return _mm256_max_ps(thr, f);
 }
 
 /* Bounds for 8 rows row0.. and query q from their 8 dot products; reports those that pass. */
@@ -788,10 +809,13 @@ epilogue_avx2(scan_args *a, uint32_t row0, uint32_t q, __m256 dot)
     __m256 hi = _mm256_add_ps(av, e);
     if (a->sq_norms)
         hi = _mm256_fmsub_ps(_mm256_set1_ps(2.0f), hi, _mm256_loadu_ps(a->sq_norms + row0));
-    int mask = _mm256_movemask_ps(
-        _mm256_cmp_ps(hi, _mm256_set1_ps(block_threshold(a, row0, q)), _CMP_GE_OQ));
-    if (mask && a->cats && (a->floors || a->qcats) && row0 + 8 <= a->limit)
-        mask = lanes_taken_avx2(a, row0, q, hi, mask);
+    const bool full = a->cats && row0 + 8 <= a->limit;
+    const bool cat_block = a->qcats && (a->block_cats[row0 >> 3] & a->qcats[q]);
+    const __m256 thr = full && (cat_block || a->hot_n[q])
+                           ? lane_thresholds_avx2(a, row0, q, cat_block)
+                           : _mm256_set1_ps(block_threshold(a, row0, q));
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, thr, _CMP_GE_OQ));
+    if (mask && full && a->floor_cat[q]) mask = lanes_over_floors_avx2(a, row0, q, hi, mask);
     if (mask) {
         float his[8], es[8];
         _mm256_storeu_ps(his, hi);
@@ -1211,6 +1235,7 @@ typedef struct cand {
  * come from the search's arena; a list that outgrows it moves to the heap (c_owned), since
  * OpenMP threads cannot take from the arena. */
 #define FULL_CATS 64 /* qstate: full categories remembered per query, one per cat & 63 */
+#define QSTATE_HOT 4 /* qstate: highest floors kept, for the SCAN_HOT the kernel applies */
 
 typedef struct qstate {
     topk_heap lo;
@@ -1231,6 +1256,11 @@ typedef struct qstate {
     /* Capped: entries of lo per category & 63, at least the entries of any one category, so
      * a category whose bucket is below the cap is known not full without counting. */
     uint16_t held[64];
+    /* The known floors, highest first (hot_cat 0: an empty slot): the crowded categories
+     * whose floors the vector epilogue applies (scan_args.hot_cat). Kept apart from full_cat,
+     * whose slots may forget a floor. */
+    uint32_t hot_cat[QSTATE_HOT];
+    float hot_floor[QSTATE_HOT];
 } qstate;
 
 /* The compact category column of t (cpu_cat_rows.cat), or NULL when t has none usable. */
@@ -1326,10 +1356,35 @@ static const backend_filter *filter_of(const backend_search *s, uint32_t q)
     return s->filters[q];
 }
 
+/* Keeps cat's floor among st's highest (qstate.hot_cat), highest first. */
+static void note_hot_floor(qstate *st, uint32_t cat, float floor)
+{
+    uint32_t i = 0;
+    while (i < QSTATE_HOT && st->hot_cat[i] && st->hot_cat[i] != cat)
+        i++;
+    if (i == QSTATE_HOT) { /* not held and no room: it replaces the lowest if higher */
+        i = QSTATE_HOT - 1;
+        if (!(floor > st->hot_floor[i])) return;
+    } else if (st->hot_cat[i] == cat && !(floor > st->hot_floor[i])) {
+        return;
+    }
+    st->hot_cat[i] = cat;
+    st->hot_floor[i] = floor;
+    for (; i > 0 && st->hot_floor[i] > st->hot_floor[i - 1]; i--) {
+        const uint32_t c = st->hot_cat[i - 1];
+        const float f = st->hot_floor[i - 1];
+        st->hot_cat[i - 1] = st->hot_cat[i];
+        st->hot_floor[i - 1] = st->hot_floor[i];
+        st->hot_cat[i] = c;
+        st->hot_floor[i] = f;
+    }
+}
+
 /* Records that category cat holds per_cat rows with lower bounds of at least floor. */
 static void remember_floor(qstate *st, uint32_t cat, float floor)
 {
     if (floor == -INFINITY) return;
+    if (cat) note_hot_floor(st, cat, floor);
     const uint32_t b = cat % FULL_CATS;
     if (st->full_cat[b] == cat) {
         st->full_floor[b] = floor > st->full_floor[b] ? floor : st->full_floor[b];
@@ -1902,6 +1957,13 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
                     a.floor_val[q] = mine[fq].full_floor;
                     a.floor_keep[q] = floor_keep[g0 + q];
                     a.floors = true;
+                    for (uint32_t h = 0; h < QSTATE_HOT && mine[fq].hot_cat[h] &&
+                                         a.hot_n[q] < SCAN_HOT;
+                         h++)
+                        if (!(backend_tag_bit(mine[fq].hot_cat[h]) & a.floor_keep[q])) {
+                            a.hot_cat[q][a.hot_n[q]] = mine[fq].hot_cat[h];
+                            a.hot_floor[q][a.hot_n[q]++] = mine[fq].hot_floor[h];
+                        }
                 }
                 kd.scan(&a);
                 reported += a.nhits;
