@@ -143,3 +143,27 @@ Test(load, errors_counted_by_status_code)
                  num(v, "calls"));
     jsonv_free(v);
 }
+
+Test(load, page_calls_ask_for_the_named_layout)
+{
+    /* This server has no serving config, so every RecommendPage of layout "home" is answered
+     * INVALID_ARGUMENT naming the layout: the page kind sends RecommendPage with it. */
+    jsonv *v = run_load("--duration 1 --warmup 0 --concurrency 4 --mix page=1 --layout home "
+                        "--users 10");
+    cr_assert_gt(num(v, "calls"), 0);
+    cr_assert_eq(num(v, "ok"), 0);
+    cr_assert_eq(num(jsonv_get(v, "errors"), "INVALID_ARGUMENT"), num(v, "calls"));
+    const jsonv *ex = jsonv_get(jsonv_get(v, "error_examples"), "INVALID_ARGUMENT");
+    cr_assert(ex && strstr(ex->string, "layout \"home\" is unknown"), "example: %s",
+              ex ? ex->string : "(none)");
+    cr_assert_eq(num(jsonv_get(jsonv_get(v, "by_kind"), "page"), "errors"), num(v, "calls"));
+    jsonv_free(v);
+    /* and a page mix without a layout is refused before any call */
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd),
+             "%s/bench/affinity_load run --addr %s --collection shop --mix page=1 "
+             "--duration 1 2>/dev/null",
+             AFF_BINARY_DIR, server.target);
+    int st = system(cmd);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 2, "status %d", st);
+}
