@@ -26,6 +26,8 @@
  * follow the vectors as in a real shop and bench/pipeline_server.sh's catalog is reproduced in
  * process (a shopper's best items then crowd few categories: what a category cap costs there).
  * Default: vectors and categories independent (random).
+ * BENCH_PROMO_CATS=P: the promotion covers P categories (cat07, cat08, ...; default 1), for the
+ * cost of a broad promotion (riding on the organic scan or scanning its own categories).
  */
 #include <math.h>
 #include <pthread.h>
@@ -222,7 +224,15 @@ int main(int argc, char **argv)
     }
 
     /* rules: every kind on */
-    static const char *sale = "sale", *eco = "eco", *gift_cat = "cat07";
+    static const char *sale = "sale", *eco = "eco";
+    static char gift_names[N_CATS][16];
+    static const char *gift_cats[N_CATS];
+    const char *promo_env = getenv("BENCH_PROMO_CATS");
+    const int n_gift = promo_env && atoi(promo_env) > 0 ? (atoi(promo_env) < N_CATS - 7 ? atoi(promo_env) : N_CATS - 7) : 1;
+    for (int c = 0; c < n_gift; c++) {
+        snprintf(gift_names[c], sizeof gift_names[c], "cat%02d", 7 + c);
+        gift_cats[c] = gift_names[c];
+    }
     pipeline_boost boosts[2] = {0};
     aff_filter_init(&boosts[0].filter);
     boosts[0].filter.tags = &sale;
@@ -234,8 +244,8 @@ int main(int argc, char **argv)
     boosts[1].weight = -0.05f;
     pipeline_promotion promo = {.name = "gifts", .share = 0.2f};
     aff_filter_init(&promo.filter);
-    promo.filter.categories = &gift_cat;
-    promo.filter.n_categories = 1;
+    promo.filter.categories = gift_cats;
+    promo.filter.n_categories = (uint32_t)n_gift;
     pipeline_pin pin = {.item_id = "products-7", .position = 3};
     pipeline_rules rules = {.boosts = boosts,
                             .n_boosts = 2,
@@ -415,6 +425,7 @@ int main(int argc, char **argv)
     if (clusters)
         printf("products clustered: %u clusters, category = cluster %% %u (BENCH_CLUSTERS)\n",
                clusters, GEN_CATS);
+    if (n_gift > 1) printf("promotion: %d categories (BENCH_PROMO_CATS)\n", n_gift);
     print_ratio("pipeline / bare       ", per_call[1], per_call[0], n_rounds, "");
     print_ratio("pipeline+rules / bare ", per_call[2], per_call[0], n_rounds, "(target <= 1.10)");
     print_ratio("page(4) / pipeline    ", per_call[3], per_call[1], n_rounds, "(target <= 2.0)");
