@@ -4,7 +4,12 @@
  * set of the rule in src/cpu_score.h).
  *
  *   bench_cpu_score [--n 100000] [--dim 128] [--nq 256] [--k 10] [--seconds 1] [--only int8]
+ *                   [--filter-shares 0.05,0.1,0.25,0.5]
  *
+ * --filter-shares: then int8 (best kernels) with every query filtered to categories holding
+ * that share of the rows (20 categories of 5%), scanning the table (no category lists: the
+ * block column skips blocks without those categories) against scanning the categories' lists
+ * (cpu_cat_rows), the choice CPU_POSTING_SHARE makes.
  * fp32 is the backend's own fp32 path (threaded scan or sgemm); bf16 and int8 call
  * cpu_score_search directly. Each figure is the best of 3 interleaved rounds.
  */
@@ -54,6 +59,9 @@ typedef struct setup {
     uint32_t *kk, *rows, *counts;
     float *scores;
     size_t *offsets;
+    const backend_filter **filters; /* per query, or NULL */
+    const cpu_cat_rows *lists;      /* or NULL */
+    const uint64_t *block_cats;     /* or NULL */
 } setup;
 
 /* kind: 0 = backend fp32 table; else a cpu_codes scan with that precision and ISA. */
@@ -62,6 +70,7 @@ static run measure(setup *su, backend_table *fp32, const cpu_codes *codes, backe
     backend_search s = {.queries = su->queries,
                         .nq = su->nq,
                         .k = su->kk,
+                        .filters = su->filters,
                         .out_rows = su->rows,
                         .out_scores = su->scores,
                         .out_counts = su->counts};
@@ -69,6 +78,8 @@ static run measure(setup *su, backend_table *fp32, const cpu_codes *codes, backe
                           .isa = isa,
                           .rows = su->data,
                           .attrs = su->attrs,
+                          .block_cats = su->block_cats,
+                          .cat_rows = su->lists,
                           .count = su->n,
                           .threads = omp_get_max_threads()};
     aff_err err = {0};
@@ -92,13 +103,67 @@ static run measure(setup *su, backend_table *fp32, const cpu_codes *codes, backe
                  (double)cand / q, (double)reported / q};
 }
 
+/* --filter-shares: int8 queries filtered to a share of the rows' categories, the table scan
+ * against the category lists' scan. */
+static void filtered_runs(setup *su, const cpu_codes *codes, backend_cpu_isa isa,
+                          const char *shares)
+{
+    enum { CATS = 20 };
+    cpu_cat_rows lists = {0};
+    uint64_t *block_cats = calloc((su->n + 7) / 8, sizeof *block_cats);
+    for (uint32_t r = 0; r < su->n; r++) {
+        su->attrs[r].category = 1 + r % CATS;
+        if (cpu_cat_rows_add(&lists, r, su->attrs[r].category, codes, NULL) != AFF_OK) exit(1);
+    }
+    for (uint32_t b = 0; b < (su->n + 7) / 8; b++)
+        block_cats[b] = cpu_block_cats(su->attrs, b, su->n);
+    const backend_filter **filters = malloc(su->nq * sizeof *filters);
+    printf("\nint8 (%s), every query filtered to categories holding a share of the rows (%d "
+           "categories of %.0f%%), best of 3 rounds:\n\n",
+           cpu_isa_name(isa), CATS, 100.0 / CATS);
+    printf("| share | table scan CPU us/q | category lists CPU us/q | lists / table |\n");
+    printf("|---|---|---|---|\n");
+    for (const char *p = shares; p && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL) {
+        const double share = atof(p);
+        uint32_t m = (uint32_t)lround(share * CATS);
+        m = m < 1 ? 1 : m > CATS ? CATS : m;
+        uint64_t bits = 0;
+        for (uint32_t c = 1; c <= m; c++)
+            bits |= 1ull << c;
+        backend_filter f;
+        backend_filter_init(&f);
+        f.category_bits = &bits;
+        f.category_words = 1;
+        for (uint32_t q = 0; q < su->nq; q++)
+            filters[q] = &f;
+        su->filters = filters;
+        su->block_cats = block_cats;
+        double best[2] = {INFINITY, INFINITY};
+        for (int round = 0; round < 3; round++)
+            for (int with = 0; with < 2; with++) {
+                su->lists = with ? &lists : NULL;
+                best[with] = fmin(best[with], measure(su, NULL, codes, isa).cpu_us);
+            }
+        printf("| %.2f | %.1f | %.1f | %.3f |\n", (double)m / CATS, best[0], best[1],
+               best[1] / best[0]);
+    }
+    su->filters = NULL;
+    su->lists = NULL;
+    su->block_cats = NULL;
+    free(filters);
+    free(block_cats);
+    cpu_cat_rows_free(&lists);
+}
+
 int main(int argc, char **argv)
 {
     setup su = {.n = 100000, .dim = 128, .nq = 256, .k = 10, .seconds = 1.0};
-    const char *only = NULL;
+    const char *only = NULL, *shares = NULL;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--only"))
             only = argv[i + 1];
+        else if (!strcmp(argv[i], "--filter-shares"))
+            shares = argv[i + 1];
         else if (!strcmp(argv[i], "--n"))
             su.n = (uint32_t)atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--dim"))
@@ -112,7 +177,7 @@ int main(int argc, char **argv)
         else {
             fprintf(stderr,
                     "usage: %s [--n N] [--dim D] [--nq Q] [--k K] [--seconds S] [--only "
-                    "fp32|bf16|int8]\n",
+                    "fp32|bf16|int8] [--filter-shares F,F,...]\n",
                     argv[0]);
             return 2;
         }
@@ -229,6 +294,7 @@ int main(int argc, char **argv)
         printf("| %s | %s | %.0f | %.0f | %.1f | %.1f | %.2f | %.4f |\n", label[i], isa_label[i],
                best_run[i].qps, best_run[i].cpu_us, best_run[i].reported, best_run[i].cand,
                best_run[0].cpu_us / best_run[i].cpu_us, recall[i]);
+    if (shares) filtered_runs(&su, &codes[1], best, shares);
     for (int i = 0; i < 2; i++)
         cpu_codes_free(&codes[i]);
     fp32->ops->table_destroy(fp32);
