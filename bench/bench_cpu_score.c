@@ -8,8 +8,9 @@
  *
  * --filter-shares: then int8 (best kernels) with every query filtered to categories holding
  * that share of the rows (20 categories of 5%), scanning the table (no category lists: the
- * block column skips blocks without those categories) against scanning the categories' lists
- * (cpu_cat_rows), the choice CPU_POSTING_SHARE makes.
+ * block column skips blocks without those categories) against the category lists
+ * (cpu_cat_rows: a query whose categories hold at most 1/CPU_POSTING_SHARE of the rows reads
+ * their fp32 rows instead of scanning), the choice CPU_POSTING_SHARE makes.
  * fp32 is the backend's own fp32 path (threaded scan or sgemm); bf16 and int8 call
  * cpu_score_search directly. Each figure is the best of 3 interleaved rounds.
  */
@@ -104,7 +105,7 @@ static run measure(setup *su, backend_table *fp32, const cpu_codes *codes, backe
 }
 
 /* --filter-shares: int8 queries filtered to a share of the rows' categories, the table scan
- * against the category lists' scan. */
+ * against the search given the category lists. */
 static void filtered_runs(setup *su, const cpu_codes *codes, backend_cpu_isa isa,
                           const char *shares)
 {
@@ -113,7 +114,7 @@ static void filtered_runs(setup *su, const cpu_codes *codes, backend_cpu_isa isa
     uint64_t *block_cats = calloc((su->n + 7) / 8, sizeof *block_cats);
     for (uint32_t r = 0; r < su->n; r++) {
         su->attrs[r].category = 1 + r % CATS;
-        if (cpu_cat_rows_add(&lists, r, su->attrs[r].category, codes, NULL) != AFF_OK) exit(1);
+        if (cpu_cat_rows_add(&lists, r, su->attrs[r].category) != AFF_OK) exit(1);
     }
     for (uint32_t b = 0; b < (su->n + 7) / 8; b++)
         block_cats[b] = cpu_block_cats(su->attrs, b, su->n);
@@ -121,7 +122,7 @@ static void filtered_runs(setup *su, const cpu_codes *codes, backend_cpu_isa isa
     printf("\nint8 (%s), every query filtered to categories holding a share of the rows (%d "
            "categories of %.0f%%), best of 3 rounds:\n\n",
            cpu_isa_name(isa), CATS, 100.0 / CATS);
-    printf("| share | table scan CPU us/q | category lists CPU us/q | lists / table |\n");
+    printf("| share | table scan CPU us/q | with the category lists CPU us/q | lists / table |\n");
     printf("|---|---|---|---|\n");
     for (const char *p = shares; p && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL) {
         const double share = atof(p);

@@ -356,14 +356,14 @@ static int faiss_table_write(backend_table *bt, const uint32_t *rows, uint32_t n
             memcpy(xb + (size_t)r * t->dim, v, t->dim * sizeof(float));
             overwrote |= r < t->count;
         }
-        if (t->sq_norms) t->sq_norms[r] = cpu_sq_norm(v, t->dim);
         if (quantized(t)) {
             cpu_codes_set(&t->codes, r, v);
             /* a failed add breaks the index: searches scan (cpu_cat_rows) */
             if (r < t->count) cpu_cat_rows_remove(&t->cat_rows, r, t->attrs[r].category);
-            (void)cpu_cat_rows_add(&t->cat_rows, r, attrs[i].category, &t->codes, t->sq_norms);
+            (void)cpu_cat_rows_add(&t->cat_rows, r, attrs[i].category);
         }
         t->attrs[r] = attrs[i];
+        if (t->sq_norms) t->sq_norms[r] = cpu_sq_norm(v, t->dim);
     }
     if (t->hnsw) {
         pthread_mutex_lock(&t->hnsw_lock);
@@ -394,14 +394,13 @@ static int faiss_table_move(backend_table *bt, const uint32_t *src, const uint32
             return aff__fail(err, AFF_EINTERNAL, "move %u -> %u outside %u rows", src[i], dst[i],
                              t->count);
         memmove(xb + (size_t)dst[i] * t->dim, xb + (size_t)src[i] * t->dim, t->dim * sizeof(float));
-        if (t->sq_norms) t->sq_norms[dst[i]] = t->sq_norms[src[i]];
-        if (quantized(t) && dst[i] != src[i]) { /* dst leaves its list, then joins src's */
+        if (quantized(t) && dst[i] != src[i]) {
             cpu_cat_rows_remove(&t->cat_rows, dst[i], t->attrs[dst[i]].category);
-            cpu_codes_copy(&t->codes, dst[i], src[i]);
-            (void)cpu_cat_rows_add(&t->cat_rows, dst[i], t->attrs[src[i]].category, &t->codes,
-                                   t->sq_norms);
+            (void)cpu_cat_rows_add(&t->cat_rows, dst[i], t->attrs[src[i]].category);
         }
         t->attrs[dst[i]] = t->attrs[src[i]];
+        if (t->sq_norms) t->sq_norms[dst[i]] = t->sq_norms[src[i]];
+        if (quantized(t)) cpu_codes_copy(&t->codes, dst[i], src[i]);
     }
     for (uint32_t i = 0; quantized(t) && i < n; i++) /* a superset after truncation is fine */
         t->block_cats[dst[i] / 8] = cpu_block_cats(t->attrs, dst[i] / 8, t->count);

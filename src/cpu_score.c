@@ -156,6 +156,101 @@ __attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *restr
 }
 #endif
 
+#if CPU_SCORE_X86
+/* dot_rows_avx2 for rows base[idx[i]], two rows at a time: each row's operations are those of
+ * dot_rows_avx2, in the same order (so the same bits), interleaved; the rows are scattered, so
+ * those four ahead are fetched (their first and middle lines). */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+dot_gather_avx2_n(const float *restrict q, const float *restrict base, const uint32_t *idx,
+                  uint32_t n, const uint32_t dim, float *restrict out)
+{
+    uint32_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        if (i + 6 <= n) { /* the first and middle lines; the adjacent-line prefetcher pairs them */
+            const float *n0 = base + (size_t)idx[i + 4] * dim, *n1 = base + (size_t)idx[i + 5] * dim;
+            __builtin_prefetch(n0);
+            __builtin_prefetch(n0 + dim / 2);
+            __builtin_prefetch(n1);
+            __builtin_prefetch(n1 + dim / 2);
+        }
+        const float *x = base + (size_t)idx[i] * dim, *y = base + (size_t)idx[i + 1] * dim;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        uint32_t j = 0;
+        for (; j + 32 <= dim; j += 32) {
+            __m256 q0 = _mm256_loadu_ps(q + j), q1 = _mm256_loadu_ps(q + j + 8);
+            __m256 q2 = _mm256_loadu_ps(q + j + 16), q3 = _mm256_loadu_ps(q + j + 24);
+            a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + j), a0);
+            b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(y + j), b0);
+            a1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + j + 8), a1);
+            b1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(y + j + 8), b1);
+            a2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + j + 16), a2);
+            b2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(y + j + 16), b2);
+            a3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + j + 24), a3);
+            b3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(y + j + 24), b3);
+        }
+        for (; j + 8 <= dim; j += 8) {
+            __m256 q0 = _mm256_loadu_ps(q + j);
+            a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + j), a0);
+            b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(y + j), b0);
+        }
+        __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        __m256 b = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
+        __m128 ha = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        __m128 hb = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+        ha = _mm_add_ps(ha, _mm_movehl_ps(ha, ha));
+        hb = _mm_add_ps(hb, _mm_movehl_ps(hb, hb));
+        ha = _mm_add_ss(ha, _mm_movehdup_ps(ha));
+        hb = _mm_add_ss(hb, _mm_movehdup_ps(hb));
+        float sa = _mm_cvtss_f32(ha), sb = _mm_cvtss_f32(hb);
+        for (; j < dim; j++) {
+            sa += q[j] * x[j];
+            sb += q[j] * y[j];
+        }
+        out[i] = sa;
+        out[i + 1] = sb;
+    }
+    if (i < n) dot_rows_avx2(q, base + (size_t)idx[i] * dim, 1, dim, out + i);
+}
+
+/* The usual dimensions get a copy with dim a constant (the loops unroll, about half the
+ * instructions per row); the operations are the same. */
+__attribute__((target("avx2,fma"))) static void dot_gather_avx2(const float *restrict q,
+                                                                const float *restrict base,
+                                                                const uint32_t *idx, uint32_t n,
+                                                                uint32_t dim, float *restrict out)
+{
+    switch (dim) {
+    case 64:
+        dot_gather_avx2_n(q, base, idx, n, 64, out);
+        break;
+    case 128:
+        dot_gather_avx2_n(q, base, idx, n, 128, out);
+        break;
+    case 256:
+        dot_gather_avx2_n(q, base, idx, n, 256, out);
+        break;
+    default:
+        dot_gather_avx2_n(q, base, idx, n, dim, out);
+        break;
+    }
+}
+#endif
+
+/* out[i] = cpu_dot_rows of q and row idx[i] of base (the same bits), for n scattered rows. */
+static void dot_gather(const float *restrict q, const float *restrict base, const uint32_t *idx,
+                       uint32_t n, uint32_t dim, float *restrict out)
+{
+#if CPU_SCORE_X86
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        dot_gather_avx2(q, base, idx, n, dim, out);
+        return;
+    }
+#endif
+    for (uint32_t i = 0; i < n; i++)
+        dot_rows_portable(q, base + (size_t)idx[i] * dim, 1, dim, out + i);
+}
+
 void cpu_dot_rows(const float *restrict q, const float *restrict rows, uint32_t n, uint32_t dim,
                   float *restrict out)
 {
@@ -296,19 +391,14 @@ void cpu_codes_set(cpu_codes *c, uint32_t row, const float *x)
     c->err[row] = nextafterf((float)sqrt(err), INFINITY);
 }
 
-void cpu_codes_copy_from(cpu_codes *to, uint32_t drow, const cpu_codes *from, uint32_t srow)
-{
-    if (to == from && drow == srow) return;
-    for (uint32_t g = 0; g < to->steps; g++)
-        memcpy(slot(to, drow, g), slot(from, srow, g), 4);
-    to->scale[drow] = from->scale[srow];
-    to->norm[drow] = from->norm[srow];
-    to->err[drow] = from->err[srow];
-}
-
 void cpu_codes_copy(cpu_codes *c, uint32_t dst, uint32_t src)
 {
-    cpu_codes_copy_from(c, dst, c, src);
+    if (dst == src) return;
+    for (uint32_t g = 0; g < c->steps; g++)
+        memcpy(slot(c, dst, g), slot(c, src, g), 4);
+    c->scale[dst] = c->scale[src];
+    c->norm[dst] = c->norm[src];
+    c->err[dst] = c->err[src];
 }
 
 uint64_t cpu_codes_bytes(const cpu_codes *c, uint32_t rows)
@@ -338,32 +428,7 @@ static bool grow_u32(uint32_t **p, uint32_t *cap, uint32_t need)
     return true;
 }
 
-/* Room for one more row in category cat's codes (and |x|^2 when sq): doubling, so a category
- * built row by row copies its codes O(log n) times. */
-static bool grow_cat_codes(cpu_cat_rows *x, uint32_t cat, const cpu_codes *like, bool sq)
-{
-    cpu_codes *cc = &x->codes[cat];
-    if (!cc->dim) { /* first row: the table's layout, no rows */
-        *cc = *like;
-        cc->capacity = 0;
-        cc->blocks = NULL;
-        cc->scale = cc->norm = cc->err = NULL;
-    }
-    const uint32_t need = x->n[cat] + 1;
-    if (need <= cc->capacity && (!sq || x->sq[cat])) return true;
-    uint32_t want = cc->capacity;
-    if (need > want) want = need > 2 * want ? (need > 8 ? need : 8) : 2 * want;
-    if (cpu_codes_reserve(cc, want) != AFF_OK) return false;
-    if (sq) { /* as many entries as the codes' rows: the kernels read whole blocks */
-        float *g = realloc(x->sq[cat], (size_t)cc->capacity * sizeof *g);
-        if (!g) return false;
-        x->sq[cat] = g;
-    }
-    return true;
-}
-
-int cpu_cat_rows_add(cpu_cat_rows *x, uint32_t row, uint32_t cat, const cpu_codes *codes,
-                     const float *sq_norms)
+int cpu_cat_rows_add(cpu_cat_rows *x, uint32_t row, uint32_t cat)
 {
     if (x->broken) return AFF_ENOMEM;
     if (cat >= x->n_cats) {
@@ -375,17 +440,11 @@ int cpu_cat_rows_add(cpu_cat_rows *x, uint32_t row, uint32_t cat, const cpu_code
         uint32_t *n = rows ? realloc(x->n, (size_t)m * sizeof *n) : NULL;
         if (n) x->n = n;
         uint32_t *cap = n ? realloc(x->cap, (size_t)m * sizeof *cap) : NULL;
-        if (cap) x->cap = cap;
-        cpu_codes *cc = cap ? realloc(x->codes, (size_t)m * sizeof *cc) : NULL;
-        if (cc) x->codes = cc;
-        float **sq = cc ? realloc(x->sq, (size_t)m * sizeof *sq) : NULL;
-        if (!sq) goto broken;
-        x->sq = sq;
+        if (!cap) goto broken;
+        x->cap = cap;
         for (uint32_t c = x->n_cats; c < m; c++) {
             x->rows[c] = NULL;
             x->n[c] = x->cap[c] = 0;
-            x->codes[c] = (cpu_codes){0};
-            x->sq[c] = NULL;
         }
         x->n_cats = m;
     }
@@ -397,15 +456,10 @@ int cpu_cat_rows_add(cpu_cat_rows *x, uint32_t row, uint32_t cat, const cpu_code
         x->cat = c;
         x->slot_cap = cap;
     }
-    if (!grow_u32(&x->rows[cat], &x->cap[cat], x->n[cat] + 1) ||
-        !grow_cat_codes(x, cat, codes, sq_norms != NULL))
-        goto broken;
-    const uint32_t at = x->n[cat]++;
+    if (!grow_u32(&x->rows[cat], &x->cap[cat], x->n[cat] + 1)) goto broken;
     x->cat[row] = cat;
-    x->slot[row] = at;
-    x->rows[cat][at] = row;
-    cpu_codes_copy_from(&x->codes[cat], at, codes, row);
-    if (sq_norms) x->sq[cat][at] = sq_norms[row];
+    x->slot[row] = x->n[cat];
+    x->rows[cat][x->n[cat]++] = row;
     return AFF_OK;
 broken:
     x->broken = true;
@@ -420,26 +474,19 @@ void cpu_cat_rows_remove(cpu_cat_rows *x, uint32_t row, uint32_t cat)
         x->broken = true;
         return;
     }
-    const uint32_t end = --x->n[cat], last = x->rows[cat][end];
+    uint32_t last = x->rows[cat][--x->n[cat]];
     x->rows[cat][at] = last;
     x->slot[last] = at;
-    cpu_codes_copy(&x->codes[cat], at, end);
-    if (x->sq[cat]) x->sq[cat][at] = x->sq[cat][end];
 }
 
 void cpu_cat_rows_free(cpu_cat_rows *x)
 {
     if (!x) return;
-    for (uint32_t c = 0; c < x->n_cats; c++) {
+    for (uint32_t c = 0; c < x->n_cats; c++)
         free(x->rows[c]);
-        cpu_codes_free(&x->codes[c]);
-        free(x->sq[c]);
-    }
     free(x->rows);
     free(x->n);
     free(x->cap);
-    free(x->codes);
-    free(x->sq);
     free(x->slot);
     free(x->cat);
     *x = (cpu_cat_rows){0};
@@ -448,14 +495,9 @@ void cpu_cat_rows_free(cpu_cat_rows *x)
 uint64_t cpu_cat_rows_bytes(const cpu_cat_rows *x)
 {
     uint64_t b = (uint64_t)x->slot_cap * 2 * sizeof(uint32_t) +
-                 (uint64_t)x->n_cats * (sizeof(uint32_t *) + 2 * sizeof(uint32_t) +
-                                        sizeof(cpu_codes) + sizeof(float *));
-    for (uint32_t c = 0; c < x->n_cats; c++) {
-        const cpu_codes *cc = &x->codes[c];
+                 (uint64_t)x->n_cats * (sizeof(uint32_t *) + 2 * sizeof(uint32_t));
+    for (uint32_t c = 0; c < x->n_cats; c++)
         b += (uint64_t)x->cap[c] * sizeof(uint32_t);
-        if (cc->dim) b += cpu_codes_bytes(cc, cc->capacity);
-        if (x->sq[c]) b += (uint64_t)cc->capacity * sizeof(float);
-    }
     return b;
 }
 
@@ -491,10 +533,6 @@ struct scan_args {
     float *thresh;         /* nq: report rows whose upper bound is >= this */
     const float *sq_norms; /* L2: |x|^2; NULL for inner product */
     uint32_t limit;        /* rows >= limit are never reported */
-    /* NULL: the codes are the table's (a code's position is its row). Else the codes are a
-     * category's (cpu_cat_rows.codes) and position i reports row row_ids[i]; the category
-     * fields below are then unset. */
-    const uint32_t *row_ids;
     cpu_hit *hits;         /* room for nblocks × 8 × nq (unused with a sink) */
     uint32_t nhits;        /* rows reported */
     /* When set (a search), each reported row goes to take_now() at once (a direct call, so
@@ -636,7 +674,7 @@ static void push_hit(scan_args *a, uint32_t row, uint32_t q, float hi, float e)
     if (a->floors && under_floor(a, row, q, hi)) return;
     float w = e + e;
     if (a->sq_norms) w += w;
-    const cpu_hit h = {.row = a->row_ids ? a->row_ids[row] : row, .q = q, .hi = hi, .width = w};
+    const cpu_hit h = {.row = row, .q = q, .hi = hi, .width = w};
     a->nhits++;
     if (a->sink)
         take_now(a, &h);
@@ -1517,7 +1555,7 @@ static uint32_t floor_rules(const backend_search *s, const backend_filter *const
 }
 
 /* The rows filter f admits by category, when the table lists rows per category and they are
- * few enough to scan alone (CPU_POSTING_SHARE); 0 when the query should scan the table. */
+ * few enough to read one by one (CPU_POSTING_SHARE); 0 when the query should scan. */
 static uint64_t posting_rows(const cpu_search_table *t, const backend_filter *f)
 {
     const cpu_cat_rows *x = t->cat_rows;
@@ -1527,15 +1565,16 @@ static uint64_t posting_rows(const cpu_search_table *t, const backend_filter *f)
     for (uint32_t w = 0; w < f->category_words; w++)
         for (uint64_t bits = f->category_bits[w]; bits; bits &= bits - 1) {
             uint32_t c = w * 64 + (uint32_t)__builtin_ctzll(bits);
-            const uint32_t n = c < x->n_cats ? x->n[c] : 0;
-            if (n && t->sq_norms && !x->sq[c]) return 0; /* L2 without the lists' |x|^2 */
-            total += n;
+            total += c < x->n_cats ? x->n[c] : 0;
             if (total > limit) return 0;
         }
     return total ? total : 1; /* an empty list: nothing to score, and no scan either */
 }
 
-/* Queries one posted group holds at most (the units of the re-rank loop stay small). */
+/* Rows scored per dot_gather call in search_posted: 32 rows of d = 128 (16 KiB) stay in L1
+ * while every query of the group scores them. */
+#define POSTED_CHUNK 32u
+/* Queries one search_posted call serves at most (the units of the re-rank loop stay small). */
 #define POSTED_GROUP 16u
 
 /* True when filters a and b admit the same categories (both restrict them). */
@@ -1550,61 +1589,51 @@ static bool same_categories(const backend_filter *a, const backend_filter *b)
     return true;
 }
 
-/* Posted queries chain[0..gn) (a group: posting_rows() said so for each, and their filters
- * admit the same categories) scan their categories' codes (cpu_cat_rows.codes) instead of the
- * table: the table scan's kernels and take(), GROUP queries per pass over a category's blocks,
- * into this thread's states `mine`, which rerank() then reads as it reads the table scan's.
- * qc, qpack, qf, qwide: the group's prepared queries in chain order. solo: nq entries of
- * UINT32_MAX (no query shares a scan). Returns rows scanned, per query; sets *failed when a
- * candidate list could not grow. */
-static uint64_t scan_posted(const cpu_search_table *t, const kernel_desc *kd,
-                            const backend_filter *const *qfilt, const uint32_t *chain,
-                            uint32_t gn, const cpu_query *qc, const uint32_t *qpack,
-                            const float *qf, const uint32_t *qwide, qstate *mine,
-                            const uint32_t *solo, bool *failed)
+/* The exact top-k of queries q, next[q], next[next[q]], ... (posting_rows() said so for each;
+ * their filters admit the same categories) from their categories' rows: each row scored as the
+ * re-rank scores a candidate (the same bits), so each result is the scan's; a query's filter is
+ * only asked about rows its heap would take. The group reads each chunk of rows once for all
+ * its queries (the chunk stays in L1 while they score it). Returns rows read, per query. */
+static uint64_t search_posted(const cpu_search_table *t, const backend_search *s,
+                              const backend_filter *const *qfilt, const uint32_t *next, uint32_t q,
+                              topk_heap *exact)
 {
     const cpu_cat_rows *x = t->cat_rows;
-    const backend_filter *lead = qfilt[chain[0]];
-    const uint32_t steps = t->codes->steps;
-    take_ctx tc = {.t = t,
-                   .states = mine,
-                   .phys = chain,
-                   .next = solo,
-                   .filters = qfilt,
-                   .cats = table_cats(t)};
-    float thresh[GROUP], thresh_cat[GROUP];
+    const backend_filter *lead = qfilt[q];
+    const uint32_t dim = t->codes->dim;
     uint64_t read = 0;
+    float d[POSTED_CHUNK];
     for (uint32_t w = 0; w < lead->category_words; w++)
         for (uint64_t bits = lead->category_bits[w]; bits; bits &= bits - 1) {
-            const uint32_t c = w * 64 + (uint32_t)__builtin_ctzll(bits);
-            const uint32_t n = c < x->n_cats ? x->n[c] : 0;
-            if (!n) continue;
-            for (uint32_t g0 = 0; g0 < gn; g0 += GROUP) {
-                const uint32_t gq = gn - g0 < GROUP ? gn - g0 : GROUP;
-                tc.g0 = g0;
-                scan_args a = {.c = &x->codes[c],
-                               .block0 = 0,
-                               .nblocks = (n + 7) / 8,
-                               .qpack = qpack + (size_t)g0 * steps,
-                               .qf = qf + (size_t)g0 * steps * 2,
-                               .qwide = qwide ? qwide + (size_t)g0 * steps * 8 : NULL,
-                               .qc = qc + g0,
-                               .nq = gq,
-                               .thresh = thresh,
-                               .sq_norms = t->sq_norms ? x->sq[c] : NULL,
-                               .limit = n,
-                               .row_ids = x->rows[c],
-                               .sink = &tc,
-                               .attrs = t->attrs,
-                               .thresh_cat = thresh_cat};
-                for (uint32_t q = 0; q < gq; q++)
-                    thresh[q] = lower_threshold(&mine[chain[g0 + q]]);
-                kd->scan(&a);
+            uint32_t c = w * 64 + (uint32_t)__builtin_ctzll(bits);
+            if (c >= x->n_cats) continue;
+            const uint32_t *rows = x->rows[c], n = x->n[c];
+            for (uint32_t i = 0; i < n; i += POSTED_CHUNK) {
+                const uint32_t m = n - i < POSTED_CHUNK ? n - i : POSTED_CHUNK;
+                for (uint32_t g = q; g != UINT32_MAX; g = next[g]) {
+                    const backend_filter *f = qfilt[g];
+                    const bool f_attrs = backend_filter_tests_attrs(f);
+                    const uint32_t per_cat = s->max_per_category ? s->max_per_category[g] : 0;
+                    topk_heap *ex = &exact[g];
+                    dot_gather(s->queries + (size_t)g * dim, t->rows, rows + i, m, dim, d);
+                    if (t->sq_norms)
+                        for (uint32_t j = 0; j < m; j++)
+                            d[j] = 2.0f * d[j] - t->sq_norms[rows[i + j]];
+                    /* below the heap's worst score nothing enters (ties: topk_would_accept) */
+                    float worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
+                    for (uint32_t j = 0; j < m; j++) {
+                        const uint32_t row = rows[i + j];
+                        if (!(d[j] >= worst) || !topk_would_accept(ex, d[j], row) ||
+                            row >= t->count || !row_passes(t, f, f_attrs, row, c))
+                            continue;
+                        push_capped(ex, per_cat, d[j], row, c);
+                        worst = ex->n < ex->k ? -INFINITY : ex->scores[0];
+                    }
+                    read += m;
+                }
             }
-            read += n;
         }
-    *failed |= tc.failed;
-    return read * gn;
+    return read;
 }
 
 /* Max-heap of candidates by upper bound: sift c[i] down in c[0..n). */
@@ -1747,7 +1776,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
      * here on the calling thread; only candidate lists that outgrow theirs use the heap. */
     aff_scratch *tmp, *scratch = aff_scratch_or_temp(s->scratch, &tmp);
     if (!scratch) return aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
-    cpu_query *qc = aff_scratch_array(scratch, nq, sizeof *qc); /* scanned, then posted */
+    cpu_query *qc = aff_scratch_array(scratch, nq, sizeof *qc);
     uint64_t *qcats = NULL; /* per scanned vector, when some filter restricts categories */
     uint64_t *mcats = NULL; /* per query, then */
     uint32_t *qpack = aff_scratch_array(scratch, (size_t)nq * steps, sizeof *qpack);
@@ -1767,15 +1796,10 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
     uint32_t *psize = aff_scratch_array(scratch, nq, sizeof *psize);
     uint32_t *pleads = aff_scratch_array(scratch, nq, sizeof *pleads), nleads = 0;
     bool *plead = aff_scratch_zero(scratch, nq * sizeof *plead);
-    /* The posted queries group by group (porder[pfirst[lead]..]): their prepared queries sit
-     * at the same places in qc, qpack, qf and qwide, after the scanned vectors'. */
-    uint32_t *porder = aff_scratch_array(scratch, nq, sizeof *porder);
-    uint32_t *pfirst = aff_scratch_array(scratch, nq, sizeof *pfirst);
-    uint32_t *solo = aff_scratch_array(scratch, nq, sizeof *solo);
     /* head[p]: the first scanned query of s->same_as family p (UINT32_MAX: none yet) */
     uint32_t *head = aff_scratch_array(scratch, nq, sizeof *head);
     if (!qc || !qpack || !qf || !states || !exact || !phys || !fam || !qfilt || !posted || !head ||
-        !pnext || !ptail || !psize || !pleads || !plead || !porder || !pfirst || !solo) {
+        !pnext || !ptail || !psize || !pleads || !plead) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for a batch of %u queries", nq);
         goto out;
     }
@@ -1783,7 +1807,7 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
      * organic query) rides on that scan unless its rows are very few (CPU_POSTING_RIDE). */
     for (uint32_t q = 0; q < nq; q++) {
         qfilt[q] = filter_of(s, q);
-        fam[q] = head[q] = solo[q] = UINT32_MAX;
+        fam[q] = head[q] = UINT32_MAX;
     }
     for (uint32_t q = 0; q < nq; q++) {
         uint64_t rows = posting_rows(t, qfilt[q]);
@@ -1874,18 +1898,10 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
             rc = aff__fail(err, AFF_ENOMEM, "out of memory for re-ranking heaps");
             goto out;
         }
-    /* Prepared queries: the scanned vectors (0..np), then the posted queries, each group's in
-     * chain order from pfirst[its first query]. */
-    uint32_t nprep = np;
-    for (uint32_t l = 0; l < nleads; l++) {
-        pfirst[pleads[l]] = nprep;
-        for (uint32_t g = pleads[l]; g != UINT32_MAX; g = pnext[g])
-            porder[nprep++] = g;
-    }
-    for (uint32_t pi = 0; pi < nprep; pi++)
-        query_prepare(c, &kd, s->queries + (size_t)(pi < np ? phys[pi] : porder[pi]) * dim,
-                      &qc[pi], qpack + (size_t)pi * steps, qf + (size_t)pi * steps * 2);
-    if (kd.wide && !(qwide = widen(qpack, (size_t)nprep * steps, scratch))) {
+    for (uint32_t pi = 0; pi < np; pi++)
+        query_prepare(c, &kd, s->queries + (size_t)phys[pi] * dim, &qc[pi],
+                      qpack + (size_t)pi * steps, qf + (size_t)pi * steps * 2);
+    if (kd.wide && !(qwide = widen(qpack, (size_t)np * steps, scratch))) {
         rc = aff__fail(err, AFF_ENOMEM, "out of memory for %u queries", nq);
         goto out;
     }
@@ -1960,24 +1976,16 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
         goto out;
     }
 
-    /* Posted groups scan their categories' codes; then the re-rank: the fp32 scores of every
-     * candidate whose upper bound reaches the final L. */
+    /* Re-rank: the fp32 scores of every candidate whose upper bound reaches the final L. */
     uint64_t reranked = 0, read = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic) reduction(+ : reranked, read)
     for (uint32_t q = 0; q < nq; q++) {
         if (posted[q] && !plead[q]) continue; /* its group's first query answers it */
-        if (posted[q]) {
-            const uint32_t at = pfirst[q];
-            bool oom = false;
-            read += scan_posted(t, &kd, qfilt, porder + at, psize[q], qc + at,
-                                qpack + (size_t)at * steps, qf + (size_t)at * steps * 2,
-                                qwide ? qwide + (size_t)at * steps * 8 : NULL,
-                                states + (size_t)omp_get_thread_num() * nq, solo, &oom);
-            if (oom) atomic_store(&failed, 1);
-        }
-        for (uint32_t g = q; g != UINT32_MAX; g = posted[q] ? pnext[g] : UINT32_MAX)
-            reranked += rerank(t, states, (uint32_t)nthreads, nq, g, s->queries + (size_t)g * dim,
-                               &exact[g]);
+        if (posted[q])
+            read += search_posted(t, s, qfilt, pnext, q, exact);
+        else
+            reranked += rerank(t, states, (uint32_t)nthreads, nq, q, s->queries + (size_t)q * dim,
+                               &exact[q]);
         for (uint32_t g = q; g != UINT32_MAX; g = posted[q] ? pnext[g] : UINT32_MAX) {
             const uint32_t n = topk_sort(&exact[g]);
             const float shift = t->sq_norms ? -cpu_sq_norm(s->queries + (size_t)g * dim, dim) : 0.0f;
@@ -1987,10 +1995,6 @@ int cpu_score_search(const cpu_search_table *t, const backend_search *s, const s
             }
             s->out_counts[g] = n;
         }
-    }
-    if (atomic_load(&failed)) {
-        rc = aff__fail(err, AFF_ENOMEM, "out of memory for candidate lists");
-        goto out;
     }
     if (stats) {
         stats->candidates = reranked;

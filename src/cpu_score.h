@@ -71,8 +71,6 @@ int cpu_codes_reserve(cpu_codes *c, uint32_t rows);
 void cpu_codes_set(cpu_codes *c, uint32_t row, const float *x);
 /* Copies row src over row dst. */
 void cpu_codes_copy(cpu_codes *c, uint32_t dst, uint32_t src);
-/* Copies row srow of `from` over row drow of `to` (the same precision, dim and code range). */
-void cpu_codes_copy_from(cpu_codes *to, uint32_t drow, const cpu_codes *from, uint32_t srow);
 /* Bytes the first `rows` rows occupy (capacity past the written rows is never touched, so
  * never resident). */
 uint64_t cpu_codes_bytes(const cpu_codes *c, uint32_t rows);
@@ -91,20 +89,16 @@ int cpu_score_bound(const cpu_codes *c, backend_cpu_isa isa, const float *q, uin
                     float *approx, float *bound);
 
 /* The rows of each category, kept beside a table's attribute column so a query whose filter
- * admits a minority of the rows (a promotion of one category, a category page) scans only
- * those rows instead of the whole table. Each category keeps its rows' codes (and, for L2
- * tables, their |x|^2) in list order, so the kernels scan a category's blocks as they scan the
- * table's; the candidates are re-ranked from the fp32 rows as the table scan's are, so the
- * result is the same. It costs a second copy of the codes (cpu_cat_rows_bytes). Lists are
- * unordered (a delete moves the last entry, codes included, into the hole); `slot` says where
- * each row sits in its category's list. Maintained by the table's writer (under its write
- * lock), read by searches. When a list cannot grow (out of memory) the index is marked broken
- * and searches scan as before (and read categories from the attributes). */
+ * admits few rows (a promotion of one category, a category page) reads only those rows in
+ * fp32 instead of scanning the whole table: their exact scores, computed as the re-rank
+ * computes them, so the result is the same as the scan's. Lists are unordered (a delete swaps
+ * the last entry into the hole); `slot` says where each row sits in its category's list.
+ * Maintained by the table's writer (under its write lock), read by searches. When a list
+ * cannot grow (out of memory) the index is marked broken and searches scan as before (and
+ * read categories from the attributes). */
 typedef struct cpu_cat_rows {
     uint32_t **rows;   /* per category id: its rows */
     uint32_t *n, *cap; /* per category id */
-    cpu_codes *codes;  /* per category id: position i holds the codes of rows[c][i] */
-    float **sq;        /* per category id: |x|^2 of rows[c][i] (L2 tables), else NULL */
     uint32_t n_cats;   /* category ids 0..n_cats-1 have a (possibly empty) list */
     uint32_t *slot;    /* per row: its index in rows[category] */
     /* Per row: its category (attrs[row].category), the compact copy the scan reads: a row it
@@ -114,15 +108,13 @@ typedef struct cpu_cat_rows {
     bool broken;
 } cpu_cat_rows;
 
-/* Adds `row` (< AFF limits, not yet listed) to category `cat`'s list, with its codes (row `row`
- * of `codes`, already written) and, when sq_norms is not NULL, its |x|^2 (sq_norms[row]).
- * Returns 0 or AFF_ENOMEM (then the index is broken: searches no longer use it). */
-int cpu_cat_rows_add(cpu_cat_rows *x, uint32_t row, uint32_t cat, const cpu_codes *codes,
-                     const float *sq_norms);
+/* Adds `row` (< AFF limits, not yet listed) to category `cat`'s list. Returns 0 or AFF_ENOMEM
+ * (then the index is broken: searches no longer use it). */
+int cpu_cat_rows_add(cpu_cat_rows *x, uint32_t row, uint32_t cat);
 /* Removes `row`, listed under category `cat`. */
 void cpu_cat_rows_remove(cpu_cat_rows *x, uint32_t row, uint32_t cat);
 void cpu_cat_rows_free(cpu_cat_rows *x);
-/* Bytes the index holds, the codes' copy included. */
+/* Bytes the index holds. */
 uint64_t cpu_cat_rows_bytes(const cpu_cat_rows *x);
 
 /* Everything a reduced-precision search reads. Borrowed for the call. */
@@ -137,7 +129,8 @@ typedef struct cpu_search_table {
      * categories before any row of them is looked at (narrow filters report far fewer rows). */
     const uint64_t *block_cats;
     /* The rows of each category, or NULL: a query whose filter admits categories holding at
-     * most count / CPU_POSTING_SHARE rows scans their codes instead of the table's. */
+     * most count / CPU_POSTING_SHARE rows reads those rows alone (exactly) instead of taking
+     * part in the scan. */
     const cpu_cat_rows *cat_rows;
     uint32_t count;
     int threads;
@@ -146,21 +139,20 @@ typedef struct cpu_search_table {
 /* The block_cats entry for rows [8b, 8b + 8) ∩ [0, count) of attrs. */
 uint64_t cpu_block_cats(const backend_row_attrs *attrs, uint32_t b, uint32_t count);
 
-/* A query scans its categories' codes (cpu_cat_rows) instead of the table when they hold at
- * most 1/this of the rows: a fraction f of the rows costs about f of the table scan... */
-#define CPU_POSTING_SHARE 2u
+/* A query reads its categories' rows instead of scanning when they are at most 1/this of the
+ * table (a row read this way costs about what the int8 scan pays for 4 rows: 75 instructions
+ * against 20 at d = 128, N = 100k)... */
+#define CPU_POSTING_SHARE 10u
 /* ...or, when its vector is scanned anyway for another query of the batch (same_as), at most
- * 1/this: riding on that scan costs a heap and the reports of a lower threshold, about as much
- * as scanning a quarter of the rows (bench/results/2026-11-30-cpu-2core/pipeline.md, eighth
- * session: a promotion of 12 categories in 50 rode at 1.99x the bare call, scanned its own at
- * 1.62x). */
-#define CPU_POSTING_RIDE 4u
+ * 1/this: riding on that scan costs a heap and reports, which at N = 100k cost about as much as
+ * reading 3% of the rows (bench/results/2026-11-30-cpu-2core/pipeline.md, fourth session). */
+#define CPU_POSTING_RIDE 32u
 
 /* The statistics of one search, for tests and benchmarks (may be NULL). */
 typedef struct cpu_search_stats {
     uint64_t candidates; /* rows re-ranked in fp32, over all queries */
     uint64_t reported;   /* rows the scan could not rule out on first sight (before L rose) */
-    uint64_t posted;     /* rows scanned from category lists, per query (not the table scan) */
+    uint64_t posted;     /* rows scored from category lists (queries that did not scan) */
 } cpu_search_stats;
 
 /* Runs the batch: query i writes its hits at offsets[i] as backend.h describes, in the order of
