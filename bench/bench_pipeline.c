@@ -10,10 +10,10 @@
  *             diversity 0.3, exploration 10%
  *   page      RecommendPage, 4 slots: banners 1, categories 6, products 12, offers 2
  *   shape     (BENCH_MODES=4 only) batcher SEARCH of the engine queries the rules make at
- *             k = 10: the organic query (k 15, at most 6 per category) and the promotion's
- *             (k 8, its category) on one vector, as src/pipeline.c asks for them (overfetch_k,
- *             the cap doubled for boosts, kpromo), without the history exclusions: the
- *             engine's share of "rules", the rest being the pipeline's own work
+ *             k = 10 (pipeline_query_shape_of: every rule on, the organic query k 15 at most
+ *             6 per category and the promotion's k 8, its category) on one vector, without
+ *             the history exclusions: the engine's share of "rules", the rest being the
+ *             pipeline's own work
  *
  * Reported: process CPU seconds per call (all threads, CLOCK_PROCESS_CPUTIME_ID) and ratios.
  * The modes run in turn, BENCH_ROUNDS times (default 3): each ratio is the median of the
@@ -296,7 +296,10 @@ int main(int argc, char **argv)
     }
     const char *mode_names[5] = {"bare engine", "pipeline", "pipeline+rules", "page(4 slots)",
                                  "rules' engine"};
-    enum { SHAPE_Q = 2, SHAPE_K = 15 + 8 }; /* mode 4: organic k 15 + promotion k 8 */
+    /* mode 4: the organic query and, with a promotion, the promotion's, as the rules make them */
+    const pipeline_query_shape shape = pipeline_query_shape_of(&rules, 10);
+    const uint32_t SHAPE_Q = shape.promotion_k ? 2 : 1,
+                   SHAPE_K = shape.organic_k + shape.promotion_k;
     aff_query *shape_q = calloc((size_t)INFLIGHT * SHAPE_Q, sizeof *shape_q);
     aff_hit *shape_hits = calloc((size_t)INFLIGHT * SHAPE_K, sizeof *shape_hits);
     uint32_t *shape_n = calloc((size_t)INFLIGHT * SHAPE_Q, sizeof *shape_n);
@@ -346,12 +349,13 @@ int main(int argc, char **argv)
                         aff_query *sq = shape_q + (size_t)i * SHAPE_Q;
                         sq[0] = (aff_query){.vector = uvec + (size_t)u * D,
                                             .dim = D,
-                                            .k = 15,
-                                            .max_per_category = 6};
-                        sq[1] = (aff_query){.vector = uvec + (size_t)u * D,
-                                            .dim = D,
-                                            .k = 8,
-                                            .filter = &promo.filter};
+                                            .k = shape.organic_k,
+                                            .max_per_category = shape.organic_cap};
+                        if (SHAPE_Q == 2)
+                            sq[1] = (aff_query){.vector = uvec + (size_t)u * D,
+                                                .dim = D,
+                                                .k = shape.promotion_k,
+                                                .filter = &promo.filter};
                         br[i] = (batcher_request){.kind = BATCHER_SEARCH,
                                                   .collection = "products",
                                                   .nq = SHAPE_Q,

@@ -1515,6 +1515,25 @@ static uint32_t overfetch_k(const pipeline_rules *r, uint32_t k)
     return k;
 }
 
+pipeline_query_shape pipeline_query_shape_of(const pipeline_rules *r, uint32_t k)
+{
+    pipeline_query_shape sh = {.organic_k = overfetch_k(r, k)};
+    if (sh.organic_k > AFF_MAX_K) sh.organic_k = AFF_MAX_K;
+    /* The organic pool holds at most the cap per category (twice it when a boost may reorder
+     * a category's items), so a shopper whose best items crowd one category still gets a
+     * full pool in one round (aff_query.max_per_category). */
+    if (r->has_max_per_category && r->max_per_category)
+        sh.organic_cap = r->n_boosts ? 2 * r->max_per_category : r->max_per_category;
+    for (uint32_t q = 0; q < r->n_promotions; q++) {
+        /* room for the slots twice over (the cap, pins and the organic ranking may take
+         * some); the int8 scan's cost grows with k, most for narrow filters */
+        uint32_t want = 2 * slots_of(r->promotions[q].share, k) + 4;
+        want = want < AFF_MAX_K ? want : AFF_MAX_K;
+        if (want > sh.promotion_k) sh.promotion_k = want;
+    }
+    return sh;
+}
+
 static bool rules_active(const pipeline_rules *r)
 {
     return r->n_boosts || r->n_pins || r->n_promotions ||
@@ -2676,11 +2695,8 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
                 j->out.exploration_seed = (uint64_t)now_ns();
     }
     /* Over-fetch when the rules need room (overfetch_k). */
-    j->kq = j->k;
-    if (j->ranked) {
-        uint32_t want = overfetch_k(r, j->k);
-        j->kq = want < AFF_MAX_K ? want : AFF_MAX_K;
-    }
+    const pipeline_query_shape shape = pipeline_query_shape_of(r, j->k);
+    j->kq = j->ranked ? shape.organic_k : j->k;
     j->per_group = 1 + r->n_promotions;
     /* Promotion queries: the promotion's filter plus the shopper's exclusions. */
     uint32_t n_base_ex = j->base ? j->base->n_exclude_ids : 0;
@@ -2719,25 +2735,14 @@ static int plan_search(pipeline_job *j, bool *now, aff_err *err)
             j->promo_excl[at++] = j->base->exclude_ids[i];
         f->n_exclude_ids = pf->n_exclude_ids + n_base_ex;
     }
-    j->kpromo = 0;
-    for (uint32_t q = 0; q < r->n_promotions; q++) {
-        /* room for the slots twice over (the cap, pins and the organic ranking may take
-         * some); the int8 scan's cost grows with k, most for narrow filters */
-        uint32_t want = 2 * slots_of(r->promotions[q].share, j->k) + 4;
-        if (want > j->kpromo) j->kpromo = want < AFF_MAX_K ? want : AFF_MAX_K;
-    }
+    j->kpromo = shape.promotion_k;
     for (uint32_t g = 0; g < j->n_groups; g++) {
         for (uint32_t q = 0; q < j->per_group; q++) {
             size_t i = qidx(j, g, q);
             aff_query *aq = &j->queries[i];
             aq->k = q == 0 ? j->kq : j->kpromo;
             aq->filter = q == 0 ? j->base : &j->promo_filters[q - 1];
-            /* The organic pool holds at most the cap per category (twice it when a boost may
-             * reorder a category's items), so a shopper whose best items crowd one category
-             * still gets a full pool in one round (aff_query.max_per_category). */
-            if (q == 0 && r->has_max_per_category && r->max_per_category)
-                aq->max_per_category =
-                    r->n_boosts ? 2 * r->max_per_category : r->max_per_category;
+            if (q == 0) aq->max_per_category = shape.organic_cap;
             if (req->kind == PIPELINE_SIMILAR) {
                 aq->item_id = req->item_ids[g];
             } else {

@@ -196,6 +196,16 @@ typedef struct pipeline_rules {
  * with `field` (e.g. "rules.promotions[1].share"). AFF_EINVAL when a rule is bad. */
 int pipeline_validate_rules(const pipeline_rules *r, uint32_t k, const char *field, aff_err *err);
 
+/* The engine queries a ranked request for k results under rules r makes (one definition: the
+ * pipeline builds its queries from it, bench_pipeline's "rules' engine" mode sends the same
+ * shape without the pipeline): the organic query's k and category cap (0: none; the rules'
+ * cap, doubled when a boost may reorder a category's items) and every promotion query's k
+ * (0: no promotion). Each k is at most AFF_MAX_K. */
+typedef struct pipeline_query_shape {
+    uint32_t organic_k, organic_cap, promotion_k;
+} pipeline_query_shape;
+pipeline_query_shape pipeline_query_shape_of(const pipeline_rules *r, uint32_t k);
+
 /* ---- ranking on plain arrays (the core of the pipeline; used directly by tests) ----------- */
 
 typedef struct pipeline_candidate {

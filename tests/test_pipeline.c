@@ -87,6 +87,40 @@ static int find(const pool *p, const char *id)
     return -1;
 }
 
+/* The engine queries a ranked request makes: over-fetch for room to reorder, the cap inside
+ * the organic query (doubled beside boosts), a promotion's k for its slots twice over. */
+Test(pipeline_shape, rules_set_the_engine_queries)
+{
+    pipeline_rules r = {0};
+    pipeline_query_shape sh = pipeline_query_shape_of(&r, 10);
+    cr_assert(sh.organic_k == 10 && sh.organic_cap == 0 && sh.promotion_k == 0,
+              "no rules: %u %u %u", sh.organic_k, sh.organic_cap, sh.promotion_k);
+    r.has_max_per_category = true;
+    r.max_per_category = 3;
+    sh = pipeline_query_shape_of(&r, 10);
+    cr_assert(sh.organic_k == 15 && sh.organic_cap == 3 && sh.promotion_k == 0,
+              "cap: %u %u %u", sh.organic_k, sh.organic_cap, sh.promotion_k);
+    pipeline_boost boost = {.weight = 0.05f};
+    pipeline_promotion promos[2] = {{.name = "a", .share = 0.2f}, {.name = "b", .share = 0.5f}};
+    r.boosts = &boost;
+    r.n_boosts = 1;
+    r.promotions = promos;
+    r.n_promotions = 1;
+    sh = pipeline_query_shape_of(&r, 10);
+    cr_assert(sh.organic_k == 15 && sh.organic_cap == 6 && sh.promotion_k == 8,
+              "cap, boost, promotion of 2 slots: %u %u %u", sh.organic_k, sh.organic_cap,
+              sh.promotion_k);
+    r.n_promotions = 2; /* the largest promotion sets every promotion's k: 5 slots */
+    sh = pipeline_query_shape_of(&r, 10);
+    cr_assert_eq(sh.promotion_k, 14);
+    sh = pipeline_query_shape_of(&r, 40);
+    cr_assert(sh.organic_k == 60 && sh.promotion_k == 44, "k 40: %u %u", sh.organic_k,
+              sh.promotion_k);
+    sh = pipeline_query_shape_of(&r, AFF_MAX_K);
+    cr_assert(sh.organic_k == AFF_MAX_K && sh.promotion_k == AFF_MAX_K,
+              "k at the limit stays there: %u %u", sh.organic_k, sh.promotion_k);
+}
+
 Test(pipeline_rank, no_rules_is_score_order)
 {
     pool p;
