@@ -228,7 +228,9 @@ int main(int argc, char **argv)
     static char gift_names[N_CATS][16];
     static const char *gift_cats[N_CATS];
     const char *promo_env = getenv("BENCH_PROMO_CATS");
-    const int n_gift = promo_env && atoi(promo_env) > 0 ? (atoi(promo_env) < N_CATS - 7 ? atoi(promo_env) : N_CATS - 7) : 1;
+    const int n_gift = promo_env && atoi(promo_env) > 0
+                           ? (atoi(promo_env) < N_CATS - 7 ? atoi(promo_env) : N_CATS - 7)
+                           : 1;
     for (int c = 0; c < n_gift; c++) {
         snprintf(gift_names[c], sizeof gift_names[c], "cat%02d", 7 + c);
         gift_cats[c] = gift_names[c];

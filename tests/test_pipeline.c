@@ -98,8 +98,8 @@ Test(pipeline_shape, rules_set_the_engine_queries)
     r.has_max_per_category = true;
     r.max_per_category = 3;
     sh = pipeline_query_shape_of(&r, 10);
-    cr_assert(sh.organic_k == 15 && sh.organic_cap == 3 && sh.promotion_k == 0,
-              "cap: %u %u %u", sh.organic_k, sh.organic_cap, sh.promotion_k);
+    cr_assert(sh.organic_k == 15 && sh.organic_cap == 3 && sh.promotion_k == 0, "cap: %u %u %u",
+              sh.organic_k, sh.organic_cap, sh.promotion_k);
     pipeline_boost boost = {.weight = 0.05f};
     pipeline_promotion promos[2] = {{.name = "a", .share = 0.2f}, {.name = "b", .share = 0.5f}};
     r.boosts = &boost;
