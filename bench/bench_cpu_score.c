@@ -4,7 +4,7 @@
  * set of the rule in src/cpu_score.h).
  *
  *   bench_cpu_score [--n 100000] [--dim 128] [--nq 256] [--k 10] [--seconds 1] [--only int8]
- *                   [--filter-shares 0.05,0.1,0.25,0.5]
+ *                   [--filter-shares 0.05,0.1,0.25,0.5] [--capped CLUSTERS]
  *
  * --filter-shares: then int8 (best kernels) with every query filtered to categories holding
  * that share of the rows (20 categories of 5%), scanning the table (no category lists: the
@@ -13,6 +13,10 @@
  * their fp32 rows instead of scanning), the choice CPU_POSTING_SHARE makes.
  * fp32 is the backend's own fp32 path (threaded scan or sgemm); bf16 and int8 call
  * cpu_score_search directly. Each figure is the best of 3 interleaved rounds.
+ * --capped C: then int8 (best kernels) on a clustered table (C clusters, category = cluster %
+ * 25, as bench_pipeline's BENCH_CLUSTERS) with shopper-like queries (the normalized mean of 20
+ * random rows): the bare query (k) against the ranking pipeline's capped organic query
+ * (k + max(k/2, 5), at most 3 and 6 per category), medians of 5 interleaved rounds.
  */
 #include <math.h>
 #include <stdio.h>
@@ -63,6 +67,7 @@ typedef struct setup {
     const backend_filter **filters; /* per query, or NULL */
     const cpu_cat_rows *lists;      /* or NULL */
     const uint64_t *block_cats;     /* or NULL */
+    const uint32_t *per_cat;        /* per query max_per_category, or NULL */
 } setup;
 
 /* kind: 0 = backend fp32 table; else a cpu_codes scan with that precision and ISA. */
@@ -72,6 +77,7 @@ static run measure(setup *su, backend_table *fp32, const cpu_codes *codes, backe
                         .nq = su->nq,
                         .k = su->kk,
                         .filters = su->filters,
+                        .max_per_category = su->per_cat,
                         .out_rows = su->rows,
                         .out_scores = su->scores,
                         .out_counts = su->counts};
@@ -156,15 +162,133 @@ static void filtered_runs(setup *su, const cpu_codes *codes, backend_cpu_isa isa
     cpu_cat_rows_free(&lists);
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* --capped: the bare query against the pipeline's capped organic query on a clustered table. */
+static void capped_runs(setup *su, backend_cpu_isa isa, uint32_t clusters)
+{
+    enum { CATS = 25, ROUNDS = 5, HISTORY = 20 };
+    const uint32_t n = su->n, dim = su->dim;
+    float *centres = malloc((size_t)clusters * dim * sizeof *centres);
+    for (size_t i = 0; i < (size_t)clusters * dim; i++)
+        centres[i] = 4.0f * rng_normal();
+    cpu_cat_rows lists = {0};
+    uint64_t *block_cats = calloc((n + 7) / 8, sizeof *block_cats);
+    for (uint32_t r = 0; r < n; r++) {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        const uint32_t cl = (uint32_t)(rng_state >> 33) % clusters;
+        float *v = su->data + (size_t)r * dim;
+        double norm = 0;
+        for (uint32_t d = 0; d < dim; d++) {
+            v[d] = centres[(size_t)cl * dim + d] + 0.6f * 4.0f * rng_normal();
+            norm += (double)v[d] * v[d];
+        }
+        for (uint32_t d = 0; d < dim; d++)
+            v[d] = (float)(v[d] / sqrt(norm));
+        su->attrs[r].category = 1 + cl % CATS;
+        if (cpu_cat_rows_add(&lists, r, su->attrs[r].category) != AFF_OK) exit(1);
+    }
+    for (uint32_t b = 0; b < (n + 7) / 8; b++)
+        block_cats[b] = cpu_block_cats(su->attrs, b, n);
+    for (uint32_t q = 0; q < su->nq; q++) {
+        float *v = su->queries + (size_t)q * dim;
+        memset(v, 0, dim * sizeof *v);
+        for (int h = 0; h < HISTORY; h++) {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            const float *x = su->data + (size_t)((rng_state >> 33) % n) * dim;
+            for (uint32_t d = 0; d < dim; d++)
+                v[d] += x[d] / HISTORY;
+        }
+    }
+    cpu_codes codes;
+    cpu_codes_init(&codes, BACKEND_PRECISION_INT8, dim, isa);
+    if (cpu_codes_reserve(&codes, n) != AFF_OK) exit(1);
+    for (uint32_t r = 0; r < n; r++)
+        cpu_codes_set(&codes, r, su->data + (size_t)r * dim);
+    su->lists = &lists;
+    su->block_cats = block_cats;
+    const uint32_t k = su->k, kc = k + (k / 2 > 5 ? k / 2 : 5);
+    const uint32_t caps[3] = {0, 3, 6}, ks[3] = {k, kc, kc};
+    uint32_t *per_cat = malloc(su->nq * sizeof *per_cat);
+    uint32_t *kk = malloc(su->nq * sizeof *kk);
+    size_t *offsets = malloc(su->nq * sizeof *offsets);
+    uint32_t *rows = malloc((size_t)su->nq * kc * sizeof *rows);
+    float *scores = malloc((size_t)su->nq * kc * sizeof *scores);
+    uint32_t *const keep_k = su->kk, *const keep_rows = su->rows;
+    size_t *const keep_off = su->offsets;
+    float *const keep_scores = su->scores;
+    su->kk = kk;
+    su->offsets = offsets;
+    su->rows = rows;
+    su->scores = scores;
+    double us[3][ROUNDS];
+    run last[3];
+    for (int round = 0; round < ROUNDS; round++)
+        for (int m = 0; m < 3; m++) {
+            for (uint32_t q = 0; q < su->nq; q++) {
+                kk[q] = ks[m];
+                offsets[q] = (size_t)q * ks[m];
+                per_cat[q] = caps[m];
+            }
+            su->per_cat = caps[m] ? per_cat : NULL;
+            last[m] = measure(su, NULL, &codes, isa);
+            us[m][round] = last[m].cpu_us;
+        }
+    printf("\nint8 (%s), %u clusters, category = cluster %% %d, shopper-like queries (mean of %d "
+           "rows), medians of %d rounds:\n\n",
+           cpu_isa_name(isa), clusters, CATS, HISTORY, ROUNDS);
+    printf("| query | CPU us/q | reported rows/q | re-ranked rows/q | x bare |\n");
+    printf("|---|---|---|---|---|\n");
+    double med[3];
+    for (int m = 0; m < 3; m++) {
+        qsort(us[m], ROUNDS, sizeof us[m][0], cmp_double);
+        med[m] = us[m][ROUNDS / 2];
+        char name[64];
+        if (caps[m])
+            snprintf(name, sizeof name, "k = %u, at most %u per category", ks[m], caps[m]);
+        else
+            snprintf(name, sizeof name, "bare, k = %u", ks[m]);
+        printf("| %s | %.1f | %.1f | %.1f | %.3f |\n", name, med[m], last[m].reported,
+               last[m].cand, med[m] / med[0]);
+    }
+    su->kk = keep_k;
+    su->offsets = keep_off;
+    su->rows = keep_rows;
+    su->scores = keep_scores;
+    su->per_cat = NULL;
+    su->lists = NULL;
+    su->block_cats = NULL;
+    free(per_cat);
+    free(kk);
+    free(offsets);
+    free(rows);
+    free(scores);
+    cpu_codes_free(&codes);
+    free(block_cats);
+    free(centres);
+    cpu_cat_rows_free(&lists);
+}
+
 int main(int argc, char **argv)
 {
     setup su = {.n = 100000, .dim = 128, .nq = 256, .k = 10, .seconds = 1.0};
     const char *only = NULL, *shares = NULL;
+    uint32_t clusters = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--only"))
             only = argv[i + 1];
         else if (!strcmp(argv[i], "--filter-shares"))
             shares = argv[i + 1];
+        else if (!strcmp(argv[i], "--capped"))
+            clusters = (uint32_t)atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--n"))
             su.n = (uint32_t)atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--dim"))
@@ -178,7 +302,7 @@ int main(int argc, char **argv)
         else {
             fprintf(stderr,
                     "usage: %s [--n N] [--dim D] [--nq Q] [--k K] [--seconds S] [--only "
-                    "fp32|bf16|int8] [--filter-shares F,F,...]\n",
+                    "fp32|bf16|int8] [--filter-shares F,F,...] [--capped CLUSTERS]\n",
                     argv[0]);
             return 2;
         }
@@ -296,6 +420,7 @@ int main(int argc, char **argv)
                best_run[i].qps, best_run[i].cpu_us, best_run[i].reported, best_run[i].cand,
                best_run[0].cpu_us / best_run[i].cpu_us, recall[i]);
     if (shares) filtered_runs(&su, &codes[1], best, shares);
+    if (clusters) capped_runs(&su, best, clusters);
     for (int i = 0; i < 2; i++)
         cpu_codes_free(&codes[i]);
     fp32->ops->table_destroy(fp32);
