@@ -1326,6 +1326,32 @@ static void push_capped(topk_heap *h, uint32_t per_cat, float score, uint32_t ro
         topk_replace(h, worst, score, row, cat);
 }
 
+/* One pass over capped heap h for category cat, the replacing case of push_capped_counted:
+ * its entries (*held), the worst of them (*worst_at, UINT32_MAX: none) and the lowest score of
+ * the others (+inf: none), so the floor after the worst is replaced is known without a second
+ * pass. */
+static void category_entries(const topk_heap *h, uint32_t cat, uint32_t *held,
+                             uint32_t *worst_at, float *second)
+{
+    uint32_t n = 0, worst = UINT32_MAX;
+    float next = INFINITY;
+    for (uint32_t i = 0; i < h->n; i++) {
+        if (h->tags[i] != cat) continue;
+        n++;
+        if (worst == UINT32_MAX) {
+            worst = i;
+        } else if (topk_better(h->scores[worst], h->rows[worst], h->scores[i], h->rows[i])) {
+            next = h->scores[worst] < next ? h->scores[worst] : next;
+            worst = i;
+        } else {
+            next = h->scores[i] < next ? h->scores[i] : next;
+        }
+    }
+    *held = n;
+    *worst_at = worst;
+    *second = next;
+}
+
 /* Pushes an accepted row (topk_would_accept) into capped heap st->lo, keeping st->held. */
 static void push_counted(qstate *st, float score, uint32_t row, uint32_t cat)
 {
@@ -1340,14 +1366,17 @@ static void push_counted(qstate *st, float score, uint32_t row, uint32_t cat)
 static float push_capped_counted(qstate *st, float score, uint32_t row, uint32_t cat)
 {
     topk_heap *h = &st->lo;
-    uint32_t worst = UINT32_MAX;
-    if (st->held[cat & 63] >= st->per_cat) category_floor(h, st->per_cat, cat, &worst);
-    if (worst == UINT32_MAX)
+    uint32_t held = 0, worst;
+    float second;
+    if (st->held[cat & 63] >= st->per_cat) category_entries(h, cat, &held, &worst, &second);
+    if (held < st->per_cat) { /* not full: the row joins (and may evict the global worst) */
         push_counted(st, score, row, cat);
-    else if (topk_better(score, row, h->scores[worst], h->rows[worst]))
-        topk_replace(h, worst, score, row, cat); /* same category: the counts stay */
-    return st->held[cat & 63] >= st->per_cat ? category_floor(h, st->per_cat, cat, &worst)
-                                             : -INFINITY;
+        return st->held[cat & 63] >= st->per_cat ? category_floor(h, st->per_cat, cat, &worst)
+                                                 : -INFINITY;
+    }
+    if (!topk_better(score, row, h->scores[worst], h->rows[worst])) return h->scores[worst];
+    topk_replace(h, worst, score, row, cat); /* same category: the counts stay */
+    return score < second ? score : second;  /* the lowest of its held rows now */
 }
 
 static float lower_threshold(const qstate *st)
