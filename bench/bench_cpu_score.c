@@ -16,7 +16,8 @@
  * --capped C: then int8 (best kernels) on a clustered table (C clusters, category = cluster %
  * 25, as bench_pipeline's BENCH_CLUSTERS) with shopper-like queries (the normalized mean of 20
  * random rows): the bare query (k) against the ranking pipeline's capped organic query
- * (k + max(k/2, 5), at most 3 and 6 per category), medians of 5 interleaved rounds.
+ * (k + max(k/2, 5), at most 3 and 6 per category) and against that query with a promotion
+ * beside it, medians of 5 interleaved rounds.
  */
 #include <math.h>
 #include <stdio.h>
@@ -68,6 +69,7 @@ typedef struct setup {
     const cpu_cat_rows *lists;      /* or NULL */
     const uint64_t *block_cats;     /* or NULL */
     const uint32_t *per_cat;        /* per query max_per_category, or NULL */
+    const uint32_t *same_as;        /* backend_search.same_as, or NULL */
 } setup;
 
 /* kind: 0 = backend fp32 table; else a cpu_codes scan with that precision and ISA. */
@@ -78,6 +80,7 @@ static run measure(setup *su, backend_table *fp32, const cpu_codes *codes, backe
                         .k = su->kk,
                         .filters = su->filters,
                         .max_per_category = su->per_cat,
+                        .same_as = su->same_as,
                         .out_rows = su->rows,
                         .out_scores = su->scores,
                         .out_counts = su->counts};
@@ -215,44 +218,82 @@ static void capped_runs(setup *su, backend_cpu_isa isa, uint32_t clusters)
         cpu_codes_set(&codes, r, su->data + (size_t)r * dim);
     su->lists = &lists;
     su->block_cats = block_cats;
-    const uint32_t k = su->k, kc = k + (k / 2 > 5 ? k / 2 : 5);
-    const uint32_t caps[3] = {0, 3, 6}, ks[3] = {k, kc, kc};
-    uint32_t *per_cat = malloc(su->nq * sizeof *per_cat);
-    uint32_t *kk = malloc(su->nq * sizeof *kk);
-    size_t *offsets = malloc(su->nq * sizeof *offsets);
-    uint32_t *rows = malloc((size_t)su->nq * kc * sizeof *rows);
-    float *scores = malloc((size_t)su->nq * kc * sizeof *scores);
+    /* Modes: bare (k); capped organic (kc, at most 3 or 6 per category); the organic query at
+     * most 6 per category with a promotion beside it on the same vector (one category, k 8,
+     * as pipeline_query_shape_of() gives a 20% promotion of k = 10), as the pipeline asks. */
+    enum { MODES = 4 };
+    const uint32_t k = su->k, kc = k + (k / 2 > 5 ? k / 2 : 5), kp = 8, nq = su->nq;
+    const uint32_t caps[MODES] = {0, 3, 6, 6}, ks[MODES] = {k, kc, kc, kc};
+    uint64_t promo_bits = 1ull << 8;
+    backend_filter promo;
+    backend_filter_init(&promo);
+    promo.category_bits = &promo_bits;
+    promo.category_words = 1;
+    uint32_t *per_cat = calloc(2 * nq, sizeof *per_cat);
+    uint32_t *kk = malloc(2 * nq * sizeof *kk);
+    uint32_t *same_as = malloc(2 * nq * sizeof *same_as);
+    const backend_filter **filters = calloc(2 * nq, sizeof *filters);
+    size_t *offsets = malloc(2 * nq * sizeof *offsets);
+    uint32_t *rows = malloc((size_t)2 * nq * kc * sizeof *rows);
+    float *scores = malloc((size_t)2 * nq * kc * sizeof *scores);
+    uint32_t *counts = malloc(2 * nq * sizeof *counts);
+    float *const one = su->queries;
+    float *two = malloc((size_t)2 * nq * dim * sizeof *two); /* each shopper twice */
+    for (uint32_t q = 0; q < 2 * nq; q++)
+        memcpy(two + (size_t)q * dim, one + (size_t)(q / 2) * dim, dim * sizeof *two);
     uint32_t *const keep_k = su->kk, *const keep_rows = su->rows;
     size_t *const keep_off = su->offsets;
     float *const keep_scores = su->scores;
+    uint32_t *const keep_counts = su->counts;
+    su->counts = counts;
     su->kk = kk;
     su->offsets = offsets;
     su->rows = rows;
     su->scores = scores;
-    double us[3][ROUNDS];
-    run last[3];
+    double us[MODES][ROUNDS];
+    run last[MODES];
     for (int round = 0; round < ROUNDS; round++)
-        for (int m = 0; m < 3; m++) {
+        for (int m = 0; m < MODES; m++) {
+            const bool pair = m == MODES - 1;
+            su->nq = pair ? 2 * nq : nq;
+            su->queries = pair ? two : one;
+            su->filters = pair ? filters : NULL;
+            su->same_as = pair ? same_as : NULL;
+            size_t off = 0;
             for (uint32_t q = 0; q < su->nq; q++) {
-                kk[q] = ks[m];
-                offsets[q] = (size_t)q * ks[m];
-                per_cat[q] = caps[m];
+                const bool is_promo = pair && q % 2;
+                kk[q] = is_promo ? kp : ks[m];
+                per_cat[q] = is_promo ? 0 : caps[m];
+                filters[q] = is_promo ? &promo : NULL;
+                same_as[q] = is_promo ? q - 1 : q;
+                offsets[q] = off;
+                off += kk[q];
             }
             su->per_cat = caps[m] ? per_cat : NULL;
             last[m] = measure(su, NULL, &codes, isa);
-            us[m][round] = last[m].cpu_us;
+            us[m][round] = last[m].cpu_us * (pair ? 2 : 1); /* per shopper */
+            if (pair) { /* per shopper, as the other modes */
+                last[m].reported *= 2;
+                last[m].cand *= 2;
+            }
         }
+    su->nq = nq;
+    su->queries = one;
     printf("\nint8 (%s), %u clusters, category = cluster %% %d, shopper-like queries (mean of %d "
-           "rows), medians of %d rounds:\n\n",
+           "rows), medians of %d rounds, per shopper:\n\n",
            cpu_isa_name(isa), clusters, CATS, HISTORY, ROUNDS);
-    printf("| query | CPU us/q | reported rows/q | re-ranked rows/q | x bare |\n");
+    printf("| queries | CPU us | reported rows | re-ranked rows | x bare |\n");
     printf("|---|---|---|---|---|\n");
-    double med[3];
-    for (int m = 0; m < 3; m++) {
+    double med[MODES];
+    for (int m = 0; m < MODES; m++) {
         qsort(us[m], ROUNDS, sizeof us[m][0], cmp_double);
         med[m] = us[m][ROUNDS / 2];
-        char name[64];
-        if (caps[m])
+        char name[96];
+        if (m == MODES - 1)
+            snprintf(name, sizeof name,
+                     "k = %u, at most %u per category, + promotion (1 category, k = %u)", ks[m],
+                     caps[m], kp);
+        else if (caps[m])
             snprintf(name, sizeof name, "k = %u, at most %u per category", ks[m], caps[m]);
         else
             snprintf(name, sizeof name, "bare, k = %u", ks[m]);
@@ -263,14 +304,21 @@ static void capped_runs(setup *su, backend_cpu_isa isa, uint32_t clusters)
     su->offsets = keep_off;
     su->rows = keep_rows;
     su->scores = keep_scores;
+    su->counts = keep_counts;
     su->per_cat = NULL;
+    su->same_as = NULL;
+    su->filters = NULL;
     su->lists = NULL;
     su->block_cats = NULL;
     free(per_cat);
     free(kk);
+    free(same_as);
+    free(filters);
     free(offsets);
     free(rows);
     free(scores);
+    free(counts);
+    free(two);
     cpu_codes_free(&codes);
     free(block_cats);
     free(centres);
