@@ -1740,7 +1740,6 @@ static cand pop_useful(const cpu_search_table *t, const uint32_t *cats, uint32_t
 static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthreads, uint32_t nq,
                        uint32_t q, const float *qv, topk_heap *ex)
 {
-    const uint32_t dim = t->codes->dim;
     qstate *st = &states[q];
     for (uint32_t th = 1; th < nthreads; th++) {
         const topk_heap *o = &states[(size_t)th * nq + q].lo;
@@ -1785,9 +1784,7 @@ static uint64_t rerank(const cpu_search_table *t, qstate *states, uint32_t nthre
                 n_ahead--;
             }
             first = (first + 1) % 4;
-            float d;
-            cpu_dot_rows(qv, t->rows + (size_t)x.row * dim, 1, dim, &d);
-            push_capped(ex, st->per_cat, t->sq_norms ? 2.0f * d - t->sq_norms[x.row] : d, x.row,
+            push_capped(ex, st->per_cat, exact_score(t, qv, x.row), x.row,
                         st->per_cat ? category_at(cats, t->attrs, x.row) : 0);
             scored++;
         }
