@@ -1525,8 +1525,12 @@ static void *scheduler_main(void *arg)
         pthread_mutex_unlock(&m->mu);
         for (size_t i = 0; colls && i < n; i++) {
             mcoll *c = colls[i];
-            uint64_t since = atomic_load(&c->events_since);
+            /* Read under c->mu: an install resets the count under it, so the count and the
+             * version auto_train_due reads belong to one model. Read before the lock, a count
+             * from before an install (which may hold c->mu a while) would ask for a training
+             * of the model just installed: a second training for the same events. */
             pthread_mutex_lock(&c->mu);
+            uint64_t since = atomic_load(&c->events_since);
             bool due = !c->running && since > 0 &&
                        ((m->cfg.train_after_events && since >= m->cfg.train_after_events) ||
                         (m->cfg.train_interval_s &&
