@@ -1020,6 +1020,20 @@ __attribute__((target("avx2,fma"))) static void scan_bf16_avx2(scan_args *a)
 #define AVX512_INT8_TARGET "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni"
 #define AVX512_BF16_TARGET "avx2,fma,avx512f,avx512vl,avx512bw,avx512bf16"
 
+/* 32 bytes of two blocks' codes (x0, x1: one step of each) in one 512-bit register, x0 low. */
+static inline __attribute__((always_inline, target("avx512f"))) __m512i
+block_pair(const uint8_t *x0, const uint8_t *x1)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)x0)),
+                              _mm256_load_si256((const __m256i *)x1), 1);
+}
+
+/* The upper 8 floats of v (AVX512F alone: no AVX512DQ extract). */
+static inline __attribute__((always_inline, target("avx512f"))) __m256 high_half(__m512 v)
+{
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
 /* int8, AVX-512 VNNI: VPDPBUSD adds four unsigned × signed byte products to each int32 lane in
  * one instruction, without intermediate saturation (query codes use the full [-127, 127]). */
 static inline __attribute__((always_inline, target(AVX512_INT8_TARGET))) void
@@ -1029,27 +1043,35 @@ scan_int8_vnni_n(scan_args *a, const uint32_t nq)
     const size_t stride = block_bytes(a->c);
     const uint32_t end = a->block0 + a->nblocks;
     uint32_t b = a->block0;
-    for (; b + 2 <= end; b += 2) {
-        const uint8_t *x0 = a->c->blocks + (size_t)b * stride, *x1 = x0 + stride;
-        __m256i acc0[4], acc1[4];
+    /* Four blocks per pass, two to a 512-bit register (one block per 256-bit half): each
+     * VPDPBUSD does 16 rows' products for a query, half the multiplies of 256-bit registers. */
+    for (; b + 4 <= end; b += 4) {
+        const uint8_t *x0 = a->c->blocks + (size_t)b * stride;
+        const uint8_t *x1 = x0 + stride, *x2 = x1 + stride, *x3 = x2 + stride;
+        __m512i acc01[4], acc23[4];
 #pragma GCC unroll 4
         for (uint32_t q = 0; q < nq; q++)
-            acc0[q] = acc1[q] = _mm256_setzero_si256();
+            acc01[q] = acc23[q] = _mm512_setzero_si512();
         for (uint32_t g = 0; g < steps; g++) {
-            __m256i v0 = _mm256_load_si256((const __m256i *)(x0 + g * 32));
-            __m256i v1 = _mm256_load_si256((const __m256i *)(x1 + g * 32));
+            const __m512i v01 = block_pair(x0 + g * 32, x1 + g * 32);
+            const __m512i v23 = block_pair(x2 + g * 32, x3 + g * 32);
 #pragma GCC unroll 4
             for (uint32_t q = 0; q < nq; q++) {
-                __m256i w = _mm256_set1_epi32((int)a->qpack[q * steps + g]);
-                acc0[q] = _mm256_dpbusd_epi32(acc0[q], v0, w);
-                acc1[q] = _mm256_dpbusd_epi32(acc1[q], v1, w);
+                const __m512i w = _mm512_set1_epi32((int)a->qpack[q * steps + g]);
+                acc01[q] = _mm512_dpbusd_epi32(acc01[q], v01, w);
+                acc23[q] = _mm512_dpbusd_epi32(acc23[q], v23, w);
             }
         }
 #pragma GCC unroll 4
         for (uint32_t q = 0; q < nq; q++) {
-            __m256i off = _mm256_set1_epi32(a->qc[q].offset);
-            epilogue_avx2(a, b * 8, q, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc0[q], off)));
-            epilogue_avx2(a, b * 8 + 8, q, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc1[q], off)));
+            const __m512 d01 =
+                _mm512_cvtepi32_ps(_mm512_sub_epi32(acc01[q], _mm512_set1_epi32(a->qc[q].offset)));
+            const __m512 d23 =
+                _mm512_cvtepi32_ps(_mm512_sub_epi32(acc23[q], _mm512_set1_epi32(a->qc[q].offset)));
+            epilogue_avx2(a, b * 8, q, _mm512_castps512_ps256(d01));
+            epilogue_avx2(a, b * 8 + 8, q, high_half(d01));
+            epilogue_avx2(a, b * 8 + 16, q, _mm512_castps512_ps256(d23));
+            epilogue_avx2(a, b * 8 + 24, q, high_half(d23));
         }
     }
     for (; b < end; b++) {
@@ -1091,26 +1113,31 @@ scan_bf16_avx512_n(scan_args *a, const uint32_t nq)
     const size_t stride = block_bytes(a->c);
     const uint32_t end = a->block0 + a->nblocks;
     uint32_t b = a->block0;
-    for (; b + 2 <= end; b += 2) {
-        const uint8_t *x0 = a->c->blocks + (size_t)b * stride, *x1 = x0 + stride;
-        __m256 acc0[4], acc1[4];
+    /* Four blocks per pass, two to a 512-bit register, as scan_int8_vnni_n (each lane adds
+     * its row's pairs in the same order: the same bits as 256-bit registers). */
+    for (; b + 4 <= end; b += 4) {
+        const uint8_t *x0 = a->c->blocks + (size_t)b * stride;
+        const uint8_t *x1 = x0 + stride, *x2 = x1 + stride, *x3 = x2 + stride;
+        __m512 acc01[4], acc23[4];
 #pragma GCC unroll 4
         for (uint32_t q = 0; q < nq; q++)
-            acc0[q] = acc1[q] = _mm256_setzero_ps();
+            acc01[q] = acc23[q] = _mm512_setzero_ps();
         for (uint32_t g = 0; g < steps; g++) {
-            __m256i v0 = _mm256_load_si256((const __m256i *)(x0 + g * 32));
-            __m256i v1 = _mm256_load_si256((const __m256i *)(x1 + g * 32));
+            const __m512i v01 = block_pair(x0 + g * 32, x1 + g * 32);
+            const __m512i v23 = block_pair(x2 + g * 32, x3 + g * 32);
 #pragma GCC unroll 4
             for (uint32_t q = 0; q < nq; q++) {
-                __m256i w = _mm256_set1_epi32((int)a->qpack[q * steps + g]);
-                acc0[q] = _mm256_dpbf16_ps(acc0[q], (__m256bh)v0, (__m256bh)w);
-                acc1[q] = _mm256_dpbf16_ps(acc1[q], (__m256bh)v1, (__m256bh)w);
+                const __m512i w = _mm512_set1_epi32((int)a->qpack[q * steps + g]);
+                acc01[q] = _mm512_dpbf16_ps(acc01[q], (__m512bh)v01, (__m512bh)w);
+                acc23[q] = _mm512_dpbf16_ps(acc23[q], (__m512bh)v23, (__m512bh)w);
             }
         }
 #pragma GCC unroll 4
         for (uint32_t q = 0; q < nq; q++) {
-            epilogue_avx2(a, b * 8, q, acc0[q]);
-            epilogue_avx2(a, b * 8 + 8, q, acc1[q]);
+            epilogue_avx2(a, b * 8, q, _mm512_castps512_ps256(acc01[q]));
+            epilogue_avx2(a, b * 8 + 8, q, high_half(acc01[q]));
+            epilogue_avx2(a, b * 8 + 16, q, _mm512_castps512_ps256(acc23[q]));
+            epilogue_avx2(a, b * 8 + 24, q, high_half(acc23[q]));
         }
     }
     for (; b < end; b++) {
