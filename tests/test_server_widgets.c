@@ -670,9 +670,14 @@ static void start_on(test_server *s, const char *data_dir)
 #define N_SNAP 8
 #define SNAP_HITS 64
 
-/* Every widget's answer: as text (ids and scores to 4 significant digits) in out, and its
- * scores in full in scores[i] (at most SNAP_HITS each). */
-static void snapshot(transport_client *c, char out[N_SNAP][1024], float scores[N_SNAP][SNAP_HITS])
+/* Every widget's answer: as text (ids and scores to 4 significant digits) in out, its ids
+ * alone ("id,id,...") in ids and its scores in full in scores (at most SNAP_HITS each). */
+typedef struct snap {
+    char out[N_SNAP][1024], ids[N_SNAP][1024];
+    float scores[N_SNAP][SNAP_HITS];
+} snap;
+
+static void snapshot(transport_client *c, snap *sn)
 {
     const char *a[] = {"A"}, *cart[] = {"A", "E"}, *x[] = {"X"};
     widget_query qs[N_SNAP] = {
@@ -689,15 +694,17 @@ static void snapshot(transport_client *c, char out[N_SNAP][1024], float scores[N
         Affinity__V1__RecommendResponse *r;
         transport_call_status st;
         cr_assert_eq(ask(c, &qs[i], &r, &st), 0, "%s", st.message);
-        out[i][0] = 0;
+        sn->out[i][0] = sn->ids[i][0] = 0;
         cr_assert_leq(r->n_hits, SNAP_HITS);
         for (size_t h = 0; h < r->n_hits; h++) {
-            scores[i][h] = r->hits[h]->score;
+            sn->scores[i][h] = r->hits[h]->score;
             char one[64];
             /* Scores to 4 significant digits: decayed sums are summed in another order. */
             snprintf(one, sizeof one, "%s%s=%.4g", h ? "," : "", r->hits[h]->id,
                      (double)r->hits[h]->score);
-            strcat(out[i], one);
+            strcat(sn->out[i], one);
+            snprintf(one, sizeof one, "%s%s", h ? "," : "", r->hits[h]->id);
+            strcat(sn->ids[i], one);
         }
         transport_client_free(&r->base);
     }
@@ -729,9 +736,9 @@ Test(server_widgets, restart_rebuilds_the_same_lists, .timeout = 180)
                 {"B", VIEW, now - 2 * HOUR, NULL, NULL},       {"Y", VIEW, now - HOUR, NULL, NULL},
                 {"C", CLICK, now - HOUR + 1, NULL, NULL}};
     put(c, "rs", "viewer", vw, 7);
-    char before[N_SNAP][1024], after[N_SNAP][1024];
-    float before_scores[N_SNAP][SNAP_HITS], after_scores[N_SNAP][SNAP_HITS];
-    snapshot(c, before, before_scores);
+    static snap before_snap, after_snap; /* large for the stack */
+    snapshot(c, &before_snap);
+    char(*before)[1024] = before_snap.out, (*after)[1024] = after_snap.out;
     cr_assert(strncmp(before[0], "B=", 2) == 0, "%s", before[0]);
     cr_assert_str_eq(before[6], "E=0.3333", "buy it again: %s", before[6]);
     cr_assert(strncmp(before[7], "C=", 2) == 0 && strstr(before[7], ",Y=") && strstr(before[7], ",B=") &&
@@ -748,7 +755,7 @@ Test(server_widgets, restart_rebuilds_the_same_lists, .timeout = 180)
 
     start_on(&s, data);
     c = ts_client(&s, NULL);
-    snapshot(c, after, after_scores);
+    snapshot(c, &after_snap);
     for (int i = 0; i < N_SNAP; i++) {
         cr_log_info("widget %d: %s", i, before[i]);
         cr_assert(before[i][0], "widget %d answered nothing: not a test", i);
@@ -757,25 +764,13 @@ Test(server_widgets, restart_rebuilds_the_same_lists, .timeout = 180)
      * restart took (trending and best sellers decay against the clock: days of half-life, so
      * well under 1e-3) and the order decayed sums are added in. */
     for (int i = 0; i < N_SNAP; i++) {
-        size_t n = 0;
+        cr_assert_str_eq(after_snap.ids[i], before_snap.ids[i],
+                         "widget %d after the restart: [%s], before [%s]", i, after[i], before[i]);
+        size_t n = 0; /* hits: the ids are the same */
         for (const char *p = before[i]; *p; p++)
             n += *p == '=';
-        char ids_before[1024], ids_after[1024];
-        for (int w = 0; w < 2; w++) {
-            const char *src = w ? after[i] : before[i];
-            char *dst = w ? ids_after : ids_before;
-            size_t o = 0;
-            for (bool in_score = false; *src; src++) { /* "id=score,id=score" -> "id,id" */
-                if (*src == '=') in_score = true;
-                else if (*src == ',') in_score = false;
-                if (!in_score) dst[o++] = *src;
-            }
-            dst[o] = 0;
-        }
-        cr_assert_str_eq(ids_after, ids_before, "widget %d after the restart: [%s], before [%s]",
-                         i, after[i], before[i]);
         for (size_t h = 0; h < n; h++) {
-            const float x = before_scores[i][h], y = after_scores[i][h];
+            const float x = before_snap.scores[i][h], y = after_snap.scores[i][h];
             cr_assert(fabsf(x - y) <= 1e-3f * fmaxf(fabsf(x), fabsf(y)) + 1e-6f,
                       "widget %d, hit %zu: score %.7g after the restart, %.7g before (%s)", i, h,
                       (double)y, (double)x, before[i]);
